@@ -1,0 +1,174 @@
+"""The PEER layer: exact retrieval, forward and gradients of every backend vs a float64 reference,
+memory bound of the lean backend, configuration errors."""
+
+import math
+
+import pytest
+import torch
+
+from torchpeer.peer import PEER
+from torchpeer.product_keys import brute_force_topk
+
+from .test_mixing import naive_float64, saved_bytes
+
+
+def full_keys(m: PEER) -> torch.Tensor:
+    """(key_sets, N, d_key): key i = a*n + b is [sub_keys[s,0,a]; sub_keys[s,1,b]]."""
+    S, _, n, half = m.sub_keys.shape
+    rows = []
+    for a in range(n):
+        for b in range(n):
+            rows.append(torch.cat([m.sub_keys[:, 0, a], m.sub_keys[:, 1, b]], dim=-1))
+    return torch.stack(rows, dim=1)
+
+
+@pytest.mark.parametrize(
+    "n_experts,top_k,heads,d_key,shared",
+    [(16, 4, 1, 8, True), (64, 8, 4, 16, True), (64, 3, 2, 6, False), (100, 10, 3, 4, True), (49, 7, 2, 10, False)],
+)
+def test_retrieve_is_exact_topk_over_all_keys(n_experts, top_k, heads, d_key, shared):
+    torch.manual_seed(n_experts + top_k)
+    m = PEER(24, n_experts=n_experts, heads=heads, top_k=top_k, d_key=d_key, shared_keys=shared).double().eval()
+    x = torch.randn(3, 7, 24, dtype=torch.float64)
+    scores, idx = m.retrieve(x)
+    assert scores.shape == idx.shape == (3, 7, heads, top_k)
+    q = m.query(x).reshape(-1, heads, d_key)
+    keys = full_keys(m)  # (S, N, d_key)
+    keys = keys.expand(heads, -1, -1) if shared else keys
+    brute = torch.einsum("thd,hnd->thn", q, keys)
+    ref_scores, ref_idx = brute.topk(top_k, dim=-1)
+    assert torch.equal(idx.reshape(-1, heads, top_k), ref_idx)
+    torch.testing.assert_close(scores.reshape(-1, heads, top_k), ref_scores)
+    assert int(idx.min()) >= 0 and int(idx.max()) < n_experts
+
+
+def reference_forward(m: PEER, x: torch.Tensor) -> torch.Tensor:
+    """float64 PEER forward from the public pieces: query -> brute-force top-k -> gates -> naive mix."""
+    q = m.query(x.reshape(-1, m.d_model))
+    scores, idx = brute_force_topk(q, m.sub_keys, m.top_k)
+    return naive_float64(x.reshape(-1, m.d_model), m.down, m.up, idx, m.gates(scores), m.activation).view(x.shape)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(activation="gelu", gate="softmax", query_norm="batch", shared_keys=True),
+        dict(activation="relu", gate="sigmoid", query_norm="layer", shared_keys=False),
+        dict(activation="gelu", gate="sigmoid", query_norm="none", shared_keys=True),
+    ],
+)
+def test_forward_and_all_gradients_match_float64_reference(backend, cfg):
+    torch.manual_seed(0)
+    m = PEER(16, n_experts=81, heads=3, top_k=5, d_key=8, backend=backend, **cfg).double()
+    ref_m = PEER(16, n_experts=81, heads=3, top_k=5, d_key=8, backend=backend, **cfg).double()
+    ref_m.load_state_dict(m.state_dict())
+    x = torch.randn(2, 11, 16, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y = m(x)
+    y_ref = reference_forward(ref_m, x_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-10)
+    for (name, p), p_ref in zip(m.named_parameters(), ref_m.parameters()):
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_layer_lean_backend_memory_bound():
+    """Everything autograd keeps for backward of the whole layer grows with T*H*K, not T*H*K*d."""
+    T, d, H, K = 512, 128, 4, 8
+    x = torch.randn(T, d, requires_grad=True)
+    sizes = {}
+    for backend in ("torch", "reference"):
+        torch.manual_seed(0)
+        m = PEER(d, n_experts=32**2, heads=H, top_k=K, d_key=16, backend=backend)
+        sizes[backend] = saved_bytes(lambda m=m: m(x), list(m.parameters()))
+    gathered = T * H * K * d * 4
+    assert sizes["reference"] >= gathered
+    # x (T*d) + queries and norm activations (a few T*H*d_key) + (T,H,K) indices/gates/scores
+    assert sizes["torch"] <= 4 * T * d * 4 + 4 * T * H * 16 * 4 + 6 * T * H * K * 8
+    assert sizes["torch"] < gathered / 4
+
+
+def test_drop_in_shapes_and_autocast():
+    m = PEER(32, n_experts=16**2, heads=2, top_k=4, d_key=8)
+    x = torch.randn(2, 3, 5, 32)
+    assert m(x).shape == x.shape
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert m.down.grad.dtype == torch.float32
+
+
+def test_init_output_scale_comparable_to_dense():
+    """Output std at init is within a small factor of a dense 4d FFW's (the docstring's claim)."""
+    torch.manual_seed(0)
+    d = 64
+    x = torch.randn(4096, d)
+    m = PEER(d, n_experts=64**2, heads=4, top_k=8, d_key=16).eval()
+    lin = torch.nn.Linear
+    dense = torch.nn.Sequential(lin(d, 4 * d, bias=False), torch.nn.GELU(), lin(4 * d, d, bias=False))
+    torch.nn.init.normal_(dense[0].weight, std=1 / math.sqrt(d))
+    torch.nn.init.normal_(dense[2].weight, std=1 / math.sqrt(4 * d))
+    with torch.no_grad():
+        ratio = m(x).std() / dense(x).std()
+    assert 0.5 < ratio < 2.0
+
+
+def test_paper_defaults_and_public_api():
+    m = PEER(8, n_experts=32**2)  # paper defaults except N, to stay small
+    assert (m.heads, m.top_k, m.d_key, m.query_norm, m.gate, m.shared_keys) == (8, 16, 128, "batch", "softmax", True)
+    assert m.sub_keys.shape == (1, 2, 32, 64)
+    assert m.down.shape == m.up.shape == (32**2, 8)
+    assert PEER.__init__.__defaults__[0] == 1024**2
+    assert PEER(8, n_experts=16, heads=3, top_k=2, d_key=4, shared_keys=False).sub_keys.shape == (3, 2, 4, 2)
+
+
+def test_cost_hand_computed():
+    m = PEER(64, n_experts=32**2, heads=4, top_k=8, d_key=16)
+    c = m.cost()
+    q_params = 64 * 4 * 16 + 2 * 4 * 16  # projection + BatchNorm affine
+    assert c.total_params == q_params + 2 * 32 * 8 + 2 * 1024 * 64
+    assert c.active_params == q_params + 2 * 32 * 8 + 4 * 8 * 2 * 64
+    # query 2*64*64 + scores 4 heads * 2 * 32 * 16 + experts 4*8*(2*64 + 2*64)
+    assert c.forward_flops == 8192 + 4096 + 8192
+    assert c.train_flops == 3 * c.forward_flops
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(n_experts=1000), "perfect square"),
+        (dict(n_experts=64, top_k=9), "top_k=9"),
+        (dict(d_key=7), "even"),
+        (dict(heads=0), "heads"),
+        (dict(activation="tanh"), "activation"),
+        (dict(gate="relu"), "gate"),
+        (dict(query_norm="group"), "query_norm"),
+        (dict(backend="cuda"), "backend"),
+    ],
+)
+def test_bad_configs(kwargs, match):
+    base = dict(d_model=8, n_experts=64, heads=2, top_k=4, d_key=8)
+    base.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        PEER(**base)
+
+
+def test_wrong_input_dimension():
+    m = PEER(8, n_experts=64, heads=2, top_k=4, d_key=8)
+    with pytest.raises(ValueError, match="d_model=8"):
+        m(torch.randn(3, 9))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        m([1.0] * 8)
+
+
+def test_triton_backend_without_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    m = PEER(8, n_experts=64, heads=2, top_k=4, d_key=8, backend="triton")
+    with pytest.raises(ValueError, match="backend='torch'"):
+        m(torch.randn(3, 8))

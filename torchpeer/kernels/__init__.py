@@ -1,0 +1,1 @@
+"""Triton GPU kernels for PEER (expert mixing, product-key retrieval)."""
