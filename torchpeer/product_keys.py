@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import torch
 
-_CHUNK_ELEMENTS = 1 << 22  # ~16 MiB of fp32 per chunk temporary
+# Elements of the largest per-chunk temporary: small on the CPU (cache-friendly), large on GPUs where
+# each chunk costs several kernel launches.
+_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 
 def _check_inputs(queries: torch.Tensor, sub_keys: torch.Tensor, top_k: int) -> None:
@@ -61,10 +63,11 @@ def _select(queries: torch.Tensor, sub_keys: torch.Tensor, top_k: int) -> tuple[
     return scores, a * n + b
 
 
-def default_chunk(heads: int, n: int, top_k: int, d_key: int) -> int:
+def default_chunk(heads: int, n: int, top_k: int, d_key: int, device: torch.device | str = "cpu") -> int:
     """Tokens per chunk so that the largest temporary stays near _CHUNK_ELEMENTS elements."""
     widest = heads * max(n, top_k * top_k, top_k * d_key // 2)
-    return max(1, _CHUNK_ELEMENTS // widest)
+    budget = _CHUNK_ELEMENTS["cuda" if torch.device(device).type == "cuda" else "cpu"]
+    return max(1, budget // widest)
 
 
 class _ProductKeyTopK(torch.autograd.Function):
@@ -117,7 +120,7 @@ def product_key_topk(
     """
     _check_inputs(queries, sub_keys, top_k)
     if chunk is None:
-        chunk = default_chunk(queries.shape[1], sub_keys.shape[2], top_k, queries.shape[2])
+        chunk = default_chunk(queries.shape[1], sub_keys.shape[2], top_k, queries.shape[2], queries.device)
     return _ProductKeyTopK.apply(queries, sub_keys, top_k, chunk)
 
 
