@@ -1,0 +1,40 @@
+"""PEER with backend="triton" (the kernels under TRITON_INTERPRET=1 on the CPU) == float64 reference."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from torchpeer.peer import PEER  # noqa: E402
+
+from .test_peer import reference_forward  # noqa: E402
+
+
+@pytest.mark.parametrize("gate,activation,shared", [("softmax", "gelu", True), ("sigmoid", "relu", False)])
+def test_triton_backend_matches_float64_reference(gate, activation, shared):
+    torch.manual_seed(1)
+    kw = dict(n_experts=49, heads=2, top_k=3, d_key=8, gate=gate, activation=activation, shared_keys=shared)
+    m = PEER(16, backend="triton", **kw)
+    ref = PEER(16, backend="reference", **kw).double()
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(13, 16, requires_grad=True)  # ragged token count
+    x_ref = x.detach().double().requires_grad_()
+    y = m(x)
+    y_ref = reference_forward(ref, x_ref)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy.double())
+    torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-4, atol=1e-5)
+    for (name, p), p_ref in zip(m.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad.double(), p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_auto_backend_is_torch_on_cpu():
+    m = PEER(8, n_experts=16, heads=1, top_k=2, d_key=4)
+    assert m._resolve_backend(torch.device("cpu")) == "torch"
