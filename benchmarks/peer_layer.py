@@ -1,0 +1,540 @@
+"""PEER layer benchmark: time and memory of one FFW layer, forward and forward+backward.
+
+Implementations (rows of the table):
+  triton        torchpeer.PEER(backend="triton")  (Triton retrieval + Triton mixing)
+  torch         torchpeer.PEER(backend="torch")   (chunked PyTorch retrieval + mixing)
+  peer-pytorch  lucidrains' PEER-pytorch 0.2.2, if importable (not a dependency)
+  dense4d       the dense d -> 4d -> d GELU FFW a PEER layer replaces
+
+For each (impl, d_model, tokens): fwd_ms and fwd_bwd_ms are medians of CUDA-event timings
+after warm-up (fwd runs with autograd on, as in training; fwd+bwd uses a random upstream
+gradient and drops parameter gradients between steps), peak_gib is
+torch.cuda.max_memory_allocated() over one fwd+bwd step minus the parameter bytes
+(parameter gradients and activations are included). An OOM gives nulls and the run goes on.
+
+Also measured: the device-to-device copy ceiling (copy_tbs, bytes read + written) and each
+Triton kernel's achieved bandwidth against the bytes it must move (see kernel_rows()).
+
+    python benchmarks/peer_layer.py                # the full run on one GPU (~5 min on an H200)
+    python benchmarks/peer_layer.py --quick        # tiny sizes; runs on the CPU as a smoke test
+
+Writes <out-dir>/peer_layer_<date>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+from torch import nn
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, REPO)
+
+IMPLS = ("triton", "torch", "peer-pytorch", "dense4d")
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device: torch.device, warmup: int = 2, reps: int | None = None, budget_s: float = 2.0):
+    """Median milliseconds of fn() after warm-up. reps=None picks a count that fits budget_s."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if reps is None:  # one timed call sizes the repeat count: slow impls get few repeats
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        reps = int(min(20, max(3, budget_s / max(time.perf_counter() - t0, 1e-6))))
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def copy_tbs(device: torch.device, gib: float = 1.0) -> float | None:
+    """Device-to-device copy bandwidth in TB/s, counting bytes read + written."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, warmup=3, reps=10)
+    return 2 * src.numel() / (ms * 1e-3) / 1e12
+
+
+# ---------------------------------------------------------------------------- implementations
+
+
+class DenseFFW4d(nn.Module):
+    """x: (tokens, d) -> (tokens, d) through d -> 4d -> d with GELU."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.up = nn.Linear(d, 4 * d)
+        self.down = nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return self.down(nn.functional.gelu(self.up(x)))
+
+
+class PeerPytorchAdapter(nn.Module):
+    """lucidrains' PEER-pytorch takes (batch, seq, dim); feed our (tokens, d) as one sequence."""
+
+    def __init__(self, d: int, cfg: dict):
+        super().__init__()
+        from PEER_pytorch import PEER as LucidPEER
+
+        # its dim_key is the size of each *half* query (queries are dim_key * heads * 2 wide),
+        # so our full d_key maps to dim_key = d_key // 2 for an equal key width.
+        self.inner = LucidPEER(
+            dim=d,
+            heads=cfg["heads"],
+            num_experts=cfg["n_experts"],
+            num_experts_per_head=cfg["top_k"],
+            dim_key=cfg["d_key"] // 2,
+            non_competing_scores=False,  # softmax gates, as in the paper
+        )
+
+    def forward(self, x):
+        return self.inner(x[None])[0]
+
+
+def make_module(impl: str, d: int, cfg: dict) -> nn.Module:
+    """Build one implementation; raises ImportError/RuntimeError when it is unavailable."""
+    if impl == "dense4d":
+        return DenseFFW4d(d)
+    if impl == "peer-pytorch":
+        return PeerPytorchAdapter(d, cfg)
+    from torchpeer import PEER
+
+    return PEER(
+        d,
+        n_experts=cfg["n_experts"],
+        heads=cfg["heads"],
+        top_k=cfg["top_k"],
+        d_key=cfg["d_key"],
+        backend=impl,
+    )
+
+
+def unavailable_reason(impl: str, device: torch.device) -> str | None:
+    """None if impl can run here, else a short note saying why not."""
+    try:
+        if impl == "peer-pytorch":
+            import PEER_pytorch  # noqa: F401
+        elif impl in ("triton", "torch"):
+            from torchpeer import PEER  # noqa: F401
+        if impl == "triton":
+            import triton  # noqa: F401
+
+            if device.type != "cuda":
+                return "needs a CUDA device"
+    except Exception as e:  # ImportError, or anything a half-installed package raises
+        return f"import failed: {type(e).__name__}: {e}"
+    return None
+
+
+# ---------------------------------------------------------------------------- one row
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def empty_row(impl: str, d: int, tokens: int, cfg: dict, dtype) -> dict:
+    routed = impl != "dense4d"
+    return {
+        "impl": impl,
+        "d_model": d,
+        "n_experts": cfg["n_experts"] if routed else None,
+        "heads": cfg["heads"] if routed else None,
+        "top_k": cfg["top_k"] if routed else None,
+        "tokens": tokens,
+        "dtype": str(dtype).replace("torch.", ""),
+        "fwd_ms": None,
+        "fwd_bwd_ms": None,
+        "peak_gib": None,
+    }
+
+
+def measure_row(module: nn.Module, row: dict, device, dtype, budget_s: float) -> dict:
+    """Fill row's fwd_ms, fwd_bwd_ms, peak_gib for module on row["tokens"] tokens."""
+    param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    x = dy = None
+    try:
+        x = torch.randn(row["tokens"], row["d_model"], device=device, dtype=dtype, requires_grad=True)
+        dy = torch.randn_like(x)
+
+        def fwd():
+            return module(x)
+
+        def fwd_bwd():
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+            module(x).backward(dy)
+
+        row["fwd_ms"] = round(time_ms(fwd, device, budget_s=budget_s), 4)
+        row["fwd_bwd_ms"] = round(time_ms(fwd_bwd, device, budget_s=budget_s), 4)
+        if device.type == "cuda":
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+            _sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            fwd_bwd()
+            _sync(device)
+            row["peak_gib"] = round((torch.cuda.max_memory_allocated(device) - param_bytes) / 2**30, 4)
+    except Exception as e:
+        if not _is_oom(e):
+            raise
+        row["note"] = "out of memory"
+    finally:
+        module.zero_grad(set_to_none=True)
+        x = dy = None  # free before the next row
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+# ---------------------------------------------------------------------------- kernel bandwidth
+
+
+def kernel_rows(d: int, tokens: int, cfg: dict, device, dtype, copy: float | None, retrieval_configs=()) -> list[dict]:
+    """Each Triton kernel timed alone, against the bytes it must move (S = heads * top_k
+    selections per token, row = d * element size, int64 indices, fp32 scores/gates/h):
+
+    retrieval:  read queries (T*H*d_key) and both sub-key tables; write scores (4 B) and
+                indices (8 B) for T*S selections. (It is compute-bound: sorting networks.)
+    mixing_fwd: read x (T rows), T*S gathered u rows and v rows, indices + gates; write y
+                (T rows) and h (T*S fp32).
+    mixing_bwd: read x, dy, T*S u and v rows again for dx, indices, gates, h; write dx,
+                dgates, and the dense du, dv tables (2*N rows: the gradients are dense tensors).
+
+    retrieval_configs: extra (BLOCK_M, BLOCK_N, num_warps) launch configs of the retrieval
+    kernel to time as well (rows "retrieval@BMxBNxW"); the default config is restored after.
+    """
+    from torchpeer.kernels import retrieval
+    from torchpeer.kernels.retrieval import product_key_topk_triton
+
+    H, K, dk, N = cfg["heads"], cfg["top_k"], cfg["d_key"], cfg["n_experts"]
+    n = math.isqrt(N)
+    el = torch.finfo(dtype).bits // 8
+    sel, row = tokens * H * K, d * el
+    rows = []
+
+    def add(name, ms, nbytes):
+        tbs = nbytes / (ms * 1e-3) / 1e12
+        rows.append(
+            {
+                "kernel": name,
+                "d_model": d,
+                "tokens": tokens,
+                "ms": round(ms, 4),
+                "bytes": int(nbytes),
+                "tbs": round(tbs, 4),
+                "frac_of_copy": round(tbs / copy, 4) if copy else None,
+            }
+        )
+
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(tokens, H, dk, device=device, dtype=dtype, generator=g)
+    keys = torch.randn(1, 2, n, dk // 2, device=device, dtype=dtype, generator=g)
+    ms = time_ms(lambda: product_key_topk_triton(q, keys, K), device, warmup=2, reps=10)
+    retrieval_bytes = tokens * H * dk * el + keys.numel() * el + sel * (4 + 8)
+    add("retrieval", ms, retrieval_bytes)
+    default = retrieval.TUNING["half"]
+    try:
+        for c in retrieval_configs:
+            retrieval.TUNING["half"] = c
+            ms = time_ms(lambda: product_key_topk_triton(q, keys, K), device, warmup=2, reps=10)
+            add("retrieval@" + "x".join(map(str, c)), ms, retrieval_bytes)
+    finally:
+        retrieval.TUNING["half"] = default
+    scores, indices = product_key_topk_triton(q, keys, K)
+    gates = torch.softmax(scores, dim=-1)  # fp32, as in the layer
+    q = keys = scores = None  # free
+
+    try:
+        from torchpeer.kernels.mixing import peer_mix_triton
+    except Exception as e:
+        rows.append({"kernel": "mixing", "note": f"import failed: {type(e).__name__}: {e}"})
+        return rows
+    x = torch.randn(tokens, d, device=device, dtype=dtype, generator=g, requires_grad=True)
+    down = (torch.randn(N, d, device=device, dtype=dtype, generator=g) / math.sqrt(d)).requires_grad_()
+    up = torch.randn(N, d, device=device, dtype=dtype, generator=g).requires_grad_()
+    gates.requires_grad_()
+    with torch.no_grad():
+        ms = time_ms(lambda: peer_mix_triton(x, down, up, indices, gates, "gelu"), device, reps=10)
+    add("mixing_fwd", ms, 2 * sel * row + 2 * tokens * row + sel * (8 + 4 + 4))
+    y = peer_mix_triton(x, down, up, indices, gates, "gelu")
+    dy = torch.randn_like(y)
+
+    def bwd():
+        torch.autograd.grad(y, (x, down, up, gates), dy, retain_graph=True)
+
+    ms = time_ms(bwd, device, reps=10)
+    add("mixing_bwd", ms, 3 * sel * row + 3 * tokens * row + 2 * N * row + sel * (8 + 4 + 4 + 4))
+    return rows
+
+
+# ---------------------------------------------------------------------------- optimizer step
+
+
+def optim_rows(d: int, token_counts, cfg: dict, device, dtype) -> list[dict]:
+    """One optimizer step on a PEER layer's gradients: dense AdamW (torch's default foreach
+    implementation, and fused=True on CUDA) vs SparseRowAdamW, which updates only the rows of
+    down/up that the step retrieved (touched_frac of the N rows) and dense-updates the rest."""
+    from torchpeer import PEER
+    from torchpeer.sparse_adam import SparseRowAdamW
+
+    backend = "triton" if device.type == "cuda" else "torch"
+    with device:
+        module = PEER(d, cfg["n_experts"], cfg["heads"], cfg["top_k"], cfg["d_key"], backend=backend).to(dtype=dtype)
+    out = []
+    for tokens in token_counts:
+        row = {"d_model": d, "tokens": tokens, "n_experts": cfg["n_experts"], "dtype": str(dtype).replace("torch.", "")}
+        try:
+            x = torch.randn(tokens, d, device=device, dtype=dtype)
+            module.zero_grad(set_to_none=True)
+            module(x).backward(torch.randn_like(x))
+            with torch.no_grad():
+                _, indices = module.retrieve(x)
+            rows = indices.flatten()
+            row["touched_frac"] = round(rows.unique().numel() / cfg["n_experts"], 4)
+            variants = [("adamw_ms", lambda: torch.optim.AdamW(module.parameters(), lr=1e-4))]
+            if device.type == "cuda":
+                variants.append(("adamw_fused_ms", lambda: torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)))
+            variants.append(("sparse_row_adamw_ms", lambda: SparseRowAdamW(module.parameters(), lr=1e-4)))
+            for name, make in variants:
+                opt = make()
+                if isinstance(opt, SparseRowAdamW):
+                    table_rows = {module.down: rows, module.up: rows}
+                    step = lambda opt=opt, r=table_rows: opt.step(rows=r)  # noqa: E731
+                    row[name] = round(time_ms(step, device, warmup=1, reps=5), 4)
+                else:
+                    row[name] = round(time_ms(opt.step, device, warmup=1, reps=5), 4)
+                opt = None  # free its moments before the next one
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        except Exception as e:
+            if not _is_oom(e):
+                raise
+            row["note"] = "out of memory"
+        x = indices = rows = None
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    module = None
+    return out
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"# PEER layer benchmark, {result['date']}",
+        "",
+        f"GPU: {result['gpu']}; torch {result['torch']}; triton {result['triton']}; "
+        f"copy ceiling {_fmt(result['copy_tbs'])} TB/s (read + write).",
+        "",
+        "fwd: forward with autograd on; fwd+bwd: forward + backward with a random upstream gradient; "
+        "peak: max allocated during fwd+bwd minus parameter bytes (GiB).",
+        "",
+        "| impl | d_model | n_experts | heads | top_k | tokens | dtype | fwd ms | fwd+bwd ms | peak GiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        cells = [r["impl"], r["d_model"], r["n_experts"] or "-", r["heads"] or "-", r["top_k"] or "-"]
+        miss = "OOM" if r.get("note") == "out of memory" else "n/a"
+        times = [f"{v:.3f}" if v is not None else miss for v in (r["fwd_ms"], r["fwd_bwd_ms"], r["peak_gib"])]
+        cells += [r["tokens"], r["dtype"], *times]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if result.get("kernels"):
+        lines += ["", "## Triton kernels alone", ""]
+        lines += [
+            "| kernel | d_model | tokens | ms | counted GB | TB/s | of copy |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for k in result["kernels"]:
+            if "ms" not in k:
+                lines.append(f"| {k['kernel']} | {k.get('note', '')} | | | | | |")
+                continue
+            lines.append(
+                f"| {k['kernel']} | {k['d_model']} | {k['tokens']} | {k['ms']:.3f} | "
+                f"{k['bytes'] / 1e9:.4g} | {k['tbs']:.3f} | {_fmt(k['frac_of_copy'])} |"
+            )
+    if result.get("optim"):
+        lines += ["", "## Optimizer step on a PEER layer's gradients (ms)", ""]
+        lines += [
+            "| d_model | tokens | rows touched | AdamW | AdamW fused | SparseRowAdamW |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for o in result["optim"]:
+            cells = [o["d_model"], o["tokens"], _fmt(o.get("touched_frac"))]
+            cells += [_fmt(o.get(k)) for k in ("adamw_ms", "adamw_fused_ms", "sparse_row_adamw_ms")]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if result.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out-dir", default=os.path.join("benchmarks", "results"))
+    p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke test)")
+    p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
+    p.add_argument("--no-kernels", action="store_true", help="skip the per-kernel bandwidth section")
+    p.add_argument("--no-optim", action="store_true", help="skip the optimizer-step section")
+    p.add_argument(
+        "--retrieval-configs",
+        default="",
+        help="extra retrieval launch configs to time, 'BM,BN,WARPS;BM,BN,WARPS' (bf16, top_k <= 16)",
+    )
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16
+    if args.quick:
+        cfg = dict(n_experts=16**2, heads=2, top_k=4, d_key=16)
+        d_models, token_counts, budget_s = (32, 64), (64, 256), 0.2
+    else:
+        cfg = dict(n_experts=1024**2, heads=8, top_k=16, d_key=128)
+        d_models, token_counts, budget_s = (512, 1024), (4096, 16384, 65536), 1.0
+    try:
+        sweep = [tuple(int(v) for v in c.split(",")) for c in args.retrieval_configs.split(";") if c.strip()]
+        if any(len(c) != 3 for c in sweep):
+            raise ValueError
+    except ValueError:
+        p.error(f"--retrieval-configs must look like '64,128,16;32,64,8', got {args.retrieval_configs!r}")
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    bad = [i for i in impls if i not in IMPLS]
+    if bad:
+        p.error(f"unknown impls {bad}; choose from {', '.join(IMPLS)}")
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    result = {
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "date": datetime.date.today().isoformat(),
+        "copy_tbs": None,
+        "config": {**cfg, "quick": args.quick},
+        "rows": [],
+        "kernels": [],
+        "optim": [],
+        "notes": [],
+    }
+    t_start = time.perf_counter()
+    result["copy_tbs"] = copy_tbs(device)
+    if result["copy_tbs"]:
+        result["copy_tbs"] = round(result["copy_tbs"], 4)
+        print(f"copy ceiling: {result['copy_tbs']:.3f} TB/s", flush=True)
+
+    for impl in impls:
+        reason = unavailable_reason(impl, device)
+        if reason:
+            note = f"{impl} skipped: {reason}"
+            result["notes"].append(note)
+            print(note, flush=True)
+            continue
+        for d in d_models:
+            module, build_error = None, None
+            try:
+                torch.manual_seed(0)
+                with device:  # initialise the (large) tables on the device, not on the CPU
+                    module = make_module(impl, d, cfg).to(dtype=dtype)
+            except Exception as e:
+                build_error = "out of memory" if _is_oom(e) else f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+            for tokens in token_counts:
+                row = empty_row(impl, d, tokens, cfg, dtype)
+                if module is None:
+                    row["note"] = f"build failed: {build_error}"
+                else:
+                    try:
+                        measure_row(module, row, device, dtype, budget_s)
+                    except Exception as e:  # a broken impl must not lose the other rows
+                        traceback.print_exc()
+                        row["note"] = f"{type(e).__name__}: {e}"
+                result["rows"].append(row)
+                print(json.dumps(row), f"[{time.perf_counter() - t_start:.0f}s]", flush=True)
+            module = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    if device.type == "cuda" and "triton" in impls and not args.no_kernels:
+        for d in d_models:
+            try:
+                extra = sweep if d == d_models[0] else ()
+                result["kernels"] += kernel_rows(d, token_counts[-1], cfg, device, dtype, result["copy_tbs"], extra)
+            except Exception as e:
+                if not _is_oom(e):
+                    traceback.print_exc()
+                result["notes"].append(f"kernel timing at d_model={d} failed: {type(e).__name__}: {e}")
+            torch.cuda.empty_cache()
+        for k in result["kernels"]:
+            print(json.dumps(k), flush=True)
+
+    if not args.no_optim and unavailable_reason("torch", device) is None:
+        for d in d_models:
+            try:
+                result["optim"] += optim_rows(d, token_counts, cfg, device, dtype)
+            except Exception as e:
+                traceback.print_exc()
+                result["notes"].append(f"optimizer timing at d_model={d} failed: {type(e).__name__}: {e}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, f"peer_layer_{result['date']}")
+    write_atomic(stem + ".json", json.dumps(result, indent=2) + "\n")
+    write_atomic(stem + ".md", markdown(result))
+    print(f"wrote {stem}.json and .md in {time.perf_counter() - t_start:.0f}s", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Triton product-key retrieval vs brute force over all n*n keys (TRITON_INTERPRET=1 without a GPU)."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from torchpeer.kernels import retrieval  # noqa: E402
+from torchpeer.kernels.retrieval import product_key_topk_bruteforce, product_key_topk_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(T, H, S, n, d_key, dtype, key_dtype=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(T, H, d_key, generator=g).to(DEVICE, dtype)
+    keys = torch.randn(S, 2, n, d_key // 2, generator=g).to(DEVICE, key_dtype or dtype)
+    return q, keys
+
+
+def _check_against_bruteforce(q, keys, top_k, grads=True):
+    """Indices equal, scores match float64, gradients match float64 autograd."""
+    q = q.detach().requires_grad_(grads)
+    keys = keys.detach().requires_grad_(grads)
+    scores, idx = product_key_topk_triton(q, keys, top_k)
+    q64 = q.detach().double().requires_grad_(grads)
+    k64 = keys.detach().double().requires_grad_(grads)
+    ref_scores, ref_idx = product_key_topk_bruteforce(q64, k64, top_k)
+
+    T, H, _ = q.shape
+    assert scores.shape == idx.shape == (T, H, top_k)
+    assert scores.dtype == torch.float32 and idx.dtype == torch.int64
+    assert torch.equal(idx.cpu(), ref_idx.cpu())
+    # fp32 sums of exact products (inputs are rounded to their dtype before both computations)
+    torch.testing.assert_close(scores.double(), ref_scores, rtol=1e-5, atol=1e-5)
+    assert (scores[..., :-1] >= scores[..., 1:]).all()
+    if not grads:
+        return
+    up = torch.randn(scores.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    (scores * up).sum().backward()
+    (ref_scores * up.double()).sum().backward()
+    assert q.grad.dtype == q.dtype and keys.grad.dtype == keys.dtype
+    tol = 1e-5 if q.dtype == torch.float32 and keys.dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(q.grad.double(), q64.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(keys.grad.double(), k64.grad, rtol=tol, atol=tol)
+
+
+CASES = [
+    # T, H, S, n, d_key, top_k, dtype
+    (20, 2, 1, 8, 8, 3, torch.float32),  # shared keys, two row blocks (BLOCK_M=16) with masked rows
+    (18, 2, 2, 8, 16, 8, torch.float32),  # per-head keys, top_k == n
+    (17, 3, 3, 16, 32, 5, torch.bfloat16),  # per-head, top_k not a power of two, bf16
+    (9, 1, 1, 4, 6, 4, torch.bfloat16),  # half width 3 (padded to 16), top_k == n
+    (12, 2, 1, 5, 8, 1, torch.float32),  # top_k == 1, n not a power of two
+    (10, 2, 1, 3, 4, 3, torch.float16),  # n < padded top_k (4): sentinel slots must stay out
+    (6, 2, 1, 32, 16, 2, torch.float32),  # two sub-key tiles of BLOCK_N=16
+]
+
+
+@pytest.mark.parametrize("T,H,S,n,d_key,top_k,dtype", CASES)
+def test_matches_bruteforce(T, H, S, n, d_key, top_k, dtype):
+    q, keys = _inputs(T, H, S, n, d_key, dtype)
+    _check_against_bruteforce(q, keys, top_k)
+
+
+def test_mixed_dtypes_and_strided_queries():
+    # bf16 queries against fp32 keys, queries a non-contiguous view (heads-major storage)
+    q, keys = _inputs(7, 2, 1, 8, 8, torch.bfloat16, key_dtype=torch.float32)
+    q_strided = q.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not q_strided.is_contiguous()
+    _check_against_bruteforce(q_strided, keys, 4)
+
+
+def test_backward_chunks(monkeypatch):
+    # force several backward chunks (chunk = 64 // (H * n) = 2 tokens)
+    monkeypatch.setattr(retrieval, "_BWD_CHUNK_ELEMS", 64)
+    q, keys = _inputs(7, 2, 2, 4, 8, torch.float32, seed=3)
+    _check_against_bruteforce(q, keys, 3)
+
+
+def test_only_keys_need_grad():
+    q, keys = _inputs(5, 2, 1, 4, 8, torch.float32, seed=4)
+    keys.requires_grad_()
+    scores, _ = product_key_topk_triton(q, keys, 2)
+    scores.sum().backward()
+    k64 = keys.detach().double().requires_grad_()
+    product_key_topk_bruteforce(q.double(), k64, 2)[0].sum().backward()
+    torch.testing.assert_close(keys.grad.double(), k64.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_tokens():
+    q, keys = _inputs(0, 2, 1, 4, 8, torch.float32)
+    scores, idx = product_key_topk_triton(q, keys, 3)
+    assert scores.shape == idx.shape == (0, 2, 3)
+
+
+def test_bruteforce_reference_is_exact_product_key_topk():
+    # the reference itself: score of expert a*n+b is q1.C[a] + q2.C'[b]
+    q, keys = _inputs(3, 2, 1, 4, 6, torch.float64)
+    scores, idx = product_key_topk_bruteforce(q, keys, 16)  # all n*n experts
+    a, b = idx // 4, idx % 4
+    direct = (q[..., None, :3] * keys[0, 0][a]).sum(-1) + (q[..., None, 3:] * keys[0, 1][b]).sum(-1)
+    torch.testing.assert_close(scores, direct)
+    assert sorted(idx[0, 0].tolist()) == list(range(16))
+
+
+@pytest.mark.parametrize(
+    "q_shape,k_shape,top_k,err,match",
+    [
+        ((4, 2, 8), (1, 2, 4, 4), 5, ValueError, r"top_k must be in \[1, n=4\]"),
+        ((4, 2, 8), (1, 2, 4, 4), 0, ValueError, "top_k must be in"),
+        ((4, 2, 8), (1, 2, 4, 4), 2.0, TypeError, "top_k must be an int"),
+        ((4, 8), (1, 2, 4, 4), 2, ValueError, r"queries must be \(tokens, heads, d_key\)"),
+        ((4, 2, 8), (2, 4, 4), 2, ValueError, r"sub_keys must be \(S, 2, n, d_key // 2\)"),
+        ((4, 2, 8), (1, 2, 4, 3), 2, ValueError, "d_key // 2"),
+        ((4, 2, 7), (1, 2, 4, 3), 2, ValueError, "d_key must be even"),
+        ((4, 2, 8), (3, 2, 4, 4), 2, ValueError, r"1 \(shared keys\) or heads=2"),
+    ],
+)
+def test_bad_input(q_shape, k_shape, top_k, err, match):
+    with pytest.raises(err, match=match):
+        product_key_topk_triton(torch.randn(q_shape), torch.randn(k_shape), top_k)
+
+
+def test_bad_dtype_and_type():
+    with pytest.raises(TypeError, match="floating point"):
+        product_key_topk_triton(torch.ones(4, 2, 8, dtype=torch.int64), torch.randn(1, 2, 4, 4), 2)
+    with pytest.raises(TypeError, match="torch.Tensors"):
+        product_key_topk_triton([[0.0]], torch.randn(1, 2, 4, 4), 2)
+
+
+def test_cpu_tensors_without_interpreter(monkeypatch):
+    monkeypatch.setattr(retrieval, "_interpreting", lambda: False)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        product_key_topk_triton(torch.randn(4, 2, 8), torch.randn(1, 2, 4, 4), 2)
+
+
+def test_large_top_k_falls_back_to_torch(monkeypatch):
+    # above MAX_KERNEL_KP the chunked PyTorch implementation answers, with the same contract
+    monkeypatch.setattr(retrieval, "MAX_KERNEL_KP", 4)
+    q, keys = _inputs(5, 2, 1, 8, 8, torch.float32, seed=5)
+    scores, idx = product_key_topk_triton(q, keys, 6)
+    ref_scores, ref_idx = product_key_topk_bruteforce(q.double(), keys.double(), 6)
+    assert torch.equal(idx.cpu(), ref_idx.cpu())
+    torch.testing.assert_close(scores.double(), ref_scores, rtol=1e-5, atol=1e-5)
