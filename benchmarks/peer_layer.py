@@ -467,6 +467,13 @@ def main(argv=None) -> dict:
         "optim": [],
         "notes": [],
     }
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, f"peer_layer_{result['date']}")
+
+    def save() -> None:  # after every row, so a run cut short still leaves its results
+        write_atomic(stem + ".json", json.dumps(result, indent=2) + "\n")
+        write_atomic(stem + ".md", markdown(result))
+
     t_start = time.perf_counter()
     result["copy_tbs"] = copy_tbs(device)
     if result["copy_tbs"]:
@@ -500,6 +507,7 @@ def main(argv=None) -> dict:
                         traceback.print_exc()
                         row["note"] = f"{type(e).__name__}: {e}"
                 result["rows"].append(row)
+                save()
                 print(json.dumps(row), f"[{time.perf_counter() - t_start:.0f}s]", flush=True)
             module = None
             if device.type == "cuda":
@@ -528,10 +536,7 @@ def main(argv=None) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, f"peer_layer_{result['date']}")
-    write_atomic(stem + ".json", json.dumps(result, indent=2) + "\n")
-    write_atomic(stem + ".md", markdown(result))
+    save()
     print(f"wrote {stem}.json and .md in {time.perf_counter() - t_start:.0f}s", flush=True)
     return result
 
