@@ -1,0 +1,152 @@
+"""`torchpeer` command line: --help of every subcommand, info, and one-line errors for bad input."""
+
+import json
+import os
+
+import pytest
+
+from torchpeer.cli import main
+from torchpeer.lm.config import list_configs, load_config
+
+SUBCOMMANDS = ["train", "eval", "generate", "info", "data"]
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS)
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: torchpeer {cmd}")
+
+
+def test_top_level_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(c in out for c in SUBCOMMANDS)
+
+
+def test_shipped_configs_load_and_ptb_tiny_is_default():
+    names = list_configs()
+    assert "ptb-tiny" in names
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.name == name
+        if cfg.model.ffw == "peer" and name.startswith("gpu"):
+            assert cfg.model.peer.n_experts == 1024**2
+
+
+def test_info_table_and_json(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("config ptb-tiny") and "block 2" in out and "peer" in out
+    assert main(["info", "ptb-tiny", "--json", "--model.ffw", "dense", "--model.n_layers", "2"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert [p["kind"] for p in d["parts"]] == ["lookup", "dense", "dense", "unembed"]
+    assert d["train_flops_per_token"] == 3 * sum(p["forward_flops"] for p in d["parts"])
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.startswith("error: ") and err.count("\n") == 1, err  # exactly one line
+    assert "Traceback" not in err + captured.out
+    return err
+
+
+def _toml(tmp_path, data_lines: str, extra: str = "") -> str:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[model]\nd_model = 32\nn_layers = 2\nn_heads = 2\nseq_len = 16\nffw = "dense"\n'
+        '[train]\ndevice = "cpu"\nmax_steps = 2\nbatch_size = 2\ntensorboard = false\n'
+        f'{extra}\n[data]\ncache_dir = "{tmp_path}/cache"\n{data_lines}\n'
+    )
+    return str(path)
+
+
+def test_error_missing_config(capsys, tmp_path):
+    err = _error(capsys, ["train", str(tmp_path / "nope.toml")])
+    assert "neither a file nor a shipped config" in err and "ptb-tiny" in err
+
+
+def test_error_missing_data_file(capsys, tmp_path):
+    cfg = _toml(tmp_path, f'train = "{tmp_path}/missing.txt"\nvalid = {{}}')
+    err = _error(capsys, ["train", cfg, "--run-dir", str(tmp_path / "run")])
+    assert "missing.txt" in err and "does not exist" in err
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_error_empty_corpus(capsys, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    cfg = _toml(tmp_path, f'train = "{tmp_path}/empty.txt"\nvalid = {{}}')
+    err = _error(capsys, ["train", cfg, "--run-dir", str(tmp_path / "run")])
+    assert "contains no text" in err
+
+
+def test_error_unknown_ffw_kind(capsys):
+    err = _error(capsys, ["train", "--model.ffw", "mlp"])
+    assert "unknown FFW kind model.ffw='mlp'" in err and "peer" in err
+    _error(capsys, ["info", "--model.ffw", "mlp"])
+
+
+def test_error_unknown_field_and_bad_value(capsys):
+    assert "model.d_model" in _error(capsys, ["info", "--model.d_modle", "3"])
+    assert "cannot parse" in _error(capsys, ["info", "--train.lr", "fast"])
+    assert "unknown config field 'data.nope'" in _error(capsys, ["info", "--data.nope", "3"])
+
+
+def test_error_vocab_larger_than_token_dtype(capsys, tmp_path):
+    from tokenizers import Tokenizer, models
+
+    vocab = {"<|endoftext|>": 0, "<unk>": 1, **{f"w{i}": i + 2 for i in range(70_000)}}
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(tok_dir / "tokenizer.json"))
+    (tmp_path / "t.txt").write_text("w1 w2 w3")
+    cfg = _toml(
+        tmp_path, f'train = "{tmp_path}/t.txt"\nvalid = {{}}\ntokenizer = "gpt2:{tok_dir}"\ntoken_dtype = "uint16"'
+    )
+    err = _error(capsys, ["train", cfg, "--run-dir", str(tmp_path / "run")])
+    assert "does not fit in uint16" in err
+
+
+def test_error_model_vocab_smaller_than_tokenizer(capsys, tmp_path):
+    (tmp_path / "t.txt").write_text("hello world")
+    cfg = _toml(tmp_path, f'train = "{tmp_path}/t.txt"\nvalid = {{}}')
+    err = _error(capsys, ["train", cfg, "--model.vocab_size", "100", "--run-dir", str(tmp_path / "r")])
+    assert "model.vocab_size=100 is smaller" in err
+
+
+def test_error_missing_checkpoint(capsys, tmp_path):
+    assert "does not exist" in _error(capsys, ["eval", str(tmp_path / "nope")])
+    assert "does not exist" in _error(capsys, ["generate", str(tmp_path / "nope")])
+    os.makedirs(tmp_path / "emptyrun")
+    assert "no" in _error(capsys, ["generate", str(tmp_path / "emptyrun")])
+
+
+def test_overrides_rejected_for_eval(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(tmp_path), "--model.d_model", "3"])
+    assert e.value.code == 2
+    assert "only apply to train and info" in capsys.readouterr().err
+
+
+def test_data_subcommand_accepts_config_name(capsys, tmp_path):
+    (tmp_path / "t.txt").write_text("some text\n" * 20)
+    argv = [
+        "data",
+        "--config",
+        "ptb-tiny",
+        "--train",
+        str(tmp_path / "t.txt"),
+        "--valid",
+        f"v={tmp_path}/t.txt",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "train" in out and "valid/v" in out

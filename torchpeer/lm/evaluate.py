@@ -1,0 +1,86 @@
+"""Evaluation: loss, perplexity and bits per byte on token files, plus expert usage and KL.
+
+For a split of ``n`` tokens evaluated in full, every token after the first is a target once
+(``sequential_windows``), so
+
+    loss = total_nats / n_targets,   perplexity = exp(loss),   bpb = total_nats / (n_bytes * ln 2)
+
+with ``n_bytes`` the UTF-8 bytes of the split's documents. When only the first ``max_batches``
+are evaluated, ``n_bytes`` is scaled by the fraction of targets seen (``complete`` is False).
+Routed layers (PEER, PKM, MoE) track expert usage during evaluation only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+from torchpeer.usage import enable_usage_tracking, usage_report
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    token_file,
+    batch_size: int,
+    seq_len: int,
+    max_batches: int | None = None,
+    device: str | torch.device = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+) -> dict:
+    """Evaluate ``model`` on a TokenFile (anything with ``.tokens`` and ``.n_bytes``).
+
+    Returns {"loss", "ppl", "bpb", "tokens", "complete", "usage": {layer: {"usage_pct", "kl"}}}.
+    """
+    from torchpeer.data import sequential_windows
+
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    tracked = enable_usage_tracking(model, True)
+    total, n_targets = torch.zeros((), dtype=torch.float64, device=device), 0
+    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    try:
+        for x, y in sequential_windows(token_file.tokens, batch_size, seq_len, max_batches=max_batches):
+            x, y = x.to(device), y.to(device)
+            with ctx:
+                logits, _ = model(x)
+            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+            n_targets += y.numel()
+        usage = usage_report(model) if tracked else {}
+    finally:
+        enable_usage_tracking(model, False)
+        model.train(was_training)
+    nats = total.item()
+    all_targets = len(token_file.tokens) - 1
+    loss = nats / max(1, n_targets)
+    n_bytes = token_file.n_bytes * n_targets / all_targets
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 700.0)),
+        "bpb": nats / (n_bytes * math.log(2)) if n_bytes > 0 else float("nan"),
+        "tokens": n_targets,
+        "complete": n_targets == all_targets,
+        "usage": usage,
+    }
+
+
+def format_results(results: dict[str, dict]) -> str:
+    """Table of {set name: evaluate() result}, one row per set and routed layer."""
+    rows = [("set", "tokens", "loss", "ppl", "bpb", "layer", "usage %", "KL")]
+    for name, r in results.items():
+        base = (name, f"{r['tokens']:,}", f"{r['loss']:.4f}", f"{r['ppl']:.2f}", f"{r['bpb']:.4f}")
+        layers = list(r["usage"].items()) or [("", None)]
+        for j, (layer, u) in enumerate(layers):
+            cells = base if j == 0 else ("",) * 5
+            extra = (layer, f"{u['usage_pct']:.2f}", f"{u['kl']:.4f}") if u else ("", "", "")
+            rows.append(cells + extra)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(c.ljust(w) if i in (0, 5) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)

@@ -1,0 +1,91 @@
+"""Sampling from a TransformerLM, with or without a KV cache.
+
+With the cache the prompt is run once (prefill) and each new token costs one position. The
+context is limited to ``seq_len`` (the trained length): when the cache is full it is rebuilt from
+the last ``seq_len // 2`` tokens (a sliding window, amortised). Without the cache every step
+recomputes the whole (cropped) prefix; both give the same tokens while the sequence fits in
+``seq_len``.
+
+Note: an expert-choice MoE routes over all tokens of a call, so its output for a position
+depends on the call's other tokens; with such a model cached and uncached decoding differ.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torchpeer.lm.model import KVCache, TransformerLM
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits: (B, V) -> next token ids (B, 1). temperature 0 = greedy (argmax)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        if top_p <= 0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens ranked before it already reach top_p (keeps at least one).
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(
+    model: TransformerLM,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    stop_token: int | None = None,
+) -> torch.Tensor:
+    """Extend idx (B, T0) by up to ``max_new_tokens`` tokens -> (B, T0 + n).
+
+    Stops early once every row has produced ``stop_token`` (if given).
+    """
+    if idx.dim() != 2 or idx.shape[1] < 1:
+        raise ValueError(f"idx must be (batch, time>=1) token ids, got shape {tuple(idx.shape)}")
+    was_training = model.training
+    model.eval()
+    window = model.cfg.seq_len
+    cache = None
+    done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    try:
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits, _ = model(idx[:, -window:], last_only=True)
+            elif cache is None or cache.pos >= window:
+                # (Re)fill: the whole prompt if it fits, else the last seq_len // 2 tokens.
+                n_keep = idx.shape[1] if cache is None and idx.shape[1] < window else max(1, window // 2)
+                cache = KVCache(model.cfg, idx.shape[0], window, idx.device, model.tok_emb.weight.dtype)
+                logits, _ = model(idx[:, -n_keep:], cache=cache, last_only=True)
+            else:
+                logits, _ = model(idx[:, -1:], cache=cache, last_only=True)
+            nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+            idx = torch.cat([idx, nxt], dim=1)
+            if stop_token is not None:
+                done |= nxt[:, 0] == stop_token
+                if bool(done.all()):
+                    break
+    finally:
+        model.train(was_training)
+    return idx

@@ -1,0 +1,215 @@
+"""Decoder-only transformer LM whose FFW layers are chosen by config (dense | peer | pkm | moe).
+
+Pre-norm blocks: x = x + attn(rmsnorm(x)); x = x + ffw(rmsnorm(x)). Attention is causal
+multi-head with rotary position embeddings (RoPE) through ``F.scaled_dot_product_attention``.
+The block FFWs follow ``ModelConfig.block_kinds()``: the sparse kind at the placed blocks
+(0-based indices; "middle" = block n_layers // 2), dense elsewhere.
+
+Shapes: idx (B, T) int64 token ids -> logits (B, T, vocab_size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchpeer.lm.config import ModelConfig
+
+
+def build_ffw(kind: str, cfg: ModelConfig) -> nn.Module:
+    """The FFW module of one block, built from the kind's config section."""
+    d = cfg.d_model
+    if kind == "dense":
+        from torchpeer.dense import DenseFFW
+
+        return DenseFFW(d, **dataclasses.asdict(cfg.dense))
+    if kind == "peer":
+        from torchpeer.peer import PEER
+
+        return PEER(d, **dataclasses.asdict(cfg.peer))
+    if kind == "pkm":
+        from torchpeer.pkm import PKM
+
+        opts = {k: v for k, v in dataclasses.asdict(cfg.pkm).items() if v is not None}
+        return PKM(d, **opts)
+    if kind == "moe":
+        from torchpeer.moe import MoE
+
+        opts = dataclasses.asdict(cfg.moe)
+        opts.pop("aux_loss_weight")
+        return MoE(d, **opts)
+    raise ValueError(f"unknown FFW kind {kind!r}; use one of dense, peer, pkm, moe")
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * weight, computed in float32 at least. x: (..., d)."""
+
+    def __init__(self, d: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 under autocast: normalise in fp32
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.to(xf.dtype)).to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (rotate-half form) at absolute positions.
+
+    For each pair (x1, x2) = (x[..., :d/2], x[..., d/2:]) and position p, rotate by p * theta_j
+    with theta_j = base^(-2j/d).
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        self.head_dim, self.base = head_dim, base
+
+    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """x: (B, H, T, head_dim) at positions start..start+T-1 -> same shape."""
+        T = x.shape[-2]
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        # Angles in float64 (exact at large positions), computed on the fly: no buffer for .to() to cast.
+        f64 = dict(device=x.device, dtype=torch.float64)
+        inv_freq = self.base ** (-torch.arange(0, self.head_dim, 2, **f64) / self.head_dim)
+        pos = torch.arange(start, start + T, **f64)
+        angles = (pos[:, None] * inv_freq[None, :]).to(dtype)  # (T, head_dim/2)
+        cos, sin = angles.cos(), angles.sin()
+        xf = x.to(dtype)
+        x1, x2 = xf.chunk(2, dim=-1)
+        out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+        return out.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding.
+
+    k, v: (n_layers, B, n_heads, max_len, head_dim); ``pos`` = number of cached positions.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
+        hd = cfg.d_model // cfg.n_heads
+        shape = (cfg.n_layers, batch, cfg.n_heads, max_len, hd)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention with RoPE. x: (B, T, d_model) -> (B, T, d_model)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.d_model = cfg.n_heads, cfg.d_model
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.rotary = Rotary(self.head_dim, cfg.rope_base)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B,H,T,hd)
+        start = cache.pos if cache is not None else 0
+        q, k = self.rotary(q, start), self.rotary(k, start)
+        if cache is None or start == 0:
+            if cache is not None:
+                cache.k[layer, :, :, :T] = k
+                cache.v[layer, :, :, :T] = v
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            end = start + T
+            cache.k[layer, :, :, start:end] = k
+            cache.v[layer, :, :, start:end] = v
+            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+            # Query i (absolute position start+i) sees keys 0..start+i.
+            mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.d_model))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with a configurable FFW."""
+
+    def __init__(self, cfg: ModelConfig, ffw_kind: str):
+        super().__init__()
+        self.ffw_kind = ffw_kind
+        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffw = build_ffw(ffw_kind, cfg)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cache, layer)
+        return x + self.ffw(self.norm2(x))
+
+
+class TransformerLM(nn.Module):
+    """Decoder-only LM. ``cfg.vocab_size`` must be set (the trainer fills it from the tokenizer)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size is not set; take it from the tokenizer before building")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.block_kinds())
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        # GPT-2 style for the parts this module owns; the FFW modules keep their own init.
+        std = self.cfg.init_std
+        nn.init.normal_(self.tok_emb.weight, std=std)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        for blk in self.blocks:
+            nn.init.normal_(blk.attn.qkv.weight, std=std)
+            # Residual-branch output scaled down with depth (GPT-2).
+            nn.init.normal_(blk.attn.proj.weight, std=std / math.sqrt(2 * self.cfg.n_layers))
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx: (B, T) -> (logits (B, T, V) or (B, 1, V) if last_only, mean CE loss or None).
+
+        With ``cache`` the tokens are appended at position ``cache.pos`` and the cache advances.
+        """
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
+        x = self.tok_emb(idx)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, cache, i)
+        if cache is not None:
+            cache.pos += idx.shape[1]
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(self.norm_f(x))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 autocast -> fp32 loss
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return logits, loss
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of the ``aux_loss`` left by routed FFWs in the last forward (token-choice MoE)."""
+        total = None
+        for blk in self.blocks:
+            aux = getattr(blk.ffw, "aux_loss", None)
+            if isinstance(aux, torch.Tensor):
+                total = aux if total is None else total + aux
+        return total

@@ -1,0 +1,110 @@
+"""AdamW parameter groups and learning-rate schedules.
+
+Groups:
+* ``decay``: matrices of linear layers (weight decay ``train.weight_decay``);
+* ``no_decay``: norms, biases, embeddings (tied or not), product keys;
+* ``experts``: PEER expert tables (``down``, ``up``) and PKM values, with their own lr
+  (``train.expert_lr``, default ``train.lr``) and weight decay (``train.expert_weight_decay``,
+  default 0: a row is read by few tokens, so decaying every row at every step would mostly shrink
+  rows that received no gradient).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from torchpeer.lm.config import TrainConfig
+
+
+def _tensors_of(obj) -> list[nn.Parameter]:
+    if isinstance(obj, nn.Parameter):
+        return [obj]
+    if isinstance(obj, nn.Module):
+        return list(obj.parameters())
+    return []
+
+
+def expert_parameters(model: nn.Module) -> set[int]:
+    """ids of the expert-table parameters (PEER down/up, PKM values)."""
+    ids: set[int] = set()
+    for mod in model.modules():
+        name = type(mod).__name__
+        attrs = ("down", "up") if name == "PEER" else ("values",) if name == "PKM" else ()
+        for a in attrs:
+            ids.update(id(p) for p in _tensors_of(getattr(mod, a, None)))
+    return ids
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups (see module docstring); every trainable parameter is in exactly one."""
+    experts = expert_parameters(model)
+    no_decay_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    groups = {"decay": [], "no_decay": [], "experts": []}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        leaf = name.rsplit(".", 1)[-1]
+        if id(p) in experts:
+            groups["experts"].append(p)
+        elif p.dim() < 2 or id(p) in no_decay_ids or "key" in leaf:
+            groups["no_decay"].append(p)
+        else:
+            groups["decay"].append(p)
+    expert_lr = cfg.lr if cfg.expert_lr is None else cfg.expert_lr
+    spec = {
+        "decay": (cfg.lr, cfg.weight_decay),
+        "no_decay": (cfg.lr, 0.0),
+        "experts": (expert_lr, cfg.expert_weight_decay),
+    }
+    return [
+        {"name": k, "params": v, "lr": spec[k][0], "base_lr": spec[k][0], "weight_decay": spec[k][1]}
+        for k, v in groups.items()
+        if v
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "cpu") -> torch.optim.AdamW:
+    """AdamW over ``param_groups``; fused on CUDA."""
+    kwargs = {"fused": True} if device_type == "cuda" else {"foreach": False}
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
+
+
+class LRSchedule:
+    """lr multiplier at step s (0-based) for a run of ``total_steps`` steps.
+
+    cosine: linear warmup to 1, then cosine down to ``min_ratio`` at the last step.
+    wsd: warmup, flat at 1, then linear decay to ``min_ratio`` over the last ``decay_frac``.
+    constant: warmup then 1.
+    """
+
+    def __init__(self, kind: str, total_steps: int, warmup: int, min_ratio: float, decay_frac: float):
+        self.kind, self.total_steps, self.warmup = kind, total_steps, warmup
+        self.min_ratio, self.decay_frac = min_ratio, decay_frac
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.kind == "constant":
+            return 1.0
+        span = max(1, self.total_steps - 1)
+        if self.kind == "cosine":
+            t = min(1.0, (step - self.warmup) / max(1, span - self.warmup))
+            return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        decay_start = max(self.warmup, int(round(self.total_steps * (1 - self.decay_frac))))
+        if step < decay_start:
+            return 1.0
+        t = min(1.0, (step - decay_start) / max(1, span - decay_start))
+        return 1.0 - (1 - self.min_ratio) * t
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * multiplier
