@@ -1,4 +1,8 @@
-"""Triton product-key retrieval vs brute force over all n*n keys (TRITON_INTERPRET=1 without a GPU)."""
+"""Triton product-key retrieval vs brute force over all n*n keys (TRITON_INTERPRET=1 without a GPU).
+
+The main cases run the "threshold" forward (each with one of the backward implementations); "merge",
+the "auto" dispatch, ties and the CAP-overflow fallback have their own tests.
+"""
 
 import os
 
@@ -51,21 +55,104 @@ def _check_against_bruteforce(q, keys, top_k, grads=True):
 
 
 CASES = [
-    # T, H, S, n, d_key, top_k, dtype
-    (20, 2, 1, 8, 8, 3, torch.float32),  # shared keys, two row blocks (BLOCK_M=16) with masked rows
-    (18, 2, 2, 8, 16, 8, torch.float32),  # per-head keys, top_k == n
-    (17, 3, 3, 16, 32, 5, torch.bfloat16),  # per-head, top_k not a power of two, bf16
-    (9, 1, 1, 4, 6, 4, torch.bfloat16),  # half width 3 (padded to 16), top_k == n
-    (12, 2, 1, 5, 8, 1, torch.float32),  # top_k == 1, n not a power of two
-    (10, 2, 1, 3, 4, 3, torch.float16),  # n < padded top_k (4): sentinel slots must stay out
-    (6, 2, 1, 32, 16, 2, torch.float32),  # two sub-key tiles of BLOCK_N=16
+    # T, H, S, n, d_key, top_k, dtype, backward
+    (40, 2, 1, 8, 8, 3, torch.float32, "triton"),  # shared keys, two row blocks (BLOCK_M=32), 2 dkeys splits
+    (18, 2, 2, 8, 16, 8, torch.float32, "hybrid"),  # per-head keys, top_k == n
+    (17, 3, 3, 16, 32, 5, torch.bfloat16, "triton"),  # per-head, top_k not a power of two, bf16
+    (9, 1, 1, 4, 6, 4, torch.bfloat16, "dense"),  # half width 3 (padded to 16), top_k == n
+    (12, 2, 1, 5, 8, 1, torch.float32, "hybrid"),  # top_k == 1, n not a power of two
+    (10, 2, 1, 3, 4, 3, torch.float16, "dense"),  # n < padded top_k (4): sentinel slots must stay out
+    (6, 2, 1, 40, 16, 2, torch.float32, "triton"),  # three sub-key tiles of BLOCK_N=16, the last ragged
 ]
 
 
-@pytest.mark.parametrize("T,H,S,n,d_key,top_k,dtype", CASES)
-def test_matches_bruteforce(T, H, S, n, d_key, top_k, dtype):
+@pytest.mark.parametrize("T,H,S,n,d_key,top_k,dtype,bwd", CASES)
+def test_matches_bruteforce(monkeypatch, T, H, S, n, d_key, top_k, dtype, bwd):
+    monkeypatch.setattr(retrieval, "FORWARD_IMPL", "threshold")
+    monkeypatch.setattr(retrieval, "BACKWARD_IMPL", bwd)
     q, keys = _inputs(T, H, S, n, d_key, dtype)
     _check_against_bruteforce(q, keys, top_k)
+
+
+@pytest.mark.parametrize(
+    "T,H,S,n,d_key,top_k,dtype",
+    [(20, 2, 1, 8, 8, 3, torch.float32), (9, 2, 2, 4, 6, 4, torch.bfloat16), (10, 2, 1, 3, 4, 3, torch.float16)],
+)
+def test_merge_kernel_matches_bruteforce(monkeypatch, T, H, S, n, d_key, top_k, dtype):
+    monkeypatch.setattr(retrieval, "FORWARD_IMPL", "merge")
+    q, keys = _inputs(T, H, S, n, d_key, dtype)
+    _check_against_bruteforce(q, keys, top_k)
+
+
+def test_auto_dispatch(monkeypatch):
+    # "merge" for fp32 / mixed inputs with top_k <= 16, "threshold" otherwise
+    calls = []
+    monkeypatch.setattr(retrieval, "_launch", lambda *a: calls.append("merge"))
+    monkeypatch.setattr(retrieval, "_launch_threshold", lambda *a: calls.append("threshold"))
+    q, keys = _inputs(2, 1, 1, 32, 8, torch.float32)
+    retrieval._forward(q, keys, 16, "auto")
+    retrieval._forward(q, keys, 17, "auto")
+    retrieval._forward(q.bfloat16(), keys.bfloat16(), 16, "auto")
+    retrieval._forward(q.bfloat16(), keys, 4, "auto")
+    assert calls == ["merge", "threshold", "threshold", "merge"]
+
+
+def _assert_valid_topk(q, keys, top_k, scores, idx):
+    """For inputs with ties: the returned set is *a* top-k (indices may differ from brute force)."""
+    ref_scores, _ = product_key_topk_bruteforce(q.double(), keys.double(), top_k)
+    torch.testing.assert_close(scores.double(), ref_scores, rtol=1e-5, atol=1e-5)  # both sorted
+    n = keys.shape[2]
+    dh = keys.shape[3]
+    a, b = idx // n, idx % n
+    s_set = 0 if keys.shape[0] == 1 else torch.arange(q.shape[1], device=q.device)[None, :, None]
+    direct = (q[..., None, :dh].double() * keys[s_set, 0, a].double()).sum(-1)
+    direct += (q[..., None, dh:].double() * keys[s_set, 1, b].double()).sum(-1)
+    torch.testing.assert_close(scores.double(), direct, rtol=1e-5, atol=1e-5)
+    assert (idx.sort(-1).values.diff(dim=-1) > 0).all()  # distinct experts
+
+
+@pytest.mark.parametrize("impl", ["threshold", "merge"])
+def test_repeated_key_rows_give_a_valid_topk(monkeypatch, impl):
+    # every sub-key row repeated 4 times: exact ties in both halves (and CAP overflows for "threshold")
+    monkeypatch.setattr(retrieval, "FORWARD_IMPL", impl)
+    q, keys = _inputs(6, 2, 1, 32, 8, torch.float32, seed=6)
+    keys = keys[:, :, torch.arange(32) // 4 * 4].contiguous()
+    scores, idx = product_key_topk_triton(q, keys, 5)
+    _assert_valid_topk(q, keys, 5, scores, idx)
+
+
+def test_candidate_overflow_falls_back_exactly():
+    # half 1: rows 0..23 tie at score 1, row 31 scores 2, rows 24..30 score -5. theta = 1 gives 25
+    # candidates > CAP = 16 (interpreter config); without the fallback row 31 (beyond the first 16
+    # candidates in column order) would be lost.
+    n, dh = 32, 4
+    keys = torch.randn(1, 2, n, dh, generator=torch.Generator().manual_seed(7))
+    keys[0, 0, :, 0] = 1.0
+    keys[0, 0, 24:31, 0] = -5.0
+    keys[0, 0, 31, 0] = 2.0
+    q = torch.randn(3, 1, 2 * dh, generator=torch.Generator().manual_seed(8))
+    q[..., :dh] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # half-1 score = first coordinate of C[a]
+    q, keys = q.to(DEVICE), keys.to(DEVICE)
+    _, _, flags = retrieval._half_lists(q, keys, 2)
+    assert flags.bool().any()
+    scores, idx = retrieval._launch_threshold(q, keys, 2)
+    assert (idx[..., 0] // n == 31).all()
+    _assert_valid_topk(q, keys, 2, scores, idx)
+
+
+def test_pair_lists_are_the_rank_products_up_to_k():
+    pi, pj = retrieval._pair_lists(16, "cpu")
+    assert pi.numel() == 50 == sum(16 // r for r in range(1, 17))
+    assert ((pi + 1) * (pj + 1) <= 16).all()
+    assert len(set(zip(pi.tolist(), pj.tolist()))) == 50
+
+
+def test_unknown_impl_names():
+    q, keys = _inputs(3, 1, 1, 4, 8, torch.float32)
+    with pytest.raises(ValueError, match="FORWARD_IMPL must be one of"):
+        retrieval._forward(q, keys, 2, "nope")
+    with pytest.raises(ValueError, match="BACKWARD_IMPL must be one of"):
+        retrieval._backward(torch.ones(3, 1, 2), q, keys, torch.zeros(3, 1, 2, dtype=torch.long), True, True, "nope")
 
 
 def test_mixed_dtypes_and_strided_queries():
@@ -77,7 +164,8 @@ def test_mixed_dtypes_and_strided_queries():
 
 
 def test_backward_chunks(monkeypatch):
-    # force several backward chunks (chunk = 64 // (H * n) = 2 tokens)
+    # force several "dense" backward chunks (chunk = 64 // (H * n) = 2 tokens)
+    monkeypatch.setattr(retrieval, "BACKWARD_IMPL", "dense")
     monkeypatch.setattr(retrieval, "_BWD_CHUNK_ELEMS", 64)
     q, keys = _inputs(7, 2, 2, 4, 8, torch.float32, seed=3)
     _check_against_bruteforce(q, keys, 3)
@@ -148,3 +236,11 @@ def test_large_top_k_falls_back_to_torch(monkeypatch):
     ref_scores, ref_idx = product_key_topk_bruteforce(q.double(), keys.double(), 6)
     assert torch.equal(idx.cpu(), ref_idx.cpu())
     torch.testing.assert_close(scores.double(), ref_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_theta_by_topk(monkeypatch):
+    # the other way of finding the k-th largest group maximum (tl.topk instead of k rounds of max)
+    monkeypatch.setattr(retrieval, "THRESH_THETA", "topk")
+    monkeypatch.setattr(retrieval, "FORWARD_IMPL", "threshold")
+    q, keys = _inputs(12, 2, 1, 20, 8, torch.float32, seed=9)
+    _check_against_bruteforce(q, keys, 3, grads=False)

@@ -1,0 +1,392 @@
+"""Benchmark + full-size correctness check of the Triton product-key retrieval (torchpeer/kernels/retrieval.py).
+
+    PYTHONUNBUFFERED=1 python benchmarks/bench_retrieval.py [--out DIR]
+    TRITON_INTERPRET=1 python benchmarks/bench_retrieval.py --smoke    # tiny CPU run of the script's logic
+
+Problem: H = 8 heads, n = 1024 sub-keys per half (N = 1024^2 experts), d_key = 128, top_k = 16, bf16
+queries and shared sub-keys. What it does (one GPU call, sections in order of importance, each guarded
+so that one failing variant does not stop the others):
+  1. correctness at T = 4096: every forward variant against the "merge" kernel (indices equal, score
+     difference), the merge kernel against the pure-PyTorch product_keys path, and 32 tokens against
+     float64 brute force over all n^2 keys; keys with repeated rows (ties, CAP overflow -> fallback):
+     the score multiset of the returned set must equal the merge kernel's; backward variants against an
+     fp32 (no TF32) reference;
+  2. forward timings at T = 16384, 65536: merge, threshold (its two stages separately too), torch;
+  3. backward timings: dense (TF32 matmuls) vs triton (dq gather + one-hot tl.dot dkeys);
+  4. launch-config sweeps of the threshold kernel and the dkeys kernel at T = 65536;
+  5. forward + backward through autograd, old default (merge + dense) vs new (threshold + triton),
+     with the best swept configs;
+  6. extras: per-head keys, fp32 queries, top_k = 32, repeated-row keys (fallback cost).
+Times: median of CUDA-event timings (triton.testing.do_bench, L2 flushed between reps).
+Writes bench_retrieval.json under --out (default: $OUT if set, else benchmarks/results).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from torchpeer import product_keys  # noqa: E402
+from torchpeer.kernels import retrieval as R  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEV = "cuda" if ON_GPU else "cpu"
+T0 = time.time()
+BUDGET_S = 250  # stop starting new sections after this many seconds
+
+
+def bench_ms(fn, grad_to_none=None):
+    """Median ms (CUDA events, L2 flushed); a single wall-clock run on the CPU."""
+    if ON_GPU:
+        return triton.testing.do_bench(fn, warmup=10, rep=60, grad_to_none=grad_to_none, return_mode="median")
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+class Run:
+    def __init__(self, out_dir, cfg):
+        self.path = os.path.join(out_dir, "bench_retrieval.json")
+        os.makedirs(out_dir, exist_ok=True)
+        self.data = {"config": cfg, "env": env(), "rows": []}
+
+    def add(self, section, name, **kw):
+        row = {"section": section, "name": name, **kw}
+        self.data["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        self.save()
+
+    def guarded(self, section, name, fn):
+        """Run fn() -> dict of results; record an error instead of raising."""
+        if time.time() - T0 > BUDGET_S:
+            self.add(section, name, skipped="time budget")
+            return None
+        try:
+            res = fn()
+        except Exception as e:  # noqa: BLE001 - a failing variant is a result too
+            self.add(section, name, error=f"{type(e).__name__}: {str(e)[:400]}")
+            return None
+        self.add(section, name, **res)
+        return res
+
+    def save(self):
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.data, f, indent=1)
+        os.replace(tmp, self.path)
+
+
+def env():
+    e = {"torch": torch.__version__, "triton": triton.__version__}
+    if ON_GPU:
+        e["gpu"] = torch.cuda.get_device_name()
+    return e
+
+
+def make(T, H, n, dk, dtype=torch.bfloat16, S=1, dup=1, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    q = torch.randn(T, H, dk, device=DEV, generator=g).to(dtype)
+    keys = torch.randn(S, 2, n, dk // 2, device=DEV, generator=g)
+    if dup > 1:  # every sub-key row repeated dup times (ties in every half)
+        keys = keys[:, :, torch.arange(n, device=DEV) // dup * dup]
+    return q, keys.to(dtype)
+
+
+def with_settings(fn, fwd=None, bwd=None, thresh=None, theta=None, dkeys=None, dq=None):
+    """Call fn() with module settings temporarily replaced."""
+    saved = (R.FORWARD_IMPL, R.BACKWARD_IMPL, dict(R.THRESH_TUNING), R.THRESH_THETA, R.DKEYS_TUNING, R.DQ_TUNING)
+    try:
+        R.FORWARD_IMPL = fwd or R.FORWARD_IMPL
+        R.BACKWARD_IMPL = bwd or R.BACKWARD_IMPL
+        if thresh is not None:
+            R.THRESH_TUNING["half"] = thresh
+        R.THRESH_THETA = theta or R.THRESH_THETA
+        R.DKEYS_TUNING = dkeys or R.DKEYS_TUNING
+        R.DQ_TUNING = dq or R.DQ_TUNING
+        return fn()
+    finally:
+        R.FORWARD_IMPL, R.BACKWARD_IMPL, tt, R.THRESH_THETA, R.DKEYS_TUNING, R.DQ_TUNING = saved
+        R.THRESH_TUNING.clear()
+        R.THRESH_TUNING.update(tt)
+
+
+def compare(a, b):
+    """Forward results a vs reference b: fraction of equal index rows, max score difference."""
+    (sa, ia), (sb, ib) = a, b
+    return {
+        "idx_equal_frac": (ia == ib).all(-1).float().mean().item(),
+        "max_score_diff": (sa.double() - sb.double()).abs().max().item(),
+        "sorted_desc": bool((sa[..., :-1] >= sa[..., 1:]).all().item()),
+    }
+
+
+def rel(a, ref):
+    a, ref = a.double(), ref.double()
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check_section(run, H, n, dk, K, T):
+    """1. Correctness at T tokens (see the module docstring)."""
+    q, keys = make(T, H, n, dk)
+    ref = R._launch(q, keys, K)
+    thresh0 = R.THRESH_TUNING["half"]
+    variants = {
+        "threshold/max": dict(fwd="threshold", theta="max"),
+        "threshold/topk": dict(fwd="threshold", theta="topk"),
+        "threshold/max/cap32": dict(fwd="threshold", theta="max", thresh=thresh0[:3] + (32,) + thresh0[4:]),
+    }
+    for name, kw in variants.items():
+        run.guarded("check", name, lambda kw=kw: compare(with_settings(lambda: R._forward(q, keys, K), **kw), ref))
+    run.guarded("check", "torch_product_keys", lambda: compare(product_keys.product_key_topk(q, keys, K), ref))
+
+    def brute():
+        eq, diff = [], []
+        for t0 in range(0, 32, 4):
+            qq = q[t0 : t0 + 4]
+            bs, bi = R.product_key_topk_bruteforce(qq.double(), keys.double(), K)
+            ts, ti = R._forward(qq, keys, K)
+            eq.append((ti == bi).all(-1).float().mean().item())
+            diff.append((ts.double() - bs).abs().max().item())
+        return {"idx_equal_frac": min(eq), "max_score_diff": max(diff)}
+
+    run.guarded("check", "default_vs_float64_bruteforce_32_tokens", brute)
+
+    def ties(dup):
+        qd, kd = make(T, H, n, dk, dup=dup, seed=1)
+        rs, ri = R._launch(qd, kd, K)
+        ts, ti = R._launch_threshold(qd, kd, K)
+        _, _, flags = R._half_lists(qd, kd, K)
+        return {
+            "score_sets_close": bool(torch.allclose(ts.sort(-1).values, rs.sort(-1).values, rtol=1e-5, atol=1e-5)),
+            "idx_equal_frac": (ti == ri).all(-1).float().mean().item(),
+            "distinct": bool((ti.sort(-1).values.diff(dim=-1) > 0).all().item()),
+            "fallback_items_frac": flags.float().mean().item(),
+        }
+
+    for dup in (2, 4, 64):
+        run.guarded("check", f"ties_dup{dup}", lambda dup=dup: ties(dup))
+
+    def per_head():
+        qh, kh = make(T, H, n, dk, S=H, seed=2)
+        return compare(R._launch_threshold(qh, kh, K), R._launch(qh, kh, K))
+
+    run.guarded("check", "per_head_keys", per_head)
+
+    def bwd_check():
+        qg, kg = make(T, H, n, dk, seed=3)
+        _, idx = R._launch_threshold(qg, kg, K)
+        ds = torch.randn(idx.shape, device=DEV)
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            dq0, dk0 = R._backward_dense(ds, qg.float(), kg.float(), idx, True, True)  # fp32 reference
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+        out = {}
+        for impl in R.BACKWARD_IMPLS:
+            dq, dkk = R._backward(ds, qg, kg, idx, True, True, impl)
+            out[f"{impl}_dq_rel"] = rel(dq, dq0)
+            out[f"{impl}_dk_rel"] = rel(dkk, dk0)
+        dq, dkk = R._backward(ds, qg.float(), kg.float(), idx, True, True, "triton")
+        out["triton_fp32_dq_rel"], out["triton_fp32_dk_rel"] = rel(dq, dq0), rel(dkk, dk0)
+        kh = make(T, H, n, dk, S=H, seed=4)[1]
+        a = R._backward(ds, qg.float(), kh.float(), idx, True, True, "triton")
+        b = R._backward_dense(ds, qg.float(), kh.float(), idx, True, True)
+        out["per_head_dq_rel"], out["per_head_dk_rel"] = rel(a[0], b[0]), rel(a[1], b[1])
+        return out
+
+    run.guarded("check", "backward", bwd_check)
+
+
+def forward_section(run, H, n, dk, K, T):
+    """2. Forward timings at T tokens."""
+    q, keys = make(T, H, n, dk)
+    run.guarded("fwd", f"merge T={T}", lambda: {"ms": bench_ms(lambda: R._launch(q, keys, K)), "T": T})
+    for theta in ("max", "topk"):
+        run.guarded(
+            "fwd",
+            f"threshold/{theta} T={T}",
+            lambda theta=theta: {
+                "ms": with_settings(lambda: bench_ms(lambda: R._launch_threshold(q, keys, K)), theta=theta),
+                "T": T,
+            },
+        )
+
+    def stages():
+        top_s, top_i, _ = R._half_lists(q, keys, K)
+        return {
+            "half_lists_ms": bench_ms(lambda: R._half_lists(q, keys, K)),
+            "pair_merge_ms": bench_ms(lambda: R._pair_merge(top_s, top_i, T, H, n, K)),
+            "T": T,
+        }
+
+    run.guarded("fwd", f"threshold stages T={T}", stages)
+
+    def torch_path():
+        with torch.no_grad():
+            return {"ms": bench_ms(lambda: product_keys.product_key_topk(q, keys, K)), "T": T}
+
+    run.guarded("fwd", f"torch product_keys T={T}", torch_path)
+
+    def gemm_topk():  # per-half bf16 GEMM + torch.topk only (no pair stage): an optimistic torch floor
+        chunk = 8192
+        C1, C2 = keys[0, 0], keys[0, 1]
+
+        def f():
+            for t0 in range(0, T, chunk):
+                qq = q[t0 : t0 + chunk].reshape(-1, dk)
+                (qq[:, : dk // 2] @ C1.t()).topk(K, dim=-1)
+                (qq[:, dk // 2 :] @ C2.t()).topk(K, dim=-1)
+
+        return {"ms": bench_ms(f), "T": T}
+
+    run.guarded("fwd", f"torch gemm+topk halves only T={T}", gemm_topk)
+
+
+def backward_section(run, H, n, dk, K, T):
+    """3. Backward timings at T tokens."""
+    q, keys = make(T, H, n, dk)
+    _, idx = R._launch_threshold(q, keys, K)
+    ds = torch.randn(idx.shape, device=DEV)
+    for impl in R.BACKWARD_IMPLS:
+        run.guarded(
+            "bwd",
+            f"{impl} T={T}",
+            lambda impl=impl: {"ms": bench_ms(lambda: R._backward(ds, q, keys, idx, True, True, impl)), "T": T},
+        )
+    for what, nq, nk in (("dq", True, False), ("dkeys", False, True)):
+        run.guarded(
+            "bwd",
+            f"triton {what} only T={T}",
+            lambda nq=nq, nk=nk: {"ms": bench_ms(lambda: R._backward_triton(ds, q, keys, idx, nq, nk)), "T": T},
+        )
+
+
+def best_of(run, section, configs, timed, setting):
+    """Time timed() under each config (with_settings(**{setting: cfg})); return (best cfg, ms)."""
+    best, best_ms = None, float("inf")
+    for cfg in configs:
+        res = run.guarded(section, str(cfg), lambda cfg=cfg: {"ms": with_settings(timed, **{setting: cfg}), "cfg": cfg})
+        if res and res["ms"] < best_ms:
+            best, best_ms = cfg, res["ms"]
+    run.add(section, "best", cfg=best, ms=best_ms)
+    return best
+
+
+def sweep_section(run, H, n, dk, K, T, sweep_thresh, sweep_dkeys, sweep_dq):
+    """4. Launch-config sweeps at T tokens; returns the best settings for with_settings."""
+    q, keys = make(T, H, n, dk)
+    best = {}
+    for theta, configs in (("max", sweep_thresh), ("topk", sweep_thresh[:3])):
+        cfg = best_of(
+            run,
+            f"sweep_thresh_{theta}",
+            configs,
+            lambda theta=theta: with_settings(lambda: bench_ms(lambda: R._launch_threshold(q, keys, K)), theta=theta),
+            "thresh",
+        )
+        ms = run.data["rows"][-1]["ms"]
+        if cfg is not None and ms < best.get("_ms", float("inf")):
+            best.update(thresh=cfg, theta=theta, _ms=ms)
+    _, idx = R._launch_threshold(q, keys, K)
+    ds = torch.randn(idx.shape, device=DEV)
+    best["dkeys"] = best_of(
+        run,
+        "sweep_dkeys",
+        sweep_dkeys,
+        lambda: bench_ms(lambda: R._backward_triton(ds, q, keys, idx, False, True)),
+        "dkeys",
+    )
+    best["dq"] = best_of(
+        run, "sweep_dq", sweep_dq, lambda: bench_ms(lambda: R._backward_triton(ds, q, keys, idx, True, False)), "dq"
+    )
+    best.pop("_ms", None)
+    run.add("sweep", "best settings", **{k: v for k, v in best.items()})
+    return {k: v for k, v in best.items() if v is not None}
+
+
+def fwd_bwd_section(run, H, n, dk, K, T, best):
+    """5. Forward + backward through autograd: old default vs new with the best settings."""
+    q, keys = make(T, H, n, dk)
+    q.requires_grad_()
+    keys.requires_grad_()
+    up = torch.randn(T, H, K, device=DEV)
+
+    def step():
+        s, _ = R.product_key_topk_triton(q, keys, K)
+        (s * up).sum().backward()
+
+    combos = {"new best" if best else "new default": dict(fwd="threshold", bwd="triton", **best)}
+    if not best:  # the old default, once
+        combos["old merge+dense"] = dict(fwd="merge", bwd="dense")
+    for name, kw in combos.items():
+        run.guarded(
+            "fwd_bwd",
+            f"{name} T={T}",
+            lambda kw=kw: {"ms": with_settings(lambda: bench_ms(step, grad_to_none=[q, keys]), **kw), "T": T},
+        )
+
+
+def extra_section(run, H, n, dk, K, T, best):
+    """6. Other shapes and dtypes at T tokens: merge vs threshold, timings and agreement."""
+    fwd_best = {k: v for k, v in best.items() if k in ("thresh", "theta")}
+
+    def timed(make_kw, k=K):
+        qx, kx = make(T, H, n, dk, **make_kw)
+        res = {"merge_ms": bench_ms(lambda: R._launch(qx, kx, k))}
+        res["threshold_ms"] = with_settings(lambda: bench_ms(lambda: R._launch_threshold(qx, kx, k)), **fwd_best)
+        res.update(compare(R._launch_threshold(qx, kx, k), R._launch(qx, kx, k)))
+        if make_kw.get("dup"):
+            res["fallback_items_frac"] = R._half_lists(qx, kx, k)[2].float().mean().item()
+        return res
+
+    run.guarded("extra", f"per-head keys T={T}", lambda: timed(dict(S=H)))
+    run.guarded("extra", f"fp32 queries+keys T={T}", lambda: timed(dict(dtype=torch.float32)))
+    run.guarded("extra", f"top_k={2 * K} T={T}", lambda: timed({}, k=2 * K))
+    run.guarded("extra", f"dup4 keys (fallback) T={T}", lambda: timed(dict(dup=4)))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results")))
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (CPU + TRITON_INTERPRET=1)")
+    args = p.parse_args()
+    if args.smoke:
+        H, n, dk, K, T_check, T_list = 2, 32, 32, 4, 40, [40]
+        sweep_thresh, sweep_dkeys, sweep_dq = [(32, 16, 4, 16, 0)], [(16, 16, 4, 0)], [(16, 4)]
+    else:
+        H, n, dk, K, T_check, T_list = 8, 1024, 128, 16, 4096, [16384, 65536]
+        sweep_thresh = [
+            (64, 64, 4, 64, 8),
+            (64, 64, 4, 32, 8),
+            (64, 128, 4, 64, 8),
+            (64, 128, 8, 64, 8),
+            (128, 64, 8, 64, 4),
+            (32, 64, 4, 64, 8),
+            (64, 64, 8, 64, 8),
+            (64, 64, 4, 64, 4),
+        ]
+        sweep_dkeys = [(128, 64, 8, 4), (64, 64, 4, 4), (128, 32, 4, 4), (256, 64, 8, 2), (128, 64, 4, 8)]
+        sweep_dq = [(64, 4), (32, 4), (128, 8)]
+    run = Run(args.out, {"H": H, "n": n, "d_key": dk, "top_k": K, "dtype": "bfloat16"})
+    check_section(run, H, n, dk, K, T_check)
+    for T in T_list:
+        forward_section(run, H, n, dk, K, T)
+    for T in T_list:
+        backward_section(run, H, n, dk, K, T)
+    for T in T_list:  # module defaults first, in case the sweeps run out of time
+        fwd_bwd_section(run, H, n, dk, K, T, {})
+    best = sweep_section(run, H, n, dk, K, T_list[-1], sweep_thresh, sweep_dkeys, sweep_dq)
+    for T in T_list:
+        fwd_bwd_section(run, H, n, dk, K, T, best)
+    extra_section(run, H, n, dk, K, T_list[0], best)
+    run.add("done", "total", seconds=round(time.time() - T0, 1))
+
+
+if __name__ == "__main__":
+    main()
