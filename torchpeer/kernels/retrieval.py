@@ -43,7 +43,8 @@ memory) -- measured 6x slower than "dense". "hybrid": `_dq_kernel` + the dense d
 Selecting implementations: FORWARD_IMPL ("auto" | "threshold" | "merge") and BACKWARD_IMPL
 ("dense" | "hybrid" | "triton"), from the environment variables TORCHPEER_RETRIEVAL_FWD /
 TORCHPEER_RETRIEVAL_BWD or set on this module. H200, T=65536, H=8, n=1024, d_key=128, k=16,
-bf16: forward 5.9 ms ("merge" 15.4), backward 5.0 ms ("triton" 29.8); benchmarks/NOTES_retrieval.md.
+bf16: forward 5.9 ms ("merge" 15.4), backward 5.0 ms ("dense"; "triton" 29.8); benchmarks/NOTES_retrieval.md.
+The default backward is "hybrid" (see BACKWARD_IMPL).
 """
 
 from __future__ import annotations
@@ -69,7 +70,10 @@ FORWARD_IMPLS = ("auto", "threshold", "merge")
 # dkeys by the dense path) is predicted faster but not yet measured; "triton" measured 29.8 ms.
 BACKWARD_IMPLS = ("dense", "hybrid", "triton")
 FORWARD_IMPL = os.environ.get("TORCHPEER_RETRIEVAL_FWD", "auto")
-BACKWARD_IMPL = os.environ.get("TORCHPEER_RETRIEVAL_BWD", "dense")
+# "hybrid" is the default: in one H200 run of benchmarks/peer_layer.py (2026-11-28) the whole layer's
+# fwd+bwd at d=1024 took 33.1 ms with it against 34.4 ms with "dense" at 65536 tokens (9.8 vs 10.3 ms
+# at 16384); benchmarks/results/peer_layer_2026-11-28*.json.
+BACKWARD_IMPL = os.environ.get("TORCHPEER_RETRIEVAL_BWD", "hybrid")
 
 # The kernels hold (BLOCK_M, KP * KP) int64 candidates ("merge") or pair lists of ~k ln k
 # ("threshold") in registers; above this KP the PyTorch implementation (torchpeer.product_keys)
