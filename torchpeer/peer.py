@@ -194,13 +194,16 @@ class PEER(UsageTrackingMixin, nn.Module):
         backend = self._resolve_backend(x.device)
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.d_model)
+        compute = _autocast_dtype(x.device)
         q = self.query(flat)
+        if compute is not None:
+            # BatchNorm/LayerNorm return fp32 under autocast; retrieval in the autocast dtype uses the
+            # tensor-core path of the Triton kernel (scores are still accumulated and returned in fp32).
+            q = q.to(compute)
+            flat = flat.to(compute)
         scores, indices = self._topk(q, backend)
         g = self.gates(scores)
         self._track_usage(indices, g)
-        compute = _autocast_dtype(x.device)
-        if compute is not None:
-            flat = flat.to(compute)
         if backend == "triton":
             from .kernels.mixing import peer_mix_triton
 
