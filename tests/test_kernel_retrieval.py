@@ -244,3 +244,24 @@ def test_theta_by_topk(monkeypatch):
     monkeypatch.setattr(retrieval, "FORWARD_IMPL", "threshold")
     q, keys = _inputs(12, 2, 1, 20, 8, torch.float32, seed=9)
     _check_against_bruteforce(q, keys, 3, grads=False)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    """The kernels are torch.library custom ops: compile traces around them without graph breaks."""
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(9, 2, 8, generator=g, requires_grad=True)
+    keys = torch.randn(1, 2, 6, 4, generator=g, requires_grad=True)
+    w = torch.randn(9, 2, 3, generator=g)
+
+    def loss(q, keys):
+        scores, idx = retrieval.product_key_topk_triton(q, keys, 3)
+        return (scores * w).sum(), idx
+
+    want, want_idx = loss(q, keys)
+    want_grads = torch.autograd.grad(want, (q, keys))
+    got, got_idx = torch.compile(loss, fullgraph=True, backend="aot_eager")(q, keys)
+    got_grads = torch.autograd.grad(got, (q, keys))
+    assert torch.equal(got_idx, want_idx)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)

@@ -168,11 +168,14 @@ class PEER(UsageTrackingMixin, nn.Module):
         return q.view(*lead, self.heads, self.d_key)
 
     def _topk(self, q: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        # Under autocast q arrives in the autocast dtype; the (small) key tables follow it so the
+        # Triton kernel takes its half-precision tensor-core path. Gradients flow through the cast.
+        keys = self.sub_keys if q.dtype == self.sub_keys.dtype else self.sub_keys.to(q.dtype)
         if backend == "triton":
             from .kernels.retrieval import product_key_topk_triton
 
-            return product_key_topk_triton(q, self.sub_keys, self.top_k)
-        return product_key_topk(q, self.sub_keys, self.top_k)
+            return product_key_topk_triton(q, keys, self.top_k)
+        return product_key_topk(q, keys, self.top_k)
 
     def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k experts per head.

@@ -806,23 +806,57 @@ def _forward(queries, sub_keys, top_k, impl=None):
     raise ValueError(f"FORWARD_IMPL must be one of {FORWARD_IMPLS}, got {impl!r}")
 
 
-class _ProductKeyTopK(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, queries, sub_keys, top_k):
-        scores, indices = _forward(queries, sub_keys, top_k)
-        ctx.save_for_backward(queries, sub_keys, indices)
-        ctx.mark_non_differentiable(indices)
-        return scores, indices
+# torch.library custom ops make the kernels opaque to torch.compile (no tracing into the launches,
+# no graph breaks; output shapes come from register_fake).
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, d_scores, _d_indices):
-        queries, sub_keys, indices = ctx.saved_tensors
-        need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if d_scores is None or not (need_q or need_k):
-            return None, None, None
-        dq, dk = _backward(d_scores, queries, sub_keys, indices, need_q, need_k)
-        return dq, dk, None
+
+@torch.library.custom_op("torchpeer::product_key_topk_fwd", mutates_args=())
+def _topk_fwd_op(queries: torch.Tensor, sub_keys: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(queries, sub_keys, top_k)
+
+
+@_topk_fwd_op.register_fake
+def _(queries, sub_keys, top_k):
+    shape = (queries.shape[0], queries.shape[1], top_k)
+    return queries.new_empty(shape, dtype=torch.float32), queries.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("torchpeer::product_key_topk_bwd", mutates_args=())
+def _topk_bwd_op(
+    d_scores: torch.Tensor,
+    queries: torch.Tensor,
+    sub_keys: torch.Tensor,
+    indices: torch.Tensor,
+    need_q: bool,
+    need_k: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dq, dk = _backward(d_scores.contiguous(), queries, sub_keys, indices, need_q, need_k)
+    # an op cannot return None: an empty tensor stands for "not needed"
+    return (dq if dq is not None else queries.new_empty(0)), (dk if dk is not None else sub_keys.new_empty(0))
+
+
+@_topk_bwd_op.register_fake
+def _(d_scores, queries, sub_keys, indices, need_q, need_k):
+    return queries.new_empty(queries.shape if need_q else (0,)), sub_keys.new_empty(sub_keys.shape if need_k else (0,))
+
+
+def _setup_context(ctx, inputs, output):
+    queries, sub_keys, _ = inputs
+    _, indices = output
+    ctx.save_for_backward(queries, sub_keys, indices)
+    ctx.mark_non_differentiable(indices)
+
+
+def _backward_op(ctx, d_scores, _d_indices):
+    queries, sub_keys, indices = ctx.saved_tensors
+    need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_q or need_k):
+        return None, None, None
+    dq, dk = _topk_bwd_op(d_scores, queries, sub_keys, indices, need_q, need_k)
+    return (dq if need_q else None), (dk if need_k else None), None
+
+
+_topk_fwd_op.register_autograd(_backward_op, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------- public API
@@ -885,7 +919,7 @@ def product_key_topk_triton(
         from torchpeer.product_keys import product_key_topk
 
         return product_key_topk(queries, sub_keys, top_k)
-    return _ProductKeyTopK.apply(queries, sub_keys, top_k)
+    return _topk_fwd_op(queries, sub_keys, top_k)
 
 
 def product_key_topk_bruteforce(
