@@ -61,3 +61,22 @@ def test_retrieval_gradients_match_autograd(shared):
 def test_retrieval_bad_inputs(q_shape, k_shape, top_k, match):
     with pytest.raises(ValueError, match=match):
         product_key_topk(torch.randn(q_shape), torch.randn(k_shape), top_k)
+
+
+def test_retrieval_ignores_enclosing_autocast():
+    """An enclosing bf16 autocast must not round the scores (it would reorder near-tied keys)."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(256, 2, 32, generator=g, requires_grad=True)
+    keys = torch.randn(1, 2, 64, 16, generator=g, requires_grad=True)
+    want_s, want_i = product_key_topk(q, keys, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_s, got_i = product_key_topk(q, keys, 8)
+    assert got_s.dtype == torch.float32
+    assert torch.equal(got_i, want_i)
+    torch.testing.assert_close(got_s, want_s)
+    w = torch.randn(want_s.shape, generator=g)
+    want_g = torch.autograd.grad((want_s * w).sum(), (q, keys))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_g = torch.autograd.grad((got_s * w).sum(), (q, keys))
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b)

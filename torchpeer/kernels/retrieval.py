@@ -782,10 +782,11 @@ def _backward(ds, queries, sub_keys, indices, need_q, need_k, impl=None):
         need_q = False
         if not need_k:
             return dq, None
-    # The (rows, n) x (n, d_key/2) products per half dominate; TF32 tensor cores cut them, at
-    # the ~1e-3 relative precision a bf16 training step has anyway (CUDA only; restored after).
+    # The (rows, n) x (n, d_key/2) products per half dominate; for half-precision inputs TF32 tensor
+    # cores cut them at the ~1e-3 relative precision such a step has anyway. fp32 inputs keep fp32
+    # (TF32 measured 1.8e-3 absolute error on fp32 key gradients on an H200). CUDA only; restored after.
     prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = queries.dtype in (torch.bfloat16, torch.float16) or prev
     try:
         dq_dense, dk = _backward_dense(ds, queries, sub_keys, indices, need_q, need_k)
     finally:
