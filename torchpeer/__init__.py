@@ -7,6 +7,7 @@ from .moe import MoE
 from .peer import PEER
 from .pkm import PKM
 from .product_keys import brute_force_topk, product_key_topk
+from .sparse_adam import SparseRowAdamW
 from .usage import ExpertUsage, enable_usage_tracking, usage_report
 
 __version__ = "0.1.0"
@@ -25,4 +26,5 @@ __all__ = [
     "brute_force_topk",
     "peer_mix_torch",
     "peer_mix_reference",
+    "SparseRowAdamW",
 ]
