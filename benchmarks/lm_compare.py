@@ -22,16 +22,14 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 
 import torch
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, REPO)
 
-def write_atomic(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+from torchpeer.data.atomic import write_text_atomic  # noqa: E402
 
 
 def read_run(run_dir: str) -> dict:
@@ -118,8 +116,8 @@ def main(argv=None) -> dict:
         if args.copy_metrics:
             shutil.copy(os.path.join(run_dir, "metrics.jsonl"), os.path.join(args.out_dir, f"{cfg}_metrics.jsonl"))
         stem = os.path.join(args.out_dir, f"lm_{date}")
-        write_atomic(stem + ".json", json.dumps(result, indent=2) + "\n")
-        write_atomic(stem + ".md", markdown(result))
+        write_text_atomic(stem + ".json", json.dumps(result, indent=2) + "\n")
+        write_text_atomic(stem + ".md", markdown(result))
     print(markdown(result))
     return result
 

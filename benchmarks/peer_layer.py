@@ -40,6 +40,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, REPO)
 
+from torchpeer.data.atomic import write_text_atomic  # noqa: E402
+
 IMPLS = ("triton", "torch", "peer-pytorch", "dense4d")
 
 
@@ -354,13 +356,6 @@ def optim_rows(d: int, token_counts, cfg: dict, device, dtype) -> list[dict]:
 # ---------------------------------------------------------------------------- output
 
 
-def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _fmt(v) -> str:
     return "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
@@ -471,8 +466,8 @@ def main(argv=None) -> dict:
     stem = os.path.join(args.out_dir, f"peer_layer_{result['date']}")
 
     def save() -> None:  # after every row, so a run cut short still leaves its results
-        write_atomic(stem + ".json", json.dumps(result, indent=2) + "\n")
-        write_atomic(stem + ".md", markdown(result))
+        write_text_atomic(stem + ".json", json.dumps(result, indent=2) + "\n")
+        write_text_atomic(stem + ".md", markdown(result))
 
     t_start = time.perf_counter()
     result["copy_tbs"] = copy_tbs(device)
