@@ -1,0 +1,108 @@
+"""Query norms: today's kinds reproduced exactly; the new kinds are causal-safe in train mode."""
+
+import pytest
+import torch
+from torch import nn
+
+from torchpeer.layers.query_norm import QUERY_NORM_KINDS, build_query_norm
+
+H, DK = 3, 8
+
+
+def _q(T=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # anisotropic, non-centred queries (as trained ones are)
+    return torch.randn(T, H, DK, generator=g) @ torch.randn(DK, DK, generator=g) + 0.5
+
+
+def test_batch_matches_batchnorm1d_and_keeps_state_dict_keys():
+    ref = nn.BatchNorm1d(H * DK)
+    norm = build_query_norm("batch", H, DK)
+    assert set(norm.state_dict()) == set(ref.state_dict())
+    q = _q()
+    for mode in (True, False):
+        ref.train(mode), norm.train(mode)
+        torch.testing.assert_close(norm(q), ref(q.reshape(len(q), -1)).view_as(q))
+    torch.testing.assert_close(norm.running_mean, ref.running_mean)
+
+
+def test_layer_and_none_match():
+    ref = nn.LayerNorm(DK)
+    norm = build_query_norm("layer", H, DK)
+    assert set(norm.state_dict()) == set(ref.state_dict())
+    q = _q()
+    torch.testing.assert_close(norm(q), ref(q))
+    assert torch.equal(build_query_norm("none", H, DK)(q), q)
+
+
+@pytest.mark.parametrize("kind", ["ema", "ema_white", "l2", "layer", "none"])
+def test_causal_in_train_mode(kind):
+    """The query at position t does not change when later positions of the batch change."""
+    torch.manual_seed(0)
+    a, b = build_query_norm(kind, H, DK), build_query_norm(kind, H, DK)
+    a.train(), b.train()
+    for step in range(3):  # also after the running statistics moved
+        b.load_state_dict(a.state_dict())
+        q1 = _q(seed=step).requires_grad_()
+        q2 = q1.detach().clone()
+        q2[20:] = torch.randn(12, H, DK) * 5 - 3  # later positions differ wildly
+        y1, y2 = a(q1), b(q2)
+        assert torch.equal(y1[:20], y2[:20]), kind
+        y1.square().sum().backward()  # the BN-style gradient path runs
+        assert torch.isfinite(q1.grad).all()
+
+
+def test_batch_is_not_causal():
+    a = build_query_norm("batch", H, DK).train()
+    q1 = _q()
+    q2 = q1.clone()
+    q2[20:] += 3.0
+    assert not torch.allclose(a(q1)[:20], a(q2)[:20])
+
+
+def test_ema_value_uses_running_stats_and_bn_gradient():
+    torch.manual_seed(1)
+    norm = build_query_norm("ema", H, DK, momentum=0.5).train()
+    with torch.no_grad():
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+    mu, var = norm.running_mean.clone(), norm.running_var.clone()
+    q = _q().double().requires_grad_()
+    y = norm(q)
+    expect = (q.reshape(len(q), -1) - mu) / torch.sqrt(var + norm.eps)
+    torch.testing.assert_close(y.reshape(len(q), -1).double(), expect.double(), rtol=1e-5, atol=1e-5)
+    # BatchNorm's gradient: removing the batch mean makes a constant upstream gradient vanish
+    (y.sum()).backward()
+    assert q.grad.abs().max() < 1e-4
+    # the running stats moved towards the batch (first update: bias-corrected, momentum 1)
+    x = q.detach().reshape(len(q), -1).float()
+    torch.testing.assert_close(norm.running_mean, x.mean(0))
+
+
+def test_ema_white_whitens_after_warmup():
+    torch.manual_seed(2)
+    norm = build_query_norm("ema_white", H, DK, momentum=1.0, refresh=1).train()
+    q = _q(T=4096)
+    norm(q)  # update stats from this batch
+    norm.eval()
+    y = norm(q).reshape(4096, 2 * H, DK // 2).double()
+    y = y - y.mean(0)
+    cov = torch.einsum("tgi,tgj->gij", y, y) / 4095
+    eye = torch.eye(DK // 2, dtype=cov.dtype).expand_as(cov)
+    torch.testing.assert_close(cov, eye, atol=0.05, rtol=0)
+
+
+def test_l2_half_norms():
+    norm = build_query_norm("l2", H, DK)
+    y = norm(_q()).reshape(-1, H, 2, DK // 2)
+    torch.testing.assert_close(y.norm(dim=-1), torch.full(y.shape[:-1], (DK // 2) ** 0.5))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="use one of"):
+        build_query_norm("bogus", H, DK)
+    with pytest.raises(ValueError, match="bad options"):
+        build_query_norm("ema", H, DK, nonsense=1)
+    with pytest.raises(ValueError, match="expected queries"):
+        build_query_norm("ema", H, DK)(torch.randn(4, H, DK + 2))
+    assert set(QUERY_NORM_KINDS) >= {"batch", "layer", "none"}
