@@ -1,0 +1,118 @@
+"""Routing statistics of one product-key router, accumulated over an evaluation set.
+
+``RoutingStats.update_routing(q, indices, gates)`` with q: (T, H, d_key) normalised queries (or
+None), indices/gates: (T, H, k). ``summary()`` gives, besides the paper's usage % and KL
+(``ExpertUsage``):
+
+* ``head_usage_pct``: mean over heads of the share of experts head h selected at least once
+  (``head_usage_pct_min`` the smallest head); ``head_overlap``: mean Jaccard index
+  |S_a & S_b| / |S_a | S_b| of the heads' selected sets over all head pairs (1: all heads use the
+  same experts).
+* ``subkey_usage_pct_{0,1}``: share of the sqrt(N) sub-keys of each half that appear in a
+  selected expert (expert i = a * sqrt(N) + b, half 0 is a, half 1 is b);
+  ``subkey_top10_share_{0,1}``: share of all selections that go to the 10 most-selected sub-keys
+  (10 / sqrt(N) when even: ``subkey_top10_share_even``).
+* ``gate_entropy``: mean entropy (nats) of a head's gates over its k experts (normalised to sum 1;
+  log k = ``gate_entropy_max`` when flat).
+* ``query_eff_rank``: effective rank (``spectrum.effective_rank``) of each query half
+  (d_key/2 wide, per head), averaged over heads and halves; ``query_eff_rank_max`` = d_key/2;
+  ``query_participation``: same for the participation ratio; ``query_mean_energy``: share of the
+  queries' mean square that is the mean vector, ||E q||^2 / E||q||^2 (a large common direction
+  sends every token to the same sub-keys).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .spectrum import RunningMoments, effective_rank, participation_ratio
+from .usage import ExpertUsage
+
+
+class RoutingStats(ExpertUsage):
+    """ExpertUsage plus per-head, sub-key, gate and query statistics (see the module docstring).
+
+    Args:
+        n_experts: N. Sub-key statistics need N to be a perfect square (product keys).
+    """
+
+    def __init__(self, n_experts: int):
+        super().__init__(n_experts)
+        r = math.isqrt(n_experts)
+        self.n_sub = r if r * r == n_experts and r > 1 else None
+        self.reset()
+
+    def reset(self) -> None:
+        super().reset()
+        self.head_hits: torch.Tensor | None = None  # (H, N) bool
+        self.sub_counts: torch.Tensor | None = None  # (2, sqrt N) float64
+        self.gate_entropy_sum, self.gate_rows, self.top_k = 0.0, 0, None
+        self.moments = RunningMoments()
+        self.sq_sum, self.q_rows = 0.0, 0
+
+    @torch.no_grad()
+    def update_routing(self, q: torch.Tensor | None, indices: torch.Tensor, gates: torch.Tensor) -> None:
+        """q: (T, H, d_key) or None; indices, gates: (T, H, k) (or any matching shapes when q is None)."""
+        self.update(indices, gates)
+        if indices.dim() == 3:
+            T, H, k = indices.shape
+            self.top_k = k
+            idx = indices.reshape(T, H * k).long()
+            if self.head_hits is None or self.head_hits.shape[0] != H or self.head_hits.device != idx.device:
+                self.head_hits = torch.zeros(H, self.n_experts, dtype=torch.bool, device=idx.device)
+            heads = torch.arange(H, device=idx.device).repeat_interleave(k).expand(T, H * k)
+            self.head_hits[heads.reshape(-1), idx.reshape(-1)] = True
+            g = gates.detach().double()
+            p = g / g.sum(-1, keepdim=True).clamp_min(1e-300)
+            self.gate_entropy_sum += -(p * p.clamp_min(1e-300).log()).sum().item()
+            self.gate_rows += T * H
+        if self.n_sub is not None:
+            flat = indices.reshape(-1).long()
+            halves = (flat // self.n_sub, flat % self.n_sub)
+            counts = torch.stack([torch.bincount(h, minlength=self.n_sub) for h in halves]).double()
+            self.sub_counts = counts if self.sub_counts is None else self.sub_counts.to(counts.device) + counts
+        if q is not None:
+            if q.dim() != 3 or q.shape[-1] % 2:
+                raise ValueError(f"queries must be (T, H, d_key) with d_key even, got shape {tuple(q.shape)}")
+            T, H, dk = q.shape
+            qf = q.detach().float()
+            self.moments.update(qf.reshape(T, 2 * H, dk // 2))
+            self.sq_sum += qf.square().sum().item() / (2 * H)
+            self.q_rows += T
+
+    def summary(self) -> dict[str, float]:
+        out = super().summary()
+        if self.head_hits is not None:
+            hits = self.head_hits
+            out["head_usage_pct"] = 100.0 * hits.float().mean(1).mean().item()
+            out["head_usage_pct_min"] = 100.0 * hits.float().mean(1).min().item()
+            H = hits.shape[0]
+            if H > 1:
+                jac = []
+                for a in range(H):
+                    for b in range(a + 1, H):
+                        inter = (hits[a] & hits[b]).sum().item()
+                        union = (hits[a] | hits[b]).sum().item()
+                        jac.append(inter / union if union else 0.0)
+                out["head_overlap"] = sum(jac) / len(jac)
+        if self.gate_rows:
+            out["gate_entropy"] = self.gate_entropy_sum / self.gate_rows
+            out["gate_entropy_max"] = math.log(self.top_k)
+        if self.sub_counts is not None and self.sub_counts.sum() > 0:
+            for half in (0, 1):
+                c = self.sub_counts[half]
+                out[f"subkey_usage_pct_{half}"] = 100.0 * (c > 0).double().mean().item()
+                top = c.topk(min(10, c.numel())).values.sum()
+                out[f"subkey_top10_share_{half}"] = (top / c.sum()).item()
+            out["subkey_top10_share_even"] = min(10, self.n_sub) / self.n_sub
+        if self.moments.n >= 2:
+            evals = torch.linalg.eigvalsh(self.moments.cov())
+            evals = torch.where(evals > 1e-12 * evals.amax(-1, keepdim=True), evals, 0.0)  # rounding noise
+            out["query_eff_rank"] = effective_rank(evals).mean().item()
+            out["query_participation"] = participation_ratio(evals).mean().item()
+            out["query_eff_rank_max"] = float(evals.shape[-1])
+            mean_sq = self.moments.mean.square().sum(-1).mean().item()
+            out["query_mean_energy"] = mean_sq / max(self.sq_sum / self.q_rows, 1e-300)
+        return out
