@@ -1,13 +1,20 @@
 """torchpeer: PEER (Mixture of A Million Experts) layers, baselines, kernels and experiments."""
 
-from .accounting import TRAIN_FLOPS_MULTIPLIER, FFWCost
-from .dense import DenseFFW
+from .layers import (
+    PEER,
+    PKM,
+    TRAIN_FLOPS_MULTIPLIER,
+    DenseFFW,
+    FFWCost,
+    MoE,
+    build,
+    ffw_kinds,
+    get_ffw,
+    register_ffw,
+)
 from .mixing import peer_mix_reference, peer_mix_torch
-from .moe import MoE
-from .peer import PEER
-from .pkm import PKM
+from .optim import SparseRowAdamW
 from .product_keys import brute_force_topk, product_key_topk
-from .sparse_adam import SparseRowAdamW
 from .usage import ExpertUsage, enable_usage_tracking, usage_report
 
 __version__ = "0.1.0"
@@ -27,4 +34,8 @@ __all__ = [
     "peer_mix_torch",
     "peer_mix_reference",
     "SparseRowAdamW",
+    "register_ffw",
+    "get_ffw",
+    "ffw_kinds",
+    "build",
 ]

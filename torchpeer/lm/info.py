@@ -1,6 +1,6 @@
 """Parameters and FLOPs of a TransformerLM, per block and in total (``torchpeer info``).
 
-Conventions (on top of ``torchpeer/accounting.py``: multiply-add = 2 FLOPs, training = 3 x forward):
+Conventions (on top of ``torchpeer/layers/accounting.py``: multiply-add = 2 FLOPs, training = 3 x forward):
 
 * Attention per block: the q/k/v/out projections are 4 * d_model^2 weights, forward
   2 * 4 * d_model^2 FLOPs per token. The score term (QK^T and AV, 2 * 2 * T * d_model for a
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from torchpeer.accounting import TRAIN_FLOPS_MULTIPLIER, FFWCost, count_params, matmul_flops
+from torchpeer.layers.accounting import TRAIN_FLOPS_MULTIPLIER, FFWCost, count_params, matmul_flops
 from torchpeer.lm.config import ModelConfig
 
 

@@ -10,39 +10,21 @@ Shapes: idx (B, T) int64 token ids -> logits (B, T, vocab_size).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchpeer.layers.registry import get_ffw
 from torchpeer.lm.config import ModelConfig
 
 
 def build_ffw(kind: str, cfg: ModelConfig) -> nn.Module:
-    """The FFW module of one block, built from the kind's config section."""
-    d = cfg.d_model
-    if kind == "dense":
-        from torchpeer.dense import DenseFFW
-
-        return DenseFFW(d, **dataclasses.asdict(cfg.dense))
-    if kind == "peer":
-        from torchpeer.peer import PEER
-
-        return PEER(d, **dataclasses.asdict(cfg.peer))
-    if kind == "pkm":
-        from torchpeer.pkm import PKM
-
-        opts = {k: v for k, v in dataclasses.asdict(cfg.pkm).items() if v is not None}
-        return PKM(d, **opts)
-    if kind == "moe":
-        from torchpeer.moe import MoE
-
-        opts = dataclasses.asdict(cfg.moe)
-        opts.pop("aux_loss_weight")
-        return MoE(d, **opts)
-    raise ValueError(f"unknown FFW kind {kind!r}; use one of dense, peer, pkm, moe")
+    """The FFW module of one block: registered kind ``kind`` built from its config section
+    ``cfg.<kind>`` (see ``torchpeer.layers.registry``)."""
+    ffw = get_ffw(kind)
+    return ffw.build(cfg.d_model, getattr(cfg, ffw.name))
 
 
 class RMSNorm(nn.Module):
@@ -206,10 +188,12 @@ class TransformerLM(nn.Module):
         return logits, loss
 
     def aux_loss(self) -> torch.Tensor | None:
-        """Sum of the ``aux_loss`` left by routed FFWs in the last forward (token-choice MoE)."""
+        """Sum of the FFWs' ``aux_loss()`` terms of the last forward (already weighted, e.g. the
+        token-choice MoE balance loss times its weight); None if no FFW has one."""
         total = None
         for blk in self.blocks:
-            aux = getattr(blk.ffw, "aux_loss", None)
-            if isinstance(aux, torch.Tensor):
+            fn = getattr(blk.ffw, "aux_loss", None)
+            aux = fn() if callable(fn) else None
+            if aux is not None:
                 total = aux if total is None else total + aux
         return total

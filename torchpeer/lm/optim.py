@@ -2,11 +2,15 @@
 
 Groups:
 * ``decay``: matrices of linear layers (weight decay ``train.weight_decay``);
-* ``no_decay``: norms, biases, embeddings (tied or not), product keys;
-* ``experts``: PEER expert tables (``down``, ``up``) and PKM values, with their own lr
-  (``train.expert_lr``, default ``train.lr``) and weight decay (``train.expert_weight_decay``,
-  default 0: a row is read by few tokens, so decaying every row at every step would mostly shrink
-  rows that received no gradient).
+* ``no_decay``: 1-D parameters (norms, biases), embeddings (tied or not), and what an FFW lists
+  as "no_decay" in its ``optim_groups()`` (product keys, query norms);
+* ``experts``: what an FFW lists as "expert" in ``optim_groups()`` (PEER's ``down``/``up``, PKM's
+  values), with their own lr (``train.expert_lr``, default ``train.lr``) and weight decay
+  (``train.expert_weight_decay``, default 0: a row is read by few tokens, so decaying every row
+  at every step would mostly shrink rows that received no gradient).
+
+The FFW contract (``torchpeer.layers.registry``): ``optim_groups() -> {"expert": [...],
+"no_decay": [...]}``; modules without it are grouped by shape alone.
 """
 
 from __future__ import annotations
@@ -19,39 +23,41 @@ from torch import nn
 from torchpeer.lm.config import TrainConfig
 
 
-def _tensors_of(obj) -> list[nn.Parameter]:
-    if isinstance(obj, nn.Parameter):
-        return [obj]
-    if isinstance(obj, nn.Module):
-        return list(obj.parameters())
-    return []
+def ffw_groups(model: nn.Module) -> dict[str, set[int]]:
+    """ids of the parameters that the modules of ``model`` list in their ``optim_groups()``."""
+    ids: dict[str, set[int]] = {"expert": set(), "no_decay": set()}
+    for mod in model.modules():
+        fn = getattr(mod, "optim_groups", None)
+        if not callable(fn):
+            continue
+        for key, params in fn().items():
+            if key not in ids:
+                name = type(mod).__name__
+                raise ValueError(f"{name}.optim_groups() returned unknown group {key!r}; use {sorted(ids)}")
+            ids[key].update(id(p) for p in params)
+    return ids
 
 
 def expert_parameters(model: nn.Module) -> set[int]:
     """ids of the expert-table parameters (PEER down/up, PKM values)."""
-    ids: set[int] = set()
-    for mod in model.modules():
-        name = type(mod).__name__
-        attrs = ("down", "up") if name == "PEER" else ("values",) if name == "PKM" else ()
-        for a in attrs:
-            ids.update(id(p) for p in _tensors_of(getattr(mod, a, None)))
-    return ids
+    return ffw_groups(model)["expert"]
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """AdamW groups (see module docstring); every trainable parameter is in exactly one."""
-    experts = expert_parameters(model)
+    listed = ffw_groups(model)
+    experts = listed["expert"]
     no_decay_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    no_decay_ids |= listed["no_decay"]
     groups = {"decay": [], "no_decay": [], "experts": []}
     seen: set[int] = set()
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        leaf = name.rsplit(".", 1)[-1]
         if id(p) in experts:
             groups["experts"].append(p)
-        elif p.dim() < 2 or id(p) in no_decay_ids or "key" in leaf:
+        elif p.dim() < 2 or id(p) in no_decay_ids:
             groups["no_decay"].append(p)
         else:
             groups["decay"].append(p)

@@ -12,20 +12,38 @@ All heads share one expert pool and (by default, as in the paper) one set of pro
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .accounting import FFWCost, count_params, matmul_flops
-from .mixing import ACTIVATIONS, peer_mix_reference, peer_mix_torch
-from .product_keys import product_key_topk
-from .usage import UsageTrackingMixin
+from torchpeer.layers.accounting import FFWCost, count_params, matmul_flops
+from torchpeer.layers.registry import register_ffw
+from torchpeer.mixing import ACTIVATIONS, peer_mix_reference, peer_mix_torch
+from torchpeer.product_keys import product_key_topk
+from torchpeer.usage import UsageTrackingMixin
 
 GATES = ("softmax", "sigmoid")
 QUERY_NORMS = ("batch", "layer", "none")
 BACKENDS = ("auto", "torch", "reference", "triton")
+
+
+@dataclass
+class PEERConfig:
+    """Options of ``PEER`` (the ``[model.peer]`` config section)."""
+
+    n_experts: int = 1024**2
+    heads: int = 8
+    top_k: int = 16
+    d_key: int = 128
+    activation: str = "gelu"
+    gate: str = "softmax"
+    query_norm: str = "batch"
+    shared_keys: bool = True
+    backend: str = "auto"
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -34,8 +52,8 @@ def _triton_usable(device: torch.device) -> bool:
     try:
         import triton  # noqa: F401
 
-        from .kernels import mixing as _m  # noqa: F401
-        from .kernels import retrieval as _r  # noqa: F401
+        from torchpeer.kernels import mixing as _m  # noqa: F401
+        from torchpeer.kernels import retrieval as _r  # noqa: F401
     except ImportError:
         return False
     return True
@@ -132,6 +150,10 @@ class PEER(UsageTrackingMixin, nn.Module):
         gate_sq = 1.0 / top_k if gate == "softmax" else top_k / 4.0
         self.up = nn.Parameter(torch.randn(n_experts, d_model) / math.sqrt(heads * gate_sq))
 
+    @classmethod
+    def from_config(cls, d_model: int, cfg: PEERConfig) -> PEER:
+        return cls(d_model, **dataclasses.asdict(cfg))
+
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, n_experts={self.n_experts}, heads={self.heads}, top_k={self.top_k}, "
@@ -172,7 +194,7 @@ class PEER(UsageTrackingMixin, nn.Module):
         # Triton kernel takes its half-precision tensor-core path. Gradients flow through the cast.
         keys = self.sub_keys if q.dtype == self.sub_keys.dtype else self.sub_keys.to(q.dtype)
         if backend == "triton":
-            from .kernels.retrieval import product_key_topk_triton
+            from torchpeer.kernels.retrieval import product_key_topk_triton
 
             return product_key_topk_triton(q, keys, self.top_k)
         return product_key_topk(q, keys, self.top_k)
@@ -208,7 +230,7 @@ class PEER(UsageTrackingMixin, nn.Module):
         g = self.gates(scores)
         self._track_usage(indices, g)
         if backend == "triton":
-            from .kernels.mixing import peer_mix_triton
+            from torchpeer.kernels.mixing import peer_mix_triton
 
             y = peer_mix_triton(flat, self.down, self.up, indices, g, self.activation)
         elif backend == "reference":
@@ -226,3 +248,11 @@ class PEER(UsageTrackingMixin, nn.Module):
         query_params = count_params(self.query_proj) + count_params(self.norm)
         active = query_params + self.sub_keys.numel() + h * k * 2 * d
         return FFWCost(total_params=count_params(self), active_params=active, forward_flops=flops)
+
+    def optim_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The expert tables (down, up) are read a few rows per token: own lr, no decay by default;
+        sub-keys are not decayed."""
+        return {"expert": [self.down, self.up], "no_decay": [self.sub_keys]}
+
+
+register_ffw("peer", PEERConfig, PEER.from_config)

@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 
-from torchpeer.dense import DenseFFW
-from torchpeer.moe import MoE
-from torchpeer.pkm import PKM
+from torchpeer.layers.dense import DenseFFW
+from torchpeer.layers.moe import MoE
+from torchpeer.layers.pkm import PKM
 from torchpeer.usage import enable_usage_tracking, usage_report
 
 
@@ -211,7 +211,7 @@ def test_expert_choice_capacity():
     # Changing capacity_factor changes the number of tokens each expert processes.
     m.capacity_factor = 0.5
     assert torch.bincount(m._expert_choice(probs, m.capacity(24))[2]).tolist() == [3, 3, 3, 3]
-    assert isinstance(m.aux_loss, torch.Tensor) and m.aux_loss.item() == 0.0
+    assert isinstance(m.balance_loss, torch.Tensor) and m.balance_loss.item() == 0.0
 
 
 def test_token_choice_overflow_dropping():
@@ -230,8 +230,8 @@ def test_token_choice_overflow_dropping():
     torch.testing.assert_close(y[:C].double(), expected, atol=1e-5, rtol=1e-4)
     assert (y[C:] == 0).all()  # the later tokens overflowed expert 0 and were dropped
     # Switch aux loss: all assignments on expert 0 (f = [1, 0, 0, 0]) -> E * P_0 ~ E.
-    torch.testing.assert_close(m.aux_loss, E * torch.softmax(m.router(x), -1)[:, 0].mean())
-    assert m.aux_loss.item() > 3.9
+    torch.testing.assert_close(m.balance_loss, E * torch.softmax(m.router(x), -1)[:, 0].mean())
+    assert m.balance_loss.item() > 3.9
     # With enough capacity nothing is dropped.
     m.capacity_factor = E
     assert (m(x).abs().sum(-1) > 0).all()
@@ -244,11 +244,17 @@ def test_token_choice_aux_loss_formula_and_gradient():
     m(x)
     probs = torch.softmax(m.router(x), -1)
     frac = torch.bincount(probs.topk(2, -1).indices.reshape(-1), minlength=4).float() / 80
-    torch.testing.assert_close(m.aux_loss, 4 * (frac * probs.mean(0)).sum())
-    assert 0.9 < m.aux_loss.item() < 2.0  # ~1 for near-uniform routing
+    torch.testing.assert_close(m.balance_loss, 4 * (frac * probs.mean(0)).sum())
+    assert 0.9 < m.balance_loss.item() < 2.0  # ~1 for near-uniform routing
     m.router.weight.grad = None
-    m.aux_loss.backward()
+    m.balance_loss.backward()
     assert m.router.weight.grad.abs().sum() > 0
+    # aux_loss() is the weighted term the trainer adds (Switch weight 0.01 by default; 0 = off).
+    torch.testing.assert_close(m.aux_loss(), 0.01 * m.balance_loss)
+    m.aux_loss_weight = 0.5
+    torch.testing.assert_close(m.aux_loss(), 0.5 * m.balance_loss)
+    assert MoE(8, n_experts=4, aux_loss_weight=0.0, routing="token_choice")(x).shape == x.shape
+    assert MoE(8, n_experts=4).aux_loss() is None  # no forward yet
 
 
 def test_token_choice_usage_counts_only_kept_assignments():

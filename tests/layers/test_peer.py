@@ -6,10 +6,9 @@ import math
 import pytest
 import torch
 
-from torchpeer.peer import PEER
+from tests.test_mixing import naive_float64, saved_bytes
+from torchpeer.layers.peer import PEER
 from torchpeer.product_keys import brute_force_topk
-
-from .test_mixing import naive_float64, saved_bytes
 
 
 def full_keys(m: PEER) -> torch.Tensor:

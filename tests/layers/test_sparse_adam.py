@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from torchpeer import sparse_adam
-from torchpeer.sparse_adam import SparseRowAdamW
+from torchpeer.optim import sparse_adam
+from torchpeer.optim.sparse_adam import SparseRowAdamW
 
 HP = dict(lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
 

@@ -26,18 +26,34 @@ values ~ N(0, 1 / value_dim) as in Lample et al.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchpeer.accounting import FFWCost, count_params, matmul_flops
-from torchpeer.dense import check_last_dim, check_positive
+from torchpeer.layers.accounting import FFWCost, count_params, matmul_flops
+from torchpeer.layers.registry import register_ffw
+from torchpeer.layers.validators import check_last_dim, check_positive
 from torchpeer.product_keys import product_key_topk
 from torchpeer.usage import UsageTrackingMixin
 
 QUERY_NORMS = ("batch", "layer", "none")
+
+
+@dataclass
+class PKMConfig:
+    """Options of ``PKM`` (the ``[model.pkm]`` config section; None = the module's default:
+    d_key 256, value_dim d_model)."""
+
+    n_keys: int = 1024
+    heads: int = 8
+    top_k: int = 32
+    d_key: int | None = None
+    query_norm: str = "batch"
+    value_dim: int | None = None
 
 
 class PKM(UsageTrackingMixin, nn.Module):
@@ -91,6 +107,10 @@ class PKM(UsageTrackingMixin, nn.Module):
         self.sub_keys = nn.Parameter(torch.randn(heads, 2, n_keys, d_key // 2) / math.sqrt(d_key))
         self.values = nn.Parameter(torch.randn(n_keys * n_keys, value_dim) / math.sqrt(value_dim))
         self.out_proj = nn.Linear(value_dim, d_model, bias=False) if value_dim != d_model else None
+
+    @classmethod
+    def from_config(cls, d_model: int, cfg: PKMConfig) -> PKM:
+        return cls(d_model, **{k: v for k, v in dataclasses.asdict(cfg).items() if v is not None})
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_model) -> normalised queries (..., heads, d_key)."""
@@ -156,3 +176,11 @@ class PKM(UsageTrackingMixin, nn.Module):
             f"d_model={self.d_model}, n_keys={self.n_keys} (N={self.n_experts}), heads={self.heads}, "
             f"top_k={self.top_k}, d_key={self.d_key}, query_norm={self.query_norm}, value_dim={self.value_dim}"
         )
+
+    def optim_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Value rows are an expert table (sparse reads: own lr, no decay by default); sub-keys are
+        not decayed."""
+        return {"expert": [self.values], "no_decay": [self.sub_keys]}
+
+
+register_ffw("pkm", PKMConfig, PKM.from_config)

@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from torchpeer.peer import PEER  # noqa: E402
+from torchpeer.layers.peer import PEER  # noqa: E402
 
 from .test_peer import reference_forward  # noqa: E402
 

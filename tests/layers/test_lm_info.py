@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from torchpeer.accounting import count_params
+from torchpeer.layers.accounting import count_params
 from torchpeer.lm.config import DenseConfig, ModelConfig, PEERConfig, RunConfig, TrainConfig
 from torchpeer.lm.info import config_cost, model_cost
 from torchpeer.lm.model import TransformerLM

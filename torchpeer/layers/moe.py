@@ -14,7 +14,7 @@ never gets fewer slots than the nominal share.
   its C highest-probability tokens; token t's output is sum over the experts e that picked it of
   p[t, e] * expert_e(x_t). A token may be picked by zero, one or several experts; on average it is
   processed by C * E / T ~ capacity_factor * top_k experts. Load is perfectly balanced by
-  construction, so ``aux_loss`` is zero.
+  construction, so ``balance_loss`` is zero.
 
   Caution: the choice is made over all tokens of the call, so in a causal language model a
   token's output depends on the other tokens of the batch, *including later positions* (an expert
@@ -28,25 +28,45 @@ never gets fewer slots than the nominal share.
   accepts at most C assignments, in order of (choice rank, token position): all first choices in
   token order, then all second choices, ...; overflowing assignments are dropped (that expert
   contributes 0 to the token; the residual stream carries it). Gates are not renormalised after
-  dropping. After forward, ``self.aux_loss`` holds the Switch load-balancing loss
+  dropping. After forward, ``self.balance_loss`` holds the Switch load-balancing loss
   E * sum_e f_e * P_e (f_e: fraction of the T * top_k assignments routed to e before dropping,
-  P_e: mean router probability of e); it equals 1 for perfectly uniform routing. Add
-  ``alpha * aux_loss`` (Switch uses alpha = 0.01) to the training loss if wanted.
+  P_e: mean router probability of e); it equals 1 for perfectly uniform routing.
+  ``aux_loss()`` returns ``aux_loss_weight * balance_loss`` (Switch uses 0.01), the term a trainer
+  adds to the training loss (the LM trainer adds every FFW's ``aux_loss()``).
+
+Registered as FFW kind "moe" (config ``MoEConfig``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchpeer.accounting import FFWCost, count_params, matmul_flops
-from torchpeer.dense import check_last_dim, check_positive, get_activation
+from torchpeer.layers.accounting import FFWCost, count_params, matmul_flops
+from torchpeer.layers.registry import register_ffw
+from torchpeer.layers.validators import check_choice, check_last_dim, check_positive, get_activation
 from torchpeer.usage import UsageTrackingMixin
 
 ROUTINGS = ("expert_choice", "token_choice")
+
+
+@dataclass
+class MoEConfig:
+    """Options of ``MoE`` (the ``[model.moe]`` config section); ``aux_loss_weight`` scales the
+    token-choice balance loss in ``aux_loss()``."""
+
+    n_experts: int = 128
+    d_expert: int | None = None
+    routing: str = "expert_choice"
+    capacity_factor: float = 1.0
+    top_k: int = 1
+    activation: str = "gelu"
+    aux_loss_weight: float = 0.01
 
 
 class MoE(UsageTrackingMixin, nn.Module):
@@ -61,6 +81,7 @@ class MoE(UsageTrackingMixin, nn.Module):
         top_k: experts per token for token choice; for expert choice it multiplies the capacity
             (average experts per token = capacity_factor * top_k). The PEER baseline uses 1.
         activation: expert activation, "gelu" | "relu" | "silu".
+        aux_loss_weight: weight of the balance loss in ``aux_loss()`` (0 turns it off).
     """
 
     def __init__(
@@ -72,16 +93,18 @@ class MoE(UsageTrackingMixin, nn.Module):
         capacity_factor: float = 1.0,
         top_k: int = 1,
         activation: str = "gelu",
+        aux_loss_weight: float = 0.01,
     ):
         super().__init__()
         d_expert = 4 * d_model if d_expert is None and isinstance(d_model, int) else d_expert
         check_positive(d_model=d_model, n_experts=n_experts, d_expert=d_expert, top_k=top_k)
-        if routing not in ROUTINGS:
-            raise ValueError(f"unknown routing {routing!r}; use one of {ROUTINGS}")
+        check_choice("routing", routing, ROUTINGS)
         if not (isinstance(capacity_factor, (int, float)) and math.isfinite(capacity_factor) and capacity_factor > 0):
             raise ValueError(f"capacity_factor must be a positive number, got {capacity_factor!r}")
         if top_k > n_experts:
             raise ValueError(f"top_k={top_k} must be <= n_experts={n_experts}")
+        if not (isinstance(aux_loss_weight, (int, float)) and math.isfinite(aux_loss_weight) and aux_loss_weight >= 0):
+            raise ValueError(f"aux_loss_weight must be a non-negative number, got {aux_loss_weight!r}")
         self.act = get_activation(activation)
         self.d_model, self.n_experts, self.d_expert = d_model, n_experts, d_expert
         self.routing, self.capacity_factor, self.top_k, self.activation = routing, capacity_factor, top_k, activation
@@ -89,7 +112,24 @@ class MoE(UsageTrackingMixin, nn.Module):
         # Same init as nn.Linear (uniform, bound 1/sqrt(fan_in)) so an expert starts like DenseFFW.
         self.w_in = nn.Parameter(torch.empty(n_experts, d_model, d_expert).uniform_(-1, 1) / math.sqrt(d_model))
         self.w_out = nn.Parameter(torch.empty(n_experts, d_expert, d_model).uniform_(-1, 1) / math.sqrt(d_expert))
-        self.aux_loss: torch.Tensor | None = None
+        self.aux_loss_weight = float(aux_loss_weight)
+        self.balance_loss: torch.Tensor | None = None  # set by forward
+
+    @classmethod
+    def from_config(cls, d_model: int, cfg: MoEConfig) -> MoE:
+        return cls(d_model, **dataclasses.asdict(cfg))
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """``aux_loss_weight * balance_loss`` of the last forward (None before the first one or when
+        the weight is 0); zero for expert choice, which is balanced by construction."""
+        if self.balance_loss is None or self.aux_loss_weight == 0:
+            return None
+        return self.aux_loss_weight * self.balance_loss
+
+    def optim_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The expert banks are ordinary dense weights (every expert sees ~C tokens per step):
+        nothing is grouped specially."""
+        return {"expert": [], "no_decay": []}
 
     def capacity(self, n_tokens: int) -> int:
         """Slots per expert for a call with n_tokens tokens: ceil(cf * top_k * T / E) in [1, T]."""
@@ -103,14 +143,14 @@ class MoE(UsageTrackingMixin, nn.Module):
         x = x.reshape(-1, self.d_model)  # (T, d)
         T = x.shape[0]
         if T == 0:
-            self.aux_loss = x.new_zeros(())
+            self.balance_loss = x.new_zeros(())
             return x.new_zeros(shape)
         logits = self.router(x)  # (T, E)
         probs = F.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # >= fp32
         C = self.capacity(T)
         if self.routing == "expert_choice":
             token_of_slot, gate_of_slot, expert_of_slot = self._expert_choice(probs, C)
-            self.aux_loss = probs.new_zeros(())
+            self.balance_loss = probs.new_zeros(())
         else:
             token_of_slot, gate_of_slot, expert_of_slot = self._token_choice(probs, C)
         self._track_usage(expert_of_slot, gate_of_slot)
@@ -139,7 +179,7 @@ class MoE(UsageTrackingMixin, nn.Module):
         gates = top_p if k == 1 else top_p / top_p.sum(-1, keepdim=True)
         # Switch load-balancing loss, from the assignments before capacity dropping.
         frac = torch.bincount(top_e.reshape(-1), minlength=E).to(probs.dtype) / (T * k)
-        self.aux_loss = E * (frac * probs.mean(0)).sum()
+        self.balance_loss = E * (frac * probs.mean(0)).sum()
 
         # Assignment order: choice rank first, then token position (rank-major flattening).
         expert = top_e.t().reshape(-1)  # (k*T,)
@@ -177,5 +217,9 @@ class MoE(UsageTrackingMixin, nn.Module):
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, n_experts={self.n_experts}, d_expert={self.d_expert}, routing={self.routing}, "
-            f"capacity_factor={self.capacity_factor}, top_k={self.top_k}, activation={self.activation}"
+            f"capacity_factor={self.capacity_factor}, top_k={self.top_k}, activation={self.activation}, "
+            f"aux_loss_weight={self.aux_loss_weight}"
         )
+
+
+register_ffw("moe", MoEConfig, MoE.from_config)

@@ -5,38 +5,30 @@ block, with the same interface as the routed layers (PEER, MoE, PKM):
 
 * forward: x (..., d_model) -> y (..., d_model)
 * ``cost()``: parameters, active parameters and forward FLOPs per token (see ``accounting.py``).
+
+Registered as FFW kind "dense" (config ``DenseConfig``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from torchpeer.accounting import FFWCost, count_params, matmul_flops
-
-# Elementwise activations shared by the baselines (the MoE experts use the same table).
-ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
-
-
-def get_activation(name: str):
-    """The activation function called ``name`` (one of ``ACTIVATIONS``)."""
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; use one of {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
+from torchpeer.layers.accounting import FFWCost, count_params, matmul_flops
+from torchpeer.layers.registry import register_ffw
+from torchpeer.layers.validators import check_last_dim, check_positive, get_activation
 
 
-def check_positive(**sizes: int) -> None:
-    """Raise a ValueError naming the first size that is not a positive int."""
-    for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+@dataclass
+class DenseConfig:
+    """Options of ``DenseFFW`` (the ``[model.dense]`` config section; d_hidden None = 4 * d_model)."""
 
-
-def check_last_dim(x: torch.Tensor, d_model: int) -> None:
-    """Raise the shared 'wrong input width' error of every FFW module."""
-    if x.shape[-1] != d_model:
-        raise ValueError(f"expected input last dimension d_model={d_model}, got {x.shape[-1]}")
+    d_hidden: int | None = None
+    activation: str | None = None
+    swiglu: bool = False
 
 
 class DenseFFW(nn.Module):
@@ -78,6 +70,10 @@ class DenseFFW(nn.Module):
         self.fc_up = nn.Linear(d_model, d_hidden, bias=bias) if swiglu else None
         self.fc_out = nn.Linear(d_hidden, d_model, bias=bias)
 
+    @classmethod
+    def from_config(cls, d_model: int, cfg: DenseConfig) -> DenseFFW:
+        return cls(d_model, **dataclasses.asdict(cfg))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_model) -> (..., d_model)."""
         check_last_dim(x, self.d_model)
@@ -97,3 +93,10 @@ class DenseFFW(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, d_hidden={self.d_hidden}, activation={self.activation}, swiglu={self.swiglu}"
+
+    def optim_groups(self) -> dict[str, list[nn.Parameter]]:
+        """No expert tables; biases (if any) are 1-D and go to no-decay by shape."""
+        return {"expert": [], "no_decay": []}
+
+
+register_ffw("dense", DenseConfig, DenseFFW.from_config)

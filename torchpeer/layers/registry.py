@@ -1,0 +1,83 @@
+"""Registry of FFW kinds: the one table that maps a kind name to its config dataclass and builder.
+
+    register_ffw("peer", PEERConfig, PEER.from_config)   # at the bottom of layers/peer.py
+    get_ffw("peer")        -> FFWKind(name="peer", config_cls=PEERConfig, build=PEER.from_config)
+    ffw_kinds()            -> ["dense", "peer", "pkm", "moe"]   (registration order)
+    build(512, PEERConfig(top_k=8))  -> a PEER module of width 512
+
+The LM config (``torchpeer.lm.config.ModelConfig``) has one section per registered kind and the LM
+model builds its blocks' FFWs through ``build``; nothing else lists the kinds. Every built module
+maps (..., d_model) -> (..., d_model) and has ``cost() -> FFWCost``; it may define
+``aux_loss() -> Tensor | None`` (an already weighted term the trainer adds to the loss) and
+``optim_groups() -> {"expert": [...], "no_decay": [...]}`` (parameters the LM optimizer treats
+specially; everything else is grouped by shape).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class FFWKind:
+    """One registered FFW kind: ``build(d_model, cfg)`` makes the module from a ``config_cls``."""
+
+    name: str
+    config_cls: type
+    build: Callable[[int, object], nn.Module]
+
+
+_KINDS: dict[str, FFWKind] = {}
+
+
+def register_ffw(name: str, config_cls: type, build: Callable[[int, object], nn.Module]) -> FFWKind:
+    """Register FFW kind ``name``; ``config_cls`` must be a dataclass whose every field has a default
+    (the LM config makes a default section per kind). Re-registering a name is an error."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"FFW kind name must be an identifier (it is a config section), got {name!r}")
+    if name in _KINDS:
+        raise ValueError(f"FFW kind {name!r} is already registered (by {_KINDS[name].config_cls.__qualname__})")
+    if not dataclasses.is_dataclass(config_cls) or not isinstance(config_cls, type):
+        raise TypeError(f"config_cls of FFW kind {name!r} must be a dataclass type, got {config_cls!r}")
+    try:
+        config_cls()
+    except TypeError as e:
+        raise TypeError(f"every field of {config_cls.__qualname__} needs a default: {e}") from None
+    if not callable(build):
+        raise TypeError(f"build of FFW kind {name!r} must be callable (d_model, cfg) -> nn.Module")
+    kind = FFWKind(name, config_cls, build)
+    _KINDS[name] = kind
+    return kind
+
+
+def ffw_kinds() -> list[str]:
+    """Names of the registered FFW kinds, in registration order."""
+    return list(_KINDS)
+
+
+def get_ffw(name: str) -> FFWKind:
+    """The registered kind ``name``; an unknown name is a ValueError listing the known ones."""
+    try:
+        return _KINDS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown FFW kind {name!r}; registered kinds: {', '.join(_KINDS)}") from None
+
+
+def kind_of_config(cfg) -> FFWKind:
+    """The registered kind whose config dataclass ``cfg`` is an instance of."""
+    for kind in _KINDS.values():
+        if type(cfg) is kind.config_cls:
+            return kind
+    raise TypeError(
+        f"{type(cfg).__qualname__} is not the config of a registered FFW kind; "
+        f"registered: {', '.join(f'{k.name} ({k.config_cls.__qualname__})' for k in _KINDS.values())}"
+    )
+
+
+def build(d_model: int, cfg) -> nn.Module:
+    """The FFW module described by config dataclass ``cfg`` (its kind is found from its type)."""
+    return kind_of_config(cfg).build(d_model, cfg)

@@ -1,0 +1,48 @@
+"""Argument checks and the activation table shared by the FFW layers (dense, MoE, PKM, PEER).
+
+Each check raises one ValueError/TypeError that names the argument and what would be valid,
+so a bad config fails at construction, not deep inside torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Elementwise activations of the dense/MoE/PKM baselines (PEER's expert kernels have their own,
+# smaller set: torchpeer.ops.ACTIVATIONS).
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+def get_activation(name: str):
+    """The activation function called ``name`` (one of ``ACTIVATIONS``)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; use one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def check_positive(**sizes: int) -> None:
+    """Raise a ValueError naming the first size that is not a positive int."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    """Raise ``unknown <name> <value>; use one of <choices>`` unless value is in choices."""
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; use one of {tuple(choices)}")
+
+
+def check_input(x, d_model: int, layer: str = "FFW") -> None:
+    """Raise the shared errors of every FFW module for a non-tensor or a wrong input width."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{layer} expects a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != d_model:
+        got = x.shape[-1] if x.dim() else "a scalar"
+        raise ValueError(f"expected input last dimension d_model={d_model}, got {got}")
+
+
+def check_last_dim(x: torch.Tensor, d_model: int) -> None:
+    """Raise the shared 'wrong input width' error of every FFW module."""
+    check_input(x, d_model)
