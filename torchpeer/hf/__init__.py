@@ -1,0 +1,27 @@
+"""Hugging Face transformers interop (optional extra: ``pip install -e '.[hf]'``).
+
+- ``peerify(model, blocks=[...], **peer_kwargs)``: PEER layers in place of the MLPs of chosen
+  decoder blocks of a transformers causal LM (GPT-2 and Llama/Qwen2 layouts);
+  ``from_pretrained(DIR)`` loads such a model back after ``save_pretrained``.
+- ``export_hf(RUN_DIR, OUT_DIR)`` (CLI ``torchpeer export-hf``): a torchpeer LM checkpoint as a
+  transformers model folder (remote code, safetensors, tokenizer) for
+  ``AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)``.
+- ``load_exported(OUT_DIR) -> (TransformerLM, tokenizer, RunConfig)``: and back into torchpeer.
+
+Importing this package never imports transformers; the functions that need it raise one
+ImportError naming the extra when it is missing. torchpeer core never imports this package.
+"""
+
+from torchpeer.hf.export import export_hf
+from torchpeer.hf.exported import is_exported_folder, load_exported
+from torchpeer.hf.peerify import decoder_blocks, from_pretrained, peerify, supported_families
+
+__all__ = [
+    "decoder_blocks",
+    "export_hf",
+    "from_pretrained",
+    "is_exported_folder",
+    "load_exported",
+    "peerify",
+    "supported_families",
+]

@@ -1,0 +1,128 @@
+"""``torchpeer export-hf RUN_DIR OUT_DIR``: a torchpeer LM checkpoint as a transformers model folder.
+
+    OUT_DIR/
+      config.json                   TorchpeerConfig: the run config under "torchpeer", auto_map
+      configuration_torchpeer.py    remote code (copied from torchpeer/hf/)
+      modeling_torchpeer.py         TorchpeerForCausalLM, wraps torchpeer.lm.TransformerLM
+      model.safetensors             the TransformerLM weights under the prefix "model."
+      generation_config.json        bos/eos/pad = the tokenizer's end-of-text id
+      tokenizer.json, tokenizer_config.json, special_tokens_map.json   (PreTrainedTokenizerFast)
+      torchpeer_tokenizer/          the torchpeer tokenizer (for load_exported)
+
+Load it with ``AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`` and
+``AutoTokenizer.from_pretrained(OUT_DIR)`` (offline; torchpeer must be installed). The folder is
+assembled under a temporary name and renamed into place, so a failure leaves no half folder.
+Works for every FFW kind, since the modelling code builds torchpeer's own TransformerLM.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import torch
+
+from torchpeer.hf._compat import require_transformers
+
+REMOTE_FILES = ("configuration_torchpeer.py", "modeling_torchpeer.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_torchpeer.TorchpeerConfig",
+    "AutoModelForCausalLM": "modeling_torchpeer.TorchpeerForCausalLM",
+}
+
+
+def _write_model(directory: str, model, cfg, eot_id: int) -> None:
+    from transformers import GenerationConfig
+
+    from torchpeer.hf.configuration_torchpeer import TorchpeerConfig
+    from torchpeer.hf.modeling_torchpeer import TorchpeerForCausalLM
+
+    config = TorchpeerConfig(torchpeer=cfg.to_dict(), bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
+    config.auto_map = dict(AUTO_MAP)
+    config.architectures = ["TorchpeerForCausalLM"]
+    with torch.device("meta"):  # the real weights are the checkpoint's model, put in below
+        hf = TorchpeerForCausalLM(config)
+    hf.model = model
+    hf.generation_config = GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
+    hf.save_pretrained(directory)
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in REMOTE_FILES:
+        shutil.copyfile(os.path.join(here, name), os.path.join(directory, name))
+
+
+def export_hf(run_dir: str, out_dir: str, overwrite: bool = False) -> str:
+    """Export the latest checkpoint of ``run_dir`` (or checkpoint folder ``run_dir``) to ``out_dir``.
+
+    Returns the checkpoint folder that was exported. ``out_dir`` must not exist unless ``overwrite``.
+    """
+    require_transformers()
+    from torchpeer.data import load_tokenizer
+    from torchpeer.hf.tokenizer_files import write_tokenizer
+    from torchpeer.lm.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint, resolve_checkpoint
+
+    if not os.path.exists(run_dir):
+        raise FileNotFoundError(f"run dir {run_dir!r} does not exist")
+    try:
+        ckpt = resolve_checkpoint(run_dir)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{run_dir!r} holds no checkpoint (expected RUN_DIR/checkpoints/step_*/ or a checkpoint folder); "
+            "train with checkpoints on (train.checkpoint = true) first"
+        ) from None
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir!r} already exists; choose a new folder or pass --overwrite")
+    model, cfg, ckpt = load_model_from_checkpoint(ckpt)
+    tok = load_checkpoint_tokenizer(ckpt) or load_tokenizer(cfg.data, progress=False)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".export-hf.", suffix=".tmp")
+    os.chmod(tmp, 0o755)
+    try:
+        _write_model(tmp, model, cfg, tok.eot_id)
+        write_tokenizer(tmp, tok, cfg.model.seq_len)
+        if os.path.exists(out_dir):
+            old = tmp + ".old"
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_parser(subparsers):
+    """Register ``export-hf`` on an argparse subparsers object; returns the parser."""
+    p = subparsers.add_parser(
+        "export-hf",
+        help="write a checkpoint as a transformers model folder",
+        description="Write the latest checkpoint of RUN_DIR (or a checkpoint folder) as a transformers model "
+        "folder: config.json with auto_map, modelling code, safetensors weights and tokenizer files. Load it "
+        "with AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True) and "
+        "AutoTokenizer.from_pretrained(OUT_DIR). Needs the [hf] extra.",
+        epilog="example:\n  torchpeer export-hf runs/ptb-tiny exports/ptb-tiny",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run folder (its latest checkpoint) or checkpoint folder")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    try:
+        require_transformers()
+    except ImportError as e:
+        raise ValueError(str(e)) from None  # the CLI prints ValueErrors as one line, exit 2
+    try:
+        ckpt = export_hf(args.run_dir, args.out_dir, overwrite=args.overwrite)
+    except FileExistsError as e:
+        raise ValueError(str(e)) from None
+    print(f"exported {ckpt} -> {args.out_dir}")
+    return 0
