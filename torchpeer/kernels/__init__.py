@@ -1,1 +1,1 @@
-"""Triton GPU kernels for PEER (expert mixing, product-key retrieval)."""
+"""Old import path of the Triton kernels; they live in torchpeer.ops.retrieval and torchpeer.ops.expert_mixing."""

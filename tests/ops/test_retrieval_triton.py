@@ -1,7 +1,8 @@
-"""Triton product-key retrieval vs brute force over all n*n keys (TRITON_INTERPRET=1 without a GPU).
+"""Triton product-key retrieval vs the float64 reference over all n*n keys (TRITON_INTERPRET=1 without a GPU).
 
 The main cases run the "threshold" forward (each with one of the backward implementations); "merge",
-the "auto" dispatch, ties and the CAP-overflow fallback have their own tests.
+the "auto" choice, ties and the CAP-overflow fallback have their own tests. Algorithms and tuning
+are picked by RetrievalKernelConfig, passed down (nothing is read from the environment).
 """
 
 import os
@@ -14,8 +15,9 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from torchpeer.kernels import retrieval  # noqa: E402
-from torchpeer.kernels.retrieval import product_key_topk_bruteforce, product_key_topk_triton  # noqa: E402
+from torchpeer.ops import RetrievalKernelConfig, dispatch, product_key_topk, product_key_topk_reference  # noqa: E402
+from torchpeer.ops.retrieval import triton_op, triton_threshold  # noqa: E402
+from torchpeer.ops.retrieval.triton_op import product_key_topk_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -27,14 +29,14 @@ def _inputs(T, H, S, n, d_key, dtype, key_dtype=None, seed=0):
     return q, keys
 
 
-def _check_against_bruteforce(q, keys, top_k, grads=True):
+def _check_against_reference(q, keys, top_k, grads=True, config=None):
     """Indices equal, scores match float64, gradients match float64 autograd."""
     q = q.detach().requires_grad_(grads)
     keys = keys.detach().requires_grad_(grads)
-    scores, idx = product_key_topk_triton(q, keys, top_k)
+    scores, idx = product_key_topk_triton(q, keys, top_k, config)
     q64 = q.detach().double().requires_grad_(grads)
     k64 = keys.detach().double().requires_grad_(grads)
-    ref_scores, ref_idx = product_key_topk_bruteforce(q64, k64, top_k)
+    ref_scores, ref_idx = product_key_topk_reference(q64, k64, top_k)
 
     T, H, _ = q.shape
     assert scores.shape == idx.shape == (T, H, top_k)
@@ -67,39 +69,37 @@ CASES = [
 
 
 @pytest.mark.parametrize("T,H,S,n,d_key,top_k,dtype,bwd", CASES)
-def test_matches_bruteforce(monkeypatch, T, H, S, n, d_key, top_k, dtype, bwd):
-    monkeypatch.setattr(retrieval, "FORWARD_IMPL", "threshold")
-    monkeypatch.setattr(retrieval, "BACKWARD_IMPL", bwd)
+def test_matches_reference(T, H, S, n, d_key, top_k, dtype, bwd):
     q, keys = _inputs(T, H, S, n, d_key, dtype)
-    _check_against_bruteforce(q, keys, top_k)
+    _check_against_reference(q, keys, top_k, config=RetrievalKernelConfig(forward="threshold", backward=bwd))
 
 
 @pytest.mark.parametrize(
     "T,H,S,n,d_key,top_k,dtype",
     [(20, 2, 1, 8, 8, 3, torch.float32), (9, 2, 2, 4, 6, 4, torch.bfloat16), (10, 2, 1, 3, 4, 3, torch.float16)],
 )
-def test_merge_kernel_matches_bruteforce(monkeypatch, T, H, S, n, d_key, top_k, dtype):
-    monkeypatch.setattr(retrieval, "FORWARD_IMPL", "merge")
+def test_merge_kernel_matches_reference(T, H, S, n, d_key, top_k, dtype):
     q, keys = _inputs(T, H, S, n, d_key, dtype)
-    _check_against_bruteforce(q, keys, top_k)
+    _check_against_reference(q, keys, top_k, config=RetrievalKernelConfig(forward="merge"))
 
 
-def test_auto_dispatch(monkeypatch):
+def test_auto_forward_choice(monkeypatch):
     # "merge" for fp32 / mixed inputs with top_k <= 16, "threshold" otherwise
     calls = []
-    monkeypatch.setattr(retrieval, "_launch", lambda *a: calls.append("merge"))
-    monkeypatch.setattr(retrieval, "_launch_threshold", lambda *a: calls.append("threshold"))
+    monkeypatch.setattr(triton_op, "launch_merge", lambda *a: calls.append("merge"))
+    monkeypatch.setattr(triton_op, "launch_threshold", lambda *a: calls.append("threshold"))
     q, keys = _inputs(2, 1, 1, 32, 8, torch.float32)
-    retrieval._forward(q, keys, 16, "auto")
-    retrieval._forward(q, keys, 17, "auto")
-    retrieval._forward(q.bfloat16(), keys.bfloat16(), 16, "auto")
-    retrieval._forward(q.bfloat16(), keys, 4, "auto")
+    auto = RetrievalKernelConfig(forward="auto")
+    triton_op.forward(q, keys, 16, auto)
+    triton_op.forward(q, keys, 17, auto)
+    triton_op.forward(q.bfloat16(), keys.bfloat16(), 16, auto)
+    triton_op.forward(q.bfloat16(), keys, 4, auto)
     assert calls == ["merge", "threshold", "threshold", "merge"]
 
 
 def _assert_valid_topk(q, keys, top_k, scores, idx):
     """For inputs with ties: the returned set is *a* top-k (indices may differ from brute force)."""
-    ref_scores, _ = product_key_topk_bruteforce(q.double(), keys.double(), top_k)
+    ref_scores, _ = product_key_topk_reference(q.double(), keys.double(), top_k)
     torch.testing.assert_close(scores.double(), ref_scores, rtol=1e-5, atol=1e-5)  # both sorted
     n = keys.shape[2]
     dh = keys.shape[3]
@@ -112,12 +112,11 @@ def _assert_valid_topk(q, keys, top_k, scores, idx):
 
 
 @pytest.mark.parametrize("impl", ["threshold", "merge"])
-def test_repeated_key_rows_give_a_valid_topk(monkeypatch, impl):
+def test_repeated_key_rows_give_a_valid_topk(impl):
     # every sub-key row repeated 4 times: exact ties in both halves (and CAP overflows for "threshold")
-    monkeypatch.setattr(retrieval, "FORWARD_IMPL", impl)
     q, keys = _inputs(6, 2, 1, 32, 8, torch.float32, seed=6)
     keys = keys[:, :, torch.arange(32) // 4 * 4].contiguous()
-    scores, idx = product_key_topk_triton(q, keys, 5)
+    scores, idx = product_key_topk_triton(q, keys, 5, RetrievalKernelConfig(forward=impl))
     _assert_valid_topk(q, keys, 5, scores, idx)
 
 
@@ -133,26 +132,27 @@ def test_candidate_overflow_falls_back_exactly():
     q = torch.randn(3, 1, 2 * dh, generator=torch.Generator().manual_seed(8))
     q[..., :dh] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # half-1 score = first coordinate of C[a]
     q, keys = q.to(DEVICE), keys.to(DEVICE)
-    _, _, flags = retrieval._half_lists(q, keys, 2)
+    _, _, flags = triton_threshold.half_lists(q, keys, 2)
     assert flags.bool().any()
-    scores, idx = retrieval._launch_threshold(q, keys, 2)
+    scores, idx = triton_threshold.launch_threshold(q, keys, 2)
     assert (idx[..., 0] // n == 31).all()
     _assert_valid_topk(q, keys, 2, scores, idx)
 
 
 def test_pair_lists_are_the_rank_products_up_to_k():
-    pi, pj = retrieval._pair_lists(16, "cpu")
+    pi, pj = triton_threshold.pair_lists(16, "cpu")
     assert pi.numel() == 50 == sum(16 // r for r in range(1, 17))
     assert ((pi + 1) * (pj + 1) <= 16).all()
     assert len(set(zip(pi.tolist(), pj.tolist()))) == 50
 
 
 def test_unknown_impl_names():
-    q, keys = _inputs(3, 1, 1, 4, 8, torch.float32)
-    with pytest.raises(ValueError, match="FORWARD_IMPL must be one of"):
-        retrieval._forward(q, keys, 2, "nope")
-    with pytest.raises(ValueError, match="BACKWARD_IMPL must be one of"):
-        retrieval._backward(torch.ones(3, 1, 2), q, keys, torch.zeros(3, 1, 2, dtype=torch.long), True, True, "nope")
+    with pytest.raises(ValueError, match="forward must be one of"):
+        RetrievalKernelConfig(forward="nope")
+    with pytest.raises(ValueError, match="backward must be one of"):
+        RetrievalKernelConfig(backward="nope")
+    with pytest.raises(ValueError, match="theta must be one of"):
+        RetrievalKernelConfig(theta="nope")
 
 
 def test_mixed_dtypes_and_strided_queries():
@@ -160,15 +160,13 @@ def test_mixed_dtypes_and_strided_queries():
     q, keys = _inputs(7, 2, 1, 8, 8, torch.bfloat16, key_dtype=torch.float32)
     q_strided = q.transpose(0, 1).contiguous().transpose(0, 1)
     assert not q_strided.is_contiguous()
-    _check_against_bruteforce(q_strided, keys, 4)
+    _check_against_reference(q_strided, keys, 4)
 
 
-def test_backward_chunks(monkeypatch):
+def test_backward_chunks():
     # force several "dense" backward chunks (chunk = 64 // (H * n) = 2 tokens)
-    monkeypatch.setattr(retrieval, "BACKWARD_IMPL", "dense")
-    monkeypatch.setattr(retrieval, "_BWD_CHUNK_ELEMS", 64)
     q, keys = _inputs(7, 2, 2, 4, 8, torch.float32, seed=3)
-    _check_against_bruteforce(q, keys, 3)
+    _check_against_reference(q, keys, 3, config=RetrievalKernelConfig(backward="dense", backward_chunk_elements=64))
 
 
 def test_only_keys_need_grad():
@@ -177,7 +175,7 @@ def test_only_keys_need_grad():
     scores, _ = product_key_topk_triton(q, keys, 2)
     scores.sum().backward()
     k64 = keys.detach().double().requires_grad_()
-    product_key_topk_bruteforce(q.double(), k64, 2)[0].sum().backward()
+    product_key_topk_reference(q.double(), k64, 2)[0].sum().backward()
     torch.testing.assert_close(keys.grad.double(), k64.grad, rtol=1e-5, atol=1e-5)
 
 
@@ -187,10 +185,10 @@ def test_empty_tokens():
     assert scores.shape == idx.shape == (0, 2, 3)
 
 
-def test_bruteforce_reference_is_exact_product_key_topk():
+def test_reference_is_exact_product_key_topk():
     # the reference itself: score of expert a*n+b is q1.C[a] + q2.C'[b]
     q, keys = _inputs(3, 2, 1, 4, 6, torch.float64)
-    scores, idx = product_key_topk_bruteforce(q, keys, 16)  # all n*n experts
+    scores, idx = product_key_topk_reference(q, keys, 16)  # all n*n experts
     a, b = idx // 4, idx % 4
     direct = (q[..., None, :3] * keys[0, 0][a]).sum(-1) + (q[..., None, 3:] * keys[0, 1][b]).sum(-1)
     torch.testing.assert_close(scores, direct)
@@ -223,27 +221,24 @@ def test_bad_dtype_and_type():
 
 
 def test_cpu_tensors_without_interpreter(monkeypatch):
-    monkeypatch.setattr(retrieval, "_interpreting", lambda: False)
-    with pytest.raises(ValueError, match="needs CUDA tensors"):
-        product_key_topk_triton(torch.randn(4, 2, 8), torch.randn(1, 2, 4, 4), 2)
+    monkeypatch.setattr(dispatch, "triton_interpreting", lambda: False)
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        product_key_topk(torch.randn(4, 2, 8), torch.randn(1, 2, 4, 4), 2, backend="triton")
 
 
-def test_large_top_k_falls_back_to_torch(monkeypatch):
-    # above MAX_KERNEL_KP the chunked PyTorch implementation answers, with the same contract
-    monkeypatch.setattr(retrieval, "MAX_KERNEL_KP", 4)
+def test_large_top_k_falls_back_to_torch():
+    # above max_kernel_kp the chunked PyTorch implementation answers, with the same contract
     q, keys = _inputs(5, 2, 1, 8, 8, torch.float32, seed=5)
-    scores, idx = product_key_topk_triton(q, keys, 6)
-    ref_scores, ref_idx = product_key_topk_bruteforce(q.double(), keys.double(), 6)
+    scores, idx = product_key_topk_triton(q, keys, 6, RetrievalKernelConfig(max_kernel_kp=4))
+    ref_scores, ref_idx = product_key_topk_reference(q.double(), keys.double(), 6)
     assert torch.equal(idx.cpu(), ref_idx.cpu())
     torch.testing.assert_close(scores.double(), ref_scores, rtol=1e-5, atol=1e-5)
 
 
-def test_theta_by_topk(monkeypatch):
+def test_theta_by_topk():
     # the other way of finding the k-th largest group maximum (tl.topk instead of k rounds of max)
-    monkeypatch.setattr(retrieval, "THRESH_THETA", "topk")
-    monkeypatch.setattr(retrieval, "FORWARD_IMPL", "threshold")
     q, keys = _inputs(12, 2, 1, 20, 8, torch.float32, seed=9)
-    _check_against_bruteforce(q, keys, 3, grads=False)
+    _check_against_reference(q, keys, 3, grads=False, config=RetrievalKernelConfig(forward="threshold", theta="topk"))
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -254,7 +249,7 @@ def test_torch_compile_fullgraph_matches_eager():
     w = torch.randn(9, 2, 3, generator=g)
 
     def loss(q, keys):
-        scores, idx = retrieval.product_key_topk_triton(q, keys, 3)
+        scores, idx = product_key_topk_triton(q, keys, 3)
         return (scores * w).sum(), idx
 
     want, want_idx = loss(q, keys)

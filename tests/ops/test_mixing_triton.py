@@ -1,4 +1,4 @@
-"""Tests for the Triton expert-mixing op (torchpeer/kernels/mixing.py).
+"""Tests for the Triton expert-mixing op (torchpeer/ops/expert_mixing/triton_*.py) vs the float64 reference.
 
 Without a GPU the kernels run in Triton's CPU interpreter, so sizes stay tiny (T <= 37, d <= 64,
 N <= 64). bf16/fp16 run natively in the interpreter (no upcasting needed); note the interpreter
@@ -10,22 +10,19 @@ import os
 import torch
 
 if not torch.cuda.is_available():
-    # must happen before triton decorates the kernels (i.e. before torchpeer.kernels.mixing is imported)
+    # must happen before triton decorates the kernels (i.e. before triton_kernels.py is imported)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from torchpeer.kernels import mixing  # noqa: E402
-from torchpeer.kernels.mixing import peer_mix_naive, peer_mix_triton  # noqa: E402
+from tests.references import rel_err  # noqa: E402
+from torchpeer.ops import dispatch, expert_mix, expert_mix_reference  # noqa: E402
+from torchpeer.ops.expert_mixing import triton_op as mixing  # noqa: E402
+from torchpeer.ops.expert_mixing.triton_op import expert_mix_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not mixing._interpreted():
-    pytest.skip(
-        "torchpeer.kernels.mixing was imported before TRITON_INTERPRET=1 was set; run this file alone",
-        allow_module_level=True,
-    )
 
 
 def make_inputs(T, H, K, d, N, dtype=torch.float32, table_dtype=None, gate_dtype=torch.float32, seed=0):
@@ -48,19 +45,14 @@ def make_inputs(T, H, K, d, N, dtype=torch.float32, table_dtype=None, gate_dtype
     return leaves, dy.to(DEVICE, dtype)
 
 
-def rel_err(a, ref):
-    a, ref = a.detach().double().cpu(), ref.detach().double().cpu()
-    return ((a - ref).norm() / ref.norm()).item()
-
-
 def check_against_float64(inputs, dy, activation, tol):
-    """Forward and the four gradients of peer_mix_triton vs peer_mix_naive in float64."""
+    """Forward and the four gradients of expert_mix_triton vs expert_mix_reference in float64."""
     x, down, up, indices, gates = inputs
-    y = peer_mix_triton(x, down, up, indices, gates, activation)
+    y = expert_mix_triton(x, down, up, indices, gates, activation)
     y.backward(dy)
     ref_leaves = [t.detach().double().requires_grad_() for t in (x, down, up, gates)]
     xr, dr, ur, gr = ref_leaves
-    y_ref = peer_mix_naive(xr, dr, ur, indices, gr, activation)
+    y_ref = expert_mix_reference(xr, dr, ur, indices, gr, activation)
     y_ref.backward(dy.double())
 
     assert y.dtype == x.dtype and y.shape == x.shape
@@ -125,11 +117,13 @@ def test_mixed_dtypes_fp32_tables_bf16_activations():
 def test_autocast_runs_in_autocast_dtype():
     (x, down, up, indices, gates), dy = make_inputs(10, 2, 3, 32, 16, seed=3)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        y = peer_mix_triton(x, down, up, indices, gates)
+        y = expert_mix_triton(x, down, up, indices, gates)
     assert y.dtype == torch.bfloat16
     y.float().backward(dy)
     assert x.grad.dtype == down.grad.dtype == torch.float32
-    y_ref = peer_mix_naive(x.detach().double(), down.detach().double(), up.detach().double(), indices, gates.double())
+    y_ref = expert_mix_reference(
+        x.detach().double(), down.detach().double(), up.detach().double(), indices, gates.double()
+    )
     assert rel_err(y, y_ref) < 2e-2
 
 
@@ -145,7 +139,7 @@ def test_every_output_element_is_written(monkeypatch):
     monkeypatch.setattr(mixing, "_new_buffer", poisoned)
     (x, down, up, indices, gates), dy = make_inputs(8, 2, 3, 20, 64, seed=4)
     indices.remainder_(16)
-    y = peer_mix_triton(x, down, up, indices, gates)
+    y = expert_mix_triton(x, down, up, indices, gates)
     y.backward(dy)
     for t in (y, x.grad, down.grad, up.grad, gates.grad):
         assert torch.isfinite(t).all()
@@ -157,7 +151,7 @@ def test_backward_is_bitwise_deterministic():
     grads = []
     for _ in range(2):
         (x, down, up, indices, gates), dy = make_inputs(12, 2, 3, 16, 6, seed=5)
-        peer_mix_triton(x, down, up, indices, gates, deterministic=True).backward(dy)
+        expert_mix_triton(x, down, up, indices, gates, deterministic=True).backward(dy)
         grads.append([t.grad.clone() for t in (x, down, up, gates)])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
@@ -165,7 +159,7 @@ def test_backward_is_bitwise_deterministic():
 
 def test_empty_batch():
     (x, down, up, indices, gates), _ = make_inputs(0, 2, 3, 16, 8)
-    y = peer_mix_triton(x, down, up, indices, gates)
+    y = expert_mix_triton(x, down, up, indices, gates)
     assert y.shape == (0, 16)
     y.sum().backward()
     assert (down.grad == 0).all() and gates.grad.shape == (0, 2, 3)
@@ -176,7 +170,7 @@ def test_torch_compile_fullgraph_no_graph_breaks():
     (x, down, up, indices, gates), dy = make_inputs(9, 2, 3, 16, 12, seed=6)
 
     def f(x, down, up, indices, gates):
-        return peer_mix_triton(torch.tanh(x), down, up, indices, gates * 2.0) * 3.0
+        return expert_mix_triton(torch.tanh(x), down, up, indices, gates * 2.0) * 3.0
 
     torch._dynamo.reset()
     y_c = torch.compile(f, backend="aot_eager", fullgraph=True)(x, down, up, indices, gates)
@@ -230,19 +224,19 @@ def test_bad_inputs_raise_clear_errors(overrides, exc, match):
     if "lie in" in match and DEVICE != "cpu":
         pytest.skip("index range is only checked for CPU tensors")
     with pytest.raises(exc, match=match):
-        peer_mix_triton(**args)
+        expert_mix_triton(**args)
 
 
 def test_cpu_without_interpreter_points_to_torch_backend(monkeypatch):
-    monkeypatch.setattr(mixing, "_interpreted", lambda: False)
+    monkeypatch.setattr(dispatch, "triton_interpreting", lambda: False)
     args = _bad()
     args = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-    with pytest.raises(ValueError, match="peer_mix_torch"):
-        peer_mix_triton(**args)
+    with pytest.raises(ValueError, match="use backend='torch'"):
+        expert_mix(**args, backend="triton")
 
 
 def test_int32_indices_match_int64():
     (x, down, up, indices, gates), _ = make_inputs(6, 2, 3, 16, 9, seed=8)
-    y64 = peer_mix_triton(x, down, up, indices, gates)
-    y32 = peer_mix_triton(x, down, up, indices.int(), gates)
+    y64 = expert_mix_triton(x, down, up, indices, gates)
+    y32 = expert_mix_triton(x, down, up, indices.int(), gates)
     torch.testing.assert_close(y32, y64, rtol=0, atol=0)

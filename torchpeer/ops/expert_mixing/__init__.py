@@ -1,0 +1,16 @@
+"""Expert mixing y[t] = sum_{h,k} g[t,h,k] * act(x[t] . u[i]) * v[i]: the spec (reference.py), its input
+checker (checks.py), the chunked PyTorch implementation (torch_impl.py) and the Triton kernels
+(triton_kernels.py + triton_op.py, imported only when the "triton" backend runs)."""
+
+from .checks import ACTIVATIONS, check_mix_inputs
+from .reference import activation_fn, expert_mix_reference
+from .torch_impl import activation_grad, expert_mix_torch
+
+__all__ = [
+    "ACTIVATIONS",
+    "check_mix_inputs",
+    "activation_fn",
+    "activation_grad",
+    "expert_mix_reference",
+    "expert_mix_torch",
+]

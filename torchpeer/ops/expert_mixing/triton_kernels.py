@@ -1,0 +1,153 @@
+"""Triton kernels of expert mixing: y[t] = sum_{h,k} g[t,h,k] * act(x[t] . u[i]) * v[i], i = idx[t,h,k].
+
+Shapes: x: (T, d); down (the u table), up (the v table): (N, d); indices, gates: (T, H, K).
+S = H * K is the number of selections (retrieved experts) per token.
+
+The op is memory-bound: every selection touches a random 2-row slice of two huge tables
+(N = 1024^2 experts), so the kernels are organised around the bytes they move, and never
+write (T*S, d)-sized gathered rows:
+
+forward (token-centric, one program per token):
+    for each block of selections: gather u rows, h = x . u, save h (T, S) for backward,
+    gather v rows, acc += g * act(h) * v.          bytes ~ T*S * 2 rows
+backward pass 1 (expert-centric, one program per expert):
+    selections are sorted by expert id (a stable sort of the T*S indices), so a program loads
+    v_e once (u_e is not needed) and walks its token list reading x[t] and dy[t]:
+        s = dy[t] . v_e,  dgate = act(h) * s,  coef = g * act'(h) * s
+        du_e += coef * x[t],  dv_e += g * act(h) * dy[t]
+    and writes each table-gradient row exactly once (zero for experts nobody picked), plus
+    dgate and coef into (T, S) buffers.            bytes ~ T*S * 2 rows + 1 table read + 2 written
+backward pass 2 (token-centric): dx[t] = sum_s coef[t, s] * u[idx[t, s]].   bytes ~ T*S * 1 row
+
+No atomics anywhere and a fixed summation order, so forward and backward are deterministic
+(bit-identical across runs); the `deterministic` flag is therefore a documented no-op.
+Table gradients come out in the table dtype (bf16 tables -> bf16 grads), accumulated in fp32.
+On one H200 (T = 65536, d = 1024, N = 1024^2, H*K = 128, bf16) fwd + bwd takes 24.1 ms against a
+~22.5 ms byte floor, with 4.8 GiB of memory above the tables; benchmarks/NOTES_mixing.md has the
+byte counts and every measured version.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _act(h, ACT: tl.constexpr):
+    # ACT 0: exact (erf) GELU, as torch.nn.functional.gelu's default; ACT 1: ReLU
+    if ACT == 0:
+        return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    else:
+        return tl.maximum(h, 0.0)
+
+
+@triton.jit
+def _act_and_grad(h, ACT: tl.constexpr):
+    """Returns (act(h), act'(h)); ReLU'(0) = 0 like torch's relu backward."""
+    if ACT == 0:
+        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327  # 1 / sqrt(2 pi)
+        return h * cdf, cdf + h * pdf
+    else:
+        return tl.maximum(h, 0.0), tl.where(h > 0.0, 1.0, 0.0)
+
+
+@triton.jit
+def _mix_fwd_kernel(
+    x_ptr, down_ptr, up_ptr, idx_ptr, gate_ptr, y_ptr, h_ptr,
+    S, D, stride_x, stride_down, stride_up, stride_y,
+    ACT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One program per token t: y[t] = sum_s g * act(x[t] . u[idx]) * v[idx]; also saves h = x . u."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    x = tl.load(x_ptr + t * stride_x + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        smask = offs_s < S
+        e = tl.load(idx_ptr + t * S + offs_s, mask=smask, other=0).to(tl.int64)
+        g = tl.load(gate_ptr + t * S + offs_s, mask=smask, other=0.0).to(tl.float32)
+        m2 = smask[:, None] & dmask[None, :]
+        # issue both gathers before any use so both are in flight together
+        u = tl.load(down_ptr + e[:, None] * stride_down + offs_d[None, :], mask=m2, other=0.0)
+        v = tl.load(up_ptr + e[:, None] * stride_up + offs_d[None, :], mask=m2, other=0.0)
+        h = tl.sum(u.to(tl.float32) * x[None, :], axis=1)  # (BLOCK_S,)
+        tl.store(h_ptr + t * S + offs_s, h, mask=smask)
+        w = g * _act(h, ACT)  # masked lanes: g = 0
+        acc += tl.sum(w[:, None] * v.to(tl.float32), axis=0)
+    tl.store(y_ptr + t * stride_y + offs_d, acc.to(y_ptr.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _mix_bwd_expert_kernel(
+    x_ptr, dy_ptr, up_ptr, gate_ptr, h_ptr, perm_ptr, offsets_ptr,
+    ddown_ptr, dup_ptr, coef_ptr, dgate_ptr,
+    S, D, stride_x, stride_dy, stride_up, stride_ddown, stride_dup,
+    ACT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One program per expert e: walks the selections p (sorted by expert) with idx[p] == e.
+
+    Writes ddown[e] = sum_p coef_p x[t_p], dup[e] = sum_p g_p act(h_p) dy[t_p] (zero rows for
+    unused experts), and per selection coef_p = g act'(h) (dy . v_e), dgate_p = act(h) (dy . v_e).
+    u_e itself is never needed here: dU only needs coef and x.
+    """
+    e = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    start = tl.load(offsets_ptr + e)
+    end = tl.load(offsets_ptr + e + 1)
+    # masked loads move no bytes: unused experts skip reading v_e.
+    # (the limit goes through tl.where: the interpreter rejects block & scalar-bool masks)
+    v_e = tl.load(up_ptr + e * stride_up + offs_d, mask=offs_d < tl.where(end > start, D, 0), other=0.0)
+    v_e = v_e.to(tl.float32)
+    du = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+    offs_p = start + tl.arange(0, BLOCK_S)
+    p_next = tl.load(perm_ptr + offs_p, mask=offs_p < end, other=0).to(tl.int64)
+    for p0 in range(start, end, BLOCK_S):
+        offs_p = p0 + tl.arange(0, BLOCK_S)
+        pmask = offs_p < end
+        p = p_next  # flat selection ids t * S + s of this block
+        tok = p // S
+        g = tl.load(gate_ptr + p, mask=pmask, other=0.0).to(tl.float32)
+        h = tl.load(h_ptr + p, mask=pmask, other=0.0)
+        m2 = pmask[:, None] & dmask[None, :]
+        xt = tl.load(x_ptr + tok[:, None] * stride_x + offs_d[None, :], mask=m2, other=0.0)
+        dyt = tl.load(dy_ptr + tok[:, None] * stride_dy + offs_d[None, :], mask=m2, other=0.0)
+        # prefetch the next block's ids while these rows are in flight: one memory latency per
+        # iteration instead of two (perm -> rows); 12% faster at d = 512 (NOTES_mixing.md)
+        offs_n = offs_p + BLOCK_S
+        p_next = tl.load(perm_ptr + offs_n, mask=offs_n < end, other=0).to(tl.int64)
+        dyt = dyt.to(tl.float32)
+        s = tl.sum(dyt * v_e[None, :], axis=1)  # dy[t] . v_e, (BLOCK_S,)
+        a, da = _act_and_grad(h, ACT)
+        coef = g * da * s
+        tl.store(dgate_ptr + p, a * s, mask=pmask)
+        tl.store(coef_ptr + p, coef, mask=pmask)
+        du += tl.sum(coef[:, None] * xt.to(tl.float32), axis=0)
+        dv += tl.sum((g * a)[:, None] * dyt, axis=0)
+    tl.store(ddown_ptr + e * stride_ddown + offs_d, du.to(ddown_ptr.dtype.element_ty), mask=dmask)
+    tl.store(dup_ptr + e * stride_dup + offs_d, dv.to(dup_ptr.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _mix_bwd_dx_kernel(
+    down_ptr, idx_ptr, coef_ptr, dx_ptr,
+    S, D, stride_down, stride_dx,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One program per token t: dx[t] = sum_s coef[t, s] * u[idx[t, s]]."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        smask = offs_s < S
+        e = tl.load(idx_ptr + t * S + offs_s, mask=smask, other=0).to(tl.int64)
+        c = tl.load(coef_ptr + t * S + offs_s, mask=smask, other=0.0)
+        m2 = smask[:, None] & dmask[None, :]
+        u = tl.load(down_ptr + e[:, None] * stride_down + offs_d[None, :], mask=m2, other=0.0)
+        acc += tl.sum(c[:, None] * u.to(tl.float32), axis=0)
+    tl.store(dx_ptr + t * stride_dx + offs_d, acc.to(dx_ptr.dtype.element_ty), mask=dmask)

@@ -1,0 +1,213 @@
+"""The Triton expert mixing: launch configs, launchers, torch.library custom ops, entry point expert_mix_triton.
+
+The kernels and the algorithm they implement are in triton_kernels.py.
+"""
+
+import torch
+import triton
+
+from .checks import ACTIVATIONS, check_mix_inputs
+from .triton_kernels import _mix_bwd_dx_kernel, _mix_bwd_expert_kernel, _mix_fwd_kernel
+
+# Launch tuning per kernel, from the H200 sweeps in benchmarks/NOTES_mixing.md (T = 65536, S = 128):
+#   tile: BLOCK_S * BLOCK_D, the elements of one gathered tile (BLOCK_S rows of BLOCK_D);
+#   num_warps: {BLOCK_D: warps} as measured; other row lengths scale the 1024 entry.
+# Small tiles and few warps win: the kernels are bound by memory latency, so what counts is how
+# many programs fit on an SM (registers) and how few cross-warp reductions each iteration needs.
+# Mutable on purpose: benchmarks/bench_mixing.py sweeps it.
+TUNING = {
+    "fwd": {"tile": 8192, "num_warps": {512: 2, 1024: 4}},
+    "expert": {"tile": 1024, "num_warps": {512: 1, 1024: 4}},
+    "dx": {"tile": 4096, "num_warps": {512: 1, 1024: 2}},
+}
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _new_buffer(shape, dtype, device):
+    """Uninitialised output buffer; every element is written by a kernel (tests poison it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _launch_config(kernel, d, s):
+    """-> (BLOCK_D, BLOCK_S, num_warps) for `kernel` on rows of d elements, s selections per token.
+
+    Whole rows per tile (BLOCK_D >= d), BLOCK_S rows so the tile stays ~TUNING[kernel]["tile"]."""
+    cfg = TUNING[kernel]
+    block_d = triton.next_power_of_2(d)
+    block_s = max(1, min(triton.next_power_of_2(s), cfg["tile"] // block_d))
+    warps = cfg["num_warps"]
+    num_warps = warps.get(block_d, min(16, max(1, warps[1024] * block_d // 1024)))
+    return block_d, block_s, num_warps
+
+
+def _act_id(activation):
+    return ACTIVATIONS.index(activation)
+
+
+def _forward_impl(x, down, up, indices, gates, activation):
+    """-> y (T, d) in x's dtype, h = x . u[idx] (T, H, K) float32."""
+    T, d = x.shape
+    S = indices[0].numel() if T else 0
+    y = _new_buffer((T, d), x.dtype, x.device)
+    h = _new_buffer(indices.shape, torch.float32, x.device)
+    if T == 0 or S == 0:
+        return y.zero_(), h
+    block_d, block_s, num_warps = _launch_config("fwd", d, S)
+    _mix_fwd_kernel[(T,)](
+        x, down, up, indices, gates, y, h,
+        S, d, x.stride(0), down.stride(0), up.stride(0), y.stride(0),
+        ACT=_act_id(activation), BLOCK_S=block_s, BLOCK_D=block_d, num_warps=num_warps,
+    )  # fmt: skip
+    return y, h
+
+
+def _sort_by_expert(indices, n_experts):
+    """-> perm (T*S,) int64: flat selection ids grouped by expert (stable: token order inside),
+    offsets (N+1,) int64: expert e owns perm[offsets[e]:offsets[e+1]]."""
+    flat = indices.reshape(-1)
+    # 32-bit keys halve the radix-sort passes; expert ids always fit for N < 2^31
+    keys = flat.to(torch.int32) if n_experts < 2**31 else flat.to(torch.int64)
+    sorted_keys, perm = torch.sort(keys, stable=True)
+    bounds = torch.arange(n_experts + 1, device=keys.device, dtype=keys.dtype)
+    offsets = torch.searchsorted(sorted_keys, bounds)  # first position >= e
+    return perm, offsets
+
+
+def _launch_expert(dy, x, up, gates, h, perm, offsets, ddown, dup, coef, dgate, activation):
+    """Expert-centric pass: one program per expert; writes ddown, dup, coef, dgate."""
+    N, d = up.shape
+    S = h[0].numel()
+    block_d, block_s, num_warps = _launch_config("expert", d, S)
+    _mix_bwd_expert_kernel[(N,)](
+        x, dy, up, gates, h, perm, offsets, ddown, dup, coef, dgate,
+        S, d, x.stride(0), dy.stride(0), up.stride(0), ddown.stride(0), dup.stride(0),
+        ACT=_act_id(activation), BLOCK_S=block_s, BLOCK_D=block_d, num_warps=num_warps,
+    )  # fmt: skip
+
+
+def _launch_dx(down, indices, coef, dx):
+    """Token-centric pass: dx[t] = sum_s coef[t, s] * down[indices[t, s]]."""
+    T, d = dx.shape
+    S = indices[0].numel()
+    block_d, block_s, num_warps = _launch_config("dx", d, S)
+    _mix_bwd_dx_kernel[(T,)](
+        down, indices, coef, dx, S, d, down.stride(0), dx.stride(0),
+        BLOCK_S=block_s, BLOCK_D=block_d, num_warps=num_warps,
+    )  # fmt: skip
+
+
+def _backward_impl(dy, x, down, up, indices, gates, h, activation):
+    """-> dx (x dtype), ddown (down dtype), dup (up dtype), dgates (gates dtype)."""
+    T, d = x.shape
+    N = down.shape[0]
+    S = indices[0].numel() if T else 0
+    dev = x.device
+    if T == 0 or S == 0:
+        return (
+            torch.zeros_like(x),
+            torch.zeros_like(down),
+            torch.zeros_like(up),
+            torch.zeros_like(gates),
+        )
+    dy = dy.contiguous()  # e.g. the expanded grad of y.sum() has stride 0
+    perm, offsets = _sort_by_expert(indices, N)
+    ddown = _new_buffer(down.shape, down.dtype, dev)
+    dup = _new_buffer(up.shape, up.dtype, dev)
+    coef = _new_buffer((T * S,), torch.float32, dev)
+    dgate = _new_buffer((T * S,), torch.float32, dev)
+
+    _launch_expert(dy, x, up, gates, h, perm, offsets, ddown, dup, coef, dgate, activation)
+    dx = _new_buffer((T, d), x.dtype, dev)
+    _launch_dx(down, indices, coef, dx)
+    return dx, ddown, dup, dgate.view(gates.shape).to(gates.dtype)
+
+
+# ----------------------------------------------------------------------------- torch.library ops
+# custom_op makes the kernels opaque to torch.compile (no graph breaks, shapes from register_fake).
+# The forward op also returns h = x . u[idx] (T, H, K) fp32 so backward need not re-gather u rows.
+
+
+@torch.library.custom_op("torchpeer::peer_mix_fwd", mutates_args=())
+def _peer_mix_fwd(
+    x: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    indices: torch.Tensor,
+    gates: torch.Tensor,
+    activation: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_impl(x, down, up, indices, gates, activation)
+
+
+@_peer_mix_fwd.register_fake
+def _(x, down, up, indices, gates, activation):
+    return x.new_empty(x.shape), x.new_empty(indices.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("torchpeer::peer_mix_bwd", mutates_args=())
+def _peer_mix_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    indices: torch.Tensor,
+    gates: torch.Tensor,
+    h: torch.Tensor,
+    activation: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_impl(dy, x, down, up, indices, gates, h, activation)
+
+
+@_peer_mix_bwd.register_fake
+def _(dy, x, down, up, indices, gates, h, activation):
+    return x.new_empty(x.shape), down.new_empty(down.shape), up.new_empty(up.shape), gates.new_empty(gates.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, down, up, indices, gates, activation = inputs
+    _, h = output
+    ctx.save_for_backward(x, down, up, indices, gates, h)
+    ctx.activation = activation
+    ctx.mark_non_differentiable(h)
+
+
+def _backward(ctx, dy, _dh):
+    x, down, up, indices, gates, h = ctx.saved_tensors
+    dx, ddown, dup, dgates = _peer_mix_bwd(dy, x, down, up, indices, gates, h, ctx.activation)
+    return dx, ddown, dup, None, dgates, None
+
+
+_peer_mix_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def expert_mix_triton(x, down, up, indices, gates, activation="gelu", deterministic=False):
+    """y[t] = sum_{h,k} gates[t,h,k] * act(x[t] . down[i]) * up[i], i = indices[t,h,k]; Triton kernels.
+
+    x: (T, d) fp16/bf16/fp32; down, up: (N, d) fp16/bf16/fp32 (may differ from x's dtype, e.g.
+    fp32 master tables with bf16 activations: rows are converted in registers, never copied);
+    indices: (T, H, K) int32/int64 in [0, N); gates: (T, H, K) any float dtype.
+    Returns y: (T, d) in x's dtype (fp32 accumulation). Differentiable w.r.t. x, down, up and
+    gates; each gradient comes back in its input's dtype.
+
+    Under torch.autocast, x is cast to the autocast dtype (so y is in it); the tables are read
+    in their own dtype. activation: "gelu" (exact erf) or "relu".
+    deterministic: accepted for API symmetry; every path is already deterministic (no atomics,
+    fixed summation order), so it changes nothing.
+    Indices outside [0, N) are only checked for CPU tensors (a GPU check would need a host sync).
+    """
+    del deterministic  # always deterministic, see docstring
+    check_mix_inputs(x, down, up, indices, gates, activation, kernel=True)
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        x = x.to(torch.get_autocast_dtype(dev))
+    if down.stride(1) != 1:
+        down = down.contiguous()
+    if up.stride(1) != 1:
+        up = up.contiguous()
+    y, _ = _peer_mix_fwd(x.contiguous(), down, up, indices.contiguous(), gates.contiguous(), activation)
+    return y

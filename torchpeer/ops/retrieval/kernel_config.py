@@ -1,0 +1,98 @@
+"""RetrievalKernelConfig: which forward/backward algorithm the Triton retrieval runs, and its launch tuning.
+
+Passed down explicitly (``product_key_topk(..., config=...)``, benchmarks build variants with
+``dataclasses.replace``); nothing is read from the environment. Numbers are from one H200
+(triton 3.6, T=65536, H=8, n=1024, d_key=128, top_k=16), benchmarks/NOTES_retrieval.md.
+
+Forward algorithms (``forward``):
+  "threshold": per-half candidates >= a group-max bound, then a pruned pair merge
+               (bf16 T=65536: 5.9 ms against 15.4 for "merge"); triton_threshold.py.
+  "merge":     one kernel, running top-KP per half + all KP*KP pair sums; triton_merge.py.
+  "auto":      "merge" for fp32 (or mixed-dtype) inputs with top_k <= 16, where its single pass
+               of fp32 dots wins (T=16384: 7.8 vs 10.7 ms), else "threshold".
+Backward algorithms (``backward``, triton_backward.py):
+  "hybrid" (the default): dq by the gather kernel (0.4 ms) + dkeys by the dense path; in one run of
+               benchmarks/peer_layer.py (2026-11-28) the layer's fwd+bwd at d=1024 took 33.1 ms
+               against 34.4 ms with "dense" at 65536 tokens (9.8 vs 10.3 ms at 16384).
+  "dense":     scatter matrix per token chunk + TF32 matmuls (5.0 ms).
+  "triton":    dq and dkeys kernels, deterministic partial sums (29.8 ms).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FORWARD_IMPLS = ("auto", "threshold", "merge")
+BACKWARD_IMPLS = ("dense", "hybrid", "triton")
+THETA_METHODS = ("max", "topk")
+
+
+@dataclass(frozen=True)
+class RetrievalKernelConfig:
+    forward: str = "auto"
+    backward: str = "hybrid"
+    # "merge" launch (BLOCK_M, BLOCK_N, num_warps). "half": bf16/fp16 queries and keys with top_k <= 16;
+    # "fp32": any other dtype mix; "wide": 16 < top_k <= 32. Measured, bf16: (64, 128, 16) 15.5 ms,
+    # (64, 64, 16) 25.0, (32, 64, 16) 32.5, (32, 128, 16) 48.8, (16, 64, 4) 37.6; fp32 (16, 64, 4)
+    # 31.3; top_k=32 (16, 64, 8) 64.3.
+    merge_half: tuple[int, int, int] = (64, 128, 16)
+    merge_fp32: tuple[int, int, int] = (16, 64, 4)
+    merge_wide: tuple[int, int, int] = (16, 64, 8)
+    # "threshold" launch (BLOCK_M, BLOCK_N, num_warps, CAP, programs per SM), keyed like merge_*.
+    # CAP: candidate slots per row (power of two >= KP). With Gaussian scores, n = 1024, k = 16 and
+    # BLOCK_N = 64 the candidate count has mean 18 and max 28 over 20000 rows. bf16: (64, 64, 4, 64, 8)
+    # 5.94 ms, CAP 32 5.67 (kept 64: twice the observed max before a work item falls back),
+    # (64, 64, 4, 64, 4) 5.97, (128, 64, 8, 64, 4) 6.28, (32, 64, 4, 64, 8) 6.65, (64, 128, 4, 64, 8)
+    # 6.74, (64, 64, 8, 64, 8) 7.33. fp32 and wide: untuned (fp32 T=16384: 10.7 ms; top_k=32 bf16
+    # T=16384: 3.0 ms against 16.3 for "merge").
+    threshold_half: tuple[int, int, int, int, int] = (64, 64, 4, 64, 8)
+    threshold_fp32: tuple[int, int, int, int, int] = (32, 64, 4, 64, 8)
+    threshold_wide: tuple[int, int, int, int, int] = (32, 64, 4, 128, 8)
+    # How the threshold kernel finds the k-th largest group maximum: "topk" (tl.topk of BLOCK_N floats)
+    # or "max" (top_k rounds of max + drop; also much faster under the interpreter). Same speed (5.67
+    # vs 5.68 ms).
+    theta: str = "max"
+    # Stage 2 (pairs) and backward: (BLOCK, num_warps); dkeys: (BLOCK_A, BLOCK_R, num_warps, programs
+    # per SM). dq (32, 4) 0.37 ms, (64, 4) 0.43, (128, 8) 0.44; dkeys (128, 32, 4, 4) 28.7 ms,
+    # (128, 64, 8, 4) 29.6, (64, 64, 4, 4) 30.6, (256, 64, 8, 2) 40.0, (128, 64, 4, 8) 96.6.
+    pair: tuple[int, int] = (64, 4)
+    dq: tuple[int, int] = (32, 4)
+    dkeys: tuple[int, int, int, int] = (128, 32, 4, 4)
+    # "dense" backward chunks hold a (rows, n) fp32 matrix; at most this many elements (256 MiB).
+    backward_chunk_elements: int = 1 << 26
+    # The kernels hold (BLOCK_M, KP * KP) int64 candidates ("merge") or pair lists of ~k ln k
+    # ("threshold") in registers; above this padded top-k the chunked torch implementation answers.
+    max_kernel_kp: int = 32
+
+    def __post_init__(self):
+        if self.forward not in FORWARD_IMPLS:
+            raise ValueError(f"forward must be one of {FORWARD_IMPLS}, got {self.forward!r}")
+        if self.backward not in BACKWARD_IMPLS:
+            raise ValueError(f"backward must be one of {BACKWARD_IMPLS}, got {self.backward!r}")
+        if self.theta not in THETA_METHODS:
+            raise ValueError(f"theta must be one of {THETA_METHODS}, got {self.theta!r}")
+
+    def merge_launch(self, kp: int, dot_fp32: bool) -> tuple[int, int, int]:
+        return self.merge_wide if kp > 16 else self.merge_fp32 if dot_fp32 else self.merge_half
+
+    def threshold_launch(self, kp: int, dot_fp32: bool) -> tuple[int, int, int, int, int]:
+        return self.threshold_wide if kp > 16 else self.threshold_fp32 if dot_fp32 else self.threshold_half
+
+
+DEFAULT_CONFIG = RetrievalKernelConfig()
+
+# torch.library custom ops take no dataclasses: a config travels into the op as its index here.
+_REGISTERED: list[RetrievalKernelConfig] = [DEFAULT_CONFIG]
+
+
+def config_id(config: RetrievalKernelConfig) -> int:
+    """Index of `config` in the registry (added on first use; equal configs share one index)."""
+    for i, c in enumerate(_REGISTERED):
+        if c == config:
+            return i
+    _REGISTERED.append(config)
+    return len(_REGISTERED) - 1
+
+
+def config_by_id(i: int) -> RetrievalKernelConfig:
+    return _REGISTERED[i]

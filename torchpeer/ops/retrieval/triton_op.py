@@ -1,0 +1,115 @@
+"""The Triton retrieval as torch.library custom ops, and its entry point product_key_topk_triton.
+
+Custom ops make the kernels opaque to torch.compile (no tracing into the launches, no graph
+breaks; output shapes come from register_fake). A RetrievalKernelConfig cannot be an op argument,
+so it travels as its index in the config registry (kernel_config.config_id).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .checks import check_topk_inputs
+from .kernel_config import DEFAULT_CONFIG, RetrievalKernelConfig, config_by_id, config_id
+from .torch_impl import product_key_topk_torch
+from .triton_backward import backward
+from .triton_common import next_pow2
+from .triton_merge import launch_merge
+from .triton_threshold import launch_threshold
+
+logger = logging.getLogger("torchpeer.ops")
+_said_too_wide: set[int] = set()
+
+
+def forward_impl(queries: torch.Tensor, sub_keys: torch.Tensor, top_k: int, config: RetrievalKernelConfig) -> str:
+    """The forward algorithm config.forward resolves to for these inputs ("threshold" or "merge")."""
+    if config.forward != "auto":
+        return config.forward
+    half = (torch.bfloat16, torch.float16)
+    both_half = queries.dtype == sub_keys.dtype and queries.dtype in half
+    return "merge" if not both_half and top_k <= 16 else "threshold"
+
+
+def forward(queries, sub_keys, top_k: int, config: RetrievalKernelConfig = DEFAULT_CONFIG):
+    """-> scores (T, H, top_k) fp32, indices (T, H, top_k) int64 (no autograd)."""
+    if forward_impl(queries, sub_keys, top_k, config) == "threshold":
+        return launch_threshold(queries, sub_keys, top_k, config)
+    return launch_merge(queries, sub_keys, top_k, config)
+
+
+@torch.library.custom_op("torchpeer::product_key_topk_fwd", mutates_args=())
+def _topk_fwd_op(
+    queries: torch.Tensor, sub_keys: torch.Tensor, top_k: int, config: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return forward(queries, sub_keys, top_k, config_by_id(config))
+
+
+@_topk_fwd_op.register_fake
+def _(queries, sub_keys, top_k, config):
+    shape = (queries.shape[0], queries.shape[1], top_k)
+    return queries.new_empty(shape, dtype=torch.float32), queries.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("torchpeer::product_key_topk_bwd", mutates_args=())
+def _topk_bwd_op(
+    d_scores: torch.Tensor,
+    queries: torch.Tensor,
+    sub_keys: torch.Tensor,
+    indices: torch.Tensor,
+    need_q: bool,
+    need_k: bool,
+    config: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dq, dk = backward(d_scores.contiguous(), queries, sub_keys, indices, need_q, need_k, config_by_id(config))
+    # an op cannot return None: an empty tensor stands for "not needed"
+    return (dq if dq is not None else queries.new_empty(0)), (dk if dk is not None else sub_keys.new_empty(0))
+
+
+@_topk_bwd_op.register_fake
+def _(d_scores, queries, sub_keys, indices, need_q, need_k, config):
+    return queries.new_empty(queries.shape if need_q else (0,)), sub_keys.new_empty(sub_keys.shape if need_k else (0,))
+
+
+def _setup_context(ctx, inputs, output):
+    queries, sub_keys, _, config = inputs
+    _, indices = output
+    ctx.save_for_backward(queries, sub_keys, indices)
+    ctx.config = config
+    ctx.mark_non_differentiable(indices)
+
+
+def _backward_op(ctx, d_scores, _d_indices):
+    queries, sub_keys, indices = ctx.saved_tensors
+    need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_q or need_k):
+        return None, None, None, None
+    dq, dk = _topk_bwd_op(d_scores, queries, sub_keys, indices, need_q, need_k, ctx.config)
+    return (dq if need_q else None), (dk if need_k else None), None, None
+
+
+_topk_fwd_op.register_autograd(_backward_op, setup_context=_setup_context)
+
+
+def product_key_topk_triton(
+    queries: torch.Tensor, sub_keys: torch.Tensor, top_k: int, config: RetrievalKernelConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k product-key retrieval (Triton; CUDA, or the CPU under TRITON_INTERPRET=1).
+
+    queries: (T, H, d_key), any float dtype (scores are computed in fp32).
+    sub_keys: (S, 2, n, d_key // 2), S == 1 (shared by all heads) or S == H.
+    Returns scores (T, H, top_k) float32, differentiable w.r.t. queries and sub_keys, and
+    indices (T, H, top_k) int64 in [0, n*n), expert i = a * n + b, sorted by descending score.
+    Where the backend is chosen: torchpeer.ops.dispatch (call torchpeer.ops.product_key_topk).
+    """
+    check_topk_inputs(queries, sub_keys, top_k)
+    config = config or DEFAULT_CONFIG
+    if max(2, next_pow2(top_k)) > config.max_kernel_kp:
+        # the register-resident candidate set would be too large; the chunked PyTorch version has
+        # the same contract (said once, so the switch is never silent)
+        if top_k not in _said_too_wide:
+            _said_too_wide.add(top_k)
+            logger.info("product_key_topk: top_k=%d is above the kernels' limit: chunked torch answers", top_k)
+        return product_key_topk_torch(queries, sub_keys, top_k)
+    return _topk_fwd_op(queries, sub_keys, top_k, config_id(config))
