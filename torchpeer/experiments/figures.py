@@ -1,0 +1,163 @@
+"""PNG figures of a sweep (matplotlib, drawn off-screen with the Agg canvas; no pyplot state).
+
+* ``isoflop_figure``: loss against parameters, one panel per budget, one line per family, with
+  the quadratic fit in log(params) and its optimum (star);
+* ``ablation_figure``: loss, expert usage % and KL against the ablated field, one line per series;
+* ``curves_figure``: training loss against tokens of every run (RUN_DIR/metrics.jsonl).
+
+Each PNG is written atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+
+import numpy as np
+
+FAMILY_COLOURS = {"dense": "#1f77b4", "peer": "#d62728", "pkm": "#2ca02c", "moe": "#ff7f0e"}
+OTHER_COLOURS = ["#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+
+
+def _figure(n_panels: int, width: float = 4.6, height: float = 3.6):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = min(n_panels, 3)
+    rows = math.ceil(n_panels / cols)
+    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    return fig, axes[:n_panels]
+
+
+def save_png(fig, path: str) -> str:
+    """Render ``fig`` and write it to ``path`` atomically."""
+    from torchpeer.data.atomic import atomic_open
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    with atomic_open(path, "wb") as fh:
+        fh.write(buf.getvalue())
+    return path
+
+
+def colour(name: str, i: int = 0) -> str:
+    return FAMILY_COLOURS.get(name, OTHER_COLOURS[i % len(OTHER_COLOURS)])
+
+
+def isoflop_figure(fits: dict, path: str, eval_set: str, params_key: str = "active_params") -> str:
+    """fits: the output of ``fit.isoflop_fits`` -> one panel per budget."""
+    budgets = sorted({b for _, b in fits})
+    fig, axes = _figure(len(budgets))
+    for ax, budget in zip(axes, budgets):
+        families = [f for f, b in fits if b == budget]
+        for i, fam in enumerate(families):
+            g = fits[(fam, budget)]
+            c = colour(fam, i)
+            xs = [r[params_key] for r in g["runs"]]
+            ys = [_loss(r) for r in g["runs"]]
+            ax.plot(xs, ys, "o", color=c, label=fam)
+            fit = g["fit"]
+            if fit is not None:
+                grid = np.geomspace(min(xs) / 1.3, max(xs) * 1.3, 100)
+                ax.plot(grid, fit.predict(grid), "-", color=c, alpha=0.7)
+                if fit.optimum_params is not None and fit.bracketed:
+                    ax.plot([fit.optimum_params], [fit.optimum_loss], "*", color=c, markersize=14, mec="black")
+        ax.set_xscale("log")
+        ax.set_title(f"{budget:.3g} training FLOPs")
+        ax.set_xlabel("active parameters" if params_key == "active_params" else "parameters")
+        ax.set_ylabel(f"loss ({eval_set})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("isoFLOP curves (star: fitted optimum)")
+    return save_png(fig, path)
+
+
+def ablation_figure(records: list[dict], path: str, x_field: str, series_field: str | None) -> str:
+    """Loss / usage % / KL against ``x`` (records carry "x" and "series")."""
+    from torchpeer.experiments.results import primary_loss, routed_usage
+
+    series = sorted({str(r.get("series")) for r in records})
+    fig, axes = _figure(3)
+    metrics = [
+        ("loss", lambda r: primary_loss(r)),
+        ("expert usage %", lambda r: routed_usage(r)[0]),
+        ("KL(usage || uniform)", lambda r: routed_usage(r)[1]),
+    ]
+    xs_all = [float(r["x"]) for r in records if r.get("x") is not None]
+    log_x = bool(xs_all) and min(xs_all) > 0 and max(xs_all) / min(xs_all) > 8
+    for ax, (label, get) in zip(axes, metrics):
+        for i, s in enumerate(series):
+            pts = sorted(
+                (float(r["x"]), get(r)) for r in records if str(r.get("series")) == s and r.get("x") is not None
+            )
+            pts = [(x, y) for x, y in pts if y is not None]
+            if pts:
+                ax.plot(*zip(*pts), "o-", color=colour(s, i), label=s if series_field else None)
+        if log_x:
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(x_field)
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        if series_field and ax.get_legend_handles_labels()[0]:
+            ax.legend(title=series_field.split(".")[-1], fontsize=8)
+    fig.suptitle(f"ablation over {x_field}")
+    return save_png(fig, path)
+
+
+def read_curve(run_dir: str) -> tuple[list[float], list[float]]:
+    """(tokens, train loss) of the log records in RUN_DIR/metrics.jsonl."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    tokens, losses = [], []
+    if not os.path.exists(path):
+        return tokens, losses
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "loss" in rec and "tokens" in rec:
+                tokens.append(rec["tokens"])
+                losses.append(rec["loss"])
+    return tokens, losses
+
+
+def curves_figure(records: list[dict], runs_dir: str, path: str) -> str | None:
+    """Training curves of every run, one panel per budget (None when no run has a log)."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        b = r.get("budget_flops")
+        key = f"{b:.3g} FLOPs" if b is not None else f"{r.get('token_budget') or 0:.3g} tokens"
+        groups.setdefault(key, []).append(r)
+    curves = {r["run"]: read_curve(os.path.join(runs_dir, r["run"])) for r in records}
+    if not any(t for t, _ in curves.values()):
+        return None
+    fig, axes = _figure(len(groups))
+    for ax, (key, runs) in zip(axes, groups.items()):
+        seen: dict[str, int] = {}
+        for r in runs:
+            t, y = curves[r["run"]]
+            fam = r.get("family", "")
+            j = seen[fam] = seen.get(fam, -1) + 1  # line style tells the sizes of one family apart
+            if t:
+                style = ["-", "--", ":", "-."][j % 4]
+                ax.plot(t, y, style, color=colour(fam, len(seen)), label=r["variant"], linewidth=1.2)
+        ax.set_title(key)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("training loss")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    fig.suptitle("training curves")
+    return save_png(fig, path)
+
+
+def _loss(record: dict) -> float | None:
+    from torchpeer.experiments.results import primary_loss
+
+    return primary_loss(record)

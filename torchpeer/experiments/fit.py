@@ -1,0 +1,104 @@
+"""isoFLOP fits (Chinchilla approach 2, as in the PEER paper's Fig. 1).
+
+At one training budget C, models of different sizes N are each trained on C / (training FLOPs
+per token) tokens. Final loss against log N is close to a parabola near its minimum; the fitted
+vertex is the compute-optimal size at C:
+
+    loss(N) ~ a u^2 + b u + c,   u = log10 N,   N* = 10^(-b / 2a),   loss* = c - b^2 / 4a
+
+A fit needs >= 3 sizes (4+ that bracket the minimum for a trustworthy vertex) and a > 0; when
+the vertex falls outside the measured sizes the runs do not bracket the optimum (``bracketed``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class IsoFLOPFit:
+    """Quadratic fit of loss in log10(params); ``optimum_params`` is None without a minimum."""
+
+    coeffs: tuple[float, float, float]  # a, b, c of a u^2 + b u + c, u = log10(params)
+    n_points: int
+    min_params: float
+    max_params: float
+    optimum_params: float | None
+    optimum_loss: float | None
+    residual_rms: float
+
+    @property
+    def bracketed(self) -> bool:
+        """True when the fitted optimum lies inside the range of sizes that were trained."""
+        return self.optimum_params is not None and self.min_params <= self.optimum_params <= self.max_params
+
+    def predict(self, params) -> np.ndarray:
+        a, b, c = self.coeffs
+        u = np.log10(np.asarray(params, dtype=np.float64))
+        return a * u * u + b * u + c
+
+
+def fit_isoflop(params: Sequence[float], losses: Sequence[float]) -> IsoFLOPFit:
+    """Fit loss = quadratic(log10 params) by least squares. params: (n,) > 0, losses: (n,), n >= 3."""
+    p = np.asarray(params, dtype=np.float64)
+    y = np.asarray(losses, dtype=np.float64)
+    if p.shape != y.shape or p.ndim != 1:
+        raise ValueError(f"params and losses must be 1-d of one length, got {p.shape} and {y.shape}")
+    ok = np.isfinite(p) & np.isfinite(y)
+    p, y = p[ok], y[ok]
+    if (p <= 0).any():
+        raise ValueError("params must be positive to take their log")
+    if len(np.unique(p)) < 3:
+        raise ValueError(f"an isoFLOP fit needs at least 3 distinct model sizes, got {len(np.unique(p))}")
+    u = np.log10(p)
+    a, b, c = (float(v) for v in np.polyfit(u, y, 2))
+    resid = y - (a * u * u + b * u + c)
+    opt_p = opt_l = None
+    if a > 0:
+        u_star = -b / (2 * a)
+        opt_p, opt_l = float(10**u_star), float(c - b * b / (4 * a))
+        if not math.isfinite(opt_p):
+            opt_p = opt_l = None
+    return IsoFLOPFit(
+        coeffs=(a, b, c),
+        n_points=len(p),
+        min_params=float(p.min()),
+        max_params=float(p.max()),
+        optimum_params=opt_p,
+        optimum_loss=opt_l,
+        residual_rms=float(np.sqrt(np.mean(resid**2))),
+    )
+
+
+def isoflop_fits(records: list[dict], params_key: str = "active_params") -> dict[tuple[str, float], dict]:
+    """Per (family, budget): the runs (sorted by size), the best run and the fit (or why there is none).
+
+    records: results.jsonl lines of one isoFLOP sweep (budget runs only).
+    Returns {(family, budget): {"runs": [...], "best": record, "fit": IsoFLOPFit | None, "note": str}}.
+    """
+    from torchpeer.experiments.results import primary_loss
+
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in records:
+        if r.get("budget_flops") is None or primary_loss(r) is None:
+            continue
+        groups.setdefault((r["family"], float(r["budget_flops"])), []).append(r)
+    out = {}
+    for key in sorted(groups, key=lambda k: (k[1], k[0])):
+        runs = sorted(groups[key], key=lambda r: r[params_key])
+        best = min(runs, key=primary_loss)
+        fit, note = None, ""
+        try:
+            fit = fit_isoflop([r[params_key] for r in runs], [primary_loss(r) for r in runs])
+        except ValueError as e:
+            note = str(e)
+        if fit is not None and fit.optimum_params is None:
+            note = "no minimum: the loss is not convex in log(params) over these sizes"
+        elif fit is not None and not fit.bracketed:
+            note = "optimum outside the trained sizes: add sizes on that side"
+        out[key] = {"runs": runs, "best": best, "fit": fit, "note": note}
+    return out

@@ -1,0 +1,185 @@
+"""``torchpeer report RUNS_DIR``: markdown tables and PNG figures from results.jsonl.
+
+Per sweep found in the results (written to RUNS_DIR/report/ unless another folder is given):
+
+* every run: size, tokens, FLOPs, loss / ppl on the ranking eval set, usage %, KL, tokens/s;
+* isoFLOP sweeps: per (budget, family) the fitted optimum and the best run, the isoFLOP figure,
+  and a Table-1-style table: perplexity on every eval set of each family's best run per budget;
+* ablations: loss, usage % and KL against the ablated field, one line per series, and its figure;
+* training curves of every run (from RUN_DIR/metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from torchpeer.experiments import figures
+from torchpeer.experiments.fit import isoflop_fits
+from torchpeer.experiments.results import primary_loss, read_results, results_path, routed_usage
+
+
+def write_report(runs_dir: str, out_dir: str | None = None, params_key: str = "active_params") -> dict[str, str]:
+    """Write report.md and the PNGs; returns {what: path} of every file written."""
+    records = read_results(runs_dir)
+    if not records:
+        raise ValueError(f"{results_path(runs_dir)} has no finished runs; run 'torchpeer sweep SPEC --runs-dir ...'")
+    out_dir = out_dir or os.path.join(runs_dir, "report")
+    os.makedirs(out_dir, exist_ok=True)
+    written: dict[str, str] = {}
+    lines = [
+        f"# Sweep report: {os.path.basename(os.path.abspath(runs_dir))}",
+        "",
+        f"Made by `torchpeer report {runs_dir}` from {len(records)} finished runs in results.jsonl "
+        f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). Loss = mean next-token loss (nats) on the "
+        "ranking eval set; usage % and KL (of the expert-usage distribution from uniform) are averaged over "
+        "the routed layers on that set.",
+    ]
+    sweeps: dict[str, list[dict]] = {}
+    for r in records:
+        sweeps.setdefault(r.get("sweep", "sweep"), []).append(r)
+    for name, recs in sweeps.items():
+        kind = recs[0].get("kind", "grid")
+        lines += ["", f"## {name} ({kind})", "", "### Runs", "", *runs_table(recs)]
+        if kind == "isoflop":
+            fits = isoflop_fits(recs, params_key)
+            if fits:
+                png = figures.isoflop_figure(fits, os.path.join(out_dir, f"isoflop-{name}.png"), _set(recs), params_key)
+                written[f"isoflop-{name}"] = png
+                lines += ["", "### isoFLOP fits", "", *fits_table(fits, params_key), "", _img(png, out_dir)]
+                lines += ["", "### Perplexity on every eval set (each family's best run per budget)", ""]
+                lines += table1(fits)
+        if kind == "ablation" and recs[0].get("x_field"):
+            x_field, series_field = recs[0]["x_field"], recs[0].get("series_field")
+            png = figures.ablation_figure(recs, os.path.join(out_dir, f"ablation-{name}.png"), x_field, series_field)
+            written[f"ablation-{name}"] = png
+            lines += ["", f"### Ablation over {x_field}", "", *ablation_table(recs, x_field, series_field)]
+            lines += ["", _img(png, out_dir)]
+        png = figures.curves_figure(recs, runs_dir, os.path.join(out_dir, f"curves-{name}.png"))
+        if png:
+            written[f"curves-{name}"] = png
+            lines += ["", "### Training curves", "", _img(png, out_dir)]
+    from torchpeer.data.atomic import write_text_atomic
+
+    md = os.path.join(out_dir, "report.md")
+    write_text_atomic(md, "\n".join(lines) + "\n")
+    written["report"] = md
+    return written
+
+
+def _set(recs: list[dict]) -> str:
+    return recs[0].get("eval_set") or "valid"
+
+
+def _img(png: str, out_dir: str) -> str:
+    rel = os.path.relpath(png, out_dir)
+    return f"![{os.path.splitext(rel)[0]}]({rel})"
+
+
+def _table(header: list[str], rows: list[list[str]], right_from: int = 1) -> list[str]:
+    align = ["---" if i < right_from else "---:" for i in range(len(header))]
+    return ["| " + " | ".join(r) + " |" for r in [header, align, *rows]]
+
+
+def _fmt(v, spec: str = ".4f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _millions(n) -> str:
+    """A parameter count, short: 10.3k, 2.88M, 1.10B."""
+    if n is None:
+        return "-"
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def runs_table(recs: list[dict]) -> list[str]:
+    set_name = _set(recs)
+    header = ["run", "family", "params", "active", "tokens", "FLOPs", f"loss ({set_name})", "ppl", "usage %", "KL"]
+    header.append("tokens/s")
+    rows = []
+    for r in recs:
+        loss = primary_loss(r)
+        usage, kl = routed_usage(r)
+        ppl = (r.get("valid") or {}).get(r.get("eval_set"), {}).get("ppl")
+        rows.append(
+            [
+                r["run"],
+                r.get("family", ""),
+                _millions(r.get("total_params")),
+                _millions(r.get("active_params")),
+                f"{r.get('tokens', 0):,}",
+                _fmt(r.get("train_flops"), ".3g"),
+                _fmt(loss),
+                _fmt(ppl, ".2f"),
+                _fmt(usage, ".1f"),
+                _fmt(kl, ".3f"),
+                _fmt(r.get("tokens_per_s"), ",.0f"),
+            ]
+        )
+    return _table(header, rows, right_from=2)
+
+
+def fits_table(fits: dict, params_key: str) -> list[str]:
+    what = "active params" if params_key == "active_params" else "params"
+    header = ["budget", "family", "runs", f"fitted optimum ({what})", "fitted loss", "best run", what, "best loss"]
+    rows = []
+    for (fam, budget), g in fits.items():
+        fit, best = g["fit"], g["best"]
+        opt = "-" if fit is None or fit.optimum_params is None else _millions(fit.optimum_params)
+        if fit is not None and fit.optimum_params is not None and not fit.bracketed:
+            opt += " (outside)"
+        rows.append(
+            [
+                f"{budget:.3g}",
+                fam,
+                str(len(g["runs"])),
+                opt,
+                _fmt(None if fit is None else fit.optimum_loss),
+                best["run"],
+                _millions(best[params_key]),
+                _fmt(primary_loss(best)),
+            ]
+        )
+    notes = [f"- {fam} at {b:.3g}: {g['note']}" for (fam, b), g in fits.items() if g["note"]]
+    return _table(header, rows, right_from=2) + ([""] + notes if notes else [])
+
+
+def table1(fits: dict) -> list[str]:
+    """Rows: (budget, family) best run; columns: perplexity on every eval set."""
+    sets: list[str] = []
+    for g in fits.values():
+        for s in g["best"].get("valid", {}):
+            if s not in sets:
+                sets.append(s)
+    header = ["budget", "family", "run", "active params", *sets]
+    rows = []
+    for (fam, budget), g in fits.items():
+        best = g["best"]
+        valid = best.get("valid", {})
+        ppls = [_fmt(valid.get(s, {}).get("ppl"), ".2f") for s in sets]
+        rows.append([f"{budget:.3g}", fam, best["run"], _millions(best.get("active_params")), *ppls])
+    return _table(header, rows, right_from=3)
+
+
+def ablation_table(recs: list[dict], x_field: str, series_field: str | None) -> list[str]:
+    header = [x_field.split(".")[-1] if "*" not in x_field else x_field, "series", "run", "loss", "ppl", "usage %"]
+    header.append("KL")
+    rows = []
+    for r in sorted(recs, key=lambda r: (str(r.get("series")), float(r["x"]) if r.get("x") is not None else 0.0)):
+        usage, kl = routed_usage(r)
+        ppl = (r.get("valid") or {}).get(r.get("eval_set"), {}).get("ppl")
+        rows.append(
+            [
+                str(r.get("x")),
+                str(r.get("series")) if series_field else "-",
+                r["run"],
+                _fmt(primary_loss(r)),
+                _fmt(ppl, ".2f"),
+                _fmt(usage, ".1f"),
+                _fmt(kl, ".3f"),
+            ]
+        )
+    return _table(header, rows, right_from=3)

@@ -1,0 +1,31 @@
+"""``torchpeer report RUNS_DIR [--out DIR]`` (argparse side only; the work is imported when it runs)."""
+
+from __future__ import annotations
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "report",
+        help="markdown tables and PNG figures of a sweep's results.jsonl",
+        description="Write RUNS_DIR/report/report.md (runs, isoFLOP fits, per-eval-set perplexities, "
+        "ablations) and its PNG figures (isoFLOP curves, ablations, training curves).",
+    )
+    p.add_argument("runs_dir", help="a sweep's runs folder (holds results.jsonl)")
+    p.add_argument("--out", default=None, help="output folder (default: RUNS_DIR/report)")
+    p.add_argument(
+        "--params",
+        choices=("active", "total"),
+        default="active",
+        help="x-axis of the isoFLOP fits: active parameters (default) or all parameters",
+    )
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from torchpeer.experiments.report import write_report
+
+    written = write_report(args.runs_dir, args.out, params_key=f"{args.params}_params")
+    for what, path in written.items():
+        print(f"{what}: {path}")
+    return 0

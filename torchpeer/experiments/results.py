@@ -1,0 +1,125 @@
+"""RUNS_DIR/results.jsonl: one JSON object per finished run, each run once.
+
+The file is rewritten atomically (temp file + rename) on every append, so a sweep killed at any
+moment leaves either the old or the new file, never a cut line, and a run recorded again (e.g. a
+summary found on resume) replaces its old line instead of duplicating it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+RESULTS_FILE = "results.jsonl"
+
+
+def results_path(runs_dir: str) -> str:
+    return os.path.join(runs_dir, RESULTS_FILE)
+
+
+def read_results(runs_dir: str) -> list[dict[str, Any]]:
+    """Records of results.jsonl in file order (an unreadable line is skipped; no file = [])."""
+    path = results_path(runs_dir)
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and "run" in rec:
+                out.append(rec)
+    return out
+
+
+def append_result(runs_dir: str, record: dict[str, Any]) -> None:
+    """Add ``record`` (replacing any earlier record of the same run) atomically."""
+    from torchpeer.data.atomic import write_text_atomic
+
+    kept = [r for r in read_results(runs_dir) if r["run"] != record["run"]]
+    kept.append(record)
+    write_text_atomic(results_path(runs_dir), "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+
+def make_record(run, summary: dict[str, Any], sweep, wall_seconds: float | None = None) -> dict[str, Any]:
+    """The results line of a finished ``PlannedRun`` from the trainer's summary."""
+    seconds = summary.get("train_seconds") or 0.0
+    tokens = summary["tokens"]
+    model = run.cfg.model
+    record = {
+        "run": run.name,
+        "sweep": sweep.name,
+        "kind": sweep.kind,
+        "variant": run.variant,
+        "family": run.family,
+        "ffw": model.ffw,
+        "budget_flops": run.budget_flops,
+        "token_budget": run.token_budget,
+        "total_params": summary["total_params"],
+        "active_params": summary["active_params"],
+        "train_flops_per_token": summary.get("train_flops_per_token", run.train_flops_per_token),
+        "steps": summary["steps"],
+        "tokens": tokens,
+        "train_flops": summary["train_flops"],
+        "train_seconds": seconds,
+        "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
+        "wall_seconds": round(wall_seconds, 2) if wall_seconds is not None else None,
+        "eval_set": sweep.eval_set or next(iter(run.cfg.data.valid), None),
+        "valid": {name: _eval_entry(r) for name, r in (summary.get("valid") or {}).items()},
+        "overrides": run.overrides,
+        "model": {
+            "d_model": model.d_model,
+            "n_layers": model.n_layers,
+            "n_heads": model.n_heads,
+            "seq_len": model.seq_len,
+            "placement": model.placement,
+            model.ffw: _section(model, model.ffw),
+        },
+        "x_field": sweep.x,
+        "x": run.x,
+        "series_field": sweep.series,
+        "series": run.series,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return record
+
+
+def _section(model, kind: str) -> dict[str, Any]:
+    import dataclasses
+
+    sec = getattr(model, kind, None)
+    return dataclasses.asdict(sec) if dataclasses.is_dataclass(sec) else {}
+
+
+def _eval_entry(r: dict[str, Any]) -> dict[str, Any]:
+    usage = {
+        layer: {k: u[k] for k in ("usage_pct", "kl") if k in u}
+        for layer, u in (r.get("usage") or {}).items()
+        if isinstance(u, dict)
+    }
+    entry = {k: r[k] for k in ("loss", "ppl", "bpb", "tokens") if k in r}
+    entry["usage"] = usage
+    return entry
+
+
+def primary_loss(record: dict[str, Any]) -> float | None:
+    """Loss on the record's ranking eval set (None when it has none)."""
+    entry = (record.get("valid") or {}).get(record.get("eval_set"))
+    return entry.get("loss") if entry else None
+
+
+def routed_usage(record: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(usage %, KL) on the ranking eval set, averaged over the routed layers (None if there are none)."""
+    entry = (record.get("valid") or {}).get(record.get("eval_set")) or {}
+    layers = [u for u in (entry.get("usage") or {}).values() if "usage_pct" in u]
+    if not layers:
+        return None, None
+    kls = [u["kl"] for u in layers if "kl" in u]
+    return sum(u["usage_pct"] for u in layers) / len(layers), (sum(kls) / len(kls) if kls else None)

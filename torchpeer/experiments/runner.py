@@ -1,0 +1,205 @@
+"""Running a sweep: plan, then train each run with ``torchpeer.lm.train``, resumably.
+
+Per run (folder RUNS_DIR/<variant>-<budget>, the trainer's run folder):
+
+* recorded in results.jsonl           -> skipped (its config must still match the spec's);
+* summary.json but not recorded       -> recorded from the summary (killed after training);
+* checkpoints                         -> resumed from the latest (the trainer's exact resume);
+* otherwise                           -> trained from scratch (a partial log is dropped).
+
+So the same command can be repeated until the sweep is complete, e.g. across GPU jobs of
+limited length (``time_limit`` stops before starting a run that would not finish in time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+
+from torchpeer.experiments.plan import PlannedRun, plan_sweep, select_runs
+from torchpeer.experiments.results import append_result, make_record, read_results
+from torchpeer.experiments.spec import SweepSpec
+
+# Config fields that do not change what a run computes: a finished run is still valid if they differ.
+_NON_RESULT_FIELDS = (
+    "model.vocab_size",
+    "train.device",
+    "train.log_interval",
+    "train.eval_interval",
+    "train.ckpt_interval",
+    "train.keep_checkpoints",
+    "train.checkpoint",
+    "train.tensorboard",
+    "train.compile",
+    "data.cache_dir",
+)
+
+
+def run_sweep(
+    spec: SweepSpec,
+    runs_dir: str,
+    only: str | None = None,
+    dry_run: bool = False,
+    progress: bool = True,
+    assume_tokens_per_s: float | None = None,
+    time_limit: float | None = None,
+    say: Callable[[str], None] = print,
+) -> list[dict]:
+    """Train the runs of ``spec`` not yet in ``runs_dir``; returns the records of this invocation."""
+    runs = select_runs(plan_sweep(spec, runs_dir), only)
+    done = {r["run"]: r for r in read_results(runs_dir)}
+    if dry_run:
+        say(format_plan(spec, runs, read_results(runs_dir), assume_tokens_per_s))
+        return []
+    os.makedirs(runs_dir, exist_ok=True)
+    t0, new = time.time(), []
+    for i, run in enumerate(runs, 1):
+        head = f"[{i}/{len(runs)}] {run.name}"
+        if run.name in done:
+            check_unchanged(run)
+            say(f"{head}: done, skipped")
+            continue
+        summary_path = os.path.join(run.run_dir, "summary.json")
+        if os.path.exists(summary_path):
+            check_unchanged(run)
+            with open(summary_path, encoding="utf-8") as fh:
+                rec = make_record(run, json.load(fh), spec)
+            append_result(runs_dir, rec)
+            new.append(rec)
+            say(f"{head}: finished earlier, recorded from its summary")
+            continue
+        estimate = estimate_seconds(run, list(done.values()) + new)
+        if time_limit is not None and estimate is not None and time.time() - t0 + estimate > time_limit:
+            say(f"{head}: stopping, its estimated {estimate:.0f} s would pass the time limit of {time_limit:.0f} s")
+            break
+        if time_limit is not None and time.time() - t0 >= time_limit:
+            say(f"{head}: stopping, the time limit of {time_limit:.0f} s is reached")
+            break
+        ckpts = _checkpoints(run.run_dir)
+        state = f"resuming from {ckpts[-1]}" if ckpts else "starting"
+        say(f"{head}: {state}: {run.family}, {run.tokens:,} tokens in {run.steps} steps, {run.train_flops:.3g} FLOPs")
+        rec = train_run(run, spec, progress)
+        append_result(runs_dir, rec)
+        new.append(rec)
+        loss = rec["valid"].get(rec["eval_set"], {}).get("loss")
+        say(f"{head}: finished in {rec['wall_seconds']:.0f} s, {rec['tokens_per_s'] or 0:,.0f} tokens/s, loss {loss}")
+    return new
+
+
+def train_run(run: PlannedRun, spec: SweepSpec, progress: bool = True) -> dict:
+    """Train one planned run (resuming it when it has checkpoints) and return its results record."""
+    import copy
+
+    from torchpeer.lm import train
+
+    t0 = time.time()
+    summary = train(copy.deepcopy(run.cfg), run.run_dir, resume=True, progress=progress)
+    return make_record(run, summary, spec, wall_seconds=time.time() - t0)
+
+
+def _checkpoints(run_dir: str) -> list[str]:
+    folder = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(folder):
+        return []
+    return sorted(f for f in os.listdir(folder) if not f.startswith(".") and not f.endswith(".tmp"))
+
+
+def check_unchanged(run: PlannedRun) -> None:
+    """ValueError when the run folder was trained with another config than the spec now gives."""
+    path = os.path.join(run.run_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        saved = _flat(json.load(fh))
+    now = _flat(run.cfg.to_dict())
+    diffs = [
+        f"{k}: was {saved.get(k)!r}, now {now.get(k)!r}"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k) and not k.startswith(_NON_RESULT_FIELDS) and k != "name"
+    ]
+    if diffs:
+        raise ValueError(
+            f"run {run.name} in {run.run_dir} was trained with another config ({'; '.join(diffs)}); "
+            "delete that folder (and its line in results.jsonl) to retrain it, or rename the variant"
+        )
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not (prefix == "data." and k == "valid"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- dry run
+
+
+def estimate_seconds(run: PlannedRun, records: list[dict], assume_tokens_per_s: float | None = None) -> float | None:
+    """Training + overhead seconds from the measured tokens/s of the same variant; without one,
+    from ``assume_tokens_per_s`` when given (else None: unknown)."""
+    same = [r for r in records if r.get("variant") == run.variant and r.get("tokens_per_s")]
+    if not same:
+        return run.tokens / assume_tokens_per_s if assume_tokens_per_s else None
+    rec = same[-1]
+    overhead = max(0.0, (rec.get("wall_seconds") or 0.0) - (rec.get("train_seconds") or 0.0))
+    return run.tokens / rec["tokens_per_s"] + overhead
+
+
+def format_plan(
+    spec: SweepSpec, runs: list[PlannedRun], records: list[dict], assume_tokens_per_s: float | None = None
+) -> str:
+    """The --dry-run table: every run with its size, tokens, FLOPs and an estimated time
+    (measured tokens/s of the variant; else ``assume_tokens_per_s``, marked '~'; else unknown)."""
+    done = {r["run"] for r in records}
+    rows = [("run", "family", "params", "active", "FLOPs/token", "steps", "tokens", "FLOPs", "est. time", "state")]
+    total, unknown = 0.0, 0
+    for run in runs:
+        est = None if run.name in done else estimate_seconds(run, records, assume_tokens_per_s)
+        guessed = est is not None and estimate_seconds(run, records) is None
+        if run.name not in done:
+            if est is None:
+                unknown += 1
+            else:
+                total += est
+        rows.append(
+            (
+                run.name,
+                run.family,
+                f"{run.total_params / 1e6:.2f}M",
+                f"{run.active_params / 1e6:.2f}M",
+                f"{run.train_flops_per_token:.3g}",
+                f"{run.steps:,}",
+                f"{run.tokens:,}",
+                f"{run.train_flops:.3g}",
+                "-" if run.name in done else ("unknown" if est is None else ("~" if guessed else "") + _duration(est)),
+                "done" if run.name in done else ("partial" if _checkpoints(run.run_dir) else "todo"),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"sweep {spec.name} ({spec.kind}): {len(runs)} runs, base config {spec.base}"]
+    if spec.description:
+        lines.append(spec.description.strip())
+    for j, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if i in (0, 1, 9) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    todo = sum(1 for r in runs if r.name not in done)
+    basis = "measured tokens/s"
+    if assume_tokens_per_s:
+        basis += f", else an assumed {assume_tokens_per_s:,.0f} (~)"
+    tail = f", {unknown} unknown (no measured tokens/s yet)" if unknown else ""
+    lines.append(f"{todo} runs to train; estimated {_duration(total)} from {basis}{tail}")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

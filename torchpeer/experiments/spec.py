@@ -1,0 +1,299 @@
+"""Sweep specs: a TOML file naming a base config, overrides, variants and budgets.
+
+A spec (see docs/experiments.md) has these tables::
+
+    [sweep]                 name, base (shipped config name or path), kind, budgets | tokens, ...
+    [base]                  overrides applied to every run: "train.lr" = 1e-3, "data.valid.x" = "..."
+    [variants.NAME]         one named variant: overrides + meta keys (family, budgets, tokens)
+    [grid]                  variants as a cartesian product of axes; an axis is either
+                              "model.peer.query_norm" = ["batch", "none"]    (a field and its values)
+                            or a table of named options, each a table of overrides + meta keys:
+                              [grid.size]
+                              s1 = {"model.d_model" = 128, budgets = [1e15]}
+
+A run is one (variant, budget) pair. Override keys are dotted config fields (anything
+``torchpeer train --SECTION.FIELD VALUE`` accepts); keys without a dot are meta keys. Every
+problem (unknown key, empty grid, no budgets, ...) is one ValueError that names it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+SPEC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "specs")
+KINDS = ("isoflop", "ablation", "grid")
+SWEEP_KEYS = {
+    "name": "run-folder prefix and report title (default: the file's stem)",
+    "description": "free text, shown by --dry-run",
+    "base": "shipped config name (e.g. gpu-dense-small) or a path to a TOML config",
+    "kind": f"one of {', '.join(KINDS)}: which report sections apply",
+    "budgets": "training-FLOP budgets, e.g. [1e15, 3e15]",
+    "tokens": "token counts (instead of budgets), e.g. [2e6, 4e6]",
+    "warmup_frac": "warmup steps as a fraction of each run's steps (overrides train.warmup_steps)",
+    "eval_set": "the eval set the report ranks runs by (default: the first of data.valid)",
+    "x": "ablation x-axis: a dotted config field or a product of them (model.peer.heads*model.peer.top_k)",
+    "series": "ablation: a dotted config field, one line per value (e.g. model.peer.query_norm)",
+}
+VARIANT_META_KEYS = ("family", "budgets", "tokens")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
+
+
+@dataclass
+class Variant:
+    """One model/training setting: ``overrides`` maps dotted fields to TOML values."""
+
+    name: str
+    overrides: dict[str, Any]
+    family: str | None = None  # None = the run's model.ffw
+    budgets: list[float] | None = None  # None = the sweep's
+    tokens: list[int] | None = None
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    base: str
+    kind: str = "grid"
+    description: str = ""
+    budgets: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    base_overrides: dict[str, Any] = field(default_factory=dict)
+    variants: list[Variant] = field(default_factory=list)
+    warmup_frac: float | None = None
+    eval_set: str | None = None
+    x: str | None = None
+    series: str | None = None
+    path: str | None = None
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def list_specs() -> list[str]:
+    """Names of the specs shipped in torchpeer/experiments/specs."""
+    return sorted(f[:-5] for f in os.listdir(SPEC_DIR) if f.endswith(".toml")) if os.path.isdir(SPEC_DIR) else []
+
+
+def resolve_spec_path(name_or_path: str) -> str:
+    """A shipped spec name (``isoflop``) or a path to a TOML file -> an existing path."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    shipped = os.path.join(SPEC_DIR, f"{name_or_path}.toml")
+    if os.sep not in name_or_path and os.path.isfile(shipped):
+        return shipped
+    raise FileNotFoundError(
+        f"sweep spec {name_or_path!r} is neither a file nor a shipped spec; shipped specs: {', '.join(list_specs())}"
+    )
+
+
+def load_spec(name_or_path: str) -> SweepSpec:
+    """Read and check a spec (shipped name or path)."""
+    path = resolve_spec_path(name_or_path)
+    with open(path, "rb") as fh:
+        try:
+            raw = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: invalid TOML ({e})") from None
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return parse_spec(raw, default_name=stem, path=path)
+
+
+def parse_spec(raw: dict[str, Any], default_name: str = "sweep", path: str | None = None) -> SweepSpec:
+    """Build a SweepSpec from the dict of a TOML file (``path`` only for messages and relative bases)."""
+    where = path or "the spec"
+    unknown = sorted(set(raw) - {"sweep", "base", "variants", "grid"})
+    if unknown:
+        raise ValueError(f"{where}: unknown table(s) {unknown}; a spec has [sweep], [base], [variants.NAME], [grid]")
+    sweep = _table(raw.get("sweep"), "[sweep]", where)
+    unknown = sorted(set(sweep) - set(SWEEP_KEYS))
+    if unknown:
+        known = "; ".join(f"{k}: {v}" for k, v in SWEEP_KEYS.items())
+        raise ValueError(f"{where}: unknown field(s) {unknown} in [sweep]; known fields: {known}")
+    if "base" not in sweep:
+        raise ValueError(f"{where}: [sweep] needs base = a shipped config name (e.g. 'ptb-tiny') or a config path")
+    spec = SweepSpec(
+        name=_str(sweep.get("name", default_name), "sweep.name", where),
+        base=_resolve_base(_str(sweep["base"], "sweep.base", where), path),
+        kind=_str(sweep.get("kind", "grid"), "sweep.kind", where),
+        description=_str(sweep.get("description", ""), "sweep.description", where),
+        path=path,
+    )
+    _check_name(spec.name, "sweep.name", where)
+    if spec.kind not in KINDS:
+        raise ValueError(f"{where}: sweep.kind = {spec.kind!r}; use one of {', '.join(KINDS)}")
+    spec.budgets, spec.tokens = _budgets(sweep, "[sweep]", where)
+    if spec.budgets and spec.tokens:
+        raise ValueError(f"{where}: [sweep] gives both budgets and tokens; give one of them")
+    if "warmup_frac" in sweep:
+        w = sweep["warmup_frac"]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < 1:
+            raise ValueError(f"{where}: sweep.warmup_frac must be a number in [0, 1), got {w!r}")
+        spec.warmup_frac = float(w)
+    for key in ("eval_set", "x", "series"):
+        if key in sweep:
+            setattr(spec, key, _str(sweep[key], f"sweep.{key}", where))
+    if spec.kind == "ablation" and spec.x is None:
+        raise ValueError(f"{where}: an ablation needs [sweep] x = the field it varies, e.g. 'model.peer.n_experts'")
+
+    spec.base_overrides = _overrides(_table(raw.get("base"), "[base]", where), "[base]", where, meta=())
+    variants = [
+        _variant(name, _table(v, f"[variants.{name}]", where), f"[variants.{name}]", where)
+        for name, v in _table(raw.get("variants"), "[variants]", where).items()
+    ]
+    variants += _grid_variants(_table(raw.get("grid"), "[grid]", where), where)
+    if not variants:
+        raise ValueError(f"{where}: the sweep has an empty grid: add [variants.NAME] tables or [grid] axes")
+    names = [v.name for v in variants]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"{where}: variant name(s) {dup} given more than once")
+    for v in variants:
+        if not (v.budgets or v.tokens or spec.budgets or spec.tokens):
+            raise ValueError(
+                f"{where}: variant {v.name!r} has no budgets: set [sweep] budgets = [...] (training FLOPs) "
+                "or tokens = [...], or budgets in the variant"
+            )
+    spec.variants = variants
+    return spec
+
+
+def _resolve_base(base: str, spec_path: str | None) -> str:
+    """A base path is taken relative to the spec's folder when it exists there."""
+    if spec_path and not os.path.isabs(base) and base.endswith(".toml"):
+        beside = os.path.join(os.path.dirname(os.path.abspath(spec_path)), base)
+        if os.path.isfile(beside):
+            return beside
+    return base
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+def _variant(name: str, table: dict[str, Any], what: str, where: str) -> Variant:
+    _check_name(name, f"variant {what}", where)
+    budgets, tokens = _budgets(table, what, where)
+    family = table.get("family")
+    if family is not None:
+        family = _str(family, f"{what} family", where)
+    return Variant(name, _overrides(table, what, where), family, budgets or None, tokens or None)
+
+
+def _grid_variants(grid: dict[str, Any], where: str) -> list[Variant]:
+    """The cartesian product of the [grid] axes (first axis outermost), named ``opt1-opt2-...``
+    (an option of a field axis is named ``FIELD=VALUE`` by the field's last part, e.g. heads=8)."""
+    if not grid:
+        return []
+    axes: list[list[tuple[str, dict[str, Any]]]] = []
+    for axis, values in grid.items():
+        if isinstance(values, list):  # "model.x.y" = [v1, v2]: a field and its values
+            if "." not in axis:
+                raise ValueError(f"{where}: [grid] axis {axis!r} is a list, so it must be a dotted config field")
+            options = [(f"{axis.split('.')[-1]}={_value_name(v)}", {axis: v}) for v in values]
+        elif isinstance(values, dict):  # [grid.AXIS] NAME = {overrides}
+            options = [(name, _table(opt, f"[grid.{axis}.{name}]", where)) for name, opt in values.items()]
+        else:
+            raise ValueError(f"{where}: [grid] {axis} must be a list of values or a table of named options")
+        if not options:
+            raise ValueError(f"{where}: the sweep has an empty grid: axis {axis!r} has no values")
+        axes.append(options)
+    variants = []
+    for combo in itertools.product(*axes):
+        table: dict[str, Any] = {}
+        budgets: list[list[float]] = []
+        tokens: list[list[int]] = []
+        for _, opt in combo:
+            b, t = _budgets(opt, "[grid]", where)
+            budgets += [b] if b else []
+            tokens += [t] if t else []
+            table.update({k: v for k, v in opt.items() if k not in ("budgets", "tokens")})
+        name = "-".join(n for n, _ in combo)
+        v = _variant(name, table, f"grid variant {name!r}", where)
+        v.budgets = _intersect(budgets)
+        v.tokens = _intersect(tokens)
+        variants.append(v)
+    return variants
+
+
+def _intersect(lists: list[list]) -> list | None:
+    """Budgets common to every option that names some (None = no option names any)."""
+    if not lists:
+        return None
+    common = [b for b in lists[0] if all(b in other for other in lists[1:])]
+    return common or None
+
+
+def _value_name(v: Any) -> str:
+    text = str(v).lower() if isinstance(v, bool) else str(v)
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", text)
+
+
+# ----------------------------------------------------------------------------- field checks
+
+
+def _overrides(table: dict[str, Any], what: str, where: str, meta=VARIANT_META_KEYS) -> dict[str, Any]:
+    out = {}
+    for key, value in table.items():
+        if key in meta:
+            continue
+        if "." not in key:
+            allowed = f"meta keys {list(meta)} or " if meta else ""
+            raise ValueError(
+                f"{where}: unknown field {key!r} in {what}; use {allowed}dotted config fields such as "
+                "'model.d_model' or 'train.lr'"
+            )
+        if isinstance(value, dict):
+            raise ValueError(f"{where}: {what} {key} is a table; give one value per dotted field")
+        out[key] = value
+    return out
+
+
+def _budgets(table: dict[str, Any], what: str, where: str) -> tuple[list[float], list[int]]:
+    budgets, tokens = table.get("budgets", []), table.get("tokens", [])
+    for key, values in (("budgets", budgets), ("tokens", tokens)):
+        if not isinstance(values, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values
+        ):
+            raise ValueError(f"{where}: {what} {key} must be a list of positive numbers, got {values!r}")
+        if key in table and not values:
+            raise ValueError(f"{where}: the sweep has an empty grid: {what} {key} = [] lists nothing")
+    return [float(b) for b in budgets], [int(t) for t in tokens]
+
+
+def _table(value: Any, what: str, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: {what} must be a table, got {value!r}")
+    return value
+
+
+def _str(value: Any, what: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {what} must be a string, got {value!r}")
+    return value
+
+
+def _check_name(name: str, what: str, where: str) -> None:
+    if not NAME_RE.match(name):
+        raise ValueError(f"{where}: {what} = {name!r}: use letters, digits and _ . = + - (it names folders)")
+
+
+def override_text(value: Any) -> str:
+    """A TOML value as the string ``--FIELD VALUE`` takes (lists as JSON, booleans lower-case)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        import json
+
+        return json.dumps(value)
+    return str(value)

@@ -1,0 +1,71 @@
+"""``torchpeer sweep SPEC [--runs-dir DIR] [--dry-run] [--only GLOB]`` (argparse side only; the
+work is imported when the command runs, so registering it costs nothing)."""
+
+from __future__ import annotations
+
+EPILOG = """\
+SPEC is a shipped spec name (isoflop, ablate-experts, ablate-active, cpu-smoke) or a TOML path;
+see docs/experiments.md for the format. The sweep is resumable: run the same command again and
+finished runs are skipped, an interrupted one resumes from its latest checkpoint.
+
+examples:
+  torchpeer sweep cpu-smoke --runs-dir runs/cpu-smoke
+  torchpeer sweep isoflop --dry-run --assume-tokens-per-s 600000
+  torchpeer sweep isoflop --only 'peer-*-1e15' --time-limit 540
+"""
+
+
+def add_parser(subparsers):
+    import argparse
+
+    p = subparsers.add_parser(
+        "sweep",
+        help="plan and run a sweep of training runs (isoFLOP, ablations)",
+        description="Train every (variant, budget) run of a sweep spec, resumably; one line per run in "
+        "RUNS_DIR/results.jsonl.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("spec", help="shipped spec name or path to a spec TOML")
+    p.add_argument("--runs-dir", default=None, help="folder of the runs and results.jsonl (default: runs/<sweep name>)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (tokens, FLOPs, estimated time) and exit")
+    p.add_argument("--only", default=None, help="only runs whose name matches this glob (comma-separated globs)")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="start no run that would end past this many seconds (by the measured tokens/s of its variant)",
+    )
+    p.add_argument(
+        "--assume-tokens-per-s",
+        type=float,
+        default=None,
+        help="for --dry-run / --time-limit: the tokens/s of variants without a measured one",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    import os
+
+    from torchpeer.experiments.runner import run_sweep
+    from torchpeer.experiments.spec import load_spec
+
+    spec = load_spec(args.spec)
+    runs_dir = args.runs_dir or os.path.join("runs", spec.name)
+    run_sweep(
+        spec,
+        runs_dir,
+        only=args.only,
+        dry_run=args.dry_run,
+        progress=not args.no_progress,
+        assume_tokens_per_s=args.assume_tokens_per_s,
+        time_limit=args.time_limit,
+        say=lambda s: print(s, flush=True),
+    )
+    if not args.dry_run:
+        print(f"results: {os.path.join(runs_dir, 'results.jsonl')}; tables and figures: torchpeer report {runs_dir}")
+    return 0
