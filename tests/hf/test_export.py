@@ -1,0 +1,172 @@
+"""export-hf: a tiny torchpeer run as a transformers model folder, loaded back both ways, offline."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from torchpeer.hf import export_hf, is_exported_folder, load_exported
+from torchpeer.lm import generate, load_model_from_checkpoint
+
+PROMPTS = ["the cat sat", "a dog ran f"]  # equal byte lengths: one unpadded batch
+
+
+@pytest.fixture(scope="module")
+def exported(make_run, tmp_path_factory):
+    """(run dir, export folder) of the tiny PEER run."""
+    run = make_run("peer")
+    out = str(tmp_path_factory.mktemp("export") / "tiny-peer")
+    export_hf(run, out)
+    return run, out
+
+
+def load_hf(out):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+
+
+def prompt_ids(texts) -> torch.Tensor:
+    return torch.tensor([[256] + list(t.encode()) for t in texts])  # byte tokenizer, eot first
+
+
+def test_folder_layout(exported):
+    _, out = exported
+    names = set(os.listdir(out))
+    expected = {"config.json", "configuration_torchpeer.py", "modeling_torchpeer.py", "model.safetensors"}
+    assert expected | {"tokenizer.json", "tokenizer_config.json", "torchpeer_tokenizer"} <= names
+    assert not [n for n in os.listdir(os.path.dirname(out)) if n.endswith(".tmp")]
+    with open(os.path.join(out, "config.json")) as fh:
+        cfg = json.load(fh)
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_torchpeer.TorchpeerForCausalLM"
+    assert cfg["model_type"] == "torchpeer" and cfg["torchpeer"]["model"]["ffw"] == "peer"
+    assert cfg["eos_token_id"] == 256 and is_exported_folder(out)
+
+
+def test_logits_equal_torchpeer_with_and_without_cache(exported):
+    from transformers import DynamicCache
+
+    run, out = exported
+    ref, _, _ = load_model_from_checkpoint(run)
+    hf = load_hf(out)
+    assert sorted(hf.state_dict()) == sorted("model." + k for k in ref.state_dict())
+    for k, v in ref.state_dict().items():
+        assert torch.equal(hf.state_dict()["model." + k], v), k
+    ids = prompt_ids(PROMPTS)
+    with torch.no_grad():
+        want = ref(ids)[0]
+        assert torch.allclose(hf(ids).logits, want, atol=1e-5, rtol=0)
+        assert torch.allclose(hf(ids, use_cache=True).logits, want, atol=1e-5, rtol=0)
+        # Incremental decoding through the transformers Cache: prefill 4 tokens, then one at a time.
+        cache = DynamicCache()
+        steps = [hf(ids[:, :4], cache=cache, use_cache=True).logits]
+        for t in range(4, ids.shape[1]):
+            steps.append(hf(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+        assert cache.get_seq_length() == ids.shape[1]
+        assert torch.allclose(torch.cat(steps, 1), want, atol=1e-5, rtol=0)
+        labels = ids.clone()
+        loss = hf(ids, labels=labels).loss
+        want_loss = torch.nn.functional.cross_entropy(want[:, :-1].reshape(-1, want.shape[-1]), ids[:, 1:].reshape(-1))
+        assert torch.allclose(loss, want_loss, atol=1e-6)
+
+
+def test_padding_mask_matches_unpadded(exported):
+    _, out = exported
+    hf = load_hf(out)
+    ids = prompt_ids(["the cat"])
+    padded = torch.cat([torch.full((1, 3), 256), ids], 1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(ids)], 1)
+    with torch.no_grad():
+        # Left padding shifts absolute positions (RoPE is relative in q.k), so the logits agree.
+        a = hf(padded, attention_mask=mask).logits[:, 3:]
+        b = hf(ids).logits
+    assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_greedy_generate_equals_torchpeer(exported):
+    run, out = exported
+    ref, _, _ = load_model_from_checkpoint(run)
+    hf = load_hf(out)
+    ids = prompt_ids(PROMPTS)
+    want = generate(ref, ids, 20, temperature=0, stop_token=256)
+    got = hf.generate(ids, max_new_tokens=20, do_sample=False)
+    assert got.shape[1] > ids.shape[1]
+    assert torch.equal(got, want)
+    assert torch.equal(hf.generate(ids, max_new_tokens=20, do_sample=False, use_cache=False), want)
+
+
+def test_auto_tokenizer_matches_byte_tokenizer(exported):
+    from transformers import AutoTokenizer
+
+    from torchpeer.data import ByteTokenizer
+
+    _, out = exported
+    tok = AutoTokenizer.from_pretrained(out)
+    byte = ByteTokenizer()
+    text = "naïve café — 日本 <b>x</b>\n  two  spaces"
+    assert tok(text)["input_ids"] == byte.encode(text)
+    assert tok.eos_token_id == 256 and len(tok) == 257
+    ids = [256] + byte.encode(text)
+    assert tok.decode(ids) == byte.decode(ids)
+
+
+def test_bpe_tokenizer_files(tmp_path):
+    from transformers import AutoTokenizer
+
+    from torchpeer.data.tokenizer import EOT_TEXT, HFTokenizer, train_bpe
+    from torchpeer.hf.tokenizer_files import write_tokenizer
+
+    docs = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog"] * 20
+    tp_tok = HFTokenizer(train_bpe(docs, 300, progress=False), "bpe-300", EOT_TEXT)
+    write_tokenizer(str(tmp_path), tp_tok, seq_len=64)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    text = "the cat and the dog sat"
+    assert tok(text)["input_ids"] == tp_tok.encode(text)
+    assert len(tp_tok.encode(text)) < len(text)  # merges were learnt and kept
+    assert tok.eos_token_id == tp_tok.eot_id
+    assert tok.decode(tp_tok.encode(text)) == text
+
+
+@pytest.mark.parametrize("ffw", ["dense", "pkm", "moe"])
+def test_other_ffw_kinds_export_with_equal_logits(ffw, make_run, tmp_path):
+    run = make_run(ffw)
+    out = str(tmp_path / "out")
+    export_hf(run, out)
+    ref, _, _ = load_model_from_checkpoint(run)
+    hf = load_hf(out)
+    ids = prompt_ids(PROMPTS)
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, ref(ids)[0], atol=1e-5, rtol=0)
+    assert hf.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, ids.shape[1] + 3)
+
+
+def test_load_exported_back_into_torchpeer(exported):
+    from torchpeer.data import ByteTokenizer
+    from torchpeer.lm import TransformerLM
+
+    run, out = exported
+    ref, ref_cfg, _ = load_model_from_checkpoint(run)
+    model, tok, cfg = load_exported(out)
+    assert isinstance(model, TransformerLM) and not model.training
+    assert isinstance(tok, ByteTokenizer) and cfg.model == ref_cfg.model
+    ids = prompt_ids(PROMPTS)
+    with torch.no_grad():
+        assert torch.equal(model(ids)[0], ref(ids)[0])
+    assert model.lm_head.weight is model.tok_emb.weight  # tied embeddings stay tied
+
+
+def test_bad_inputs(tmp_path, exported):
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        export_hf(str(empty), str(tmp_path / "o1"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export_hf(str(tmp_path / "missing"), str(tmp_path / "o2"))
+    run, out = exported
+    with pytest.raises(FileExistsError, match="already exists"):
+        export_hf(run, out)
+    assert not is_exported_folder(str(empty)) and not is_exported_folder(run)
+    with pytest.raises(ValueError, match="not an exported torchpeer model"):
+        load_exported(run)  # a run folder's config.json has no "torchpeer" section
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
