@@ -7,14 +7,19 @@ from .layers import (
     DenseFFW,
     FFWCost,
     MoE,
+    ProductKeyRouter,
+    backend_report,
     build,
     ffw_kinds,
     get_ffw,
     register_ffw,
 )
-from .mixing import peer_mix_reference, peer_mix_torch
+from .ops import expert_mix, expert_mix_reference, product_key_topk_reference
+from .ops import expert_mix_reference as peer_mix_reference  # pre-ops names, kept importable
+from .ops import expert_mix_torch as peer_mix_torch
+from .ops import product_key_topk_reference as brute_force_topk
+from .ops import product_key_topk_torch as product_key_topk
 from .optim import SparseRowAdamW
-from .product_keys import brute_force_topk, product_key_topk
 from .usage import ExpertUsage, enable_usage_tracking, usage_report
 
 __version__ = "0.1.0"
@@ -38,4 +43,9 @@ __all__ = [
     "get_ffw",
     "ffw_kinds",
     "build",
+    "backend_report",
+    "ProductKeyRouter",
+    "expert_mix",
+    "expert_mix_reference",
+    "product_key_topk_reference",
 ]

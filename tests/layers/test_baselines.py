@@ -358,7 +358,7 @@ def test_pkm_grads(kw):
 
 
 def test_pkm_query_and_retrieve():
-    from torchpeer.product_keys import brute_force_topk
+    from torchpeer.ops import product_key_topk_reference as brute_force_topk
 
     torch.manual_seed(10)
     m = PKM(16, n_keys=8, heads=2, top_k=4, d_key=8)

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from torchpeer.layers import DenseConfig, PEERConfig
 from torchpeer.layers.accounting import count_params
-from torchpeer.lm.config import DenseConfig, ModelConfig, PEERConfig, RunConfig, TrainConfig
+from torchpeer.lm.config import ModelConfig, RunConfig, TrainConfig
 from torchpeer.lm.info import config_cost, model_cost
 from torchpeer.lm.model import TransformerLM
 from torchpeer.lm.train import plan_steps

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from tests.test_mixing import naive_float64, saved_bytes
+from tests.references import naive_float64, saved_bytes
 from torchpeer.layers.peer import PEER
-from torchpeer.product_keys import brute_force_topk
+from torchpeer.ops import product_key_topk_reference as brute_force_topk
 
 
 def full_keys(m: PEER) -> torch.Tensor:

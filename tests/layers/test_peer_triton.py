@@ -37,4 +37,5 @@ def test_triton_backend_matches_float64_reference(gate, activation, shared):
 
 def test_auto_backend_is_torch_on_cpu():
     m = PEER(8, n_experts=16, heads=1, top_k=2, d_key=4)
-    assert m._resolve_backend(torch.device("cpu")) == "torch"
+    assert m.op_backends() == {"product_key_topk": "torch", "expert_mix": "torch"}
+    assert m.op_backends("cpu") == m.op_backends(torch.device("cpu"))

@@ -59,6 +59,7 @@ def test_config_fields_and_defaults_unchanged():
     }  # fmt: skip
     assert defaults["pkm"] == {
         "n_keys": 1024, "heads": 8, "top_k": 32, "d_key": None, "query_norm": "batch", "value_dim": None,
+        "backend": "auto",  # new (PKM on the shared router); old sections without it load
     }  # fmt: skip
     assert defaults["moe"] == {
         "n_experts": 128, "d_expert": None, "routing": "expert_choice", "capacity_factor": 1.0,

@@ -9,8 +9,9 @@ A memory of N = n_keys**2 value vectors, addressed by product keys. Per token an
 
 Unlike PEER (whose heads share one key set and whose experts are single neurons with an
 activation), every PKM head has its own sub-key tables, the heads share one value table, and a
-"memory" is a plain value vector (no input-dependent activation). The exact top-k over N keys is
-``torchpeer.product_keys.product_key_topk``; the weighted value sum is
+"memory" is a plain value vector (no input-dependent activation). Query network, query norm,
+sub-keys and the exact top-k over N keys are the shared ``ProductKeyRouter`` (router.py, one key set
+per head), so PKM retrieves with the same backends as PEER (Triton on CUDA); the weighted value sum is
 ``F.embedding_bag(mode="sum", per_sample_weights=w)``, so the (tokens, heads, k, value_dim)
 gathered rows are never materialised.
 
@@ -22,6 +23,8 @@ studied here, while 128-dimensional sub-keys still separate 1024 sub-keys comfor
 Initialisation: sub-keys ~ N(0, 1 / d_key), so with normalised (unit-variance) queries each full
 score has about unit variance and the softmax over the top-k starts neither flat nor one-hot;
 values ~ N(0, 1 / value_dim) as in Lample et al.
+
+Registered as FFW kind "pkm" (config ``PKMConfig``).
 """
 
 from __future__ import annotations
@@ -36,11 +39,9 @@ from torch import nn
 
 from torchpeer.layers.accounting import FFWCost, count_params, matmul_flops
 from torchpeer.layers.registry import register_ffw
-from torchpeer.layers.validators import check_last_dim, check_positive
-from torchpeer.product_keys import product_key_topk
+from torchpeer.layers.router import ProductKeyRouter, RoutedLayer
+from torchpeer.layers.validators import check_input, check_positive
 from torchpeer.usage import UsageTrackingMixin
-
-QUERY_NORMS = ("batch", "layer", "none")
 
 
 @dataclass
@@ -54,9 +55,10 @@ class PKMConfig:
     d_key: int | None = None
     query_norm: str = "batch"
     value_dim: int | None = None
+    backend: str = "auto"
 
 
-class PKM(UsageTrackingMixin, nn.Module):
+class PKM(RoutedLayer, UsageTrackingMixin, nn.Module):
     """Product-key memory layer.
 
     Args:
@@ -66,12 +68,15 @@ class PKM(UsageTrackingMixin, nn.Module):
         top_k: memories retrieved per head (<= n_keys).
         d_key: query / full key width (even; each sub-key is d_key // 2 wide).
         query_norm: "batch" (BatchNorm1d over the H * d_key query features, Lample et al.),
-            "layer" (LayerNorm over each head's d_key query) or "none".
+            "layer" (LayerNorm over each head's d_key query), "none", or another
+            ``build_query_norm`` kind.
         value_dim: width of a value vector (default d_model); when different, a bias-free
             Linear(value_dim, d_model) maps the memory read back to d_model.
+        backend: retrieval backend ("auto" | "torch" | "triton" | "reference", see torchpeer.ops).
 
-    Attributes: ``sub_keys`` (H, 2, n_keys, d_key // 2), ``values`` (N, value_dim),
-    ``query_proj`` Linear(d_model, H * d_key), ``norm``, ``out_proj`` (None unless value_dim != d_model).
+    Attributes: ``router`` (ProductKeyRouter: ``query_proj`` Linear(d_model, H * d_key) with bias,
+    ``norm``, ``sub_keys`` (H, 2, n_keys, d_key // 2); also attributes of the layer),
+    ``values`` (N, value_dim), ``out_proj`` (None unless value_dim != d_model).
     """
 
     def __init__(
@@ -83,28 +88,18 @@ class PKM(UsageTrackingMixin, nn.Module):
         d_key: int = 256,
         query_norm: str = "batch",
         value_dim: int | None = None,
+        backend: str = "auto",
     ):
         super().__init__()
         value_dim = d_model if value_dim is None else value_dim
-        check_positive(d_model=d_model, n_keys=n_keys, heads=heads, top_k=top_k, d_key=d_key, value_dim=value_dim)
-        if d_key % 2:
-            raise ValueError(f"d_key must be even (two sub-keys of d_key // 2), got {d_key}")
-        if top_k > n_keys:
-            raise ValueError(f"top_k={top_k} must be <= n_keys={n_keys} (product-key retrieval limit)")
-        if query_norm not in QUERY_NORMS:
-            raise ValueError(f"unknown query_norm {query_norm!r}; use one of {QUERY_NORMS}")
+        check_positive(d_model=d_model, n_keys=n_keys, value_dim=value_dim)
+        self.router = ProductKeyRouter(
+            d_model, n_keys, heads, top_k, d_key, query_norm, key_sets=heads, query_bias=True, backend=backend
+        )
         self.d_model, self.n_keys, self.heads, self.top_k = d_model, n_keys, heads, top_k
-        self.d_key, self.query_norm, self.value_dim = d_key, query_norm, value_dim
+        self.d_key, self.query_norm, self.value_dim, self.backend = d_key, query_norm, value_dim, backend
         self.n_experts = n_keys * n_keys  # for UsageTrackingMixin: one "expert" per memory slot
 
-        self.query_proj = nn.Linear(d_model, heads * d_key, bias=True)
-        if query_norm == "batch":
-            self.norm = nn.BatchNorm1d(heads * d_key)
-        elif query_norm == "layer":
-            self.norm = nn.LayerNorm(d_key)
-        else:
-            self.norm = None
-        self.sub_keys = nn.Parameter(torch.randn(heads, 2, n_keys, d_key // 2) / math.sqrt(d_key))
         self.values = nn.Parameter(torch.randn(n_keys * n_keys, value_dim) / math.sqrt(value_dim))
         self.out_proj = nn.Linear(value_dim, d_model, bias=False) if value_dim != d_model else None
 
@@ -112,35 +107,23 @@ class PKM(UsageTrackingMixin, nn.Module):
     def from_config(cls, d_model: int, cfg: PKMConfig) -> PKM:
         return cls(d_model, **{k: v for k, v in dataclasses.asdict(cfg).items() if v is not None})
 
-    def query(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., d_model) -> normalised queries (..., heads, d_key)."""
-        check_last_dim(x, self.d_model)
-        lead = x.shape[:-1]
-        q = self.query_proj(x.reshape(-1, self.d_model))  # (T, H * d_key)
-        if self.query_norm == "batch":
-            q = self.norm(q)  # statistics over the tokens of the call (running stats in eval)
-        q = q.view(-1, self.heads, self.d_key)
-        if self.query_norm == "layer":
-            q = self.norm(q)
-        return q.view(*lead, self.heads, self.d_key)
-
     def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (..., d_model) -> (scores, indices), each (..., heads, top_k), best first.
-
-        scores are float32 (float64 for float64 inputs) and differentiable; indices int64 in [0, N).
-        """
-        q = self.query(x)
-        lead = q.shape[:-2]
-        scores, indices = product_key_topk(q.reshape(-1, self.heads, self.d_key), self.sub_keys, self.top_k)
+        """x: (..., d_model) -> (scores, indices), each (..., heads, top_k), best first: the memories
+        ``forward`` reads. scores are float32 (float64 for float64 inputs) and differentiable;
+        indices int64 in [0, N)."""
+        check_input(x, self.d_model, "PKM")
+        lead = x.shape[:-1]
+        _, scores, indices = self.router(x.reshape(-1, self.d_model))
         return scores.view(*lead, self.heads, self.top_k), indices.view(*lead, self.heads, self.top_k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_model) -> (..., d_model)."""
+        check_input(x, self.d_model, "PKM")
         lead = x.shape[:-1]
-        scores, indices = self.retrieve(x)
-        T, hk = scores[..., 0, 0].numel(), self.heads * self.top_k
-        weights = F.softmax(scores, dim=-1)  # (..., H, k) fp32 (fp64 for fp64 input), per head over its k
-        self._track_usage(indices, weights)
+        q, scores, indices = self.router(x.reshape(-1, self.d_model))  # (T, H, k) each
+        T, hk = scores.shape[0], self.heads * self.top_k
+        weights = F.softmax(scores, dim=-1)  # (T, H, k) fp32 (fp64 for fp64 input), per head over its k
+        self._track_routing(q, indices, weights)
         # Weighted sum over all heads' memories in one bag per token: never builds (T, H, k, value_dim).
         y = F.embedding_bag(
             indices.reshape(T, hk),
@@ -152,35 +135,37 @@ class PKM(UsageTrackingMixin, nn.Module):
             y = self.out_proj(y)
         return y.to(x.dtype).view(*lead, self.d_model)
 
-    def cost(self) -> FFWCost:
-        """Per token: query projection, all sub-key scores (both halves, every head), H*k value rows.
+    def op_backends(self, device: torch.device | str | None = None) -> dict[str, str]:
+        """{op: backend} this layer runs with (the value read is F.embedding_bag, not an op)."""
+        return {"product_key_topk": self.router.retrieval_backend(device)}
 
-        FLOPs: 2*d*H*d_key (query) + 2*H*2*n_keys*(d_key/2) (sub-key scores) + 2*H*k*value_dim
-        (weighted value sum) [+ 2*value_dim*d_model (output projection)]. Active parameters: the
-        query network (projection + norm), every sub-key, H*k value rows [+ output projection].
-        """
-        d, H, dk, n, k, v = self.d_model, self.heads, self.d_key, self.n_keys, self.top_k, self.value_dim
-        query_params = count_params(self.query_proj) + (count_params(self.norm) if self.norm is not None else 0)
+    def cost(self) -> FFWCost:
+        """Per token: the router's (query projection 2*d*H*d_key, all sub-key scores 2*H*n_keys*d_key;
+        query network and every sub-key active), plus H*k value rows: 2*H*k*value_dim FLOPs for the
+        weighted sum [+ 2*value_dim*d_model and its parameters for the output projection]."""
+        H, k, v = self.heads, self.top_k, self.value_dim
+        routing = self.router.cost()
         out_params = count_params(self.out_proj) if self.out_proj is not None else 0
-        flops = matmul_flops(1, d, H * dk) + H * 2 * matmul_flops(1, dk // 2, n) + H * matmul_flops(1, k, v)
+        flops = routing.forward_flops + H * matmul_flops(1, k, v)
         if self.out_proj is not None:
-            flops += matmul_flops(1, v, d)
+            flops += matmul_flops(1, v, self.d_model)
         return FFWCost(
             total_params=count_params(self),
-            active_params=query_params + self.sub_keys.numel() + H * k * v + out_params,
+            active_params=routing.active_params + H * k * v + out_params,
             forward_flops=flops,
         )
+
+    def optim_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Value rows are an expert table (sparse reads: own lr, no decay by default); the router's
+        sub-keys and norm are not decayed."""
+        return {"expert": [self.values], "no_decay": self.router.optim_groups()["no_decay"]}
 
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, n_keys={self.n_keys} (N={self.n_experts}), heads={self.heads}, "
-            f"top_k={self.top_k}, d_key={self.d_key}, query_norm={self.query_norm}, value_dim={self.value_dim}"
+            f"top_k={self.top_k}, d_key={self.d_key}, query_norm={self.query_norm}, value_dim={self.value_dim}, "
+            f"backend={self.backend}"
         )
-
-    def optim_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Value rows are an expert table (sparse reads: own lr, no decay by default); sub-keys are
-        not decayed."""
-        return {"expert": [self.values], "no_decay": [self.sub_keys]}
 
 
 register_ffw("pkm", PKMConfig, PKM.from_config)

@@ -10,7 +10,8 @@ model builds its blocks' FFWs through ``build``; nothing else lists the kinds. E
 maps (..., d_model) -> (..., d_model) and has ``cost() -> FFWCost``; it may define
 ``aux_loss() -> Tensor | None`` (an already weighted term the trainer adds to the loss) and
 ``optim_groups() -> {"expert": [...], "no_decay": [...]}`` (parameters the LM optimizer treats
-specially; everything else is grouped by shape).
+specially; everything else is grouped by shape). A layer that runs ``torchpeer.ops`` has
+``op_backends() -> {op: backend}``, what the ops dispatcher resolved for it (``backend_report``).
 """
 
 from __future__ import annotations
@@ -81,3 +82,14 @@ def kind_of_config(cfg) -> FFWKind:
 def build(d_model: int, cfg) -> nn.Module:
     """The FFW module described by config dataclass ``cfg`` (its kind is found from its type)."""
     return kind_of_config(cfg).build(d_model, cfg)
+
+
+def backend_report(model: nn.Module) -> dict[str, dict[str, str]]:
+    """{module name: {op: backend}} for every layer of ``model`` that runs torchpeer ops, as resolved
+    by the ops dispatcher on the device of the layer's parameters (e.g.
+    ``{"blocks.2.ffw": {"product_key_topk": "triton", "expert_mix": "triton"}}``)."""
+    return {
+        name or ".": mod.op_backends()
+        for name, mod in model.named_modules()
+        if callable(getattr(mod, "op_backends", None))
+    }
