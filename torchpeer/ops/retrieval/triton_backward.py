@@ -25,22 +25,9 @@ from .triton_common import dot_fp32, next_pow2, num_sms
 
 @triton.jit
 def _dq_kernel(
-    ds_ptr,
-    sub_ptr,
-    k_ptr,
-    dq_ptr,
-    R,
-    H,
-    n,
-    stride_dt,
-    stride_dh,
-    stride_dd,
-    PER_HEAD: tl.constexpr,
-    K: tl.constexpr,
-    DH: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+    ds_ptr, sub_ptr, k_ptr, dq_ptr, R, H, n, stride_dt, stride_dh, stride_dd,
+    PER_HEAD: tl.constexpr, K: tl.constexpr, DH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
     """dq[t, h, half] = sum_k ds[t, h, k] * C_half[sub[half, t, h, k]] (rows r = t * H + h)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
@@ -72,25 +59,10 @@ def _dq_kernel(
 
 @triton.jit
 def _dkeys_kernel(
-    ds_ptr,
-    sub_ptr,
-    q_ptr,
-    part_ptr,
-    T,
-    H,
-    n,
-    rows_per_split,
-    stride_qt,
-    stride_qh,
-    stride_qd,
-    PER_HEAD: tl.constexpr,
-    K: tl.constexpr,
-    DH: tl.constexpr,
-    BLOCK_A: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-):
+    ds_ptr, sub_ptr, q_ptr, part_ptr, T, H, n, rows_per_split, stride_qt, stride_qh, stride_qd,
+    PER_HEAD: tl.constexpr, K: tl.constexpr, DH: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
     """part[split, s, half, a] = sum over this split's rows r of G[r, a] * q_half[r], where
     G[r, a] = sum_{k: sub[half, r, k] = a} ds[r, k]; rows are (t, h) pairs that use key set s."""
     a_tile = tl.program_id(0)

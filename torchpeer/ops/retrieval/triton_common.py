@@ -59,18 +59,10 @@ def sentinel(BLOCK_M: tl.constexpr, K: tl.constexpr):
 
 @triton.jit
 def half_topk(
-    q_rows,
-    stride_qd,
-    row_mask,
-    k_ptr,
-    n,
-    DH: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    KP: tl.constexpr,
+    q_rows, stride_qd, row_mask, k_ptr, n,
+    DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KP: tl.constexpr,
     DOT_FP32: tl.constexpr,
-):
+):  # fmt: skip
     """Running top-KP (ascending packed keys) of q_half . C[j] over the n sub-keys."""
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < DH

@@ -19,24 +19,10 @@ from .triton_common import dot_fp32, half_topk, next_pow2, pack, sentinel, unpac
 
 @triton.jit
 def _product_key_topk_kernel(
-    q_ptr,
-    k_ptr,
-    scores_ptr,
-    idx_ptr,
-    T,
-    n,
-    top_k,
-    stride_qt,
-    stride_qh,
-    stride_qd,
-    PER_HEAD: tl.constexpr,
-    DH: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    KP: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-):
+    q_ptr, k_ptr, scores_ptr, idx_ptr, T, n, top_k, stride_qt, stride_qh, stride_qd,
+    PER_HEAD: tl.constexpr, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, KP: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
     pid = tl.program_id(0)
     h = tl.program_id(1)
     H = tl.num_programs(1)

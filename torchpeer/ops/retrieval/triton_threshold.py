@@ -51,18 +51,9 @@ def _score_tile(
 
 @triton.jit
 def _load_half_query(
-    q_ptr,
-    rows,
-    row_mask,
-    h,
-    half,
-    stride_qt,
-    stride_qh,
-    stride_qd,
-    DH: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-):
+    q_ptr, rows, row_mask, h, half, stride_qt, stride_qh, stride_qd,
+    DH: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
     offs_d = tl.arange(0, BLOCK_D)
     ptrs = q_ptr + rows.to(tl.int64)[:, None] * stride_qt + h * stride_qh + (half * DH + offs_d)[None, :] * stride_qd
     q = tl.load(ptrs, mask=row_mask[:, None] & (offs_d < DH)[None, :], other=0.0)
@@ -82,30 +73,12 @@ def _store_half_list(best, top_s_ptr, top_i_ptr, rows, row_mask, h, half, H, KP:
 
 @triton.jit
 def _half_threshold_kernel(
-    q_ptr,
-    k_ptr,
-    top_s_ptr,
-    top_i_ptr,
-    scratch_ptr,
-    flag_ptr,
-    T,
-    H,
-    n,
-    top_k,
-    n_work,
-    stride_qt,
-    stride_qh,
+    q_ptr, k_ptr, top_s_ptr, top_i_ptr, scratch_ptr, flag_ptr, T, H, n, top_k, n_work, stride_qt, stride_qh,
     stride_qd,
-    PER_HEAD: tl.constexpr,
-    DH: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    KP: tl.constexpr,
-    CAP: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    PER_HEAD: tl.constexpr, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, DOT_FP32: tl.constexpr,
     THETA_TOPK: tl.constexpr,
-):
+):  # fmt: skip
     """Persistent: work item w = (row block, head, half); writes that half's sorted top-KP."""
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
@@ -158,25 +131,10 @@ def _half_threshold_kernel(
 
 @triton.jit
 def _half_fallback_kernel(
-    q_ptr,
-    k_ptr,
-    top_s_ptr,
-    top_i_ptr,
-    flag_ptr,
-    T,
-    H,
-    n,
-    stride_qt,
-    stride_qh,
-    stride_qd,
-    PER_HEAD: tl.constexpr,
-    DH: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    KP: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-):
+    q_ptr, k_ptr, top_s_ptr, top_i_ptr, flag_ptr, T, H, n, stride_qt, stride_qh, stride_qd,
+    PER_HEAD: tl.constexpr, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, KP: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
     """Redo the work items whose candidates overflowed CAP, with the running top-KP."""
     w = tl.program_id(0)
     if tl.load(flag_ptr + w) != 0:
@@ -194,20 +152,9 @@ def _half_fallback_kernel(
 
 @triton.jit
 def _pair_topk_kernel(
-    top_s_ptr,
-    top_i_ptr,
-    pi_ptr,
-    pj_ptr,
-    scores_ptr,
-    idx_ptr,
-    R,
-    n,
-    top_k,
-    n_pairs,
-    KP: tl.constexpr,
-    NCP: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
+    top_s_ptr, top_i_ptr, pi_ptr, pj_ptr, scores_ptr, idx_ptr, R, n, top_k, n_pairs,
+    KP: tl.constexpr, NCP: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
     """Rows r = t * H + h: top-k of s1[i] + s2[j] over the pairs (i, j) with (i+1)(j+1) <= k."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < R
