@@ -27,18 +27,11 @@ from torchpeer.lm.config import ModelConfig
 
 
 @dataclass(frozen=True)
-class PartCost:
-    """Cost of one part of the model, per token."""
+class PartCost(FFWCost):
+    """Cost of one part of the model, per token: an ``FFWCost`` with the part's name and kind."""
 
-    name: str
-    kind: str
-    total_params: int
-    active_params: int
-    forward_flops: int
-
-    @property
-    def train_flops(self) -> int:
-        return TRAIN_FLOPS_MULTIPLIER * self.forward_flops
+    name: str = ""
+    kind: str = ""
 
 
 @dataclass(frozen=True)
@@ -93,22 +86,23 @@ def model_cost(model) -> ModelCost:
     """Cost of a built ``TransformerLM`` (may live on the meta device)."""
     cfg: ModelConfig = model.cfg
     d, V = cfg.d_model, cfg.vocab_size
-    parts = [PartCost("embedding", "lookup", V * d, 0, 0)]
+    parts = [PartCost(V * d, 0, 0, name="embedding", kind="lookup")]
     for i, blk in enumerate(model.blocks):
         attn = attention_cost(d, cfg.seq_len)
         norms = count_params(blk.norm1) + count_params(blk.norm2)
         ffw = blk.ffw.cost()
         parts.append(
             PartCost(
-                f"block {i}",
-                blk.ffw_kind,
                 attn.total_params + norms + ffw.total_params,
                 attn.active_params + norms + ffw.active_params,
                 attn.forward_flops + ffw.forward_flops,
+                name=f"block {i}",
+                kind=blk.ffw_kind,
             )
         )
     head_params = 0 if cfg.tie_embeddings else V * d
-    parts.append(PartCost("final norm + lm_head", "unembed", d + head_params, d + V * d, matmul_flops(1, d, V)))
+    head = PartCost(d + head_params, d + V * d, matmul_flops(1, d, V), name="final norm + lm_head", kind="unembed")
+    parts.append(head)
     return ModelCost(parts, count_params(model))
 
 
