@@ -75,7 +75,11 @@ def plan_sweep(spec: SweepSpec, runs_dir: str) -> list[PlannedRun]:
 def plan_run(spec: SweepSpec, variant: Variant, budget: float | None, tokens: int | None, runs_dir: str) -> PlannedRun:
     from torchpeer.lm import load_config
 
-    name = f"{variant.name}-{budget_label(budget) if budget is not None else 'tok' + budget_label(tokens)}"
+    if budget is not None:
+        name = f"{variant.name}-{budget_label(budget)}"
+    else:
+        exact = float(budget_label(tokens)) == tokens
+        name = f"{variant.name}-tok{budget_label(tokens) if exact else tokens}"
     overrides = {k: override_text(v) for k, v in {**spec.base_overrides, **variant.overrides}.items()}
     stop = {"train.max_steps": "none", "train.max_tokens": "none", "train.max_flops": "none"}
     if budget is not None:

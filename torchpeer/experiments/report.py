@@ -16,7 +16,7 @@ import time
 
 from torchpeer.experiments import figures
 from torchpeer.experiments.fit import isoflop_fits
-from torchpeer.experiments.results import primary_loss, read_results, results_path, routed_usage
+from torchpeer.experiments.results import primary_loss, read_results, results_path, routed_usage, short_count
 
 
 def write_report(runs_dir: str, out_dir: str | None = None, params_key: str = "active_params") -> dict[str, str]:
@@ -85,16 +85,6 @@ def _fmt(v, spec: str = ".4f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def _millions(n) -> str:
-    """A parameter count, short: 10.3k, 2.88M, 1.10B."""
-    if n is None:
-        return "-"
-    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:.0f}"
-
-
 def runs_table(recs: list[dict]) -> list[str]:
     set_name = _set(recs)
     header = ["run", "family", "params", "active", "tokens", "FLOPs", f"loss ({set_name})", "ppl", "usage %", "KL"]
@@ -108,8 +98,8 @@ def runs_table(recs: list[dict]) -> list[str]:
             [
                 r["run"],
                 r.get("family", ""),
-                _millions(r.get("total_params")),
-                _millions(r.get("active_params")),
+                short_count(r.get("total_params")),
+                short_count(r.get("active_params")),
                 f"{r.get('tokens', 0):,}",
                 _fmt(r.get("train_flops"), ".3g"),
                 _fmt(loss),
@@ -128,7 +118,7 @@ def fits_table(fits: dict, params_key: str) -> list[str]:
     rows = []
     for (fam, budget), g in fits.items():
         fit, best = g["fit"], g["best"]
-        opt = "-" if fit is None or fit.optimum_params is None else _millions(fit.optimum_params)
+        opt = "-" if fit is None or fit.optimum_params is None else short_count(fit.optimum_params)
         if fit is not None and fit.optimum_params is not None and not fit.bracketed:
             opt += " (outside)"
         rows.append(
@@ -139,7 +129,7 @@ def fits_table(fits: dict, params_key: str) -> list[str]:
                 opt,
                 _fmt(None if fit is None else fit.optimum_loss),
                 best["run"],
-                _millions(best[params_key]),
+                short_count(best[params_key]),
                 _fmt(primary_loss(best)),
             ]
         )
@@ -160,7 +150,7 @@ def table1(fits: dict) -> list[str]:
         best = g["best"]
         valid = best.get("valid", {})
         ppls = [_fmt(valid.get(s, {}).get("ppl"), ".2f") for s in sets]
-        rows.append([f"{budget:.3g}", fam, best["run"], _millions(best.get("active_params")), *ppls])
+        rows.append([f"{budget:.3g}", fam, best["run"], short_count(best.get("active_params")), *ppls])
     return _table(header, rows, right_from=3)
 
 

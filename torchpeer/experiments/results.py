@@ -123,3 +123,13 @@ def routed_usage(record: dict[str, Any]) -> tuple[float | None, float | None]:
         return None, None
     kls = [u["kl"] for u in layers if "kl" in u]
     return sum(u["usage_pct"] for u in layers) / len(layers), (sum(kls) / len(kls) if kls else None)
+
+
+def short_count(n) -> str:
+    """A parameter count, short: 10.3k, 2.88M, 1.1B ("-" for None)."""
+    if n is None:
+        return "-"
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"

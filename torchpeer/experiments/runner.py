@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from torchpeer.experiments.plan import PlannedRun, plan_sweep, select_runs
-from torchpeer.experiments.results import append_result, make_record, read_results
+from torchpeer.experiments.results import append_result, make_record, read_results, short_count
 from torchpeer.experiments.spec import SweepSpec
 
 # Config fields that do not change what a run computes: a finished run is still valid if they differ.
@@ -170,8 +170,8 @@ def format_plan(
             (
                 run.name,
                 run.family,
-                f"{run.total_params / 1e6:.2f}M",
-                f"{run.active_params / 1e6:.2f}M",
+                short_count(run.total_params),
+                short_count(run.active_params),
                 f"{run.train_flops_per_token:.3g}",
                 f"{run.steps:,}",
                 f"{run.tokens:,}",

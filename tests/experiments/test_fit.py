@@ -1,0 +1,77 @@
+"""isoFLOP fit: the vertex of loss against log10(params) on synthetic data with a known minimum."""
+
+import math
+
+import numpy as np
+import pytest
+
+from torchpeer.experiments import fit_isoflop, isoflop_fits
+
+
+def parabola(params, n_opt, curvature=0.3, floor=3.0):
+    u = np.log10(params)
+    return floor + curvature * (u - math.log10(n_opt)) ** 2
+
+
+@pytest.mark.parametrize("n_opt", [2.5e6, 7.0e6, 3.1e7])
+def test_fit_finds_the_minimum_of_a_parabola(n_opt):
+    rng = np.random.default_rng(0)
+    params = np.geomspace(1e6, 1e8, 6)
+    losses = parabola(params, n_opt) + rng.normal(0, 1e-3, size=6)
+    fit = fit_isoflop(params, losses)
+    assert fit.optimum_params == pytest.approx(n_opt, rel=0.05)
+    assert fit.optimum_loss == pytest.approx(3.0, abs=3e-3)
+    assert fit.bracketed and fit.n_points == 6 and fit.residual_rms < 3e-3
+    assert fit.coeffs[0] == pytest.approx(0.3, rel=0.05)
+    np.testing.assert_allclose(fit.predict(params), parabola(params, n_opt), atol=5e-3)
+
+
+def test_exact_parabola_and_unsorted_input():
+    params = [4e6, 1e6, 16e6, 2e6]
+    fit = fit_isoflop(params, parabola(np.array(params), 4e6))
+    assert fit.optimum_params == pytest.approx(4e6, rel=1e-9)
+    assert (fit.min_params, fit.max_params) == (1e6, 16e6)
+
+
+def test_no_minimum_and_outside_the_bracket():
+    params = np.geomspace(1e6, 1e7, 4)
+    concave = fit_isoflop(params, 5.0 - parabola(params, 3e6))
+    assert concave.optimum_params is None and not concave.bracketed
+    outside = fit_isoflop(params, parabola(params, 1e9))  # still falling at the largest size
+    assert outside.optimum_params == pytest.approx(1e9, rel=1e-6) and not outside.bracketed
+
+
+def test_fit_needs_three_sizes_and_positive_params():
+    with pytest.raises(ValueError, match="at least 3 distinct model sizes, got 2"):
+        fit_isoflop([1e6, 2e6, 2e6], [3.0, 2.9, 2.9])
+    with pytest.raises(ValueError, match="positive"):
+        fit_isoflop([0, 1e6, 2e6], [3.0, 2.9, 2.8])
+    with pytest.raises(ValueError, match="one length"):
+        fit_isoflop([1e6, 2e6], [3.0])
+
+
+def _rec(family, budget, params, loss):
+    return {
+        "run": f"{family}-{params:.0f}-{budget:g}",
+        "family": family,
+        "budget_flops": budget,
+        "active_params": params,
+        "eval_set": "v",
+        "valid": {"v": {"loss": loss}},
+    }
+
+
+def test_isoflop_fits_groups_by_family_and_budget():
+    recs = []
+    for budget, n_opt in ((1e15, 3e6), (1e16, 1e7)):
+        for fam, floor in (("dense", 3.2), ("peer", 3.1)):
+            for p in np.geomspace(1e6, 3e7, 5):
+                recs.append(_rec(fam, budget, float(p), float(parabola(p, n_opt, floor=floor))))
+    recs.append(_rec("moe", 1e15, 1e6, 3.5))  # one size only: no fit, but still a best run
+    fits = isoflop_fits(recs)
+    assert list(fits) == [("dense", 1e15), ("moe", 1e15), ("peer", 1e15), ("dense", 1e16), ("peer", 1e16)]
+    assert fits[("peer", 1e16)]["fit"].optimum_params == pytest.approx(1e7, rel=1e-6)
+    assert fits[("dense", 1e15)]["fit"].optimum_loss == pytest.approx(3.2, abs=1e-9)
+    best = fits[("peer", 1e15)]["best"]
+    assert best["valid"]["v"]["loss"] == min(r["valid"]["v"]["loss"] for r in fits[("peer", 1e15)]["runs"])
+    assert fits[("moe", 1e15)]["fit"] is None and "at least 3" in fits[("moe", 1e15)]["note"]

@@ -1,0 +1,131 @@
+"""Runner bookkeeping with a stand-in trainer: finished runs are skipped, results.jsonl holds each
+run once, a summary without a results line is recorded without training, a changed config is refused."""
+
+import json
+import os
+
+import pytest
+
+from torchpeer.experiments import parse_spec, read_results, run_sweep
+from torchpeer.experiments.results import append_result, results_path
+
+SPEC = {
+    "sweep": {"base": "ptb-tiny", "budgets": [1e10, 2e10], "kind": "isoflop"},
+    "base": {
+        "train.device": "cpu",
+        "train.batch_size": 4,
+        "train.warmup_steps": 1,
+        "model.seq_len": 32,
+        "model.n_layers": 2,
+        "model.n_heads": 2,
+        "data.tokenizer": "byte",
+    },
+    "grid": {"model.d_model": [16, 32], "model.ffw": ["dense", "peer"]},
+}
+
+
+class FakeTrainer:
+    """Writes what torchpeer.lm.train writes that the runner reads (config.json, summary.json)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, cfg, run_dir, resume=False, progress=True):
+        self.calls.append((cfg.name, resume))
+        os.makedirs(run_dir, exist_ok=True)
+        cfg.model.vocab_size = 257
+        with open(os.path.join(run_dir, "config.json"), "w") as fh:
+            json.dump(cfg.to_dict(), fh)
+        tokens = cfg.train.batch_size * cfg.model.seq_len * 3
+        summary = {
+            "steps": 3,
+            "tokens": tokens,
+            "train_flops": tokens * 1000,
+            "train_seconds": 0.5,
+            "total_params": 1234,
+            "active_params": 1000 + cfg.model.d_model,
+            "train_flops_per_token": 1000,
+            "valid": {
+                "ptb": {
+                    "loss": 2.0,
+                    "ppl": 7.39,
+                    "bpb": 1.2,
+                    "tokens": 99,
+                    "usage": {"blocks.1.ffw": {"usage_pct": 50.0, "kl": 0.7, "extra": 1}},
+                }
+            },
+        }
+        with open(os.path.join(run_dir, "summary.json"), "w") as fh:
+            json.dump(summary, fh)
+        return summary
+
+
+@pytest.fixture
+def fake_train(monkeypatch):
+    fake = FakeTrainer()
+    monkeypatch.setattr("torchpeer.lm.train", fake)
+    return fake
+
+
+def test_resume_skips_finished_runs(tmp_path, fake_train):
+    spec = parse_spec(SPEC)
+    msgs = []
+    new = run_sweep(spec, str(tmp_path), progress=False, say=msgs.append)
+    assert len(new) == 8 and len(fake_train.calls) == 8 and all(resume for _, resume in fake_train.calls)
+    recs = read_results(str(tmp_path))
+    assert [r["run"] for r in recs] == [r["run"] for r in new]
+    r = recs[0]
+    for key in ("variant", "ffw", "budget_flops", "total_params", "active_params", "tokens", "train_flops"):
+        assert r[key] is not None, key
+    assert r["tokens_per_s"] == pytest.approx(r["tokens"] / 0.5)
+    assert r["valid"]["ptb"]["usage"] == {"blocks.1.ffw": {"usage_pct": 50.0, "kl": 0.7}}
+    assert r["eval_set"] == "ptb" and r["kind"] == "isoflop"
+
+    msgs.clear()
+    assert run_sweep(spec, str(tmp_path), progress=False, say=msgs.append) == []
+    assert len(fake_train.calls) == 8 and sum("done, skipped" in m for m in msgs) == 8
+
+    # a run killed after its summary but before its results line: recorded, not retrained
+    lines = open(results_path(str(tmp_path))).read().splitlines()
+    with open(results_path(str(tmp_path)), "w") as fh:
+        fh.write("\n".join(lines[:-1]) + "\n" + lines[-1][:20])  # last line cut mid-write
+    msgs.clear()
+    run_sweep(spec, str(tmp_path), progress=False, say=msgs.append)
+    assert len(fake_train.calls) == 8 and any("recorded from its summary" in m for m in msgs)
+    names = [r["run"] for r in read_results(str(tmp_path))]
+    assert len(names) == 8 and len(set(names)) == 8
+
+
+def test_only_and_changed_config(tmp_path, fake_train):
+    spec = parse_spec(SPEC)
+    run_sweep(spec, str(tmp_path), only="*peer-1e10", progress=False, say=lambda s: None)
+    assert [c[0] for c in fake_train.calls] == ["d_model=16-ffw=peer-1e10", "d_model=32-ffw=peer-1e10"]
+    changed = {**SPEC, "base": {**SPEC["base"], "train.lr": 0.5}}
+    with pytest.raises(ValueError, match=r"trained with another config \(train.lr: was 0.002, now 0.5\)"):
+        run_sweep(parse_spec(changed), str(tmp_path), only="*peer-1e10", progress=False, say=lambda s: None)
+
+
+def test_dry_run_estimates_from_measured_tokens_per_s(tmp_path, fake_train):
+    spec = parse_spec(SPEC)
+    out = []
+    run_sweep(spec, str(tmp_path), dry_run=True, say=out.append)
+    assert fake_train.calls == [] and "unknown" in out[0] and "8 runs to train" in out[0]
+    assert not os.path.exists(results_path(str(tmp_path)))
+    run_sweep(spec, str(tmp_path), only="*-1e10", progress=False, say=lambda s: None)
+    out.clear()
+    run_sweep(spec, str(tmp_path), dry_run=True, say=out.append)
+    rows = {line.split()[0]: line for line in out[0].splitlines() if "-ffw=" in line}
+    assert rows["d_model=16-ffw=dense-1e10"].rstrip().endswith("done")
+    # measured: 384 tokens in 0.5 s -> 295,424 tokens of the 2e10 run in 385 s
+    assert "295,424" in rows["d_model=16-ffw=dense-2e10"] and "6.4 min  todo" in rows["d_model=16-ffw=dense-2e10"]
+    out.clear()
+    run_sweep(spec, str(tmp_path / "other"), dry_run=True, assume_tokens_per_s=1000.0, say=out.append)
+    assert "~" in out[0] and "assumed 1,000" in out[0]
+
+
+def test_append_result_replaces_and_is_atomic(tmp_path):
+    append_result(str(tmp_path), {"run": "a", "v": 1})
+    append_result(str(tmp_path), {"run": "b", "v": 2})
+    append_result(str(tmp_path), {"run": "a", "v": 3})
+    assert [(r["run"], r["v"]) for r in read_results(str(tmp_path))] == [("b", 2), ("a", 3)]
+    assert [f for f in os.listdir(tmp_path) if f != "results.jsonl"] == []  # no temp files left

@@ -1,0 +1,157 @@
+"""Sweep specs: the shipped specs load and plan; bad specs raise one ValueError that names the problem."""
+
+import math
+
+import pytest
+
+from torchpeer.experiments import budget_label, list_specs, load_spec, parse_spec, plan_sweep, select_runs
+
+TINY_BASE = {
+    "train.device": "cpu",
+    "train.batch_size": 4,
+    "model.seq_len": 32,
+    "model.d_model": 32,
+    "model.n_layers": 2,
+    "model.n_heads": 2,
+    "data.tokenizer": "byte",
+    "train.warmup_steps": 2,
+}
+
+
+def spec_dict(**sweep):
+    return {
+        "sweep": {"base": "ptb-tiny", "budgets": [1e10], "kind": "grid", **sweep},
+        "base": dict(TINY_BASE),
+        "variants": {"dense": {"model.ffw": "dense"}, "peer": {"model.ffw": "peer", "model.peer.n_experts": 64}},
+    }
+
+
+def test_shipped_specs_load_and_plan(tmp_path):
+    assert {"isoflop", "ablate-experts", "ablate-active", "cpu-smoke"} <= set(list_specs())
+    for name in list_specs():
+        runs = plan_sweep(load_spec(name), str(tmp_path))
+        assert runs, name
+        for r in runs:  # budget runs: the largest whole number of steps within the budget
+            step_flops = r.train_flops_per_token * r.tokens_per_step
+            assert r.steps == int(r.budget_flops // step_flops) and r.train_flops <= r.budget_flops
+            assert r.cfg.train.max_flops == r.budget_flops and r.cfg.train.max_steps is None
+            assert r.cfg.train.warmup_steps < r.steps
+
+
+def test_isoflop_spec_protocol(tmp_path):
+    """>= 4 sizes per (family, budget); PEER has 1024^2 experts in the middle block; every corpus source
+    is its own eval set, plus the whole valid set."""
+    runs = plan_sweep(load_spec("isoflop"), str(tmp_path))
+    groups = {}
+    for r in runs:
+        groups.setdefault((r.family, r.budget_flops), []).append(r)
+    assert set(groups) == {(f, b) for f in ("dense", "peer", "pkm", "moe") for b in (1e15, 3e15, 1e16)}
+    for (fam, b), rs in groups.items():
+        sizes = sorted(r.active_params for r in rs)
+        assert len(set(sizes)) >= 4, (fam, b)
+        if fam == "dense":  # the Chinchilla-style guess of the optimum, sqrt(C / 120), lies inside the sizes
+            assert sizes[0] < math.sqrt(b / 120) < sizes[-1], (fam, b, sizes)
+        assert all(r.cfg.model.ffw == fam for r in rs)
+    peer = [r for r in runs if r.family == "peer"]
+    assert all(r.cfg.model.peer.n_experts == 1024**2 and r.cfg.model.placement == "middle" for r in peer)
+    valid = runs[0].cfg.data.valid
+    assert len(valid) == 11 and valid["corpus"] == ".corpus/*/valid.jsonl.xz"
+    assert valid["sotu"] == ".corpus/sotu/valid.jsonl.xz"
+
+
+def test_ablation_specs(tmp_path):
+    runs = plan_sweep(load_spec("ablate-experts"), str(tmp_path))
+    assert sorted({r.x for r in runs}) == [128**2, 256**2, 512**2, 1024**2]
+    assert {r.series for r in runs} == {"batch", "layer", "none"} and len(runs) == 12
+    assert len({r.budget_flops for r in runs}) == 1
+    runs = plan_sweep(load_spec("ablate-active"), str(tmp_path))
+    assert sorted({r.x for r in runs}) == [32, 64, 128, 256, 512]  # heads * top_k
+    assert all(r.cfg.model.peer.top_k == 16 for r in runs)
+
+
+def test_grid_and_variants_cross_budgets(tmp_path):
+    raw = spec_dict(budgets=[1e10, 2e10])
+    runs = plan_sweep(parse_spec(raw), str(tmp_path))
+    assert [r.name for r in runs] == ["dense-1e10", "peer-1e10", "dense-2e10", "peer-2e10"]
+    raw = {
+        "sweep": {"base": "ptb-tiny", "tokens": [4096]},
+        "base": dict(TINY_BASE),
+        "grid": {
+            "size": {"a": {"model.d_model": 16}, "b": {"model.d_model": 32}},
+            "model.peer.query_norm": ["batch", "none"],
+        },
+    }
+    runs = plan_sweep(parse_spec(raw), str(tmp_path))
+    assert [r.variant for r in runs] == [
+        "a-query_norm=batch",
+        "a-query_norm=none",
+        "b-query_norm=batch",
+        "b-query_norm=none",
+    ]
+    assert all(r.tokens == 4096 and r.cfg.train.max_tokens == 4096 and r.cfg.train.max_flops is None for r in runs)
+    assert runs[3].cfg.model.d_model == 32 and runs[3].cfg.model.peer.query_norm == "none"
+    assert [r.name for r in select_runs(runs, "b-*")] == ["b-query_norm=batch-tok4096", "b-query_norm=none-tok4096"]
+    assert budget_label(3e15) == "3e15" and budget_label(2.5e6) == "2.5e6"
+
+
+def test_per_option_budgets_intersect(tmp_path):
+    raw = spec_dict(budgets=[1e10, 2e10, 4e10])
+    raw.pop("variants")
+    raw["grid"] = {
+        "family": {"dense": {"model.ffw": "dense"}},
+        "size": {"s1": {"model.d_model": 16, "budgets": [1e10, 2e10]}, "s2": {"model.d_model": 32, "budgets": [4e10]}},
+    }
+    runs = plan_sweep(parse_spec(raw), str(tmp_path))
+    assert [r.name for r in runs] == ["dense-s1-1e10", "dense-s1-2e10", "dense-s2-4e10"]
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: r["sweep"].update(bugdets=[1e12]), "unknown field(s) ['bugdets'] in [sweep]"),
+        (lambda r: r["variants"]["dense"].update(lr=1e-3), "unknown field 'lr' in [variants.dense]"),
+        (lambda r: r["variants"]["dense"].update({"model.nope": 3}), "model.nope"),
+        (lambda r: r["base"].update({"train.max_stepz": 3}), "train.max_stepz"),
+        (lambda r: r.update(extra={}), "unknown table(s) ['extra']"),
+        (lambda r: r.update(variants={}), "empty grid"),
+        (lambda r: r.update(variants={}, grid={"model.peer.heads": []}), "empty grid: axis 'model.peer.heads'"),
+        (lambda r: r["sweep"].update(budgets=[]), "empty grid: [sweep] budgets = []"),
+        (lambda r: r["sweep"].pop("budgets"), "variant 'dense' has no budgets"),
+        (lambda r: r["sweep"].update(budgets=[1e3]), "budget 1e+03 FLOPs is too small for one step"),
+        (lambda r: r["sweep"].update(kind="isoflops"), "sweep.kind = 'isoflops'"),
+        (lambda r: r["sweep"].update(kind="ablation"), "an ablation needs [sweep] x"),
+        (lambda r: r["sweep"].update(tokens=[100]), "both budgets and tokens"),
+        (lambda r: r["sweep"].pop("base"), "[sweep] needs base"),
+        (lambda r: r["sweep"].update(base="no-such-config"), "no-such-config"),
+        (lambda r: r["variants"].update({"a/b": {}}), "'a/b'"),
+        (lambda r: r["base"].update({"model.d_model": "wide"}), "model.d_model"),
+        (lambda r: r["sweep"].update(warmup_frac=1.5), "warmup_frac"),
+    ],
+)
+def test_bad_specs_name_the_problem(tmp_path, mutate, message):
+    raw = spec_dict()
+    mutate(raw)
+    with pytest.raises(ValueError) as e:
+        plan_sweep(parse_spec(raw), str(tmp_path))
+    assert message in str(e.value)
+
+
+def test_budget_too_small_names_the_run(tmp_path):
+    raw = spec_dict(budgets=[1e10, 5e5])
+    with pytest.raises(ValueError, match=r"run 'dense-5e5'.*too small for one step"):
+        plan_sweep(parse_spec(raw), str(tmp_path))
+
+
+def test_load_spec_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="shipped specs: .*isoflop"):
+        load_spec("no-such-spec")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[sweep\nbase = 1")
+    with pytest.raises(ValueError, match="invalid TOML"):
+        load_spec(str(bad))
+    ok = tmp_path / "mine.toml"
+    ok.write_text('[sweep]\nbase = "ptb-tiny"\nbudgets = [1e10]\n[variants.a]\n"model.ffw" = "dense"\n')
+    spec = load_spec(str(ok))
+    assert spec.name == "mine" and spec.variants[0].overrides == {"model.ffw": "dense"}
+    with pytest.raises(ValueError, match=r"--only 'nothing-\*' matches no run; runs are: dense-1e10, peer-1e10"):
+        select_runs(plan_sweep(parse_spec(spec_dict()), str(tmp_path)), "nothing-*")
