@@ -170,3 +170,37 @@ def test_bad_inputs(tmp_path, exported):
     with pytest.raises(ValueError, match="not an exported torchpeer model"):
         load_exported(run)  # a run folder's config.json has no "torchpeer" section
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_exported_model_fine_tunes_with_trainer_and_saves(exported, tmp_path):
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    _, out = exported
+    hf = load_hf(out)
+    ids = prompt_ids(["the cat sat on a mat"] * 8)
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    with torch.no_grad():
+        before = hf(ids, labels=ids).loss.item()
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    Trainer(model=hf, args=args, train_dataset=data).train()
+    hf.eval()
+    with torch.no_grad():
+        after = hf(ids, labels=ids).loss
+        assert after.item() < before
+        saved = str(tmp_path / "tuned")
+        hf.save_pretrained(saved)
+        assert {"modeling_torchpeer.py", "configuration_torchpeer.py"} <= set(os.listdir(saved))
+        again = AutoModelForCausalLM.from_pretrained(saved, trust_remote_code=True).eval()
+        assert torch.equal(again(ids).logits, hf(ids).logits)
+        model, _, _ = load_exported(saved)  # and back into torchpeer after fine-tuning
+        assert torch.allclose(model(ids)[0], hf(ids).logits, atol=1e-5, rtol=0)
