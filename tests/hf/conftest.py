@@ -26,6 +26,7 @@ def tiny_run_config(train_file: str, cache_dir: str, ffw: str, steps: int = 3) -
         "dense": {},
     }
     model = {"d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": 32, "ffw": ffw, "placement": [1]}
+    model["tie_embeddings"] = ffw != "dense"  # one untied model among the exports
     if sections[ffw]:
         model[ffw] = sections[ffw]
     return {

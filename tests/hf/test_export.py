@@ -139,6 +139,8 @@ def test_other_ffw_kinds_export_with_equal_logits(ffw, make_run, tmp_path):
     with torch.no_grad():
         assert torch.allclose(hf(ids).logits, ref(ids)[0], atol=1e-5, rtol=0)
     assert hf.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, ids.shape[1] + 3)
+    tied = hf.model.lm_head.weight is hf.model.tok_emb.weight
+    assert tied == ref.cfg.tie_embeddings == (ffw != "dense")  # the dense run is the untied one
 
 
 def test_load_exported_back_into_torchpeer(exported):
@@ -166,6 +168,9 @@ def test_bad_inputs(tmp_path, exported):
     run, out = exported
     with pytest.raises(FileExistsError, match="already exists"):
         export_hf(run, out)
+    export_hf(run, out, overwrite=True)
+    assert is_exported_folder(out)
+    assert not [n for n in os.listdir(os.path.dirname(out)) if n.endswith((".tmp", ".old"))]
     assert not is_exported_folder(str(empty)) and not is_exported_folder(run)
     with pytest.raises(ValueError, match="not an exported torchpeer model"):
         load_exported(run)  # a run folder's config.json has no "torchpeer" section

@@ -81,16 +81,16 @@ def export_hf(run_dir: str, out_dir: str, overwrite: bool = False) -> str:
     try:
         _write_model(tmp, model, cfg, tok.eot_id)
         write_tokenizer(tmp, tok, cfg.model.seq_len)
-        if os.path.exists(out_dir):
-            old = tmp + ".old"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        previous = None
+        if os.path.exists(out_dir):  # --overwrite: move the old export aside, removed once the new one is in
+            previous = tempfile.mkdtemp(dir=parent, prefix=".export-hf.", suffix=".old")
+            os.replace(out_dir, previous)
+        os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
     return ckpt
 
 

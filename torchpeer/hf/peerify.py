@@ -73,7 +73,8 @@ def _peer_settings(peer_kwargs: dict) -> dict:
     if unknown:
         raise TypeError(f"unknown PEER setting(s) {unknown}; valid: {', '.join(PEER_SETTINGS)}")
     params = inspect.signature(PEER.__init__).parameters
-    settings = {k: params[k].default for k in PEER_SETTINGS if k in params and params[k].default is not inspect._empty}
+    empty = inspect.Parameter.empty
+    settings = {k: params[k].default for k in PEER_SETTINGS if k in params and params[k].default is not empty}
     settings.update(peer_kwargs)
     return settings
 
