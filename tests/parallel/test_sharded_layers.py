@@ -1,0 +1,23 @@
+"""Column-sharded PEER/PKM in 2 and 4 gloo processes == the single-process layer (float64):
+outputs, input/table/replicated-parameter gradients, BatchNorm statistics and usage scores."""
+
+import os
+
+from tests.parallel.layer_workers import check_layers
+from tests.parallel.spawn import run_workers
+
+
+def _run(tmp_path, world, cases):
+    run_workers(check_layers, world, cases, str(tmp_path))
+    for kind, counts in cases:
+        assert os.path.exists(tmp_path / f"ok_{kind}_{world}_{counts}"), (kind, counts)
+
+
+def test_sharded_layers_equal_single_process_on_2_ranks(tmp_path):
+    # PEER (gelu, BatchNorm queries), PEER (relu, LayerNorm, 3 heads), PKM with value_dim != d_model,
+    # and an uneven split of the tokens (evaluation's last batch)
+    _run(tmp_path, 2, [("peer", None), ("peer_relu_layernorm", None), ("pkm", None), ("peer", [5, 9])])
+
+
+def test_sharded_peer_equals_single_process_on_4_ranks(tmp_path):
+    _run(tmp_path, 4, [("peer", None), ("pkm", [0, 3, 1, 4])])

@@ -1,0 +1,249 @@
+"""PEER and PKM with their expert tables sharded by columns of d_model across ranks.
+
+Rank r keeps ``down[:, cols_r]`` and ``up[:, cols_r]`` (PKM: ``values[:, cols_r]``), d/W columns
+of every expert, so that it holds 1/W of the tables and of their AdamW moments. One forward,
+for the T_r tokens of this rank (T = all ranks' tokens):
+
+    X = all_gather(x_r)                          (T, d)   gather_tokens
+    scores, idx = retrieve(X); g = gates(scores) (T, h, k) replicated: the same on every rank
+    h_r = X[:, cols_r] . down_r[idx]             (T, h, k) partial dot products
+    h = all_reduce_sum(h_r)                      (T, h, k) the full u_i . x
+    Y_r = sum_hk g * act(h) * up_r[idx]          (T, d/W) my columns of every token's output
+    y_r = all_to_all(Y_r)                        (T_r, d) my tokens, all columns
+
+The retrieval runs on the gathered batch, so BatchNorm query statistics are the global batch's,
+exactly as in one process. Backward mirrors it: all_to_all of dy to columns, all_reduce of the
+(T, h, k) dots dy . v, local table gradients, all_to_all of dx back to token owners.
+
+Gradient units (see collectives.py): per-token gradients arrive in "local units" (W x the global
+gradient, because DDP averages over ranks). Quantities summed over all ranks' tokens are divided
+by W once: the table gradients, and the gate gradient that enters the replicated computation,
+which therefore produces exactly the global gradient of the query network and sub-keys on every
+rank (DDP's average of W equal values leaves it unchanged) and, through ``gather_tokens``,
+the global gradient of the gathered input.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchpeer.parallel.collectives import (
+    ShardContext,
+    all_reduce_sum_,
+    columns_to_tokens,
+    gather_tokens,
+    tokens_to_columns,
+)
+
+# Gathered-row elements per chunk (as torchpeer.mixing): bounds the (chunk, h, k, d/W) temporaries.
+_CHUNK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 27}
+
+
+def _act(name: str):
+    return {"gelu": F.gelu, "relu": F.relu}[name]
+
+
+def _act_grad(name: str, h: torch.Tensor) -> torch.Tensor:
+    if name == "relu":
+        return (h > 0).to(h.dtype)
+    cdf = 0.5 * (1.0 + torch.erf(h * 0.7071067811865476))
+    return cdf + h * torch.exp(-0.5 * h * h) * 0.3989422804014327
+
+
+def _chunk(hk: int, width: int, device: torch.device) -> int:
+    return max(1, _CHUNK_ELEMENTS["cuda" if device.type == "cuda" else "cpu"] // max(1, hk * width))
+
+
+def _row_dots(a: torch.Tensor, table: torch.Tensor, idx: torch.Tensor, chunk: int) -> torch.Tensor:
+    """out[t, h, k] = a[t] . table[idx[t, h, k]] in >= fp32. a: (T, c), table: (N, c), idx: (T, h, k)."""
+    acc = torch.promote_types(a.dtype, torch.float32)
+    out = torch.empty(idx.shape, dtype=acc, device=a.device)
+    for t0 in range(0, a.shape[0], chunk):
+        sl = slice(t0, t0 + chunk)
+        out[sl] = torch.einsum("tc,thkc->thk", a[sl], table[idx[sl]].to(a.dtype)).to(acc)
+    return out
+
+
+def _weighted_rows(w: torch.Tensor, table: torch.Tensor, idx: torch.Tensor, dtype, chunk: int) -> torch.Tensor:
+    """out[t] = sum_hk w[t, h, k] * table[idx[t, h, k]]: (T, c) in ``dtype``."""
+    out = torch.empty(idx.shape[0], table.shape[1], dtype=dtype, device=table.device)
+    for t0 in range(0, idx.shape[0], chunk):
+        sl = slice(t0, t0 + chunk)
+        out[sl] = torch.einsum("thk,thkc->tc", w[sl].to(dtype), table[idx[sl]].to(dtype))
+    return out
+
+
+def _scatter_rows(shape, like: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, a: torch.Tensor, scale: float):
+    """grad[i] += scale * sum over (t, h, k) with idx = i of w[t, h, k] * a[t]; fp32 accumulation."""
+    acc = torch.promote_types(like.dtype, torch.float32)
+    grad = torch.zeros(shape, dtype=acc, device=like.device)
+    chunk = _chunk(idx.shape[1] * idx.shape[2], shape[1], like.device)
+    for t0 in range(0, idx.shape[0], chunk):
+        sl = slice(t0, t0 + chunk)
+        rows = (w[sl].to(acc).unsqueeze(-1) * a[sl, None, None, :].to(acc)).reshape(-1, shape[1])
+        grad.index_add_(0, idx[sl].reshape(-1), rows)
+    return (grad * scale).to(like.dtype)
+
+
+class _ShardedPEERMix(torch.autograd.Function):
+    """y_r (T_r, d) = my tokens' PEER output from the gathered X and my table columns."""
+
+    @staticmethod
+    def forward(fctx, x_local, X, down, up, idx, gates, activation, ctx: ShardContext):
+        cols = ctx.columns(X.shape[1])
+        xc = X[:, cols]
+        chunk = _chunk(idx.shape[1] * idx.shape[2], xc.shape[1], X.device)
+        h = all_reduce_sum_(_row_dots(xc, down, idx, chunk), ctx)  # (T, h, k) fp32, full u . x
+        w = gates.to(h.dtype) * _act(activation)(h)
+        y = columns_to_tokens(_weighted_rows(w, up, idx, X.dtype, chunk), ctx)
+        fctx.save_for_backward(xc, down, up, idx, gates, h)
+        fctx.activation, fctx.ctx, fctx.chunk = activation, ctx, chunk
+        return y
+
+    @staticmethod
+    def backward(fctx, dy):
+        xc, down, up, idx, gates, h = fctx.saved_tensors
+        ctx, chunk = fctx.ctx, fctx.chunk
+        dyc = tokens_to_columns(dy.to(xc.dtype).contiguous(), ctx)  # (T, d/W): every token, my columns
+        s = all_reduce_sum_(_row_dots(dyc, up, idx, chunk), ctx)  # dL/dw = dy . v, (T, h, k) fp32
+        a = _act(fctx.activation)(h)
+        g = gates.to(h.dtype)
+        coef = g * _act_grad(fctx.activation, h) * s  # dL/dh (local units)
+        dx = columns_to_tokens(_weighted_rows(coef, down, idx, xc.dtype, chunk), ctx)
+        inv_w = 1.0 / ctx.world
+        d_down = _scatter_rows(down.shape, down, idx, coef, xc, inv_w) if fctx.needs_input_grad[2] else None
+        d_up = _scatter_rows(up.shape, up, idx, g * a, dyc, inv_w) if fctx.needs_input_grad[3] else None
+        d_gates = (a * s * inv_w).to(gates.dtype)  # enters the replicated computation in global units
+        return dx.to(dy.dtype), None, d_down, d_up, None, d_gates, None, None
+
+
+class _ShardedBag(torch.autograd.Function):
+    """PKM read: y_r (T_r, v) = my tokens' sum_hk w * values[idx] from my value columns."""
+
+    @staticmethod
+    def forward(fctx, values, idx, weights, ctx: ShardContext):
+        T, hk = idx.shape[0], idx.shape[1] * idx.shape[2]
+        yc = F.embedding_bag(
+            idx.reshape(T, hk), values, per_sample_weights=weights.reshape(T, hk).to(values.dtype), mode="sum"
+        )
+        fctx.save_for_backward(values, idx, weights)
+        fctx.ctx = ctx
+        return columns_to_tokens(yc, ctx)
+
+    @staticmethod
+    def backward(fctx, dy):
+        values, idx, weights = fctx.saved_tensors
+        ctx = fctx.ctx
+        dyc = tokens_to_columns(dy.contiguous(), ctx)
+        chunk = _chunk(idx.shape[1] * idx.shape[2], values.shape[1], values.device)
+        s = all_reduce_sum_(_row_dots(dyc, values, idx, chunk), ctx)
+        inv_w = 1.0 / ctx.world
+        d_values = _scatter_rows(values.shape, values, idx, weights, dyc, inv_w) if fctx.needs_input_grad[0] else None
+        return d_values, None, (s * inv_w).to(weights.dtype), None
+
+
+# ---------------------------------------------------------------------------- routing
+
+
+def _autocast_dtype(device: torch.device):
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def _peer_route(peer: nn.Module, X: torch.Tensor):
+    """(scores, indices, gates) of the tokens X (T, d) as PEER.forward computes them: under
+    autocast the queries are cast to the compute dtype before retrieval."""
+    compute = _autocast_dtype(X.device)
+    if compute is None or not hasattr(peer, "_topk"):
+        scores, idx = peer.retrieve(X)
+    else:
+        q = peer.query(X).to(compute)
+        scores, idx = peer._topk(q, peer._resolve_backend(X.device))
+    return scores, idx, peer.gates(scores)
+
+
+def _track(layer: nn.Module, idx: torch.Tensor, gates: torch.Tensor) -> None:
+    # Retrieval ran on the gathered batch: every rank's tracker already counts all ranks' tokens
+    # (the plan's usage reduction skips these layers).
+    track = getattr(layer, "_track_usage", None)
+    if track is not None:
+        track(idx, gates)
+
+
+def _peer_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    shard = self.column_shard
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, self.d_model)
+    compute = _autocast_dtype(x.device)
+    if compute is not None:
+        flat = flat.to(compute)  # gather in the compute dtype: half the bytes under bf16
+    X = gather_tokens(flat, shard)
+    scores, idx, g = _peer_route(self, X)
+    _track(self, idx, g)
+    y = _ShardedPEERMix.apply(flat, X.detach(), self.down, self.up, idx, g, self.activation, shard)
+    return y.view(*lead, self.d_model)
+
+
+def _pkm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    shard = self.column_shard
+    lead = x.shape[:-1]
+    X = gather_tokens(x.reshape(-1, self.d_model), shard)
+    scores, idx = self.retrieve(X)
+    weights = F.softmax(scores, dim=-1)
+    _track(self, idx, weights)
+    y = _ShardedBag.apply(self.values, idx, weights, shard)
+    if self.out_proj is not None:
+        y = self.out_proj(y)
+    return y.to(x.dtype).view(*lead, self.d_model)
+
+
+# ---------------------------------------------------------------------------- in-place sharding
+
+SHARDED_TABLES = {"PEER": ("down", "up"), "PKM": ("values",)}
+
+
+def sharded_tables(module: nn.Module) -> tuple[str, ...]:
+    """Names of the column-sharded tables of ``module`` (empty if it is not sharded)."""
+    return SHARDED_TABLES[type(module).__name__] if hasattr(module, "column_shard") else ()
+
+
+def shard_layer_(layer: nn.Module, ctx: ShardContext) -> nn.Module:
+    """Keep only this rank's columns of ``layer``'s expert tables and switch its forward to the
+    sharded one, in place (parameter names and the other parameters are unchanged).
+
+    Every rank must call it with the same (identically initialised) layer. Needs d_model (PKM:
+    value_dim) divisible by the world size.
+    """
+    kind = type(layer).__name__
+    if kind not in SHARDED_TABLES:
+        raise TypeError(f"shard_layer_ shards PEER and PKM layers, not {kind}")
+    if hasattr(layer, "column_shard"):
+        raise ValueError(f"this {kind} layer is already sharded")
+    full_cost = layer.cost()
+    for name in SHARDED_TABLES[kind]:
+        table = getattr(layer, name)
+        if table.shape[1] % ctx.world:
+            raise ValueError(
+                f"{kind}.{name} has {table.shape[1]} columns, not divisible by {ctx.world} ranks; "
+                "choose a world size that divides d_model (PKM: value_dim)"
+            )
+        part = table.detach()[:, ctx.columns(table.shape[1])].clone()
+        setattr(layer, name, nn.Parameter(part, requires_grad=table.requires_grad))
+        del table
+    layer.column_shard = ctx
+    layer.forward = types.MethodType(_peer_forward if kind == "PEER" else _pkm_forward, layer)
+    layer.cost = lambda: full_cost  # the model's cost is the unsharded one
+    return layer
+
+
+def shard_model_(model: nn.Module, ctx: ShardContext) -> list[str]:
+    """Shard every PEER and PKM layer of ``model`` in place; returns their module names."""
+    names = [n for n, m in model.named_modules() if type(m).__name__ in SHARDED_TABLES]
+    for n in names:
+        shard_layer_(model.get_submodule(n), ctx)
+    return names
