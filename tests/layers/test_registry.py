@@ -168,3 +168,21 @@ def test_optim_groups_drive_the_lm_param_groups(ffw):
     assert {id(p) for blk in model.blocks for p in experts(blk.ffw)} == groups.get("experts", set())
     if ffw == "moe":  # expert banks are dense 3-D weights: decayed like any matrix
         assert id(model.blocks[0].ffw.w_in) in groups["decay"]
+
+
+def test_the_add_an_ffw_kind_example_in_the_docs_runs(monkeypatch):
+    import os
+    import re
+
+    doc = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "architecture.md")
+    text = open(doc, encoding="utf-8").read()
+    (code,) = re.findall(r"```python\n(# torchpeer/layers/glu.py\n.*?)```", text, flags=re.S)
+    monkeypatch.setattr(registry_mod, "_KINDS", dict(registry_mod._KINDS))
+    namespace = {}
+    exec(compile(code, "docs/architecture.md", "exec"), namespace)
+    assert ffw_kinds()[-1] == "glu"
+    torch.manual_seed(0)
+    m = build(8, namespace["GLUConfig"](d_hidden=12))
+    x = torch.randn(3, 5, 8)
+    assert m(x).shape == x.shape
+    assert m.cost().forward_flops == 3 * 2 * 8 * 12 and m.cost().total_params == 3 * 8 * 12
