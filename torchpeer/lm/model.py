@@ -1,4 +1,5 @@
-"""Decoder-only transformer LM whose FFW layers are chosen by config (dense | peer | pkm | moe).
+"""Decoder-only transformer LM whose FFW layers are chosen by config (any registered FFW kind:
+dense | peer | pkm | moe | ..., see torchpeer/layers/registry.py).
 
 Pre-norm blocks: x = x + attn(rmsnorm(x)); x = x + ffw(rmsnorm(x)). Attention is causal
 multi-head with rotary position embeddings (RoPE) through ``F.scaled_dot_product_attention``.
