@@ -21,8 +21,6 @@ import os
 import shutil
 import tempfile
 
-import torch
-
 from torchpeer.hf._compat import require_transformers
 
 REMOTE_FILES = ("configuration_torchpeer.py", "modeling_torchpeer.py")
@@ -41,9 +39,7 @@ def _write_model(directory: str, model, cfg, eot_id: int) -> None:
     config = TorchpeerConfig(torchpeer=cfg.to_dict(), bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
     config.auto_map = dict(AUTO_MAP)
     config.architectures = ["TorchpeerForCausalLM"]
-    with torch.device("meta"):  # the real weights are the checkpoint's model, put in below
-        hf = TorchpeerForCausalLM(config)
-    hf.model = model
+    hf = TorchpeerForCausalLM(config, model=model)
     hf.generation_config = GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
     hf.save_pretrained(directory)
     here = os.path.dirname(os.path.abspath(__file__))

@@ -46,13 +46,14 @@ class TorchpeerForCausalLM(PreTrainedModel, GenerationMixin):
     _no_split_modules = ["Block"]
     _tied_weights_keys = {"model.lm_head.weight": "model.tok_emb.weight"}
 
-    def __init__(self, config: TorchpeerConfig):
+    def __init__(self, config: TorchpeerConfig, model=None):
+        """model: an already built TransformerLM of ``config`` (export-hf passes the checkpoint's)."""
         super().__init__(config)
         from torchpeer.lm.config import RunConfig
         from torchpeer.lm.model import TransformerLM
 
         self.run_config = RunConfig.from_dict(config.torchpeer)
-        self.model = TransformerLM(self.run_config.model)
+        self.model = model if model is not None else TransformerLM(self.run_config.model)
         self.post_init()
 
     def _init_weights(self, module):
