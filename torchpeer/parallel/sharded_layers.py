@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchpeer.layers.validators import check_input
 from torchpeer.parallel.collectives import (
     ShardContext,
     all_reduce_sum_,
@@ -155,47 +156,35 @@ def _autocast_dtype(device: torch.device):
     return None
 
 
-def _peer_route(peer: nn.Module, X: torch.Tensor):
-    """(scores, indices, gates) of the tokens X (T, d) as PEER.forward computes them: under
-    autocast the queries are cast to the compute dtype before retrieval."""
-    compute = _autocast_dtype(X.device)
-    if compute is None or not hasattr(peer, "_topk"):
-        scores, idx = peer.retrieve(X)
-    else:
-        q = peer.query(X).to(compute)
-        scores, idx = peer._topk(q, peer._resolve_backend(X.device))
-    return scores, idx, peer.gates(scores)
-
-
-def _track(layer: nn.Module, idx: torch.Tensor, gates: torch.Tensor) -> None:
-    # Retrieval ran on the gathered batch: every rank's tracker already counts all ranks' tokens
-    # (the plan's usage reduction skips these layers).
-    track = getattr(layer, "_track_usage", None)
-    if track is not None:
-        track(idx, gates)
-
-
 def _peer_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """PEER.forward with column-sharded tables; x: (..., d_model) this rank's tokens."""
+    check_input(x, self.d_model, "PEER")
     shard = self.column_shard
     lead = x.shape[:-1]
     flat = x.reshape(-1, self.d_model)
     compute = _autocast_dtype(x.device)
     if compute is not None:
-        flat = flat.to(compute)  # gather in the compute dtype: half the bytes under bf16
-    X = gather_tokens(flat, shard)
-    scores, idx, g = _peer_route(self, X)
-    _track(self, idx, g)
+        flat = flat.to(compute)  # gather in the compute dtype (half the bytes under bf16); the query
+        # projection would cast to it under autocast anyway
+    X = gather_tokens(flat, shard)  # (T, d) all ranks' tokens
+    q, scores, idx = self.router(X)  # replicated: the same on every rank
+    g = self.gates(scores)
+    # Retrieval ran on the gathered batch, so this rank's tracker counts every rank's tokens (the
+    # plan's usage reduction skips sharded layers).
+    self._track_routing(q, idx, g)
     y = _ShardedPEERMix.apply(flat, X.detach(), self.down, self.up, idx, g, self.activation, shard)
     return y.view(*lead, self.d_model)
 
 
 def _pkm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """PKM.forward with column-sharded values; x: (..., d_model) this rank's tokens."""
+    check_input(x, self.d_model, "PKM")
     shard = self.column_shard
     lead = x.shape[:-1]
     X = gather_tokens(x.reshape(-1, self.d_model), shard)
-    scores, idx = self.retrieve(X)
+    q, scores, idx = self.router(X)
     weights = F.softmax(scores, dim=-1)
-    _track(self, idx, weights)
+    self._track_routing(q, idx, weights)
     y = _ShardedBag.apply(self.values, idx, weights, shard)
     if self.out_proj is not None:
         y = self.out_proj(y)
