@@ -1,0 +1,126 @@
+"""Step-memory estimate (torchpeer.lm.memory): exact parameter bytes, refusal of an oversized config
+before anything is allocated (with the knobs named), and an upper bound of a real run's peak RSS."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from torchpeer.lm.config import load_config
+from torchpeer.lm.memory import available_memory, check_fits, estimate_step_memory
+from torchpeer.lm.model import TransformerLM
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_cfg(*overrides):
+    cfg = load_config("ptb-tiny", ["--train.device", "cpu", *overrides])
+    cfg.model.vocab_size = 4096
+    return cfg
+
+
+def test_parameters_match_a_built_model_and_parts_add_up():
+    cfg = tiny_cfg("--model.d_model", "64", "--model.n_layers", "2", "--model.peer.n_experts", "1024")
+    est = estimate_step_memory(cfg, "cpu")
+    model = TransformerLM(cfg.model)
+    n = sum(p.numel() for p in model.parameters())
+    assert est.parameters == 4 * n
+    assert est.gradients == 4 * n
+    assert est.optimizer >= 8 * n  # two fp32 AdamW moments
+    assert est.total == sum(est.breakdown().values())
+    assert est.tokens == cfg.train.batch_size * cfg.model.seq_len
+    # activations and logits scale with the tokens of a micro-batch; the state does not
+    big = estimate_step_memory(
+        tiny_cfg(
+            "--model.d_model",
+            "64",
+            "--model.n_layers",
+            "2",
+            "--model.peer.n_experts",
+            "1024",
+            "--train.batch_size",
+            "64",
+        ),
+        "cpu",
+    )
+    assert big.logits == 4 * est.logits and big.activations == 4 * est.activations
+    assert big.parameters == est.parameters
+
+
+def test_default_config_fits_here():
+    est = check_fits(tiny_cfg(), "cpu")
+    assert 100 * 2**20 < est.total < 2 * 2**30, est.format()
+    free, source = available_memory("cpu")
+    assert free > 0 and ("MemAvailable" in source or "cgroup" in source)
+
+
+def test_oversized_seq_len_is_refused_quickly_and_names_the_knobs():
+    code = (
+        "import time\n"
+        "from torchpeer.lm.config import load_config\n"
+        "from torchpeer.lm.memory import check_fits\n"
+        "t = time.time()\n"
+        "cfg = load_config('ptb-tiny', ['--model.seq_len', '1000000', '--train.device', 'cpu'])\n"
+        "cfg.model.vocab_size = 4096\n"
+        "try:\n"
+        "    check_fits(cfg)\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+        "print('SECONDS', time.time() - t)\n"
+        "print('PEAK_KB', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n"
+    )
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stderr
+    msg = out.stdout
+    assert "a training step needs about" in msg and "TiB" in msg
+    for knob in ("train.batch_size", "model.seq_len", "train.grad_accum", "model.d_model"):
+        assert knob in msg, msg
+    assert "now 1000000" in msg
+    seconds = float(msg.split("SECONDS")[1].split()[0])
+    assert seconds < 5, seconds
+    assert int(msg.split("PEAK_KB")[1].split()[0]) < 1.5 * 2**20  # < 1.5 GiB: nothing step-sized allocated
+    assert time.time() - t0 < 60
+
+
+def test_budget_boundary_and_knob_order():
+    cfg = tiny_cfg()
+    est = estimate_step_memory(cfg, "cpu")
+    assert check_fits(cfg, "cpu", available=est.total) == est
+    with pytest.raises(ValueError, match="train.batch_size"):
+        check_fits(cfg, "cpu", available=est.total - 1)
+    # a model whose weights dominate: the size knobs come first
+    big = tiny_cfg("--model.peer.n_experts", str(2048**2), "--train.batch_size", "1", "--model.seq_len", "16")
+    with pytest.raises(ValueError) as info:
+        check_fits(big, "cpu", available=2**30)
+    msg = str(info.value)
+    assert msg.index("model.d_model") < msg.index("train.batch_size")
+    assert "model.peer.n_experts (now 4194304)" in msg
+
+
+def test_bf16_on_cuda_halves_matmul_activations():
+    cfg = tiny_cfg("--model.ffw", "dense", "--train.dtype", "bf16")
+    cpu = estimate_step_memory(cfg, "cpu")
+    gpu = estimate_step_memory(cfg, "cuda")
+    assert gpu.attention < cpu.attention and gpu.optimizer < cpu.optimizer  # bf16; fused AdamW has no temp
+    assert gpu.logits > cpu.logits  # the bf16 logits beside their fp32 copy
+
+
+def test_estimate_bounds_a_real_run_peak_rss():
+    """Upper bound with a margin: a real 3-step CPU run (scripts/calibrate_memory.py) peaks below the
+    estimate but not far below it."""
+    path = os.path.join(REPO, "scripts", "calibrate_memory.py")
+    spec = importlib.util.spec_from_file_location("calibrate_memory", path)
+    calib = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(calib)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as root:
+        with open(os.path.join(root, "train.txt"), "w") as fh:
+            fh.write("".join(f"plain text line {i} for a byte tokenizer\n" for i in range(3000)))
+        rec = calib.measure("dense", "--model.ffw dense --train.batch_size 16 --model.seq_len 256", root)
+    assert 0.5 < rec["ratio"] <= 1.0, json.dumps(rec)
