@@ -84,8 +84,9 @@ def ablation_figure(records: list[dict], path: str, x_field: str, series_field: 
 
     series = sorted({str(r.get("series")) for r in records})
     fig, axes = _figure(3)
+    eval_set = records[0].get("eval_set") if records else None
     metrics = [
-        ("loss", lambda r: primary_loss(r)),
+        (f"loss ({eval_set})" if eval_set else "loss", lambda r: primary_loss(r)),
         ("expert usage %", lambda r: routed_usage(r)[0]),
         ("KL(usage || uniform)", lambda r: routed_usage(r)[1]),
     ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 
@@ -103,7 +104,8 @@ def _checkpoints(run_dir: str) -> list[str]:
     folder = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(folder):
         return []
-    return sorted(f for f in os.listdir(folder) if not f.startswith(".") and not f.endswith(".tmp"))
+    # finished checkpoints are step_N folders (written under a temp name, then renamed)
+    return sorted(f for f in os.listdir(folder) if re.fullmatch(r"step_\d+", f))
 
 
 def check_unchanged(run: PlannedRun) -> None:

@@ -1,0 +1,150 @@
+"""Report: markdown tables and PNG figures from synthetic results; the PNGs are real plots."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from torchpeer.experiments import append_result, write_report
+from torchpeer.experiments.fit import fit_isoflop
+
+
+def load_png(path) -> np.ndarray:
+    """(H, W, 3) uint8 pixels of a PNG (PIL if installed, else matplotlib)."""
+    try:
+        from PIL import Image
+
+        return np.asarray(Image.open(path).convert("RGB"))
+    except ImportError:
+        import matplotlib.image
+
+        return (matplotlib.image.imread(path)[..., :3] * 255).astype(np.uint8)
+
+
+def assert_real_plot(path, colours=()):
+    """Not blank: pixel variance, many distinct colours, and each expected line colour present."""
+    px = load_png(path)
+    assert px.shape[0] > 200 and px.shape[1] > 300, px.shape
+    assert px.std() > 20
+    distinct = np.unique(px.reshape(-1, 3), axis=0)
+    assert len(distinct) > 30, len(distinct)
+    for hex_colour in colours:
+        rgb = np.array([int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)])
+        near = (np.abs(px.astype(int) - rgb).sum(-1) < 30).sum()
+        assert near > 50, f"{hex_colour} hardly drawn in {os.path.basename(path)} ({near} pixels)"
+
+
+def rec(run, **kw):
+    base = {
+        "run": run,
+        "sweep": "study",
+        "kind": "isoflop",
+        "variant": run.rsplit("-", 1)[0],
+        "eval_set": "all",
+        "tokens": 1000,
+        "train_flops": 1e12,
+        "tokens_per_s": 5e5,
+        "total_params": 10**7,
+    }
+    return {**base, **kw}
+
+
+def valid(loss, usage=None, kl=None, other=0.1):
+    layer = {"blocks.2.ffw": {"usage_pct": usage, "kl": kl}} if usage is not None else {}
+    return {
+        "all": {"loss": loss, "ppl": float(np.exp(loss)), "bpb": loss / 2, "usage": layer},
+        "books": {"loss": loss + other, "ppl": float(np.exp(loss + other)), "bpb": 1.0, "usage": layer},
+    }
+
+
+@pytest.fixture
+def runs_dir(tmp_path):
+    d = tmp_path / "runs"
+    optimum = {1e15: 3e6, 1e16: 1e7}
+    for budget in (1e15, 1e16):
+        for fam, floor in (("dense", 3.3), ("peer", 3.2)):
+            for i, p in enumerate(np.geomspace(1e6, 3e7, 5)):
+                loss = floor + 0.25 * (np.log10(p) - np.log10(optimum[budget])) ** 2 - (0.2 if budget == 1e16 else 0)
+                name = f"{fam}-s{i}-{budget:.0e}"
+                append_result(
+                    str(d),
+                    rec(
+                        name,
+                        family=fam,
+                        budget_flops=budget,
+                        active_params=float(p),
+                        valid=valid(float(loss), 40.0 if fam == "peer" else None, 1.0),
+                    ),
+                )
+                run_dir = d / name
+                run_dir.mkdir(parents=True)
+                with open(run_dir / "metrics.jsonl", "w") as fh:
+                    fh.write(json.dumps({"step": 0, "event": "start"}) + "\n")
+                    for step in range(1, 40):
+                        fh.write(json.dumps({"step": step, "tokens": step * 100, "loss": loss + 3 / step}) + "\n")
+    for norm, shift in (("batch", 0.0), ("none", 0.15)):
+        for n in (128**2, 256**2, 512**2, 1024**2):
+            u = np.log2(n)
+            append_result(
+                str(d),
+                rec(
+                    f"n{n}-{norm}-1e15",
+                    sweep="ablate",
+                    kind="ablation",
+                    family="peer",
+                    budget_flops=1e15,
+                    active_params=5e6,
+                    x_field="model.peer.n_experts",
+                    x=n,
+                    series_field="model.peer.query_norm",
+                    series=norm,
+                    valid=valid(3.5 - 0.02 * u + shift, 90 - 3 * u - 40 * shift, 0.1 * u + shift),
+                ),
+            )
+    return d
+
+
+def test_report_writes_tables_and_real_pngs(runs_dir):
+    written = write_report(str(runs_dir))
+    # no curves figure for the ablation: its runs have no metrics.jsonl here
+    assert set(written) == {"report", "isoflop-study", "curves-study", "ablation-ablate"}
+    md = open(written["report"]).read()
+    assert "## study (isoflop)" in md and "## ablate (ablation)" in md
+    # isoFLOP fits: the fitted optimum of each (budget, family) is the synthetic one (3M at 1e15, 10M at 1e16)
+    fit_rows = [line for line in md.splitlines() if line.startswith("| 1e+15 | peer | 5 |")]
+    assert len(fit_rows) == 1 and "| 3M |" in fit_rows[0] and "| 3.2000 |" in fit_rows[0]
+    assert any(line.startswith("| 1e+16 | dense | 5 | 10M |") for line in md.splitlines())
+    # Table 1: every eval set is a column, the best run of each family per budget a row
+    head = next(line for line in md.splitlines() if line.startswith("| budget | family | run | active params |"))
+    assert head.endswith("| all | books |")
+    assert "| 1e+15 | peer | peer-s1-1e+15 | 2.34M | 24.60 | 27.19 |" in md
+    # the ablation table: x, series, usage and KL columns from the records
+    assert "| 16384 | batch | n16384-batch-1e15 | 3.2200 |" in md and "| 1048576 | none |" in md
+    for key in ("isoflop-study", "ablation-ablate", "curves-study"):
+        assert f"({os.path.basename(written[key])})" in md  # linked from the markdown
+    assert_real_plot(written["isoflop-study"], colours=("#1f77b4", "#d62728"))
+    assert_real_plot(written["ablation-ablate"])
+    assert_real_plot(written["curves-study"], colours=("#1f77b4", "#d62728"))
+    assert [f for f in os.listdir(runs_dir / "report") if f.endswith(".tmp")] == []
+
+
+def test_report_params_choice_and_empty(tmp_path, runs_dir):
+    out = tmp_path / "elsewhere"
+    written = write_report(str(runs_dir), str(out), params_key="total_params")
+    assert os.path.dirname(written["report"]) == str(out)
+    assert "fitted optimum (params)" in open(written["report"]).read()
+    with pytest.raises(ValueError, match="has no finished runs"):
+        write_report(str(tmp_path / "nothing"))
+
+
+def test_blank_png_fails_the_check(tmp_path):
+    """The plot check itself can fail: a figure with nothing drawn is rejected."""
+    from torchpeer.experiments.figures import _figure, save_png
+
+    fig, axes = _figure(1)
+    axes[0].set_axis_off()
+    path = save_png(fig, str(tmp_path / "blank.png"))
+    with pytest.raises(AssertionError):
+        assert_real_plot(path)
+    assert fit_isoflop([1, 2, 4], [3, 2, 3]).bracketed
