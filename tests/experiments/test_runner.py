@@ -129,3 +129,15 @@ def test_append_result_replaces_and_is_atomic(tmp_path):
     append_result(str(tmp_path), {"run": "a", "v": 3})
     assert [(r["run"], r["v"]) for r in read_results(str(tmp_path))] == [("b", 2), ("a", 3)]
     assert [f for f in os.listdir(tmp_path) if f != "results.jsonl"] == []  # no temp files left
+
+
+def test_time_limit_starts_no_run_that_would_not_finish(tmp_path, fake_train):
+    spec = parse_spec(SPEC)
+    msgs = []
+    run_sweep(spec, str(tmp_path), time_limit=0, progress=False, say=msgs.append)
+    assert fake_train.calls == [] and "time limit of 0 s is reached" in msgs[-1]
+    run_sweep(spec, str(tmp_path), only="*-1e10", progress=False, say=lambda s: None)  # measures 768 tokens/s
+    msgs.clear()
+    run_sweep(spec, str(tmp_path), time_limit=60, progress=False, say=msgs.append)
+    assert len(fake_train.calls) == 4  # the 2e10 runs (~385 s each by the measured speed) are not started
+    assert "d_model=16-ffw=dense-2e10: stopping, its estimated 385 s would pass the time limit of 60 s" in msgs[-1]

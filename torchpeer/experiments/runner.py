@@ -71,7 +71,7 @@ def run_sweep(
             new.append(rec)
             say(f"{head}: finished earlier, recorded from its summary")
             continue
-        estimate = estimate_seconds(run, list(done.values()) + new)
+        estimate = estimate_seconds(run, list(done.values()) + new, assume_tokens_per_s)
         if time_limit is not None and estimate is not None and time.time() - t0 + estimate > time_limit:
             say(f"{head}: stopping, its estimated {estimate:.0f} s would pass the time limit of {time_limit:.0f} s")
             break
