@@ -1,4 +1,4 @@
-"""Benchmark + full-size correctness check of the Triton expert-mixing op (torchpeer/kernels/mixing.py).
+"""Benchmark + full-size correctness check of the Triton expert-mixing op (torchpeer/ops/expert_mixing/triton_*.py).
 
     PYTHONUNBUFFERED=1 python benchmarks/bench_mixing.py [--sweep fwd,expert,dx] [--out DIR]
     TRITON_INTERPRET=1 python benchmarks/bench_mixing.py --smoke     # tiny CPU run of the script's logic
@@ -13,7 +13,7 @@ What it does (one GPU call):
      T in {4096, 16384, 65536} x d in {512, 1024}, with the byte model's prediction, and peak memory
      of fwd+bwd above the parameters;
   5. the rejected alternative: token-centric backward with fp32 atomics into fp32 table gradients;
-  6. for context, fwd+bwd of the pure-PyTorch backend torchpeer.mixing.peer_mix_torch.
+  6. for context, fwd+bwd of the pure-PyTorch backend torchpeer.ops.expert_mix_torch.
 Writes bench_mixing.json under --out (default: $OUT if set, else benchmarks/results).
 """
 
@@ -29,8 +29,10 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from torchpeer.kernels import mixing  # noqa: E402
-from torchpeer.kernels.mixing import _act_and_grad, peer_mix_naive, peer_mix_triton  # noqa: E402
+from torchpeer.ops.expert_mixing import expert_mix_reference  # noqa: E402
+from torchpeer.ops.expert_mixing import triton_op as mixing  # noqa: E402
+from torchpeer.ops.expert_mixing.triton_kernels import _act_and_grad  # noqa: E402
+from torchpeer.ops.expert_mixing.triton_op import expert_mix_triton  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
@@ -145,10 +147,10 @@ def check_correctness(T, H, K, d, N):
     # full-size bf16 vs fp32 PyTorch reference (the reference gathers (T, H, K, d) rows)
     x, down, up, idx, gates, dy = make_problem(T, H, K, d, N, seed=1)
     leaves = [t.clone().requires_grad_() for t in (x, down, up, gates)]
-    y = peer_mix_triton(leaves[0], leaves[1], leaves[2], idx, leaves[3])
+    y = expert_mix_triton(leaves[0], leaves[1], leaves[2], idx, leaves[3])
     y.backward(dy)
     ref = [t.detach().float().requires_grad_() for t in (x, down, up, gates)]
-    y_ref = peer_mix_naive(ref[0], ref[1], ref[2], idx, ref[3])
+    y_ref = expert_mix_reference(ref[0], ref[1], ref[2], idx, ref[3])
     y_ref.backward(dy.float())
     errs = {"y": rel_err(y, y_ref)}
     for name, a, b in zip(("dx", "ddown", "dup", "dgates"), leaves, ref):
@@ -157,7 +159,7 @@ def check_correctness(T, H, K, d, N):
     first = [a.grad.clone() for a in leaves]
     for a in leaves:
         a.grad = None
-    peer_mix_triton(leaves[0], leaves[1], leaves[2], idx, leaves[3]).backward(dy)
+    expert_mix_triton(leaves[0], leaves[1], leaves[2], idx, leaves[3]).backward(dy)
     out["bitwise_deterministic"] = all(torch.equal(f, a.grad) for f, a in zip(first, leaves))
     out["bf16_full_size"] = {"shape": [T, H, K, d, N], "rel_err": errs, "pass": max(errs.values()) < 1e-2}
     del leaves, ref, y, y_ref, first
@@ -165,9 +167,9 @@ def check_correctness(T, H, K, d, N):
     Tr, Hr, Kr, dr, Nr = (1000, 3, 5, 96, 4096) if ON_GPU else (7, 3, 5, 24, 32)
     x, down, up, idx, gates, dy = make_problem(Tr, Hr, Kr, dr, Nr, dtype=torch.float32, seed=2)
     leaves = [t.clone().requires_grad_() for t in (x, down, up, gates)]
-    peer_mix_triton(leaves[0], leaves[1], leaves[2], idx, leaves[3], "relu").backward(dy)
+    expert_mix_triton(leaves[0], leaves[1], leaves[2], idx, leaves[3], "relu").backward(dy)
     ref = [t.detach().double().requires_grad_() for t in (x, down, up, gates)]
-    peer_mix_naive(ref[0], ref[1], ref[2], idx, ref[3], "relu").backward(dy.double())
+    expert_mix_reference(ref[0], ref[1], ref[2], idx, ref[3], "relu").backward(dy.double())
     errs = {name: rel_err(a.grad, b.grad) for name, a, b in zip(("dx", "ddown", "dup", "dgates"), leaves, ref)}
     out["fp32_ragged"] = {"shape": [Tr, Hr, Kr, dr, Nr], "rel_err": errs, "pass": max(errs.values()) < 1e-4}
     return out
@@ -198,7 +200,7 @@ def time_parts(T, H, K, d, N, tables):
     leaves = [t.requires_grad_() for t in (x, down, up, gates)]
 
     def fwd_bwd():
-        peer_mix_triton(leaves[0], leaves[1], leaves[2], idx, leaves[3]).backward(dy)
+        expert_mix_triton(leaves[0], leaves[1], leaves[2], idx, leaves[3]).backward(dy)
 
     r["fwd_bwd_ms"] = bench_ms(fwd_bwd, grad_to_none=leaves)
     h = perm = offsets = bufs = coef = dx = None  # free: not part of what fwd+bwd allocates
@@ -225,18 +227,16 @@ def time_parts(T, H, K, d, N, tables):
 
 
 def time_torch_backend(T, H, K, d, N, tables):
-    """fwd+bwd time and peak memory of torchpeer.mixing.peer_mix_torch (the lean PyTorch backend)."""
-    try:
-        from torchpeer.mixing import peer_mix_torch
-    except ImportError as e:
-        return {"T": T, "error": repr(e)}
+    """fwd+bwd time and peak memory of torchpeer.ops.expert_mix_torch (the lean PyTorch backend)."""
+    from torchpeer.ops import expert_mix_torch
+
     down, up = tables
     x, _, _, idx, gates, dy = make_problem(T, H, K, d, 1, seed=7)
     idx = torch.randint(0, N, (T, H, K), device=DEV)
     leaves = [t.requires_grad_() for t in (x, down, up, gates)]
 
     def fwd_bwd():
-        peer_mix_torch(leaves[0], leaves[1], leaves[2], idx, leaves[3]).backward(dy)
+        expert_mix_torch(leaves[0], leaves[1], leaves[2], idx, leaves[3]).backward(dy)
 
     r = {"T": T, "d": d, "fwd_bwd_ms": bench_ms(fwd_bwd, grad_to_none=leaves)}
     if ON_GPU:

@@ -1,4 +1,4 @@
-"""Benchmark + full-size correctness check of the Triton product-key retrieval (torchpeer/kernels/retrieval.py).
+"""Benchmark + full-size correctness check of the Triton product-key retrieval (torchpeer/ops/retrieval/triton_*.py).
 
     PYTHONUNBUFFERED=1 python benchmarks/bench_retrieval.py [--out DIR]
     TRITON_INTERPRET=1 python benchmarks/bench_retrieval.py --smoke    # tiny CPU run of the script's logic
@@ -7,7 +7,7 @@ Problem: H = 8 heads, n = 1024 sub-keys per half (N = 1024^2 experts), d_key = 1
 queries and shared sub-keys. What it does (one GPU call, sections in order of importance, each guarded
 so that one failing variant does not stop the others):
   1. correctness at T = 4096: every forward variant against the "merge" kernel (indices equal, score
-     difference), the merge kernel against the pure-PyTorch product_keys path, and 32 tokens against
+     difference), the merge kernel against the chunked PyTorch path (product_key_topk_torch), and 32 tokens against
      float64 brute force over all n^2 keys; keys with repeated rows (ties, CAP overflow -> fallback):
      the score multiset of the returned set must equal the merge kernel's; backward variants against an
      fp32 (no TF32) reference;
@@ -22,6 +22,7 @@ Writes bench_retrieval.json under --out (default: $OUT if set, else benchmarks/r
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -31,8 +32,16 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from torchpeer import product_keys  # noqa: E402
-from torchpeer.kernels import retrieval as R  # noqa: E402
+from torchpeer.ops.retrieval import (  # noqa: E402
+    BACKWARD_IMPLS,
+    RetrievalKernelConfig,
+    product_key_topk_reference,
+    product_key_topk_torch,
+)
+from torchpeer.ops.retrieval.triton_backward import backward, backward_dense, backward_triton  # noqa: E402
+from torchpeer.ops.retrieval.triton_merge import launch_merge  # noqa: E402
+from torchpeer.ops.retrieval.triton_op import forward, product_key_topk_triton  # noqa: E402
+from torchpeer.ops.retrieval.triton_threshold import half_lists, launch_threshold, pair_merge  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
@@ -97,22 +106,24 @@ def make(T, H, n, dk, dtype=torch.bfloat16, S=1, dup=1, seed=0):
     return q, keys.to(dtype)
 
 
+# The kernel config every call below passes down; with_settings swaps it for a variant.
+CFG = RetrievalKernelConfig()
+
+
 def with_settings(fn, fwd=None, bwd=None, thresh=None, theta=None, dkeys=None, dq=None):
-    """Call fn() with module settings temporarily replaced."""
-    saved = (R.FORWARD_IMPL, R.BACKWARD_IMPL, dict(R.THRESH_TUNING), R.THRESH_THETA, R.DKEYS_TUNING, R.DQ_TUNING)
+    """Call fn() with CFG temporarily replaced by a variant (None = keep the field)."""
+    global CFG
+    saved = CFG
+    names = {"forward": fwd, "backward": bwd, "threshold_half": thresh, "theta": theta, "dkeys": dkeys, "dq": dq}
     try:
-        R.FORWARD_IMPL = fwd or R.FORWARD_IMPL
-        R.BACKWARD_IMPL = bwd or R.BACKWARD_IMPL
-        if thresh is not None:
-            R.THRESH_TUNING["half"] = thresh
-        R.THRESH_THETA = theta or R.THRESH_THETA
-        R.DKEYS_TUNING = dkeys or R.DKEYS_TUNING
-        R.DQ_TUNING = dq or R.DQ_TUNING
+        CFG = dataclasses.replace(CFG, **{k: v for k, v in names.items() if v is not None})
         return fn()
     finally:
-        R.FORWARD_IMPL, R.BACKWARD_IMPL, tt, R.THRESH_THETA, R.DKEYS_TUNING, R.DQ_TUNING = saved
-        R.THRESH_TUNING.clear()
-        R.THRESH_TUNING.update(tt)
+        CFG = saved
+
+
+def with_backward(impl):
+    return dataclasses.replace(CFG, backward=impl)
 
 
 def compare(a, b):
@@ -133,23 +144,23 @@ def rel(a, ref):
 def check_section(run, H, n, dk, K, T):
     """1. Correctness at T tokens (see the module docstring)."""
     q, keys = make(T, H, n, dk)
-    ref = R._launch(q, keys, K)
-    thresh0 = R.THRESH_TUNING["half"]
+    ref = launch_merge(q, keys, K, CFG)
+    thresh0 = CFG.threshold_half
     variants = {
         "threshold/max": dict(fwd="threshold", theta="max"),
         "threshold/topk": dict(fwd="threshold", theta="topk"),
         "threshold/max/cap32": dict(fwd="threshold", theta="max", thresh=thresh0[:3] + (32,) + thresh0[4:]),
     }
     for name, kw in variants.items():
-        run.guarded("check", name, lambda kw=kw: compare(with_settings(lambda: R._forward(q, keys, K), **kw), ref))
-    run.guarded("check", "torch_product_keys", lambda: compare(product_keys.product_key_topk(q, keys, K), ref))
+        run.guarded("check", name, lambda kw=kw: compare(with_settings(lambda: forward(q, keys, K, CFG), **kw), ref))
+    run.guarded("check", "torch_product_keys", lambda: compare(product_key_topk_torch(q, keys, K), ref))
 
     def brute():
         eq, diff = [], []
         for t0 in range(0, 32, 4):
             qq = q[t0 : t0 + 4]
-            bs, bi = R.product_key_topk_bruteforce(qq.double(), keys.double(), K)
-            ts, ti = R._forward(qq, keys, K)
+            bs, bi = product_key_topk_reference(qq.double(), keys.double(), K)
+            ts, ti = forward(qq, keys, K, CFG)
             eq.append((ti == bi).all(-1).float().mean().item())
             diff.append((ts.double() - bs).abs().max().item())
         return {"idx_equal_frac": min(eq), "max_score_diff": max(diff)}
@@ -158,9 +169,9 @@ def check_section(run, H, n, dk, K, T):
 
     def ties(dup):
         qd, kd = make(T, H, n, dk, dup=dup, seed=1)
-        rs, ri = R._launch(qd, kd, K)
-        ts, ti = R._launch_threshold(qd, kd, K)
-        _, _, flags = R._half_lists(qd, kd, K)
+        rs, ri = launch_merge(qd, kd, K, CFG)
+        ts, ti = launch_threshold(qd, kd, K, CFG)
+        _, _, flags = half_lists(qd, kd, K, CFG)
         return {
             "score_sets_close": bool(torch.allclose(ts.sort(-1).values, rs.sort(-1).values, rtol=1e-5, atol=1e-5)),
             "idx_equal_frac": (ti == ri).all(-1).float().mean().item(),
@@ -173,30 +184,30 @@ def check_section(run, H, n, dk, K, T):
 
     def per_head():
         qh, kh = make(T, H, n, dk, S=H, seed=2)
-        return compare(R._launch_threshold(qh, kh, K), R._launch(qh, kh, K))
+        return compare(launch_threshold(qh, kh, K, CFG), launch_merge(qh, kh, K, CFG))
 
     run.guarded("check", "per_head_keys", per_head)
 
     def bwd_check():
         qg, kg = make(T, H, n, dk, seed=3)
-        _, idx = R._launch_threshold(qg, kg, K)
+        _, idx = launch_threshold(qg, kg, K, CFG)
         ds = torch.randn(idx.shape, device=DEV)
         prev = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
         try:
-            dq0, dk0 = R._backward_dense(ds, qg.float(), kg.float(), idx, True, True)  # fp32 reference
+            dq0, dk0 = backward_dense(ds, qg.float(), kg.float(), idx, True, True, CFG)  # fp32 reference
         finally:
             torch.backends.cuda.matmul.allow_tf32 = prev
         out = {}
-        for impl in R.BACKWARD_IMPLS:
-            dq, dkk = R._backward(ds, qg, kg, idx, True, True, impl)
+        for impl in BACKWARD_IMPLS:
+            dq, dkk = backward(ds, qg, kg, idx, True, True, with_backward(impl))
             out[f"{impl}_dq_rel"] = rel(dq, dq0)
             out[f"{impl}_dk_rel"] = rel(dkk, dk0)
-        dq, dkk = R._backward(ds, qg.float(), kg.float(), idx, True, True, "triton")
+        dq, dkk = backward(ds, qg.float(), kg.float(), idx, True, True, with_backward("triton"))
         out["triton_fp32_dq_rel"], out["triton_fp32_dk_rel"] = rel(dq, dq0), rel(dkk, dk0)
         kh = make(T, H, n, dk, S=H, seed=4)[1]
-        a = R._backward(ds, qg.float(), kh.float(), idx, True, True, "triton")
-        b = R._backward_dense(ds, qg.float(), kh.float(), idx, True, True)
+        a = backward(ds, qg.float(), kh.float(), idx, True, True, with_backward("triton"))
+        b = backward_dense(ds, qg.float(), kh.float(), idx, True, True, CFG)
         out["per_head_dq_rel"], out["per_head_dk_rel"] = rel(a[0], b[0]), rel(a[1], b[1])
         return out
 
@@ -206,22 +217,22 @@ def check_section(run, H, n, dk, K, T):
 def forward_section(run, H, n, dk, K, T):
     """2. Forward timings at T tokens."""
     q, keys = make(T, H, n, dk)
-    run.guarded("fwd", f"merge T={T}", lambda: {"ms": bench_ms(lambda: R._launch(q, keys, K)), "T": T})
+    run.guarded("fwd", f"merge T={T}", lambda: {"ms": bench_ms(lambda: launch_merge(q, keys, K, CFG)), "T": T})
     for theta in ("max", "topk"):
         run.guarded(
             "fwd",
             f"threshold/{theta} T={T}",
             lambda theta=theta: {
-                "ms": with_settings(lambda: bench_ms(lambda: R._launch_threshold(q, keys, K)), theta=theta),
+                "ms": with_settings(lambda: bench_ms(lambda: launch_threshold(q, keys, K, CFG)), theta=theta),
                 "T": T,
             },
         )
 
     def stages():
-        top_s, top_i, _ = R._half_lists(q, keys, K)
+        top_s, top_i, _ = half_lists(q, keys, K, CFG)
         return {
-            "half_lists_ms": bench_ms(lambda: R._half_lists(q, keys, K)),
-            "pair_merge_ms": bench_ms(lambda: R._pair_merge(top_s, top_i, T, H, n, K)),
+            "half_lists_ms": bench_ms(lambda: half_lists(q, keys, K, CFG)),
+            "pair_merge_ms": bench_ms(lambda: pair_merge(top_s, top_i, T, H, n, K, CFG)),
             "T": T,
         }
 
@@ -229,7 +240,7 @@ def forward_section(run, H, n, dk, K, T):
 
     def torch_path():
         with torch.no_grad():
-            return {"ms": bench_ms(lambda: product_keys.product_key_topk(q, keys, K)), "T": T}
+            return {"ms": bench_ms(lambda: product_key_topk_torch(q, keys, K)), "T": T}
 
     run.guarded("fwd", f"torch product_keys T={T}", torch_path)
 
@@ -251,19 +262,22 @@ def forward_section(run, H, n, dk, K, T):
 def backward_section(run, H, n, dk, K, T):
     """3. Backward timings at T tokens."""
     q, keys = make(T, H, n, dk)
-    _, idx = R._launch_threshold(q, keys, K)
+    _, idx = launch_threshold(q, keys, K, CFG)
     ds = torch.randn(idx.shape, device=DEV)
-    for impl in R.BACKWARD_IMPLS:
+    for impl in BACKWARD_IMPLS:
         run.guarded(
             "bwd",
             f"{impl} T={T}",
-            lambda impl=impl: {"ms": bench_ms(lambda: R._backward(ds, q, keys, idx, True, True, impl)), "T": T},
+            lambda impl=impl: {
+                "ms": bench_ms(lambda: backward(ds, q, keys, idx, True, True, with_backward(impl))),
+                "T": T,
+            },
         )
     for what, nq, nk in (("dq", True, False), ("dkeys", False, True)):
         run.guarded(
             "bwd",
             f"triton {what} only T={T}",
-            lambda nq=nq, nk=nk: {"ms": bench_ms(lambda: R._backward_triton(ds, q, keys, idx, nq, nk)), "T": T},
+            lambda nq=nq, nk=nk: {"ms": bench_ms(lambda: backward_triton(ds, q, keys, idx, nq, nk, CFG)), "T": T},
         )
 
 
@@ -287,23 +301,23 @@ def sweep_section(run, H, n, dk, K, T, sweep_thresh, sweep_dkeys, sweep_dq):
             run,
             f"sweep_thresh_{theta}",
             configs,
-            lambda theta=theta: with_settings(lambda: bench_ms(lambda: R._launch_threshold(q, keys, K)), theta=theta),
+            lambda theta=theta: with_settings(lambda: bench_ms(lambda: launch_threshold(q, keys, K, CFG)), theta=theta),
             "thresh",
         )
         ms = run.data["rows"][-1]["ms"]
         if cfg is not None and ms < best.get("_ms", float("inf")):
             best.update(thresh=cfg, theta=theta, _ms=ms)
-    _, idx = R._launch_threshold(q, keys, K)
+    _, idx = launch_threshold(q, keys, K, CFG)
     ds = torch.randn(idx.shape, device=DEV)
     best["dkeys"] = best_of(
         run,
         "sweep_dkeys",
         sweep_dkeys,
-        lambda: bench_ms(lambda: R._backward_triton(ds, q, keys, idx, False, True)),
+        lambda: bench_ms(lambda: backward_triton(ds, q, keys, idx, False, True, CFG)),
         "dkeys",
     )
     best["dq"] = best_of(
-        run, "sweep_dq", sweep_dq, lambda: bench_ms(lambda: R._backward_triton(ds, q, keys, idx, True, False)), "dq"
+        run, "sweep_dq", sweep_dq, lambda: bench_ms(lambda: backward_triton(ds, q, keys, idx, True, False, CFG)), "dq"
     )
     best.pop("_ms", None)
     run.add("sweep", "best settings", **{k: v for k, v in best.items()})
@@ -318,7 +332,7 @@ def fwd_bwd_section(run, H, n, dk, K, T, best):
     up = torch.randn(T, H, K, device=DEV)
 
     def step():
-        s, _ = R.product_key_topk_triton(q, keys, K)
+        s, _ = product_key_topk_triton(q, keys, K, CFG)
         (s * up).sum().backward()
 
     combos = {"new best" if best else "new default": dict(fwd="threshold", bwd="triton", **best)}
@@ -338,11 +352,11 @@ def extra_section(run, H, n, dk, K, T, best):
 
     def timed(make_kw, k=K):
         qx, kx = make(T, H, n, dk, **make_kw)
-        res = {"merge_ms": bench_ms(lambda: R._launch(qx, kx, k))}
-        res["threshold_ms"] = with_settings(lambda: bench_ms(lambda: R._launch_threshold(qx, kx, k)), **fwd_best)
-        res.update(compare(R._launch_threshold(qx, kx, k), R._launch(qx, kx, k)))
+        res = {"merge_ms": bench_ms(lambda: launch_merge(qx, kx, k, CFG))}
+        res["threshold_ms"] = with_settings(lambda: bench_ms(lambda: launch_threshold(qx, kx, k, CFG)), **fwd_best)
+        res.update(compare(launch_threshold(qx, kx, k, CFG), launch_merge(qx, kx, k, CFG)))
         if make_kw.get("dup"):
-            res["fallback_items_frac"] = R._half_lists(qx, kx, k)[2].float().mean().item()
+            res["fallback_items_frac"] = half_lists(qx, kx, k, CFG)[2].float().mean().item()
         return res
 
     run.guarded("extra", f"per-head keys T={T}", lambda: timed(dict(S=H)))

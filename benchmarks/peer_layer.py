@@ -236,11 +236,13 @@ def kernel_rows(d: int, tokens: int, cfg: dict, device, dtype, copy: float | Non
     mixing_bwd: read x, dy, T*S u and v rows again for dx, indices, gates, h; write dx,
                 dgates, and the dense du, dv tables (2*N rows: the gradients are dense tensors).
 
-    retrieval_configs: extra (BLOCK_M, BLOCK_N, num_warps) launch configs of the retrieval
-    kernel to time as well (rows "retrieval@BMxBNxW"); the default config is restored after.
+    retrieval_configs: extra (BLOCK_M, BLOCK_N, num_warps) launch configs of the "merge" retrieval
+    kernel to time as well (rows "retrieval@BMxBNxW", each with RetrievalKernelConfig(forward="merge",
+    merge_half=...)). Before the ops split these only set the merge tuning while bf16 inputs ran the
+    "threshold" kernel, so such rows of older results timed the default config.
     """
-    from torchpeer.kernels import retrieval
-    from torchpeer.kernels.retrieval import product_key_topk_triton
+    from torchpeer.ops import RetrievalKernelConfig
+    from torchpeer.ops.retrieval.triton_op import product_key_topk_triton
 
     H, K, dk, N = cfg["heads"], cfg["top_k"], cfg["d_key"], cfg["n_experts"]
     n = math.isqrt(N)
@@ -268,20 +270,16 @@ def kernel_rows(d: int, tokens: int, cfg: dict, device, dtype, copy: float | Non
     ms = time_ms(lambda: product_key_topk_triton(q, keys, K), device, warmup=2, reps=10)
     retrieval_bytes = tokens * H * dk * el + keys.numel() * el + sel * (4 + 8)
     add("retrieval", ms, retrieval_bytes)
-    default = retrieval.TUNING["half"]
-    try:
-        for c in retrieval_configs:
-            retrieval.TUNING["half"] = c
-            ms = time_ms(lambda: product_key_topk_triton(q, keys, K), device, warmup=2, reps=10)
-            add("retrieval@" + "x".join(map(str, c)), ms, retrieval_bytes)
-    finally:
-        retrieval.TUNING["half"] = default
+    for c in retrieval_configs:
+        config = RetrievalKernelConfig(forward="merge", merge_half=tuple(c))
+        ms = time_ms(lambda config=config: product_key_topk_triton(q, keys, K, config), device, warmup=2, reps=10)
+        add("retrieval@" + "x".join(map(str, c)), ms, retrieval_bytes)
     scores, indices = product_key_topk_triton(q, keys, K)
     gates = torch.softmax(scores, dim=-1)  # fp32, as in the layer
     q = keys = scores = None  # free
 
     try:
-        from torchpeer.kernels.mixing import peer_mix_triton
+        from torchpeer.ops.expert_mixing.triton_op import expert_mix_triton as peer_mix_triton
     except Exception as e:
         rows.append({"kernel": "mixing", "note": f"import failed: {type(e).__name__}: {e}"})
         return rows
@@ -310,8 +308,7 @@ def optim_rows(d: int, token_counts, cfg: dict, device, dtype) -> list[dict]:
     """One optimizer step on a PEER layer's gradients: dense AdamW (torch's default foreach
     implementation, and fused=True on CUDA) vs SparseRowAdamW, which updates only the rows of
     down/up that the step retrieved (touched_frac of the N rows) and dense-updates the rest."""
-    from torchpeer import PEER
-    from torchpeer.sparse_adam import SparseRowAdamW
+    from torchpeer import PEER, SparseRowAdamW
 
     backend = "triton" if device.type == "cuda" else "torch"
     with device:
@@ -421,7 +418,7 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--retrieval-configs",
         default="",
-        help="extra retrieval launch configs to time, 'BM,BN,WARPS;BM,BN,WARPS' (bf16, top_k <= 16)",
+        help="extra 'merge' retrieval launch configs to time, 'BM,BN,WARPS;BM,BN,WARPS' (bf16, top_k <= 16)",
     )
     args = p.parse_args(argv)
 
