@@ -11,12 +11,44 @@ Command line: ``torchpeer sweep SPEC`` and ``torchpeer report RUNS_DIR`` (also
 See docs/experiments.md.
 """
 
-from torchpeer.experiments.fit import IsoFLOPFit, fit_isoflop, isoflop_fits
-from torchpeer.experiments.plan import PlannedRun, budget_label, plan_sweep, select_runs
-from torchpeer.experiments.report import write_report
-from torchpeer.experiments.results import append_result, read_results
-from torchpeer.experiments.runner import format_plan, run_sweep
-from torchpeer.experiments.spec import SweepSpec, Variant, list_specs, load_spec, parse_spec
+from __future__ import annotations
+
+import importlib
+
+# Public name -> defining module. Loaded on first use, so that ``torchpeer --help`` (which imports
+# the light sweep_command / report_command modules of this package) does not load numpy or torch.
+_EXPORTS = {
+    "IsoFLOPFit": "fit",
+    "fit_isoflop": "fit",
+    "isoflop_fits": "fit",
+    "PlannedRun": "plan",
+    "budget_label": "plan",
+    "plan_sweep": "plan",
+    "select_runs": "plan",
+    "write_report": "report",
+    "append_result": "results",
+    "read_results": "results",
+    "format_plan": "runner",
+    "run_sweep": "runner",
+    "SweepSpec": "spec",
+    "Variant": "spec",
+    "list_specs": "spec",
+    "load_spec": "spec",
+    "parse_spec": "spec",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'torchpeer.experiments' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"torchpeer.experiments.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))
+
 
 __all__ = [
     "IsoFLOPFit",
