@@ -131,3 +131,20 @@ def test_public_ops_compile_fullgraph_with_the_dispatcher(monkeypatch):
     want = f(q, keys)
     assert torch.equal(got[1], want[1])
     torch.testing.assert_close(got[0], want[0])
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_autocast_does_not_round_the_ops_of_the_plain_backends(backend):
+    """Inside a bf16 autocast the retrieval scores stay fp32 and exact, and mixing computes as without it."""
+    g = torch.Generator().manual_seed(3)
+    q, keys = torch.randn(64, 2, 16, generator=g), torch.randn(1, 2, 32, 8, generator=g)
+    want_s, want_i = ops.product_key_topk(q, keys, 6, backend=backend)
+    x, down, up = torch.randn(64, 8, generator=g), torch.randn(1024, 8, generator=g), torch.randn(1024, 8, generator=g)
+    want_y = ops.expert_mix(x, down, up, want_i, want_s.softmax(-1), backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_s, got_i = ops.product_key_topk(q, keys, 6, backend=backend)
+        got_y = ops.expert_mix(x, down, up, got_i, got_s.softmax(-1), backend=backend)
+    assert got_s.dtype == torch.float32 and torch.equal(got_i, want_i)
+    torch.testing.assert_close(got_s, want_s)
+    if backend == "reference":  # the spec computes in fp32 whatever autocast says
+        torch.testing.assert_close(got_y, want_y)

@@ -17,9 +17,9 @@ def product_key_topk_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """queries: (T, H, d_key); sub_keys: (S, 2, n, d_key // 2), S = 1 (shared) or H.
 
-    Returns scores (T, H, top_k), float64 if either input is float64 else float32, differentiable
-    through plain autograd, and indices (T, H, top_k) int64 in [0, n*n), by descending score.
-    top_k may be anything up to n*n here.
+    Returns scores (T, H, top_k), float64 if either input is float64 else float32 (also inside an
+    enclosing autocast), differentiable through plain autograd, and indices (T, H, top_k) int64 in
+    [0, n*n), by descending score. top_k may be anything up to n*n here.
     """
     n = sub_keys.shape[2] if isinstance(sub_keys, torch.Tensor) and sub_keys.dim() == 4 else None
     check_topk_inputs(queries, sub_keys, top_k, max_top_k=None if n is None else n * n)
@@ -30,5 +30,6 @@ def product_key_topk_reference(
     # full[s, a * n + b] = [C[a] ; C'[b]]: (S, n*n, d_key)
     full = torch.cat([c1[:, :, None, :].expand(S, n, n, half), c2[:, None, :, :].expand(S, n, n, half)], dim=-1)
     full = full.reshape(S, n * n, 2 * half).expand(queries.shape[1], -1, -1)
-    scores = torch.einsum("thd,hnd->thn", queries.to(dtype), full)
+    with torch.autocast(device_type=queries.device.type, enabled=False):  # exact also inside autocast
+        scores = torch.einsum("thd,hnd->thn", queries.to(dtype), full)
     return torch.topk(scores, top_k, dim=-1)
