@@ -260,3 +260,12 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(got, want)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_too_many_experts_for_the_index_packing():
+    # 46341^2 > 2^31 - 1: the kernels' packed 31-bit index cannot hold it; the torch backend can
+    q, keys = torch.randn(1, 1, 2), torch.randn(1, 2, 46341, 1)
+    with pytest.raises(ValueError, match="int32 index packing"):
+        product_key_topk_triton(q, keys, 2)
+    _, idx = product_key_topk(q, keys, 2, backend="torch")
+    assert idx.max() < 46341**2

@@ -8,9 +8,10 @@ import torch
 MAX_EXPERTS = 2**31 - 1
 
 
-def check_topk_inputs(queries, sub_keys, top_k, *, max_top_k: int | None = None) -> None:
+def check_topk_inputs(queries, sub_keys, top_k, *, max_top_k: int | None = None, kernel: bool = False) -> None:
     """queries: (tokens, heads, d_key) float; sub_keys: (S, 2, n, d_key // 2) float, S = 1 or heads;
     top_k an int in [1, n] (in [1, max_top_k] when given: the reference may take up to n * n).
+    kernel=True adds what the Triton kernels need: n * n experts fit a 31-bit index.
     Raises TypeError / ValueError with what to change."""
     if not isinstance(queries, torch.Tensor) or not isinstance(sub_keys, torch.Tensor):
         raise TypeError("queries and sub_keys must be torch.Tensors")
@@ -34,7 +35,7 @@ def check_topk_inputs(queries, sub_keys, top_k, *, max_top_k: int | None = None)
     if not 1 <= top_k <= limit:
         bound = f"n={n}" if max_top_k is None else str(max_top_k)
         raise ValueError(f"top_k must be in [1, {bound}] (n = sqrt(n_experts)), got top_k={top_k}")
-    if n * n > MAX_EXPERTS:
+    if kernel and n * n > MAX_EXPERTS:
         raise ValueError(f"n*n = {n * n} experts does not fit the int32 index packing (n <= 46340)")
     if queries.device != sub_keys.device:
         raise ValueError(f"queries on {queries.device} but sub_keys on {sub_keys.device}")

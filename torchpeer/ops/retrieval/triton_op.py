@@ -103,7 +103,7 @@ def product_key_topk_triton(
     indices (T, H, top_k) int64 in [0, n*n), expert i = a * n + b, sorted by descending score.
     Where the backend is chosen: torchpeer.ops.dispatch (call torchpeer.ops.product_key_topk).
     """
-    check_topk_inputs(queries, sub_keys, top_k)
+    check_topk_inputs(queries, sub_keys, top_k, kernel=True)
     config = config or DEFAULT_CONFIG
     if max(2, next_pow2(top_k)) > config.max_kernel_kp:
         # the register-resident candidate set would be too large; the chunked PyTorch version has
