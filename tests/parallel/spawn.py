@@ -26,9 +26,11 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
-        dist.barrier()  # nobody tears the group down while another rank still uses it
+        if dist.is_initialized():  # (a DistributedPlan closes the group itself at the end of a run)
+            dist.barrier()  # nobody tears the group down while another rank still uses it
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run_workers(fn, world: int, *args) -> None:

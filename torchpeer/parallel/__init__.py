@@ -9,15 +9,18 @@ See docs/parallel.md for the design and the communication per step.
 """
 
 from torchpeer.parallel.collectives import ShardContext
+from torchpeer.parallel.plan import DistributedPlan, plan_from_env
 from torchpeer.parallel.runtime import DistEnv, destroy_distributed, init_distributed, launched_by_torchrun
 from torchpeer.parallel.sharded_layers import shard_layer_, shard_model_, sharded_tables
 
 __all__ = [
     "DistEnv",
+    "DistributedPlan",
     "ShardContext",
     "destroy_distributed",
     "init_distributed",
     "launched_by_torchrun",
+    "plan_from_env",
     "shard_layer_",
     "shard_model_",
     "sharded_tables",

@@ -1,0 +1,209 @@
+"""Sharded checkpoints through torch.distributed.checkpoint (DCP), resharded on load.
+
+Layout (the same folder as a one-process checkpoint, see torchpeer/lm/checkpoint.py, with the
+weights and optimizer moments in ``dcp/`` instead of ``model.safetensors``/``trainer.pt``)::
+
+    step_00001000/
+      dcp/            DCP files: every rank writes its columns of the expert tables (and of their
+                      AdamW moments); replicated tensors are written once
+      trainer.pt      step, schedule, sampler position, RNG states (rank 0's), loss window
+      config.json     the run config
+      tokenizer/
+
+Keys are the one-process model's: ``blocks.2.ffw.down`` is saved as a DTensor sharded on dim 1
+(columns) with its global shape, so a checkpoint written on W ranks loads on any W' (DCP reads
+the column ranges each new rank needs), and in one process without a process group (full
+tensors: ``torchpeer eval``/``generate``, or resuming on one process).
+
+Atomic: the folder is assembled under ``.step_<step>.<random>.tmp`` (a name rank 0 chooses and
+broadcasts) and renamed into place by rank 0 after every rank finished writing, so a crash
+mid-save leaves the previous checkpoint as the latest complete one (and the trainer deletes the
+partial folder at the next start).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from torchpeer.parallel.sharded_layers import sharded_tables
+
+DCP_DIR = "dcp"
+
+
+def is_dcp_checkpoint(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, DCP_DIR))
+
+
+def _sharded_names(model: nn.Module) -> dict[str, object]:
+    """{parameter name: ShardContext} of the column-sharded tables of ``model``."""
+    out = {}
+    for prefix, mod in model.named_modules():
+        for name in sharded_tables(mod):
+            out[f"{prefix}.{name}" if prefix else name] = mod.column_shard
+    return out
+
+
+class _Mesh:
+    """One 1-D device mesh over the sharded layers' ranks, made on first use."""
+
+    mesh = None
+
+    @classmethod
+    def get(cls, device_type: str, world: int):
+        if cls.mesh is None or cls.mesh.size() != world:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            cls.mesh = init_device_mesh(device_type, (world,))
+        return cls.mesh
+
+
+def _as_global(t: torch.Tensor, sharded: bool):
+    """A column shard as a DTensor of the full table (Shard(1)); other tensors as they are."""
+    if not sharded:
+        return t
+    from torch.distributed.tensor import DTensor, Shard
+
+    world = dist.get_world_size()
+    mesh = _Mesh.get(t.device.type, world)
+    return DTensor.from_local(t, mesh, [Shard(1)], run_check=False)
+
+
+def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create AdamW's per-parameter state (zeros) without changing a weight: one step at lr 0 and
+    zero gradients, so that DCP can load the moments in place (whatever the torch version's state
+    layout, dtypes and devices)."""
+    if all(p in optimizer.state for g in optimizer.param_groups for p in g["params"]):
+        return
+    saved = [(g["lr"], g.get("weight_decay", 0.0)) for g in optimizer.param_groups]
+    grads = {}
+    for g in optimizer.param_groups:
+        g["lr"], g["weight_decay"] = 0.0, 0.0
+        for p in g["params"]:
+            grads[p] = p.grad
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for g, (lr, wd) in zip(optimizer.param_groups, saved):
+        g["lr"], g["weight_decay"] = lr, wd
+        for p in g["params"]:
+            p.grad = grads[p]
+
+
+def _state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """The DCP state dict: {"model": {key: tensor}, "optim": {param name: {state key: tensor}}}."""
+    sharded = _sharded_names(model)
+    params = dict(model.named_parameters())
+    out = {"model": {k: _as_global(v, k in sharded) for k, v in model.state_dict().items()}}
+    if optimizer is not None:
+        names = {id(p): n for n, p in params.items()}
+        optim = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                name = names[id(p)]
+                optim[name] = {
+                    k: _as_global(v, name in sharded and v.shape == p.shape) if torch.is_tensor(v) else v
+                    for k, v in optimizer.state[p].items()
+                }
+        out["optim"] = optim
+    return out
+
+
+def _copy_back(model: nn.Module, optimizer, loaded: dict) -> None:
+    """Copy loaded tensors into the model/optimizer where DCP loaded into a copy (DTensor locals)."""
+    from torch.distributed.tensor import DTensor
+
+    def local(t):
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    with torch.no_grad():
+        for k, v in model.state_dict(keep_vars=True).items():
+            src = local(loaded["model"][k])
+            if src.data_ptr() != v.data_ptr():
+                v.copy_(src)
+        if optimizer is not None:
+            params = dict(model.named_parameters())
+            for name, entries in loaded.get("optim", {}).items():
+                state = optimizer.state[params[name]]
+                for key, value in entries.items():
+                    if torch.is_tensor(value):
+                        src = local(value)
+                        if src.data_ptr() != state[key].data_ptr():
+                            state[key].copy_(src)
+                    else:
+                        state[key] = value
+
+
+def save_dcp_checkpoint(
+    run_dir: str, step: int, model: nn.Module, optimizer, state: dict, cfg, tokenizer, keep: int
+) -> str:
+    """Write ``checkpoints/step_<step>`` (collective: every rank calls it); returns its path."""
+    from torchpeer.lm.checkpoint import checkpoint_dir, list_checkpoints, rng_state
+
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    root = checkpoint_dir(run_dir)
+    final = os.path.join(root, f"step_{step:08d}")
+    tmp = [None]
+    if rank0:
+        os.makedirs(root, exist_ok=True)
+        tmp[0] = tempfile.mkdtemp(dir=root, prefix=f".step_{step:08d}.", suffix=".tmp")
+        os.chmod(tmp[0], 0o755)
+    if dist.is_initialized():
+        dist.broadcast_object_list(tmp, src=0)  # every rank writes into the same temporary folder
+    tmp = tmp[0]
+    try:
+        dcp.save(_state_dict(model, optimizer), checkpoint_id=os.path.join(tmp, DCP_DIR))
+        if rank0:
+            torch.save({**state, "step": step, "rng": rng_state()}, os.path.join(tmp, "trainer.pt"))
+            with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
+                json.dump(cfg.to_dict(), fh, indent=2)
+            if tokenizer is not None:
+                tokenizer.save(os.path.join(tmp, "tokenizer"))
+        if dist.is_initialized():
+            dist.barrier()  # all shards are on disk before the folder becomes visible
+        if rank0:
+            if os.path.isdir(final):  # re-saving the same step: swap it out
+                old = final + ".old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            for stale in list_checkpoints(run_dir)[:-keep]:
+                shutil.rmtree(stale, ignore_errors=True)
+    except BaseException:
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dist.is_initialized():
+        dist.barrier()  # nobody resumes or prunes before the rename
+    return final
+
+
+def load_dcp_checkpoint(path: str, model: nn.Module, optimizer=None) -> dict:
+    """Load weights (and AdamW moments) of a DCP checkpoint into ``model`` (sharded or not) and
+    ``optimizer``; returns the trainer state of ``trainer.pt`` (with "step" and "rng")."""
+    from torchpeer.lm.checkpoint import load_trainer_state
+
+    if not is_dcp_checkpoint(path):
+        raise FileNotFoundError(f"{path!r} is not a distributed checkpoint (no {DCP_DIR}/ folder)")
+    if optimizer is not None:
+        _init_optimizer_state(optimizer)
+    target = _state_dict(model, optimizer)
+    dcp.load(target, checkpoint_id=os.path.join(path, DCP_DIR))
+    _copy_back(model, optimizer, target)
+    return load_trainer_state(path)
+
+
+def load_dcp_weights(model: nn.Module, path: str) -> None:
+    """Weights only (``torchpeer eval`` / ``generate`` in one process)."""
+    target = _state_dict(model, None)
+    dcp.load(target, checkpoint_id=os.path.join(path, DCP_DIR))
+    _copy_back(model, None, target)
