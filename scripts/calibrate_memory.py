@@ -39,8 +39,7 @@ CHILD = r"""
 import json, os, sys
 import torch
 from torchpeer.data import load_tokenizer, prepare_split
-from torchpeer.lm import train
-from torchpeer.lm.config import load_config
+from torchpeer.lm import load_config, train
 from torchpeer.lm.memory import estimate_step_memory
 
 overrides, run_dir = json.loads(sys.argv[1]), sys.argv[2]

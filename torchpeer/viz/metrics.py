@@ -1,0 +1,134 @@
+"""Read a run's ``metrics.jsonl`` into plottable series (no matplotlib needed).
+
+The trainer appends one JSON object per event (torchpeer/lm: the trainer's metrics log):
+
+    {"step": 0, "event": "start", "tokens_per_step": ..., ...}
+    {"step": s, "tokens": ..., "loss": ..., "lr": ..., "grad_norm": ..., "tok_per_s": ..., "time": ...}
+    {"step": s, "eval": {SET: {"loss", "ppl", "bpb", "usage": {LAYER: {"usage_pct", "kl"}}}}, "final"?: true}
+
+Lines cut by a kill are skipped; when a step appears twice (a resumed run's repeated record), the
+last record wins.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+TRAIN_KEYS = ("tokens", "time", "loss", "lr", "tok_per_s", "grad_norm")
+EVAL_KEYS = ("loss", "ppl", "bpb")
+
+
+@dataclass
+class Series:
+    """One curve: x = training step, y = value (``final`` marks the end-of-run full evaluation)."""
+
+    steps: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+    final: list[bool] = field(default_factory=list)
+
+
+@dataclass
+class RunMetrics:
+    """Everything ``torchpeer plot`` draws for one run.
+
+    train: key (TRAIN_KEYS) -> Series; evals: eval set -> key (EVAL_KEYS) -> Series;
+    routing: (eval set, layer) -> {"usage_pct": Series, "kl": Series}.
+    """
+
+    name: str
+    path: str
+    tokens_per_step: int | None = None
+    train: dict[str, Series] = field(default_factory=dict)
+    evals: dict[str, dict[str, Series]] = field(default_factory=dict)
+    routing: dict[tuple[str, str], dict[str, Series]] = field(default_factory=dict)
+
+    def tokens_at(self, step: float) -> float | None:
+        """Training tokens seen after ``step`` optimizer steps (None if unknown)."""
+        if self.tokens_per_step:
+            return step * self.tokens_per_step
+        tok = self.train.get("tokens")
+        if tok and tok.steps and tok.steps[-1] > 0:
+            return step * tok.values[-1] / tok.steps[-1]
+        return None
+
+
+def _number(v) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def _put(series: Series, step: int, value, final: bool = False) -> None:
+    v = _number(value)
+    if v is None:
+        return
+    if series.steps and series.steps[-1] == step:  # repeated record for this step: keep the last
+        series.values[-1], series.final[-1] = v, final
+        return
+    series.steps.append(step)
+    series.values.append(v)
+    series.final.append(final)
+
+
+def metrics_path(run_dir: str) -> str:
+    """RUN_DIR/metrics.jsonl (a path to the file itself is accepted too); clear errors otherwise."""
+    if os.path.isfile(run_dir) and run_dir.endswith(".jsonl"):
+        return run_dir
+    if not os.path.exists(run_dir):
+        raise FileNotFoundError(f"run dir {run_dir} does not exist")
+    if not os.path.isdir(run_dir):
+        raise NotADirectoryError(f"{run_dir} is not a run dir (give the folder that holds metrics.jsonl)")
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{run_dir} has no metrics.jsonl: not a torchpeer run dir, or its training has not logged yet "
+            "(torchpeer train writes RUN_DIR/metrics.jsonl)"
+        )
+    return path
+
+
+def read_metrics(run_dir: str, name: str | None = None) -> RunMetrics:
+    """Parse RUN_DIR/metrics.jsonl. ``name`` defaults to the run folder's name."""
+    path = metrics_path(run_dir)
+    folder = os.path.dirname(os.path.abspath(path))
+    run = RunMetrics(name=name or os.path.basename(folder), path=folder)
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+                records.append(rec)
+    records.sort(key=lambda r: r["step"])  # stable: records of one step keep their order
+    for rec in records:
+        step = rec["step"]
+        if rec.get("event") == "start" and _number(rec.get("tokens_per_step")):
+            run.tokens_per_step = int(rec["tokens_per_step"])
+        if "loss" in rec and "eval" not in rec:
+            for key in TRAIN_KEYS:
+                if key in rec:
+                    _put(run.train.setdefault(key, Series()), step, rec[key])
+        results = rec.get("eval")
+        if isinstance(results, dict):
+            final = bool(rec.get("final"))
+            for set_name, r in results.items():
+                if not isinstance(r, dict):
+                    continue
+                curves = run.evals.setdefault(set_name, {})
+                for key in EVAL_KEYS:
+                    if key in r:
+                        _put(curves.setdefault(key, Series()), step, r[key], final)
+                for layer, u in (r.get("usage") or {}).items():
+                    if isinstance(u, dict):
+                        layer_curves = run.routing.setdefault((set_name, layer), {})
+                        for key in ("usage_pct", "kl"):
+                            if key in u:
+                                _put(layer_curves.setdefault(key, Series()), step, u[key], final)
+    if not run.train and not run.evals:
+        raise ValueError(f"{path} has no training or evaluation records yet (wait for the first log step)")
+    return run
