@@ -2,6 +2,8 @@
 choice is logged once; every backend of the public ops answers like the reference."""
 
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -148,3 +150,20 @@ def test_autocast_does_not_round_the_ops_of_the_plain_backends(backend):
     torch.testing.assert_close(got_s, want_s)
     if backend == "reference":  # the spec computes in fp32 whatever autocast says
         torch.testing.assert_close(got_y, want_y)
+
+
+def test_ops_import_and_run_without_triton():
+    """torchpeer.ops imports no Triton module until the triton backend runs: a CPU-only install works."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # import triton fails and find_spec says None
+        "import torch, torchpeer, torchpeer.ops as ops\n"
+        "s, i = ops.product_key_topk(torch.randn(3, 1, 4), torch.randn(1, 2, 4, 2), 2)\n"
+        "kernels = sorted(m for m in sys.modules if m.startswith('torchpeer') and 'triton' in m)\n"
+        "print(ops.resolve_backend('expert_mix', 'auto', 'cuda'), kernels)\n"
+        "try:\n    ops.resolve_backend('expert_mix', 'triton', 'cuda')\nexcept ValueError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "torch []"
+    assert "pip install triton" in lines[1]
