@@ -114,12 +114,14 @@ def check_unchanged(run: PlannedRun) -> None:
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8") as fh:
-        saved = _flat(json.load(fh))
-    now = _flat(run.cfg.to_dict())
+        saved = json.load(fh)
+    # only the config sections: the trainer adds records of its own (e.g. the resolved kernel backends)
+    saved = _flat({k: saved.get(k, {}) for k in ("model", "train", "data")})
+    now = _flat({k: v for k, v in run.cfg.to_dict().items() if k in ("model", "train", "data")})
     diffs = [
         f"{k}: was {saved.get(k)!r}, now {now.get(k)!r}"
         for k in sorted(set(saved) | set(now))
-        if saved.get(k) != now.get(k) and not k.startswith(_NON_RESULT_FIELDS) and k != "name"
+        if saved.get(k) != now.get(k) and not k.startswith(_NON_RESULT_FIELDS)
     ]
     if diffs:
         raise ValueError(
