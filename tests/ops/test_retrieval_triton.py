@@ -269,3 +269,11 @@ def test_too_many_experts_for_the_index_packing():
         product_key_topk_triton(q, keys, 2)
     _, idx = product_key_topk(q, keys, 2, backend="torch")
     assert idx.max() < 46341**2
+
+
+def test_config_travels_into_the_custom_op_by_registry_index():
+    from torchpeer.ops.retrieval.kernel_config import DEFAULT_CONFIG, config_by_id, config_id
+
+    assert config_id(DEFAULT_CONFIG) == config_id(RetrievalKernelConfig()) == 0  # equal configs share one
+    variant = RetrievalKernelConfig(backward="dense", theta="topk")
+    assert config_by_id(config_id(variant)) == variant != DEFAULT_CONFIG
