@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -34,7 +33,9 @@ examples:
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="TOML", help="run config; its [data] table is the starting point")
+    parser.add_argument(
+        "--config", metavar="TOML", help="run config (path or shipped name); its [data] table is the starting point"
+    )
     parser.add_argument("--train", metavar="SPEC", help="train source spec (default: ptb:train)")
     parser.add_argument(
         "--valid",
@@ -64,20 +65,6 @@ def add_data_subcommand(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _read_toml(path: str) -> dict:
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config file {path!r} not found")
-    with open(path, "rb") as fh:
-        try:
-            return tomllib.load(fh)
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: invalid TOML ({e})") from None
-
-
 def parse_valid_args(items: list[str]) -> dict[str, str]:
     """["name=spec", "spec", ...] -> {name: spec}; a bare spec is named valid, valid2, ..."""
     out: dict[str, str] = {}
@@ -93,20 +80,28 @@ def parse_valid_args(items: list[str]) -> dict[str, str]:
 
 
 def data_config_from_args(args: argparse.Namespace) -> DataConfig:
-    """DataConfig from --config's [data] table (if any) overridden by the command-line flags."""
-    d: dict = {}
-    if getattr(args, "config", None):
-        d = dict(_read_toml(args.config).get("data", {}))
+    """DataConfig from --config's [data] table (if any) overridden by the command-line flags.
+
+    --config is a run config's path or a shipped config's name (``ptb-tiny``, ``configs/ptb-tiny.toml``);
+    the flags are applied as the ``--data.FIELD VALUE`` overrides of ``torchpeer train`` would be.
+    """
+    from torchpeer.lm.config import RunConfig
+    from torchpeer.lm.config_io import apply_overrides, from_dict, read_toml, resolve_config_path
+
+    table = read_toml(resolve_config_path(args.config)).get("data", {}) if getattr(args, "config", None) else {}
+    run = RunConfig(data=from_dict(DataConfig, table))
     flags = {
         "train": args.train,
         "tokenizer": args.tokenizer,
         "vocab_size": args.vocab_size,
         "cache_dir": args.cache_dir,
         "token_dtype": args.token_dtype,
-        "valid": parse_valid_args(args.valid) if args.valid else None,
     }
-    d.update({k: v for k, v in flags.items() if v is not None})
-    return DataConfig.from_dict(d)
+    apply_overrides(run, [(f"data.{k}", str(v)) for k, v in flags.items() if v is not None])
+    if args.valid:
+        run.data.valid = parse_valid_args(args.valid)
+    run.data.validate()
+    return run.data
 
 
 def format_table(rows: list[dict]) -> str:

@@ -7,30 +7,27 @@
     model, cfg, ckpt = load_model_from_checkpoint("runs/demo")
     print(config_cost(cfg.model).train_flops)                      # training FLOPs per token
 
-Modules: config (dataclasses, TOML, overrides), model (TransformerLM, KVCache), info
-(parameter/FLOP accounting), optim (AdamW groups, schedules), train, checkpoint, evaluate, generate.
+Modules: config (dataclasses + validation), config_io (TOML, overrides), runtime (device, seeds,
+TF32, autocast), model (TransformerLM, KVCache), info (parameter/FLOP accounting), optim (AdamW
+groups, schedules), memory (step memory estimate), trainer (Trainer: build / train_step / evaluate /
+checkpoint / fit), callbacks, plan (parallel-plan seam), metrics (metrics.jsonl), rundir (run-folder
+writes), checkpoint, evaluate, generate; train (the one-call ``train()``).
 """
 
+from torchpeer.lm.callbacks import Callback
 from torchpeer.lm.checkpoint import load_model_from_checkpoint, save_checkpoint
-from torchpeer.lm.config import (
-    DenseConfig,
-    ModelConfig,
-    MoEConfig,
-    PEERConfig,
-    PKMConfig,
-    RunConfig,
-    TrainConfig,
-    apply_overrides,
-    list_configs,
-    load_config,
-)
+from torchpeer.lm.config import DenseConfig, ModelConfig, MoEConfig, PEERConfig, PKMConfig, RunConfig, TrainConfig
+from torchpeer.lm.config_io import apply_overrides, dump_toml, list_configs, load_config
 from torchpeer.lm.evaluate import evaluate
 from torchpeer.lm.generate import generate
 from torchpeer.lm.info import ModelCost, config_cost, model_cost
 from torchpeer.lm.model import KVCache, TransformerLM
-from torchpeer.lm.train import train
+from torchpeer.lm.plan import SingleProcessPlan
+from torchpeer.lm.rundir import RunWriteError
+from torchpeer.lm.train import Trainer, TrainingInterrupted, train
 
 __all__ = [
+    "Callback",
     "DenseConfig",
     "KVCache",
     "ModelConfig",
@@ -39,10 +36,15 @@ __all__ = [
     "PEERConfig",
     "PKMConfig",
     "RunConfig",
+    "RunWriteError",
+    "SingleProcessPlan",
     "TrainConfig",
+    "Trainer",
+    "TrainingInterrupted",
     "TransformerLM",
     "apply_overrides",
     "config_cost",
+    "dump_toml",
     "evaluate",
     "generate",
     "list_configs",

@@ -8,11 +8,14 @@
 
 The folder is assembled under a temporary name and renamed into place (``os.replace``), so a
 crash leaves either a complete checkpoint or none; after the rename only the ``keep`` newest
-are kept. ``latest_checkpoint`` ignores leftover temporaries.
+are kept. ``latest_checkpoint`` ignores leftover temporaries (rundir.remove_stale_partials deletes
+them when a run starts). A distributed run keeps its weights in ``dcp/`` instead of
+``model.safetensors`` (torchpeer.parallel); ``load_weights`` reads either.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -116,13 +119,52 @@ def save_checkpoint(
     return final
 
 
+def check_same_model(saved: RunConfig, cfg: RunConfig, ckpt: str) -> None:
+    """Raise ValueError naming the model fields in which ``cfg`` differs from the checkpoint's."""
+    da, db = _flat(dataclasses.asdict(saved.model), "model"), _flat(dataclasses.asdict(cfg.model), "model")
+    if cfg.model.vocab_size is None:
+        db["model.vocab_size"] = da["model.vocab_size"]
+    diffs = [
+        f"{k}: checkpoint {da.get(k)!r}, now {db.get(k)!r}" for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)
+    ]
+    if saved.data.tokenizer != cfg.data.tokenizer:
+        diffs.append(f"data.tokenizer: checkpoint {saved.data.tokenizer!r}, now {cfg.data.tokenizer!r}")
+    if diffs:
+        raise ValueError(
+            f"cannot resume from {ckpt}: the model config differs from the checkpoint's ({'; '.join(diffs)}); "
+            "resume with the checkpoint's settings, or start a new run with another --run-dir"
+        )
+
+
+def _flat(d: dict, prefix: str) -> dict:
+    """{"a": {"b": 1}} -> {"prefix.a.b": 1}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}.{k}"))
+        else:
+            out[f"{prefix}.{k}"] = v
+    return out
+
+
 def read_checkpoint_config(path: str) -> RunConfig:
     with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
         return RunConfig.from_dict(json.load(fh))
 
 
+def is_dcp_checkpoint(path: str) -> bool:
+    """A checkpoint written by a distributed plan: weights in ``dcp/`` (torch.distributed.checkpoint)."""
+    return os.path.isdir(os.path.join(path, "dcp"))
+
+
 def load_weights(model: torch.nn.Module, path: str, device: str | torch.device = "cpu") -> None:
-    """Load ``model.safetensors`` of checkpoint folder ``path`` into ``model`` (strict)."""
+    """Load the weights of checkpoint folder ``path`` into ``model`` (strict): ``model.safetensors``,
+    or the ``dcp/`` folder of a distributed run (through torchpeer.parallel)."""
+    if is_dcp_checkpoint(path):
+        from torchpeer.parallel.checkpoint import load_dcp_weights
+
+        load_dcp_weights(model, path)
+        return
     load_model(model, os.path.join(path, "model.safetensors"), strict=True, device=str(device))
 
 

@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from torchpeer.usage import enable_usage_tracking, usage_report
+from torchpeer.usage import enable_usage_tracking, routing_report, usage_report
 
 
 @torch.no_grad()
@@ -30,31 +30,42 @@ def evaluate(
     max_batches: int | None = None,
     device: str | torch.device = "cpu",
     autocast_dtype: torch.dtype | None = None,
+    plan=None,
 ) -> dict:
     """Evaluate ``model`` on a TokenFile (anything with ``.tokens`` and ``.n_bytes``).
 
-    Returns {"loss", "ppl", "bpb", "tokens", "complete", "usage": {layer: {"usage_pct", "kl"}}}.
+    plan: a parallel plan (lm/plan.py); each rank evaluates its share of the batches and the sums
+    are reduced over ranks. None = one process.
+    Returns {"loss", "ppl", "bpb", "tokens", "complete", "usage": {layer: {"usage_pct", "kl"}},
+    "routing": {layer: {metric: value}}} (usage and routing: routed layers only).
     """
     from torchpeer.data import sequential_windows
+    from torchpeer.lm.plan import SingleProcessPlan
 
+    plan = plan or SingleProcessPlan()
     device = torch.device(device)
     was_training = model.training
     model.eval()
     tracked = enable_usage_tracking(model, True)
-    total, n_targets = torch.zeros((), dtype=torch.float64, device=device), 0
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # total nats, number of targets
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     try:
-        for x, y in sequential_windows(token_file.tokens, batch_size, seq_len, max_batches=max_batches):
+        batches = sequential_windows(token_file.tokens, batch_size, seq_len, max_batches=max_batches)
+        for x, y in plan.shard_batches(batches):
             x, y = x.to(device), y.to(device)
             with ctx:
                 logits, _ = model(x)
-            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
-            n_targets += y.numel()
+            sums[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+            sums[1] += y.numel()
+        plan.all_reduce_sum_(sums)
+        if tracked:
+            plan.reduce_usage_(model)
         usage = usage_report(model) if tracked else {}
+        routing = routing_report(model) if tracked else {}
     finally:
         enable_usage_tracking(model, False)
         model.train(was_training)
-    nats = total.item()
+    nats, n_targets = sums[0].item(), int(sums[1].item())
     all_targets = len(token_file.tokens) - 1
     loss = nats / max(1, n_targets)
     n_bytes = token_file.n_bytes * n_targets / all_targets
@@ -65,6 +76,7 @@ def evaluate(
         "tokens": n_targets,
         "complete": n_targets == all_targets,
         "usage": usage,
+        "routing": routing,
     }
 
 

@@ -12,6 +12,8 @@ depends on the call's other tokens; with such a model cached and uncached decodi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from torchpeer.lm.model import KVCache, TransformerLM
@@ -30,7 +32,9 @@ def sample_next(
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     logits = logits.float() / temperature
-    if top_k is not None and top_k > 0:
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer (None = sample from all tokens), got {top_k!r}")
+    if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
@@ -57,12 +61,14 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     stop_token: int | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Extend idx (B, T0) by up to ``max_new_tokens`` tokens -> (B, T0 + n).
 
-    Stops early once every row has produced ``stop_token`` (if given).
+    Stops early once every row has produced ``stop_token`` (if given). ``on_token(next_ids)`` is
+    called with each new (B, 1) column as soon as it is sampled (streaming output).
     """
-    if idx.dim() != 2 or idx.shape[1] < 1:
+    if idx.dim() != 2 or idx.shape[0] < 1 or idx.shape[1] < 1:
         raise ValueError(f"idx must be (batch, time>=1) token ids, got shape {tuple(idx.shape)}")
     was_training = model.training
     model.eval()
@@ -82,6 +88,8 @@ def generate(
                 logits, _ = model(idx[:, -1:], cache=cache, last_only=True)
             nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
             idx = torch.cat([idx, nxt], dim=1)
+            if on_token is not None:
+                on_token(nxt)
             if stop_token is not None:
                 done |= nxt[:, 0] == stop_token
                 if bool(done.all()):

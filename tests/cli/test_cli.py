@@ -1,14 +1,24 @@
-"""`torchpeer` command line: --help of every subcommand, info, and one-line errors for bad input."""
+"""`torchpeer` command line: the subcommand registry, --help of every subcommand, info, and one-line
+errors (exit status 2) for bad input."""
 
+import importlib
 import json
 import os
 
 import pytest
 
 from torchpeer.cli import main
-from torchpeer.lm.config import list_configs, load_config
+from torchpeer.cli.registry import COMMANDS
+from torchpeer.lm.config_io import list_configs, load_config
 
 SUBCOMMANDS = ["train", "eval", "generate", "info", "data"]
+
+
+def test_registry_modules_define_add_parser_and_run():
+    for name in COMMANDS:
+        module = importlib.import_module(name)
+        assert callable(module.add_parser) and callable(module.run), name
+    assert COMMANDS[:5] == [f"torchpeer.cli.{c}" for c in SUBCOMMANDS]
 
 
 @pytest.mark.parametrize("cmd", SUBCOMMANDS)
@@ -150,3 +160,34 @@ def test_data_subcommand_accepts_config_name(capsys, tmp_path):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "train" in out and "valid/v" in out
+
+
+def test_data_subcommand_accepts_the_documented_config_path(capsys, tmp_path):
+    """`torchpeer data --help` shows `--config configs/ptb-tiny.toml`; that form works from anywhere."""
+    with pytest.raises(SystemExit):
+        main(["data", "--help"])
+    assert "--config configs/ptb-tiny.toml" in capsys.readouterr().out
+    (tmp_path / "t.txt").write_text("some text\n" * 20)
+    argv = ["data", "--config", "configs/ptb-tiny.toml", "--train", str(tmp_path / "t.txt")]
+    argv += ["--valid", f"v={tmp_path}/t.txt", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    assert main(argv) == 0
+    assert "valid/v" in capsys.readouterr().out
+    err = _error(capsys, ["data", "--config", str(tmp_path / "none.toml")])
+    assert "neither a file nor a shipped config" in err
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        (["--train.warmup_steps", "-5"], "train.warmup_steps must be >= 0, got -5"),
+        (["--train.lr", "-1"], "train.lr must be a positive finite number, got -1.0"),
+        (["--train.lr", "nan"], "train.lr must be a positive finite number, got nan"),
+    ],
+)
+def test_error_invalid_values_name_their_field(capsys, override, field):
+    assert field in _error(capsys, ["info", *override])
+    assert field in _error(capsys, ["train", *override, "--run-dir", "/nonexistent/never-written"])
+
+
+def test_error_override_without_value(capsys):
+    assert "--train.lr needs a value" in _error(capsys, ["info", "--train.lr"])

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from torchpeer.lm.config import ModelConfig, MoEConfig, PEERConfig, PKMConfig
-from torchpeer.lm.generate import generate, sample_next
 from torchpeer.lm.model import KVCache, TransformerLM
 
 
@@ -149,45 +148,6 @@ def test_kv_cache_logits_match_full_forward(ffw):
     parts.append(model(idx[:, 6:], cache=cache)[0])
     assert cache.pos == 12
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("ffw", ["dense", "peer"])
-def test_greedy_generation_with_cache_equals_without(ffw):
-    torch.manual_seed(4)
-    model = TransformerLM(tiny(ffw)).eval()
-    prompt = torch.randint(0, 50, (2, 3))
-    with_cache = generate(model, prompt, 13, temperature=0, use_cache=True)  # fills seq_len = 16
-    without = generate(model, prompt, 13, temperature=0, use_cache=False)
-    assert with_cache.shape == (2, 16)
-    assert torch.equal(with_cache, without)
-    # beyond seq_len the cache slides; generation keeps going
-    longer = generate(model, prompt, 30, temperature=0)
-    assert longer.shape == (2, 33) and torch.equal(longer[:, :16], with_cache)
-
-
-def test_sampling_filters():
-    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
-    g = torch.Generator().manual_seed(0)
-    draws = {sample_next(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)}
-    assert draws == {0, 1}
-    # top_p: p = softmax = [.64, .24, .09, .03, .01]; 0.8 keeps the first two tokens
-    draws = {sample_next(logits, 1.0, top_p=0.8, generator=g).item() for _ in range(200)}
-    assert draws == {0, 1}
-    assert sample_next(logits, 0).item() == 0
-    with pytest.raises(ValueError, match="temperature"):
-        sample_next(logits, -1.0)
-
-
-def test_moe_token_choice_aux_loss_exposed():
-    torch.manual_seed(5)
-    cfg = tiny("moe")
-    cfg.moe.routing = "token_choice"
-    model = TransformerLM(cfg)
-    x = torch.randint(0, 50, (2, 16))
-    model(x, x)
-    aux = model.aux_loss()
-    assert aux is not None and aux.requires_grad and aux.item() >= 1.0 - 1e-6  # Switch loss >= 1
-    assert TransformerLM(tiny("dense")).aux_loss() is None
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,118 @@
+"""Run configs: overrides (one parser for the CLI), TOML round trip, the FFW sections from the layer
+registry, shipped-config paths, and validation messages that name their field."""
+
+import dataclasses
+import math
+
+import pytest
+
+from torchpeer.layers import PEERConfig, ffw_kinds, get_ffw
+from torchpeer.lm.config import ModelConfig, RunConfig, TrainConfig
+from torchpeer.lm.config_io import (
+    dump_toml,
+    from_dict,
+    load_config,
+    parse_override_args,
+    resolve_config_path,
+    split_overrides,
+)
+
+
+def test_config_overrides_and_errors():
+    cfg = load_config(
+        "ptb-tiny",
+        [
+            "--model.d_model",
+            "64",
+            "--train.max_flops=1e12",
+            "--model.placement",
+            "0,3",
+            "--data.valid.test",
+            "ptb:test",
+            "--train.max_steps",
+            "none",
+        ],
+    )
+    assert cfg.model.d_model == 64 and cfg.train.max_flops == 1e12 and cfg.model.placement == [0, 3]
+    assert cfg.data.valid == {"ptb": "ptb:valid", "test": "ptb:test"} and cfg.train.max_steps is None
+    assert load_config("ptb-tiny", ["--model.placement", "1"]).model.placement == [1]
+    with pytest.raises(ValueError, match="unknown config field 'model.d_modle'.*model.d_model"):
+        load_config("ptb-tiny", ["--model.d_modle", "64"])
+    with pytest.raises(ValueError, match="cannot parse --train.max_steps 'ten' as int"):
+        load_config("ptb-tiny", ["--train.max_steps", "ten"])
+    with pytest.raises(ValueError, match="unknown FFW kind"):
+        load_config("ptb-tiny", ["--model.ffw", "mlp"])
+
+
+def test_split_overrides_is_the_one_parser():
+    argv = ["train", "ptb-tiny", "--model.d_model", "64", "--resume", "--train.lr=3e-4", "--run-dir", "r.x"]
+    rest, pairs = split_overrides(argv)
+    assert rest == ["train", "ptb-tiny", "--resume", "--run-dir", "r.x"]
+    assert pairs == [("model.d_model", "64"), ("train.lr", "3e-4")]
+    assert parse_override_args(["--model.peer.top_k", "8"]) == [("model.peer.top_k", "8")]
+    with pytest.raises(ValueError, match="--model.d_model needs a value"):
+        split_overrides(["--model.d_model"])
+    with pytest.raises(ValueError, match="unknown option --resume"):
+        parse_override_args(["--resume"])
+
+
+def test_model_config_has_one_section_per_registered_kind():
+    fields = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+    for kind in ffw_kinds():
+        assert isinstance(getattr(ModelConfig(), kind), get_ffw(kind).config_cls)
+    assert set(ffw_kinds()) <= set(fields) and {"dense", "peer", "pkm", "moe"} <= set(ffw_kinds())
+    cfg = load_config("ptb-tiny", ["--model.peer.top_k", "8", "--model.moe.routing", "token_choice"])
+    assert cfg.model.peer.top_k == 8 and cfg.model.moe.routing == "token_choice"
+    with pytest.raises(ValueError, match="unknown config key.*'topk'.*model.peer"):
+        from_dict(RunConfig, {"model": {"peer": {"topk": 3}}})
+    with pytest.raises(ValueError, match="'model.peer' is a section"):
+        load_config("ptb-tiny", ["--model.peer", "3"])
+
+
+def test_toml_round_trip_and_shipped_paths(tmp_path):
+    cfg = load_config("ptb-tiny", ["--model.placement", "0,2", "--train.max_tokens", "2e7"])
+    path = tmp_path / "c.toml"
+    path.write_text(dump_toml(cfg))
+    again = load_config(str(path))
+    again.name = cfg.name
+    assert again == cfg and again.train.max_tokens == 20_000_000
+    shipped = resolve_config_path("ptb-tiny")
+    assert resolve_config_path("configs/ptb-tiny.toml") == shipped  # the form the docs use
+    with pytest.raises(FileNotFoundError, match="neither a file nor a shipped config"):
+        resolve_config_path("elsewhere/ptb-tiny.toml")
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        (["--train.warmup_steps", "-5"], "train.warmup_steps"),
+        (["--train.lr", "-1"], "train.lr"),
+        (["--train.lr", "nan"], "train.lr"),
+        (["--train.lr", "inf"], "train.lr"),
+        (["--train.expert_lr", "0"], "train.expert_lr"),
+        (["--train.max_flops", "nan"], "train.max_flops"),
+        (["--train.beta2", "1"], "train.beta2"),
+        (["--train.grad_clip", "-1"], "train.grad_clip"),
+        (["--train.eval_batches", "0"], "train.eval_batches"),
+        (["--train.decay_frac", "2"], "train.decay_frac"),
+        (["--train.batch_size", "0"], "train.batch_size"),
+    ],
+)
+def test_validation_names_the_field(override, field):
+    with pytest.raises(ValueError) as e:
+        load_config("ptb-tiny", override)
+    assert str(e.value).startswith(field) and override[1] in str(e.value)
+
+
+def test_type_errors_name_the_field():
+    """n_experts = 1024.0 is a type error naming model.peer.n_experts (not 'must be a perfect square')."""
+    cfg = ModelConfig(peer=PEERConfig(n_experts=1024.0))
+    with pytest.raises(TypeError, match=r"model\.peer\.n_experts must be of type int, got 1024\.0"):
+        cfg.validate()
+    with pytest.raises(TypeError, match=r"train\.warmup_steps must be of type int, got 2\.5"):
+        TrainConfig(max_steps=1, warmup_steps=2.5).validate()
+    with pytest.raises(TypeError, match=r"train\.compile must be of type bool"):
+        TrainConfig(max_steps=1, compile="yes").validate()
+    # from text (TOML values, command-line strings) an integral number is still an int
+    assert load_config("ptb-tiny", ["--model.peer.n_experts", "1024.0"]).model.peer.n_experts == 1024
+    assert math.isclose(load_config("ptb-tiny", ["--train.lr", "1"]).train.lr, 1.0)

@@ -1,0 +1,122 @@
+"""Sampling and generation: filters, cached vs uncached decoding, `torchpeer eval` / `generate`
+on a trained run (seeded, greedy, streamed), and one clear error per bad sampling option."""
+
+import json
+import os
+import select
+import time
+
+import pytest
+import torch
+
+from tests.lm.helpers import cli_subprocess
+from tests.lm.test_model import tiny
+from torchpeer.cli import main
+from torchpeer.lm.generate import generate, sample_next
+from torchpeer.lm.model import TransformerLM
+
+
+@pytest.mark.parametrize("ffw", ["dense", "peer"])
+def test_greedy_generation_with_cache_equals_without(ffw):
+    torch.manual_seed(4)
+    model = TransformerLM(tiny(ffw)).eval()
+    prompt = torch.randint(0, 50, (2, 3))
+    with_cache = generate(model, prompt, 13, temperature=0, use_cache=True)  # fills seq_len = 16
+    without = generate(model, prompt, 13, temperature=0, use_cache=False)
+    assert with_cache.shape == (2, 16)
+    assert torch.equal(with_cache, without)
+    # beyond seq_len the cache slides; generation keeps going
+    longer = generate(model, prompt, 30, temperature=0)
+    assert longer.shape == (2, 33) and torch.equal(longer[:, :16], with_cache)
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = {sample_next(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)}
+    assert draws == {0, 1}
+    # top_p: p = softmax = [.64, .24, .09, .03, .01]; 0.8 keeps the first two tokens
+    draws = {sample_next(logits, 1.0, top_p=0.8, generator=g).item() for _ in range(200)}
+    assert draws == {0, 1}
+    assert sample_next(logits, 0).item() == 0
+    with pytest.raises(ValueError, match="temperature"):
+        sample_next(logits, -1.0)
+
+
+def test_eval_cli(trained, capsys, tmp_path):
+    root, cfg, run = trained
+    out = str(tmp_path / "e.json")
+    args = ["eval", run, "--data", f"a={root}/valid.txt", "--data", f"b={root}/train.txt", "--out", out]
+    assert main([*args, "--max-batches", "3", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "blocks.1.ffw" in text and "bpb" in text
+    res = json.load(open(out))["results"]
+    assert set(res) == {"a", "b"}
+    assert res["a"]["tokens"] == 3 * 8 * 32 and not res["a"]["complete"]
+    summary = json.load(open(os.path.join(run, "summary.json")))
+    assert main(["eval", run, "--out", out, "--no-progress"]) == 0  # default: the config's valid sets
+    full = json.load(open(out))["results"]["v"]
+    assert full["loss"] == pytest.approx(summary["valid"]["v"]["loss"], rel=1e-6)
+
+
+def test_generate_cli(trained, capsys):
+    root, cfg, run = trained
+    args = ["generate", run, "--prompt", "the cat", "--max-new-tokens", "40", "--seed", "3"]
+    assert main(args) == 0
+    a = capsys.readouterr().out
+    assert a.startswith("the cat") and len(a) > len("the cat") + 10
+    assert main(args) == 0
+    assert capsys.readouterr().out == a  # seeded
+    assert main(["generate", run, "--prompt", "the", "--temperature", "0", "--max-new-tokens", "20"]) == 0
+    greedy = capsys.readouterr().out
+    assert main(["generate", run, "--prompt", "the", "--temperature", "0", "--max-new-tokens", "20", "--no-cache"]) == 0
+    assert capsys.readouterr().out == greedy
+
+
+def test_generate_calls_on_token_with_each_new_column():
+    torch.manual_seed(5)
+    model = TransformerLM(tiny("dense")).eval()
+    prompt = torch.randint(0, 50, (2, 3))
+    seen = []
+    out = generate(model, prompt, 7, temperature=0, on_token=lambda nxt: seen.append(nxt.clone()))
+    assert len(seen) == 7 and all(s.shape == (2, 1) for s in seen)
+    assert torch.equal(torch.cat([prompt, *seen], dim=1), out)
+    with pytest.raises(ValueError, match="idx must be"):
+        generate(model, prompt[:0], 3)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="top_k must be a positive integer"):
+            sample_next(torch.zeros(1, 5), 1.0, top_k=bad)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num-samples", "0"], "--num-samples must be >= 1, got 0"),
+        (["--top-k", "0"], "--top-k must be >= 1, got 0 (omit --top-k"),
+        (["--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
+        (["--temperature", "-0.5"], "--temperature must be >= 0"),
+    ],
+)
+def test_generate_rejects_bad_options(trained, capsys, flags, message):
+    root, cfg, run = trained
+    assert main(["generate", run, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {err[7:]}" and message in err and err.count("\n") == 1
+
+
+def test_generate_streams_text_as_it_comes(trained):
+    """With a budget that takes long to finish, text arrives on the pipe while generation is running."""
+    root, cfg, run = trained
+    p = cli_subprocess("generate", run, "--prompt", "the cat", "--max-new-tokens", "1000000", "--device", "cpu")
+    try:
+        got, deadline = b"", time.time() + 60
+        while time.time() < deadline and len(got) < len("the cat") + 20:
+            ready, _, _ = select.select([p.stdout], [], [], 1.0)
+            if ready:
+                got += os.read(p.stdout.fileno(), 4096)
+        assert p.poll() is None, "generation finished: nothing shows streaming"
+        assert got.startswith(b"the cat") and len(got) >= len("the cat") + 20
+    finally:
+        p.kill()
+        p.wait()

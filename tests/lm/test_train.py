@@ -1,0 +1,192 @@
+"""Training: loss goes down, the run folder, bits per byte, grad accumulation and FLOP budgets; the
+Trainer's parts (build / train_step / evaluate / checkpoint), callbacks, the parallel-plan seam,
+generic aux losses and the backend record."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from tests.lm.helpers import losses, records, write_config, write_corpus
+from torchpeer.lm import Callback, SingleProcessPlan, Trainer
+from torchpeer.lm.checkpoint import list_checkpoints, load_model_from_checkpoint
+from torchpeer.lm.config_io import load_config
+from torchpeer.lm.train import train
+
+
+def test_training_decreases_loss_and_writes_run(trained):
+    root, cfg, run = trained
+    ls = losses(run)
+    assert [s for s, _ in ls] == list(range(1, 61))
+    first, last = sum(v for _, v in ls[:5]) / 5, sum(v for _, v in ls[-5:]) / 5
+    assert first > 5.0 and last < first - 2.0  # from ~ln(257) to far below it
+    summary = json.load(open(os.path.join(run, "summary.json")))
+    assert summary["steps"] == 60 and summary["tokens"] == 60 * 8 * 32
+    v = summary["valid"]["v"]
+    assert v["complete"] and v["ppl"] == pytest.approx(math.exp(v["loss"]), rel=1e-12)
+    assert set(v["usage"]) == {"blocks.1.ffw"} and 0 < v["usage"]["blocks.1.ffw"]["usage_pct"] <= 100
+    # keep_checkpoints = 2: only the two newest remain, no temporaries
+    assert [os.path.basename(p) for p in list_checkpoints(run)] == ["step_00000050", "step_00000060"]
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["step_00000050", "step_00000060"]
+    assert json.load(open(os.path.join(run, "config.json")))["model"]["vocab_size"] == 257
+
+
+def test_bits_per_byte_is_total_nats_over_bytes(trained):
+    root, cfg, run = trained
+    model, rc, _ = load_model_from_checkpoint(run)
+    from torchpeer.data import prepare_split
+    from torchpeer.lm.evaluate import evaluate
+
+    tf = prepare_split(rc.data, rc.data.valid["v"], "v", progress=False)
+    r = evaluate(model, tf, 8, 32)
+    text = (root / "valid.txt").read_text()
+    assert tf.n_bytes == len(text.encode())
+    # byte tokenizer: one eot then one token per byte, so targets = bytes and bpb = loss / ln 2
+    assert r["tokens"] == len(text.encode())
+    assert r["bpb"] == pytest.approx(r["loss"] / math.log(2), rel=1e-12)
+
+
+def test_grad_accum_and_flop_budget(tmp_path):
+    """A FLOP budget stops the run after the whole steps it affords; accumulation multiplies the tokens."""
+    from torchpeer.lm.info import config_cost
+
+    write_corpus(tmp_path)
+    cfg = load_config(
+        write_config(tmp_path), ["--train.grad_accum", "2", "--train.max_steps", "none", "--train.max_flops", "1e30"]
+    )
+    cfg.model.vocab_size = 257
+    per_step = config_cost(cfg.model).train_flops * 2 * 8 * 32
+    cfg.train.max_flops = 3.5 * per_step
+    cfg.train.ckpt_interval = 2
+    summary = train(cfg, str(tmp_path / "run"), progress=False)
+    assert summary["steps"] == 3 and summary["tokens"] == 3 * 2 * 8 * 32
+    assert summary["train_flops"] == 3 * per_step <= cfg.train.max_flops
+    assert [s for s, _ in losses(tmp_path / "run")] == [1, 2, 3]
+
+
+class Recorder(Callback):
+    """Remembers every hook call; stops the run at ``stop_at``."""
+
+    def __init__(self, stop_at=None):
+        self.calls, self.stop_at = [], stop_at
+
+    def on_train_start(self, trainer):
+        self.calls.append(("start", trainer.step))
+
+    def on_step_end(self, trainer, step, metrics):
+        self.calls.append(("step", step, sorted(metrics)))
+        if step == self.stop_at:
+            trainer.request_stop("enough")
+
+    def on_eval(self, trainer, step, results):
+        self.calls.append(("eval", step, sorted(results)))
+
+    def on_checkpoint(self, trainer, path):
+        self.calls.append(("checkpoint", os.path.basename(path)))
+
+    def on_train_end(self, trainer, summary):
+        self.calls.append(("end", summary["steps"]))
+
+
+class CountingPlan(SingleProcessPlan):
+    """The default plan, counting which seams the trainer goes through."""
+
+    def __init__(self):
+        self.counts = {}
+
+    def _count(self, name):
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def wrap_model(self, model):
+        self._count("wrap_model")
+        return model
+
+    def no_sync(self, wrapped, last_micro_batch):
+        self._count("no_sync_last" if last_micro_batch else "no_sync")
+        return super().no_sync(wrapped, last_micro_batch)
+
+    def all_reduce_sum_(self, value):
+        self._count("all_reduce_sum_")
+        return value
+
+    def save_checkpoint(self, *args, **kw):
+        self._count("save_checkpoint")
+        return super().save_checkpoint(*args, **kw)
+
+
+def _tiny(tmp_path, *overrides, max_steps=12):
+    write_corpus(tmp_path)
+    return load_config(write_config(tmp_path, max_steps=max_steps), list(overrides))
+
+
+def test_callbacks_and_plan_seams(tmp_path):
+    cfg = _tiny(tmp_path, "--train.eval_interval", "4", "--train.ckpt_interval", "5", "--train.grad_accum", "2")
+    rec, plan = Recorder(), CountingPlan()
+    summary = train(cfg, str(tmp_path / "run"), progress=False, callbacks=[rec], plan=plan)
+    kinds = [c[0] for c in rec.calls]
+    assert kinds[0] == "start" and kinds[-1] == "end" and rec.calls[-1] == ("end", 12)
+    steps = [c for c in rec.calls if c[0] == "step"]
+    assert [c[1] for c in steps] == list(range(1, 13))
+    assert set(steps[0][2]) >= {"step", "tokens", "lr", "loss", "grad_norm"}  # log_interval = 1
+    assert [c[1] for c in rec.calls if c[0] == "eval"] == [4, 8, 12]  # periodic + the final one
+    assert [c[1] for c in rec.calls if c[0] == "checkpoint"] == ["step_00000005", "step_00000010", "step_00000012"]
+    assert plan.counts["wrap_model"] == 1 and plan.counts["save_checkpoint"] == 3
+    assert plan.counts["no_sync"] == plan.counts["no_sync_last"] == 12  # grad_accum 2: one of each per step
+    assert plan.counts["all_reduce_sum_"] == 3  # one per evaluation of the one valid set
+    assert summary["world_size"] == 1
+
+
+def test_request_stop_finishes_the_run_early(tmp_path):
+    cfg = _tiny(tmp_path)
+    summary = train(cfg, str(tmp_path / "run"), progress=False, callbacks=[Recorder(stop_at=3)])
+    assert summary["steps"] == 3 and summary["stopped"] == "enough"
+    assert [os.path.basename(p) for p in list_checkpoints(tmp_path / "run")] == ["step_00000003"]
+    assert records(tmp_path / "run")[-1]["final"]
+
+
+def test_trainer_parts_step_by_step(tmp_path):
+    """build / train_step / evaluate / save / load, driven by hand, give the same numbers as train()."""
+    cfg = _tiny(tmp_path, max_steps=4)
+    ref = train(cfg, str(tmp_path / "ref"), progress=False)
+    trainer = Trainer(_tiny(tmp_path, max_steps=4), str(tmp_path / "run"), progress=False).build()
+    trainer._t_start = 0.0
+    out = [trainer.train_step() for _ in range(2)]
+    assert trainer.step == 2 and all(torch.isfinite(o["loss"]) and o["grad_norm"] > 0 for o in out)
+    path = trainer.save_checkpoint()
+    assert os.path.basename(path) == "step_00000002"
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train_step()
+    trainer.load_checkpoint(path)  # back to step 2: the same weights, sampler and RNG
+    assert trainer.step == 2
+    assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
+    again = [trainer.train_step() for _ in range(2)]
+    logged = dict(losses(tmp_path / "ref"))
+    assert [o["loss"].item() for o in out + again] == [logged[s] for s in (1, 2, 3, 4)]  # log_interval 1
+    results = trainer.evaluate(None)
+    assert results["v"]["loss"] == pytest.approx(ref["valid"]["v"]["loss"], rel=1e-12)
+
+
+def test_config_json_records_backends(trained):
+    root, cfg, run = trained
+    saved = json.load(open(os.path.join(run, "config.json")))
+    assert saved["backends"] == {"blocks.1.ffw": {"product_key_topk": "torch", "expert_mix": "torch"}}
+    start = records(run)[0]
+    assert start["event"] == "start" and start["backends"] == saved["backends"] and start["world_size"] == 1
+
+
+def test_aux_loss_of_any_module_is_added(tmp_path):
+    """The trainer adds aux_loss() of every module that defines one (here a token-choice MoE)."""
+    from torchpeer.lm.trainer import aux_loss
+
+    moe_flags = ["--model.ffw", "moe", "--model.moe.n_experts", "4", "--model.moe.routing", "token_choice"]
+    cfg = _tiny(tmp_path, *moe_flags, "--model.moe.aux_loss_weight", "0.5", max_steps=2)
+    trainer = Trainer(cfg, str(tmp_path / "run"), progress=False).build()
+    x, y = next(iter(trainer.sampler))
+    _, loss = trainer.model(x, y)
+    term = aux_loss(trainer.model)
+    moe = trainer.model.blocks[1].ffw
+    assert term is not None and term.requires_grad and torch.equal(term, moe.aux_loss())
+    assert term.item() == pytest.approx(0.5 * moe.balance_loss.item())
+    assert aux_loss(Trainer(_tiny(tmp_path, max_steps=2), str(tmp_path / "r2"), progress=False).build().model) is None

@@ -1,0 +1,60 @@
+"""Command line: ``torchpeer train | eval | generate | info | data | ...`` (cli/registry.py lists them).
+
+Bad input (missing file, unknown config field or FFW kind, resume with another model, an
+unwritable run folder, ...) is reported as one line ``error: ...`` on stderr with exit status 2,
+without a traceback (``TORCHPEER_TRACEBACK=1`` shows it). An interrupted ``train`` exits 130
+(SIGINT) or 143 (SIGTERM) after writing a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from torchpeer.cli.registry import COMMANDS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="torchpeer",
+        description="PEER (Mixture of A Million Experts) language-model toolkit.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for module in COMMANDS:
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torchpeer.lm.config_io import split_overrides
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rest, overrides = split_overrides(argv)
+        parser = build_parser()
+        args = parser.parse_args(rest)
+        if overrides and not getattr(args, "takes_overrides", False):
+            takers = [n for n, p in _subparsers(parser).items() if p.get_default("takes_overrides")]
+            names = ", ".join(takers[:-1]) + " and " + takers[-1] if len(takers) > 1 else "".join(takers)
+            parser.error(f"config overrides (--{overrides[0][0]} ...) only apply to {names}")
+        args.overrides = overrides
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, OSError) as e:
+        if os.environ.get("TORCHPEER_TRACEBACK"):
+            raise  # debugging: the full traceback instead of the one-line message
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}

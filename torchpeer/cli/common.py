@@ -1,0 +1,56 @@
+"""Helpers shared by the subcommands: config loading, checkpoint loading, named eval sets."""
+
+from __future__ import annotations
+
+import os
+
+
+def config_with_overrides(name: str, overrides):
+    """The run config ``name`` (shipped name or TOML path) with ``--a.b V`` overrides applied."""
+    from torchpeer.lm.config_io import load_config
+
+    return load_config(name, overrides)
+
+
+def named_sources(items: list[str] | None, flag: str = "--data") -> dict[str, str]:
+    """["a=ptb:test", ...] -> {"a": "ptb:test"}."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, spec = item.partition("=")
+        if not sep or not name or not spec:
+            raise ValueError(f"{flag} {item!r}: give NAME=SOURCE, e.g. {flag} ptb=ptb:test")
+        if name in out:
+            raise ValueError(f"{flag} name {name!r} is given twice")
+        out[name] = spec
+    return out
+
+
+def _is_exported(path: str) -> bool:
+    """An export-hf folder (config.json with a "torchpeer" section), not a checkpoint or run folder."""
+    if not os.path.isfile(os.path.join(path, "config.json")) or os.path.isfile(os.path.join(path, "trainer.pt")):
+        return False
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return False
+    from torchpeer.hf import is_exported_folder  # optional interop package, imported only for such folders
+
+    return is_exported_folder(path)
+
+
+def load_for_inference(path: str, device):
+    """(model in eval mode, RunConfig, checkpoint folder, tokenizer) from a checkpoint folder, a run
+    folder (its latest checkpoint) or an ``export-hf`` folder."""
+    from torchpeer.lm.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint
+
+    if _is_exported(path):
+        from torchpeer.hf import load_exported
+
+        model, tok, cfg = load_exported(path, device)
+        ckpt = path
+    else:
+        model, cfg, ckpt = load_model_from_checkpoint(path, device)
+        tok = load_checkpoint_tokenizer(ckpt)
+    if tok is None:
+        from torchpeer.data import load_tokenizer
+
+        tok = load_tokenizer(cfg.data)
+    return model, cfg, ckpt, tok

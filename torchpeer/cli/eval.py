@@ -1,0 +1,73 @@
+"""``torchpeer eval CHECKPOINT [--data NAME=SOURCE ...]``: loss, perplexity, bits per byte, expert usage."""
+
+from __future__ import annotations
+
+import os
+
+
+def add_parser(subparsers):
+    import argparse
+
+    p = subparsers.add_parser(
+        "eval",
+        help="perplexity, bits per byte and expert usage of a checkpoint",
+        description="Evaluate a checkpoint (a checkpoint folder, or a run folder: its latest checkpoint) "
+        "on named sets: loss, perplexity per token, bits per byte, expert usage and KL; prints a "
+        "table and writes JSON.",
+        epilog="example:\n  torchpeer eval runs/ptb-tiny --data ptb=ptb:test --data valid=ptb:valid",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", help="checkpoint folder or run folder")
+    p.add_argument(
+        "--data", action="append", metavar="NAME=SOURCE", help="eval set (repeatable); default: the config's valid sets"
+    )
+    p.add_argument("--batch-size", type=int, help="eval batch size (default: the config's)")
+    p.add_argument("--max-batches", type=int, help="evaluate only the first N batches of each set")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--cache-dir", help="token cache folder (default: the config's data.cache_dir)")
+    p.add_argument("--out", help="JSON output path (default RUN_DIR/eval-<checkpoint>.json)")
+    p.add_argument("--no-progress", action="store_true", help="no tokenising progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def default_out(ckpt: str) -> str:
+    """RUN_DIR/eval-<checkpoint name>.json next to the run's checkpoints/ folder."""
+    parent = os.path.dirname(ckpt)
+    run_dir = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else parent
+    return os.path.join(run_dir, f"eval-{os.path.basename(ckpt)}.json")
+
+
+def run(args) -> int:
+    from torchpeer.cli.common import load_for_inference, named_sources
+    from torchpeer.data import prepare_split
+    from torchpeer.data.atomic import write_json_atomic
+    from torchpeer.lm.evaluate import evaluate, format_results
+    from torchpeer.lm.rundir import check_writable, writing
+    from torchpeer.lm.runtime import autocast_dtype, resolve_device
+
+    for name in ("batch_size", "max_batches"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    device = resolve_device(args.device)
+    model, cfg, ckpt, tok = load_for_inference(args.checkpoint, device)
+    if args.cache_dir:
+        cfg.data.cache_dir = args.cache_dir
+    sets = named_sources(args.data) or dict(cfg.data.valid)
+    if not sets:
+        raise ValueError("nothing to evaluate: the checkpoint's config has no valid sets; pass --data NAME=SOURCE")
+    out = args.out or default_out(ckpt)
+    check_writable(os.path.dirname(os.path.abspath(out)))  # fail before evaluating, not after
+    dtype = autocast_dtype(device, cfg.train.dtype)
+    bs = args.batch_size or cfg.train.eval_batch_size or cfg.train.batch_size
+    results = {}
+    for name, spec in sets.items():
+        tf = prepare_split(cfg.data, spec, f"eval/{name}", tokenizer=tok, progress=not args.no_progress)
+        results[name] = evaluate(model, tf, bs, cfg.model.seq_len, args.max_batches, device, dtype)
+        results[name]["source"] = spec
+    print(f"checkpoint {ckpt}")
+    print(format_results(results))
+    with writing(out):
+        write_json_atomic(out, {"checkpoint": ckpt, "results": results})
+    print(f"wrote {out}")
+    return 0

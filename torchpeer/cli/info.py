@@ -1,0 +1,64 @@
+"""``torchpeer info [CONFIG] [--json]``: parameters, active parameters and FLOPs of a config."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(subparsers):
+    import argparse
+
+    from torchpeer.lm.config_io import DEFAULT_CONFIG
+
+    p = subparsers.add_parser(
+        "info",
+        help="parameters, active parameters and FLOPs of a config",
+        description="Total and active parameters and training FLOPs per token of a config's model, per "
+        "block and in total (CONFIG and overrides as for train). FLOP conventions: multiply-add = 2, "
+        "training = 3 x forward, attention scores 6*seq_len*d_model per layer, unembedding counted, "
+        "embedding lookup not.",
+        epilog="example:\n  torchpeer info gpu-peer-small --model.peer.n_experts 65536",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"config name or path (default {DEFAULT_CONFIG})")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run, takes_overrides=True)
+    return p
+
+
+def infer_vocab_size(cfg) -> int:
+    """model.vocab_size, or the tokenizer's (bpe: the configured target size) without training one."""
+    if cfg.model.vocab_size is not None:
+        return cfg.model.vocab_size
+    if cfg.data.tokenizer == "byte":
+        from torchpeer.data import ByteTokenizer
+
+        return ByteTokenizer.vocab_size
+    if cfg.data.tokenizer == "bpe":
+        return cfg.data.vocab_size
+    from torchpeer.data import load_tokenizer
+
+    return load_tokenizer(cfg.data).vocab_size
+
+
+def run(args) -> int:
+    from torchpeer.cli.common import config_with_overrides
+    from torchpeer.lm.info import config_cost, format_cost
+    from torchpeer.lm.trainer import plan_steps
+
+    cfg = config_with_overrides(args.config, args.overrides)
+    cfg.model.vocab_size = infer_vocab_size(cfg)
+    cost = config_cost(cfg.model)
+    if args.json:
+        print(json.dumps({"config": cfg.name, **cost.to_dict()}, indent=2))
+        return 0
+    print(f"config {cfg.name}")
+    print(format_cost(cost, cfg.model))
+    t = cfg.train
+    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.seq_len
+    steps = plan_steps(cfg, cost.train_flops)
+    print(
+        f"training: {steps} steps x {tokens_per_step:,} tokens = {steps * tokens_per_step:,} tokens, "
+        f"{steps * tokens_per_step * cost.train_flops:.3g} FLOPs"
+    )
+    return 0

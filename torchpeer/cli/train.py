@@ -1,0 +1,80 @@
+"""``torchpeer train [CONFIG] [--run-dir DIR] [--resume] [--section.field VALUE ...]``."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+EPILOG = """\
+config overrides: any field as --SECTION.FIELD VALUE (or =VALUE), typed from the config, e.g.
+  --model.d_model 512 --model.ffw dense --model.placement 3,7 --model.peer.n_experts 65536
+  --train.max_steps 100 --train.max_flops 1e15 --train.device cpu
+  --data.train 'corpus/*/train.jsonl.xz' --data.valid.mine path/valid.txt
+  ('none' clears an optional field, e.g. --train.max_steps none --train.max_tokens 2e7)
+
+examples:
+  torchpeer train                                  # ptb-tiny: small PEER LM on PTB, CPU
+  torchpeer train gpu-peer-small --run-dir runs/peer
+  torchpeer train ptb-tiny --resume                # continue runs/ptb-tiny from its last checkpoint
+
+Ctrl-C (SIGINT) or SIGTERM stops after the current step, writes a checkpoint and prints the
+command that resumes the run (exit status 130 / 143).
+"""
+
+
+def add_parser(subparsers):
+    import argparse
+
+    from torchpeer.lm.config_io import DEFAULT_CONFIG, list_configs
+
+    p = subparsers.add_parser(
+        "train",
+        help="train a language model from a TOML config",
+        description="Train a language model. CONFIG is a shipped config name "
+        f"({', '.join(list_configs()) or '(none)'}) or a TOML path.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"config name or path (default {DEFAULT_CONFIG})")
+    p.add_argument("--run-dir", help="run folder (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
+    p.set_defaults(func=run, takes_overrides=True)
+    return p
+
+
+def resume_command(args, run_dir: str) -> str:
+    """The command line that continues this run."""
+    overrides = [f"--{k}={v}" for k, v in args.overrides]
+    return shlex.join(["torchpeer", "train", args.config, "--run-dir", run_dir, "--resume", *overrides])
+
+
+def run(args) -> int:
+    from torchpeer.cli.common import config_with_overrides
+    from torchpeer.lm.train import TrainingInterrupted, train
+
+    cfg = config_with_overrides(args.config, args.overrides)
+    run_dir = args.run_dir or os.path.join("runs", cfg.name or "run")
+    print(f"config {cfg.name}: {cfg.model.ffw} FFW at blocks {cfg.model.sparse_blocks() or 'none'}, run dir {run_dir}")
+    try:
+        summary = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+    except TrainingInterrupted as e:
+        how = f"interrupted by {e.args[0]}"
+        if e.checkpoint is None:
+            print(f"{how}; checkpoints are off (train.checkpoint = false), nothing to resume from", file=sys.stderr)
+        else:
+            print(f"{how}; wrote {e.checkpoint}", file=sys.stderr)
+            print(f"resume with: {resume_command(args, run_dir)}", file=sys.stderr)
+        return 128 + e.signum
+    print(
+        f"trained {summary['steps']} steps ({summary['tokens']:,} tokens, {summary['train_flops']:.3g} FLOPs) "
+        f"in {summary['train_seconds'] / 60:.1f} min"
+    )
+    if summary["valid"]:
+        from torchpeer.lm.evaluate import format_results
+
+        print(format_results(summary["valid"]))
+        for name, r in summary["valid"].items():
+            print(f"validation perplexity ({name}): {r['ppl']:.2f} per token, {r['bpb']:.4f} bits per byte")
+    return 0

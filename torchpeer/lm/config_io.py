@@ -1,0 +1,266 @@
+"""Config I/O: TOML files, dicts, and the one command-line override syntax of the whole CLI.
+
+Shipped configs live in ``torchpeer/configs/*.toml`` (package data, so they are found when
+installed); ``resolve_config_path("ptb-tiny")`` finds them by name (also as ``configs/ptb-tiny.toml``),
+any other argument is a path.
+
+Overrides use dotted field names and take their type from the dataclass field::
+
+    --model.d_model 512  --train.max_steps=100  --model.placement 3,7  --data.valid.ptb ptb:test
+    --model.peer.top_k 8   (any registered FFW kind's section)
+
+``none`` sets an optional field to None; ``--data.valid.NAME SPEC`` adds/replaces one eval set.
+``split_overrides(argv)`` pulls them out of a command line; ``apply_overrides(cfg, pairs)`` sets them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import typing
+from typing import Any
+
+from torchpeer.data import DataConfig
+from torchpeer.lm.config import RunConfig, type_args, type_name
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+DEFAULT_CONFIG = "ptb-tiny"
+
+
+# ----------------------------------------------------------------------------- dict -> dataclass
+
+
+def from_dict(cls, d: dict[str, Any], prefix: str = ""):
+    """Build dataclass ``cls`` from a nested dict (not validated); unknown keys are a ValueError."""
+    if cls is DataConfig:
+        try:
+            return DataConfig.from_dict(d)
+        except TypeError as e:
+            raise TypeError(f"[data]: {e}") from None
+    if not isinstance(d, dict):
+        raise TypeError(f"[{prefix.rstrip('.')}] must be a table, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
+        raise ValueError(f"unknown config key(s) {unknown} in {where}; valid keys are {names}")
+    kwargs = {}
+    for name, value in d.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def coerce(value: Any, tp, key: str) -> Any:
+    """``value`` as field type ``tp`` (ints widened to float, integral floats to int) or a TypeError."""
+    for t in type_args(tp):
+        if t is type(None) and value is None:
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if t in (str, bool) and type(value) is t:
+            return value
+        origin = typing.get_origin(t)
+        if origin is list and isinstance(value, list):
+            (item,) = typing.get_args(t)
+            return [coerce(v, item, key) for v in value]
+        if origin is dict and isinstance(value, dict):
+            return {str(k): coerce(v, typing.get_args(t)[1], key) for k, v in value.items()}
+    raise TypeError(f"config field {key} must be of type {type_name(tp)}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- TOML files
+
+
+def resolve_config_path(name_or_path: str) -> str:
+    """A shipped config name (``ptb-tiny``, or ``configs/ptb-tiny.toml`` as the docs write it) or a
+    path to a TOML file -> an existing path."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    folder, base = os.path.split(os.path.normpath(name_or_path))
+    stem = base[:-5] if base.endswith(".toml") and os.path.basename(folder) == "configs" else base
+    shipped = os.path.join(CONFIG_DIR, f"{stem}.toml")
+    if (stem != base or os.sep not in name_or_path) and os.path.isfile(shipped):
+        return shipped
+    raise FileNotFoundError(
+        f"config {name_or_path!r} is neither a file nor a shipped config; shipped configs: {', '.join(list_configs())}"
+    )
+
+
+def list_configs() -> list[str]:
+    """Names of the configs shipped in torchpeer/configs."""
+    if not os.path.isdir(CONFIG_DIR):
+        return []
+    return sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".toml"))
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """Parse a TOML file; a missing file or a syntax error is one clear error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} not found")
+    with open(path, "rb") as fh:
+        try:
+            return tomllib.load(fh)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: invalid TOML ({e})") from None
+
+
+def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | list[tuple[str, str]] | None = None):
+    """Read a TOML config (name or path), apply overrides (``["--a.b", "v"]`` or pairs), validate."""
+    path = resolve_config_path(name_or_path)
+    raw = read_toml(path)
+    raw.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    cfg = from_dict(RunConfig, raw)
+    apply_overrides(cfg, overrides or [])
+    cfg.validate()
+    return cfg
+
+
+def dump_toml(cfg: RunConfig) -> str:
+    """TOML text of a config (None fields are omitted, TOML has no null)."""
+    lines: list[str] = []
+
+    def emit(d: dict[str, Any], section: str) -> None:
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict) and v is not None}
+        tables = {k: v for k, v in d.items() if isinstance(v, dict)}
+        if section:
+            lines.append(f"\n[{section}]")
+        for k, v in scalars.items():
+            lines.append(f"{k} = {json.dumps(v)}")
+        for k, v in tables.items():
+            emit(v, f"{section}.{k}" if section else k)
+
+    emit(cfg.to_dict(), "")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Separate dotted config overrides (``--a.b V`` / ``--a.b=V``) from the other arguments.
+
+    Returns (the other arguments in order, [(dotted key, value text), ...]).
+    """
+    rest, pairs, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        key = a[2:].split("=", 1)[0] if a.startswith("--") else ""
+        if "." not in key:
+            rest.append(a)
+            i += 1
+            continue
+        if "=" in a:
+            pairs.append((key, a.split("=", 1)[1]))
+            i += 1
+        elif i + 1 < len(argv):
+            pairs.append((key, argv[i + 1]))
+            i += 2
+        else:
+            raise ValueError(f"override {a} needs a value, e.g. {a} 512")
+    return rest, pairs
+
+
+def parse_override_args(args: list[str]) -> list[tuple[str, str]]:
+    """``["--model.d_model", "512", "--train.lr=3e-4"]`` -> [("model.d_model", "512"), ...]."""
+    rest, pairs = split_overrides(args)
+    for a in rest:
+        if a.startswith("--") and len(a) > 2:
+            raise ValueError(f"unknown option {a}; config overrides are dotted, e.g. --train.max_steps 100")
+        raise ValueError(f"unexpected argument {a!r}; overrides look like --model.d_model 512")
+    return pairs
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str] | list[tuple[str, str]]) -> RunConfig:
+    """Set fields of ``cfg`` in place from string overrides (see module docstring)."""
+    pairs = parse_override_args(overrides) if overrides and isinstance(overrides[0], str) else overrides
+    for key, text in pairs:
+        parts = key.split(".")
+        obj = cfg
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(obj, DataConfig) and part == "valid" and i == len(parts) - 2:
+                obj = None
+                break
+            if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+                raise ValueError(f"unknown config field {key!r}; {_suggest(cfg, parts[: i + 1])}")
+            obj = getattr(obj, part)
+        if obj is None:  # --data.valid.NAME SPEC
+            cfg.data.valid = {**cfg.data.valid, parts[-1]: text}
+            continue
+        last = parts[-1]
+        if not dataclasses.is_dataclass(obj) or last not in {f.name for f in dataclasses.fields(obj)}:
+            raise ValueError(f"unknown config field {key!r}; {_suggest(cfg, parts)}")
+        tp = typing.get_type_hints(type(obj))[last]
+        if dataclasses.is_dataclass(tp):
+            raise ValueError(f"{key!r} is a section; override one of its fields, e.g. --{key}.<field> VALUE")
+        setattr(obj, last, parse_value(text, tp, key))
+    return cfg
+
+
+def _suggest(cfg: RunConfig, parts: list[str]) -> str:
+    obj = cfg
+    for p in parts[:-1]:
+        obj = getattr(obj, p, None)
+    if dataclasses.is_dataclass(obj):
+        prefix = ".".join(parts[:-1])
+        names = [f"{prefix}.{f.name}" if prefix else f.name for f in dataclasses.fields(obj)]
+        return f"valid fields here: {', '.join(names)}"
+    return "sections are model, train, data"
+
+
+def parse_value(text: str, tp, key: str) -> Any:
+    """Parse a command-line string into the field type ``tp`` (ValueError says what is expected)."""
+    low = text.strip().lower()
+    for t in type_args(tp):
+        try:
+            if t is type(None):
+                if low in ("none", "null"):
+                    return None
+                continue
+            if t is bool:
+                if low in ("true", "1", "yes", "on"):
+                    return True
+                if low in ("false", "0", "no", "off"):
+                    return False
+                continue
+            if t is int:
+                try:
+                    return int(text.replace("_", ""))
+                except ValueError:
+                    f = float(text)
+                    if f.is_integer():
+                        return int(f)
+                    raise
+            if t is float:
+                return float(text)
+            origin = typing.get_origin(t)
+            if origin is list:
+                (item,) = typing.get_args(t)
+                s = text.strip()
+                items = json.loads(s) if s.startswith("[") else [x for x in s.split(",") if x.strip()]
+                return [parse_value(str(x), item, key) for x in items]
+            if origin is dict:
+                return coerce(json.loads(text), t, key)
+            if t is str:
+                if len(type_args(tp)) > 1 and re.fullmatch(r"\[?[\d,\s]+\]?", text):
+                    continue  # e.g. placement "3,7" or "5": let the list branch parse it
+                return text
+        except (ValueError, TypeError, json.JSONDecodeError):
+            continue
+    raise ValueError(f"cannot parse --{key} {text!r} as {type_name(tp)}")

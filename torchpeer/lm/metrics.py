@@ -1,0 +1,76 @@
+"""metrics.jsonl: one JSON object per event of a run (+ TensorBoard scalars when available).
+
+Records: {"step": 0, "event": "start", ...} once; {"step", "tokens", "flops", "loss", "lr",
+"grad_norm", "tok_per_s", "time"} every log_interval steps; {"step", "eval": {set: results}} after
+each evaluation, the last one with "final": true.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from torchpeer.data.atomic import write_text_atomic
+from torchpeer.lm.rundir import writing
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"eval": {"v": {"loss": 1}}} -> {"eval.v.loss": 1}."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+class MetricsLog:
+    """Appends records to RUN_DIR/metrics.jsonl; on resume it first drops what came after the checkpoint."""
+
+    def __init__(self, run_dir: str, tensorboard: bool, start_step: int):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.truncate_after(start_step)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                # purge_step drops TensorBoard events a killed run wrote after the checkpoint
+                self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start_step if start_step > 0 else None)
+            except Exception:  # tensorboard not installed (or broken): JSON lines only
+                self.tb = None
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only the records of steps <= ``step`` (resume; -1 = none), rewritten atomically.
+
+        The final evaluation record of ``step`` goes too: a resumed run that is already at its
+        last step evaluates again and writes it once more.
+        """
+        if not os.path.exists(self.path):
+            return
+        keep = []
+        with open(self.path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by the kill
+                    continue
+                if rec.get("step", 0) < step or (rec.get("step", 0) == step and not rec.get("final")):
+                    keep.append(line if line.endswith("\n") else line + "\n")
+        with writing(self.path):
+            write_text_atomic(self.path, "".join(keep))
+
+    def write(self, rec: dict) -> None:
+        with writing(self.path):
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for key, value in flatten(rec).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self.tb.add_scalar(key, value, rec["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,98 @@
+"""The run folder as a place that is written: a writability check before a run, one clear error
+for a failed write (read-only or full disk), and cleanup of partial checkpoints a kill left behind.
+
+A failed write never touches what is already there: checkpoints are assembled under a temporary
+name and renamed into place (checkpoint.py), other files are replaced atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import tempfile
+
+# Partial checkpoint folders: ".step_00001000.<random>.tmp" (being assembled) and
+# "step_00001000.old" (the previous copy of a step that was being re-saved).
+_PARTIAL = re.compile(r"^(\.step_\d+\..*\.tmp|step_\d+\.old)$")
+
+
+class RunWriteError(OSError):
+    """Writing the run folder failed (read-only file system, disk full, not a directory, ...).
+
+    The message is one line that says what could not be written, why, and that the existing
+    checkpoints are intact; the CLI prints it and exits with status 2.
+    """
+
+
+def _reason(e: BaseException) -> str:
+    """Why a write failed, in a few words (OSError strerror, or torch's C++ writer message)."""
+    if isinstance(e, OSError):
+        reason = e.strerror or str(e)
+        if e.errno == errno.ENOSPC:
+            reason = "no space left on the device"
+        return reason
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "write" in first.lower():  # torch: "[enforce fail at inline_container.cc:...] ... file write failed"
+        return f"file write failed, is the disk full? ({first})"
+    return first
+
+
+@contextlib.contextmanager
+def writing(what: str):
+    """Turn an OSError (or torch's RuntimeError from a failed file write) inside the block into one
+    RunWriteError that names ``what`` was being written."""
+    try:
+        yield
+    except RunWriteError:
+        raise
+    except OSError as e:
+        raise RunWriteError(f"cannot write {what}: {_reason(e)}; existing checkpoints are intact") from e
+    except RuntimeError as e:
+        if "write" not in str(e).lower() and "inline_container" not in str(e):
+            raise  # not an I/O failure
+        raise RunWriteError(f"cannot write {what}: {_reason(e)}; existing checkpoints are intact") from e
+
+
+def check_writable(run_dir: str) -> None:
+    """Raise RunWriteError unless files can be created in ``run_dir`` (or, if it does not exist
+    yet, in its nearest existing parent: nothing is created by the check)."""
+    probe_dir = os.path.abspath(run_dir)
+    while not os.path.exists(probe_dir):
+        probe_dir = os.path.dirname(probe_dir)
+    if not os.path.isdir(probe_dir):
+        raise RunWriteError(
+            f"cannot write run folder {run_dir}: {probe_dir} is a file, not a directory; choose another --run-dir"
+        )
+    try:
+        fd, probe = tempfile.mkstemp(dir=probe_dir, prefix=".write-check.", suffix=".tmp")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise RunWriteError(
+            f"cannot write run folder {run_dir}: {_reason(e)} ({probe_dir}); choose another --run-dir "
+            "or free space; nothing was written"
+        ) from e
+
+
+def remove_stale_partials(run_dir: str) -> list[str]:
+    """Delete partial checkpoint folders left by a kill mid-save; returns their names.
+
+    Call it only when no other process is writing checkpoints into ``run_dir``.
+    """
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    removed = []
+    for name in sorted(os.listdir(root)):
+        if not _PARTIAL.match(name):
+            continue
+        path = os.path.join(root, name)
+        if name.endswith(".old") and not os.path.exists(path[: -len(".old")]):
+            os.replace(path, path[: -len(".old")])  # killed mid-swap: the old copy is the complete one
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(name)
+    return removed

@@ -1,0 +1,56 @@
+"""Process-wide runtime setup: device, seeds, matmul precision and the autocast choice.
+
+The only module of torchpeer that sets global state (RNG seeds, TF32 flags); the trainer calls
+``setup_runtime`` once at build time, commands call ``resolve_device``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+
+import numpy as np
+import torch
+
+
+def resolve_device(spec: str) -> torch.device:
+    """ "auto" -> cuda if available else cpu; anything else is passed to torch.device."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"train.device={spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device asks for cuda but no CUDA device is available; use --train.device cpu")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (all devices), numpy and Python's random."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def set_matmul_precision(device: torch.device) -> None:
+    """TF32 matmuls and convolutions on CUDA (the fp32 parts of a bf16 run); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def setup_runtime(seed: int, device: torch.device) -> None:
+    """Everything global a training run sets, in one call."""
+    seed_everything(seed)
+    set_matmul_precision(device)
+
+
+def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
+    """The autocast dtype of a run: bfloat16 for train.dtype "bf16" on CUDA, else None (float32)."""
+    return torch.bfloat16 if device.type == "cuda" and dtype == "bf16" else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """torch.autocast for ``dtype`` on ``device``, or a no-op context for None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()

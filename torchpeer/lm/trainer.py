@@ -1,0 +1,421 @@
+"""The Trainer: build, train step, evaluate, checkpoint; the loop that strings them together.
+
+    trainer = Trainer(cfg, run_dir, resume=False, callbacks=[...], plan=None).build()
+    summary = trainer.fit()
+
+build(): validate -> device and runtime (runtime.py) -> run folder checks -> tokenizer and token
+    files -> memory estimate -> model (through the parallel plan) -> optimizer, schedule, sampler
+    -> resume from the latest checkpoint -> config.json and the metrics log.
+train_step(): one optimizer step over ``train.grad_accum`` micro-batches (loss + the FFWs'
+    ``aux_loss()`` terms), gradient clipping, lr schedule.
+evaluate(max_batches): every valid set -> {name: evaluate() results}.
+save_checkpoint() / load_checkpoint(path): exact-resume state (see checkpoint.py).
+fit(): steps until the budget, logging, periodic eval and checkpoints, then the final checkpoint,
+    the full evaluation and summary.json. SIGINT/SIGTERM stop it after the current step with a
+    checkpoint (TrainingInterrupted).
+
+Seams: callbacks (callbacks.py) watch the run; a parallel plan (plan.py) spreads it over processes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from torchpeer.data.atomic import write_json_atomic
+from torchpeer.lm import checkpoint as ckpt_io
+from torchpeer.lm import runtime
+from torchpeer.lm.callbacks import CallbackList
+from torchpeer.lm.config import RunConfig
+from torchpeer.lm.metrics import MetricsLog
+from torchpeer.lm.rundir import check_writable, remove_stale_partials, writing
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped the run after step ``step``; ``checkpoint`` is the folder written
+    on the way out (None when checkpoints are off)."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str | None):
+        super().__init__(f"{signal.Signals(signum).name} at step {step}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+def plan_steps(cfg: RunConfig, train_flops_per_token: int, world_size: int = 1) -> int:
+    """Number of optimizer steps: the first of max_steps / max_tokens / max_flops reached."""
+    t = cfg.train
+    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.seq_len * world_size
+    limits = []
+    if t.max_steps is not None:
+        limits.append(int(t.max_steps))
+    if t.max_tokens is not None:
+        limits.append(math.ceil(t.max_tokens / tokens_per_step))
+    if t.max_flops is not None:
+        n = int(t.max_flops // (train_flops_per_token * tokens_per_step))
+        if n < 1:
+            raise ValueError(
+                f"train.max_flops={t.max_flops:.3g} is less than one step "
+                f"({train_flops_per_token * tokens_per_step:.3g} FLOPs); raise it or shrink the batch"
+            )
+        limits.append(n)
+    return min(limits)
+
+
+def default_plan():
+    """The parallel plan of this process: a torchrun launch (WORLD_SIZE set) gets torchpeer.parallel's."""
+    if "WORLD_SIZE" in os.environ:
+        from torchpeer.parallel import plan_from_env
+
+        plan = plan_from_env()
+        if plan is not None:
+            return plan
+    from torchpeer.lm.plan import SingleProcessPlan
+
+    return SingleProcessPlan()
+
+
+def aux_loss(model: torch.nn.Module) -> torch.Tensor | None:
+    """Sum of the (already weighted) ``aux_loss()`` terms of the submodules that define one."""
+    total = None
+    for mod in model.modules():
+        fn = getattr(mod, "aux_loss", None)
+        if mod is model or not callable(fn):
+            continue
+        term = fn()
+        if term is not None:
+            total = term if total is None else total + term
+    return total
+
+
+class Trainer:
+    """One training run of ``cfg`` in ``run_dir`` (see the module docstring)."""
+
+    def __init__(
+        self, cfg: RunConfig, run_dir: str, resume: bool = False, progress: bool = True, callbacks=None, plan=None
+    ):
+        self.cfg, self.run_dir, self.resume, self.progress = cfg, run_dir, resume, progress
+        self.callbacks = CallbackList(callbacks)
+        self.plan = plan if plan is not None else default_plan()
+        self.step, self.elapsed = 0, 0.0
+        self.stop_reason: str | None = None
+        self._signal: int | None = None
+
+    # ------------------------------------------------------------------------------------ build
+
+    def build(self) -> Trainer:
+        """Everything that can fail on bad input happens here, before the run folder is written."""
+        from torchpeer.data import RandomWindows, load_tokenizer, prepare_split
+        from torchpeer.layers import backend_report
+        from torchpeer.lm.info import model_cost
+        from torchpeer.lm.memory import check_fits
+        from torchpeer.lm.model import TransformerLM
+        from torchpeer.lm.optim import LRSchedule, build_optimizer
+
+        cfg, t, plan = self.cfg, self.cfg.train, self.plan
+        cfg.validate()
+        self.device = plan.setup(runtime.resolve_device(t.device))
+        check_writable(self.run_dir)  # a read-only or misnamed run folder fails now, not after the tokenizer
+        self.removed_partials = remove_stale_partials(self.run_dir) if plan.is_rank0 else []
+        self.ckpt = ckpt_io.latest_checkpoint(self.run_dir)
+        if self.ckpt is not None and not self.resume:
+            raise ValueError(
+                f"{self.run_dir} already holds checkpoints (latest: {os.path.basename(self.ckpt)}); pass --resume "
+                "to continue that run, or choose another --run-dir"
+            )
+        if self.ckpt is not None:
+            ckpt_io.check_same_model(ckpt_io.read_checkpoint_config(self.ckpt), cfg, self.ckpt)
+
+        # A resumed run keeps the tokenizer it was trained with (saved in the checkpoint).
+        show = self.progress and plan.is_rank0
+        saved_tok = ckpt_io.load_checkpoint_tokenizer(self.ckpt) if self.ckpt is not None else None
+        self.tokenizer = tok = saved_tok or load_tokenizer(cfg.data, show)
+        if cfg.model.vocab_size is None:
+            cfg.model.vocab_size = tok.vocab_size
+        elif cfg.model.vocab_size < tok.vocab_size:
+            raise ValueError(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                f"({tok.vocab_size}, {tok.name}); omit model.vocab_size to take it from the tokenizer"
+            )
+        train_tf = prepare_split(cfg.data, cfg.data.train, "train", tokenizer=tok, progress=show)
+        self.valid_files = {
+            name: prepare_split(cfg.data, spec, f"valid/{name}", tokenizer=tok, progress=show)
+            for name, spec in cfg.data.valid.items()
+        }
+        self.memory = check_fits(cfg, self.device)  # refuse a step that cannot fit, before allocating it
+
+        runtime.setup_runtime(t.seed, self.device)
+        self.model = plan.build_model(lambda: TransformerLM(cfg.model), self.device)
+        self.wrapped = plan.wrap_model(self.model)
+        self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
+        self.backends = backend_report(self.model)
+        self.cost = model_cost(self.model)
+        self.total_steps = plan_steps(cfg, self.cost.train_flops, plan.world_size)
+        self.tokens_per_step = t.batch_size * t.grad_accum * cfg.model.seq_len * plan.world_size
+        self.optimizer = build_optimizer(self.model, t, self.device.type)
+        self.schedule = LRSchedule(t.schedule, self.total_steps, t.warmup_steps, t.min_lr_ratio, t.decay_frac)
+        rank, world = plan.data_shard()
+        self.sampler = RandomWindows(train_tf, t.batch_size, cfg.model.seq_len, t.seed, rank=rank, world_size=world)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.amp_dtype = runtime.autocast_dtype(self.device, t.dtype)
+        self._loss_sum, self._n_loss = torch.zeros((), device=self.device), 0  # the log window
+        if self.ckpt is not None:
+            self.load_checkpoint(self.ckpt)
+            if self.step > self.total_steps:
+                raise ValueError(
+                    f"the checkpoint is at step {self.step}, beyond this config's {self.total_steps} steps"
+                )
+
+        # --- from here on the run folder is written
+        self.log = None
+        if plan.is_rank0:
+            with writing(f"the run folder {self.run_dir}"):
+                os.makedirs(self.run_dir, exist_ok=True)
+                config = {**cfg.to_dict(), "backends": self.backends}
+                write_json_atomic(os.path.join(self.run_dir, "config.json"), config)
+            self.log = MetricsLog(self.run_dir, t.tensorboard, start_step=self.step if self.ckpt is not None else -1)
+            if self.ckpt is None:
+                start = {"step": 0, "event": "start", "cost": self.cost.to_dict(), "total_steps": self.total_steps}
+                start.update(tokens_per_step=self.tokens_per_step, device=str(self.device))
+                self.log.write({**start, "world_size": plan.world_size, "backends": self.backends})
+        return self
+
+    # ------------------------------------------------------------------------------- the parts
+
+    def train_step(self) -> dict:
+        """One optimizer step; returns {"loss": this step's mean loss, "grad_norm"} (tensors)."""
+        from torchpeer.lm.optim import set_lr
+
+        t = self.cfg.train
+        set_lr(self.optimizer, self.schedule(self.step))
+        step_loss = torch.zeros((), device=self.device)
+        for micro in range(t.grad_accum):
+            x, y = next(self.sampler)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.plan.no_sync(self.wrapped, micro == t.grad_accum - 1):
+                with runtime.autocast(self.device, self.amp_dtype):
+                    _, loss = self.forward(x, y)
+                    aux = aux_loss(self.model)
+                    total = loss if aux is None else loss + aux
+                (total / t.grad_accum).backward()
+            part = loss.detach().float() / t.grad_accum
+            self._loss_sum += part  # accumulated in this order so that a resumed log window is bit-exact
+            step_loss += part
+        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = self.plan.clip_grad_norm_(self.params, max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self._n_loss += 1
+        return {"loss": step_loss, "grad_norm": grad_norm}
+
+    def evaluate(self, max_batches: int | None) -> dict:
+        """{valid set name: evaluate() results} of the current weights (the first max_batches of each)."""
+        from torchpeer.lm.evaluate import evaluate
+
+        t = self.cfg.train
+        bs = t.eval_batch_size or t.batch_size
+        seq_len, dev, dtype = self.cfg.model.seq_len, self.device, self.amp_dtype
+        return {
+            name: evaluate(self.model, tf, bs, seq_len, max_batches, dev, dtype, plan=self.plan)
+            for name, tf in self.valid_files.items()
+        }
+
+    def save_checkpoint(self) -> str | None:
+        """Write the checkpoint of the current step (if train.checkpoint); returns its folder."""
+        t = self.cfg.train
+        if not t.checkpoint:
+            return None
+        state = {
+            "schedule": self.schedule.state_dict(),
+            "data": self.sampler.state_dict(),
+            "elapsed": self.elapsed + time.time() - self._t_start,
+            # the partial log window, so that the first average logged after a resume is exact
+            "loss_window": (self._loss_sum.detach().cpu(), self._n_loss),
+        }
+        where = os.path.join(self.run_dir, "checkpoints", f"step_{self.step:08d}")
+        with writing(f"checkpoint {where}"):
+            path = self.plan.save_checkpoint(
+                self.run_dir, self.step, self.model, self.optimizer, state, self.cfg, self.tokenizer, t.keep_checkpoints
+            )
+        if self.plan.is_rank0:
+            self.callbacks.on_checkpoint(self, path)
+        return path
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore weights, optimizer moments, sampler position, RNG states, step and log window."""
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        state = self.plan.load_checkpoint(path, self.model, self.optimizer, self.device)
+        for g, f in zip(self.optimizer.param_groups, fresh):
+            g.update(f)  # hyper-parameters come from the (possibly edited) config, moments from the file
+        self.sampler.load_state_dict(state["data"])
+        ckpt_io.set_rng_state(state["rng"])
+        self.step, self.elapsed = state["step"], state.get("elapsed", 0.0)
+        if "loss_window" in state:
+            self._loss_sum, self._n_loss = state["loss_window"][0].to(self.device), state["loss_window"][1]
+
+    def request_stop(self, reason: str) -> None:
+        """Stop after the current step and finish normally (final checkpoint, eval, summary)."""
+        self.stop_reason = reason
+
+    # ---------------------------------------------------------------------------------- the loop
+
+    def fit(self) -> dict:
+        """Train to the end of the budget; returns the summary (also written to summary.json)."""
+        if not hasattr(self, "model"):
+            self.build()
+        with _StopOnSignals(self):
+            try:
+                return self._fit()
+            finally:
+                if self.log is not None:
+                    self.log.close()
+                self.plan.close()
+
+    def _fit(self) -> dict:
+        cfg, t, rank0 = self.cfg, self.cfg.train, self.plan.is_rank0
+        show_bar = self.progress and rank0 and os.environ.get("TQDM_DISABLE") != "1"
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            disable=None if show_bar else True,
+            dynamic_ncols=True,
+            desc=cfg.name or "train",
+            unit="step",
+        )
+        say = bar.write if not bar.disable else print
+        print_logs = self.progress and rank0 and bar.disable  # not a terminal: print the log lines instead
+        if rank0 and self.ckpt is not None:
+            say(
+                f"resuming {self.run_dir} from {os.path.basename(self.ckpt)}: step {self.step}/{self.total_steps}, "
+                f"{self.step * self.tokens_per_step:,} tokens"
+            )
+        if rank0 and self.removed_partials:
+            say(f"removed {len(self.removed_partials)} partial checkpoint(s) left by an interrupted save")
+        if rank0:
+            self.callbacks.on_train_start(self)
+        self._t_start = t_log = time.time()
+        self.model.train()
+        while self.step < self.total_steps and self.stop_reason is None:
+            out = self.train_step()
+            step = self.step
+            bar.update(1)
+            metrics = {"step": step, "tokens": step * self.tokens_per_step, "lr": self.optimizer.param_groups[0]["lr"]}
+            if step % t.log_interval == 0 or step == self.total_steps:
+                now = time.time()
+                train_loss = self.plan.all_reduce_mean(self._loss_sum / self._n_loss).item()
+                tok_s = self._n_loss * self.tokens_per_step / max(now - t_log, 1e-9)
+                metrics = {
+                    "step": step,
+                    "tokens": step * self.tokens_per_step,
+                    "flops": step * self.tokens_per_step * self.cost.train_flops,
+                    "loss": train_loss,
+                    "lr": metrics["lr"],
+                    "grad_norm": out["grad_norm"].item(),
+                    "tok_per_s": round(tok_s, 1),
+                    "time": round(self.elapsed + now - self._t_start, 2),  # training seconds (resumes included)
+                }
+                if rank0:
+                    self.log.write(metrics)
+                bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                if print_logs:
+                    eta = (self.total_steps - step) * (now - t_log) / self._n_loss
+                    print(
+                        f"step {step}/{self.total_steps} loss {train_loss:.4f} lr {metrics['lr']:.2e} "
+                        f"tok/s {tok_s:,.0f} eta {eta / 60:.1f} min",
+                        flush=True,
+                    )
+                self._loss_sum, self._n_loss = torch.zeros((), device=self.device), 0
+            if rank0:
+                self.callbacks.on_step_end(self, step, metrics)
+
+            final = step == self.total_steps
+            if step % t.eval_interval == 0 and not final and self.valid_files:
+                results = self.evaluate(t.eval_batches)
+                if rank0:
+                    self.log.write({"step": step, "eval": results})
+                    say(f"step {step}: " + _format_eval(results))
+                    self.callbacks.on_eval(self, step, results)
+            if step % t.ckpt_interval == 0 and not final:
+                self.save_checkpoint()
+            if self.plan.any_rank(self._signal is not None) and not final:
+                bar.close()
+                self._interrupt(say)
+            if self._n_loss == 0:
+                t_log = time.time()  # tokens/s measures training only, not evaluation or checkpointing
+        bar.close()
+        return self._finish()
+
+    def _interrupt(self, say) -> None:
+        """Checkpoint the current step (unless one was just written) and raise TrainingInterrupted."""
+        signum = self._signal or signal.SIGINT
+        path = None
+        if self.cfg.train.checkpoint:
+            latest = ckpt_io.latest_checkpoint(self.run_dir)
+            done = latest is not None and latest.endswith(f"step_{self.step:08d}")
+            path = latest if done else self.save_checkpoint()
+        if self.log is not None:
+            self.log.write({"step": self.step, "event": "interrupted", "signal": signal.Signals(signum).name})
+        raise TrainingInterrupted(signum, self.step, path)
+
+    def _finish(self) -> dict:
+        """Final checkpoint, full evaluation, summary.json."""
+        train_seconds = self.elapsed + time.time() - self._t_start
+        path = self.save_checkpoint()
+        if self._signal is not None:  # interrupted during the last step: evaluate when resumed
+            raise TrainingInterrupted(self._signal, self.step, path)
+        results = self.evaluate(None) if self.valid_files else {}  # full validation splits at the end
+        summary = {
+            "name": self.cfg.name,
+            "steps": self.step,
+            "tokens": self.step * self.tokens_per_step,
+            "train_flops": self.step * self.tokens_per_step * self.cost.train_flops,
+            "train_seconds": round(train_seconds, 2),
+            "total_params": self.cost.total_params,
+            "active_params": self.cost.active_params,
+            "train_flops_per_token": self.cost.train_flops,
+            "world_size": self.plan.world_size,
+            "valid": results,
+        }
+        if self.stop_reason is not None:
+            summary["stopped"] = self.stop_reason
+        if self.plan.is_rank0:
+            self.log.write({"step": self.step, "eval": results, "final": True})
+            self.callbacks.on_eval(self, self.step, results)
+            path = os.path.join(self.run_dir, "summary.json")
+            with writing(path):
+                write_json_atomic(path, summary)
+            self.callbacks.on_train_end(self, summary)
+        return summary
+
+
+def _format_eval(results: dict) -> str:
+    return ", ".join(f"{n} loss {r['loss']:.4f} ppl {r['ppl']:.2f} bpb {r['bpb']:.4f}" for n, r in results.items())
+
+
+class _StopOnSignals:
+    """While training, SIGINT/SIGTERM ask the trainer to stop after the current step; a second
+    signal stops at once (KeyboardInterrupt). Only the main thread can own signal handlers."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, trainer: Trainer):
+        self.trainer, self.previous = trainer, {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.trainer._signal is not None:
+            raise KeyboardInterrupt
+        self.trainer._signal = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
