@@ -24,6 +24,7 @@ What each seam does with W processes:
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -61,6 +62,18 @@ class DistributedPlan(SingleProcessPlan):
         group = dist.new_group(list(range(self.world_size)))
         self.shard_ctx = ShardContext(group, self.rank, self.world_size)
         return self.env.device
+
+    @contextlib.contextmanager
+    def rank0_first(self):
+        """Rank 0 runs the block first (tokenizer training, token cache), then the others (which
+        read what it wrote). A failure on rank 0 is raised there; the others then time out."""
+        if self.rank != 0:
+            dist.barrier()
+        try:
+            yield
+        finally:
+            if self.rank == 0:
+                dist.barrier()
 
     def build_model(self, build_fn, device: torch.device) -> nn.Module:
         model = super().build_model(build_fn, device)  # the full model, identical on every rank
