@@ -13,4 +13,5 @@ COMMANDS: list[str] = [
     "torchpeer.cli.generate",
     "torchpeer.cli.info",
     "torchpeer.cli.data",
+    "torchpeer.hf.export",
 ]

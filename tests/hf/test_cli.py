@@ -1,0 +1,30 @@
+"""``torchpeer export-hf`` on the command line: success, and one clear error line for bad inputs."""
+
+import os
+
+import pytest
+
+from torchpeer.cli import main
+
+
+def test_export_hf_command(make_run, tmp_path, capsys):
+    out = str(tmp_path / "exported")
+    assert main(["export-hf", make_run("peer"), out]) == 0
+    assert "exported" in capsys.readouterr().out
+    assert os.path.isfile(os.path.join(out, "modeling_torchpeer.py"))
+    assert main(["export-hf", make_run("peer"), out]) == 2  # exists, no --overwrite
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists" in err[0] and "--overwrite" in err[0]
+
+
+@pytest.mark.parametrize("case", ["no-checkpoints", "missing"])
+def test_export_hf_bad_run_dir_is_one_error_line(case, tmp_path, capsys):
+    run = tmp_path / "run"
+    if case == "no-checkpoints":
+        (run / "checkpoints").mkdir(parents=True)
+    assert main(["export-hf", str(run), str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in captured.err
+    assert ("holds no checkpoint" if case == "no-checkpoints" else "does not exist") in lines[0]
+    assert not (tmp_path / "out").exists()
