@@ -106,6 +106,8 @@ def _eval_entry(r: dict[str, Any]) -> dict[str, Any]:
     }
     entry = {k: r[k] for k in ("loss", "ppl", "bpb", "tokens") if k in r}
     entry["usage"] = usage
+    if isinstance(r.get("routing"), dict):  # routing diagnostics, where the trainer reports them
+        entry["routing"] = r["routing"]
     return entry
 
 
