@@ -14,4 +14,6 @@ COMMANDS: list[str] = [
     "torchpeer.cli.info",
     "torchpeer.cli.data",
     "torchpeer.hf.export",
+    "torchpeer.experiments.sweep_command",
+    "torchpeer.experiments.report_command",
 ]
