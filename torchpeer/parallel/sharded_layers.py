@@ -227,6 +227,12 @@ def shard_layer_(layer: nn.Module, ctx: ShardContext) -> nn.Module:
     layer.column_shard = ctx
     layer.forward = types.MethodType(_peer_forward if kind == "PEER" else _pkm_forward, layer)
     layer.cost = lambda: full_cost  # the model's cost is the unsharded one
+    if hasattr(layer, "op_backends"):  # the backend record (config.json) names what runs now
+        routing = layer.router.retrieval_backend
+        layer.op_backends = lambda device=None: {
+            "product_key_topk": routing(device),
+            "expert_mix" if kind == "PEER" else "value_read": f"column_sharded_torch (world {ctx.world})",
+        }
     return layer
 
 
