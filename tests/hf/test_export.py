@@ -209,3 +209,21 @@ def test_exported_model_fine_tunes_with_trainer_and_saves(exported, tmp_path):
         assert torch.equal(again(ids).logits, hf(ids).logits)
         model, _, _ = load_exported(saved)  # and back into torchpeer after fine-tuning
         assert torch.allclose(model(ids)[0], hf(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_continued_training_from_export(exported, tmp_path):
+    from torchpeer.hf import InitFromExported
+    from torchpeer.lm import train
+
+    _, out = exported
+    exported_model, _, cfg = load_exported(out)
+    cfg.train.max_steps, cfg.train.lr = 1, 1e-12  # tiny lr: the one step keeps the initial weights
+    run = str(tmp_path / "continued")
+    train(cfg, run, progress=False, callbacks=[InitFromExported(out)])
+    continued, _, _ = load_model_from_checkpoint(run)
+    for k, v in exported_model.state_dict().items():
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):  # BatchNorm stats update
+            assert torch.allclose(continued.state_dict()[k], v, atol=1e-8, rtol=0), k
+    cfg.model.d_model = 64
+    with pytest.raises(ValueError, match="model config differs"):
+        train(cfg, str(tmp_path / "other"), progress=False, callbacks=[InitFromExported(out)])

@@ -2,7 +2,8 @@
 
 Needs no transformers: config.json's "torchpeer" section is the run config, the safetensors
 weights are the TransformerLM's under the prefix "model.", and torchpeer_tokenizer/ is the
-torchpeer tokenizer. torchpeer eval, generate and continued training use ``load_exported``.
+torchpeer tokenizer. torchpeer eval and generate use ``load_exported``; continued training starts
+a new run from the exported weights with the ``InitFromExported`` callback.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from torchpeer.hf.tokenizer_files import TORCHPEER_TOKENIZER_DIR
 from torchpeer.hf.weights import load_safetensors_into, weight_files
+from torchpeer.lm.callbacks import Callback
 
 WEIGHT_PREFIX = "model."
 
@@ -53,3 +55,32 @@ def load_exported(path: str, device: str | torch.device = "cpu"):
     tok_dir = os.path.join(path, TORCHPEER_TOKENIZER_DIR)
     tok = load_saved_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
     return model.to(device).eval(), tok, cfg
+
+
+class InitFromExported(Callback):
+    """Trainer callback: start a NEW run from the weights of an exported folder (continued training).
+
+        model, tok, cfg = load_exported(DIR)          # cfg: the exported run config; edit cfg.train
+        train(cfg, "runs/more", callbacks=[InitFromExported(DIR)])
+
+    On ``on_train_start`` of a fresh run (step 0) the exported weights are loaded strictly into
+    ``trainer.model``; a resumed run (step > 0) keeps its checkpoint. The run's model config and
+    tokenizer must be the exported ones (one ValueError otherwise). Single process: callbacks run
+    on rank 0 only, so this does not initialise the other ranks of a distributed run.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_start(self, trainer) -> None:
+        if trainer.step > 0:
+            return
+        model, tok, cfg = load_exported(self.path)
+        if cfg.model != trainer.cfg.model:
+            raise ValueError(f"cannot start from {self.path!r}: the run's model config differs from the exported one")
+        if tok is not None and tok.fingerprint != trainer.tokenizer.fingerprint:
+            raise ValueError(
+                f"cannot start from {self.path!r}: the run's tokenizer ({trainer.tokenizer.name}) is not the "
+                f"exported one ({tok.name}); use the exported config's data.tokenizer"
+            )
+        trainer.model.load_state_dict(model.state_dict(), strict=True)
