@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-from torchpeer.experiments import parse_spec, read_results, run_sweep
+from torchpeer.experiments import parse_spec, plan_sweep, read_results, run_sweep
 from torchpeer.experiments.results import append_result, results_path
+from torchpeer.experiments.runner import estimate_seconds
 
 SPEC = {
     "sweep": {"base": "ptb-tiny", "budgets": [1e10, 2e10], "kind": "isoflop"},
@@ -132,13 +133,32 @@ def test_append_result_replaces_and_is_atomic(tmp_path):
     assert [f for f in os.listdir(tmp_path) if f != "results.jsonl"] == []  # no temp files left
 
 
-def test_time_limit_starts_no_run_that_would_not_finish(tmp_path, fake_train):
+def test_time_limit_starts_no_run_that_would_not_finish(tmp_path, fake_train, monkeypatch):
     spec = parse_spec(SPEC)
     msgs = []
     run_sweep(spec, str(tmp_path), time_limit=0, progress=False, say=msgs.append)
     assert fake_train.calls == [] and "time limit of 0 s is reached" in msgs[-1]
     run_sweep(spec, str(tmp_path), only="*-1e10", progress=False, say=lambda s: None)  # measures 768 tokens/s
+
+    records = read_results(str(tmp_path))
+    todo = [r for r in plan_sweep(spec, str(tmp_path)) if r.budget_flops == 2e10]
+    est = {r.name: estimate_seconds(r, records) for r in todo}
+    assert est[todo[0].name] == pytest.approx(todo[0].tokens / 768, rel=0.01)
+    clock = [0.0]  # each stand-in run takes the time its measured speed predicts
+    monkeypatch.setattr("torchpeer.experiments.runner.time.time", lambda: clock[0])
+    real_call = FakeTrainer.__call__
+
+    def timed(self, cfg, *a, **kw):
+        clock[0] += est[cfg.name]
+        return real_call(self, cfg, *a, **kw)
+
+    monkeypatch.setattr(FakeTrainer, "__call__", timed)
+    limit = est[todo[0].name] + est[todo[1].name] / 2
     msgs.clear()
-    run_sweep(spec, str(tmp_path), time_limit=60, progress=False, say=msgs.append)
-    assert len(fake_train.calls) == 4  # the 2e10 runs (~385 s each by the measured speed) are not started
-    assert "d_model=16-ffw=dense-2e10: stopping, its estimated 385 s would pass the time limit of 60 s" in msgs[-1]
+    run_sweep(spec, str(tmp_path), time_limit=limit, progress=False, say=msgs.append)
+    assert [c[0] for c in fake_train.calls[4:]] == [todo[0].name]  # the second would end past the limit
+    assert f"{todo[1].name}: stopping, its estimated {est[todo[1].name]:.0f} s would pass" in msgs[-1]
+    msgs.clear()
+    run_sweep(spec, str(tmp_path), time_limit=min(est.values()) / 2, progress=False, say=msgs.append)
+    assert len(fake_train.calls) == 5  # longer than the whole limit: skipped (not stuck), each one said
+    assert sum("exceed the whole time limit; run it on its own (--only" in m for m in msgs) == 3

@@ -72,6 +72,12 @@ def run_sweep(
             say(f"{head}: finished earlier, recorded from its summary")
             continue
         estimate = estimate_seconds(run, list(done.values()) + new, assume_tokens_per_s)
+        if time_limit is not None and estimate is not None and estimate > time_limit:
+            say(
+                f"{head}: skipped, its estimated {estimate:.0f} s exceed the whole time limit; run it on its own "
+                f"(--only '{run.name}'; with train.checkpoint true it resumes across jobs)"
+            )
+            continue
         if time_limit is not None and estimate is not None and time.time() - t0 + estimate > time_limit:
             say(f"{head}: stopping, its estimated {estimate:.0f} s would pass the time limit of {time_limit:.0f} s")
             break
