@@ -28,3 +28,26 @@ def test_export_hf_bad_run_dir_is_one_error_line(case, tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in captured.err
     assert ("holds no checkpoint" if case == "no-checkpoints" else "does not exist") in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_and_generate_accept_an_exported_folder(make_run, train_file, tmp_path, capsys):
+    import json
+
+    run = make_run("peer")
+    out = str(tmp_path / "exported")
+    assert main(["export-hf", run, out]) == 0
+    results = {}
+    for name, path in (("run", run), ("export", out)):
+        js = str(tmp_path / f"eval-{name}.json")
+        argv = ["eval", path, "--data", f"t={train_file}", "--max-batches", "2", "--device", "cpu", "--out", js]
+        assert main([*argv, "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+        with open(js) as fh:
+            results[name] = json.load(fh)["results"]["t"]["loss"]
+    assert results["run"] == pytest.approx(results["export"], abs=1e-6)
+    texts = []
+    for path in (run, out):
+        capsys.readouterr()
+        argv = ["generate", path, "--prompt", "the cat", "--temperature", "0", "--max-new-tokens", "12"]
+        assert main([*argv, "--device", "cpu"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and "the cat" in texts[0]
