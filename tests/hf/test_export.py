@@ -227,3 +227,21 @@ def test_continued_training_from_export(exported, tmp_path):
     cfg.model.d_model = 64
     with pytest.raises(ValueError, match="model config differs"):
         train(cfg, str(tmp_path / "other"), progress=False, callbacks=[InitFromExported(out)])
+
+
+def test_left_padded_batch_generate_equals_one_by_one(exported):
+    from transformers import AutoTokenizer
+
+    _, out = exported
+    hf = load_hf(out)
+    tok = AutoTokenizer.from_pretrained(out, padding_side="left")
+    texts = ["<|endoftext|>the cat", "<|endoftext|>a dog ran far"]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    assert batch["attention_mask"][0, 0] == 0  # the short prompt is padded
+    got = hf.generate(**batch, max_new_tokens=10, do_sample=False)
+    for row, text in zip(got, texts):
+        single = tok(text, return_tensors="pt")
+        want = hf.generate(**single, max_new_tokens=10, do_sample=False)[0]
+        n = single["input_ids"].shape[1]
+        new = row[batch["input_ids"].shape[1] :]
+        assert torch.equal(new[: len(want) - n], want[n:])
