@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 
-from tests.data.helpers import DOCS, write_jsonl
+from tests.data.helpers import DOCS, corpus_text, write_jsonl
 from torchpeer.data import (
     add_data_subcommand,
     run_data_subcommand,
@@ -31,3 +32,22 @@ def test_data_subcommand(tmp_path, capsys):
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[3:]}
     assert rows["train"][:3] == ["4", f"{nbytes + 4:,}", f"{nbytes:,}"]
     assert rows["valid/v"][:3] == ["1", f"{len(DOCS[1].encode()) + 1:,}", f"{len(DOCS[1].encode()):,}"]
+
+
+def test_piped_run_says_what_it_is_doing_without_blank_lines(tmp_path):
+    """Off a terminal the tokenizer trainer's bars would print blank lines: one line says what happens."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    (tmp_path / "t.txt").write_text("\n".join(corpus_text(300)), encoding="utf-8")
+    train = str(tmp_path / "t.txt")
+    cmd = [sys.executable, "-m", "torchpeer.cli", "data", "--train", train, "--valid", f"v={train}"]
+    cmd += ["--tokenizer", "bpe", "--vocab-size", "300", "--cache-dir", str(tmp_path / "c")]
+    env = {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = (res.stderr + res.stdout).splitlines()
+    assert "" not in [line.strip() for line in lines], lines
+    assert any(line.startswith("training a BPE tokenizer (vocab 300) on ") for line in lines)
+    assert any(line.startswith("tokenising train (") for line in lines)

@@ -174,6 +174,10 @@ def test_config_json_records_backends(trained):
     assert saved["backends"] == {"blocks.1.ffw": {"product_key_topk": "torch", "expert_mix": "torch"}}
     start = records(run)[0]
     assert start["event"] == "start" and start["backends"] == saved["backends"] and start["world_size"] == 1
+    from torchpeer.lm.trainer import format_backends
+
+    two = {"blocks.0.ffw": {"expert_mix": "torch"}, "blocks.2.ffw": {"expert_mix": "torch"}, "x": {"op": "triton"}}
+    assert format_backends(two) == "expert_mix=torch (blocks.0.ffw, blocks.2.ffw); op=triton (x)"
 
 
 def test_aux_loss_of_any_module_is_added(tmp_path):
@@ -190,3 +194,19 @@ def test_aux_loss_of_any_module_is_added(tmp_path):
     assert term is not None and term.requires_grad and torch.equal(term, moe.aux_loss())
     assert term.item() == pytest.approx(0.5 * moe.balance_loss.item())
     assert aux_loss(Trainer(_tiny(tmp_path, max_steps=2), str(tmp_path / "r2"), progress=False).build().model) is None
+
+
+def test_oversized_step_is_refused_before_the_model_is_built(tmp_path, capsys, monkeypatch):
+    from torchpeer.cli import main
+
+    def no_build(*args, **kw):
+        raise AssertionError("the model was allocated")
+
+    monkeypatch.setattr(SingleProcessPlan, "build_model", no_build)
+    write_corpus(tmp_path)
+    cfg = write_config(tmp_path)
+    assert main(["train", cfg, "--run-dir", str(tmp_path / "run"), "--model.seq_len", "1000000", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: a training step needs about") and err.count("\n") == 1
+    assert "model.seq_len (now 1000000)" in err and "train.batch_size" in err
+    assert not os.path.exists(tmp_path / "run")

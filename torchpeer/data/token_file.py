@@ -162,6 +162,8 @@ def prepare_split(
     bar = tqdm(
         total=total, unit="B", unit_scale=True, desc=f"tokenising {split_name}", disable=None if progress else True
     )
+    if progress and bar.disable:  # not a terminal: no bar, so one line says what is happening
+        print(f"tokenising {split_name} ({source}, {total / 1e6:,.1f} MB) ...", flush=True)
     with bar, atomic_open(base + ".bin", "wb") as out:
 
         def flush(batch: list[str]) -> None:

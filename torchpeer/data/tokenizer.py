@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import time
 import urllib.parse
 
@@ -142,7 +143,8 @@ def train_bpe(documents, vocab_size: int, progress: bool = True):
     """Train a byte-level BPE (``tokenizers``) on an iterable of documents; returns the HF Tokenizer.
 
     The 256 byte symbols are always in the vocabulary (any text can be encoded), "<|endoftext|>"
-    is a special token, merges need a pair frequency >= 2.
+    is a special token, merges need a pair frequency >= 2. progress: the trainer's own bars on a
+    terminal (off a terminal they print blank lines, so the caller says what is happening instead).
     """
     from tokenizers import models, pre_tokenizers, trainers
 
@@ -152,7 +154,7 @@ def train_bpe(documents, vocab_size: int, progress: bool = True):
         min_frequency=2,
         special_tokens=[EOT_TEXT],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=progress,
+        show_progress=progress and sys.stderr.isatty(),
     )
     tok.train_from_iterator(documents, trainer)
     return tok
@@ -186,7 +188,11 @@ def _load_or_train_bpe(cfg: DataConfig, progress: bool) -> HFTokenizer:
             n_docs += 1
             yield d
 
+    if progress:
+        print(f"training a BPE tokenizer (vocab {cfg.vocab_size}) on {cfg.train} ...", flush=True)
     tok = train_bpe(docs(), cfg.vocab_size, progress=progress)
+    if progress:
+        print(f"trained {name} on {n_docs:,} documents in {time.time() - t0:.1f} s", flush=True)
     if n_docs == 0:
         raise ValueError(f"the train source {cfg.train!r} contains no text: cannot train a BPE tokenizer on it")
     write_text_atomic(tok_path, tok.to_str())

@@ -294,6 +294,8 @@ class Trainer:
                 f"resuming {self.run_dir} from {os.path.basename(self.ckpt)}: step {self.step}/{self.total_steps}, "
                 f"{self.step * self.tokens_per_step:,} tokens"
             )
+        if self.progress and rank0 and self.backends:
+            say(f"op backends: {format_backends(self.backends)}")
         if rank0 and self.removed_partials:
             say(f"removed {len(self.removed_partials)} partial checkpoint(s) left by an interrupted save")
         if rank0:
@@ -391,6 +393,15 @@ class Trainer:
                 write_json_atomic(path, summary)
             self.callbacks.on_train_end(self, summary)
         return summary
+
+
+def format_backends(report: dict) -> str:
+    """{layer: {op: backend}} -> "product_key_topk=torch expert_mix=torch (blocks.1.ffw)", layers with
+    the same choices listed together."""
+    groups: dict[str, list[str]] = {}
+    for layer, ops in report.items():
+        groups.setdefault(" ".join(f"{op}={b}" for op, b in ops.items()), []).append(layer)
+    return "; ".join(f"{choice} ({', '.join(layers)})" for choice, layers in groups.items())
 
 
 def _format_eval(results: dict) -> str:
