@@ -10,13 +10,17 @@ write (T*S, d)-sized gathered rows:
 forward (token-centric, one program per token):
     for each block of selections: gather u rows, h = x . u, save h (T, S) for backward,
     gather v rows, acc += g * act(h) * v.          bytes ~ T*S * 2 rows
-backward pass 1 (expert-centric, one program per expert):
-    selections are sorted by expert id (a stable sort of the T*S indices), so a program loads
-    v_e once (u_e is not needed) and walks its token list reading x[t] and dy[t]:
+backward pass 1 (expert-centric, one program per expert segment):
+    selections are sorted by expert id (a stable sort of the T*S indices), and each expert's list
+    is cut into segments of at most SEG selections, so a hot expert (a collapsed router) is
+    walked by many programs instead of one; a program loads v_e once (u_e is not needed) and
+    walks its segment reading x[t] and dy[t]:
         s = dy[t] . v_e,  dgate = act(h) * s,  coef = g * act'(h) * s
         du_e += coef * x[t],  dv_e += g * act(h) * dy[t]
     and writes each table-gradient row exactly once (zero for experts nobody picked), plus
     dgate and coef into (T, S) buffers.            bytes ~ T*S * 2 rows + 1 table read + 2 written
+    Experts with more than one segment write their extra segments' sums to partial rows (fp32),
+    and a small reduce pass (one program per hot expert) adds them in segment order.
 backward pass 2 (token-centric): dx[t] = sum_s coef[t, s] * u[idx[t, s]].   bytes ~ T*S * 1 row
 
 No atomics anywhere and a fixed summation order, so forward and backward are deterministic
@@ -80,23 +84,41 @@ def _mix_fwd_kernel(
 
 
 @triton.jit
-def _mix_bwd_expert_kernel(
+def _mix_bwd_segment_kernel(
     x_ptr, dy_ptr, up_ptr, gate_ptr, h_ptr, perm_ptr, offsets_ptr,
-    ddown_ptr, dup_ptr, coef_ptr, dgate_ptr,
-    S, D, stride_x, stride_dy, stride_up, stride_ddown, stride_dup,
+    seg_expert_ptr, seg_index_ptr, partial_ptr, ddown_ptr, dup_ptr, coef_ptr, dgate_ptr,
+    N, S, D, SEG, stride_x, stride_dy, stride_up, stride_ddown, stride_dup,
     ACT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """One program per expert e: walks the selections p (sorted by expert) with idx[p] == e.
+    """One program per segment: SEG (a multiple of BLOCK_S) consecutive selections of one expert.
 
-    Writes ddown[e] = sum_p coef_p x[t_p], dup[e] = sum_p g_p act(h_p) dy[t_p] (zero rows for
-    unused experts), and per selection coef_p = g act'(h) (dy . v_e), dgate_p = act(h) (dy . v_e).
+    Programs 0..N-1 take segment 0 of expert e = program id (so every expert, used or not, is
+    visited once and its gradient rows are always written); programs N.. take the extra segments
+    of hot experts (seg_expert/seg_index name them; -1 = nothing to do). Selections p of the
+    segment (sorted by expert) give
+        coef_p = g act'(h) (dy . v_e),  dgate_p = act(h) (dy . v_e)   (stored per selection),
+        du = sum_p coef_p x[t_p],       dv = sum_p g_p act(h_p) dy[t_p].
+    Segment 0 writes du, dv to the expert's gradient rows; extra segment q writes them to
+    partial[q] (fp32, 2 rows: du then dv), and the reduce kernel adds a hot expert's partials
+    to its rows in segment order: no atomics, so the result is bitwise deterministic. (With
+    bf16 tables segment 0's sum is rounded to bf16 once more than an unsplit expert's.)
     u_e itself is never needed here: dU only needs coef and x.
     """
-    e = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    if pid < N:
+        e = pid
+        seg = pid * 0
+    else:
+        e = tl.load(seg_expert_ptr + (pid - N))
+        seg = tl.load(seg_index_ptr + (pid - N))
+    valid = e >= 0
+    e = tl.maximum(e, 0)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    start = tl.load(offsets_ptr + e)
-    end = tl.load(offsets_ptr + e + 1)
+    first = tl.load(offsets_ptr + e)
+    last = tl.load(offsets_ptr + e + 1)
+    start = tl.where(valid, first + seg * SEG, first)
+    end = tl.where(valid, tl.minimum(last, start + SEG), first)
     # masked loads move no bytes: unused experts skip reading v_e.
     # (the limit goes through tl.where: the interpreter rejects block & scalar-bool masks)
     v_e = tl.load(up_ptr + e * stride_up + offs_d, mask=offs_d < tl.where(end > start, D, 0), other=0.0)
@@ -127,6 +149,35 @@ def _mix_bwd_expert_kernel(
         tl.store(coef_ptr + p, coef, mask=pmask)
         du += tl.sum(coef[:, None] * xt.to(tl.float32), axis=0)
         dv += tl.sum((g * a)[:, None] * dyt, axis=0)
+    # segment 0 (program e < N) writes the gradient rows; extra segment q writes partial[q]
+    direct = offs_d < tl.where(pid < N, D, 0)
+    tl.store(ddown_ptr + e * stride_ddown + offs_d, du.to(ddown_ptr.dtype.element_ty), mask=direct)
+    tl.store(dup_ptr + e * stride_dup + offs_d, dv.to(dup_ptr.dtype.element_ty), mask=direct)
+    slot = tl.maximum(pid - N, 0) * 2 * D
+    partial = offs_d < tl.where(valid & (pid >= N), D, 0)
+    tl.store(partial_ptr + slot + offs_d, du, mask=partial)
+    tl.store(partial_ptr + slot + D + offs_d, dv, mask=partial)
+
+
+@triton.jit
+def _mix_bwd_reduce_kernel(
+    hot_ptr, nseg_ptr, pbase_ptr, partial_ptr, ddown_ptr, dup_ptr,
+    D, stride_ddown, stride_dup, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One program per hot expert e = hot[q] (-1: none): adds its extra segments' partial rows
+    partial[pbase[e] : pbase[e] + nseg[e] - 1] to the rows segment 0 wrote, in segment order."""
+    e = tl.load(hot_ptr + tl.program_id(0))
+    valid = e >= 0
+    e = tl.maximum(e, 0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < tl.where(valid, D, 0)
+    n = tl.where(valid, tl.load(nseg_ptr + e) - 1, 0)
+    base = tl.load(pbase_ptr + e) * 2 * D
+    du = tl.load(ddown_ptr + e * stride_ddown + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    dv = tl.load(dup_ptr + e * stride_dup + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    for i in range(0, n):
+        du += tl.load(partial_ptr + base + i * 2 * D + offs_d, mask=dmask, other=0.0)
+        dv += tl.load(partial_ptr + base + i * 2 * D + D + offs_d, mask=dmask, other=0.0)
     tl.store(ddown_ptr + e * stride_ddown + offs_d, du.to(ddown_ptr.dtype.element_ty), mask=dmask)
     tl.store(dup_ptr + e * stride_dup + offs_d, dv.to(dup_ptr.dtype.element_ty), mask=dmask)
 

@@ -7,17 +7,21 @@ import torch
 import triton
 
 from .checks import ACTIVATIONS, check_mix_inputs
-from .triton_kernels import _mix_bwd_dx_kernel, _mix_bwd_expert_kernel, _mix_fwd_kernel
+from .triton_kernels import _mix_bwd_dx_kernel, _mix_bwd_reduce_kernel, _mix_bwd_segment_kernel, _mix_fwd_kernel
 
 # Launch tuning per kernel, from the H200 sweeps in benchmarks/NOTES_mixing.md (T = 65536, S = 128):
 #   tile: BLOCK_S * BLOCK_D, the elements of one gathered tile (BLOCK_S rows of BLOCK_D);
 #   num_warps: {BLOCK_D: warps} as measured; other row lengths scale the 1024 entry.
 # Small tiles and few warps win: the kernels are bound by memory latency, so what counts is how
 # many programs fit on an SM (registers) and how few cross-warp reductions each iteration needs.
+#   expert "segment": the most selections one backward program walks (rounded up to a multiple
+#   of BLOCK_S); longer expert lists (hot experts of a skewed router) are split into segments
+#   whose partial gradients a second small pass sums. Uniform routing at T*S / N ~ 8 never splits.
 # Mutable on purpose: benchmarks/bench_mixing.py sweeps it.
+SEGMENT = 256
 TUNING = {
     "fwd": {"tile": 8192, "num_warps": {512: 2, 1024: 4}},
-    "expert": {"tile": 1024, "num_warps": {512: 1, 1024: 4}},
+    "expert": {"tile": 1024, "num_warps": {512: 1, 1024: 4}, "segment": SEGMENT},
     "dx": {"tile": 4096, "num_warps": {512: 1, 1024: 2}},
 }
 
@@ -75,15 +79,59 @@ def _sort_by_expert(indices, n_experts):
     return perm, offsets
 
 
+def _segment_plan(offsets, n_selections, seg):
+    """Split each expert's sorted selection list into segments of at most `seg` selections.
+
+    offsets: (N+1,) from _sort_by_expert. Returns (nseg (N,), pbase (N,), seg_expert (E,),
+    seg_index (E,), hot (Hb,)) with E = n_selections // seg, an upper bound on the extra
+    segments (segment 1, 2, ... of experts with more than `seg` selections), so that no host
+    sync is needed, and Hb = n_selections // (seg + 1), a bound on those hot experts:
+    nseg[e] = max(1, ceil(count_e / seg)); extra program q handles segment seg_index[q] of
+    expert seg_expert[q] (-1: none) and writes partial row pair q; hot expert e's partials are
+    q in [pbase[e], pbase[e] + nseg[e] - 1); hot lists the hot experts (-1 padded).
+    All int64 on the device; every size depends on shapes only (CUDA-graph safe).
+    """
+    counts = offsets[1:] - offsets[:-1]
+    N = counts.numel()
+    dev = offsets.device
+    nseg = torch.clamp((counts + seg - 1) // seg, min=1)
+    extra = nseg - 1
+    cum_extra = torch.cumsum(extra, 0)
+    pbase = cum_extra - extra
+    q = torch.arange(n_selections // seg, device=dev, dtype=torch.int64)
+    seg_expert = torch.searchsorted(cum_extra, q, right=True)
+    in_range = seg_expert < N
+    seg_expert = seg_expert.clamp(max=N - 1)
+    seg_index = q - pbase[seg_expert] + 1
+    seg_expert = torch.where(in_range, seg_expert, -1)
+    hot_bound = max(1, n_selections // (seg + 1))
+    is_hot = extra > 0
+    slot = torch.where(is_hot, torch.cumsum(is_hot.to(torch.int64), 0) - 1, hot_bound)
+    hot = torch.full((hot_bound + 1,), -1, dtype=torch.int64, device=dev)
+    hot.scatter_(0, slot, torch.arange(N, device=dev, dtype=torch.int64))  # cold ones -> dump slot
+    return nseg, pbase, seg_expert, seg_index, hot[:hot_bound]
+
+
 def _launch_expert(dy, x, up, gates, h, perm, offsets, ddown, dup, coef, dgate, activation):
-    """Expert-centric pass: one program per expert; writes ddown, dup, coef, dgate."""
+    """Expert-centric pass: one program per expert segment, then a reduce pass over the hot
+    experts (those with more than one segment); writes ddown, dup, coef, dgate."""
     N, d = up.shape
     S = h[0].numel()
     block_d, block_s, num_warps = _launch_config("expert", d, S)
-    _mix_bwd_expert_kernel[(N,)](
-        x, dy, up, gates, h, perm, offsets, ddown, dup, coef, dgate,
-        S, d, x.stride(0), dy.stride(0), up.stride(0), ddown.stride(0), dup.stride(0),
+    seg = TUNING["expert"].get("segment", SEGMENT)
+    seg = max(block_s, (seg + block_s - 1) // block_s * block_s)  # whole blocks per segment
+    nseg, pbase, seg_expert, seg_index, hot = _segment_plan(offsets, h.numel(), seg)
+    # fp32 partial sums of the extra segments only: (T*S / seg) row pairs at most
+    partial = torch.empty((max(1, seg_expert.numel()), 2, d), dtype=torch.float32, device=up.device)
+    _mix_bwd_segment_kernel[(N + seg_expert.numel(),)](
+        x, dy, up, gates, h, perm, offsets, seg_expert, seg_index, partial,
+        ddown, dup, coef, dgate,
+        N, S, d, seg, x.stride(0), dy.stride(0), up.stride(0), ddown.stride(0), dup.stride(0),
         ACT=_act_id(activation), BLOCK_S=block_s, BLOCK_D=block_d, num_warps=num_warps,
+    )  # fmt: skip
+    _mix_bwd_reduce_kernel[(hot.numel(),)](
+        hot, nseg, pbase, partial, ddown, dup, d, ddown.stride(0), dup.stride(0),
+        BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip
 
 
