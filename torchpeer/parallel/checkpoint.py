@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -115,6 +116,12 @@ def _state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> di
     return out
 
 
+def _dcp_load(target: dict, path: str) -> None:
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*load in a single process.*")
+        dcp.load(target, checkpoint_id=os.path.join(path, DCP_DIR))
+
+
 def _copy_back(model: nn.Module, optimizer, loaded: dict) -> None:
     """Copy loaded tensors into the model/optimizer where DCP loaded into a copy (DTensor locals)."""
     from torch.distributed.tensor import DTensor
@@ -197,7 +204,7 @@ def load_dcp_checkpoint(path: str, model: nn.Module, optimizer=None) -> dict:
     if optimizer is not None:
         _init_optimizer_state(optimizer)
     target = _state_dict(model, optimizer)
-    dcp.load(target, checkpoint_id=os.path.join(path, DCP_DIR))
+    _dcp_load(target, path)
     _copy_back(model, optimizer, target)
     return load_trainer_state(path)
 
@@ -205,5 +212,5 @@ def load_dcp_checkpoint(path: str, model: nn.Module, optimizer=None) -> dict:
 def load_dcp_weights(model: nn.Module, path: str) -> None:
     """Weights only (``torchpeer eval`` / ``generate`` in one process)."""
     target = _state_dict(model, None)
-    dcp.load(target, checkpoint_id=os.path.join(path, DCP_DIR))
+    _dcp_load(target, path)
     _copy_back(model, None, target)
