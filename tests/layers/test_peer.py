@@ -171,3 +171,21 @@ def test_triton_backend_without_gpu_is_a_clear_error(monkeypatch):
     m = PEER(8, n_experts=64, heads=2, top_k=4, d_key=8, backend="triton")
     with pytest.raises(ValueError, match="backend='torch'"):
         m(torch.randn(3, 8))
+
+
+def test_table_update_hook_replaces_the_mixing_op():
+    torch.manual_seed(3)
+    m = PEER(8, n_experts=16, heads=2, top_k=2, d_key=4).eval()
+    x = torch.randn(5, 8)
+    calls = []
+
+    def table_update(flat, down, up, indices, gates, activation):
+        calls.append((indices.shape, activation))
+        return torch.zeros_like(flat)
+
+    y = m(x)
+    m.table_update = table_update
+    assert m(x).abs().sum() == 0 and calls == [((5, 2, 2), "gelu")]
+    assert "table_update" not in m.state_dict()
+    m.table_update = None
+    torch.testing.assert_close(m(x), y)

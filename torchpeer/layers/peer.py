@@ -83,6 +83,10 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
     also reachable as attributes of the layer).
     """
 
+    # Replaces expert_mix when set (same arguments, no backend): an optimizer that updates the
+    # tables inside the mixing backward installs it. A plain attribute, not part of the state_dict.
+    table_update = None
+
     def __init__(
         self,
         d_model: int,
@@ -153,7 +157,10 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
         compute = autocast_dtype(x.device)
         if compute is not None:
             flat = flat.to(compute)  # mix in the autocast dtype (the tables stay fp32 masters)
-        y = expert_mix(flat, self.down, self.up, indices, g, self.activation, backend=self.backend)
+        if self.table_update is not None:  # a fused table optimizer's mixing (e.g. torchpeer.optim)
+            y = self.table_update(flat, self.down, self.up, indices, g, self.activation)
+        else:
+            y = expert_mix(flat, self.down, self.up, indices, g, self.activation, backend=self.backend)
         return y.view(*lead, self.d_model)
 
     def op_backends(self, device: torch.device | str | None = None) -> dict[str, str]:
