@@ -1,5 +1,6 @@
 """A tiny PEER LM on 2 and 4 gloo processes computes the one-process training: same losses,
-validation loss, usage and KL; a 2-process run killed mid-checkpoint resumes on 1 and on 4."""
+validation loss, usage and KL. A one-process checkpoint continues on 2 processes; that run, killed
+mid-checkpoint, resumes from its previous (sharded) checkpoint on 1 and on 4 processes."""
 
 import json
 import os
@@ -39,22 +40,27 @@ def _assert_same_run(run_dir, ref_dir):
     return got
 
 
-def test_kill_mid_save_on_2_resume_on_1_and_4_equals_one_process(tmp_path):
+def test_one_process_to_2_killed_mid_save_resumed_on_1_and_4_equals_one_process(tmp_path):
     from torchpeer.lm.checkpoint import latest_checkpoint
     from torchpeer.lm.train import train
 
     cfg_path = write_tiny(str(tmp_path))
     ref = str(tmp_path / "ref")
-    train(config(cfg_path), ref, progress=False)  # one process; also fills the token cache
+    train(config(cfg_path), ref, progress=False)  # one process, checkpoints at 2, 4, 6; fills the token cache
     assert _summary(ref)["valid"]["v"]["usage"], "the reference run must report usage"
 
-    # 2 processes, killed after the shards of step 4 are written but before the rename
+    # continue the one-process checkpoint of step 2 on 2 processes (model.safetensors -> column shards),
+    # killed after the shards of step 6 are written but before the folder is renamed into place
     run2 = str(tmp_path / "run2")
+    shutil.copytree(ref, run2)
+    for name in ("step_00000004", "step_00000006"):
+        shutil.rmtree(os.path.join(run2, "checkpoints", name))
+    os.remove(os.path.join(run2, "summary.json"))
     with pytest.raises(mp.ProcessExitedException):
-        run_workers(train_run, 2, cfg_path, run2, False, 4)
+        run_workers(train_run, 2, cfg_path, run2, True, 6)
     latest = latest_checkpoint(run2)
-    assert latest is not None and latest.endswith("step_00000002"), latest  # the partial save is not visible
-    assert os.path.isdir(os.path.join(latest, "dcp"))
+    assert latest is not None and latest.endswith("step_00000004"), latest  # the partial save is not visible
+    assert os.path.isdir(os.path.join(latest, "dcp"))  # the 2-process checkpoint is sharded
     leftovers = [n for n in os.listdir(os.path.join(run2, "checkpoints")) if n.endswith(".tmp")]
     assert leftovers, "the kill should have left the partial folder behind"
     run4 = str(tmp_path / "run4")

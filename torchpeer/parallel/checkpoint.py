@@ -209,6 +209,44 @@ def load_dcp_checkpoint(path: str, model: nn.Module, optimizer=None) -> dict:
     return load_trainer_state(path)
 
 
+def load_single_process_checkpoint(path: str, model: nn.Module, optimizer=None) -> dict:
+    """Load a one-process checkpoint (``model.safetensors`` + ``trainer.pt`` with the optimizer)
+    into a (possibly column-sharded) model: each rank keeps its columns of the tables and of
+    their AdamW moments. Returns the trainer state (with "step" and "rng")."""
+    from safetensors.torch import load_file
+
+    from torchpeer.lm.checkpoint import load_trainer_state
+
+    sharded = _sharded_names(model)
+    full = load_file(os.path.join(path, "model.safetensors"))
+    target = model.state_dict()
+    loaded_ptrs = set()
+    with torch.no_grad():
+        for key, value in full.items():
+            if key not in target:
+                raise ValueError(f"{path}: tensor {key!r} is not in this model; was it written for another config?")
+            if key in sharded:
+                value = value[:, sharded[key].columns(value.shape[1])]
+            target[key].copy_(value)
+            loaded_ptrs.add(target[key].data_ptr())
+    missing = [k for k, v in target.items() if v.data_ptr() not in loaded_ptrs]  # tied tensors are stored once
+    if missing:
+        raise ValueError(f"{path}: model.safetensors lacks {missing[:5]}; was it written for another config?")
+    state = load_trainer_state(path)
+    opt_state = state.pop("optimizer", None)
+    if optimizer is not None and opt_state is not None:
+        order = [p for g in optimizer.param_groups for p in g["params"]]
+        names = {id(p): n for n, p in model.named_parameters()}
+        for i, entries in opt_state["state"].items():
+            name = names[id(order[int(i)])]
+            if name in sharded:
+                for k, v in entries.items():
+                    if torch.is_tensor(v) and v.dim() == 2:
+                        entries[k] = v[:, sharded[name].columns(v.shape[1])].clone()
+        optimizer.load_state_dict(opt_state)
+    return state
+
+
 def load_dcp_weights(model: nn.Module, path: str) -> None:
     """Weights only (``torchpeer eval`` / ``generate`` in one process)."""
     target = _state_dict(model, None)

@@ -189,10 +189,7 @@ class DistributedPlan(SingleProcessPlan):
     def load_checkpoint(self, path, model, optimizer, device) -> dict:
         if dcp_io.is_dcp_checkpoint(path):
             return dcp_io.load_dcp_checkpoint(path, model, optimizer)
-        raise ValueError(
-            f"{path} was written by a one-process run (model.safetensors); resume it with one process "
-            "(without torchrun), or start the distributed run from scratch"
-        )
+        return dcp_io.load_single_process_checkpoint(path, model, optimizer)  # a one-process run, continued on W
 
     def close(self) -> None:
         destroy_distributed()
