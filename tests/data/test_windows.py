@@ -51,10 +51,18 @@ def test_random_windows_shift_determinism_and_resume():
     # ranks split one global batch; a torch tensor of tokens gives the same windows
     (gx, _), (x0, _), (x1, _) = (
         next(RandomWindows(tokens, 8, 16, seed=3)),
-        next(RandomWindows(tokens, 4, 16, seed=3, rank=0, world_size=2)),
-        next(RandomWindows(torch.from_numpy(tokens.astype(np.int64)), 4, 16, seed=3, rank=1, world_size=2)),
+        next(RandomWindows(tokens, 8, 16, seed=3, rank=0, world_size=2)),
+        next(RandomWindows(torch.from_numpy(tokens.astype(np.int64)), 8, 16, seed=3, rank=1, world_size=2)),
     )
-    assert torch.equal(gx, torch.cat([x0, x1]))
+    assert x0.shape == (4, 16) and torch.equal(gx, torch.cat([x0, x1]))
+    # the state is the global position: a 2-rank sampler's state resumes a 1-rank one and back
+    two = RandomWindows(tokens, 8, 16, seed=3, rank=1, world_size=2)
+    next(two)
+    one = RandomWindows(tokens, 8, 16, seed=3)
+    one.load_state_dict(two.state_dict())
+    assert torch.equal(next(one)[0][4:], next(two)[0])
+    with pytest.raises(ValueError, match="train.batch_size=6 is not divisible by the 4 processes"):
+        RandomWindows(tokens, 6, 16, world_size=4)
     # every offset (the last included) is reachable
     small = np.arange(20, dtype=np.uint16)
     seen = {int(x[i, 0]) for x, _ in (next(RandomWindows(small, 16, 4, seed=s)) for s in range(20)) for i in range(16)}

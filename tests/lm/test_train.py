@@ -210,3 +210,18 @@ def test_oversized_step_is_refused_before_the_model_is_built(tmp_path, capsys, m
     assert err.startswith("error: a training step needs about") and err.count("\n") == 1
     assert "model.seq_len (now 1000000)" in err and "train.batch_size" in err
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_missing_tensorboard_is_one_note(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from torchpeer.cli import main
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    write_corpus(tmp_path)
+    cfg = write_config(tmp_path, max_steps=2)
+    run = tmp_path / "run"
+    assert main(["train", cfg, "--run-dir", str(run), "--train.tensorboard", "true", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if line.startswith("tensorboard is not installed")]
+    assert len(notes) == 1 and f"torchpeer plot {run}" in notes[0] and not os.path.exists(run / "tb")

@@ -56,10 +56,15 @@ def run(args) -> int:
 
     cfg = config_with_overrides(args.config, args.overrides)
     run_dir = args.run_dir or os.path.join("runs", cfg.name or "run")
-    print(f"config {cfg.name}: {cfg.model.ffw} FFW at blocks {cfg.model.sparse_blocks() or 'none'}, run dir {run_dir}")
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
+    if rank0:
+        blocks = cfg.model.sparse_blocks() or "none"
+        print(f"config {cfg.name}: {cfg.model.ffw} FFW at blocks {blocks}, run dir {run_dir}")
     try:
         summary = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
     except TrainingInterrupted as e:
+        if not rank0:
+            return 128 + e.signum
         how = f"interrupted by {e.args[0]}"
         if e.checkpoint is None:
             print(f"{how}; checkpoints are off (train.checkpoint = false), nothing to resume from", file=sys.stderr)
@@ -67,6 +72,8 @@ def run(args) -> int:
             print(f"{how}; wrote {e.checkpoint}", file=sys.stderr)
             print(f"resume with: {resume_command(args, run_dir)}", file=sys.stderr)
         return 128 + e.signum
+    if not rank0:
+        return 0
     print(
         f"trained {summary['steps']} steps ({summary['tokens']:,} tokens, {summary['train_flops']:.3g} FLOPs) "
         f"in {summary['train_seconds'] / 60:.1f} min"

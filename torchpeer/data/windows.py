@@ -42,13 +42,16 @@ class RandomWindows:
     """Endless iterator of random training windows.
 
     tokens: 1-D token ids (np.memmap, ndarray, tensor or TokenFile), len >= seq_len + 1.
-    Yields x, y: (batch_size, seq_len) int64 CPU tensors with y[:, i] = tokens[o + i + 1]
+    batch_size: the GLOBAL batch: with ``world_size`` processes each rank yields its slice of
+    batch_size // world_size rows (batch_size must be divisible by world_size).
+    Yields x, y: (batch_size // world_size, seq_len) int64 CPU tensors with y[:, i] = tokens[o + i + 1]
     for x[:, i] = tokens[o + i]; offsets o are uniform in [0, len - seq_len - 1].
 
     Batch ``step`` is drawn from a torch.Generator seeded with a hash of (seed, step), so the
     sampler's whole state is ``step``: ``load_state_dict(state_dict())`` resumes exactly.
-    With ``world_size`` > 1 every rank draws the same world_size * batch_size offsets and
-    keeps its own slice: the global batch is the same whatever the number of ranks.
+    Every rank draws the same batch_size offsets and keeps rows [rank * b, (rank + 1) * b) with
+    b = batch_size // world_size: the global batch, and the state, do not depend on the number of
+    ranks (a checkpoint of 2 ranks resumes on 1 or 4).
     """
 
     def __init__(self, tokens, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1):
@@ -62,18 +65,24 @@ class RandomWindows:
             )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size), got rank {rank}, world_size {world_size}")
+        if batch_size % world_size:
+            raise ValueError(
+                f"train.batch_size={batch_size} is not divisible by the {world_size} processes; use a multiple "
+                f"of {world_size} (the batch is global: each process takes batch_size / {world_size} rows)"
+            )
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, int(seed)
         self.rank, self.world_size = rank, world_size
         self.step = 0
         self._arange = np.arange(seq_len + 1)
 
     def offsets(self, step: int) -> torch.Tensor:
-        """Start offsets of this rank's rows of batch ``step``: (batch_size,) int64."""
+        """Start offsets of this rank's rows of batch ``step``: (batch_size // world_size,) int64."""
         g = torch.Generator()
         g.manual_seed(_mix(self.seed, step))
         high = len(self.tokens) - self.seq_len  # exclusive; the window's last target is o + seq_len
-        all_offsets = torch.randint(0, high, (self.world_size * self.batch_size,), generator=g)
-        return all_offsets[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        all_offsets = torch.randint(0, high, (self.batch_size,), generator=g)
+        rows = self.batch_size // self.world_size
+        return all_offsets[self.rank * rows : (self.rank + 1) * rows]
 
     def __iter__(self) -> RandomWindows:
         return self

@@ -33,14 +33,22 @@ class MetricsLog:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.truncate_after(start_step)
         self.tb = None
+        self.tb_missing: str | None = None  # why TensorBoard events are not written though asked for
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 # purge_step drops TensorBoard events a killed run wrote after the checkpoint
                 self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start_step if start_step > 0 else None)
-            except Exception:  # tensorboard not installed (or broken): JSON lines only
-                self.tb = None
+            except ImportError:  # not installed (the main install has no tensorboard): JSON lines only
+                self.tb_missing = (
+                    f"tensorboard is not installed: metrics go to {self.path} only (plot them with: torchpeer plot "
+                    f"{run_dir}; for TensorBoard: pip install tensorboard, or the [viz] extra; "
+                    "--train.tensorboard false silences this)"
+                )
+            except Exception as e:  # installed but broken (e.g. a protobuf mismatch): JSON lines only
+                reason = f"{type(e).__name__}: {e}"
+                self.tb_missing = f"tensorboard failed to start ({reason}); metrics go to {self.path} only"
 
     def truncate_after(self, step: int) -> None:
         """Keep only the records of steps <= ``step`` (resume; -1 = none), rewritten atomically.

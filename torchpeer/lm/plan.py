@@ -6,10 +6,12 @@ default and the whole contract: a distributed plan (``torchpeer.parallel``) subc
 overrides what it needs.
 
     trainer.build()                  plan.setup(device) -> device of this process
+                                     plan.rank0_first() around tokenizer + token cache
                                      plan.build_model(build_fn, device) -> model (init on device,
                                          or sharded expert tables)
                                      plan.wrap_model(model) -> module used for training forwards
                                      plan.data_shard() -> (rank, world_size) of RandomWindows
+                                         (train.batch_size is global: each rank gets batch / world)
     trainer.train_step()             plan.no_sync(wrapped, last_micro_batch) around each backward
                                      plan.clip_grad_norm_(params, max_norm) -> global grad norm
                                      plan.all_reduce_mean(tensor) -> logged loss across ranks
@@ -49,6 +51,11 @@ class SingleProcessPlan:
     def setup(self, device: torch.device) -> torch.device:
         """Called first in build(): init process groups; returns the device this process uses."""
         return device
+
+    def rank0_first(self) -> contextlib.AbstractContextManager:
+        """Context around tokenizer training and token-cache writes: rank 0 runs it first, the others
+        then read what it wrote (no two processes write the cache at once)."""
+        return contextlib.nullcontext()
 
     def build_model(self, build_fn: Callable[[], nn.Module], device: torch.device) -> nn.Module:
         """Construct the model. build_fn() builds the full model under the current default device."""
@@ -111,7 +118,12 @@ class SingleProcessPlan:
 
     def load_checkpoint(self, path: str, model: nn.Module, optimizer, device: torch.device) -> dict:
         """Load weights and optimizer state of checkpoint folder ``path``; returns the trainer's state
-        (as given to save_checkpoint, plus "step" and "rng"). The caller restores the RNG states."""
+        (as given to save_checkpoint, plus "step" and "rng"). The caller restores the RNG states.
+        A distributed run's checkpoint (weights and moments in ``dcp/``) loads too."""
+        if ckpt_io.is_dcp_checkpoint(path):
+            from torchpeer.parallel.checkpoint import load_dcp_checkpoint
+
+            return load_dcp_checkpoint(path, model, optimizer)
         ckpt_io.load_weights(model, path, device)
         state = ckpt_io.load_trainer_state(path)
         optimizer.load_state_dict(state.pop("optimizer"))

@@ -46,10 +46,11 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
 
-def plan_steps(cfg: RunConfig, train_flops_per_token: int, world_size: int = 1) -> int:
-    """Number of optimizer steps: the first of max_steps / max_tokens / max_flops reached."""
+def plan_steps(cfg: RunConfig, train_flops_per_token: int) -> int:
+    """Number of optimizer steps: the first of max_steps / max_tokens / max_flops reached
+    (train.batch_size is the global batch: the same steps whatever the number of processes)."""
     t = cfg.train
-    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.seq_len * world_size
+    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.seq_len
     limits = []
     if t.max_steps is not None:
         limits.append(int(t.max_steps))
@@ -132,20 +133,21 @@ class Trainer:
 
         # A resumed run keeps the tokenizer it was trained with (saved in the checkpoint).
         show = self.progress and plan.is_rank0
-        saved_tok = ckpt_io.load_checkpoint_tokenizer(self.ckpt) if self.ckpt is not None else None
-        self.tokenizer = tok = saved_tok or load_tokenizer(cfg.data, show)
-        if cfg.model.vocab_size is None:
-            cfg.model.vocab_size = tok.vocab_size
-        elif cfg.model.vocab_size < tok.vocab_size:
-            raise ValueError(
-                f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                f"({tok.vocab_size}, {tok.name}); omit model.vocab_size to take it from the tokenizer"
-            )
-        train_tf = prepare_split(cfg.data, cfg.data.train, "train", tokenizer=tok, progress=show)
-        self.valid_files = {
-            name: prepare_split(cfg.data, spec, f"valid/{name}", tokenizer=tok, progress=show)
-            for name, spec in cfg.data.valid.items()
-        }
+        with plan.rank0_first():  # one process trains the tokenizer and writes the token cache
+            saved_tok = ckpt_io.load_checkpoint_tokenizer(self.ckpt) if self.ckpt is not None else None
+            self.tokenizer = tok = saved_tok or load_tokenizer(cfg.data, show)
+            if cfg.model.vocab_size is None:
+                cfg.model.vocab_size = tok.vocab_size
+            elif cfg.model.vocab_size < tok.vocab_size:
+                raise ValueError(
+                    f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                    f"({tok.vocab_size}, {tok.name}); omit model.vocab_size to take it from the tokenizer"
+                )
+            train_tf = prepare_split(cfg.data, cfg.data.train, "train", tokenizer=tok, progress=show)
+            self.valid_files = {
+                name: prepare_split(cfg.data, spec, f"valid/{name}", tokenizer=tok, progress=show)
+                for name, spec in cfg.data.valid.items()
+            }
         self.memory = check_fits(cfg, self.device)  # refuse a step that cannot fit, before allocating it
 
         runtime.setup_runtime(t.seed, self.device)
@@ -154,8 +156,8 @@ class Trainer:
         self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
         self.backends = backend_report(self.model)
         self.cost = model_cost(self.model)
-        self.total_steps = plan_steps(cfg, self.cost.train_flops, plan.world_size)
-        self.tokens_per_step = t.batch_size * t.grad_accum * cfg.model.seq_len * plan.world_size
+        self.total_steps = plan_steps(cfg, self.cost.train_flops)
+        self.tokens_per_step = t.batch_size * t.grad_accum * cfg.model.seq_len  # global batch
         self.optimizer = build_optimizer(self.model, t, self.device.type)
         self.schedule = LRSchedule(t.schedule, self.total_steps, t.warmup_steps, t.min_lr_ratio, t.decay_frac)
         rank, world = plan.data_shard()
@@ -296,6 +298,8 @@ class Trainer:
             )
         if self.progress and rank0 and self.backends:
             say(f"op backends: {format_backends(self.backends)}")
+        if rank0 and self.log.tb_missing:
+            say(self.log.tb_missing)
         if rank0 and self.removed_partials:
             say(f"removed {len(self.removed_partials)} partial checkpoint(s) left by an interrupted save")
         if rank0:
