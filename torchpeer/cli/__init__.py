@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"config overrides (--{overrides[0][0]} ...) only apply to {names}")
         args.overrides = overrides
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # e.g. `torchpeer info --json | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (ValueError, TypeError, OSError) as e:
         if os.environ.get("TORCHPEER_TRACEBACK"):
             raise  # debugging: the full traceback instead of the one-line message

@@ -35,4 +35,4 @@ def train(
     None = one process (or torchpeer.parallel's under torchrun).
     SIGINT/SIGTERM stop the run after the current step with a checkpoint: TrainingInterrupted.
     """
-    return Trainer(cfg, run_dir, resume=resume, progress=progress, callbacks=callbacks, plan=plan).build().fit()
+    return Trainer(cfg, run_dir, resume=resume, progress=progress, callbacks=callbacks, plan=plan).fit()

@@ -267,16 +267,17 @@ class Trainer:
     # ---------------------------------------------------------------------------------- the loop
 
     def fit(self) -> dict:
-        """Train to the end of the budget; returns the summary (also written to summary.json)."""
-        if not hasattr(self, "model"):
-            self.build()
-        with _StopOnSignals(self):
-            try:
+        """Train to the end of the budget (building first if build() was not called); returns the
+        summary (also written to summary.json). Closes the plan at the end, also on error."""
+        try:
+            if not hasattr(self, "model"):
+                self.build()
+            with _StopOnSignals(self):
                 return self._fit()
-            finally:
-                if self.log is not None:
-                    self.log.close()
-                self.plan.close()
+        finally:  # also after a failed build: the plan may hold process groups
+            if getattr(self, "log", None) is not None:
+                self.log.close()
+            self.plan.close()
 
     def _fit(self) -> dict:
         cfg, t, rank0 = self.cfg, self.cfg.train, self.plan.is_rank0
