@@ -9,7 +9,9 @@ overrides):
 
 1. ``plain``: one process without torchrun (the one-GPU reference; also prepares the token cache);
 2. for each W in --worlds: ``torchrun --standalone --nproc_per_node W`` (W = 1 is the NCCL path
-   with one rank: the smoke test), sharded checkpoint at step --steps/2 and at the end;
+   with one rank: the smoke test; it is run twice, as shipped (one process: tables not sharded,
+   fused kernels) and with the sharded code path forced), DCP checkpoints at step --steps/2 and
+   at the end;
 3. for the largest W > 1 (else W = 1): resume its step --steps/2 checkpoint in one plain process
    and compare the losses of the remaining steps;
 4. for each W > 1: time the collectives of one step at the config's sizes (CUDA events, median)
@@ -55,10 +57,18 @@ def worker_train(args) -> None:
     from torchpeer.lm.trainer import Trainer
 
     cfg = _config(args)
-    trainer = Trainer(cfg, args.run_dir, resume=args.resume, progress=False)
+    plan = None
+    if args.shard_experts != "auto":
+        from torchpeer.parallel import DistributedPlan
+
+        plan = DistributedPlan(shard_experts=args.shard_experts)
+    trainer = Trainer(cfg, args.run_dir, resume=args.resume, progress=False, plan=plan)
     trainer.build()
     plan = trainer.plan
-    expert = sum(p.numel() for p in getattr(plan, "_sharded_params", []))
+    tables = {"PEER": ("down", "up"), "PKM": ("values",)}
+    expert = sum(
+        getattr(m, t).numel() for m in trainer.model.modules() for t in tables.get(type(m).__name__, ())
+    )  # this rank's (column shards when sharded)
     trainer.fit()
     mem = {"rank": plan.rank, "world_size": plan.world_size, "expert_params_this_rank": expert}
     if trainer.device.type == "cuda":
@@ -225,7 +235,7 @@ def markdown(res: dict) -> str:
         for k, ms in c["ms"].items():
             b = sizes.get(k)
             gbs = f"{b / (ms * 1e-3) / 1e9:.1f}" if b and ms else ""
-            lines.append(f"| {k} | {ms:.3f} | {'' if b is None else f'{b / 1e6:.1f}'} | {gbs} |")
+            lines.append(f"| {k} | {ms:.3f} | {'' if b is None else f'{b / 1e6:.3f}'} | {gbs} |")
     return "\n".join(lines) + "\n"
 
 
@@ -238,6 +248,7 @@ def main(argv=None) -> int:
         ap.add_argument("--run-dir")
         ap.add_argument("--resume", action="store_true")
         ap.add_argument("--out-json")
+        ap.add_argument("--shard-experts", default="auto")
         cut = argv.index("--") if "--" in argv else len(argv)
         args = ap.parse_args(argv[:cut])
         args.overrides = argv[cut + 1 :]
@@ -281,9 +292,9 @@ def main(argv=None) -> int:
     os.makedirs(args.work_dir, exist_ok=True)
     me = os.path.abspath(__file__)
 
-    def train_cmd(run_dir, world=None, resume=False):
+    def train_cmd(run_dir, world=None, resume=False, shard="auto"):
         head = [sys.executable] if world is None else _torchrun(world)
-        cmd = [*head, me, "_train", "--config", args.config, "--run-dir", run_dir]
+        cmd = [*head, me, "_train", "--config", args.config, "--run-dir", run_dir, "--shard-experts", shard]
         return cmd + (["--resume"] if resume else []) + ["--", *overrides]
 
     runs = {}
@@ -298,6 +309,12 @@ def main(argv=None) -> int:
         _launch(train_cmd(rd, w), rd + ".log")
         runs[f"torchrun W={w}"] = r = _read(rd)
         r["max_rel_loss_diff_vs_plain"] = _max_rel(r["losses"], runs["plain"]["losses"])
+        if w == 1:  # one process keeps the fused kernels; also run the sharded code path on one device
+            rd = os.path.join(args.work_dir, "w1_sharded")
+            shutil.rmtree(rd, ignore_errors=True)
+            _launch(train_cmd(rd, 1, shard="always"), rd + ".log")
+            runs["torchrun W=1 sharded"] = r = _read(rd)
+            r["max_rel_loss_diff_vs_plain"] = _max_rel(r["losses"], runs["plain"]["losses"])
 
     # W -> 1: the largest W's mid-run checkpoint, continued in one plain process
     wmax = max(args.worlds)

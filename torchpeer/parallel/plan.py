@@ -44,9 +44,20 @@ def plan_from_env():
 
 
 class DistributedPlan(SingleProcessPlan):
-    """W processes, one device each; see the module docstring."""
+    """W processes, one device each; see the module docstring.
 
-    def __init__(self):
+    shard_experts: "auto" (shard the expert tables when W > 1; with one process there is nothing to
+        split and the layers keep their fused one-device kernels), "always" (also with W = 1:
+        exercises the sharded code path) or "never" (tables replicated under DDP; BatchNorm query
+        statistics are then per rank, so W ranks no longer compute the one-process training).
+    """
+
+    SHARD_MODES = ("auto", "always", "never")
+
+    def __init__(self, shard_experts: str = "auto"):
+        if shard_experts not in self.SHARD_MODES:
+            raise ValueError(f"shard_experts={shard_experts!r}; use one of {self.SHARD_MODES}")
+        self.shard_experts = shard_experts
         self.rank, self.world_size = 0, 1
         self.env = None
         self.shard_ctx: ShardContext | None = None
@@ -77,6 +88,8 @@ class DistributedPlan(SingleProcessPlan):
 
     def build_model(self, build_fn, device: torch.device) -> nn.Module:
         model = super().build_model(build_fn, device)  # the full model, identical on every rank
+        if self.shard_experts == "never" or (self.shard_experts == "auto" and self.world_size == 1):
+            return model
         names = shard_model_(model, self.shard_ctx)
         for n in names:
             mod = model.get_submodule(n)
