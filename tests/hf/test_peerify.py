@@ -177,3 +177,22 @@ def test_without_transformers_one_import_error(monkeypatch, tmp_path):
         hf.from_pretrained(str(tmp_path))
     with pytest.raises(ImportError, match=r"pip install -e '\.\[hf\]'"):
         hf.export_hf(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_recognised_by_structure_base_models_and_mistral():
+    import transformers as tf
+
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    sizes.update(num_key_value_heads=1, vocab_size=VOCAB, max_position_embeddings=64)
+    cases = [
+        (tf.GPT2Model(tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=64)), "GPT-2", "h"),
+        (tf.LlamaModel(tf.LlamaConfig(**sizes)), "Llama/Qwen2", "layers"),
+        (tf.MistralForCausalLM(tf.MistralConfig(**sizes)), "Llama/Qwen2", "model.layers"),
+    ]
+    for model, family, path in cases:
+        assert decoder_blocks(model)[:2] == (family, path)
+        peerify(model, blocks=[1], **PEER_KW)
+        assert isinstance(decoder_blocks(model)[2][1].mlp, PEER)
+        out = model(input_ids=pattern_batch(2))
+        y = out.logits if "logits" in out else out.last_hidden_state
+        assert y.shape[:2] == (2, 16) and torch.isfinite(y).all()
