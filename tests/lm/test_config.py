@@ -116,3 +116,17 @@ def test_type_errors_name_the_field():
     # from text (TOML values, command-line strings) an integral number is still an int
     assert load_config("ptb-tiny", ["--model.peer.n_experts", "1024.0"]).model.peer.n_experts == 1024
     assert math.isclose(load_config("ptb-tiny", ["--train.lr", "1"]).train.lr, 1.0)
+
+
+def test_a_kind_registered_too_late_is_one_clear_error(monkeypatch):
+    import torchpeer.layers.registry as registry
+
+    monkeypatch.setattr(registry, "_KINDS", dict(registry._KINDS))  # undone after the test
+
+    @dataclasses.dataclass
+    class LateConfig:
+        width: int = 4
+
+    registry.register_ffw("late", LateConfig, lambda d, cfg: None)
+    with pytest.raises(ValueError, match=r"registered after torchpeer.lm.config was imported.*\[model.late\]"):
+        load_config("ptb-tiny", ["--model.ffw", "late"])

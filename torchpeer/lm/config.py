@@ -9,7 +9,8 @@ A run config has three tables, each a dataclass::
 Reading and writing them (TOML files, ``--a.b value`` overrides, type coercion) is config_io.py;
 this module only says what a config is and what makes one valid. The FFW sections come from the
 layer registry (``torchpeer.layers.registry``): ``ModelConfig.peer`` is a ``PEERConfig`` because
-the "peer" kind is registered with it, so a new kind gets its ``[model.<kind>]`` section for free.
+the "peer" kind is registered with it, so a new kind gets its ``[model.<kind>]`` section for free
+(ModelConfig is made on import: kinds are registered on import of torchpeer.layers).
 """
 
 from __future__ import annotations
@@ -80,6 +81,12 @@ class _ModelFields:
             )
         if self.ffw not in ffw_kinds():
             raise ValueError(f"unknown FFW kind model.ffw={self.ffw!r}; use one of {', '.join(ffw_kinds())}")
+        if not hasattr(self, self.ffw):
+            raise ValueError(
+                f"FFW kind {self.ffw!r} was registered after torchpeer.lm.config was imported, so ModelConfig has "
+                f"no [model.{self.ffw}] section; register it on import of torchpeer.layers (layers/__init__.py), "
+                "or import its module before torchpeer.lm"
+            )
         p = self.placement
         if isinstance(p, str):
             if p not in ("middle", "all"):
@@ -93,7 +100,8 @@ class _ModelFields:
         if self.vocab_size is not None and (isinstance(self.vocab_size, bool) or self.vocab_size < 2):
             raise ValueError(f"model.vocab_size must be >= 2 (or omitted), got {self.vocab_size!r}")
         for kind in ffw_kinds():  # e.g. n_experts = 1024.0 names model.peer.n_experts, before the layer sees it
-            check_field_types(getattr(self, kind), f"model.{kind}")
+            if hasattr(self, kind):
+                check_field_types(getattr(self, kind), f"model.{kind}")
 
 
 def _model_config_class() -> type:
