@@ -225,3 +225,24 @@ def test_missing_tensorboard_is_one_note(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     notes = [line for line in out.splitlines() if line.startswith("tensorboard is not installed")]
     assert len(notes) == 1 and f"torchpeer plot {run}" in notes[0] and not os.path.exists(run / "tb")
+
+
+def test_init_from_loads_starting_weights_on_a_fresh_run_only(trained, tmp_path):
+    root, cfg_path, run = trained
+    source, _, _ = load_model_from_checkpoint(run)
+    calls = []
+
+    def init(model):
+        calls.append(model)
+        model.load_state_dict(source.state_dict())
+
+    cfg = load_config(cfg_path, ["--train.max_steps", "1", "--train.lr", "1e-9", "--train.warmup_steps", "0"])
+    trainer = Trainer(cfg, str(tmp_path / "run"), progress=False, init_from=init).build()
+    assert calls == [trainer.model]
+    before = trainer.evaluate(2)["v"]["loss"]
+    source_eval = Trainer(load_config(cfg_path), str(tmp_path / "r2"), progress=False).build()
+    source_eval.model.load_state_dict(source.state_dict())
+    assert before == source_eval.evaluate(2)["v"]["loss"]  # the trained weights, not a fresh init
+    trainer.fit()
+    resumed = Trainer(cfg, str(tmp_path / "run"), resume=True, progress=False, init_from=init).build()
+    assert len(calls) == 1 and resumed.step == 1  # a resume takes its own checkpoint, not init_from

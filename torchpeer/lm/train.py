@@ -25,14 +25,21 @@ __all__ = ["Trainer", "TrainingInterrupted", "plan_steps", "resolve_device", "tr
 
 
 def train(
-    cfg: RunConfig, run_dir: str, resume: bool = False, progress: bool = True, callbacks=None, plan=None
+    cfg: RunConfig,
+    run_dir: str,
+    resume: bool = False,
+    progress: bool = True,
+    callbacks=None,
+    plan=None,
+    init_from=None,
 ) -> dict:
     """Train ``cfg`` in ``run_dir``; returns the summary (final evaluation, costs, timing).
 
     resume: continue from the latest checkpoint of run_dir (start fresh if it has none).
     Without resume, a run_dir that already holds checkpoints is an error (nothing is touched).
     callbacks: torchpeer.lm.callbacks.Callback instances; plan: a parallel plan (lm/plan.py),
-    None = one process (or torchpeer.parallel's under torchrun).
+    None = one process (or torchpeer.parallel's under torchrun); init_from: ``fn(model)`` loading
+    starting weights into a fresh run's model (every rank, before the plan wraps it).
     SIGINT/SIGTERM stop the run after the current step with a checkpoint: TrainingInterrupted.
     """
-    return Trainer(cfg, run_dir, resume=resume, progress=progress, callbacks=callbacks, plan=plan).fit()
+    return Trainer(cfg, run_dir, resume, progress, callbacks=callbacks, plan=plan, init_from=init_from).fit()

@@ -97,9 +97,19 @@ class Trainer:
     """One training run of ``cfg`` in ``run_dir`` (see the module docstring)."""
 
     def __init__(
-        self, cfg: RunConfig, run_dir: str, resume: bool = False, progress: bool = True, callbacks=None, plan=None
+        self,
+        cfg: RunConfig,
+        run_dir: str,
+        resume: bool = False,
+        progress: bool = True,
+        callbacks=None,
+        plan=None,
+        init_from=None,
     ):
+        """init_from: optional ``fn(model)`` that loads starting weights into the freshly built model
+        (every rank, before plan.wrap_model; not when resuming from a checkpoint of this run)."""
         self.cfg, self.run_dir, self.resume, self.progress = cfg, run_dir, resume, progress
+        self.init_from = init_from
         self.callbacks = CallbackList(callbacks)
         self.plan = plan if plan is not None else default_plan()
         self.step, self.elapsed = 0, 0.0
@@ -152,6 +162,8 @@ class Trainer:
 
         runtime.setup_runtime(t.seed, self.device)
         self.model = plan.build_model(lambda: TransformerLM(cfg.model), self.device)
+        if self.init_from is not None and self.ckpt is None:
+            self.init_from(self.model)
         self.wrapped = plan.wrap_model(self.model)
         self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
         self.backends = backend_report(self.model)
