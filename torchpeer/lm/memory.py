@@ -2,8 +2,9 @@
 
 ``estimate_step_memory(cfg)`` adds up, in bytes:
 
-* parameters (fp32 master weights), gradients (same size) and AdamW state (two moments, plus on
-  the CPU one temporary of the largest parameter: the unfused AdamW step builds its denominator);
+* parameters (fp32 master weights, counted from the config's shapes), gradients (same size) and
+  AdamW state (two moments, plus on the CPU one temporary of the largest parameter: the unfused
+  AdamW step builds its denominator);
 * activations that autograd keeps for backward, per token and block (RMSNorm inputs and outputs,
   q/k/v and their rotated copies, the attention output and log-sum-exp, the FFW's hidden units or
   PEER/PKM queries, scores, gates and int64 indices, MoE dispatch buffers);
@@ -14,8 +15,9 @@
 * logits: (batch * seq_len, vocab) in fp32, alive four times around the loss backward
   (logits, log-softmax, and both of their gradients);
 * a backward workspace of about one block's activations (the gradients in flight);
-* runtime: a fixed allowance for what the first step initialises (thread pools, autograd engine,
-  allocator slack; on CUDA the cuBLAS workspace and caching-allocator rounding).
+* runtime: a fixed allowance for what the trainer still loads and initialises after the check (on
+  the CPU mostly code: building torch.optim imports torch._dynamo and sympy, 100-150 MiB of RSS;
+  thread pools, allocator slack; on CUDA the cuBLAS workspace and caching-allocator rounding).
 
 ``check_fits(cfg, device)`` compares that total with what the device has free (CPU: MemAvailable
 from /proc/meminfo, capped by a cgroup memory limit; CUDA: ``torch.cuda.mem_get_info``) and raises a
@@ -23,10 +25,10 @@ ValueError that names the knobs to turn.
 
 Calibration (``python scripts/calibrate_memory.py``: the real trainer, 3 steps, CPU, torch 2.13):
 on five tiny configs (PEER, PEER with 65k experts, dense, PKM, MoE; 1.5k-8k tokens per batch) the
-measured growth of peak RSS during training was 0.68-0.91x of the estimate, so the estimate is an
-upper bound with a 10-30 % margin. The interpreter, torch and the tokenizer are already resident
-when it is checked and are not counted. GPU estimates follow the same formulas with bf16
-activations and are not calibrated yet.
+growth of peak RSS from the trainer's check to the end of training was 0.71-0.76x of the estimate,
+so the estimate is an upper bound with a 25-30 % margin. The interpreter, torch and the tokenizer
+are already resident when it is checked and are not counted. GPU estimates follow the same
+formulas with bf16 activations and are not calibrated yet.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ GiB = 1024**3
 MiB = 1024**2
 
 # Fixed allowance per device type (see "runtime" in the module docstring).
-_RUNTIME = {"cpu": 64 * MiB, "cuda": 512 * MiB}
+_RUNTIME = {"cpu": 256 * MiB, "cuda": 512 * MiB}
 
 # Chunk budgets of the lean PyTorch paths (elements of one chunk of gathered rows / of scores);
 # mirror torchpeer/mixing.py and torchpeer/product_keys.py.
@@ -104,14 +106,48 @@ def _vocab_size(cfg) -> int:
     return int(v)
 
 
-def _param_sizes(cfg, vocab: int) -> list[int]:
-    """Element counts of the model's parameters, from a model built on the meta device (no memory)."""
-    from torchpeer.lm.model import TransformerLM
+def _query_norm_params(kind: str, heads: int, d_key: int) -> int:
+    """Parameters of a router's query norm (a tiny module: built on the CPU to count them)."""
+    from torchpeer.layers.query_norm import build_query_norm
 
-    mcfg = dataclasses.replace(cfg.model, vocab_size=vocab)
-    with torch.device("meta"):
-        model = TransformerLM(mcfg)
-    return [p.numel() for p in model.parameters() if p.requires_grad]
+    return sum(p.numel() for p in build_query_norm(kind, heads, d_key).parameters())
+
+
+def _ffw_param_sizes(kind: str, cfg) -> list[int]:
+    """Element counts of one FFW's parameters, from its config section (mirrors torchpeer/layers)."""
+    d = cfg.model.d_model
+    c = getattr(cfg.model, kind)
+    if kind == "dense":
+        h = c.d_hidden or 4 * d
+        bias = bool(getattr(c, "bias", False))
+        mats = [d * h + (h if bias else 0)] * (2 if c.swiglu else 1)
+        return [*mats, h * d + (d if bias else 0)]
+    if kind == "peer":
+        n = math.isqrt(c.n_experts)
+        key_sets = 1 if c.shared_keys else c.heads
+        router = [d * c.heads * c.d_key, _query_norm_params(c.query_norm, c.heads, c.d_key), key_sets * n * c.d_key]
+        return [*router, c.n_experts * d, c.n_experts * d]  # + the u and v tables
+    if kind == "pkm":
+        dk, vd = c.d_key or 256, c.value_dim or d
+        hq = c.heads * dk
+        router = [d * hq + hq, _query_norm_params(c.query_norm, c.heads, dk), c.heads * c.n_keys * dk]
+        return [*router, c.n_keys**2 * vd] + ([vd * d] if vd != d else [])
+    if kind == "moe":
+        de = c.d_expert or 4 * d
+        return [d * c.n_experts, c.n_experts * d * de, c.n_experts * de * d]
+    raise ValueError(f"unknown FFW kind {kind!r}")
+
+
+def _param_sizes(cfg, vocab: int) -> list[int]:
+    """Element counts of the model's parameters, from the config alone (nothing is built or allocated:
+    a meta-device build costs seconds of imports). tests/test_memory.py checks them against built models."""
+    m = cfg.model
+    d = m.d_model
+    sizes = [vocab * d] + ([] if m.tie_embeddings else [vocab * d]) + [d]  # embeddings, final norm
+    for kind in m.block_kinds():
+        sizes += [d, 3 * d * d, d * d, d]  # norm1, qkv, proj, norm2
+        sizes += _ffw_param_sizes(kind, cfg)
+    return [s for s in sizes if s]
 
 
 def _section(cfg, kind: str):
@@ -158,8 +194,7 @@ def _ffw_bytes(kind: str, cfg, tokens: int, mm: int, dev: str, triton: bool) -> 
 def estimate_step_memory(cfg, device: str | torch.device | None = None) -> MemoryEstimate:
     """Bytes one training step of ``cfg`` (a RunConfig) needs on ``device`` (default: cfg.train.device).
 
-    Nothing is allocated: parameter counts come from a model built on the meta device, the rest
-    from the shapes (see the module docstring).
+    Nothing is allocated: everything follows from the config's shapes (see the module docstring).
     """
     dev = _device_of(cfg, device)
     dev_type = "cuda" if dev.type == "cuda" else "cpu"
