@@ -54,14 +54,9 @@ def runs(tmp_path_factory):
 
 
 def plot_cli(argv, capsys):
-    import argparse
+    from torchpeer.cli import main
 
-    from torchpeer.viz import cli
-
-    parser = argparse.ArgumentParser(prog="torchpeer")
-    cli.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["plot", *argv])
-    status = args.func(args)
+    status = main(["plot", *argv])
     out, err = capsys.readouterr()
     return status, out, err
 
@@ -135,6 +130,9 @@ def test_metrics_parsing_skips_cut_lines_and_keeps_the_last_repeat(tmp_path):
 def test_errors_are_one_clear_line(tmp_path, capsys):
     from torchpeer.viz.plot import save_plot
 
+    status, _, err = plot_cli([str(tmp_path / "nope")], capsys)
+    assert status == 2 and err == f"error: run dir {tmp_path / 'nope'} does not exist\n"
+
     with pytest.raises(FileNotFoundError, match="does not exist"):
         save_plot([str(tmp_path / "nope")], str(tmp_path / "a.png"))
     with pytest.raises(FileNotFoundError, match="has no metrics.jsonl"):
@@ -155,11 +153,8 @@ def test_missing_matplotlib_says_how_to_install(runs, tmp_path):
         "        if name.split('.')[0] == 'matplotlib':\n"
         "            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import argparse\n"
-        "from torchpeer.viz import cli\n"
-        "p = argparse.ArgumentParser(); cli.add_parser(p.add_subparsers())\n"
-        "a = p.parse_args(['plot', sys.argv[1], '--out', sys.argv[2]])\n"
-        "sys.exit(a.func(a))\n"
+        "from torchpeer.cli import main\n"
+        "sys.exit(main(['plot', sys.argv[1], '--out', sys.argv[2]]))\n"
     )
     out = tmp_path / "x.png"
     proc = subprocess.run([sys.executable, "-c", code, runs[0], str(out)], capture_output=True, text=True)

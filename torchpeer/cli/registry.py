@@ -16,4 +16,5 @@ COMMANDS: list[str] = [
     "torchpeer.hf.export",
     "torchpeer.experiments.sweep_command",
     "torchpeer.experiments.report_command",
+    "torchpeer.viz.cli",
 ]
