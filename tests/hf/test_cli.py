@@ -51,3 +51,14 @@ def test_eval_and_generate_accept_an_exported_folder(make_run, train_file, tmp_p
         assert main([*argv, "--device", "cpu"]) == 0
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] and "the cat" in texts[0]
+
+
+def test_train_continues_an_exported_folder(make_run, tmp_path, capsys):
+    out = str(tmp_path / "exported")
+    assert main(["export-hf", make_run("peer"), out]) == 0
+    more = str(tmp_path / "more")
+    assert main(["train", out, "--run-dir", more, "--train.max_steps", "2", "--no-progress"]) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    assert main(["train", out, "--run-dir", str(tmp_path / "x"), "--model.n_layers", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "different model" in err[0]

@@ -212,21 +212,40 @@ def test_exported_model_fine_tunes_with_trainer_and_saves(exported, tmp_path):
 
 
 def test_continued_training_from_export(exported, tmp_path):
-    from torchpeer.hf import InitFromExported
+    from torchpeer.hf import continue_from_exported
     from torchpeer.lm import train
 
     _, out = exported
-    exported_model, _, cfg = load_exported(out)
-    cfg.train.max_steps, cfg.train.lr = 1, 1e-12  # tiny lr: the one step keeps the initial weights
+    exported_model, _, _ = load_exported(out)
+    cfg, init_from = continue_from_exported(out, ["--train.max_steps", "1", "--train.lr", "1e-12"])
+    assert cfg.train.max_steps == 1  # tiny lr: the one step keeps the initial weights
     run = str(tmp_path / "continued")
-    train(cfg, run, progress=False, callbacks=[InitFromExported(out)])
+    train(cfg, run, progress=False, init_from=init_from)
     continued, _, _ = load_model_from_checkpoint(run)
     for k, v in exported_model.state_dict().items():
         if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):  # BatchNorm stats update
             assert torch.allclose(continued.state_dict()[k], v, atol=1e-8, rtol=0), k
-    cfg.model.d_model = 64
-    with pytest.raises(ValueError, match="model config differs"):
-        train(cfg, str(tmp_path / "other"), progress=False, callbacks=[InitFromExported(out)])
+    with pytest.raises(ValueError, match="different model"):
+        continue_from_exported(out, ["--model.d_model", "64"])
+
+
+def test_continued_training_keeps_a_bpe_tokenizer(tmp_path, train_file):
+    from tests.hf.conftest import tiny_run_config
+    from torchpeer.hf import continue_from_exported
+    from torchpeer.lm import RunConfig, train
+    from torchpeer.lm.checkpoint import latest_checkpoint, load_checkpoint_tokenizer
+
+    raw = tiny_run_config(train_file, str(tmp_path / "cache"), "dense", steps=1)
+    raw["data"].update(tokenizer="bpe", vocab_size=300)
+    train(RunConfig.from_dict(raw), str(tmp_path / "run"), progress=False)
+    out = str(tmp_path / "export")
+    export_hf(str(tmp_path / "run"), out)
+    _, tok, _ = load_exported(out)
+    cfg, init_from = continue_from_exported(out)
+    assert cfg.data.tokenizer.startswith("gpt2:")  # read from the export, not retrained
+    summary = train(cfg, str(tmp_path / "more"), progress=False, init_from=init_from)
+    assert summary["steps"] == 1
+    assert load_checkpoint_tokenizer(latest_checkpoint(str(tmp_path / "more"))).fingerprint == tok.fingerprint
 
 
 def test_left_padded_batch_generate_equals_one_by_one(exported):

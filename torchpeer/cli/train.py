@@ -36,7 +36,12 @@ def add_parser(subparsers):
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"config name or path (default {DEFAULT_CONFIG})")
+    p.add_argument(
+        "config",
+        nargs="?",
+        default=DEFAULT_CONFIG,
+        help=f"config name or path (default {DEFAULT_CONFIG}), or an export-hf folder to continue training",
+    )
     p.add_argument("--run-dir", help="run folder (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
@@ -51,17 +56,23 @@ def resume_command(args, run_dir: str) -> str:
 
 
 def run(args) -> int:
-    from torchpeer.cli.common import config_with_overrides
+    from torchpeer.cli.common import _is_exported, config_with_overrides
     from torchpeer.lm.train import TrainingInterrupted, train
 
-    cfg = config_with_overrides(args.config, args.overrides)
+    init_from = None
+    if _is_exported(args.config):  # an export-hf folder: continue training its model in a new run
+        from torchpeer.hf.exported import continue_from_exported
+
+        cfg, init_from = continue_from_exported(args.config, args.overrides)
+    else:
+        cfg = config_with_overrides(args.config, args.overrides)
     run_dir = args.run_dir or os.path.join("runs", cfg.name or "run")
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
     if rank0:
         blocks = cfg.model.sparse_blocks() or "none"
         print(f"config {cfg.name}: {cfg.model.ffw} FFW at blocks {blocks}, run dir {run_dir}")
     try:
-        summary = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+        summary = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress, init_from=init_from)
     except TrainingInterrupted as e:
         if not rank0:
             return 128 + e.signum

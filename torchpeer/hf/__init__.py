@@ -7,18 +7,19 @@
   transformers model folder (remote code, safetensors, tokenizer) for
   ``AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)``.
 - ``load_exported(OUT_DIR) -> (TransformerLM, tokenizer, RunConfig)``: and back into torchpeer;
-  ``InitFromExported(OUT_DIR)``: a trainer callback that starts a new run from those weights.
+  ``continue_from_exported(OUT_DIR, overrides) -> (RunConfig, init_from)``: continued training
+  (``torchpeer train OUT_DIR``).
 
 Importing this package never imports transformers; the functions that need it raise one
 ImportError naming the extra when it is missing. torchpeer core never imports this package.
 """
 
 from torchpeer.hf.export import export_hf
-from torchpeer.hf.exported import InitFromExported, is_exported_folder, load_exported
+from torchpeer.hf.exported import continue_from_exported, is_exported_folder, load_exported
 from torchpeer.hf.peerify import decoder_blocks, from_pretrained, peerify, supported_families
 
 __all__ = [
-    "InitFromExported",
+    "continue_from_exported",
     "decoder_blocks",
     "export_hf",
     "from_pretrained",

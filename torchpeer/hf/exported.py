@@ -2,12 +2,13 @@
 
 Needs no transformers: config.json's "torchpeer" section is the run config, the safetensors
 weights are the TransformerLM's under the prefix "model.", and torchpeer_tokenizer/ is the
-torchpeer tokenizer. torchpeer eval and generate use ``load_exported``; continued training starts
-a new run from the exported weights with the ``InitFromExported`` callback.
+torchpeer tokenizer. torchpeer eval and generate use ``load_exported``; ``torchpeer train DIR``
+continues training it in a new run (``continue_from_exported``).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -15,7 +16,6 @@ import torch
 
 from torchpeer.hf.tokenizer_files import TORCHPEER_TOKENIZER_DIR
 from torchpeer.hf.weights import load_safetensors_into, weight_files
-from torchpeer.lm.callbacks import Callback
 
 WEIGHT_PREFIX = "model."
 
@@ -57,30 +57,34 @@ def load_exported(path: str, device: str | torch.device = "cpu"):
     return model.to(device).eval(), tok, cfg
 
 
-class InitFromExported(Callback):
-    """Trainer callback: start a NEW run from the weights of an exported folder (continued training).
+def continue_from_exported(path: str, overrides=()):
+    """(RunConfig, init_from) for a NEW run that continues training an exported folder's model.
 
-        model, tok, cfg = load_exported(DIR)          # cfg: the exported run config; edit cfg.train
-        train(cfg, "runs/more", callbacks=[InitFromExported(DIR)])
+        cfg, init_from = continue_from_exported(DIR, ["--train.max_steps", "1000"])
+        train(cfg, "runs/more", init_from=init_from)     # CLI: torchpeer train DIR --run-dir runs/more
 
-    On ``on_train_start`` of a fresh run (step 0) the exported weights are loaded strictly into
-    ``trainer.model``; a resumed run (step > 0) keeps its checkpoint. The run's model config and
-    tokenizer must be the exported ones (one ValueError otherwise). Single process: callbacks run
-    on rank 0 only, so this does not initialise the other ranks of a distributed run.
+    The config is the exported run config with ``overrides`` applied (train/data settings; a
+    change of the model is a ValueError). The run tokenizes with the exported tokenizer (a BPE one
+    is read from DIR/torchpeer_tokenizer, not retrained), and ``init_from(model)`` loads the
+    exported weights strictly into the freshly built model (on every rank; not on resume).
     """
+    from torchpeer.data.tokenizer import ByteTokenizer
+    from torchpeer.lm.config_io import apply_overrides
 
-    def __init__(self, path: str):
-        self.path = path
+    model, tok, cfg = load_exported(path)
+    exported_model = copy.deepcopy(cfg.model)
+    apply_overrides(cfg, list(overrides))
+    if cfg.model != exported_model:
+        raise ValueError(
+            f"cannot continue {path!r} with a different model: drop the --model.* overrides "
+            "(train and data settings may change)"
+        )
+    if tok is not None and not isinstance(tok, ByteTokenizer):
+        # A tokenizer.json folder is a "gpt2:DIR" tokenizer spec: the same token ids, nothing retrained.
+        cfg.data.tokenizer = "gpt2:" + os.path.abspath(os.path.join(path, TORCHPEER_TOKENIZER_DIR))
+    state = model.state_dict()
 
-    def on_train_start(self, trainer) -> None:
-        if trainer.step > 0:
-            return
-        model, tok, cfg = load_exported(self.path)
-        if cfg.model != trainer.cfg.model:
-            raise ValueError(f"cannot start from {self.path!r}: the run's model config differs from the exported one")
-        if tok is not None and tok.fingerprint != trainer.tokenizer.fingerprint:
-            raise ValueError(
-                f"cannot start from {self.path!r}: the run's tokenizer ({trainer.tokenizer.name}) is not the "
-                f"exported one ({tok.name}); use the exported config's data.tokenizer"
-            )
-        trainer.model.load_state_dict(model.state_dict(), strict=True)
+    def init_from(new_model: torch.nn.Module) -> None:
+        new_model.load_state_dict(state, strict=True)
+
+    return cfg, init_from
