@@ -1,0 +1,173 @@
+"""Expert mixing whose backward updates the tables in place with row-wise Adam (no table grads).
+
+Entry point expert_mix_rowwise_adam; the kernels and their byte counts are in
+triton_fused_kernels.py, the update rule in torchpeer/optim/rowwise_adam.py (its spec).
+The forward is the plain Triton forward (triton_op.py).
+"""
+
+import torch
+
+from . import triton_op
+from .checks import check_mix_inputs
+from .triton_fused_kernels import _bwd_segment_update_kernel, _bwd_token_kernel, _reduce_update_kernel
+from .triton_op import (
+    SEGMENT,
+    _act_id,
+    _launch_config,
+    _new_buffer,
+    _peer_mix_fwd,
+    _segment_plan,
+    _sort_by_expert,
+)
+
+
+def _fused_backward_impl(dy, x, down, up, indices, gates, h, activation, states, hyper):
+    """-> dx (x dtype), dgate (T*S,) fp32; updates down, up and the 6 state tensors in place."""
+    T, d = x.shape
+    N = down.shape[0]
+    S = indices[0].numel() if T else 0
+    dev = x.device
+    if T == 0 or S == 0:
+        return torch.zeros_like(x), torch.zeros(gates.numel(), dtype=torch.float32, device=dev)
+    dy = dy.contiguous()
+    coef = _new_buffer((T * S,), torch.float32, dev)
+    dgate = _new_buffer((T * S,), torch.float32, dev)
+    dx = _new_buffer((T, d), x.dtype, dev)
+    block_d, block_s, num_warps = _launch_config("fwd", d, S)
+    _bwd_token_kernel[(T,)](
+        dy, down, up, indices, gates, h, coef, dgate, dx,
+        S, d, dy.stride(0), down.stride(0), up.stride(0), dx.stride(0),
+        ACT=_act_id(activation), BLOCK_S=block_s, BLOCK_D=block_d, num_warps=num_warps,
+    )  # fmt: skip
+
+    perm, offsets = _sort_by_expert(indices, N)
+    block_d, block_s, num_warps = _launch_config("expert", d, S)
+    seg = triton_op.TUNING["expert"].get("segment", SEGMENT)  # looked up per call: tests patch it
+    seg = max(block_s, (seg + block_s - 1) // block_s * block_s)
+    nseg, _, seg_expert, seg_index, hot = _segment_plan(offsets, h.numel(), seg)
+    # partial rows for EVERY segment of a hot expert (there are no gradient rows to start from)
+    pcount = torch.where(nseg > 1, nseg, 0)
+    pbase = torch.cumsum(pcount, 0) - pcount
+    n_partial = seg_expert.numel() + hot.numel()  # >= sum(pcount): shape-only bound
+    partial = torch.empty((max(1, n_partial), 2, d), dtype=torch.float32, device=dev)
+    m_down, v_down, t_down, m_up, v_up, t_up = states
+    _bwd_segment_update_kernel[(N + seg_expert.numel(),)](
+        x, dy, gates, h, coef, perm, offsets, nseg, pbase, seg_expert, seg_index, partial,
+        down, m_down, v_down, t_down, up, m_up, v_up, t_up, hyper,
+        N, S, d, seg, x.stride(0), dy.stride(0),
+        ACT=_act_id(activation), BLOCK_S=block_s, BLOCK_D=block_d, num_warps=num_warps,
+    )  # fmt: skip
+    _reduce_update_kernel[(hot.numel(),)](
+        hot, nseg, pbase, partial, down, m_down, v_down, t_down, up, m_up, v_up, t_up, hyper,
+        d, BLOCK_D=block_d, num_warps=num_warps,
+    )  # fmt: skip
+    return dx, dgate
+
+
+@torch.library.custom_op(
+    "torchpeer::peer_mix_bwd_rowwise_adam",
+    mutates_args=("down", "up", "m_down", "v_down", "t_down", "m_up", "v_up", "t_up"),
+)
+def _peer_mix_bwd_rowwise_adam(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    indices: torch.Tensor,
+    gates: torch.Tensor,
+    h: torch.Tensor,
+    activation: str,
+    m_down: torch.Tensor,
+    v_down: torch.Tensor,
+    t_down: torch.Tensor,
+    m_up: torch.Tensor,
+    v_up: torch.Tensor,
+    t_up: torch.Tensor,
+    hyper: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    states = (m_down, v_down, t_down, m_up, v_up, t_up)
+    return _fused_backward_impl(dy, x, down, up, indices, gates, h, activation, states, hyper)
+
+
+@_peer_mix_bwd_rowwise_adam.register_fake
+def _(dy, x, down, up, indices, gates, h, activation, m_down, v_down, t_down, m_up, v_up, t_up, hyper):
+    return x.new_empty(x.shape), x.new_empty((gates.numel(),), dtype=torch.float32)
+
+
+class _RowwiseAdamMix(torch.autograd.Function):
+    """Forward: the Triton mixing forward. Backward: dx and dgates for autograd; the tables are
+    updated in place (they must not require grad: their gradient never exists)."""
+
+    @staticmethod
+    def forward(ctx, x, gates, down, up, indices, activation, states, hyper):
+        y, h = _peer_mix_fwd(x, down, up, indices, gates, activation)
+        ctx.save_for_backward(x, gates, indices, h)
+        ctx.tables, ctx.states, ctx.hyper, ctx.activation = (down, up), states, hyper, activation
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, gates, indices, h = ctx.saved_tensors
+        down, up = ctx.tables
+        dx, dgate = _peer_mix_bwd_rowwise_adam(
+            dy, x, down, up, indices, gates, h, ctx.activation, *ctx.states, ctx.hyper
+        )
+        return dx, dgate.view(gates.shape).to(gates.dtype), None, None, None, None, None, None
+
+
+def _check_state(name, table, m, v, t):
+    n, d = table.shape
+    for what, tensor, shape, dtype in (
+        ("exp_avg", m, (n, d), torch.float32),
+        ("exp_avg_sq", v, (n,), torch.float32),
+        ("steps", t, (n,), torch.int32),
+    ):
+        if (
+            tensor.shape != shape
+            or tensor.dtype != dtype
+            or tensor.device != table.device
+            or not tensor.is_contiguous()
+        ):
+            raise ValueError(
+                f"{name} {what} must be a contiguous {dtype} tensor of shape {shape} on {table.device}, "
+                f"got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}"
+            )
+
+
+def expert_mix_rowwise_adam(x, down, up, indices, gates, activation, state_down, state_up, hyper):
+    """expert_mix (triton) whose backward applies row-wise Adam to down/up in place.
+
+    x: (T, d); down, up: (N, d) contiguous tables with requires_grad=False (fp32 or bf16);
+    indices, gates: (T, H, K); state_down/state_up: RowwiseAdamState of each table (exp_avg
+    (N, d) fp32, exp_avg_sq (N,) fp32, steps (N,) int32); hyper: (5,) fp32 device tensor
+    [lr, beta1, beta2, eps, weight_decay], read at backward time (set lr before backward).
+    Returns y (T, d); gradients flow to x and gates only. One backward per forward: the update
+    happens there (gradient accumulation over micro-batches is not possible).
+    """
+    check_mix_inputs(x, down, up, indices, gates, activation, kernel=True)
+    for name, table in (("down", down), ("up", up)):
+        if table.requires_grad:
+            raise ValueError(
+                f"{name} must not require grad: the fused row-wise Adam updates it inside the backward "
+                "(set requires_grad_(False))"
+            )
+        if not table.is_contiguous():
+            raise ValueError(f"{name} must be contiguous for the fused update")
+    _check_state("down", down, state_down.exp_avg, state_down.exp_avg_sq, state_down.steps)
+    _check_state("up", up, state_up.exp_avg, state_up.exp_avg_sq, state_up.steps)
+    if hyper.shape != (5,) or hyper.dtype != torch.float32 or hyper.device != down.device:
+        raise ValueError(f"hyper must be a (5,) float32 tensor on {down.device}: [lr, beta1, beta2, eps, weight_decay]")
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        x = x.to(torch.get_autocast_dtype(dev))
+    states = (
+        state_down.exp_avg,
+        state_down.exp_avg_sq,
+        state_down.steps,
+        state_up.exp_avg,
+        state_up.exp_avg_sq,
+        state_up.steps,
+    )
+    return _RowwiseAdamMix.apply(
+        x.contiguous(), gates.contiguous(), down, up, indices.contiguous(), activation, states, hyper
+    )

@@ -1,0 +1,106 @@
+"""Row-wise Adam for expert tables: the update rule (plain PyTorch spec) and its state.
+
+FBGEMM's table-batched embeddings train huge tables with row-wise optimizers applied inside the
+backward, touching only the rows a step used. This is the same idea for PEER's down/up tables
+(the fused Triton version is torchpeer/ops/expert_mixing/triton_fused_op.py; this file is the spec
+it is tested against, step for step).
+
+Rule, for every row r that the step's routing selected (any token, head or slot picked it), with
+its gradient g (d,) and per-row step count t_r:
+
+    t_r  <- t_r + 1
+    m_r  <- b1 m_r + (1 - b1) g                        first moment: per element, fp32 (N, d)
+    v_r  <- b2 v_r + (1 - b2) mean(g^2)                second moment: ONE fp32 scalar per row
+    w_r  <- w_r (1 - lr wd) - lr (m_r / (1 - b1^t_r)) / (sqrt(v_r / (1 - b2^t_r)) + eps)
+
+Rows nobody selected do not change at all, nor does their state ("lazy" semantics, as
+TF LazyAdam / torch SparseAdam; a selected row whose gradient happens to be zero still steps).
+
+Why a per-row step count and not the global step: under lazy updates a row's moments only ever
+saw that row's own t_r gradients, so t_r is what bias correction must undo; with the global step
+a row first touched at step 1000 would take its first step with m = (1 - b1) g uncorrected, i.e.
+~(1 - b1) / sqrt(1 - b2) = 3.2x a normal Adam step. With t_r every row's first update is the
+normal sign-like Adam step. Costs 4 bytes per row (int32), nothing per element.
+
+Why a row-wise second moment: it removes a table-sized fp32 tensor (4 bytes per parameter of
+state and 8 bytes per parameter of traffic per step); within one expert row the gradient is
+g * act(h) * dy summed over its tokens, whose elements share one scale, so one scalar per row
+loses little (FBGEMM's rowwise Adagrad/Adam make the same choice).
+
+Clipping: the table gradients are NOT clipped and are excluded from the global gradient norm
+(the update runs inside the backward, before any global norm could exist). Adam's normalisation
+bounds each row's step by about lr / (1 - b1) whatever the gradient's scale, which is the part of
+clipping's protection that matters for rarely-used rows. `row_sq_norm` sums of g^2 are not kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["RowwiseAdamState", "rowwise_adam_update_"]
+
+
+@dataclass
+class RowwiseAdamState:
+    """State of one table (N, d): exp_avg (N, d) fp32, exp_avg_sq (N,) fp32, steps (N,) int32."""
+
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    steps: torch.Tensor
+
+    @classmethod
+    def zeros_like(cls, table: torch.Tensor) -> RowwiseAdamState:
+        n = table.shape[0]
+        dev = table.device
+        return cls(
+            torch.zeros(table.shape, dtype=torch.float32, device=dev),
+            torch.zeros(n, dtype=torch.float32, device=dev),
+            torch.zeros(n, dtype=torch.int32, device=dev),
+        )
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "steps": self.steps}
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        for name in ("exp_avg", "exp_avg_sq", "steps"):
+            mine = getattr(self, name)
+            theirs = sd[name]
+            if theirs.shape != mine.shape:
+                raise ValueError(
+                    f"row-wise Adam state '{name}' has shape {tuple(theirs.shape)}, expected {tuple(mine.shape)}"
+                )
+            mine.copy_(theirs)
+
+
+@torch.no_grad()
+def rowwise_adam_update_(
+    table: torch.Tensor,
+    state: RowwiseAdamState,
+    rows: torch.Tensor,
+    grad_rows: torch.Tensor,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> None:
+    """The spec: apply the rule above in place to `table` rows `rows` (unique, int64 (R,)) with
+    their gradients grad_rows (R, d). Computed in fp64, stored in the table's/state's dtypes."""
+    if rows.dim() != 1 or grad_rows.shape != (rows.numel(), table.shape[1]):
+        raise ValueError(
+            f"rows (R,) and grad_rows (R, {table.shape[1]}) expected, got {tuple(rows.shape)}, {tuple(grad_rows.shape)}"
+        )
+    if rows.numel() != rows.unique().numel():
+        raise ValueError("rows must be unique (sum the gradients of repeated rows first)")
+    b1, b2 = betas
+    g = grad_rows.double()
+    t = state.steps[rows].double() + 1
+    m = b1 * state.exp_avg[rows].double() + (1 - b1) * g
+    v = b2 * state.exp_avg_sq[rows].double() + (1 - b2) * g.pow(2).mean(dim=1)
+    w = table[rows].double() * (1 - lr * weight_decay)
+    w = w - lr * (m / (1 - b1**t)[:, None]) / ((v / (1 - b2**t)).sqrt() + eps)[:, None]
+    table[rows] = w.to(table.dtype)
+    state.exp_avg[rows] = m.float()
+    state.exp_avg_sq[rows] = v.float()
+    state.steps[rows] = t.to(torch.int32)
