@@ -201,3 +201,27 @@ def test_table_optimizer_set_lr_and_checkpoint_resume():
     assert torch.equal(a.up, before)
     with pytest.raises(ValueError, match="does not match"):
         engine_b.load_state_dict({"hyper": [1.0] * 5, "layers": {"other": {}}})
+
+
+def test_attach_to_a_real_peer_layer_keeps_tables_out_of_adamw():
+    from torchpeer.layers.peer import PEER
+    from torchpeer.lm.optim import expert_parameters
+    from torchpeer.optim import attach_rowwise_adam
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 16), PEER(16, n_experts=36, heads=2, top_k=2, d_key=8, backend="torch")
+    )
+    model.to(DEVICE)
+    table_opt = attach_rowwise_adam(model, lr=1e-2)
+    peer = model[1]
+    assert set(expert_parameters(model)) == {id(peer.down), id(peer.up)}
+    trainable = [p for p in model.parameters() if p.requires_grad]  # what AdamW and clipping see
+    assert all(p is not peer.down and p is not peer.up for p in trainable)
+    before = peer.down.detach().clone()
+    model(torch.randn(10, 16, device=DEVICE)).square().mean().backward()
+    assert not torch.equal(peer.down, before)
+    assert model[0].weight.grad is not None and peer.down.grad is None
+    assert int(table_opt.states["1"][0].steps.sum()) > 0
+    with pytest.raises(ValueError, match="at least one PEER layer"):
+        attach_rowwise_adam(torch.nn.Linear(3, 3), lr=1e-3)

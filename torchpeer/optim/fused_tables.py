@@ -103,6 +103,8 @@ def attach_rowwise_adam(
 
     layers = {name: m for name, m in model.named_modules() if isinstance(m, PEER)}
     for name, m in layers.items():
+        if getattr(m, "column_shard", None) is not None:  # torchpeer.parallel's sharded forward
+            raise ValueError("expert_optimizer=rowwise_adam is not supported with torchrun yet; use adamw")
         if not hasattr(m, "table_update"):
             raise ValueError(
                 f"PEER layer {name} has no table_update hook (torchpeer.layers.peer too old for rowwise_adam)"
