@@ -1,18 +1,13 @@
 """Fixtures of the transformers interop tests: offline hub, tiny torchpeer runs trained locally.
 
-The hub is switched off before transformers is imported (huggingface_hub reads these variables at
-import), and remote code is cached in a temporary folder instead of the user's home.
+The hub is switched off (and remote code cached in a temporary folder, not the user's home) for
+the tests of this folder only. transformers is first imported inside these tests, so
+huggingface_hub, which reads these variables at import, sees them.
 """
 
-import os
 import random
-import tempfile
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="hf-modules-"))
-
-import pytest  # noqa: E402
+import pytest
 
 WORDS = "the cat sat on a mat and a dog ran far away while birds sing songs of joy".split()
 
@@ -46,6 +41,20 @@ def tiny_run_config(train_file: str, cache_dir: str, ffw: str, steps: int = 3) -
         },
         "data": {"train": train_file, "tokenizer": "byte", "cache_dir": cache_dir, "valid": {}},
     }
+
+
+@pytest.fixture(scope="session")
+def hf_modules_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("hf-modules"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline_hub(hf_modules_cache):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        mp.setenv("HF_MODULES_CACHE", hf_modules_cache)
+        yield
 
 
 @pytest.fixture(scope="session")
