@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -126,3 +127,29 @@ def test_estimate_bounds_a_real_run_peak_rss():
             fh.write("".join(f"plain text line {i} for a byte tokenizer\n" for i in range(3000)))
         rec = calib.measure("dense", "--model.ffw dense --train.batch_size 16 --model.seq_len 256", root)
     assert 0.5 < rec["ratio"] <= 1.0, json.dumps(rec)
+
+
+def test_train_cli_refuses_an_oversized_step_before_allocating(tmp_path):
+    """`torchpeer train --model.seq_len 1000000` (issue 13: ran 43 s, then OOM-killed at 24 GB) now
+    stops at the trainer's check: one error line naming the knobs, exit 2, nothing written."""
+    (tmp_path / "train.txt").write_text("".join(f"some training text, line {i}\n" for i in range(2000)))
+    run_dir = tmp_path / "run"
+    argv = [
+        *("-m torchpeer.cli train --model.seq_len 1000000 --data.tokenizer byte --train.device cpu").split(),
+        *("--data.train", str(tmp_path / "train.txt"), "--data.valid.ptb", str(tmp_path / "train.txt")),
+        *("--data.cache_dir", str(tmp_path / "cache"), "--run-dir", str(run_dir)),
+    ]
+    t0 = time.time()
+    with open(tmp_path / "stderr", "w") as fh:
+        child = subprocess.Popen([sys.executable, *argv], stdout=subprocess.DEVNULL, stderr=fh, cwd=REPO)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own peak RSS
+    seconds = time.time() - t0
+    stderr = (tmp_path / "stderr").read_text()
+    assert os.waitstatus_to_exitcode(status) == 2, stderr
+    err = stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: a training step needs about"), stderr
+    for knob in ("train.batch_size", "model.seq_len (now 1000000)", "train.grad_accum"):
+        assert knob in err[0]
+    assert not run_dir.exists()
+    assert usage.ru_maxrss < 1.5 * 2**20  # KiB: < 1.5 GiB peak, nothing step-sized was allocated
+    assert seconds < 30, seconds  # imports included; the check itself is timed above (< 5 s)
