@@ -10,8 +10,8 @@
 Modules: config (dataclasses + validation), config_io (TOML, overrides), runtime (device, seeds,
 TF32, autocast), model (TransformerLM, KVCache), info (parameter/FLOP accounting), optim (AdamW
 groups, schedules), memory (step memory estimate), trainer (Trainer: build / train_step / evaluate /
-checkpoint / fit), callbacks, plan (parallel-plan seam), metrics (metrics.jsonl), rundir (run-folder
-writes), checkpoint, evaluate, generate; train (the one-call ``train()``).
+checkpoint / fit), callbacks, plan (parallel-plan seam), interrupt (SIGINT/SIGTERM), metrics
+(metrics.jsonl), rundir (run-folder writes), checkpoint, evaluate, generate; train (``train()``).
 """
 
 from torchpeer.lm.callbacks import Callback

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import threading
 import time
 
 import torch
@@ -33,17 +32,9 @@ from torchpeer.lm import checkpoint as ckpt_io
 from torchpeer.lm import runtime
 from torchpeer.lm.callbacks import CallbackList
 from torchpeer.lm.config import RunConfig
+from torchpeer.lm.interrupt import StopOnSignals, TrainingInterrupted
 from torchpeer.lm.metrics import MetricsLog
 from torchpeer.lm.rundir import check_writable, remove_stale_partials, writing
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT/SIGTERM stopped the run after step ``step``; ``checkpoint`` is the folder written
-    on the way out (None when checkpoints are off)."""
-
-    def __init__(self, signum: int, step: int, checkpoint: str | None):
-        super().__init__(f"{signal.Signals(signum).name} at step {step}")
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
 
 def plan_steps(cfg: RunConfig, train_flops_per_token: int) -> int:
@@ -114,24 +105,34 @@ class Trainer:
         self.plan = plan if plan is not None else default_plan()
         self.step, self.elapsed = 0, 0.0
         self.stop_reason: str | None = None
-        self._signal: int | None = None
+        self.signal_received: int | None = None
 
     # ------------------------------------------------------------------------------------ build
 
     def build(self) -> Trainer:
         """Everything that can fail on bad input happens here, before the run folder is written."""
-        from torchpeer.data import RandomWindows, load_tokenizer, prepare_split
-        from torchpeer.layers import backend_report
-        from torchpeer.lm.info import model_cost
         from torchpeer.lm.memory import check_fits
-        from torchpeer.lm.model import TransformerLM
-        from torchpeer.lm.optim import LRSchedule, build_optimizer
 
-        cfg, t, plan = self.cfg, self.cfg.train, self.plan
-        cfg.validate()
-        self.device = plan.setup(runtime.resolve_device(t.device))
+        self.cfg.validate()
+        self.device = self.plan.setup(runtime.resolve_device(self.cfg.train.device))
+        self._find_checkpoint()
+        self._build_data()
+        self.memory = check_fits(self.cfg, self.device)  # refuse a step that cannot fit, before allocating it
+        self._build_model()
+        self._build_optimizer()
+        if self.ckpt is not None:
+            self.load_checkpoint(self.ckpt)
+            if self.step > self.total_steps:
+                raise ValueError(
+                    f"the checkpoint is at step {self.step}, beyond this config's {self.total_steps} steps"
+                )
+        self._open_run_folder()
+        return self
+
+    def _find_checkpoint(self) -> None:
+        """The run folder must be writable; its latest checkpoint (after cleaning up partial ones)."""
         check_writable(self.run_dir)  # a read-only or misnamed run folder fails now, not after the tokenizer
-        self.removed_partials = remove_stale_partials(self.run_dir) if plan.is_rank0 else []
+        self.removed_partials = remove_stale_partials(self.run_dir) if self.plan.is_rank0 else []
         self.ckpt = ckpt_io.latest_checkpoint(self.run_dir)
         if self.ckpt is not None and not self.resume:
             raise ValueError(
@@ -139,13 +140,17 @@ class Trainer:
                 "to continue that run, or choose another --run-dir"
             )
         if self.ckpt is not None:
-            ckpt_io.check_same_model(ckpt_io.read_checkpoint_config(self.ckpt), cfg, self.ckpt)
+            ckpt_io.check_same_model(ckpt_io.read_checkpoint_config(self.ckpt), self.cfg, self.ckpt)
 
-        # A resumed run keeps the tokenizer it was trained with (saved in the checkpoint).
+    def _build_data(self) -> None:
+        """Tokenizer (a resumed run keeps the checkpoint's) and token files."""
+        from torchpeer.data import load_tokenizer, prepare_split
+
+        cfg, plan = self.cfg, self.plan
         show = self.progress and plan.is_rank0
         with plan.rank0_first():  # one process trains the tokenizer and writes the token cache
-            saved_tok = ckpt_io.load_checkpoint_tokenizer(self.ckpt) if self.ckpt is not None else None
-            self.tokenizer = tok = saved_tok or load_tokenizer(cfg.data, show)
+            saved = ckpt_io.load_checkpoint_tokenizer(self.ckpt) if self.ckpt is not None else None
+            self.tokenizer = tok = saved or load_tokenizer(cfg.data, show)
             if cfg.model.vocab_size is None:
                 cfg.model.vocab_size = tok.vocab_size
             elif cfg.model.vocab_size < tok.vocab_size:
@@ -158,45 +163,57 @@ class Trainer:
                 name: prepare_split(cfg.data, spec, f"valid/{name}", tokenizer=tok, progress=show)
                 for name, spec in cfg.data.valid.items()
             }
-        self.memory = check_fits(cfg, self.device)  # refuse a step that cannot fit, before allocating it
+        self._train_file = train_tf
 
+    def _build_model(self) -> None:
+        """Seeds and matmul precision, the model (through the plan), its backends, cost and step budget."""
+        from torchpeer.layers import backend_report
+        from torchpeer.lm.info import model_cost
+        from torchpeer.lm.model import TransformerLM
+
+        cfg, t = self.cfg, self.cfg.train
         runtime.setup_runtime(t.seed, self.device)
-        self.model = plan.build_model(lambda: TransformerLM(cfg.model), self.device)
+        self.model = self.plan.build_model(lambda: TransformerLM(cfg.model), self.device)
         if self.init_from is not None and self.ckpt is None:
             self.init_from(self.model)
-        self.wrapped = plan.wrap_model(self.model)
+        self.wrapped = self.plan.wrap_model(self.model)
         self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
         self.backends = backend_report(self.model)
         self.cost = model_cost(self.model)
         self.total_steps = plan_steps(cfg, self.cost.train_flops)
         self.tokens_per_step = t.batch_size * t.grad_accum * cfg.model.seq_len  # global batch
+        self.amp_dtype = runtime.autocast_dtype(self.device, t.dtype)
+
+    def _build_optimizer(self) -> None:
+        """AdamW groups, the lr schedule, the training sampler and the (empty) log window: with the
+        weights, what a checkpoint restores."""
+        from torchpeer.data import RandomWindows
+        from torchpeer.lm.optim import LRSchedule, build_optimizer
+
+        t = self.cfg.train
         self.optimizer = build_optimizer(self.model, t, self.device.type)
         self.schedule = LRSchedule(t.schedule, self.total_steps, t.warmup_steps, t.min_lr_ratio, t.decay_frac)
-        rank, world = plan.data_shard()
-        self.sampler = RandomWindows(train_tf, t.batch_size, cfg.model.seq_len, t.seed, rank=rank, world_size=world)
+        rank, world = self.plan.data_shard()
+        seq_len = self.cfg.model.seq_len
+        self.sampler = RandomWindows(self._train_file, t.batch_size, seq_len, t.seed, rank=rank, world_size=world)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.amp_dtype = runtime.autocast_dtype(self.device, t.dtype)
-        self._loss_sum, self._n_loss = torch.zeros((), device=self.device), 0  # the log window
-        if self.ckpt is not None:
-            self.load_checkpoint(self.ckpt)
-            if self.step > self.total_steps:
-                raise ValueError(
-                    f"the checkpoint is at step {self.step}, beyond this config's {self.total_steps} steps"
-                )
+        self._loss_sum, self._n_loss = torch.zeros((), device=self.device), 0
 
-        # --- from here on the run folder is written
+    def _open_run_folder(self) -> None:
+        """config.json (with the backends) and the metrics log; from here on the run folder is written."""
         self.log = None
-        if plan.is_rank0:
-            with writing(f"the run folder {self.run_dir}"):
-                os.makedirs(self.run_dir, exist_ok=True)
-                config = {**cfg.to_dict(), "backends": self.backends}
-                write_json_atomic(os.path.join(self.run_dir, "config.json"), config)
-            self.log = MetricsLog(self.run_dir, t.tensorboard, start_step=self.step if self.ckpt is not None else -1)
-            if self.ckpt is None:
-                start = {"step": 0, "event": "start", "cost": self.cost.to_dict(), "total_steps": self.total_steps}
-                start.update(tokens_per_step=self.tokens_per_step, device=str(self.device))
-                self.log.write({**start, "world_size": plan.world_size, "backends": self.backends})
-        return self
+        if not self.plan.is_rank0:
+            return
+        with writing(f"the run folder {self.run_dir}"):
+            os.makedirs(self.run_dir, exist_ok=True)
+            config = {**self.cfg.to_dict(), "backends": self.backends}
+            write_json_atomic(os.path.join(self.run_dir, "config.json"), config)
+        resumed = self.ckpt is not None
+        self.log = MetricsLog(self.run_dir, self.cfg.train.tensorboard, start_step=self.step if resumed else -1)
+        if not resumed:
+            start = {"step": 0, "event": "start", "cost": self.cost.to_dict(), "total_steps": self.total_steps}
+            start.update(tokens_per_step=self.tokens_per_step, device=str(self.device))
+            self.log.write({**start, "world_size": self.plan.world_size, "backends": self.backends})
 
     # ------------------------------------------------------------------------------- the parts
 
@@ -284,7 +301,7 @@ class Trainer:
         try:
             if not hasattr(self, "model"):
                 self.build()
-            with _StopOnSignals(self):
+            with StopOnSignals(self):
                 return self._fit()
         finally:  # also after a failed build: the plan may hold process groups
             if getattr(self, "log", None) is not None:
@@ -361,7 +378,7 @@ class Trainer:
                     self.callbacks.on_eval(self, step, results)
             if step % t.ckpt_interval == 0 and not final:
                 self.save_checkpoint()
-            if self.plan.any_rank(self._signal is not None) and not final:
+            if self.plan.any_rank(self.signal_received is not None) and not final:
                 bar.close()
                 self._interrupt(say)
             if self._n_loss == 0:
@@ -371,7 +388,7 @@ class Trainer:
 
     def _interrupt(self, say) -> None:
         """Checkpoint the current step (unless one was just written) and raise TrainingInterrupted."""
-        signum = self._signal or signal.SIGINT
+        signum = self.signal_received or signal.SIGINT
         path = None
         if self.cfg.train.checkpoint:
             latest = ckpt_io.latest_checkpoint(self.run_dir)
@@ -385,8 +402,8 @@ class Trainer:
         """Final checkpoint, full evaluation, summary.json."""
         train_seconds = self.elapsed + time.time() - self._t_start
         path = self.save_checkpoint()
-        if self._signal is not None:  # interrupted during the last step: evaluate when resumed
-            raise TrainingInterrupted(self._signal, self.step, path)
+        if self.signal_received is not None:  # interrupted during the last step: evaluate when resumed
+            raise TrainingInterrupted(self.signal_received, self.step, path)
         results = self.evaluate(None) if self.valid_files else {}  # full validation splits at the end
         summary = {
             "name": self.cfg.name,
@@ -423,27 +440,3 @@ def format_backends(report: dict) -> str:
 
 def _format_eval(results: dict) -> str:
     return ", ".join(f"{n} loss {r['loss']:.4f} ppl {r['ppl']:.2f} bpb {r['bpb']:.4f}" for n, r in results.items())
-
-
-class _StopOnSignals:
-    """While training, SIGINT/SIGTERM ask the trainer to stop after the current step; a second
-    signal stops at once (KeyboardInterrupt). Only the main thread can own signal handlers."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, trainer: Trainer):
-        self.trainer, self.previous = trainer, {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.trainer._signal is not None:
-            raise KeyboardInterrupt
-        self.trainer._signal = signum
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)

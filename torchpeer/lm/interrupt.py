@@ -1,0 +1,45 @@
+"""Stopping a run on SIGINT/SIGTERM: finish the current step, checkpoint, then raise.
+
+While ``Trainer.fit`` runs, the first SIGINT (Ctrl-C) or SIGTERM only sets a flag; the loop checks
+it after each step, writes a checkpoint of that step (when checkpoints are on) and raises
+TrainingInterrupted, which the CLI turns into "resume with: ..." and exit status 128 + signal
+(130 / 143). A second signal stops at once (KeyboardInterrupt).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped the run after step ``step``; ``checkpoint`` is the folder written
+    on the way out (None when checkpoints are off)."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str | None):
+        super().__init__(f"{signal.Signals(signum).name} at step {step}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+class StopOnSignals:
+    """While training, SIGINT/SIGTERM ask the trainer to stop after the current step; a second
+    signal stops at once (KeyboardInterrupt). Only the main thread can own signal handlers."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, trainer):
+        self.trainer, self.previous = trainer, {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.trainer.signal_received is not None:
+            raise KeyboardInterrupt
+        self.trainer.signal_received = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
