@@ -146,3 +146,21 @@ def test_no_space_for_the_metrics_log(tmp_path, capsys, monkeypatch):
     assert main(["train", cfg, "--run-dir", str(tmp_path / "run")]) == 2
     err = _one_error(capsys)
     assert "metrics.jsonl: no space left on the device" in err
+
+
+def test_full_disk_while_writing_the_weights(tmp_path, capsys, monkeypatch):
+    """safetensors reports a full disk as SafetensorError('... (os error 28) ...'): the same one line."""
+    from safetensors import SafetensorError
+
+    write_corpus(tmp_path)
+    cfg = write_config(tmp_path, max_steps=10)
+
+    def full(model, path, *args, **kw):
+        msg = f'Error while serializing: I/O error: No space left on device (os error 28) at path "{path}"'
+        raise SafetensorError(msg)
+
+    monkeypatch.setattr(ckpt_module, "save_model", full)
+    assert main(["train", cfg, "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = _one_error(capsys)
+    assert "cannot write checkpoint" in err and "step_00000010: no space left on the device" in err
+    assert os.listdir(tmp_path / "run" / "checkpoints") == []  # the temporary folder is gone

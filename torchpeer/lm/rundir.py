@@ -35,6 +35,9 @@ def _reason(e: BaseException) -> str:
             reason = "no space left on the device"
         return reason
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    code = re.search(r"\(os error (\d+)\)", first)  # safetensors: "I/O error: ... (os error 28) at path ..."
+    if code:
+        return _reason(OSError(int(code.group(1)), os.strerror(int(code.group(1)))))
     if "write" in first.lower():  # torch: "[enforce fail at inline_container.cc:...] ... file write failed"
         return f"file write failed, is the disk full? ({first})"
     return first
@@ -42,18 +45,26 @@ def _reason(e: BaseException) -> str:
 
 @contextlib.contextmanager
 def writing(what: str):
-    """Turn an OSError (or torch's RuntimeError from a failed file write) inside the block into one
-    RunWriteError that names ``what`` was being written."""
+    """Turn an OSError (or torch's / safetensors' error from a failed file write) inside the block
+    into one RunWriteError that names ``what`` was being written."""
     try:
         yield
     except RunWriteError:
         raise
     except OSError as e:
         raise RunWriteError(f"cannot write {what}: {_reason(e)}; existing checkpoints are intact") from e
-    except RuntimeError as e:
-        if "write" not in str(e).lower() and "inline_container" not in str(e):
-            raise  # not an I/O failure
+    except Exception as e:
+        if not _is_write_failure(e):
+            raise
         raise RunWriteError(f"cannot write {what}: {_reason(e)}; existing checkpoints are intact") from e
+
+
+def _is_write_failure(e: Exception) -> bool:
+    """torch's C++ writer (RuntimeError "... file write failed") or safetensors' (SafetensorError "I/O error")."""
+    text = str(e)
+    if isinstance(e, RuntimeError):
+        return "write" in text.lower() or "inline_container" in text
+    return type(e).__name__ == "SafetensorError" and "I/O error" in text
 
 
 def check_writable(run_dir: str) -> None:
