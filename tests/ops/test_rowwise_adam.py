@@ -225,3 +225,39 @@ def test_attach_to_a_real_peer_layer_keeps_tables_out_of_adamw():
     assert int(table_opt.states["1"][0].steps.sum()) > 0
     with pytest.raises(ValueError, match="at least one PEER layer"):
         attach_rowwise_adam(torch.nn.Linear(3, 3), lr=1e-3)
+
+
+def test_bf16_working_tables_with_fp32_masters_match_the_spec():
+    """bf16 tables read by the kernels, fp32 masters updated by the rule; after each step the
+    table is exactly the master rounded to bf16 and the master matches the spec."""
+    from torchpeer.optim import RowwiseTableAdam
+
+    layer = TinyPEERTables(20, 16, seed=9)
+    engine = RowwiseTableAdam({"l": layer}, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, bf16_tables=True)
+    assert layer.down.dtype == torch.bfloat16 and engine.states["l"][0].master.dtype == torch.float32
+    ref_tables = [s.master.double().clone() for s in engine.states["l"]]
+    ref_states = [RowwiseAdamState.zeros_like(t) for t in ref_tables]
+    gen = torch.Generator().manual_seed(10)
+    for _ in range(2):
+        x = torch.randn(9, 16, generator=gen).to(DEVICE).requires_grad_()
+        idx = torch.randint(0, 10, (9, 2, 2), generator=gen).to(DEVICE)
+        g = (torch.rand(9, 2, 2, generator=gen) + 0.1).to(DEVICE)
+        dy = torch.randn(9, 16, generator=gen).to(DEVICE)
+        bf16 = [layer.down.detach().double(), layer.up.detach().double()]  # what the forward reads
+        layer(x, idx, g).backward(dy)
+        leaves = [t.clone().requires_grad_() for t in bf16]
+        expert_mix_reference(x.detach().double(), leaves[0], leaves[1], idx, g.double()).backward(dy.double())
+        rows = idx.reshape(-1).unique()
+        for table, leaf, st in zip(ref_tables, leaves, ref_states):
+            rowwise_adam_update_(table, st, rows, leaf.grad[rows], 1e-2, (0.9, 0.99), 1e-8, 0.1)
+        for table, ref, st in zip((layer.down, layer.up), ref_tables, engine.states["l"]):
+            assert rel_err(st.master, ref) < 1e-5
+            if DEVICE == "cuda":
+                assert torch.equal(table, st.master.to(torch.bfloat16))
+            else:  # the interpreter rounds fp32 -> bf16 by truncation: within one bf16 ulp
+                assert ((table.float() - st.master).abs() <= st.master.abs() * 2.0**-7).all()
+            assert (st.master[10:] == ref[10:].float()).all()  # never selected: unchanged
+    sd = engine.state_dict()
+    assert "master" in sd["layers"]["l"]["down"]
+    engine.detach()
+    assert layer.down.dtype == torch.float32 and layer.down.requires_grad

@@ -42,7 +42,13 @@ class RowwiseTableAdam:
     """Row-wise Adam state for the down/up tables of the given PEER layers ({name: layer})."""
 
     def __init__(
-        self, layers: dict[str, nn.Module], lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0
+        self,
+        layers: dict[str, nn.Module],
+        lr: float,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        bf16_tables: bool = False,
     ):
         if not layers:
             raise ValueError("rowwise_adam needs at least one PEER layer in the model (model.ffw = 'peer' somewhere)")
@@ -54,13 +60,22 @@ class RowwiseTableAdam:
         self.layers = layers
         self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
         self.hyper = torch.tensor([lr, betas[0], betas[1], eps, weight_decay], dtype=torch.float32, device=first.device)
+        self.bf16_tables = bf16_tables
         self.states = {}
         for name, layer in layers.items():
+            pair = []
             for t in (layer.down, layer.up):
                 if t.device != first.device:
                     raise ValueError("rowwise_adam: all PEER tables must be on one device")
                 t.requires_grad_(False)
-            self.states[name] = (RowwiseAdamState.zeros_like(layer.down), RowwiseAdamState.zeros_like(layer.up))
+                master = None
+                if bf16_tables:  # the fp32 weights move into the optimizer; the layer keeps a bf16 copy
+                    if t.dtype != torch.float32:
+                        raise ValueError(f"bf16_tables needs fp32 tables to start from, got {t.dtype}")
+                    master = t.data
+                    t.data = master.to(torch.bfloat16)
+                pair.append(RowwiseAdamState.zeros_like(t, master))
+            self.states[name] = tuple(pair)
             layer.table_update = _Mixer(self, name)
 
     @property
@@ -85,19 +100,33 @@ class RowwiseTableAdam:
         for n, (d, u) in self.states.items():
             d.load_state_dict(sd["layers"][n]["down"])
             u.load_state_dict(sd["layers"][n]["up"])
+            if self.bf16_tables:  # the working copies follow the restored masters
+                self.layers[n].down.data.copy_(d.master)
+                self.layers[n].up.data.copy_(u.master)
 
     def detach(self) -> None:
-        """Back to plain autograd tables (requires_grad True, no mixer)."""
-        for layer in self.layers.values():
+        """Back to plain autograd tables (requires_grad True, no mixer; fp32 masters restored)."""
+        for name, layer in self.layers.items():
             layer.table_update = None
+            if self.bf16_tables:
+                layer.down.data, layer.up.data = (s.master for s in self.states[name])
             layer.down.requires_grad_(True)
             layer.up.requires_grad_(True)
 
 
 def attach_rowwise_adam(
-    model: nn.Module, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0
+    model: nn.Module,
+    lr: float,
+    betas=(0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    bf16_tables: bool = False,
 ) -> RowwiseTableAdam:
-    """Install the fused row-wise Adam on every PEER layer of `model` (call after model.to(device))."""
+    """Install the fused row-wise Adam on every PEER layer of `model` (call after model.to(device)).
+
+    bf16_tables: the layers' tables become bf16 working copies (the mixing kernels read half the
+    bytes) and the fp32 weights live in the optimizer as masters (its state_dict carries them;
+    the model's state_dict then holds bf16 tables)."""
     from torchpeer.layers.peer import PEER
     from torchpeer.ops import resolve_backend
 
@@ -110,4 +139,4 @@ def attach_rowwise_adam(
                 f"PEER layer {name} has no table_update hook (torchpeer.layers.peer too old for rowwise_adam)"
             )
         resolve_backend("expert_mix", "triton", m.down.device)  # ValueError naming the fix if Triton can't run
-    return RowwiseTableAdam(layers, lr, betas, eps, weight_decay)
+    return RowwiseTableAdam(layers, lr, betas, eps, weight_decay, bf16_tables)

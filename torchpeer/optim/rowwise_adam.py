@@ -44,27 +44,36 @@ __all__ = ["RowwiseAdamState", "rowwise_adam_update_"]
 
 @dataclass
 class RowwiseAdamState:
-    """State of one table (N, d): exp_avg (N, d) fp32, exp_avg_sq (N,) fp32, steps (N,) int32."""
+    """State of one table (N, d): exp_avg (N, d) fp32, exp_avg_sq (N,) fp32, steps (N,) int32,
+    and optionally master (N, d) fp32: the weights, when the table itself is a bf16 working copy
+    (the update runs on the master and rounds it into the table)."""
 
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
     steps: torch.Tensor
+    master: torch.Tensor | None = None
 
     @classmethod
-    def zeros_like(cls, table: torch.Tensor) -> RowwiseAdamState:
+    def zeros_like(cls, table: torch.Tensor, master: torch.Tensor | None = None) -> RowwiseAdamState:
         n = table.shape[0]
         dev = table.device
         return cls(
             torch.zeros(table.shape, dtype=torch.float32, device=dev),
             torch.zeros(n, dtype=torch.float32, device=dev),
             torch.zeros(n, dtype=torch.int32, device=dev),
+            master,
         )
 
+    def _names(self) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq", "steps") + (("master",) if self.master is not None else ())
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "steps": self.steps}
+        return {name: getattr(self, name) for name in self._names()}
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        for name in ("exp_avg", "exp_avg_sq", "steps"):
+        if ("master" in sd) != (self.master is not None):
+            raise ValueError("row-wise Adam state: the checkpoint and this run disagree on fp32 master tables")
+        for name in self._names():
             mine = getattr(self, name)
             theirs = sd[name]
             if theirs.shape != mine.shape:
@@ -98,9 +107,12 @@ def rowwise_adam_update_(
     t = state.steps[rows].double() + 1
     m = b1 * state.exp_avg[rows].double() + (1 - b1) * g
     v = b2 * state.exp_avg_sq[rows].double() + (1 - b2) * g.pow(2).mean(dim=1)
-    w = table[rows].double() * (1 - lr * weight_decay)
+    weights = table if state.master is None else state.master
+    w = weights[rows].double() * (1 - lr * weight_decay)
     w = w - lr * (m / (1 - b1**t)[:, None]) / ((v / (1 - b2**t)).sqrt() + eps)[:, None]
-    table[rows] = w.to(table.dtype)
+    if state.master is not None:
+        state.master[rows] = w.float()
+    table[rows] = w.to(weights.dtype).to(table.dtype)  # via the master's dtype, as the kernel rounds
     state.exp_avg[rows] = m.float()
     state.exp_avg_sq[rows] = v.float()
     state.steps[rows] = t.to(torch.int32)

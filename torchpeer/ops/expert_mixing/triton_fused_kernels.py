@@ -55,9 +55,10 @@ def _bwd_token_kernel(
 
 
 @triton.jit
-def _rowwise_adam_row(w_ptr, m_ptr, v_ptr, t_ptr, e, g, offs_d, mask, D, hyper_ptr):
+def _rowwise_adam_row(w_ptr, master_ptr, m_ptr, v_ptr, t_ptr, e, g, offs_d, mask, D, hyper_ptr, MASTER: tl.constexpr):
     """The rule of torchpeer/optim/rowwise_adam.py on row e with gradient g (BLOCK_D,) fp32.
-    hyper = [lr, beta1, beta2, eps, weight_decay] (a device tensor: no recompile per lr)."""
+    hyper = [lr, beta1, beta2, eps, weight_decay] (a device tensor: no recompile per lr).
+    MASTER: the weights live in an fp32 master table; the working table (bf16) gets a rounded copy."""
     lr = tl.load(hyper_ptr)
     b1 = tl.load(hyper_ptr + 1)
     b2 = tl.load(hyper_ptr + 2)
@@ -65,12 +66,17 @@ def _rowwise_adam_row(w_ptr, m_ptr, v_ptr, t_ptr, e, g, offs_d, mask, D, hyper_p
     wd = tl.load(hyper_ptr + 4)
     t = (tl.load(t_ptr + e) + 1).to(tl.float32)
     m = tl.load(m_ptr + e * D + offs_d, mask=mask, other=0.0)
-    w = tl.load(w_ptr + e * D + offs_d, mask=mask, other=0.0).to(tl.float32)
+    if MASTER:
+        w = tl.load(master_ptr + e * D + offs_d, mask=mask, other=0.0)
+    else:
+        w = tl.load(w_ptr + e * D + offs_d, mask=mask, other=0.0).to(tl.float32)
     m = b1 * m + (1.0 - b1) * g
     v = b2 * tl.load(v_ptr + e) + (1.0 - b2) * (tl.sum(g * g, axis=0) / D)
     bc1 = 1.0 - tl.exp(t * tl.log(b1))
     bc2 = 1.0 - tl.exp(t * tl.log(b2))
     w = w * (1.0 - lr * wd) - (lr / bc1) * m / (tl.sqrt(v / bc2) + eps)
+    if MASTER:
+        tl.store(master_ptr + e * D + offs_d, w, mask=mask)
     tl.store(w_ptr + e * D + offs_d, w.to(w_ptr.dtype.element_ty), mask=mask)
     tl.store(m_ptr + e * D + offs_d, m, mask=mask)
     # scalar stores go through a 1-lane masked block (the interpreter has no scalar-mask store)
@@ -84,9 +90,10 @@ def _rowwise_adam_row(w_ptr, m_ptr, v_ptr, t_ptr, e, g, offs_d, mask, D, hyper_p
 def _bwd_segment_update_kernel(
     x_ptr, dy_ptr, gate_ptr, h_ptr, coef_ptr, perm_ptr, offsets_ptr,
     nseg_ptr, pbase_ptr, seg_expert_ptr, seg_index_ptr, partial_ptr,
-    down_ptr, m_down_ptr, v_down_ptr, t_down_ptr, up_ptr, m_up_ptr, v_up_ptr, t_up_ptr, hyper_ptr,
+    down_ptr, w_down_ptr, m_down_ptr, v_down_ptr, t_down_ptr,
+    up_ptr, w_up_ptr, m_up_ptr, v_up_ptr, t_up_ptr, hyper_ptr,
     N, S, D, SEG, stride_x, stride_dy,
-    ACT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, MASTER: tl.constexpr,
 ):  # fmt: skip
     """One program per segment (programs 0..N-1: segment 0 of expert = program id; N..: extra
     segments named by seg_expert/seg_index, -1 = none). du/dv of the segment; a one-segment
@@ -125,8 +132,10 @@ def _bwd_segment_update_kernel(
         dv += tl.sum((g * a)[:, None] * dyt.to(tl.float32), axis=0)
     nseg = tl.load(nseg_ptr + e)
     update = offs_d < tl.where(valid & (nseg == 1) & (last > first), D, 0)
-    _rowwise_adam_row(down_ptr, m_down_ptr, v_down_ptr, t_down_ptr, e, du, offs_d, update, D, hyper_ptr)
-    _rowwise_adam_row(up_ptr, m_up_ptr, v_up_ptr, t_up_ptr, e, dv, offs_d, update, D, hyper_ptr)
+    _rowwise_adam_row(
+        down_ptr, w_down_ptr, m_down_ptr, v_down_ptr, t_down_ptr, e, du, offs_d, update, D, hyper_ptr, MASTER
+    )
+    _rowwise_adam_row(up_ptr, w_up_ptr, m_up_ptr, v_up_ptr, t_up_ptr, e, dv, offs_d, update, D, hyper_ptr, MASTER)
     slot = (tl.load(pbase_ptr + e) + seg) * 2 * D
     partial = offs_d < tl.where(valid & (nseg > 1), D, 0)
     tl.store(partial_ptr + slot + offs_d, du, mask=partial)
@@ -136,8 +145,9 @@ def _bwd_segment_update_kernel(
 @triton.jit
 def _reduce_update_kernel(
     hot_ptr, nseg_ptr, pbase_ptr, partial_ptr,
-    down_ptr, m_down_ptr, v_down_ptr, t_down_ptr, up_ptr, m_up_ptr, v_up_ptr, t_up_ptr, hyper_ptr,
-    D, BLOCK_D: tl.constexpr,
+    down_ptr, w_down_ptr, m_down_ptr, v_down_ptr, t_down_ptr,
+    up_ptr, w_up_ptr, m_up_ptr, v_up_ptr, t_up_ptr, hyper_ptr,
+    D, BLOCK_D: tl.constexpr, MASTER: tl.constexpr,
 ):  # fmt: skip
     """One program per hot expert e = hot[q] (-1: none): sum its segments' partials in order,
     then update its rows."""
@@ -153,5 +163,7 @@ def _reduce_update_kernel(
     for i in range(0, n):
         du += tl.load(partial_ptr + base + i * 2 * D + offs_d, mask=dmask, other=0.0)
         dv += tl.load(partial_ptr + base + i * 2 * D + D + offs_d, mask=dmask, other=0.0)
-    _rowwise_adam_row(down_ptr, m_down_ptr, v_down_ptr, t_down_ptr, e, du, offs_d, dmask, D, hyper_ptr)
-    _rowwise_adam_row(up_ptr, m_up_ptr, v_up_ptr, t_up_ptr, e, dv, offs_d, dmask, D, hyper_ptr)
+    _rowwise_adam_row(
+        down_ptr, w_down_ptr, m_down_ptr, v_down_ptr, t_down_ptr, e, du, offs_d, dmask, D, hyper_ptr, MASTER
+    )
+    _rowwise_adam_row(up_ptr, w_up_ptr, m_up_ptr, v_up_ptr, t_up_ptr, e, dv, offs_d, dmask, D, hyper_ptr, MASTER)

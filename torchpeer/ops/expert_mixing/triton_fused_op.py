@@ -50,23 +50,26 @@ def _fused_backward_impl(dy, x, down, up, indices, gates, h, activation, states,
     pbase = torch.cumsum(pcount, 0) - pcount
     n_partial = seg_expert.numel() + hot.numel()  # >= sum(pcount): shape-only bound
     partial = torch.empty((max(1, n_partial), 2, d), dtype=torch.float32, device=dev)
-    m_down, v_down, t_down, m_up, v_up, t_up = states
+    w_down, m_down, v_down, t_down, w_up, m_up, v_up, t_up = states
+    master = w_down.numel() > 0  # fp32 master tables (empty tensors: the tables are the weights)
+    if not master:
+        w_down, w_up = down, up
     _bwd_segment_update_kernel[(N + seg_expert.numel(),)](
         x, dy, gates, h, coef, perm, offsets, nseg, pbase, seg_expert, seg_index, partial,
-        down, m_down, v_down, t_down, up, m_up, v_up, t_up, hyper,
+        down, w_down, m_down, v_down, t_down, up, w_up, m_up, v_up, t_up, hyper,
         N, S, d, seg, x.stride(0), dy.stride(0),
-        ACT=_act_id(activation), BLOCK_S=block_s, BLOCK_D=block_d, num_warps=num_warps,
+        ACT=_act_id(activation), BLOCK_S=block_s, BLOCK_D=block_d, MASTER=master, num_warps=num_warps,
     )  # fmt: skip
     _reduce_update_kernel[(hot.numel(),)](
-        hot, nseg, pbase, partial, down, m_down, v_down, t_down, up, m_up, v_up, t_up, hyper,
-        d, BLOCK_D=block_d, num_warps=num_warps,
+        hot, nseg, pbase, partial, down, w_down, m_down, v_down, t_down, up, w_up, m_up, v_up, t_up, hyper,
+        d, BLOCK_D=block_d, MASTER=master, num_warps=num_warps,
     )  # fmt: skip
     return dx, dgate
 
 
 @torch.library.custom_op(
     "torchpeer::peer_mix_bwd_rowwise_adam",
-    mutates_args=("down", "up", "m_down", "v_down", "t_down", "m_up", "v_up", "t_up"),
+    mutates_args=("down", "up", "w_down", "m_down", "v_down", "t_down", "w_up", "m_up", "v_up", "t_up"),
 )
 def _peer_mix_bwd_rowwise_adam(
     dy: torch.Tensor,
@@ -77,20 +80,22 @@ def _peer_mix_bwd_rowwise_adam(
     gates: torch.Tensor,
     h: torch.Tensor,
     activation: str,
+    w_down: torch.Tensor,
     m_down: torch.Tensor,
     v_down: torch.Tensor,
     t_down: torch.Tensor,
+    w_up: torch.Tensor,
     m_up: torch.Tensor,
     v_up: torch.Tensor,
     t_up: torch.Tensor,
     hyper: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    states = (m_down, v_down, t_down, m_up, v_up, t_up)
+    states = (w_down, m_down, v_down, t_down, w_up, m_up, v_up, t_up)
     return _fused_backward_impl(dy, x, down, up, indices, gates, h, activation, states, hyper)
 
 
 @_peer_mix_bwd_rowwise_adam.register_fake
-def _(dy, x, down, up, indices, gates, h, activation, m_down, v_down, t_down, m_up, v_up, t_up, hyper):
+def _(dy, x, down, up, indices, gates, h, activation, w_down, m_down, v_down, t_down, w_up, m_up, v_up, t_up, hyper):
     return x.new_empty(x.shape), x.new_empty((gates.numel(),), dtype=torch.float32)
 
 
@@ -115,13 +120,15 @@ class _RowwiseAdamMix(torch.autograd.Function):
         return dx, dgate.view(gates.shape).to(gates.dtype), None, None, None, None, None, None
 
 
-def _check_state(name, table, m, v, t):
+def _check_state(name, table, state):
     n, d = table.shape
-    for what, tensor, shape, dtype in (
+    m, v, t, w = state.exp_avg, state.exp_avg_sq, state.steps, state.master
+    checks = [("master", w, (n, d), torch.float32)] if w is not None else []
+    for what, tensor, shape, dtype in checks + [
         ("exp_avg", m, (n, d), torch.float32),
         ("exp_avg_sq", v, (n,), torch.float32),
         ("steps", t, (n,), torch.int32),
-    ):
+    ]:
         if (
             tensor.shape != shape
             or tensor.dtype != dtype
@@ -137,7 +144,8 @@ def _check_state(name, table, m, v, t):
 def expert_mix_rowwise_adam(x, down, up, indices, gates, activation, state_down, state_up, hyper):
     """expert_mix (triton) whose backward applies row-wise Adam to down/up in place.
 
-    x: (T, d); down, up: (N, d) contiguous tables with requires_grad=False (fp32 or bf16);
+    x: (T, d); down, up: (N, d) contiguous tables with requires_grad=False (fp32, or bf16 working
+    copies when the states hold fp32 masters: the update runs on the master and writes both);
     indices, gates: (T, H, K); state_down/state_up: RowwiseAdamState of each table (exp_avg
     (N, d) fp32, exp_avg_sq (N,) fp32, steps (N,) int32); hyper: (5,) fp32 device tensor
     [lr, beta1, beta2, eps, weight_decay], read at backward time (set lr before backward).
@@ -153,17 +161,22 @@ def expert_mix_rowwise_adam(x, down, up, indices, gates, activation, state_down,
             )
         if not table.is_contiguous():
             raise ValueError(f"{name} must be contiguous for the fused update")
-    _check_state("down", down, state_down.exp_avg, state_down.exp_avg_sq, state_down.steps)
-    _check_state("up", up, state_up.exp_avg, state_up.exp_avg_sq, state_up.steps)
+    _check_state("down", down, state_down)
+    _check_state("up", up, state_up)
+    if (state_down.master is None) != (state_up.master is None):
+        raise ValueError("both tables or neither need an fp32 master copy")
     if hyper.shape != (5,) or hyper.dtype != torch.float32 or hyper.device != down.device:
         raise ValueError(f"hyper must be a (5,) float32 tensor on {down.device}: [lr, beta1, beta2, eps, weight_decay]")
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         x = x.to(torch.get_autocast_dtype(dev))
+    none = down.new_empty(0, dtype=torch.float32)
     states = (
+        none if state_down.master is None else state_down.master,
         state_down.exp_avg,
         state_down.exp_avg_sq,
         state_down.steps,
+        none if state_up.master is None else state_up.master,
         state_up.exp_avg,
         state_up.exp_avg_sq,
         state_up.steps,
