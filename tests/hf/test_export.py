@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -264,3 +265,27 @@ def test_left_padded_batch_generate_equals_one_by_one(exported):
         n = single["input_ids"].shape[1]
         new = row[batch["input_ids"].shape[1] :]
         assert torch.equal(new[: len(want) - n], want[n:])
+
+
+def test_exported_peer_layers_run_torchpeer_triton_kernels(exported, tmp_path):
+    """The remote code builds torchpeer's own layers, so the kernel choice is torchpeer's: "auto" is
+    Triton on CUDA; here "triton" is asked for explicitly and runs in the Triton interpreter."""
+    from torchpeer.layers import backend_report
+
+    run, out = exported
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA)")
+    folder = str(tmp_path / "triton")
+    shutil.copytree(out, folder)
+    with open(os.path.join(folder, "config.json")) as fh:
+        cfg = json.load(fh)
+    cfg["torchpeer"]["model"]["peer"]["backend"] = "triton"
+    with open(os.path.join(folder, "config.json"), "w") as fh:
+        json.dump(cfg, fh)
+    hf = load_hf(folder)
+    assert backend_report(hf.model)["blocks.1.ffw"] == {"product_key_topk": "triton", "expert_mix": "triton"}
+    ref, _, _ = load_model_from_checkpoint(run)
+    assert set(backend_report(ref)["blocks.1.ffw"].values()) == {"torch"}
+    ids = prompt_ids(PROMPTS[:1])
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, ref(ids)[0], atol=1e-5, rtol=0)
