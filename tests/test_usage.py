@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from torchpeer.peer import PEER
+from torchpeer.layers.peer import PEER
 from torchpeer.usage import ExpertUsage, enable_usage_tracking, usage_report
 
 
