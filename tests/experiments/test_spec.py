@@ -101,8 +101,13 @@ def test_per_option_budgets_intersect(tmp_path):
         "family": {"dense": {"model.ffw": "dense"}},
         "size": {"s1": {"model.d_model": 16, "budgets": [1e10, 2e10]}, "s2": {"model.d_model": 32, "budgets": [4e10]}},
     }
+    raw["grid"]["family"]["peer"] = {"model.ffw": "peer", "budgets": [2e10]}
     runs = plan_sweep(parse_spec(raw), str(tmp_path))
-    assert [r.name for r in runs] == ["dense-s1-1e10", "dense-s1-2e10", "dense-s2-4e10"]
+    # peer-s2 has no common budget (2e10 vs 4e10): no runs, rather than all the sweep's budgets
+    assert [r.name for r in runs] == ["dense-s1-1e10", "dense-s1-2e10", "peer-s1-2e10", "dense-s2-4e10"]
+    raw["grid"]["family"] = {"peer": {"model.ffw": "peer", "budgets": [3e10]}}
+    with pytest.raises(ValueError, match="empty grid: no combination of the \\[grid\\] options shares a budget"):
+        parse_spec(raw)
 
 
 @pytest.mark.parametrize(
@@ -126,6 +131,7 @@ def test_per_option_budgets_intersect(tmp_path):
         (lambda r: r["variants"].update({"a/b": {}}), "'a/b'"),
         (lambda r: r["base"].update({"model.d_model": "wide"}), "model.d_model"),
         (lambda r: r["sweep"].update(warmup_frac=1.5), "warmup_frac"),
+        (lambda r: r["sweep"].update(eval_set="wiki"), "eval_set = 'wiki' is not one of the run's eval sets (ptb)"),
     ],
 )
 def test_bad_specs_name_the_problem(tmp_path, mutate, message):

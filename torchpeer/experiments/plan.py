@@ -115,6 +115,11 @@ def plan_run(spec: SweepSpec, variant: Variant, budget: float | None, tokens: in
             f"{where}: train.warmup_steps = {t.warmup_steps} is not below the run's {steps} steps; "
             "lower it or set [sweep] warmup_frac"
         )
+    if spec.eval_set is not None and spec.eval_set not in cfg.data.valid:
+        raise ValueError(
+            f"{where}: sweep.eval_set = {spec.eval_set!r} is not one of the run's eval sets "
+            f'({", ".join(cfg.data.valid) or "none"}); add it as "data.valid.{spec.eval_set}" in [base]'
+        )
     family = variant.family or cfg.model.ffw
     run = PlannedRun(
         name=name,

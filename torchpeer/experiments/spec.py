@@ -218,18 +218,20 @@ def _grid_variants(grid: dict[str, Any], where: str) -> list[Variant]:
             table.update({k: v for k, v in opt.items() if k not in ("budgets", "tokens")})
         name = "-".join(n for n, _ in combo)
         v = _variant(name, table, f"grid variant {name!r}", where)
-        v.budgets = _intersect(budgets)
-        v.tokens = _intersect(tokens)
+        v.budgets, v.tokens = _intersect(budgets), _intersect(tokens)
+        if (budgets and not v.budgets) or (tokens and not v.tokens):
+            continue  # its options share no budget: this combination has no runs
         variants.append(v)
+    if not variants:
+        raise ValueError(f"{where}: the sweep has an empty grid: no combination of the [grid] options shares a budget")
     return variants
 
 
 def _intersect(lists: list[list]) -> list | None:
-    """Budgets common to every option that names some (None = no option names any)."""
+    """Budgets common to every option that names some (None = no option names any; [] = none common)."""
     if not lists:
         return None
-    common = [b for b in lists[0] if all(b in other for other in lists[1:])]
-    return common or None
+    return [b for b in lists[0] if all(b in other for other in lists[1:])]
 
 
 def _value_name(v: Any) -> str:
