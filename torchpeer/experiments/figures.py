@@ -149,6 +149,11 @@ def curves_figure(records: list[dict], runs_dir: str, path: str) -> str | None:
             if t:
                 style = ["-", "--", ":", "-."][j % 4]
                 ax.plot(t, y, style, color=colour(fam, len(seen)), label=r["variant"], linewidth=1.2)
+        tails = [curves[r["run"]][1][len(curves[r["run"]][1]) // 10 :] for r in runs]
+        tails = [y for t in tails for y in t]
+        if tails:  # the first 10% of each run (the steep start) may leave the frame, the rest is legible
+            lo, hi = min(tails), max(tails)
+            ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
         ax.set_title(key)
         ax.set_xlabel("tokens")
         ax.set_ylabel("training loss")
