@@ -82,4 +82,41 @@ def check_layer(rank: int, world: int, kind: str, counts: list[int] | None, out_
 
 def check_layers(rank: int, world: int, cases: list, out_dir: str) -> None:
     for kind, counts in cases:
-        check_layer(rank, world, kind, counts, out_dir)
+        if kind == "autocast":
+            check_autocast(rank, world, out_dir)
+        else:
+            check_layer(rank, world, kind, counts, out_dir)
+
+
+def check_autocast(rank: int, world: int, out_dir: str) -> None:
+    """Under bf16 autocast (the GPU training dtype, here on the CPU) the sharded PEER runs in the
+    compute dtype and matches the one-process layer to bf16 accuracy, gradients included."""
+    from torchpeer.layers.peer import PEER
+
+    torch.manual_seed(0)
+    ref = PEER(d_model=32, n_experts=64, heads=2, top_k=4, d_key=8, query_norm="batch", backend="torch")
+    layer = PEER(d_model=32, n_experts=64, heads=2, top_k=4, d_key=8, query_norm="batch", backend="torch")
+    layer.load_state_dict(ref.state_dict())
+    ctx = ShardContext(dist.group.WORLD, rank, world)
+    shard_layer_(layer, ctx)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8 * world, 32, generator=g)
+    r = torch.randn(8 * world, 32, generator=g)
+    sl = slice(8 * rank, 8 * (rank + 1))
+    xr = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref = ref(xr)
+    ((y_ref.float() * r).sum() / x.shape[0]).backward()
+    xl = x[sl].clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(xl)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    ((y.float() * r[sl]).sum() / 8).backward()
+    torch.testing.assert_close(y.float(), y_ref[sl].float(), rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(xl.grad / world, xr.grad[sl], rtol=5e-2, atol=5e-3)
+    cols = ctx.columns(32)
+    torch.testing.assert_close(layer.down.grad, ref.down.grad[:, cols], rtol=5e-2, atol=5e-3)
+    torch.testing.assert_close(layer.up.grad, ref.up.grad[:, cols], rtol=5e-2, atol=5e-3)
+    assert layer.down.grad.dtype == torch.float32  # fp32 master tables keep fp32 gradients
+    if rank == 0:
+        open(f"{out_dir}/ok_autocast_{world}", "w").close()

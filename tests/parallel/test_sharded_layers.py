@@ -10,13 +10,15 @@ from tests.parallel.spawn import run_workers
 def _run(tmp_path, world, cases):
     run_workers(check_layers, world, cases, str(tmp_path))
     for kind, counts in cases:
-        assert os.path.exists(tmp_path / f"ok_{kind}_{world}_{counts}"), (kind, counts)
+        name = f"ok_autocast_{world}" if kind == "autocast" else f"ok_{kind}_{world}_{counts}"
+        assert os.path.exists(tmp_path / name), (kind, counts)
 
 
 def test_sharded_layers_equal_single_process_on_2_ranks(tmp_path):
     # PEER (gelu, BatchNorm queries), PEER (relu, LayerNorm, 3 heads), PKM with value_dim != d_model,
-    # and an uneven split of the tokens (evaluation's last batch)
-    _run(tmp_path, 2, [("peer", None), ("peer_relu_layernorm", None), ("pkm", None), ("peer", [5, 9])])
+    # an uneven split of the tokens (evaluation's last batch), and bf16 autocast (the GPU dtype)
+    cases = [("peer", None), ("peer_relu_layernorm", None), ("pkm", None), ("peer", [5, 9]), ("autocast", None)]
+    _run(tmp_path, 2, cases)
 
 
 def test_sharded_peer_equals_single_process_on_4_ranks(tmp_path):
