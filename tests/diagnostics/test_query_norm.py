@@ -106,3 +106,14 @@ def test_bad_input():
     with pytest.raises(ValueError, match="expected queries"):
         build_query_norm("ema", H, DK)(torch.randn(4, H, DK + 2))
     assert set(QUERY_NORM_KINDS) >= {"batch", "layer", "none"}
+
+
+@pytest.mark.parametrize("kind", QUERY_NORM_KINDS)
+def test_runs_under_bf16_autocast(kind):
+    norm = build_query_norm(kind, H, DK).train()
+    q = _q().to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(2):
+            y = norm(q)
+    assert y.shape == q.shape and torch.isfinite(y.float()).all()
+    y.float().sum().backward()

@@ -108,6 +108,10 @@ class EMAQueryNorm(_EMAStats):
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         _check_q(q, self.heads, self.d_key)
+        with torch.autocast(q.device.type, enabled=False):  # statistics in fp32
+            return self._forward(q)
+
+    def _forward(self, q: torch.Tensor) -> torch.Tensor:
         x = q.reshape(q.shape[0], -1).float()
         mu, var = self.running_mean, self.running_var
         y = (x - mu) * torch.rsqrt(var + self.eps)
@@ -161,6 +165,10 @@ class EMAWhitenQueryNorm(_EMAStats):
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         _check_q(q, self.heads, self.d_key)
+        with torch.autocast(q.device.type, enabled=False):  # statistics and whitening in fp32
+            return self._forward(q)
+
+    def _forward(self, q: torch.Tensor) -> torch.Tensor:
         T, g, m = q.shape[0], 2 * self.heads, self.d_key // 2
         x = q.float().reshape(T, g, m)
         w = self.whitener.clone()  # the refresh below updates the buffer in place; autograd keeps this copy
