@@ -84,6 +84,8 @@ def check_layers(rank: int, world: int, cases: list, out_dir: str) -> None:
     for kind, counts in cases:
         if kind == "autocast":
             check_autocast(rank, world, out_dir)
+        elif kind == "usage":
+            check_usage_union(rank, world, out_dir)
         else:
             check_layer(rank, world, kind, counts, out_dir)
 
@@ -120,3 +122,31 @@ def check_autocast(rank: int, world: int, out_dir: str) -> None:
     assert layer.down.grad.dtype == torch.float32  # fp32 master tables keep fp32 gradients
     if rank == 0:
         open(f"{out_dir}/ok_autocast_{world}", "w").close()
+
+
+def check_usage_union(rank: int, world: int, out_dir: str) -> None:
+    """A router that saw only this rank's tokens (e.g. a data-parallel MoE): after the plan's
+    reduction, usage counts the union of the experts selected on all ranks, KL their summed mass."""
+    from torch import nn
+
+    from torchpeer.diagnostics import ExpertUsage, UsageTrackingMixin, usage_report
+    from torchpeer.parallel import DistributedPlan
+
+    class Router(UsageTrackingMixin, nn.Module):
+        n_experts = 10
+
+    picks = [torch.tensor([[0, 1], [2, 2]]), torch.tensor([[2, 3], [3, 7]])] + [torch.tensor([[9, 9]])] * (world - 2)
+    weights = [torch.rand(p.shape, generator=torch.Generator().manual_seed(s)) + 0.1 for s, p in enumerate(picks)]
+    plan = DistributedPlan()
+    plan.setup(torch.device("cpu"))
+    model = nn.Sequential(Router())
+    model[0].enable_usage_tracking(True)
+    model[0]._track_usage(picks[rank], weights[rank])
+    plan.reduce_usage_(model)
+    ref = ExpertUsage(10)
+    for p, w in zip(picks, weights):
+        ref.update(p, w)
+    got = usage_report(model)["0"]
+    assert got["usage_pct"] == ref.usage() and abs(got["kl"] - ref.kl()) < 1e-12, (got, ref.summary())
+    if rank == 0:
+        open(f"{out_dir}/ok_usage_{world}", "w").close()

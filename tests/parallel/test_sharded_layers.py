@@ -10,7 +10,7 @@ from tests.parallel.spawn import run_workers
 def _run(tmp_path, world, cases):
     run_workers(check_layers, world, cases, str(tmp_path))
     for kind, counts in cases:
-        name = f"ok_autocast_{world}" if kind == "autocast" else f"ok_{kind}_{world}_{counts}"
+        name = f"ok_{kind}_{world}" if kind in ("autocast", "usage") else f"ok_{kind}_{world}_{counts}"
         assert os.path.exists(tmp_path / name), (kind, counts)
 
 
@@ -22,4 +22,5 @@ def test_sharded_layers_equal_single_process_on_2_ranks(tmp_path):
 
 
 def test_sharded_peer_equals_single_process_on_4_ranks(tmp_path):
-    _run(tmp_path, 4, [("peer", None), ("pkm", [0, 3, 1, 4])])
+    # and the usage reduction of routers that see only their rank's tokens (the union of experts)
+    _run(tmp_path, 4, [("peer", None), ("pkm", [0, 3, 1, 4]), ("usage", None)])
