@@ -52,6 +52,9 @@ def test_parts_add_up_and_scale_with_the_batch():
     big = estimate_step_memory(tiny_cfg(*base, "--train.batch_size", "64"), "cpu")
     assert big.logits == 4 * est.logits and big.activations == 4 * est.activations
     assert big.parameters == est.parameters and big.optimizer == est.optimizer
+    # an evaluation batch 4x the training batch: its logits (no gradients) are the larger ones
+    wide = estimate_step_memory(tiny_cfg(*base, "--train.eval_batch_size", "64"), "cpu")
+    assert wide.logits == 3 * est.logits and wide.activations == est.activations
 
 
 def test_default_config_fits_here():

@@ -13,7 +13,8 @@
 * routing workspace: the lean PyTorch PEER/PKM paths work on chunks of gathered expert rows
   (torchpeer/mixing.py, product_keys.py), the Triton path on (tokens, heads, top_k) sort buffers;
 * logits: (batch * seq_len, vocab) in fp32, alive four times around the loss backward
-  (logits, log-softmax, and both of their gradients);
+  (logits, log-softmax, and both of their gradients), or three times for an evaluation batch
+  (``train.eval_batch_size``) when that is larger;
 * a backward workspace of about one block's activations (the gradients in flight);
 * runtime: a fixed allowance for what the trainer still loads and initialises after the check (on
   the CPU mostly code: building torch.optim imports torch._dynamo and sympy, 100-150 MiB of RSS;
@@ -227,6 +228,8 @@ def estimate_step_memory(cfg, device: str | torch.device | None = None) -> Memor
         largest_block = max(largest_block, norms + ffw_saved + attention_block)
     activations += tokens * (2 * d * 4 + d * mm)  # final norm
     logits = tokens * vocab * (16 + (2 if bf16 else 0))
+    eval_tokens = (getattr(t, "eval_batch_size", None) or t.batch_size) * m.seq_len
+    logits = max(logits, eval_tokens * vocab * (12 + (2 if bf16 else 0)))  # no gradients, a larger batch
     # activation gradients of the block in backward (FFW hidden units and their pre-activations, q/k/v)
     workspace = largest_block * 3 // 2 + tokens * d * 4 * 2
     return MemoryEstimate(
