@@ -115,6 +115,9 @@ def test_report_writes_tables_and_real_pngs(runs_dir):
     fit_rows = [line for line in md.splitlines() if line.startswith("| 1e+15 | peer | 5 |")]
     assert len(fit_rows) == 1 and "| 3M |" in fit_rows[0] and "| 3.2000 |" in fit_rows[0]
     assert any(line.startswith("| 1e+16 | dense | 5 | 10M |") for line in md.splitlines())
+    # the closing note: each family's optimal loss per budget and where PEER stands
+    ahead = "- 1e+15 FLOPs: peer 3.2000 (fit), dense 3.3000 (fit). PEER is ahead of the best other family (dense)"
+    assert ahead + " by 0.1000 nats." in md
     # Table 1: every eval set is a column, the best run of each family per budget a row
     head = next(line for line in md.splitlines() if line.startswith("| budget | family | run | active params |"))
     assert head.endswith("| all | books |")

@@ -47,6 +47,7 @@ def write_report(runs_dir: str, out_dir: str | None = None, params_key: str = "a
                 png = figures.isoflop_figure(fits, os.path.join(out_dir, f"isoflop-{name}.png"), _set(recs), params_key)
                 written[f"isoflop-{name}"] = png
                 lines += ["", "### isoFLOP fits", "", *fits_table(fits, params_key), "", _img(png, out_dir)]
+                lines += ["", "### Who is ahead", "", *ahead_lines(fits)]
                 lines += ["", "### Perplexity on every eval set (each family's best run per budget)", ""]
                 lines += table1(fits)
         if kind == "ablation" and recs[0].get("x_field"):
@@ -135,6 +136,31 @@ def fits_table(fits: dict, params_key: str) -> list[str]:
         )
     notes = [f"- {fam} at {b:.3g}: {g['note']}" for (fam, b), g in fits.items() if g["note"]]
     return _table(header, rows, right_from=2) + ([""] + notes if notes else [])
+
+
+def optimal_loss(group: dict) -> tuple[float, str]:
+    """A family's isoFLOP-optimal loss at one budget: the fitted vertex when the runs bracket it,
+    else the best run's loss; with which one it is."""
+    fit = group["fit"]
+    if fit is not None and fit.bracketed:
+        return fit.optimum_loss, "fit"
+    return primary_loss(group["best"]), "best run"
+
+
+def ahead_lines(fits: dict) -> list[str]:
+    """Per budget: every family's optimal loss, lowest first, and where PEER stands."""
+    out = []
+    for budget in sorted({b for _, b in fits}):
+        ranked = sorted((optimal_loss(g) + (fam,) for (fam, b), g in fits.items() if b == budget))
+        cells = ", ".join(f"{fam} {loss:.4f} ({how})" for loss, how, fam in ranked)
+        line = f"- {budget:.3g} FLOPs: {cells}."
+        if any(fam == "peer" for *_, fam in ranked) and len(ranked) > 1:
+            peer = next(loss for loss, _, fam in ranked if fam == "peer")
+            rival_loss, _, rival = min((r for r in ranked if r[2] != "peer"), key=lambda r: r[0])
+            verdict = "ahead of" if peer < rival_loss else "behind"
+            line += f" PEER is {verdict} the best other family ({rival}) by {abs(peer - rival_loss):.4f} nats."
+        out.append(line)
+    return out
 
 
 def table1(fits: dict) -> list[str]:
