@@ -48,9 +48,9 @@ class RoutingStats(ExpertUsage):
         super().reset()
         self.head_hits: torch.Tensor | None = None  # (H, N) bool
         self.sub_counts: torch.Tensor | None = None  # (2, sqrt N) float64
-        self.gate_entropy_sum, self.gate_rows, self.top_k = 0.0, 0, None
+        self.gate_entropy_sum, self.gate_rows, self.top_k = None, 0, None  # entropy sum: 0-dim tensor
         self.moments = RunningMoments()
-        self.sq_sum, self.q_rows = 0.0, 0
+        self.sq_sum, self.q_rows = None, 0  # sq_sum: 0-dim float64 tensor
 
     @torch.no_grad()
     def update_routing(self, q: torch.Tensor | None, indices: torch.Tensor, gates: torch.Tensor) -> None:
@@ -62,11 +62,12 @@ class RoutingStats(ExpertUsage):
             idx = indices.reshape(T, H * k).long()
             if self.head_hits is None or self.head_hits.shape[0] != H or self.head_hits.device != idx.device:
                 self.head_hits = torch.zeros(H, self.n_experts, dtype=torch.bool, device=idx.device)
-            heads = torch.arange(H, device=idx.device).repeat_interleave(k).expand(T, H * k)
-            self.head_hits[heads.reshape(-1), idx.reshape(-1)] = True
-            g = gates.detach().double()
-            p = g / g.sum(-1, keepdim=True).clamp_min(1e-300)
-            self.gate_entropy_sum += -(p * p.clamp_min(1e-300).log()).sum().item()
+            offset = (torch.arange(H, device=idx.device) * self.n_experts).repeat_interleave(k)  # (H*k,)
+            self.head_hits.view(-1)[(idx + offset).reshape(-1)] = True
+            g = gates.detach().float()
+            p = g / g.sum(-1, keepdim=True).clamp_min(1e-30)
+            ent = -(p * p.clamp_min(1e-30).log()).sum().double()
+            self.gate_entropy_sum = ent if self.gate_entropy_sum is None else self.gate_entropy_sum + ent
             self.gate_rows += T * H
         if self.n_sub is not None:
             flat = indices.reshape(-1).long()
@@ -79,7 +80,8 @@ class RoutingStats(ExpertUsage):
             T, H, dk = q.shape
             qf = q.detach().float()
             self.moments.update(qf.reshape(T, 2 * H, dk // 2))
-            self.sq_sum += qf.square().sum().item() / (2 * H)
+            sq = torch.linalg.vector_norm(qf).double().square() / (2 * H)
+            self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq.to(self.sq_sum.device)
             self.q_rows += T
 
     def summary(self) -> dict[str, float]:
@@ -98,7 +100,7 @@ class RoutingStats(ExpertUsage):
                         jac.append(inter / union if union else 0.0)
                 out["head_overlap"] = sum(jac) / len(jac)
         if self.gate_rows:
-            out["gate_entropy"] = self.gate_entropy_sum / self.gate_rows
+            out["gate_entropy"] = self.gate_entropy_sum.item() / self.gate_rows
             out["gate_entropy_max"] = math.log(self.top_k)
         if self.sub_counts is not None and self.sub_counts.sum() > 0:
             for half in (0, 1):
@@ -109,10 +111,11 @@ class RoutingStats(ExpertUsage):
             out["subkey_top10_share_even"] = min(10, self.n_sub) / self.n_sub
         if self.moments.n >= 2:
             evals = torch.linalg.eigvalsh(self.moments.cov())
-            evals = torch.where(evals > 1e-12 * evals.amax(-1, keepdim=True), evals, 0.0)  # rounding noise
+            # directions with < 1e-6 of the top variance are fp32 rounding noise of the outer products
+            evals = torch.where(evals > 1e-6 * evals.amax(-1, keepdim=True), evals, 0.0)
             out["query_eff_rank"] = effective_rank(evals).mean().item()
             out["query_participation"] = participation_ratio(evals).mean().item()
             out["query_eff_rank_max"] = float(evals.shape[-1])
             mean_sq = self.moments.mean.square().sum(-1).mean().item()
-            out["query_mean_energy"] = mean_sq / max(self.sq_sum / self.q_rows, 1e-300)
+            out["query_mean_energy"] = mean_sq / max(self.sq_sum.item() / self.q_rows, 1e-300)
         return out

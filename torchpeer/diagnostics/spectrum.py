@@ -47,10 +47,13 @@ class RunningMoments:
         T = x.shape[0]
         if T == 0:
             return
-        x = x.detach().double()  # float64: a rank-1 set must give (numerically) rank 1
+        # The batch is centred on its own mean before the (fp32) outer products, so a large mean
+        # does not cost precision; batches are merged in float64.
+        x = x.detach().float()
         b_mean = x.mean(0)
         xc = x - b_mean
-        b_m2 = torch.einsum("tgi,tgj->gij", xc, xc)
+        b_m2 = torch.einsum("tgi,tgj->gij", xc, xc).double()
+        b_mean = b_mean.double()
         if self.mean is None:
             self.n, self.mean, self.m2 = T, b_mean, b_m2
             return
