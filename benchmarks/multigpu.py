@@ -29,6 +29,7 @@ import datetime
 import glob
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -361,7 +362,7 @@ def main(argv=None) -> int:
         "triton": triton_version,
         "config": args.config,
         "steps": args.steps,
-        "command": " ".join(["python", "benchmarks/multigpu.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "benchmarks/multigpu.py", *sys.argv[1:]]),
         "runs": runs,
         "resume": resume,
         "comm": comm,
