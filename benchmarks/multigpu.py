@@ -39,6 +39,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for peer_layer.time_ms
 
 
 # ------------------------------------------------------------------------------------ workers
@@ -84,27 +85,12 @@ def worker_train(args) -> None:
 
 
 def _timed(fn, device, reps: int = 20) -> float:
-    """Median milliseconds of fn() (CUDA events on GPUs)."""
-    import torch
+    """Median milliseconds of fn() (CUDA events on GPUs), after aligning the ranks."""
     import torch.distributed as dist
+    from peer_layer import time_ms  # benchmarks/peer_layer.py (this folder is on sys.path when run)
 
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        dist.barrier()
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+    dist.barrier()
+    return time_ms(fn, device, warmup=3, reps=reps)
 
 
 def worker_comm(args) -> None:

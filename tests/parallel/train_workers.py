@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 
 TINY = """\
 [model]
@@ -43,17 +42,12 @@ v = "{root}/valid.txt"
 
 
 def write_tiny(root: str) -> str:
-    """A tiny corpus and the config above; returns the config path."""
-    rng = random.Random(0)
-    words = "the cat dog sat on mat a big small red blue ran fast slow home tree".split()
+    """The tiny corpus of the LM tests and the config above; returns the config path."""
+    import pathlib
 
-    def text(n):
-        return "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 10))) for _ in range(n))
+    from tests.lm.helpers import write_corpus
 
-    with open(os.path.join(root, "train.txt"), "w") as fh:
-        fh.write(text(1500))
-    with open(os.path.join(root, "valid.txt"), "w") as fh:
-        fh.write(text(60))
+    write_corpus(pathlib.Path(root))
     path = os.path.join(root, "tiny.toml")
     with open(path, "w") as fh:
         fh.write(TINY.format(root=root))
