@@ -21,7 +21,7 @@ No atomics, fixed order: bitwise deterministic.
 import triton
 import triton.language as tl
 
-from .triton_kernels import _act_and_grad
+from .triton_kernels import _act_and_grad, _gather_selections, _segment_of_program
 
 
 @triton.jit
@@ -37,14 +37,10 @@ def _bwd_token_kernel(
     dy = tl.load(dy_ptr + t * stride_dy + offs_d, mask=dmask, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for s0 in range(0, S, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        smask = offs_s < S
-        e = tl.load(idx_ptr + t * S + offs_s, mask=smask, other=0).to(tl.int64)
-        g = tl.load(gate_ptr + t * S + offs_s, mask=smask, other=0.0).to(tl.float32)
+        offs_s, smask, g, u, v = _gather_selections(
+            t, s0, S, idx_ptr, gate_ptr, down_ptr, up_ptr, stride_down, stride_up, offs_d, dmask, BLOCK_S
+        )
         h = tl.load(h_ptr + t * S + offs_s, mask=smask, other=0.0)
-        m2 = smask[:, None] & dmask[None, :]
-        v = tl.load(up_ptr + e[:, None] * stride_up + offs_d[None, :], mask=m2, other=0.0)
-        u = tl.load(down_ptr + e[:, None] * stride_down + offs_d[None, :], mask=m2, other=0.0)
         s = tl.sum(v.to(tl.float32) * dy[None, :], axis=1)
         a, da = _act_and_grad(h, ACT)
         coef = g * da * s
@@ -100,20 +96,11 @@ def _bwd_segment_update_kernel(
     expert with selections updates both rows in place, a hot expert's segments write
     partial[pbase[e] + segment] (du row, dv row). Tables are (N, D) contiguous."""
     pid = tl.program_id(0).to(tl.int64)
-    if pid < N:
-        e = pid
-        seg = pid * 0
-    else:
-        e = tl.load(seg_expert_ptr + (pid - N))
-        seg = tl.load(seg_index_ptr + (pid - N))
-    valid = e >= 0
-    e = tl.maximum(e, 0)
+    e, seg, valid, first, last, start, end = _segment_of_program(
+        pid, N, seg_expert_ptr, seg_index_ptr, offsets_ptr, SEG
+    )
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    first = tl.load(offsets_ptr + e)
-    last = tl.load(offsets_ptr + e + 1)
-    start = tl.where(valid, first + seg * SEG, first)
-    end = tl.where(valid, tl.minimum(last, start + SEG), first)
     du = tl.zeros([BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_D], dtype=tl.float32)
     for p0 in range(start, end, BLOCK_S):

@@ -67,35 +67,25 @@ def _fused_backward_impl(dy, x, down, up, indices, gates, h, activation, states,
     return dx, dgate
 
 
-@torch.library.custom_op(
-    "torchpeer::peer_mix_bwd_rowwise_adam",
-    mutates_args=("down", "up", "w_down", "m_down", "v_down", "t_down", "w_up", "m_up", "v_up", "t_up"),
-)
+@torch.library.custom_op("torchpeer::peer_mix_bwd_rowwise_adam", mutates_args=("tables",))
 def _peer_mix_bwd_rowwise_adam(
     dy: torch.Tensor,
     x: torch.Tensor,
-    down: torch.Tensor,
-    up: torch.Tensor,
+    tables: list[torch.Tensor],
     indices: torch.Tensor,
     gates: torch.Tensor,
     h: torch.Tensor,
-    activation: str,
-    w_down: torch.Tensor,
-    m_down: torch.Tensor,
-    v_down: torch.Tensor,
-    t_down: torch.Tensor,
-    w_up: torch.Tensor,
-    m_up: torch.Tensor,
-    v_up: torch.Tensor,
-    t_up: torch.Tensor,
     hyper: torch.Tensor,
+    activation: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    states = (w_down, m_down, v_down, t_down, w_up, m_up, v_up, t_up)
+    """tables = [down, up, then the states: w_down, m_down, v_down, t_down, w_up, m_up, v_up,
+    t_up] (all updated in place; w_* are the fp32 masters or empty)."""
+    down, up, *states = tables
     return _fused_backward_impl(dy, x, down, up, indices, gates, h, activation, states, hyper)
 
 
 @_peer_mix_bwd_rowwise_adam.register_fake
-def _(dy, x, down, up, indices, gates, h, activation, w_down, m_down, v_down, t_down, w_up, m_up, v_up, t_up, hyper):
+def _(dy, x, tables, indices, gates, h, hyper, activation):
     return x.new_empty(x.shape), x.new_empty((gates.numel(),), dtype=torch.float32)
 
 
@@ -114,9 +104,8 @@ class _RowwiseAdamMix(torch.autograd.Function):
     def backward(ctx, dy):
         x, gates, indices, h = ctx.saved_tensors
         down, up = ctx.tables
-        dx, dgate = _peer_mix_bwd_rowwise_adam(
-            dy, x, down, up, indices, gates, h, ctx.activation, *ctx.states, ctx.hyper
-        )
+        tables = [down, up, *ctx.states]
+        dx, dgate = _peer_mix_bwd_rowwise_adam(dy, x, tables, indices, gates, h, ctx.hyper, ctx.activation)
         return dx, dgate.view(gates.shape).to(gates.dtype), None, None, None, None, None, None
 
 

@@ -56,6 +56,23 @@ def _act_and_grad(h, ACT: tl.constexpr):
 
 
 @triton.jit
+def _gather_selections(
+    t, s0, S, idx_ptr, gate_ptr, down_ptr, up_ptr, stride_down, stride_up, offs_d, dmask, BLOCK_S: tl.constexpr
+):
+    """Selections s0 .. s0 + BLOCK_S of token t: -> (offs_s, smask, gates fp32, u rows, v rows)
+    (rows in the table dtype; masked lanes are zeros)."""
+    offs_s = s0 + tl.arange(0, BLOCK_S)
+    smask = offs_s < S
+    e = tl.load(idx_ptr + t * S + offs_s, mask=smask, other=0).to(tl.int64)
+    g = tl.load(gate_ptr + t * S + offs_s, mask=smask, other=0.0).to(tl.float32)
+    m2 = smask[:, None] & dmask[None, :]
+    # issue both gathers before any use so both are in flight together
+    u = tl.load(down_ptr + e[:, None] * stride_down + offs_d[None, :], mask=m2, other=0.0)
+    v = tl.load(up_ptr + e[:, None] * stride_up + offs_d[None, :], mask=m2, other=0.0)
+    return offs_s, smask, g, u, v
+
+
+@triton.jit
 def _mix_fwd_kernel(
     x_ptr, down_ptr, up_ptr, idx_ptr, gate_ptr, y_ptr, h_ptr,
     S, D, stride_x, stride_down, stride_up, stride_y,
@@ -68,19 +85,34 @@ def _mix_fwd_kernel(
     x = tl.load(x_ptr + t * stride_x + offs_d, mask=dmask, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for s0 in range(0, S, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        smask = offs_s < S
-        e = tl.load(idx_ptr + t * S + offs_s, mask=smask, other=0).to(tl.int64)
-        g = tl.load(gate_ptr + t * S + offs_s, mask=smask, other=0.0).to(tl.float32)
-        m2 = smask[:, None] & dmask[None, :]
-        # issue both gathers before any use so both are in flight together
-        u = tl.load(down_ptr + e[:, None] * stride_down + offs_d[None, :], mask=m2, other=0.0)
-        v = tl.load(up_ptr + e[:, None] * stride_up + offs_d[None, :], mask=m2, other=0.0)
+        offs_s, smask, g, u, v = _gather_selections(
+            t, s0, S, idx_ptr, gate_ptr, down_ptr, up_ptr, stride_down, stride_up, offs_d, dmask, BLOCK_S
+        )
         h = tl.sum(u.to(tl.float32) * x[None, :], axis=1)  # (BLOCK_S,)
         tl.store(h_ptr + t * S + offs_s, h, mask=smask)
         w = g * _act(h, ACT)  # masked lanes: g = 0
         acc += tl.sum(w[:, None] * v.to(tl.float32), axis=0)
     tl.store(y_ptr + t * stride_y + offs_d, acc.to(y_ptr.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _segment_of_program(pid, N, seg_expert_ptr, seg_index_ptr, offsets_ptr, SEG):
+    """-> (expert e, segment index, valid, expert's first/last selection, segment start/end) of
+    segment program pid: programs 0..N-1 take segment 0 of expert pid, programs N.. the extra
+    segment named by seg_expert/seg_index (-1: none, an empty range)."""
+    if pid < N:
+        e = pid
+        seg = pid * 0
+    else:
+        e = tl.load(seg_expert_ptr + (pid - N))
+        seg = tl.load(seg_index_ptr + (pid - N))
+    valid = e >= 0
+    e = tl.maximum(e, 0)
+    first = tl.load(offsets_ptr + e)
+    last = tl.load(offsets_ptr + e + 1)
+    start = tl.where(valid, first + seg * SEG, first)
+    end = tl.where(valid, tl.minimum(last, start + SEG), first)
+    return e, seg, valid, first, last, start, end
 
 
 @triton.jit
@@ -105,20 +137,11 @@ def _mix_bwd_segment_kernel(
     u_e itself is never needed here: dU only needs coef and x.
     """
     pid = tl.program_id(0).to(tl.int64)
-    if pid < N:
-        e = pid
-        seg = pid * 0
-    else:
-        e = tl.load(seg_expert_ptr + (pid - N))
-        seg = tl.load(seg_index_ptr + (pid - N))
-    valid = e >= 0
-    e = tl.maximum(e, 0)
+    e, seg, valid, first, last, start, end = _segment_of_program(
+        pid, N, seg_expert_ptr, seg_index_ptr, offsets_ptr, SEG
+    )
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    first = tl.load(offsets_ptr + e)
-    last = tl.load(offsets_ptr + e + 1)
-    start = tl.where(valid, first + seg * SEG, first)
-    end = tl.where(valid, tl.minimum(last, start + SEG), first)
     # masked loads move no bytes: unused experts skip reading v_e.
     # (the limit goes through tl.where: the interpreter rejects block & scalar-bool masks)
     v_e = tl.load(up_ptr + e * stride_up + offs_d, mask=offs_d < tl.where(end > start, D, 0), other=0.0)
