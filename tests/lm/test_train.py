@@ -246,3 +246,31 @@ def test_init_from_loads_starting_weights_on_a_fresh_run_only(trained, tmp_path)
     trainer.fit()
     resumed = Trainer(cfg, str(tmp_path / "run"), resume=True, progress=False, init_from=init).build()
     assert len(calls) == 1 and resumed.step == 1  # a resume takes its own checkpoint, not init_from
+
+
+def test_rowwise_adam_tables_update_in_the_backward_and_resume_exactly(tmp_path):
+    """train.expert_optimizer=rowwise_adam (Triton interpreter on the CPU): the PEER tables leave the
+    AdamW groups, change at every step, and a resume restores the table optimizer's moments."""
+
+    class Probe(Recorder):
+        def on_train_start(self, trainer):
+            peer = trainer.model.blocks[1].ffw
+            in_adamw = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+            assert not peer.down.requires_grad and trainer.table_optimizer is not None
+            assert id(peer.down) not in in_adamw and id(peer.up) not in in_adamw
+            self.table = peer.down.detach().clone()
+
+        def on_step_end(self, trainer, step, metrics):
+            assert not torch.equal(self.table, trainer.model.blocks[1].ffw.down)  # updated in the backward
+            trainer.request_stop("probe")
+
+    write_corpus(tmp_path)
+    flags = ["--train.expert_optimizer", "rowwise_adam", "--train.max_steps", "3", "--train.ckpt_interval", "2"]
+    flags += ["--model.seq_len", "8", "--train.batch_size", "2", "--data.valid", "{}"]
+    cfg = write_config(tmp_path)
+    train(load_config(cfg, flags), str(tmp_path / "ref"), progress=False)
+    assert train(load_config(cfg, flags), str(tmp_path / "run"), progress=False, callbacks=[Probe()])["steps"] == 1
+    assert train(load_config(cfg, flags), str(tmp_path / "run"), resume=True, progress=False)["steps"] == 3
+    assert losses(tmp_path / "run") == losses(tmp_path / "ref")
+    with pytest.raises(ValueError, match="rowwise_adam updates the tables inside the backward: use train.grad_accum 1"):
+        load_config(cfg, flags + ["--train.grad_accum", "2"])

@@ -27,6 +27,7 @@ from torchpeer.layers import DenseConfig, MoEConfig, PEERConfig, PKMConfig  # no
 from torchpeer.layers.registry import ffw_kinds, get_ffw
 
 SCHEDULES = ("cosine", "wsd", "constant")
+EXPERT_OPTIMIZERS = ("adamw", "rowwise_adam")
 
 
 @dataclass
@@ -124,6 +125,9 @@ class TrainConfig:
     schedule: "cosine" (warmup, cosine to min_lr_ratio*lr), "wsd" (warmup, stable, linear decay
     over the last decay_frac of the steps), "constant" (warmup then flat).
     expert_lr: lr of the expert tables (PEER.down/up, PKM values); None = lr.
+    expert_optimizer: "adamw" (the tables are AdamW parameters) or "rowwise_adam" (PEER tables
+        updated inside the mixing backward by a fused row-wise Adam: torchpeer.optim.attach_rowwise_adam;
+        needs Triton and train.grad_accum 1; table gradients are not clipped).
     dtype: "bf16" autocasts on CUDA; CPU always runs float32.
     eval_batches: batches per eval set at each evaluation (None = the whole split).
     checkpoint: write checkpoints (every ckpt_interval steps, at the end and when interrupted);
@@ -139,6 +143,7 @@ class TrainConfig:
     max_flops: float | None = None
     lr: float = 1e-3
     expert_lr: float | None = None
+    expert_optimizer: str = "adamw"
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     schedule: str = "cosine"
@@ -184,6 +189,14 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be a positive integer (or none), got {v!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"train.schedule={self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        if self.expert_optimizer not in EXPERT_OPTIMIZERS:
+            choices = ", ".join(EXPERT_OPTIMIZERS)
+            raise ValueError(f"train.expert_optimizer={self.expert_optimizer!r}; use one of {choices}")
+        if self.expert_optimizer == "rowwise_adam" and self.grad_accum > 1:
+            raise ValueError(
+                "train.expert_optimizer=rowwise_adam updates the tables inside the backward: use train.grad_accum 1 "
+                f"(now {self.grad_accum}; raise train.batch_size instead)"
+            )
         if self.dtype not in ("bf16", "fp32"):
             raise ValueError(f"train.dtype={self.dtype!r}; use 'bf16' or 'fp32'")
         if self.keep_checkpoints < 1:

@@ -191,6 +191,13 @@ class Trainer:
         from torchpeer.lm.optim import LRSchedule, build_optimizer
 
         t = self.cfg.train
+        self.table_optimizer = None
+        if t.expert_optimizer == "rowwise_adam":  # before the AdamW groups: it takes the PEER tables out
+            from torchpeer.optim import attach_rowwise_adam
+
+            lr = t.expert_lr if t.expert_lr is not None else t.lr
+            betas = (t.beta1, t.beta2)
+            self.table_optimizer = attach_rowwise_adam(self.model, lr, betas, t.eps, t.expert_weight_decay)
         self.optimizer = build_optimizer(self.model, t, self.device.type)
         self.schedule = LRSchedule(t.schedule, self.total_steps, t.warmup_steps, t.min_lr_ratio, t.decay_frac)
         rank, world = self.plan.data_shard()
@@ -222,7 +229,10 @@ class Trainer:
         from torchpeer.lm.optim import set_lr
 
         t = self.cfg.train
-        set_lr(self.optimizer, self.schedule(self.step))
+        multiplier = self.schedule(self.step)
+        set_lr(self.optimizer, multiplier)
+        if self.table_optimizer is not None:  # the fused table update runs inside the backward below
+            self.table_optimizer.set_lr((t.expert_lr if t.expert_lr is not None else t.lr) * multiplier)
         step_loss = torch.zeros((), device=self.device)
         for micro in range(t.grad_accum):
             x, y = next(self.sampler)
@@ -268,6 +278,8 @@ class Trainer:
             # the partial log window, so that the first average logged after a resume is exact
             "loss_window": (self._loss_sum.detach().cpu(), self._n_loss),
         }
+        if self.table_optimizer is not None:
+            state["table_optimizer"] = self.table_optimizer.state_dict()
         where = os.path.join(self.run_dir, "checkpoints", f"step_{self.step:08d}")
         with writing(f"checkpoint {where}"):
             path = self.plan.save_checkpoint(
@@ -284,6 +296,10 @@ class Trainer:
         for g, f in zip(self.optimizer.param_groups, fresh):
             g.update(f)  # hyper-parameters come from the (possibly edited) config, moments from the file
         self.sampler.load_state_dict(state["data"])
+        if self.table_optimizer is not None:
+            if "table_optimizer" not in state:
+                raise ValueError(f"{path} was trained with train.expert_optimizer=adamw; resume with adamw")
+            self.table_optimizer.load_state_dict(state["table_optimizer"])
         ckpt_io.set_rng_state(state["rng"])
         self.step, self.elapsed = state["step"], state.get("elapsed", 0.0)
         if "loss_window" in state:
