@@ -261,3 +261,21 @@ def test_bf16_working_tables_with_fp32_masters_match_the_spec():
     assert "master" in sd["layers"]["l"]["down"]
     engine.detach()
     assert layer.down.dtype == torch.float32 and layer.down.requires_grad
+
+
+def test_opcheck_fused_backward_op():
+    """Schema (the declared mutation of tables and states), fake-tensor and AOT dispatch checks."""
+    from torchpeer.ops.expert_mixing import triton_fused_op as fused
+
+    gen = torch.Generator().manual_seed(11)
+    x, dy = (torch.randn(5, 8, generator=gen).to(DEVICE) for _ in range(2))
+    down, up = (torch.randn(12, 8, generator=gen).to(DEVICE) for _ in range(2))
+    idx = torch.randint(0, 12, (5, 1, 3), generator=gen).to(DEVICE)
+    g = torch.rand(5, 1, 3, generator=gen).to(DEVICE)
+    _, h = mixing._peer_mix_fwd(x, down, up, idx, g, "gelu")
+    states = []
+    for t in (down, up):
+        s = RowwiseAdamState.zeros_like(t)
+        states += [torch.empty(0, device=DEVICE), s.exp_avg, s.exp_avg_sq, s.steps]
+    tables = [down, up, *states]
+    torch.library.opcheck(fused._peer_mix_bwd_rowwise_adam, (dy, x, tables, idx, g, h, hyper(1e-2), "gelu"))
