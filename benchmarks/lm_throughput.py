@@ -333,13 +333,14 @@ def main(argv=None):
                 result["notes"].append(f"{name} rows failed: {type(e).__name__}: {e}"[:300])
             save()
     steps, warmup = (2, 1) if args.quick else (8, 3)
-    plan = []
-    for compiled in (False, True):
-        for config in ("gpu-dense-small", "gpu-peer-small", "gpu-dense-base", "gpu-peer-base"):
-            opts = ("adamw",) if "dense" in config else ("adamw", "rowwise_adam", "rowwise_adam_bf16")
-            if compiled and "base" in config:
-                continue  # compile time: the small pair first; base compiled rows would not fit one call
-            plan += [(config, o, compiled) for o in opts]
+    # most informative first (the budget may cut the tail): the small pair eager, the small pair
+    # compiled (the target), the base pair eager, then the remaining variants
+    plan = [("gpu-dense-small", "adamw", False), ("gpu-peer-small", "adamw", False),
+            ("gpu-peer-small", "rowwise_adam", False), ("gpu-peer-small", "rowwise_adam_bf16", False),
+            ("gpu-dense-small", "adamw", True), ("gpu-peer-small", "rowwise_adam_bf16", True),
+            ("gpu-dense-base", "adamw", False), ("gpu-peer-base", "adamw", False),
+            ("gpu-peer-base", "rowwise_adam_bf16", False), ("gpu-peer-small", "adamw", True),
+            ("gpu-peer-base", "rowwise_adam", False)]  # fmt: skip
     if args.quick:
         plan = [p for p in plan if not p[2]]
     for config, opt_name, compiled in [] if args.no_lm else plan:
