@@ -75,11 +75,9 @@ def _rowwise_adam_row(w_ptr, master_ptr, m_ptr, v_ptr, t_ptr, e, g, offs_d, mask
         tl.store(master_ptr + e * D + offs_d, w, mask=mask)
     tl.store(w_ptr + e * D + offs_d, w.to(w_ptr.dtype.element_ty), mask=mask)
     tl.store(m_ptr + e * D + offs_d, m, mask=mask)
-    # scalar stores go through a 1-lane masked block (the interpreter has no scalar-mask store)
-    lane = tl.arange(0, 1)
-    one = lane < tl.where(tl.max(mask.to(tl.int32), axis=0) > 0, 1, 0)
-    tl.store(v_ptr + e + lane, v + tl.zeros([1], dtype=tl.float32), mask=one)
-    tl.store(t_ptr + e + lane, t.to(tl.int32) + tl.zeros([1], dtype=tl.int32), mask=one)
+    any_lane = tl.max(mask.to(tl.int32), axis=0) > 0  # the row is updated at all
+    tl.store(v_ptr + e, v, mask=any_lane)
+    tl.store(t_ptr + e, t.to(tl.int32), mask=any_lane)
 
 
 @triton.jit
