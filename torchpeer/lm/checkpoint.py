@@ -91,31 +91,47 @@ def save_checkpoint(
     keep: int = 2,
 ) -> str:
     """Write ``step_<step>`` atomically, then delete all but the ``keep`` newest; returns its path."""
-    root = checkpoint_dir(run_dir)
-    os.makedirs(root, exist_ok=True)
-    final = os.path.join(root, f"step_{step:08d}")
-    tmp = tempfile.mkdtemp(dir=root, prefix=f".step_{step:08d}.", suffix=".tmp")
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
+    tmp, final = new_partial_dir(run_dir, step)
     try:
         save_model(model, os.path.join(tmp, "model.safetensors"))
-        torch.save({**trainer_state, "step": step, "rng": rng_state()}, os.path.join(tmp, "trainer.pt"))
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
-            json.dump(cfg.to_dict(), fh, indent=2)
-        if tokenizer is not None:
-            tokenizer.save(os.path.join(tmp, "tokenizer"))
-        if os.path.isdir(final):  # re-saving the same step (e.g. the final one): swap it out
-            old = final + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        write_checkpoint_meta(tmp, trainer_state, step, cfg, tokenizer)
+        return publish_checkpoint(tmp, final, run_dir, keep)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(run_dir)[:-keep]:
+
+
+def new_partial_dir(run_dir: str, step: int) -> tuple[str, str]:
+    """(temporary folder to assemble checkpoint ``step`` in, its final path) under RUN_DIR/checkpoints."""
+    root = checkpoint_dir(run_dir)
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=root, prefix=f".step_{step:08d}.", suffix=".tmp")
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
+    return tmp, os.path.join(root, f"step_{step:08d}")
+
+
+def write_checkpoint_meta(folder: str, trainer_state: dict, step: int, cfg: RunConfig, tokenizer=None) -> None:
+    """Everything of a checkpoint but the weights: trainer.pt (state + step + RNG), config.json, tokenizer/."""
+    torch.save({**trainer_state, "step": step, "rng": rng_state()}, os.path.join(folder, "trainer.pt"))
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as fh:
+        json.dump(cfg.to_dict(), fh, indent=2)
+    if tokenizer is not None:
+        tokenizer.save(os.path.join(folder, "tokenizer"))
+
+
+def publish_checkpoint(tmp: str, final: str, run_dir: str, keep: int) -> str:
+    """Rename the complete folder ``tmp`` to ``final`` (swapping out an older copy of the same step),
+    then delete all but the ``keep`` newest checkpoints; returns ``final``."""
+    if os.path.isdir(final):  # re-saving the same step (e.g. the final one): swap it out
+        old = final + ".old"
         shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    for stale in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
