@@ -24,15 +24,7 @@ from torchpeer.lm.trainer import Trainer, TrainingInterrupted, plan_steps
 __all__ = ["Trainer", "TrainingInterrupted", "plan_steps", "resolve_device", "train"]
 
 
-def train(
-    cfg: RunConfig,
-    run_dir: str,
-    resume: bool = False,
-    progress: bool = True,
-    callbacks=None,
-    plan=None,
-    init_from=None,
-) -> dict:
+def train(cfg: RunConfig, run_dir: str, resume=False, progress=True, callbacks=None, plan=None, init_from=None) -> dict:
     """Train ``cfg`` in ``run_dir``; returns the summary (final evaluation, costs, timing).
 
     resume: continue from the latest checkpoint of run_dir (start fresh if it has none).
