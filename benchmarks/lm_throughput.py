@@ -7,7 +7,8 @@ Part 1, layer rows (d_model 1024, N = 1024^2, heads 8, top_k 16, 65536 tokens, b
   with the segmented backward switched off (one program per expert, the previous kernel).
 Part 2, LM rows: gpu-dense-small, gpu-peer-small, gpu-dense-base, gpu-peer-base at their configs'
   batch (64 x 512), bf16 autocast, eager and (while the time budget lasts) torch.compile'd, each
-  PEER config with train.expert_optimizer adamw / rowwise_adam / rowwise_adam + bf16 tables.
+  PEER config with train.expert_optimizer adamw / rowwise_adam / rowwise_adam + bf16 tables
+  ("rowwise_adam_bf16"; "_m16": also bf16 first moments).
   Every step is split by CUDA events into fwd (loss), bwd (backward + clip_grad_norm_; with
   rowwise_adam it includes the table update) and opt (AdamW step + zero_grad); medians over the
   measured steps; tokens_per_s = batch tokens / median step time; peak_gib =
@@ -127,7 +128,8 @@ def layer_rows(d, T, cfg, device, budget_s):
 
     rows = []
     for variant in ("bf16 tables", "fp32 tables + autocast", "fp32 tables + autocast + rowwise_adam",
-                    "bf16 tables + fp32 master + autocast + rowwise_adam"):  # fmt: skip
+                    "bf16 tables + fp32 master + autocast + rowwise_adam",
+                    "bf16 tables + fp32 master + bf16 moments + autocast + rowwise_adam"):  # fmt: skip
         torch.manual_seed(0)
         with device:
             layer = PEER(d, cfg["n_experts"], cfg["heads"], cfg["top_k"], cfg["d_key"], backend="triton")
@@ -135,7 +137,9 @@ def layer_rows(d, T, cfg, device, budget_s):
             layer.to(torch.bfloat16)
         engine = None
         if "rowwise_adam" in variant:
-            engine = RowwiseTableAdam({"l": layer}, lr=1e-5, bf16_tables="bf16" in variant)
+            engine = RowwiseTableAdam(
+                {"l": layer}, lr=1e-5, bf16_tables="bf16" in variant, bf16_moments="bf16 moments" in variant
+            )
         params = sum(p.numel() * p.element_size() for p in layer.parameters())
         x = torch.randn(T, d, device=device, dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn_like(x)
@@ -202,7 +206,13 @@ def lm_row(config, expert_optimizer, compiled, device, steps, warmup, quick):
 
         lr = t.expert_lr if t.expert_lr is not None else t.lr
         table_opt = attach_rowwise_adam(
-            model, lr, (t.beta1, t.beta2), t.eps, t.expert_weight_decay, bf16_tables=expert_optimizer.endswith("bf16")
+            model,
+            lr,
+            (t.beta1, t.beta2),
+            t.eps,
+            t.expert_weight_decay,
+            bf16_tables="_bf16" in expert_optimizer,
+            bf16_moments=expert_optimizer.endswith("_m16"),
         )
     opt = build_optimizer(model, t, device.type)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -339,7 +349,8 @@ def main(argv=None):
             ("gpu-peer-small", "rowwise_adam", False), ("gpu-peer-small", "rowwise_adam_bf16", False),
             ("gpu-dense-small", "adamw", True), ("gpu-peer-small", "rowwise_adam_bf16", True),
             ("gpu-dense-base", "adamw", False), ("gpu-peer-base", "adamw", False),
-            ("gpu-peer-base", "rowwise_adam_bf16", False), ("gpu-peer-small", "adamw", True),
+            ("gpu-peer-base", "rowwise_adam_bf16", False), ("gpu-peer-small", "rowwise_adam_bf16_m16", False),
+            ("gpu-peer-small", "adamw", True),
             ("gpu-peer-base", "rowwise_adam", False)]  # fmt: skip
     if args.quick:
         plan = [p for p in plan if not p[2]]

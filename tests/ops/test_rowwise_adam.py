@@ -279,3 +279,30 @@ def test_opcheck_fused_backward_op():
         states += [torch.empty(0, device=DEVICE), s.exp_avg, s.exp_avg_sq, s.steps]
     tables = [down, up, *states]
     torch.library.opcheck(fused._peer_mix_bwd_rowwise_adam, (dy, x, tables, idx, g, h, hyper(1e-2), "gelu"))
+
+
+def test_bf16_first_moments_match_the_spec():
+    """bf16 exp_avg: the kernel computes in fp32 and rounds the moment each step, like the spec
+    (the interpreter truncates instead of rounding to nearest: within bf16 tolerance here)."""
+    from torchpeer.optim import RowwiseTableAdam
+
+    layer = TinyPEERTables(16, 16, seed=12)
+    engine = RowwiseTableAdam({"l": layer}, lr=1e-2, betas=(0.9, 0.99), bf16_moments=True)
+    assert engine.states["l"][0].exp_avg.dtype == torch.bfloat16
+    ref_tables = [layer.down.detach().double().clone(), layer.up.detach().double().clone()]
+    ref_states = [RowwiseAdamState.zeros_like(t, moment_dtype=torch.bfloat16) for t in ref_tables]
+    gen = torch.Generator().manual_seed(13)
+    for _ in range(2):
+        x = torch.randn(9, 16, generator=gen).to(DEVICE).requires_grad_()
+        idx = torch.randint(0, 16, (9, 2, 2), generator=gen).to(DEVICE)
+        g = (torch.rand(9, 2, 2, generator=gen) + 0.1).to(DEVICE)
+        dy = torch.randn(9, 16, generator=gen).to(DEVICE)
+        leaves = [layer.down.detach().double().requires_grad_(), layer.up.detach().double().requires_grad_()]
+        layer(x, idx, g).backward(dy)
+        expert_mix_reference(x.detach().double(), leaves[0], leaves[1], idx, g.double()).backward(dy.double())
+        rows = idx.reshape(-1).unique()
+        for table, leaf, st in zip(ref_tables, leaves, ref_states):
+            rowwise_adam_update_(table, st, rows, leaf.grad[rows], 1e-2, (0.9, 0.99), 1e-8, 0.0)
+        for table, ref, st, sr in zip((layer.down, layer.up), ref_tables, engine.states["l"], ref_states):
+            assert rel_err(st.exp_avg, sr.exp_avg) < 1e-2
+            assert rel_err(table, ref) < 1e-4

@@ -49,6 +49,7 @@ class RowwiseTableAdam:
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         bf16_tables: bool = False,
+        bf16_moments: bool = False,
     ):
         if not layers:
             raise ValueError("rowwise_adam needs at least one PEER layer in the model (model.ffw = 'peer' somewhere)")
@@ -74,7 +75,8 @@ class RowwiseTableAdam:
                         raise ValueError(f"bf16_tables needs fp32 tables to start from, got {t.dtype}")
                     master = t.data
                     t.data = master.to(torch.bfloat16)
-                pair.append(RowwiseAdamState.zeros_like(t, master))
+                moment_dtype = torch.bfloat16 if bf16_moments else torch.float32
+                pair.append(RowwiseAdamState.zeros_like(t, master, moment_dtype))
             self.states[name] = tuple(pair)
             layer.table_update = _Mixer(self, name)
 
@@ -121,12 +123,15 @@ def attach_rowwise_adam(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     bf16_tables: bool = False,
+    bf16_moments: bool = False,
 ) -> RowwiseTableAdam:
     """Install the fused row-wise Adam on every PEER layer of `model` (call after model.to(device)).
 
     bf16_tables: the layers' tables become bf16 working copies (the mixing kernels read half the
     bytes) and the fp32 weights live in the optimizer as masters (its state_dict carries them;
-    the model's state_dict then holds bf16 tables)."""
+    the model's state_dict then holds bf16 tables). bf16_moments: first moments in bf16 (4 -> 2
+    bytes per parameter of state, 16 -> 12 bytes of update traffic; rounded to nearest each step,
+    so a moment's small increments can be lost: a quality cost to measure, not assumed free)."""
     from torchpeer.layers.peer import PEER
     from torchpeer.ops import resolve_backend
 
@@ -139,4 +144,4 @@ def attach_rowwise_adam(
                 f"PEER layer {name} has no table_update hook (torchpeer.layers.peer too old for rowwise_adam)"
             )
         resolve_backend("expert_mix", "triton", m.down.device)  # ValueError naming the fix if Triton can't run
-    return RowwiseTableAdam(layers, lr, betas, eps, weight_decay, bf16_tables)
+    return RowwiseTableAdam(layers, lr, betas, eps, weight_decay, bf16_tables, bf16_moments)

@@ -44,7 +44,7 @@ __all__ = ["RowwiseAdamState", "rowwise_adam_update_"]
 
 @dataclass
 class RowwiseAdamState:
-    """State of one table (N, d): exp_avg (N, d) fp32, exp_avg_sq (N,) fp32, steps (N,) int32,
+    """State of one table (N, d): exp_avg (N, d) fp32 (or bf16), exp_avg_sq (N,) fp32, steps (N,) int32,
     and optionally master (N, d) fp32: the weights, when the table itself is a bf16 working copy
     (the update runs on the master and rounds it into the table)."""
 
@@ -54,11 +54,14 @@ class RowwiseAdamState:
     master: torch.Tensor | None = None
 
     @classmethod
-    def zeros_like(cls, table: torch.Tensor, master: torch.Tensor | None = None) -> RowwiseAdamState:
+    def zeros_like(
+        cls, table: torch.Tensor, master: torch.Tensor | None = None, moment_dtype: torch.dtype = torch.float32
+    ) -> RowwiseAdamState:
+        """moment_dtype: fp32, or bf16 for the first moment (half its bytes; rounded each step)."""
         n = table.shape[0]
         dev = table.device
         return cls(
-            torch.zeros(table.shape, dtype=torch.float32, device=dev),
+            torch.zeros(table.shape, dtype=moment_dtype, device=dev),
             torch.zeros(n, dtype=torch.float32, device=dev),
             torch.zeros(n, dtype=torch.int32, device=dev),
             master,
@@ -113,6 +116,6 @@ def rowwise_adam_update_(
     if state.master is not None:
         state.master[rows] = w.float()
     table[rows] = w.to(weights.dtype).to(table.dtype)  # via the master's dtype, as the kernel rounds
-    state.exp_avg[rows] = m.float()
+    state.exp_avg[rows] = m.float().to(state.exp_avg.dtype)  # via fp32, as the kernel rounds
     state.exp_avg_sq[rows] = v.float()
     state.steps[rows] = t.to(torch.int32)

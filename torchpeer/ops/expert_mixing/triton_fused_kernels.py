@@ -61,7 +61,7 @@ def _rowwise_adam_row(w_ptr, master_ptr, m_ptr, v_ptr, t_ptr, e, g, offs_d, mask
     eps = tl.load(hyper_ptr + 3)
     wd = tl.load(hyper_ptr + 4)
     t = (tl.load(t_ptr + e) + 1).to(tl.float32)
-    m = tl.load(m_ptr + e * D + offs_d, mask=mask, other=0.0)
+    m = tl.load(m_ptr + e * D + offs_d, mask=mask, other=0.0).to(tl.float32)  # fp32 or bf16 state
     if MASTER:
         w = tl.load(master_ptr + e * D + offs_d, mask=mask, other=0.0)
     else:
@@ -74,7 +74,7 @@ def _rowwise_adam_row(w_ptr, master_ptr, m_ptr, v_ptr, t_ptr, e, g, offs_d, mask
     if MASTER:
         tl.store(master_ptr + e * D + offs_d, w, mask=mask)
     tl.store(w_ptr + e * D + offs_d, w.to(w_ptr.dtype.element_ty), mask=mask)
-    tl.store(m_ptr + e * D + offs_d, m, mask=mask)
+    tl.store(m_ptr + e * D + offs_d, m.to(m_ptr.dtype.element_ty), mask=mask)
     any_lane = tl.max(mask.to(tl.int32), axis=0) > 0  # the row is updated at all
     tl.store(v_ptr + e, v, mask=any_lane)
     tl.store(t_ptr + e, t.to(tl.int32), mask=any_lane)

@@ -113,8 +113,9 @@ def _check_state(name, table, state):
     n, d = table.shape
     m, v, t, w = state.exp_avg, state.exp_avg_sq, state.steps, state.master
     checks = [("master", w, (n, d), torch.float32)] if w is not None else []
+    m_dtype = torch.bfloat16 if m.dtype == torch.bfloat16 else torch.float32  # bf16 first moments allowed
     for what, tensor, shape, dtype in checks + [
-        ("exp_avg", m, (n, d), torch.float32),
+        ("exp_avg", m, (n, d), m_dtype),
         ("exp_avg_sq", v, (n,), torch.float32),
         ("steps", t, (n,), torch.int32),
     ]:
@@ -136,7 +137,7 @@ def expert_mix_rowwise_adam(x, down, up, indices, gates, activation, state_down,
     x: (T, d); down, up: (N, d) contiguous tables with requires_grad=False (fp32, or bf16 working
     copies when the states hold fp32 masters: the update runs on the master and writes both);
     indices, gates: (T, H, K); state_down/state_up: RowwiseAdamState of each table (exp_avg
-    (N, d) fp32, exp_avg_sq (N,) fp32, steps (N,) int32); hyper: (5,) fp32 device tensor
+    (N, d) fp32 or bf16, exp_avg_sq (N,) fp32, steps (N,) int32); hyper: (5,) fp32 device tensor
     [lr, beta1, beta2, eps, weight_decay], read at backward time (set lr before backward).
     Returns y (T, d); gradients flow to x and gates only. One backward per forward: the update
     happens there (gradient accumulation over micro-batches is not possible).
