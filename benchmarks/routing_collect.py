@@ -44,6 +44,13 @@ def main(argv=None) -> int:
     ap.add_argument("out_stem")
     ap.add_argument("inputs", nargs="+")
     ap.add_argument("--prior", help="JSON list of earlier rows (with a 'source' field) to include")
+    ap.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="KEY=FILE",
+        help="JSON list of rows of another protocol (CPU proxies, partial runs) stored under KEY",
+    )
     args = ap.parse_args(argv)
     rows, batches, device = [], [], None
     for path in args.inputs:
@@ -75,6 +82,12 @@ def main(argv=None) -> int:
         with open(args.prior) as fh:
             prior = json.load(fh)
     result = {"date": batches[-1]["date"], "device": device, "batches": batches, "prior_rows": prior, "rows": rows}
+    extras = {}
+    for item in args.extra:
+        key, path = item.split("=", 1)
+        with open(path) as fh:
+            extras[key] = json.load(fh)
+    result.update(extras)
     with open(args.out_stem + ".json", "w") as fh:
         json.dump(result, fh, indent=1)
     flat = [{**row, **{f"r_{k}": v for k, v in row["routing"].items()}} for row in rows]
@@ -90,6 +103,16 @@ def main(argv=None) -> int:
             kl = "-" if p.get("kl") is None else f"{p['kl']:.2f}"
             n = p["n_experts"] or "-"
             md += f"| {p['ffw']} | {p['query_norm']} | {n} | {p['variant']} | {p['ppl']:.2f} | {u} | {kl} |\n"
+    for key, extra in extras.items():
+        md += f"\n`{key}`:\n\n| ffw | N | query norm | variant | tokens | eval set | ppl | usage % | KL |\n"
+        md += "| --- | ---: | --- | --- | ---: | --- | ---: | ---: | ---: |\n"
+        for p in extra:
+            u = "-" if p.get("usage_pct") is None else f"{p['usage_pct']:.2f}"
+            kl = "-" if p.get("kl") is None else f"{p['kl']:.2f}"
+            md += (
+                f"| {p['ffw']} | {p['n_experts']} | {p['query_norm']} | {p['variant']} | {p['tokens']:,} | "
+                f"{p['eval_set']} | {p['ppl']:.2f} | {u} | {kl} |\n"
+            )
     with open(args.out_stem + ".md", "w") as fh:
         fh.write(md)
     print(md)
