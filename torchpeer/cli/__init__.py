@@ -23,8 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    parser.set_defaults(override_commands=[])  # the subcommands that take --section.field overrides
     for module in COMMANDS:
-        importlib.import_module(module).add_parser(sub)
+        p = importlib.import_module(module).add_parser(sub)
+        if p.get_default("takes_overrides"):
+            parser.get_default("override_commands").append(p.prog.split()[-1])
     return parser
 
 
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(rest)
         if overrides and not getattr(args, "takes_overrides", False):
-            takers = [n for n, p in _subparsers(parser).items() if p.get_default("takes_overrides")]
+            takers = parser.get_default("override_commands")
             names = ", ".join(takers[:-1]) + " and " + takers[-1] if len(takers) > 1 else "".join(takers)
             parser.error(f"config overrides (--{overrides[0][0]} ...) only apply to {names}")
         args.overrides = overrides
@@ -55,9 +58,3 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
 
-
-def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    return {}
