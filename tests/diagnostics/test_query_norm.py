@@ -117,3 +117,22 @@ def test_runs_under_bf16_autocast(kind):
             y = norm(q)
     assert y.shape == q.shape and torch.isfinite(y.float()).all()
     y.float().sum().backward()
+
+
+@pytest.mark.parametrize("kind", ["ema", "ema_white", "batch"])
+def test_router_queries_causal_in_train_mode(kind):
+    """End to end through the product-key router: with a causal-safe norm, token t's query and its
+    retrieved experts do not depend on later tokens of the batch (BatchNorm's do)."""
+    from torchpeer.layers.router import ProductKeyRouter
+
+    torch.manual_seed(0)
+    a = ProductKeyRouter(16, n_keys=8, heads=2, top_k=3, d_key=8, query_norm=kind, backend="torch")
+    b = ProductKeyRouter(16, n_keys=8, heads=2, top_k=3, d_key=8, query_norm=kind, backend="torch")
+    b.load_state_dict(a.state_dict())
+    a.train(), b.train()
+    x1 = torch.randn(40, 16)
+    x2 = x1.clone()
+    x2[25:] = torch.randn(15, 16) * 4 + 2
+    (q1, s1, i1), (q2, s2, i2) = a(x1), b(x2)
+    same = torch.equal(q1[:25], q2[:25]) and torch.equal(i1[:25], i2[:25]) and torch.equal(s1[:25], s2[:25])
+    assert same == (kind != "batch")
