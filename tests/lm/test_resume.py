@@ -194,3 +194,24 @@ def test_resume_from_a_checkpoint_written_by_the_old_code(tmp_path):
     summary = train(cfg, str(run), resume=True, progress=False)
     assert [[s, v] for s, v in losses(run)] == expected["losses"]
     assert summary["valid"]["v"]["loss"] == pytest.approx(expected["final_valid_loss"], rel=1e-12)
+
+
+def test_a_signal_while_the_run_is_built_stops_at_once(tmp_path, capsys, monkeypatch):
+    """SIGTERM during the build (tokenizer training, tokenising: minutes on a big corpus) does not
+    wait for the first step: exit 143 at once, with nothing to resume from."""
+    from torchpeer.lm.trainer import Trainer
+
+    def signalled(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises in here
+        raise AssertionError("the signal did not stop the build")
+
+    monkeypatch.setattr(Trainer, "_build_data", signalled)
+    write_corpus(tmp_path)
+    cfg = write_config(tmp_path)
+    t0 = time.time()
+    assert main(["train", cfg, "--run-dir", str(tmp_path / "run")]) == 143
+    assert time.time() - t0 < 20
+    err = capsys.readouterr().err
+    assert err == "interrupted by SIGTERM at step 0, before the first step: nothing to resume from\n"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers are put back

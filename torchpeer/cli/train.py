@@ -77,11 +77,13 @@ def run(args) -> int:
         if not rank0:
             return 128 + e.signum
         how = f"interrupted by {e.args[0]}"
-        if e.checkpoint is None:
+        if e.checkpoint is not None:
+            print(f"{how}; checkpoint {e.checkpoint}", file=sys.stderr)
+            print(f"resume with: {resume_command(args, run_dir)}", file=sys.stderr)
+        elif not cfg.train.checkpoint:
             print(f"{how}; checkpoints are off (train.checkpoint = false), nothing to resume from", file=sys.stderr)
         else:
-            print(f"{how}; wrote {e.checkpoint}", file=sys.stderr)
-            print(f"resume with: {resume_command(args, run_dir)}", file=sys.stderr)
+            print(f"{how}, before the first step: nothing to resume from", file=sys.stderr)
         return 128 + e.signum
     if not rank0:
         return 0

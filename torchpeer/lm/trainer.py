@@ -106,6 +106,7 @@ class Trainer:
         self.step, self.elapsed = 0, 0.0
         self.stop_reason: str | None = None
         self.signal_received: int | None = None
+        self.in_loop = False  # SIGINT/SIGTERM: before the loop they stop at once, in it after the step
 
     # ------------------------------------------------------------------------------------ build
 
@@ -315,9 +316,9 @@ class Trainer:
         """Train to the end of the budget (building first if build() was not called); returns the
         summary (also written to summary.json). Closes the plan at the end, also on error."""
         try:
-            if not hasattr(self, "model"):
-                self.build()
             with StopOnSignals(self):
+                if not hasattr(self, "model"):
+                    self.build()
                 return self._fit()
         finally:  # also after a failed build: the plan may hold process groups
             if getattr(self, "log", None) is not None:
@@ -352,6 +353,7 @@ class Trainer:
             self.callbacks.on_train_start(self)
         self._t_start = t_log = time.time()
         self.model.train()
+        self.in_loop = True
         while self.step < self.total_steps and self.stop_reason is None:
             out = self.train_step()
             step = self.step
