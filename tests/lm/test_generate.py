@@ -50,8 +50,10 @@ def test_eval_cli(trained, capsys, tmp_path):
     assert main([*args, "--max-batches", "3", "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "blocks.1.ffw" in text and "bpb" in text
+    routing = [line for line in text.splitlines() if line.startswith("routing a blocks.1.ffw: ")]
+    assert len(routing) == 1 and "head_overlap" in routing[0] and "query_eff_rank" in routing[0]
     res = json.load(open(out))["results"]
-    assert set(res) == {"a", "b"}
+    assert set(res) == {"a", "b"} and 0 < res["a"]["routing"]["blocks.1.ffw"]["usage_pct"] <= 100
     assert res["a"]["tokens"] == 3 * 8 * 32 and not res["a"]["complete"]
     summary = json.load(open(os.path.join(run, "summary.json")))
     assert main(["eval", run, "--out", out, "--no-progress"]) == 0  # default: the config's valid sets

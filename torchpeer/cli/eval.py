@@ -42,7 +42,7 @@ def run(args) -> int:
     from torchpeer.cli.common import load_for_inference, named_sources
     from torchpeer.data import prepare_split
     from torchpeer.data.atomic import write_json_atomic
-    from torchpeer.lm.evaluate import evaluate, format_results
+    from torchpeer.lm.evaluate import evaluate, format_results, format_routing
     from torchpeer.lm.rundir import check_writable, writing
     from torchpeer.lm.runtime import autocast_dtype, resolve_device
 
@@ -67,6 +67,8 @@ def run(args) -> int:
         results[name]["source"] = spec
     print(f"checkpoint {ckpt}")
     print(format_results(results))
+    if any(r.get("routing") for r in results.values()):
+        print(format_routing(results))
     with writing(out):
         write_json_atomic(out, {"checkpoint": ckpt, "results": results})
     print(f"wrote {out}")

@@ -96,3 +96,13 @@ def format_results(results: dict[str, dict]) -> str:
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def format_routing(results: dict[str, dict]) -> str:
+    """One line per eval set and routed layer with every routing statistic (diagnostics.routing_report)."""
+    lines = []
+    for name, r in results.items():
+        for layer, stats in r.get("routing", {}).items():
+            cells = " ".join(f"{k} {v:.4g}" for k, v in sorted(stats.items()) if isinstance(v, (int, float)))
+            lines.append(f"routing {name} {layer}: {cells}")
+    return "\n".join(lines)
