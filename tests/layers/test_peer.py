@@ -103,24 +103,34 @@ def test_drop_in_shapes_and_autocast():
     assert m.down.grad.dtype == torch.float32
 
 
-def test_init_output_scale_comparable_to_dense():
-    """Output std at init is within a small factor of a dense 4d FFW's (the docstring's claim)."""
-    torch.manual_seed(0)
-    d = 64
+def test_init_output_scale():
+    """The docstring's init claims: up ~ N(0, 1/d) by default (output scaled by exactly that std), and
+    up_init_std = (h*G)**-0.5 (the earlier init) gives an output std within a small factor of a
+    dense 4d FFW's."""
+    d, h, k = 64, 4, 8
     x = torch.randn(4096, d)
-    m = PEER(d, n_experts=64**2, heads=4, top_k=8, d_key=16).eval()
+    torch.manual_seed(0)
+    m = PEER(d, n_experts=64**2, heads=h, top_k=k, d_key=16).eval()
+    assert m.up_init_std == 1 / math.sqrt(d)
+    torch.testing.assert_close(m.up.std(), torch.tensor(1 / math.sqrt(d)), rtol=0.01, atol=0)
+    torch.manual_seed(0)
+    old = PEER(d, n_experts=64**2, heads=h, top_k=k, d_key=16, up_init_std=(h / k) ** -0.5).eval()
     lin = torch.nn.Linear
     dense = torch.nn.Sequential(lin(d, 4 * d, bias=False), torch.nn.GELU(), lin(4 * d, d, bias=False))
     torch.nn.init.normal_(dense[0].weight, std=1 / math.sqrt(d))
     torch.nn.init.normal_(dense[2].weight, std=1 / math.sqrt(4 * d))
     with torch.no_grad():
-        ratio = m(x).std() / dense(x).std()
-    assert 0.5 < ratio < 2.0
+        y, y_old = m(x), old(x)
+        assert 0.5 < y_old.std() / dense(x).std() < 2.0
+        torch.testing.assert_close(y, y_old * (m.up_init_std / old.up_init_std), rtol=1e-4, atol=1e-6)
+    for bad in (0.0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="up_init_std must be a positive number"):
+            PEER(8, n_experts=16, heads=1, top_k=2, d_key=4, up_init_std=bad)
 
 
 def test_paper_defaults_and_public_api():
-    m = PEER(8, n_experts=32**2)  # paper defaults except N, to stay small
-    assert (m.heads, m.top_k, m.d_key, m.query_norm, m.gate, m.shared_keys) == (8, 16, 128, "batch", "softmax", True)
+    m = PEER(8, n_experts=32**2)  # paper defaults except N (to stay small) and the causal-safe query norm
+    assert (m.heads, m.top_k, m.d_key, m.query_norm, m.gate, m.shared_keys) == (8, 16, 128, "ema", "softmax", True)
     assert m.sub_keys.shape == (1, 2, 32, 64)
     assert m.down.shape == m.up.shape == (32**2, 8)
     assert PEER.__init__.__defaults__[0] == 1024**2
@@ -128,7 +138,7 @@ def test_paper_defaults_and_public_api():
 
 
 def test_cost_hand_computed():
-    m = PEER(64, n_experts=32**2, heads=4, top_k=8, d_key=16)
+    m = PEER(64, n_experts=32**2, heads=4, top_k=8, d_key=16, query_norm="batch")
     c = m.cost()
     q_params = 64 * 4 * 16 + 2 * 4 * 16  # projection + BatchNorm affine
     assert c.total_params == q_params + 2 * 32 * 8 + 2 * 1024 * 64

@@ -55,7 +55,8 @@ def test_config_fields_and_defaults_unchanged():
     assert defaults["dense"] == {"d_hidden": None, "activation": None, "swiglu": False}
     assert defaults["peer"] == {
         "n_experts": 1024**2, "heads": 8, "top_k": 16, "d_key": 128, "activation": "gelu",
-        "gate": "softmax", "query_norm": "batch", "shared_keys": True, "backend": "auto",
+        "gate": "softmax", "query_norm": "ema", "shared_keys": True, "backend": "auto",
+        "up_init_std": None,  # new; "ema" was "batch" (old sections name their query_norm, or get "ema")
     }  # fmt: skip
     assert defaults["pkm"] == {
         "n_keys": 1024, "heads": 8, "top_k": 32, "d_key": None, "query_norm": "batch", "value_dim": None,

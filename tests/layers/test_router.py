@@ -34,7 +34,7 @@ def _spy_mix(monkeypatch):
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-@pytest.mark.parametrize("query_norm", ["batch", "layer"])
+@pytest.mark.parametrize("query_norm", ["batch", "layer", "ema"])
 def test_peer_retrieve_returns_the_indices_forward_mixes(monkeypatch, autocast, query_norm):
     torch.manual_seed(0)
     m = _small_peer(query_norm=query_norm).eval()
@@ -58,7 +58,7 @@ def test_peer_retrieve_returns_the_indices_forward_mixes(monkeypatch, autocast, 
 
 def test_retrieve_and_forward_agree_in_train_mode_with_batch_statistics(monkeypatch):
     torch.manual_seed(1)
-    m = _small_peer().train()
+    m = _small_peer(query_norm="batch").train()  # ("ema" updates its statistics at every train-mode call)
     x = torch.randn(40, 16)
     seen = _spy_mix(monkeypatch)
     _, indices = m.retrieve(x)
