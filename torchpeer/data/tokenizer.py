@@ -192,7 +192,8 @@ def _load_or_train_bpe(cfg: DataConfig, progress: bool) -> HFTokenizer:
         print(f"training a BPE tokenizer (vocab {cfg.vocab_size}) on {cfg.train} ...", flush=True)
     tok = train_bpe(docs(), cfg.vocab_size, progress=progress)
     if progress:
-        print(f"trained {name} on {n_docs:,} documents in {time.time() - t0:.1f} s", flush=True)
+        docs_text = f"{n_docs:,} document{'' if n_docs == 1 else 's'}"
+        print(f"trained {name} on {docs_text} in {time.time() - t0:.1f} s", flush=True)
     if n_docs == 0:
         raise ValueError(f"the train source {cfg.train!r} contains no text: cannot train a BPE tokenizer on it")
     write_text_atomic(tok_path, tok.to_str())
