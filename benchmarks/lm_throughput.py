@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import statistics
@@ -172,7 +173,10 @@ def layer_rows(d, T, cfg, device, budget_s):
             row["note"] = f"{type(e).__name__}: {e}"[:300]
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if engine is not None:
+            engine.detach()
         del layer, engine, x, dy, fwd, fwd_bwd
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -253,7 +257,10 @@ def lm_row(config, expert_optimizer, compiled, device, steps, warmup, quick):
     row["tokens_per_s"] = round(B * L / (row["step_ms"] / 1e3), 1)
     row["peak_gib"] = _peak_gib(device)
     row["loss_last"] = round(float(loss.detach()), 4)
-    del model, fwd_model, opt, table_opt, params, batches
+    if table_opt is not None:
+        table_opt.detach()  # breaks the layer -> mixer -> optimizer -> layer cycle, so the tables free now
+    del model, fwd_model, opt, table_opt, params, batches, loss
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row

@@ -10,6 +10,8 @@ attach_rowwise_adam sets the tables' requires_grad to False (so AdamW groups and
 clip_grad_norm_ skip them) and installs a `table_update` mixer on each PEER layer (the layer calls
 it instead of expert_mix). Rule, lazy semantics and the clipping policy (table gradients are not
 clipped): torchpeer/optim/rowwise_adam.py. One backward per forward: no gradient accumulation.
+The layers and the optimizer reference each other (layer.table_update -> optimizer -> layer):
+call detach() to hand the tables back and let both be freed without waiting for the gc.
 """
 
 from __future__ import annotations
