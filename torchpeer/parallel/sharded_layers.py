@@ -69,25 +69,25 @@ def _row_dots(a: torch.Tensor, table: torch.Tensor, idx: torch.Tensor, chunk: in
     return out
 
 
-def _weighted_rows(w: torch.Tensor, table: torch.Tensor, idx: torch.Tensor, dtype, chunk: int) -> torch.Tensor:
-    """out[t] = sum_hk w[t, h, k] * table[idx[t, h, k]]: (T, c) in ``dtype``."""
-    out = torch.empty(idx.shape[0], table.shape[1], dtype=dtype, device=table.device)
-    for t0 in range(0, idx.shape[0], chunk):
-        sl = slice(t0, t0 + chunk)
-        out[sl] = torch.einsum("thk,thkc->tc", w[sl].to(dtype), table[idx[sl]].to(dtype))
-    return out
+def _bag(table: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_hk w[t, h, k] * table[idx[t, h, k]]: (T, c) in the table's dtype, by
+    F.embedding_bag (no (T, h, k, c) gathered rows)."""
+    T, hk = idx.shape[0], idx.shape[1] * idx.shape[2]
+    return F.embedding_bag(idx.reshape(T, hk), table, per_sample_weights=w.reshape(T, hk).to(table.dtype), mode="sum")
 
 
-def _scatter_rows(shape, like: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, a: torch.Tensor, scale: float):
-    """grad[i] += scale * sum over (t, h, k) with idx = i of w[t, h, k] * a[t]; fp32 accumulation."""
-    acc = torch.promote_types(like.dtype, torch.float32)
-    grad = torch.zeros(shape, dtype=acc, device=like.device)
-    chunk = _chunk(idx.shape[1] * idx.shape[2], shape[1], like.device)
-    for t0 in range(0, idx.shape[0], chunk):
-        sl = slice(t0, t0 + chunk)
-        rows = (w[sl].to(acc).unsqueeze(-1) * a[sl, None, None, :].to(acc)).reshape(-1, shape[1])
-        grad.index_add_(0, idx[sl].reshape(-1), rows)
-    return (grad * scale).to(like.dtype)
+def _bag_vjp(table, idx, w, grad_out, want_table: bool):
+    """Gradients of <_bag(table, idx, w), grad_out> through embedding_bag's own backward:
+    (out, d_table or None, d_w) with d_w[t, h, k] = grad_out[t] . table[idx[t, h, k]] (the partial
+    dot products) and d_table[i] = sum over idx == i of w * grad_out[t] (deterministic, dense)."""
+    with torch.enable_grad():
+        t_leaf = table.detach().requires_grad_(want_table)
+        w_leaf = w.detach().to(table.dtype).requires_grad_(True)
+        out = _bag(t_leaf, idx, w_leaf)
+        leaves = [t_leaf, w_leaf] if want_table else [w_leaf]
+        grads = torch.autograd.grad(out, leaves, grad_outputs=grad_out.to(out.dtype))
+    d_table = grads[0] if want_table else None
+    return out.detach(), d_table, grads[-1]
 
 
 class _ShardedPEERMix(torch.autograd.Function):
@@ -100,24 +100,25 @@ class _ShardedPEERMix(torch.autograd.Function):
         chunk = _chunk(idx.shape[1] * idx.shape[2], xc.shape[1], X.device)
         h = all_reduce_sum_(_row_dots(xc, down, idx, chunk), ctx)  # (T, h, k) fp32, full u . x
         w = gates.to(h.dtype) * _act(activation)(h)
-        y = columns_to_tokens(_weighted_rows(w, up, idx, X.dtype, chunk), ctx)
+        y = columns_to_tokens(_bag(up, idx, w).to(X.dtype), ctx)
         fctx.save_for_backward(xc, down, up, idx, gates, h)
-        fctx.activation, fctx.ctx, fctx.chunk = activation, ctx, chunk
+        fctx.activation, fctx.ctx = activation, ctx
         return y
 
     @staticmethod
     def backward(fctx, dy):
         xc, down, up, idx, gates, h = fctx.saved_tensors
-        ctx, chunk = fctx.ctx, fctx.chunk
+        ctx, inv_w = fctx.ctx, 1.0 / fctx.ctx.world
         dyc = tokens_to_columns(dy.to(xc.dtype).contiguous(), ctx)  # (T, d/W): every token, my columns
-        s = all_reduce_sum_(_row_dots(dyc, up, idx, chunk), ctx)  # dL/dw = dy . v, (T, h, k) fp32
         a = _act(fctx.activation)(h)
         g = gates.to(h.dtype)
+        _, d_up, s = _bag_vjp(up, idx, g * a, dyc, fctx.needs_input_grad[3])
+        s = all_reduce_sum_(s.to(h.dtype), ctx)  # dL/dw = dy . v, (T, h, k)
         coef = g * _act_grad(fctx.activation, h) * s  # dL/dh (local units)
-        dx = columns_to_tokens(_weighted_rows(coef, down, idx, xc.dtype, chunk), ctx)
-        inv_w = 1.0 / ctx.world
-        d_down = _scatter_rows(down.shape, down, idx, coef, xc, inv_w) if fctx.needs_input_grad[2] else None
-        d_up = _scatter_rows(up.shape, up, idx, g * a, dyc, inv_w) if fctx.needs_input_grad[3] else None
+        dxc, d_down, _ = _bag_vjp(down, idx, coef, xc, fctx.needs_input_grad[2])  # dxc = sum coef * u
+        dx = columns_to_tokens(dxc.to(xc.dtype), ctx)
+        d_down = d_down * inv_w if d_down is not None else None  # summed over all ranks' tokens: global units
+        d_up = d_up * inv_w if d_up is not None else None
         d_gates = (a * s * inv_w).to(gates.dtype)  # enters the replicated computation in global units
         return dx.to(dy.dtype), None, d_down, d_up, None, d_gates, None, None
 
@@ -127,23 +128,18 @@ class _ShardedBag(torch.autograd.Function):
 
     @staticmethod
     def forward(fctx, values, idx, weights, ctx: ShardContext):
-        T, hk = idx.shape[0], idx.shape[1] * idx.shape[2]
-        yc = F.embedding_bag(
-            idx.reshape(T, hk), values, per_sample_weights=weights.reshape(T, hk).to(values.dtype), mode="sum"
-        )
         fctx.save_for_backward(values, idx, weights)
         fctx.ctx = ctx
-        return columns_to_tokens(yc, ctx)
+        return columns_to_tokens(_bag(values, idx, weights), ctx)
 
     @staticmethod
     def backward(fctx, dy):
         values, idx, weights = fctx.saved_tensors
-        ctx = fctx.ctx
+        ctx, inv_w = fctx.ctx, 1.0 / fctx.ctx.world
         dyc = tokens_to_columns(dy.contiguous(), ctx)
-        chunk = _chunk(idx.shape[1] * idx.shape[2], values.shape[1], values.device)
-        s = all_reduce_sum_(_row_dots(dyc, values, idx, chunk), ctx)
-        inv_w = 1.0 / ctx.world
-        d_values = _scatter_rows(values.shape, values, idx, weights, dyc, inv_w) if fctx.needs_input_grad[0] else None
+        _, d_values, s = _bag_vjp(values, idx, weights, dyc, fctx.needs_input_grad[0])
+        s = all_reduce_sum_(s, ctx)
+        d_values = d_values * inv_w if d_values is not None else None
         return d_values, None, (s * inv_w).to(weights.dtype), None
 
 
