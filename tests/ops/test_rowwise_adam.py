@@ -306,3 +306,39 @@ def test_bf16_first_moments_match_the_spec():
         for table, ref, st, sr in zip((layer.down, layer.up), ref_tables, engine.states["l"], ref_states):
             assert rel_err(st.exp_avg, sr.exp_avg) < 1e-2
             assert rel_err(table, ref) < 1e-4
+
+
+def test_plain_pytorch_rowwise_adamw_groups():
+    """RowwiseAdamW (CPU path): expert groups follow the spec on rows with a gradient, the other
+    groups equal torch.optim.AdamW, and lr changes on the shared group dicts reach both."""
+    from torchpeer.optim import RowwiseAdamW
+
+    gen = torch.Generator().manual_seed(14)
+    table = torch.nn.Parameter(torch.randn(8, 4, generator=gen))
+    w = torch.nn.Parameter(torch.randn(3, 3, generator=gen))
+    w_ref = torch.nn.Parameter(w.detach().clone())
+    groups = [
+        {"name": "experts", "params": [table], "lr": 1e-2, "weight_decay": 0.1},
+        {"name": "decay", "params": [w], "lr": 1e-2, "weight_decay": 0.1},
+    ]
+    opt = RowwiseAdamW(groups, betas=(0.9, 0.99))
+    ref_opt = torch.optim.AdamW([w_ref], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+    spec_table, spec_state = table.detach().double().clone(), RowwiseAdamState.zeros_like(table)
+    for step in range(3):
+        for group in opt.param_groups + ref_opt.param_groups:
+            group["lr"] = 1e-2 / (step + 1)
+        rows = torch.tensor([0, 2, 5]) if step != 1 else torch.tensor([2, 7])
+        coef = torch.randn(rows.numel(), 4, generator=gen)
+        x = torch.randn(3, generator=gen)
+        ((table[rows] * coef).sum() + (w @ x).sum()).backward()
+        (w_ref @ x).sum().backward()
+        rowwise_adam_update_(
+            spec_table, spec_state, rows, table.grad[rows].double(), 1e-2 / (step + 1), (0.9, 0.99), 1e-8, 0.1
+        )
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        assert rel_err(table, spec_table) < 1e-6
+        assert torch.allclose(w, w_ref, rtol=1e-6, atol=1e-7)
+    assert opt.state[table]["rowwise"].steps.tolist() == [2, 0, 3, 0, 0, 2, 0, 1]

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RowwiseAdamState", "rowwise_adam_update_"]
+__all__ = ["RowwiseAdamState", "RowwiseAdamW", "rowwise_adam_update_"]
 
 
 @dataclass
@@ -119,3 +119,42 @@ def rowwise_adam_update_(
     state.exp_avg[rows] = m.float().to(state.exp_avg.dtype)  # via fp32, as the kernel rounds
     state.exp_avg_sq[rows] = v.float()
     state.steps[rows] = t.to(torch.int32)
+
+
+class RowwiseAdamW(torch.optim.Optimizer):
+    """Plain-PyTorch optimizer with the row-wise rule for some groups, AdamW for the others.
+
+    For CPU runs and quality experiments (the fused Triton path needs a GPU): param groups as
+    torchpeer.lm.optim.param_groups builds them; groups whose "name" is in `rowwise_groups`
+    (default the expert tables, "experts") take rowwise_adam_update_ on the rows with a nonzero
+    gradient this step (the fused kernel updates every SELECTED row: the two differ only for a
+    selected row whose gradient is exactly zero); the other groups take torch.optim.AdamW.
+    Sharing the group dicts keeps lr schedules (which set group["lr"]) working for both.
+    """
+
+    def __init__(self, param_groups, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, rowwise_groups=("experts",)):
+        super().__init__(param_groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=0.0))
+        self.rowwise_groups = tuple(rowwise_groups)
+        dense = [g for g in self.param_groups if g.get("name") not in self.rowwise_groups]
+        self._dense = torch.optim.AdamW(dense, lr=lr, betas=betas, eps=eps) if dense else None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self._dense is not None:
+            self._dense.step()
+        for group in self.param_groups:
+            if group.get("name") not in self.rowwise_groups:
+                continue
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p not in self.state or "rowwise" not in self.state[p]:
+                    self.state[p]["rowwise"] = RowwiseAdamState.zeros_like(p)
+                rows = (p.grad != 0).any(dim=1).nonzero().squeeze(1)
+                rowwise_adam_update_(
+                    p, self.state[p]["rowwise"], rows, p.grad[rows], group["lr"], group["betas"], group["eps"],
+                    group["weight_decay"],
+                )  # fmt: skip
+
+    def zero_grad(self, set_to_none: bool = True):
+        super().zero_grad(set_to_none)
