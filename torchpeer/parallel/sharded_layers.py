@@ -40,9 +40,6 @@ from torchpeer.parallel.collectives import (
     tokens_to_columns,
 )
 
-# Gathered-row elements per chunk (as torchpeer.mixing): bounds the (chunk, h, k, d/W) temporaries.
-_CHUNK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 27}
-
 
 def _act(name: str):
     return {"gelu": F.gelu, "relu": F.relu}[name]
@@ -53,20 +50,6 @@ def _act_grad(name: str, h: torch.Tensor) -> torch.Tensor:
         return (h > 0).to(h.dtype)
     cdf = 0.5 * (1.0 + torch.erf(h * 0.7071067811865476))
     return cdf + h * torch.exp(-0.5 * h * h) * 0.3989422804014327
-
-
-def _chunk(hk: int, width: int, device: torch.device) -> int:
-    return max(1, _CHUNK_ELEMENTS["cuda" if device.type == "cuda" else "cpu"] // max(1, hk * width))
-
-
-def _row_dots(a: torch.Tensor, table: torch.Tensor, idx: torch.Tensor, chunk: int) -> torch.Tensor:
-    """out[t, h, k] = a[t] . table[idx[t, h, k]] in >= fp32. a: (T, c), table: (N, c), idx: (T, h, k)."""
-    acc = torch.promote_types(a.dtype, torch.float32)
-    out = torch.empty(idx.shape, dtype=acc, device=a.device)
-    for t0 in range(0, a.shape[0], chunk):
-        sl = slice(t0, t0 + chunk)
-        out[sl] = torch.einsum("tc,thkc->thk", a[sl], table[idx[sl]].to(a.dtype)).to(acc)
-    return out
 
 
 def _bag(table: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -97,8 +80,10 @@ class _ShardedPEERMix(torch.autograd.Function):
     def forward(fctx, x_local, X, down, up, idx, gates, activation, ctx: ShardContext):
         cols = ctx.columns(X.shape[1])
         xc = X[:, cols]
-        chunk = _chunk(idx.shape[1] * idx.shape[2], xc.shape[1], X.device)
-        h = all_reduce_sum_(_row_dots(xc, down, idx, chunk), ctx)  # (T, h, k) fp32, full u . x
+        # partial dots x[cols] . u_i[cols] in the tables' precision (fp32 masters), as the gradient
+        # of the weighted row sum with respect to its weights: no gathered (T, h, k, d/W) rows
+        _, _, h = _bag_vjp(down, idx, torch.ones_like(gates, dtype=down.dtype), xc, want_table=False)
+        h = all_reduce_sum_(h, ctx)  # (T, h, k): the full u . x
         w = gates.to(h.dtype) * _act(activation)(h)
         y = columns_to_tokens(_bag(up, idx, w).to(X.dtype), ctx)
         fctx.save_for_backward(xc, down, up, idx, gates, h)
