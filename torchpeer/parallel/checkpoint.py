@@ -23,10 +23,8 @@ partial folder at the next start).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import tempfile
 import warnings
 
 import torch
@@ -151,40 +149,21 @@ def save_dcp_checkpoint(
     run_dir: str, step: int, model: nn.Module, optimizer, state: dict, cfg, tokenizer, keep: int
 ) -> str:
     """Write ``checkpoints/step_<step>`` (collective: every rank calls it); returns its path."""
-    from torchpeer.lm.checkpoint import checkpoint_dir, list_checkpoints, rng_state
+    from torchpeer.lm.checkpoint import new_partial_dir, publish_checkpoint, write_checkpoint_meta
 
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    root = checkpoint_dir(run_dir)
-    final = os.path.join(root, f"step_{step:08d}")
-    tmp = [None]
-    if rank0:
-        os.makedirs(root, exist_ok=True)
-        tmp[0] = tempfile.mkdtemp(dir=root, prefix=f".step_{step:08d}.", suffix=".tmp")
-        os.chmod(tmp[0], 0o755)
+    where = [new_partial_dir(run_dir, step) if rank0 else None]
     if dist.is_initialized():
-        dist.broadcast_object_list(tmp, src=0)  # every rank writes into the same temporary folder
-    tmp = tmp[0]
+        dist.broadcast_object_list(where, src=0)  # every rank writes into the same temporary folder
+    tmp, final = where[0]
     try:
         dcp.save(_state_dict(model, optimizer), checkpoint_id=os.path.join(tmp, DCP_DIR))
         if rank0:
-            torch.save({**state, "step": step, "rng": rng_state()}, os.path.join(tmp, "trainer.pt"))
-            with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
-                json.dump(cfg.to_dict(), fh, indent=2)
-            if tokenizer is not None:
-                tokenizer.save(os.path.join(tmp, "tokenizer"))
+            write_checkpoint_meta(tmp, state, step, cfg, tokenizer)
         if dist.is_initialized():
             dist.barrier()  # all shards are on disk before the folder becomes visible
         if rank0:
-            if os.path.isdir(final):  # re-saving the same step: swap it out
-                old = final + ".old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-            for stale in list_checkpoints(run_dir)[:-keep]:
-                shutil.rmtree(stale, ignore_errors=True)
+            publish_checkpoint(tmp, final, run_dir, keep)
     except BaseException:
         if rank0:
             shutil.rmtree(tmp, ignore_errors=True)
