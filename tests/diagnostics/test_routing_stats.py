@@ -1,6 +1,7 @@
 """Routing diagnostics on constructed cases with known answers."""
 
 import math
+import threading
 
 import pytest
 import torch
@@ -145,3 +146,39 @@ def test_bad_input():
     with pytest.raises(ValueError, match="queries must be"):
         idx = torch.zeros(3, 2, 1, dtype=torch.long)
         RoutingStats(N).update_routing(torch.randn(3, 2, 5), idx, torch.ones(3, 2, 1))
+
+
+def test_reduce_over_processes_matches_one_process():
+    """Two 'processes' (trackers) merged with a simulated all-reduce give the statistics of one
+    tracker that saw all the tokens."""
+    torch.manual_seed(5)
+    batches = [
+        (torch.randn(50, 2, 8) * 3 + 1, torch.randint(0, N, (50, 2, 3)), torch.rand(50, 2, 3)) for _ in range(4)
+    ]
+    whole, ranks = RoutingStats(N), [RoutingStats(N), RoutingStats(N)]
+    for i, (q, idx, g) in enumerate(batches):
+        whole.update_routing(q, idx, g)
+        ranks[i % 2].update_routing(q, idx, g)
+    barrier = threading.Barrier(2, timeout=30)  # a failing rank breaks the barrier instead of hanging
+    slots: list = [None, None]
+
+    def make_reduce(rank):
+        def all_reduce_sum(t):
+            slots[rank] = t.clone()
+            barrier.wait()
+            t.copy_(slots[0] + slots[1])
+            barrier.wait()
+
+        return all_reduce_sum
+
+    threads = [threading.Thread(target=ranks[r].reduce_, args=(make_reduce(r),)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    want = whole.summary()
+    for r in ranks:
+        got = r.summary()
+        assert set(got) == set(want)
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-9), key

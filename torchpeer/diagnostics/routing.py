@@ -84,6 +84,36 @@ class RoutingStats(ExpertUsage):
             self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq.to(self.sq_sum.device)
             self.q_rows += T
 
+    @torch.no_grad()
+    def reduce_(self, all_reduce_sum) -> None:
+        """Merge the statistics of all processes in place (data parallel evaluation: each process
+        saw its own tokens). ``all_reduce_sum(t)`` sums a float64 tensor over the processes in place,
+        e.g. ``torch.distributed.all_reduce``. Every process must have tracked at least one batch."""
+        if self.scores is None:
+            raise ValueError("RoutingStats.reduce_ needs at least one update on every process")
+        device = self.scores.device
+        all_reduce_sum(self.scores)
+        if self.head_hits is not None:
+            hits = self.head_hits.double()
+            all_reduce_sum(hits)
+            self.head_hits = hits > 0
+        if self.sub_counts is not None:
+            all_reduce_sum(self.sub_counts)
+        totals = torch.tensor([float(self.gate_rows), float(self.q_rows)], dtype=torch.float64, device=device)
+        sums = torch.stack(
+            [
+                (self.gate_entropy_sum if self.gate_entropy_sum is not None else torch.zeros((), dtype=torch.float64))
+                .to(device),
+                (self.sq_sum if self.sq_sum is not None else torch.zeros((), dtype=torch.float64)).to(device),
+            ]
+        )
+        all_reduce_sum(totals)
+        all_reduce_sum(sums)
+        self.gate_rows, self.q_rows = int(totals[0].item()), int(totals[1].item())
+        self.gate_entropy_sum, self.sq_sum = sums[0], sums[1]
+        if self.moments.mean is not None:
+            self.moments.reduce_(all_reduce_sum)
+
     def summary(self) -> dict[str, float]:
         out = super().summary()
         if self.head_hits is not None:

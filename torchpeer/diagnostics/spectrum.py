@@ -63,6 +63,22 @@ class RunningMoments:
         self.mean = self.mean.to(b_mean.device) + delta * (T / n)
         self.n = n
 
+    @torch.no_grad()
+    def reduce_(self, all_reduce_sum) -> None:
+        """Merge the moments of all processes in place. ``all_reduce_sum(t)`` sums a float64 tensor
+        over the processes in place (e.g. ``torch.distributed.all_reduce``); every process must have
+        updated at least once, with the same groups and width."""
+        if self.mean is None:
+            raise ValueError("RunningMoments.reduce_ needs at least one update on every process")
+        n = torch.tensor([float(self.n)], dtype=torch.float64, device=self.mean.device)
+        s1 = self.mean * self.n  # raw sums: reduce those, then re-centre once (exact up to rounding)
+        s2 = self.m2 + torch.einsum("gi,gj->gij", self.mean, self.mean) * self.n
+        for t in (n, s1, s2):
+            all_reduce_sum(t)
+        self.n = int(n.item())
+        self.mean = s1 / self.n
+        self.m2 = s2 - torch.einsum("gi,gj->gij", self.mean, self.mean) * self.n
+
     def cov(self) -> torch.Tensor:
         if self.m2 is None or self.n < 2:
             raise ValueError("need at least 2 vectors for a covariance")
