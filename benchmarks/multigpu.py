@@ -262,8 +262,6 @@ def main(argv=None) -> int:
     overrides = [
         "--train.max_steps",
         str(args.steps),
-        "--train.checkpoint",
-        "true",
         "--train.ckpt_interval",
         str(half),
         "--train.keep_checkpoints",
@@ -279,10 +277,14 @@ def main(argv=None) -> int:
     os.makedirs(args.work_dir, exist_ok=True)
     me = os.path.abspath(__file__)
 
-    def train_cmd(run_dir, world=None, resume=False, shard="auto"):
+    wmax = max(args.worlds)
+
+    def train_cmd(run_dir, world=None, resume=False, shard="auto", checkpoint=False):
+        # Checkpoints (a 1M-expert model's is ~13 GB with its moments) only where the resume needs them.
         head = [sys.executable] if world is None else _torchrun(world)
         cmd = [*head, me, "_train", "--config", args.config, "--run-dir", run_dir, "--shard-experts", shard]
-        return cmd + (["--resume"] if resume else []) + ["--", *overrides]
+        ckpt = ["--train.checkpoint", "true" if checkpoint else "false"]
+        return cmd + (["--resume"] if resume else []) + ["--", *overrides, *ckpt]
 
     runs = {}
     t0 = time.time()
@@ -293,7 +295,7 @@ def main(argv=None) -> int:
     for w in args.worlds:
         rd = os.path.join(args.work_dir, f"w{w}")
         shutil.rmtree(rd, ignore_errors=True)
-        _launch(train_cmd(rd, w), rd + ".log")
+        _launch(train_cmd(rd, w, checkpoint=w == wmax), rd + ".log")
         runs[f"torchrun W={w}"] = r = _read(rd)
         r["max_rel_loss_diff_vs_plain"] = _max_rel(r["losses"], runs["plain"]["losses"])
         if w == 1:  # one process keeps the fused kernels; also run the sharded code path on one device
@@ -303,17 +305,18 @@ def main(argv=None) -> int:
             runs["torchrun W=1 sharded"] = r = _read(rd)
             r["max_rel_loss_diff_vs_plain"] = _max_rel(r["losses"], runs["plain"]["losses"])
 
-    # W -> 1: the largest W's mid-run checkpoint, continued in one plain process
-    wmax = max(args.worlds)
+    # W -> 1: the largest W's mid-run checkpoint, continued in one plain process (moved, not copied)
     src = os.path.join(args.work_dir, f"w{wmax}")
     dst = os.path.join(args.work_dir, f"w{wmax}_resumed_on_1")
     shutil.rmtree(dst, ignore_errors=True)
-    shutil.copytree(src, dst)
-    for ck in glob.glob(os.path.join(dst, "checkpoints", "step_*")):
-        if int(ck.rsplit("_", 1)[1]) > half:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints", "summary.json"))
+    os.makedirs(os.path.join(dst, "checkpoints"))
+    for ck in glob.glob(os.path.join(src, "checkpoints", "step_*")):
+        if int(ck.rsplit("_", 1)[1]) == half:
+            shutil.move(ck, os.path.join(dst, "checkpoints", os.path.basename(ck)))
+        else:
             shutil.rmtree(ck)
-    os.remove(os.path.join(dst, "summary.json"))
-    _launch(train_cmd(dst, None, resume=True), dst + ".log")
+    _launch(train_cmd(dst, None, resume=True, checkpoint=False), dst + ".log")
     resumed = _read(dst)
     ref = runs[f"torchrun W={wmax}"]
     resume = {
