@@ -104,12 +104,14 @@ def _segment_plan(offsets, n_selections, seg):
     seg_expert = seg_expert.clamp(max=N - 1)
     seg_index = q - pbase[seg_expert] + 1
     seg_expert = torch.where(in_range, seg_expert, -1)
-    hot_bound = max(1, n_selections // (seg + 1))
-    is_hot = extra > 0
-    slot = torch.where(is_hot, torch.cumsum(is_hot.to(torch.int64), 0) - 1, hot_bound)
-    hot = torch.full((hot_bound + 1,), -1, dtype=torch.int64, device=dev)
-    hot.scatter_(0, slot, torch.arange(N, device=dev, dtype=torch.int64))  # cold ones -> dump slot
-    return nseg, pbase, seg_expert, seg_index, hot[:hot_bound]
+    # the q-th hot expert is the first e with (number of hot experts in 0..e) = q + 1. Found by a
+    # search, not a scatter: a scatter that sends every cold expert to one dump slot makes ~N
+    # stores to a single address, which serialise (milliseconds at N = 1M).
+    cum_hot = torch.cumsum((extra > 0).to(torch.int64), 0)
+    rank = torch.arange(1, max(1, n_selections // (seg + 1)) + 1, device=dev, dtype=torch.int64)
+    hot = torch.searchsorted(cum_hot, rank)
+    hot = torch.where(hot < N, hot, -1)
+    return nseg, pbase, seg_expert, seg_index, hot
 
 
 def _launch_expert(dy, x, up, gates, h, perm, offsets, ddown, dup, coef, dgate, activation):
