@@ -129,7 +129,7 @@ def check_usage_union(rank: int, world: int, out_dir: str) -> None:
     reduction, usage counts the union of the experts selected on all ranks, KL their summed mass."""
     from torch import nn
 
-    from torchpeer.diagnostics import ExpertUsage, UsageTrackingMixin, usage_report
+    from torchpeer.diagnostics import RoutingStats, UsageTrackingMixin, routing_report, usage_report
     from torchpeer.parallel import DistributedPlan
 
     class Router(UsageTrackingMixin, nn.Module):
@@ -141,12 +141,14 @@ def check_usage_union(rank: int, world: int, out_dir: str) -> None:
     plan.setup(torch.device("cpu"))
     model = nn.Sequential(Router())
     model[0].enable_usage_tracking(True)
-    model[0]._track_usage(picks[rank], weights[rank])
+    model[0]._track_routing(None, picks[rank].unsqueeze(1), weights[rank].unsqueeze(1))
     plan.reduce_usage_(model)
-    ref = ExpertUsage(10)
+    ref = RoutingStats(10)  # one process seeing every rank's selections
     for p, w in zip(picks, weights):
-        ref.update(p, w)
-    got = usage_report(model)["0"]
-    assert got["usage_pct"] == ref.usage() and abs(got["kl"] - ref.kl()) < 1e-12, (got, ref.summary())
+        ref.update_routing(None, p.unsqueeze(1), w.unsqueeze(1))  # (tokens, heads=1, k)
+    got, want = usage_report(model)["0"], ref.summary()
+    assert got["usage_pct"] == want["usage_pct"] and abs(got["kl"] - want["kl"]) < 1e-12, (got, want)
+    for key, value in routing_report(model)["0"].items():  # head usage, gate entropy, ... merged too
+        assert abs(value - want[key]) <= 1e-9 * max(1.0, abs(want[key])), (key, value, want[key])
     if rank == 0:
         open(f"{out_dir}/ok_usage_{world}", "w").close()

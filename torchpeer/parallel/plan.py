@@ -185,17 +185,26 @@ class DistributedPlan(SingleProcessPlan):
         return value
 
     def reduce_usage_(self, model: nn.Module) -> None:
-        """Sum usage scores of routed layers that saw only this rank's tokens (not sharded ones)."""
+        """Merge the routing statistics of layers that saw only this rank's tokens (data-parallel
+        routers such as MoE) over ranks: usage counts the union of the experts selected anywhere.
+        Sharded layers are skipped: they retrieved on the gathered batch, so theirs are global."""
         if self.world_size == 1:
             return
+        device = self.env.device
         for mod in model.modules():
             tracker = getattr(mod, "usage_tracker", None)
             if tracker is None or id(mod) in self._sharded_layers or not hasattr(tracker, "n_experts"):
                 continue
+            everyone = torch.tensor([0 if tracker.scores is None else 1], device=device)
+            dist.all_reduce(everyone, op=dist.ReduceOp.MIN)
+            if everyone.item() and hasattr(tracker, "reduce_"):
+                tracker.reduce_(dist.all_reduce)  # all routing statistics (diagnostics.RoutingStats)
+                continue
+            # usage and KL only (a rank without tokens has no other statistics to merge)
             scores = tracker.scores
             if scores is None:
-                scores = torch.zeros(tracker.n_experts, dtype=torch.float64, device=self.env.device)
-            scores = scores.to(self.env.device)
+                scores = torch.zeros(tracker.n_experts, dtype=torch.float64, device=device)
+            scores = scores.to(device)
             dist.all_reduce(scores)
             tracker.scores = scores
 
