@@ -129,3 +129,12 @@ def test_every_output_element_is_written_under_skew(monkeypatch):
     for t in (y, x.grad, down.grad, up.grad, gates.grad):
         assert torch.isfinite(t).all()
     assert (down.grad[12:] == 0).all() and (up.grad[12:] == 0).all()
+
+
+def test_segment_none_is_the_unsplit_kernel(monkeypatch):
+    """TUNING["expert"]["segment"] = None skips the segment plan and the extra programs: bitwise
+    the same as one segment per expert, also under skew (it is then just not skew-robust)."""
+    inputs, dy = make_inputs(17, 2, 3, 32, 40, seed=22)
+    skewed(inputs[3], 2, 0.8, seed=23)
+    for a, b in zip(grads(inputs, dy, None, monkeypatch), grads(inputs, dy, 1 << 20, monkeypatch)):
+        assert torch.equal(a, b)

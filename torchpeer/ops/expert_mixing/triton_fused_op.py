@@ -43,6 +43,7 @@ def _fused_backward_impl(dy, x, down, up, indices, gates, h, activation, states,
     perm, offsets = _sort_by_expert(indices, N)
     block_d, block_s, num_warps = _launch_config("expert", d, S)
     seg = triton_op.TUNING["expert"].get("segment", SEGMENT)  # looked up per call: tests patch it
+    seg = 1 << 30 if seg is None else seg  # None (no splitting) = one segment per expert
     seg = max(block_s, (seg + block_s - 1) // block_s * block_s)
     nseg, _, seg_expert, seg_index, hot = _segment_plan(offsets, h.numel(), seg)
     # partial rows for EVERY segment of a hot expert (there are no gradient rows to start from)

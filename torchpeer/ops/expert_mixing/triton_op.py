@@ -17,6 +17,7 @@ from .triton_kernels import _mix_bwd_dx_kernel, _mix_bwd_reduce_kernel, _mix_bwd
 #   expert "segment": the most selections one backward program walks (rounded up to a multiple
 #   of BLOCK_S); longer expert lists (hot experts of a skewed router) are split into segments
 #   whose partial gradients a second small pass sums. Uniform routing at T*S / N ~ 8 never splits.
+#   None: no splitting at all (no segment plan, no extra programs: the pre-segment kernel).
 # Mutable on purpose: benchmarks/bench_mixing.py sweeps it.
 SEGMENT = 256
 TUNING = {
@@ -121,8 +122,12 @@ def _launch_expert(dy, x, up, gates, h, perm, offsets, ddown, dup, coef, dgate, 
     S = h[0].numel()
     block_d, block_s, num_warps = _launch_config("expert", d, S)
     seg = TUNING["expert"].get("segment", SEGMENT)
-    seg = max(block_s, (seg + block_s - 1) // block_s * block_s)  # whole blocks per segment
-    nseg, pbase, seg_expert, seg_index, hot = _segment_plan(offsets, h.numel(), seg)
+    if seg is None:  # no splitting: one program walks each whole expert list (the pre-segment kernel)
+        seg, none = 2**31 - 1, torch.empty(0, dtype=torch.int64, device=up.device)
+        nseg = pbase = seg_expert = seg_index = hot = none
+    else:
+        seg = max(block_s, (seg + block_s - 1) // block_s * block_s)  # whole blocks per segment
+        nseg, pbase, seg_expert, seg_index, hot = _segment_plan(offsets, h.numel(), seg)
     # fp32 partial sums of the extra segments only: (T*S / seg) row pairs at most
     partial = torch.empty((max(1, seg_expert.numel()), 2, d), dtype=torch.float32, device=up.device)
     _mix_bwd_segment_kernel[(N + seg_expert.numel(),)](
@@ -131,10 +136,11 @@ def _launch_expert(dy, x, up, gates, h, perm, offsets, ddown, dup, coef, dgate, 
         N, S, d, seg, x.stride(0), dy.stride(0), up.stride(0), ddown.stride(0), dup.stride(0),
         ACT=_act_id(activation), BLOCK_S=block_s, BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip
-    _mix_bwd_reduce_kernel[(hot.numel(),)](
-        hot, nseg, pbase, partial, ddown, dup, d, ddown.stride(0), dup.stride(0),
-        BLOCK_D=block_d, num_warps=num_warps,
-    )  # fmt: skip
+    if hot.numel():
+        _mix_bwd_reduce_kernel[(hot.numel(),)](
+            hot, nseg, pbase, partial, ddown, dup, d, ddown.stride(0), dup.stride(0),
+            BLOCK_D=block_d, num_warps=num_warps,
+        )  # fmt: skip
 
 
 def _launch_dx(down, indices, coef, dx):
