@@ -15,9 +15,11 @@ def _run(tmp_path, world, cases):
 
 
 def test_sharded_layers_equal_single_process_on_2_ranks(tmp_path):
-    # PEER (gelu, BatchNorm queries), PEER (relu, LayerNorm, 3 heads), PKM with value_dim != d_model,
+    # PEER (gelu, BatchNorm queries), PEER (EMA query norm), PEER (relu, LayerNorm, 3 heads), PKM with
+    # value_dim != d_model,
     # an uneven split of the tokens (evaluation's last batch), and bf16 autocast (the GPU dtype)
-    cases = [("peer", None), ("peer_relu_layernorm", None), ("pkm", None), ("peer", [5, 9]), ("autocast", None)]
+    cases = [("peer", None), ("peer_ema", None), ("peer_relu_layernorm", None), ("pkm", None), ("peer", [5, 9])]
+    cases.append(("autocast", None))
     _run(tmp_path, 2, cases)
 
 
