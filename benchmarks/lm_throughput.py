@@ -26,7 +26,6 @@ Rows past the time budget are listed with note "skipped: time budget".
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
@@ -41,7 +40,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, REPO)
 
-from benchmarks.peer_layer import copy_tbs, time_ms  # noqa: E402
+from benchmarks.peer_layer import copy_tbs, run_info, time_ms  # noqa: E402
 from torchpeer.data.atomic import write_text_atomic  # noqa: E402
 
 VOCAB = 16384
@@ -299,17 +298,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     t_start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
     result = {
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "date": datetime.date.today().isoformat(),
+        **run_info(device),
         "copy_tbs": None,
         "data": f"synthetic uniform tokens, vocab {VOCAB}",
         "rows": [],

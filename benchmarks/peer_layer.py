@@ -48,6 +48,22 @@ IMPLS = ("triton", "torch", "peer-pytorch", "dense4d")
 # ---------------------------------------------------------------------------- timing
 
 
+def run_info(device: torch.device) -> dict:
+    """{gpu, torch, triton, date} of a benchmark run (the header of every results JSON)."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "date": datetime.date.today().isoformat(),
+    }
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -441,17 +457,8 @@ def main(argv=None) -> dict:
     if bad:
         p.error(f"unknown impls {bad}; choose from {', '.join(IMPLS)}")
 
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
     result = {
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "date": datetime.date.today().isoformat(),
+        **run_info(device),
         "copy_tbs": None,
         "config": {**cfg, "quick": args.quick},
         "rows": [],

@@ -118,16 +118,11 @@ class RowwiseTableAdam:
             layer.up.requires_grad_(True)
 
 
-def attach_rowwise_adam(
-    model: nn.Module,
-    lr: float,
-    betas=(0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    bf16_tables: bool = False,
-    bf16_moments: bool = False,
-) -> RowwiseTableAdam:
+def attach_rowwise_adam(model: nn.Module, *args, **kwargs) -> RowwiseTableAdam:
     """Install the fused row-wise Adam on every PEER layer of `model` (call after model.to(device)).
+
+    The other arguments are RowwiseTableAdam's: lr, betas=(0.9, 0.999), eps=1e-8,
+    weight_decay=0.0, bf16_tables=False, bf16_moments=False.
 
     bf16_tables: the layers' tables become bf16 working copies (the mixing kernels read half the
     bytes) and the fp32 weights live in the optimizer as masters (its state_dict carries them;
@@ -146,4 +141,4 @@ def attach_rowwise_adam(
                 f"PEER layer {name} has no table_update hook (torchpeer.layers.peer too old for rowwise_adam)"
             )
         resolve_backend("expert_mix", "triton", m.down.device)  # ValueError naming the fix if Triton can't run
-    return RowwiseTableAdam(layers, lr, betas, eps, weight_decay, bf16_tables, bf16_moments)
+    return RowwiseTableAdam(layers, *args, **kwargs)
