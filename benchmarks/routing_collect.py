@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -36,6 +37,7 @@ KEEP = (
     "usage_pct",
     "kl",
     "tok_per_s",
+    "up_init_std",
 )
 
 
@@ -72,8 +74,13 @@ def main(argv=None) -> int:
                 },
             }
         )
+        overrides = {run["run"]["name"]: run["run"].get("overrides", []) for run in r["runs"]}
         for row in r["rows"]:
             out = {k: row.get(k) for k in KEEP}
+            ov = overrides.get(row["run"], [])
+            scale = float(ov[ov.index("--model.peer.up_init_scale") + 1]) if "--model.peer.up_init_scale" in ov else 1.0
+            # the harness's up_init_scale multiplies the old init std 1/sqrt(heads * G) (sqrt(2) at h 8, k 16)
+            out["up_init_std"] = round(scale * math.sqrt(2.0), 4) if row["ffw"] == "peer" else None
             out["batch"] = r["tag"]
             out["routing"] = {k[2:]: v for k, v in row.items() if k.startswith("r_")}
             rows.append(out)

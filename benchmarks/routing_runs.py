@@ -126,8 +126,9 @@ def markdown(result: dict, main_set: str = "corpus") -> str:
         top10 = None
         if r.get("r_subkey_top10_share_0") is not None:
             top10 = (r["r_subkey_top10_share_0"] + r["r_subkey_top10_share_1"]) / 2
+        variant = r["variant"] if r.get("up_init_std") is None else f"{r['variant']} [up std {r['up_init_std']}]"
         lines.append(
-            f"| {r['variant']} | {r['ffw']} | {r['n_experts'] or '-'} | {r['query_norm']} | {r['tokens']:,} | "
+            f"| {variant} | {r['ffw']} | {r['n_experts'] or '-'} | {r['query_norm']} | {r['tokens']:,} | "
             f"{r['eval_set']} | {r['ppl']:.2f} | {f(r['usage_pct'], '.1f')} | {f(r['kl'], '.2f')} | "
             f"{f(r.get('r_head_usage_pct'), '.2f')} | {f(r.get('r_head_overlap'), '.3f')} | "
             f"{f(r.get('r_query_eff_rank'), '.1f')} | {f(top10, '.3f')} | {f(r['tok_per_s'], ',.0f')} |"
