@@ -11,9 +11,12 @@ for the T_r tokens of this rank (T = all ranks' tokens):
     Y_r = sum_hk g * act(h) * up_r[idx]          (T, d/W) my columns of every token's output
     y_r = all_to_all(Y_r)                        (T_r, d) my tokens, all columns
 
-The retrieval runs on the gathered batch, so BatchNorm query statistics are the global batch's,
-exactly as in one process. Backward mirrors it: all_to_all of dy to columns, all_reduce of the
-(T, h, k) dots dy . v, local table gradients, all_to_all of dx back to token owners.
+The retrieval runs on the gathered batch, so BatchNorm (or EMA) query statistics are the global
+batch's, exactly as in one process. The weighted row sums, the dot products (as gradients with
+respect to the bag weights) and the table gradients all go through ``F.embedding_bag`` and its
+backward, in the tables' fp32: no (T, h, k, d/W) gathered rows. Backward mirrors the forward:
+all_to_all of dy to columns, all_reduce of the (T, h, k) dots dy . v, local table gradients,
+all_to_all of dx back to token owners.
 
 Gradient units (see collectives.py): per-token gradients arrive in "local units" (W x the global
 gradient, because DDP averages over ranks). Quantities summed over all ranks' tokens are divided
@@ -32,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchpeer.layers.validators import check_input
+from torchpeer.ops.expert_mixing.reference import activation_fn as _act
+from torchpeer.ops.expert_mixing.torch_impl import activation_grad as _act_grad
 from torchpeer.parallel.collectives import (
     ShardContext,
     all_reduce_sum_,
@@ -39,17 +44,6 @@ from torchpeer.parallel.collectives import (
     gather_tokens,
     tokens_to_columns,
 )
-
-
-def _act(name: str):
-    return {"gelu": F.gelu, "relu": F.relu}[name]
-
-
-def _act_grad(name: str, h: torch.Tensor) -> torch.Tensor:
-    if name == "relu":
-        return (h > 0).to(h.dtype)
-    cdf = 0.5 * (1.0 + torch.erf(h * 0.7071067811865476))
-    return cdf + h * torch.exp(-0.5 * h * h) * 0.3989422804014327
 
 
 def _bag(table: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
