@@ -223,6 +223,16 @@ def markdown(res: dict) -> str:
             b = sizes.get(k)
             gbs = f"{b / (ms * 1e-3) / 1e9:.1f}" if b and ms else ""
             lines.append(f"| {k} | {ms:.3f} | {'' if b is None else f'{b / 1e6:.3f}'} | {gbs} |")
+        # one step = per expert layer: gather x, all-to-all y / dy / dx, two dot all-reduces; + DDP
+        ms = c["ms"]
+        n_layers = len(c["bytes"]["layers"])
+        layer_ms = ms.get("all_gather_x", 0) + ms.get("all_to_all_y", 0) + 2 * ms.get("all_to_all_dy", 0)
+        layer_ms += 2 * ms.get("all_reduce_dots", 0)
+        total = n_layers * layer_ms + ms.get("ddp_all_reduce_dense", 0)
+        lines.append(
+            f"| **one step** ({n_layers} expert layer(s) + DDP, not overlapped) | {total:.3f} | "
+            f"{c['bytes']['total_columns'] / 1e6:.3f} | |"
+        )
     return "\n".join(lines) + "\n"
 
 
