@@ -136,3 +136,42 @@ def test_router_queries_causal_in_train_mode(kind):
     (q1, s1, i1), (q2, s2, i2) = a(x1), b(x2)
     same = torch.equal(q1[:25], q2[:25]) and torch.equal(i1[:25], i2[:25]) and torch.equal(s1[:25], s2[:25])
     assert same == (kind != "batch")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("kind", ["ema", "ema_white", "l2"])
+def test_modules_cast_to_another_dtype_match_fp32(kind, dtype):
+    """A module cast with .to(bf16) or .double() (benchmarks, float64 reference tests) trains and gives
+    the fp32 module's values within that dtype's precision; its statistics are kept in >= fp32."""
+    opts = {} if kind == "l2" else {"momentum": 0.5}
+    ref = build_query_norm(kind, H, DK, **opts).train()
+    norm = build_query_norm(kind, H, DK, **opts).to(dtype).train()
+    norm.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in ref.state_dict().items()})
+    # bf16 rounds the queries (8 bits of mantissa) and whitening amplifies small directions: compare
+    # against the largest value instead of elementwise.
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-6
+    for step in range(3):
+        q = _q(seed=step)
+        qc = q.to(dtype).requires_grad_()
+        y, y_ref = norm(qc), ref(q)
+        assert y.dtype == dtype
+        err = (y.double() - y_ref.double()).abs().max() / y_ref.double().abs().max()
+        assert err < tol, f"step {step}: max error {err:.2e} relative to the largest value"
+        y.float().pow(2).sum().backward()
+        assert qc.grad is not None and torch.isfinite(qc.grad.float()).all()
+
+
+@pytest.mark.parametrize("kind", ["ema", "ema_white"])
+def test_ema_peer_compiles_and_trains(kind):
+    """torch.compile (inductor) of a PEER layer with the default 'ema' norm runs its backward: the
+    running statistics are updated in place, so the graph must not save the buffers themselves."""
+    from torchpeer import PEER
+
+    torch.manual_seed(0)
+    layer = PEER(16, n_experts=64, heads=2, top_k=4, d_key=8, query_norm=kind, backend="torch").train()
+    compiled = torch.compile(layer)
+    for _ in range(2):
+        x = torch.randn(12, 16, requires_grad=True)
+        compiled(x).sum().backward()
+        assert torch.isfinite(x.grad).all()
+    assert int(layer.router.norm.num_updates) == 2

@@ -83,9 +83,17 @@ class _EMAStats(nn.Module):
         self.momentum = momentum
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
-    def _rate(self) -> float:
-        n = int(self.num_updates.item()) + 1
-        return max(self.momentum, 1.0 / n)
+    def _rate(self) -> torch.Tensor:
+        # A tensor, not a Python float: no .item() host sync, and no graph break under torch.compile
+        # between reading the running statistics and updating them (a break there leaves the compiled
+        # graph holding buffers that eager code then modifies in place).
+        return (1.0 / (self.num_updates + 1).float()).clamp(min=self.momentum)
+
+    def _stats_dtype(self, buffer: torch.Tensor) -> torch.dtype:
+        """Statistics are computed in at least fp32, whatever the module's dtype: a bf16 module keeps
+        bf16 buffers (``.to(bf16)`` casts them) but its moments are accumulated in fp32; a float64
+        module computes in float64 (the float64 reference tests)."""
+        return torch.promote_types(buffer.dtype, torch.float32)
 
 
 class EMAQueryNorm(_EMAStats):
@@ -112,8 +120,11 @@ class EMAQueryNorm(_EMAStats):
             return self._forward(q)
 
     def _forward(self, q: torch.Tensor) -> torch.Tensor:
-        x = q.reshape(q.shape[0], -1).float()
-        mu, var = self.running_mean, self.running_var
+        cdt = self._stats_dtype(self.running_mean)
+        x = q.reshape(q.shape[0], -1).to(cdt)
+        # Copies: the running buffers are updated in place below, and a compiled graph (inductor)
+        # would otherwise save the buffer itself for backward and see it modified.
+        mu, var = self.running_mean.to(cdt, copy=True), self.running_var.to(cdt, copy=True)
         y = (x - mu) * torch.rsqrt(var + self.eps)
         if self.training and x.shape[0] > 1:
             b_mu = x.mean(0)
@@ -125,10 +136,11 @@ class EMAQueryNorm(_EMAStats):
                 y = y.detach() + (y_bn - y_bn.detach()) if x.requires_grad else y
             with torch.no_grad():
                 r = self._rate()
-                self.running_mean.lerp_(b_mu.detach(), r)
-                self.running_var.lerp_(b_var.detach() * x.shape[0] / (x.shape[0] - 1), r)
+                unbiased = b_var.detach() * x.shape[0] / (x.shape[0] - 1)
+                self.running_mean.lerp_(b_mu.detach().to(self.running_mean.dtype), r.to(self.running_mean.dtype))
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), r.to(self.running_var.dtype))
                 self.num_updates += 1
-        y = y * self.weight + self.bias
+        y = y * self.weight.to(cdt) + self.bias.to(cdt)
         return y.view_as(q).to(q.dtype)
 
 
@@ -163,6 +175,9 @@ class EMAWhitenQueryNorm(_EMAStats):
         scale = torch.rsqrt(evals.clamp_min(0) + self.eps * evals.mean(-1, keepdim=True).clamp_min(1e-12))
         self.whitener.copy_(((evecs * scale.unsqueeze(-2)) @ evecs.transpose(-1, -2)).to(self.whitener.dtype))
 
+    # Eager under torch.compile: the whitener refresh (an eigh every ``refresh`` updates, decided on
+    # the host) rewrites buffers in place that a compiled graph would have saved for its backward.
+    @torch.compiler.disable
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         _check_q(q, self.heads, self.d_key)
         with torch.autocast(q.device.type, enabled=False):  # statistics and whitening in fp32
@@ -170,9 +185,12 @@ class EMAWhitenQueryNorm(_EMAStats):
 
     def _forward(self, q: torch.Tensor) -> torch.Tensor:
         T, g, m = q.shape[0], 2 * self.heads, self.d_key // 2
-        x = q.float().reshape(T, g, m)
-        w = self.whitener.clone()  # the refresh below updates the buffer in place; autograd keeps this copy
-        y = torch.einsum("tgi,gij->tgj", x - self.running_mean, w)
+        cdt = self._stats_dtype(self.running_mean)
+        x = q.to(cdt).reshape(T, g, m)
+        # Copies: the update and refresh below change the buffers in place; autograd keeps these.
+        w = self.whitener.to(cdt, copy=True)
+        mu = self.running_mean.to(cdt, copy=True)
+        y = torch.einsum("tgi,gij->tgj", x - mu, w)
         if self.training and T > 1:
             b_mu = x.mean(0)
             if x.requires_grad:
@@ -183,12 +201,12 @@ class EMAWhitenQueryNorm(_EMAStats):
                 xd = x.detach() - b_mu.detach()
                 b_cov = torch.einsum("tgi,tgj->gij", xd, xd) / (T - 1)
                 r = self._rate()
-                self.running_mean.lerp_(b_mu.detach(), r)
-                self.running_cov.lerp_(b_cov, r)
+                self.running_mean.lerp_(b_mu.detach().to(self.running_mean.dtype), r.to(self.running_mean.dtype))
+                self.running_cov.lerp_(b_cov.to(self.running_cov.dtype), r.to(self.running_cov.dtype))
                 self.num_updates += 1
                 if int(self.num_updates.item()) % self.refresh == 0 or int(self.num_updates.item()) <= 1:
                     self._refresh_whitener()
-        y = y.reshape(T, self.heads, self.d_key) * self.weight + self.bias
+        y = y.reshape(T, self.heads, self.d_key) * self.weight.to(cdt) + self.bias.to(cdt)
         return y.to(q.dtype)
 
 
@@ -210,7 +228,7 @@ class L2QueryNorm(nn.Module):
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         _check_q(q, self.heads, self.d_key)
         T, m = q.shape[0], self.d_key // 2
-        x = q.float().reshape(T, self.heads, 2, m)
+        x = q.to(torch.promote_types(q.dtype, torch.float32)).reshape(T, self.heads, 2, m)
         x = x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + self.eps) * (math.sqrt(m) * self.scale)
         return x.reshape(T, self.heads, self.d_key).to(q.dtype)
 
