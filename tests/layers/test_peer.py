@@ -55,6 +55,7 @@ def reference_forward(m: PEER, x: torch.Tensor) -> torch.Tensor:
         dict(activation="gelu", gate="softmax", query_norm="batch", shared_keys=True),
         dict(activation="relu", gate="sigmoid", query_norm="layer", shared_keys=False),
         dict(activation="gelu", gate="sigmoid", query_norm="none", shared_keys=True),
+        dict(activation="gelu", gate="softmax", query_norm="ema", shared_keys=True),  # the default norm
     ],
 )
 def test_forward_and_all_gradients_match_float64_reference(backend, cfg):
