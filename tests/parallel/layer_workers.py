@@ -22,15 +22,14 @@ def make_layer(kind: str):
         layer = PEER(d_model=16, n_experts=64, heads=3, top_k=3, d_key=8, query_norm="layer", activation="relu")
     else:
         layer = PKM(d_model=16, n_keys=8, heads=2, top_k=4, d_key=8, value_dim=8)
-    # the EMA norm runs in fp32 here (its running statistics do not take float64 yet)
-    return layer if kind == "peer_ema" else layer.double()
+    return layer.double()
 
 
-def batch(world: int, counts: list[int] | None, dtype=torch.float64):
+def batch(world: int, counts: list[int] | None):
     total = sum(counts) if counts is not None else 6 * world
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(total, 16, generator=g, dtype=dtype)
-    r = torch.randn(total, 16, generator=g, dtype=dtype)
+    x = torch.randn(total, 16, generator=g, dtype=torch.float64)
+    r = torch.randn(total, 16, generator=g, dtype=torch.float64)
     return x, r
 
 
@@ -47,11 +46,9 @@ def single_process(kind: str, x: torch.Tensor, r: torch.Tensor):
 
 
 def check_layer(rank: int, world: int, kind: str, counts: list[int] | None, out_dir: str) -> None:
-    """Sharded forward/backward on this rank's tokens == the single-process layer's (float64;
-    fp32 for the EMA norm, with fp32 tolerances)."""
-    dtype = torch.float32 if kind == "peer_ema" else torch.float64
-    rt, at = (1e-9, 1e-12) if dtype == torch.float64 else (1e-5, 1e-6)
-    x, r = batch(world, counts, dtype)
+    """Sharded forward/backward on this rank's tokens == the single-process layer's (float64)."""
+    rt, at = 1e-9, 1e-12
+    x, r = batch(world, counts)
     y_ref, dx_ref, g_ref, buf_ref, usage_ref = single_process(kind, x, r)
     ctx = ShardContext(dist.group.WORLD, rank, world, counts)
     layer = shard_layer_(make_layer(kind).train(), ctx)
