@@ -138,3 +138,23 @@ def test_segment_none_is_the_unsplit_kernel(monkeypatch):
     skewed(inputs[3], 2, 0.8, seed=23)
     for a, b in zip(grads(inputs, dy, None, monkeypatch), grads(inputs, dy, 1 << 20, monkeypatch)):
         assert torch.equal(a, b)
+
+
+def test_uniform_routing_skips_the_segment_plan(monkeypatch):
+    """No expert above the segment size -> the plan is never built (the plain kernel runs);
+    one hot expert -> it is."""
+    calls = []
+    real = mixing._segment_plan
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(mixing, "_segment_plan", counting)
+    inputs, dy = make_inputs(6, 1, 2, 16, 64, seed=24)
+    inputs[3].copy_(torch.randperm(64)[:12].view(6, 1, 2))  # every expert at most once
+    grads(inputs, dy, 4, monkeypatch)
+    assert calls == []
+    skewed(inputs[3], 1, 0.9, seed=25)
+    grads(inputs, dy, 4, monkeypatch)
+    assert calls == [1]

@@ -17,7 +17,9 @@ from .triton_kernels import _mix_bwd_dx_kernel, _mix_bwd_reduce_kernel, _mix_bwd
 #   expert "segment": the most selections one backward program walks (rounded up to a multiple
 #   of BLOCK_S); longer expert lists (hot experts of a skewed router) are split into segments
 #   whose partial gradients a second small pass sums. Uniform routing at T*S / N ~ 8 never splits.
-#   None: no splitting at all (no segment plan, no extra programs: the pre-segment kernel).
+#   Auto: lists are split only when some expert owns more than `segment` selections (checked
+#   with one host sync), so near-uniform routing runs the unsplit kernel with no plan at all.
+#   None: never split (not skew-robust).
 # Mutable on purpose: benchmarks/bench_mixing.py sweeps it.
 SEGMENT = 256
 TUNING = {
@@ -115,6 +117,15 @@ def _segment_plan(offsets, n_selections, seg):
     return nseg, pbase, seg_expert, seg_index, hot
 
 
+def _needs_split(offsets, seg):
+    """Does any expert own more than `seg` selections? One reduction and a host sync (~tens of us),
+    so that near-uniform routing runs the plain kernel with no segment plan at all (the plan costs
+    ~0.8 ms at N = 1M). While a CUDA graph is being captured no sync is allowed: always split."""
+    if offsets.is_cuda and torch.cuda.is_current_stream_capturing():
+        return True
+    return int((offsets[1:] - offsets[:-1]).max()) > seg
+
+
 def _launch_expert(dy, x, up, gates, h, perm, offsets, ddown, dup, coef, dgate, activation):
     """Expert-centric pass: one program per expert segment, then a reduce pass over the hot
     experts (those with more than one segment); writes ddown, dup, coef, dgate."""
@@ -122,6 +133,8 @@ def _launch_expert(dy, x, up, gates, h, perm, offsets, ddown, dup, coef, dgate, 
     S = h[0].numel()
     block_d, block_s, num_warps = _launch_config("expert", d, S)
     seg = TUNING["expert"].get("segment", SEGMENT)
+    if seg is not None and not _needs_split(offsets, seg):
+        seg = None
     if seg is None:  # no splitting: one program walks each whole expert list (the pre-segment kernel)
         seg, none = 2**31 - 1, torch.empty(0, dtype=torch.int64, device=up.device)
         nseg = pbase = seg_expert = seg_index = hot = none
