@@ -1,5 +1,6 @@
 """peerify: PEER in place of the MLP of chosen blocks of GPT-2 / Llama / Qwen2 models (tiny, local)."""
 
+import inspect
 import sys
 
 import pytest
@@ -45,7 +46,8 @@ def test_peerify_replaces_mlp_forward_backward_and_plain_loop(family):
     assert peerify(model, blocks=[1], **PEER_KW) is model
     assert isinstance(blocks[1].mlp, PEER) and blocks[0].mlp is kept and not isinstance(kept, PEER)
     assert model.config.peer["blocks"] == [1] and model.config.peer["n_experts"] == 64
-    assert model.config.peer["query_norm"] == "batch"  # PEER defaults are recorded too
+    default_norm = inspect.signature(PEER).parameters["query_norm"].default
+    assert model.config.peer["query_norm"] == default_norm  # PEER defaults are recorded too
 
     ids = pattern_batch()
     out = model(input_ids=ids, labels=ids)

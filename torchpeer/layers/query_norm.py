@@ -154,6 +154,8 @@ class EMAWhitenQueryNorm(_EMAStats):
     mean of the whitened features (``bn_grad``) keeps the query net centred.
     """
 
+    _eager_forward = None  # _forward wrapped by torch.compiler.disable, made on first use
+
     def __init__(self, heads: int, d_key: int, eps: float = 1e-3, momentum: float = 0.05, refresh: int = 10):
         super().__init__(momentum)
         if d_key % 2:
@@ -175,13 +177,16 @@ class EMAWhitenQueryNorm(_EMAStats):
         scale = torch.rsqrt(evals.clamp_min(0) + self.eps * evals.mean(-1, keepdim=True).clamp_min(1e-12))
         self.whitener.copy_(((evecs * scale.unsqueeze(-2)) @ evecs.transpose(-1, -2)).to(self.whitener.dtype))
 
-    # Eager under torch.compile: the whitener refresh (an eigh every ``refresh`` updates, decided on
-    # the host) rewrites buffers in place that a compiled graph would have saved for its backward.
-    @torch.compiler.disable
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         _check_q(q, self.heads, self.d_key)
+        cls = type(self)
+        if cls._eager_forward is None:
+            # Eager under torch.compile: the whitener refresh (an eigh every ``refresh`` updates, decided
+            # on the host) rewrites buffers in place that a compiled graph would have saved for its
+            # backward. Wrapped on first use, not at import: torch.compiler.disable loads torch._dynamo.
+            cls._eager_forward = torch.compiler.disable(cls._forward)
         with torch.autocast(q.device.type, enabled=False):  # statistics and whitening in fp32
-            return self._forward(q)
+            return cls._eager_forward(self, q)
 
     def _forward(self, q: torch.Tensor) -> torch.Tensor:
         T, g, m = q.shape[0], 2 * self.heads, self.d_key // 2
