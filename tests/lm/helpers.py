@@ -45,15 +45,17 @@ v = "{root}/valid.txt"
 """
 
 
-def write_corpus(root) -> None:
+def write_corpus(root, train_lines: int = 3000, valid_lines: int = 200) -> tuple[str, str]:
+    """root/train.txt and root/valid.txt of random lines over 16 words (seeded); returns their paths."""
     rng = random.Random(0)
     words = "the cat dog sat on mat a big small red blue ran fast slow home tree".split()
 
     def text(n):
         return "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 10))) for _ in range(n))
 
-    (root / "train.txt").write_text(text(3000))
-    (root / "valid.txt").write_text(text(200))
+    (root / "train.txt").write_text(text(train_lines))
+    (root / "valid.txt").write_text(text(valid_lines))
+    return str(root / "train.txt"), str(root / "valid.txt")
 
 
 def write_config(root, max_steps=60, extra: str = "") -> str:

@@ -5,7 +5,6 @@ checkpoints written by the code before the re-layout."""
 import hashlib
 import json
 import os
-import random
 import shutil
 import signal
 import time
@@ -169,19 +168,6 @@ def test_resuming_a_finished_run_keeps_one_final_record(trained, tmp_path, capsy
     assert len(after) == len(before) and losses(copy) == losses(run)
 
 
-def _fixture_corpus(root) -> tuple[str, str]:
-    """The corpus the old code resumed the fixture on (expected_resume.json)."""
-    rng = random.Random(0)
-    words = "the cat dog sat on mat a big small red blue ran fast slow home tree".split()
-
-    def text(n):
-        return "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 10))) for _ in range(n))
-
-    (root / "train.txt").write_text(text(300))
-    (root / "valid.txt").write_text(text(20))
-    return str(root / "train.txt"), str(root / "valid.txt")
-
-
 def test_resume_from_a_checkpoint_written_by_the_old_code(tmp_path):
     """A checkpoint of the pre-relayout trainer (commit 9253f8b) resumes: weights, optimizer moments,
     sampler and RNG states give the losses the old code logged for the next steps, bit for bit."""
@@ -189,7 +175,7 @@ def test_resume_from_a_checkpoint_written_by_the_old_code(tmp_path):
     shutil.copytree(os.path.join(FIXTURE, "step_00000003"), run / "checkpoints" / "step_00000003")
     expected = json.load(open(os.path.join(FIXTURE, "expected_resume.json")))
     cfg = read_checkpoint_config(str(run / "checkpoints" / "step_00000003"))
-    train_txt, valid_txt = _fixture_corpus(tmp_path)
+    train_txt, valid_txt = write_corpus(tmp_path, 300, 20)  # the corpus the old code resumed the fixture on
     cfg.train.max_steps = 5
     cfg.data.train, cfg.data.valid, cfg.data.cache_dir = train_txt, {"v": valid_txt}, str(tmp_path / "cache")
     # The old code's numbers were recorded with one intra-op thread; with two, CPU reductions sum in
