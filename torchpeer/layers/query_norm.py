@@ -209,7 +209,8 @@ class EMAWhitenQueryNorm(_EMAStats):
                 self.running_mean.lerp_(b_mu.detach().to(self.running_mean.dtype), r.to(self.running_mean.dtype))
                 self.running_cov.lerp_(b_cov.to(self.running_cov.dtype), r.to(self.running_cov.dtype))
                 self.num_updates += 1
-                if int(self.num_updates.item()) % self.refresh == 0 or int(self.num_updates.item()) <= 1:
+                n = int(self.num_updates.item())  # one host sync per step, not two
+                if n % self.refresh == 0 or n <= 1:
                     self._refresh_whitener()
         y = y.reshape(T, self.heads, self.d_key) * self.weight.to(cdt) + self.bias.to(cdt)
         return y.to(q.dtype)
