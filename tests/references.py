@@ -44,3 +44,18 @@ def saved_bytes(fn, params):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return total
+
+
+def assert_backward_matches(m, ref, x, x_ref, y, y_ref, nonzero_grads=False, rtol=1e-4, atol=1e-5):
+    """A layer ``m`` against its float64 twin ``ref`` (same state): outputs, then, for one random
+    upstream gradient, the input gradient and every parameter gradient (in ``named_parameters`` order).
+    nonzero_grads: also require every parameter of ``m`` to receive a non-zero gradient."""
+    torch.testing.assert_close(y.double(), y_ref, rtol=rtol, atol=atol)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy.double())
+    torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=rtol, atol=atol)
+    for (name, p), p_ref in zip(m.named_parameters(), ref.parameters()):
+        if nonzero_grads:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(p.grad.double(), p_ref.grad, rtol=rtol, atol=atol, msg=name)

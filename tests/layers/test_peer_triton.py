@@ -10,6 +10,7 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
+from tests.references import assert_backward_matches  # noqa: E402
 from torchpeer.layers.peer import PEER  # noqa: E402
 
 from .test_peer import reference_forward  # noqa: E402
@@ -24,15 +25,7 @@ def test_triton_backend_matches_float64_reference(gate, activation, shared):
     ref.load_state_dict(m.state_dict())
     x = torch.randn(13, 16, requires_grad=True)  # ragged token count
     x_ref = x.detach().double().requires_grad_()
-    y = m(x)
-    y_ref = reference_forward(ref, x_ref)
-    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-5)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    y_ref.backward(dy.double())
-    torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-4, atol=1e-5)
-    for (name, p), p_ref in zip(m.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad.double(), p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert_backward_matches(m, ref, x, x_ref, m(x), reference_forward(ref, x_ref))
 
 
 def test_auto_backend_is_torch_on_cpu():
