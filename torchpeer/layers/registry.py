@@ -20,6 +20,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 
@@ -93,3 +94,17 @@ def backend_report(model: nn.Module) -> dict[str, dict[str, str]]:
         for name, mod in model.named_modules()
         if callable(getattr(mod, "op_backends", None))
     }
+
+
+def sum_aux_losses(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the (already weighted) ``aux_loss()`` terms of the submodules of ``model`` that define
+    one (``model`` itself excluded), e.g. token-choice MoE balance terms; None if there are none."""
+    total = None
+    for mod in model.modules():
+        fn = getattr(mod, "aux_loss", None)
+        if mod is model or not callable(fn):
+            continue
+        term = fn()
+        if term is not None:
+            total = term if total is None else total + term
+    return total

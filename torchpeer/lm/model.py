@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchpeer.layers.registry import get_ffw
+from torchpeer.layers.registry import get_ffw, sum_aux_losses
 from torchpeer.lm.config import ModelConfig
 
 
@@ -191,10 +191,4 @@ class TransformerLM(nn.Module):
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of the FFWs' ``aux_loss()`` terms of the last forward (already weighted, e.g. the
         token-choice MoE balance loss times its weight); None if no FFW has one."""
-        total = None
-        for blk in self.blocks:
-            fn = getattr(blk.ffw, "aux_loss", None)
-            aux = fn() if callable(fn) else None
-            if aux is not None:
-                total = aux if total is None else total + aux
-        return total
+        return sum_aux_losses(self)

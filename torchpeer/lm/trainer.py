@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from torchpeer.data.atomic import write_json_atomic
+from torchpeer.layers.registry import sum_aux_losses
 from torchpeer.lm import checkpoint as ckpt_io
 from torchpeer.lm import runtime
 from torchpeer.lm.callbacks import CallbackList
@@ -71,17 +72,8 @@ def default_plan():
     return SingleProcessPlan()
 
 
-def aux_loss(model: torch.nn.Module) -> torch.Tensor | None:
-    """Sum of the (already weighted) ``aux_loss()`` terms of the submodules that define one."""
-    total = None
-    for mod in model.modules():
-        fn = getattr(mod, "aux_loss", None)
-        if mod is model or not callable(fn):
-            continue
-        term = fn()
-        if term is not None:
-            total = term if total is None else total + term
-    return total
+# The sum of the (already weighted) aux_loss() terms of the model's submodules (trainer name kept).
+aux_loss = sum_aux_losses
 
 
 class Trainer:
