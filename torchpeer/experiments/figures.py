@@ -11,7 +11,6 @@ Each PNG is written atomically (temp file + rename).
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 
@@ -112,21 +111,20 @@ def ablation_figure(records: list[dict], path: str, x_field: str, series_field: 
 
 
 def read_curve(run_dir: str) -> tuple[list[float], list[float]]:
-    """(tokens, train loss) of the log records in RUN_DIR/metrics.jsonl."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    tokens, losses = [], []
-    if not os.path.exists(path):
-        return tokens, losses
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "loss" in rec and "tokens" in rec:
-                tokens.append(rec["tokens"])
-                losses.append(rec["loss"])
-    return tokens, losses
+    """(tokens, train loss) of the log records in RUN_DIR/metrics.jsonl, parsed by
+    ``torchpeer.viz.metrics.read_metrics`` (cut lines skipped; empty lists when there is no log yet)."""
+    from torchpeer.viz.metrics import read_metrics
+
+    try:
+        run = read_metrics(run_dir)
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return [], []
+    tokens, losses = run.train.get("tokens"), run.train.get("loss")
+    if tokens is None or losses is None:
+        return [], []
+    tokens_at = dict(zip(tokens.steps, tokens.values))
+    pairs = [(tokens_at[s], v) for s, v in zip(losses.steps, losses.values) if s in tokens_at]
+    return [t for t, _ in pairs], [v for _, v in pairs]
 
 
 def curves_figure(records: list[dict], runs_dir: str, path: str) -> str | None:
