@@ -38,25 +38,40 @@ def test_shipped_specs_load_and_plan(tmp_path):
             assert r.cfg.train.warmup_steps < r.steps
 
 
+# The corpus train split in BPE-16k tokens (measured with `torchpeer data`, 2026-12-04): the isoFLOP
+# protocol lets no run repeat it more than 4 times.
+CORPUS_TRAIN_TOKENS = 41_400_476
+
+
 def test_isoflop_spec_protocol(tmp_path):
-    """>= 4 sizes per (family, budget); PEER has 1024^2 experts in the middle block; every corpus source
-    is its own eval set, plus the whole valid set."""
+    """>= 4 sizes per (family, budget); PEER has 1024^2 experts in the middle block with the shipped default
+    query norm; MoE is token-choice (causal) and moe-ec the paper's expert-choice; no run beyond 4 epochs;
+    every corpus source is its own eval set, plus the whole valid set, each evaluated whole."""
     runs = plan_sweep(load_spec("isoflop"), str(tmp_path))
     groups = {}
     for r in runs:
         groups.setdefault((r.family, r.budget_flops), []).append(r)
-    assert set(groups) == {(f, b) for f in ("dense", "peer", "pkm", "moe") for b in (1e15, 3e15, 1e16)}
+    families = ("dense", "peer", "pkm", "moe", "moe-ec")
+    assert set(groups) == {(f, b) for f in families for b in (1e15, 3e15, 1e16)}
     for (fam, b), rs in groups.items():
         sizes = sorted(r.active_params for r in rs)
         assert len(set(sizes)) >= 4, (fam, b)
-        if fam == "dense":  # the Chinchilla-style guess of the optimum, sqrt(C / 120), lies inside the sizes
-            assert sizes[0] < math.sqrt(b / 120) < sizes[-1], (fam, b, sizes)
-        assert all(r.cfg.model.ffw == fam for r in rs)
+        assert all(r.tokens <= 4 * CORPUS_TRAIN_TOKENS for r in rs), (fam, b)
+        guess = math.sqrt(b / 120)  # the Chinchilla-style guess of the optimum
+        if fam == "dense" and b / (6 * guess) <= 4 * CORPUS_TRAIN_TOKENS:  # its tokens C / 6N
+            assert sizes[0] < guess < sizes[-1], (fam, b, sizes)  # inside the sizes where 4 epochs allow it
+        assert all(r.cfg.model.ffw == fam.split("-")[0] for r in rs)
     peer = [r for r in runs if r.family == "peer"]
     assert all(r.cfg.model.peer.n_experts == 1024**2 and r.cfg.model.placement == "middle" for r in peer)
+    from torchpeer.layers.peer import PEERConfig
+
+    assert all(r.cfg.model.peer.query_norm == PEERConfig().query_norm for r in peer)
+    assert {r.cfg.model.moe.routing for r in runs if r.family == "moe"} == {"token_choice"}
+    assert {r.cfg.model.moe.routing for r in runs if r.family == "moe-ec"} == {"expert_choice"}
     valid = runs[0].cfg.data.valid
     assert len(valid) == 11 and valid["corpus"] == ".corpus/*/valid.jsonl.xz"
     assert valid["sotu"] == ".corpus/sotu/valid.jsonl.xz"
+    assert all(r.cfg.train.eval_batches is None for r in runs)
 
 
 def test_ablation_specs(tmp_path):

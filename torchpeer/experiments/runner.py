@@ -13,6 +13,7 @@ limited length (``time_limit`` stops before starting a run that would not finish
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -47,15 +48,26 @@ def run_sweep(
     assume_tokens_per_s: float | None = None,
     time_limit: float | None = None,
     say: Callable[[str], None] = print,
+    parallel: int = 1,
+    stop_at: float | None = None,
 ) -> list[dict]:
-    """Train the runs of ``spec`` not yet in ``runs_dir``; returns the records of this invocation."""
+    """Train the runs of ``spec`` not yet in ``runs_dir``; returns the records of this invocation.
+
+    parallel: runs trained at once, each in a worker process (pool.py); 1 = one after another in
+    this process. stop_at (parallel only): seconds after the start at which runs still training are
+    interrupted (they resume or restart next time), for jobs with a hard end.
+    """
+    if parallel < 1:
+        raise ValueError(f"--parallel must be >= 1, got {parallel}")
+    if stop_at is not None and parallel == 1:
+        raise ValueError("--stop-at needs --parallel >= 2 (one run in this process stops only at --time-limit)")
     runs = select_runs(plan_sweep(spec, runs_dir), only)
     done = {r["run"]: r for r in read_results(runs_dir)}
     if dry_run:
         say(format_plan(spec, runs, read_results(runs_dir), assume_tokens_per_s))
         return []
     os.makedirs(runs_dir, exist_ok=True)
-    t0, new = time.time(), []
+    t0, new, todo = time.time(), [], []
     for i, run in enumerate(runs, 1):
         head = f"[{i}/{len(runs)}] {run.name}"
         if run.name in done:
@@ -67,10 +79,31 @@ def run_sweep(
             check_unchanged(run)
             with open(summary_path, encoding="utf-8") as fh:
                 rec = make_record(run, json.load(fh), spec)
+            rec.update(epoch_fields(run))
             append_result(runs_dir, rec)
             new.append(rec)
             say(f"{head}: finished earlier, recorded from its summary")
             continue
+        todo.append((head, run))
+    if parallel > 1 and todo:
+        from torchpeer.experiments.data_prep import prepare_data
+        from torchpeer.experiments.pool import run_parallel
+
+        t_data = time.time()
+        for data_cfg in _distinct_data_configs([run for _, run in todo]):
+            n = prepare_data(data_cfg, progress=progress)
+            say(f"data ready: {data_cfg.train} ({n:,} train tokens), {len(data_cfg.valid)} eval sets")
+        say(f"data prepared in {time.time() - t_data:.0f} s; {len(todo)} runs, {parallel} at a time")
+
+        def estimate(run):
+            return estimate_seconds(run, list(done.values()) + new, assume_tokens_per_s)
+
+        left = None if time_limit is None else time_limit - (time.time() - t0)
+        stop = None if stop_at is None else stop_at - (time.time() - t0)
+        return new + run_parallel(
+            spec, todo, runs_dir, parallel, estimate, left, stop, say, extra_record=epoch_fields
+        )
+    for head, run in todo:
         estimate = estimate_seconds(run, list(done.values()) + new, assume_tokens_per_s)
         if time_limit is not None and estimate is not None and estimate > time_limit:
             say(
@@ -91,8 +124,34 @@ def run_sweep(
         append_result(runs_dir, rec)
         new.append(rec)
         loss = rec["valid"].get(rec["eval_set"], {}).get("loss")
-        say(f"{head}: finished in {rec['wall_seconds']:.0f} s, {rec['tokens_per_s'] or 0:,.0f} tokens/s, loss {loss}")
+        loss_text = "-" if loss is None else f"{loss:.4f}"
+        rate = rec["tokens_per_s"] or 0
+        say(f"{head}: finished in {rec['wall_seconds']:.0f} s, {rate:,.0f} tokens/s, loss {loss_text}")
     return new
+
+
+def _distinct_data_configs(runs: list[PlannedRun]) -> list:
+    seen, out = set(), []
+    for run in runs:
+        key = json.dumps(dataclasses.asdict(run.cfg.data), sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            out.append(run.cfg.data)
+    return out
+
+
+def epoch_fields(run: PlannedRun, memo: dict | None = None) -> dict:
+    """``train_split_tokens`` (one pass over the train split; None when not tokenised yet) and
+    ``epochs`` (the run's tokens over it): the isoFLOP protocol caps repeats of the corpus.
+    ``memo``: a dict reused across the runs of one listing (the cache is looked up once per data config)."""
+    from torchpeer.experiments.data_prep import cached_train_tokens
+
+    key = json.dumps(dataclasses.asdict(run.cfg.data), sort_keys=True, default=str)
+    memo = {} if memo is None else memo
+    if key not in memo:
+        memo[key] = cached_train_tokens(run.cfg.data)
+    n = memo[key]
+    return {"train_split_tokens": n, "epochs": None if not n else round(run.tokens / n, 3)}
 
 
 def train_run(run: PlannedRun, spec: SweepSpec, progress: bool = True) -> dict:
@@ -103,7 +162,7 @@ def train_run(run: PlannedRun, spec: SweepSpec, progress: bool = True) -> dict:
 
     t0 = time.time()
     summary = train(copy.deepcopy(run.cfg), run.run_dir, resume=True, progress=progress)
-    return make_record(run, summary, spec, wall_seconds=time.time() - t0)
+    return {**make_record(run, summary, spec, wall_seconds=time.time() - t0), **epoch_fields(run)}
 
 
 def _checkpoints(run_dir: str) -> list[str]:
@@ -166,8 +225,11 @@ def format_plan(
     """The --dry-run table: every run with its size, tokens, FLOPs and an estimated time
     (measured tokens/s of the variant; else ``assume_tokens_per_s``, marked '~'; else unknown)."""
     done = {r["run"] for r in records}
-    rows = [("run", "family", "params", "active", "FLOPs/token", "steps", "tokens", "FLOPs", "est. time", "state")]
+    rows = [("run", "family", "params", "active", "FLOPs/token", "steps", "tokens", "epochs", "FLOPs", "est. time")]
+    rows[0] += ("state",)
     total, unknown = 0.0, 0
+    memo: dict = {}
+    epochs = {run.name: epoch_fields(run, memo)["epochs"] for run in runs}
     for run in runs:
         est = None if run.name in done else estimate_seconds(run, records, assume_tokens_per_s)
         guessed = est is not None and estimate_seconds(run, records) is None
@@ -185,6 +247,7 @@ def format_plan(
                 f"{run.train_flops_per_token:.3g}",
                 f"{run.steps:,}",
                 f"{run.tokens:,}",
+                "?" if epochs[run.name] is None else f"{epochs[run.name]:.2f}",
                 f"{run.train_flops:.3g}",
                 "-" if run.name in done else ("unknown" if est is None else ("~" if guessed else "") + _duration(est)),
                 "done" if run.name in done else ("partial" if _checkpoints(run.run_dir) else "todo"),
@@ -195,7 +258,8 @@ def format_plan(
     if spec.description:
         lines.append(spec.description.strip())
     for j, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if i in (0, 1, 9) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        cells = (c.ljust(w) if i in (0, 1, 10) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        lines.append("  ".join(cells))
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     todo = sum(1 for r in runs if r.name not in done)
@@ -204,6 +268,8 @@ def format_plan(
         basis += f", else an assumed {assume_tokens_per_s:,.0f} (~)"
     tail = f", {unknown} unknown (no measured tokens/s yet)" if unknown else ""
     lines.append(f"{todo} runs to train; estimated {_duration(total)} from {basis}{tail}")
+    if any(e is None for e in epochs.values()):
+        lines.append("epochs '?': the train split is not tokenised yet ('torchpeer data --config ...' or a first run)")
     return "\n".join(line.rstrip() for line in lines)
 
 

@@ -12,6 +12,7 @@ examples:
   torchpeer sweep cpu-smoke --runs-dir runs/cpu-smoke
   torchpeer sweep isoflop --dry-run --assume-tokens-per-s 600000
   torchpeer sweep isoflop --only 'peer-*-1e15' --time-limit 540
+  torchpeer sweep isoflop --parallel 6 --time-limit 480 --stop-at 540   # one 10-minute GPU job
 """
 
 
@@ -43,6 +44,22 @@ def add_parser(subparsers):
         default=None,
         help="for --dry-run / --time-limit: the tokens/s of variants without a measured one",
     )
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train N runs at once, each in its own process (small models leave a big GPU idle); the data "
+        "are tokenised once first; default 1 (one after another in this process)",
+    )
+    p.add_argument(
+        "--stop-at",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with --parallel: interrupt runs still training this many seconds after the start (they "
+        "resume from a checkpoint when train.checkpoint is on, else restart next time); for jobs with a hard end",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
@@ -64,6 +81,8 @@ def run(args) -> int:
         progress=not args.no_progress,
         assume_tokens_per_s=args.assume_tokens_per_s,
         time_limit=args.time_limit,
+        parallel=args.parallel,
+        stop_at=args.stop_at,
         say=lambda s: print(s, flush=True),
     )
     if not args.dry_run:

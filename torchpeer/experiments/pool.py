@@ -1,0 +1,194 @@
+"""Several runs of a sweep at once (``torchpeer sweep SPEC --parallel N``), each in a worker process.
+
+Why: the isoFLOP and ablation models are small; one of them leaves an H200 mostly idle (its
+kernels are short and the step is launch-bound), so N runs side by side finish the sweep up to
+~N times sooner. Each run is ``python -m torchpeer.experiments.worker RUN_DIR`` (worker.py) with
+its output in ``RUN_DIR/worker.log``; only this process writes results.jsonl.
+
+Scheduling, in plan order (budget by budget): a free slot takes the next run whose estimated time
+(runner.estimate_seconds) ends before ``time_limit``; a run that would not is passed over for a
+shorter one (said once), one longer than the whole limit is skipped. ``stop_at`` (seconds after the
+start) interrupts runs still training then with SIGINT: they checkpoint (when checkpoints are on)
+and resume on the next invocation, or restart. A failed run (non-zero exit) is reported with the
+end of its log and not retried in this invocation; the others go on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torchpeer.experiments.plan import PlannedRun
+from torchpeer.experiments.results import append_result, make_record
+from torchpeer.experiments.worker import RUN_FILE
+
+POLL_SECONDS = 0.2
+GRACE_SECONDS = 60.0  # after SIGINT at stop_at: time to finish a step and checkpoint before SIGKILL
+
+
+@dataclass
+class _Job:
+    run: PlannedRun
+    head: str
+    proc: subprocess.Popen
+    started: float
+    log: object
+
+
+def worker_command() -> list[str]:
+    return [sys.executable, "-m", "torchpeer.experiments.worker"]
+
+
+def worker_env(parallel: int) -> dict[str, str]:
+    """The workers share the machine's cores: intra-op threads = cores // parallel (at least 1)."""
+    threads = str(max(1, (os.cpu_count() or 1) // parallel))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.environ.get("PYTHONPATH", "")
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "TQDM_DISABLE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": root + (os.pathsep + path if path else ""),  # the same torchpeer as the parent
+    }
+
+
+def run_parallel(
+    spec,
+    todo: list[tuple[str, PlannedRun]],
+    runs_dir: str,
+    parallel: int,
+    estimate: Callable[[PlannedRun], float | None],
+    time_limit: float | None = None,
+    stop_at: float | None = None,
+    say: Callable[[str], None] = print,
+    command: list[str] | None = None,
+    extra_record: Callable[[PlannedRun], dict] | None = None,
+) -> list[dict]:
+    """Train ``todo`` ([(head, run)], plan order) ``parallel`` at a time; returns the new records.
+
+    ``estimate(run)``: its expected seconds from the records so far (None = unknown, always started).
+    ``command``: the worker command (tests pass a stand-in); ``extra_record``: fields added to each record.
+    """
+    t0, new = time.time(), []
+    pending = list(todo)
+    jobs: list[_Job] = []
+    told: set[str] = set()
+    interrupted = False
+    env = worker_env(parallel)
+    try:
+        while pending or jobs:
+            for job in [j for j in jobs if j.proc.poll() is not None]:
+                jobs.remove(job)
+                rec = _finish(job, spec, runs_dir, say, extra_record)
+                if rec is not None:
+                    new.append(rec)
+            elapsed = time.time() - t0
+            if stop_at is not None and elapsed >= stop_at and jobs and not interrupted:
+                say(f"stop time of {stop_at:.0f} s reached: interrupting {', '.join(j.run.name for j in jobs)}")
+                for job in jobs:
+                    job.proc.send_signal(signal.SIGINT)
+                interrupted = True
+            if interrupted and jobs and elapsed >= stop_at + GRACE_SECONDS:
+                for job in jobs:
+                    job.proc.kill()
+            if interrupted:
+                pending = []
+            blocked = False
+            while pending and len(jobs) < parallel:
+                pick = _next_startable(pending, estimate, elapsed, time_limit, told, say)
+                if pick is None:
+                    blocked = True
+                    break
+                head, run = pick
+                jobs.append(_start(head, run, command or worker_command(), env, say))
+            if not jobs and (blocked or not pending):
+                break  # nothing running and nothing left that fits the limit: done for this invocation
+            time.sleep(POLL_SECONDS)
+    except KeyboardInterrupt:
+        say(f"interrupted: stopping {len(jobs)} running run(s) (they checkpoint when checkpoints are on)")
+        for job in jobs:
+            job.proc.send_signal(signal.SIGINT)
+        for job in jobs:
+            try:
+                job.proc.wait(timeout=GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                job.proc.kill()
+            job.log.close()
+        raise
+    left = [run.name for _, run in pending]
+    if left:
+        say(f"not started in this invocation: {', '.join(left)} (run the same command again)")
+    return new
+
+
+def _next_startable(pending, estimate, elapsed, time_limit, told, say):
+    """Remove and return the first pending (head, run) that fits the time limit (None if none does)."""
+    if time_limit is not None and elapsed >= time_limit:
+        return None
+    for i, (head, run) in enumerate(pending):
+        est = estimate(run)
+        if time_limit is None or est is None:
+            return pending.pop(i)
+        if est > time_limit:
+            if run.name not in told:
+                say(
+                    f"{head}: skipped, its estimated {est:.0f} s exceed the whole time limit; run it on its own "
+                    f"(--only '{run.name}'; with train.checkpoint true it resumes across jobs)"
+                )
+                told.add(run.name)
+            continue
+        if elapsed + est <= time_limit:
+            return pending.pop(i)
+        if run.name not in told:
+            say(f"{head}: not started, its estimated {est:.0f} s would pass the time limit of {time_limit:.0f} s")
+            told.add(run.name)
+    return None
+
+
+def _start(head: str, run: PlannedRun, command: list[str], env: dict, say) -> _Job:
+    from torchpeer.data.atomic import write_text_atomic
+
+    os.makedirs(run.run_dir, exist_ok=True)
+    payload = {"run": run.name, "config": run.cfg.to_dict()}
+    write_text_atomic(os.path.join(run.run_dir, RUN_FILE), json.dumps(payload, indent=1) + "\n")
+    log = open(os.path.join(run.run_dir, "worker.log"), "a", encoding="utf-8")  # noqa: SIM115 (closed in _finish)
+    log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)} {run.run_dir}\n")
+    log.flush()
+    proc = subprocess.Popen([*command, run.run_dir], stdout=log, stderr=subprocess.STDOUT, env=env)
+    ckpts = os.path.join(run.run_dir, "checkpoints")
+    state = "resuming" if os.path.isdir(ckpts) and any(f.startswith("step_") for f in os.listdir(ckpts)) else "starting"
+    say(f"{head}: {state} (pid {proc.pid}): {run.family}, {run.tokens:,} tokens in {run.steps} steps")
+    return _Job(run, head, proc, time.time(), log)
+
+
+def _finish(job: _Job, spec, runs_dir: str, say, extra_record) -> dict | None:
+    job.log.close()
+    rc = job.proc.returncode
+    summary_path = os.path.join(job.run.run_dir, "summary.json")
+    if rc == 0 and os.path.exists(summary_path):
+        with open(summary_path, encoding="utf-8") as fh:
+            rec = make_record(job.run, json.load(fh), spec, wall_seconds=time.time() - job.started)
+        rec.update(extra_record(job.run) if extra_record else {})
+        append_result(runs_dir, rec)
+        loss = rec["valid"].get(rec["eval_set"], {}).get("loss")
+        loss_text = "-" if loss is None else f"{loss:.4f}"
+        say(
+            f"{job.head}: finished in {rec['wall_seconds']:.0f} s, {rec['tokens_per_s'] or 0:,.0f} tokens/s, "
+            f"loss {loss_text}"
+        )
+        return rec
+    if rc in (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGKILL):
+        say(f"{job.head}: stopped (exit {rc}); it resumes from its checkpoint or restarts next time")
+        return None
+    with open(os.path.join(job.run.run_dir, "worker.log"), encoding="utf-8", errors="replace") as fh:
+        tail = fh.read()[-1500:]
+    say(f"{job.head}: FAILED (exit {rc}); end of {job.run.run_dir}/worker.log:\n{tail}")
+    return None
