@@ -44,6 +44,38 @@ def test_config_overrides_and_errors():
         load_config("ptb-tiny", ["--model.ffw", "mlp"])
 
 
+@pytest.mark.parametrize(
+    "where, wrong, right",
+    [
+        ("override", "train.max_step", "did you mean --train.max_steps?"),
+        ("override", "trian.max_steps", "did you mean --train.max_steps?"),
+        ("override", "model.peer.n_expert", "did you mean --model.peer.n_experts?"),
+        ("toml", "[train]\nmax_step = 5", "'max_step': did you mean 'max_steps'?"),
+        ("toml", "[model.peer]\ntopk = 8", "'topk': did you mean 'top_k'?"),
+        ("toml", "[data]\ntokeniser = 'byte'", "'tokeniser': did you mean 'tokenizer'?"),
+    ],
+)
+def test_a_misspelt_field_names_the_closest_one(tmp_path, capsys, where, wrong, right):
+    """The unknown-field error suggests the field the user meant, for overrides and TOML files (CLI: one line)."""
+    from torchpeer.cli import main
+
+    if where == "override":
+        argv = ["info", f"--{wrong}", "5"]
+    else:
+        (tmp_path / "c.toml").write_text(wrong + "\n")
+        argv = ["info", str(tmp_path / "c.toml")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown ") and right in err and err.count("\n") == 1
+    assert "did you mean" not in _error_of(lambda: load_config("ptb-tiny", ["--zzz.qqq", "1"]))
+
+
+def _error_of(fn) -> str:
+    with pytest.raises((ValueError, TypeError)) as e:
+        fn()
+    return str(e.value)
+
+
 def test_split_overrides_is_the_one_parser():
     argv = ["train", "ptb-tiny", "--model.d_model", "64", "--resume", "--train.lr=3e-4", "--run-dir", "r.x"]
     rest, pairs = split_overrides(argv)

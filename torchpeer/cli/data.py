@@ -1,17 +1,157 @@
-"""``torchpeer data``: tokenise a config's train/valid splits into the cache (torchpeer/data/command.py)."""
+"""``torchpeer data``: tokenise a config's train/valid splits into the cache and print a summary.
+
+A subcommand like the others (cli/registry.py): it reads run configs (lm.config_io), so it lives
+here and not in torchpeer.data, which the config modules themselves import.
+"""
 
 from __future__ import annotations
 
+import argparse
+import sys
+import time
 
-def add_parser(subparsers):
-    from torchpeer.data.command import add_data_subcommand
+DESCRIPTION = """\
+Prepare (tokenise) the train and valid splits of a data config into memory-mapped token files
+in the cache folder, then print one row per split: documents, tokens, UTF-8 bytes and
+bytes/token. Files are reused while their inputs are unchanged, so running this before
+`torchpeer train` only moves the tokenising out of the training run.
 
-    p = add_data_subcommand(subparsers)
+Source specs: ptb:train | ptb:valid | ptb:test | FILE.txt | FILE.jsonl[.xz|.gz] (a "text" field
+per line) | DIR (all such files under it) | a glob pattern; join several with ",".
+Tokenizers: byte | bpe (trained on the train split, vocab --vocab-size) | gpt2:DIR (vocab.json +
+merges.txt) | hf:NAME (Hugging Face hub).
+"""
+
+EXAMPLES = """\
+examples:
+  torchpeer data                                    # PTB, byte tokenizer (the defaults)
+  torchpeer data --config configs/ptb-tiny.toml     # the [data] table of a run config
+  torchpeer data --train 'corpus/*/train.jsonl.xz' --valid 'all=corpus/*/valid.jsonl.xz' \\
+                 --tokenizer bpe --vocab-size 16384
+"""
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", metavar="TOML", help="run config (path or shipped name); its [data] table is the starting point"
+    )
+    parser.add_argument("--train", metavar="SPEC", help="train source spec (default: ptb:train)")
+    parser.add_argument(
+        "--valid",
+        metavar="[NAME=]SPEC",
+        action="append",
+        help="a validation source; repeat for several (replaces the config's valid table)",
+    )
+    parser.add_argument("--tokenizer", metavar="SPEC", help="byte | bpe | gpt2:DIR | hf:NAME (default: byte)")
+    parser.add_argument("--vocab-size", type=int, metavar="N", help="vocabulary size of a bpe tokenizer")
+    parser.add_argument("--cache-dir", metavar="DIR", help="where token files live (default: data_cache)")
+    parser.add_argument("--token-dtype", choices=["auto", "uint16", "uint32"], help="token file dtype")
+    parser.add_argument("--force", action="store_true", help="re-tokenise even if the cache is fresh")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``data`` on an argparse subparsers object; the handler is ``run``."""
+    p = subparsers.add_parser(
+        "data",
+        help="tokenise the train/valid splits into the cache and summarise them",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_data_arguments(p)
     p.set_defaults(func=run)
     return p
 
 
-def run(args) -> int:
-    from torchpeer.data import run_data_subcommand
+def parse_valid_args(items: list[str]) -> dict[str, str]:
+    """["name=spec", "spec", ...] -> {name: spec}; a bare spec is named valid, valid2, ..."""
+    out: dict[str, str] = {}
+    for i, item in enumerate(items):
+        name, sep, spec = item.partition("=")
+        if not sep or not name.strip() or any(c in name for c in "/*?,:"):
+            name, spec = ("valid" if i == 0 else f"valid{i + 1}"), item
+        name = name.strip()
+        if name in out:
+            raise ValueError(f"--valid name {name!r} is given twice; name them NAME=SPEC")
+        out[name] = spec.strip()
+    return out
 
-    return run_data_subcommand(args)
+
+def data_config_from_args(args: argparse.Namespace):
+    """DataConfig from --config's [data] table (if any) overridden by the command-line flags.
+
+    --config is a run config's path or a shipped config's name (``ptb-tiny``, ``configs/ptb-tiny.toml``);
+    the flags are applied as the ``--data.FIELD VALUE`` overrides of ``torchpeer train`` would be.
+    """
+    from torchpeer.data import DataConfig
+    from torchpeer.lm.config import RunConfig
+    from torchpeer.lm.config_io import apply_overrides, from_dict, read_toml, resolve_config_path
+
+    table = read_toml(resolve_config_path(args.config)).get("data", {}) if getattr(args, "config", None) else {}
+    run = RunConfig(data=from_dict(DataConfig, table))
+    flags = {
+        "train": args.train,
+        "tokenizer": args.tokenizer,
+        "vocab_size": args.vocab_size,
+        "cache_dir": args.cache_dir,
+        "token_dtype": args.token_dtype,
+    }
+    apply_overrides(run, [(f"data.{k}", str(v)) for k, v in flags.items() if v is not None])
+    if args.valid:
+        run.data.valid = parse_valid_args(args.valid)
+    run.data.validate()
+    return run.data
+
+
+def format_table(rows: list[dict]) -> str:
+    """Rows of {split, documents, tokens, bytes} -> aligned text table."""
+    head = ["split", "documents", "tokens", "bytes", "bytes/token"]
+    body = [
+        [
+            r["split"],
+            f"{r['documents']:,}",
+            f"{r['tokens']:,}",
+            f"{r['bytes']:,}",
+            f"{r['bytes'] / r['tokens']:.3f}",
+        ]
+        for r in rows
+    ]
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in [head, *body]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Prepare every split of the config and print the table; returns the exit status (0)."""
+    from torchpeer.data import load_tokenizer, prepare_split, resolve_source
+
+    cfg = data_config_from_args(args)
+    progress = not args.no_progress
+    splits = [("train", cfg.train)] + [(f"valid/{k}", v) for k, v in cfg.valid.items()]
+    for _, spec in splits:  # fail on a bad spec now, not after a long BPE training
+        resolve_source(spec)
+    t0 = time.time()
+    tok = load_tokenizer(cfg, progress=progress)
+    dt = time.time() - t0
+    print(f"tokenizer {tok.name}: vocab {tok.vocab_size}, end-of-text id {tok.eot_id} ({dt:.1f} s)")
+    rows = []
+    for name, spec in splits:
+        t1 = time.time()
+        tf = prepare_split(cfg, spec, name, tokenizer=tok, progress=progress, force=args.force)
+        rows.append(
+            {
+                "split": name,
+                "documents": tf.n_documents,
+                "tokens": len(tf),
+                "bytes": tf.n_bytes,
+                "file": tf.path,
+            }
+        )
+        print(f"{name}: {spec} -> {tf.path} ({time.time() - t1:.1f} s)", file=sys.stderr)
+    print(format_table(rows))
+    return 0

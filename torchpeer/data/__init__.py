@@ -3,8 +3,7 @@
 Public API::
 
     from torchpeer.data import (DataConfig, load_tokenizer, prepare_split, TokenFile,
-                                RandomWindows, sequential_windows,
-                                add_data_subcommand, run_data_subcommand)
+                                RandomWindows, sequential_windows)
 
     cfg = DataConfig(train="ptb:train", valid={"ptb": "ptb:valid"}, tokenizer="byte")
     tok = load_tokenizer(cfg)                        # .encode/.decode/.vocab_size/.eot_id/.name/.save
@@ -38,11 +37,10 @@ world_size=1)`` with ``state_dict()`` / ``load_state_dict()``; ``sequential_wind
 batch_size, seq_len, max_batches=None, pad=False)``, ``num_sequential_batches(...)``,
 ``IGNORE_INDEX`` (-100, padded targets when pad=True).
 
-CLI (command.py): ``add_data_subcommand(subparsers)``, ``run_data_subcommand(args) -> int``,
-``data_config_from_args(args)``; also ``python -m torchpeer.data``.
+The ``torchpeer data`` subcommand is torchpeer/cli/data.py (it reads run configs, which import
+this package); ``python -m torchpeer.data`` runs it too.
 """
 
-from .command import add_data_subcommand, data_config_from_args, run_data_subcommand
 from .config import DataConfig
 from .sources import SourceFile, iter_documents, load_ptb, resolve_source
 from .token_file import TokenFile, prepare_split, token_dtype
@@ -58,8 +56,6 @@ __all__ = [
     "SourceFile",
     "TokenFile",
     "Tokenizer",
-    "add_data_subcommand",
-    "data_config_from_args",
     "iter_documents",
     "load_ptb",
     "load_saved_tokenizer",
@@ -67,7 +63,6 @@ __all__ = [
     "num_sequential_batches",
     "prepare_split",
     "resolve_source",
-    "run_data_subcommand",
     "sequential_windows",
     "token_dtype",
     "train_bpe",

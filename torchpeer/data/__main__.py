@@ -1,26 +1,8 @@
-"""`python -m torchpeer.data ...`: the `torchpeer data` subcommand without the main CLI."""
+"""``python -m torchpeer.data ...`` = ``torchpeer data ...`` (the subcommand lives in torchpeer/cli/data.py)."""
 
-import argparse
 import sys
 
-from .command import DESCRIPTION, EXAMPLES, add_data_arguments, run_data_subcommand
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m torchpeer.data",
-        description=DESCRIPTION,
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_data_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_data_subcommand(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
+from torchpeer.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["data", *sys.argv[1:]]))

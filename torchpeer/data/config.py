@@ -90,9 +90,16 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataConfig:
-        """Build from a dict such as a TOML ``[data]`` table; unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        """Build from a dict such as a TOML ``[data]`` table; unknown keys are an error (naming the
+        closest valid key: a misspelling is the usual cause)."""
+        import difflib
+
+        if not isinstance(d, dict):
+            raise TypeError(f"[data] must be a table, got {d!r}")
+        known = sorted(f.name for f in dataclasses.fields(cls))
+        unknown = sorted(set(d) - set(known))
         if unknown:
-            raise ValueError(f"unknown data config key(s) {unknown}; valid keys are {sorted(known)}")
+            hints = [(k, difflib.get_close_matches(str(k), known, n=1, cutoff=0.6)) for k in unknown]
+            hint = "".join(f"; {k!r}: did you mean {m[0]!r}?" for k, m in hints if m)
+            raise ValueError(f"unknown data config key(s) {unknown}{hint} (valid keys: {', '.join(known)})")
         return cls(**d)

@@ -226,8 +226,6 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         """Build and validate from a nested dict (config.json, a parsed TOML file)."""
-        from torchpeer.lm.config_io import from_dict
-
         cfg = from_dict(cls, d)
         cfg.validate()
         return cfg
@@ -276,14 +274,62 @@ def check_field_types(obj, prefix: str) -> None:
             raise TypeError(f"{prefix}.{f.name} must be of type {type_name(hints[f.name])}, got {value!r}")
 
 
-# The I/O functions lived here before config_io.py; their old import path keeps working.
-_MOVED_TO_CONFIG_IO = {"CONFIG_DIR", "DEFAULT_CONFIG", "apply_overrides", "dump_toml", "list_configs"}
-_MOVED_TO_CONFIG_IO |= {"load_config", "parse_override_args", "parse_value", "resolve_config_path"}
+# ----------------------------------------------------------------------------- dict -> dataclass
 
 
-def __getattr__(name: str):
-    if name in _MOVED_TO_CONFIG_IO:
-        from torchpeer.lm import config_io
+def from_dict(cls, d: dict[str, Any], prefix: str = ""):
+    """Build dataclass ``cls`` from a nested dict (not validated); unknown keys are a ValueError."""
+    if cls is DataConfig:
+        try:
+            return DataConfig.from_dict(d)
+        except TypeError as e:
+            raise TypeError(f"[data]: {e}") from None
+    if not isinstance(d, dict):
+        raise TypeError(f"[{prefix.rstrip('.')}] must be a table, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
+        hint = "; ".join(f"{k!r}: did you mean {m!r}?" for k in unknown if (m := closest(str(k), names)))
+        raise ValueError(
+            f"unknown config key(s) {unknown} in {where}{'; ' + hint if hint else ''} (valid keys: {', '.join(names)})"
+        )
+    kwargs = {}
+    for name, value in d.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = coerce(value, tp, prefix + name)
+    return cls(**kwargs)
 
-        return getattr(config_io, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def closest(name: str, candidates) -> str | None:
+    """The candidate most like ``name`` (a misspelt key: ``max_step`` -> ``max_steps``), or None."""
+    import difflib
+
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def coerce(value: Any, tp, key: str) -> Any:
+    """``value`` as field type ``tp`` (ints widened to float, integral floats to int) or a TypeError."""
+    for t in type_args(tp):
+        if t is type(None) and value is None:
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if t in (str, bool) and type(value) is t:
+            return value
+        origin = typing.get_origin(t)
+        if origin is list and isinstance(value, list):
+            (item,) = typing.get_args(t)
+            return [coerce(v, item, key) for v in value]
+        if origin is dict and isinstance(value, dict):
+            return {str(k): coerce(v, typing.get_args(t)[1], key) for k, v in value.items()}
+    raise TypeError(f"config field {key} must be of type {type_name(tp)}, got {value!r}")

@@ -24,7 +24,7 @@ import typing
 from typing import Any
 
 from torchpeer.data import DataConfig
-from torchpeer.lm.config import RunConfig, type_args, type_name
+from torchpeer.lm.config import RunConfig, closest, coerce, from_dict, type_args, type_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,56 +33,6 @@ else:  # pragma: no cover - Python 3.10
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 DEFAULT_CONFIG = "ptb-tiny"
-
-
-# ----------------------------------------------------------------------------- dict -> dataclass
-
-
-def from_dict(cls, d: dict[str, Any], prefix: str = ""):
-    """Build dataclass ``cls`` from a nested dict (not validated); unknown keys are a ValueError."""
-    if cls is DataConfig:
-        try:
-            return DataConfig.from_dict(d)
-        except TypeError as e:
-            raise TypeError(f"[data]: {e}") from None
-    if not isinstance(d, dict):
-        raise TypeError(f"[{prefix.rstrip('.')}] must be a table, got {d!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(d) - set(names))
-    if unknown:
-        where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
-        raise ValueError(f"unknown config key(s) {unknown} in {where}; valid keys are {names}")
-    kwargs = {}
-    for name, value in d.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(tp, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = coerce(value, tp, prefix + name)
-    return cls(**kwargs)
-
-
-def coerce(value: Any, tp, key: str) -> Any:
-    """``value`` as field type ``tp`` (ints widened to float, integral floats to int) or a TypeError."""
-    for t in type_args(tp):
-        if t is type(None) and value is None:
-            return value
-        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if t is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if t is int and isinstance(value, float) and value.is_integer():
-            return int(value)
-        if t in (str, bool) and type(value) is t:
-            return value
-        origin = typing.get_origin(t)
-        if origin is list and isinstance(value, list):
-            (item,) = typing.get_args(t)
-            return [coerce(v, item, key) for v in value]
-        if origin is dict and isinstance(value, dict):
-            return {str(k): coerce(v, typing.get_args(t)[1], key) for k, v in value.items()}
-    raise TypeError(f"config field {key} must be of type {type_name(tp)}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- TOML files
@@ -198,14 +148,14 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | list[tuple[str, str]]
                 obj = None
                 break
             if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
-                raise ValueError(f"unknown config field {key!r}; {_suggest(cfg, parts[: i + 1])}")
+                raise ValueError(f"unknown config field {key!r}; {_suggest(cfg, key, parts[: i + 1])}")
             obj = getattr(obj, part)
         if obj is None:  # --data.valid.NAME SPEC
             cfg.data.valid = {**cfg.data.valid, parts[-1]: text}
             continue
         last = parts[-1]
         if not dataclasses.is_dataclass(obj) or last not in {f.name for f in dataclasses.fields(obj)}:
-            raise ValueError(f"unknown config field {key!r}; {_suggest(cfg, parts)}")
+            raise ValueError(f"unknown config field {key!r}; {_suggest(cfg, key, parts)}")
         tp = typing.get_type_hints(type(obj))[last]
         if dataclasses.is_dataclass(tp):
             raise ValueError(f"{key!r} is a section; override one of its fields, e.g. --{key}.<field> VALUE")
@@ -213,15 +163,28 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | list[tuple[str, str]]
     return cfg
 
 
-def _suggest(cfg: RunConfig, parts: list[str]) -> str:
+def _suggest(cfg: RunConfig, key: str, parts: list[str]) -> str:
+    """The existing field closest to the misspelt ``key``, then the valid fields where ``parts`` went wrong."""
+    match = closest(key, _field_names(cfg))
+    hint = f"did you mean --{match}? " if match else ""
     obj = cfg
     for p in parts[:-1]:
         obj = getattr(obj, p, None)
     if dataclasses.is_dataclass(obj):
         prefix = ".".join(parts[:-1])
         names = [f"{prefix}.{f.name}" if prefix else f.name for f in dataclasses.fields(obj)]
-        return f"valid fields here: {', '.join(names)}"
-    return "sections are model, train, data"
+        return f"{hint}valid fields here: {', '.join(names)}"
+    return f"{hint}sections are model, train, data"
+
+
+def _field_names(obj, prefix: str = "") -> list[str]:
+    """Every dotted field name of a config dataclass: "train.max_steps", "model.peer.top_k", ..."""
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        name = f"{prefix}{f.name}"
+        out += _field_names(value, name + ".") if dataclasses.is_dataclass(value) else [name]
+    return out
 
 
 def parse_value(text: str, tp, key: str) -> Any:

@@ -8,15 +8,12 @@ import os
 import pytest
 
 from tests.data.helpers import DOCS, corpus_text, write_jsonl
-from torchpeer.data import (
-    add_data_subcommand,
-    run_data_subcommand,
-)
+from torchpeer.cli import data as data_command
 
 
 def test_data_subcommand(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="torchpeer")
-    add_data_subcommand(parser.add_subparsers(dest="command"))
+    data_command.add_parser(parser.add_subparsers(dest="command"))
     with pytest.raises(SystemExit) as e:
         parser.parse_args(["data", "--help"])
     assert e.value.code == 0 and "Source specs" in capsys.readouterr().out
@@ -26,7 +23,7 @@ def test_data_subcommand(tmp_path, capsys):
     args = parser.parse_args(
         ["data", "--config", str(tmp_path / "run.toml"), "--valid", f"v={tmp_path / 'v.txt'}", "--no-progress"]
     )
-    assert args.func(args) == 0 and run_data_subcommand is args.func
+    assert args.func(args) == 0 and data_command.run is args.func
     out = capsys.readouterr().out
     nbytes = sum(len(d.encode()) for d in DOCS)
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[3:]}
@@ -51,3 +48,20 @@ def test_piped_run_says_what_it_is_doing_without_blank_lines(tmp_path):
     assert "" not in [line.strip() for line in lines], lines
     assert any(line.startswith("training a BPE tokenizer (vocab 300) on ") for line in lines)
     assert any(line.startswith("tokenising train (") for line in lines)
+
+
+def test_python_m_torchpeer_data_runs_the_same_subcommand():
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torchpeer.data", "--help"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and "Source specs" in res.stdout and "usage: torchpeer data" in res.stdout
+    res = subprocess.run(
+        [sys.executable, "-m", "torchpeer.data", "--train", "/nonexistent/x.txt"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr
