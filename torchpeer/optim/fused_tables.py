@@ -39,6 +39,12 @@ class _Mixer:
         s_down, s_up = self.owner.states[self.name]
         return expert_mix_rowwise_adam(x, down, up, indices, gates, activation, s_down, s_up, self.owner.hyper)
 
+    def table_state(self):
+        """-> (state of down, state of up, hyper): what a mixing op with the fused update needs (the
+        column-sharded layer of torchpeer.parallel calls its own op with them)."""
+        s_down, s_up = self.owner.states[self.name]
+        return s_down, s_up, self.owner.hyper
+
 
 class RowwiseTableAdam:
     """Row-wise Adam state for the down/up tables of the given PEER layers ({name: layer})."""
@@ -135,6 +141,8 @@ def attach_rowwise_adam(model: nn.Module, *args, **kwargs) -> RowwiseTableAdam:
     layers = {name: m for name, m in model.named_modules() if isinstance(m, PEER)}
     for name, m in layers.items():
         if getattr(m, "column_shard", None) is not None:  # torchpeer.parallel's sharded forward
+            # (RowwiseTableAdam itself works on a sharded layer; its per-rank state is not in the
+            # distributed checkpoint yet, so the trainer cannot resume it)
             raise ValueError("expert_optimizer=rowwise_adam is not supported with torchrun yet; use adamw")
         if not hasattr(m, "table_update"):
             raise ValueError(

@@ -21,10 +21,15 @@ parameters); see sharded_layers.py.
 
 Token counts. Training batches are split evenly (``ShardContext.counts`` None: one all-gather,
 no host synchronisation); evaluation may split a batch unevenly and sets ``counts`` per batch.
+
+torch.compile. The gather is a torch.library custom op (so are the Triton mixing ops of
+triton_mixing.py), opaque to the compiler; a custom op takes no Python objects, so it names its
+ShardContext by ``ShardContext.key``, an int resolved by ``shard_context``.
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from dataclasses import dataclass, field
 
@@ -45,6 +50,11 @@ class ShardContext:
     rank: int
     world: int
     counts: list[int] | None = field(default=None)
+    key: int = field(default=-1, init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        self.key = next(_KEYS)
+        _CONTEXTS[self.key] = self
 
     def token_counts(self, local: int) -> list[int]:
         return [local] * self.world if self.counts is None else list(self.counts)
@@ -53,6 +63,15 @@ class ShardContext:
         """This rank's contiguous column slice of a width-``width`` table (width % world == 0)."""
         part = width // self.world
         return slice(self.rank * part, (self.rank + 1) * part)
+
+
+_KEYS = itertools.count()
+_CONTEXTS: dict[int, ShardContext] = {}  # every ShardContext made (a handful per process)
+
+
+def shard_context(key: int) -> ShardContext:
+    """The ShardContext whose ``key`` is ``key`` (how custom ops name theirs)."""
+    return _CONTEXTS[key]
 
 
 def _all_gather_rows(out: torch.Tensor, inp: torch.Tensor, group) -> None:
@@ -119,22 +138,35 @@ def all_reduce_sum_(t: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
     return t
 
 
-class _GatherTokens(torch.autograd.Function):
-    @staticmethod
-    def forward(fctx, x, ctx: ShardContext):
-        fctx.ctx, fctx.local = ctx, x.shape[0]
-        out = all_gather_tokens(x, ctx)
-        return out.view_as(out) if out is x else out
+@torch.library.custom_op("torchpeer::shard_gather_tokens", mutates_args=())
+def _gather_tokens_op(x: torch.Tensor, key: int) -> torch.Tensor:
+    return all_gather_tokens(x, shard_context(key))
 
-    @staticmethod
-    def backward(fctx, grad):
-        # The gathered tensor feeds only the replicated computation, whose gradient is identical
-        # on every rank and in global units (see module docstring): keep my rows, back to local units.
-        ctx = fctx.ctx
-        start = sum(ctx.token_counts(fctx.local)[: ctx.rank])
-        return grad[start : start + fctx.local] * ctx.world, None
+
+@_gather_tokens_op.register_fake
+def _(x, key):
+    return x.new_empty(sum(shard_context(key).token_counts(x.shape[0])), *x.shape[1:])
+
+
+def _gather_setup(ctx, inputs, output):
+    ctx.key, ctx.local = inputs[1], inputs[0].shape[0]
+
+
+def _gather_backward(fctx, grad):
+    # The gathered tensor feeds only the replicated computation, whose gradient is identical
+    # on every rank and in global units (see module docstring): keep my rows, back to local units.
+    ctx = shard_context(fctx.key)
+    start = sum(ctx.token_counts(fctx.local)[: ctx.rank])
+    return grad[start : start + fctx.local] * ctx.world, None
+
+
+_gather_tokens_op.register_autograd(_gather_backward, setup_context=_gather_setup)
 
 
 def gather_tokens(x: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
-    """Differentiable all-gather of tokens (T_r, d) -> (T, d) for the replicated computation."""
-    return _GatherTokens.apply(x, ctx)
+    """Differentiable all-gather of tokens (T_r, d) -> (T, d) for the replicated computation.
+    With one rank it is x itself (nothing to gather; the gradient's scale W is 1)."""
+    if ctx.world == 1:
+        all_gather_tokens(x, ctx)  # (checks the token count)
+        return x
+    return _gather_tokens_op(x, ctx.key)

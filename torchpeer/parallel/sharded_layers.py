@@ -12,11 +12,18 @@ for the T_r tokens of this rank (T = all ranks' tokens):
     y_r = all_to_all(Y_r)                        (T_r, d) my tokens, all columns
 
 The retrieval runs on the gathered batch, so BatchNorm (or EMA) query statistics are the global
-batch's, exactly as in one process. The weighted row sums, the dot products (as gradients with
-respect to the bag weights) and the table gradients all go through ``F.embedding_bag`` and its
-backward, in the tables' fp32: no (T, h, k, d/W) gathered rows. Backward mirrors the forward:
-all_to_all of dy to columns, all_reduce of the (T, h, k) dots dy . v, local table gradients,
-all_to_all of dx back to token owners.
+batch's, exactly as in one process. Backward mirrors the forward: all_to_all of dy to columns,
+all_reduce of the (T, h, k) dots dy . v, local table gradients, all_to_all of dx back to token
+owners.
+
+Two implementations of PEER's mixing, chosen as the one-process layer chooses its backend
+(``resolve_backend("expert_mix", layer.backend, device)``): "triton" runs the column-sliced Triton
+kernels (triton_mixing.py: custom ops, the expert-sorted deterministic backward of the one-GPU
+kernels, and the fused row-wise Adam when a RowwiseTableAdam is attached); otherwise (the CPU,
+float64, the reference) the PyTorch path below, where the weighted row sums, the dot products (as
+gradients with respect to the bag weights) and the table gradients go through ``F.embedding_bag``
+and its backward, in the tables' fp32: no (T, h, k, d/W) gathered rows. PKM always takes the
+PyTorch path.
 
 Gradient units (see collectives.py): per-token gradients arrive in "local units" (W x the global
 gradient, because DDP averages over ranks). Quantities summed over all ranks' tokens are divided
@@ -35,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchpeer.layers.validators import check_input
+from torchpeer.ops import resolve_backend
 from torchpeer.ops.expert_mixing.reference import activation_fn as _act
 from torchpeer.ops.expert_mixing.torch_impl import activation_grad as _act_grad
 from torchpeer.parallel.collectives import (
@@ -147,8 +155,26 @@ def _peer_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # Retrieval ran on the gathered batch, so this rank's tracker counts every rank's tokens (the
     # plan's usage reduction skips sharded layers).
     self._track_routing(q, idx, g)
-    y = _ShardedPEERMix.apply(flat, X.detach(), self.down, self.up, idx, g, self.activation, shard)
+    mixer = getattr(self, "table_update", None)  # a fused table optimizer (torchpeer.optim.RowwiseTableAdam)
+    if mixer is not None and torch.is_grad_enabled():
+        from torchpeer.parallel.triton_mixing import sharded_mix_rowwise_adam
+
+        s_down, s_up, hyper = mixer.table_state()
+        y = sharded_mix_rowwise_adam(
+            flat, X.detach(), self.down, self.up, idx, g, self.activation, shard, s_down, s_up, hyper
+        )
+    elif mixer is not None or _mix_backend(self, X.device) == "triton":
+        from torchpeer.parallel.triton_mixing import sharded_mix_triton
+
+        y = sharded_mix_triton(flat, X.detach(), self.down, self.up, idx, g, self.activation, shard)
+    else:
+        y = _ShardedPEERMix.apply(flat, X.detach(), self.down, self.up, idx, g, self.activation, shard)
     return y.view(*lead, self.d_model)
+
+
+def _mix_backend(layer: nn.Module, device: torch.device) -> str:
+    """The mixing backend of the one-process layer: "triton" -> column-sliced kernels, else PyTorch."""
+    return resolve_backend("expert_mix", layer.backend, device)
 
 
 def _pkm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -204,10 +230,15 @@ def shard_layer_(layer: nn.Module, ctx: ShardContext) -> nn.Module:
     layer.cost = lambda: full_cost  # the model's cost is the unsharded one
     if hasattr(layer, "op_backends"):  # the backend record (config.json) names what runs now
         routing = layer.router.retrieval_backend
-        layer.op_backends = lambda device=None: {
-            "product_key_topk": routing(device),
-            "expert_mix" if kind == "PEER" else "value_read": f"column_sharded_torch (world {ctx.world})",
-        }
+
+        def op_backends(device=None):
+            device = device or getattr(layer, SHARDED_TABLES[kind][0]).device
+            mix = _mix_backend(layer, device) if kind == "PEER" else "torch"
+            mix = "triton" if mix == "triton" else "torch"
+            name = "expert_mix" if kind == "PEER" else "value_read"
+            return {"product_key_topk": routing(device), name: f"column_sharded_{mix} (world {ctx.world})"}
+
+        layer.op_backends = op_backends
     return layer
 
 
