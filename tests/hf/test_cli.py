@@ -62,3 +62,46 @@ def test_train_continues_an_exported_folder(make_run, tmp_path, capsys):
     assert main(["train", out, "--run-dir", str(tmp_path / "x"), "--model.n_layers", "3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "different model" in err[0]
+
+
+@pytest.fixture(scope="module")
+def two_checkpoint_run(tmp_path_factory, train_file):
+    """A tiny run with checkpoints at steps 2 and 4."""
+    from tests.hf.conftest import tiny_run_config
+    from torchpeer.lm import RunConfig, train
+
+    root = tmp_path_factory.mktemp("two-ckpt")
+    d = tiny_run_config(train_file, str(root / "cache"), "peer", steps=4)
+    d["train"]["ckpt_interval"] = 2
+    train(RunConfig.from_dict(d), str(root / "run"), progress=False)
+    return str(root / "run")
+
+
+@pytest.mark.parametrize("file", ["model.safetensors", "trainer.pt"])
+@pytest.mark.parametrize("how", ["truncated", "bit-flipped"])
+def test_export_hf_of_a_damaged_checkpoint(two_checkpoint_run, tmp_path, capsys, file, how):
+    """A damaged newest checkpoint: exporting the run names it and exports the intact older one (its
+    weights, bit for bit); exporting the damaged folder by name is one error line, nothing written."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from tests.lm.test_damaged_checkpoints import WHY, damage
+
+    run = str(tmp_path / "run")
+    shutil.copytree(two_checkpoint_run, run)
+    bad, good = (os.path.join(run, "checkpoints", f"step_0000000{s}") for s in (4, 2))
+    damage(os.path.join(bad, file), how)
+    out = str(tmp_path / "exported")
+    assert main(["export-hf", run, out]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"checkpoint {bad} is damaged: {file} {WHY[how]}")
+    assert captured.err.count(" is damaged: ") == 1 and f"exported {good} -> {out}" in captured.out
+    exported = load_file(os.path.join(out, "model.safetensors"))
+    intact = load_file(os.path.join(good, "model.safetensors"))
+    shared = [k for k in intact if f"model.{k}" in exported]  # a tied tensor is stored under one name
+    assert len(shared) >= len(intact) - 1 and all(exported[f"model.{k}"].equal(intact[k]) for k in shared)
+    assert main(["export-hf", bad, str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: checkpoint {bad} is damaged: {file}") and err.count("\n") == 1
+    assert f"the older checkpoint {good} beside it is intact" in err and not os.path.exists(tmp_path / "other")

@@ -149,7 +149,8 @@ def test_stale_partial_checkpoints_are_removed_on_start_and_resume(tmp_path, cap
     ckpt = run / "checkpoints" / "step_00000010"
     os.replace(ckpt, str(ckpt) + ".old")
     (run / "checkpoints" / ".step_00000010.xyz.tmp").mkdir()
-    assert main(["train", cfg, "--run-dir", str(run), "--resume"]) == 0
+    # the run was saved with max_steps 10: going on to the TOML's 12 takes an override on resume
+    assert main(["train", cfg, "--run-dir", str(run), "--resume", "--train.max_steps", "12"]) == 0
     out = capsys.readouterr().out
     assert "from step_00000010: step 10/12, 2,560 tokens" in out
     assert sorted(os.listdir(run / "checkpoints")) == ["step_00000010", "step_00000012"]

@@ -66,8 +66,11 @@ def test_one_process_to_2_killed_mid_save_resumed_on_1_and_4_equals_one_process(
     run4 = str(tmp_path / "run4")
     shutil.copytree(run2, run4)
 
-    # resume in one plain process (no torchrun): reads the 2-rank DCP checkpoint
-    train(config(cfg_path), run2, resume=True, progress=False)
+    # resume in one plain process (no torchrun): reads the 2-rank DCP checkpoint through the plan that
+    # torchpeer.parallel hands in (the core's SingleProcessPlan does not read dcp/ folders)
+    from torchpeer.parallel.plan import OneProcessDCPPlan
+
+    train(config(cfg_path), run2, resume=True, progress=False, plan=OneProcessDCPPlan())
     assert _assert_same_run(run2, ref)["world_size"] == 1
     # resume on 4 processes
     run_workers(train_run, 4, cfg_path, run4, True, None)

@@ -38,7 +38,8 @@ def _is_exported(path: str) -> bool:
 
 def load_for_inference(path: str, device):
     """(model in eval mode, RunConfig, checkpoint folder, tokenizer) from a checkpoint folder, a run
-    folder (its latest checkpoint) or an ``export-hf`` folder."""
+    folder (its newest intact checkpoint; damaged newer ones are named on stderr) or an ``export-hf``
+    folder."""
     from torchpeer.lm.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint
 
     if _is_exported(path):
@@ -47,10 +48,18 @@ def load_for_inference(path: str, device):
         model, tok, cfg = load_exported(path, device)
         ckpt = path
     else:
-        model, cfg, ckpt = load_model_from_checkpoint(path, device)
+        model, cfg, ckpt = load_model_from_checkpoint(path, device, read_dcp_weights=read_dcp_weights)
         tok = load_checkpoint_tokenizer(ckpt)
     if tok is None:
         from torchpeer.data import load_tokenizer
 
         tok = load_tokenizer(cfg.data)
     return model, cfg, ckpt, tok
+
+
+def read_dcp_weights(model, path: str) -> None:
+    """Weights of a distributed run's checkpoint (``dcp/``) through torchpeer.parallel, imported only
+    here: the core does not import it, and its DCP module costs ~0.6 s to import."""
+    from torchpeer.parallel.checkpoint import load_dcp_weights
+
+    load_dcp_weights(model, path)

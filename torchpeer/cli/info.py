@@ -43,8 +43,8 @@ def infer_vocab_size(cfg) -> int:
 
 def run(args) -> int:
     from torchpeer.cli.common import config_with_overrides
+    from torchpeer.lm.budget import plan_steps
     from torchpeer.lm.info import config_cost, format_cost
-    from torchpeer.lm.trainer import plan_steps
 
     cfg = config_with_overrides(args.config, args.overrides)
     cfg.model.vocab_size = infer_vocab_size(cfg)

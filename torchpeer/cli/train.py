@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -17,6 +18,11 @@ examples:
   torchpeer train                                  # ptb-tiny: small PEER LM on PTB, CPU
   torchpeer train gpu-peer-small --run-dir runs/peer
   torchpeer train ptb-tiny --resume                # continue runs/ptb-tiny from its last checkpoint
+  torchpeer train --resume --run-dir runs/x --train.max_steps 1000   # ... with a larger budget
+
+--resume continues the run under the config it was saved with (its newest intact checkpoint's);
+overrides given with --resume change that config, are printed, and the run folder keeps every
+config it was trained under (RUN_DIR/configs/from_step_<N>.json).
 
 Ctrl-C (SIGINT) or SIGTERM stops after the current step, writes a checkpoint and prints the
 command that resumes the run (exit status 130 / 143).
@@ -39,11 +45,14 @@ def add_parser(subparsers):
     p.add_argument(
         "config",
         nargs="?",
-        default=DEFAULT_CONFIG,
         help=f"config name or path (default {DEFAULT_CONFIG}), or an export-hf folder to continue training",
     )
     p.add_argument("--run-dir", help="run folder (default runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --run-dir from its newest intact checkpoint, under its saved config",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
     p.set_defaults(func=run, takes_overrides=True)
     return p
@@ -51,28 +60,71 @@ def add_parser(subparsers):
 
 def resume_command(args, run_dir: str) -> str:
     """The command line that continues this run."""
+    from torchpeer.lm.config_io import DEFAULT_CONFIG
+
     overrides = [f"--{k}={v}" for k, v in args.overrides]
-    return shlex.join(["torchpeer", "train", args.config, "--run-dir", run_dir, "--resume", *overrides])
+    config = args.config or DEFAULT_CONFIG
+    return shlex.join(["torchpeer", "train", config, "--run-dir", run_dir, "--resume", *overrides])
+
+
+def config_for_resume(file_cfg, config_arg: str, run_dir: str, overrides, say=print):
+    """The config a resume continues with: the run's saved one (its newest intact checkpoint's) with
+    ``overrides`` applied. Says which fields the named config file would have set otherwise, so that
+    an edited TOML file is not mistaken for the run's config."""
+    from torchpeer.lm.config_io import apply_overrides
+    from torchpeer.lm.resume import field_differences, saved_run_config
+
+    saved, _ = saved_run_config(run_dir)
+    cfg = apply_overrides(saved, overrides)
+    cfg.validate()
+    ours, theirs = cfg.to_dict(), file_cfg.to_dict()
+    if theirs["model"]["vocab_size"] is None:  # resolved from the tokenizer when the run started
+        theirs["model"]["vocab_size"] = ours["model"]["vocab_size"]
+    theirs["name"] = ours["name"]
+    diffs = field_differences(ours, theirs)
+    if diffs:
+        shown = "; ".join(f"{k} (run {a!r}, file {b!r})" for k, a, b in diffs[:6])
+        more = f"; and {len(diffs) - 6} more" if len(diffs) > 6 else ""
+        example = next((f", e.g. --{k} {_as_flag(v)}" for k, _, v in diffs if not isinstance(v, dict)), "")
+        say(
+            f"note: the run continues under its saved config; {config_arg} differs in {shown}{more}; "
+            f"to change a field give it as an override{example}"
+        )
+    return cfg
+
+
+def _as_flag(value) -> str:
+    """A config value as override text (the parser reads str as is, the rest as JSON)."""
+    return shlex.quote(value) if isinstance(value, str) else json.dumps(value)
 
 
 def run(args) -> int:
     from torchpeer.cli.common import _is_exported, config_with_overrides
+    from torchpeer.lm.config_io import DEFAULT_CONFIG
     from torchpeer.lm.train import TrainingInterrupted, train
+    from torchpeer.parallel.plan import plan_for_this_process
 
+    config_arg = args.config or DEFAULT_CONFIG
     init_from = None
-    if _is_exported(args.config):  # an export-hf folder: continue training its model in a new run
+    if _is_exported(config_arg):  # an export-hf folder: continue training its model in a new run
         from torchpeer.hf.exported import continue_from_exported
 
-        cfg, init_from = continue_from_exported(args.config, args.overrides)
+        cfg, init_from = continue_from_exported(config_arg, args.overrides)
     else:
-        cfg = config_with_overrides(args.config, args.overrides)
+        cfg = config_with_overrides(config_arg, args.overrides)
     run_dir = args.run_dir or os.path.join("runs", cfg.name or "run")
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
+    if args.resume:
+        cfg = config_for_resume(cfg, config_arg, run_dir, args.overrides, print if rank0 else (lambda _: None))
     if rank0:
         blocks = cfg.model.sparse_blocks() or "none"
         print(f"config {cfg.name}: {cfg.model.ffw} FFW at blocks {blocks}, run dir {run_dir}")
     try:
-        summary = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress, init_from=init_from)
+        # torchpeer.parallel's plan: DistributedPlan under torchrun, else one process that also reads
+        # a distributed run's checkpoints (the core, torchpeer.lm, does not import torchpeer.parallel)
+        plan = plan_for_this_process()
+        progress = not args.no_progress
+        summary = train(cfg, run_dir, resume=args.resume, progress=progress, init_from=init_from, plan=plan)
     except TrainingInterrupted as e:
         if not rank0:
             return 128 + e.signum

@@ -55,7 +55,12 @@ def export_hf(run_dir: str, out_dir: str, overwrite: bool = False) -> str:
     require_transformers()
     from torchpeer.data import load_tokenizer
     from torchpeer.hf.tokenizer_files import write_tokenizer
-    from torchpeer.lm.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint, resolve_checkpoint
+    from torchpeer.lm.checkpoint import (
+        is_dcp_checkpoint,
+        load_checkpoint_tokenizer,
+        load_model_from_checkpoint,
+        resolve_checkpoint,
+    )
 
     if not os.path.exists(run_dir):
         raise FileNotFoundError(f"run dir {run_dir!r} does not exist")
@@ -68,7 +73,10 @@ def export_hf(run_dir: str, out_dir: str, overwrite: bool = False) -> str:
         ) from None
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir!r} already exists; choose a new folder or pass --overwrite")
-    model, cfg, ckpt = load_model_from_checkpoint(ckpt)
+    read_dcp_weights = None
+    if is_dcp_checkpoint(ckpt):  # a distributed run's weights: torchpeer.parallel reads them (core does not)
+        from torchpeer.parallel.checkpoint import load_dcp_weights as read_dcp_weights
+    model, cfg, ckpt = load_model_from_checkpoint(ckpt, read_dcp_weights=read_dcp_weights)
     tok = load_checkpoint_tokenizer(ckpt) or load_tokenizer(cfg.data, progress=False)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)

@@ -11,7 +11,9 @@ Modules: config (dataclasses + validation), config_io (TOML, overrides), runtime
 TF32, autocast), model (TransformerLM, KVCache), info (parameter/FLOP accounting), optim (AdamW
 groups, schedules), memory (step memory estimate), trainer (Trainer: build / train_step / evaluate /
 checkpoint / fit), callbacks, plan (parallel-plan seam), interrupt (SIGINT/SIGTERM), metrics
-(metrics.jsonl), rundir (run-folder writes), checkpoint, evaluate, generate; train (``train()``).
+(metrics.jsonl), rundir (run-folder writes), checkpoint, integrity (checksums.json of a checkpoint),
+resume (which checkpoint and config a resume continues with), budget (steps of a run), evaluate,
+generate; train (``train()``).
 """
 
 from torchpeer.lm.callbacks import Callback

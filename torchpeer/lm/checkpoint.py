@@ -1,16 +1,26 @@
-"""Checkpoints: one folder per step under ``RUN_DIR/checkpoints/``, written atomically.
+"""Checkpoints: one folder per step under ``RUN_DIR/checkpoints/``, written atomically, checked on load.
 
     step_00001000/
       model.safetensors    weights and buffers (BatchNorm running stats), tied tensors stored once
       trainer.pt           step, tokens, optimizer, lr schedule, data sampler position, RNG states
       config.json          the full run config (model.vocab_size resolved)
       tokenizer/           the tokenizer (so that eval/generate need not rebuild it)
+      checksums.json       size and SHA-256 of every other file, written last (integrity.py)
 
-The folder is assembled under a temporary name and renamed into place (``os.replace``), so a
-crash leaves either a complete checkpoint or none; after the rename only the ``keep`` newest
-are kept. ``latest_checkpoint`` ignores leftover temporaries (rundir.remove_stale_partials deletes
-them when a run starts). A distributed run keeps its weights in ``dcp/`` instead of
-``model.safetensors`` (torchpeer.parallel); ``load_weights`` reads either.
+Writing: the folder is assembled under a temporary name, every file is flushed to disk while
+checksums.json is computed, and the folder is renamed into place (``os.replace``), so a crash
+leaves either a complete checkpoint or none; after the rename only the ``keep`` newest are kept.
+``latest_checkpoint`` ignores leftover temporaries (rundir.remove_stale_partials deletes them
+when a run starts).
+
+Reading: every loader first checks the folder against checksums.json (integrity.py): a
+truncated, altered or missing file is a ``CheckpointDamaged`` error naming the file. Given a run
+folder, ``resolve_checkpoint`` takes the newest intact checkpoint and says which newer ones it
+skipped (a checkpoint folder given directly must be intact; the error names an intact older one).
+
+A distributed run keeps its weights in ``dcp/`` instead of ``model.safetensors``; torchpeer.parallel
+reads those (the core never imports it): callers hand its reader in (``load_model_from_checkpoint
+(..., read_dcp_weights=...)``, the parallel plan's ``load_checkpoint``).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import tempfile
 
 import numpy as np
@@ -28,6 +39,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from torchpeer.lm.config import RunConfig
+from torchpeer.lm.integrity import CheckpointDamaged, read_json, verify_checkpoint, write_manifest
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -37,7 +49,7 @@ def checkpoint_dir(run_dir: str) -> str:
 
 
 def list_checkpoints(run_dir: str) -> list[str]:
-    """Complete checkpoint folders of a run, oldest first."""
+    """Complete checkpoint folders of a run, oldest first (not yet verified)."""
     root = checkpoint_dir(run_dir)
     if not os.path.isdir(root):
         return []
@@ -54,16 +66,81 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return ckpts[-1] if ckpts else None
 
 
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint folder, or a run folder (-> its latest checkpoint)."""
+def newest_intact_checkpoint(run_dir: str, candidates: list[str] | None = None):
+    """(the newest checkpoint of ``run_dir`` (or of ``candidates``, oldest first) that verifies, or
+    None; the newer damaged ones as CheckpointDamaged errors)."""
+    damaged = []
+    for path in reversed(list_checkpoints(run_dir) if candidates is None else candidates):
+        try:
+            verify_checkpoint(path)
+        except CheckpointDamaged as e:
+            damaged.append(e)
+            continue
+        return path, damaged
+    return None, damaged
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def resolve_checkpoint(path: str, say=_stderr) -> str:
+    """A verified checkpoint folder: ``path`` itself, or the newest intact checkpoint of run folder
+    ``path`` (``say(line)`` is told of each newer damaged one it skipped). Raises CheckpointDamaged
+    (a ValueError) naming an intact older one when the folder given is damaged, ValueError when a run
+    folder has no intact checkpoint, FileNotFoundError when there is none at all (naming the runs
+    inside when ``path`` is a folder of runs, such as a sweep's)."""
     if os.path.isfile(os.path.join(path, "trainer.pt")):
+        try:
+            verify_checkpoint(path)
+        except CheckpointDamaged as e:
+            run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+            name = os.path.basename(os.path.abspath(path))
+            older = [p for p in list_checkpoints(run_dir) if os.path.basename(p) < name]  # zero-padded steps
+            intact = next((p for p in reversed(older) if _intact(p)), None)
+            hint = f"; the older checkpoint {intact} beside it is intact, use that" if intact else ""
+            raise CheckpointDamaged(e.folder, e.reason, hint) from None
         return path
+    if os.path.isdir(path) and list_checkpoints(path):
+        found, damaged = newest_intact_checkpoint(path)
+        if found is None:
+            why = "; ".join(f"{os.path.basename(e.folder)}: {e.reason}" for e in damaged)
+            raise ValueError(f"no intact checkpoint in {path}: {why}")
+        for e in damaged:
+            say(f"{e}; using {os.path.basename(found)}, the newest intact one")
+        return found
     if os.path.isdir(path):
-        latest = latest_checkpoint(path)
-        if latest is not None:
-            return latest
+        runs = runs_below(path)
+        if runs:
+            shown = ", ".join(runs[:8]) + (f" (and {len(runs) - 8} more)" if len(runs) > 8 else "")
+            raise FileNotFoundError(f"{path!r} is a folder of {len(runs)} runs, not one run: give one of {shown}")
         raise FileNotFoundError(f"{path!r} is neither a checkpoint folder nor a run folder with checkpoints")
     raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+
+
+def _intact(path: str) -> bool:
+    try:
+        verify_checkpoint(path)
+        return True
+    except CheckpointDamaged:
+        return False
+
+
+def runs_below(folder: str, depth: int = 2) -> list[str]:
+    """Run folders (with checkpoints) under ``folder``, up to ``depth`` levels down (a sweep's runs/)."""
+    out = []
+    for name in sorted(os.listdir(folder)):
+        sub = os.path.join(folder, name)
+        if not os.path.isdir(sub) or name.startswith("."):
+            continue
+        if list_checkpoints(sub):
+            out.append(sub)
+        elif depth > 1:
+            out += runs_below(sub, depth - 1)
+    return out
+
+
+# ----------------------------------------------------------------------------- writing
 
 
 def rng_state() -> dict:
@@ -120,8 +197,9 @@ def write_checkpoint_meta(folder: str, trainer_state: dict, step: int, cfg: RunC
 
 
 def publish_checkpoint(tmp: str, final: str, run_dir: str, keep: int) -> str:
-    """Rename the complete folder ``tmp`` to ``final`` (swapping out an older copy of the same step),
-    then delete all but the ``keep`` newest checkpoints; returns ``final``."""
+    """Write checksums.json of the complete folder ``tmp``, rename it to ``final`` (swapping out an
+    older copy of the same step), then delete all but the ``keep`` newest checkpoints; returns ``final``."""
+    write_manifest(tmp)
     if os.path.isdir(final):  # re-saving the same step (e.g. the final one): swap it out
         old = final + ".old"
         shutil.rmtree(old, ignore_errors=True)
@@ -130,9 +208,26 @@ def publish_checkpoint(tmp: str, final: str, run_dir: str, keep: int) -> str:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+    _fsync_dir(os.path.dirname(final))  # the rename itself reaches the disk
     for stale in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. a platform without directory file descriptors
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- reading
 
 
 def check_same_model(saved: RunConfig, cfg: RunConfig, ckpt: str) -> None:
@@ -164,8 +259,8 @@ def _flat(d: dict, prefix: str) -> dict:
 
 
 def read_checkpoint_config(path: str) -> RunConfig:
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
-        return RunConfig.from_dict(json.load(fh))
+    verify_checkpoint(path)
+    return RunConfig.from_dict(read_json(path, "config.json"))
 
 
 def is_dcp_checkpoint(path: str) -> bool:
@@ -173,20 +268,40 @@ def is_dcp_checkpoint(path: str) -> bool:
     return os.path.isdir(os.path.join(path, "dcp"))
 
 
-def load_weights(model: torch.nn.Module, path: str, device: str | torch.device = "cpu") -> None:
-    """Load the weights of checkpoint folder ``path`` into ``model`` (strict): ``model.safetensors``,
-    or the ``dcp/`` folder of a distributed run (through torchpeer.parallel)."""
-    if is_dcp_checkpoint(path):
-        from torchpeer.parallel.checkpoint import load_dcp_weights
+def _unreadable(path: str, name: str, e: Exception) -> CheckpointDamaged:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return CheckpointDamaged(path, f"{name} cannot be read ({first})")
 
-        load_dcp_weights(model, path)
-        return
-    load_model(model, os.path.join(path, "model.safetensors"), strict=True, device=str(device))
+
+def load_weights(model: torch.nn.Module, path: str, device: str | torch.device = "cpu") -> None:
+    """Load ``model.safetensors`` of checkpoint folder ``path`` into ``model`` (strict), after
+    verify_checkpoint. A distributed run's ``dcp/`` weights are torchpeer.parallel's to read."""
+    verify_checkpoint(path)
+    if is_dcp_checkpoint(path):
+        raise ValueError(
+            f"{path} holds a distributed run's weights (dcp/), which torchpeer.parallel reads: use torchpeer "
+            "eval/generate, or load_model_from_checkpoint(path, read_dcp_weights=torchpeer.parallel.checkpoint."
+            "load_dcp_weights)"
+        )
+    try:
+        load_model(model, os.path.join(path, "model.safetensors"), strict=True, device=str(device))
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":  # a missing/unexpected tensor: another model, said as is
+            raise
+        raise _unreadable(path, "model.safetensors", e) from None
 
 
 def load_trainer_state(path: str) -> dict:
-    # Our own file: it holds numpy/python RNG states, so weights_only=False is required.
-    return torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
+    """trainer.pt of checkpoint folder ``path`` (after verify_checkpoint)."""
+    import pickle
+    import zipfile
+
+    verify_checkpoint(path)
+    try:
+        # Our own file: it holds numpy/python RNG states, so weights_only=False is required.
+        return torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise _unreadable(path, "trainer.pt", e) from None
 
 
 def load_checkpoint_tokenizer(path: str):
@@ -197,12 +312,17 @@ def load_checkpoint_tokenizer(path: str):
     return load_saved_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
 
 
-def load_model_from_checkpoint(path: str, device: str | torch.device = "cpu"):
-    """(model in eval mode, RunConfig, checkpoint folder) from a checkpoint or run folder."""
+def load_model_from_checkpoint(path: str, device: str | torch.device = "cpu", read_dcp_weights=None, say=_stderr):
+    """(model in eval mode, RunConfig, checkpoint folder) from a checkpoint or run folder (its newest
+    intact checkpoint). read_dcp_weights: ``fn(model, folder)`` for a distributed run's checkpoint
+    (torchpeer.parallel.checkpoint.load_dcp_weights)."""
     from torchpeer.lm.model import TransformerLM
 
-    path = resolve_checkpoint(path)
+    path = resolve_checkpoint(path, say)
     cfg = read_checkpoint_config(path)
     model = TransformerLM(cfg.model)
-    load_weights(model, path)
+    if is_dcp_checkpoint(path) and read_dcp_weights is not None:
+        read_dcp_weights(model, path)
+    else:
+        load_weights(model, path)
     return model.to(device).eval(), cfg, path

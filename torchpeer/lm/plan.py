@@ -27,6 +27,7 @@ overrides what it needs.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -117,13 +118,15 @@ class SingleProcessPlan:
         )
 
     def load_checkpoint(self, path: str, model: nn.Module, optimizer, device: torch.device) -> dict:
-        """Load weights and optimizer state of checkpoint folder ``path``; returns the trainer's state
-        (as given to save_checkpoint, plus "step" and "rng"). The caller restores the RNG states.
-        A distributed run's checkpoint (weights and moments in ``dcp/``) loads too."""
+        """Load weights and optimizer state of checkpoint folder ``path`` (verified first, see
+        checkpoint.py); returns the trainer's state (as given to save_checkpoint, plus "step" and
+        "rng"). The caller restores the RNG states. A distributed run's checkpoint (``dcp/``) is a
+        ValueError here: torchpeer.parallel's plans read it (the core does not import them)."""
         if ckpt_io.is_dcp_checkpoint(path):
-            from torchpeer.parallel.checkpoint import load_dcp_checkpoint
-
-            return load_dcp_checkpoint(path, model, optimizer)
+            raise ValueError(
+                f"{path} was written by a distributed run (weights in dcp/): resume it with the torchpeer CLI, "
+                "or pass plan=torchpeer.parallel.plan.plan_for_this_process() to train()"
+            )
         ckpt_io.load_weights(model, path, device)
         state = ckpt_io.load_trainer_state(path)
         optimizer.load_state_dict(state.pop("optimizer"))
@@ -131,3 +134,14 @@ class SingleProcessPlan:
 
     def close(self) -> None:
         """End of run (also after an error): destroy process groups etc."""
+
+
+def default_plan():
+    """SingleProcessPlan. A torchrun launch needs torchpeer.parallel's plan, which the core does not
+    import: its caller hands it in (the torchpeer CLI does, see cli/train.py)."""
+    if all(v in os.environ for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        raise ValueError(
+            "this process was started by torchrun: pass plan=torchpeer.parallel.DistributedPlan() "
+            "(the torchpeer CLI does), or run it without torchrun"
+        )
+    return SingleProcessPlan()

@@ -3,6 +3,7 @@
 Run folder layout::
 
     RUN_DIR/config.json        resolved run config, plus "backends" (the op backend of every layer)
+    RUN_DIR/configs/           every config the run was trained under: from_step_<N>.json (resume.py)
     RUN_DIR/metrics.jsonl      one JSON object per log / eval event (metrics.py)
     RUN_DIR/checkpoints/       see checkpoint.py (the newest ``train.keep_checkpoints``)
     RUN_DIR/summary.json       final evaluation and costs
@@ -17,9 +18,10 @@ metrics records after the checkpoint's step are dropped, so the log reads as one
 
 from __future__ import annotations
 
+from torchpeer.lm.budget import plan_steps
 from torchpeer.lm.config import RunConfig
 from torchpeer.lm.runtime import resolve_device
-from torchpeer.lm.trainer import Trainer, TrainingInterrupted, plan_steps
+from torchpeer.lm.trainer import Trainer, TrainingInterrupted
 
 __all__ = ["Trainer", "TrainingInterrupted", "plan_steps", "resolve_device", "train"]
 
@@ -27,10 +29,13 @@ __all__ = ["Trainer", "TrainingInterrupted", "plan_steps", "resolve_device", "tr
 def train(cfg: RunConfig, run_dir: str, resume=False, progress=True, callbacks=None, plan=None, init_from=None) -> dict:
     """Train ``cfg`` in ``run_dir``; returns the summary (final evaluation, costs, timing).
 
-    resume: continue from the latest checkpoint of run_dir (start fresh if it has none).
+    resume: continue from the newest intact checkpoint of run_dir (start fresh if it has none;
+    newer damaged ones are moved aside and named), with ``cfg``: changes from the checkpoint's
+    config are printed and recorded (``torchpeer train --resume`` passes the saved config).
     Without resume, a run_dir that already holds checkpoints is an error (nothing is touched).
     callbacks: torchpeer.lm.callbacks.Callback instances; plan: a parallel plan (lm/plan.py),
-    None = one process (or torchpeer.parallel's under torchrun); init_from: ``fn(model)`` loading
+    None = one process (under torchrun pass torchpeer.parallel's, which the core does not import:
+    ``torchpeer.parallel.plan.plan_for_this_process()``); init_from: ``fn(model)`` loading
     starting weights into a fresh run's model (every rank, before the plan wraps it).
     SIGINT/SIGTERM stop the run after the current step with a checkpoint: TrainingInterrupted.
     """

@@ -5,11 +5,12 @@
 
 build(): validate -> device and runtime (runtime.py) -> run folder checks -> tokenizer and token
     files -> memory estimate -> model (through the parallel plan) -> optimizer, schedule, sampler
-    -> resume from the latest checkpoint -> config.json and the metrics log.
+    -> resume from the newest intact checkpoint -> config.json (+ configs/ history), the metrics log.
 train_step(): one optimizer step over ``train.grad_accum`` micro-batches (loss + the FFWs'
     ``aux_loss()`` terms), gradient clipping, lr schedule.
 evaluate(max_batches): every valid set -> {name: evaluate() results}.
-save_checkpoint() / load_checkpoint(path): exact-resume state (see checkpoint.py).
+save_checkpoint() / load_checkpoint(path): exact-resume state (see checkpoint.py); resuming picks the
+    newest intact checkpoint and records the config changes (resume.py).
 fit(): steps until the budget, logging, periodic eval and checkpoints, then the final checkpoint,
     the full evaluation and summary.json. SIGINT/SIGTERM stop it after the current step with a
     checkpoint (TrainingInterrupted).
@@ -19,7 +20,6 @@ Seams: callbacks (callbacks.py) watch the run; a parallel plan (plan.py) spreads
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time
@@ -30,47 +30,15 @@ from tqdm.auto import tqdm
 from torchpeer.data.atomic import write_json_atomic
 from torchpeer.layers.registry import sum_aux_losses
 from torchpeer.lm import checkpoint as ckpt_io
+from torchpeer.lm import resume as resume_io
 from torchpeer.lm import runtime
+from torchpeer.lm.budget import beyond_budget, step_budget
 from torchpeer.lm.callbacks import CallbackList
 from torchpeer.lm.config import RunConfig
 from torchpeer.lm.interrupt import StopOnSignals, TrainingInterrupted
 from torchpeer.lm.metrics import MetricsLog
+from torchpeer.lm.plan import default_plan
 from torchpeer.lm.rundir import check_writable, remove_stale_partials, writing
-
-
-def plan_steps(cfg: RunConfig, train_flops_per_token: int) -> int:
-    """Number of optimizer steps: the first of max_steps / max_tokens / max_flops reached
-    (train.batch_size is the global batch: the same steps whatever the number of processes)."""
-    t = cfg.train
-    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.seq_len
-    limits = []
-    if t.max_steps is not None:
-        limits.append(int(t.max_steps))
-    if t.max_tokens is not None:
-        limits.append(math.ceil(t.max_tokens / tokens_per_step))
-    if t.max_flops is not None:
-        n = int(t.max_flops // (train_flops_per_token * tokens_per_step))
-        if n < 1:
-            raise ValueError(
-                f"train.max_flops={t.max_flops:.3g} is less than one step "
-                f"({train_flops_per_token * tokens_per_step:.3g} FLOPs); raise it or shrink the batch"
-            )
-        limits.append(n)
-    return min(limits)
-
-
-def default_plan():
-    """The parallel plan of this process: a torchrun launch (WORLD_SIZE set) gets torchpeer.parallel's."""
-    if "WORLD_SIZE" in os.environ:
-        from torchpeer.parallel import plan_from_env
-
-        plan = plan_from_env()
-        if plan is not None:
-            return plan
-    from torchpeer.lm.plan import SingleProcessPlan
-
-    return SingleProcessPlan()
-
 
 # The sum of the (already weighted) aux_loss() terms of the model's submodules (trainer name kept).
 aux_loss = sum_aux_losses
@@ -116,24 +84,27 @@ class Trainer:
         if self.ckpt is not None:
             self.load_checkpoint(self.ckpt)
             if self.step > self.total_steps:
-                raise ValueError(
-                    f"the checkpoint is at step {self.step}, beyond this config's {self.total_steps} steps"
-                )
+                raise ValueError(beyond_budget(self.step, self.total_steps, self.budget_setting, self.run_dir))
         self._open_run_folder()
         return self
 
     def _find_checkpoint(self) -> None:
-        """The run folder must be writable; its latest checkpoint (after cleaning up partial ones)."""
+        """The run folder must be writable; the checkpoint to resume from: the newest intact one, after
+        cleaning up partial ones (damaged newer ones are moved aside, resume.py); the config changes."""
         check_writable(self.run_dir)  # a read-only or misnamed run folder fails now, not after the tokenizer
         self.removed_partials = remove_stale_partials(self.run_dir) if self.plan.is_rank0 else []
-        self.ckpt = ckpt_io.latest_checkpoint(self.run_dir)
-        if self.ckpt is not None and not self.resume:
+        self.notes, self.config_changes = [], []
+        latest = ckpt_io.latest_checkpoint(self.run_dir)
+        if latest is not None and not self.resume:
             raise ValueError(
-                f"{self.run_dir} already holds checkpoints (latest: {os.path.basename(self.ckpt)}); pass --resume "
+                f"{self.run_dir} already holds checkpoints (latest: {os.path.basename(latest)}); pass --resume "
                 "to continue that run, or choose another --run-dir"
             )
+        self.ckpt, self.notes = resume_io.resume_checkpoint(self.run_dir, move_damaged=self.plan.is_rank0)
         if self.ckpt is not None:
-            ckpt_io.check_same_model(ckpt_io.read_checkpoint_config(self.ckpt), self.cfg, self.ckpt)
+            saved = ckpt_io.read_checkpoint_config(self.ckpt)
+            ckpt_io.check_same_model(saved, self.cfg, self.ckpt)
+            self.config_changes = resume_io.config_changes(saved, self.cfg)
 
     def _build_data(self) -> None:
         """Tokenizer (a resumed run keeps the checkpoint's) and token files."""
@@ -173,7 +144,7 @@ class Trainer:
         self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
         self.backends = backend_report(self.model)
         self.cost = model_cost(self.model)
-        self.total_steps = plan_steps(cfg, self.cost.train_flops)
+        self.total_steps, self.budget_setting = step_budget(cfg, self.cost.train_flops)
         self.tokens_per_step = t.batch_size * t.grad_accum * cfg.model.seq_len  # global batch
         self.amp_dtype = runtime.autocast_dtype(self.device, t.dtype)
 
@@ -207,7 +178,7 @@ class Trainer:
         with writing(f"the run folder {self.run_dir}"):
             os.makedirs(self.run_dir, exist_ok=True)
             config = {**self.cfg.to_dict(), "backends": self.backends}
-            write_json_atomic(os.path.join(self.run_dir, "config.json"), config)
+            resume_io.record_config(self.run_dir, config, self.step)  # config.json + configs/from_step_<N>.json
         resumed = self.ckpt is not None
         self.log = MetricsLog(self.run_dir, self.cfg.train.tensorboard, start_step=self.step if resumed else -1)
         if not resumed:
@@ -330,11 +301,15 @@ class Trainer:
         )
         say = bar.write if not bar.disable else print
         print_logs = self.progress and rank0 and bar.disable  # not a terminal: print the log lines instead
+        for note in self.notes if rank0 else []:
+            say(note)
         if rank0 and self.ckpt is not None:
             say(
                 f"resuming {self.run_dir} from {os.path.basename(self.ckpt)}: step {self.step}/{self.total_steps}, "
                 f"{self.step * self.tokens_per_step:,} tokens"
             )
+            if self.config_changes:
+                say(f"changed on resume (kept in {self.run_dir}/configs/): {'; '.join(self.config_changes)}")
         if self.progress and rank0 and self.backends:
             say(f"op backends: {format_backends(self.backends)}")
         if rank0 and self.log.tb_missing:

@@ -32,6 +32,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from torchpeer.lm.checkpoint import load_trainer_state, new_partial_dir, publish_checkpoint, write_checkpoint_meta
+from torchpeer.lm.integrity import CheckpointDamaged, verify_checkpoint
 from torchpeer.parallel.sharded_layers import sharded_tables
 
 DCP_DIR = "dcp"
@@ -148,9 +150,8 @@ def _copy_back(model: nn.Module, optimizer, loaded: dict) -> None:
 def save_dcp_checkpoint(
     run_dir: str, step: int, model: nn.Module, optimizer, state: dict, cfg, tokenizer, keep: int
 ) -> str:
-    """Write ``checkpoints/step_<step>`` (collective: every rank calls it); returns its path."""
-    from torchpeer.lm.checkpoint import new_partial_dir, publish_checkpoint, write_checkpoint_meta
-
+    """Write ``checkpoints/step_<step>`` (collective: every rank calls it); returns its path. Rank 0
+    writes checksums.json of the whole folder (every rank's shards) before renaming it into place."""
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     where = [new_partial_dir(run_dir, step) if rank0 else None]
     if dist.is_initialized():
@@ -175,11 +176,11 @@ def save_dcp_checkpoint(
 
 def load_dcp_checkpoint(path: str, model: nn.Module, optimizer=None) -> dict:
     """Load weights (and AdamW moments) of a DCP checkpoint into ``model`` (sharded or not) and
-    ``optimizer``; returns the trainer state of ``trainer.pt`` (with "step" and "rng")."""
-    from torchpeer.lm.checkpoint import load_trainer_state
-
+    ``optimizer``; returns the trainer state of ``trainer.pt`` (with "step" and "rng"). The folder is
+    verified first (checksums.json, lm/integrity.py)."""
     if not is_dcp_checkpoint(path):
         raise FileNotFoundError(f"{path!r} is not a distributed checkpoint (no {DCP_DIR}/ folder)")
+    verify_checkpoint(path)
     if optimizer is not None:
         _init_optimizer_state(optimizer)
     target = _state_dict(model, optimizer)
@@ -191,13 +192,15 @@ def load_dcp_checkpoint(path: str, model: nn.Module, optimizer=None) -> dict:
 def load_single_process_checkpoint(path: str, model: nn.Module, optimizer=None) -> dict:
     """Load a one-process checkpoint (``model.safetensors`` + ``trainer.pt`` with the optimizer)
     into a (possibly column-sharded) model: each rank keeps its columns of the tables and of
-    their AdamW moments. Returns the trainer state (with "step" and "rng")."""
+    their AdamW moments. Returns the trainer state (with "step" and "rng"). Verified first."""
     from safetensors.torch import load_file
 
-    from torchpeer.lm.checkpoint import load_trainer_state
-
+    verify_checkpoint(path)
     sharded = _sharded_names(model)
-    full = load_file(os.path.join(path, "model.safetensors"))
+    try:
+        full = load_file(os.path.join(path, "model.safetensors"))
+    except Exception as e:  # an unverified (older) file that passed the format checks but not safetensors'
+        raise CheckpointDamaged(path, f"model.safetensors cannot be read ({str(e).splitlines()[0]})") from None
     target = model.state_dict()
     loaded_ptrs = set()
     with torch.no_grad():
@@ -227,7 +230,8 @@ def load_single_process_checkpoint(path: str, model: nn.Module, optimizer=None) 
 
 
 def load_dcp_weights(model: nn.Module, path: str) -> None:
-    """Weights only (``torchpeer eval`` / ``generate`` in one process)."""
+    """Weights only (``torchpeer eval`` / ``generate`` in one process). Verified first."""
+    verify_checkpoint(path)
     target = _state_dict(model, None)
     _dcp_load(target, path)
     _copy_back(model, None, target)

@@ -20,6 +20,11 @@ What each seam does with W processes:
   forward); nats and targets summed over ranks. Usage/KL of sharded layers are already global
   (retrieval runs on the gathered tokens); other routed layers' usage scores are summed.
 * checkpoints: torch.distributed.checkpoint (checkpoint.py), resharded on load.
+
+``plan_for_this_process()`` is the plan a command should train with: DistributedPlan under
+torchrun, else ``OneProcessDCPPlan`` (one process, which also resumes a distributed run's ``dcp/``
+checkpoint). The core (torchpeer.lm) never imports this package; its callers hand the plan in.
+The DCP module is imported on first use: it costs ~0.6 s, and most one-process runs never need it.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ import torch.distributed as dist
 from torch import nn
 
 from torchpeer.lm.plan import SingleProcessPlan
-from torchpeer.parallel import checkpoint as dcp_io
 from torchpeer.parallel.collectives import ShardContext
 from torchpeer.parallel.runtime import destroy_distributed, init_distributed, launched_by_torchrun
 from torchpeer.parallel.sharded_layers import shard_model_, sharded_tables
@@ -51,6 +55,23 @@ def grad_sq_sum(grads: list[torch.Tensor], device) -> torch.Tensor:
 def plan_from_env():
     """A DistributedPlan when torchrun launched this process (also with one process), else None."""
     return DistributedPlan() if launched_by_torchrun() else None
+
+
+def plan_for_this_process() -> SingleProcessPlan:
+    """DistributedPlan under torchrun, else OneProcessDCPPlan: what ``torchpeer train`` runs with."""
+    return plan_from_env() or OneProcessDCPPlan()
+
+
+class OneProcessDCPPlan(SingleProcessPlan):
+    """One process, no process group; resumes one-process checkpoints and, unlike the core's
+    SingleProcessPlan, also a distributed run's (``dcp/``: the full tables, read without torchrun)."""
+
+    def load_checkpoint(self, path, model, optimizer, device) -> dict:
+        from torchpeer.parallel import checkpoint as dcp_io
+
+        if dcp_io.is_dcp_checkpoint(path):
+            return dcp_io.load_dcp_checkpoint(path, model, optimizer)
+        return super().load_checkpoint(path, model, optimizer, device)
 
 
 class DistributedPlan(SingleProcessPlan):
@@ -211,9 +232,13 @@ class DistributedPlan(SingleProcessPlan):
     # ---------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self, run_dir, step, model, optimizer, state, cfg, tokenizer, keep) -> str:
+        from torchpeer.parallel import checkpoint as dcp_io
+
         return dcp_io.save_dcp_checkpoint(run_dir, step, model, optimizer, state, cfg, tokenizer, keep)
 
     def load_checkpoint(self, path, model, optimizer, device) -> dict:
+        from torchpeer.parallel import checkpoint as dcp_io
+
         if dcp_io.is_dcp_checkpoint(path):
             return dcp_io.load_dcp_checkpoint(path, model, optimizer)
         return dcp_io.load_single_process_checkpoint(path, model, optimizer)  # a one-process run, continued on W
