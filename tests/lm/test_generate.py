@@ -50,9 +50,16 @@ def test_eval_cli(trained, capsys, tmp_path):
     assert main([*args, "--max-batches", "3", "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "blocks.1.ffw" in text and "bpb" in text
-    routing = [line for line in text.splitlines() if line.startswith("routing a blocks.1.ffw: ")]
-    assert len(routing) == 1 and "head_overlap" in routing[0] and "query_eff_rank" in routing[0]
+    # the routing diagnostics: a table, one row per statistic and one column per set and layer
+    lines = text.splitlines()
+    head = lines.index(next(line for line in lines if line.startswith("routing ")))
+    assert lines[head].split() == ["routing", "a", "blocks.1.ffw", "b", "blocks.1.ffw"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[head + 2 :] if not line.startswith("wrote ")}
+    assert {"head_overlap", "query_eff_rank", "gate_entropy"} <= set(rows) and all(len(v) == 2 for v in rows.values())
+    assert max(len(line) for line in lines) < 100  # no ~500-character line
     res = json.load(open(out))["results"]
+    overlap = res["a"]["routing"]["blocks.1.ffw"]["head_overlap"]
+    assert float(rows["head_overlap"][0]) == pytest.approx(overlap, rel=1e-3)
     assert set(res) == {"a", "b"} and 0 < res["a"]["routing"]["blocks.1.ffw"]["usage_pct"] <= 100
     assert res["a"]["tokens"] == 3 * 8 * 32 and not res["a"]["complete"]
     summary = json.load(open(os.path.join(run, "summary.json")))

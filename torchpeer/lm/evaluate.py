@@ -99,10 +99,24 @@ def format_results(results: dict[str, dict]) -> str:
 
 
 def format_routing(results: dict[str, dict]) -> str:
-    """One line per eval set and routed layer with every routing statistic (diagnostics.routing_report)."""
-    lines = []
-    for name, r in results.items():
-        for layer, stats in r.get("routing", {}).items():
-            cells = " ".join(f"{k} {v:.4g}" for k, v in sorted(stats.items()) if isinstance(v, (int, float)))
-            lines.append(f"routing {name} {layer}: {cells}")
-    return "\n".join(lines)
+    """The routing statistics (diagnostics.routing_report) as a small table: one row per statistic,
+    one column per eval set and routed layer (usage % and KL are in format_results' table)."""
+    columns = [
+        (f"{name} {layer}", stats) for name, r in results.items() for layer, stats in r.get("routing", {}).items()
+    ]
+    if not columns:
+        return ""
+    shown = {"usage_pct", "kl"}
+    metrics = sorted(
+        {k for _, stats in columns for k, v in stats.items() if isinstance(v, (int, float)) and k not in shown}
+    )
+    rows = [("routing", *[title for title, _ in columns])]
+    rows += [(m, *[_num(stats.get(m)) for _, stats in columns]) for m in metrics]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _num(value) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
