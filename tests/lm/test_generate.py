@@ -72,8 +72,17 @@ def test_generate_cli(trained, capsys):
     root, cfg, run = trained
     args = ["generate", run, "--prompt", "the cat", "--max-new-tokens", "40", "--seed", "3"]
     assert main(args) == 0
-    a = capsys.readouterr().out
+    a, err = capsys.readouterr()
     assert a.startswith("the cat") and len(a) > len("the cat") + 10
+    # 1 + 7 prompt tokens + 40 > seq_len 32: it says that it goes on with a sliding window
+    assert err == (
+        "note: the prompt (8 tokens) and up to 40 new ones exceed the model's context (seq_len 32, the longest it "
+        "was trained on); beyond it each new token sees only the last 16-32 tokens (a sliding window)\n"
+    )
+    assert main([*args[:5], "24", "--no-cache"]) == 0  # 8 + 24 fits: no note
+    assert capsys.readouterr().err == ""
+    assert main([*args[:5], "25", "--no-cache"]) == 0
+    assert "sees only the last 32 tokens (a sliding window)" in capsys.readouterr().err
     assert main(args) == 0
     assert capsys.readouterr().out == a  # seeded
     assert main(["generate", run, "--prompt", "the", "--temperature", "0", "--max-new-tokens", "20"]) == 0

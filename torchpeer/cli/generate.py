@@ -76,13 +76,16 @@ def run(args) -> int:
     import torch
 
     from torchpeer.cli.common import load_for_inference
-    from torchpeer.lm.generate import generate
+    from torchpeer.lm.generate import context_note, generate
     from torchpeer.lm.runtime import resolve_device
 
     check_args(args)
     device = resolve_device(args.device)
     model, cfg, ckpt, tok = load_for_inference(args.checkpoint, device)
     ids = [tok.eot_id] + tok.encode(args.prompt)  # documents start after an end-of-text token
+    note = context_note(len(ids), args.max_new_tokens, cfg.model.seq_len, use_cache=not args.no_cache)
+    if note is not None:
+        print(note, file=sys.stderr, flush=True)
     idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     stream = None

@@ -50,6 +50,19 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator)
 
 
+def context_note(n_prompt: int, max_new_tokens: int, seq_len: int, use_cache: bool = True) -> str | None:
+    """One line saying that generation will run past the model's context (None if it fits): beyond
+    ``seq_len`` each token sees a sliding window of recent tokens only (see the module docstring)."""
+    if n_prompt + max_new_tokens <= seq_len:
+        return None
+    window = f"the last {max(1, seq_len // 2)}-{seq_len} tokens" if use_cache else f"the last {seq_len} tokens"
+    return (
+        f"note: the prompt ({n_prompt} tokens) and up to {max_new_tokens} new ones exceed the model's context "
+        f"(seq_len {seq_len}, the longest it was trained on); beyond it each new token sees only {window} "
+        "(a sliding window)"
+    )
+
+
 @torch.no_grad()
 def generate(
     model: TransformerLM,
