@@ -50,7 +50,8 @@ def test_dense_defaults():
 
 def test_dense_cost_by_hand():
     # plain, d=16, hidden=64: W1 16*64 + W2 64*16 = 2048 params; 2 matmuls of 2*16*64 = 4096 FLOPs.
-    assert tuple(vars(DenseFFW(16, 64).cost()).values()) == (2048, 2048, 4096)
+    c = DenseFFW(16, 64).cost()
+    assert (c.total_params, c.active_params, c.forward_flops, c.aux_train_flops) == (2048, 2048, 4096, 0)
     # with biases: + 64 + 16 = 2128 params; FLOPs unchanged (bias adds are elementwise).
     assert DenseFFW(16, 64, bias=True).cost().total_params == 2128
     assert DenseFFW(16, 64, bias=True).cost().forward_flops == 4096

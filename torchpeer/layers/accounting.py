@@ -12,6 +12,12 @@ Conventions (the one place they are stated):
   transformer this gives the familiar 6 x active matmul parameters per token.
 * ``active_params`` counts the parameters that touch one token in the forward pass
   (for PEER: the query network, both sub-key tables, and heads*top_k experts' u and v rows).
+* ``aux_train_flops`` is matmul work done at training time only, per token, forward and backward
+  together (e.g. PEER's sub-key balance term re-scores all sub-keys for a share of the tokens);
+  it is added to the training FLOPs, not to the forward (inference) FLOPs.
+* Parameters shared by several modules (one expert pool read by several PEER layers) are counted
+  once: by the module that owns them (``count_params`` deduplicates, and a layer that borrows a
+  pool does not count it; ``torchpeer info`` lists the pool as a part of its own).
 """
 
 from __future__ import annotations
@@ -28,22 +34,25 @@ class FFWCost:
     total_params: all parameters of the module (buffers excluded).
     active_params: parameters used by one token's forward pass.
     forward_flops: forward FLOPs per token (matmul work, retrieval included).
+    aux_train_flops: training-only FLOPs per token (forward + backward of auxiliary terms).
     """
 
     total_params: int
     active_params: int
     forward_flops: int
+    aux_train_flops: int = 0
 
     @property
     def train_flops(self) -> int:
-        """Training FLOPs per token (forward + backward), see module docstring."""
-        return TRAIN_FLOPS_MULTIPLIER * self.forward_flops
+        """Training FLOPs per token (forward + backward, plus training-only terms), see module docstring."""
+        return TRAIN_FLOPS_MULTIPLIER * self.forward_flops + self.aux_train_flops
 
     def __add__(self, other: FFWCost) -> FFWCost:
         return FFWCost(
             self.total_params + other.total_params,
             self.active_params + other.active_params,
             self.forward_flops + other.forward_flops,
+            self.aux_train_flops + other.aux_train_flops,
         )
 
 

@@ -10,8 +10,14 @@ model builds its blocks' FFWs through ``build``; nothing else lists the kinds. E
 maps (..., d_model) -> (..., d_model) and has ``cost() -> FFWCost``; it may define
 ``aux_loss() -> Tensor | None`` (an already weighted term the trainer adds to the loss) and
 ``optim_groups() -> {"expert": [...], "no_decay": [...]}`` (parameters the LM optimizer treats
-specially; everything else is grouped by shape). A layer that runs ``torchpeer.ops`` has
+specially; everything else is grouped by shape) and ``lr_scales() -> [(multiplier, [params])]``
+(parameters whose lr is ``multiplier`` x the group's). A layer that runs ``torchpeer.ops`` has
 ``op_backends() -> {op: backend}``, what the ops dispatcher resolved for it (``backend_report``).
+
+Shared state: a kind may register ``build_shared(d_model, cfg) -> nn.Module | None``, a module
+that the LM builds once and hands to every layer of that kind (``build(d_model, cfg, shared)``);
+the LM owns it (``TransformerLM.ffw_shared``), so it is counted, saved and optimised once. PEER
+uses it for ``shared_pool`` (one expert pool read by all its layers).
 """
 
 from __future__ import annotations
@@ -26,19 +32,27 @@ from torch import nn
 
 @dataclass(frozen=True)
 class FFWKind:
-    """One registered FFW kind: ``build(d_model, cfg)`` makes the module from a ``config_cls``."""
+    """One registered FFW kind: ``build(d_model, cfg)`` makes the module from a ``config_cls``;
+    ``build_shared`` (optional) makes the module its layers share (see the module docstring)."""
 
     name: str
     config_cls: type
-    build: Callable[[int, object], nn.Module]
+    build: Callable[..., nn.Module]
+    build_shared: Callable[[int, object], nn.Module | None] | None = None
 
 
 _KINDS: dict[str, FFWKind] = {}
 
 
-def register_ffw(name: str, config_cls: type, build: Callable[[int, object], nn.Module]) -> FFWKind:
+def register_ffw(
+    name: str,
+    config_cls: type,
+    build: Callable[..., nn.Module],
+    build_shared: Callable[[int, object], nn.Module | None] | None = None,
+) -> FFWKind:
     """Register FFW kind ``name``; ``config_cls`` must be a dataclass whose every field has a default
-    (the LM config makes a default section per kind). Re-registering a name is an error."""
+    (the LM config makes a default section per kind). Re-registering a name is an error.
+    ``build_shared``: see the module docstring; ``build`` must then accept a third argument."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"FFW kind name must be an identifier (it is a config section), got {name!r}")
     if name in _KINDS:
@@ -51,7 +65,9 @@ def register_ffw(name: str, config_cls: type, build: Callable[[int, object], nn.
         raise TypeError(f"every field of {config_cls.__qualname__} needs a default: {e}") from None
     if not callable(build):
         raise TypeError(f"build of FFW kind {name!r} must be callable (d_model, cfg) -> nn.Module")
-    kind = FFWKind(name, config_cls, build)
+    if build_shared is not None and not callable(build_shared):
+        raise TypeError(f"build_shared of FFW kind {name!r} must be callable (d_model, cfg) -> nn.Module or None")
+    kind = FFWKind(name, config_cls, build, build_shared)
     _KINDS[name] = kind
     return kind
 
@@ -80,9 +96,18 @@ def kind_of_config(cfg) -> FFWKind:
     )
 
 
-def build(d_model: int, cfg) -> nn.Module:
-    """The FFW module described by config dataclass ``cfg`` (its kind is found from its type)."""
-    return kind_of_config(cfg).build(d_model, cfg)
+def build(d_model: int, cfg, shared: nn.Module | None = None) -> nn.Module:
+    """The FFW module described by config dataclass ``cfg`` (its kind is found from its type);
+    ``shared``: the module its kind's ``build_shared`` made for this model, if any."""
+    kind = kind_of_config(cfg)
+    return kind.build(d_model, cfg) if shared is None else kind.build(d_model, cfg, shared)
+
+
+def build_shared(d_model: int, cfg) -> nn.Module | None:
+    """The module shared by all layers of ``cfg``'s kind in one model (None if the kind or ``cfg``
+    asks for none)."""
+    kind = kind_of_config(cfg)
+    return kind.build_shared(d_model, cfg) if kind.build_shared is not None else None
 
 
 def backend_report(model: nn.Module) -> dict[str, dict[str, str]]:

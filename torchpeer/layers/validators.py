@@ -6,6 +6,8 @@ so a bad config fails at construction, not deep inside torch.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -46,3 +48,11 @@ def check_input(x, d_model: int, layer: str = "FFW") -> None:
 def check_last_dim(x: torch.Tensor, d_model: int) -> None:
     """Raise the shared 'wrong input width' error of every FFW module."""
     check_input(x, d_model)
+
+
+def check_number(name: str, value, *, minimum: float = 0.0, strict: bool = False) -> None:
+    """Raise a ValueError naming ``name`` unless value is a finite real number >= minimum (> if strict)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < minimum or (strict and value == minimum):
+        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")

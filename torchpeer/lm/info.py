@@ -7,7 +7,11 @@ Conventions (on top of ``torchpeer/layers/accounting.py``: multiply-add = 2 FLOP
   token attending to T keys) is averaged over causal positions (T/2 keys on average), giving
   2 * seq_len * d_model forward, i.e. 6 * seq_len * d_model training FLOPs per token per layer
   (the Kaplan et al. 2020 convention).
-* FFW per block: the module's own ``cost()`` (``FFWCost.train_flops`` for training).
+* FFW per block: the module's own ``cost()`` (``FFWCost.train_flops`` for training, with its
+  training-only ``aux_train_flops``, e.g. PEER's balance term).
+* A module shared by the FFW layers (``TransformerLM.ffw_shared``, e.g. PEER's shared expert
+  pool) is a part of its own, counted once: its parameters in the total, none active there (each
+  layer counts the rows it reads as its active parameters) and no FLOPs.
 * Norms: parameters counted (total and active), FLOPs not (elementwise).
 * Embeddings: the input lookup costs no FLOPs and its table is not an *active* parameter (one
   row per token is read); the unembedding (lm_head) matmul is counted: 2 * d_model * vocab
@@ -50,9 +54,13 @@ class ModelCost:
         return sum(p.forward_flops for p in self.parts)
 
     @property
+    def aux_train_flops(self) -> int:
+        return sum(p.aux_train_flops for p in self.parts)
+
+    @property
     def train_flops(self) -> int:
         """Training FLOPs per token."""
-        return TRAIN_FLOPS_MULTIPLIER * self.forward_flops
+        return TRAIN_FLOPS_MULTIPLIER * self.forward_flops + self.aux_train_flops
 
     def to_dict(self) -> dict:
         return {
@@ -87,6 +95,9 @@ def model_cost(model) -> ModelCost:
     cfg: ModelConfig = model.cfg
     d, V = cfg.d_model, cfg.vocab_size
     parts = [PartCost(V * d, 0, 0, name="embedding", kind="lookup")]
+    shared = getattr(model, "ffw_shared", None)
+    if shared is not None:
+        parts.append(PartCost(count_params(shared), 0, 0, name="ffw_shared", kind=type(shared).__name__))
     for i, blk in enumerate(model.blocks):
         attn = attention_cost(d, cfg.seq_len)
         norms = count_params(blk.norm1) + count_params(blk.norm2)
@@ -96,6 +107,7 @@ def model_cost(model) -> ModelCost:
                 attn.total_params + norms + ffw.total_params,
                 attn.active_params + norms + ffw.active_params,
                 attn.forward_flops + ffw.forward_flops,
+                ffw.aux_train_flops,
                 name=f"block {i}",
                 kind=blk.ffw_kind,
             )
@@ -138,4 +150,6 @@ def format_cost(cost: ModelCost, cfg: ModelConfig) -> str:
         "FLOPs: multiply-add = 2, training = 3 x forward; attention score term "
         "6*seq_len*d_model per layer; unembedding matmul counted, embedding lookup not."
     )
+    if cost.aux_train_flops:
+        lines.append(f"Training-only terms (PEER's balance term): {cost.aux_train_flops:,} of the train FLOPs/token.")
     return "\n".join(lines)
