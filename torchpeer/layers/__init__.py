@@ -5,6 +5,10 @@
     accounting.py   FFWCost, parameter and FLOP counting conventions
     query_norm.py   query normalisations of the product-key router
     router.py       ProductKeyRouter: query net + norm + sub-keys + exact top-k (PEER, PKM)
+    balance.py      the balance term on a router's sub-key marginals (PEER balance_weight)
+    key_init.py     sub-keys initialised from the data's queries (PEER key_init)
+    readout.py      PEER's read-outs beyond act(u.x) v: linear, glu, Memory+'s gated (PEER readout)
+    expert_pool.py  PEER's expert tables; ExpertPool, one set shared by several layers (PEER shared_pool)
     dense.py        DenseFFW + DenseConfig        (kind "dense")
     peer.py         PEER + PEERConfig             (kind "peer")
     pkm.py          PKM + PKMConfig               (kind "pkm")
@@ -16,12 +20,21 @@ Importing this package registers the built-in kinds (in the order above).
 # ruff: noqa: I001  (the kind modules are imported in registration order, not alphabetically)
 
 from torchpeer.layers.accounting import TRAIN_FLOPS_MULTIPLIER, FFWCost, count_params, matmul_flops
-from torchpeer.layers.registry import FFWKind, backend_report, build, ffw_kinds, get_ffw, register_ffw
+from torchpeer.layers.registry import (
+    FFWKind,
+    backend_report,
+    build,
+    build_shared,
+    ffw_kinds,
+    get_ffw,
+    register_ffw,
+)
 from torchpeer.layers.router import ProductKeyRouter
 
 # Built-in kinds, registered on import (this order is ffw_kinds()'s order).
 from torchpeer.layers.dense import DenseConfig, DenseFFW
 from torchpeer.layers.peer import PEER, PEERConfig
+from torchpeer.layers.expert_pool import ExpertPool
 from torchpeer.layers.pkm import PKM, PKMConfig
 from torchpeer.layers.moe import MoE, MoEConfig
 
@@ -35,12 +48,14 @@ __all__ = [
     "get_ffw",
     "ffw_kinds",
     "build",
+    "build_shared",
     "backend_report",
     "ProductKeyRouter",
     "DenseConfig",
     "DenseFFW",
     "PEER",
     "PEERConfig",
+    "ExpertPool",
     "PKM",
     "PKMConfig",
     "MoE",

@@ -10,6 +10,14 @@ are the exact top-k of q_h . key_i over all N product keys, and
 All heads share one expert pool and (by default, as in the paper) one set of product keys.
 Retrieval is the shared ``ProductKeyRouter`` (router.py); mixing is ``torchpeer.ops.expert_mix``.
 Registered as FFW kind "peer" (config ``PEERConfig``).
+
+Options beyond the paper (each off by default, so the default layer is the paper's; issue 18,
+docs/research/beyond_paper.md): ``readout`` (readout.py: "linear", "glu", Memory+'s "gated"),
+``shared_pool`` (expert_pool.py: one set of tables for all PEER layers of an LM),
+``balance_weight`` / ``balance_stride`` (balance.py: a Switch-style term on the sub-key
+marginals, returned by ``aux_loss()``), ``key_lr_scale`` / ``query_lr_scale`` (lr multipliers of
+the sub-keys and the query network, ``lr_scales()``), ``key_init`` (key_init.py: sub-keys from the
+first batch's queries).
 """
 
 from __future__ import annotations
@@ -22,9 +30,20 @@ import torch
 from torch import nn
 
 from torchpeer.layers.accounting import FFWCost, count_params
+from torchpeer.layers.balance import balance_train_flops, subkey_balance_loss
+from torchpeer.layers.expert_pool import TABLE_NAMES, ExpertPool, expert_tables
+from torchpeer.layers.key_init import KEY_INITS, init_sub_keys_from_queries
+from torchpeer.layers.readout import (
+    READOUTS,
+    TORCH_ONLY_READOUTS,
+    OutputGate,
+    readout_mix,
+    readout_mix_backend,
+    rows_per_selection,
+)
 from torchpeer.layers.registry import register_ffw
 from torchpeer.layers.router import ProductKeyRouter, RoutedLayer, autocast_dtype
-from torchpeer.layers.validators import check_choice, check_input
+from torchpeer.layers.validators import check_choice, check_input, check_number, check_positive
 from torchpeer.ops import ACTIVATIONS, BACKENDS, expert_mix, resolve_backend
 from torchpeer.usage import UsageTrackingMixin
 
@@ -33,7 +52,8 @@ GATES = ("softmax", "sigmoid")
 
 @dataclass
 class PEERConfig:
-    """Options of ``PEER`` (the ``[model.peer]`` config section)."""
+    """Options of ``PEER`` (the ``[model.peer]`` config section); ``PEER`` documents each. The
+    fields after ``up_init_std`` go beyond the paper; their defaults are the paper's layer."""
 
     n_experts: int = 1024**2
     heads: int = 8
@@ -45,6 +65,13 @@ class PEERConfig:
     shared_keys: bool = True
     backend: str = "auto"
     up_init_std: float | None = None
+    readout: str = "paper"
+    shared_pool: bool = False
+    balance_weight: float = 0.0
+    balance_stride: int = 1
+    key_lr_scale: float = 1.0
+    query_lr_scale: float = 1.0
+    key_init: str = "random"
 
 
 class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
@@ -73,6 +100,22 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
             chunked PyTorch), "reference" (naive, materialises gathered rows; tests) or "triton";
             used for both ops (retrieval and mixing), resolved by ``torchpeer.ops``.
         up_init_std: std of the ``up`` (v) table at init; None = 1/sqrt(d_model) (see below).
+        readout: "paper" (act(u.x) v), "linear" ((u.x) v), "glu" (act(u.x) (w.x) v, one more table
+            ``lin``) or "gated" (Memory+: W_o(mix * silu(W_g x))); see readout.py, also for which
+            run on the Triton kernels.
+        shared_pool: read the tables from ``pool`` (below) instead of owning them. Only the LM
+            acts on it (it builds one pool for all its PEER layers); a layer built alone with
+            shared_pool and no pool owns its tables.
+        balance_weight: weight of the sub-key balance term (balance.py) that ``aux_loss()``
+            returns after a training forward; 0 (default) computes nothing.
+        balance_stride: the term's soft marginals use every balance_stride-th token (cost 1/stride).
+        key_lr_scale, query_lr_scale: lr multipliers (of train.lr) for the sub-keys and for the
+            query network (projection and norm parameters), through ``lr_scales()``.
+        key_init: "random" (N(0, 1/d_key)) or "queries": at the first training forward the
+            sub-keys are set from that batch's queries (key_init.py); a persistent flag
+            (``keys_initialised``) keeps a resumed run from doing it again.
+        pool: an ``ExpertPool`` to read the tables from (not a submodule: its owner counts,
+            saves and optimises it); must match n_experts, d_model and the read-out's tables.
 
     Initialisation (why): ``down`` ~ N(0, 1/d), like a dense layer's first matrix, so u.x has unit
     variance for unit-variance x. ``up`` ~ N(0, 1/d) (default ``up_init_std``): the layer's output
@@ -85,14 +128,11 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
     ``up_init_std=(h*G)**-0.5`` for the old init. Sub-keys ~ N(0, 1/d_key), so a unit-variance
     query scores each key with unit variance. The query projection uses nn.Linear's default.
 
-    Attributes: ``down``, ``up`` (n_experts, d_model) Parameters (u and v tables); ``router``
-    (ProductKeyRouter: ``query_proj``, ``norm``, ``sub_keys`` (key_sets, 2, sqrt(N), d_key//2),
-    also reachable as attributes of the layer).
+    Attributes: ``down``, ``up`` (n_experts, d_model) Parameters (u and v tables; ``lin`` too
+    for readout "glu"; the pool's when one is shared); ``router`` (ProductKeyRouter:
+    ``query_proj``, ``norm``, ``sub_keys`` (key_sets, 2, sqrt(N), d_key//2), also reachable as
+    attributes of the layer); ``out_gate`` (OutputGate, readout "gated", else None).
     """
-
-    # Replaces expert_mix when set (same arguments, no backend): an optimizer that updates the
-    # tables inside the mixing backward installs it. A plain attribute, not part of the state_dict.
-    table_update = None
 
     def __init__(
         self,
@@ -107,6 +147,14 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
         shared_keys: bool = True,
         backend: str = "auto",
         up_init_std: float | None = None,
+        readout: str = "paper",
+        shared_pool: bool = False,
+        balance_weight: float = 0.0,
+        balance_stride: int = 1,
+        key_lr_scale: float = 1.0,
+        query_lr_scale: float = 1.0,
+        key_init: str = "random",
+        pool: ExpertPool | None = None,
     ):
         super().__init__()
         if isinstance(n_experts, bool) or not isinstance(n_experts, int):
@@ -121,6 +169,11 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
             isinstance(up_init_std, (int, float)) and not isinstance(up_init_std, bool) and 0 < up_init_std < math.inf
         ):
             raise ValueError(f"up_init_std must be a positive number (or None = 1/sqrt(d_model)), got {up_init_std!r}")
+        _check_beyond_paper(
+            readout, shared_pool, balance_weight, balance_stride, key_lr_scale, query_lr_scale, key_init
+        )
+        if readout in TORCH_ONLY_READOUTS:
+            readout_mix_backend(readout, backend)  # raises for backend "triton", before anything is built
         self.router = ProductKeyRouter(
             d_model, n, heads, top_k, d_key, query_norm, key_sets=1 if shared_keys else heads, backend=backend
         )
@@ -128,14 +181,93 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
         self.heads, self.top_k, self.d_key = heads, top_k, d_key
         self.activation, self.gate, self.query_norm = activation, gate, query_norm
         self.shared_keys, self.backend = shared_keys, backend
+        self.readout, self.shared_pool, self.key_init = readout, shared_pool, key_init
+        self.balance_weight, self.balance_stride = float(balance_weight), balance_stride
+        self.key_lr_scale, self.query_lr_scale = float(key_lr_scale), float(query_lr_scale)
 
-        self.down = nn.Parameter(torch.randn(n_experts, d_model) / math.sqrt(d_model))
-        self.up_init_std = 1.0 / math.sqrt(d_model) if up_init_std is None else float(up_init_std)
-        self.up = nn.Parameter(torch.randn(n_experts, d_model) * self.up_init_std)
+        glu = readout == "glu"
+        if pool is None:  # own tables, registered on the layer (state-dict keys "down", "up" as ever)
+            self.up_init_std = 1.0 / math.sqrt(d_model) if up_init_std is None else float(up_init_std)
+            for name, table in expert_tables(n_experts, d_model, self.up_init_std, glu).items():
+                setattr(self, name, table)
+        else:
+            shape = (n_experts, d_model, glu)
+            if not isinstance(pool, ExpertPool) or (pool.n_experts, pool.d_model, pool.glu) != shape:
+                raise ValueError(
+                    f"pool must be an ExpertPool of n_experts={n_experts}, d_model={d_model}, glu={glu} "
+                    f"(readout {readout!r}); got {pool!r}"
+                )
+            self.up_init_std = pool.up_init_std
+        object.__setattr__(self, "_pool", pool)  # a reference, not a submodule: see ``pool`` above
+        self.out_gate = OutputGate(d_model) if readout == "gated" else None
+        self.balance_loss: torch.Tensor | None = None  # the unweighted term of the last training forward
+        self._keys_pending = key_init == "queries"
+        if self._keys_pending:
+            self.register_buffer("keys_initialised", torch.zeros((), dtype=torch.bool))
 
     @classmethod
-    def from_config(cls, d_model: int, cfg: PEERConfig) -> PEER:
-        return cls(d_model, **dataclasses.asdict(cfg))
+    def from_config(cls, d_model: int, cfg: PEERConfig, pool: ExpertPool | None = None) -> PEER:
+        """The layer ``cfg`` describes; ``pool``: the LM's shared ExpertPool (``cfg.shared_pool``)."""
+        return cls(d_model, **dataclasses.asdict(cfg), pool=pool)
+
+    def __getattr__(self, name: str):
+        # A shared pool's tables read as the layer's own (``layer.down`` etc.), so the code that
+        # uses them (mixing, optimizers, tests) does not care where they live.
+        if name in TABLE_NAMES:
+            pool = self.__dict__.get("_pool")
+            if pool is not None and hasattr(pool, name):
+                return getattr(pool, name)
+        return super().__getattr__(name)
+
+    @property
+    def pool(self) -> ExpertPool | None:
+        """The shared ExpertPool this layer reads, or None (it owns its tables)."""
+        return self.__dict__.get("_pool")
+
+    def tables(self) -> list[nn.Parameter]:
+        """The expert tables this layer reads: [down, up] (+ lin for readout "glu")."""
+        return [self.down, self.up] + ([self.lin] if self.readout == "glu" else [])
+
+    @property
+    def table_update(self):
+        """Replaces expert_mix when set (same arguments, no backend): an optimizer that updates the
+        tables inside the mixing backward installs it. Not part of the state_dict."""
+        return self.__dict__.get("_table_update")
+
+    @table_update.setter
+    def table_update(self, fn) -> None:
+        if fn is not None and (self.readout in TORCH_ONLY_READOUTS or self.pool is not None):
+            raise ValueError(
+                "the fused table optimizer (train.expert_optimizer=rowwise_adam) updates one layer's own down/up "
+                f"in the paper's read-out; this layer has readout={self.readout!r}, "
+                f"shared_pool={self.pool is not None}: use train.expert_optimizer=adamw"
+            )
+        self.__dict__["_table_update"] = fn
+
+    @property
+    def column_shard(self):
+        """Set by torchpeer.parallel when it shards the tables (absent otherwise)."""
+        try:
+            return self.__dict__["_column_shard"]
+        except KeyError:
+            raise AttributeError("column_shard") from None
+
+    @column_shard.setter
+    def column_shard(self, ctx) -> None:
+        # The column-sharded forward (torchpeer.parallel) computes the paper's layer: it would
+        # silently drop these options, so sharding a layer that uses them is an error.
+        used = self.beyond_paper_options()
+        if ctx is not None and used:
+            raise ValueError(f"torchrun (column-sharded PEER) supports the paper's layer only; this one sets {used}")
+        self.__dict__["_column_shard"] = ctx
+
+    def beyond_paper_options(self) -> dict[str, object]:
+        """{option: value} of the options that change what the layer computes or trains on (readout,
+        shared pool, balance term, key init), set to other than the paper's; {} for the paper's layer."""
+        used = {"readout": self.readout, "shared_pool": self.pool is not None}
+        used.update(balance_weight=self.balance_weight, key_init=self.key_init)
+        paper = {"readout": "paper", "shared_pool": False, "balance_weight": 0.0, "key_init": "random"}
+        return {k: v for k, v in used.items() if v != paper[k]}
 
     def extra_repr(self) -> str:
         return (
@@ -143,6 +275,8 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
             f"d_key={self.d_key}, activation={self.activation}, gate={self.gate}, "
             f"query_norm={self.query_norm}, shared_keys={self.shared_keys}, backend={self.backend}, "
             f"up_init_std={self.up_init_std:.4g}"
+            + "".join(f", {k}={v}" for k, v in self.beyond_paper_options().items())
+            + "".join(f", {k}={getattr(self, k)}" for k in ("key_lr_scale", "query_lr_scale") if getattr(self, k) != 1)
         )
 
     def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,42 +298,98 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
         check_input(x, self.d_model, "PEER")
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.d_model)
+        if self._keys_pending and self.training:  # key_init "queries": once, on the first training batch
+            init_sub_keys_from_queries(self.router, flat)
+            self.keys_initialised.fill_(True)
+            self._keys_pending = False
         q, scores, indices = self.router(flat)
         g = self.gates(scores)
         self._track_routing(q, indices, g)
+        self.balance_loss = None
+        if self.balance_weight > 0 and self.training and torch.is_grad_enabled():
+            self.balance_loss = subkey_balance_loss(q, self.router.sub_keys, indices, self.balance_stride)
         compute = autocast_dtype(x.device)
-        if compute is not None:
-            flat = flat.to(compute)  # mix in the autocast dtype (the tables stay fp32 masters)
+        xc = flat.to(compute) if compute is not None else flat  # mix in the autocast dtype (fp32 master tables)
         if self.table_update is not None:  # a fused table optimizer's mixing (e.g. torchpeer.optim)
-            y = self.table_update(flat, self.down, self.up, indices, g, self.activation)
+            y = self.table_update(xc, self.down, self.up, indices, g, self.activation)
+        elif self.readout in TORCH_ONLY_READOUTS:
+            lin = self.lin if self.readout == "glu" else None
+            backend = readout_mix_backend(self.readout, self.backend)
+            y = readout_mix(xc, self.down, self.up, lin, indices, g, self.readout, self.activation, backend)
         else:
-            y = expert_mix(flat, self.down, self.up, indices, g, self.activation, backend=self.backend)
+            y = expert_mix(xc, self.down, self.up, indices, g, self.activation, backend=self.backend)
+        if self.out_gate is not None:
+            y = self.out_gate(xc, y)
         return y.view(*lead, self.d_model)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """``balance_weight * balance_loss`` of the last training forward (what the LM trainer adds
+        to the loss); None when the term is off or the last forward was not a training one."""
+        if self.balance_loss is None:
+            return None
+        return self.balance_weight * self.balance_loss
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        flag = prefix + "keys_initialised"
+        if self.key_init == "queries" and flag not in state_dict and prefix + "router.sub_keys" in state_dict:
+            # A checkpoint from a layer without key_init: its sub-keys are given, never re-initialise them.
+            state_dict[flag] = torch.ones((), dtype=torch.bool)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.key_init == "queries":
+            self._keys_pending = not bool(self.keys_initialised)
 
     def op_backends(self, device: torch.device | str | None = None) -> dict[str, str]:
         """{op: backend} this layer runs with on ``device`` (default: where its tables live)."""
         device = device or self.down.device
-        return {
-            "product_key_topk": self.router.retrieval_backend(device),
-            "expert_mix": resolve_backend("expert_mix", self.backend, device),
-        }
+        if self.readout in TORCH_ONLY_READOUTS:
+            mix = readout_mix_backend(self.readout, self.backend)
+        else:
+            mix = resolve_backend("expert_mix", self.backend, device)
+        return {"product_key_topk": self.router.retrieval_backend(device), "expert_mix": mix}
 
     def cost(self) -> FFWCost:
         """Per-token cost: the router's (query projection 2*d*h*d_key, sub-key scores
         2*h*sqrt(N)*d_key, query network and all sub-keys active) plus the experts, h*k*(2d in +
-        2d out) FLOPs and h*k u and v rows."""
+        2d out) FLOPs and h*k u and v rows (glu: 6d FLOPs and a w row more; gated: + the output
+        gate's 2 dense d x d matmuls); the balance term's training-only FLOPs in aux_train_flops.
+        total_params: the layer's own (a shared pool is counted by the LM, once)."""
         d, h, k = self.d_model, self.heads, self.top_k
+        rows = rows_per_selection(self.readout)
         routing = self.router.cost()
+        gate = self.out_gate.cost() if self.out_gate is not None else FFWCost(0, 0, 0)
+        aux = 0
+        if self.balance_weight > 0:
+            aux = balance_train_flops(h, self.n_sub, self.d_key, self.balance_stride)
         return FFWCost(
             total_params=count_params(self),
-            active_params=routing.active_params + h * k * 2 * d,
-            forward_flops=routing.forward_flops + h * k * 4 * d,
+            active_params=routing.active_params + h * k * rows * d + gate.active_params,
+            forward_flops=routing.forward_flops + h * k * 2 * rows * d + gate.forward_flops,
+            aux_train_flops=aux,
         )
 
     def optim_groups(self) -> dict[str, list[nn.Parameter]]:
-        """The expert tables (down, up) are read a few rows per token: own lr, no decay by default;
-        the router's sub-keys and norm are not decayed."""
-        return {"expert": [self.down, self.up], "no_decay": self.router.optim_groups()["no_decay"]}
+        """The expert tables (down, up, lin) are read a few rows per token: own lr, no decay by default;
+        the router's sub-keys and norm are not decayed (the output gate's matrices are, as any linear layer's)."""
+        return {"expert": self.tables(), "no_decay": self.router.optim_groups()["no_decay"]}
+
+    def lr_scales(self) -> list[tuple[float, list[nn.Parameter]]]:
+        """(lr multiplier, parameters) for the LM optimizer (torchpeer.lm.optim): the sub-keys at
+        key_lr_scale, the query network (projection, norm parameters) at query_lr_scale; scales of 1 omitted."""
+        query_net = [*self.router.query_proj.parameters(), *self.router.norm.parameters()]
+        pairs = [(self.key_lr_scale, [self.router.sub_keys]), (self.query_lr_scale, query_net)]
+        return [(scale, params) for scale, params in pairs if scale != 1.0 and params]
 
 
-register_ffw("peer", PEERConfig, PEER.from_config)
+def _check_beyond_paper(readout, shared_pool, balance_weight, balance_stride, key_lr_scale, query_lr_scale, key_init):
+    """ValueError/TypeError naming the first bad value of the options beyond the paper."""
+    check_choice("readout", readout, READOUTS)
+    if not isinstance(shared_pool, bool):
+        raise TypeError(f"shared_pool must be true or false, got {shared_pool!r}")
+    check_number("balance_weight", balance_weight)
+    check_positive(balance_stride=balance_stride)
+    check_number("key_lr_scale", key_lr_scale, strict=True)
+    check_number("query_lr_scale", query_lr_scale, strict=True)
+    check_choice("key_init", key_init, KEY_INITS)
+
+
+register_ffw("peer", PEERConfig, PEER.from_config, build_shared=ExpertPool.from_config)

@@ -4,7 +4,9 @@ dense | peer | pkm | moe | ..., see torchpeer/layers/registry.py).
 Pre-norm blocks: x = x + attn(rmsnorm(x)); x = x + ffw(rmsnorm(x)). Attention is causal
 multi-head with rotary position embeddings (RoPE) through ``F.scaled_dot_product_attention``.
 The block FFWs follow ``ModelConfig.block_kinds()``: the sparse kind at the placed blocks
-(0-based indices; "middle" = block n_layers // 2), dense elsewhere.
+(0-based indices; "middle" = block n_layers // 2, "all", or a list), dense elsewhere. A kind may
+share one module between its layers (``build_shared`` in the registry; PEER's ``shared_pool``):
+the LM builds it once as ``ffw_shared`` and passes it to every layer of that kind.
 
 Shapes: idx (B, T) int64 token ids -> logits (B, T, vocab_size).
 """
@@ -21,11 +23,21 @@ from torchpeer.layers.registry import get_ffw, sum_aux_losses
 from torchpeer.lm.config import ModelConfig
 
 
-def build_ffw(kind: str, cfg: ModelConfig) -> nn.Module:
+def build_ffw(kind: str, cfg: ModelConfig, shared: nn.Module | None = None) -> nn.Module:
     """The FFW module of one block: registered kind ``kind`` built from its config section
-    ``cfg.<kind>`` (see ``torchpeer.layers.registry``)."""
+    ``cfg.<kind>`` (see ``torchpeer.layers.registry``); ``shared``: the kind's shared module."""
     ffw = get_ffw(kind)
-    return ffw.build(cfg.d_model, getattr(cfg, ffw.name))
+    section = getattr(cfg, ffw.name)
+    return ffw.build(cfg.d_model, section) if shared is None else ffw.build(cfg.d_model, section, shared)
+
+
+def build_shared_ffw(cfg: ModelConfig) -> nn.Module | None:
+    """The module shared by the layers of the sparse kind ``cfg.ffw`` (e.g. PEER's ExpertPool with
+    ``model.peer.shared_pool``), or None: none asked for, or no block uses the kind."""
+    ffw = get_ffw(cfg.ffw)
+    if ffw.build_shared is None or not cfg.sparse_blocks():
+        return None
+    return ffw.build_shared(cfg.d_model, getattr(cfg, ffw.name))
 
 
 class RMSNorm(nn.Module):
@@ -119,13 +131,13 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block with a configurable FFW."""
 
-    def __init__(self, cfg: ModelConfig, ffw_kind: str):
+    def __init__(self, cfg: ModelConfig, ffw_kind: str, shared: nn.Module | None = None):
         super().__init__()
         self.ffw_kind = ffw_kind
         self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = CausalSelfAttention(cfg)
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffw = build_ffw(ffw_kind, cfg)
+        self.ffw = build_ffw(ffw_kind, cfg, shared)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cache, layer)
@@ -142,7 +154,12 @@ class TransformerLM(nn.Module):
             raise ValueError("model.vocab_size is not set; take it from the tokenizer before building")
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.block_kinds())
+        # Registered only when built: models without one keep their parameter order and state-dict keys.
+        shared = build_shared_ffw(cfg)
+        if shared is not None:
+            self.ffw_shared = shared
+        kinds = cfg.block_kinds()
+        self.blocks = nn.ModuleList(Block(cfg, k, shared if k == cfg.ffw else None) for k in kinds)
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:

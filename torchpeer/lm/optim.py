@@ -9,6 +9,13 @@ Groups:
   (``train.expert_weight_decay``, default 0: a row is read by few tokens, so decaying every row
   at every step would mostly shrink rows that received no gradient).
 
+Per-parameter lr multipliers: a module may list ``lr_scales() -> [(multiplier, [params])]`` (PEER's
+``key_lr_scale`` / ``query_lr_scale``). Such a parameter goes to a group of its own, named
+``"<group>*<multiplier>"`` (e.g. ``"no_decay*3"`` for sub-keys at 3 x lr), with lr and
+``base_lr`` = multiplier x the group's lr and the group's weight decay; the schedule scales every
+group alike, so the ratio holds at every step. Without multipliers the groups are exactly the
+three above (old optimizer states keep loading).
+
 The FFW contract (``torchpeer.layers.registry``): ``optim_groups() -> {"expert": [...],
 "no_decay": [...]}``; modules without it are grouped by shape alone.
 """
@@ -43,35 +50,56 @@ def expert_parameters(model: nn.Module) -> set[int]:
     return ffw_groups(model)["expert"]
 
 
+def lr_scales(model: nn.Module) -> dict[int, float]:
+    """{id(param): lr multiplier} from the modules' ``lr_scales()``; a parameter given two different
+    multipliers is a ValueError."""
+    out: dict[int, float] = {}
+    for name, mod in model.named_modules():
+        fn = getattr(mod, "lr_scales", None)
+        if not callable(fn):
+            continue
+        for scale, params in fn():
+            if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+                raise ValueError(f"{name or type(mod).__name__}.lr_scales() gave multiplier {scale!r}; use one > 0")
+            for p in params:
+                if out.setdefault(id(p), float(scale)) != float(scale):
+                    raise ValueError(f"a parameter of {name} has two lr multipliers: {out[id(p)]} and {scale}")
+    return out
+
+
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """AdamW groups (see module docstring); every trainable parameter is in exactly one."""
     listed = ffw_groups(model)
+    scales = lr_scales(model)
     experts = listed["expert"]
     no_decay_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     no_decay_ids |= listed["no_decay"]
-    groups = {"decay": [], "no_decay": [], "experts": []}
+    groups: dict[tuple[str, float], list] = {("decay", 1.0): [], ("no_decay", 1.0): [], ("experts", 1.0): []}
     seen: set[int] = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
         if id(p) in experts:
-            groups["experts"].append(p)
+            kind = "experts"
         elif p.dim() < 2 or id(p) in no_decay_ids:
-            groups["no_decay"].append(p)
+            kind = "no_decay"
         else:
-            groups["decay"].append(p)
+            kind = "decay"
+        groups.setdefault((kind, scales.get(id(p), 1.0)), []).append(p)
     expert_lr = cfg.lr if cfg.expert_lr is None else cfg.expert_lr
     spec = {
         "decay": (cfg.lr, cfg.weight_decay),
         "no_decay": (cfg.lr, 0.0),
         "experts": (expert_lr, cfg.expert_weight_decay),
     }
-    return [
-        {"name": k, "params": v, "lr": spec[k][0], "base_lr": spec[k][0], "weight_decay": spec[k][1]}
-        for k, v in groups.items()
-        if v
-    ]
+    out = []
+    for (kind, scale), params in groups.items():
+        if params:
+            lr = spec[kind][0] * scale
+            name = kind if scale == 1.0 else f"{kind}*{scale:g}"
+            out.append({"name": name, "params": params, "lr": lr, "base_lr": lr, "weight_decay": spec[kind][1]})
+    return out
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "cpu") -> torch.optim.AdamW:
