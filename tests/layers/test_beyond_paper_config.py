@@ -1,0 +1,79 @@
+"""The shipped candidate config (gpu-peer-multi-small) and the GPU plan of docs/research/beyond_paper.md:
+the design is what the log says, every planned run trains with no more FLOPs than its dense twin, and
+the log's FLOP table is what `torchpeer info` computes."""
+
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+from torchpeer.layers.expert_pool import ExpertPool
+from torchpeer.lm.config_io import apply_overrides, load_config
+from torchpeer.lm.info import config_cost
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 (tomli is a dependency there)
+    import tomli as tomllib
+
+LOG = Path(__file__).resolve().parents[2] / "docs" / "research" / "beyond_paper.md"
+
+
+def cost_of(name: str, overrides: list[str] = ()):
+    cfg = load_config(name)
+    cfg.model.vocab_size = cfg.data.vocab_size  # BPE-16k, as the runs resolve it
+    apply_overrides(cfg, list(overrides))
+    return config_cost(cfg.model)
+
+
+def test_candidate_config_is_four_peer_blocks_on_one_pool_below_dense_flops():
+    cfg = load_config("gpu-peer-multi-small")
+    assert cfg.model.sparse_blocks() == [1, 3, 5, 7]
+    assert cfg.model.peer.shared_pool and cfg.model.peer.n_experts == 1024**2
+    assert cfg.model.peer.readout == "paper" and cfg.model.peer.balance_weight == 0  # the levers are overrides
+    dense = load_config("gpu-dense-small").model
+    for f in ("d_model", "n_layers", "n_heads", "seq_len"):  # the dense twin's shape
+        assert getattr(cfg.model, f) == getattr(dense, f), f
+    multi, twin = cost_of("gpu-peer-multi-small"), cost_of("gpu-dense-small")
+    assert multi.train_flops < twin.train_flops
+    pool = [p for p in multi.parts if p.name == "ffw_shared"]
+    assert len(pool) == 1 and pool[0].kind == ExpertPool.__name__ and pool[0].total_params == 2 * 1024**2 * 512
+
+
+def _spec_block() -> str:
+    return re.search(r"```toml\n(.*?)```", LOG.read_text(), flags=re.S).group(1)
+
+
+def test_logged_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_path):
+    exp_spec = pytest.importorskip("torchpeer.experiments.spec")
+    exp_plan = pytest.importorskip("torchpeer.experiments.plan")
+    spec = exp_spec.parse_spec(tomllib.loads(_spec_block()), path=None)
+    runs = exp_plan.plan_sweep(spec, str(tmp_path))
+    assert len(runs) == 22  # 11 designs x 2 seeds
+    by_seed: dict[int, dict[str, object]] = {}
+    for r in runs:
+        by_seed.setdefault(r.cfg.train.seed, {})[r.variant.split("-", 1)[1]] = r
+    assert sorted(by_seed) == [0, 1] and by_seed[0].keys() == by_seed[1].keys()
+    for seed, designs in by_seed.items():
+        dense = designs["dense"]
+        assert dense.tokens >= 60_000_000
+        for name, r in designs.items():
+            assert r.train_flops <= dense.train_flops, (seed, name)
+            if name != "gated":  # gated costs more per token: it gets the dense run's FLOP budget instead
+                assert r.tokens == dense.tokens, (seed, name)
+        assert designs["gated"].tokens < dense.tokens
+
+
+def test_logged_flop_table_is_what_torchpeer_info_computes():
+    rows = re.findall(r"^\| [^|]+ \| (`[^`]*`|-)[^|]*\| ([\d,.]+)M \| [\d.]+M \| ([\d,]+) \| ([\d.]+) \|$",
+                      LOG.read_text(), flags=re.M)  # fmt: skip
+    assert len(rows) == 12
+    dense = cost_of("gpu-dense-small").train_flops
+    for overrides, params, flops, ratio in rows:
+        args = [] if overrides == "-" else shlex.split(overrides.strip("`"))
+        cost = cost_of("gpu-peer-multi-small", args)
+        assert cost.train_flops == int(flops.replace(",", "")), overrides
+        assert f"{cost.total_params / 1e6:,.1f}" == params, overrides
+        assert f"{cost.train_flops / dense:.3f}" == ratio, overrides
