@@ -105,3 +105,31 @@ def test_export_hf_of_a_damaged_checkpoint(two_checkpoint_run, tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.startswith(f"error: checkpoint {bad} is damaged: {file}") and err.count("\n") == 1
     assert f"the older checkpoint {good} beside it is intact" in err and not os.path.exists(tmp_path / "other")
+
+
+def test_a_run_continued_from_an_export_is_plotted_after_its_parent(two_checkpoint_run, tmp_path):
+    """export-hf records where the weights stand (step, tokens, training seconds); the run that continues
+    the export carries it in its start record, and `torchpeer plot` draws it after its parent, not from 0."""
+    import json
+
+    pytest.importorskip("matplotlib")
+    from torchpeer.viz.metrics import read_metrics
+    from torchpeer.viz.plot import plot_runs
+
+    parent = read_metrics(two_checkpoint_run)
+    out, more = str(tmp_path / "exported"), str(tmp_path / "more")
+    assert main(["export-hf", two_checkpoint_run, out]) == 0
+    with open(os.path.join(out, "torchpeer_origin.json")) as fh:
+        origin = json.load(fh)
+    assert origin["step"] == 4 and origin["tokens"] == parent.tokens_at(4) == 4 * 4 * 32
+    assert origin["time"] == parent.train["time"].values[-1] > 0
+    argv = ["train", out, "--run-dir", more, "--train.max_steps", "2", "--train.log_interval", "1", "--no-progress"]
+    assert main(argv) == 0
+    child = read_metrics(more)
+    assert child.offset == {"step": 4, "tokens": 512, "time": origin["time"]}
+    fig = plot_runs([parent, child], x="tokens")
+    lines = {line.get_label(): list(line.get_xdata()) for line in fig.axes[0].get_lines()}
+    assert lines["more: train"] == [512 + 128, 512 + 256]  # after the parent's 512 tokens
+    assert max(lines["run: train"]) == 512
+    fig = plot_runs([child], x="step")
+    assert [list(ln.get_xdata()) for ln in fig.axes[0].get_lines()][0] == [5.0, 6.0]

@@ -105,11 +105,13 @@ def run(args) -> int:
     from torchpeer.parallel.plan import plan_for_this_process
 
     config_arg = args.config or DEFAULT_CONFIG
-    init_from = None
+    init_from = parent = None
     if _is_exported(config_arg):  # an export-hf folder: continue training its model in a new run
+        from torchpeer.hf.export import read_origin
         from torchpeer.hf.exported import continue_from_exported
 
         cfg, init_from = continue_from_exported(config_arg, args.overrides)
+        parent = read_origin(config_arg)  # where its weights stand: plots draw the new run after it
     else:
         cfg = config_with_overrides(config_arg, args.overrides)
     run_dir = args.run_dir or os.path.join("runs", cfg.name or "run")
@@ -124,7 +126,9 @@ def run(args) -> int:
         # a distributed run's checkpoints (the core, torchpeer.lm, does not import torchpeer.parallel)
         plan = plan_for_this_process()
         progress = not args.no_progress
-        summary = train(cfg, run_dir, resume=args.resume, progress=progress, init_from=init_from, plan=plan)
+        summary = train(
+            cfg, run_dir, resume=args.resume, progress=progress, init_from=init_from, plan=plan, parent=parent
+        )
     except TrainingInterrupted as e:
         if not rank0:
             return 128 + e.signum

@@ -8,6 +8,7 @@
       generation_config.json        bos/eos/pad = the tokenizer's end-of-text id
       tokenizer.json, tokenizer_config.json, special_tokens_map.json   (PreTrainedTokenizerFast)
       torchpeer_tokenizer/          the torchpeer tokenizer (for load_exported)
+      torchpeer_origin.json         the checkpoint exported, and its step, tokens and training seconds
 
 Load it with ``AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`` and
 ``AutoTokenizer.from_pretrained(OUT_DIR)`` (offline; torchpeer must be installed). The folder is
@@ -24,6 +25,7 @@ import tempfile
 from torchpeer.hf._compat import require_transformers
 
 REMOTE_FILES = ("configuration_torchpeer.py", "modeling_torchpeer.py")
+ORIGIN_FILE = "torchpeer_origin.json"
 AUTO_MAP = {
     "AutoConfig": "configuration_torchpeer.TorchpeerConfig",
     "AutoModelForCausalLM": "modeling_torchpeer.TorchpeerForCausalLM",
@@ -54,6 +56,7 @@ def export_hf(run_dir: str, out_dir: str, overwrite: bool = False) -> str:
     """
     require_transformers()
     from torchpeer.data import load_tokenizer
+    from torchpeer.data.atomic import write_json_atomic
     from torchpeer.hf.tokenizer_files import write_tokenizer
     from torchpeer.lm.checkpoint import (
         is_dcp_checkpoint,
@@ -85,6 +88,7 @@ def export_hf(run_dir: str, out_dir: str, overwrite: bool = False) -> str:
     try:
         _write_model(tmp, model, cfg, tok.eot_id)
         write_tokenizer(tmp, tok, cfg.model.seq_len)
+        write_json_atomic(os.path.join(tmp, ORIGIN_FILE), checkpoint_origin(ckpt, cfg))
         previous = None
         if os.path.exists(out_dir):  # --overwrite: move the old export aside, removed once the new one is in
             previous = tempfile.mkdtemp(dir=parent, prefix=".export-hf.", suffix=".old")
@@ -96,6 +100,46 @@ def export_hf(run_dir: str, out_dir: str, overwrite: bool = False) -> str:
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
     return ckpt
+
+
+def checkpoint_origin(ckpt: str, cfg) -> dict:
+    """{"checkpoint", "step", "tokens", "time"}: where a checkpoint stands in its training, counted
+    from the start of its first ancestor when its run itself continued an export. Tokens and
+    training seconds come from the run's metrics.jsonl (step x tokens per step without one)."""
+    step = int(os.path.basename(os.path.normpath(ckpt)).split("_")[-1])
+    t = cfg.train
+    origin = {"checkpoint": os.path.abspath(ckpt), "step": step, "tokens": step * t.batch_size * t.grad_accum}
+    origin["tokens"] *= cfg.model.seq_len
+    origin["time"] = None
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
+    try:
+        from torchpeer.viz.metrics import read_metrics
+
+        run = read_metrics(run_dir)
+    except (OSError, ValueError):  # a checkpoint folder outside its run, or a run without a log
+        return origin
+    tokens = run.tokens_at(step)
+    time = run.train.get("time")
+    origin["step"] = step + run.offset["step"]
+    origin["tokens"] = (tokens if tokens is not None else origin["tokens"]) + run.offset["tokens"]
+    if time and time.steps and time.steps[-1] >= step:
+        import numpy as np
+
+        origin["time"] = float(np.interp(step, [0, *time.steps], [0.0, *time.values])) + run.offset["time"]
+    return origin
+
+
+def read_origin(folder: str) -> dict | None:
+    """The origin of an exported folder ({"step", "tokens", "time", ...}), or None (an export written
+    before torchpeer_origin.json existed, or an unreadable one: then plots start the child at 0)."""
+    import json
+
+    try:
+        with open(os.path.join(folder, ORIGIN_FILE), encoding="utf-8") as fh:
+            origin = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return origin if isinstance(origin, dict) else None
 
 
 # ----------------------------------------------------------------------------- CLI

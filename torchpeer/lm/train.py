@@ -26,7 +26,9 @@ from torchpeer.lm.trainer import Trainer, TrainingInterrupted
 __all__ = ["Trainer", "TrainingInterrupted", "plan_steps", "resolve_device", "train"]
 
 
-def train(cfg: RunConfig, run_dir: str, resume=False, progress=True, callbacks=None, plan=None, init_from=None) -> dict:
+def train(
+    cfg: RunConfig, run_dir: str, resume=False, progress=True, callbacks=None, plan=None, init_from=None, parent=None
+) -> dict:
     """Train ``cfg`` in ``run_dir``; returns the summary (final evaluation, costs, timing).
 
     resume: continue from the newest intact checkpoint of run_dir (start fresh if it has none;
@@ -36,7 +38,9 @@ def train(cfg: RunConfig, run_dir: str, resume=False, progress=True, callbacks=N
     callbacks: torchpeer.lm.callbacks.Callback instances; plan: a parallel plan (lm/plan.py),
     None = one process (under torchrun pass torchpeer.parallel's, which the core does not import:
     ``torchpeer.parallel.plan.plan_for_this_process()``); init_from: ``fn(model)`` loading
-    starting weights into a fresh run's model (every rank, before the plan wraps it).
+    starting weights into a fresh run's model (every rank, before the plan wraps it); parent: where
+    those weights stand in their training ({"step", "tokens", "time"}: plots draw the run after it).
     SIGINT/SIGTERM stop the run after the current step with a checkpoint: TrainingInterrupted.
     """
-    return Trainer(cfg, run_dir, resume, progress, callbacks=callbacks, plan=plan, init_from=init_from).fit()
+    seams = {"callbacks": callbacks, "plan": plan, "init_from": init_from, "parent": parent}
+    return Trainer(cfg, run_dir, resume, progress, **seams).fit()

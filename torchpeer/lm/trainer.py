@@ -56,11 +56,14 @@ class Trainer:
         callbacks=None,
         plan=None,
         init_from=None,
+        parent: dict | None = None,
     ):
         """init_from: optional ``fn(model)`` that loads starting weights into the freshly built model
-        (every rank, before plan.wrap_model; not when resuming from a checkpoint of this run)."""
+        (every rank, before plan.wrap_model; not when resuming from a checkpoint of this run).
+        parent: where those weights stand in their own training ({"step", "tokens", "time"}, e.g. an
+        export's origin): written in the start record of metrics.jsonl, so plots draw this run after it."""
         self.cfg, self.run_dir, self.resume, self.progress = cfg, run_dir, resume, progress
-        self.init_from = init_from
+        self.init_from, self.parent = init_from, parent
         self.callbacks = CallbackList(callbacks)
         self.plan = plan if plan is not None else default_plan()
         self.step, self.elapsed = 0, 0.0
@@ -184,7 +187,8 @@ class Trainer:
         if not resumed:
             start = {"step": 0, "event": "start", "cost": self.cost.to_dict(), "total_steps": self.total_steps}
             start.update(tokens_per_step=self.tokens_per_step, device=str(self.device))
-            self.log.write({**start, "world_size": self.plan.world_size, "backends": self.backends})
+            start.update(world_size=self.plan.world_size, backends=self.backends)
+            self.log.write({**start, "parent": self.parent} if self.parent else start)
 
     # ------------------------------------------------------------------------------- the parts
 

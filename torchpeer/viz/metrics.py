@@ -2,12 +2,14 @@
 
 The trainer appends one JSON object per event (torchpeer/lm: the trainer's metrics log):
 
-    {"step": 0, "event": "start", "tokens_per_step": ..., ...}
+    {"step": 0, "event": "start", "tokens_per_step": ..., "parent"?: {"step", "tokens", "time"}, ...}
     {"step": s, "tokens": ..., "loss": ..., "lr": ..., "grad_norm": ..., "tok_per_s": ..., "time": ...}
     {"step": s, "eval": {SET: {"loss", "ppl", "bpb", "usage": {LAYER: {"usage_pct", "kl"}}}}, "final"?: true}
 
 Lines cut by a kill are skipped; when a step appears twice (a resumed run's repeated record), the
-last record wins.
+last record wins. A run that continued another one's weights (``torchpeer train EXPORT_DIR``) has a
+"parent" in its start record: where those weights stood; its curves are drawn after the parent's
+(``RunMetrics.offset``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ class RunMetrics:
     """Everything ``torchpeer plot`` draws for one run.
 
     train: key (TRAIN_KEYS) -> Series; evals: eval set -> key (EVAL_KEYS) -> Series;
-    routing: (eval set, layer) -> {"usage_pct": Series, "kl": Series}.
+    routing: (eval set, layer) -> {"usage_pct": Series, "kl": Series}; offset: {"step", "tokens",
+    "time"} of the parent run at which this one started (zeros for a run from scratch).
     """
 
     name: str
@@ -44,6 +47,7 @@ class RunMetrics:
     train: dict[str, Series] = field(default_factory=dict)
     evals: dict[str, dict[str, Series]] = field(default_factory=dict)
     routing: dict[tuple[str, str], dict[str, Series]] = field(default_factory=dict)
+    offset: dict[str, float] = field(default_factory=lambda: {"step": 0.0, "tokens": 0.0, "time": 0.0})
 
     def tokens_at(self, step: float) -> float | None:
         """Training tokens seen after ``step`` optimizer steps (None if unknown)."""
@@ -109,6 +113,9 @@ def read_metrics(run_dir: str, name: str | None = None) -> RunMetrics:
         step = rec["step"]
         if rec.get("event") == "start" and _number(rec.get("tokens_per_step")):
             run.tokens_per_step = int(rec["tokens_per_step"])
+        if rec.get("event") == "start" and isinstance(rec.get("parent"), dict):
+            for key in run.offset:
+                run.offset[key] = _number(rec["parent"].get(key)) or 0.0
         if "loss" in rec and "eval" not in rec:
             for key in TRAIN_KEYS:
                 if key in rec:

@@ -36,18 +36,20 @@ def import_pyplot():
 
 
 def _x(run: RunMetrics, s: Series, axis: str) -> list[float] | None:
-    """x values of a series on ``axis`` (None when the run does not record that axis)."""
+    """x values of a series on ``axis`` (None when the run does not record that axis); a run that
+    continued another's weights starts where its parent stopped (``run.offset``)."""
+    off = run.offset[axis]
     if axis == "step":
-        return [float(v) for v in s.steps]
+        return [float(v) + off for v in s.steps]
     if axis == "tokens":
         xs = [run.tokens_at(v) for v in s.steps]
-        return None if any(v is None for v in xs) else xs
+        return None if any(v is None for v in xs) else [v + off for v in xs]
     t = run.train.get("time")  # training seconds at the log steps; eval steps are interpolated
     if not t or not t.steps:
         return None
     import numpy as np
 
-    return [float(v) for v in np.interp(s.steps, [0, *t.steps], [0.0, *t.values])]
+    return [float(v) + off for v in np.interp(s.steps, [0, *t.steps], [0.0, *t.values])]
 
 
 def _draw(ax, run, s: Series, axis: str, label: str, color, style: str, marker: str | None, transform=None) -> bool:
