@@ -191,3 +191,28 @@ def test_error_invalid_values_name_their_field(capsys, override, field):
 
 def test_error_override_without_value(capsys):
     assert "--train.lr needs a value" in _error(capsys, ["info", "--train.lr"])
+
+
+@pytest.mark.parametrize("where", ["torchpeer.lm.config_io", "torchpeer.cli.info"])
+def test_ctrl_c_while_a_command_starts_is_one_line(monkeypatch, capsys, where):
+    """Ctrl-C while main() imports the override parser or a subcommand (seconds with torch): exit 130
+    and "interrupted", not a KeyboardInterrupt traceback."""
+    import builtins
+    import importlib
+    import sys
+
+    real_import, real_import_module = builtins.__import__, importlib.import_module
+
+    def interrupted(real):
+        def load(name, *args, **kwargs):
+            if name == where:
+                raise KeyboardInterrupt
+            return real(name, *args, **kwargs)
+
+        return load
+
+    monkeypatch.delitem(sys.modules, where)
+    monkeypatch.setattr(builtins, "__import__", interrupted(real_import))
+    monkeypatch.setattr(importlib, "import_module", interrupted(real_import_module))
+    assert main(["info", "--json"]) == 130
+    assert capsys.readouterr() == ("", "interrupted\n")

@@ -3,7 +3,8 @@
 Bad input (missing file, unknown config field or FFW kind, resume with another model, an
 unwritable run folder, ...) is reported as one line ``error: ...`` on stderr with exit status 2,
 without a traceback (``TORCHPEER_TRACEBACK=1`` shows it). An interrupted ``train`` exits 130
-(SIGINT) or 143 (SIGTERM) after writing a checkpoint.
+(SIGINT) or 143 (SIGTERM) after writing a checkpoint; Ctrl-C anywhere else in ``main`` (imports of a
+subcommand, tokenising, evaluating) prints "interrupted" and exits 130, without a traceback.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from torchpeer.lm.config_io import split_overrides
-
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        from torchpeer.lm.config_io import split_overrides  # in the try: Ctrl-C while importing is handled
+
         rest, overrides = split_overrides(argv)
         parser = build_parser()
         args = parser.parse_args(rest)
@@ -57,4 +58,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
