@@ -59,27 +59,36 @@ class TokenFile:
 
     @classmethod
     def open(cls, path: str) -> TokenFile:
-        """Open ``X.bin`` / ``X.json`` / ``X`` (the header sits next to the .bin)."""
+        """Open ``X.bin`` / ``X.json`` / ``X`` (the header sits next to the .bin). A damaged pair (a
+        header that is not one, a size that disagrees with it, a token id outside the vocabulary)
+        is one ValueError that names the file and says to prepare the split again."""
         base = os.path.splitext(path)[0] if path.endswith((".bin", ".json")) else path
         bin_path, json_path = base + ".bin", base + ".json"
         if not (os.path.exists(bin_path) and os.path.exists(json_path)):
             raise FileNotFoundError(
                 f"token file {base}.bin/.json not found; create it with prepare_split or `torchpeer data`"
             )
-        with open(json_path, encoding="utf-8") as fh:
-            header = json.load(fh)
-        if header.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{json_path}: token-file format {header.get('format_version')}, expected "
-                f"{FORMAT_VERSION}; delete it and prepare the split again"
-            )
+        again = "delete it and prepare the split again"
+        try:
+            with open(json_path, encoding="utf-8") as fh:
+                header = json.load(fh)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{json_path}: not a token-file header ({e}); {again}") from None
+        _check_header(json_path, header, again)
         expected = header["n_tokens"] * np.dtype(header["dtype"]).itemsize
         if os.path.getsize(bin_path) != expected:
             raise ValueError(
                 f"{bin_path} has {os.path.getsize(bin_path)} bytes, its header says {expected}; "
                 "delete it and prepare the split again"
             )
-        return cls(bin_path, header)
+        tf = cls(bin_path, header)
+        bad = _first_id_outside(tf.tokens, header["vocab_size"])
+        if bad is not None:
+            raise ValueError(
+                f"{bin_path}: token id {int(tf.tokens[bad])} at position {bad:,} is outside the vocabulary "
+                f"({header['vocab_size']} ids): the file is damaged; {again}"
+            )
+        return tf
 
     @property
     def n_bytes(self) -> int:
@@ -104,6 +113,39 @@ class TokenFile:
         )
 
 
+_HEADER_INTS = ("n_tokens", "n_documents", "n_bytes", "vocab_size")
+
+
+def _check_header(json_path: str, header, again: str) -> None:
+    """ValueError unless ``header`` is a token-file header of this format: the fields the reader
+    uses, with the types and ranges it relies on."""
+    if not isinstance(header, dict):
+        raise ValueError(f"{json_path}: not a token-file header (a JSON object); {again}")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{json_path}: token-file format {header.get('format_version')!r}, expected {FORMAT_VERSION}; {again}"
+        )
+    for key in _HEADER_INTS:
+        value = header.get(key)
+        if type(value) is not int or value < 0:
+            raise ValueError(f"{json_path}: header field {key!r} is {value!r}, not a count; {again}")
+    if header.get("dtype") not in ("uint16", "uint32"):
+        raise ValueError(f"{json_path}: header field 'dtype' is {header.get('dtype')!r}, not uint16/uint32; {again}")
+    if not isinstance(header.get("tokenizer"), str):
+        raise ValueError(f"{json_path}: header field 'tokenizer' is {header.get('tokenizer')!r}; {again}")
+
+
+def _first_id_outside(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> int | None:
+    """Position of the first token id >= vocab_size (None if all fit): one sequential pass over the
+    file at memory speed, so that a damaged file is reported here and not as an index error deep
+    inside the embedding (a device-side assert on CUDA)."""
+    for start in range(0, len(tokens), chunk):
+        part = np.asarray(tokens[start : start + chunk])
+        if part.size and int(part.max()) >= vocab_size:
+            return start + int(np.argmax(part >= vocab_size))
+    return None
+
+
 def _cache_key(files: list[SourceFile], tok: Tokenizer, dtype: np.dtype) -> str:
     ident = [FORMAT_VERSION, [f.path for f in files], tok.fingerprint, dtype.name]
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]
@@ -113,7 +155,7 @@ def _fresh(base: str, header: dict) -> bool:
     """Does an existing token file at ``base`` match ``header``'s inputs?"""
     try:
         tf = TokenFile.open(base)
-    except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError):
+    except (FileNotFoundError, ValueError):  # missing or damaged: tokenise again
         return False
     keys = ("sources", "tokenizer_fingerprint", "dtype", "format_version")
     return all(tf.header.get(k) == header[k] for k in keys)
