@@ -168,7 +168,9 @@ def _cols_grad_kernel(
     acc = acc * scale
     offs_c = tl.arange(0, BLOCK_C)
     tl.store(grad_ptr + e * stride_g + offs_c, acc.to(grad_ptr.dtype.element_ty), mask=offs_c < tl.where(pid < N, C, 0))
-    slot = tl.maximum(pid - N, 0) * 2 * C + tl.where(UP, C, 0)
+    slot = tl.maximum(pid - N, 0) * 2 * C
+    if UP:  # dv in the second row of the pair
+        slot += C
     tl.store(partial_ptr + slot + offs_c, acc, mask=offs_c < tl.where(valid & (pid >= N), C, 0))
 
 
@@ -204,7 +206,9 @@ def _cols_moment_kernel(
     _adam_moment_row(
         m_ptr, sq_ptr, e, acc, offs_c, offs_c < tl.where(valid & (nseg == 1) & (last > first), C, 0), C, hyper_ptr
     )
-    slot = (tl.load(pbase_ptr + e) + seg) * 2 * C + tl.where(UP, C, 0)
+    slot = (tl.load(pbase_ptr + e) + seg) * 2 * C
+    if UP:
+        slot += C
     tl.store(partial_ptr + slot + offs_c, acc, mask=offs_c < tl.where(valid & (nseg > 1), C, 0))
 
 
