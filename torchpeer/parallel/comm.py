@@ -128,6 +128,87 @@ def communication_per_step(model_cfg, tokens_per_step: int, world: int, act_byte
     }
 
 
+# ---------------------------------------------------------------------------- time model
+
+# Measured on one H200 (benchmarks/results/peer_layer_2026-12-01_ema_default.json: 65,536 tokens,
+# N = 1024^2, h 8, k 16, d_key 128, bf16): the layer's fwd+bwd minus its mixing kernels' leaves the
+# router (query projection, EMA norm, retrieval, gates): 14.2 ms at d 512, 14.4 ms at d 1024, i.e.
+# 0.218 us per token whatever d; the mixing kernels move their bytes at 3.55 TB/s (fwd + bwd).
+ROUTER_US_PER_TOKEN = 0.218
+HBM_TBS = 3.55
+# Per selection, mixing fwd + bwd: ids, gates, dots, coefficients and the expert sort (~200 bytes);
+# the column split divides the rows' bytes by W but not these (every rank walks every selection).
+SCALAR_BYTES = 200
+# Assumed (not measured here) per-GPU collective bandwidth: NVLink inside a node, one 400 Gb/s NIC
+# per GPU across nodes.
+LINK_GBS = {"nvlink": 350.0, "network": 45.0}
+
+SPLITS = ("columns", "columns_split_retrieval", "rows_by_expert")
+
+
+def peer_time_model(T: int, d: int, hk: int, W: int, table_bytes: int = 4, act_bytes: int = 2, link_gbs=None) -> dict:
+    """Per-rank time (ms) and bytes sent (MB) of one PEER layer's forward+backward at T global tokens
+    on W ranks, for three splits (perfect balance, no overlap of communication and compute):
+
+    columns                  (sharded_layers.py): every rank routes all T tokens (the replicated
+                             router), mixes its d/W columns of every selection; all-gather x, two
+                             all-reduces of (T, hk) fp32 dots, all-to-all of y, dy, dx.
+    columns_split_retrieval  the next step: each rank routes its own T/W tokens (query-norm
+                             statistics by an all-reduce of 2 h d_key floats, negligible), then
+                             all-gathers (index, gate) of every selection (int32 + fp32); x travels
+                             as an all-to-all of columns, and dgate needs none (it is replicated).
+    rows_by_expert           rank r owns N/W experts, all d columns; a token's x goes once to each
+                             rank owning one of its hk experts (uniform routing: a fraction
+                             1 - (1 - 1/W)^hk of the others), partial y, dy and dx likewise, plus
+                             12 bytes per remote selection (index, gate, gate gradient).
+
+    table_bytes: 4 for fp32 tables (AdamW training under autocast), 2 for bf16 working copies.
+    link_gbs: collective bandwidth per GPU, default LINK_GBS nvlink for W <= 8, network above.
+    """
+    f = (W - 1) / W
+    link = link_gbs or LINK_GBS["nvlink" if W <= 8 else "network"]
+    a = act_bytes
+    rows = T * hk * d * (2 * table_bytes + 2 * a + table_bytes)  # fwd: u, v rows; bwd: x, dy rows + a u row
+    scalars = T * hk * SCALAR_BYTES
+    router = T * ROUTER_US_PER_TOKEN * 1e-3
+    reached = 1 - (1 - 1 / W) ** hk  # rows: fraction of the other ranks a token's selections reach
+    sent = {
+        "columns": f * T * d * a + 2 * 2 * f * T * hk * 4 + 3 * f * T * (d / W) * a,
+        "columns_split_retrieval": 4 * f * T * (d / W) * a + 2 * 2 * f * T * hk * 4 + f * T * hk * 8,
+        "rows_by_expert": 4 * f * reached * T * d * a + f * T * hk * 12 / W,
+    }
+    compute = {
+        "columns": (router, (rows / W + scalars) / (HBM_TBS * 1e9)),
+        "columns_split_retrieval": (router / W, (rows / W + scalars) / (HBM_TBS * 1e9)),
+        "rows_by_expert": (router / W, (rows + scalars) / W / (HBM_TBS * 1e9)),
+    }
+    out = {"W": W, "T": T, "d": d, "hk": hk, "link_gbs": link}
+    for split in SPLITS:
+        r_ms, m_ms = compute[split]
+        c_ms = sent[split] / (link * 1e9) * 1e3
+        out[split] = {"router_ms": r_ms, "mix_ms": m_ms, "comm_ms": c_ms, "sent_mb": sent[split] / 1e6,
+                      "total_ms": r_ms + m_ms + c_ms}  # fmt: skip
+    return out
+
+
+def format_time_table(models: list[dict]) -> str:
+    """Markdown: per split, router + mixing + communication = total ms per rank, and MB sent."""
+    out = [
+        "| d | W | link GB/s | columns: router + mix + comm = ms (MB) | split retrieval | rows by expert |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in models:
+        cells = []
+        for split in SPLITS:
+            c = m[split]
+            cells.append(
+                f"{c['router_ms']:.2f} + {c['mix_ms']:.2f} + {c['comm_ms']:.2f} = **{c['total_ms']:.2f}** "
+                f"({c['sent_mb']:,.0f})"
+            )
+        out.append(f"| {m['d']} | {m['W']} | {m['link_gbs']:.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def _mb(x: float) -> str:
     return f"{x / 1e6:,.1f}"
 
@@ -151,15 +232,29 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
 
 
 def main(argv=None) -> None:
-    """python -m torchpeer.parallel.comm gpu-peer-small gpu-peer-base --world 2 4 8"""
+    """python -m torchpeer.parallel.comm gpu-peer-small gpu-peer-base --world 2 4 8
+    python -m torchpeer.parallel.comm --time-model --world 1 2 8 64 --tokens 32768 --d-model 512 1024"""
     from torchpeer.lm.config_io import load_config
 
     ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("configs", nargs="+")
+    ap.add_argument("configs", nargs="*")
     ap.add_argument("--world", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--vocab-size", type=int, default=16384, help="for configs that take it from the tokenizer")
     ap.add_argument("--act-bytes", type=int, default=2, help="2 under bf16 autocast, 4 in fp32")
+    ap.add_argument("--time-model", action="store_true", help="per-rank ms of one PEER layer (peer_time_model)")
+    ap.add_argument("--tokens", type=int, default=32768, help="--time-model: global tokens per step")
+    ap.add_argument("--d-model", type=int, nargs="+", default=[512, 1024], help="--time-model")
+    ap.add_argument("--hk", type=int, default=128, help="--time-model: heads x top_k")
+    ap.add_argument("--table-bytes", type=int, default=4, help="--time-model: 4 fp32 tables, 2 bf16")
     args = ap.parse_args(argv)
+    if args.time_model:
+        models = [
+            peer_time_model(args.tokens, d, args.hk, w, args.table_bytes, args.act_bytes)
+            for d in args.d_model
+            for w in args.world
+        ]
+        print(format_time_table(models))
+        return
     rows = []
     for name in args.configs:
         cfg = load_config(name)
