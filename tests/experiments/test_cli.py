@@ -21,4 +21,8 @@ def test_sweep_dry_run_and_errors(tmp_path, capsys):
 
 def test_report_without_results_is_one_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "results.jsonl is missing" in err and err.count("\n") == 1
+    (tmp_path / "results.jsonl").write_text("")
+    assert main(["report", str(tmp_path)]) == 2
     assert "has no finished runs" in capsys.readouterr().err

@@ -115,13 +115,14 @@ def test_report_writes_tables_and_real_pngs(runs_dir):
     fit_rows = [line for line in md.splitlines() if line.startswith("| 1e+15 | peer | 5 |")]
     assert len(fit_rows) == 1 and "| 3M |" in fit_rows[0] and "| 3.2000 |" in fit_rows[0]
     assert any(line.startswith("| 1e+16 | dense | 5 | 10M |") for line in md.splitlines())
-    # the closing note: each family's optimal loss per budget and where PEER stands
-    ahead = "- 1e+15 FLOPs: peer 3.2000 (fit), dense 3.3000 (fit). PEER is ahead of the best other family (dense)"
-    assert ahead + " by 0.1000 nats." in md
-    # Table 1: every eval set is a column, the best run of each family per budget a row
-    head = next(line for line in md.splitlines() if line.startswith("| budget | family | run | active params |"))
+    # the closing note: each family's optimal loss per budget, PEER's paired difference, the paper's order
+    ahead = "- **1e+15 FLOPs**: peer 3.2000 = ppl 24.53 (fit), dense 3.3000 = ppl 27.11 (fit)."
+    assert ahead in md
+    assert "PEER minus dense, paired at each family's optimum size: -0.1000 nats (-9.5 % ppl) (seed 0): PEER" in md
+    # Table 1: every eval set is a column, the run nearest each family's fitted optimum per budget a row
+    head = next(line for line in md.splitlines() if line.startswith("| budget | family | run (size nearest"))
     assert head.endswith("| all | books |")
-    assert "| 1e+15 | peer | peer-s1-1e+15 | 2.34M | 24.60 | 27.19 |" in md
+    assert "| 1e+15 | peer | peer-s1-1e+15 | 0 | 2.34M | 24.60 | 27.19 |" in md
     # the ablation table: x, series, usage and KL columns from the records
     assert "| 16384 | batch | n16384-batch-1e15 | 3.2200 |" in md and "| 1048576 | none |" in md
     for key in ("isoflop-study", "ablation-ablate", "curves-study"):
@@ -137,6 +138,8 @@ def test_report_params_choice_and_empty(tmp_path, runs_dir):
     written = write_report(str(runs_dir), str(out), params_key="total_params")
     assert os.path.dirname(written["report"]) == str(out)
     assert "fitted optimum (params)" in open(written["report"]).read()
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "nothing" / "results.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="has no finished runs"):
         write_report(str(tmp_path / "nothing"))
 

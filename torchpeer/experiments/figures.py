@@ -53,6 +53,7 @@ def isoflop_figure(fits: dict, path: str, eval_set: str, params_key: str = "acti
     """fits: the output of ``fit.isoflop_fits`` -> one panel per budget."""
     budgets = sorted({b for _, b in fits})
     fig, axes = _figure(len(budgets))
+    stars = outside = 0
     for ax, budget in zip(axes, budgets):
         families = [f for f, b in fits if b == budget]
         for i, fam in enumerate(families):
@@ -67,13 +68,22 @@ def isoflop_figure(fits: dict, path: str, eval_set: str, params_key: str = "acti
                 ax.plot(grid, fit.predict(grid), "-", color=c, alpha=0.7)
                 if fit.optimum_params is not None and fit.bracketed:
                     ax.plot([fit.optimum_params], [fit.optimum_loss], "*", color=c, markersize=14, mec="black")
+                    stars += 1
+                elif fit.optimum_params is not None:
+                    outside += 1
         ax.set_xscale("log")
         ax.set_title(f"{budget:.3g} training FLOPs")
         ax.set_xlabel("active parameters" if params_key == "active_params" else "parameters")
         ax.set_ylabel(f"loss ({eval_set})")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("isoFLOP curves (star: fitted optimum)")
+    # the title names only what is drawn: a star per fit whose optimum lies inside the trained sizes
+    notes = []
+    if stars:
+        notes.append("star: fitted optimum")
+    if outside:
+        notes.append(f"{outside} fit(s) with the optimum outside the trained sizes, not drawn")
+    fig.suptitle("isoFLOP curves" + (f" ({'; '.join(notes)})" if notes else ""))
     return save_png(fig, path)
 
 

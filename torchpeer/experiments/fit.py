@@ -77,8 +77,9 @@ def fit_isoflop(params: Sequence[float], losses: Sequence[float]) -> IsoFLOPFit:
 def isoflop_fits(records: list[dict], params_key: str = "active_params") -> dict[tuple[str, float], dict]:
     """Per (family, budget): the runs (sorted by size), the best run and the fit (or why there is none).
 
-    records: results.jsonl lines of one isoFLOP sweep (budget runs only).
-    Returns {(family, budget): {"runs": [...], "best": record, "fit": IsoFLOPFit | None, "note": str}}.
+    records: results.jsonl lines of one isoFLOP sweep (budget runs only). Seeds of one size are one
+    point of the fit (their mean loss). Returns {(family, budget): {"runs": [...], "best": record,
+    "fit": IsoFLOPFit | None, "note": str, "n_sizes": int}}.
     """
     from torchpeer.experiments.results import primary_loss
 
@@ -91,14 +92,18 @@ def isoflop_fits(records: list[dict], params_key: str = "active_params") -> dict
     for key in sorted(groups, key=lambda k: (k[1], k[0])):
         runs = sorted(groups[key], key=lambda r: r[params_key])
         best = min(runs, key=primary_loss)
+        # one point per size: the mean loss over its seeds (several seeds of one size are one x)
+        sizes: dict[float, list[float]] = {}
+        for r in runs:
+            sizes.setdefault(float(r[params_key]), []).append(primary_loss(r))
         fit, note = None, ""
         try:
-            fit = fit_isoflop([r[params_key] for r in runs], [primary_loss(r) for r in runs])
+            fit = fit_isoflop(list(sizes), [sum(v) / len(v) for v in sizes.values()])
         except ValueError as e:
             note = str(e)
         if fit is not None and fit.optimum_params is None:
             note = "no minimum: the loss is not convex in log(params) over these sizes"
         elif fit is not None and not fit.bracketed:
             note = "optimum outside the trained sizes: add sizes on that side"
-        out[key] = {"runs": runs, "best": best, "fit": fit, "note": note}
+        out[key] = {"runs": runs, "best": best, "fit": fit, "note": note, "n_sizes": len(sizes)}
     return out

@@ -70,18 +70,18 @@ def run_parallel(
     stop_at: float | None = None,
     say: Callable[[str], None] = print,
     command: list[str] | None = None,
-    extra_record: Callable[[PlannedRun], dict] | None = None,
+    extra_record: Callable[[PlannedRun, dict], dict] | None = None,
 ) -> list[dict]:
     """Train ``todo`` ([(head, run)], plan order) ``parallel`` at a time; returns the new records.
 
     ``estimate(run)``: its expected seconds from the records so far (None = unknown, always started).
-    ``command``: the worker command (tests pass a stand-in); ``extra_record``: fields added to each record.
+    ``command``: the worker command; ``extra_record(run, record)``: fields added to each record.
     """
     t0, new = time.time(), []
     pending = list(todo)
     jobs: list[_Job] = []
     told: set[str] = set()
-    interrupted = False
+    interrupted, dropped = False, []
     env = worker_env(parallel)
     try:
         while pending or jobs:
@@ -99,7 +99,8 @@ def run_parallel(
             if interrupted and jobs and elapsed >= stop_at + GRACE_SECONDS:
                 for job in jobs:
                     job.proc.kill()
-            if interrupted:
+            if interrupted and pending:
+                dropped += pending
                 pending = []
             blocked = False
             while pending and len(jobs) < parallel:
@@ -123,7 +124,7 @@ def run_parallel(
                 job.proc.kill()
             job.log.close()
         raise
-    left = [run.name for _, run in pending]
+    left = [run.name for _, run in dropped + pending]
     if left:
         say(f"not started in this invocation: {', '.join(left)} (run the same command again)")
     return new
@@ -176,7 +177,7 @@ def _finish(job: _Job, spec, runs_dir: str, say, extra_record) -> dict | None:
     if rc == 0 and os.path.exists(summary_path):
         with open(summary_path, encoding="utf-8") as fh:
             rec = make_record(job.run, json.load(fh), spec, wall_seconds=time.time() - job.started)
-        rec.update(extra_record(job.run) if extra_record else {})
+        rec.update(extra_record(job.run, rec) if extra_record else {})
         append_result(runs_dir, rec)
         loss = rec["valid"].get(rec["eval_set"], {}).get("loss")
         loss_text = "-" if loss is None else f"{loss:.4f}"

@@ -11,16 +11,33 @@ Per sweep found in the results (written to RUNS_DIR/report/ unless another folde
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
 from torchpeer.experiments import figures
+from torchpeer.experiments.compare import (
+    NON_CAUSAL_FAMILIES,
+    eval_stats,
+    format_spread,
+    optimum_runs,
+    order_verdict,
+    paired_difference,
+    seed_of,
+)
 from torchpeer.experiments.fit import isoflop_fits
 from torchpeer.experiments.results import primary_loss, read_results, results_path, routed_usage, short_count
 
 
 def write_report(runs_dir: str, out_dir: str | None = None, params_key: str = "active_params") -> dict[str, str]:
     """Write report.md and the PNGs; returns {what: path} of every file written."""
+    if not os.path.isdir(runs_dir):
+        raise ValueError(f"{runs_dir} is not a folder; give the runs folder of a sweep (it holds results.jsonl)")
+    if not os.path.exists(results_path(runs_dir)):
+        raise ValueError(
+            f"{results_path(runs_dir)} is missing: {runs_dir} is not a sweep's runs folder, or no run of it has "
+            f"finished yet; run 'torchpeer sweep SPEC --runs-dir {runs_dir}'"
+        )
     records = read_results(runs_dir)
     if not records:
         raise ValueError(f"{results_path(runs_dir)} has no finished runs; run 'torchpeer sweep SPEC --runs-dir ...'")
@@ -88,8 +105,8 @@ def _fmt(v, spec: str = ".4f") -> str:
 
 def runs_table(recs: list[dict]) -> list[str]:
     set_name = _set(recs)
-    header = ["run", "family", "params", "active", "tokens", "FLOPs", f"loss ({set_name})", "ppl", "usage %", "KL"]
-    header.append("tokens/s")
+    header = ["run", "family", "seed", "params", "active", "tokens", "epochs", "FLOPs", f"loss ({set_name})", "ppl"]
+    header += ["usage %", "KL", "tokens/s"]
     rows = []
     for r in recs:
         loss = primary_loss(r)
@@ -99,9 +116,11 @@ def runs_table(recs: list[dict]) -> list[str]:
             [
                 r["run"],
                 r.get("family", ""),
+                str(seed_of(r)),
                 short_count(r.get("total_params")),
                 short_count(r.get("active_params")),
                 f"{r.get('tokens', 0):,}",
+                _fmt(r.get("epochs"), ".2f"),
                 _fmt(r.get("train_flops"), ".3g"),
                 _fmt(loss),
                 _fmt(ppl, ".2f"),
@@ -110,7 +129,7 @@ def runs_table(recs: list[dict]) -> list[str]:
                 _fmt(r.get("tokens_per_s"), ",.0f"),
             ]
         )
-    return _table(header, rows, right_from=2)
+    return _table(header, rows, right_from=3)
 
 
 def fits_table(fits: dict, params_key: str) -> list[str]:
@@ -147,37 +166,75 @@ def optimal_loss(group: dict) -> tuple[float, str]:
     return primary_loss(group["best"]), "best run"
 
 
+def complete(group: dict) -> bool:
+    """At least 4 sizes whose fit has its minimum inside them: the protocol's bar for a final number."""
+    return group.get("n_sizes", len(group["runs"])) >= 4 and group["fit"] is not None and group["fit"].bracketed
+
+
 def ahead_lines(fits: dict) -> list[str]:
-    """Per budget: every family's optimal loss, lowest first, and where PEER stands."""
+    """Per budget: every family's optimal loss (lowest first), the seed spread at its optimum size,
+    PEER's paired differences to dense, MoE and PKM, and whether the paper's order holds.
+    Families with fewer than 4 sizes or an unbracketed optimum are marked provisional; the
+    expert-choice MoE (non-causal) is reported but not ranked."""
     out = []
     for budget in sorted({b for _, b in fits}):
-        ranked = sorted((optimal_loss(g) + (fam,) for (fam, b), g in fits.items() if b == budget))
-        cells = ", ".join(f"{fam} {loss:.4f} ({how})" for loss, how, fam in ranked)
-        line = f"- {budget:.3g} FLOPs: {cells}."
-        if any(fam == "peer" for *_, fam in ranked) and len(ranked) > 1:
-            peer = next(loss for loss, _, fam in ranked if fam == "peer")
-            rival_loss, _, rival = min((r for r in ranked if r[2] != "peer"), key=lambda r: r[0])
-            verdict = "ahead of" if peer < rival_loss else "behind"
-            line += f" PEER is {verdict} the best other family ({rival}) by {abs(peer - rival_loss):.4f} nats."
-        out.append(line)
+        groups = {fam: g for (fam, b), g in fits.items() if b == budget}
+        ranked = sorted((optimal_loss(g) + (fam,) for fam, g in groups.items()))
+        cells = []
+        for loss, how, fam in ranked:
+            g = groups[fam]
+            note = [how]
+            if not complete(g):
+                note.append("provisional")
+            if fam in NON_CAUSAL_FAMILIES:
+                note.append("non-causal, not ranked")
+            at_opt = eval_stats(optimum_runs(g), _set(g["runs"]), "loss")
+            spread = f", {at_opt['n']} seeds {at_opt['min']:.4f}..{at_opt['max']:.4f}" if at_opt["n"] > 1 else ""
+            cells.append(f"{fam} {loss:.4f} = ppl {math.exp(loss):.2f} ({'; '.join(note)}{spread})")
+        out.append(f"- **{budget:.3g} FLOPs**: {', '.join(cells)}.")
+        if "peer" in groups:
+            for rival in ("dense", "moe", "pkm"):
+                if rival not in groups:
+                    continue
+                d = paired_difference(optimum_runs(groups["peer"]), optimum_runs(groups[rival]))
+                if d is None:
+                    continue
+                sign = "ahead of" if d["mean"] < 0 else "behind"
+                rng = f" (seed {d['seeds'][0]})"
+                if d["n"] > 1:
+                    rng = f" (seeds {d['seeds']}: {d['min']:+.4f}..{d['max']:+.4f})"
+                prov = "" if complete(groups["peer"]) and complete(groups[rival]) else " (provisional)"
+                out.append(
+                    f"  - PEER minus {rival}, paired at each family's optimum size: {d['mean']:+.4f} nats "
+                    f"({d['ppl_pct']:+.1f} % ppl){rng}: PEER {sign} {rival}{prov}."
+                )
+        causal = {fam: optimal_loss(g)[0] for fam, g in groups.items() if fam not in NON_CAUSAL_FAMILIES}
+        final = all(complete(groups[f]) for f in causal)
+        out.append(f"  - {order_verdict(causal)}{'' if final else ' (provisional: some families incomplete)'}.")
     return out
 
 
 def table1(fits: dict) -> list[str]:
-    """Rows: (budget, family) best run; columns: perplexity on every eval set."""
+    """Rows: (budget, family) at the size nearest its optimum; columns: perplexity on every eval set
+    (the mean over its seeds, with min..max when there are several)."""
     sets: list[str] = []
     for g in fits.values():
-        for s in g["best"].get("valid", {}):
-            if s not in sets:
-                sets.append(s)
-    header = ["budget", "family", "run", "active params", *sets]
+        for r in g["runs"]:
+            for s in r.get("valid", {}):
+                if s not in sets:
+                    sets.append(s)
+    header = ["budget", "family", "run (size nearest the optimum)", "seeds", "active params", *sets]
     rows = []
     for (fam, budget), g in fits.items():
-        best = g["best"]
-        valid = best.get("valid", {})
-        ppls = [_fmt(valid.get(s, {}).get("ppl"), ".2f") for s in sets]
-        rows.append([f"{budget:.3g}", fam, best["run"], short_count(best.get("active_params")), *ppls])
-    return _table(header, rows, right_from=3)
+        runs = optimum_runs(g)
+        cells = [format_spread(eval_stats(runs, s), ".2f") for s in sets]
+        name = runs[0]["run"] + (" *" if fam in NON_CAUSAL_FAMILIES else "")
+        seeds = ",".join(str(seed_of(r)) for r in runs)
+        rows.append([f"{budget:.3g}", fam, name, seeds, short_count(runs[0].get("active_params")), *cells])
+    note = []
+    if any(fam in NON_CAUSAL_FAMILIES for fam, _ in fits):
+        note = ["", "\\* expert-choice routing sees later tokens of the batch: not a causal LM's perplexity."]
+    return _table(header, rows, right_from=3) + note
 
 
 def ablation_table(recs: list[dict], x_field: str, series_field: str | None) -> list[str]:

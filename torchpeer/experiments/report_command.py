@@ -18,13 +18,25 @@ def add_parser(subparsers):
         default="active",
         help="x-axis of the isoFLOP fits: active parameters (default) or all parameters",
     )
+    p.add_argument(
+        "--with-runs",
+        action="store_true",
+        help="also copy results.jsonl and each run's config.json, summary.json and metrics.jsonl into --out, "
+        "so that the folder is a self-contained record (commit it; 'torchpeer report' works on it again)",
+    )
     p.set_defaults(func=run)
     return p
 
 
 def run(args) -> int:
     from torchpeer.experiments.report import write_report
+    from torchpeer.experiments.results import copy_results
 
+    if args.with_runs:
+        if not args.out:
+            raise ValueError("--with-runs needs --out DIR (the folder to copy the results into)")
+        n = copy_results(args.runs_dir, args.out)
+        print(f"copied results.jsonl and {n} runs' records into {args.out}")
     written = write_report(args.runs_dir, args.out, params_key=f"{args.params}_params")
     for what, path in written.items():
         print(f"{what}: {path}")

@@ -48,6 +48,34 @@ def append_result(runs_dir: str, record: dict[str, Any]) -> None:
     write_text_atomic(results_path(runs_dir), "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
 
+RUN_RECORD_FILES = ("config.json", "summary.json", "metrics.jsonl")
+
+
+def copy_results(runs_dir: str, dest: str) -> int:
+    """Copy results.jsonl and, per recorded run, its small record files (RUN_RECORD_FILES) into
+    ``dest`` (dest/results.jsonl, dest/<run>/...), atomically per file: a folder to commit that
+    outlives the machine the runs trained on. Checkpoints and logs are left out. Returns the runs copied."""
+    import shutil
+
+    from torchpeer.data.atomic import write_text_atomic
+
+    records = read_results(runs_dir)
+    if os.path.abspath(runs_dir) == os.path.abspath(dest):
+        return len(records)
+    os.makedirs(dest, exist_ok=True)
+    for rec in records:
+        src_dir, out_dir = os.path.join(runs_dir, rec["run"]), os.path.join(dest, rec["run"])
+        os.makedirs(out_dir, exist_ok=True)
+        for name in RUN_RECORD_FILES:
+            src = os.path.join(src_dir, name)
+            if os.path.exists(src):
+                tmp = os.path.join(out_dir, f".{name}.tmp")
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, os.path.join(out_dir, name))
+    write_text_atomic(results_path(dest), "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    return len(records)
+
+
 def make_record(run, summary: dict[str, Any], sweep, wall_seconds: float | None = None) -> dict[str, Any]:
     """The results line of a finished ``PlannedRun`` from the trainer's summary."""
     seconds = summary.get("train_seconds") or 0.0
@@ -59,6 +87,7 @@ def make_record(run, summary: dict[str, Any], sweep, wall_seconds: float | None 
         "kind": sweep.kind,
         "variant": run.variant,
         "family": run.family,
+        "seed": run.cfg.train.seed,
         "ffw": model.ffw,
         "budget_flops": run.budget_flops,
         "token_budget": run.token_budget,

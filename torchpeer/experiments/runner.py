@@ -79,7 +79,7 @@ def run_sweep(
             check_unchanged(run)
             with open(summary_path, encoding="utf-8") as fh:
                 rec = make_record(run, json.load(fh), spec)
-            rec.update(epoch_fields(run))
+            rec.update(epoch_fields(run, tokens=rec["tokens"]))
             append_result(runs_dir, rec)
             new.append(rec)
             say(f"{head}: finished earlier, recorded from its summary")
@@ -101,7 +101,15 @@ def run_sweep(
         left = None if time_limit is None else time_limit - (time.time() - t0)
         stop = None if stop_at is None else stop_at - (time.time() - t0)
         return new + run_parallel(
-            spec, todo, runs_dir, parallel, estimate, left, stop, say, extra_record=epoch_fields
+            spec,
+            todo,
+            runs_dir,
+            parallel,
+            estimate,
+            left,
+            stop,
+            say,
+            extra_record=lambda run, rec: epoch_fields(run, tokens=rec["tokens"]),
         )
     for head, run in todo:
         estimate = estimate_seconds(run, list(done.values()) + new, assume_tokens_per_s)
@@ -140,10 +148,11 @@ def _distinct_data_configs(runs: list[PlannedRun]) -> list:
     return out
 
 
-def epoch_fields(run: PlannedRun, memo: dict | None = None) -> dict:
+def epoch_fields(run: PlannedRun, memo: dict | None = None, tokens: int | None = None) -> dict:
     """``train_split_tokens`` (one pass over the train split; None when not tokenised yet) and
     ``epochs`` (the run's tokens over it): the isoFLOP protocol caps repeats of the corpus.
-    ``memo``: a dict reused across the runs of one listing (the cache is looked up once per data config)."""
+    ``memo``: a dict reused across the runs of one listing (the cache is looked up once per data config);
+    ``tokens``: the tokens the run trained on (default: the plan's)."""
     from torchpeer.experiments.data_prep import cached_train_tokens
 
     key = json.dumps(dataclasses.asdict(run.cfg.data), sort_keys=True, default=str)
@@ -151,7 +160,8 @@ def epoch_fields(run: PlannedRun, memo: dict | None = None) -> dict:
     if key not in memo:
         memo[key] = cached_train_tokens(run.cfg.data)
     n = memo[key]
-    return {"train_split_tokens": n, "epochs": None if not n else round(run.tokens / n, 3)}
+    tokens = run.tokens if tokens is None else tokens
+    return {"train_split_tokens": n, "epochs": None if not n else round(tokens / n, 3)}
 
 
 def train_run(run: PlannedRun, spec: SweepSpec, progress: bool = True) -> dict:
@@ -162,7 +172,8 @@ def train_run(run: PlannedRun, spec: SweepSpec, progress: bool = True) -> dict:
 
     t0 = time.time()
     summary = train(copy.deepcopy(run.cfg), run.run_dir, resume=True, progress=progress)
-    return {**make_record(run, summary, spec, wall_seconds=time.time() - t0), **epoch_fields(run)}
+    rec = make_record(run, summary, spec, wall_seconds=time.time() - t0)
+    return {**rec, **epoch_fields(run, tokens=rec["tokens"])}
 
 
 def _checkpoints(run_dir: str) -> list[str]:

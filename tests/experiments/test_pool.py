@@ -1,0 +1,189 @@
+"""`torchpeer sweep --parallel N`: runs in worker processes, N at a time, each recorded once by the
+sweep; a failed worker does not stop the others; --stop-at interrupts; the time limit packs runs;
+the real worker trains and its result equals the in-process run's."""
+
+import json
+import os
+import sys
+import textwrap
+import time
+
+import pytest
+
+from torchpeer.experiments import parse_spec, read_results, run_sweep
+from torchpeer.experiments import pool as pool_mod
+
+# A stand-in worker: writes what the trainer writes (config.json, summary.json) after SLEEP seconds,
+# logs its start/end times; exits 1 for runs named in FAIL; exits 130 on SIGINT.
+FAKE_WORKER = textwrap.dedent(
+    """
+    import json, os, signal, sys, time
+    run_dir = sys.argv[1]
+    signal.signal(signal.SIGINT, lambda *a: sys.exit(130))
+    payload = json.load(open(os.path.join(run_dir, "sweep_run.json")))
+    cfg = payload["config"]
+    t0 = time.time()
+    if payload["run"] in os.environ.get("FAIL", "").split(","):
+        print("boom: a deliberate failure", flush=True)
+        sys.exit(1)
+    time.sleep(float(os.environ.get("SLEEP", "0.5")))
+    cfg["model"]["vocab_size"] = 257
+    json.dump(cfg, open(os.path.join(run_dir, "config.json"), "w"))
+    tokens = cfg["train"]["batch_size"] * cfg["model"]["seq_len"] * 3
+    summary = {"steps": 3, "tokens": tokens, "train_flops": tokens * 1000, "train_seconds": 0.5,
+               "total_params": 1234, "active_params": 1000 + cfg["model"]["d_model"],
+               "train_flops_per_token": 1000,
+               "valid": {"small": {"loss": 2.0, "ppl": 7.39, "bpb": 1.2, "tokens": 99, "usage": {}}}}
+    json.dump(summary, open(os.path.join(run_dir, "summary.json"), "w"))
+    with open(os.path.join(os.path.dirname(run_dir), "times.txt"), "a") as fh:
+        fh.write(f"{payload['run']} {t0} {time.time()}\\n")
+    """
+)
+
+
+def spec_for(tmp_path, budgets=(1e10, 2e10)):
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat. " * 400)
+    return parse_spec(
+        {
+            "sweep": {"base": "ptb-tiny", "budgets": list(budgets), "kind": "isoflop"},
+            "base": {
+                "train.device": "cpu",
+                "train.batch_size": 4,
+                "train.warmup_steps": 1,
+                "train.log_interval": 1,
+                "train.checkpoint": False,
+                "train.tensorboard": False,
+                "train.eval_batches": 2,
+                "model.seq_len": 32,
+                "model.n_layers": 2,
+                "model.n_heads": 2,
+                "model.peer.n_experts": 64,
+                "model.peer.heads": 2,
+                "model.peer.top_k": 2,
+                "model.peer.d_key": 8,
+                "data.tokenizer": "byte",
+                "data.train": str(text),
+                "data.valid.small": str(text),
+                "data.cache_dir": str(tmp_path / "cache"),
+            },
+            "grid": {"model.d_model": [16, 32], "model.ffw": ["dense", "peer"]},
+        }
+    )
+
+
+@pytest.fixture
+def fake_worker(tmp_path, monkeypatch):
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    monkeypatch.setattr(pool_mod, "worker_command", lambda: [sys.executable, str(script)])
+    monkeypatch.setenv("SLEEP", "0.5")
+    monkeypatch.delenv("FAIL", raising=False)
+    return script
+
+
+def intervals(runs_dir):
+    with open(os.path.join(runs_dir, "times.txt")) as fh:
+        return [(name, float(a), float(b)) for name, a, b in (line.split() for line in fh)]
+
+
+def max_overlap(spans):
+    events = sorted([(a, 1) for _, a, _ in spans] + [(b, -1) for _, _, b in spans])
+    now = best = 0
+    for _, step in events:
+        now += step
+        best = max(best, now)
+    return best
+
+
+def test_parallel_runs_each_recorded_once_at_most_n_at_a_time(tmp_path, fake_worker):
+    spec, runs_dir, msgs = spec_for(tmp_path), str(tmp_path / "runs"), []
+    new = run_sweep(spec, runs_dir, parallel=3, progress=False, say=msgs.append)
+    recs = read_results(runs_dir)
+    assert len(new) == 8 and sorted(r["run"] for r in recs) == sorted(r["run"] for r in new)
+    assert len({r["run"] for r in recs}) == 8  # each run once
+    spans = intervals(runs_dir)
+    assert len(spans) == 8 and max_overlap(spans) == 3  # never more than --parallel at once, and really parallel
+    assert any(m.startswith("data ready:") for m in msgs)  # tokenised once, before the workers
+    r = recs[0]
+    assert r["train_split_tokens"] > 0 and r["epochs"] == pytest.approx(r["tokens"] / r["train_split_tokens"], 1e-3)
+    assert r["seed"] == 0
+    # a second invocation trains nothing
+    msgs.clear()
+    assert run_sweep(spec, runs_dir, parallel=3, progress=False, say=msgs.append) == []
+    assert sum("done, skipped" in m for m in msgs) == 8
+
+
+def test_a_failed_worker_is_reported_and_the_others_finish(tmp_path, fake_worker, monkeypatch):
+    spec, runs_dir, msgs = spec_for(tmp_path), str(tmp_path / "runs"), []
+    victim = "d_model=16-ffw=peer-1e10"
+    monkeypatch.setenv("FAIL", victim)
+    run_sweep(spec, runs_dir, parallel=2, progress=False, say=msgs.append)
+    recs = {r["run"] for r in read_results(runs_dir)}
+    assert victim not in recs and len(recs) == 7
+    failed = [m for m in msgs if "FAILED" in m]
+    assert len(failed) == 1 and victim in failed[0] and "boom: a deliberate failure" in failed[0]
+    monkeypatch.delenv("FAIL")
+    run_sweep(spec, runs_dir, parallel=2, progress=False, say=lambda s: None)  # the next invocation retries it
+    assert victim in {r["run"] for r in read_results(runs_dir)}
+
+
+def test_stop_at_interrupts_running_workers(tmp_path, fake_worker, monkeypatch):
+    monkeypatch.setenv("SLEEP", "60")
+    monkeypatch.setattr(pool_mod, "GRACE_SECONDS", 5.0)
+    spec, runs_dir, msgs = spec_for(tmp_path), str(tmp_path / "runs"), []
+    t0 = time.time()
+    run_sweep(spec, runs_dir, parallel=2, stop_at=1.5, progress=False, say=msgs.append)
+    assert time.time() - t0 < 20
+    assert read_results(runs_dir) == []
+    assert any("stop time of" in m for m in msgs)
+    assert sum("stopped (exit 130)" in m for m in msgs) == 2  # the two running ones, nothing else started
+    assert any(m.startswith("not started in this invocation:") for m in msgs)
+
+
+def test_time_limit_skips_runs_longer_than_the_limit_and_runs_the_rest(tmp_path, fake_worker):
+    spec, runs_dir, msgs = spec_for(tmp_path, budgets=(1e10,)), str(tmp_path / "runs"), []
+    from torchpeer.experiments import plan_sweep
+
+    plan = plan_sweep(spec, runs_dir)
+    rate = 2000.0  # assumed tokens/s: each run's estimate is its tokens / 2000
+    short = [r for r in plan if r.tokens / rate <= 40]
+    long = [r for r in plan if r.tokens / rate > 40]
+    assert short and long, [r.tokens for r in plan]
+    run_sweep(spec, runs_dir, parallel=2, time_limit=40, assume_tokens_per_s=rate, progress=False, say=msgs.append)
+    assert {r["run"] for r in read_results(runs_dir)} == {r.name for r in short}
+    skipped = [m for m in msgs if "exceed the whole time limit" in m]
+    assert len(skipped) == len(long) and all(any(r.name in m for m in skipped) for r in long)
+
+
+def test_bad_parallel_arguments(tmp_path):
+    spec = spec_for(tmp_path)
+    with pytest.raises(ValueError, match="--parallel must be >= 1"):
+        run_sweep(spec, str(tmp_path / "r"), parallel=0)
+    with pytest.raises(ValueError, match="--stop-at needs --parallel >= 2"):
+        run_sweep(spec, str(tmp_path / "r"), stop_at=10)
+
+
+def test_real_worker_trains_like_the_sweep_process(tmp_path, monkeypatch):
+    """The worker process (python -m torchpeer.experiments.worker) trains the same run as the sweep's own
+    process: same tokens, and the same final loss up to the thread count's summation order."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec = spec_for(tmp_path, budgets=(1e9,))
+    only = "d_model=16-ffw=*"
+    par = run_sweep(spec, str(tmp_path / "par"), only=only, parallel=2, progress=False, say=lambda s: None)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # as the workers had
+    try:
+        seq = run_sweep(spec, str(tmp_path / "seq"), only=only, progress=False, say=lambda s: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(r["run"] for r in par) == sorted(r["run"] for r in seq) and len(par) == 2
+    by = {r["run"]: r for r in seq}
+    for r in par:
+        s = by[r["run"]]
+        assert r["tokens"] == s["tokens"] > 0
+        assert r["valid"]["small"]["loss"] == pytest.approx(s["valid"]["small"]["loss"], rel=1e-4)
+    with open(tmp_path / "par" / par[0]["run"] / "sweep_run.json") as fh:
+        assert json.load(fh)["run"] == par[0]["run"]
