@@ -31,11 +31,15 @@ def test_shipped_specs_load_and_plan(tmp_path):
     for name in list_specs():
         runs = plan_sweep(load_spec(name), str(tmp_path))
         assert runs, name
-        for r in runs:  # budget runs: the largest whole number of steps within the budget
+        for r in runs:
+            assert r.cfg.train.warmup_steps < r.steps and r.cfg.train.max_steps is None
+            if r.budget_flops is None:  # token runs: the fewest whole steps that cover the tokens
+                assert r.steps == math.ceil(r.token_budget / r.tokens_per_step) and r.cfg.train.max_flops is None
+                continue
+            # budget runs: the largest whole number of steps within the budget
             step_flops = r.train_flops_per_token * r.tokens_per_step
             assert r.steps == int(r.budget_flops // step_flops) and r.train_flops <= r.budget_flops
-            assert r.cfg.train.max_flops == r.budget_flops and r.cfg.train.max_steps is None
-            assert r.cfg.train.warmup_steps < r.steps
+            assert r.cfg.train.max_flops == r.budget_flops
 
 
 # The corpus train split in BPE-16k tokens (measured with `torchpeer data`, 2026-12-04): the isoFLOP
@@ -75,13 +79,22 @@ def test_isoflop_spec_protocol(tmp_path):
 
 
 def test_ablation_specs(tmp_path):
+    """Table 2: N x {ema, batch, none} at 60M tokens of gpu-peer-small, the ema row with a second seed;
+    Fig. 3: h*k = 32..512 by heads (k 16) and by top-k (h 8) at one budget."""
     runs = plan_sweep(load_spec("ablate-experts"), str(tmp_path))
     assert sorted({r.x for r in runs}) == [128**2, 256**2, 512**2, 1024**2]
-    assert {r.series for r in runs} == {"batch", "layer", "none"} and len(runs) == 12
-    assert len({r.budget_flops for r in runs}) == 1
+    assert {r.series for r in runs} == {"ema", "batch", "none"} and len(runs) == 16
+    assert {r.token_budget for r in runs} == {60_000_000} and {r.cfg.model.d_model for r in runs} == {512}
+    seeds = sorted((r.x, r.cfg.train.seed) for r in runs if r.series == "ema")
+    assert seeds == sorted((n, s) for n in (128**2, 256**2, 512**2, 1024**2) for s in (0, 1))
+    assert all(r.cfg.train.eval_batches is None for r in runs)
     runs = plan_sweep(load_spec("ablate-active"), str(tmp_path))
-    assert sorted({r.x for r in runs}) == [32, 64, 128, 256, 512]  # heads * top_k
-    assert all(r.cfg.model.peer.top_k == 16 for r in runs)
+    assert len({r.budget_flops for r in runs}) == 1
+    heads = sorted(r.x for r in runs if r.series == "heads")
+    top_k = sorted(r.x for r in runs if r.series == "top_k")
+    assert heads == [32, 64, 128, 256, 512] and top_k == [32, 64, 256, 512]  # heads * top_k
+    assert all(r.cfg.model.peer.top_k == 16 for r in runs if r.series == "heads")
+    assert all(r.cfg.model.peer.heads == 8 for r in runs if r.series == "top_k")
 
 
 def test_grid_and_variants_cross_budgets(tmp_path):

@@ -138,7 +138,9 @@ def plan_run(spec: SweepSpec, variant: Variant, budget: float | None, tokens: in
     )
     if spec.x is not None:
         run.x = field_value(cfg, spec.x, where)
-    if spec.series is not None:
+    if spec.series == "family":  # the variants' own labels (meta key family) name the series
+        run.series = family
+    elif spec.series is not None:
         run.series = str(field_value(cfg, spec.series, where))
     return run
 

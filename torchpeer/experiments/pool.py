@@ -71,11 +71,13 @@ def run_parallel(
     say: Callable[[str], None] = print,
     command: list[str] | None = None,
     extra_record: Callable[[PlannedRun, dict], dict] | None = None,
+    on_recorded: Callable[[PlannedRun], None] | None = None,
 ) -> list[dict]:
     """Train ``todo`` ([(head, run)], plan order) ``parallel`` at a time; returns the new records.
 
     ``estimate(run)``: its expected seconds from the records so far (None = unknown, always started).
-    ``command``: the worker command; ``extra_record(run, record)``: fields added to each record.
+    ``command``: the worker command; ``extra_record(run, record)``: fields added to each record;
+    ``on_recorded(run)``: called once a run's record is written (e.g. to drop its checkpoints).
     """
     t0, new = time.time(), []
     pending = list(todo)
@@ -90,6 +92,8 @@ def run_parallel(
                 rec = _finish(job, spec, runs_dir, say, extra_record)
                 if rec is not None:
                     new.append(rec)
+                    if on_recorded is not None:
+                        on_recorded(job.run)
             elapsed = time.time() - t0
             if stop_at is not None and elapsed >= stop_at and jobs and not interrupted:
                 say(f"stop time of {stop_at:.0f} s reached: interrupting {', '.join(j.run.name for j in jobs)}")

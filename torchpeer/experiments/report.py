@@ -65,7 +65,7 @@ def write_report(runs_dir: str, out_dir: str | None = None, params_key: str = "a
                 written[f"isoflop-{name}"] = png
                 lines += ["", "### isoFLOP fits", "", *fits_table(fits, params_key), "", _img(png, out_dir)]
                 lines += ["", "### Who is ahead", "", *ahead_lines(fits)]
-                lines += ["", "### Perplexity on every eval set (each family's best run per budget)", ""]
+                lines += ["", "### Perplexity on every eval set (at the size nearest each family's optimum)", ""]
                 lines += table1(fits)
         if kind == "ablation" and recs[0].get("x_field"):
             x_field, series_field = recs[0]["x_field"], recs[0].get("series_field")

@@ -50,12 +50,15 @@ def run_sweep(
     say: Callable[[str], None] = print,
     parallel: int = 1,
     stop_at: float | None = None,
+    drop_checkpoints: bool = False,
 ) -> list[dict]:
     """Train the runs of ``spec`` not yet in ``runs_dir``; returns the records of this invocation.
 
     parallel: runs trained at once, each in a worker process (pool.py); 1 = one after another in
     this process. stop_at (parallel only): seconds after the start at which runs still training are
-    interrupted (they resume or restart next time), for jobs with a hard end.
+    interrupted (they resume or restart next time), for jobs with a hard end. drop_checkpoints:
+    delete a run's checkpoints once its result is recorded (they only serve resuming; a 1M-expert
+    model's are GBs).
     """
     if parallel < 1:
         raise ValueError(f"--parallel must be >= 1, got {parallel}")
@@ -110,6 +113,7 @@ def run_sweep(
             stop,
             say,
             extra_record=lambda run, rec: epoch_fields(run, tokens=rec["tokens"]),
+            on_recorded=drop_run_checkpoints if drop_checkpoints else None,
         )
     for head, run in todo:
         estimate = estimate_seconds(run, list(done.values()) + new, assume_tokens_per_s)
@@ -131,11 +135,20 @@ def run_sweep(
         rec = train_run(run, spec, progress)
         append_result(runs_dir, rec)
         new.append(rec)
+        if drop_checkpoints:
+            drop_run_checkpoints(run)
         loss = rec["valid"].get(rec["eval_set"], {}).get("loss")
         loss_text = "-" if loss is None else f"{loss:.4f}"
         rate = rec["tokens_per_s"] or 0
         say(f"{head}: finished in {rec['wall_seconds']:.0f} s, {rate:,.0f} tokens/s, loss {loss_text}")
     return new
+
+
+def drop_run_checkpoints(run: PlannedRun) -> None:
+    """Delete RUN_DIR/checkpoints of a recorded run (its summary and log stay)."""
+    import shutil
+
+    shutil.rmtree(os.path.join(run.run_dir, "checkpoints"), ignore_errors=True)
 
 
 def _distinct_data_configs(runs: list[PlannedRun]) -> list:

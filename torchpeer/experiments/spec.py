@@ -42,7 +42,7 @@ SWEEP_KEYS = {
     "warmup_frac": "warmup steps as a fraction of each run's steps (overrides train.warmup_steps)",
     "eval_set": "the eval set the report ranks runs by (default: the first of data.valid)",
     "x": "ablation x-axis: a dotted config field or a product of them (model.peer.heads*model.peer.top_k)",
-    "series": "ablation: a dotted config field, one line per value (e.g. model.peer.query_norm)",
+    "series": "ablation: a dotted config field, one line per value (e.g. model.peer.query_norm), or family",
 }
 VARIANT_META_KEYS = ("family", "budgets", "tokens")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")

@@ -12,7 +12,7 @@ examples:
   torchpeer sweep cpu-smoke --runs-dir runs/cpu-smoke
   torchpeer sweep isoflop --dry-run --assume-tokens-per-s 600000
   torchpeer sweep isoflop --only 'peer-*-1e15' --time-limit 540
-  torchpeer sweep isoflop --parallel 6 --time-limit 480 --stop-at 540   # one 10-minute GPU job
+  torchpeer sweep isoflop --parallel 8 --time-limit 470 --stop-at 525 --drop-checkpoints   # one 10-min GPU job
 """
 
 
@@ -60,6 +60,11 @@ def add_parser(subparsers):
         help="with --parallel: interrupt runs still training this many seconds after the start (they "
         "resume from a checkpoint when train.checkpoint is on, else restart next time); for jobs with a hard end",
     )
+    p.add_argument(
+        "--drop-checkpoints",
+        action="store_true",
+        help="delete a run's checkpoints once its result is recorded (they only serve resuming; GBs per PEER run)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
@@ -83,6 +88,7 @@ def run(args) -> int:
         time_limit=args.time_limit,
         parallel=args.parallel,
         stop_at=args.stop_at,
+        drop_checkpoints=args.drop_checkpoints,
         say=lambda s: print(s, flush=True),
     )
     if not args.dry_run:
