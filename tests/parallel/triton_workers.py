@@ -41,6 +41,14 @@ def _run(layer, x, r, sl=None, fn=None):
     return y.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters()}
 
 
+def on_rank0(fn):
+    """fn() computed on rank 0 and sent to every rank: the one-process references are the same on
+    every rank, and in Triton's interpreter computing them once saves most of these tests' time."""
+    box = [fn() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def check_layer(rank: int, world: int, kind: str, segment, out_dir: str) -> None:
     """The sharded Triton layer (fp32) on my tokens == the one-process layer: its float64 reference
     (backend "reference") and its fp32 Triton run (the one-GPU kernels): output, dx, my columns of
@@ -52,8 +60,12 @@ def check_layer(rank: int, world: int, kind: str, segment, out_dir: str) -> None
     x, r = x.float(), r.float()
     f64 = make_peer(kind, "reference").double().train()
     y64, dx64, g64 = _run(f64, x.double(), r.double())
-    one = make_peer(kind).train()
-    y1, dx1, g1 = _run(one, x, r)
+
+    def one_process():
+        one = make_peer(kind).train()
+        return (*_run(one, x, r), dict(one.named_buffers()))
+
+    y1, dx1, g1, buf1 = on_rank0(one_process)
     ctx = ShardContext(dist.group.WORLD, rank, world)
     layer = shard_layer_(make_peer(kind).train(), ctx)
     assert layer.op_backends()["expert_mix"] == f"column_sharded_triton (world {world})"
@@ -66,7 +78,7 @@ def check_layer(rank: int, world: int, kind: str, segment, out_dir: str) -> None
         want64, want1 = (g64[name], g1[name]) if name not in ("down", "up") else (g64[name][:, cols], g1[name][:, cols])
         assert rel_err(g, want64) < 1e-5 and rel_err(g, want1) < 1e-5, name
     for name, b in layer.named_buffers():  # the query norm's statistics: those of the global batch
-        torch.testing.assert_close(b, dict(one.named_buffers())[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, buf1[name], rtol=1e-5, atol=1e-6)
     if rank == 0:
         open(f"{out_dir}/ok_{kind}_{world}_{segment}", "w").close()
 
@@ -79,24 +91,33 @@ def check_rowwise_adam(rank: int, world: int, steps: int, out_dir: str) -> None:
     from torchpeer.optim import RowwiseTableAdam
 
     triton_op.TUNING = {"fwd": SMALL, "expert": dict(SMALL, segment=8), "dx": SMALL}
-    one = make_peer("peer").train()
-    ctx = ShardContext(dist.group.WORLD, rank, world)
-    layer = shard_layer_(make_peer("peer").train(), ctx)
-    opt_one = RowwiseTableAdam({"l": one}, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
-    opt = RowwiseTableAdam({"l": layer}, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
-    sl = slice(6 * rank, 6 * (rank + 1))
+    inputs = []
     for step in range(steps):
         x, r = batch(world, None)
-        x, r = x.float() + step, r.float()
-        for o in (opt_one, opt):
-            o.set_lr(1e-2 * (step + 1))
-        _, dx1, _ = _run(one, x, r)
+        inputs.append((x.float() + step, r.float(), 1e-2 * (step + 1)))
+
+    def one_process():
+        one = make_peer("peer").train()
+        opt_one = RowwiseTableAdam({"l": one}, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+        dxs = []
+        for x, r, lr in inputs:
+            opt_one.set_lr(lr)
+            dxs.append(_run(one, x, r)[1])
+        return dxs, (one.down.detach(), one.up.detach()), opt_one.states["l"]
+
+    dx1, tables1, states1 = on_rank0(one_process)
+    ctx = ShardContext(dist.group.WORLD, rank, world)
+    layer = shard_layer_(make_peer("peer").train(), ctx)
+    opt = RowwiseTableAdam({"l": layer}, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+    sl = slice(6 * rank, 6 * (rank + 1))
+    for (x, r, lr), want in zip(inputs, dx1):
+        opt.set_lr(lr)
         _, dx, _ = _run(layer, x, r, sl)
-        assert rel_err(dx / world, dx1[sl]) < 1e-5
+        assert rel_err(dx / world, want[sl]) < 1e-5
     cols = ctx.columns(16)
     for k, name in enumerate(("down", "up")):
-        assert rel_err(getattr(layer, name), getattr(one, name)[:, cols]) < 1e-6, name
-        mine, full = opt.states["l"][k], opt_one.states["l"][k]
+        assert rel_err(getattr(layer, name), tables1[k][:, cols]) < 1e-6, name
+        mine, full = opt.states["l"][k], states1[k]
         assert rel_err(mine.exp_avg, full.exp_avg[:, cols]) < 1e-5, name
         assert rel_err(mine.exp_avg_sq, full.exp_avg_sq) < 1e-5, name
         assert torch.equal(mine.steps, full.steps) and int(full.steps.max()) == steps
