@@ -206,3 +206,11 @@ def test_fused_rowwise_adam_in_column_slices(monkeypatch, segment, skew):
                 assert torch.equal(st[r][k].steps, st_spec[k].steps)
         assert torch.equal(mine[0][0][N // 2 :], down[N // 2 :, sls[0]])  # never picked: unchanged
     assert int(st[0][0].steps.max()) == 2 and int(st[0][0].steps.min()) == 0
+
+
+def test_empty_batch():
+    x, down, up, idx, gates, dy = inputs(0, 2, 3, 16, 8)
+    y, h = cols.column_mix_forward(x, down, up, idx, gates, "gelu")
+    dx, d_down, d_up, dgate = cols.column_mix_backward(dy, x, down, up, idx, gates, h, "gelu")
+    assert y.shape == (0, 16) and dx.shape == (0, 16) and dgate.shape == (0, 2, 3)
+    assert (d_down == 0).all() and (d_up == 0).all()

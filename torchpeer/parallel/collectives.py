@@ -140,7 +140,8 @@ def all_reduce_sum_(t: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
 
 @torch.library.custom_op("torchpeer::shard_gather_tokens", mutates_args=())
 def _gather_tokens_op(x: torch.Tensor, key: int) -> torch.Tensor:
-    return all_gather_tokens(x, shard_context(key))
+    out = all_gather_tokens(x, shard_context(key))
+    return out.clone() if out is x else out  # (one rank: a custom op must not return its input)
 
 
 @_gather_tokens_op.register_fake

@@ -192,6 +192,8 @@ def sharded_mix_rowwise_adam(x_local, X, down, up, indices, gates, activation, c
         if table.requires_grad or not table.is_contiguous():
             raise ValueError(f"{name} must be contiguous and not require grad for the fused update")
         _check_state(name, table, state)
+    if (state_down.master is None) != (state_up.master is None):
+        raise ValueError("both tables or neither need an fp32 master copy")
     if hyper.shape != (5,) or hyper.dtype != torch.float32 or hyper.device != down.device:
         raise ValueError(f"hyper must be a (5,) float32 tensor on {down.device}: [lr, beta1, beta2, eps, weight_decay]")
     states = []

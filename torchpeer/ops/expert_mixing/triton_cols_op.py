@@ -223,6 +223,8 @@ def column_mix_forward(xc, down, up, indices, gates, activation, all_reduce=None
 def column_mix_backward(dyc, xc, down, up, indices, gates, h, activation, all_reduce=None, scale=1.0):
     """-> dx (T, c) in xc's dtype, d_down, d_up (N, c) in the tables' dtypes (times ``scale``) and
     dgate (T, H, K) fp32 (times ``scale``). dyc: (T, c) my columns of dy."""
+    if h.numel() == 0:  # no selection: nothing flows back (as the one-GPU backward)
+        return torch.zeros_like(xc), torch.zeros_like(down), torch.zeros_like(up), torch.zeros_like(h)
     plan = expert_plan(indices, down.shape[0], down.shape[1])
     d_down, d_up = _new_buffer(down.shape, down.dtype, down.device), _new_buffer(up.shape, up.dtype, up.device)
     s = _sum(all_reduce, column_up_pass(plan, dyc, up, gates, h, activation, scale, grad=d_up))
@@ -238,6 +240,8 @@ def column_mix_backward_rowwise_adam(
     """As column_mix_backward, but down/up (and their RowwiseAdamStates) are updated in place by the
     row-wise rule (torchpeer/optim/rowwise_adam.py) with gradient scale * (the gradient): no table
     gradient exists. d_full: the tables' full width (all ranks). -> dx, dgate."""
+    if h.numel() == 0:  # no selection, no row to update (every rank sees the same replicated routing)
+        return torch.zeros_like(xc), torch.zeros_like(h)
     plan = expert_plan(indices, down.shape[0], down.shape[1], fused=True)
     sq = torch.zeros((2, down.shape[0]), dtype=torch.float32, device=down.device)
     s = _sum(
