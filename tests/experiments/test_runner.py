@@ -162,3 +162,15 @@ def test_time_limit_starts_no_run_that_would_not_finish(tmp_path, fake_train, mo
     run_sweep(spec, str(tmp_path), time_limit=min(est.values()) / 2, progress=False, say=msgs.append)
     assert len(fake_train.calls) == 5  # longer than the whole limit: skipped (not stuck), each one said
     assert sum("exceed the whole time limit; run it on its own (--only" in m for m in msgs) == 3
+
+
+def test_estimate_falls_back_to_the_same_family_and_size(tmp_path):
+    """A new seed of a measured model is estimated from that model's tokens/s, not left unknown."""
+    spec = parse_spec(SPEC)
+    runs = plan_sweep(spec, str(tmp_path))
+    run = runs[0]
+    twin = {"variant": "other-seed", "family": run.family, "total_params": run.total_params, "tokens_per_s": 100.0,
+            "wall_seconds": 12.0, "train_seconds": 10.0}
+    stranger = {**twin, "total_params": run.total_params + 1, "tokens_per_s": 1.0}
+    assert estimate_seconds(run, [stranger]) is None
+    assert estimate_seconds(run, [stranger, twin]) == pytest.approx(run.tokens / 100.0 + 2.0)

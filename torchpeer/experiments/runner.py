@@ -233,9 +233,16 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def estimate_seconds(run: PlannedRun, records: list[dict], assume_tokens_per_s: float | None = None) -> float | None:
-    """Training + overhead seconds from the measured tokens/s of the same variant; without one,
-    from ``assume_tokens_per_s`` when given (else None: unknown)."""
+    """Training + overhead seconds from the measured tokens/s of the same variant (else of a run of
+    the same family and size, e.g. another seed); without one, from ``assume_tokens_per_s`` when
+    given (else None: unknown)."""
     same = [r for r in records if r.get("variant") == run.variant and r.get("tokens_per_s")]
+    if not same:  # another variant of the same model (e.g. another seed): same family and size
+        same = [
+            r
+            for r in records
+            if r.get("family") == run.family and r.get("total_params") == run.total_params and r.get("tokens_per_s")
+        ]
     if not same:
         return run.tokens / assume_tokens_per_s if assume_tokens_per_s else None
     rec = same[-1]
