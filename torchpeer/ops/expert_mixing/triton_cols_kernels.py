@@ -27,7 +27,9 @@ With the fused row-wise Adam (torchpeer/optim/rowwise_adam.py) a row's second mo
 mean(g^2) over ALL d columns, i.e. over every rank's slice, so its update is split in two:
 moment kernels (in place of the gradient rows): m <- b1 m + (1 - b1) g, sq[e] = sum(g^2) of my columns
 [all-reduce sq (N,) per table]
-apply kernel: t, v from the global sq, w <- w (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps).
+apply kernel: t, v from the global sq, w <- w (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps)
+(it reads the moment as stored: with bf16 first moments, rounded, where the one-GPU kernel uses
+the fp32 value it has just computed).
 """
 
 import triton
