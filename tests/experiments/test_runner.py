@@ -174,3 +174,22 @@ def test_estimate_falls_back_to_the_same_family_and_size(tmp_path):
     stranger = {**twin, "total_params": run.total_params + 1, "tokens_per_s": 1.0}
     assert estimate_seconds(run, [stranger]) is None
     assert estimate_seconds(run, [stranger, twin]) == pytest.approx(run.tokens / 100.0 + 2.0)
+
+
+def test_a_field_added_after_the_run_counts_as_its_default(tmp_path, fake_train):
+    """Runs recorded before a config field existed stay valid while the spec leaves that field at its
+    default; a spec that sets it otherwise is refused, naming the field."""
+    spec = parse_spec(SPEC)
+    runs_dir = str(tmp_path)
+    run_sweep(spec, runs_dir, only="*-1e10", progress=False, say=lambda s: None)
+    run = plan_sweep(spec, runs_dir)[0]
+    path = os.path.join(run.run_dir, "config.json")
+    saved = json.load(open(path))
+    del saved["train"]["beta1"]  # as if written by code that had no train.beta1
+    json.dump(saved, open(path, "w"))
+    msgs = []
+    run_sweep(spec, runs_dir, only="*-1e10", progress=False, say=msgs.append)
+    assert sum("done, skipped" in m for m in msgs) == 4
+    raw = {**SPEC, "base": {**SPEC["base"], "train.beta1": 0.8}}
+    with pytest.raises(ValueError, match=r"train.beta1: was None, now 0.8"):
+        run_sweep(parse_spec(raw), runs_dir, only="*-1e10", progress=False, say=lambda s: None)

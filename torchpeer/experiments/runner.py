@@ -207,10 +207,17 @@ def check_unchanged(run: PlannedRun) -> None:
     # only the config sections: the trainer adds records of its own (e.g. the resolved kernel backends)
     saved = _flat({k: saved.get(k, {}) for k in ("model", "train", "data")})
     now = _flat({k: v for k, v in run.cfg.to_dict().items() if k in ("model", "train", "data")})
+    # A field the saved config lacks was added to the code after the run trained: the run had its
+    # behaviour before the field existed, which is the field's default (new fields default to it).
+    from torchpeer.lm import RunConfig
+
+    defaults = _flat({k: v for k, v in RunConfig().to_dict().items() if k in ("model", "train", "data")})
     diffs = [
         f"{k}: was {saved.get(k)!r}, now {now.get(k)!r}"
         for k in sorted(set(saved) | set(now))
-        if saved.get(k) != now.get(k) and not k.startswith(_NON_RESULT_FIELDS)
+        if saved.get(k) != now.get(k)
+        and not k.startswith(_NON_RESULT_FIELDS)
+        and not (k not in saved and k in defaults and now.get(k) == defaults[k])
     ]
     if diffs:
         raise ValueError(
