@@ -205,3 +205,25 @@ def test_moe_errors():
         MoE(8, n_experts=4, activation="swish")
     with pytest.raises(ValueError, match=r"expected input last dimension d_model=8, got 9"):
         MoE(8, n_experts=4)(torch.randn(3, 9))
+
+
+def test_token_choice_empty_slots_spread_over_tokens():
+    """Empty slots (gate 0) must not all gather token 0: on a GPU the gather's backward and the output's
+    index_add_ then pile thousands of atomic adds onto one row. Each token may appear in the slot map
+    at most top_k times (its kept choices) + ceil(E*C / T) times (empty slots)."""
+    torch.manual_seed(3)
+    m = MoE(8, n_experts=4, d_expert=16, routing="token_choice", top_k=1, capacity_factor=2.0)
+    x = torch.randn(40, 8)
+    # route every token to expert 0 so that the other experts' slots are empty
+    with torch.no_grad():
+        m.router.weight.zero_()
+        m.router.weight[0] = 1.0
+        x = x.abs() + 0.1
+    probs = torch.softmax(m.router(x).float(), -1)
+    C = m.capacity(40)
+    tokens, gates, _ = m._token_choice(probs, C)
+    empty = gates == 0
+    assert empty.sum() >= 3 * C  # experts 1-3 got nothing
+    mult = torch.bincount(tokens, minlength=40)
+    assert int(mult.max()) <= m.top_k + math.ceil(tokens.numel() / 40)
+    torch.testing.assert_close(m(x).double(), moe_reference(m, x), atol=1e-5, rtol=1e-4)

@@ -193,7 +193,10 @@ class MoE(UsageTrackingMixin, nn.Module):
         pos[order] = torch.arange(expert.numel(), device=probs.device) - starts[expert[order]]
         keep = pos < C
         slot = expert[keep] * C + pos[keep]
-        token_of_slot = torch.zeros(E * C, dtype=torch.long, device=probs.device)
+        # Empty slots (gate 0) point at distinct tokens, not all at token 0: their zero contributions
+        # then spread over many rows instead of piling E*C - kept atomic adds onto one row of the
+        # gather's backward and the output's index_add_ (the same sums, without the contention).
+        token_of_slot = torch.arange(E * C, device=probs.device) % T
         token_of_slot[slot] = token[keep]
         # Gates are scattered out-of-place so autograd flows back to the router.
         gate_of_slot = torch.zeros(E * C, dtype=gate.dtype, device=probs.device).index_put((slot,), gate[keep])
