@@ -31,6 +31,9 @@ import math
 import torch
 from torch import nn
 
+from torchpeer.ops import BACKENDS, resolve_backend
+from torchpeer.ops.query_norm import ema_norm_reference, kernel_supports
+
 QUERY_NORM_KINDS = ("batch", "layer", "none", "ema", "ema_white", "l2")
 
 
@@ -101,47 +104,53 @@ class EMAQueryNorm(_EMAStats):
 
     q: (T, heads, d_key) -> same shape. Per feature f (heads*d_key of them):
     y = gamma * (q - mu_run) / sqrt(var_run + eps) + beta, with mu_run/var_run from earlier steps.
-    In train mode the result carries BatchNorm's gradient (through the batch mean/variance) via
-    ``y_bn - y_bn.detach()``, which is exactly zero in value.
+    In train mode the result carries BatchNorm's gradient (through the batch mean/variance); the
+    math, and the CPU path, is torchpeer.ops.query_norm.ema_norm_reference. ``backend`` ("auto",
+    "torch", "triton", "reference"; resolved by torchpeer.ops.dispatch): "auto" runs the fused Triton
+    kernels on CUDA (torchpeer/ops/query_norm: one pass for the value and this batch's statistics,
+    one small kernel for the running-statistics update, two passes for the BatchNorm-style
+    backward); float64 modules and the CPU run the reference.
     """
 
-    def __init__(self, heads: int, d_key: int, eps: float = 1e-5, momentum: float = 0.05, bn_grad: bool = True):
+    def __init__(
+        self,
+        heads: int,
+        d_key: int,
+        eps: float = 1e-5,
+        momentum: float = 0.05,
+        bn_grad: bool = True,
+        backend: str = "auto",
+    ):
         super().__init__(momentum)
-        self.heads, self.d_key, self.eps, self.bn_grad = heads, d_key, eps, bn_grad
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS}")
+        self.heads, self.d_key, self.eps, self.bn_grad, self.backend = heads, d_key, eps, bn_grad, backend
         f = heads * d_key
         self.weight = nn.Parameter(torch.ones(f))
         self.bias = nn.Parameter(torch.zeros(f))
         self.register_buffer("running_mean", torch.zeros(f))
         self.register_buffer("running_var", torch.ones(f))
 
+    def uses_kernels(self, x: torch.Tensor) -> bool:
+        """Does a forward on x (T, F) run the fused Triton kernels?"""
+        if resolve_backend("ema_query_norm", self.backend, x.device) != "triton":
+            return False
+        return kernel_supports(x, self.weight, self.bias, self.running_mean, self.running_var)
+
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         _check_q(q, self.heads, self.d_key)
+        x = q.reshape(q.shape[0], -1)
+        args = (x, self.weight, self.bias, self.running_mean, self.running_var, self.num_updates)
+        opts = (self.eps, self.momentum, self.training, self.bn_grad)
         with torch.autocast(q.device.type, enabled=False):  # statistics in fp32
-            return self._forward(q)
+            if self.uses_kernels(x):
+                from torchpeer.ops.query_norm.triton_op import ema_norm_triton
 
-    def _forward(self, q: torch.Tensor) -> torch.Tensor:
-        cdt = self._stats_dtype(self.running_mean)
-        x = q.reshape(q.shape[0], -1).to(cdt)
-        # Copies: the running buffers are updated in place below, and a compiled graph (inductor)
-        # would otherwise save the buffer itself for backward and see it modified.
-        mu, var = self.running_mean.to(cdt, copy=True), self.running_var.to(cdt, copy=True)
-        y = (x - mu) * torch.rsqrt(var + self.eps)
-        if self.training and x.shape[0] > 1:
-            b_mu = x.mean(0)
-            b_var = x.var(0, unbiased=False)
-            if self.bn_grad:
-                # BatchNorm's gradient, zero value: (x - b_mu)/b_sd * (b_sd/sd), with the ratio detached.
-                ratio = torch.sqrt((b_var + self.eps) / (var + self.eps)).detach()
-                y_bn = (x - b_mu) * torch.rsqrt(b_var + self.eps) * ratio
-                y = y.detach() + (y_bn - y_bn.detach()) if x.requires_grad else y
-            with torch.no_grad():
-                r = self._rate()
-                unbiased = b_var.detach() * x.shape[0] / (x.shape[0] - 1)
-                self.running_mean.lerp_(b_mu.detach().to(self.running_mean.dtype), r.to(self.running_mean.dtype))
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), r.to(self.running_var.dtype))
-                self.num_updates += 1
-        y = y * self.weight.to(cdt) + self.bias.to(cdt)
-        return y.view_as(q).to(q.dtype)
+                return ema_norm_triton(*args, *opts).view_as(q)
+            return ema_norm_reference(*args, *opts).view_as(q)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, d_key={self.d_key}, momentum={self.momentum}, backend={self.backend}"
 
 
 class EMAWhitenQueryNorm(_EMAStats):

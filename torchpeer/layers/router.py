@@ -91,7 +91,9 @@ class ProductKeyRouter(nn.Module):
         self.n_experts = n_keys * n_keys
 
         self.query_proj = nn.Linear(d_model, heads * d_key, bias=query_bias)
-        self.norm = build_query_norm(query_norm, heads, d_key)
+        # the "ema" norm has fused kernels: it follows the router's backend ("torch": no Triton anywhere)
+        norm_opts = {"backend": backend} if query_norm == "ema" else {}
+        self.norm = build_query_norm(query_norm, heads, d_key, **norm_opts)
         self.sub_keys = nn.Parameter(torch.randn(key_sets, 2, n_keys, d_key // 2) / math.sqrt(d_key))
 
     def query(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,9 @@ import os
 
 import torch
 
-OPS = ("product_key_topk", "expert_mix")
+# ema_query_norm: the fused kernels of the "ema" query norm (torchpeer/ops/query_norm); its "torch"
+# and "reference" backends are the same plain-PyTorch spec.
+OPS = ("product_key_topk", "expert_mix", "ema_query_norm")
 BACKENDS = ("auto", "torch", "triton", "reference")
 
 logger = logging.getLogger("torchpeer.ops")
