@@ -84,12 +84,13 @@ def test_merge_kernel_matches_reference(T, H, S, n, d_key, top_k, dtype):
 
 
 def test_auto_forward_choice(monkeypatch):
-    # "merge" for fp32 / mixed inputs with top_k <= 16, "threshold" otherwise
+    # above small_tokens tokens: "merge" for fp32 / mixed inputs with top_k <= 16, "threshold" otherwise
+    # (the small-token choice, "split", is tested in test_retrieval_split.py)
     calls = []
     monkeypatch.setattr(triton_op, "launch_merge", lambda *a: calls.append("merge"))
     monkeypatch.setattr(triton_op, "launch_threshold", lambda *a: calls.append("threshold"))
     q, keys = _inputs(2, 1, 1, 32, 8, torch.float32)
-    auto = RetrievalKernelConfig(forward="auto")
+    auto = RetrievalKernelConfig(forward="auto", small_tokens=1)
     triton_op.forward(q, keys, 16, auto)
     triton_op.forward(q, keys, 17, auto)
     triton_op.forward(q.bfloat16(), keys.bfloat16(), 16, auto)

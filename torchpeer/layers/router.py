@@ -31,7 +31,7 @@ from torch import nn
 from torchpeer.layers.accounting import FFWCost, count_params, matmul_flops
 from torchpeer.layers.query_norm import build_query_norm
 from torchpeer.layers.validators import check_choice, check_input, check_positive
-from torchpeer.ops import BACKENDS, product_key_topk, resolve_backend
+from torchpeer.ops import BACKENDS, RetrievalKernelConfig, product_key_topk, resolve_backend
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -89,6 +89,9 @@ class ProductKeyRouter(nn.Module):
         self.d_model, self.n_keys, self.heads, self.top_k, self.d_key = d_model, n_keys, heads, top_k, d_key
         self.query_norm, self.key_sets, self.backend = query_norm, key_sets, backend
         self.n_experts = n_keys * n_keys
+        # Triton retrieval algorithm and tuning (None: the defaults, e.g. the small-token "split" forward
+        # for decode steps); a plain attribute, not saved: benchmarks and tests set it.
+        self.retrieval_config: RetrievalKernelConfig | None = None
 
         self.query_proj = nn.Linear(d_model, heads * d_key, bias=query_bias)
         # the "ema" norm has fused kernels: it follows the router's backend ("torch": no Triton anywhere)
@@ -112,7 +115,7 @@ class ProductKeyRouter(nn.Module):
             q = q.to(compute)  # see the module docstring (precision)
         # Gradients flow to the fp32 sub-keys through the cast.
         keys = self.sub_keys if q.dtype == self.sub_keys.dtype else self.sub_keys.to(q.dtype)
-        scores, indices = product_key_topk(q, keys, self.top_k, backend=self.backend)
+        scores, indices = product_key_topk(q, keys, self.top_k, backend=self.backend, config=self.retrieval_config)
         return q, scores, indices
 
     def retrieval_backend(self, device: torch.device | str | None = None) -> str:

@@ -8,8 +8,12 @@ Forward algorithms (``forward``):
   "threshold": per-half candidates >= a group-max bound, then a pruned pair merge
                (bf16 T=65536: 5.9 ms against 15.4 for "merge"); triton_threshold.py.
   "merge":     one kernel, running top-KP per half + all KP*KP pair sums; triton_merge.py.
-  "auto":      "merge" for fp32 (or mixed-dtype) inputs with top_k <= 16, where its single pass
-               of fp32 dots wins (T=16384: 7.8 vs 10.7 ms), else "threshold".
+  "split":     for a handful of tokens (decoding): one program per (sub-key tile, head, half) scores
+               one tile and keeps its top-k, a second kernel merges; triton_split.py. Not measured yet:
+               the byte/latency count is in that file and benchmarks/NOTES_decode.md.
+  "auto":      "split" for at most ``small_tokens`` tokens; else "merge" for fp32 (or mixed-dtype)
+               inputs with top_k <= 16, where its single pass of fp32 dots wins (T=16384: 7.8 vs
+               10.7 ms), else "threshold".
 Backward algorithms (``backward``, triton_backward.py):
   "hybrid" (the default): dq by the gather kernel (0.4 ms) + dkeys by the dense path; in one run of
                benchmarks/peer_layer.py (2026-11-28) the layer's fwd+bwd at d=1024 took 33.1 ms
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FORWARD_IMPLS = ("auto", "threshold", "merge")
+FORWARD_IMPLS = ("auto", "threshold", "merge", "split")
 BACKWARD_IMPLS = ("dense", "hybrid", "triton")
 THETA_METHODS = ("max", "topk")
 
@@ -52,6 +56,11 @@ class RetrievalKernelConfig:
     # or "max" (top_k rounds of max + drop; also much faster under the interpreter). Same speed (5.67
     # vs 5.68 ms).
     theta: str = "max"
+    # "split" (small T): tile kernel (BLOCK_M, BLOCK_N, num_warps) and merge kernel (BLOCK_R rows,
+    # num_warps); "auto" takes it up to small_tokens tokens (0: never). Untuned (issue 19, to measure).
+    split: tuple[int, int, int] = (16, 64, 4)
+    split_merge: tuple[int, int] = (8, 4)
+    small_tokens: int = 64
     # Stage 2 (pairs) and backward: (BLOCK, num_warps); dkeys: (BLOCK_A, BLOCK_R, num_warps, programs
     # per SM). dq (32, 4) 0.37 ms, (64, 4) 0.43, (128, 8) 0.44; dkeys (128, 32, 4, 4) 28.7 ms,
     # (128, 64, 8, 4) 29.6, (64, 64, 4, 4) 30.6, (256, 64, 8, 2) 40.0, (128, 64, 4, 8) 96.6.

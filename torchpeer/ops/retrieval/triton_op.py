@@ -17,6 +17,7 @@ from .torch_impl import product_key_topk_torch
 from .triton_backward import backward
 from .triton_common import next_pow2
 from .triton_merge import launch_merge
+from .triton_split import launch_split
 from .triton_threshold import launch_threshold
 
 logger = logging.getLogger("torchpeer.ops")
@@ -24,9 +25,11 @@ _said_too_wide: set[int] = set()
 
 
 def forward_impl(queries: torch.Tensor, sub_keys: torch.Tensor, top_k: int, config: RetrievalKernelConfig) -> str:
-    """The forward algorithm config.forward resolves to for these inputs ("threshold" or "merge")."""
+    """The forward algorithm config.forward resolves to for these inputs ("threshold", "merge" or "split")."""
     if config.forward != "auto":
         return config.forward
+    if queries.shape[0] <= config.small_tokens:
+        return "split"  # a decode step: no plan sized for 64k tokens (triton_split.py)
     half = (torch.bfloat16, torch.float16)
     both_half = queries.dtype == sub_keys.dtype and queries.dtype in half
     return "merge" if not both_half and top_k <= 16 else "threshold"
@@ -34,7 +37,10 @@ def forward_impl(queries: torch.Tensor, sub_keys: torch.Tensor, top_k: int, conf
 
 def forward(queries, sub_keys, top_k: int, config: RetrievalKernelConfig = DEFAULT_CONFIG):
     """-> scores (T, H, top_k) fp32, indices (T, H, top_k) int64 (no autograd)."""
-    if forward_impl(queries, sub_keys, top_k, config) == "threshold":
+    impl = forward_impl(queries, sub_keys, top_k, config)
+    if impl == "split":
+        return launch_split(queries, sub_keys, top_k, config)
+    if impl == "threshold":
         return launch_threshold(queries, sub_keys, top_k, config)
     return launch_merge(queries, sub_keys, top_k, config)
 

@@ -1,0 +1,46 @@
+"""Compile this session's new Triton kernels ahead of time for sm_90 (H100/H200) without a GPU, so a
+kernel that the interpreter accepts but the real compiler rejects is caught on the CPU. Run as a
+script with TRITON_INTERPRET unset (tests/ops/test_sm90_aot.py does); prints one line per kernel."""
+
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+
+def aot(fn, types: dict, consts: dict, num_warps: int = 4) -> None:
+    """types: {arg: triton type} (others i32); consts: {constexpr arg: value}."""
+    sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    print(f"ok {fn.__name__} {types.get('x_ptr') or types.get('q_ptr')} {consts}", flush=True)
+
+
+def main() -> None:
+    from torchpeer.ops.query_norm import triton_kernels as qn
+    from torchpeer.ops.retrieval import triton_split as sp
+
+    for xdt in ("bf16", "fp32"):
+        t = {f"{a}_ptr": f"*{xdt}" for a in ("x", "y", "dy", "dx")}
+        t.update({f"{a}_ptr": "*fp32" for a in ("w", "b", "rm", "rv", "dw", "db", "aux", "red")})
+        t.update(n_ptr="*i64", eps="fp32", momentum="fp32")
+        tiles = {"BLOCK_T": 64, "BLOCK_F": 64}
+        aot(qn._fwd_kernel, t, {"STATS": True, **tiles})
+        aot(qn._fwd_kernel, t, {"STATS": False, **tiles})
+        aot(qn._update_kernel, t, {"P_PAD": 64, "BLOCK_F": 64})
+        aot(qn._bwd_reduce_kernel, t, {"BN": True, "WRITE_DX": False, "P_PAD": 64, **tiles})
+        aot(qn._bwd_reduce_kernel, t, {"BN": False, "WRITE_DX": True, "P_PAD": 64, **tiles})
+        aot(qn._bwd_dx_kernel, t, {"P_PAD": 64, **tiles})
+        rt = {"q_ptr": f"*{xdt}", "k_ptr": f"*{xdt}", "cand_ptr": "*i64", "scores_ptr": "*fp32", "idx_ptr": "*i64"}
+        consts = {"PER_HEAD": False, "DH": 64, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_D": 64, "KP": 16}
+        aot(sp._tile_topk_kernel, rt, {**consts, "DOT_FP32": xdt == "fp32"})
+    aot(sp._tile_merge_kernel, rt, {"KP": 16, "NC": 256, "BLOCK_R": 8})
+
+
+if __name__ == "__main__":
+    main()
