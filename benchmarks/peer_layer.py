@@ -1,7 +1,10 @@
 """PEER layer benchmark: time and memory of one FFW layer, forward and forward+backward.
 
 Implementations (rows of the table):
-  triton        torchpeer.PEER(backend="triton")  (Triton retrieval + Triton mixing)
+  triton        torchpeer.PEER(backend="triton")  (Triton retrieval + Triton mixing + the fused
+                Triton "ema" query norm)
+  triton-refnorm  the same with the "ema" norm on its plain-PyTorch reference path (the layer as
+                it was before the fused norm, issue 19)
   torch         torchpeer.PEER(backend="torch")   (chunked PyTorch retrieval + mixing)
   peer-pytorch  lucidrains' PEER-pytorch 0.2.2, if importable (not a dependency)
   dense4d       the dense d -> 4d -> d GELU FFW a PEER layer replaces
@@ -12,11 +15,14 @@ gradient and drops parameter gradients between steps), peak_gib is
 torch.cuda.max_memory_allocated() over one fwd+bwd step minus the parameter bytes
 (parameter gradients and activations are included). An OOM gives nulls and the run goes on.
 
-Also measured: the device-to-device copy ceiling (copy_tbs, bytes read + written) and each
-Triton kernel's achieved bandwidth against the bytes it must move (see kernel_rows()).
+Also measured: the device-to-device copy ceiling (copy_tbs, bytes read + written), each
+Triton kernel's achieved bandwidth against the bytes it must move (see kernel_rows()), and the
+layer's parts alone (part_rows(): retrieval fwd and fwd+bwd, the ema norm fused vs reference).
 
     python benchmarks/peer_layer.py                # the full run on one GPU (~5 min on an H200)
     python benchmarks/peer_layer.py --quick        # tiny sizes; runs on the CPU as a smoke test
+    python benchmarks/peer_layer.py --impls triton,triton-refnorm,peer-pytorch,dense4d \
+        --d-models 1024 --tokens 4096,65536 --no-optim      # issue 19's table (~3 min)
 
 Writes <out-dir>/peer_layer_<date>.json and .md.
 """
@@ -42,7 +48,7 @@ if REPO not in sys.path:  # run from a checkout without `pip install -e .`
 
 from torchpeer.data.atomic import write_text_atomic  # noqa: E402
 
-IMPLS = ("triton", "torch", "peer-pytorch", "dense4d")
+IMPLS = ("triton", "triton-refnorm", "torch", "peer-pytorch", "dense4d")
 
 
 # ---------------------------------------------------------------------------- timing
@@ -150,14 +156,17 @@ def make_module(impl: str, d: int, cfg: dict) -> nn.Module:
         return PeerPytorchAdapter(d, cfg)
     from torchpeer import PEER
 
-    return PEER(
+    layer = PEER(
         d,
         n_experts=cfg["n_experts"],
         heads=cfg["heads"],
         top_k=cfg["top_k"],
         d_key=cfg["d_key"],
-        backend=impl,
+        backend="triton" if impl == "triton-refnorm" else impl,
     )
+    if impl == "triton-refnorm":
+        layer.router.norm.backend = "torch"  # the ema norm's reference path, Triton everywhere else
+    return layer
 
 
 def unavailable_reason(impl: str, device: torch.device) -> str | None:
@@ -165,9 +174,9 @@ def unavailable_reason(impl: str, device: torch.device) -> str | None:
     try:
         if impl == "peer-pytorch":
             import PEER_pytorch  # noqa: F401
-        elif impl in ("triton", "torch"):
+        elif impl in ("triton", "triton-refnorm", "torch"):
             from torchpeer import PEER  # noqa: F401
-        if impl == "triton":
+        if impl in ("triton", "triton-refnorm"):
             import triton  # noqa: F401
 
             if device.type != "cuda":
@@ -317,6 +326,53 @@ def kernel_rows(d: int, tokens: int, cfg: dict, device, dtype, copy: float | Non
     return rows
 
 
+# ---------------------------------------------------------------------------- parts
+
+
+def part_rows(token_counts, cfg: dict, device, dtype, budget_s: float) -> list[dict]:
+    """The layer's parts alone, at each token count, as the layer runs them (bf16 module):
+    retrieval (Triton, default config; fwd without autograd, fwd+bwd with gradients for queries
+    and keys) and the ema query norm in train mode (fused Triton vs the reference path; bf16
+    queries, parameters and buffers, fp32 statistics)."""
+    from torchpeer.layers.query_norm import EMAQueryNorm
+    from torchpeer.ops.retrieval.triton_op import product_key_topk_triton
+
+    H, K, dk, n = cfg["heads"], cfg["top_k"], cfg["d_key"], math.isqrt(cfg["n_experts"])
+    rows = []
+    g = torch.Generator(device=device).manual_seed(0)
+    for T in token_counts:
+        q = torch.randn(T, H, dk, device=device, dtype=dtype, generator=g).requires_grad_()
+        keys = torch.randn(1, 2, n, dk // 2, device=device, dtype=dtype, generator=g).requires_grad_()
+        ds = torch.randn(T, H, K, device=device, generator=g)
+        parts = [("retrieval", lambda q=q, keys=keys: product_key_topk_triton(q, keys, K)[0])]
+        for backend in ("triton", "torch"):
+            norm = EMAQueryNorm(H, dk, backend=backend).to(device=device, dtype=dtype).train()
+            parts.append((f"ema norm ({'fused' if backend == 'triton' else 'reference'})", lambda q=q, m=norm: m(q)))
+        for name, fn in parts:
+            row = {"part": name, "tokens": T, "dtype": str(dtype).replace("torch.", "")}
+            try:
+                with torch.no_grad():
+                    row["fwd_ms"] = round(time_ms(fn, device, budget_s=budget_s), 4)
+                up = ds if name == "retrieval" else torch.randn_like(q)
+
+                def fwd_bwd(fn=fn, up=up, leaves=(q, keys)):
+                    for t in leaves:
+                        t.grad = None
+                    fn().backward(up)
+
+                row["fwd_bwd_ms"] = round(time_ms(fwd_bwd, device, budget_s=budget_s), 4)
+            except Exception as e:
+                if not _is_oom(e):
+                    traceback.print_exc()
+                row["note"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        q = keys = ds = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 # ---------------------------------------------------------------------------- optimizer step
 
 
@@ -406,6 +462,12 @@ def markdown(result: dict) -> str:
                 f"| {k['kernel']} | {k['d_model']} | {k['tokens']} | {k['ms']:.3f} | "
                 f"{k['bytes'] / 1e9:.4g} | {k['tbs']:.3f} | {_fmt(k['frac_of_copy'])} |"
             )
+    if result.get("parts"):
+        lines += ["", "## The layer's parts alone (ms)", ""]
+        lines += ["| part | tokens | dtype | fwd ms | fwd+bwd ms | note |", "| --- | ---: | --- | ---: | ---: | --- |"]
+        for r in result["parts"]:
+            cells = [r["part"], r["tokens"], r["dtype"], _fmt(r.get("fwd_ms")), _fmt(r.get("fwd_bwd_ms"))]
+            lines.append("| " + " | ".join(str(c) for c in cells) + f" | {r.get('note', '')} |")
     if result.get("optim"):
         lines += ["", "## Optimizer step on a PEER layer's gradients (ms)", ""]
         lines += [
@@ -431,6 +493,9 @@ def main(argv=None) -> dict:
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
     p.add_argument("--no-kernels", action="store_true", help="skip the per-kernel bandwidth section")
     p.add_argument("--no-optim", action="store_true", help="skip the optimizer-step section")
+    p.add_argument("--no-parts", action="store_true", help="skip the parts section (retrieval, ema norm alone)")
+    p.add_argument("--d-models", default=None, help="comma-separated d_model values (default 512,1024; quick 32,64)")
+    p.add_argument("--tokens", default=None, help="comma-separated token counts (default 4096,16384,65536)")
     p.add_argument(
         "--retrieval-configs",
         default="",
@@ -446,6 +511,10 @@ def main(argv=None) -> dict:
     else:
         cfg = dict(n_experts=1024**2, heads=8, top_k=16, d_key=128)
         d_models, token_counts, budget_s = (512, 1024), (4096, 16384, 65536), 1.0
+    if args.d_models:
+        d_models = tuple(int(v) for v in args.d_models.split(","))
+    if args.tokens:
+        token_counts = tuple(int(v) for v in args.tokens.split(","))
     try:
         sweep = [tuple(int(v) for v in c.split(",")) for c in args.retrieval_configs.split(";") if c.strip()]
         if any(len(c) != 3 for c in sweep):
@@ -463,6 +532,7 @@ def main(argv=None) -> dict:
         "config": {**cfg, "quick": args.quick},
         "rows": [],
         "kernels": [],
+        "parts": [],
         "optim": [],
         "notes": [],
     }
@@ -524,6 +594,14 @@ def main(argv=None) -> dict:
             torch.cuda.empty_cache()
         for k in result["kernels"]:
             print(json.dumps(k), flush=True)
+
+    if device.type == "cuda" and not args.no_parts:
+        try:
+            result["parts"] = part_rows(token_counts, cfg, device, dtype, budget_s)
+        except Exception as e:
+            traceback.print_exc()
+            result["notes"].append(f"parts failed: {type(e).__name__}: {e}")
+        save()
 
     if not args.no_optim and unavailable_reason("torch", device) is None:
         for d in d_models:
