@@ -133,3 +133,15 @@ def test_a_run_continued_from_an_export_is_plotted_after_its_parent(two_checkpoi
     assert max(lines["run: train"]) == 512
     fig = plot_runs([child], x="step")
     assert [list(ln.get_xdata()) for ln in fig.axes[0].get_lines()][0] == [5.0, 6.0]
+
+
+def test_export_hf_of_a_folder_of_runs_lists_them(make_run, tmp_path, capsys):
+    import shutil
+
+    sweep = tmp_path / "sweep"
+    for name in ("a", "b"):
+        shutil.copytree(make_run("peer"), sweep / "runs" / name)
+    assert main(["export-hf", str(sweep), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: '{sweep}' is a folder of 2 runs, not one run: give one of {sweep}/runs/a, ")
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()

@@ -69,7 +69,9 @@ def export_hf(run_dir: str, out_dir: str, overwrite: bool = False) -> str:
         raise FileNotFoundError(f"run dir {run_dir!r} does not exist")
     try:
         ckpt = resolve_checkpoint(run_dir)
-    except FileNotFoundError:
+    except FileNotFoundError as e:
+        if "is a folder of" in str(e):  # a sweep's folder: the message lists its runs
+            raise
         raise FileNotFoundError(
             f"{run_dir!r} holds no checkpoint (expected RUN_DIR/checkpoints/step_*/ or a checkpoint folder); "
             "train with checkpoints on (train.checkpoint = true) first"

@@ -115,19 +115,22 @@ def _check_formats(folder: str) -> bool:
     weights = os.path.join(folder, "model.safetensors")
     if os.path.isfile(weights):
         size = os.path.getsize(weights)
+        with open(weights, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            head = fh.read(n) if 8 + n <= size else None
+        if head is None:
+            raise CheckpointDamaged(folder, f"model.safetensors is truncated ({size:,} bytes, inside its header)")
         try:
-            with open(weights, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n)) if 8 + n <= size else None
+            header = json.loads(head)
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
             raise CheckpointDamaged(folder, "model.safetensors has no readable safetensors header") from None
-        if header is None or 8 + n + end > size:
-            raise CheckpointDamaged(folder, f"model.safetensors is truncated ({size:,} bytes)")
+        if 8 + n + end > size:
+            raise CheckpointDamaged(folder, f"model.safetensors is truncated ({size:,} of {8 + n + end:,} bytes)")
     try:
         with zipfile.ZipFile(os.path.join(folder, "trainer.pt")) as z:
             bad = z.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError):
+    except Exception:  # any failure to read the zip (BadZipFile, EOFError, zlib.error, ...): the file is damaged
         raise CheckpointDamaged(folder, "trainer.pt is truncated or not a torch.save file") from None
     if bad is not None:
         raise CheckpointDamaged(folder, f"trainer.pt is corrupted (its member {bad} fails its CRC check)")
