@@ -10,7 +10,7 @@ Forward algorithms (``forward``):
   "merge":     one kernel, running top-KP per half + all KP*KP pair sums; triton_merge.py.
   "split":     for a handful of tokens (decoding): one program per (sub-key tile, head, half) scores
                one tile and keeps its top-k, a second kernel merges; triton_split.py. Not measured yet:
-               the byte/latency count is in that file and benchmarks/NOTES_decode.md.
+               the byte/latency count is in that file and benchmarks/NOTES_issue19.md.
   "auto":      "split" for at most ``small_tokens`` tokens; else "merge" for fp32 (or mixed-dtype)
                inputs with top_k <= 16, where its single pass of fp32 dots wins (T=16384: 7.8 vs
                10.7 ms), else "threshold".
