@@ -123,3 +123,29 @@ def test_report_of_a_folder_without_results_names_the_file(tmp_path):
     with pytest.raises(ValueError, match="is not a folder"):
         write_report(str(tmp_path / "nope"))
     assert main(["report", str(tmp_path), "--with-runs"]) == 2
+
+
+def test_design_table_pairs_seeds_against_dense(tmp_path):
+    """kind = grid with seeds: one row per design; its paired ppl change against dense over common seeds,
+    FLOPs ratio, and on how many eval sets it beats dense."""
+    from torchpeer.experiments.compare import design_of, design_rows
+
+    assert design_of({"variant": "seed=1-multi-shared"}) == "multi-shared"
+    assert design_of({"variant": "peer-s2-seed2"}) == "peer-s2"
+    recs = []
+    for seed, noise in ((0, 0.0), (1, 0.05)):
+        recs.append(rec(f"seed={seed}-dense-tok6e7", variant=f"seed={seed}-dense", seed=seed, kind="grid",
+                        train_flops_per_token=100, tokens_per_s=1000.0, valid=valid(3.0 + noise, other=0.1)))
+        recs.append(rec(f"seed={seed}-multi-tok6e7", variant=f"seed={seed}-multi", seed=seed, kind="grid",
+                        train_flops_per_token=95, tokens_per_s=800.0,
+                        valid=valid(2.9 + noise, usage=90.0, kl=1.2, other=0.3)))
+    header, rows = design_rows(recs)
+    row = dict(zip(header, next(r for r in rows if r[0] == "multi")))
+    assert row["seeds"] == "0,1" and row["FLOPs/token"] == "0.950x" and row["tokens/s"] == "800"
+    assert row["vs dense (paired)"] == f"{100 * (math.exp(-0.1) - 1):+.1f} % (-9.5..-9.5)"
+    assert row["usage %"] == "90.0" and row["KL"] == "1.20"
+    assert row["eval sets better than dense"] == "1/2"  # 'all' better, 'books' (+0.3 vs +0.1) worse
+    for r in recs:
+        append_result(str(tmp_path), r)
+    md = open(write_report(str(tmp_path))["report"]).read()
+    assert "### Designs (seeds paired)" in md and "| multi | 0,1 |" in md

@@ -4,7 +4,6 @@ the log's FLOP table is what `torchpeer info` computes."""
 
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,11 +11,6 @@ import pytest
 from torchpeer.layers.expert_pool import ExpertPool
 from torchpeer.lm.config_io import apply_overrides, load_config
 from torchpeer.lm.info import config_cost
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 (tomli is a dependency there)
-    import tomli as tomllib
 
 LOG = Path(__file__).resolve().parents[2] / "docs" / "research" / "beyond_paper.md"
 
@@ -42,16 +36,14 @@ def test_candidate_config_is_four_peer_blocks_on_one_pool_below_dense_flops():
     assert len(pool) == 1 and pool[0].kind == ExpertPool.__name__ and pool[0].total_params == 2 * 1024**2 * 512
 
 
-def _spec_block() -> str:
-    return re.search(r"```toml\n(.*?)```", LOG.read_text(), flags=re.S).group(1)
-
-
-def test_logged_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_path):
+def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_path):
+    """The GPU plan of the log is the shipped spec `beyond-paper` (torchpeer/experiments/specs/)."""
     exp_spec = pytest.importorskip("torchpeer.experiments.spec")
     exp_plan = pytest.importorskip("torchpeer.experiments.plan")
-    spec = exp_spec.parse_spec(tomllib.loads(_spec_block()), path=None)
+    spec = exp_spec.load_spec("beyond-paper")
     runs = exp_plan.plan_sweep(spec, str(tmp_path))
-    assert len(runs) == 22  # 11 designs x 2 seeds
+    assert len(runs) == 24  # 12 designs (dense, the paper's PEER, 10 new) x 2 seeds
+    assert len(runs[0].cfg.data.valid) == 11  # the corpus valid set and each of the 10 sources
     by_seed: dict[int, dict[str, object]] = {}
     for r in runs:
         by_seed.setdefault(r.cfg.train.seed, {})[r.variant.split("-", 1)[1]] = r
@@ -64,6 +56,8 @@ def test_logged_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_path
             if name != "gated":  # gated costs more per token: it gets the dense run's FLOP budget instead
                 assert r.tokens == dense.tokens, (seed, name)
         assert designs["gated"].tokens < dense.tokens
+        paper = designs["paper"].cfg.model
+        assert paper.sparse_blocks() == [4] and not paper.peer.shared_pool and paper.peer.n_experts == 1024**2
 
 
 def test_logged_flop_table_is_what_torchpeer_info_computes():

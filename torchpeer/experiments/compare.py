@@ -65,6 +65,7 @@ def eval_stats(runs: list[dict], eval_set: str, what: str = "ppl") -> dict | Non
 def paired_difference(a_runs: list[dict], b_runs: list[dict], eval_set: str | None = None) -> dict | None:
     """Loss of a minus loss of b over the seeds both have (each a run of one size): mean, min, max, n,
     and the same as a relative perplexity change (exp(diff) - 1, in %). None without a common seed."""
+
     def loss(r):
         return primary_loss(r) if eval_set is None else (r.get("valid") or {}).get(eval_set, {}).get("loss")
 
@@ -99,3 +100,63 @@ def order_verdict(optimal: dict[str, float]) -> str:
     text = " < ".join(observed)
     want = " < ".join(present)
     return f"paper's order ({want}) {'holds' if holds else 'does NOT hold'}: measured {text}"
+
+
+def design_of(record: dict) -> str:
+    """A variant's name without its seed part ("seed=1-multi-shared" -> "multi-shared",
+    "peer-s2-seed1" -> "peer-s2"): the runs of one design over several seeds."""
+    import re
+
+    name = re.sub(r"(^|-)seed=?\d+(?=-|$)", "", str(record.get("variant", record.get("run", ""))))
+    return name.strip("-") or str(record.get("variant"))
+
+
+def design_rows(records: list[dict], baseline: str = "dense") -> tuple[list[str], list[list[str]]]:
+    """Per design (seeds together): the ranking set's ppl (mean and spread), the paired perplexity change
+    against ``baseline`` (same seeds), training FLOPs per token against it, tokens/s, usage % and KL, and
+    on how many eval sets the design's mean ppl beats the baseline's. Returns (header, rows)."""
+    from torchpeer.experiments.results import routed_usage, short_count
+
+    designs: dict[str, list[dict]] = {}
+    for r in records:
+        designs.setdefault(design_of(r), []).append(r)
+    base = designs.get(baseline)
+    eval_set = records[0].get("eval_set") if records else None
+    header = ["design", "seeds", "params", f"ppl ({eval_set})", f"vs {baseline} (paired)", "FLOPs/token"]
+    header += ["tokens/s", "usage %", "KL", f"eval sets better than {baseline}"]
+    rows = []
+    for name, runs in designs.items():
+        runs = sorted(runs, key=seed_of)
+        ppl = eval_stats(runs, eval_set)
+        paired = "-"
+        better = "-"
+        flops = "-"
+        if base is not None and name != baseline:
+            d = paired_difference(runs, base)
+            if d is not None:
+                lo, hi = 100.0 * (math.exp(d["min"]) - 1.0), 100.0 * (math.exp(d["max"]) - 1.0)
+                paired = f"{d['ppl_pct']:+.1f} %" + (f" ({lo:+.1f}..{hi:+.1f})" if d["n"] > 1 else "")
+            sets = [s for s in (runs[0].get("valid") or {}) if s in (base[0].get("valid") or {})]
+            wins = sum(1 for s in sets if eval_stats(runs, s)["mean"] < eval_stats(base, s)["mean"])
+            better = f"{wins}/{len(sets)}"
+            ratio = runs[0].get("train_flops_per_token", 0) / max(1, base[0].get("train_flops_per_token", 1))
+            flops = f"{ratio:.3f}x"
+        rates = [r["tokens_per_s"] for r in runs if r.get("tokens_per_s")]
+        usage = [routed_usage(r) for r in runs]
+        u = [x for x, _ in usage if x is not None]
+        k = [y for _, y in usage if y is not None]
+        rows.append(
+            [
+                name,
+                ",".join(str(seed_of(r)) for r in runs),
+                short_count(runs[0].get("total_params")),
+                format_spread(ppl, ".2f"),
+                paired,
+                flops,
+                f"{mean(rates):,.0f}" if rates else "-",
+                f"{mean(u):.1f}" if u else "-",
+                f"{mean(k):.2f}" if k else "-",
+                better,
+            ]
+        )
+    return header, rows

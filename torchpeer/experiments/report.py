@@ -18,6 +18,7 @@ import time
 from torchpeer.experiments import figures
 from torchpeer.experiments.compare import (
     NON_CAUSAL_FAMILIES,
+    design_rows,
     eval_stats,
     format_spread,
     optimum_runs,
@@ -73,6 +74,9 @@ def write_report(runs_dir: str, out_dir: str | None = None, params_key: str = "a
             written[f"ablation-{name}"] = png
             lines += ["", f"### Ablation over {x_field}", "", *ablation_table(recs, x_field, series_field)]
             lines += ["", _img(png, out_dir)]
+        if kind == "grid" and len({seed_of(r) for r in recs}) > 1:
+            header, rows = design_rows(recs)
+            lines += ["", "### Designs (seeds paired)", "", *_table(header, rows, right_from=1)]
         png = figures.curves_figure(recs, runs_dir, os.path.join(out_dir, f"curves-{name}.png"))
         if png:
             written[f"curves-{name}"] = png
