@@ -4,7 +4,7 @@ work is imported when the command runs, so registering it costs nothing)."""
 from __future__ import annotations
 
 EPILOG = """\
-SPEC is a shipped spec name (isoflop, ablate-experts, ablate-active, cpu-smoke) or a TOML path;
+SPEC is a shipped spec name (isoflop, ablate-experts, ablate-active, beyond-paper, cpu-smoke) or a TOML path;
 see docs/experiments.md for the format. The sweep is resumable: run the same command again and
 finished runs are skipped, an interrupted one resumes from its latest checkpoint.
 
