@@ -331,10 +331,11 @@ def kernel_rows(d: int, tokens: int, cfg: dict, device, dtype, copy: float | Non
 
 def part_rows(token_counts, cfg: dict, device, dtype, budget_s: float) -> list[dict]:
     """The layer's parts alone, at each token count, as the layer runs them (bf16 module):
-    retrieval (Triton, default config; fwd without autograd, fwd+bwd with gradients for queries
-    and keys) and the ema query norm in train mode (fused Triton vs the reference path; bf16
+    retrieval (Triton, default config and with the "sorted" backward; fwd without autograd, fwd+bwd
+    with gradients for queries and keys) and the ema query norm in train mode (fused Triton vs the reference path; bf16
     queries, parameters and buffers, fp32 statistics)."""
     from torchpeer.layers.query_norm import EMAQueryNorm
+    from torchpeer.ops import RetrievalKernelConfig
     from torchpeer.ops.retrieval.triton_op import product_key_topk_triton
 
     H, K, dk, n = cfg["heads"], cfg["top_k"], cfg["d_key"], math.isqrt(cfg["n_experts"])
@@ -344,7 +345,10 @@ def part_rows(token_counts, cfg: dict, device, dtype, budget_s: float) -> list[d
         q = torch.randn(T, H, dk, device=device, dtype=dtype, generator=g).requires_grad_()
         keys = torch.randn(1, 2, n, dk // 2, device=device, dtype=dtype, generator=g).requires_grad_()
         ds = torch.randn(T, H, K, device=device, generator=g)
-        parts = [("retrieval", lambda q=q, keys=keys: product_key_topk_triton(q, keys, K)[0])]
+        parts = [
+            (name, lambda q=q, keys=keys, c=c: product_key_topk_triton(q, keys, K, c)[0])
+            for name, c in (("retrieval", None), ("retrieval (sorted bwd)", RetrievalKernelConfig(backward="sorted")))
+        ]
         for backend in ("triton", "torch"):
             norm = EMAQueryNorm(H, dk, backend=backend).to(device=device, dtype=dtype).train()
             parts.append((f"ema norm ({'fused' if backend == 'triton' else 'reference'})", lambda q=q, m=norm: m(q)))
@@ -353,7 +357,7 @@ def part_rows(token_counts, cfg: dict, device, dtype, budget_s: float) -> list[d
             try:
                 with torch.no_grad():
                     row["fwd_ms"] = round(time_ms(fn, device, budget_s=budget_s), 4)
-                up = ds if name == "retrieval" else torch.randn_like(q)
+                up = ds if name.startswith("retrieval") else torch.randn_like(q)
 
                 def fwd_bwd(fn=fn, up=up, leaves=(q, keys)):
                     for t in leaves:

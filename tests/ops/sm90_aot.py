@@ -23,6 +23,7 @@ def aot(fn, types: dict, consts: dict, num_warps: int = 4) -> None:
 
 def main() -> None:
     from torchpeer.ops.query_norm import triton_kernels as qn
+    from torchpeer.ops.retrieval import triton_backward_sorted as sb
     from torchpeer.ops.retrieval import triton_split as sp
 
     for xdt in ("bf16", "fp32"):
@@ -39,6 +40,9 @@ def main() -> None:
         rt = {"q_ptr": f"*{xdt}", "k_ptr": f"*{xdt}", "cand_ptr": "*i64", "scores_ptr": "*fp32", "idx_ptr": "*i64"}
         consts = {"PER_HEAD": False, "DH": 64, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_D": 64, "KP": 16}
         aot(sp._tile_topk_kernel, rt, {**consts, "DOT_FP32": xdt == "fp32"})
+        st = {"perm_ptr": "*i64", "offsets_ptr": "*i32", "ds_ptr": "*fp32", "q_ptr": f"*{xdt}", "dk_ptr": "*fp32"}
+        st.update(RK="i64", stride_qt="i64")
+        aot(sb._dkeys_sorted_kernel, st, {"H": 8, "K": 16, "DH": 64, "BLOCK_S": 64, "BLOCK_D": 64})
     aot(sp._tile_merge_kernel, rt, {"KP": 16, "NC": 256, "BLOCK_R": 8})
 
 

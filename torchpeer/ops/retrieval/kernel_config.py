@@ -20,6 +20,9 @@ Backward algorithms (``backward``, triton_backward.py):
                against 34.4 ms with "dense" at 65536 tokens (9.8 vs 10.3 ms at 16384).
   "dense":     scatter matrix per token chunk + TF32 matmuls (5.0 ms).
   "triton":    dq and dkeys kernels, deterministic partial sums (29.8 ms).
+  "sorted":    the dq kernel + dkeys by sorted segment sums, no dense (T*H, n) matrix (issue 19;
+               ~2.3 GB against ~9.2 GB of traffic at 65536 tokens, NOTES_retrieval.md section 6).
+               Not measured yet, so not the default.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 FORWARD_IMPLS = ("auto", "threshold", "merge", "split")
-BACKWARD_IMPLS = ("dense", "hybrid", "triton")
+BACKWARD_IMPLS = ("dense", "hybrid", "triton", "sorted")
 THETA_METHODS = ("max", "topk")
 
 

@@ -9,6 +9,7 @@ chunk, then dq_half = G @ C and dC = G^T @ q_half (TF32 matmuls for half-precisi
 `_dkeys_kernel` builds G one (BLOCK_R, BLOCK_A) tile at a time in registers and accumulates
 G^T @ q_half with tl.dot into per-split partial sums (deterministic, no (rows, n) matrix in memory).
 "hybrid" (the default): `_dq_kernel` for dq + the dense dC.
+"sorted": `_dq_kernel` for dq + dC by sorted segment sums (triton_backward_sorted.py; no dense G).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import triton.language as tl
 from torchpeer.ops.dispatch import triton_interpreting
 
 from .kernel_config import DEFAULT_CONFIG, RetrievalKernelConfig
+from .triton_backward_sorted import dkeys_sorted
 from .triton_common import dot_fp32, next_pow2, num_sms
 
 
@@ -185,6 +187,9 @@ def backward(ds, queries, sub_keys, indices, need_q, need_k, config: RetrievalKe
     impl = config.backward
     if impl == "triton":
         return backward_triton(ds, queries, sub_keys, indices, need_q, need_k, config)
+    if impl == "sorted":
+        dq = backward_triton(ds, queries, sub_keys, indices, True, False, config)[0] if need_q else None
+        return dq, (dkeys_sorted(ds, queries, sub_keys, indices) if need_k else None)
     dq = None
     if impl == "hybrid" and need_q:
         dq, _ = backward_triton(ds, queries, sub_keys, indices, True, False, config)

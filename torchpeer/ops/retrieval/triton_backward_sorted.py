@@ -1,0 +1,69 @@
+"""The "sorted" sub-key gradient of the Triton retrieval: dC by sorted segment sums, no dense G.
+
+dC_half[a] = sum over the selections (t, h, k) whose half index is a of ds[t, h, k] * q_half[t, h]
+(triton_backward.py). The "dense" path materialises G (T*H, n) fp32 per half and multiplies:
+~4.6 GB of traffic per half at 65536 tokens (NOTES_retrieval.md section 6). Here the 2 * T*H*k
+(half, selection) pairs are sorted by their table row ((key set * 2 + half) * n + a), and one
+program per table row walks its sorted list, gathering the queries' half rows (128 B in bf16)
+and summing ds * q in fp32, in a fixed order: deterministic, ~1.1 GB of gathers per half.
+One program walks a whole list, so heavily skewed routing (one sub-key in most selections)
+serialises on that program; the segmented split of the mixing backward would fix that (not built).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from torchpeer.ops.dispatch import triton_interpreting
+
+from .triton_common import next_pow2
+
+
+@triton.jit
+def _dkeys_sorted_kernel(
+    perm_ptr, offsets_ptr, ds_ptr, q_ptr, dk_ptr, RK, n, stride_qt, stride_qh, stride_qd,
+    H: tl.constexpr, K: tl.constexpr, DH: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """dk[g] = sum over sorted entries e of table row g: ds[s] * q_half[t, h], e = half * RK + s."""
+    g = tl.program_id(0)
+    half = (g // n) % 2
+    start = tl.load(offsets_ptr + g)
+    end = tl.load(offsets_ptr + g + 1)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < DH
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for p0 in range(start, end, BLOCK_S):
+        pos = p0 + tl.arange(0, BLOCK_S)
+        m = pos < end
+        s = tl.load(perm_ptr + pos, mask=m, other=0) - half * RK  # selection id t * H * K + h * K + k
+        gs = tl.load(ds_ptr + s, mask=m, other=0.0)
+        r = s // K
+        q_ptrs = q_ptr + (r // H)[:, None] * stride_qt + (r % H)[:, None] * stride_qh
+        q = tl.load(q_ptrs + (half * DH + offs_d)[None, :] * stride_qd, mask=m[:, None] & d_mask[None, :], other=0.0)
+        acc += tl.sum(gs[:, None] * q.to(tl.float32), axis=0)
+    tl.store(dk_ptr + g.to(tl.int64) * DH + offs_d, acc, mask=d_mask)
+
+
+def dkeys_sorted(ds: torch.Tensor, queries: torch.Tensor, sub_keys: torch.Tensor, indices: torch.Tensor):
+    """dL/dsub_keys (S, 2, n, d_key // 2) in sub_keys' dtype (fp32 sums) from ds (T, H, K)."""
+    T, H, _ = queries.shape
+    S, _, n, dh = sub_keys.shape
+    K = indices.shape[-1]
+    dev = queries.device
+    halves = torch.stack((indices // n, indices % n))  # (2, T, H, K)
+    head_set = torch.arange(H, device=dev).view(1, 1, H, 1) if S > 1 else torch.zeros((), device=dev, dtype=torch.long)
+    half = torch.arange(2, device=dev).view(2, 1, 1, 1)
+    rows = ((head_set * 2 + half) * n + halves).reshape(-1)
+    n_rows = S * 2 * n
+    keys = rows.to(torch.int32) if n_rows < 2**31 else rows
+    sorted_rows, perm = torch.sort(keys, stable=True)
+    offsets = torch.searchsorted(sorted_rows, torch.arange(n_rows + 1, device=dev, dtype=keys.dtype))
+    dk = torch.empty((n_rows, dh), device=dev, dtype=torch.float32)
+    block_s = 16 if triton_interpreting() else 64
+    _dkeys_sorted_kernel[(n_rows,)](
+        perm, offsets, ds.contiguous().float(), queries, dk, T * H * K, n, *queries.stride(),
+        H=H, K=K, DH=dh, BLOCK_S=block_s, BLOCK_D=max(16, next_pow2(dh)), num_warps=4,
+    )  # fmt: skip
+    return dk.view(S, 2, n, dh).to(sub_keys.dtype)
