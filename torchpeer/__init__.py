@@ -1,28 +1,58 @@
-"""torchpeer: PEER (Mixture of A Million Experts) layers, baselines, kernels and experiments."""
+"""torchpeer: PEER (Mixture of A Million Experts) layers, baselines, kernels and experiments.
 
-from .layers import (
-    PEER,
-    PKM,
-    TRAIN_FLOPS_MULTIPLIER,
-    DenseFFW,
-    FFWCost,
-    MoE,
-    ProductKeyRouter,
-    backend_report,
-    build,
-    ffw_kinds,
-    get_ffw,
-    register_ffw,
-)
-from .ops import expert_mix, expert_mix_reference, product_key_topk_reference
-from .ops import expert_mix_reference as peer_mix_reference  # pre-ops names, kept importable
-from .ops import expert_mix_torch as peer_mix_torch
-from .ops import product_key_topk_reference as brute_force_topk
-from .ops import product_key_topk_torch as product_key_topk
-from .optim import SparseRowAdamW
-from .usage import ExpertUsage, enable_usage_tracking, usage_report
+The names below are loaded on first use (PEP 562), so that ``import torchpeer.cli`` does not import
+torch: the command line starts in a few milliseconds and a Ctrl-C during its imports lands inside
+``torchpeer.cli.main`` (one "interrupted" line, exit 130) instead of printing a traceback.
+``from torchpeer import PEER`` and ``torchpeer.PEER`` work as before.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+# public name -> (module, name in that module)
+_EXPORTS = {
+    "PEER": ("torchpeer.layers", "PEER"),
+    "PKM": ("torchpeer.layers", "PKM"),
+    "MoE": ("torchpeer.layers", "MoE"),
+    "DenseFFW": ("torchpeer.layers", "DenseFFW"),
+    "FFWCost": ("torchpeer.layers", "FFWCost"),
+    "TRAIN_FLOPS_MULTIPLIER": ("torchpeer.layers", "TRAIN_FLOPS_MULTIPLIER"),
+    "ProductKeyRouter": ("torchpeer.layers", "ProductKeyRouter"),
+    "backend_report": ("torchpeer.layers", "backend_report"),
+    "build": ("torchpeer.layers", "build"),
+    "ffw_kinds": ("torchpeer.layers", "ffw_kinds"),
+    "get_ffw": ("torchpeer.layers", "get_ffw"),
+    "register_ffw": ("torchpeer.layers", "register_ffw"),
+    "expert_mix": ("torchpeer.ops", "expert_mix"),
+    "expert_mix_reference": ("torchpeer.ops", "expert_mix_reference"),
+    "product_key_topk_reference": ("torchpeer.ops", "product_key_topk_reference"),
+    # pre-ops names, kept importable
+    "peer_mix_reference": ("torchpeer.ops", "expert_mix_reference"),
+    "peer_mix_torch": ("torchpeer.ops", "expert_mix_torch"),
+    "brute_force_topk": ("torchpeer.ops", "product_key_topk_reference"),
+    "product_key_topk": ("torchpeer.ops", "product_key_topk_torch"),
+    "SparseRowAdamW": ("torchpeer.optim", "SparseRowAdamW"),
+    "ExpertUsage": ("torchpeer.usage", "ExpertUsage"),
+    "enable_usage_tracking": ("torchpeer.usage", "enable_usage_tracking"),
+    "usage_report": ("torchpeer.usage", "usage_report"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'torchpeer' has no attribute {name!r}")
+    module, attr = _EXPORTS[name]
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))
+
 
 __all__ = [
     "PEER",

@@ -211,8 +211,47 @@ def test_ctrl_c_while_a_command_starts_is_one_line(monkeypatch, capsys, where):
 
         return load
 
-    monkeypatch.delitem(sys.modules, where)
+    monkeypatch.delitem(sys.modules, where, raising=False)
     monkeypatch.setattr(builtins, "__import__", interrupted(real_import))
     monkeypatch.setattr(importlib, "import_module", interrupted(real_import_module))
     assert main(["info", "--json"]) == 130
     assert capsys.readouterr() == ("", "interrupted\n")
+
+
+def test_the_command_line_starts_without_torch():
+    """`import torchpeer.cli` (what the `torchpeer` script runs before main) loads no torch: the seconds
+    of importing torch happen inside main(), where a Ctrl-C is one "interrupted" line, and
+    `from torchpeer import PEER` still works (loaded on first use)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torchpeer.cli; assert 'torch' not in sys.modules, 'torch imported at start-up'; "
+        "from torchpeer import PEER, peer_mix_torch; import torchpeer; assert torchpeer.MoE.__name__ == 'MoE'; "
+        "assert set(torchpeer.__all__) <= set(dir(torchpeer)); print('ok')"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_ctrl_c_during_start_up_is_one_line(tmp_path):
+    """A real SIGINT while `torchpeer info` is importing torch: exit 130, "interrupted", no traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torchpeer.cli", "info", "gpu-peer-small"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    time.sleep(0.4)  # past the interpreter's start, inside main()'s imports (torch takes ~1 s)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the command finished before the signal arrived (a very fast machine)")
+    assert proc.returncode == 130 and "Traceback" not in err and err.strip().endswith("interrupted"), err
