@@ -124,3 +124,16 @@ def test_resume_with_nothing_to_resume_is_one_error(trained, tmp_path, capsys, c
         assert main(["eval", str(run)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: '{run}' is a folder of 2 runs, not one run: give one of {run}/runs/a, ")
+
+
+def test_eval_on_a_sweep_folder_without_checkpoints_points_to_its_results(tmp_path, capsys):
+    """A GPU sweep's runs keep no checkpoints: eval on its folder says where the results are instead."""
+    from torchpeer.cli import main
+
+    sweep = tmp_path / "sweep"
+    (sweep / "run-a").mkdir(parents=True)
+    (sweep / "run-a" / "summary.json").write_text("{}")
+    (sweep / "results.jsonl").write_text('{"run": "run-a"}\n')
+    assert main(["eval", str(sweep)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "kept no checkpoints" in err and f"torchpeer report {sweep}" in err

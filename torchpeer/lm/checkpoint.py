@@ -114,6 +114,11 @@ def resolve_checkpoint(path: str, say=_stderr) -> str:
         if runs:
             shown = ", ".join(runs[:8]) + (f" (and {len(runs) - 8} more)" if len(runs) > 8 else "")
             raise FileNotFoundError(f"{path!r} is a folder of {len(runs)} runs, not one run: give one of {shown}")
+        if os.path.exists(os.path.join(path, "results.jsonl")):  # a sweep whose runs kept no checkpoints
+            raise FileNotFoundError(
+                f"{path!r} is a sweep's runs folder whose runs kept no checkpoints (train.checkpoint false): "
+                f"their final evaluations are in its results.jsonl; see them with 'torchpeer report {path}'"
+            )
         raise FileNotFoundError(f"{path!r} is neither a checkpoint folder nor a run folder with checkpoints")
     raise FileNotFoundError(f"checkpoint {path!r} does not exist")
 
