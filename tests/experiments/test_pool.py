@@ -187,3 +187,27 @@ def test_real_worker_trains_like_the_sweep_process(tmp_path, monkeypatch):
         assert r["valid"]["small"]["loss"] == pytest.approx(s["valid"]["small"]["loss"], rel=1e-4)
     with open(tmp_path / "par" / par[0]["run"] / "sweep_run.json") as fh:
         assert json.load(fh)["run"] == par[0]["run"]
+
+
+def test_device_sweep_script_runs_a_sweep_and_packs_its_results(tmp_path):
+    """scripts/device_sweep.sh (the GPU job wrapper) on the CPU: the sweep runs, and $OUT gets its log and
+    the runs folder as a tarball without checkpoints; a missing argument is exit 2."""
+    import subprocess
+    import tarfile
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = os.path.join(root, "scripts", "device_sweep.sh")
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1"}
+    assert subprocess.run(["bash", script, "cpu-smoke"], env=env, capture_output=True).returncode == 2
+    res = subprocess.run(
+        ["bash", script, "cpu-smoke", "runs/smoke", "--only", "dense-d32-*"],
+        cwd=tmp_path, env={**env, "PYTHONPATH": root}, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "dense-d32-1.5e10: finished" in (out / "sweep_smoke.log").read_text()
+    with tarfile.open(out / "smoke.tgz") as tar:
+        names = tar.getnames()
+    assert "runs/smoke/results.jsonl" in names and "runs/smoke/dense-d32-1.5e10/summary.json" in names
+    assert not any("checkpoints" in n for n in names)

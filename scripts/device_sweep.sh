@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One GPU job of a sweep on the device machine, as docs/research/campaign.md ("Device procedure") runs it:
+#   bash scripts/device_sweep.sh SPEC RUNS_DIR [torchpeer sweep options ...]
+# e.g. bash scripts/device_sweep.sh isoflop runs/isoflop --parallel 8 --time-limit 470 --stop-at 525 --drop-checkpoints
+# Run from the repo root. The package is imported from .snap/ (a `git archive` of the commit, made here
+# before the call) when it exists, so that uncommitted edits in the checkout never reach a run;
+# PYTHONSAFEPATH keeps the checkout's own torchpeer/ out of sys.path, in the sweep's workers too.
+# Writes to $OUT: sweep_<name>.log, smi_<name>.csv (GPU load every 10 s) and <name>.tgz (the runs folder
+# without checkpoints: unpack it here with `tar xzf <name>.tgz`). Exit status: the sweep's.
+set -uo pipefail
+if [ $# -lt 2 ]; then
+    echo "usage: bash scripts/device_sweep.sh SPEC RUNS_DIR [sweep options ...]" >&2
+    exit 2
+fi
+spec=$1 runs=$2
+shift 2
+: "${OUT:?set OUT to the folder that comes back (the device tool sets it)}"
+name=$(basename "$runs")
+export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+if [ -d .snap/torchpeer ]; then
+    export PYTHONPATH="$PWD/.snap${PYTHONPATH:+:$PYTHONPATH}"
+else
+    echo "device_sweep: no .snap/ here: running the checkout's torchpeer/" >&2
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+python3 -c "import torchpeer; print('device_sweep: torchpeer from', torchpeer.__file__)" || exit 3
+smi=""
+if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv -l 10 > "$OUT/smi_$name.csv" 2>&1 &
+    smi=$!
+fi
+python3 -m torchpeer.cli sweep "$spec" --runs-dir "$runs" --no-progress "$@" 2>&1 | tee "$OUT/sweep_$name.log"
+rc=${PIPESTATUS[0]}
+[ -n "$smi" ] && kill "$smi" 2> /dev/null
+if [ -d "$runs" ]; then
+    tar czf "$OUT/$name.tgz" --exclude=checkpoints "$runs"
+fi
+exit "$rc"
