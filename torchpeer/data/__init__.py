@@ -43,7 +43,7 @@ this package); ``python -m torchpeer.data`` runs it too.
 
 from .config import DataConfig
 from .sources import SourceFile, iter_documents, load_ptb, resolve_source
-from .token_file import TokenFile, prepare_split, token_dtype
+from .token_file import TokenFile, prepare_split, prepare_splits, token_dtype
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_saved_tokenizer, load_tokenizer, train_bpe
 from .windows import IGNORE_INDEX, RandomWindows, num_sequential_batches, sequential_windows
 
@@ -62,6 +62,7 @@ __all__ = [
     "load_tokenizer",
     "num_sequential_batches",
     "prepare_split",
+    "prepare_splits",
     "resolve_source",
     "sequential_windows",
     "token_dtype",

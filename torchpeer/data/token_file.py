@@ -231,3 +231,15 @@ def prepare_split(
     header.update(n_tokens=n_tokens, n_documents=n_docs, n_bytes=n_bytes, tokenize_seconds=round(time.time() - t0, 3))
     write_json_atomic(base + ".json", header)
     return TokenFile.open(base)
+
+
+def prepare_splits(
+    cfg: DataConfig, tokenizer: Tokenizer, progress: bool = True
+) -> tuple[TokenFile, dict[str, TokenFile]]:
+    """The train split and every valid split of ``cfg`` (``prepare_split`` each): (train, {name: valid})."""
+    train = prepare_split(cfg, cfg.train, "train", tokenizer=tokenizer, progress=progress)
+    valid = {
+        name: prepare_split(cfg, spec, f"valid/{name}", tokenizer=tokenizer, progress=progress)
+        for name, spec in cfg.valid.items()
+    }
+    return train, valid

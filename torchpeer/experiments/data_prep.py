@@ -13,12 +13,9 @@ import os
 
 def prepare_data(data_cfg, progress: bool = False) -> int:
     """Tokenise (if not cached) the train split and every valid split; returns the train split's tokens."""
-    from torchpeer.data import load_tokenizer, prepare_split
+    from torchpeer.data import load_tokenizer, prepare_splits
 
-    tok = load_tokenizer(data_cfg, progress=progress)
-    train = prepare_split(data_cfg, data_cfg.train, "train", tokenizer=tok, progress=progress)
-    for name, source in data_cfg.valid.items():
-        prepare_split(data_cfg, source, f"valid/{name}", tokenizer=tok, progress=progress)
+    train, _ = prepare_splits(data_cfg, load_tokenizer(data_cfg, progress=progress), progress=progress)
     return int(train.header["n_tokens"])
 
 

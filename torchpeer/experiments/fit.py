@@ -81,6 +81,7 @@ def isoflop_fits(records: list[dict], params_key: str = "active_params") -> dict
     point of the fit (their mean loss). Returns {(family, budget): {"runs": [...], "best": record,
     "fit": IsoFLOPFit | None, "note": str, "n_sizes": int}}.
     """
+    from torchpeer.experiments.compare import by_size
     from torchpeer.experiments.results import primary_loss
 
     groups: dict[tuple[str, float], list[dict]] = {}
@@ -93,12 +94,10 @@ def isoflop_fits(records: list[dict], params_key: str = "active_params") -> dict
         runs = sorted(groups[key], key=lambda r: r[params_key])
         best = min(runs, key=primary_loss)
         # one point per size: the mean loss over its seeds (several seeds of one size are one x)
-        sizes: dict[float, list[float]] = {}
-        for r in runs:
-            sizes.setdefault(float(r[params_key]), []).append(primary_loss(r))
+        sizes = by_size(runs, params_key)
         fit, note = None, ""
         try:
-            fit = fit_isoflop(list(sizes), [sum(v) / len(v) for v in sizes.values()])
+            fit = fit_isoflop(list(sizes), [sum(map(primary_loss, v)) / len(v) for v in sizes.values()])
         except ValueError as e:
             note = str(e)
         if fit is not None and fit.optimum_params is None:

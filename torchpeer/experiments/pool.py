@@ -25,8 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from torchpeer.experiments.plan import PlannedRun
-from torchpeer.experiments.results import append_result, make_record
+from torchpeer.experiments.results import append_result, make_run_record
 from torchpeer.experiments.worker import RUN_FILE
+from torchpeer.lm.checkpoint import list_checkpoints
 
 POLL_SECONDS = 0.2
 GRACE_SECONDS = 60.0  # after SIGINT at stop_at: time to finish a step and checkpoint before SIGKILL
@@ -39,6 +40,20 @@ class _Job:
     proc: subprocess.Popen
     started: float
     log: object
+
+
+def too_long_message(head: str, run: PlannedRun, estimate: float) -> str:
+    return (
+        f"{head}: skipped, its estimated {estimate:.0f} s exceed the whole time limit; run it on its own "
+        f"(--only '{run.name}'; with train.checkpoint true it resumes across jobs)"
+    )
+
+
+def finished_message(head: str, rec: dict) -> str:
+    loss = rec["valid"].get(rec["eval_set"], {}).get("loss")
+    loss_text = "-" if loss is None else f"{loss:.4f}"
+    rate = rec["tokens_per_s"] or 0
+    return f"{head}: finished in {rec['wall_seconds']:.0f} s, {rate:,.0f} tokens/s, loss {loss_text}"
 
 
 def worker_command() -> list[str]:
@@ -70,14 +85,13 @@ def run_parallel(
     stop_at: float | None = None,
     say: Callable[[str], None] = print,
     command: list[str] | None = None,
-    extra_record: Callable[[PlannedRun, dict], dict] | None = None,
     on_recorded: Callable[[PlannedRun], None] | None = None,
 ) -> list[dict]:
     """Train ``todo`` ([(head, run)], plan order) ``parallel`` at a time; returns the new records.
 
     ``estimate(run)``: its expected seconds from the records so far (None = unknown, always started).
-    ``command``: the worker command; ``extra_record(run, record)``: fields added to each record;
-    ``on_recorded(run)``: called once a run's record is written (e.g. to drop its checkpoints).
+    ``command``: the worker command; ``on_recorded(run)``: called once a run's record is written
+    (e.g. to drop its checkpoints).
     """
     t0, new = time.time(), []
     pending = list(todo)
@@ -89,7 +103,7 @@ def run_parallel(
         while pending or jobs:
             for job in [j for j in jobs if j.proc.poll() is not None]:
                 jobs.remove(job)
-                rec = _finish(job, spec, runs_dir, say, extra_record)
+                rec = _finish(job, spec, runs_dir, say)
                 if rec is not None:
                     new.append(rec)
                     if on_recorded is not None:
@@ -144,10 +158,7 @@ def _next_startable(pending, estimate, elapsed, time_limit, told, say):
             return pending.pop(i)
         if est > time_limit:
             if run.name not in told:
-                say(
-                    f"{head}: skipped, its estimated {est:.0f} s exceed the whole time limit; run it on its own "
-                    f"(--only '{run.name}'; with train.checkpoint true it resumes across jobs)"
-                )
+                say(too_long_message(head, run, est))
                 told.add(run.name)
             continue
         if elapsed + est <= time_limit:
@@ -168,27 +179,20 @@ def _start(head: str, run: PlannedRun, command: list[str], env: dict, say) -> _J
     log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)} {run.run_dir}\n")
     log.flush()
     proc = subprocess.Popen([*command, run.run_dir], stdout=log, stderr=subprocess.STDOUT, env=env)
-    ckpts = os.path.join(run.run_dir, "checkpoints")
-    state = "resuming" if os.path.isdir(ckpts) and any(f.startswith("step_") for f in os.listdir(ckpts)) else "starting"
+    state = "resuming" if list_checkpoints(run.run_dir) else "starting"
     say(f"{head}: {state} (pid {proc.pid}): {run.family}, {run.tokens:,} tokens in {run.steps} steps")
     return _Job(run, head, proc, time.time(), log)
 
 
-def _finish(job: _Job, spec, runs_dir: str, say, extra_record) -> dict | None:
+def _finish(job: _Job, spec, runs_dir: str, say) -> dict | None:
     job.log.close()
     rc = job.proc.returncode
     summary_path = os.path.join(job.run.run_dir, "summary.json")
     if rc == 0 and os.path.exists(summary_path):
         with open(summary_path, encoding="utf-8") as fh:
-            rec = make_record(job.run, json.load(fh), spec, wall_seconds=time.time() - job.started)
-        rec.update(extra_record(job.run, rec) if extra_record else {})
+            rec = make_run_record(job.run, json.load(fh), spec, wall_seconds=time.time() - job.started)
         append_result(runs_dir, rec)
-        loss = rec["valid"].get(rec["eval_set"], {}).get("loss")
-        loss_text = "-" if loss is None else f"{loss:.4f}"
-        say(
-            f"{job.head}: finished in {rec['wall_seconds']:.0f} s, {rec['tokens_per_s'] or 0:,.0f} tokens/s, "
-            f"loss {loss_text}"
-        )
+        say(finished_message(job.head, rec))
         return rec
     if rc in (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGKILL):
         say(f"{job.head}: stopped (exit {rc}); it resumes from its checkpoint or restarts next time")

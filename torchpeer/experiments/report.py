@@ -172,7 +172,7 @@ def optimal_loss(group: dict) -> tuple[float, str]:
 
 def complete(group: dict) -> bool:
     """At least 4 sizes whose fit has its minimum inside them: the protocol's bar for a final number."""
-    return group.get("n_sizes", len(group["runs"])) >= 4 and group["fit"] is not None and group["fit"].bracketed
+    return group["n_sizes"] >= 4 and group["fit"] is not None and group["fit"].bracketed
 
 
 def ahead_lines(fits: dict) -> list[str]:

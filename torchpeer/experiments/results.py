@@ -41,11 +41,16 @@ def read_results(runs_dir: str) -> list[dict[str, Any]]:
 
 def append_result(runs_dir: str, record: dict[str, Any]) -> None:
     """Add ``record`` (replacing any earlier record of the same run) atomically."""
-    from torchpeer.data.atomic import write_text_atomic
-
     kept = [r for r in read_results(runs_dir) if r["run"] != record["run"]]
     kept.append(record)
-    write_text_atomic(results_path(runs_dir), "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    _write_results(runs_dir, kept)
+
+
+def _write_results(runs_dir: str, records: list[dict[str, Any]]) -> None:
+    """results.jsonl of ``runs_dir`` := ``records``, one JSON line each, atomically."""
+    from torchpeer.data.atomic import write_text_atomic
+
+    write_text_atomic(results_path(runs_dir), "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
 RUN_RECORD_FILES = ("config.json", "summary.json", "metrics.jsonl")
@@ -57,22 +62,18 @@ def copy_results(runs_dir: str, dest: str) -> int:
     outlives the machine the runs trained on. Checkpoints and logs are left out. Returns the runs copied."""
     import shutil
 
-    from torchpeer.data.atomic import write_text_atomic
+    from torchpeer.data.atomic import atomic_open
 
     records = read_results(runs_dir)
     if os.path.abspath(runs_dir) == os.path.abspath(dest):
         return len(records)
-    os.makedirs(dest, exist_ok=True)
     for rec in records:
-        src_dir, out_dir = os.path.join(runs_dir, rec["run"]), os.path.join(dest, rec["run"])
-        os.makedirs(out_dir, exist_ok=True)
         for name in RUN_RECORD_FILES:
-            src = os.path.join(src_dir, name)
+            src = os.path.join(runs_dir, rec["run"], name)
             if os.path.exists(src):
-                tmp = os.path.join(out_dir, f".{name}.tmp")
-                shutil.copyfile(src, tmp)
-                os.replace(tmp, os.path.join(out_dir, name))
-    write_text_atomic(results_path(dest), "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+                with open(src, "rb") as fin, atomic_open(os.path.join(dest, rec["run"], name), "wb") as fout:
+                    shutil.copyfileobj(fin, fout)
+    _write_results(dest, records)
     return len(records)
 
 
@@ -118,6 +119,35 @@ def make_record(run, summary: dict[str, Any], sweep, wall_seconds: float | None 
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return record
+
+
+def make_run_record(run, summary: dict[str, Any], sweep, wall_seconds: float | None = None) -> dict[str, Any]:
+    """The results line of a finished run: ``make_record`` plus its epoch fields."""
+    rec = make_record(run, summary, sweep, wall_seconds=wall_seconds)
+    return {**rec, **epoch_fields(run, tokens=rec["tokens"])}
+
+
+def data_key(data_cfg) -> str:
+    """One data config as a string: runs with equal keys read the same token files."""
+    import dataclasses
+
+    return json.dumps(dataclasses.asdict(data_cfg), sort_keys=True, default=str)
+
+
+def epoch_fields(run, memo: dict | None = None, tokens: int | None = None) -> dict[str, Any]:
+    """``train_split_tokens`` (one pass over the train split; None when not tokenised yet) and
+    ``epochs`` (the run's tokens over it): the isoFLOP protocol caps repeats of the corpus.
+    ``memo``: a dict reused across the runs of one listing (the cache is looked up once per data config);
+    ``tokens``: the tokens the run trained on (default: the plan's)."""
+    from torchpeer.experiments.data_prep import cached_train_tokens
+
+    key = data_key(run.cfg.data)
+    memo = {} if memo is None else memo
+    if key not in memo:
+        memo[key] = cached_train_tokens(run.cfg.data)
+    n = memo[key]
+    tokens = run.tokens if tokens is None else tokens
+    return {"train_split_tokens": n, "epochs": None if not n else round(tokens / n, 3)}
 
 
 def _section(model, kind: str) -> dict[str, Any]:

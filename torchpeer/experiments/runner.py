@@ -13,16 +13,23 @@ limited length (``time_limit`` stops before starting a run that would not finish
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import re
 import time
 from collections.abc import Callable
 
 from torchpeer.experiments.plan import PlannedRun, plan_sweep, select_runs
-from torchpeer.experiments.results import append_result, make_record, read_results, short_count
+from torchpeer.experiments.pool import finished_message, run_parallel, too_long_message
+from torchpeer.experiments.results import (
+    append_result,
+    data_key,
+    epoch_fields,
+    make_run_record,
+    read_results,
+    short_count,
+)
 from torchpeer.experiments.spec import SweepSpec
+from torchpeer.lm.checkpoint import checkpoint_dir, list_checkpoints
 
 # Config fields that do not change what a run computes: a finished run is still valid if they differ.
 _NON_RESULT_FIELDS = (
@@ -81,8 +88,7 @@ def run_sweep(
         if os.path.exists(summary_path):
             check_unchanged(run)
             with open(summary_path, encoding="utf-8") as fh:
-                rec = make_record(run, json.load(fh), spec)
-            rec.update(epoch_fields(run, tokens=rec["tokens"]))
+                rec = make_run_record(run, json.load(fh), spec)
             append_result(runs_dir, rec)
             new.append(rec)
             say(f"{head}: finished earlier, recorded from its summary")
@@ -90,7 +96,6 @@ def run_sweep(
         todo.append((head, run))
     if parallel > 1 and todo:
         from torchpeer.experiments.data_prep import prepare_data
-        from torchpeer.experiments.pool import run_parallel
 
         t_data = time.time()
         for data_cfg in _distinct_data_configs([run for _, run in todo]):
@@ -112,16 +117,12 @@ def run_sweep(
             left,
             stop,
             say,
-            extra_record=lambda run, rec: epoch_fields(run, tokens=rec["tokens"]),
             on_recorded=drop_run_checkpoints if drop_checkpoints else None,
         )
     for head, run in todo:
         estimate = estimate_seconds(run, list(done.values()) + new, assume_tokens_per_s)
         if time_limit is not None and estimate is not None and estimate > time_limit:
-            say(
-                f"{head}: skipped, its estimated {estimate:.0f} s exceed the whole time limit; run it on its own "
-                f"(--only '{run.name}'; with train.checkpoint true it resumes across jobs)"
-            )
+            say(too_long_message(head, run, estimate))
             continue
         if time_limit is not None and estimate is not None and time.time() - t0 + estimate > time_limit:
             say(f"{head}: stopping, its estimated {estimate:.0f} s would pass the time limit of {time_limit:.0f} s")
@@ -129,18 +130,15 @@ def run_sweep(
         if time_limit is not None and time.time() - t0 >= time_limit:
             say(f"{head}: stopping, the time limit of {time_limit:.0f} s is reached")
             break
-        ckpts = _checkpoints(run.run_dir)
-        state = f"resuming from {ckpts[-1]}" if ckpts else "starting"
+        ckpts = list_checkpoints(run.run_dir)
+        state = f"resuming from {os.path.basename(ckpts[-1])}" if ckpts else "starting"
         say(f"{head}: {state}: {run.family}, {run.tokens:,} tokens in {run.steps} steps, {run.train_flops:.3g} FLOPs")
         rec = train_run(run, spec, progress)
         append_result(runs_dir, rec)
         new.append(rec)
         if drop_checkpoints:
             drop_run_checkpoints(run)
-        loss = rec["valid"].get(rec["eval_set"], {}).get("loss")
-        loss_text = "-" if loss is None else f"{loss:.4f}"
-        rate = rec["tokens_per_s"] or 0
-        say(f"{head}: finished in {rec['wall_seconds']:.0f} s, {rate:,.0f} tokens/s, loss {loss_text}")
+        say(finished_message(head, rec))
     return new
 
 
@@ -148,33 +146,17 @@ def drop_run_checkpoints(run: PlannedRun) -> None:
     """Delete RUN_DIR/checkpoints of a recorded run (its summary and log stay)."""
     import shutil
 
-    shutil.rmtree(os.path.join(run.run_dir, "checkpoints"), ignore_errors=True)
+    shutil.rmtree(checkpoint_dir(run.run_dir), ignore_errors=True)
 
 
 def _distinct_data_configs(runs: list[PlannedRun]) -> list:
     seen, out = set(), []
     for run in runs:
-        key = json.dumps(dataclasses.asdict(run.cfg.data), sort_keys=True, default=str)
+        key = data_key(run.cfg.data)
         if key not in seen:
             seen.add(key)
             out.append(run.cfg.data)
     return out
-
-
-def epoch_fields(run: PlannedRun, memo: dict | None = None, tokens: int | None = None) -> dict:
-    """``train_split_tokens`` (one pass over the train split; None when not tokenised yet) and
-    ``epochs`` (the run's tokens over it): the isoFLOP protocol caps repeats of the corpus.
-    ``memo``: a dict reused across the runs of one listing (the cache is looked up once per data config);
-    ``tokens``: the tokens the run trained on (default: the plan's)."""
-    from torchpeer.experiments.data_prep import cached_train_tokens
-
-    key = json.dumps(dataclasses.asdict(run.cfg.data), sort_keys=True, default=str)
-    memo = {} if memo is None else memo
-    if key not in memo:
-        memo[key] = cached_train_tokens(run.cfg.data)
-    n = memo[key]
-    tokens = run.tokens if tokens is None else tokens
-    return {"train_split_tokens": n, "epochs": None if not n else round(tokens / n, 3)}
 
 
 def train_run(run: PlannedRun, spec: SweepSpec, progress: bool = True) -> dict:
@@ -185,16 +167,7 @@ def train_run(run: PlannedRun, spec: SweepSpec, progress: bool = True) -> dict:
 
     t0 = time.time()
     summary = train(copy.deepcopy(run.cfg), run.run_dir, resume=True, progress=progress)
-    rec = make_record(run, summary, spec, wall_seconds=time.time() - t0)
-    return {**rec, **epoch_fields(run, tokens=rec["tokens"])}
-
-
-def _checkpoints(run_dir: str) -> list[str]:
-    folder = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(folder):
-        return []
-    # finished checkpoints are step_N folders (written under a temp name, then renamed)
-    return sorted(f for f in os.listdir(folder) if re.fullmatch(r"step_\d+", f))
+    return make_run_record(run, summary, spec, wall_seconds=time.time() - t0)
 
 
 def check_unchanged(run: PlannedRun) -> None:
@@ -263,8 +236,8 @@ def format_plan(
     """The --dry-run table: every run with its size, tokens, FLOPs and an estimated time
     (measured tokens/s of the variant; else ``assume_tokens_per_s``, marked '~'; else unknown)."""
     done = {r["run"] for r in records}
-    rows = [("run", "family", "params", "active", "FLOPs/token", "steps", "tokens", "epochs", "FLOPs", "est. time")]
-    rows[0] += ("state",)
+    header = ("run", "family", "params", "active", "FLOPs/token", "steps", "tokens", "epochs", "FLOPs", "est. time")
+    rows = [(*header, "state")]
     total, unknown = 0.0, 0
     memo: dict = {}
     epochs = {run.name: epoch_fields(run, memo)["epochs"] for run in runs}
@@ -288,7 +261,7 @@ def format_plan(
                 "?" if epochs[run.name] is None else f"{epochs[run.name]:.2f}",
                 f"{run.train_flops:.3g}",
                 "-" if run.name in done else ("unknown" if est is None else ("~" if guessed else "") + _duration(est)),
-                "done" if run.name in done else ("partial" if _checkpoints(run.run_dir) else "todo"),
+                "done" if run.name in done else ("partial" if list_checkpoints(run.run_dir) else "todo"),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -111,7 +111,7 @@ class Trainer:
 
     def _build_data(self) -> None:
         """Tokenizer (a resumed run keeps the checkpoint's) and token files."""
-        from torchpeer.data import load_tokenizer, prepare_split
+        from torchpeer.data import load_tokenizer, prepare_splits
 
         cfg, plan = self.cfg, self.plan
         show = self.progress and plan.is_rank0
@@ -125,11 +125,7 @@ class Trainer:
                     f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
                     f"({tok.vocab_size}, {tok.name}); omit model.vocab_size to take it from the tokenizer"
                 )
-            train_tf = prepare_split(cfg.data, cfg.data.train, "train", tokenizer=tok, progress=show)
-            self.valid_files = {
-                name: prepare_split(cfg.data, spec, f"valid/{name}", tokenizer=tok, progress=show)
-                for name, spec in cfg.data.valid.items()
-            }
+            train_tf, self.valid_files = prepare_splits(cfg.data, tok, progress=show)
         self._train_file = train_tf
 
     def _build_model(self) -> None:
