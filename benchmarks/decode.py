@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -58,31 +57,6 @@ def commit_of(arg: str | None) -> str | None:
         return None
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def wall_ms(fn, device, repeats: int) -> float:
-    """Median ms of fn() over `repeats` after one warm-up call (CUDA events on the GPU)."""
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
-
-
 def graph_ms(fn, device, inner: int = 10, repeats: int = 5) -> float | None:
     """ms per fn() call inside a CUDA graph of `inner` calls (GPU time, no launch overhead); None off
     CUDA. Raises what the capture raises (e.g. a host sync inside fn)."""
@@ -98,7 +72,7 @@ def graph_ms(fn, device, inner: int = 10, repeats: int = 5) -> float | None:
     with torch.cuda.graph(g):
         for _ in range(inner):
             fn()
-    return wall_ms(g.replay, device, repeats) / inner
+    return time_ms(g.replay, device, warmup=1, reps=repeats) / inner
 
 
 # ---------------------------------------------------------------------------- generate rows
@@ -161,8 +135,8 @@ def generate_row(model, cfg, config, variant, batch, prompt, new_tokens, repeats
         with autocast:
             return generate(model, idx, n, temperature=0.8, generator=gen)
 
-    row["total_ms"] = round(wall_ms(lambda: run(new_tokens), device, repeats), 3)
-    row["prefill_ms"] = round(wall_ms(lambda: run(1), device, repeats), 3)
+    row["total_ms"] = round(time_ms(lambda: run(new_tokens), device, warmup=1, reps=repeats), 3)
+    row["prefill_ms"] = round(time_ms(lambda: run(1), device, warmup=1, reps=repeats), 3)
     row["ms_per_token"] = round((row["total_ms"] - row["prefill_ms"]) / max(1, new_tokens - 1), 4)
     row["tokens_per_s"] = round(batch * new_tokens / (row["total_ms"] / 1e3), 1)
     row["decode_tokens_per_s"] = round(batch / (row["ms_per_token"] / 1e3), 1) if row["ms_per_token"] > 0 else None
