@@ -176,6 +176,22 @@ def test_estimate_falls_back_to_the_same_family_and_size(tmp_path):
     assert estimate_seconds(run, [stranger, twin]) == pytest.approx(run.tokens / 100.0 + 2.0)
 
 
+def test_estimate_of_a_resumed_run_counts_only_its_remaining_steps(tmp_path):
+    """A run interrupted at a checkpoint (the end of a GPU job) is estimated by what is left of it,
+    so a later job's --time-limit still starts it when its rest fits."""
+    spec = parse_spec(SPEC)
+    run = plan_sweep(spec, str(tmp_path))[0]
+    rec = {"variant": run.variant, "tokens_per_s": 100.0, "wall_seconds": 12.0, "train_seconds": 10.0}
+    full = estimate_seconds(run, [rec])
+    step = run.steps // 4
+    os.makedirs(os.path.join(run.run_dir, "checkpoints", f"step_{step:08d}"))
+    assert estimate_seconds(run, [rec]) == pytest.approx(full)  # an incomplete folder (no trainer.pt) counts not
+    open(os.path.join(run.run_dir, "checkpoints", f"step_{step:08d}", "trainer.pt"), "wb").close()
+    left = run.tokens * (1 - step / run.steps)
+    assert estimate_seconds(run, [rec]) == pytest.approx(left / 100.0 + 2.0)
+    assert estimate_seconds(run, [rec]) < full
+
+
 def test_a_field_added_after_the_run_counts_as_its_default(tmp_path, fake_train):
     """Runs recorded before a config field existed stay valid while the spec leaves that field at its
     default; a spec that sets it otherwise is refused, naming the field."""

@@ -215,7 +215,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def estimate_seconds(run: PlannedRun, records: list[dict], assume_tokens_per_s: float | None = None) -> float | None:
     """Training + overhead seconds from the measured tokens/s of the same variant (else of a run of
     the same family and size, e.g. another seed); without one, from ``assume_tokens_per_s`` when
-    given (else None: unknown)."""
+    given (else None: unknown). A run with a checkpoint counts only the steps it has left."""
     same = [r for r in records if r.get("variant") == run.variant and r.get("tokens_per_s")]
     if not same:  # another variant of the same model (e.g. another seed): same family and size
         same = [
@@ -223,11 +223,22 @@ def estimate_seconds(run: PlannedRun, records: list[dict], assume_tokens_per_s: 
             for r in records
             if r.get("family") == run.family and r.get("total_params") == run.total_params and r.get("tokens_per_s")
         ]
+    tokens = run.tokens * (1.0 - _done_fraction(run))  # a resumed run only has its rest to train
     if not same:
-        return run.tokens / assume_tokens_per_s if assume_tokens_per_s else None
+        return tokens / assume_tokens_per_s if assume_tokens_per_s else None
     rec = same[-1]
     overhead = max(0.0, (rec.get("wall_seconds") or 0.0) - (rec.get("train_seconds") or 0.0))
-    return run.tokens / rec["tokens_per_s"] + overhead
+    return tokens / rec["tokens_per_s"] + overhead
+
+
+def _done_fraction(run: PlannedRun) -> float:
+    """The share of ``run``'s steps its newest checkpoint holds (0 without one), from the folder name
+    step_<n>, so that a run interrupted at the end of one job is estimated by what is left of it."""
+    ckpts = list_checkpoints(run.run_dir)
+    if not ckpts or run.steps <= 0:
+        return 0.0
+    step = int(os.path.basename(ckpts[-1]).split("_")[-1])
+    return min(1.0, max(0.0, step / run.steps))
 
 
 def format_plan(
