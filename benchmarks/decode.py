@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -40,21 +39,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, REPO)
 
-from benchmarks.peer_layer import run_info, time_ms  # noqa: E402
+from benchmarks.peer_layer import commit_of, run_info, time_ms  # noqa: E402
 from torchpeer.data.atomic import write_text_atomic  # noqa: E402
 
 VOCAB = 16384
 CONFIGS = ("gpu-dense-small", "gpu-peer-small")
-
-
-def commit_of(arg: str | None) -> str | None:
-    if arg:
-        return arg
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def graph_ms(fn, device, inner: int = 10, repeats: int = 5) -> float | None:

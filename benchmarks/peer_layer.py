@@ -35,6 +35,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -52,6 +53,20 @@ IMPLS = ("triton", "triton-refnorm", "torch", "peer-pytorch", "dense4d")
 
 
 # ---------------------------------------------------------------------------- timing
+
+
+def commit_of(given: str | None = None) -> str:
+    """The commit measured: ``given`` (--commit; on the device machine the tree has no .git), else
+    `git rev-parse --short HEAD` here, else "nogit"."""
+    if given:
+        return given
+    try:
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        cmd = ["git", "rev-parse", "--short", "HEAD"]
+        out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "nogit"
+    except (OSError, subprocess.SubprocessError):
+        return "nogit"
 
 
 def run_info(device: torch.device) -> dict:
@@ -437,7 +452,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"# PEER layer benchmark, {result['date']}",
         "",
-        f"GPU: {result['gpu']}; torch {result['torch']}; triton {result['triton']}; "
+        f"GPU: {result['gpu']}; torch {result['torch']}; triton {result['triton']}; commit {result.get('commit')}; "
         f"copy ceiling {_fmt(result['copy_tbs'])} TB/s (read + write).",
         "",
         "fwd: forward with autograd on; fwd+bwd: forward + backward with a random upstream gradient; "
@@ -494,6 +509,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out-dir", default=os.path.join("benchmarks", "results"))
     p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke test)")
+    p.add_argument("--commit", default=None, help="the commit measured (default: git rev-parse here, if git works)")
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
     p.add_argument("--no-kernels", action="store_true", help="skip the per-kernel bandwidth section")
     p.add_argument("--no-optim", action="store_true", help="skip the optimizer-step section")
@@ -532,6 +548,7 @@ def main(argv=None) -> dict:
 
     result = {
         **run_info(device),
+        "commit": commit_of(args.commit),
         "copy_tbs": None,
         "config": {**cfg, "quick": args.quick},
         "rows": [],

@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 
@@ -49,7 +48,7 @@ for p in (REPO, HERE):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from peer_layer import run_info, time_ms  # noqa: E402
+from peer_layer import commit_of, run_info, time_ms  # noqa: E402
 
 from torchpeer.data.atomic import write_text_atomic  # noqa: E402
 
@@ -59,16 +58,6 @@ TARGET = 1.2
 
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-").lower()
-
-
-def commit_of_repo(given: str | None) -> str:
-    if given:
-        return given
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        return out.stdout.strip() or "nogit"
-    except OSError:
-        return "nogit"
 
 
 def build(impl: str, cfg: dict, state: dict, dev: torch.device):
@@ -263,7 +252,7 @@ def main(argv=None) -> int:
         i for i in IMPLS if not (args.no_rowwise and "rowwise" in i) and not (args.no_torch and i == "sharded_torch")
     ]
     info = run_info(dev)
-    result = dict(info, commit=commit_of_repo(args.commit), **shape, impls=impls, rows=[], mixing=[])
+    result = dict(info, commit=commit_of(args.commit), **shape, impls=impls, rows=[], mixing=[])
     t0 = time.perf_counter()
     for n in args.n_experts:
         for d in args.d_model:
