@@ -1,7 +1,9 @@
 """The backend dispatcher: "auto" picks, a requested backend that cannot run is one clear error, the
 choice is logged once; every backend of the public ops answers like the reference."""
 
+import importlib.util
 import logging
+import os
 import subprocess
 import sys
 
@@ -133,6 +135,37 @@ def test_public_ops_compile_fullgraph_with_the_dispatcher(monkeypatch):
     want = f(q, keys)
     assert torch.equal(got[1], want[1])
     torch.testing.assert_close(got[0], want[0])
+
+
+def test_the_first_backend_choice_can_happen_inside_a_fullgraph_compile():
+    """On the H200 (torch 2.11) PEER's fused norm failed to compile with fullgraph=True: its first
+    resolve_backend ran under torch.compile and looked Triton up with importlib.util.find_spec, which
+    that dynamo refuses to trace. The lookup is made once at import; a fresh process whose first
+    choices are traced (a Triton lookup made to fail after the import) compiles and answers as eager."""
+    code = (
+        "import importlib.util, torch\n"
+        "from torchpeer.ops import dispatch\n"
+        "torch.compile(lambda x: x + 1, backend='eager', fullgraph=True)(torch.zeros(1))  # dynamo's own imports\n"
+        "find_spec = importlib.util.find_spec\n"
+        "def refuse(name, *a, **k):\n"
+        "    assert name != 'triton', 'Triton looked up after import'\n"
+        "    return find_spec(name, *a, **k)\n"
+        "importlib.util.find_spec = refuse\n"
+        "def f(x):\n"
+        "    for op in dispatch.OPS:\n"
+        "        for req in ('auto', 'triton', 'torch', 'reference'):\n"
+        "            for dev in ('cuda', 'cpu'):\n"
+        "                x = x + len(dispatch.resolve_backend(op, req, dev))\n"
+        "    return x\n"
+        "got = torch.compile(f, backend='eager', fullgraph=True)(torch.zeros(1))\n"
+        "assert torch.equal(got, f(torch.zeros(1))), (got, f(torch.zeros(1)))\n"
+        "print('ok', dispatch.triton_installed())\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # requested "triton" on the CPU runs (interpreter)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    installed = importlib.util.find_spec("triton") is not None
+    assert out.stdout.split() == ["ok", str(installed)]
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])

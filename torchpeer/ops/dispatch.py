@@ -24,18 +24,22 @@ logger = logging.getLogger("torchpeer.ops")
 _logged: set[tuple[str, str, str]] = set()
 
 
-_triton_installed: bool | None = None
+# Decided once, at import: resolve_backend runs inside compiled regions (the layers call it in
+# forward), and some torch.compile versions (2.11) refuse to trace importlib.util.find_spec, which
+# broke fullgraph compilation when the first backend decision happened under compile. find_spec
+# only looks the package up (it does not import Triton).
+_TRITON_INSTALLED: bool = importlib.util.find_spec("triton") is not None
 
 
 def triton_installed() -> bool:
-    global _triton_installed
-    if _triton_installed is None:
-        _triton_installed = importlib.util.find_spec("triton") is not None
-    return _triton_installed
+    """Is the triton package importable? (Looked up once, when torchpeer.ops is imported.)"""
+    return _TRITON_INSTALLED
 
 
 def triton_interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1; tests only)."""
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1; tests only).
+
+    Read on every call (tests switch it); resolve_backend reaches it only for non-CUDA devices."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -75,8 +79,12 @@ def resolve_backend(op: str, requested: str, device: torch.device | str) -> str:
         backend = "triton"
     else:
         backend = requested
+    if torch.compiler.is_compiling():
+        # no logging while tracing (and no read of _logged: a guard on it would recompile the
+        # graph each time an eager call logs a new choice)
+        return backend
     key = (op, backend, str(device))
-    if key not in _logged and not torch.compiler.is_compiling():
+    if key not in _logged:
         _logged.add(key)
         logger.info("%s on %s: backend %r (requested %r)", op, device, backend, requested)
     return backend
