@@ -17,6 +17,8 @@ pytest.importorskip("triton")
 
 from torchpeer.ops import RetrievalKernelConfig, dispatch, product_key_topk, product_key_topk_reference  # noqa: E402
 from torchpeer.ops.retrieval import triton_op, triton_threshold  # noqa: E402
+from torchpeer.ops.retrieval.kernel_config import DEFAULT_CONFIG  # noqa: E402
+from torchpeer.ops.retrieval.triton_common import next_pow2  # noqa: E402
 from torchpeer.ops.retrieval.triton_op import product_key_topk_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -121,22 +123,32 @@ def test_repeated_key_rows_give_a_valid_topk(impl):
     _assert_valid_topk(q, keys, 5, scores, idx)
 
 
+def _threshold_cap(top_k, fp32):
+    """The candidate slots per row (CAP) that triton_threshold.half_lists uses for DEFAULT_CONFIG on this
+    device: 16 under the interpreter, the config's threshold launch on a GPU (64 for fp32, top_k <= 16)."""
+    kp = max(2, next_pow2(top_k))
+    cap = 16 if dispatch.triton_interpreting() else DEFAULT_CONFIG.threshold_launch(kp, fp32)[3]
+    return max(next_pow2(cap), kp)
+
+
 def test_candidate_overflow_falls_back_exactly():
-    # half 1: rows 0..23 tie at score 1, row 31 scores 2, rows 24..30 score -5. theta = 1 gives 25
-    # candidates > CAP = 16 (interpreter config); without the fallback row 31 (beyond the first 16
-    # candidates in column order) would be lost.
-    n, dh = 32, 4
+    # half 1: rows 0..cap+8 tie at score 1, row n-1 scores 2, the rows between score -5. theta = 1
+    # keeps cap + 10 candidates > CAP; without the fallback row n-1 (beyond the first CAP candidates
+    # in column order) would be lost. Sized from the CAP in force (16 in the interpreter, 64 on the
+    # H200, where a fixed 25 candidates did not overflow); the flags check fails if it is not.
+    cap = _threshold_cap(2, fp32=True)
+    n, dh, ties = 2 * cap, 4, cap + 9
     keys = torch.randn(1, 2, n, dh, generator=torch.Generator().manual_seed(7))
-    keys[0, 0, :, 0] = 1.0
-    keys[0, 0, 24:31, 0] = -5.0
-    keys[0, 0, 31, 0] = 2.0
+    keys[0, 0, :, 0] = -5.0
+    keys[0, 0, :ties, 0] = 1.0
+    keys[0, 0, n - 1, 0] = 2.0
     q = torch.randn(3, 1, 2 * dh, generator=torch.Generator().manual_seed(8))
     q[..., :dh] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # half-1 score = first coordinate of C[a]
     q, keys = q.to(DEVICE), keys.to(DEVICE)
     _, _, flags = triton_threshold.half_lists(q, keys, 2)
     assert flags.bool().any()
     scores, idx = triton_threshold.launch_threshold(q, keys, 2)
-    assert (idx[..., 0] // n == 31).all()
+    assert (idx[..., 0] // n == n - 1).all()
     _assert_valid_topk(q, keys, 2, scores, idx)
 
 
@@ -245,9 +257,11 @@ def test_theta_by_topk():
 def test_torch_compile_fullgraph_matches_eager():
     """The kernels are torch.library custom ops: compile traces around them without graph breaks."""
     g = torch.Generator().manual_seed(11)
-    q = torch.randn(9, 2, 8, generator=g, requires_grad=True)
-    keys = torch.randn(1, 2, 6, 4, generator=g, requires_grad=True)
-    w = torch.randn(9, 2, 3, generator=g)
+    # on DEVICE: product_key_topk_triton launches the kernels on whatever it is given (the device
+    # check is the dispatcher's), and outside the interpreter Triton cannot read CPU tensors
+    q = torch.randn(9, 2, 8, generator=g).to(DEVICE).requires_grad_()
+    keys = torch.randn(1, 2, 6, 4, generator=g).to(DEVICE).requires_grad_()
+    w = torch.randn(9, 2, 3, generator=g).to(DEVICE)
 
     def loss(q, keys):
         scores, idx = product_key_topk_triton(q, keys, 3)

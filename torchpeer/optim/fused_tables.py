@@ -12,6 +12,11 @@ it instead of expert_mix). Rule, lazy semantics and the clipping policy (table g
 clipped): torchpeer/optim/rowwise_adam.py. One backward per forward: no gradient accumulation.
 The layers and the optimizer reference each other (layer.table_update -> optimizer -> layer):
 call detach() to hand the tables back and let both be freed without waiting for the gc.
+
+On a layer whose tables torchpeer.parallel sharded by columns, each rank's state covers its
+columns (exp_avg, master) and whole rows (exp_avg_sq, steps: all-reduced, the same on every rank);
+the sharded layer runs its own fused op with them (torchpeer/parallel/triton_mixing.py), and the
+distributed checkpoint stores them like the tables (torchpeer/parallel/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -124,6 +129,12 @@ class RowwiseTableAdam:
             layer.up.requires_grad_(True)
 
 
+def _other_ranks() -> bool:
+    """True in a process group of more than one process."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def attach_rowwise_adam(model: nn.Module, *args, **kwargs) -> RowwiseTableAdam:
     """Install the fused row-wise Adam on every PEER layer of `model` (call after model.to(device)).
 
@@ -140,10 +151,13 @@ def attach_rowwise_adam(model: nn.Module, *args, **kwargs) -> RowwiseTableAdam:
 
     layers = {name: m for name, m in model.named_modules() if isinstance(m, PEER)}
     for name, m in layers.items():
-        if getattr(m, "column_shard", None) is not None:  # torchpeer.parallel's sharded forward
-            # (RowwiseTableAdam itself works on a sharded layer; its per-rank state is not in the
-            # distributed checkpoint yet, so the trainer cannot resume it)
-            raise ValueError("expert_optimizer=rowwise_adam is not supported with torchrun yet; use adamw")
+        if getattr(m, "column_shard", None) is None and _other_ranks():
+            # replicated tables would each step from their own rank's tokens and drift apart; sharded
+            # by columns (torchpeer.parallel), every rank updates its columns from all tokens
+            raise ValueError(
+                f"rowwise_adam on {torch.distributed.get_world_size()} processes needs the PEER tables sharded by "
+                f"columns ({name} is replicated): use DistributedPlan(shard_experts='auto' or 'always'), or adamw"
+            )
         if not hasattr(m, "table_update"):
             raise ValueError(
                 f"PEER layer {name} has no table_update hook (torchpeer.layers.peer too old for rowwise_adam)"

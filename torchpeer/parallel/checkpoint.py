@@ -15,6 +15,12 @@ Keys are the one-process model's: ``blocks.2.ffw.down`` is saved as a DTensor sh
 the column ranges each new rank needs), and in one process without a process group (full
 tensors: ``torchpeer eval``/``generate``, or resuming on one process).
 
+The fused row-wise Adam's state (train.expert_optimizer=rowwise_adam), which the trainer hands in
+as ``state["table_optimizer"]``, goes to ``dcp/`` too, under ``table_optim.<layer>.<down|up>.<name>``:
+exp_avg (and fp32 master) like the tables (this rank's columns, a DTensor of the full (N, d)),
+exp_avg_sq and steps (N,) as replicated tensors (whole rows, the same on every rank), written once;
+trainer.pt keeps its hyper-parameters and the list of those tensors. It reshards like the tables.
+
 Atomic: the folder is assembled under ``.step_<step>.<random>.tmp`` (a name rank 0 chooses and
 broadcasts) and renamed into place by rank 0 after every rank finished writing, so a crash
 mid-save leaves the previous checkpoint as the latest complete one (and the trainer deletes the
@@ -147,6 +153,63 @@ def _copy_back(model: nn.Module, optimizer, loaded: dict) -> None:
                         state[key] = value
 
 
+TABLE_KEY = "table_optim"
+
+
+def _is_sharded_layer(model: nn.Module, name: str) -> bool:
+    return getattr(model.get_submodule(name), "column_shard", None) is not None
+
+
+def _split_table_state(state: dict, model: nn.Module) -> tuple[dict, dict | None]:
+    """-> (trainer state for trainer.pt, {layer: {down|up: {name: tensor}}} for dcp/ or None).
+    trainer.pt keeps "hyper" and "dcp": {layer: {down|up: {name: dtype}}} (what dcp/ holds)."""
+    table = state.get("table_optimizer")
+    if table is None:
+        return state, None
+    tensors, listing = {}, {}
+    for layer, pair in table["layers"].items():
+        sharded = _is_sharded_layer(model, layer)
+        tensors[layer] = {
+            w: {k: _as_global(v, sharded and v.dim() == 2) for k, v in sd.items()} for w, sd in pair.items()
+        }
+        listing[layer] = {w: {k: str(v.dtype).removeprefix("torch.") for k, v in sd.items()} for w, sd in pair.items()}
+    return {**state, "table_optimizer": {"hyper": table["hyper"], "dcp": listing}}, tensors
+
+
+def _table_targets(listing: dict, model: nn.Module) -> dict:
+    """Zero tensors in this rank's shapes for DCP to load the table optimizer's state into."""
+    out = {}
+    for layer, pair in listing.items():
+        mod, sharded = model.get_submodule(layer), _is_sharded_layer(model, layer)
+        out[layer] = {}
+        for which, names in pair.items():
+            table = getattr(mod, which)
+            out[layer][which] = {}
+            for k, dtype in names.items():
+                shape = table.shape if k in ("exp_avg", "master") else table.shape[:1]
+                t = torch.zeros(shape, dtype=getattr(torch, dtype), device=table.device)
+                out[layer][which][k] = _as_global(t, sharded and t.dim() == 2)
+    return out
+
+
+def _local(t):
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def shard_table_state_(table: dict, model: nn.Module) -> dict:
+    """A one-process table optimizer state (full columns) -> this rank's columns, in place."""
+    for layer, pair in table["layers"].items():
+        if _is_sharded_layer(model, layer):
+            ctx = model.get_submodule(layer).column_shard
+            for sd in pair.values():
+                for k, v in sd.items():
+                    if v.dim() == 2:
+                        sd[k] = v[:, ctx.columns(v.shape[1])].clone()
+    return table
+
+
 def save_dcp_checkpoint(
     run_dir: str, step: int, model: nn.Module, optimizer, state: dict, cfg, tokenizer, keep: int
 ) -> str:
@@ -157,8 +220,12 @@ def save_dcp_checkpoint(
     if dist.is_initialized():
         dist.broadcast_object_list(where, src=0)  # every rank writes into the same temporary folder
     tmp, final = where[0]
+    state, tables = _split_table_state(state, model)
     try:
-        dcp.save(_state_dict(model, optimizer), checkpoint_id=os.path.join(tmp, DCP_DIR))
+        to_save = _state_dict(model, optimizer)
+        if tables is not None:
+            to_save[TABLE_KEY] = tables
+        dcp.save(to_save, checkpoint_id=os.path.join(tmp, DCP_DIR))
         if rank0:
             write_checkpoint_meta(tmp, state, step, cfg, tokenizer)
         if dist.is_initialized():
@@ -176,23 +243,35 @@ def save_dcp_checkpoint(
 
 def load_dcp_checkpoint(path: str, model: nn.Module, optimizer=None) -> dict:
     """Load weights (and AdamW moments) of a DCP checkpoint into ``model`` (sharded or not) and
-    ``optimizer``; returns the trainer state of ``trainer.pt`` (with "step" and "rng"). The folder is
-    verified first (checksums.json, lm/integrity.py)."""
+    ``optimizer``; returns the trainer state of ``trainer.pt`` (with "step" and "rng"; a row-wise
+    table optimizer's state, if saved, as ``state["table_optimizer"]``: this rank's columns, for
+    RowwiseTableAdam.load_state_dict). The folder is verified first (checksums.json, lm/integrity.py)."""
     if not is_dcp_checkpoint(path):
         raise FileNotFoundError(f"{path!r} is not a distributed checkpoint (no {DCP_DIR}/ folder)")
     verify_checkpoint(path)
+    state = load_trainer_state(path)
     if optimizer is not None:
         _init_optimizer_state(optimizer)
     target = _state_dict(model, optimizer)
+    table = state.get("table_optimizer")
+    if table is not None and "dcp" in table:
+        target[TABLE_KEY] = _table_targets(table["dcp"], model)
     _dcp_load(target, path)
     _copy_back(model, optimizer, target)
-    return load_trainer_state(path)
+    if TABLE_KEY in target:
+        layers = {
+            n: {w: {k: _local(v) for k, v in sd.items()} for w, sd in pair.items()}
+            for n, pair in target[TABLE_KEY].items()
+        }
+        state["table_optimizer"] = {"hyper": table["hyper"], "layers": layers}
+    return state
 
 
 def load_single_process_checkpoint(path: str, model: nn.Module, optimizer=None) -> dict:
     """Load a one-process checkpoint (``model.safetensors`` + ``trainer.pt`` with the optimizer)
     into a (possibly column-sharded) model: each rank keeps its columns of the tables and of
-    their AdamW moments. Returns the trainer state (with "step" and "rng"). Verified first."""
+    their AdamW moments (and of a row-wise table optimizer's state). Returns the trainer state (with
+    "step" and "rng"). Verified first."""
     from safetensors.torch import load_file
 
     verify_checkpoint(path)
@@ -215,6 +294,8 @@ def load_single_process_checkpoint(path: str, model: nn.Module, optimizer=None) 
     if missing:
         raise ValueError(f"{path}: model.safetensors lacks {missing[:5]}; was it written for another config?")
     state = load_trainer_state(path)
+    if "table_optimizer" in state:  # a row-wise table optimizer's full state: keep my columns
+        shard_table_state_(state["table_optimizer"], model)
     opt_state = state.pop("optimizer", None)
     if optimizer is not None and opt_state is not None:
         order = [p for g in optimizer.param_groups for p in g["params"]]
