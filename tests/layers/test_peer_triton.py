@@ -15,15 +15,19 @@ from torchpeer.layers.peer import PEER  # noqa: E402
 
 from .test_peer import reference_forward  # noqa: E402
 
+# the kernels run on CUDA tensors, or on the CPU only under the interpreter
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 @pytest.mark.parametrize("gate,activation,shared", [("softmax", "gelu", True), ("sigmoid", "relu", False)])
 def test_triton_backend_matches_float64_reference(gate, activation, shared):
     torch.manual_seed(1)
     kw = dict(n_experts=49, heads=2, top_k=3, d_key=8, gate=gate, activation=activation, shared_keys=shared)
-    m = PEER(16, backend="triton", **kw)
-    ref = PEER(16, backend="reference", **kw).double()
+    m = PEER(16, backend="triton", **kw).to(DEVICE)
+    # the float64 twin on the same device (plain PyTorch everywhere, norm included: backend "reference")
+    ref = PEER(16, backend="reference", **kw).double().to(DEVICE)
     ref.load_state_dict(m.state_dict())
-    x = torch.randn(13, 16, requires_grad=True)  # ragged token count
+    x = torch.randn(13, 16).to(DEVICE).requires_grad_()  # ragged token count
     x_ref = x.detach().double().requires_grad_()
     assert_backward_matches(m, ref, x, x_ref, m(x), reference_forward(ref, x_ref))
 
