@@ -23,6 +23,14 @@ from torchpeer.ops.expert_mixing.triton_op import expert_mix_triton  # noqa: E40
 SMALL = {"tile": 128, "num_warps": {1024: 4}}
 
 
+@pytest.fixture(autouse=True)
+def exact_split_decisions(monkeypatch):
+    """These tests count on the split decision of each call itself (on CUDA the library answers
+    from an earlier call's count: test_lagged_split_check_* below)."""
+    check = mixing.LaggedSplitCheck()
+    monkeypatch.setattr(mixing, "_needs_split", lambda offsets, seg: check(offsets, seg, lagged=False))
+
+
 def tuning(segment):
     return {"fwd": SMALL, "expert": dict(SMALL, segment=segment), "dx": SMALL}
 
@@ -158,3 +166,40 @@ def test_uniform_routing_skips_the_segment_plan(monkeypatch):
     skewed(inputs[3], 1, 0.9, seed=25)
     grads(inputs, dy, 4, monkeypatch)
     assert calls == [1]
+
+
+def test_lagged_split_check_answers_from_the_previous_call():
+    """lagged: the first call of a key is exact (one sync), later calls answer from the count of
+    the call before; keys (experts, segment) do not mix."""
+    check = mixing.LaggedSplitCheck()
+    uniform = torch.arange(0, 65)  # offsets of 64 experts owning one selection each
+    hot = torch.tensor([0, 10] + list(range(11, 74)))  # expert 0 owns 10
+    ask = [check(o, 4, lagged=True) for o in (uniform, hot, hot, uniform, uniform)]
+    assert ask == [False, False, True, True, False]
+    assert check(hot, 4, lagged=True) is False  # answers from the uniform call before
+    assert check(hot, 20, lagged=True) is False  # a new key: exact (10 <= 20)
+    assert check(hot, 8, lagged=True) is True  # another new key: exact (10 > 8)
+    assert check(hot, 4, lagged=False) is True  # unlagged: always exact
+
+
+def test_stale_split_decisions_keep_the_gradients_exact(monkeypatch):
+    """A router turning skewed is served one call by the unsplit kernel and then by the split one
+    (and back): the gradients match the float64 reference in every call, and the plan is built
+    exactly in the calls whose decision (the previous call's count) said split."""
+    check = mixing.LaggedSplitCheck()
+    monkeypatch.setattr(mixing, "_needs_split", lambda offsets, seg: check(offsets, seg, lagged=True))
+    monkeypatch.setattr(mixing, "TUNING", tuning(4))
+    calls = []
+    real = mixing._segment_plan
+    monkeypatch.setattr(mixing, "_segment_plan", lambda *a: calls.append(1) or real(*a))
+    built = []
+    for step, hot in enumerate((False, True, True, False)):
+        inputs, dy = make_inputs(23, 2, 3, 32, 40, seed=26 + step)  # fresh leaves: no grad accumulates
+        if hot:
+            skewed(inputs[3], 3, 0.9, seed=30 + step)
+        else:  # 138 selections over 40 experts, at most 4 each: no list above a segment
+            inputs[3].copy_((torch.arange(138) % 40)[torch.randperm(138)].view(23, 2, 3))
+        calls.clear()
+        check_against_float64(inputs, dy, "gelu", tol=1e-5)
+        built.append(len(calls) > 0)
+    assert built == [False, False, True, True]

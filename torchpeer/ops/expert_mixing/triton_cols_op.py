@@ -27,7 +27,7 @@ from .triton_cols_kernels import (
     _cols_token_kernel,
 )
 from .triton_kernels import _mix_bwd_reduce_kernel
-from .triton_op import _act_id, _launch_config, _needs_split, _new_buffer, _segment_plan, _sort_by_expert
+from .triton_op import _act_id, _launch_config, _new_buffer, _segment_plan, _sort_by_expert
 
 # the TUNING entry each kernel uses: token-centric kernels that gather one table row per selection
 # are shaped like the dx kernel, the expert passes like the one-GPU expert pass
@@ -101,7 +101,7 @@ def expert_plan(indices, n_experts: int, c: int, fused: bool = False) -> ExpertP
     _, block_s, _ = _launch_config(_CONFIG["expert"], c, S)
     seg = triton_op.TUNING["expert"].get("segment", triton_op.SEGMENT)  # per call: tests patch it
     none = torch.empty(0, dtype=torch.int64, device=indices.device)
-    if fused or (seg is not None and _needs_split(offsets, seg)):
+    if fused or (seg is not None and triton_op._needs_split(offsets, seg)):  # attribute: tests patch it
         seg = 1 << 30 if seg is None else seg
         seg = max(block_s, (seg + block_s - 1) // block_s * block_s)  # whole blocks per segment
         nseg, pbase, seg_expert, seg_index, hot = _segment_plan(offsets, T * S, seg)

@@ -17,8 +17,9 @@ from .triton_kernels import _mix_bwd_dx_kernel, _mix_bwd_reduce_kernel, _mix_bwd
 #   expert "segment": the most selections one backward program walks (rounded up to a multiple
 #   of BLOCK_S); longer expert lists (hot experts of a skewed router) are split into segments
 #   whose partial gradients a second small pass sums. Uniform routing at T*S / N ~ 8 never splits.
-#   Auto: lists are split only when some expert owns more than `segment` selections (checked
-#   with one host sync), so near-uniform routing runs the unsplit kernel with no plan at all.
+#   Auto: lists are split only when some expert owns more than `segment` selections (on CUDA
+#   judged from an earlier call's count, read back without a sync: LaggedSplitCheck), so
+#   near-uniform routing runs the unsplit kernel with no plan at all.
 #   None: never split (not skew-robust).
 # Mutable on purpose: benchmarks/bench_mixing.py sweeps it.
 SEGMENT = 256
@@ -117,13 +118,54 @@ def _segment_plan(offsets, n_selections, seg):
     return nseg, pbase, seg_expert, seg_index, hot
 
 
-def _needs_split(offsets, seg):
-    """Does any expert own more than `seg` selections? One reduction and a host sync (~tens of us),
-    so that near-uniform routing runs the plain kernel with no segment plan at all (the plan costs
-    ~0.8 ms at N = 1M). While a CUDA graph is being captured no sync is allowed: always split."""
-    if offsets.is_cuda and torch.cuda.is_current_stream_capturing():
-        return True
-    return int((offsets[1:] - offsets[:-1]).max()) > seg
+class LaggedSplitCheck:
+    """Does any expert own more than ``seg`` selections? Answered without stalling the GPU stream.
+
+    The exact answer needs the largest expert count on the host: a sync that drains the stream,
+    after which the GPU idles while the CPU launches the rest of the step (the cost shows most
+    at small batches, where the step is launch-bound). With ``lagged`` (CUDA tensors), each call
+    starts an asynchronous copy of its max count into pinned memory and answers from the newest
+    copy of an earlier call with the same key (number of experts, segment) that has landed; only
+    the first call of a key syncs. A stale answer costs speed only, never exactness: both kernels
+    compute the same sums (the split one is skew-robust, the unsplit one has no plan to build), so
+    a router that turns skewed is served by the unsplit kernel for one more call at most (more
+    only while copies are still in flight). Without ``lagged`` (CPU tensors: a free read) every
+    answer is exact. While a CUDA graph is being captured no copy may be read: always split.
+    """
+
+    MAX_IN_FLIGHT = 4
+
+    def __init__(self) -> None:
+        self._pending: dict = {}  # key -> [(host count, event or None), ...] oldest first
+        self._last: dict = {}  # key -> the newest max count read back
+
+    def __call__(self, offsets: torch.Tensor, seg: int, lagged: bool | None = None) -> bool:
+        if offsets.is_cuda and torch.cuda.is_current_stream_capturing():
+            return True
+        peak = (offsets[1:] - offsets[:-1]).max()
+        if not (offsets.is_cuda if lagged is None else lagged):
+            return int(peak) > seg
+        key = (offsets.device, offsets.numel(), seg)
+        queue = self._pending.setdefault(key, [])
+        while queue and (queue[0][1] is None or queue[0][1].query()):
+            self._last[key] = int(queue.pop(0)[0])  # landed: reading it does not sync
+        pinned = offsets.is_cuda
+        host = torch.empty((), dtype=peak.dtype, pin_memory=pinned)
+        host.copy_(peak, non_blocking=pinned)
+        event = None
+        if pinned:
+            event = torch.cuda.Event()
+            event.record()
+        queue.append((host, event))
+        del queue[: -self.MAX_IN_FLIGHT]  # unread older copies are superseded by newer ones
+        if key not in self._last:  # the first call of this key: wait for its own count once
+            if event is not None:
+                event.synchronize()
+            self._last[key] = int(queue.pop()[0])
+        return self._last[key] > seg
+
+
+_needs_split = LaggedSplitCheck()
 
 
 def _launch_expert(dy, x, up, gates, h, perm, offsets, ddown, dup, coef, dgate, activation):
