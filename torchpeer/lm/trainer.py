@@ -129,7 +129,8 @@ class Trainer:
         self._train_file = train_tf
 
     def _build_model(self) -> None:
-        """Seeds and matmul precision, the model (through the plan), its backends, cost and step budget."""
+        """Seeds and matmul precision, the model (through the plan), the fused table optimizer (if
+        any), its backends, cost and step budget."""
         from torchpeer.layers import backend_report
         from torchpeer.lm.info import model_cost
         from torchpeer.lm.model import TransformerLM
@@ -139,6 +140,13 @@ class Trainer:
         self.model = self.plan.build_model(lambda: TransformerLM(cfg.model), self.device)
         if self.init_from is not None and self.ckpt is None:
             self.init_from(self.model)
+        self.table_optimizer = None
+        if t.expert_optimizer == "rowwise_adam":  # before DDP and the AdamW groups: it takes the PEER tables out
+            from torchpeer.optim import attach_rowwise_adam
+
+            lr = t.expert_lr if t.expert_lr is not None else t.lr
+            betas = (t.beta1, t.beta2)
+            self.table_optimizer = attach_rowwise_adam(self.model, lr, betas, t.eps, t.expert_weight_decay)
         self.wrapped = self.plan.wrap_model(self.model)
         self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
         self.backends = backend_report(self.model)
@@ -154,13 +162,6 @@ class Trainer:
         from torchpeer.lm.optim import LRSchedule, build_optimizer
 
         t = self.cfg.train
-        self.table_optimizer = None
-        if t.expert_optimizer == "rowwise_adam":  # before the AdamW groups: it takes the PEER tables out
-            from torchpeer.optim import attach_rowwise_adam
-
-            lr = t.expert_lr if t.expert_lr is not None else t.lr
-            betas = (t.beta1, t.beta2)
-            self.table_optimizer = attach_rowwise_adam(self.model, lr, betas, t.eps, t.expert_weight_decay)
         self.optimizer = build_optimizer(self.model, t, self.device.type)
         self.schedule = LRSchedule(t.schedule, self.total_steps, t.warmup_steps, t.min_lr_ratio, t.decay_frac)
         rank, world = self.plan.data_shard()

@@ -250,10 +250,14 @@ def load_dcp_checkpoint(path: str, model: nn.Module, optimizer=None) -> dict:
         raise FileNotFoundError(f"{path!r} is not a distributed checkpoint (no {DCP_DIR}/ folder)")
     verify_checkpoint(path)
     state = load_trainer_state(path)
+    table = state.get("table_optimizer")
+    if table is not None and "dcp" in table and optimizer is not None:
+        in_adamw = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if any(id(getattr(model.get_submodule(n), w)) in in_adamw for n, pair in table["dcp"].items() for w in pair):
+            raise ValueError(f"{path} was trained with train.expert_optimizer=rowwise_adam; resume with rowwise_adam")
     if optimizer is not None:
         _init_optimizer_state(optimizer)
     target = _state_dict(model, optimizer)
-    table = state.get("table_optimizer")
     if table is not None and "dcp" in table:
         target[TABLE_KEY] = _table_targets(table["dcp"], model)
     _dcp_load(target, path)
