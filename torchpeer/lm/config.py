@@ -127,7 +127,9 @@ class TrainConfig:
     expert_lr: lr of the expert tables (PEER.down/up, PKM values); None = lr.
     expert_optimizer: "adamw" (the tables are AdamW parameters) or "rowwise_adam" (PEER tables
         updated inside the mixing backward by a fused row-wise Adam: torchpeer.optim.attach_rowwise_adam;
-        needs Triton and train.grad_accum 1; table gradients are not clipped).
+        needs Triton and train.grad_accum 1; table gradients are not clipped). Also under torchrun:
+        each rank updates its columns of the sharded tables, as one process would (docs/parallel.md);
+        its state is in the distributed checkpoint and resumes on any number of processes.
     dtype: "bf16" autocasts on CUDA; CPU always runs float32.
     eval_batches: batches per eval set at each evaluation (None = the whole split).
     checkpoint: write checkpoints (every ckpt_interval steps, at the end and when interrupted);
