@@ -3,7 +3,8 @@
 #   bash scripts/device_sweep.sh SPEC RUNS_DIR [torchpeer sweep options ...]
 # e.g. bash scripts/device_sweep.sh isoflop runs/isoflop --parallel 8 --time-limit 470 --stop-at 525 --drop-checkpoints
 # Run from the repo root. The package is imported from .snap/ (a `git archive` of the commit, made here
-# before the call) when it exists, so that uncommitted edits in the checkout never reach a run;
+# before the call, its commit in .snap/COMMIT) when it exists, so that uncommitted edits in the
+# checkout never reach a run;
 # PYTHONSAFEPATH keeps the checkout's own torchpeer/ out of sys.path, in the sweep's workers too.
 # Writes to $OUT: sweep_<name>.log, smi_<name>.csv (GPU load every 10 s) and <name>.tgz (the runs folder
 # without checkpoints: unpack it here with `tar xzf <name>.tgz`). Exit status: the sweep's.
@@ -19,6 +20,9 @@ name=$(basename "$runs")
 export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 if [ -d .snap/torchpeer ]; then
     export PYTHONPATH="$PWD/.snap${PYTHONPATH:+:$PYTHONPATH}"
+    # the commit of the snapshot (written with it: git rev-parse --short HEAD > .snap/COMMIT), kept in
+    # every results record ("code"); the device machine has no .git to ask
+    [ -f .snap/COMMIT ] && export TORCHPEER_COMMIT="$(cat .snap/COMMIT)"
 else
     echo "device_sweep: no .snap/ here: running the checkout's torchpeer/" >&2
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

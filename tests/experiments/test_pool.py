@@ -211,3 +211,17 @@ def test_device_sweep_script_runs_a_sweep_and_packs_its_results(tmp_path):
         names = tar.getnames()
     assert "runs/smoke/results.jsonl" in names and "runs/smoke/dense-d32-1.5e10/summary.json" in names
     assert not any("checkpoints" in n for n in names)
+    # with a snapshot (.snap/torchpeer + .snap/COMMIT, as the campaign's procedure makes it) the
+    # package comes from it and every record names the snapshot's commit
+    snap = tmp_path / "snapped"
+    (snap / ".snap").mkdir(parents=True)
+    os.symlink(os.path.join(root, "torchpeer"), snap / ".snap" / "torchpeer")
+    (snap / ".snap" / "COMMIT").write_text("abc1234\n")
+    res = subprocess.run(
+        ["bash", script, "cpu-smoke", "runs/smoke", "--only", "dense-d32-1.5e10"],
+        cwd=snap, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "torchpeer from" in res.stdout and ".snap" in res.stdout
+    (rec,) = [json.loads(line) for line in (snap / "runs" / "smoke" / "results.jsonl").read_text().splitlines()]
+    assert rec["code"]["commit"] == "abc1234" and rec["code"]["torch"]

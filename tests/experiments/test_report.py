@@ -154,3 +154,20 @@ def test_blank_png_fails_the_check(tmp_path):
     with pytest.raises(AssertionError):
         assert_real_plot(path)
     assert fit_isoflop([1, 2, 4], [3, 2, 3]).bracketed
+
+
+def test_code_line_counts_runs_per_commit():
+    """The line under each Runs table says which commits trained the runs (a sweep can span
+    commits); records from before the "code" field count as unrecorded."""
+    from torchpeer.experiments.report import code_line
+
+    recs = [
+        {"code": {"commit": "abc1234", "torch": "2.11.0"}},
+        {"code": {"commit": "abc1234", "torch": "2.11.0"}},
+        {"code": {"commit": "def5678", "torch": "2.13.0"}},
+        {},
+    ]
+    assert code_line(recs) == (
+        "Code: commit abc1234 (2 runs), def5678 (1 run), unrecorded (1 run); torch 2.11.0, 2.13.0."
+    )
+    assert code_line([{}]) == "Code: commit unrecorded (1 run)."

@@ -58,7 +58,7 @@ def write_report(runs_dir: str, out_dir: str | None = None, params_key: str = "a
         sweeps.setdefault(r.get("sweep", "sweep"), []).append(r)
     for name, recs in sweeps.items():
         kind = recs[0].get("kind", "grid")
-        lines += ["", f"## {name} ({kind})", "", "### Runs", "", *runs_table(recs)]
+        lines += ["", f"## {name} ({kind})", "", "### Runs", "", *runs_table(recs), "", code_line(recs)]
         if kind == "isoflop":
             fits = isoflop_fits(recs, params_key)
             if fits:
@@ -260,3 +260,19 @@ def ablation_table(recs: list[dict], x_field: str, series_field: str | None) -> 
             ]
         )
     return _table(header, rows, right_from=3)
+
+
+def code_line(recs: list[dict]) -> str:
+    """Which code trained the runs: each recorded commit with its number of runs (records from
+    before the "code" field count as unrecorded), and the torch versions."""
+    commits: dict[str, int] = {}
+    torches: set[str] = set()
+    for r in recs:
+        code = r.get("code") or {}
+        key = code.get("commit") or "unrecorded"
+        commits[key] = commits.get(key, 0) + 1
+        if code.get("torch"):
+            torches.add(code["torch"])
+    parts = ", ".join(f"{c} ({n} run{'s' if n != 1 else ''})" for c, n in sorted(commits.items()))
+    return f"Code: commit {parts}" + (f"; torch {', '.join(sorted(torches))}." if torches else ".")
+

@@ -7,8 +7,10 @@ summary found on resume) replaces its old line instead of duplicating it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import subprocess
 import time
 from typing import Any
 
@@ -117,8 +119,36 @@ def make_record(run, summary: dict[str, Any], sweep, wall_seconds: float | None 
         "series_field": sweep.series,
         "series": run.series,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "code": code_version(),
     }
     return record
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict[str, Any]:
+    """What trained a run: ``commit`` (the environment's TORCHPEER_COMMIT, which
+    scripts/device_sweep.sh sets from the snapshot it runs, else ``git rev-parse`` of the checkout
+    that holds this package, else None) and the torch and triton versions. Runs of one sweep may
+    span commits (a kernel replaced between GPU jobs): the report's readers can tell them apart."""
+    import torch
+
+    commit = os.environ.get("TORCHPEER_COMMIT") or None
+    if commit is None:
+        here = os.path.dirname(os.path.abspath(__file__))
+        try:
+            out = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+            )
+            commit = out.stdout.strip() if out.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"commit": commit or None, "torch": torch.__version__, "triton": triton_version}
 
 
 def make_run_record(run, summary: dict[str, Any], sweep, wall_seconds: float | None = None) -> dict[str, Any]:
