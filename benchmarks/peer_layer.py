@@ -35,7 +35,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -48,6 +47,7 @@ if REPO not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, REPO)
 
 from torchpeer.data.atomic import write_text_atomic  # noqa: E402
+from torchpeer.experiments.results import code_version  # noqa: E402
 
 IMPLS = ("triton", "triton-refnorm", "torch", "peer-pytorch", "dense4d")
 
@@ -57,30 +57,17 @@ IMPLS = ("triton", "triton-refnorm", "torch", "peer-pytorch", "dense4d")
 
 def commit_of(given: str | None = None) -> str:
     """The commit measured: ``given`` (--commit; on the device machine the tree has no .git), else
-    `git rev-parse --short HEAD` here, else "nogit"."""
-    if given:
-        return given
-    try:
-        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        cmd = ["git", "rev-parse", "--short", "HEAD"]
-        out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "nogit"
-    except (OSError, subprocess.SubprocessError):
-        return "nogit"
+    the one results records name (torchpeer.experiments.results.code_version), else "nogit"."""
+    return given or code_version()["commit"] or "nogit"
 
 
 def run_info(device: torch.device) -> dict:
     """{gpu, torch, triton, date} of a benchmark run (the header of every results JSON)."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+    code = code_version()
     return {
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "triton": triton_version,
+        "torch": code["torch"],
+        "triton": code["triton"],
         "date": datetime.date.today().isoformat(),
     }
 
