@@ -130,14 +130,9 @@ def _dcp_load(target: dict, path: str) -> None:
 
 def _copy_back(model: nn.Module, optimizer, loaded: dict) -> None:
     """Copy loaded tensors into the model/optimizer where DCP loaded into a copy (DTensor locals)."""
-    from torch.distributed.tensor import DTensor
-
-    def local(t):
-        return t.to_local() if isinstance(t, DTensor) else t
-
     with torch.no_grad():
         for k, v in model.state_dict(keep_vars=True).items():
-            src = local(loaded["model"][k])
+            src = _local(loaded["model"][k])
             if src.data_ptr() != v.data_ptr():
                 v.copy_(src)
         if optimizer is not None:
@@ -146,7 +141,7 @@ def _copy_back(model: nn.Module, optimizer, loaded: dict) -> None:
                 state = optimizer.state[params[name]]
                 for key, value in entries.items():
                     if torch.is_tensor(value):
-                        src = local(value)
+                        src = _local(value)
                         if src.data_ptr() != state[key].data_ptr():
                             state[key].copy_(src)
                     else:
@@ -193,6 +188,7 @@ def _table_targets(listing: dict, model: nn.Module) -> dict:
 
 
 def _local(t):
+    """This rank's part of a DTensor; any other tensor as it is."""
     from torch.distributed.tensor import DTensor
 
     return t.to_local() if isinstance(t, DTensor) else t
