@@ -29,7 +29,7 @@ from torchpeer.experiments.results import (
     short_count,
 )
 from torchpeer.experiments.spec import SweepSpec
-from torchpeer.lm.checkpoint import checkpoint_dir, list_checkpoints
+from torchpeer.lm.checkpoint import checkpoint_dir, checkpoint_step, list_checkpoints
 
 # Config fields that do not change what a run computes: a finished run is still valid if they differ.
 _NON_RESULT_FIELDS = (
@@ -237,8 +237,7 @@ def _done_fraction(run: PlannedRun) -> float:
     ckpts = list_checkpoints(run.run_dir)
     if not ckpts or run.steps <= 0:
         return 0.0
-    step = int(os.path.basename(ckpts[-1]).split("_")[-1])
-    return min(1.0, max(0.0, step / run.steps))
+    return min(1.0, max(0.0, checkpoint_step(ckpts[-1]) / run.steps))
 
 
 def format_plan(

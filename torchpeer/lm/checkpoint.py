@@ -48,6 +48,12 @@ def checkpoint_dir(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
 
 
+def checkpoint_step(path: str) -> int | None:
+    """The step of checkpoint folder ``path`` from its name step_<step> (None for another name)."""
+    m = _STEP_DIR.match(os.path.basename(os.path.normpath(path)))
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(run_dir: str) -> list[str]:
     """Complete checkpoint folders of a run, oldest first (not yet verified)."""
     root = checkpoint_dir(run_dir)
@@ -55,9 +61,9 @@ def list_checkpoints(run_dir: str) -> list[str]:
         return []
     found = []
     for name in os.listdir(root):
-        m = _STEP_DIR.match(name)
-        if m and os.path.isfile(os.path.join(root, name, "trainer.pt")):
-            found.append((int(m.group(1)), os.path.join(root, name)))
+        step = checkpoint_step(name)
+        if step is not None and os.path.isfile(os.path.join(root, name, "trainer.pt")):
+            found.append((step, os.path.join(root, name)))
     return [p for _, p in sorted(found)]
 
 
