@@ -62,15 +62,16 @@ def run_sweep(
     """Train the runs of ``spec`` not yet in ``runs_dir``; returns the records of this invocation.
 
     parallel: runs trained at once, each in a worker process (pool.py); 1 = one after another in
-    this process. stop_at (parallel only): seconds after the start at which runs still training are
-    interrupted (they resume or restart next time), for jobs with a hard end. drop_checkpoints:
+    this process, unless stop_at is given. stop_at: seconds after the start at which runs still
+    training are interrupted (they resume or restart next time), for jobs with a hard end; it
+    needs a worker process to interrupt, so with parallel 1 the single run goes to one worker. drop_checkpoints:
     delete a run's checkpoints once its result is recorded (they only serve resuming; a 1M-expert
     model's are GBs).
     """
     if parallel < 1:
         raise ValueError(f"--parallel must be >= 1, got {parallel}")
-    if stop_at is not None and parallel == 1:
-        raise ValueError("--stop-at needs --parallel >= 2 (one run in this process stops only at --time-limit)")
+    if stop_at is not None and stop_at <= 0:
+        raise ValueError(f"--stop-at must be > 0 seconds, got {stop_at}")
     runs = select_runs(plan_sweep(spec, runs_dir), only)
     done = {r["run"]: r for r in read_results(runs_dir)}
     if dry_run:
@@ -94,7 +95,9 @@ def run_sweep(
             say(f"{head}: finished earlier, recorded from its summary")
             continue
         todo.append((head, run))
-    if parallel > 1 and todo:
+    # Worker processes when several runs share the GPU, or when a run must be interruptible at
+    # stop_at (this process cannot SIGINT itself and go on to record what finished).
+    if (parallel > 1 or stop_at is not None) and todo:
         from torchpeer.experiments.data_prep import prepare_data
 
         t_data = time.time()

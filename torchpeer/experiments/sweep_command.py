@@ -57,8 +57,9 @@ def add_parser(subparsers):
         type=float,
         default=None,
         metavar="SECONDS",
-        help="with --parallel: interrupt runs still training this many seconds after the start (they "
-        "resume from a checkpoint when train.checkpoint is on, else restart next time); for jobs with a hard end",
+        help="interrupt runs still training this many seconds after the start (they resume from a "
+        "checkpoint when train.checkpoint is on, else restart next time); for jobs with a hard end. Runs are "
+        "trained in worker processes then, also with --parallel 1",
     )
     p.add_argument(
         "--drop-checkpoints",
