@@ -171,3 +171,19 @@ def test_code_line_counts_runs_per_commit():
         "Code: commit abc1234 (2 runs), def5678 (1 run), unrecorded (1 run); torch 2.11.0, 2.13.0."
     )
     assert code_line([{}]) == "Code: commit unrecorded (1 run)."
+
+
+def test_human_count_and_the_isoflop_axis_labels():
+    """The isoFLOP x-axis reads "2M", "5M" at 1, 2, 5 x 10^n and has no minor labels (the default
+    "3 x 10^6" minor labels of a narrow range overlapped in the 3e15 panel)."""
+    from torchpeer.experiments.figures import _compact_log_ticks, _figure, human_count
+
+    assert [human_count(x) for x in (30, 5e5, 1.2e6, 2e7, 2e9)] == ["30", "500k", "1.2M", "20M", "2G"]
+    fig, (ax,) = _figure(1)
+    ax.plot([2.9e6, 7.4e6], [3.4, 3.5], "o")
+    ax.set_xscale("log")
+    _compact_log_ticks(ax)
+    fig.canvas.draw()
+    major = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert "5M" in major and all(t[-1] in "kMG" or t.isdigit() for t in major), major
+    assert not [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()]

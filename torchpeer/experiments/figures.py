@@ -72,6 +72,7 @@ def isoflop_figure(fits: dict, path: str, eval_set: str, params_key: str = "acti
                 elif fit.optimum_params is not None:
                     outside += 1
         ax.set_xscale("log")
+        _compact_log_ticks(ax)
         ax.set_title(f"{budget:.3g} training FLOPs")
         ax.set_xlabel("active parameters" if params_key == "active_params" else "parameters")
         ax.set_ylabel(f"loss ({eval_set})")
@@ -85,6 +86,24 @@ def isoflop_figure(fits: dict, path: str, eval_set: str, params_key: str = "acti
         notes.append(f"{outside} fit(s) with the optimum outside the trained sizes, not drawn")
     fig.suptitle("isoFLOP curves" + (f" ({'; '.join(notes)})" if notes else ""))
     return save_png(fig, path)
+
+
+def _compact_log_ticks(ax) -> None:
+    """Label a log x-axis at 1, 2 and 5 x 10^n as "2M", "500k" (matplotlib's default labels the
+    minor ticks of a narrow range as "3 x 10^6" and they overlap)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: human_count(x)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def human_count(x: float) -> str:
+    """1.2e6 -> "1.2M", 5e5 -> "500k", 2e9 -> "2G", 30 -> "30"."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{suffix}"
+    return f"{x:.3g}"
 
 
 def ablation_figure(records: list[dict], path: str, x_field: str, series_field: str | None) -> str:
