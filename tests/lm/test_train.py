@@ -274,3 +274,48 @@ def test_rowwise_adam_tables_update_in_the_backward_and_resume_exactly(tmp_path)
     assert losses(tmp_path / "run") == losses(tmp_path / "ref")
     with pytest.raises(ValueError, match="rowwise_adam updates the tables inside the backward: use train.grad_accum 1"):
         load_config(cfg, flags + ["--train.grad_accum", "2"])
+
+
+def test_rowwise_adam_bf16_keeps_bf16_tables_with_fp32_masters_and_resumes_exactly(tmp_path):
+    """train.expert_optimizer=rowwise_adam_bf16: the layer's tables are bf16 working copies, the fp32
+    masters live in the table optimizer (and its checkpoint state), and a resume continues exactly."""
+    import torch
+
+    seen = {}
+
+    class Probe(Recorder):
+        def on_step_end(self, trainer, step, metrics):
+            peer = trainer.model.blocks[1].ffw
+            seen["dtype"] = peer.down.dtype
+            masters = [v for v in trainer.table_optimizer.state_dict().values() if isinstance(v, dict)]
+            seen["state"] = trainer.table_optimizer.state_dict()
+            seen["masters"] = masters
+            trainer.request_stop("probe")
+
+    write_corpus(tmp_path)
+    flags = ["--train.expert_optimizer", "rowwise_adam_bf16", "--train.max_steps", "3", "--train.ckpt_interval", "2"]
+    flags += ["--model.seq_len", "8", "--train.batch_size", "2", "--data.valid", "{}"]
+    cfg = write_config(tmp_path)
+    train(load_config(cfg, flags), str(tmp_path / "ref"), progress=False)
+    assert train(load_config(cfg, flags), str(tmp_path / "run"), progress=False, callbacks=[Probe()])["steps"] == 1
+    assert seen["dtype"] == torch.bfloat16
+    fp32 = [t for t in _tensors(seen["state"]) if t.dtype == torch.float32 and t.dim() == 2]
+    assert fp32, "the table optimizer holds no fp32 master tables"
+    assert train(load_config(cfg, flags), str(tmp_path / "run"), resume=True, progress=False)["steps"] == 3
+    assert losses(tmp_path / "run") == losses(tmp_path / "ref")
+    ref = train(load_config(cfg, flags[:1] + ["rowwise_adam"] + flags[2:]), str(tmp_path / "fp32"), progress=False)
+    assert ref["steps"] == 3  # the fp32-table twin trains too (its losses differ by the bf16 rounding only)
+
+
+def _tensors(obj):
+    """Every tensor inside a nested dict/list (a state_dict)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)

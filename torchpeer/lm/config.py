@@ -27,7 +27,7 @@ from torchpeer.layers import DenseConfig, MoEConfig, PEERConfig, PKMConfig  # no
 from torchpeer.layers.registry import ffw_kinds, get_ffw
 
 SCHEDULES = ("cosine", "wsd", "constant")
-EXPERT_OPTIMIZERS = ("adamw", "rowwise_adam")
+EXPERT_OPTIMIZERS = ("adamw", "rowwise_adam", "rowwise_adam_bf16")
 
 
 @dataclass
@@ -130,6 +130,8 @@ class TrainConfig:
         needs Triton and train.grad_accum 1; table gradients are not clipped). Also under torchrun:
         each rank updates its columns of the sharded tables, as one process would (docs/parallel.md);
         its state is in the distributed checkpoint and resumes on any number of processes.
+        "rowwise_adam_bf16": the same with bf16 working tables (the mixing kernels read half the
+        bytes; the fp32 masters live in the table optimizer and its checkpoint state).
     dtype: "bf16" autocasts on CUDA; CPU always runs float32.
     eval_batches: batches per eval set at each evaluation (None = the whole split).
     checkpoint: write checkpoints (every ckpt_interval steps, at the end and when interrupted);
@@ -194,9 +196,10 @@ class TrainConfig:
         if self.expert_optimizer not in EXPERT_OPTIMIZERS:
             choices = ", ".join(EXPERT_OPTIMIZERS)
             raise ValueError(f"train.expert_optimizer={self.expert_optimizer!r}; use one of {choices}")
-        if self.expert_optimizer == "rowwise_adam" and self.grad_accum > 1:
+        if self.expert_optimizer.startswith("rowwise_adam") and self.grad_accum > 1:
             raise ValueError(
-                "train.expert_optimizer=rowwise_adam updates the tables inside the backward: use train.grad_accum 1 "
+                f"train.expert_optimizer={self.expert_optimizer} updates the tables inside the backward: "
+                "use train.grad_accum 1 "
                 f"(now {self.grad_accum}; raise train.batch_size instead)"
             )
         if self.dtype not in ("bf16", "fp32"):

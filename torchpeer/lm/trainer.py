@@ -141,12 +141,16 @@ class Trainer:
         if self.init_from is not None and self.ckpt is None:
             self.init_from(self.model)
         self.table_optimizer = None
-        if t.expert_optimizer == "rowwise_adam":  # before DDP and the AdamW groups: it takes the PEER tables out
+        # before DDP and the AdamW groups: the row-wise optimizer takes the PEER tables out
+        if t.expert_optimizer.startswith("rowwise_adam"):
             from torchpeer.optim import attach_rowwise_adam
 
             lr = t.expert_lr if t.expert_lr is not None else t.lr
             betas = (t.beta1, t.beta2)
-            self.table_optimizer = attach_rowwise_adam(self.model, lr, betas, t.eps, t.expert_weight_decay)
+            bf16 = t.expert_optimizer == "rowwise_adam_bf16"
+            self.table_optimizer = attach_rowwise_adam(
+                self.model, lr, betas, t.eps, t.expert_weight_decay, bf16_tables=bf16
+            )
         self.wrapped = self.plan.wrap_model(self.model)
         self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
         self.backends = backend_report(self.model)
@@ -264,7 +268,8 @@ class Trainer:
         if self.table_optimizer is not None:
             if "table_optimizer" not in state:
                 raise ValueError(f"{path} was trained with train.expert_optimizer=adamw; resume with adamw")
-            self.table_optimizer.load_state_dict(state["table_optimizer"])
+            # the model's checkpoint holds the exact bf16 working tables of rowwise_adam_bf16: keep them
+            self.table_optimizer.load_state_dict(state["table_optimizer"], restore_tables=False)
         ckpt_io.set_rng_state(state["rng"])
         self.step, self.elapsed = state["step"], state.get("elapsed", 0.0)
         if "loss_window" in state:

@@ -107,7 +107,11 @@ class RowwiseTableAdam:
             "layers": {n: {"down": d.state_dict(), "up": u.state_dict()} for n, (d, u) in self.states.items()},
         }
 
-    def load_state_dict(self, sd: dict) -> None:
+    def load_state_dict(self, sd: dict, restore_tables: bool = True) -> None:
+        """Restore moments, steps, lr and (bf16_tables) the fp32 masters. restore_tables: also round
+        the masters into the layers' bf16 working copies; False when the model's own checkpoint
+        already restored those copies bit for bit (the trainer's resume: the kernel's rounding and
+        torch's need not agree, e.g. the Triton interpreter truncates)."""
         missing = set(self.states) ^ set(sd["layers"])
         if missing:
             raise ValueError(f"row-wise Adam state does not match the model's PEER layers: {sorted(missing)}")
@@ -115,7 +119,7 @@ class RowwiseTableAdam:
         for n, (d, u) in self.states.items():
             d.load_state_dict(sd["layers"][n]["down"])
             u.load_state_dict(sd["layers"][n]["up"])
-            if self.bf16_tables:  # the working copies follow the restored masters
+            if self.bf16_tables and restore_tables:  # the working copies follow the restored masters
                 self.layers[n].down.data.copy_(d.master)
                 self.layers[n].up.data.copy_(u.master)
 
