@@ -189,3 +189,22 @@ def test_load_spec_errors(tmp_path):
     assert spec.name == "mine" and spec.variants[0].overrides == {"model.ffw": "dense"}
     with pytest.raises(ValueError, match=r"--only 'nothing-\*' matches no run; runs are: dense-1e10, peer-1e10"):
         select_runs(plan_sweep(parse_spec(spec_dict()), str(tmp_path)), "nothing-*")
+
+
+def test_speed_settings_spec_pairs_seeds_and_changes_only_the_speed_fields(tmp_path):
+    """speed-settings: per seed, the three settings are one config but for the table optimizer and
+    compile, so their losses pair (issue 17's check of the fast path against AdamW)."""
+    import dataclasses
+
+    runs = plan_sweep(load_spec("speed-settings"), str(tmp_path))
+    assert len(runs) == 6
+    by_seed = {}
+    for r in runs:
+        by_seed.setdefault(r.cfg.train.seed, []).append(r)
+    assert sorted(by_seed) == [0, 1]
+    for group in by_seed.values():
+        settings = {(r.cfg.train.expert_optimizer, r.cfg.train.compile) for r in group}
+        assert settings == {("adamw", False), ("rowwise_adam_bf16", False), ("rowwise_adam_bf16", True)}
+        strip = [dataclasses.replace(r.cfg.train, expert_optimizer="adamw", compile=False) for r in group]
+        assert all(s == strip[0] for s in strip) and all(r.cfg.model == group[0].cfg.model for r in group)
+        assert len({r.steps for r in group}) == 1 and group[0].cfg.model.ffw == "peer"
