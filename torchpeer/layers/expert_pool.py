@@ -70,17 +70,42 @@ class ExpertPool(nn.Module):
         return f"n_experts={self.n_experts}, d_model={self.d_model}, glu={self.glu}, up_init_std={self.up_init_std:.4g}"
 
 
+def pool_usage_report(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Usage of every ``ExpertPool`` in ``model`` over all the layers that read it:
+    {pool's module name: {"usage_pct", "kl", "layers"}}.
+
+    usage_pct and kl are defined as a layer's (``torchpeer.diagnostics.ExpertUsage``), on the sum of
+    the gate mass the reading layers accumulated: an expert counts as used if any layer selected it,
+    and kl is KL(z || uniform) of z = that sum, normalised over the pool's n_experts. Each layer's
+    gates sum to the same mass per token and head, so every reading layer weighs alike. "layers":
+    how many tracked layers read the pool. Per-layer numbers (``usage_report``) bound usage_pct from
+    below: with a shared pool an expert unused by one layer may serve another.
+
+    Pools whose layers tracked nothing (``enable_usage_tracking`` off, or no forward yet) are left out.
+    """
+    readers: dict[int, list] = {}
+    for mod in model.modules():
+        pool, tracker = getattr(mod, "pool", None), getattr(mod, "usage_tracker", None)
+        if isinstance(pool, ExpertPool) and isinstance(tracker, ExpertUsage) and tracker.scores is not None:
+            readers.setdefault(id(pool), []).append(tracker.scores)
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, ExpertPool) and id(mod) in readers:
+            total = ExpertUsage(mod.n_experts)
+            scores = readers.pop(id(mod))
+            total.scores = torch.stack([s.to(scores[0].device) for s in scores]).sum(0)
+            out[name or "."] = {**total.summary(), "layers": len(scores)}
+    return out
+
+
 def pool_usage(model: nn.Module) -> dict[str, float] | None:
-    """Usage % and KL of the shared pool ``model.ffw_shared`` over all the layers that read it: the
-    union of their accumulated gate mass (per-layer usage is ``torchpeer.diagnostics.usage_report``;
-    with a shared pool an expert unused by one layer may serve another). None without a pool or
-    without tracked routing (``enable_usage_tracking``)."""
+    """Usage % and KL of the shared pool ``model.ffw_shared`` over all the layers that read it (see
+    ``pool_usage_report``): {"usage_pct", "kl"}. None without a pool or without tracked routing."""
     pool = getattr(model, "ffw_shared", None)
     if not isinstance(pool, ExpertPool):
         return None
-    total = ExpertUsage(pool.n_experts)
-    for mod in model.modules():
-        tracker = getattr(mod, "usage_tracker", None)
-        if getattr(mod, "pool", None) is pool and tracker is not None and tracker.scores is not None:
-            total.scores = tracker.scores.clone() if total.scores is None else total.scores + tracker.scores
-    return None if total.scores is None else total.summary()
+    for name, mod in model.named_modules():
+        if mod is pool:
+            rep = pool_usage_report(model).get(name)
+            return None if rep is None else {"usage_pct": rep["usage_pct"], "kl": rep["kl"]}
+    return None

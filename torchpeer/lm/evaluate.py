@@ -7,7 +7,9 @@ For a split of ``n`` tokens evaluated in full, every token after the first is a 
 
 with ``n_bytes`` the UTF-8 bytes of the split's documents. When only the first ``max_batches``
 are evaluated, ``n_bytes`` is scaled by the fraction of targets seen (``complete`` is False).
-Routed layers (PEER, PKM, MoE) track expert usage during evaluation only.
+Routed layers (PEER, PKM, MoE) track expert usage during evaluation only. When several PEER layers
+read one shared expert pool (``PEERConfig.shared_pool``), the pool's usage over all of them (the
+union of their selections, ``pool_usage_report``) is reported besides each layer's.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from torchpeer.layers.expert_pool import pool_usage_report
 from torchpeer.usage import enable_usage_tracking, routing_report, usage_report
 
 
@@ -37,7 +40,11 @@ def evaluate(
     plan: a parallel plan (lm/plan.py); each rank evaluates its share of the batches and the sums
     are reduced over ranks. None = one process.
     Returns {"loss", "ppl", "bpb", "tokens", "complete", "usage": {layer: {"usage_pct", "kl"}},
-    "routing": {layer: {metric: value}}} (usage and routing: routed layers only).
+    "routing": {layer: {metric: value}}, "pool_usage": {pool: {"usage_pct", "kl", "layers"}}}
+    (usage and routing: routed layers only; pool_usage: shared expert pools only, e.g.
+    "ffw_shared"). Each pool's entry is also in "routing" under the pool's name, so that records
+    which keep only the routing statistics (the sweeps' results.jsonl) keep it; "usage" stays
+    per layer (averages over its entries are averages over layers).
     """
     from torchpeer.data import sequential_windows
     from torchpeer.lm.plan import SingleProcessPlan
@@ -62,6 +69,8 @@ def evaluate(
             plan.reduce_usage_(model)
         usage = usage_report(model) if tracked else {}
         routing = routing_report(model) if tracked else {}
+        pools = pool_usage_report(model) if tracked else {}
+        routing.update((name, dict(u)) for name, u in pools.items())
     finally:
         enable_usage_tracking(model, False)
         model.train(was_training)
@@ -77,15 +86,18 @@ def evaluate(
         "complete": n_targets == all_targets,
         "usage": usage,
         "routing": routing,
+        "pool_usage": pools,
     }
 
 
 def format_results(results: dict[str, dict]) -> str:
-    """Table of {set name: evaluate() result}, one row per set and routed layer."""
+    """Table of {set name: evaluate() result}, one row per set and routed layer, then one per shared
+    expert pool ("<pool> (pool of <n> layers)": the union over the layers that read it)."""
     rows = [("set", "tokens", "loss", "ppl", "bpb", "layer", "usage %", "KL")]
     for name, r in results.items():
         base = (name, f"{r['tokens']:,}", f"{r['loss']:.4f}", f"{r['ppl']:.2f}", f"{r['bpb']:.4f}")
-        layers = list(r["usage"].items()) or [("", None)]
+        pools = [(f"{pool} (pool of {u['layers']} layers)", u) for pool, u in (r.get("pool_usage") or {}).items()]
+        layers = list(r["usage"].items()) + pools or [("", None)]
         for j, (layer, u) in enumerate(layers):
             cells = base if j == 0 else ("",) * 5
             extra = (layer, f"{u['usage_pct']:.2f}", f"{u['kl']:.4f}") if u else ("", "", "")
@@ -102,7 +114,10 @@ def format_routing(results: dict[str, dict]) -> str:
     """The routing statistics (diagnostics.routing_report) as a small table: one row per statistic,
     one column per eval set and routed layer (usage % and KL are in format_results' table)."""
     columns = [
-        (f"{name} {layer}", stats) for name, r in results.items() for layer, stats in r.get("routing", {}).items()
+        (f"{name} {layer}", stats)
+        for name, r in results.items()
+        for layer, stats in r.get("routing", {}).items()
+        if layer not in (r.get("pool_usage") or {})  # a pool has usage % and KL only: format_results shows them
     ]
     if not columns:
         return ""
