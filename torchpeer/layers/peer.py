@@ -17,7 +17,7 @@ docs/research/beyond_paper.md): ``readout`` (readout.py: "linear", "glu", Memory
 ``balance_weight`` / ``balance_stride`` (balance.py: a Switch-style term on the sub-key
 marginals, returned by ``aux_loss()``), ``key_lr_scale`` / ``query_lr_scale`` (lr multipliers of
 the sub-keys and the query network, ``lr_scales()``), ``key_init`` (key_init.py: sub-keys from the
-first batch's queries).
+first batch's queries), ``key_norm`` (router.py: normalised sub-keys, Memory Layers at Scale).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from torchpeer.layers.readout import (
     rows_per_selection,
 )
 from torchpeer.layers.registry import register_ffw
-from torchpeer.layers.router import ProductKeyRouter, RoutedLayer, autocast_dtype
+from torchpeer.layers.router import KEY_NORMS, ProductKeyRouter, RoutedLayer, autocast_dtype
 from torchpeer.layers.validators import check_choice, check_input, check_number, check_positive
 from torchpeer.ops import ACTIVATIONS, BACKENDS, expert_mix, resolve_backend
 from torchpeer.usage import UsageTrackingMixin
@@ -72,6 +72,7 @@ class PEERConfig:
     key_lr_scale: float = 1.0
     query_lr_scale: float = 1.0
     key_init: str = "random"
+    key_norm: str = "none"
 
 
 class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
@@ -114,6 +115,9 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
         key_init: "random" (N(0, 1/d_key)) or "queries": at the first training forward the
             sub-keys are set from that batch's queries (key_init.py); a persistent flag
             (``keys_initialised``) keeps a resumed run from doing it again.
+        key_norm: "none" (paper), "l2" or "layer": every sub-key row is normalised before it is
+            scored (router.py ``normalize_sub_keys``: rows at the random init's norm, so scores
+            start on the same scale), by retrieval on every backend and by the balance term.
         pool: an ``ExpertPool`` to read the tables from (not a submodule: its owner counts,
             saves and optimises it); must match n_experts, d_model and the read-out's tables.
 
@@ -154,6 +158,7 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
         key_lr_scale: float = 1.0,
         query_lr_scale: float = 1.0,
         key_init: str = "random",
+        key_norm: str = "none",
         pool: ExpertPool | None = None,
     ):
         super().__init__()
@@ -170,18 +175,19 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
         ):
             raise ValueError(f"up_init_std must be a positive number (or None = 1/sqrt(d_model)), got {up_init_std!r}")
         _check_beyond_paper(
-            readout, shared_pool, balance_weight, balance_stride, key_lr_scale, query_lr_scale, key_init
+            readout, shared_pool, balance_weight, balance_stride, key_lr_scale, query_lr_scale, key_init, key_norm
         )
         if readout in TORCH_ONLY_READOUTS:
             readout_mix_backend(readout, backend)  # raises for backend "triton", before anything is built
         self.router = ProductKeyRouter(
-            d_model, n, heads, top_k, d_key, query_norm, key_sets=1 if shared_keys else heads, backend=backend
-        )
+            d_model, n, heads, top_k, d_key, query_norm, key_sets=1 if shared_keys else heads, backend=backend,
+            key_norm=key_norm,
+        )  # fmt: skip
         self.d_model, self.n_experts, self.n_sub = d_model, n_experts, n
         self.heads, self.top_k, self.d_key = heads, top_k, d_key
         self.activation, self.gate, self.query_norm = activation, gate, query_norm
         self.shared_keys, self.backend = shared_keys, backend
-        self.readout, self.shared_pool, self.key_init = readout, shared_pool, key_init
+        self.readout, self.shared_pool, self.key_init, self.key_norm = readout, shared_pool, key_init, key_norm
         self.balance_weight, self.balance_stride = float(balance_weight), balance_stride
         self.key_lr_scale, self.query_lr_scale = float(key_lr_scale), float(query_lr_scale)
 
@@ -277,6 +283,7 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
             f"up_init_std={self.up_init_std:.4g}"
             + "".join(f", {k}={v}" for k, v in self.beyond_paper_options().items())
             + "".join(f", {k}={getattr(self, k)}" for k in ("key_lr_scale", "query_lr_scale") if getattr(self, k) != 1)
+            + (f", key_norm={self.key_norm}" if self.key_norm != "none" else "")
         )
 
     def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,7 +314,8 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
         self._track_routing(q, indices, g)
         self.balance_loss = None
         if self.balance_weight > 0 and self.training and torch.is_grad_enabled():
-            self.balance_loss = subkey_balance_loss(q, self.router.sub_keys, indices, self.balance_stride)
+            # the keys as retrieval scored them (normalised with key_norm), so the term pushes what routes
+            self.balance_loss = subkey_balance_loss(q, self.router.retrieval_keys(), indices, self.balance_stride)
         compute = autocast_dtype(x.device)
         xc = flat.to(compute) if compute is not None else flat  # mix in the autocast dtype (fp32 master tables)
         if self.table_update is not None:  # a fused table optimizer's mixing (e.g. torchpeer.optim)
@@ -380,7 +388,9 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
         return [(scale, params) for scale, params in pairs if scale != 1.0 and params]
 
 
-def _check_beyond_paper(readout, shared_pool, balance_weight, balance_stride, key_lr_scale, query_lr_scale, key_init):
+def _check_beyond_paper(
+    readout, shared_pool, balance_weight, balance_stride, key_lr_scale, query_lr_scale, key_init, key_norm="none"
+):
     """ValueError/TypeError naming the first bad value of the options beyond the paper."""
     check_choice("readout", readout, READOUTS)
     if not isinstance(shared_pool, bool):
@@ -390,6 +400,7 @@ def _check_beyond_paper(readout, shared_pool, balance_weight, balance_stride, ke
     check_number("key_lr_scale", key_lr_scale, strict=True)
     check_number("query_lr_scale", query_lr_scale, strict=True)
     check_choice("key_init", key_init, KEY_INITS)
+    check_choice("key_norm", key_norm, KEY_NORMS)
 
 
 register_ffw("peer", PEERConfig, PEER.from_config, build_shared=ExpertPool.from_config)

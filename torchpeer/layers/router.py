@@ -7,9 +7,11 @@ Per token x (d_model,) and head h:
     scores_h, indices_h = exact top_k over i of q_h . key_i       (torchpeer.ops.product_key_topk)
 
 The key sets are shared by all heads (``key_sets=1``, PEER's default) or one per head
-(``key_sets=heads``, PKM). Retrieval goes through the ops dispatcher with the router's ``backend``
-("auto" | "torch" | "triton" | "reference"); the dispatcher alone decides what "auto" means and
-refuses a requested backend that cannot run.
+(``key_sets=heads``, PKM). With ``key_norm`` (Memory Layers at Scale's key side of query/key
+normalisation) every sub-key row C_s[a] is normalised before scoring (``normalize_sub_keys``);
+retrieval is the exact top-k over the normalised keys, on every backend. Retrieval goes through
+the ops dispatcher with the router's ``backend`` ("auto" | "torch" | "triton" | "reference"); the
+dispatcher alone decides what "auto" means and refuses a requested backend that cannot run.
 
 Precision: under autocast the normalised queries (BatchNorm/LayerNorm return fp32 there) are cast
 to the autocast dtype and the (small) key tables follow them, so the Triton kernel takes its
@@ -26,12 +28,44 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from torchpeer.layers.accounting import FFWCost, count_params, matmul_flops
 from torchpeer.layers.query_norm import build_query_norm
 from torchpeer.layers.validators import check_choice, check_input, check_positive
 from torchpeer.ops import BACKENDS, RetrievalKernelConfig, product_key_topk, resolve_backend
+
+KEY_NORMS = ("none", "l2", "layer")
+
+
+def normalize_sub_keys(sub_keys: torch.Tensor, kind: str, d_key: int) -> torch.Tensor:
+    """The sub-keys retrieval scores with: (S, 2, n, m) -> (S, 2, n, m), m = d_key // 2.
+
+    kind "none": ``sub_keys`` itself (the same tensor object: the paper's router, bit for bit).
+    "l2": each row scaled to norm sqrt(m / d_key). "layer": each row standardised (mean 0,
+    variance 1 over its m entries, no affine), then divided by sqrt(d_key), which is norm
+    sqrt(m / d_key) too. Why that norm: it is the expected norm of a random N(0, 1/d_key) row, so
+    a unit-variance query scores the normalised keys on the scale it scored the random init with,
+    and the softmax gates start as sharp as without normalisation. What normalisation changes: a
+    sub-key can no longer win the top-k by growing its norm (only its direction learns); the score
+    scale, and so the gates' temperature, is then set by the queries alone (the query norm's
+    affine parameters can still sharpen it). Computed in float32 at least (autocast off): the
+    rows are few (S * 2 * n), and the normalised keys then follow the router's cast to the query
+    dtype like the raw ones. Differentiable (autograd through the normalisation).
+    """
+    if kind == "none":
+        return sub_keys
+    m = sub_keys.shape[-1]
+    with torch.autocast(sub_keys.device.type, enabled=False):
+        k = sub_keys.to(torch.promote_types(sub_keys.dtype, torch.float32))
+        if kind == "l2":
+            out = F.normalize(k, dim=-1, eps=1e-12) * math.sqrt(m / d_key)
+        elif kind == "layer":
+            out = F.layer_norm(k, (m,), eps=1e-5) / math.sqrt(d_key)
+        else:
+            raise ValueError(f"unknown key_norm {kind!r}; use one of {KEY_NORMS}")
+    return out.to(sub_keys.dtype)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -54,6 +88,8 @@ class ProductKeyRouter(nn.Module):
         key_sets: 1 (all heads share the sub-keys) or heads (one set per head).
         query_bias: bias in the query projection (PKM: True, PEER: False).
         backend: retrieval backend for ``torchpeer.ops.product_key_topk``.
+        key_norm: "none" (default: raw sub-keys), "l2" or "layer": each sub-key row normalised
+            before scoring (``normalize_sub_keys``); the parameter ``sub_keys`` stays raw.
 
     Initialisation: sub-keys ~ N(0, 1/d_key), so a unit-variance (normalised) query scores each
     full key with about unit variance; the projection uses nn.Linear's default.
@@ -73,6 +109,7 @@ class ProductKeyRouter(nn.Module):
         key_sets: int = 1,
         query_bias: bool = False,
         backend: str = "auto",
+        key_norm: str = "none",
     ):
         super().__init__()
         check_positive(d_model=d_model, n_keys=n_keys, heads=heads, top_k=top_k, d_key=d_key)
@@ -86,6 +123,8 @@ class ProductKeyRouter(nn.Module):
         if key_sets not in (1, heads):
             raise ValueError(f"key_sets must be 1 (shared) or heads={heads}, got {key_sets}")
         check_choice("backend", backend, BACKENDS)
+        check_choice("key_norm", key_norm, KEY_NORMS)
+        self.key_norm = key_norm
         self.d_model, self.n_keys, self.heads, self.top_k, self.d_key = d_model, n_keys, heads, top_k, d_key
         self.query_norm, self.key_sets, self.backend = query_norm, key_sets, backend
         self.n_experts = n_keys * n_keys
@@ -113,10 +152,17 @@ class ProductKeyRouter(nn.Module):
         compute = autocast_dtype(q.device)
         if compute is not None:
             q = q.to(compute)  # see the module docstring (precision)
-        # Gradients flow to the fp32 sub-keys through the cast.
-        keys = self.sub_keys if q.dtype == self.sub_keys.dtype else self.sub_keys.to(q.dtype)
+        # Gradients flow to the fp32 sub-keys through the cast (and the normalisation, if any).
+        keys = self.retrieval_keys()
+        keys = keys if q.dtype == keys.dtype else keys.to(q.dtype)
         scores, indices = product_key_topk(q, keys, self.top_k, backend=self.backend, config=self.retrieval_config)
         return q, scores, indices
+
+    def retrieval_keys(self) -> torch.Tensor:
+        """The sub-keys as retrieval scores them, (key_sets, 2, n_keys, d_key // 2): ``sub_keys``
+        itself, or its rows normalised (``key_norm``). Anything that re-scores sub-keys (the balance
+        term) must use these."""
+        return normalize_sub_keys(self.sub_keys, self.key_norm, self.d_key)
 
     def retrieval_backend(self, device: torch.device | str | None = None) -> str:
         """The backend retrieval resolves to on ``device`` (default: where the sub-keys live)."""
@@ -138,6 +184,7 @@ class ProductKeyRouter(nn.Module):
         return (
             f"n_keys={self.n_keys} (N={self.n_experts}), heads={self.heads}, top_k={self.top_k}, "
             f"d_key={self.d_key}, query_norm={self.query_norm}, key_sets={self.key_sets}, backend={self.backend}"
+            + (f", key_norm={self.key_norm}" if self.key_norm != "none" else "")
         )
 
 
