@@ -125,6 +125,10 @@ class TrainConfig:
     schedule: "cosine" (warmup, cosine to min_lr_ratio*lr), "wsd" (warmup, stable, linear decay
     over the last decay_frac of the steps), "constant" (warmup then flat).
     expert_lr: lr of the expert tables (PEER.down/up, PKM values); None = lr.
+    expert_lr_final: the expert tables' lr at the last step (UltraMem-style value-lr schedule);
+        None (default) = constant expert_lr. When set, the tables' lr before the schedule goes
+        linearly from expert_lr (or lr) at step 0 to expert_lr_final at the last step, and the
+        schedule (warmup, cosine, ...) multiplies it as every group's (lm/optim.py ExpertLRRamp).
     expert_optimizer: "adamw" (the tables are AdamW parameters) or "rowwise_adam" (PEER tables
         updated inside the mixing backward by a fused row-wise Adam: torchpeer.optim.attach_rowwise_adam;
         needs Triton and train.grad_accum 1; table gradients are not clipped). Also under torchrun:
@@ -147,6 +151,7 @@ class TrainConfig:
     max_flops: float | None = None
     lr: float = 1e-3
     expert_lr: float | None = None
+    expert_lr_final: float | None = None
     expert_optimizer: str = "adamw"
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
@@ -176,7 +181,7 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.max_steps is None and self.max_tokens is None and self.max_flops is None:
             raise ValueError("set at least one of train.max_steps, train.max_tokens, train.max_flops")
-        for name in ("max_steps", "max_tokens", "max_flops", "lr", "expert_lr", "eps"):
+        for name in ("max_steps", "max_tokens", "max_flops", "lr", "expert_lr", "expert_lr_final", "eps"):
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise ValueError(f"train.{name} must be a positive finite number, got {v!r}")

@@ -16,6 +16,11 @@ Per-parameter lr multipliers: a module may list ``lr_scales() -> [(multiplier, [
 group alike, so the ratio holds at every step. Without multipliers the groups are exactly the
 three above (old optimizer states keep loading).
 
+Expert-lr ramp (``train.expert_lr_final``, UltraMem's value-lr schedule): the groups of the expert
+tables ("experts", "experts*<m>") get one more factor, ``ExpertLRRamp(step)``, which goes linearly
+from 1 at step 0 to expert_lr_final / expert_lr at the last step; ``set_lr`` applies it. The
+groups' ``base_lr`` stays the start value, so optimizer states load as before.
+
 The FFW contract (``torchpeer.layers.registry``): ``optim_groups() -> {"expert": [...],
 "no_decay": [...]}``; modules without it are grouped by shape alone.
 """
@@ -139,6 +144,34 @@ class LRSchedule:
         return dict(vars(self))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> None:
+class ExpertLRRamp:
+    """Factor of the expert tables' lr at step s (0-based) of a run of ``total_steps`` steps: linear
+    from 1 at step 0 to ``final / start`` at step total_steps - 1 (and after). ``start``: the
+    tables' lr at step 0 (train.expert_lr, or lr); ``final``: train.expert_lr_final, None = 1 always.
+    A pure function of the step, so a resumed run applies exactly the lr it would have."""
+
+    def __init__(self, total_steps: int, start: float, final: float | None):
+        self.total_steps, self.start, self.final = total_steps, start, final
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, total_steps: int) -> ExpertLRRamp:
+        return cls(total_steps, cfg.lr if cfg.expert_lr is None else cfg.expert_lr, cfg.expert_lr_final)
+
+    def __call__(self, step: int) -> float:
+        if self.final is None:
+            return 1.0
+        t = min(1.0, max(0, step) / max(1, self.total_steps - 1))
+        return 1.0 + (self.final / self.start - 1.0) * t
+
+
+def is_expert_group(group: dict) -> bool:
+    """A ``param_groups`` group of expert tables ("experts" or "experts*<multiplier>")."""
+    name = group.get("name", "")
+    return name == "experts" or name.startswith("experts*")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, multiplier: float, expert_multiplier: float = 1.0) -> None:
+    """Every group's lr = base_lr * multiplier (the schedule), times expert_multiplier (the
+    ``ExpertLRRamp`` factor) for the expert-table groups."""
     for g in optimizer.param_groups:
-        g["lr"] = g["base_lr"] * multiplier
+        g["lr"] = g["base_lr"] * multiplier * (expert_multiplier if is_expert_group(g) else 1.0)

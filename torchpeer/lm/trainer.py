@@ -163,11 +163,12 @@ class Trainer:
         """AdamW groups, the lr schedule, the training sampler and the (empty) log window: with the
         weights, what a checkpoint restores."""
         from torchpeer.data import RandomWindows
-        from torchpeer.lm.optim import LRSchedule, build_optimizer
+        from torchpeer.lm.optim import ExpertLRRamp, LRSchedule, build_optimizer
 
         t = self.cfg.train
         self.optimizer = build_optimizer(self.model, t, self.device.type)
         self.schedule = LRSchedule(t.schedule, self.total_steps, t.warmup_steps, t.min_lr_ratio, t.decay_frac)
+        self.expert_ramp = ExpertLRRamp.from_config(t, self.total_steps)  # train.expert_lr_final
         rank, world = self.plan.data_shard()
         seq_len = self.cfg.model.seq_len
         self.sampler = RandomWindows(self._train_file, t.batch_size, seq_len, t.seed, rank=rank, world_size=world)
@@ -198,10 +199,10 @@ class Trainer:
         from torchpeer.lm.optim import set_lr
 
         t = self.cfg.train
-        multiplier = self.schedule(self.step)
-        set_lr(self.optimizer, multiplier)
+        multiplier, ramp = self.schedule(self.step), self.expert_ramp(self.step)
+        set_lr(self.optimizer, multiplier, ramp)
         if self.table_optimizer is not None:  # the fused table update runs inside the backward below
-            self.table_optimizer.set_lr((t.expert_lr if t.expert_lr is not None else t.lr) * multiplier)
+            self.table_optimizer.set_lr((t.expert_lr if t.expert_lr is not None else t.lr) * multiplier * ramp)
         step_loss = torch.zeros((), device=self.device)
         for micro in range(t.grad_accum):
             x, y = next(self.sampler)
