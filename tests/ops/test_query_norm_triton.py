@@ -175,3 +175,108 @@ def test_compiles_without_graph_breaks_and_matches_eager():
 def test_float64_module_takes_the_reference_path():
     m = EMAQueryNorm(3, 8, backend="triton").double()
     assert not m.uses_kernels(torch.zeros(4, 24, dtype=torch.float64, device=DEVICE))
+
+
+def _fused(monkeypatch, fused):
+    from torchpeer.ops.query_norm import triton_op
+
+    monkeypatch.setattr(triton_op, "FUSED_UPDATE", fused)
+    return triton_op
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("bn_grad", [True, False])
+def test_running_statistics_follow_the_reference_over_steps(monkeypatch, fused, bn_grad):
+    """Eight training steps from num_updates = 0 with momentum 0.3: the rate goes 1, 1/2, 1/3, then
+    the momentum; after each step the value, the gradients (x, weight, bias), the running mean and
+    variance and num_updates equal the float64 reference's; then an eval step leaves them alone.
+    Both update paths: in the forward kernel (FUSED_UPDATE, the default) and the separate kernel."""
+    triton_op = _fused(monkeypatch, fused)
+    F, mom = 40, 0.3  # 3 feature blocks of 16 in the interpreter, the last one ragged
+    state = _state(F, torch.float32, seed=5, n=0)
+    state64 = [t.clone() for t in _double(state)]  # a num_updates of its own
+    for step in range(9):
+        training = step < 8
+        x = _x(23 + 7 * step, F, torch.float32, seed=100 + step, scale=1.0 + step, shift=step - 3.0)
+        outs = []
+        for fn, st, xx in ((triton_op.ema_norm_triton, state, x), (ema_norm_reference, state64, x.double())):
+            w, b = (t.clone().requires_grad_() for t in st[:2])
+            xx = xx.clone().requires_grad_()
+            y = fn(xx, w, b, st[2], st[3], st[4], EPS, mom, training, bn_grad)
+            up = torch.randn(y.shape, generator=torch.Generator().manual_seed(step)).to(y.device, torch.float64)
+            (y.double() * up).sum().backward()
+            outs.append((y, xx.grad, w.grad, b.grad))
+        for got, want in zip(outs[0], outs[1]):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * max(1.0, want.abs().max().item()))
+        torch.testing.assert_close(state[2].double(), state64[2], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state[3].double(), state64[3], rtol=1e-5, atol=1e-5)
+        assert int(state[4]) == int(state64[4]) == min(step + 1, 8)
+    if fused:  # the arrival counters are zero again after every launch
+        assert not triton_op._SYNC[x.device].any()
+
+
+def test_fused_and_separate_update_agree(monkeypatch):
+    """The in-kernel update and the separate update kernel combine the same partials with the same
+    code: same value, statistics and gradients (to rounding: two compiled kernels)."""
+    x, state = _x(61, 70, torch.bfloat16, seed=7), _state(70, torch.float32, seed=8)
+    results = []
+    for fused in (True, False):
+        _fused(monkeypatch, fused)
+        y, stats, grads = _run(ema_norm_triton, x, state, True, True)
+        results.append((y.float(), *stats, *grads))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_many_programs_update_the_statistics_once():
+    """Enough feature blocks and splits that many programs arrive at the counters (on a GPU: the
+    production grid, 4096 x 1024, programs running concurrently): three steps against float64."""
+    T, F = (4096, 1024) if DEVICE == "cuda" else (150, 100)
+    state = _state(F, torch.float32, seed=9, n=1)
+    state64 = [t.clone() for t in _double(state)]
+    for step in range(3):
+        x = _x(T, F, torch.float32, seed=200 + step, scale=1.5, shift=0.5 * step)
+        y = ema_norm_triton(x, *state, EPS, MOM, True)
+        y64 = ema_norm_reference(x.double(), *state64, EPS, MOM, True)
+        torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state[2].double(), state64[2], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state[3].double(), state64[3], rtol=1e-5, atol=1e-5)
+        assert int(state[4]) == int(state64[4]) == 2 + step
+
+
+AOT_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from torchpeer.ops.query_norm import triton_kernels as qn
+
+fn = qn._fwd_update_kernel
+for xdt in ("bf16", "fp32"):
+    types = {"x_ptr": "*" + xdt, "y_ptr": "*" + xdt, "n_ptr": "*i64", "sync_ptr": "*i32"}
+    types.update(eps="fp32", momentum="fp32")
+    types.update({a + "_ptr": "*fp32" for a in ("w", "b", "rm", "rv", "aux")})
+    consts = {"P_PAD": 64, "BLOCK_T": 64, "BLOCK_F": 64}
+    sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    print("ok", xdt, ptx.count("atom.global.gpu.acq_rel.add"))
+"""
+
+
+def test_fused_update_kernel_compiles_for_sm90():
+    """The in-kernel update compiles for sm_90 without a GPU (tests/ops/sm90_aot.py covers the other
+    kernels), with its two arrivals as acq_rel atomics at GPU scope (the ordering the last-program
+    pattern relies on)."""
+    import subprocess
+    import sys
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
+    except Exception as e:  # a triton build without the NVIDIA backend
+        pytest.skip(f"no NVIDIA backend in this triton: {e}")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
+    out = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["ok", "bf16", "2", "ok", "fp32", "2"], out.stdout

@@ -142,11 +142,13 @@ class EMAQueryNorm(_EMAStats):
         x = q.reshape(q.shape[0], -1)
         args = (x, self.weight, self.bias, self.running_mean, self.running_var, self.num_updates)
         opts = (self.eps, self.momentum, self.training, self.bn_grad)
-        with torch.autocast(q.device.type, enabled=False):  # statistics in fp32
-            if self.uses_kernels(x):
-                from torchpeer.ops.query_norm.triton_op import ema_norm_triton
+        if self.uses_kernels(x):
+            # No autocast region here: the kernels compute in fp32 whatever autocast says, and
+            # entering one costs host time on every step.
+            from torchpeer.ops.query_norm.triton_op import ema_norm_triton
 
-                return ema_norm_triton(*args, *opts).view_as(q)
+            return ema_norm_triton(*args, *opts).view_as(q)
+        with torch.autocast(q.device.type, enabled=False):  # statistics in fp32
             return ema_norm_reference(*args, *opts).view_as(q)
 
     def extra_repr(self) -> str:

@@ -4,19 +4,26 @@ x is (T, F) row-major; every kernel runs on a (feature block, token split) grid:
 owns features f*BLOCK_F.. and the rows [p * RPS, (p + 1) * RPS) of its split (RPS = rows per
 split, a multiple of BLOCK_T; trailing splits may be empty). Per-feature sums across splits go
 through small (splits, F) partial buffers that the next kernel reads as one (P_PAD, BLOCK_F) tile,
-so there are no atomics and every result is deterministic.
+so there are no float atomics and every result is deterministic.
 
 aux (2 + 2P, F) fp32, written by the forward: row 0 the running mean and row 1 the running
 variance as the forward read them (the backward uses these, not the buffers, which the update
 changes), rows 2 + 2p, 3 + 2p the mean and M2 (sum of squared deviations) of split p's rows.
 
-1. `_fwd_kernel`: y = (x - mu) * rsqrt(var + eps) * w + b and, with STATS, each split's mean and
-   M2 (per BLOCK_T tile: tile mean and M2 in registers, merged by Chan's formula).
-2. `_update_kernel`: combines the splits (mean = sum c_p m_p / T, M2 = sum M2_p + c_p (m_p - mean)^2)
-   and lerps the running statistics in place with rate max(momentum, 1 / (num_updates + 1)).
-3. `_bwd_reduce_kernel`: per split A_p = sum dy, B_p = sum dy * (x - c) with c the batch mean (BN)
+1. `_fwd_update_kernel` (training, T > 1; the default): y = (x - mu) * rsqrt(var + eps) * w + b,
+   each split's mean and M2 (per BLOCK_T tile: tile mean and M2 in registers, merged by Chan's
+   formula), and the running-statistics update in the same launch: the last program of each
+   feature block to finish (an int32 arrival counter per block) combines the P splits in a fixed
+   order (so the result does not depend on which program came last) and lerps the running mean
+   and variance of its features with rate max(momentum, 1 / (num_updates + 1)); the last feature
+   block to finish increments num_updates. The counters are reset by the programs that find them
+   full, so they are zero again when the kernel ends (no memset launch per step).
+2. `_fwd_kernel`: the value alone (eval, T = 1), or the value and the split statistics (STATS).
+3. `_update_kernel`: the update as a kernel of its own, after `_fwd_kernel` with STATS (the path
+   before the in-kernel update; triton_op.FUSED_UPDATE = False selects it).
+4. `_bwd_reduce_kernel`: per split A_p = sum dy, B_p = sum dy * (x - c) with c the batch mean (BN)
    or the running mean (plain; then it also writes dx = rstd * w * dy).
-4. `_bwd_dx_kernel` (BN): dx = rstd * w * (dy - A / T - (x - b_mu) * B / (T * (b_var + eps))); the
+5. `_bwd_dx_kernel` (BN): dx = rstd * w * (dy - A / T - (x - b_mu) * B / (T * (b_var + eps))); the
    split-0 programs write dweight = rstd * (B + (b_mu - mu) * A) and dbias = A.
 """
 
@@ -48,20 +55,28 @@ def batch_stats(aux_ptr, F, T, RPS, P, cols, fmask, P_PAD: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(
-    x_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, y_ptr, aux_ptr, T, F, RPS, stride_x, stride_y, eps,
-    STATS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr,
-):  # fmt: skip
+def _fwd_prologue(x_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, aux_ptr, F, eps, BLOCK_F: tl.constexpr):
+    """-> (cols, fmask, running mean, running variance, scale, shift) of this program's features (fp32);
+    the split-0 programs also store the running statistics they read into aux rows 0 and 1."""
     cols = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
-    split = tl.program_id(1)
     fmask = cols < F
     mu = tl.load(rm_ptr + cols, mask=fmask, other=0.0).to(tl.float32)
     var = tl.load(rv_ptr + cols, mask=fmask, other=1.0).to(tl.float32)
     scale = tl.rsqrt(var + eps) * tl.load(w_ptr + cols, mask=fmask, other=0.0).to(tl.float32)
     shift = tl.load(b_ptr + cols, mask=fmask, other=0.0).to(tl.float32)
-    if split == 0:  # the statistics this forward normalised with, for the backward
+    if tl.program_id(1) == 0:  # the statistics this forward normalised with, for the backward
         tl.store(aux_ptr + cols, mu, mask=fmask)
         tl.store(aux_ptr + F + cols, var, mask=fmask)
+    return cols, fmask, mu, var, scale, shift
+
+
+@triton.jit
+def _fwd_rows(
+    x_ptr, y_ptr, aux_ptr, T, F, RPS, stride_x, stride_y, cols, fmask, mu, scale, shift,
+    STATS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr,
+):  # fmt: skip
+    """y of this split's rows and, with STATS, the split's mean and M2 stored into aux."""
+    split = tl.program_id(1)
     start = split * RPS
     end = tl.minimum(start + RPS, T)
     mean = tl.zeros((BLOCK_F,), tl.float32)
@@ -89,22 +104,73 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _fwd_kernel(
+    x_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, y_ptr, aux_ptr, T, F, RPS, stride_x, stride_y, eps,
+    STATS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr,
+):  # fmt: skip
+    cols, fmask, mu, _, scale, shift = _fwd_prologue(x_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, aux_ptr, F, eps, BLOCK_F)
+    _fwd_rows(
+        x_ptr, y_ptr, aux_ptr, T, F, RPS, stride_x, stride_y, cols, fmask, mu, scale, shift, STATS, BLOCK_T, BLOCK_F
+    )
+
+
+@triton.jit
 def _lerp(start, end, w):
     # torch.lerp's formula (the reference updates the buffers with lerp_)
     return tl.where(w < 0.5, start + w * (end - start), end - (end - start) * (1.0 - w))
 
 
 @triton.jit
+def _update_stats(aux_ptr, rm_ptr, rv_ptr, rm, rv, n, T, F, RPS, P, momentum, cols, fmask, P_PAD: tl.constexpr):
+    """Lerps the running statistics of the features `cols` (read before as rm, rv in fp32; n the
+    update count read before) towards this batch's mean and unbiased variance, combined from the
+    split partials in aux."""
+    mean, var = batch_stats(aux_ptr, F, T, RPS, P, cols, fmask, P_PAD)
+    unbiased = var * T / (T - 1)
+    r = tl.maximum(1.0 / (n + 1).to(tl.float32), momentum)
+    tl.store(rm_ptr + cols, _lerp(rm, mean, r).to(rm_ptr.dtype.element_ty), mask=fmask)
+    tl.store(rv_ptr + cols, _lerp(rv, unbiased, r).to(rv_ptr.dtype.element_ty), mask=fmask)
+
+
+@triton.jit
 def _update_kernel(aux_ptr, rm_ptr, rv_ptr, n_ptr, T, F, RPS, P, momentum, P_PAD: tl.constexpr, BLOCK_F: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
     fmask = cols < F
-    mean, var = batch_stats(aux_ptr, F, T, RPS, P, cols, fmask, P_PAD)
-    unbiased = var * T / (T - 1)
-    r = tl.maximum(1.0 / (tl.load(n_ptr) + 1).to(tl.float32), momentum)
     rm = tl.load(rm_ptr + cols, mask=fmask, other=0.0).to(tl.float32)
     rv = tl.load(rv_ptr + cols, mask=fmask, other=0.0).to(tl.float32)
-    tl.store(rm_ptr + cols, _lerp(rm, mean, r).to(rm_ptr.dtype.element_ty), mask=fmask)
-    tl.store(rv_ptr + cols, _lerp(rv, unbiased, r).to(rv_ptr.dtype.element_ty), mask=fmask)
+    _update_stats(aux_ptr, rm_ptr, rv_ptr, rm, rv, tl.load(n_ptr), T, F, RPS, P, momentum, cols, fmask, P_PAD)
+
+
+@triton.jit
+def _fwd_update_kernel(
+    x_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, n_ptr, y_ptr, aux_ptr, sync_ptr, T, F, RPS, P, stride_x, stride_y, eps,
+    momentum, P_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr,
+):  # fmt: skip
+    """_fwd_kernel with STATS, then the update of `_update_kernel` by the last program of each
+    feature block. sync_ptr: int32 (1 + feature blocks,), zero on entry and on exit: [0] counts
+    the feature blocks done, [1 + f] the splits of block f done.
+
+    Ordering: every program reads the running statistics and num_updates before its arrival
+    (acq_rel atomics), and they are written only by programs that saw all arrivals of their block
+    (the statistics of that block) or of all blocks (num_updates): no program reads a value this
+    launch wrote. The barrier before each arrival makes all threads' partial stores precede the
+    release, and the acquire makes them visible to the last program's loads."""
+    cols, fmask, mu, var, scale, shift = _fwd_prologue(x_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, aux_ptr, F, eps, BLOCK_F)
+    n = tl.load(n_ptr)
+    _fwd_rows(
+        x_ptr, y_ptr, aux_ptr, T, F, RPS, stride_x, stride_y, cols, fmask, mu, scale, shift, True, BLOCK_T, BLOCK_F
+    )
+    block = tl.program_id(0)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(sync_ptr + 1 + block, 1, sem="acq_rel", scope="gpu")
+    if arrived == tl.num_programs(1) - 1:  # the last split of this feature block
+        _update_stats(aux_ptr, rm_ptr, rv_ptr, mu, var, n, T, F, RPS, P, momentum, cols, fmask, P_PAD)
+        tl.atomic_xchg(sync_ptr + 1 + block, 0, sem="relaxed", scope="gpu")
+        tl.debug_barrier()
+        done = tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu")
+        if done == tl.num_programs(0) - 1:  # the last feature block: every program has read n
+            tl.store(n_ptr, n + 1)
+            tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
