@@ -42,7 +42,7 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
     exp_plan = pytest.importorskip("torchpeer.experiments.plan")
     spec = exp_spec.load_spec("beyond-paper")
     runs = exp_plan.plan_sweep(spec, str(tmp_path))
-    assert len(runs) == 24  # 12 designs (dense, the paper's PEER, 10 new) x 2 seeds
+    assert len(runs) == 28  # 14 designs (dense, the paper's PEER, 12 new) x 2 seeds
     assert len(runs[0].cfg.data.valid) == 11  # the corpus valid set and each of the 10 sources
     by_seed: dict[int, dict[str, object]] = {}
     for r in runs:
@@ -56,6 +56,9 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
             if name != "gated":  # gated costs more per token: it gets the dense run's FLOP budget instead
                 assert r.tokens == dense.tokens, (seed, name)
         assert designs["gated"].tokens < dense.tokens
+        assert designs["key-norm"].cfg.model.peer.key_norm == "l2"
+        ramp = designs["table-lr-decay"].cfg.train
+        assert (ramp.expert_lr, ramp.expert_lr_final) == (3e-3, 1e-3)
         paper = designs["paper"].cfg.model
         assert paper.sparse_blocks() == [4] and not paper.peer.shared_pool and paper.peer.n_experts == 1024**2
 
