@@ -80,3 +80,22 @@ def test_no_pool_entry_without_a_shared_pool():
     r = evaluate(shared_lm(shared=False), token_file(SEQ + 1), batch_size=1, seq_len=SEQ)
     assert r["pool_usage"] == {} and set(r["routing"]) == {"blocks.0.ffw", "blocks.2.ffw"}
     assert "pool" not in format_results({"v": r})
+
+
+def test_trainer_summary_and_results_record_carry_the_pool(tmp_path):
+    """End to end: two PEER layers on one pool (with normalised sub-keys and a ramped table lr) train,
+    the final evaluation reports the pool, and a sweep's results record keeps it (under "routing")."""
+    from tests.lm.helpers import write_config, write_corpus
+    from torchpeer.lm.config_io import load_config
+    from torchpeer.lm.train import train
+
+    write_corpus(tmp_path, train_lines=300, valid_lines=40)
+    flags = ["--model.placement", "all", "--model.peer.shared_pool", "true", "--model.peer.key_norm", "l2"]
+    flags += ["--train.max_steps", "3", "--train.expert_lr_final", "1e-3", "--train.checkpoint", "false"]
+    summary = train(load_config(write_config(tmp_path), flags), str(tmp_path / "run"), progress=False)
+    v = summary["valid"]["v"]
+    pool = v["pool_usage"]["ffw_shared"]
+    assert pool["layers"] == 2 and set(v["usage"]) == {"blocks.0.ffw", "blocks.1.ffw"}
+    assert max(u["usage_pct"] for u in v["usage"].values()) <= pool["usage_pct"] <= 100
+    results = pytest.importorskip("torchpeer.experiments.results")  # the sweep's optional part
+    assert results._eval_entry(v)["routing"]["ffw_shared"] == pool
