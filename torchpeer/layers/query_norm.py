@@ -107,9 +107,9 @@ class EMAQueryNorm(_EMAStats):
     In train mode the result carries BatchNorm's gradient (through the batch mean/variance); the
     math, and the CPU path, is torchpeer.ops.query_norm.ema_norm_reference. ``backend`` ("auto",
     "torch", "triton", "reference"; resolved by torchpeer.ops.dispatch): "auto" runs the fused Triton
-    kernels on CUDA (torchpeer/ops/query_norm: one pass for the value and this batch's statistics,
-    one small kernel for the running-statistics update, two passes for the BatchNorm-style
-    backward); float64 modules and the CPU run the reference.
+    kernels on CUDA (torchpeer/ops/query_norm: one launch for the value, this batch's statistics
+    and the running-statistics update, two for the BatchNorm-style backward; one autograd
+    Function, no host sync); float64 modules and the CPU run the reference.
     """
 
     def __init__(
