@@ -282,9 +282,12 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, down, up, indices, gates, h)
     ctx.activation = activation
     ctx.mark_non_differentiable(h)
+    ctx.set_materialize_grads(False)  # no zero (T, H, K) gradient memset for h, which has none
 
 
 def _backward(ctx, dy, _dh):
+    if dy is None:  # the output did not reach the loss
+        return None, None, None, None, None, None
     x, down, up, indices, gates, h = ctx.saved_tensors
     dx, ddown, dup, dgates = _peer_mix_bwd(dy, x, down, up, indices, gates, h, ctx.activation)
     return dx, ddown, dup, None, dgates, None

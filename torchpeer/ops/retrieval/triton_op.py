@@ -84,12 +84,15 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(queries, sub_keys, indices)
     ctx.config = config
     ctx.mark_non_differentiable(indices)
+    # the indices' gradient is never used: without this autograd would memset a zero (T, H, K)
+    # int64-shaped gradient for it at every backward (a launch and bytes for nothing)
+    ctx.set_materialize_grads(False)
 
 
 def _backward_op(ctx, d_scores, _d_indices):
     queries, sub_keys, indices = ctx.saved_tensors
     need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if not (need_q or need_k):
+    if d_scores is None or not (need_q or need_k):  # None: the scores did not reach the loss
         return None, None, None, None
     dq, dk = _topk_bwd_op(d_scores, queries, sub_keys, indices, need_q, need_k, ctx.config)
     return (dq if need_q else None), (dk if need_k else None), None, None
