@@ -66,7 +66,7 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
 def test_logged_flop_table_is_what_torchpeer_info_computes():
     rows = re.findall(r"^\| [^|]+ \| (`[^`]*`|-)[^|]*\| ([\d,.]+)M \| [\d.]+M \| ([\d,]+) \| ([\d.]+) \|$",
                       LOG.read_text(), flags=re.M)  # fmt: skip
-    assert len(rows) == 12
+    assert len(rows) == 14
     dense = cost_of("gpu-dense-small").train_flops
     for overrides, params, flops, ratio in rows:
         args = [] if overrides == "-" else shlex.split(overrides.strip("`"))
