@@ -187,3 +187,23 @@ def test_human_count_and_the_isoflop_axis_labels():
     major = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
     assert "5M" in major and all(t[-1] in "kMG" or t.isdigit() for t in major), major
     assert not [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()]
+
+
+def test_runs_table_shows_a_shared_pool_union_usage_only_when_a_run_has_one():
+    from torchpeer.experiments.report import runs_table
+    from torchpeer.experiments.results import pool_usage
+
+    def rec(name, routing):
+        layers = {"blocks.1.ffw": {"usage_pct": 50.0, "kl": 0.7}, "blocks.3.ffw": {"usage_pct": 60.0, "kl": 0.5}}
+        valid = {"corpus": {"loss": 3.0, "ppl": 20.1, "usage": layers, "routing": routing}}
+        return {"run": name, "family": "peer", "eval_set": "corpus", "valid": valid, "tokens": 10, "seed": 0}
+
+    shared = rec("shared", {"ffw_shared": {"usage_pct": 98.5, "kl": 0.25, "layers": ["blocks.1.ffw", "blocks.3.ffw"]}})
+    separate = rec("separate", {"blocks.1.ffw": {"usage_pct": 50.0, "kl": 0.7}})
+    assert pool_usage(shared) == (98.5, 0.25) and pool_usage(separate) == (None, None)
+    table = runs_table([shared, separate])
+    assert "pool usage %" in table[0] and "pool KL" in table[0]
+    row = {line.split(" | ")[0].strip("| "): line for line in table[2:]}
+    assert "| 55.0 | 0.600 | 98.5 | 0.250 |" in row["shared"]  # per-layer mean, then the pool's union
+    assert "| 55.0 | 0.600 | - | - |" in row["separate"]
+    assert "pool usage %" not in runs_table([separate])[0]

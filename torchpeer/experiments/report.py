@@ -27,7 +27,14 @@ from torchpeer.experiments.compare import (
     seed_of,
 )
 from torchpeer.experiments.fit import isoflop_fits
-from torchpeer.experiments.results import primary_loss, read_results, results_path, routed_usage, short_count
+from torchpeer.experiments.results import (
+    pool_usage,
+    primary_loss,
+    read_results,
+    results_path,
+    routed_usage,
+    short_count,
+)
 
 
 def write_report(runs_dir: str, out_dir: str | None = None, params_key: str = "active_params") -> dict[str, str]:
@@ -110,11 +117,15 @@ def _fmt(v, spec: str = ".4f") -> str:
 def runs_table(recs: list[dict]) -> list[str]:
     set_name = _set(recs)
     header = ["run", "family", "seed", "params", "active", "tokens", "epochs", "FLOPs", f"loss ({set_name})", "ppl"]
-    header += ["usage %", "KL", "tokens/s"]
+    header += ["usage %", "KL"]
+    # layers sharing one expert pool: the pool's union usage besides the per-layer mean
+    pools = any(pool_usage(r)[0] is not None for r in recs)
+    header += ["pool usage %", "pool KL", "tokens/s"] if pools else ["tokens/s"]
     rows = []
     for r in recs:
         loss = primary_loss(r)
         usage, kl = routed_usage(r)
+        pool = [_fmt(v, f) for v, f in zip(pool_usage(r), (".1f", ".3f"))] if pools else []
         ppl = (r.get("valid") or {}).get(r.get("eval_set"), {}).get("ppl")
         rows.append(
             [
@@ -130,6 +141,7 @@ def runs_table(recs: list[dict]) -> list[str]:
                 _fmt(ppl, ".2f"),
                 _fmt(usage, ".1f"),
                 _fmt(kl, ".3f"),
+                *pool,
                 _fmt(r.get("tokens_per_s"), ",.0f"),
             ]
         )

@@ -216,6 +216,19 @@ def routed_usage(record: dict[str, Any]) -> tuple[float | None, float | None]:
     return sum(u["usage_pct"] for u in layers) / len(layers), (sum(kls) / len(kls) if kls else None)
 
 
+def pool_usage(record: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(usage %, KL) of the shared expert pools on the ranking eval set: the union over the layers
+    that read a pool (the eval stores each pool in "routing" with its "layers"), averaged over the
+    pools; (None, None) for a model without a shared pool."""
+    entry = (record.get("valid") or {}).get(record.get("eval_set")) or {}
+    pools = [u for u in (entry.get("routing") or {}).values() if isinstance(u, dict) and "layers" in u]
+    pools = [u for u in pools if "usage_pct" in u]
+    if not pools:
+        return None, None
+    kls = [u["kl"] for u in pools if "kl" in u]
+    return sum(u["usage_pct"] for u in pools) / len(pools), (sum(kls) / len(kls) if kls else None)
+
+
 def short_count(n) -> str:
     """A parameter count, short: 10.3k, 2.88M, 1.1B ("-" for None)."""
     if n is None:
