@@ -255,3 +255,22 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     if proc.returncode == 0:
         pytest.skip("the command finished before the signal arrived (a very fast machine)")
     assert proc.returncode == 130 and "Traceback" not in err and err.strip().endswith("interrupted"), err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--model.peer.n_experts", "1000"], "[model.peer] n_experts=1000 must be a perfect square"),
+        (["--model.peer.query_norm", "bn"], "[model.peer] unknown query_norm 'bn'"),
+        (["--model.ffw", "pkm", "--model.pkm.top_k", "0"], "[model.pkm] top_k must be a positive integer, got 0"),
+    ],
+)
+def test_error_bad_ffw_section_value_names_it_before_tokenising(capsys, tmp_path, override, message):
+    """A value the FFW layer refuses is one line naming its [model.<kind>] section, and `train` reports
+    it before the tokenizer and token files are made (minutes on a large corpus), writing nothing."""
+    (tmp_path / "t.txt").write_text("some text\n" * 20)
+    cfg = _toml(tmp_path, f'train = "{tmp_path}/t.txt"\nvalid = {{}}')
+    argv = ["--model.ffw", "peer", "--model.placement", "1", *override]
+    assert message in _error(capsys, ["info", cfg, *argv])
+    assert message in _error(capsys, ["train", cfg, *argv, "--run-dir", str(tmp_path / "run")])
+    assert not os.path.exists(tmp_path / "cache") and not os.path.exists(tmp_path / "run")

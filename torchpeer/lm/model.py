@@ -13,6 +13,7 @@ Shapes: idx (B, T) int64 token ids -> logits (B, T, vocab_size).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -29,6 +30,26 @@ def build_ffw(kind: str, cfg: ModelConfig, shared: nn.Module | None = None) -> n
     ffw = get_ffw(kind)
     section = getattr(cfg, ffw.name)
     return ffw.build(cfg.d_model, section) if shared is None else ffw.build(cfg.d_model, section, shared)
+
+
+@contextlib.contextmanager
+def ffw_section_errors(kind: str):
+    """A ValueError / TypeError of building an FFW of ``kind`` (a non-square n_experts, top_k 0, an
+    unknown query_norm: the layer's own message) re-raised naming the config section it came from."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise (TypeError if isinstance(e, TypeError) else ValueError)(f"[model.{kind}] {msg}") from e
+
+
+def check_ffw_sections(cfg: ModelConfig) -> None:
+    """Build one FFW of every kind the model uses on the meta device (no memory, no init), so that a
+    bad ``[model.<kind>]`` value is one error that names its section before a trainer tokenises
+    anything (TransformerLM would raise the same, after the data)."""
+    for kind in dict.fromkeys(cfg.block_kinds()):
+        with ffw_section_errors(kind), torch.device("meta"):
+            build_ffw(kind, cfg, build_shared_ffw(cfg) if kind == cfg.ffw else None)
 
 
 def build_shared_ffw(cfg: ModelConfig) -> nn.Module | None:
@@ -137,7 +158,8 @@ class Block(nn.Module):
         self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = CausalSelfAttention(cfg)
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffw = build_ffw(ffw_kind, cfg, shared)
+        with ffw_section_errors(ffw_kind):
+            self.ffw = build_ffw(ffw_kind, cfg, shared)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cache, layer)
@@ -155,7 +177,8 @@ class TransformerLM(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         # Registered only when built: models without one keep their parameter order and state-dict keys.
-        shared = build_shared_ffw(cfg)
+        with ffw_section_errors(cfg.ffw):
+            shared = build_shared_ffw(cfg)
         if shared is not None:
             self.ffw_shared = shared
         kinds = cfg.block_kinds()

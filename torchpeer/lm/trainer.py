@@ -76,8 +76,10 @@ class Trainer:
     def build(self) -> Trainer:
         """Everything that can fail on bad input happens here, before the run folder is written."""
         from torchpeer.lm.memory import check_fits
+        from torchpeer.lm.model import check_ffw_sections
 
         self.cfg.validate()
+        check_ffw_sections(self.cfg.model)  # a bad [model.<kind>] value fails now, not after the tokenizer
         self.device = self.plan.setup(runtime.resolve_device(self.cfg.train.device))
         self._find_checkpoint()
         self._build_data()
