@@ -134,6 +134,10 @@ def test_error_missing_checkpoint(capsys, tmp_path):
     assert "does not exist" in _error(capsys, ["generate", str(tmp_path / "nope")])
     os.makedirs(tmp_path / "emptyrun")
     assert "no" in _error(capsys, ["generate", str(tmp_path / "emptyrun")])
+    (tmp_path / "model.safetensors").write_bytes(b"x")  # a file of a checkpoint, not its folder
+    for cmd in ("eval", "generate"):
+        err = _error(capsys, [cmd, str(tmp_path / "model.safetensors")])
+        assert "model.safetensors' is a file; give its folder (RUN_DIR/checkpoints/step_<N>) or the run folder" in err
 
 
 def test_overrides_rejected_for_eval(capsys, tmp_path):

@@ -126,6 +126,10 @@ def resolve_checkpoint(path: str, say=_stderr) -> str:
                 f"their final evaluations are in its results.jsonl; see them with 'torchpeer report {path}'"
             )
         raise FileNotFoundError(f"{path!r} is neither a checkpoint folder nor a run folder with checkpoints")
+    if os.path.exists(path):  # a file: e.g. model.safetensors or config.json of a checkpoint
+        raise FileNotFoundError(
+            f"checkpoint {path!r} is a file; give its folder (RUN_DIR/checkpoints/step_<N>) or the run folder"
+        )
     raise FileNotFoundError(f"checkpoint {path!r} does not exist")
 
 
