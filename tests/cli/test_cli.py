@@ -278,3 +278,25 @@ def test_error_bad_ffw_section_value_names_it_before_tokenising(capsys, tmp_path
     assert message in _error(capsys, ["info", cfg, *argv])
     assert message in _error(capsys, ["train", cfg, *argv, "--run-dir", str(tmp_path / "run")])
     assert not os.path.exists(tmp_path / "cache") and not os.path.exists(tmp_path / "run")
+
+
+def test_eval_and_generate_errors_name_their_own_options(capsys, tmp_path):
+    """eval's --out and eval/generate's --device are named as such (not --run-dir / train.device),
+    and a bad --out fails before the evaluation runs."""
+    (tmp_path / "t.txt").write_text("some text for a tiny run\n" * 40)
+    cfg = _toml(tmp_path, f'train = "{tmp_path}/t.txt"\nvalid = {{}}')
+    run = str(tmp_path / "run")
+    assert main(["train", cfg, "--run-dir", run, "--no-progress"]) == 0
+    capsys.readouterr()
+    data = ["--data", f"v={tmp_path}/t.txt", "--no-progress"]
+    err = _error(capsys, ["eval", run, *data, "--out", str(tmp_path)])
+    assert err == f"error: --out {tmp_path} is a folder; give a JSON file path, e.g. {tmp_path}/eval.json\n"
+    out = tmp_path / "t.txt" / "e.json"  # below a file
+    err = _error(capsys, ["eval", run, *data, "--out", str(out)])
+    assert f"{tmp_path}/t.txt is a file, not a directory; choose another --out" in err
+    for cmd in ("eval", "generate"):
+        assert "error: --device 'tpu' is not a device; use auto, cpu, cuda or cuda:N" in _error(
+            capsys, [cmd, run, "--device", "tpu"]
+        )
+    assert main(["eval", run, *data, "--out", str(tmp_path / "e.json")]) == 0
+    assert json.load(open(tmp_path / "e.json"))["results"]["v"]["tokens"] > 0

@@ -98,7 +98,7 @@ def test_resume_and_eval_on_a_read_only_run_keep_everything(trained, tmp_path, c
     assert f"cannot write run folder {copy}: Read-only file system" in err
     assert main(["eval", copy, "--no-progress"]) == 2  # the default output goes into the run folder
     err = _one_error(capsys)
-    assert "cannot write run folder" in err and "Read-only file system" in err
+    assert "cannot write run folder" in err and "Read-only file system" in err and "choose another --out" in err
     assert _digest(copy) == before
 
 

@@ -49,7 +49,10 @@ def run(args) -> int:
     for name in ("batch_size", "max_batches"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
+    if args.out and os.path.isdir(args.out):
+        example = os.path.join(args.out, "eval.json")
+        raise ValueError(f"--out {args.out} is a folder; give a JSON file path, e.g. {example}")
     model, cfg, ckpt, tok = load_for_inference(args.checkpoint, device)
     if args.cache_dir:
         cfg.data.cache_dir = args.cache_dir
@@ -57,7 +60,8 @@ def run(args) -> int:
     if not sets:
         raise ValueError("nothing to evaluate: the checkpoint's config has no valid sets; pass --data NAME=SOURCE")
     out = args.out or default_out(ckpt)
-    check_writable(os.path.dirname(os.path.abspath(out)))  # fail before evaluating, not after
+    what = "--out folder" if args.out else "run folder"  # the default output goes into the run folder
+    check_writable(os.path.dirname(os.path.abspath(out)), what, "--out")  # fail before evaluating, not after
     dtype = autocast_dtype(device, cfg.train.dtype)
     bs = args.batch_size or cfg.train.eval_batch_size or cfg.train.batch_size
     results = {}

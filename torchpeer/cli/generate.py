@@ -80,7 +80,7 @@ def run(args) -> int:
     from torchpeer.lm.runtime import resolve_device
 
     check_args(args)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     model, cfg, ckpt, tok = load_for_inference(args.checkpoint, device)
     ids = [tok.eot_id] + tok.encode(args.prompt)  # documents start after an end-of-text token
     note = context_note(len(ids), args.max_new_tokens, cfg.model.seq_len, use_cache=not args.no_cache)

@@ -67,15 +67,16 @@ def _is_write_failure(e: Exception) -> bool:
     return type(e).__name__ == "SafetensorError" and "I/O error" in text
 
 
-def check_writable(run_dir: str) -> None:
+def check_writable(run_dir: str, what: str = "run folder", option: str = "--run-dir") -> None:
     """Raise RunWriteError unless files can be created in ``run_dir`` (or, if it does not exist
-    yet, in its nearest existing parent: nothing is created by the check)."""
+    yet, in its nearest existing parent: nothing is created by the check). ``what`` and ``option``
+    name the folder and the command-line option that chose it in the message."""
     probe_dir = os.path.abspath(run_dir)
     while not os.path.exists(probe_dir):
         probe_dir = os.path.dirname(probe_dir)
     if not os.path.isdir(probe_dir):
         raise RunWriteError(
-            f"cannot write run folder {run_dir}: {probe_dir} is a file, not a directory; choose another --run-dir"
+            f"cannot write {what} {run_dir}: {probe_dir} is a file, not a directory; choose another {option}"
         )
     try:
         fd, probe = tempfile.mkstemp(dir=probe_dir, prefix=".write-check.", suffix=".tmp")
@@ -83,7 +84,7 @@ def check_writable(run_dir: str) -> None:
         os.remove(probe)
     except OSError as e:
         raise RunWriteError(
-            f"cannot write run folder {run_dir}: {_reason(e)} ({probe_dir}); choose another --run-dir "
+            f"cannot write {what} {run_dir}: {_reason(e)} ({probe_dir}); choose another {option} "
             "or free space; nothing was written"
         ) from e
 

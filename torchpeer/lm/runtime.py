@@ -13,16 +13,19 @@ import numpy as np
 import torch
 
 
-def resolve_device(spec: str) -> torch.device:
-    """ "auto" -> cuda if available else cpu; anything else is passed to torch.device."""
+def resolve_device(spec: str, option: str = "train.device") -> torch.device:
+    """ "auto" -> cuda if available else cpu; anything else is passed to torch.device. ``option``
+    names the setting in the error (``--device`` for eval and generate)."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    flag = option if option.startswith("--") else f"--{option}"
     try:
         dev = torch.device(spec)
     except RuntimeError:
-        raise ValueError(f"train.device={spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        given = f"{option} {spec!r}" if option.startswith("--") else f"{option}={spec!r}"
+        raise ValueError(f"{given} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device asks for cuda but no CUDA device is available; use --train.device cpu")
+        raise ValueError(f"{option} asks for cuda but no CUDA device is available; use {flag} cpu")
     return dev
 
 
