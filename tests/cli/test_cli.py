@@ -300,3 +300,22 @@ def test_eval_and_generate_errors_name_their_own_options(capsys, tmp_path):
         )
     assert main(["eval", run, *data, "--out", str(tmp_path / "e.json")]) == 0
     assert json.load(open(tmp_path / "e.json"))["results"]["v"]["tokens"] > 0
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS)
+def test_every_option_says_what_it_does_and_its_default(cmd):
+    """--help explains each option of the core subcommands; one with a default value names it."""
+    import argparse
+
+    from torchpeer.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[cmd]
+    for action in sub._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        name = action.option_strings[-1] if action.option_strings else action.dest
+        assert action.help, f"torchpeer {cmd} {name} has no help text"
+        if action.default not in (None, False) and action.option_strings:
+            assert "default" in action.help, (
+                f"torchpeer {cmd} {name}: help does not give the default {action.default!r}"
+            )

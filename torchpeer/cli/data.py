@@ -43,9 +43,15 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         help="a validation source; repeat for several (replaces the config's valid table)",
     )
     parser.add_argument("--tokenizer", metavar="SPEC", help="byte | bpe | gpt2:DIR | hf:NAME (default: byte)")
-    parser.add_argument("--vocab-size", type=int, metavar="N", help="vocabulary size of a bpe tokenizer")
+    parser.add_argument(
+        "--vocab-size", type=int, metavar="N", help="vocabulary size of a bpe tokenizer (default: 8192)"
+    )
     parser.add_argument("--cache-dir", metavar="DIR", help="where token files live (default: data_cache)")
-    parser.add_argument("--token-dtype", choices=["auto", "uint16", "uint32"], help="token file dtype")
+    parser.add_argument(
+        "--token-dtype",
+        choices=["auto", "uint16", "uint32"],
+        help="integer type of the token files (default: auto, uint16 when the vocabulary fits, else uint32)",
+    )
     parser.add_argument("--force", action="store_true", help="re-tokenise even if the cache is fresh")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -21,9 +21,13 @@ def add_parser(subparsers):
     p.add_argument(
         "--data", action="append", metavar="NAME=SOURCE", help="eval set (repeatable); default: the config's valid sets"
     )
-    p.add_argument("--batch-size", type=int, help="eval batch size (default: the config's)")
-    p.add_argument("--max-batches", type=int, help="evaluate only the first N batches of each set")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="sequences of seq_len tokens per batch (default: the config's train.eval_batch_size or batch_size)",
+    )
+    p.add_argument("--max-batches", type=int, help="evaluate only the first N batches of each set (default: all)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto: cuda if available)")
     p.add_argument("--cache-dir", help="token cache folder (default: the config's data.cache_dir)")
     p.add_argument("--out", help="JSON output path (default RUN_DIR/eval-<checkpoint>.json)")
     p.add_argument("--no-progress", action="store_true", help="no tokenising progress bar")

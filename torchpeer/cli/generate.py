@@ -18,13 +18,17 @@ def add_parser(subparsers):
     )
     p.add_argument("checkpoint", help="checkpoint folder or run folder")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample (default 200)")
+    p.add_argument(
+        "--temperature", type=float, default=0.8, help="divides the logits; 0 = greedy decoding (default 0.8)"
+    )
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (omit: all)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling's random numbers (default 0)")
+    p.add_argument(
+        "--num-samples", type=int, default=1, help="samples of the same prompt, printed when all are done (default 1)"
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto: cuda if available)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step")
     p.add_argument("--stop-at-eot", action="store_true", help="stop at the end-of-text token")
     p.set_defaults(func=run)
