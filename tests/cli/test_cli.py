@@ -319,3 +319,40 @@ def test_every_option_says_what_it_does_and_its_default(cmd):
             assert "default" in action.help, (
                 f"torchpeer {cmd} {name}: help does not give the default {action.default!r}"
             )
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            ["--data.valid", "ptb:valid"],
+            "as dict; give one eval set as --data.valid.NAME SOURCE (e.g. --data.valid.ptb",
+        ),
+        (["--model.peer.shared_keys", "maybe"], "'maybe' as bool; use true or false"),
+        (["--model.peer.n_experts", "abc"], "'abc' as int; give a number"),
+        (["--train.max_flops", "lots"], "'lots' as float or none; give a number or none"),
+    ],
+)
+def test_error_unparsable_override_says_what_to_give(capsys, override, message):
+    assert message in _error(capsys, ["info", *override])
+
+
+@pytest.mark.parametrize(
+    "key, suggestion",
+    [
+        ("model.dropout", None),  # no field like it: not model.moe.routing, which only shares "model."
+        ("train.learning_rate", None),
+        ("model.n_experts", "model.peer.n_experts"),  # ptb-tiny is a PEER model: its section first
+        ("trian.max_steps", "train.max_steps"),
+        ("train.warmup", "train.warmup_steps"),
+    ],
+)
+def test_unknown_field_suggests_only_a_similar_field(capsys, key, suggestion):
+    err = _error(capsys, ["info", f"--{key}", "3"])
+    assert err.startswith(f"error: unknown config field {key!r}")
+    if suggestion is None:
+        assert "did you mean" not in err
+    else:
+        assert f"did you mean --{suggestion}?" in err
+    if key == "model.n_experts":
+        assert "did you mean --model.moe.n_experts?" in _error(capsys, ["info", "--model.ffw", "moe", f"--{key}", "3"])

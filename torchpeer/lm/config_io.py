@@ -165,7 +165,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | list[tuple[str, str]]
 
 def _suggest(cfg: RunConfig, key: str, parts: list[str]) -> str:
     """The existing field closest to the misspelt ``key``, then the valid fields where ``parts`` went wrong."""
-    match = closest(key, _field_names(cfg))
+    match = _closest_field(key, _field_names(cfg), f"model.{cfg.model.ffw}.")
     hint = f"did you mean --{match}? " if match else ""
     obj = cfg
     for p in parts[:-1]:
@@ -175,6 +175,24 @@ def _suggest(cfg: RunConfig, key: str, parts: list[str]) -> str:
         names = [f"{prefix}.{f.name}" if prefix else f.name for f in dataclasses.fields(obj)]
         return f"{hint}valid fields here: {', '.join(names)}"
     return f"{hint}sections are model, train, data"
+
+
+def _closest_field(key: str, names: list[str], prefer: str = "") -> str | None:
+    """The dotted field most like ``key`` among those whose last part is like ``key``'s (so that
+    ``trian.max_steps`` finds ``train.max_steps`` but ``model.dropout`` finds nothing, not a field
+    that only shares the ``model.`` prefix), fields under ``prefer`` (the model's FFW section)
+    first among equals; or None."""
+    import difflib
+
+    leaf = key.rsplit(".", 1)[-1]
+    similar = [n for n in names if closest(leaf, [n.rsplit(".", 1)[-1]])]
+    if not similar:
+        return None
+
+    def score(name: str) -> float:
+        return difflib.SequenceMatcher(None, key, name).ratio() + (0.05 if prefer and name.startswith(prefer) else 0)
+
+    return max(similar, key=score)
 
 
 def _field_names(obj, prefix: str = "") -> list[str]:
@@ -226,4 +244,18 @@ def parse_value(text: str, tp, key: str) -> Any:
                 return text
         except (ValueError, TypeError, json.JSONDecodeError):
             continue
-    raise ValueError(f"cannot parse --{key} {text!r} as {type_name(tp)}")
+    raise ValueError(f"cannot parse --{key} {text!r} as {type_name(tp)}{_value_hint(tp, key)}")
+
+
+def _value_hint(tp, key: str) -> str:
+    """What a value of type ``tp`` looks like on the command line, for the parse error."""
+    kinds = type_args(tp)
+    if any(typing.get_origin(t) is dict for t in kinds):
+        if key == "data.valid":
+            return "; give one eval set as --data.valid.NAME SOURCE (e.g. --data.valid.ptb ptb:valid) or a JSON object"
+        return "; give a JSON object"
+    if bool in kinds:
+        return "; use true or false"
+    if int in kinds or float in kinds:
+        return "; give a number" + (" or none" if type(None) in kinds else "")
+    return ""
