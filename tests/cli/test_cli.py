@@ -356,3 +356,20 @@ def test_unknown_field_suggests_only_a_similar_field(capsys, key, suggestion):
         assert f"did you mean --{suggestion}?" in err
     if key == "model.n_experts":
         assert "did you mean --model.moe.n_experts?" in _error(capsys, ["info", "--model.ffw", "moe", f"--{key}", "3"])
+
+
+def test_resume_note_suggests_no_model_override(capsys, tmp_path):
+    """The resume note's example override is a field that may change on resume, never a model field
+    (which the resume would refuse)."""
+    (tmp_path / "t.txt").write_text("some text for a tiny run\n" * 40)
+    cfg = _toml(tmp_path, f'train = "{tmp_path}/t.txt"\nvalid = {{}}')
+    run = str(tmp_path / "run")
+    assert main(["train", cfg, "--run-dir", run, "--model.n_layers", "1", "--train.seed", "3", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train", cfg, "--run-dir", run, "--resume", "--train.max_steps", "3", "--no-progress"]) == 0
+    note = capsys.readouterr().out.splitlines()[0]
+    assert (
+        note.startswith("note: the run continues under its saved config") and "model.n_layers (run 1, file 2)" in note
+    )
+    assert note.endswith("e.g. --train.seed 0 (model fields stay the checkpoint's)"), note
+    assert "e.g. --model" not in note

@@ -85,10 +85,13 @@ def config_for_resume(file_cfg, config_arg: str, run_dir: str, overrides, say=pr
     if diffs:
         shown = "; ".join(f"{k} (run {a!r}, file {b!r})" for k, a, b in diffs[:6])
         more = f"; and {len(diffs) - 6} more" if len(diffs) > 6 else ""
-        example = next((f", e.g. --{k} {_as_flag(v)}" for k, _, v in diffs if not isinstance(v, dict)), "")
+        # model fields are the checkpoint's weights' shape: an override of one is refused, so none is the example
+        changeable = [(k, v) for k, _, v in diffs if not isinstance(v, dict) and not k.startswith("model.")]
+        example = f", e.g. --{changeable[0][0]} {_as_flag(changeable[0][1])}" if changeable else ""
+        fixed = " (model fields stay the checkpoint's)" if any(k.startswith("model.") for k, _, _ in diffs) else ""
         say(
             f"note: the run continues under its saved config; {config_arg} differs in {shown}{more}; "
-            f"to change a field give it as an override{example}"
+            f"to change a field give it as an override{example}{fixed}"
         )
     return cfg
 
