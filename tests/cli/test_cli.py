@@ -373,3 +373,29 @@ def test_resume_note_suggests_no_model_override(capsys, tmp_path):
     )
     assert note.endswith("e.g. --train.seed 0 (model fields stay the checkpoint's)"), note
     assert "e.g. --model" not in note
+
+
+def test_a_file_where_a_folder_is_needed_is_one_clear_line(capsys, tmp_path):
+    """A bare OS error from inside a command (sweep's runs folder, report's --out, export-hf's
+    output made below a file) names the file in the way, not "[Errno 17] File exists: ..."."""
+    from torchpeer.cli import os_error_message
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    err = _error(capsys, ["sweep", "cpu-smoke", "--runs-dir", str(afile), "--no-progress"])
+    assert err == f"error: {afile} is a file, not a folder; choose another path\n"
+    err = _error(capsys, ["sweep", "cpu-smoke", "--runs-dir", str(afile / "sub"), "--no-progress"])
+    assert err == f"error: {afile} is a file, not a folder (in {afile / 'sub'}); choose another path\n"
+    try:
+        os.makedirs(afile / "a" / "b")
+    except OSError as e:
+        try:
+            raise ValueError(str(e)) from None  # re-raised as its text, as export-hf does
+        except ValueError as wrapped:
+            assert (
+                os_error_message(wrapped) == f"{afile} is a file, not a folder (in {afile / 'a'}); choose another path"
+            )
+    missing = FileNotFoundError(2, "No such file or directory", str(tmp_path / "nope"))
+    assert os_error_message(missing) == f"{tmp_path / 'nope'}: No such file or directory"
+    assert os_error_message(ValueError("a message of ours")) is None
+    assert os_error_message(FileNotFoundError("checkpoint 'x' does not exist")) is None

@@ -10,6 +10,7 @@ subcommand, tokenising, evaluating) prints "interrupted" and exits 130, without 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -30,6 +31,25 @@ def build_parser() -> argparse.ArgumentParser:
         if p.get_default("takes_overrides"):
             parser.get_default("override_commands").append(p.prog.split()[-1])
     return parser
+
+
+def os_error_message(e: BaseException) -> str | None:
+    """A bare OS error from inside a command ("[Errno 17] File exists: 'x'") as one line that says
+    which path is wrong and what to do; None for any other error (their messages already say it)."""
+    inner = e.__context__
+    if not isinstance(e, OSError) and isinstance(inner, OSError) and str(e) == str(inner):
+        e = inner  # re-raised as is, e.g. ValueError(str(os_error))
+    if not isinstance(e, OSError) or not e.filename or not e.strerror or not str(e).startswith("[Errno"):
+        return None
+    path = os.fspath(e.filename)
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):  # a file where a folder is needed: makedirs, an output path
+        blocker = path
+        while blocker and not os.path.isfile(blocker) and os.path.dirname(blocker) != blocker:
+            blocker = os.path.dirname(blocker)
+        if os.path.isfile(blocker):
+            where = "" if blocker == path else f" (in {path})"
+            return f"{blocker} is a file, not a folder{where}; choose another path"
+    return f"{path}: {e.strerror}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("TORCHPEER_TRACEBACK"):
             raise  # debugging: the full traceback instead of the one-line message
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {os_error_message(e) or msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
