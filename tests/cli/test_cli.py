@@ -399,3 +399,26 @@ def test_a_file_where_a_folder_is_needed_is_one_clear_line(capsys, tmp_path):
     assert os_error_message(missing) == f"{tmp_path / 'nope'}: No such file or directory"
     assert os_error_message(ValueError("a message of ours")) is None
     assert os_error_message(FileNotFoundError("checkpoint 'x' does not exist")) is None
+
+
+@pytest.mark.parametrize(
+    "argv, example",
+    [
+        (
+            ["train", "--model", "peer"],
+            "--model is a config section, not an option; set one of its fields, e.g. --model.ffw dense",
+        ),
+        (
+            ["info", "--train=5"],
+            "--train is a config section, not an option; set one of its fields, e.g. --train.max_steps",
+        ),
+    ],
+)
+def test_a_bare_section_shows_the_dotted_form(capsys, argv, example):
+    assert example in _error(capsys, argv)
+
+
+def test_data_keeps_its_own_train_option(capsys, tmp_path):
+    """`torchpeer data --train SPEC` is data's option, not a bare [train] section."""
+    err = _error(capsys, ["data", "--train", str(tmp_path / "nope.txt"), "--no-progress"])
+    assert "nope.txt' does not exist" in err

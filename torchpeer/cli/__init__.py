@@ -33,6 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SECTION_EXAMPLES = {"--model": "--model.ffw dense", "--train": "--train.max_steps 100", "--data": "--data.train FILE"}
+
+
+def check_no_bare_section(args: list[str]) -> None:
+    """``--model peer`` (a section given as if it were an option) is one error that shows the dotted
+    form, instead of argparse's "unrecognized arguments"."""
+    for a in args:
+        flag = a.split("=", 1)[0]
+        if flag in SECTION_EXAMPLES:
+            raise ValueError(
+                f"{flag} is a config section, not an option; set one of its fields, e.g. {SECTION_EXAMPLES[flag]}"
+            )
+
+
 def os_error_message(e: BaseException) -> str | None:
     """A bare OS error from inside a command ("[Errno 17] File exists: 'x'") as one line that says
     which path is wrong and what to do; None for any other error (their messages already say it)."""
@@ -59,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
         rest, overrides = split_overrides(argv)
         parser = build_parser()
+        if rest and rest[0] in parser.get_default("override_commands"):
+            check_no_bare_section(rest[1:])
         args = parser.parse_args(rest)
         if overrides and not getattr(args, "takes_overrides", False):
             takers = parser.get_default("override_commands")
