@@ -422,3 +422,27 @@ def test_data_keeps_its_own_train_option(capsys, tmp_path):
     """`torchpeer data --train SPEC` is data's option, not a bare [train] section."""
     err = _error(capsys, ["data", "--train", str(tmp_path / "nope.txt"), "--no-progress"])
     assert "nope.txt' does not exist" in err
+
+
+def test_info_toml_lists_every_field_and_loads_back(capsys, tmp_path):
+    """`torchpeer info CONFIG --toml`: the config after overrides, every field (unset ones as comments),
+    as a TOML file that loads back to the same config."""
+    import functools
+
+    from torchpeer.lm.config_io import _field_names, tomllib  # tomllib, or tomli on Python 3.10
+
+    assert main(["info", "ptb-tiny", "--toml", "--model.d_model", "64", "--train.max_tokens", "1e6"]) == 0
+    text = capsys.readouterr().out
+    assert "\nd_model = 64\n" in text and "\n# vocab_size = none\n" in text and "\nmax_tokens = 1000000\n" in text
+    path = tmp_path / "mine.toml"
+    path.write_text(text)
+    cfg = load_config(str(path))
+    assert cfg.to_dict() == load_config("ptb-tiny", ["--model.d_model", "64", "--train.max_tokens", "1e6"]).to_dict()
+    parsed = tomllib.loads(text)
+    for name in _field_names(cfg):  # each set field is in the file; each unset one is a comment
+        *sections, leaf = name.split(".")
+        table = functools.reduce(lambda d, k: d[k], sections, parsed)
+        assert leaf in table or f"\n# {leaf} = none" in text, name
+    with pytest.raises(SystemExit):
+        main(["info", "--toml", "--json"])
+    assert "not allowed with argument" in capsys.readouterr().err

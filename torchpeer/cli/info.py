@@ -21,7 +21,14 @@ def add_parser(subparsers):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"config name or path (default {DEFAULT_CONFIG})")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    out.add_argument(
+        "--toml",
+        action="store_true",
+        help="print the config itself instead: every field and its value after the overrides, as TOML "
+        "(unset ones as '# field = none'); save it to start a config of your own",
+    )
     p.set_defaults(func=run, takes_overrides=True)
     return p
 
@@ -47,6 +54,11 @@ def run(args) -> int:
     from torchpeer.lm.info import config_cost, format_cost
 
     cfg = config_with_overrides(args.config, args.overrides)
+    if args.toml:
+        from torchpeer.lm.config_io import dump_toml
+
+        print(dump_toml(cfg, show_unset=True), end="")
+        return 0
     cfg.model.vocab_size = infer_vocab_size(cfg)
     cost = config_cost(cfg.model)
     if args.json:

@@ -13,6 +13,7 @@ config overrides: any field as --SECTION.FIELD VALUE (or =VALUE), typed from the
   --train.max_steps 100 --train.max_flops 1e15 --train.device cpu
   --data.train 'corpus/*/train.jsonl.xz' --data.valid.mine path/valid.txt
   ('none' clears an optional field, e.g. --train.max_steps none --train.max_tokens 2e7)
+  every field and its value: torchpeer info CONFIG --toml (the same overrides apply)
 
 examples:
   torchpeer train                                  # ptb-tiny: small PEER LM on PTB, CPU

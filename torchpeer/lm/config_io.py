@@ -82,17 +82,18 @@ def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | list[
     return cfg
 
 
-def dump_toml(cfg: RunConfig) -> str:
-    """TOML text of a config (None fields are omitted, TOML has no null)."""
+def dump_toml(cfg: RunConfig, show_unset: bool = False) -> str:
+    """TOML text of a config (None fields are omitted, TOML has no null; ``show_unset`` writes each
+    as a comment ``# field = none``, so that every field is listed)."""
     lines: list[str] = []
 
     def emit(d: dict[str, Any], section: str) -> None:
-        scalars = {k: v for k, v in d.items() if not isinstance(v, dict) and v is not None}
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict) and (v is not None or show_unset)}
         tables = {k: v for k, v in d.items() if isinstance(v, dict)}
         if section:
             lines.append(f"\n[{section}]")
         for k, v in scalars.items():
-            lines.append(f"{k} = {json.dumps(v)}")
+            lines.append(f"{k} = {json.dumps(v)}" if v is not None else f"# {k} = none")
         for k, v in tables.items():
             emit(v, f"{section}.{k}" if section else k)
 
