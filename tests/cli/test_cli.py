@@ -446,3 +446,12 @@ def test_info_toml_lists_every_field_and_loads_back(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["info", "--toml", "--json"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_an_int_field_takes_a_power_as_the_docs_write_n(capsys):
+    """--model.peer.n_experts 256**2 (or 256^2): the docs and configs write N as a square."""
+    assert load_config("ptb-tiny", ["--model.peer.n_experts", "256**2"]).model.peer.n_experts == 65536
+    assert load_config("ptb-tiny", ["--model.peer.n_experts", "256^2"]).model.peer.n_experts == 65536
+    assert "'2M' as int or none; give a number, e.g. 2e6 or none" in _error(
+        capsys, ["info", "--train.max_tokens", "2M"]
+    )

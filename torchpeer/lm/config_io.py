@@ -222,6 +222,9 @@ def parse_value(text: str, tp, key: str) -> Any:
                     return False
                 continue
             if t is int:
+                power = re.fullmatch(r"\s*(\d+)\s*(?:\*\*|\^)\s*(\d+)\s*", text)  # 1024**2, 256^2 as the docs write N
+                if power:
+                    return int(power.group(1)) ** int(power.group(2))
                 try:
                     return int(text.replace("_", ""))
                 except ValueError:
@@ -258,5 +261,5 @@ def _value_hint(tp, key: str) -> str:
     if bool in kinds:
         return "; use true or false"
     if int in kinds or float in kinds:
-        return "; give a number" + (" or none" if type(None) in kinds else "")
+        return "; give a number, e.g. 2e6" + (" or none" if type(None) in kinds else "")
     return ""
