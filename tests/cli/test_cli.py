@@ -330,7 +330,7 @@ def test_every_option_says_what_it_does_and_its_default(cmd):
         ),
         (["--model.peer.shared_keys", "maybe"], "'maybe' as bool; use true or false"),
         (["--model.peer.n_experts", "abc"], "'abc' as int; give a number"),
-        (["--train.max_flops", "lots"], "'lots' as float or none; give a number or none"),
+        (["--train.max_flops", "lots"], "'lots' as float or none; give a number, e.g. 2e6 or none"),
     ],
 )
 def test_error_unparsable_override_says_what_to_give(capsys, override, message):
