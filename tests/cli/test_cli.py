@@ -455,3 +455,24 @@ def test_an_int_field_takes_a_power_as_the_docs_write_n(capsys):
     assert "'2M' as int or none; give a number, e.g. 2e6 or none" in _error(
         capsys, ["info", "--train.max_tokens", "2M"]
     )
+
+
+def test_a_missing_data_file_names_its_field_before_any_tokenising(capsys, tmp_path, monkeypatch):
+    """train: a missing valid file is reported (naming data.valid.NAME and, for a relative path, the
+    folder it was looked for in) before the train split is tokenised; eval: before any set is evaluated."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.txt").write_text("some text for a tiny run\n" * 40)
+    cfg = _toml(tmp_path, 'train = "t.txt"\nvalid = {mine = "nope/valid.txt"}')
+    err = _error(capsys, ["train", cfg, "--run-dir", str(tmp_path / "run")])
+    assert err.startswith("error: data.valid.mine: source 'nope/valid.txt' does not exist")
+    assert err.endswith(f"relative paths are read from the current folder, {tmp_path}\n")
+    assert not os.path.exists(tmp_path / "cache") and not os.path.exists(tmp_path / "run")
+    assert "data.train: no file matches the source glob pattern 'c*/*.jsonl'" in _error(
+        capsys, ["train", cfg, "--data.train", "c*/*.jsonl", "--data.valid", "{}"]
+    )
+    run = str(tmp_path / "run")
+    assert main(["train", cfg, "--run-dir", run, "--data.valid", "{}", "--no-progress"]) == 0
+    capsys.readouterr()
+    err = _error(capsys, ["eval", run, "--data", "a=t.txt", "--data", f"b={tmp_path}/gone.txt", "--no-progress"])
+    gone = f"{tmp_path}/gone.txt"
+    assert err == f"error: --data b: source '{gone}' does not exist (from the source spec '{gone}')\n"

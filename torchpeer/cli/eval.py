@@ -46,6 +46,7 @@ def run(args) -> int:
     from torchpeer.cli.common import load_for_inference, named_sources
     from torchpeer.data import prepare_split
     from torchpeer.data.atomic import write_json_atomic
+    from torchpeer.data.sources import check_sources
     from torchpeer.lm.evaluate import evaluate, format_results, format_routing
     from torchpeer.lm.rundir import check_writable, writing
     from torchpeer.lm.runtime import autocast_dtype, resolve_device
@@ -63,6 +64,8 @@ def run(args) -> int:
     sets = named_sources(args.data) or dict(cfg.data.valid)
     if not sets:
         raise ValueError("nothing to evaluate: the checkpoint's config has no valid sets; pass --data NAME=SOURCE")
+    flag = "--data " if args.data else "data.valid."  # every set's files exist, before the first is evaluated
+    check_sources({f"{flag}{name}": spec for name, spec in sets.items()})
     out = args.out or default_out(ckpt)
     what = "--out folder" if args.out else "run folder"  # the default output goes into the run folder
     check_writable(os.path.dirname(os.path.abspath(out)), what, "--out")  # fail before evaluating, not after

@@ -102,7 +102,7 @@ def resolve_source(spec: str) -> list[SourceFile]:
         if glob.has_magic(path):
             matches = sorted(glob.glob(path, recursive=True))
             if not matches:
-                raise FileNotFoundError(f"no file matches the source glob pattern {part!r}")
+                raise FileNotFoundError(f"no file matches the source glob pattern {part!r}{_relative_to_cwd(path)}")
             for m in matches:
                 if os.path.isdir(m) or _file_kind(m):
                     files.extend(_expand_path(m, m))
@@ -111,8 +111,26 @@ def resolve_source(spec: str) -> list[SourceFile]:
         elif os.path.exists(path):
             files.extend(_expand_path(path, part))
         else:
-            raise FileNotFoundError(f"source {part!r} does not exist (from the source spec {spec!r})")
+            raise FileNotFoundError(
+                f"source {part!r} does not exist (from the source spec {spec!r}){_relative_to_cwd(path)}"
+            )
     return files
+
+
+def check_sources(named: dict[str, str]) -> None:
+    """Resolve every source spec of ``named`` ({config field or option: spec}) now, so that a missing
+    file is one error naming its field before a tokenizer is trained or any split tokenised."""
+    for name, spec in named.items():
+        try:
+            resolve_source(spec)
+        except (FileNotFoundError, ValueError, TypeError) as e:
+            raise type(e)(f"{name}: {e}") from None
+
+
+def _relative_to_cwd(path: str) -> str:
+    """Where a relative path was looked for (a config's relative data paths are read from the
+    current folder, not the config file's), for the not-found errors; "" for an absolute path."""
+    return "" if os.path.isabs(path) else f"; relative paths are read from the current folder, {os.getcwd()}"
 
 
 def fingerprint(files: list[SourceFile]) -> list[dict]:

@@ -75,11 +75,14 @@ class Trainer:
 
     def build(self) -> Trainer:
         """Everything that can fail on bad input happens here, before the run folder is written."""
+        from torchpeer.data.sources import check_sources
         from torchpeer.lm.memory import check_fits
         from torchpeer.lm.model import check_ffw_sections
 
         self.cfg.validate()
         check_ffw_sections(self.cfg.model)  # a bad [model.<kind>] value fails now, not after the tokenizer
+        data = self.cfg.data  # so does a missing data file, of any split
+        check_sources({"data.train": data.train, **{f"data.valid.{k}": v for k, v in data.valid.items()}})
         self.device = self.plan.setup(runtime.resolve_device(self.cfg.train.device))
         self._find_checkpoint()
         self._build_data()
