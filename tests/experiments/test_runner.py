@@ -112,6 +112,7 @@ def test_dry_run_estimates_from_measured_tokens_per_s(tmp_path, fake_train):
     out = []
     run_sweep(spec, str(tmp_path), dry_run=True, say=out.append)
     assert fake_train.calls == [] and "unknown" in out[0] and "8 runs to train" in out[0]
+    assert "--assume-tokens-per-s N estimates them" in out[0]  # says how to get an estimate
     assert not os.path.exists(results_path(str(tmp_path)))
     run_sweep(spec, str(tmp_path), only="*-1e10", progress=False, say=lambda s: None)
     out.clear()
@@ -123,6 +124,17 @@ def test_dry_run_estimates_from_measured_tokens_per_s(tmp_path, fake_train):
     out.clear()
     run_sweep(spec, str(tmp_path / "other"), dry_run=True, assume_tokens_per_s=1000.0, say=out.append)
     assert "~" in out[0] and "assumed 1,000" in out[0]
+
+
+def test_damaged_results_lines_are_skipped_and_said_once(tmp_path, capsys):
+    append_result(str(tmp_path), {"run": "a", "v": 1})
+    with open(results_path(str(tmp_path)), "a", encoding="utf-8") as fh:
+        fh.write('{"run": "b", "v"\n[1, 2]\n')  # a torn write, and JSON that is not a record
+    assert [r["run"] for r in read_results(str(tmp_path))] == ["a"]
+    err = capsys.readouterr().err
+    assert "line(s) 2, 3 are not result records and were skipped" in err and "retrains them" in err
+    read_results(str(tmp_path))
+    assert capsys.readouterr().err == ""  # said once
 
 
 def test_append_result_replaces_and_is_atomic(tmp_path):

@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import subprocess
+import sys
 import time
 from typing import Any
 
@@ -22,23 +23,39 @@ def results_path(runs_dir: str) -> str:
 
 
 def read_results(runs_dir: str) -> list[dict[str, Any]]:
-    """Records of results.jsonl in file order (an unreadable line is skipped; no file = [])."""
+    """Records of results.jsonl in file order (no file = []). A line that is not a JSON record (a
+    damaged file) is skipped and said once on stderr with its line number: the runs it held count
+    as not done, so the next sweep retrains them and rewrites the file."""
     path = results_path(runs_dir)
     if not os.path.exists(path):
         return []
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
+    out, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
             line = line.strip()
             if not line:
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
+                bad.append(number)
                 continue
             if isinstance(rec, dict) and "run" in rec:
                 out.append(rec)
+            else:
+                bad.append(number)
+    if bad and (path, tuple(bad)) not in _said_damaged:
+        _said_damaged.add((path, tuple(bad)))
+        lines = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+        print(
+            f"warning: {path}: line(s) {lines} are not result records and were skipped (a damaged file; "
+            "their runs count as not done: the next sweep retrains them and rewrites the file)",
+            file=sys.stderr,
+        )
     return out
+
+
+_said_damaged: set[tuple[str, tuple[int, ...]]] = set()
 
 
 def append_result(runs_dir: str, record: dict[str, Any]) -> None:

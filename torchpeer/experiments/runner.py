@@ -290,7 +290,10 @@ def format_plan(
     basis = "measured tokens/s"
     if assume_tokens_per_s:
         basis += f", else an assumed {assume_tokens_per_s:,.0f} (~)"
-    tail = f", {unknown} unknown (no measured tokens/s yet)" if unknown else ""
+    tail = ""
+    if unknown:
+        hint = "" if assume_tokens_per_s else "; --assume-tokens-per-s N estimates them"
+        tail = f", {unknown} unknown (no measured tokens/s yet{hint})"
     lines.append(f"{todo} runs to train; estimated {_duration(total)} from {basis}{tail}")
     if any(e is None for e in epochs.values()):
         lines.append("epochs '?': the train split is not tokenised yet ('torchpeer data --config ...' or a first run)")
