@@ -1,6 +1,10 @@
-"""The Triton expert mixing: launch configs, launchers, torch.library custom ops, entry point expert_mix_triton.
+"""The Triton expert mixing: launch configs, launchers, torch.library custom ops, an autograd
+Function over them (`ExpertMixFunction`), entry point expert_mix_triton.
 
-The kernels and the algorithm they implement are in triton_kernels.py.
+The kernels and the algorithm they implement are in triton_kernels.py. In plain eager mode the
+Function calls the implementations directly, skipping the ops' dispatch (host time, issue 19);
+under torch.compile, on fake tensors or subclasses, or under a TorchDispatchMode it calls the
+ops (see _direct). The ops keep their own autograd formula for callers that use them directly.
 """
 
 import torch
@@ -296,6 +300,39 @@ def _backward(ctx, dy, _dh):
 _peer_mix_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _direct(t: torch.Tensor) -> bool:
+    """Run the implementation without its custom op? In eager mode on plain tensors: the op's
+    dispatch (autograd wrapper, the wrapper that hides it from dynamo, argument normalisation)
+    is host time for nothing there. Under torch.compile, on fake tensors or subclasses, or under
+    a TorchDispatchMode, the ops (with their fake impls) run. (As in query_norm/triton_op.py.)"""
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()
+
+
+class ExpertMixFunction(torch.autograd.Function):
+    """y = expert_mix(x, down, up, indices, gates) with one custom op per forward and one per
+    backward (or their implementations, in eager mode); the same formula as the ops' registered
+    autograd (_setup_context, _backward). Returns y only (h stays in the context)."""
+
+    @staticmethod
+    def forward(ctx, x, down, up, indices, gates, activation):
+        if _direct(x):
+            y, h = _forward_impl(x, down, up, indices, gates, activation)
+        else:
+            y, h = _peer_mix_fwd(x, down, up, indices, gates, activation)
+        ctx.save_for_backward(x, down, up, indices, gates, h)
+        ctx.activation = activation
+        ctx.set_materialize_grads(False)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        if dy is None or not _direct(dy):
+            return _backward(ctx, dy, None)
+        x, down, up, indices, gates, h = ctx.saved_tensors
+        dx, ddown, dup, dgates = _backward_impl(dy, x, down, up, indices, gates, h, ctx.activation)
+        return dx, ddown, dup, None, dgates, None
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -323,5 +360,4 @@ def expert_mix_triton(x, down, up, indices, gates, activation="gelu", determinis
         down = down.contiguous()
     if up.stride(1) != 1:
         up = up.contiguous()
-    y, _ = _peer_mix_fwd(x.contiguous(), down, up, indices.contiguous(), gates.contiguous(), activation)
-    return y
+    return ExpertMixFunction.apply(x.contiguous(), down, up, indices.contiguous(), gates.contiguous(), activation)

@@ -1,8 +1,13 @@
-"""The Triton retrieval as torch.library custom ops, and its entry point product_key_topk_triton.
+"""The Triton retrieval: torch.library custom ops, an autograd Function over them
+(`ProductKeyTopkFunction`), and its entry point product_key_topk_triton.
 
 Custom ops make the kernels opaque to torch.compile (no tracing into the launches, no graph
 breaks; output shapes come from register_fake). A RetrievalKernelConfig cannot be an op argument,
 so it travels as its index in the config registry (kernel_config.config_id).
+In plain eager mode the Function calls the implementation directly, skipping the ops' dispatch
+(host time, issue 19); under torch.compile, on fake tensors or subclasses, or under a
+TorchDispatchMode it calls the ops (see _direct). The ops keep their own autograd formula for
+callers that use them directly.
 """
 
 from __future__ import annotations
@@ -101,6 +106,40 @@ def _backward_op(ctx, d_scores, _d_indices):
 _topk_fwd_op.register_autograd(_backward_op, setup_context=_setup_context)
 
 
+def _direct(t: torch.Tensor) -> bool:
+    """Run the implementation without its custom op? In eager mode on plain tensors: the op's
+    dispatch (autograd wrapper, the wrapper that hides it from dynamo, argument normalisation)
+    is host time for nothing there. Under torch.compile, on fake tensors or subclasses, or under
+    a TorchDispatchMode, the ops (with their fake impls) run. (As in query_norm/triton_op.py.)"""
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()
+
+
+class ProductKeyTopkFunction(torch.autograd.Function):
+    """scores, indices = product_key_topk(queries, sub_keys, top_k) with one custom op per forward
+    and one per backward (or their implementations, in eager mode); the same formula as the ops'
+    registered autograd (_setup_context, _backward_op). config: a config_id."""
+
+    @staticmethod
+    def forward(ctx, queries, sub_keys, top_k, config):
+        if _direct(queries):
+            scores, indices = forward(queries, sub_keys, top_k, config_by_id(config))
+        else:
+            scores, indices = _topk_fwd_op(queries, sub_keys, top_k, config)
+        _setup_context(ctx, (queries, sub_keys, top_k, config), (scores, indices))
+        return scores, indices
+
+    @staticmethod
+    def backward(ctx, d_scores, _d_indices):
+        if d_scores is None or not _direct(d_scores):
+            return _backward_op(ctx, d_scores, _d_indices)
+        queries, sub_keys, indices = ctx.saved_tensors
+        need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_q or need_k):
+            return None, None, None, None
+        dq, dk = backward(d_scores.contiguous(), queries, sub_keys, indices, need_q, need_k, config_by_id(ctx.config))
+        return (dq if need_q else None), (dk if need_k else None), None, None
+
+
 def product_key_topk_triton(
     queries: torch.Tensor, sub_keys: torch.Tensor, top_k: int, config: RetrievalKernelConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,4 +160,4 @@ def product_key_topk_triton(
             _said_too_wide.add(top_k)
             logger.info("product_key_topk: top_k=%d is above the kernels' limit: chunked torch answers", top_k)
         return product_key_topk_torch(queries, sub_keys, top_k)
-    return _topk_fwd_op(queries, sub_keys, top_k, config_id(config))
+    return ProductKeyTopkFunction.apply(queries, sub_keys, top_k, config_id(config))
