@@ -109,6 +109,17 @@ def test_default_out_and_several_runs(runs, tmp_path, capsys, monkeypatch):
     assert colour_pixels(img, TAB_BLUE) > 200 and colour_pixels(img, TAB_ORANGE) > 200  # one colour per run
 
 
+def test_a_damaged_metrics_line_in_the_middle_is_said_a_cut_last_line_is_not(tmp_path, capsys):
+    good = [json.dumps({"step": s, "tokens": 100 * s, "loss": 5.0 - s / 100, "lr": 1e-3}) for s in (10, 20, 30)]
+    (tmp_path / "metrics.jsonl").write_text(good[0] + "\n" + '{"step": 15, "lo\n' + "\n".join(good[1:]) + "\n")
+    assert read_metrics(str(tmp_path)).train["loss"].steps == [10, 20, 30]
+    err = capsys.readouterr().err
+    assert "line(s) 2 are not JSON and were skipped (a damaged file)" in err
+    (tmp_path / "metrics.jsonl").write_text("\n".join(good) + '\n{"step": 40, "loss": 3.')  # cut by a kill
+    assert read_metrics(str(tmp_path)).train["loss"].steps == [10, 20, 30]
+    assert capsys.readouterr().err == ""
+
+
 def test_metrics_parsing_skips_cut_lines_and_keeps_the_last_repeat(tmp_path):
     usage = {"blocks.1.ffw": {"usage_pct": 40, "kl": 2}}
     lines = [

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 
 TRAIN_KEYS = ("tokens", "time", "loss", "lr", "tok_per_s", "grad_norm")
@@ -99,15 +100,23 @@ def read_metrics(run_dir: str, name: str | None = None) -> RunMetrics:
     path = metrics_path(run_dir)
     folder = os.path.dirname(os.path.abspath(path))
     run = RunMetrics(name=name or os.path.basename(folder), path=folder)
-    records = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
+    records, bad, last = [], [], 0
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            last = number
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill
+            except json.JSONDecodeError:
+                bad.append(number)
                 continue
             if isinstance(rec, dict) and isinstance(rec.get("step"), int):
                 records.append(rec)
+    damaged = [n for n in bad if n != last]  # a cut last line is what a kill leaves: not worth a word
+    if damaged:
+        lines = ", ".join(map(str, damaged[:10])) + (" ..." if len(damaged) > 10 else "")
+        print(f"warning: {path}: line(s) {lines} are not JSON and were skipped (a damaged file)", file=sys.stderr)
     records.sort(key=lambda r: r["step"])  # stable: records of one step keep their order
     for rec in records:
         step = rec["step"]
