@@ -31,6 +31,15 @@ _logged: set[tuple[str, str, str]] = set()
 _TRITON_INSTALLED: bool = importlib.util.find_spec("triton") is not None
 
 
+def call_implementation_directly(t: torch.Tensor) -> bool:
+    """Should a Triton op's autograd Function call its implementation instead of its torch.library
+    custom op? Yes in plain eager mode on a plain tensor: there the op's dispatch (autograd
+    fallback, version bumps, the wrapper that hides it from dynamo, argument normalisation) costs
+    about as much host time as the rest of the call (issue 19). No under torch.compile, on fake
+    tensors or subclasses, or under a TorchDispatchMode: the ops (with their fake impls) run."""
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()
+
+
 def triton_installed() -> bool:
     """Is the triton package importable? (Looked up once, when torchpeer.ops is imported.)"""
     return _TRITON_INSTALLED

@@ -4,12 +4,14 @@ Function over them (`ExpertMixFunction`), entry point expert_mix_triton.
 The kernels and the algorithm they implement are in triton_kernels.py. In plain eager mode the
 Function calls the implementations directly, skipping the ops' dispatch (host time, issue 19);
 under torch.compile, on fake tensors or subclasses, or under a TorchDispatchMode it calls the
-ops (see _direct). The ops keep their own autograd formula for callers that use them directly.
+ops (ops.dispatch.call_implementation_directly). The Function's backward is the ops' registered
+autograd formula (_backward), which makes the same choice.
 """
 
 import torch
 import triton
 
+from ..dispatch import call_implementation_directly
 from .checks import ACTIVATIONS, check_mix_inputs
 from .triton_kernels import _mix_bwd_dx_kernel, _mix_bwd_reduce_kernel, _mix_bwd_segment_kernel, _mix_fwd_kernel
 
@@ -293,19 +295,12 @@ def _backward(ctx, dy, _dh):
     if dy is None:  # the output did not reach the loss
         return None, None, None, None, None, None
     x, down, up, indices, gates, h = ctx.saved_tensors
-    dx, ddown, dup, dgates = _peer_mix_bwd(dy, x, down, up, indices, gates, h, ctx.activation)
+    bwd = _backward_impl if call_implementation_directly(dy) else _peer_mix_bwd
+    dx, ddown, dup, dgates = bwd(dy, x, down, up, indices, gates, h, ctx.activation)
     return dx, ddown, dup, None, dgates, None
 
 
 _peer_mix_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _direct(t: torch.Tensor) -> bool:
-    """Run the implementation without its custom op? In eager mode on plain tensors: the op's
-    dispatch (autograd wrapper, the wrapper that hides it from dynamo, argument normalisation)
-    is host time for nothing there. Under torch.compile, on fake tensors or subclasses, or under
-    a TorchDispatchMode, the ops (with their fake impls) run. (As in query_norm/triton_op.py.)"""
-    return type(t) is torch.Tensor and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()
 
 
 class ExpertMixFunction(torch.autograd.Function):
@@ -315,7 +310,7 @@ class ExpertMixFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, down, up, indices, gates, activation):
-        if _direct(x):
+        if call_implementation_directly(x):
             y, h = _forward_impl(x, down, up, indices, gates, activation)
         else:
             y, h = _peer_mix_fwd(x, down, up, indices, gates, activation)
@@ -326,11 +321,7 @@ class ExpertMixFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        if dy is None or not _direct(dy):
-            return _backward(ctx, dy, None)
-        x, down, up, indices, gates, h = ctx.saved_tensors
-        dx, ddown, dup, dgates = _backward_impl(dy, x, down, up, indices, gates, h, ctx.activation)
-        return dx, ddown, dup, None, dgates, None
+        return _backward(ctx, dy, None)  # the op's own formula; it picks the op or the implementation
 
 
 # ----------------------------------------------------------------------------- entry point

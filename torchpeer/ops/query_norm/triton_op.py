@@ -20,6 +20,7 @@ import functools
 
 import torch
 
+from ..dispatch import call_implementation_directly
 from .checks import check_ema_norm_inputs
 from .triton_kernels import _bwd_dx_kernel, _bwd_reduce_kernel, _fwd_kernel, _fwd_update_kernel, _update_kernel
 
@@ -186,14 +187,6 @@ def _(dy, x, weight, aux, eps, mode, need_x):
     return dx, torch.empty_like(weight), torch.empty_like(weight)
 
 
-def _direct(t: torch.Tensor) -> bool:
-    """Run the implementation without its custom op? In eager mode on plain tensors: the op's
-    dispatch (autograd fallback, version bumps, the wrapper that hides it from dynamo, argument
-    normalisation) costs about as much host time as the rest of the call. Under torch.compile, on
-    fake tensors or subclasses, or under a TorchDispatchMode, the ops (with their fake impls) run."""
-    return type(t) is torch.Tensor and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()
-
-
 class EMANormFunction(torch.autograd.Function):
     """y = ema_norm(x, ...) with one custom op per forward and one per backward (see the module
     docstring); x (T, F) contiguous, weight, bias, running_mean, running_var (F,), num_updates a
@@ -202,7 +195,7 @@ class EMANormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, num_updates, eps, momentum, mode):
         update = mode != MODES["plain"]
-        if _direct(x):
+        if call_implementation_directly(x):
             y, aux = _forward(x, weight, bias, running_mean, running_var, num_updates, eps, momentum, update)
             if update:  # what the mutating op's dispatch would do: autograd sees the buffers changed
                 torch.autograd.graph.increment_version((running_mean, running_var, num_updates))
@@ -221,7 +214,7 @@ class EMANormFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if not (need_x or need_w or need_b):
             return (None,) * 9
-        if _direct(dy):
+        if call_implementation_directly(dy):
             dx, dw, db = _backward(dy.contiguous(), x, weight, aux, ctx.eps, ctx.mode, need_x)
         else:
             dx, dw, db = _bwd_op(dy, x, weight, aux, ctx.eps, ctx.mode, need_x)

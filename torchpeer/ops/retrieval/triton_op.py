@@ -6,8 +6,8 @@ breaks; output shapes come from register_fake). A RetrievalKernelConfig cannot b
 so it travels as its index in the config registry (kernel_config.config_id).
 In plain eager mode the Function calls the implementation directly, skipping the ops' dispatch
 (host time, issue 19); under torch.compile, on fake tensors or subclasses, or under a
-TorchDispatchMode it calls the ops (see _direct). The ops keep their own autograd formula for
-callers that use them directly.
+TorchDispatchMode it calls the ops (ops.dispatch.call_implementation_directly). The Function's
+backward is the ops' registered autograd formula (_backward_op), which makes the same choice.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import logging
 
 import torch
 
+from ..dispatch import call_implementation_directly
 from .checks import check_topk_inputs
 from .kernel_config import DEFAULT_CONFIG, RetrievalKernelConfig, config_by_id, config_id
 from .torch_impl import product_key_topk_torch
@@ -99,19 +100,14 @@ def _backward_op(ctx, d_scores, _d_indices):
     need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if d_scores is None or not (need_q or need_k):  # None: the scores did not reach the loss
         return None, None, None, None
-    dq, dk = _topk_bwd_op(d_scores, queries, sub_keys, indices, need_q, need_k, ctx.config)
+    if call_implementation_directly(d_scores):
+        dq, dk = backward(d_scores.contiguous(), queries, sub_keys, indices, need_q, need_k, config_by_id(ctx.config))
+    else:
+        dq, dk = _topk_bwd_op(d_scores, queries, sub_keys, indices, need_q, need_k, ctx.config)
     return (dq if need_q else None), (dk if need_k else None), None, None
 
 
 _topk_fwd_op.register_autograd(_backward_op, setup_context=_setup_context)
-
-
-def _direct(t: torch.Tensor) -> bool:
-    """Run the implementation without its custom op? In eager mode on plain tensors: the op's
-    dispatch (autograd wrapper, the wrapper that hides it from dynamo, argument normalisation)
-    is host time for nothing there. Under torch.compile, on fake tensors or subclasses, or under
-    a TorchDispatchMode, the ops (with their fake impls) run. (As in query_norm/triton_op.py.)"""
-    return type(t) is torch.Tensor and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()
 
 
 class ProductKeyTopkFunction(torch.autograd.Function):
@@ -121,23 +117,14 @@ class ProductKeyTopkFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries, sub_keys, top_k, config):
-        if _direct(queries):
+        if call_implementation_directly(queries):
             scores, indices = forward(queries, sub_keys, top_k, config_by_id(config))
         else:
             scores, indices = _topk_fwd_op(queries, sub_keys, top_k, config)
         _setup_context(ctx, (queries, sub_keys, top_k, config), (scores, indices))
         return scores, indices
 
-    @staticmethod
-    def backward(ctx, d_scores, _d_indices):
-        if d_scores is None or not _direct(d_scores):
-            return _backward_op(ctx, d_scores, _d_indices)
-        queries, sub_keys, indices = ctx.saved_tensors
-        need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_q or need_k):
-            return None, None, None, None
-        dq, dk = backward(d_scores.contiguous(), queries, sub_keys, indices, need_q, need_k, config_by_id(ctx.config))
-        return (dq if need_q else None), (dk if need_k else None), None, None
+    backward = staticmethod(_backward_op)  # the op's own formula; it picks the op or the implementation
 
 
 def product_key_topk_triton(
