@@ -128,16 +128,20 @@ def test_a_failed_worker_is_reported_and_the_others_finish(tmp_path, fake_worker
     assert victim in {r["run"] for r in read_results(runs_dir)}
 
 
-def test_stop_at_interrupts_running_workers(tmp_path, fake_worker, monkeypatch):
+@pytest.mark.parametrize("parallel", [2, 1])
+def test_stop_at_interrupts_running_workers(tmp_path, fake_worker, monkeypatch, parallel):
+    """--stop-at S interrupts the runs still training at S; with --parallel 1 the one run trains in
+    a worker process too (a GPU job of 2026-12-04 lost its command to an old refusal of that)."""
     monkeypatch.setenv("SLEEP", "60")
     monkeypatch.setattr(pool_mod, "GRACE_SECONDS", 5.0)
     spec, runs_dir, msgs = spec_for(tmp_path), str(tmp_path / "runs"), []
     t0 = time.time()
-    run_sweep(spec, runs_dir, parallel=2, stop_at=1.5, progress=False, say=msgs.append)
+    run_sweep(spec, runs_dir, parallel=parallel, stop_at=1.5, progress=False, say=msgs.append)
     assert time.time() - t0 < 20
     assert read_results(runs_dir) == []
     assert any("stop time of" in m for m in msgs)
-    assert sum("stopped (exit 130)" in m for m in msgs) == 2  # the two running ones, nothing else started
+    # the running ones, nothing else started
+    assert sum("stopped (exit 130)" in m for m in msgs) == parallel
     assert any(m.startswith("not started in this invocation:") for m in msgs)
 
 
@@ -162,20 +166,6 @@ def test_bad_parallel_arguments(tmp_path):
         run_sweep(spec, str(tmp_path / "r"), parallel=0)
     with pytest.raises(ValueError, match="--stop-at must be > 0"):
         run_sweep(spec, str(tmp_path / "r"), stop_at=0)
-
-
-def test_stop_at_with_one_run_at_a_time_uses_a_worker(tmp_path, fake_worker, monkeypatch):
-    """--parallel 1 --stop-at S: the run trains in a worker process that is interrupted at S (a GPU
-    job of 2026-12-04 lost its command to the old refusal of this combination)."""
-    monkeypatch.setenv("SLEEP", "60")
-    monkeypatch.setattr(pool_mod, "GRACE_SECONDS", 5.0)
-    spec, runs_dir, msgs = spec_for(tmp_path), str(tmp_path / "runs"), []
-    t0 = time.time()
-    run_sweep(spec, runs_dir, parallel=1, stop_at=1.5, progress=False, say=msgs.append)
-    assert time.time() - t0 < 20
-    assert read_results(runs_dir) == []
-    assert sum("stopped (exit 130)" in m for m in msgs) == 1  # one run at a time, interrupted
-    assert any(m.startswith("not started in this invocation:") for m in msgs)
 
 
 def test_real_worker_trains_like_the_sweep_process(tmp_path, monkeypatch):

@@ -13,24 +13,9 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
+from tests.ops.op_recorder import OpRecorder  # noqa: E402
 from torchpeer.ops.expert_mixing.triton_op import expert_mix_triton  # noqa: E402
 from torchpeer.ops.retrieval.triton_op import product_key_topk_triton  # noqa: E402
-
-
-class _Ops(TorchDispatchMode):
-    """Records every aten op (name, output shape) dispatched while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
-        self.calls.append((str(func.overloadpacket.__name__), shape))
-        return out
 
 
 def _zero_fills(calls, shape):
@@ -44,7 +29,7 @@ def test_retrieval_backward_materialises_no_index_gradient():
     keys = torch.randn(1, 2, n, dk // 2).requires_grad_()
     scores, idx = product_key_topk_triton(q, keys, K)
     w = torch.randn_like(scores)
-    with _Ops() as ops:
+    with OpRecorder() as ops:
         (scores * w).sum().backward()
     assert not _zero_fills(ops.calls, (T, H, K)), ops.calls
     # the gradient is the one of the selected scores: d score(t,h,j) / d q = [k_a ; k_b]
@@ -64,7 +49,7 @@ def test_mixing_backward_materialises_no_h_gradient():
     gates = torch.rand(T, H, K, requires_grad=True)
     y = expert_mix_triton(x, down, up, idx, gates)
     dy = torch.randn_like(y)
-    with _Ops() as ops:
+    with OpRecorder() as ops:
         y.backward(dy)
     assert not _zero_fills(ops.calls, (T, H, K)), ops.calls
     x64, d64, u64, g64 = (t.detach().double().requires_grad_() for t in (x, down, up, gates))

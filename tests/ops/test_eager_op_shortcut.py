@@ -4,7 +4,6 @@ mode (no torch.library dispatch: host time, issue 19) and their custom ops every
 bit for bit; under a dispatch mode the custom ops are what is seen.
 """
 
-import collections
 import os
 
 import pytest
@@ -16,25 +15,13 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
+from tests.ops.op_recorder import OpRecorder  # noqa: E402
 from torchpeer.ops import RetrievalKernelConfig  # noqa: E402
 from torchpeer.ops.expert_mixing import triton_op as mixing  # noqa: E402
 from torchpeer.ops.retrieval import triton_op as retrieval  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-class _Seen(TorchDispatchMode):
-    """A trivial mode: runs every op as is and counts the op packets that reach it."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _run(fn, leaves, *rest, mode=None):
@@ -76,7 +63,7 @@ def test_retrieval_eager_path_equals_custom_op_path(forward, need):
     leaves = _topk_inputs(need_q=need[0], need_k=need[1])
     config = RetrievalKernelConfig(forward=forward)
     eager = _run(retrieval.product_key_topk_triton, leaves, 4, config)
-    ops = _run(retrieval.product_key_topk_triton, leaves, 4, config, mode=_Seen())
+    ops = _run(retrieval.product_key_topk_triton, leaves, 4, config, mode=OpRecorder())
     _assert_identical(eager, ops)
     assert ops[0][1].dtype == torch.int64 and not ops[0][1].requires_grad  # indices: not differentiable
     seen = ops[2]
@@ -86,7 +73,7 @@ def test_retrieval_eager_path_equals_custom_op_path(forward, need):
 def test_retrieval_bf16():
     leaves = _topk_inputs(torch.bfloat16)
     eager = _run(retrieval.product_key_topk_triton, leaves, 4)
-    _assert_identical(eager, _run(retrieval.product_key_topk_triton, leaves, 4, mode=_Seen()))
+    _assert_identical(eager, _run(retrieval.product_key_topk_triton, leaves, 4, mode=OpRecorder()))
     assert eager[1][0].dtype == eager[1][1].dtype == torch.bfloat16
 
 
@@ -109,7 +96,7 @@ def _mix(x, down, up, gates, indices, activation):
 def test_mixing_eager_path_equals_custom_op_path(activation, dtypes):
     leaves, indices = _mix_inputs(*dtypes)
     eager = _run(_mix, leaves, indices, activation)
-    ops = _run(_mix, leaves, indices, activation, mode=_Seen())
+    ops = _run(_mix, leaves, indices, activation, mode=OpRecorder())
     _assert_identical(eager, ops)
     for leaf, grad in zip(leaves, eager[1]):
         assert grad.dtype == leaf.dtype
@@ -126,7 +113,7 @@ def test_mixing_autocast_and_partial_grads():
             return _mix(*args)
 
     eager = _run(under_autocast, leaves, indices, "gelu")
-    _assert_identical(eager, _run(under_autocast, leaves, indices, "gelu", mode=_Seen()))
+    _assert_identical(eager, _run(under_autocast, leaves, indices, "gelu", mode=OpRecorder()))
     assert eager[0][0].dtype == torch.bfloat16 and eager[1][1] is None
 
 

@@ -22,8 +22,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
+from tests.ops.op_recorder import OpRecorder  # noqa: E402
 from torchpeer.layers.query_norm import EMAQueryNorm  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -34,18 +33,6 @@ NO_KERNEL_OPS = {
     "aten::alias", "aten::_unsafe_view",
 }  # fmt: skip
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::item", "cudaStreamSynchronize", "cudaDeviceSynchronize")
-
-
-class _Dispatched(TorchDispatchMode):
-    """Counts the ops that reach the dispatcher's Python mode (what torch.compile traces)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _count_launches(monkeypatch, run_them: bool) -> collections.Counter:
@@ -127,10 +114,10 @@ def test_one_custom_op_per_forward_and_per_backward():
     """Under a TorchDispatchMode (as under torch.compile) the norm is one custom op in the forward
     (the mutating ema_norm_fwd_update) and one in the backward; no other op that computes."""
     m, q, up = _norm_and_inputs()
-    with _Dispatched() as mode:
+    with OpRecorder() as mode:
         y = m(q)
     fwd = dict(mode.ops)
-    with _Dispatched() as mode:
+    with OpRecorder() as mode:
         y.backward(up)
     bwd = dict(mode.ops)
     views = {"aten.view", "aten._unsafe_view", "aten.reshape", "aten.detach", "aten.alias"}
