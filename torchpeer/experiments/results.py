@@ -226,11 +226,7 @@ def primary_loss(record: dict[str, Any]) -> float | None:
 def routed_usage(record: dict[str, Any]) -> tuple[float | None, float | None]:
     """(usage %, KL) on the ranking eval set, averaged over the routed layers (None if there are none)."""
     entry = (record.get("valid") or {}).get(record.get("eval_set")) or {}
-    layers = [u for u in (entry.get("usage") or {}).values() if "usage_pct" in u]
-    if not layers:
-        return None, None
-    kls = [u["kl"] for u in layers if "kl" in u]
-    return sum(u["usage_pct"] for u in layers) / len(layers), (sum(kls) / len(kls) if kls else None)
+    return _mean_usage(u for u in (entry.get("usage") or {}).values() if "usage_pct" in u)
 
 
 def pool_usage(record: dict[str, Any]) -> tuple[float | None, float | None]:
@@ -238,12 +234,18 @@ def pool_usage(record: dict[str, Any]) -> tuple[float | None, float | None]:
     that read a pool (the eval stores each pool in "routing" with its "layers"), averaged over the
     pools; (None, None) for a model without a shared pool."""
     entry = (record.get("valid") or {}).get(record.get("eval_set")) or {}
-    pools = [u for u in (entry.get("routing") or {}).values() if isinstance(u, dict) and "layers" in u]
-    pools = [u for u in pools if "usage_pct" in u]
-    if not pools:
+    routing = (entry.get("routing") or {}).values()
+    return _mean_usage(u for u in routing if isinstance(u, dict) and "layers" in u and "usage_pct" in u)
+
+
+def _mean_usage(entries) -> tuple[float | None, float | None]:
+    """(mean usage_pct, mean kl over the entries that have one) of {"usage_pct", "kl"} entries;
+    (None, None) for none."""
+    entries = list(entries)
+    if not entries:
         return None, None
-    kls = [u["kl"] for u in pools if "kl" in u]
-    return sum(u["usage_pct"] for u in pools) / len(pools), (sum(kls) / len(kls) if kls else None)
+    kls = [u["kl"] for u in entries if "kl" in u]
+    return sum(u["usage_pct"] for u in entries) / len(entries), (sum(kls) / len(kls) if kls else None)
 
 
 def short_count(n) -> str:
