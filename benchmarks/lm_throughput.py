@@ -207,10 +207,9 @@ def lm_row(config, expert_optimizer, compiled, device, steps, warmup, quick):
     if expert_optimizer != "adamw":
         from torchpeer.optim import attach_rowwise_adam
 
-        lr = t.expert_lr if t.expert_lr is not None else t.lr
         table_opt = attach_rowwise_adam(
             model,
-            lr,
+            t.table_lr,
             (t.beta1, t.beta2),
             t.eps,
             t.expert_weight_decay,

@@ -174,6 +174,11 @@ class TrainConfig:
     checkpoint: bool = True
     tensorboard: bool = True
 
+    @property
+    def table_lr(self) -> float:
+        """The expert tables' lr before the schedule and the ramp: expert_lr, else lr."""
+        return self.lr if self.expert_lr is None else self.expert_lr
+
     def validate(self) -> None:
         check_field_types(self, "train")
         for name in ("batch_size", "grad_accum", "log_interval", "eval_interval", "ckpt_interval"):

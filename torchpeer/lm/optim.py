@@ -92,7 +92,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
         else:
             kind = "decay"
         groups.setdefault((kind, scales.get(id(p), 1.0)), []).append(p)
-    expert_lr = cfg.lr if cfg.expert_lr is None else cfg.expert_lr
+    expert_lr = cfg.table_lr
     spec = {
         "decay": (cfg.lr, cfg.weight_decay),
         "no_decay": (cfg.lr, 0.0),
@@ -155,7 +155,7 @@ class ExpertLRRamp:
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, total_steps: int) -> ExpertLRRamp:
-        return cls(total_steps, cfg.lr if cfg.expert_lr is None else cfg.expert_lr, cfg.expert_lr_final)
+        return cls(total_steps, cfg.table_lr, cfg.expert_lr_final)
 
     def __call__(self, step: int) -> float:
         if self.final is None:

@@ -150,11 +150,10 @@ class Trainer:
         if t.expert_optimizer.startswith("rowwise_adam"):
             from torchpeer.optim import attach_rowwise_adam
 
-            lr = t.expert_lr if t.expert_lr is not None else t.lr
             betas = (t.beta1, t.beta2)
             bf16 = t.expert_optimizer == "rowwise_adam_bf16"
             self.table_optimizer = attach_rowwise_adam(
-                self.model, lr, betas, t.eps, t.expert_weight_decay, bf16_tables=bf16
+                self.model, t.table_lr, betas, t.eps, t.expert_weight_decay, bf16_tables=bf16
             )
         self.wrapped = self.plan.wrap_model(self.model)
         self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
@@ -207,7 +206,7 @@ class Trainer:
         multiplier, ramp = self.schedule(self.step), self.expert_ramp(self.step)
         set_lr(self.optimizer, multiplier, ramp)
         if self.table_optimizer is not None:  # the fused table update runs inside the backward below
-            self.table_optimizer.set_lr((t.expert_lr if t.expert_lr is not None else t.lr) * multiplier * ramp)
+            self.table_optimizer.set_lr(t.table_lr * multiplier * ramp)
         step_loss = torch.zeros((), device=self.device)
         for micro in range(t.grad_accum):
             x, y = next(self.sampler)
