@@ -1,7 +1,7 @@
 """PNG figures of a sweep (matplotlib, drawn off-screen with the Agg canvas; no pyplot state).
 
 * ``isoflop_figure``: loss against parameters, one panel per budget, one line per family, with
-  the quadratic fit in log(params) and its optimum (star);
+  the quadratic fit in log(params) and its optimum (star); runs beyond the data rule hollow;
 * ``ablation_figure``: loss, expert usage % and KL against the ablated field, one line per series;
 * ``curves_figure``: training loss against tokens of every run (RUN_DIR/metrics.jsonl).
 
@@ -49,28 +49,64 @@ def colour(name: str, i: int = 0) -> str:
     return FAMILY_COLOURS.get(name, OTHER_COLOURS[i % len(OTHER_COLOURS)])
 
 
-def isoflop_figure(fits: dict, path: str, eval_set: str, params_key: str = "active_params") -> str:
-    """fits: the output of ``fit.isoflop_fits`` -> one panel per budget."""
-    budgets = sorted({b for _, b in fits})
+def isoflop_figure(
+    fits: dict,
+    path: str,
+    eval_set: str,
+    params_key: str = "active_params",
+    outside: list[dict] = (),
+    max_epochs: float | None = None,
+) -> str:
+    """fits: the output of ``fit.isoflop_fits`` -> one panel per budget. outside: runs the data
+    rule ``max_epochs`` keeps out of the fits (``fit.outside_fit_runs``): drawn hollow in their
+    family's colour, with the fit continued dotted to them, under one legend entry."""
+    return save_png(isoflop_plot(fits, eval_set, params_key, outside, max_epochs), path)
+
+
+def isoflop_plot(
+    fits: dict,
+    eval_set: str,
+    params_key: str = "active_params",
+    outside: list[dict] = (),
+    max_epochs: float | None = None,
+):
+    """The matplotlib Figure of ``isoflop_figure`` (separate so that tests can read its legends)."""
+    budgets = sorted({b for _, b in fits} | {float(r["budget_flops"]) for r in outside})
     fig, axes = _figure(len(budgets))
-    stars = outside = 0
+    stars = outside_optima = 0
     for ax, budget in zip(axes, budgets):
         families = [f for f, b in fits if b == budget]
+        # families with only runs beyond the rule still get a colour of their own
+        families += sorted({r["family"] for r in outside if float(r["budget_flops"]) == budget} - set(families))
         for i, fam in enumerate(families):
-            g = fits[(fam, budget)]
+            g = fits.get((fam, budget), {"runs": [], "fit": None})
             c = colour(fam, i)
             xs = [r[params_key] for r in g["runs"]]
             ys = [_loss(r) for r in g["runs"]]
-            ax.plot(xs, ys, "o", color=c, label=fam)
+            if xs:
+                ax.plot(xs, ys, "o", color=c, label=fam)
+            beyond = [r for r in outside if r.get("family") == fam and float(r["budget_flops"]) == budget]
+            if beyond:  # hollow: measured, but not part of the fit
+                bx = [r[params_key] for r in beyond]
+                ax.plot(bx, [_loss(r) for r in beyond], "o", mfc="none", mec=c, mew=1.5, markersize=8)
             fit = g["fit"]
             if fit is not None:
                 grid = np.geomspace(min(xs) / 1.3, max(xs) * 1.3, 100)
                 ax.plot(grid, fit.predict(grid), "-", color=c, alpha=0.7)
+                if beyond:  # the fit continued to the hollow points: how far they lie from its curve
+                    lo, hi = min(bx + [grid[0]]), max(bx + [grid[-1]])
+                    for a, b in ((lo, grid[0]), (grid[-1], hi)):
+                        if a < b:
+                            ext = np.geomspace(a, b, 30)
+                            ax.plot(ext, fit.predict(ext), ":", color=c, alpha=0.7)
                 if fit.optimum_params is not None and fit.bracketed:
                     ax.plot([fit.optimum_params], [fit.optimum_loss], "*", color=c, markersize=14, mec="black")
                     stars += 1
                 elif fit.optimum_params is not None:
-                    outside += 1
+                    outside_optima += 1
+        if any(float(r["budget_flops"]) == budget for r in outside):
+            label = f"> {max_epochs:g} epochs, outside fit" if max_epochs is not None else "outside fit"
+            ax.plot([], [], "o", mfc="none", mec="black", mew=1.5, markersize=8, label=label)
         ax.set_xscale("log")
         _compact_log_ticks(ax)
         ax.set_title(f"{budget:.3g} training FLOPs")
@@ -82,10 +118,10 @@ def isoflop_figure(fits: dict, path: str, eval_set: str, params_key: str = "acti
     notes = []
     if stars:
         notes.append("star: fitted optimum")
-    if outside:
-        notes.append(f"{outside} fit(s) with the optimum outside the trained sizes, not drawn")
+    if outside_optima:
+        notes.append(f"{outside_optima} fit(s) with the optimum outside the trained sizes, not drawn")
     fig.suptitle("isoFLOP curves" + (f" ({'; '.join(notes)})" if notes else ""))
-    return save_png(fig, path)
+    return fig
 
 
 def _compact_log_ticks(ax) -> None:

@@ -74,19 +74,25 @@ def fit_isoflop(params: Sequence[float], losses: Sequence[float]) -> IsoFLOPFit:
     )
 
 
-def isoflop_fits(records: list[dict], params_key: str = "active_params") -> dict[tuple[str, float], dict]:
+def isoflop_fits(
+    records: list[dict], params_key: str = "active_params", max_epochs: float | None = None
+) -> dict[tuple[str, float], dict]:
     """Per (family, budget): the runs (sorted by size), the best run and the fit (or why there is none).
 
     records: results.jsonl lines of one isoFLOP sweep (budget runs only). Seeds of one size are one
-    point of the fit (their mean loss). Returns {(family, budget): {"runs": [...], "best": record,
-    "fit": IsoFLOPFit | None, "note": str, "n_sizes": int}}.
+    point of the fit (their mean loss). max_epochs: the data rule; a run with more epochs is left
+    out of its group (fit, best run, sizes) entirely: ``outside_fit_runs`` lists those. Returns
+    {(family, budget): {"runs": [...], "best": record, "fit": IsoFLOPFit | None, "note": str,
+    "n_sizes": int}}; a (family, budget) with no run inside the rule has no entry.
     """
     from torchpeer.experiments.compare import by_size
-    from torchpeer.experiments.results import primary_loss
+    from torchpeer.experiments.results import breaks_epoch_rule, primary_loss
 
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in records:
         if r.get("budget_flops") is None or primary_loss(r) is None:
+            continue
+        if breaks_epoch_rule(r.get("epochs"), max_epochs):
             continue
         groups.setdefault((r["family"], float(r["budget_flops"])), []).append(r)
     out = {}
@@ -106,3 +112,17 @@ def isoflop_fits(records: list[dict], params_key: str = "active_params") -> dict
             note = "optimum outside the trained sizes: add sizes on that side"
         out[key] = {"runs": runs, "best": best, "fit": fit, "note": note, "n_sizes": len(sizes)}
     return out
+
+
+def outside_fit_runs(records: list[dict], max_epochs: float | None) -> list[dict]:
+    """The budget runs with a loss that ``isoflop_fits`` leaves out under the data rule
+    ``max_epochs`` (more epochs than it allows), in record order; [] without a rule."""
+    from torchpeer.experiments.results import breaks_epoch_rule, primary_loss
+
+    return [
+        r
+        for r in records
+        if r.get("budget_flops") is not None
+        and primary_loss(r) is not None
+        and breaks_epoch_rule(r.get("epochs"), max_epochs)
+    ]

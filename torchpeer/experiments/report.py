@@ -5,6 +5,9 @@ Per sweep found in the results (written to RUNS_DIR/report/ unless another folde
 * every run: size, tokens, FLOPs, loss / ppl on the ranking eval set, usage %, KL, tokens/s;
 * isoFLOP sweeps: per (budget, family) the fitted optimum and the best run, the isoFLOP figure,
   and a Table-1-style table: perplexity on every eval set of each family's best run per budget;
+* the data rule (``max_epochs``: recorded in the results lines from the spec, or ``--max-epochs``):
+  runs that repeat the train split more often are marked in the runs table, left out of the fits
+  and everything built on them, drawn hollow in the isoFLOP figure, and set against the fit;
 * ablations: loss, usage % and KL against the ablated field, one line per series, and its figure;
 * training curves of every run (from RUN_DIR/metrics.jsonl).
 """
@@ -26,8 +29,10 @@ from torchpeer.experiments.compare import (
     paired_difference,
     seed_of,
 )
-from torchpeer.experiments.fit import isoflop_fits
+from torchpeer.experiments.fit import isoflop_fits, outside_fit_runs
 from torchpeer.experiments.results import (
+    breaks_epoch_rule,
+    epochs_text,
     pool_usage,
     primary_loss,
     read_results,
@@ -36,9 +41,21 @@ from torchpeer.experiments.results import (
     short_count,
 )
 
+# write_report's max_epochs default: each sweep's rule is the one its results lines recorded.
+RECORDED = "recorded"
 
-def write_report(runs_dir: str, out_dir: str | None = None, params_key: str = "active_params") -> dict[str, str]:
-    """Write report.md and the PNGs; returns {what: path} of every file written."""
+
+def write_report(
+    runs_dir: str,
+    out_dir: str | None = None,
+    params_key: str = "active_params",
+    max_epochs: float | str | None = RECORDED,
+) -> dict[str, str]:
+    """Write report.md and the PNGs; returns {what: path} of every file written.
+
+    max_epochs: the data rule. RECORDED (default) = each sweep's own, from its results lines
+    (none when no line has one, e.g. runs from before the field existed); a number = that rule for
+    every sweep (``--max-epochs``); None = no rule."""
     if not os.path.isdir(runs_dir):
         raise ValueError(f"{runs_dir} is not a folder; give the runs folder of a sweep (it holds results.jsonl)")
     if not os.path.exists(results_path(runs_dir)):
@@ -65,13 +82,22 @@ def write_report(runs_dir: str, out_dir: str | None = None, params_key: str = "a
         sweeps.setdefault(r.get("sweep", "sweep"), []).append(r)
     for name, recs in sweeps.items():
         kind = recs[0].get("kind", "grid")
-        lines += ["", f"## {name} ({kind})", "", "### Runs", "", *runs_table(recs), "", code_line(recs)]
+        rule, source = sweep_rule(recs, max_epochs)
+        lines += ["", f"## {name} ({kind})", "", "### Runs", "", *runs_table(recs, rule), "", code_line(recs)]
+        if rule is not None:
+            lines += ["", rule_note(recs, rule, source, kind)]
         if kind == "isoflop":
-            fits = isoflop_fits(recs, params_key)
+            fits = isoflop_fits(recs, params_key, rule)
+            outside = outside_fit_runs(recs, rule)
             if fits:
-                png = figures.isoflop_figure(fits, os.path.join(out_dir, f"isoflop-{name}.png"), _set(recs), params_key)
+                png = figures.isoflop_figure(
+                    fits, os.path.join(out_dir, f"isoflop-{name}.png"), _set(recs), params_key, outside, rule
+                )
                 written[f"isoflop-{name}"] = png
                 lines += ["", "### isoFLOP fits", "", *fits_table(fits, params_key), "", _img(png, out_dir)]
+                if outside:
+                    lines += ["", f"### Runs beyond {epochs_text(rule)} epochs (outside the fits)", ""]
+                    lines += outside_lines(fits, outside, rule, params_key)
                 lines += ["", "### Who is ahead", "", *ahead_lines(fits)]
                 lines += ["", "### Perplexity on every eval set (at the size nearest each family's optimum)", ""]
                 lines += table1(fits)
@@ -114,8 +140,90 @@ def _fmt(v, spec: str = ".4f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def runs_table(recs: list[dict]) -> list[str]:
+def sweep_rule(recs: list[dict], max_epochs: float | str | None = RECORDED) -> tuple[float | None, str]:
+    """The data rule of one sweep's report and where it comes from: ``max_epochs`` when given
+    (None: no rule), else the max_epochs of its latest results line that has one (the spec's rule
+    when that run finished; the lines of older runs have none and are judged by it too)."""
+    if max_epochs != RECORDED:
+        return (None, "") if max_epochs is None else (float(max_epochs), "given by --max-epochs")
+    recorded = [r["max_epochs"] for r in recs if r.get("max_epochs") is not None]
+    return (float(recorded[-1]), "the spec's, recorded in results.jsonl") if recorded else (None, "")
+
+
+def rule_note(recs: list[dict], rule: float, source: str, kind: str) -> str:
+    """The sentence under the runs table: the rule, how many runs break it and what that does."""
+    n = epochs_text(rule)
+    over = [r for r in recs if breaks_epoch_rule(r.get("epochs"), rule)]
+    unknown = sum(1 for r in recs if r.get("epochs") is None)
+    text = f"Data rule: no run in the fits repeats the train split more than {n} times (max_epochs = {n}, {source}); "
+    if not over:
+        text += "every run keeps it"
+    else:
+        what = (
+            "left out of the isoFLOP fits, the best runs and every table built on them, drawn hollow in the "
+            "isoFLOP figure"
+            if kind == "isoflop"
+            else "this kind of sweep has no fit to leave them out of"
+        )
+        text += f"{len(over)} run{' breaks' if len(over) == 1 else 's break'} it, marked '> {n}' above: {what}"
+    if unknown:
+        text += f"; {unknown} run{'s' if unknown != 1 else ''} without recorded epochs cannot be checked"
+    return text + "."
+
+
+def outside_lines(fits: dict, outside: list[dict], rule: float, params_key: str) -> list[str]:
+    """Per budget, the runs beyond the data rule and what their loss says against the fit of their
+    family at that budget (made from the runs inside the rule): the gap to the fitted curve at the
+    run's size (an extrapolation when it lies beyond the fitted sizes) and to the best run inside the
+    rule. A run below every allowed run is evidence that the optimum lies where the rule forbids."""
+    n = epochs_text(rule)
+    what = "active params" if params_key == "active_params" else "params"
+    out = []
+    for budget in sorted({float(r["budget_flops"]) for r in outside}):
+        runs = [r for r in outside if float(r["budget_flops"]) == budget]
+        out.append(
+            f"- **{budget:.3g} FLOPs**: {len(runs)} run{' repeats' if len(runs) == 1 else 's repeat'} the train "
+            f"split more than {n} times, outside the fits:"
+        )
+        for r in runs:
+            fam, loss, size = r.get("family", ""), primary_loss(r), r.get(params_key)
+            head = f"  - {r['run']} ({fam}, {short_count(size)} {what}, {r['epochs']:.2f} epochs): loss {loss:.4f}"
+            g = fits.get((fam, budget))
+            if g is None:
+                out.append(f"{head}; {fam} has no run inside the rule at this budget to compare it with.")
+                continue
+            parts = []
+            fit = g["fit"]
+            if fit is not None and size:
+                gap = loss - float(fit.predict([size])[0])
+                side = "left of" if size < fit.min_params else ("right of" if size > fit.max_params else "")
+                where = f" (extrapolated {side} the fitted sizes)" if side else ""
+                parts.append(f"{_gap(gap)} {fam}'s fitted curve at its size{where}")
+            best = g["best"]
+            gap_best = loss - primary_loss(best)
+            best_size = short_count(best.get(params_key))
+            parts.append(f"{_gap(gap_best)} {fam}'s best run inside the rule ({best['run']}, {best_size})")
+            verdict = (
+                f"evidence that {fam}'s optimum at this budget lies in the region the rule forbids"
+                if gap_best < 0
+                else "no evidence that the optimum lies beyond the rule"
+            )
+            out.append(f"{head}, {' and '.join(parts)}: {verdict}.")
+    return out
+
+
+def _gap(diff: float) -> str:
+    """-0.03 -> "0.0300 below", 0.01 -> "0.0100 above" (nats)."""
+    return f"{abs(diff):.4f} {'below' if diff < 0 else 'above'}"
+
+
+def runs_table(recs: list[dict], rule: float | None = None) -> list[str]:
+    """One row per run; with a data rule, the epochs of a run that breaks it read "5.10 (> 4, outside
+    fit)" (isoFLOP sweeps; "5.10 (> 4)" where there is no fit)."""
     set_name = _set(recs)
+    mark = ""
+    if rule is not None:
+        mark = f" (> {epochs_text(rule)}{', outside fit' if recs[0].get('kind') == 'isoflop' else ''})"
     header = ["run", "family", "seed", "params", "active", "tokens", "epochs", "FLOPs", f"loss ({set_name})", "ppl"]
     header += ["usage %", "KL"]
     # layers sharing one expert pool: the pool's union usage besides the per-layer mean
@@ -135,7 +243,7 @@ def runs_table(recs: list[dict]) -> list[str]:
                 short_count(r.get("total_params")),
                 short_count(r.get("active_params")),
                 f"{r.get('tokens', 0):,}",
-                _fmt(r.get("epochs"), ".2f"),
+                _fmt(r.get("epochs"), ".2f") + (mark if breaks_epoch_rule(r.get("epochs"), rule) else ""),
                 _fmt(r.get("train_flops"), ".3g"),
                 _fmt(loss),
                 _fmt(ppl, ".2f"),
@@ -287,4 +395,3 @@ def code_line(recs: list[dict]) -> str:
             torches.add(code["torch"])
     parts = ", ".join(f"{c} ({n} run{'s' if n != 1 else ''})" for c, n in sorted(commits.items()))
     return f"Code: commit {parts}" + (f"; torch {', '.join(sorted(torches))}." if torches else ".")
-

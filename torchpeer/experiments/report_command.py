@@ -19,6 +19,15 @@ def add_parser(subparsers):
         help="x-axis of the isoFLOP fits: active parameters (default) or all parameters",
     )
     p.add_argument(
+        "--max-epochs",
+        type=_max_epochs,
+        default="recorded",
+        metavar="N|none",
+        help="the data rule: runs with more epochs (passes over the train split) are marked, left out of the "
+        "isoFLOP fits and drawn hollow; default: the max_epochs each sweep's results lines recorded from its "
+        "spec (none in lines from before the field); 'none': no rule",
+    )
+    p.add_argument(
         "--with-runs",
         action="store_true",
         help="also copy results.jsonl and each run's config.json, summary.json and metrics.jsonl into --out, "
@@ -37,7 +46,26 @@ def run(args) -> int:
             raise ValueError("--with-runs needs --out DIR (the folder to copy the results into)")
         n = copy_results(args.runs_dir, args.out)
         print(f"copied results.jsonl and {n} runs' records into {args.out}")
-    written = write_report(args.runs_dir, args.out, params_key=f"{args.params}_params")
+    written = write_report(args.runs_dir, args.out, params_key=f"{args.params}_params", max_epochs=args.max_epochs)
     for what, path in written.items():
         print(f"{what}: {path}")
     return 0
+
+
+def _max_epochs(text: str):
+    """--max-epochs: a positive number, 'none' (no rule) or 'recorded' (the results lines' own)."""
+    import argparse
+    import math
+
+    if text.lower() in ("none", "recorded"):
+        return None if text.lower() == "none" else "recorded"
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a rule: give the most passes over the train split a run in the fit may make, "
+            "e.g. --max-epochs 4, or 'none' for no rule"
+        )
+    return value

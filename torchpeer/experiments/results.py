@@ -169,9 +169,25 @@ def code_version() -> dict[str, Any]:
 
 
 def make_run_record(run, summary: dict[str, Any], sweep, wall_seconds: float | None = None) -> dict[str, Any]:
-    """The results line of a finished run: ``make_record`` plus its epoch fields."""
+    """The results line of a finished run: ``make_record`` plus its epoch fields, and the spec's
+    data rule ``max_epochs`` when it has one (so that the report knows the rule without the spec;
+    lines of a spec without a rule stay as they were)."""
     rec = make_record(run, summary, sweep, wall_seconds=wall_seconds)
-    return {**rec, **epoch_fields(run, tokens=rec["tokens"])}
+    rec = {**rec, **epoch_fields(run, tokens=rec["tokens"])}
+    if getattr(sweep, "max_epochs", None) is not None:
+        rec["max_epochs"] = sweep.max_epochs
+    return rec
+
+
+def breaks_epoch_rule(epochs: float | None, max_epochs: float | None) -> bool:
+    """True when a run's ``epochs`` exceed the data rule ``max_epochs``; False without a rule or
+    when the epochs are unknown (a train split not tokenised yet: nothing to judge)."""
+    return max_epochs is not None and epochs is not None and epochs > max_epochs
+
+
+def epochs_text(max_epochs: float) -> str:
+    """4.0 -> "4", 2.5 -> "2.5": the rule as the spec writes it."""
+    return f"{max_epochs:g}"
 
 
 def data_key(data_cfg) -> str:

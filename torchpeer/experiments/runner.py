@@ -22,8 +22,10 @@ from torchpeer.experiments.plan import PlannedRun, plan_sweep, select_runs
 from torchpeer.experiments.pool import finished_message, run_parallel, too_long_message
 from torchpeer.experiments.results import (
     append_result,
+    breaks_epoch_rule,
     data_key,
     epoch_fields,
+    epochs_text,
     make_run_record,
     read_results,
     short_count,
@@ -247,13 +249,17 @@ def format_plan(
     spec: SweepSpec, runs: list[PlannedRun], records: list[dict], assume_tokens_per_s: float | None = None
 ) -> str:
     """The --dry-run table: every run with its size, tokens, FLOPs and an estimated time
-    (measured tokens/s of the variant; else ``assume_tokens_per_s``, marked '~'; else unknown)."""
+    (measured tokens/s of the variant; else ``assume_tokens_per_s``, marked '~'; else unknown).
+    With a data rule (``spec.max_epochs``) a run with more epochs is marked '> N' in the epochs
+    column and named under the table: it still trains, but the report leaves it out of the fits."""
     done = {r["run"] for r in records}
     header = ("run", "family", "params", "active", "FLOPs/token", "steps", "tokens", "epochs", "FLOPs", "est. time")
     rows = [(*header, "state")]
     total, unknown = 0.0, 0
     memo: dict = {}
     epochs = {run.name: epoch_fields(run, memo)["epochs"] for run in runs}
+    rule = spec.max_epochs
+    over = [run.name for run in runs if breaks_epoch_rule(epochs[run.name], rule)]
     for run in runs:
         est = None if run.name in done else estimate_seconds(run, records, assume_tokens_per_s)
         guessed = est is not None and estimate_seconds(run, records) is None
@@ -271,7 +277,7 @@ def format_plan(
                 f"{run.train_flops_per_token:.3g}",
                 f"{run.steps:,}",
                 f"{run.tokens:,}",
-                "?" if epochs[run.name] is None else f"{epochs[run.name]:.2f}",
+                _epochs_cell(epochs[run.name], rule),
                 f"{run.train_flops:.3g}",
                 "-" if run.name in done else ("unknown" if est is None else ("~" if guessed else "") + _duration(est)),
                 "done" if run.name in done else ("partial" if list_checkpoints(run.run_dir) else "todo"),
@@ -297,7 +303,34 @@ def format_plan(
     lines.append(f"{todo} runs to train; estimated {_duration(total)} from {basis}{tail}")
     if any(e is None for e in epochs.values()):
         lines.append("epochs '?': the train split is not tokenised yet ('torchpeer data --config ...' or a first run)")
+    if rule is not None:
+        lines.append(_rule_line(rule, epochs, over))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _epochs_cell(epochs: float | None, rule: float | None) -> str:
+    if epochs is None:
+        return "?"
+    return f"{epochs:.2f}" + (f" > {epochs_text(rule)}" if breaks_epoch_rule(epochs, rule) else "")
+
+
+def _rule_line(rule: float, epochs: dict[str, float | None], over: list[str]) -> str:
+    """The plan's statement of the data rule: which runs break it (they train, the report keeps
+    them out of the fits), or that none does, or that it cannot be checked yet."""
+    n = epochs_text(rule)
+    head = f"data rule max_epochs = {n}: "
+    if all(e is None for e in epochs.values()):
+        return head + "not checked: the train split is not tokenised yet (epochs '?')"
+    if over:
+        text = head + (
+            f"{len(over)} run{' repeats' if len(over) == 1 else 's repeat'} the train split more than {n} times "
+            f"(marked '> {n}'; they train, the report draws them outside the fits): {', '.join(over)}"
+        )
+    else:
+        text = head + f"no run repeats the train split more than {n} times"
+    if any(e is None for e in epochs.values()):
+        text += "; runs with epochs '?' are not checked until the train split is tokenised"
+    return text
 
 
 def _duration(seconds: float) -> str:

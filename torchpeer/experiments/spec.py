@@ -41,6 +41,7 @@ SWEEP_KEYS = {
     "tokens": "token counts (instead of budgets), e.g. [2e6, 4e6]",
     "warmup_frac": "warmup steps as a fraction of each run's steps (overrides train.warmup_steps)",
     "eval_set": "the eval set the report ranks runs by (default: the first of data.valid)",
+    "max_epochs": "the data rule: runs that pass over the train split more often are marked and left out of the fits",
     "x": "ablation x-axis: a dotted config field or a product of them (model.peer.heads*model.peer.top_k)",
     "series": "ablation: a dotted config field, one line per value (e.g. model.peer.query_norm), or family",
 }
@@ -71,6 +72,7 @@ class SweepSpec:
     variants: list[Variant] = field(default_factory=list)
     warmup_frac: float | None = None
     eval_set: str | None = None
+    max_epochs: float | None = None  # None = no data rule
     x: str | None = None
     series: str | None = None
     path: str | None = None
@@ -139,6 +141,8 @@ def parse_spec(raw: dict[str, Any], default_name: str = "sweep", path: str | Non
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < 1:
             raise ValueError(f"{where}: sweep.warmup_frac must be a number in [0, 1), got {w!r}")
         spec.warmup_frac = float(w)
+    if "max_epochs" in sweep:
+        spec.max_epochs = _max_epochs(sweep["max_epochs"], where)
     for key in ("eval_set", "x", "series"):
         if key in sweep:
             setattr(spec, key, _str(sweep[key], f"sweep.{key}", where))
@@ -269,6 +273,17 @@ def _budgets(table: dict[str, Any], what: str, where: str) -> tuple[list[float],
         if key in table and not values:
             raise ValueError(f"{where}: the sweep has an empty grid: {what} {key} = [] lists nothing")
     return [float(b) for b in budgets], [int(t) for t in tokens]
+
+
+def _max_epochs(value: Any, where: str) -> float:
+    """sweep.max_epochs: a positive number of passes over the train split (4 = the corpus seen at
+    most 4 times). Fractions are allowed (a rule of half an epoch is a rule too)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(
+            f"{where}: sweep.max_epochs = {value!r}: give the most passes over the train split a run in the "
+            "fit may make, a positive number such as max_epochs = 4 (or leave it out: no rule)"
+        )
+    return float(value)
 
 
 def _table(value: Any, what: str, where: str) -> dict[str, Any]:
