@@ -49,9 +49,19 @@ CORPUS_TRAIN_TOKENS = 41_400_476
 
 def test_isoflop_spec_protocol(tmp_path):
     """>= 4 sizes per (family, budget); PEER has 1024^2 experts in the middle block with the shipped default
-    query norm; MoE is token-choice (causal) and moe-ec the paper's expert-choice; no run beyond 4 epochs;
+    query norm; MoE is token-choice (causal) and moe-ec the paper's expert-choice; no run beyond 4 epochs
+    (max_epochs = 4) but the two 1e16 check runs at s4 (PEER and dense, outside the fit by that rule);
     every corpus source is its own eval set, plus the whole valid set, each evaluated whole."""
-    runs = plan_sweep(load_spec("isoflop"), str(tmp_path))
+    spec = load_spec("isoflop")
+    assert spec.max_epochs == 4
+    runs = plan_sweep(spec, str(tmp_path))
+    over = sorted(r.name for r in runs if r.tokens > 4 * CORPUS_TRAIN_TOKENS)
+    assert over == ["dense-s4-over4ep-1e16", "peer-s4-over4ep-1e16"]
+    s4 = {r.family: r for r in runs if r.name.endswith("-s4-1e15")}  # the checks are the grid's s4, at 1e16
+    for r in runs:
+        if r.name in over:
+            assert r.budget_flops == 1e16 and r.active_params == s4[r.family].active_params
+    runs = [r for r in runs if r.name not in over]
     groups = {}
     for r in runs:
         groups.setdefault((r.family, r.budget_flops), []).append(r)
