@@ -38,4 +38,4 @@ def test_hidden_package_looks_not_installed_and_a_core_dependency_is_caught():
     # control: hiding a real core dependency makes the check fail and name the modules
     proc = run_check("--block", "numpy")
     assert proc.returncode == 1
-    assert "FAIL import torchpeer.lm: ModuleNotFoundError: No module named 'numpy'" in proc.stdout
+    assert "FAIL import torchpeer.lm.train: ModuleNotFoundError: No module named 'numpy'" in proc.stdout

@@ -1,6 +1,6 @@
 """torchpeer: PEER (Mixture of A Million Experts) layers, baselines, kernels and experiments.
 
-The names below are loaded on first use (PEP 562), so that ``import torchpeer.cli`` does not import
+The names below are loaded on first use (torchpeer/lazy.py), so that ``import torchpeer.cli`` does not import
 torch: the command line starts in a few milliseconds and a Ctrl-C during its imports lands inside
 ``torchpeer.cli.main`` (one "interrupted" line, exit 130) instead of printing a traceback.
 ``from torchpeer import PEER`` and ``torchpeer.PEER`` work as before.
@@ -8,7 +8,7 @@ torch: the command line starts in a few milliseconds and a Ctrl-C during its imp
 
 from __future__ import annotations
 
-import importlib
+from torchpeer.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -41,19 +41,6 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'torchpeer' has no attribute {name!r}")
-    module, attr = _EXPORTS[name]
-    value = getattr(importlib.import_module(module), attr)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_EXPORTS))
-
-
 __all__ = [
     "PEER",
     "PKM",
@@ -79,3 +66,5 @@ __all__ = [
     "expert_mix_reference",
     "product_key_topk_reference",
 ]
+
+lazy_exports(__name__)

@@ -238,6 +238,56 @@ def test_the_command_line_starts_without_torch():
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
 
 
+def test_help_and_the_parser_load_no_torch():
+    """`torchpeer --help` and `torchpeer train --help` build every subcommand's parser (it imports
+    torchpeer.lm.config_io and torchpeer.hf.export) without importing torch, and print the help."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from torchpeer.cli import build_parser, main\n"
+        "build_parser()\n"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torchpeer'))\n"
+        "for argv in (['--help'], ['train', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0\n"
+        "assert 'torch' not in sys.modules\n"
+        "print('no torch')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.rstrip().endswith("no torch"), res.stderr
+    assert "usage: torchpeer [-h] COMMAND" in res.stdout and "usage: torchpeer train" in res.stdout
+
+
+def test_lazy_packages_keep_their_names():
+    """torchpeer.lm and torchpeer.hf load their exports on first use; a submodule named like its
+    function (torchpeer.lm.train, .evaluate, .generate; torchpeer.hf.peerify) does not replace the
+    function's name, whichever is imported first."""
+    import subprocess
+    import sys
+
+    code = (
+        "import types, importlib\n"
+        "importlib.import_module('torchpeer.lm.train'); importlib.import_module('torchpeer.hf.peerify')\n"
+        "import torchpeer.lm as lm, torchpeer.hf as hf\n"
+        "from torchpeer.lm import train, evaluate, generate, TransformerLM, load_config\n"
+        "for f in (train, evaluate, generate, lm.train, lm.evaluate, hf.peerify):\n"
+        "    assert not isinstance(f, types.ModuleType), f\n"
+        "assert lm.train is importlib.import_module('torchpeer.lm.train').train\n"
+        "assert set(lm.__all__) <= set(dir(lm)) and set(hf.__all__) <= set(dir(hf))\n"
+        "try:\n"
+        "    lm.no_such_name\n"
+        "except AttributeError as e:\n"
+        "    assert 'no_such_name' in str(e)\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
 def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     """A real SIGINT while `torchpeer info` is importing torch: exit 130, "interrupted", no traceback."""
     import os
@@ -246,16 +296,23 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     import sys
     import time
 
+    # -X importtime writes a line to stderr as each module finishes importing: the signal is sent once
+    # main() has imported config_io (its first import, inside its try), i.e. while the command imports
+    # torch (~1 s), whatever the machine's load (a fixed sleep could land before main() when busy)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torchpeer.cli", "info", "gpu-peer-small"],
+        [sys.executable, "-X", "importtime", "-m", "torchpeer.cli", "info", "gpu-peer-small"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    time.sleep(0.4)  # past the interpreter's start, inside main()'s imports (torch takes ~1 s)
+    deadline = time.monotonic() + 60
+    for line in proc.stderr:
+        if line.rstrip().endswith("| torchpeer.lm.config_io") or time.monotonic() > deadline:
+            break
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
+    err = "\n".join(x for x in err.splitlines() if not x.startswith("import time:"))
     if proc.returncode == 0:
         pytest.skip("the command finished before the signal arrived (a very fast machine)")
     assert proc.returncode == 130 and "Traceback" not in err and err.strip().endswith("interrupted"), err

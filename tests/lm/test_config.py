@@ -7,10 +7,9 @@ import math
 import pytest
 
 from torchpeer.layers import PEERConfig, ffw_kinds, get_ffw
-from torchpeer.lm.config import ModelConfig, RunConfig, TrainConfig
+from torchpeer.lm.config import ModelConfig, RunConfig, TrainConfig, from_dict
 from torchpeer.lm.config_io import (
     dump_toml,
-    from_dict,
     load_config,
     parse_override_args,
     resolve_config_path,

@@ -91,8 +91,8 @@ def data_config_from_args(args: argparse.Namespace):
     the flags are applied as the ``--data.FIELD VALUE`` overrides of ``torchpeer train`` would be.
     """
     from torchpeer.data import DataConfig
-    from torchpeer.lm.config import RunConfig
-    from torchpeer.lm.config_io import apply_overrides, from_dict, read_toml, resolve_config_path
+    from torchpeer.lm.config import RunConfig, from_dict
+    from torchpeer.lm.config_io import apply_overrides, read_toml, resolve_config_path
 
     table = read_toml(resolve_config_path(args.config)).get("data", {}) if getattr(args, "config", None) else {}
     run = RunConfig(data=from_dict(DataConfig, table))

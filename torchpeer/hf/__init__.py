@@ -14,9 +14,19 @@ Importing this package never imports transformers; the functions that need it ra
 ImportError naming the extra when it is missing. torchpeer core never imports this package.
 """
 
-from torchpeer.hf.export import export_hf
-from torchpeer.hf.exported import continue_from_exported, is_exported_folder, load_exported
-from torchpeer.hf.peerify import decoder_blocks, from_pretrained, peerify, supported_families
+from torchpeer.lazy import lazy_exports
+
+# loaded on first use (torchpeer/lazy.py): the command line imports torchpeer.hf.export for its parser
+_EXPORTS = {
+    "continue_from_exported": "torchpeer.hf.exported",
+    "decoder_blocks": "torchpeer.hf.peerify",
+    "export_hf": "torchpeer.hf.export",
+    "from_pretrained": "torchpeer.hf.peerify",
+    "is_exported_folder": "torchpeer.hf.exported",
+    "load_exported": "torchpeer.hf.exported",
+    "peerify": "torchpeer.hf.peerify",
+    "supported_families": "torchpeer.hf.peerify",
+}
 
 __all__ = [
     "continue_from_exported",
@@ -28,3 +38,5 @@ __all__ = [
     "peerify",
     "supported_families",
 ]
+
+lazy_exports(__name__)

@@ -16,17 +16,40 @@ resume (which checkpoint and config a resume continues with), budget (steps of a
 generate; train (``train()``).
 """
 
-from torchpeer.lm.callbacks import Callback
-from torchpeer.lm.checkpoint import load_model_from_checkpoint, save_checkpoint
-from torchpeer.lm.config import DenseConfig, ModelConfig, MoEConfig, PEERConfig, PKMConfig, RunConfig, TrainConfig
-from torchpeer.lm.config_io import apply_overrides, dump_toml, list_configs, load_config
-from torchpeer.lm.evaluate import evaluate
-from torchpeer.lm.generate import generate
-from torchpeer.lm.info import ModelCost, config_cost, model_cost
-from torchpeer.lm.model import KVCache, TransformerLM
-from torchpeer.lm.plan import SingleProcessPlan
-from torchpeer.lm.rundir import RunWriteError
-from torchpeer.lm.train import Trainer, TrainingInterrupted, train
+from __future__ import annotations
+
+from torchpeer.lazy import lazy_exports
+
+# public name -> its module, loaded on first use (torchpeer/lazy.py): the command line imports
+# config_io (override syntax, shipped config names) and must not import torch through the others
+_EXPORTS = {
+    "Callback": "torchpeer.lm.callbacks",
+    "DenseConfig": "torchpeer.lm.config",
+    "KVCache": "torchpeer.lm.model",
+    "MoEConfig": "torchpeer.lm.config",
+    "ModelConfig": "torchpeer.lm.config",
+    "ModelCost": "torchpeer.lm.info",
+    "PEERConfig": "torchpeer.lm.config",
+    "PKMConfig": "torchpeer.lm.config",
+    "RunConfig": "torchpeer.lm.config",
+    "RunWriteError": "torchpeer.lm.rundir",
+    "SingleProcessPlan": "torchpeer.lm.plan",
+    "TrainConfig": "torchpeer.lm.config",
+    "Trainer": "torchpeer.lm.train",
+    "TrainingInterrupted": "torchpeer.lm.train",
+    "TransformerLM": "torchpeer.lm.model",
+    "apply_overrides": "torchpeer.lm.config_io",
+    "config_cost": "torchpeer.lm.info",
+    "dump_toml": "torchpeer.lm.config_io",
+    "evaluate": "torchpeer.lm.evaluate",
+    "generate": "torchpeer.lm.generate",
+    "list_configs": "torchpeer.lm.config_io",
+    "load_config": "torchpeer.lm.config_io",
+    "load_model_from_checkpoint": "torchpeer.lm.checkpoint",
+    "model_cost": "torchpeer.lm.info",
+    "save_checkpoint": "torchpeer.lm.checkpoint",
+    "train": "torchpeer.lm.train",
+}
 
 __all__ = [
     "Callback",
@@ -56,3 +79,6 @@ __all__ = [
     "save_checkpoint",
     "train",
 ]
+
+
+lazy_exports(__name__)

@@ -23,8 +23,11 @@ import sys
 import typing
 from typing import Any
 
-from torchpeer.data import DataConfig
-from torchpeer.lm.config import RunConfig, closest, coerce, from_dict, type_args, type_name
+# torchpeer.lm.config (and torchpeer.data) are imported inside the functions that need them: they
+# import torch through the layers' config classes, and the command line imports this module for
+# split_overrides and list_configs before it knows whether a command needs torch (``--help`` doesn't)
+if typing.TYPE_CHECKING:
+    from torchpeer.lm.config import RunConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -73,6 +76,8 @@ def read_toml(path: str) -> dict[str, Any]:
 
 def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | list[tuple[str, str]] | None = None):
     """Read a TOML config (name or path), apply overrides (``["--a.b", "v"]`` or pairs), validate."""
+    from torchpeer.lm.config import RunConfig, from_dict
+
     path = resolve_config_path(name_or_path)
     raw = read_toml(path)
     raw.setdefault("name", os.path.splitext(os.path.basename(path))[0])
@@ -140,6 +145,8 @@ def parse_override_args(args: list[str]) -> list[tuple[str, str]]:
 
 def apply_overrides(cfg: RunConfig, overrides: list[str] | list[tuple[str, str]]) -> RunConfig:
     """Set fields of ``cfg`` in place from string overrides (see module docstring)."""
+    from torchpeer.data import DataConfig
+
     pairs = parse_override_args(overrides) if overrides and isinstance(overrides[0], str) else overrides
     for key, text in pairs:
         parts = key.split(".")
@@ -185,6 +192,8 @@ def _closest_field(key: str, names: list[str], prefer: str = "") -> str | None:
     first among equals; or None."""
     import difflib
 
+    from torchpeer.lm.config import closest
+
     leaf = key.rsplit(".", 1)[-1]
     similar = [n for n in names if closest(leaf, [n.rsplit(".", 1)[-1]])]
     if not similar:
@@ -208,6 +217,8 @@ def _field_names(obj, prefix: str = "") -> list[str]:
 
 def parse_value(text: str, tp, key: str) -> Any:
     """Parse a command-line string into the field type ``tp`` (ValueError says what is expected)."""
+    from torchpeer.lm.config import coerce, type_args, type_name
+
     low = text.strip().lower()
     for t in type_args(tp):
         try:
@@ -253,6 +264,8 @@ def parse_value(text: str, tp, key: str) -> Any:
 
 def _value_hint(tp, key: str) -> str:
     """What a value of type ``tp`` looks like on the command line, for the parse error."""
+    from torchpeer.lm.config import type_args
+
     kinds = type_args(tp)
     if any(typing.get_origin(t) is dict for t in kinds):
         if key == "data.valid":
