@@ -72,7 +72,8 @@ def write_report(
     lines = [
         f"# Sweep report: {os.path.basename(os.path.abspath(runs_dir))}",
         "",
-        f"Made by `torchpeer report {runs_dir}` from {len(records)} finished runs in results.jsonl "
+        f"Made by `torchpeer report {runs_dir}{_rule_flag(max_epochs)}` from {len(records)} finished runs in "
+        "results.jsonl "
         f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). Loss = mean next-token loss (nats) on the "
         "ranking eval set; usage % and KL (of the expert-usage distribution from uniform) are averaged over "
         "the routed layers on that set.",
@@ -138,6 +139,14 @@ def _table(header: list[str], rows: list[list[str]], right_from: int = 1) -> lis
 
 def _fmt(v, spec: str = ".4f") -> str:
     return "-" if v is None else format(v, spec)
+
+
+def _rule_flag(max_epochs: float | str | None) -> str:
+    """The --max-epochs of the command that made the report ("" for the recorded rule), so that the
+    header's command makes the same report again."""
+    if max_epochs == RECORDED:
+        return ""
+    return " --max-epochs none" if max_epochs is None else f" --max-epochs {epochs_text(float(max_epochs))}"
 
 
 def sweep_rule(recs: list[dict], max_epochs: float | str | None = RECORDED) -> tuple[float | None, str]:
