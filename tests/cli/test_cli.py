@@ -398,7 +398,7 @@ def test_error_unparsable_override_says_what_to_give(capsys, override, message):
     "key, suggestion",
     [
         ("model.dropout", None),  # no field like it: not model.moe.routing, which only shares "model."
-        ("train.learning_rate", None),
+        ("train.learning_rate", "train.lr"),  # another library's name for it
         ("model.n_experts", "model.peer.n_experts"),  # ptb-tiny is a PEER model: its section first
         ("trian.max_steps", "train.max_steps"),
         ("train.warmup", "train.warmup_steps"),

@@ -52,6 +52,13 @@ def test_config_overrides_and_errors():
         ("toml", "[train]\nmax_step = 5", "'max_step': did you mean 'max_steps'?"),
         ("toml", "[model.peer]\ntopk = 8", "'topk': did you mean 'top_k'?"),
         ("toml", "[data]\ntokeniser = 'byte'", "'tokeniser': did you mean 'tokenizer'?"),
+        # other libraries' names, too unlike ours for a spelling match (steps is nearer eps by letters)
+        ("override", "train.steps", "did you mean --train.max_steps?"),
+        ("override", "model.hidden_size", "did you mean --model.d_model?"),
+        ("override", "model.peer.num_heads", "did you mean --model.peer.heads?"),
+        ("override", "model.num_heads", "did you mean --model.n_heads?"),
+        ("override", "train.epochs", "not epochs: use --train.max_tokens"),
+        ("toml", "[train]\nlearning_rate = 1e-3", "'learning_rate': did you mean 'lr'?"),
     ],
 )
 def test_a_misspelt_field_names_the_closest_one(tmp_path, capsys, where, wrong, right):

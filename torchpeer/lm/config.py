@@ -320,10 +320,44 @@ def from_dict(cls, d: dict[str, Any], prefix: str = ""):
     return cls(**kwargs)
 
 
+# Other libraries' names for fields that are spelt too differently here for the closest-name match
+# (``learning_rate`` is not like ``lr``; ``steps`` is nearer ``eps`` than ``max_steps`` by letters):
+# name -> the fields' last parts it may mean, in order; one in the same section is preferred
+OTHER_NAMES = {
+    "learning_rate": "lr",
+    "steps": "max_steps",
+    "num_steps": "max_steps",
+    "train_steps": "max_steps",
+    "total_steps": "max_steps",
+    "tokens": "max_tokens",
+    "hidden_size": "d_model",
+    "n_embd": "d_model",
+    "dim": "d_model",
+    "block_size": "seq_len",
+    "max_seq_len": "seq_len",
+    "context_length": "seq_len",
+    "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "clip_grad_norm": "grad_clip",
+    "max_grad_norm": "grad_clip",
+    "warmup": "warmup_steps",
+    "num_experts": "n_experts",
+    "num_heads": "n_heads heads",
+    "n_heads": "heads",
+    "topk": "top_k",
+    "k": "top_k",
+}
+
+
 def closest(name: str, candidates) -> str | None:
-    """The candidate most like ``name`` (a misspelt key: ``max_step`` -> ``max_steps``), or None."""
+    """The candidate most like ``name`` (a misspelt key: ``max_step`` -> ``max_steps``; another
+    library's name: ``learning_rate`` -> ``lr``), or None."""
     import difflib
 
+    candidates = list(candidates)
+    for meant in OTHER_NAMES.get(name, "").split():
+        if meant in candidates:
+            return meant
     match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
     return match[0] if match else None
 

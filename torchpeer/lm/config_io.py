@@ -173,8 +173,12 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | list[tuple[str, str]]
 
 def _suggest(cfg: RunConfig, key: str, parts: list[str]) -> str:
     """The existing field closest to the misspelt ``key``, then the valid fields where ``parts`` went wrong."""
-    match = _closest_field(key, _field_names(cfg), f"model.{cfg.model.ffw}.")
-    hint = f"did you mean --{match}? " if match else ""
+    if key.rsplit(".", 1)[-1] in ("epochs", "num_epochs", "max_epochs"):
+        hint = "runs are sized in steps, tokens or FLOPs, not epochs: use --train.max_tokens "
+        hint += "(one pass of the train split: its token count, which torchpeer data prints) "
+    else:
+        match = _closest_field(key, _field_names(cfg), f"model.{cfg.model.ffw}.")
+        hint = f"did you mean --{match}? " if match else ""
     obj = cfg
     for p in parts[:-1]:
         obj = getattr(obj, p, None)
@@ -192,10 +196,13 @@ def _closest_field(key: str, names: list[str], prefer: str = "") -> str | None:
     first among equals; or None."""
     import difflib
 
-    from torchpeer.lm.config import closest
+    from torchpeer.lm.config import OTHER_NAMES, closest
 
     leaf = key.rsplit(".", 1)[-1]
-    similar = [n for n in names if closest(leaf, [n.rsplit(".", 1)[-1]])]
+    meant = OTHER_NAMES.get(leaf, "").split()  # another library's name: only the fields it means
+    similar = [n for n in names if n.rsplit(".", 1)[-1] in meant] or [
+        n for n in names if closest(leaf, [n.rsplit(".", 1)[-1]])
+    ]
     if not similar:
         return None
 
