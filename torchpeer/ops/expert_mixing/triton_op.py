@@ -14,6 +14,7 @@ import triton
 from ..dispatch import call_implementation_directly
 from .checks import ACTIVATIONS, check_mix_inputs
 from .triton_kernels import _mix_bwd_dx_kernel, _mix_bwd_reduce_kernel, _mix_bwd_segment_kernel, _mix_fwd_kernel
+from .triton_tiled import expert_mix_tiled_forward
 
 # Launch tuning per kernel, from the H200 sweeps in benchmarks/NOTES_mixing.md (T = 65536, S = 128):
 #   tile: BLOCK_S * BLOCK_D, the elements of one gathered tile (BLOCK_S rows of BLOCK_D);
@@ -27,6 +28,8 @@ from .triton_kernels import _mix_bwd_dx_kernel, _mix_bwd_reduce_kernel, _mix_bwd
 #   judged from an earlier call's count, read back without a sync: LaggedSplitCheck), so
 #   near-uniform routing runs the unsplit kernel with no plan at all.
 #   None: never split (not skew-robust).
+#   fwd "tile_tokens" (absent/None by default): a token count selects the tile-sorted forward of
+#   triton_tiled.py (a prototype being measured, NOTES_mixing.md §5) with that many tokens per tile.
 # Mutable on purpose: benchmarks/bench_mixing.py sweeps it.
 SEGMENT = 256
 TUNING = {
@@ -64,6 +67,9 @@ def _forward_impl(x, down, up, indices, gates, activation):
     """-> y (T, d) in x's dtype, h = x . u[idx] (T, H, K) float32."""
     T, d = x.shape
     S = indices[0].numel() if T else 0
+    tile_tokens = TUNING["fwd"].get("tile_tokens")
+    if tile_tokens:  # opt-in prototype: same (y, h) contract, so the backward is unchanged
+        return expert_mix_tiled_forward(x, down, up, indices, gates, activation, tile_tokens)
     y = _new_buffer((T, d), x.dtype, x.device)
     h = _new_buffer(indices.shape, torch.float32, x.device)
     if T == 0 or S == 0:
