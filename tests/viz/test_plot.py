@@ -114,7 +114,7 @@ def test_a_damaged_metrics_line_in_the_middle_is_said_a_cut_last_line_is_not(tmp
     (tmp_path / "metrics.jsonl").write_text(good[0] + "\n" + '{"step": 15, "lo\n' + "\n".join(good[1:]) + "\n")
     assert read_metrics(str(tmp_path)).train["loss"].steps == [10, 20, 30]
     err = capsys.readouterr().err
-    assert "line(s) 2 are not JSON and were skipped (a damaged file)" in err
+    assert "line(s) 2 are not JSON objects and were skipped (a damaged file)" in err
     (tmp_path / "metrics.jsonl").write_text("\n".join(good) + '\n{"step": 40, "loss": 3.')  # cut by a kill
     assert read_metrics(str(tmp_path)).train["loss"].steps == [10, 20, 30]
     assert capsys.readouterr().err == ""

@@ -11,9 +11,10 @@ import functools
 import json
 import os
 import subprocess
-import sys
 import time
 from typing import Any
+
+from torchpeer.jsonl import read_json_lines, say_damaged
 
 RESULTS_FILE = "results.jsonl"
 
@@ -29,30 +30,16 @@ def read_results(runs_dir: str) -> list[dict[str, Any]]:
     path = results_path(runs_dir)
     if not os.path.exists(path):
         return []
-    out, bad = [], []
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for number, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                bad.append(number)
-                continue
-            if isinstance(rec, dict) and "run" in rec:
-                out.append(rec)
-            else:
-                bad.append(number)
-    if bad and (path, tuple(bad)) not in _said_damaged:
-        _said_damaged.add((path, tuple(bad)))
-        lines = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
-        print(
-            f"warning: {path}: line(s) {lines} are not result records and were skipped (a damaged file; "
+    lines = read_json_lines(path, accept=lambda rec: "run" in rec)
+    if lines.bad and (path, tuple(lines.bad)) not in _said_damaged:  # once per damage, not per read
+        _said_damaged.add((path, tuple(lines.bad)))
+        say_damaged(
+            path,
+            lines.bad,
+            "are not result records and were skipped (a damaged file; "
             "their runs count as not done: the next sweep retrains them and rewrites the file)",
-            file=sys.stderr,
         )
-    return out
+    return lines.records
 
 
 _said_damaged: set[tuple[str, tuple[int, ...]]] = set()

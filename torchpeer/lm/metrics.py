@@ -11,6 +11,7 @@ import json
 import os
 
 from torchpeer.data.atomic import write_text_atomic
+from torchpeer.jsonl import read_json_lines, say_damaged
 from torchpeer.lm.rundir import writing
 
 
@@ -58,15 +59,14 @@ class MetricsLog:
         """
         if not os.path.exists(self.path):
             return
-        keep = []
-        with open(self.path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by the kill
-                    continue
-                if rec.get("step", 0) < step or (rec.get("step", 0) == step and not rec.get("final")):
-                    keep.append(line if line.endswith("\n") else line + "\n")
+        lines = read_json_lines(self.path)
+        if lines.damaged():  # a cut last line is what the kill left: dropped in silence
+            say_damaged(self.path, lines.damaged(), "are not JSON objects and were dropped on resume (a damaged file)")
+        keep = [
+            json.dumps(rec) + "\n"
+            for rec in lines.records
+            if rec.get("step", 0) < step or (rec.get("step", 0) == step and not rec.get("final"))
+        ]
         with writing(self.path):
             write_text_atomic(self.path, "".join(keep))
 

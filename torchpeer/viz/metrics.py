@@ -14,11 +14,11 @@ last record wins. A run that continued another one's weights (``torchpeer train 
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
+
+from torchpeer.jsonl import read_json_lines, say_damaged
 
 TRAIN_KEYS = ("tokens", "time", "loss", "lr", "tok_per_s", "grad_norm")
 EVAL_KEYS = ("loss", "ppl", "bpb")
@@ -100,23 +100,10 @@ def read_metrics(run_dir: str, name: str | None = None) -> RunMetrics:
     path = metrics_path(run_dir)
     folder = os.path.dirname(os.path.abspath(path))
     run = RunMetrics(name=name or os.path.basename(folder), path=folder)
-    records, bad, last = [], [], 0
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            last = number
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                bad.append(number)
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
-                records.append(rec)
-    damaged = [n for n in bad if n != last]  # a cut last line is what a kill leaves: not worth a word
-    if damaged:
-        lines = ", ".join(map(str, damaged[:10])) + (" ..." if len(damaged) > 10 else "")
-        print(f"warning: {path}: line(s) {lines} are not JSON and were skipped (a damaged file)", file=sys.stderr)
+    lines = read_json_lines(path)
+    if lines.damaged():  # a cut last line is what a kill leaves: not worth a word
+        say_damaged(path, lines.damaged(), "are not JSON objects and were skipped (a damaged file)")
+    records = [rec for rec in lines.records if isinstance(rec.get("step"), int)]
     records.sort(key=lambda r: r["step"])  # stable: records of one step keep their order
     for rec in records:
         step = rec["step"]

@@ -1,0 +1,61 @@
+"""JSON-lines files (a run's metrics.jsonl, a sweep's results.jsonl): one reader, one way to say that
+a file is damaged.
+
+A line that does not parse, or that the caller does not accept as a record, is skipped and its
+number kept. A cut last line is what a kill leaves in a file appended line by line: callers that
+append (metrics.jsonl) pass over it in silence, callers whose file is rewritten whole
+(results.jsonl, temp file + rename) have none and say every bad line.
+
+    lines = read_json_lines(path, accept=lambda rec: "run" in rec)
+    if lines.bad:
+        say_damaged(path, lines.bad, "are not result records and were skipped")
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class JsonLines:
+    """What ``read_json_lines`` found: the accepted records in file order, the 1-based numbers of
+    the non-empty lines that were skipped, and the number of the last non-empty line (0: none)."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    bad: list[int] = field(default_factory=list)
+    last: int = 0
+
+    def damaged(self) -> list[int]:
+        """The skipped lines other than a cut last line (a kill mid-append leaves one)."""
+        return [n for n in self.bad if n != self.last]
+
+
+def read_json_lines(path: str, accept: Callable[[dict[str, Any]], bool] | None = None) -> JsonLines:
+    """Read ``path`` (it must exist); a record is a JSON object on one line that ``accept`` (if
+    given) returns True for. Undecodable bytes are replaced, not fatal: the line is then skipped."""
+    out = JsonLines()
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            out.last = number
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                out.bad.append(number)
+                continue
+            if isinstance(rec, dict) and (accept is None or accept(rec)):
+                out.records.append(rec)
+            else:
+                out.bad.append(number)
+    return out
+
+
+def say_damaged(path: str, lines: list[int], what: str) -> None:
+    """One warning line on stderr: ``warning: PATH: line(s) 2, 5 WHAT`` (at most 10 numbers)."""
+    numbers = ", ".join(map(str, lines[:10])) + (" ..." if len(lines) > 10 else "")
+    print(f"warning: {path}: line(s) {numbers} {what}", file=sys.stderr)
