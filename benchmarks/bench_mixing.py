@@ -13,7 +13,15 @@ What it does (one GPU call):
      T in {4096, 16384, 65536} x d in {512, 1024}, with the byte model's prediction, and peak memory
      of fwd+bwd above the parameters;
   5. the rejected alternative: token-centric backward with fp32 atomics into fp32 table gradients;
-  6. for context, fwd+bwd of the pure-PyTorch backend torchpeer.ops.expert_mix_torch.
+  6. for context, fwd+bwd of the pure-PyTorch backend torchpeer.ops.expert_mix_torch;
+  7. (--tiled, or --only-tiled to skip 3-6) the tile-sorted forward prototype (triton_tiled.py,
+     NOTES_mixing.md §5) against the token-centric forward at T in {16384, 32768, 65536}, d = 1024,
+     uniform and skewed (90% of selections on 64 experts) routing, per tile size: sort, pass A,
+     pass B, total, fwd+bwd through autograd, with the byte model's prediction; an L2 probe (the
+     dx gather kernel on tables of 8-32 MB vs the 2 GiB table) measuring the L2-served gather rate;
+     full-size correctness of the tiled path.
+    TRITON_INTERPRET=1 python benchmarks/bench_mixing.py --smoke --only-tiled   # CPU check of 7
+    python benchmarks/bench_mixing.py --model      # print the tiled byte model's tables, no kernels
 Writes bench_mixing.json under --out (default: $OUT if set, else benchmarks/results).
 """
 
@@ -31,6 +39,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from torchpeer.ops.expert_mixing import expert_mix_reference  # noqa: E402
 from torchpeer.ops.expert_mixing import triton_op as mixing  # noqa: E402
+from torchpeer.ops.expert_mixing import triton_tiled as tiled  # noqa: E402
 from torchpeer.ops.expert_mixing.triton_kernels import _act_and_grad  # noqa: E402
 from torchpeer.ops.expert_mixing.triton_op import expert_mix_triton  # noqa: E402
 
@@ -80,6 +89,185 @@ def bytes_model(T, S, d, N):
     expert = sel * 2 * row + used * row + 2 * N * row + sel * (8 + 4 + 4 + 4 + 4) + 2 * (N + 1) * 8
     dx = sel * row + T * row + sel * (8 + 4)
     return {"fwd": fwd, "expert": expert, "dx": dx}
+
+
+# ----------------------------------------------------------------------------- tile-sorted forward (NOTES §5)
+
+
+def distinct_in(n_tok, S, N, hot_frac=0.0, n_hot=64):
+    """Expected distinct experts picked by n_tok tokens: (1 - hot_frac) of the S picks uniform over N,
+    hot_frac uniform over n_hot experts (the benchmarks' skewed routing; overlap ignored)."""
+    cold = N * (1.0 - math.exp(-(1.0 - hot_frac) * n_tok * S / N))
+    return cold + (n_hot * (1.0 - math.exp(-hot_frac * n_tok * S / n_hot)) if hot_frac else 0.0)
+
+
+def tile_pairs(T, S, N, tile, hot_frac=0.0, n_hot=64):
+    """Expected distinct (token tile, expert) pairs: the u rows pass A reads from DRAM."""
+    full, rest = divmod(T, tile)
+    return full * distinct_in(tile, S, N, hot_frac, n_hot) + (distinct_in(rest, S, N, hot_frac, n_hot) if rest else 0)
+
+
+def sort_ms_model(n_sel):
+    """torch.sort of int32 keys + int64 perm on the H200, affine fit of run 2 (0.12 / 0.21 / 0.52 ms at
+    0.52M / 2.1M / 8.4M selections; the measured 'sort' also had a searchsorted, so a slight overcount)."""
+    return 0.107 + 0.049 * n_sel / 1e6
+
+
+def tiled_forward_model(T, S, d, N, tile, hot_frac=0.0, n_hot=64, bw=4.4e12, k_l2=3.0, u_hits=True):
+    """Predicted ms of the token-centric forward and of the tiled one (sort, pass A, pass B).
+
+    Each pass costs max(DRAM bytes / bw, L2 bytes / (k_l2 * bw)): gathered rows served by L2 still
+    cost L2 bandwidth, k_l2 times the DRAM rate (unknown on the H200: the L2 probe measures it).
+    bw: 4.4 TB/s, the rate the forward reaches (NOTES §3). Rows of hot experts (skew) come from L2.
+    u_hits: repeated u rows of a (tile, expert) are L1 hits (L2 reads u once per pair); False: every
+    repeat is an L2 read (the pessimistic end)."""
+    row, sel = d * ES, T * S
+    cold_sel = (1.0 - hot_frac) * sel
+    gathered_dram = cold_sel + (n_hot if hot_frac else 0)  # rows a token-centric gather takes from DRAM
+    small = 16 * sel + 2 * T * row  # idx, gate, h + x, y
+    cur = max((2 * gathered_dram * row + small) / bw, (2 * sel * row + small) / (k_l2 * bw))
+    pairs = tile_pairs(T, S, N, tile, hot_frac, n_hot)
+    a_dram = pairs * row + T * row + 16 * sel  # u once per pair, x once, keys + perm + h
+    a_l2 = sel * row + (pairs if u_hits else sel) * row + 16 * sel
+    b_dram = gathered_dram * row + T * row + 16 * sel  # v per selection, y, idx + gate + h
+    b_l2 = sel * row + T * row + 16 * sel
+    a = max(a_dram / bw, a_l2 / (k_l2 * bw))
+    b = max(b_dram / bw, b_l2 / (k_l2 * bw))
+    srt = sort_ms_model(sel) * 1e-3
+    r = {"pairs_per_sel": pairs / sel, "cur_ms": cur, "sort_ms": srt, "a_ms": a, "b_ms": b, "tiled_ms": srt + a + b}
+    r = {key: (v * 1e3 if key.endswith("_ms") else v) for key, v in r.items()}
+    r["gain_ms"] = r["cur_ms"] - r["tiled_ms"]
+    r["gain_shared_sort_ms"] = r["gain_ms"] + r["sort_ms"]  # if the backward reused the sort
+    return r
+
+
+def print_tiled_model(S=128, d=1024, N=1024**2):
+    """The tables of NOTES_mixing.md §5 (forward): gain (ms) of the tiled forward over the token-centric."""
+    print("| routing | T | tile | x tile MB | pairs/sel | k_l2 | cur ms | sort+A+B ms | gain ms | gain, sort shared |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for hot in (0.0, 0.9):
+        for T in (16384, 32768, 65536):
+            for tile in (4096, 8192, 16384):
+                if tile > T:
+                    continue
+                for k in (2.0, 3.0, 4.0):
+                    lo = tiled_forward_model(T, S, d, N, tile, hot, k_l2=k, u_hits=False)
+                    hi = tiled_forward_model(T, S, d, N, tile, hot, k_l2=k, u_hits=True)
+                    print(
+                        f"| {'skew 90/64' if hot else 'uniform'} | {T} | {tile} | {tile * d * ES / 1e6:.0f} | "
+                        f"{hi['pairs_per_sel']:.3f} | {k:g} | {hi['cur_ms']:.2f} | "
+                        f"{hi['sort_ms']:.2f}+{hi['a_ms']:.2f}..{lo['a_ms']:.2f}+{hi['b_ms']:.2f} | "
+                        f"{lo['gain_ms']:.2f}..{hi['gain_ms']:.2f} | "
+                        f"{lo['gain_shared_sort_ms']:.2f}..{hi['gain_shared_sort_ms']:.2f} |"
+                    )
+
+
+def skewed_indices(T, H, K, N, hot_frac, n_hot=64, seed=0):
+    """(T, H, K) int64: uniform experts, except hot_frac of the selections on experts 0..n_hot-1
+    (benchmarks/lm_throughput.py's skewed routing)."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    idx = torch.randint(0, N, (T, H, K), device=DEV, generator=g)
+    if hot_frac:
+        hot = torch.rand((T, H, K), device=DEV, generator=g) < hot_frac
+        idx = torch.where(hot, torch.randint(0, n_hot, (T, H, K), device=DEV, generator=g), idx)
+    return idx
+
+
+def l2_gather_probe(d, T, S=128, rows=(4096, 8192, 16384, 1024**2)):
+    """TB/s of the dx gather kernel (one table row per selection) on tables of `rows` rows: tables of
+    8-32 MB are served by L2, 1024^2 rows (2 GiB) by DRAM; the ratio is the model's k_l2."""
+    out = []
+    x = torch.randn(T, d, device=DEV).to(torch.bfloat16)
+    coef = torch.randn(T * S, device=DEV)
+    dx = torch.empty_like(x)
+    for n in rows:
+        table = torch.randn(n, d, device=DEV).to(torch.bfloat16)
+        idx = torch.randint(0, n, (T, S // 8, 8), device=DEV)
+        ms = bench_ms(lambda table=table, idx=idx: mixing._launch_dx(table, idx, coef, dx))
+        out.append({"rows": n, "table_mb": n * d * ES / 1e6, "ms": ms, "tbps": T * S * d * ES / (ms * 1e-3) / 1e12})
+        mb = n * d * ES / 1e6
+        print(f"L2 probe: gather from a {n}-row table ({mb:.0f} MB): {ms:.3f} ms, {out[-1]['tbps']:.2f} TB/s")
+        del table
+    for r in out:
+        r["ratio_to_dram"] = r["tbps"] / out[-1]["tbps"]
+    return out
+
+
+def time_tiled(T, H, K, d, N, tables, tiles, hot_frac, sweep_a=False):
+    """Token-centric vs tile-sorted forward (and fwd+bwd through autograd) on the same inputs."""
+    down, up = tables
+    S = H * K
+    x, _, _, _, gates, dy = make_problem(T, H, K, d, 1, seed=10)
+    idx = skewed_indices(T, H, K, N, hot_frac, seed=11)
+    saved = dict(mixing.TUNING["fwd"])
+    mixing.TUNING["fwd"] = dict(saved, tile_tokens=None)
+    r = {
+        "T": T,
+        "d": d,
+        "N": N,
+        "hot_frac": hot_frac,
+        "cur_fwd_ms": bench_ms(lambda: mixing._forward_impl(x, down, up, idx, gates, "gelu")),
+    }
+    y0, h0 = mixing._forward_impl(x, down, up, idx, gates, "gelu")
+    leaves = [t.requires_grad_() for t in (x, down, up, gates)]
+
+    def fwd_bwd():
+        expert_mix_triton(leaves[0], leaves[1], leaves[2], idx, leaves[3]).backward(dy)
+
+    r["cur_fwd_bwd_ms"] = bench_ms(fwd_bwd, grad_to_none=leaves)
+    r["tiles"] = []
+    xd, dd, ud, gd = (a.detach() for a in leaves)
+    for tile in tiles:
+        if tile > T and tile != tiles[0]:
+            continue
+        t = {"tile": tile, "model_k3": tiled_forward_model(T, S, d, N, tile, hot_frac, u_hits=False)}
+        t["model_k3_dedup"] = tiled_forward_model(T, S, d, N, tile, hot_frac, u_hits=True)
+        t["sort_ms"] = bench_ms(lambda tile=tile: tiled.sort_by_tile_and_expert(idx, N, tile))
+        keys, perm = tiled.sort_by_tile_and_expert(idx, N, tile)
+        h, y = torch.empty_like(h0), torch.empty_like(y0)
+        t["a_ms"] = bench_ms(lambda kp=(keys, perm), h=h: tiled.launch_h(xd, dd, *kp, h))
+        tiled.TILED_TUNING["dedup"] = True
+        t["a_dedup_ms"] = bench_ms(lambda kp=(keys, perm), h=h: tiled.launch_h(xd, dd, *kp, h))
+        tiled.TILED_TUNING["dedup"] = False
+        t["b_ms"] = bench_ms(lambda h=h, y=y: tiled.launch_y(ud, idx, gd, h, y, "gelu"))
+        if sweep_a:  # pass A's launch config (rows x 1024 per block, warps), both variants
+            t["a_sweep"] = []
+            default = dict(tiled.TILED_TUNING["h"])
+            for tile_elems, warps in ((4096, 2), (8192, 4), (8192, 2), (16384, 4)):
+                for flag in (False, True):
+                    tiled.TILED_TUNING["h"] = {"tile": tile_elems, "num_warps": {1024: warps}}
+                    tiled.TILED_TUNING["dedup"] = flag
+                    ms = bench_ms(lambda kp=(keys, perm), h=h: tiled.launch_h(xd, dd, *kp, h))
+                    t["a_sweep"].append({"tile": tile_elems, "warps": warps, "dedup": flag, "ms": ms})
+                    print(f"  pass A tile {tile_elems} warps {warps} dedup {flag}: {ms:.3f} ms")
+            tiled.TILED_TUNING["h"], tiled.TILED_TUNING["dedup"] = default, False
+        del keys, perm
+        args = (xd, dd, ud, idx, gd, "gelu", tile)
+        t["fwd_ms"] = bench_ms(lambda args=args: tiled.expert_mix_tiled_forward(*args))
+        tiled.TILED_TUNING["dedup"] = True
+        t["fwd_dedup_ms"] = bench_ms(lambda args=args: tiled.expert_mix_tiled_forward(*args))
+        tiled.TILED_TUNING["dedup"] = False
+        y, h = tiled.expert_mix_tiled_forward(*args)
+        t["rel_diff_vs_token_centric"] = {"y": rel_err(y, y0), "h": rel_err(h, h0)}
+        mixing.TUNING["fwd"] = dict(saved, tile_tokens=tile)
+        t["fwd_bwd_ms"] = bench_ms(fwd_bwd, grad_to_none=leaves)
+        mixing.TUNING["fwd"] = dict(saved, tile_tokens=None)
+        t["gain_fwd_ms"] = r["cur_fwd_ms"] - t["fwd_ms"]
+        t["gain_fwd_bwd_ms"] = r["cur_fwd_bwd_ms"] - t["fwd_bwd_ms"]
+        r["tiles"].append(t)
+        print(
+            f"tiled T={T} hot={hot_frac} tile={tile}: sort {t['sort_ms']:.3f} + A {t['a_ms']:.3f}"
+            f" (dedup {t['a_dedup_ms']:.3f}) + B {t['b_ms']:.3f}"
+            f" -> fwd {t['fwd_ms']:.3f} ms vs {r['cur_fwd_ms']:.3f} (model {t['model_k3']['tiled_ms']:.2f} vs"
+            f" {t['model_k3']['cur_ms']:.2f}); fwd+bwd {t['fwd_bwd_ms']:.3f} vs {r['cur_fwd_bwd_ms']:.3f};"
+            f" rel diff {t['rel_diff_vs_token_centric']}"
+        )
+        del y, h
+    mixing.TUNING["fwd"] = saved
+    for t in leaves:
+        t.grad = None
+        t.requires_grad_(False)
+    return r
 
 
 # ----------------------------------------------------------------------------- the rejected alternative
@@ -343,6 +531,58 @@ def sweep(T, H, K, d, N, tables, kernels):
     return results
 
 
+def write_json(res, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "bench_mixing.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(tmp, path)
+    print("wrote", path)
+    return path
+
+
+def run_tiled(args, corr, N, H, K, dims):
+    """Step 7: L2 probe, full-size correctness of the tiled path, tiled vs token-centric timings."""
+    out = {"tuning": json.loads(json.dumps(tiled.TILED_TUNING))}
+    d = max(dims)
+    if args.smoke:
+        sizes, tiles = [9, 16], [4, 8]
+        out["l2_probe"] = l2_gather_probe(d, 8, S=8, rows=(16, 256))
+    else:
+        sizes, tiles = [16384, 32768, 65536], [int(t) for t in args.tiles.split(",")]
+        out["l2_probe"] = l2_gather_probe(d, 16384)
+    saved = dict(mixing.TUNING["fwd"])
+    mixing.TUNING["fwd"] = dict(saved, tile_tokens=1024 if not args.smoke else 4)
+    t0 = time.time()
+    out["correctness"] = check_correctness(*corr)  # expert_mix_triton with the tiled forward
+    mixing.TUNING["fwd"] = saved
+    print("tiled correctness:", json.dumps(out["correctness"]), f"({time.time() - t0:.0f} s)")
+    tables = make_problem(1, 1, 1, d, N, seed=5)[1:3]
+    out["timings"] = []
+    for hot in (0.0, 0.9):
+        for T in sizes:
+            sweep_a = hot == 0.0 and T == sizes[-1]
+            out["timings"].append(time_tiled(T, H, K, d, N, tables, tiles, hot, sweep_a))
+            if ON_GPU:
+                torch.cuda.empty_cache()
+    print(
+        "\n| routing | T | tile | token-centric fwd ms | sort + A (dedup) + B = tiled fwd ms (dedup) | "
+        "model k_l2 = 3: token-centric -> tiled (dedup) | fwd+bwd ms: token-centric / tiled |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in out["timings"]:
+        for t in r["tiles"]:
+            m = t["model_k3"]
+            print(
+                f"| {'skew' if r['hot_frac'] else 'uniform'} | {r['T']} | {t['tile']} | {r['cur_fwd_ms']:.2f} | "
+                f"{t['sort_ms']:.2f} + {t['a_ms']:.2f} ({t['a_dedup_ms']:.2f}) + {t['b_ms']:.2f} = "
+                f"{t['fwd_ms']:.2f} ({t['fwd_dedup_ms']:.2f}) | {m['cur_ms']:.2f} -> {m['tiled_ms']:.2f} "
+                f"({t['model_k3_dedup']['tiled_ms']:.2f}) | {r['cur_fwd_bwd_ms']:.2f} / {t['fwd_bwd_ms']:.2f} |"
+            )
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", default="", help="comma list of kernels (fwd,expert,dx) to sweep at T=65536, each d")
@@ -350,8 +590,15 @@ def main():
     ap.add_argument("--fp32-tables", action="store_true", help="also time fp32 tables with bf16 x")
     ap.add_argument("--no-torch", action="store_true", help="skip timing the pure-PyTorch backend")
     ap.add_argument("--no-atomic", action="store_true", help="skip the fp32-atomics alternative")
+    ap.add_argument("--tiled", action="store_true", help="also time the tile-sorted forward prototype (step 7)")
+    ap.add_argument("--only-tiled", action="store_true", help="step 7 only (with the copy bandwidth)")
+    ap.add_argument("--tiles", default="4096,8192,16384", help="token tiles of step 7")
+    ap.add_argument("--model", action="store_true", help="print the tiled forward's byte model and exit")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
+    if args.model:
+        print_tiled_model()
+        return
 
     H, K = 8, 16
     if args.smoke:
@@ -365,6 +612,10 @@ def main():
     print(f"device {res['device']}  torch {torch.__version__}  triton {triton.__version__}")
     print(f"copy bandwidth (read+write): {res['copy_tbps']:.2f} TB/s")
 
+    if args.only_tiled:
+        res["tiled"] = run_tiled(args, corr, N, H, K, dims)
+        write_json(res, args.out)
+        return
     t0 = time.time()
     res["correctness"] = check_correctness(*corr)
     print("correctness:", json.dumps(res["correctness"]), f"({time.time() - t0:.0f} s)")
@@ -407,13 +658,9 @@ def main():
         if not args.no_torch and d == max(dims):
             res["torch_backend"] = [time_torch_backend(T, H, K, d, N, tables) for T in sizes[:2]]
         del tables
-
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "bench_mixing.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, path)
+    if args.tiled:
+        res["tiled"] = run_tiled(args, corr, N, H, K, dims)
+    path = write_json(res, args.out)
 
     print("\n| d | T | fwd ms | bwd ms (sort+expert+dx) | fwd+bwd ms | fwd TB/s | expert TB/s | dx TB/s | peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -426,7 +673,7 @@ def main():
         )
     c = res["correctness"]
     print("correctness pass:", c["bf16_full_size"]["pass"], c["fp32_ragged"]["pass"], c["bitwise_deterministic"])
-    print("wrote", path)
+    print("results in", path)
 
 
 if __name__ == "__main__":

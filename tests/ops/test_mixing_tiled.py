@@ -23,6 +23,13 @@ from torchpeer.ops.expert_mixing import triton_op as mixing  # noqa: E402
 from torchpeer.ops.expert_mixing import triton_tiled as tiled  # noqa: E402
 
 
+@pytest.fixture(params=[False, True], ids=["loads", "dedup"])
+def dedup(request, monkeypatch):
+    """Pass A with every lane loading its u row, and with repeated rows shared in registers."""
+    monkeypatch.setitem(tiled.TILED_TUNING, "dedup", request.param)
+    return request.param
+
+
 @pytest.fixture
 def tiled_forward(monkeypatch):
     """Route expert_mix_triton's forward through the tiled kernels with `tile_tokens` per tile."""
@@ -48,7 +55,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("T,H,K,d,N,tile,activation", CASES)
-def test_forward_y_and_h_match_float64(T, H, K, d, N, tile, activation):
+def test_forward_y_and_h_match_float64(dedup, T, H, K, d, N, tile, activation):
     (x, down, up, indices, gates), _ = make_inputs(T, H, K, d, N)
     y, h = tiled.expert_mix_tiled_forward(x.detach(), down.detach(), up.detach(), indices, gates.detach(),
                                           activation, tile_tokens=tile)  # fmt: skip
@@ -71,7 +78,7 @@ def test_bf16_activations_bf16_or_fp32_tables(tiled_forward, table_dtype):
     check_against_float64(inputs, dy, "gelu", tol=2e-2)
 
 
-def test_skewed_routing(tiled_forward):
+def test_skewed_routing(dedup, tiled_forward):
     """90% of the selections on 2 hot experts (as the benchmarks' 90%-on-64 at scale): long runs
     of one expert inside each tile, spread over several programs."""
     tiled_forward(6)
@@ -83,7 +90,7 @@ def test_skewed_routing(tiled_forward):
     check_against_float64(inputs, dy, "gelu", tol=1e-5)
 
 
-def test_repeated_experts_within_a_token(tiled_forward):
+def test_repeated_experts_within_a_token(dedup, tiled_forward):
     tiled_forward(3)
     inputs, dy = make_inputs(9, 2, 4, 24, 5, seed=4)
     indices = inputs[3]
@@ -93,17 +100,17 @@ def test_repeated_experts_within_a_token(tiled_forward):
     check_against_float64(inputs, dy, "gelu", tol=1e-5)
 
 
-def test_small_blocks_many_loop_iterations(tiled_forward, monkeypatch):
+def test_small_blocks_many_loop_iterations(dedup, tiled_forward, monkeypatch):
     """2-row blocks: pass A's last program is ragged (T*S odd), pass B loops over S = 15 in 8 blocks."""
     tiled_forward(4)
     tile2 = {"tile": 128, "num_warps": {1024: 4}}  # BLOCK_D = 64 -> 2 rows, 1 warp
-    monkeypatch.setattr(tiled, "TILED_TUNING", {"h": tile2, "y": tile2, "tile_tokens": 4})
+    monkeypatch.setattr(tiled, "TILED_TUNING", {"h": tile2, "y": tile2, "tile_tokens": 4, "dedup": dedup})
     assert tiled._config("h", 48, 15) == (64, 2, 1)
     inputs, dy = make_inputs(13, 3, 5, 48, 7, seed=5)
     check_against_float64(inputs, dy, "relu", tol=1e-5)
 
 
-def test_matches_token_centric_forward():
+def test_matches_token_centric_forward(dedup):
     """Same y and h as the default kernels up to fp32 summation order."""
     (x, down, up, indices, gates), _ = make_inputs(17, 2, 4, 32, 40, seed=6)
     args = [t.detach() if t.is_floating_point() else t for t in (x, down, up, indices, gates)]
@@ -124,7 +131,7 @@ def test_sort_order_is_tile_then_expert_then_token():
     assert torch.equal(perm.sort().values, torch.arange(66, device=perm.device))
 
 
-def test_every_output_element_is_written(monkeypatch):
+def test_every_output_element_is_written(dedup, monkeypatch):
     def poisoned(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
@@ -147,3 +154,18 @@ def test_empty_batch_and_deterministic(tiled_forward):
     first = tiled.expert_mix_tiled_forward(*args, tile_tokens=5)
     second = tiled.expert_mix_tiled_forward(*args, tile_tokens=5)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_dedup_runs_inside_a_block(monkeypatch):
+    """Runs of one expert that start mid-block, span block edges and fill a whole block (16-row
+    blocks, N = 3 experts, one tile): DEDUP gives the same h as loading every row."""
+    monkeypatch.setitem(tiled.TILED_TUNING, "h", {"tile": 16 * 32, "num_warps": {1024: 4}})
+    (x, down, up, indices, gates), _ = make_inputs(11, 2, 3, 32, 3, seed=10)
+    args = [t.detach() if t.is_floating_point() else t for t in (x, down, up, indices, gates)]
+    out = {}
+    for flag in (False, True):
+        monkeypatch.setitem(tiled.TILED_TUNING, "dedup", flag)
+        out[flag] = tiled.expert_mix_tiled_forward(*args, tile_tokens=64)
+    assert tiled._config("h", 32, 66) == (32, 16, 1)
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=0, atol=0)
+    assert rel_err(out[True][1], _h_float64(x, down, indices)) < 1e-6

@@ -32,35 +32,57 @@ from .triton_kernels import _act
 
 # Launch tuning, by the shape of what each kernel gathers (as triton_op.TUNING; unmeasured on a GPU):
 # pass A gathers two rows per selection (u and x), like the token-centric forward -> its config;
-# pass B gathers one (v), like the dx pass -> its config. tile_tokens: the token tile of pass A.
+# pass B gathers one (v), like the dx pass -> its config. tile_tokens: the token tile of pass A;
+# dedup: pass A's DEDUP (share a repeated u row in registers instead of re-reading it).
 TILED_TUNING = {
     "h": {"tile": 8192, "num_warps": {512: 2, 1024: 4}},
     "y": {"tile": 4096, "num_warps": {512: 1, 1024: 2}},
     "tile_tokens": 8192,
+    "dedup": False,
 }
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
 
 
 @triton.jit
 def _tiled_h_kernel(
     x_ptr, down_ptr, keys_ptr, perm_ptr, h_ptr,
     n_sel, N, S, D, stride_x, stride_down,
-    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    DEDUP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """One program per BLOCK_P consecutive positions q of the (tile, expert)-sorted order:
-    h[perm[q]] = x[perm[q] // S] . down[keys[q] % N] (keys = tile * N + expert, perm = flat t*S+s)."""
+    h[perm[q]] = x[perm[q] // S] . down[keys[q] % N] (keys = tile * N + expert, perm = flat t*S+s).
+
+    DEDUP: a run of equal keys inside the block loads its u row once (the run's first lane) and
+    shares it through registers (tl.gather), so repeats cost no L2 read; without it every lane
+    loads its row and repeats are L1/L2 hits (the count in NOTES_mixing.md §5 brackets both)."""
     pid = tl.program_id(0).to(tl.int64)
-    offs_q = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    lane = tl.arange(0, BLOCK_P)
+    offs_q = pid * BLOCK_P + lane
     qmask = offs_q < n_sel
-    e = tl.load(keys_ptr + offs_q, mask=qmask, other=0).to(tl.int64) % N
+    key = tl.load(keys_ptr + offs_q, mask=qmask, other=0).to(tl.int64)
+    e = key % N
     p = tl.load(perm_ptr + offs_q, mask=qmask, other=0).to(tl.int64)
     tok = p // S
     offs_d = tl.arange(0, BLOCK_D)
     m2 = qmask[:, None] & (offs_d < D)[None, :]
-    # u rows stream (each distinct row is wanted by this tile only: let it go first); x rows are the
-    # tile's working set, wanted by ~S programs each: keep them
     u_rows = down_ptr + e[:, None] * stride_down + offs_d[None, :]
+    if DEDUP:
+        # keys are sorted, so equal keys are adjacent: lane q leads its run if its key differs from
+        # lane q-1's (lane 0 always leads); the leader of lane q is the last leader at or before q
+        prev = tl.load(keys_ptr + offs_q - 1, mask=qmask & (lane > 0), other=-1).to(tl.int64)
+        first = key != prev
+        lead = tl.associative_scan(tl.where(first, lane, 0), 0, _max_combine)
+        # u rows stream (each distinct row is wanted by this tile only: let it go first)
+        u = tl.load(u_rows, mask=m2 & first[:, None], other=0.0, eviction_policy="evict_first")
+        u = tl.gather(u, tl.broadcast_to(lead[:, None], [BLOCK_P, BLOCK_D]), axis=0)
+    else:
+        u = tl.load(u_rows, mask=m2, other=0.0, eviction_policy="evict_first")
+    # x rows are the tile's working set, wanted by ~S programs each: keep them
     x_rows = x_ptr + tok[:, None] * stride_x + offs_d[None, :]
-    u = tl.load(u_rows, mask=m2, other=0.0, eviction_policy="evict_first")
     xt = tl.load(x_rows, mask=m2, other=0.0, eviction_policy="evict_last")
     h = tl.sum(u.to(tl.float32) * xt.to(tl.float32), axis=1)  # (BLOCK_P,)
     tl.store(h_ptr + p, h, mask=qmask)
@@ -137,14 +159,26 @@ def expert_mix_tiled_forward(x, down, up, indices, gates, activation="gelu", til
     if T == 0 or S == 0:
         return y.zero_(), h
     keys, perm = sort_by_tile_and_expert(indices, N, tile_tokens)
+    launch_h(x, down, keys, perm, h)
+    launch_y(up, indices, gates, h, y, activation)
+    return y, h
+
+
+def launch_h(x, down, keys, perm, h):
+    """Pass A: h.view(-1)[perm[q]] = x[perm[q] // S] . down[keys[q] % N] for every sorted position q."""
+    (T, d), N, S = x.shape, down.shape[0], h[0].numel()
     block_d, block_p, warps = _config("h", d, T * S)
     _tiled_h_kernel[(triton.cdiv(T * S, block_p),)](
         x, down, keys, perm, h, T * S, N, S, d, x.stride(0), down.stride(0),
-        BLOCK_P=block_p, BLOCK_D=block_d, num_warps=warps,
+        DEDUP=bool(TILED_TUNING.get("dedup")), BLOCK_P=block_p, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
+
+
+def launch_y(up, indices, gates, h, y, activation):
+    """Pass B: y[t] = sum_s gates[t, s] act(h[t, s]) up[indices[t, s]]."""
+    (T, d), S = y.shape, indices[0].numel()
     block_d, block_s, warps = _config("y", d, S)
     _tiled_y_kernel[(T,)](
         up, indices, gates, h, y, S, d, up.stride(0), y.stride(0),
         ACT=ACTIVATIONS.index(activation), BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
-    return y, h
