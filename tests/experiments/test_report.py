@@ -108,7 +108,7 @@ def runs_dir(tmp_path):
 def test_report_writes_tables_and_real_pngs(runs_dir):
     written = write_report(str(runs_dir))
     # no curves figure for the ablation: its runs have no metrics.jsonl here
-    assert set(written) == {"report", "isoflop-study", "curves-study", "ablation-ablate"}
+    assert set(written) == {"report", "rows", "isoflop-study", "curves-study", "ablation-ablate"}
     md = open(written["report"]).read()
     assert "## study (isoflop)" in md and "## ablate (ablation)" in md
     # isoFLOP fits: the fitted optimum of each (budget, family) is the synthetic one (3M at 1e15, 10M at 1e16)
@@ -207,3 +207,43 @@ def test_runs_table_shows_a_shared_pool_union_usage_only_when_a_run_has_one():
     assert "| 55.0 | 0.600 | 98.5 | 0.250 |" in row["shared"]  # per-layer mean, then the pool's union
     assert "| 55.0 | 0.600 | - | - |" in row["separate"]
     assert "pool usage %" not in runs_table([separate])[0]
+
+
+def test_rows_csv_has_every_run_on_every_eval_set(runs_dir):
+    """rows.csv (the issues' "one row per (variant, seed, tokens, eval set)"): a row per run and eval
+    set with that set's loss, ppl, bpb and routed usage/KL, the run's size, FLOPs and speed."""
+    import csv
+
+    written = write_report(str(runs_dir))
+    with open(written["rows"], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 * (20 + 8)  # 20 isoflop + 8 ablation runs, eval sets "all" and "books"
+    by_key = {(r["run"], r["eval_set"]): r for r in rows}
+    books = by_key[("n65536-none-1e15", "books")]
+    loss = 3.5 - 0.02 * 16 + 0.15 + 0.1  # the fixture's valid(): books = all + 0.1
+    assert float(books["loss"]) == pytest.approx(loss) and float(books["ppl"]) == pytest.approx(np.exp(loss))
+    assert float(books["usage_pct"]) == pytest.approx(90 - 3 * 16 - 40 * 0.15) and books["ranking"] == "False"
+    assert float(books["kl"]) == pytest.approx(0.1 * 16 + 0.15) and books["seed"] == "0"
+    assert by_key[("n65536-none-1e15", "all")]["ranking"] == "True"
+    dense = by_key[("dense-s0-1e+15", "all")]
+    assert dense["usage_pct"] == "" and dense["pool_usage_pct"] == "" and float(dense["train_flops"]) == 1e12
+    assert dense["family"] == "dense" and float(dense["tokens_per_s"]) == 5e5
+    assert "[rows.csv](rows.csv)" in open(written["report"]).read()
+
+
+def test_eval_rows_per_set_usage_and_the_shared_pool():
+    from torchpeer.experiments.results import eval_rows
+
+    layers = {"blocks.1.ffw": {"usage_pct": 50.0, "kl": 0.7}, "blocks.3.ffw": {"usage_pct": 70.0, "kl": 0.5}}
+    pool = {"ffw_shared": {"usage_pct": 97.0, "kl": 0.3, "layers": ["blocks.1.ffw", "blocks.3.ffw"]}}
+    valid = {
+        "corpus": {"loss": 3.0, "ppl": 20.1, "usage": layers, "routing": pool},
+        "brown": {"loss": 4.0, "ppl": 54.6, "usage": {"blocks.1.ffw": {"usage_pct": 10.0, "kl": 3.0}}},
+    }
+    record = {"run": "x", "eval_set": "corpus", "valid": valid, "overrides": {"train.seed": 1}}
+    record["code"] = {"commit": "abc"}
+    rows = {r["eval_set"]: r for r in eval_rows([record])}
+    assert rows["corpus"]["usage_pct"] == 60.0 and rows["corpus"]["kl"] == pytest.approx(0.6)
+    assert rows["corpus"]["pool_usage_pct"] == 97.0 and rows["brown"]["pool_usage_pct"] is None
+    assert rows["brown"]["usage_pct"] == 10.0 and rows["brown"]["seed"] == 1 and rows["brown"]["commit"] == "abc"
+    assert rows["brown"]["tokens"] is None  # absent fields stay empty, not invented

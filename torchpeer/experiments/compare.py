@@ -14,20 +14,13 @@ from __future__ import annotations
 import math
 from statistics import mean
 
-from torchpeer.experiments.results import primary_loss
+from torchpeer.experiments.results import primary_loss, seed_of
 
 # Families whose loss is not a causal LM's (the choice sees later tokens of the batch): reported,
 # marked, never ranked against the causal families.
 NON_CAUSAL_FAMILIES = ("moe-ec",)
 # The paper's order at every budget, best first (its Table 1 / Fig. 1).
 PAPER_ORDER = ("peer", "moe", "pkm", "dense")
-
-
-def seed_of(record: dict) -> int:
-    seed = record.get("seed")
-    if seed is None:
-        seed = (record.get("overrides") or {}).get("train.seed", 0)
-    return int(seed)
 
 
 def by_size(runs: list[dict], params_key: str = "active_params") -> dict[float, list[dict]]:

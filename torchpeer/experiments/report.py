@@ -27,17 +27,18 @@ from torchpeer.experiments.compare import (
     optimum_runs,
     order_verdict,
     paired_difference,
-    seed_of,
 )
 from torchpeer.experiments.fit import isoflop_fits, outside_fit_runs
 from torchpeer.experiments.results import (
     breaks_epoch_rule,
     epochs_text,
+    eval_rows_csv,
     pool_usage,
     primary_loss,
     read_results,
     results_path,
     routed_usage,
+    seed_of,
     short_count,
 )
 
@@ -51,7 +52,8 @@ def write_report(
     params_key: str = "active_params",
     max_epochs: float | str | None = RECORDED,
 ) -> dict[str, str]:
-    """Write report.md and the PNGs; returns {what: path} of every file written.
+    """Write report.md, the PNGs and rows.csv (every run on every eval set, one row each: the long
+    format for other tools); returns {what: path} of every file written.
 
     max_epochs: the data rule. RECORDED (default) = each sweep's own, from its results lines
     (none when no line has one, e.g. runs from before the field existed); a number = that rule for
@@ -116,6 +118,12 @@ def write_report(
             written[f"curves-{name}"] = png
             lines += ["", "### Training curves", "", _img(png, out_dir)]
     from torchpeer.data.atomic import write_text_atomic
+
+    rows = os.path.join(out_dir, "rows.csv")  # every (run, eval set) in one long table, for other tools
+    write_text_atomic(rows, eval_rows_csv(records))
+    written["rows"] = rows
+    lines += ["", "Every run on every eval set, a row each (loss, ppl, usage, KL, FLOPs, tokens/s): "]
+    lines[-1] += "[rows.csv](rows.csv)."
 
     md = os.path.join(out_dir, "report.md")
     write_text_atomic(md, "\n".join(lines) + "\n")

@@ -8,7 +8,8 @@ def add_parser(subparsers):
         "report",
         help="markdown tables and PNG figures of a sweep's results.jsonl",
         description="Write RUNS_DIR/report/report.md (runs, isoFLOP fits, per-eval-set perplexities, "
-        "ablations) and its PNG figures (isoFLOP curves, ablations, training curves).",
+        "ablations), its PNG figures (isoFLOP curves, ablations, training curves) and rows.csv (every run on "
+        "every eval set, a row each: loss, ppl, usage, KL, FLOPs, tokens/s).",
     )
     p.add_argument("runs_dir", help="a sweep's runs folder (holds results.jsonl)")
     p.add_argument("--out", default=None, help="output folder (default: RUNS_DIR/report)")

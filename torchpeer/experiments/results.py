@@ -220,25 +220,84 @@ def _eval_entry(r: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
+def seed_of(record: dict[str, Any]) -> int:
+    """The run's train.seed (older records without the field: from their overrides, else 0)."""
+    seed = record.get("seed")
+    if seed is None:
+        seed = (record.get("overrides") or {}).get("train.seed", 0)
+    return int(seed)
+
+
 def primary_loss(record: dict[str, Any]) -> float | None:
     """Loss on the record's ranking eval set (None when it has none)."""
     entry = (record.get("valid") or {}).get(record.get("eval_set"))
     return entry.get("loss") if entry else None
 
 
-def routed_usage(record: dict[str, Any]) -> tuple[float | None, float | None]:
-    """(usage %, KL) on the ranking eval set, averaged over the routed layers (None if there are none)."""
-    entry = (record.get("valid") or {}).get(record.get("eval_set")) or {}
+def routed_usage(record: dict[str, Any], eval_set: str | None = None) -> tuple[float | None, float | None]:
+    """(usage %, KL) on ``eval_set`` (default: the ranking eval set), averaged over the routed layers
+    (None if there are none)."""
+    entry = (record.get("valid") or {}).get(eval_set or record.get("eval_set")) or {}
     return _mean_usage(u for u in (entry.get("usage") or {}).values() if "usage_pct" in u)
 
 
-def pool_usage(record: dict[str, Any]) -> tuple[float | None, float | None]:
-    """(usage %, KL) of the shared expert pools on the ranking eval set: the union over the layers
-    that read a pool (the eval stores each pool in "routing" with its "layers"), averaged over the
-    pools; (None, None) for a model without a shared pool."""
-    entry = (record.get("valid") or {}).get(record.get("eval_set")) or {}
+def pool_usage(record: dict[str, Any], eval_set: str | None = None) -> tuple[float | None, float | None]:
+    """(usage %, KL) of the shared expert pools on ``eval_set`` (default: the ranking eval set): the
+    union over the layers that read a pool (the eval stores each pool in "routing" with its
+    "layers"), averaged over the pools; (None, None) for a model without a shared pool."""
+    entry = (record.get("valid") or {}).get(eval_set or record.get("eval_set")) or {}
     routing = (entry.get("routing") or {}).values()
     return _mean_usage(u for u in routing if isinstance(u, dict) and "layers" in u and "usage_pct" in u)
+
+
+# rows.csv: one row per (run, eval set), the long format for analysis outside the report
+EVAL_ROW_FIELDS = (
+    "sweep", "run", "family", "variant", "seed", "tokens", "epochs", "steps", "train_flops",
+    "train_flops_per_token", "active_params", "total_params", "tokens_per_s", "eval_set", "ranking",
+    "eval_tokens", "loss", "ppl", "bpb", "usage_pct", "kl", "pool_usage_pct", "pool_kl", "commit",
+)  # fmt: skip
+
+
+def eval_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One dict per (run, eval set) with EVAL_ROW_FIELDS: the run's size, tokens, FLOPs and speed,
+    and on that eval set its loss, ppl, bits per byte, mean routed usage % / KL and (shared pools)
+    the pool's union usage % / KL. ``ranking`` is True for the set the report ranks runs by."""
+    rows = []
+    for r in records:
+        for name, entry in sorted((r.get("valid") or {}).items()):
+            usage, kl = routed_usage(r, name)
+            pool, pool_kl = pool_usage(r, name)
+            rows.append(
+                {
+                    **{k: r.get(k) for k in EVAL_ROW_FIELDS if k in r},
+                    "seed": seed_of(r),
+                    "eval_set": name,
+                    "ranking": name == r.get("eval_set"),
+                    "eval_tokens": entry.get("tokens"),
+                    "loss": entry.get("loss"),
+                    "ppl": entry.get("ppl"),
+                    "bpb": entry.get("bpb"),
+                    "usage_pct": usage,
+                    "kl": kl,
+                    "pool_usage_pct": pool,
+                    "pool_kl": pool_kl,
+                    "commit": (r.get("code") or {}).get("commit"),
+                }
+            )
+    return [{k: row.get(k) for k in EVAL_ROW_FIELDS} for row in rows]
+
+
+def eval_rows_csv(records: list[dict[str, Any]]) -> str:
+    """eval_rows as CSV text (header first; empty cells for missing values)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=EVAL_ROW_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in eval_rows(records):
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return buf.getvalue()
 
 
 def _mean_usage(entries) -> tuple[float | None, float | None]:
