@@ -11,6 +11,11 @@ Forward algorithms (``forward``):
   "split":     for a handful of tokens (decoding): one program per (sub-key tile, head, half) scores
                one tile and keeps its top-k, a second kernel merges; triton_split.py. Not measured yet:
                the byte/latency count is in that file and benchmarks/NOTES_issue19.md.
+  "onepass":   one kernel per (row block, head): both halves' candidates (group-max theta + cumsum
+               compaction), each half's top-k and the pruned pair merge by rounds of max, no int64
+               sorting network and no half lists in memory; triton_onepass.py. Not measured yet
+               (predicted 1.0-2.5 ms at T=65536, bf16, NOTES_retrieval.md section 7), so "auto"
+               does not pick it.
   "auto":      "split" for at most ``small_tokens`` tokens; else "merge" for fp32 (or mixed-dtype)
                inputs with top_k <= 16, where its single pass of fp32 dots wins (T=16384: 7.8 vs
                10.7 ms), else "threshold".
@@ -29,9 +34,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FORWARD_IMPLS = ("auto", "threshold", "merge", "split")
+FORWARD_IMPLS = ("auto", "threshold", "merge", "split", "onepass")
 BACKWARD_IMPLS = ("dense", "hybrid", "triton", "sorted")
 THETA_METHODS = ("max", "topk")
+PREFIX_METHODS = ("cumsum", "dot")
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,18 @@ class RetrievalKernelConfig:
     threshold_half: tuple[int, int, int, int, int] = (64, 64, 4, 64, 8)
     threshold_fp32: tuple[int, int, int, int, int] = (32, 64, 4, 64, 8)
     threshold_wide: tuple[int, int, int, int, int] = (32, 64, 4, 128, 8)
+    # "onepass" launch (BLOCK_M, BLOCK_N, num_warps, CAP, programs per SM), keyed like merge_*. Unmeasured
+    # (NOTES_retrieval.md section 7): BLOCK_M 32 keeps the (BLOCK_M, 64) int64 pair tile and its two
+    # halves at ~32 registers each with 4 warps; CAP 32 is above the 28 candidates seen in 20000 Gaussian
+    # rows (a block with more is redone exactly in the same program). top_k > 16 has ~2k candidates and
+    # 119 pairs (NCP 128) per row: 16 rows.
+    onepass_half: tuple[int, int, int, int, int] = (32, 64, 4, 32, 8)
+    onepass_fp32: tuple[int, int, int, int, int] = (32, 64, 4, 32, 8)
+    onepass_wide: tuple[int, int, int, int, int] = (16, 64, 4, 64, 8)
+    # How "onepass" numbers the candidates of a tile: "cumsum" (tl.cumsum: the compiler converts the
+    # (BLOCK_M, BLOCK_N) tile to a blocked layout for the scan and back) or "dot" (the prefix count as
+    # a product with a triangular ones matrix on the tensor cores, exact). Which is faster is unmeasured.
+    onepass_prefix: str = "cumsum"
     # How the threshold kernel finds the k-th largest group maximum: "topk" (tl.topk of BLOCK_N floats)
     # or "max" (top_k rounds of max + drop; also much faster under the interpreter). Same speed (5.67
     # vs 5.68 ms).
@@ -83,12 +101,17 @@ class RetrievalKernelConfig:
             raise ValueError(f"backward must be one of {BACKWARD_IMPLS}, got {self.backward!r}")
         if self.theta not in THETA_METHODS:
             raise ValueError(f"theta must be one of {THETA_METHODS}, got {self.theta!r}")
+        if self.onepass_prefix not in PREFIX_METHODS:
+            raise ValueError(f"onepass_prefix must be one of {PREFIX_METHODS}, got {self.onepass_prefix!r}")
 
     def merge_launch(self, kp: int, dot_fp32: bool) -> tuple[int, int, int]:
         return self.merge_wide if kp > 16 else self.merge_fp32 if dot_fp32 else self.merge_half
 
     def threshold_launch(self, kp: int, dot_fp32: bool) -> tuple[int, int, int, int, int]:
         return self.threshold_wide if kp > 16 else self.threshold_fp32 if dot_fp32 else self.threshold_half
+
+    def onepass_launch(self, kp: int, dot_fp32: bool) -> tuple[int, int, int, int, int]:
+        return self.onepass_wide if kp > 16 else self.onepass_fp32 if dot_fp32 else self.onepass_half
 
 
 DEFAULT_CONFIG = RetrievalKernelConfig()

@@ -1,0 +1,182 @@
+"""The "onepass" Triton retrieval forward (triton_onepass.py) under TRITON_INTERPRET=1 without a GPU:
+indices equal the float64 brute force over all n*n keys (same order, so the same sets), scores and
+indices bit-equal to the "threshold" and "merge" forwards (same packed (score, -index) order), the
+in-kernel fallback for rows with more than CAP candidates (ties), gradients against float64, and
+an ahead-of-time sm_90 compile of the kernel (what the interpreter cannot check)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from torchpeer.ops import RetrievalKernelConfig, product_key_topk_reference  # noqa: E402
+from torchpeer.ops.retrieval import triton_onepass, triton_op  # noqa: E402
+from torchpeer.ops.retrieval.triton_op import product_key_topk_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ONEPASS = RetrievalKernelConfig(forward="onepass")
+
+
+def _inputs(T, H, S, n, d_key, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(T, H, d_key, generator=g).to(DEVICE, dtype)
+    keys = torch.randn(S, 2, n, d_key // 2, generator=g).to(DEVICE, dtype)
+    return q, keys
+
+
+CASES = [
+    # T, H, S, n, d_key, top_k, dtype (interpreter tiles: BLOCK_M 16, BLOCK_N 16, CAP 16, 3 programs)
+    (40, 2, 1, 40, 16, 5, torch.float32),  # 6 work items over 3 persistent programs; ragged last tile
+    (17, 3, 3, 32, 32, 8, torch.bfloat16),  # per-head keys, ragged row block
+    (9, 2, 1, 24, 8, 3, torch.float16),  # top_k not a power of two, half width 4 (padded to 16)
+    (6, 2, 1, 64, 8, 16, torch.float32),  # top_k 16 (CAP 16 here: most items take the fallback)
+    (4, 1, 1, 40, 8, 32, torch.float32),  # top_k 32: KP 32, 119 rank pairs (NCP 128)
+    (12, 2, 1, 5, 8, 1, torch.float32),  # top_k 1, n < BLOCK_N and not a power of two
+    (10, 2, 1, 3, 4, 3, torch.float32),  # n < padded top_k (4)
+]
+
+
+@pytest.mark.parametrize("T,H,S,n,d_key,top_k,dtype", CASES)
+def test_onepass_matches_float64_brute_force(T, H, S, n, d_key, top_k, dtype):
+    q, keys = _inputs(T, H, S, n, d_key, dtype)
+    q, keys = q.requires_grad_(), keys.requires_grad_()
+    scores, idx = product_key_topk_triton(q, keys, top_k, ONEPASS)
+    q64, k64 = q.detach().double().requires_grad_(), keys.detach().double().requires_grad_()
+    ref_s, ref_i = product_key_topk_reference(q64, k64, top_k)
+    assert scores.shape == idx.shape == (T, H, top_k)
+    assert scores.dtype == torch.float32 and idx.dtype == torch.int64
+    assert torch.equal(idx.cpu(), ref_i.cpu())  # same order
+    assert all(set(a) == set(b) for a, b in zip(idx.reshape(-1, top_k).tolist(), ref_i.reshape(-1, top_k).tolist()))
+    torch.testing.assert_close(scores.double(), ref_s, rtol=1e-5, atol=1e-5)
+    assert (scores[..., :-1] >= scores[..., 1:]).all()
+    # gradients through the default backward, against float64 autograd
+    up = torch.randn(scores.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    (scores * up).sum().backward()
+    (ref_s * up.double()).sum().backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(q.grad.double(), q64.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(keys.grad.double(), k64.grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(
+    "T,H,S,n,d_key,top_k,dtype,dup",
+    [
+        (20, 2, 1, 48, 16, 6, torch.bfloat16, 1),
+        (11, 2, 2, 32, 8, 4, torch.float32, 1),  # per-head keys
+        (7, 2, 1, 40, 8, 5, torch.float32, 4),  # every sub-key row 4 times: ties, fallback
+    ],
+)
+def test_onepass_is_bit_equal_to_threshold_and_merge(T, H, S, n, d_key, top_k, dtype, dup):
+    q, keys = _inputs(T, H, S, n, d_key, dtype, seed=2)
+    keys = keys[:, :, torch.arange(n) // dup * dup].contiguous()
+    got = product_key_topk_triton(q, keys, top_k, ONEPASS)
+    for other in ("threshold", "merge"):
+        want = product_key_topk_triton(q, keys, top_k, RetrievalKernelConfig(forward=other))
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), other
+
+
+def test_prefix_by_dot_equals_cumsum():
+    q, keys = _inputs(21, 2, 1, 48, 16, torch.float32, seed=3)
+    a = product_key_topk_triton(q, keys, 7, ONEPASS)
+    b = product_key_topk_triton(q, keys, 7, RetrievalKernelConfig(forward="onepass", onepass_prefix="dot"))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_repeated_key_rows_take_the_fallback_and_stay_exact():
+    # every sub-key row repeated 8 times: 8-way exact ties in both halves, so a row has >= 8 * k
+    # candidates >= theta > CAP: every work item redoes both halves by the running top-KP
+    q, keys = _inputs(9, 2, 1, 32, 8, torch.float32, seed=6)
+    keys = keys[:, :, torch.arange(32) // 8 * 8].contiguous()
+    scores, idx, flags = triton_onepass.launch_onepass(q, keys, 5, ONEPASS, return_flags=True)
+    assert (flags == 2).all()
+    want = triton_op.forward(q, keys, 5, RetrievalKernelConfig(forward="merge"))
+    assert torch.equal(idx, want[1]) and torch.equal(scores, want[0])
+    ref_s, _ = product_key_topk_reference(q.double(), keys.double(), 5)
+    torch.testing.assert_close(scores.double(), ref_s, rtol=1e-5, atol=1e-5)
+    assert (idx.sort(-1).values.diff(dim=-1) > 0).all()  # distinct experts
+
+
+def test_overflow_of_one_half_is_exact():
+    # half 0: columns 0..CAP+8 tie at score 1, column n-1 scores 2, the rest -5: theta = 1 keeps
+    # CAP + 10 candidates; without the fallback column n-1 (beyond the first CAP) would be lost.
+    # Half 1 is random: only its half 0 falls back (flag 1).
+    cap = triton_onepass.onepass_launch(2, True, ONEPASS)["CAP"]
+    n, dh, ties = 2 * cap, 4, cap + 9
+    keys = torch.randn(1, 2, n, dh, generator=torch.Generator().manual_seed(7))
+    keys[0, 0, :, 0] = -5.0
+    keys[0, 0, :ties, 0] = 1.0
+    keys[0, 0, n - 1, 0] = 2.0
+    q = torch.randn(3, 1, 2 * dh, generator=torch.Generator().manual_seed(8))
+    q[..., :dh] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # half-0 score = first coordinate of C[a]
+    q, keys = q.to(DEVICE), keys.to(DEVICE)
+    scores, idx, flags = triton_onepass.launch_onepass(q, keys, 2, ONEPASS, return_flags=True)
+    assert flags.tolist() == [1]
+    assert (idx[..., 0] // n == n - 1).all()
+    want = triton_op.forward(q, keys, 2, RetrievalKernelConfig(forward="threshold"))
+    assert torch.equal(idx, want[1]) and torch.equal(scores, want[0])
+
+
+def test_strided_queries_and_empty_input():
+    q, keys = _inputs(13, 2, 1, 24, 8, torch.float32, seed=4)
+    q_strided = q.transpose(0, 1).contiguous().transpose(0, 1)  # heads-major storage
+    assert not q_strided.is_contiguous()
+    a = product_key_topk_triton(q_strided, keys, 4, ONEPASS)
+    b = product_key_topk_triton(q, keys, 4, ONEPASS)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    s, i = product_key_topk_triton(q[:0], keys, 4, ONEPASS)
+    assert s.shape == i.shape == (0, 2, 4)
+
+
+def test_config_names_and_auto_never_picks_onepass(monkeypatch):
+    with pytest.raises(ValueError, match="onepass_prefix must be one of"):
+        RetrievalKernelConfig(onepass_prefix="nope")
+    calls = []
+    for name in ("launch_split", "launch_merge", "launch_threshold", "launch_onepass"):
+        monkeypatch.setattr(triton_op, name, lambda *a, name=name: calls.append(name[7:]))
+    q, keys = _inputs(80, 1, 1, 32, 8, torch.bfloat16)
+    triton_op.forward(q, keys, 4, RetrievalKernelConfig())  # auto: unmeasured "onepass" is not its choice
+    triton_op.forward(q, keys, 4, ONEPASS)
+    assert calls == ["threshold", "onepass"]
+
+
+_AOT = """
+import sys
+sys.path.insert(0, {repo!r})
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from torchpeer.ops.retrieval import triton_onepass as op
+fn = op._onepass_kernel
+for xdt, bm, kp, cap, ncp, prefix_dot in [("bf16", 32, 16, 32, 64, False), ("bf16", 16, 32, 64, 128, True)]:
+    types = {{"q_ptr": "*" + xdt, "k_ptr": "*" + xdt, "pi_ptr": "*i32", "pj_ptr": "*i32", "scores_ptr": "*fp32",
+             "idx_ptr": "*i64", "scr_s_ptr": "*fp32", "scr_i_ptr": "*i32", "flag_ptr": "*i32"}}
+    consts = dict(PER_HEAD=False, DH=64, BLOCK_M=bm, BLOCK_N=64, BLOCK_D=64, KP=kp, CAP=cap, NCP=ncp,
+                  FB_BLOCK_N=64, DOT_FP32=xdt == "fp32", PREFIX_DOT=prefix_dot)
+    sig = {{a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}}
+    src = ASTSource(fn=fn, signature=sig, constexprs={{(fn.arg_names.index(a),): v for a, v in consts.items()}})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={{"num_warps": 4}})
+    print("ok", xdt, bm, kp, flush=True)
+"""
+
+
+def test_onepass_kernel_compiles_for_sm90():
+    """The real compiler (not the interpreter) accepts the kernel for an H100/H200, at the launch shapes
+    of bf16 top_k 16 (the default) and top_k 32 with the dot prefix (TRITON_INTERPRET unset, a subprocess)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
+    except Exception as e:  # a triton build without the NVIDIA backend
+        pytest.skip(f"no NVIDIA backend in this triton: {e}")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-c", _AOT.format(repo=repo)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("ok ") == 2
