@@ -20,6 +20,9 @@ What it does (one GPU call):
      pass B, total, fwd+bwd through autograd, with the byte model's prediction; an L2 probe (the
      dx gather kernel on tables of 8-32 MB vs the 2 GiB table) measuring the L2-served gather rate;
      full-size correctness of the tiled path.
+  8. (--decode) the forward at decoding sizes (T = 1, 2, 8, 32), token-centric vs split-S
+     (triton_decode.py, NOTES_mixing.md §6) at 8/16/32 selections per program, bf16 and fp32
+     tables: eager time (launch included) and CUDA-graph replay time, in us.
     TRITON_INTERPRET=1 python benchmarks/bench_mixing.py --smoke --only-tiled   # CPU check of 7
     python benchmarks/bench_mixing.py --model      # print the tiled byte model's tables, no kernels
 Writes bench_mixing.json under --out (default: $OUT if set, else benchmarks/results).
@@ -38,6 +41,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from torchpeer.ops.expert_mixing import expert_mix_reference  # noqa: E402
+from torchpeer.ops.expert_mixing import triton_decode as decode  # noqa: E402
 from torchpeer.ops.expert_mixing import triton_op as mixing  # noqa: E402
 from torchpeer.ops.expert_mixing import triton_tiled as tiled  # noqa: E402
 from torchpeer.ops.expert_mixing.triton_kernels import _act_and_grad  # noqa: E402
@@ -268,6 +272,43 @@ def time_tiled(T, H, K, d, N, tables, tiles, hot_frac, sweep_a=False):
         t.grad = None
         t.requires_grad_(False)
     return r
+
+
+# ----------------------------------------------------------------------------- decoding: split-S forward (§6)
+
+
+def time_decode(d, N, sizes=(1, 2, 8, 32), splits=(None, 8, 16, 32), H=8, K=16):
+    """Forward us at decoding batch sizes: token-centric (split None) vs split-S, bf16 and fp32 tables."""
+    rows = []
+    saved = dict(mixing.TUNING["fwd"])
+    saved_split = decode.SPLIT_TUNING["split"]
+    for tdt in (torch.bfloat16, torch.float32):
+        down, up = make_problem(1, 1, 1, d, N, dtype=tdt, seed=12)[1:3]
+        for T in sizes:
+            x, _, _, _, gates, _ = make_problem(T, H, K, d, 1, seed=13)
+            idx = torch.randint(0, N, (T, H, K), device=DEV)
+            y_ref = None
+            for split in splits:
+                mixing.TUNING["fwd"] = dict(saved, split_below=None if split is None else 1 << 30)
+                decode.SPLIT_TUNING["split"] = split or saved_split
+
+                def fwd(x=x, idx=idx, gates=gates, down=down, up=up):
+                    return mixing._forward_impl(x, down, up, idx, gates, "gelu")
+
+                y, _ = fwd()
+                y_ref = y if y_ref is None else y_ref
+                r = {"tables": str(tdt).split(".")[-1], "T": T, "d": d, "split": split, "eager_us": bench_ms(fwd) * 1e3}
+                if ON_GPU:
+                    r["graph_us"] = triton.testing.do_bench_cudagraph(fwd, rep=50) * 1e3
+                r["rel_diff_vs_token_centric"] = rel_err(y, y_ref)
+                rows.append(r)
+                print(f"decode: {json.dumps(r)}")
+        del down, up
+        if ON_GPU:
+            torch.cuda.empty_cache()
+    mixing.TUNING["fwd"] = saved
+    decode.SPLIT_TUNING["split"] = saved_split
+    return rows
 
 
 # ----------------------------------------------------------------------------- the rejected alternative
@@ -593,6 +634,8 @@ def main():
     ap.add_argument("--tiled", action="store_true", help="also time the tile-sorted forward prototype (step 7)")
     ap.add_argument("--only-tiled", action="store_true", help="step 7 only (with the copy bandwidth)")
     ap.add_argument("--tiles", default="4096,8192,16384", help="token tiles of step 7")
+    ap.add_argument("--decode", action="store_true", help="time the forward at decoding sizes (step 8)")
+    ap.add_argument("--only-decode", action="store_true", help="step 8 only (with --only-tiled: 7 and 8)")
     ap.add_argument("--model", action="store_true", help="print the tiled forward's byte model and exit")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
@@ -612,8 +655,11 @@ def main():
     print(f"device {res['device']}  torch {torch.__version__}  triton {triton.__version__}")
     print(f"copy bandwidth (read+write): {res['copy_tbps']:.2f} TB/s")
 
-    if args.only_tiled:
-        res["tiled"] = run_tiled(args, corr, N, H, K, dims)
+    if args.decode or args.only_decode:
+        res["decode"] = time_decode(max(dims), N, sizes=(1, 2) if args.smoke else (1, 2, 8, 32))
+    if args.only_tiled or args.only_decode:  # skip steps 2-6
+        if args.only_tiled:
+            res["tiled"] = run_tiled(args, corr, N, H, K, dims)
         write_json(res, args.out)
         return
     t0 = time.time()

@@ -13,6 +13,7 @@ import triton
 
 from ..dispatch import call_implementation_directly
 from .checks import ACTIVATIONS, check_mix_inputs
+from .triton_decode import expert_mix_split_forward
 from .triton_kernels import _mix_bwd_dx_kernel, _mix_bwd_reduce_kernel, _mix_bwd_segment_kernel, _mix_fwd_kernel
 from .triton_tiled import expert_mix_tiled_forward
 
@@ -30,6 +31,8 @@ from .triton_tiled import expert_mix_tiled_forward
 #   None: never split (not skew-robust).
 #   fwd "tile_tokens" (absent/None by default): a token count selects the tile-sorted forward of
 #   triton_tiled.py (a prototype being measured, NOTES_mixing.md §5) with that many tokens per tile.
+#   fwd "split_below" (absent/None by default): batches of at most that many tokens (decoding) take
+#   the split-S forward of triton_decode.py (a prototype being measured, NOTES_mixing.md §6).
 # Mutable on purpose: benchmarks/bench_mixing.py sweeps it.
 SEGMENT = 256
 TUNING = {
@@ -67,6 +70,9 @@ def _forward_impl(x, down, up, indices, gates, activation):
     """-> y (T, d) in x's dtype, h = x . u[idx] (T, H, K) float32."""
     T, d = x.shape
     S = indices[0].numel() if T else 0
+    split_below = TUNING["fwd"].get("split_below")
+    if split_below and T <= split_below:  # opt-in prototype, (y, h) as below
+        return expert_mix_split_forward(x, down, up, indices, gates, activation)
     tile_tokens = TUNING["fwd"].get("tile_tokens")
     if tile_tokens:  # opt-in prototype: same (y, h) contract, so the backward is unchanged
         return expert_mix_tiled_forward(x, down, up, indices, gates, activation, tile_tokens)
