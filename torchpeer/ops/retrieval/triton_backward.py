@@ -27,10 +27,14 @@ from .triton_common import dot_fp32, next_pow2, num_sms
 
 @triton.jit
 def _dq_kernel(
-    ds_ptr, sub_ptr, k_ptr, dq_ptr, R, H, n, stride_dt, stride_dh, stride_dd,
+    ds_ptr, idx_ptr, k_ptr, dq_ptr, R, H, n, stride_dt, stride_dh, stride_dd,
     PER_HEAD: tl.constexpr, K: tl.constexpr, DH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """dq[t, h, half] = sum_k ds[t, h, k] * C_half[sub[half, t, h, k]] (rows r = t * H + h)."""
+    """dq[t, h] = sum_k ds[t, h, k] * [C[a_k] ; C'[b_k]] (rows r = t * H + h), a_k, b_k = divmod(idx, n).
+
+    idx: the forward's (T, H, K) int64 indices, split here in registers (expert < 2**31, checks.py),
+    so the host launches no index-splitting ops. Each half sums over k in ascending order.
+    """
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
     offs_d = tl.arange(0, BLOCK_D)
@@ -38,35 +42,34 @@ def _dq_kernel(
     t = rows // H
     h = rows % H
     s_set = h if PER_HEAD else 0
-    for half in tl.static_range(2):
-        acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-        for k in tl.static_range(K):
-            g = tl.load(ds_ptr + rows * K + k, mask=row_mask, other=0.0)
-            j = tl.load(sub_ptr + (half * R + rows) * K + k, mask=row_mask, other=0)
-            key_row = (s_set * 2 + half) * n + j
-            c = tl.load(
-                k_ptr + key_row.to(tl.int64)[:, None] * DH + offs_d[None, :],
-                mask=row_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )
-            acc += g[:, None] * c.to(tl.float32)
-        out = (
-            dq_ptr
-            + t.to(tl.int64)[:, None] * stride_dt
-            + h[:, None] * stride_dh
-            + (half * DH + offs_d)[None, :] * stride_dd
-        )
-        tl.store(out, acc.to(dq_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+    acc_a = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    acc_b = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    m2 = row_mask[:, None] & d_mask[None, :]
+    for k in tl.static_range(K):
+        g = tl.load(ds_ptr + rows * K + k, mask=row_mask, other=0.0)
+        e = tl.load(idx_ptr + rows.to(tl.int64) * K + k, mask=row_mask, other=0).to(tl.int32)
+        a = e // n
+        b = e - a * n
+        row_a = ((s_set * 2 + 0) * n + a).to(tl.int64)
+        row_b = ((s_set * 2 + 1) * n + b).to(tl.int64)
+        c_a = tl.load(k_ptr + row_a[:, None] * DH + offs_d[None, :], mask=m2, other=0.0)
+        c_b = tl.load(k_ptr + row_b[:, None] * DH + offs_d[None, :], mask=m2, other=0.0)
+        acc_a += g[:, None] * c_a.to(tl.float32)
+        acc_b += g[:, None] * c_b.to(tl.float32)
+    out = dq_ptr + t.to(tl.int64)[:, None] * stride_dt + h[:, None] * stride_dh + offs_d[None, :] * stride_dd
+    tl.store(out, acc_a.to(dq_ptr.dtype.element_ty), mask=m2)
+    tl.store(out + DH * stride_dd, acc_b.to(dq_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
 def _dkeys_kernel(
-    ds_ptr, sub_ptr, q_ptr, part_ptr, T, H, n, rows_per_split, stride_qt, stride_qh, stride_qd,
+    ds_ptr, idx_ptr, q_ptr, part_ptr, T, H, n, rows_per_split, stride_qt, stride_qh, stride_qd,
     PER_HEAD: tl.constexpr, K: tl.constexpr, DH: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
 ):  # fmt: skip
     """part[split, s, half, a] = sum over this split's rows r of G[r, a] * q_half[r], where
-    G[r, a] = sum_{k: sub[half, r, k] = a} ds[r, k]; rows are (t, h) pairs that use key set s."""
+    G[r, a] = sum_{k: a_k(r) = a} ds[r, k], a_k = idx // n (half 0) or idx % n (half 1) from the int64
+    (T, H, K) indices, split in registers; rows are (t, h) pairs that use key set s."""
     a_tile = tl.program_id(0)
     split = tl.program_id(1)
     sh = tl.program_id(2)
@@ -99,7 +102,8 @@ def _dkeys_kernel(
         G = tl.zeros((BLOCK_R, BLOCK_A), tl.float32)
         for k in tl.static_range(K):
             g = tl.load(ds_ptr + rows * K + k, mask=m, other=0.0)
-            j = tl.load(sub_ptr + (half * R + rows) * K + k, mask=m, other=0)
+            e = tl.load(idx_ptr + rows.to(tl.int64) * K + k, mask=m, other=0).to(tl.int32)
+            j = tl.where(half == 0, e // n, e % n)
             G += tl.where(j[:, None] == acols[None, :], g[:, None], 0.0)
         if DOT_FP32:
             acc += tl.dot(tl.trans(G), q, input_precision="ieee")
@@ -152,7 +156,7 @@ def backward_triton(ds, queries, sub_keys, indices, need_q, need_k, config: Retr
     dev = queries.device
     R = T * H
     ds = ds.contiguous().float()
-    sub = torch.stack((indices // n, indices % n)).to(torch.int32).contiguous()  # (2, T, H, K)
+    idx = indices.contiguous()  # (T, H, K) int64: the kernels split a * n + b in registers
     keys = sub_keys.contiguous()
     block_d = max(16, next_pow2(dh))
     per_head = S > 1
@@ -161,7 +165,7 @@ def backward_triton(ds, queries, sub_keys, indices, need_q, need_k, config: Retr
         dq = torch.empty_like(queries)
         block_r, warps = (16, 4) if triton_interpreting() else config.dq
         _dq_kernel[(triton.cdiv(R, block_r),)](
-            ds, sub, keys, dq, R, H, n, dq.stride(0), dq.stride(1), dq.stride(2),
+            ds, idx, keys, dq, R, H, n, dq.stride(0), dq.stride(1), dq.stride(2),
             PER_HEAD=per_head, K=K, DH=dh, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
         )  # fmt: skip
     if need_k:
@@ -174,7 +178,7 @@ def backward_triton(ds, queries, sub_keys, indices, need_q, need_k, config: Retr
         splits = triton.cdiv(n_rows, rows_per_split)
         part = torch.empty((splits, S * 2, n, dh), device=dev, dtype=torch.float32)
         _dkeys_kernel[(a_tiles, splits, S * 2)](
-            ds, sub, queries, part, T, H, n, rows_per_split, queries.stride(0), queries.stride(1), queries.stride(2),
+            ds, idx, queries, part, T, H, n, rows_per_split, queries.stride(0), queries.stride(1), queries.stride(2),
             PER_HEAD=per_head, K=K, DH=dh, BLOCK_A=block_a, BLOCK_R=block_r, BLOCK_D=block_d,
             DOT_FP32=dot_fp32(queries, sub_keys), num_warps=warps,
         )  # fmt: skip

@@ -46,24 +46,42 @@ def _dkeys_sorted_kernel(
     tl.store(dk_ptr + g.to(tl.int64) * DH + offs_d, acc, mask=d_mask)
 
 
+@triton.jit
+def _table_rows_kernel(idx_ptr, rows_ptr, RK, n, H: tl.constexpr, K: tl.constexpr, PER_HEAD: tl.constexpr,
+                       BLOCK: tl.constexpr):  # fmt: skip
+    """rows[half * RK + s] = (key set * 2 + half) * n + (a if half == 0 else b), a * n + b = idx[s]:
+    the sort keys of the (half, selection) pairs, split from the int64 indices in registers (one
+    launch instead of the divmod, stack, broadcast arithmetic and cast of the torch expression)."""
+    s = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = s < RK
+    e = tl.load(idx_ptr + s, mask=m, other=0).to(tl.int32)  # expert < 2**31 (checks.py)
+    a = e // n
+    b = e - a * n
+    s_set = (s // K) % H if PER_HEAD else 0
+    tl.store(rows_ptr + s, (s_set * 2) * n + a, mask=m)
+    tl.store(rows_ptr + RK + s, (s_set * 2 + 1) * n + b, mask=m)
+
+
 def dkeys_sorted(ds: torch.Tensor, queries: torch.Tensor, sub_keys: torch.Tensor, indices: torch.Tensor):
     """dL/dsub_keys (S, 2, n, d_key // 2) in sub_keys' dtype (fp32 sums) from ds (T, H, K)."""
     T, H, _ = queries.shape
     S, _, n, dh = sub_keys.shape
     K = indices.shape[-1]
     dev = queries.device
-    halves = torch.stack((indices // n, indices % n))  # (2, T, H, K)
-    head_set = torch.arange(H, device=dev).view(1, 1, H, 1) if S > 1 else torch.zeros((), device=dev, dtype=torch.long)
-    half = torch.arange(2, device=dev).view(2, 1, 1, 1)
-    rows = ((head_set * 2 + half) * n + halves).reshape(-1)
-    n_rows = S * 2 * n
-    keys = rows.to(torch.int32) if n_rows < 2**31 else rows
+    RK = T * H * K
+    n_rows = S * 2 * n  # < 2**31: n <= 46340 (the index packing) and S <= H
+    keys = torch.empty((2 * RK,), device=dev, dtype=torch.int32)  # (half, t, h, k) order, as before
+    if RK:
+        block = 256 if triton_interpreting() else 1024
+        _table_rows_kernel[(triton.cdiv(RK, block),)](
+            indices.contiguous(), keys, RK, n, H=H, K=K, PER_HEAD=S > 1, BLOCK=block, num_warps=4
+        )
     sorted_rows, perm = torch.sort(keys, stable=True)
     offsets = torch.searchsorted(sorted_rows, torch.arange(n_rows + 1, device=dev, dtype=keys.dtype))
     dk = torch.empty((n_rows, dh), device=dev, dtype=torch.float32)
     block_s = 16 if triton_interpreting() else 64
     _dkeys_sorted_kernel[(n_rows,)](
-        perm, offsets, ds.contiguous().float(), queries, dk, T * H * K, n, *queries.stride(),
+        perm, offsets, ds.contiguous().float(), queries, dk, RK, n, *queries.stride(),
         H=H, K=K, DH=dh, BLOCK_S=block_s, BLOCK_D=max(16, next_pow2(dh)), num_warps=4,
     )  # fmt: skip
     return dk.view(S, 2, n, dh).to(sub_keys.dtype)
