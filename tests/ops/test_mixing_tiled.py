@@ -169,3 +169,13 @@ def test_dedup_runs_inside_a_block(monkeypatch):
     assert tiled._config("h", 32, 66) == (32, 16, 1)
     torch.testing.assert_close(out[True][1], out[False][1], rtol=0, atol=0)
     assert rel_err(out[True][1], _h_float64(x, down, indices)) < 1e-6
+
+
+def test_no_selections_per_token(tiled_forward):
+    """K = 0: every token selects nothing; y is zero and the gradients are zeros (x) / empty (gates)."""
+    tiled_forward(4)
+    (x, down, up, indices, gates), _ = make_inputs(6, 2, 0, 16, 8)
+    y = mixing.expert_mix_triton(x, down, up, indices, gates)
+    assert y.shape == (6, 16) and (y == 0).all()
+    y.sum().backward()
+    assert (x.grad == 0).all() and (down.grad == 0).all() and gates.grad.shape == (6, 2, 0)
