@@ -1,6 +1,6 @@
 """Benchmark + full-size correctness check of the Triton product-key retrieval (torchpeer/ops/retrieval/triton_*.py).
 
-    PYTHONUNBUFFERED=1 python benchmarks/bench_retrieval.py [--out DIR]
+    PYTHONUNBUFFERED=1 python benchmarks/bench_retrieval.py [--out DIR] [--only onepass]
     TRITON_INTERPRET=1 python benchmarks/bench_retrieval.py --smoke    # tiny CPU run of the script's logic
 
 Problem: H = 8 heads, n = 1024 sub-keys per half (N = 1024^2 experts), d_key = 128, top_k = 16, bf16
@@ -17,6 +17,10 @@ so that one failing variant does not stop the others):
   5. forward + backward through autograd, old default (merge + dense) vs new (threshold + triton),
      with the best swept configs;
   6. extras: per-head keys, fp32 queries, top_k = 32, repeated-row keys (fallback cost).
+  0. (first; alone with --only onepass, ~2-3 min) the "onepass" forward side by side with "threshold" and
+     "merge" in the same run: bit equality with merge at T = 4096 (also per-head keys, fp32, top_k 32,
+     repeated rows with the fallback rate), float64 brute force on 32 tokens, forward times at
+     T = 16384 / 65536, its launch sweep, and forward+backward through autograd against the default.
 Times: median of CUDA-event timings (triton.testing.do_bench, L2 flushed between reps).
 Writes bench_retrieval.json under --out (default: $OUT if set, else benchmarks/results).
 """
@@ -40,6 +44,7 @@ from torchpeer.ops.retrieval import (  # noqa: E402
 )
 from torchpeer.ops.retrieval.triton_backward import backward, backward_dense, backward_triton  # noqa: E402
 from torchpeer.ops.retrieval.triton_merge import launch_merge  # noqa: E402
+from torchpeer.ops.retrieval.triton_onepass import launch_onepass  # noqa: E402
 from torchpeer.ops.retrieval.triton_op import forward, product_key_topk_triton  # noqa: E402
 from torchpeer.ops.retrieval.triton_threshold import half_lists, launch_threshold, pair_merge  # noqa: E402
 
@@ -47,6 +52,11 @@ ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
 T0 = time.time()
 BUDGET_S = 250  # stop starting new sections after this many seconds
+
+
+def set_budget(seconds):
+    global BUDGET_S
+    BUDGET_S = seconds
 
 
 def bench_ms(fn, grad_to_none=None):
@@ -365,14 +375,115 @@ def extra_section(run, H, n, dk, K, T, best):
     run.guarded("extra", f"dup4 keys (fallback) T={T}", lambda: timed(dict(dup=4)))
 
 
+def onepass_section(run, H, n, dk, K, T_check, T_list, sweep):
+    """0. The "onepass" forward against "threshold" and "merge", all in this one run."""
+    onepass = dataclasses.replace(CFG, forward="onepass")
+    q, keys = make(T_check, H, n, dk)
+    ref = launch_merge(q, keys, K, CFG)
+
+    def exact(res, want):
+        out = compare(res, want)
+        out["bit_equal"] = bool(torch.equal(res[0], want[0]) and torch.equal(res[1], want[1]))
+        return out
+
+    run.guarded("onepass", "check vs merge", lambda: exact(launch_onepass(q, keys, K, onepass), ref))
+    run.guarded(
+        "onepass", "check dot prefix vs merge",
+        lambda: exact(launch_onepass(q, keys, K, dataclasses.replace(onepass, onepass_prefix="dot")), ref),
+    )  # fmt: skip
+    run.guarded(
+        "onepass",
+        "check vs threshold",
+        lambda: exact(
+            launch_onepass(q, keys, K, onepass), forward(q, keys, K, dataclasses.replace(CFG, forward="threshold"))
+        ),
+    )
+
+    def brute():
+        eq, diff = [], []
+        for t0 in range(0, 32, 4):
+            bs, bi = product_key_topk_reference(q[t0 : t0 + 4].double(), keys.double(), K)
+            ts, ti = launch_onepass(q[t0 : t0 + 4], keys, K, onepass)
+            eq.append((ti == bi).all(-1).float().mean().item())
+            diff.append((ts.double() - bs).abs().max().item())
+        return {"idx_equal_frac": min(eq), "max_score_diff": max(diff)}
+
+    run.guarded("onepass", "vs float64 brute force, 32 tokens", brute)
+
+    def variant(make_kw, k=K):
+        qx, kx = make(T_check, H, n, dk, **make_kw)
+        s, i, flags = launch_onepass(qx, kx, k, onepass, return_flags=True)
+        out = exact((s, i), launch_merge(qx, kx, k, CFG))
+        out["fallback_halves_frac"] = flags.float().mean().item() / 2
+        return out
+
+    run.guarded("onepass", "check gaussian keys (fallback rate)", lambda: variant({}))
+    run.guarded("onepass", "check per-head keys", lambda: variant(dict(S=H, seed=2)))
+    run.guarded("onepass", "check fp32", lambda: variant(dict(dtype=torch.float32, seed=3)))
+    run.guarded("onepass", f"check top_k={2 * K}", lambda: variant(dict(seed=4), k=2 * K))
+    for dup in (2, 4):
+        run.guarded("onepass", f"check dup{dup} keys", lambda dup=dup: variant(dict(dup=dup, seed=1)))
+
+    impls = {
+        "threshold": dataclasses.replace(CFG, forward="threshold"),
+        "merge": dataclasses.replace(CFG, forward="merge"),
+        "onepass": onepass,
+        "onepass/dot": dataclasses.replace(onepass, onepass_prefix="dot"),
+    }
+    for T in T_list:
+        qt, kt = make(T, H, n, dk)
+        for name, cfg in impls.items():
+            run.guarded(
+                "onepass",
+                f"fwd {name} T={T}",
+                lambda cfg=cfg, qt=qt, kt=kt, T=T: {"ms": bench_ms(lambda: forward(qt, kt, K, cfg)), "T": T},
+            )
+    T = T_list[-1]
+    qt, kt = make(T, H, n, dk)
+    best, best_ms = None, float("inf")
+    for launch in sweep:
+        for prefix in ("cumsum", "dot"):
+            cfg = dataclasses.replace(onepass, onepass_half=launch, onepass_prefix=prefix)
+            res = run.guarded(
+                "onepass_sweep", f"{launch} {prefix} T={T}",
+                lambda cfg=cfg, qt=qt, kt=kt, T=T: {"ms": bench_ms(lambda: forward(qt, kt, K, cfg)), "T": T},
+            )  # fmt: skip
+            if res and res["ms"] < best_ms:
+                best, best_ms = cfg, res["ms"]
+    if best is not None:
+        run.add("onepass_sweep", "best", launch=best.onepass_half, prefix=best.onepass_prefix, ms=best_ms)
+    qg, kg = qt.detach().requires_grad_(), kt.detach().requires_grad_()
+    up = torch.randn(T, H, K, device=DEV)
+    combos = {
+        "default (auto+hybrid)": CFG,
+        "onepass+hybrid": onepass,
+        "onepass+sorted": dataclasses.replace(onepass, backward="sorted"),
+    }
+    if best is not None:
+        combos["onepass best+hybrid"] = best
+    for name, cfg in combos.items():
+
+        def step(cfg=cfg):
+            s, _ = product_key_topk_triton(qg, kg, K, cfg)
+            (s * up).sum().backward()
+
+        run.guarded(
+            "onepass", f"fwd+bwd {name} T={T}", lambda step=step: {"ms": bench_ms(step, grad_to_none=[qg, kg]), "T": T}
+        )
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results")))
     p.add_argument("--smoke", action="store_true", help="tiny sizes (CPU + TRITON_INTERPRET=1)")
+    p.add_argument("--only", choices=["onepass"], help="run only this section (section 0)")
+    p.add_argument("--budget-s", type=float, default=BUDGET_S, help="start no new row after this many seconds")
     args = p.parse_args()
+    set_budget(args.budget_s)
     if args.smoke:
         H, n, dk, K, T_check, T_list = 2, 32, 32, 4, 40, [40]
         sweep_thresh, sweep_dkeys, sweep_dq = [(32, 16, 4, 16, 0)], [(16, 16, 4, 0)], [(16, 4)]
+        sweep_onepass = [(16, 16, 4, 16, 0)]
     else:
         H, n, dk, K, T_check, T_list = 8, 1024, 128, 16, 4096, [16384, 65536]
         sweep_thresh = [
@@ -387,7 +498,20 @@ def main():
         ]
         sweep_dkeys = [(128, 64, 8, 4), (64, 64, 4, 4), (128, 32, 4, 4), (256, 64, 8, 2), (128, 64, 4, 8)]
         sweep_dq = [(64, 4), (32, 4), (128, 8)]
+        # "onepass" (BLOCK_M, BLOCK_N, warps, CAP, programs/SM); the default (32, 64, 4, 32, 8) first
+        sweep_onepass = [
+            (32, 64, 4, 32, 8),
+            (64, 64, 4, 32, 4),
+            (64, 64, 8, 32, 4),
+            (32, 64, 4, 64, 8),
+            (16, 64, 4, 32, 8),
+            (32, 128, 4, 32, 8),
+        ]
     run = Run(args.out, {"H": H, "n": n, "d_key": dk, "top_k": K, "dtype": "bfloat16"})
+    onepass_section(run, H, n, dk, K, T_check, T_list, sweep_onepass)
+    if args.only == "onepass":
+        run.add("done", "total", seconds=round(time.time() - T0, 1))
+        return
     check_section(run, H, n, dk, K, T_check)
     for T in T_list:
         forward_section(run, H, n, dk, K, T)
