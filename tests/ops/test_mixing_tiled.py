@@ -179,3 +179,17 @@ def test_no_selections_per_token(tiled_forward):
     assert y.shape == (6, 16) and (y == 0).all()
     y.sum().backward()
     assert (x.grad == 0).all() and (down.grad == 0).all() and gates.grad.shape == (6, 2, 0)
+
+
+@pytest.mark.parametrize("T,tile", [(11, 4), (300, 1)])  # 300 one-token tiles: int32 tile keys
+def test_tile_partition_of_the_expert_sort_gives_the_same_order(T, tile):
+    (x, down, up, indices, gates), _ = make_inputs(T, 2, 3, 8, 6, seed=11)
+    keys, perm = tiled.sort_by_tile_and_expert(indices, 6, tile_tokens=tile)
+    perm_e, _ = mixing._sort_by_expert(indices, 6)
+    experts, perm_t = tiled.tile_partition(indices.reshape(-1)[perm_e], perm_e, 6, tile)
+    assert torch.equal(perm_t, perm)
+    torch.testing.assert_close(experts.long(), keys.long() % 6, rtol=0, atol=0)
+    h = torch.empty(indices.shape, dtype=torch.float32, device=x.device)
+    tiled.launch_h(x.detach(), down.detach(), experts, perm_t, h)  # expert ids as keys: key % N = id
+    torch.testing.assert_close(h, mixing._forward_impl(x.detach(), down.detach(), up.detach(), indices,
+                                                        gates.detach(), "gelu")[1], rtol=1e-6, atol=1e-6)  # fmt: skip

@@ -141,6 +141,22 @@ def sort_by_tile_and_expert(indices, n_experts, tile_tokens):
     return keys, perm
 
 
+def tile_partition(sorted_experts, perm, S, tile_tokens):
+    """The (tile, expert, token) order from the backward's order (a stable sort by expert alone:
+    triton_op._sort_by_expert's perm and the sorted expert ids) by one more stable sort on the tile
+    number alone (uint8 while there are at most 256 tiles: one radix pass instead of four).
+
+    sorted_experts, perm: (T*S,) -> (experts, perm) in (tile, expert, token) order: the same perm as
+    sort_by_tile_and_expert (both sorts stable), and experts[q] < N, which launch_h takes as keys
+    (key % N is the expert either way). A forward that sorts by expert, keeps (perm, offsets) for
+    the backward (which then skips its own sort) and partitions by tile pays this partition instead
+    of a second full sort (NOTES_mixing.md §5.5)."""
+    T = perm.numel() // max(1, S)
+    kdt = torch.uint8 if -(-T // tile_tokens) <= 256 else torch.int32  # from shapes: no host sync
+    _, order = torch.sort(((perm // S) // tile_tokens).to(kdt), stable=True)
+    return sorted_experts[order], perm[order]
+
+
 def expert_mix_tiled_forward(x, down, up, indices, gates, activation="gelu", tile_tokens=None):
     """The forward of expert mixing, tile-sorted (module docstring): -> (y, h).
 
