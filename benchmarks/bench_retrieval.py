@@ -498,14 +498,18 @@ def main():
         ]
         sweep_dkeys = [(128, 64, 8, 4), (64, 64, 4, 4), (128, 32, 4, 4), (256, 64, 8, 2), (128, 64, 4, 8)]
         sweep_dq = [(64, 4), (32, 4), (128, 8)]
-        # "onepass" (BLOCK_M, BLOCK_N, warps, CAP, programs/SM); the default (32, 64, 4, 32, 8) first
+        # "onepass" (BLOCK_M, BLOCK_N, warps, CAP, programs/SM); the default first. (64, 64, 4): wgmma, a
+        # row per warp; 2 programs/SM: only as many as fit at once (255 registers); CAP 64; (32, 64, 4):
+        # mma.sync, rows across warps; (16, 64, 1): one warp per program; BLOCK_N 128: 128 finer groups,
+        # a tighter theta; 8 warps
         sweep_onepass = [
+            (64, 64, 4, 32, 8),
+            (64, 64, 4, 32, 2),
+            (64, 64, 4, 64, 8),
             (32, 64, 4, 32, 8),
-            (64, 64, 4, 32, 4),
+            (16, 64, 1, 32, 16),
+            (64, 128, 4, 32, 8),
             (64, 64, 8, 32, 4),
-            (32, 64, 4, 64, 8),
-            (16, 64, 4, 32, 8),
-            (32, 128, 4, 32, 8),
         ]
     run = Run(args.out, {"H": H, "n": n, "d_key": dk, "top_k": K, "dtype": "bfloat16"})
     onepass_section(run, H, n, dk, K, T_check, T_list, sweep_onepass)

@@ -152,23 +152,26 @@ sys.path.insert(0, {repo!r})
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from torchpeer.ops.retrieval import triton_onepass as op
+from torchpeer.ops.retrieval import RetrievalKernelConfig, triton_onepass as op
 fn = op._onepass_kernel
-for xdt, bm, kp, cap, ncp, prefix_dot in [("bf16", 32, 16, 32, 64, False), ("bf16", 16, 32, 64, 128, True)]:
+cfg = RetrievalKernelConfig()
+for xdt, (bm, _, warps, cap, _), kp, ncp, prefix_dot in [("bf16", cfg.onepass_half, 16, 64, False),
+                                                       ("bf16", cfg.onepass_wide, 32, 128, True)]:
     types = {{"q_ptr": "*" + xdt, "k_ptr": "*" + xdt, "pi_ptr": "*i32", "pj_ptr": "*i32", "scores_ptr": "*fp32",
              "idx_ptr": "*i64", "scr_s_ptr": "*fp32", "scr_i_ptr": "*i32", "flag_ptr": "*i32"}}
     consts = dict(PER_HEAD=False, DH=64, BLOCK_M=bm, BLOCK_N=64, BLOCK_D=64, KP=kp, CAP=cap, NCP=ncp,
                   FB_BLOCK_N=64, DOT_FP32=xdt == "fp32", PREFIX_DOT=prefix_dot)
     sig = {{a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}}
     src = ASTSource(fn=fn, signature=sig, constexprs={{(fn.arg_names.index(a),): v for a, v in consts.items()}})
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={{"num_warps": 4}})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={{"num_warps": warps}})
     print("ok", xdt, bm, kp, flush=True)
 """
 
 
 def test_onepass_kernel_compiles_for_sm90():
-    """The real compiler (not the interpreter) accepts the kernel for an H100/H200, at the launch shapes
-    of bf16 top_k 16 (the default) and top_k 32 with the dot prefix (TRITON_INTERPRET unset, a subprocess)."""
+    """The real compiler (not the interpreter) accepts the kernel for an H100/H200 at the config's launch
+    shapes for bf16 top_k 16 and top_k 32 (the latter with the dot prefix); TRITON_INTERPRET unset, a
+    subprocess."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
     except Exception as e:  # a triton build without the NVIDIA backend

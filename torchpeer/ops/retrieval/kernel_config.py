@@ -62,11 +62,14 @@ class RetrievalKernelConfig:
     threshold_fp32: tuple[int, int, int, int, int] = (32, 64, 4, 64, 8)
     threshold_wide: tuple[int, int, int, int, int] = (32, 64, 4, 128, 8)
     # "onepass" launch (BLOCK_M, BLOCK_N, num_warps, CAP, programs per SM), keyed like merge_*. Unmeasured
-    # (NOTES_retrieval.md section 7): BLOCK_M 32 keeps the (BLOCK_M, 64) int64 pair tile and its two
-    # halves at ~32 registers each with 4 warps; CAP 32 is above the 28 candidates seen in 20000 Gaussian
-    # rows (a block with more is redone exactly in the same program). top_k > 16 has ~2k candidates and
-    # 119 pairs (NCP 128) per row: 16 rows.
-    onepass_half: tuple[int, int, int, int, int] = (32, 64, 4, 32, 8)
+    # (NOTES_retrieval.md section 7). From the sm_90 compile (ptxas, no GPU): (64, 64, 4) uses wgmma with
+    # each warp owning 16 whole rows, so the per-round row reductions stay inside a warp (96 barriers in
+    # the PTX; 255 registers, 4 bytes spilled); (32, 64, 4) gets mma.sync with the warps side by side along
+    # the columns, so every row reduction crosses warps through shared memory (350 barriers; 254
+    # registers, no spill). CAP 32 is above the 28 candidates seen in 20000 Gaussian rows (a block with
+    # more is redone exactly in the same program). top_k > 16 has ~2k candidates and 119 pairs (NCP 128)
+    # per row: (16, 64, 4) compiles without spills, (64, 64, 4) spills 3 KB.
+    onepass_half: tuple[int, int, int, int, int] = (64, 64, 4, 32, 8)
     onepass_fp32: tuple[int, int, int, int, int] = (32, 64, 4, 32, 8)
     onepass_wide: tuple[int, int, int, int, int] = (16, 64, 4, 64, 8)
     # How "onepass" numbers the candidates of a tile: "cumsum" (tl.cumsum: the compiler converts the
