@@ -20,7 +20,9 @@ so that one failing variant does not stop the others):
   0. (first; alone with --only onepass, ~2-3 min) the "onepass" forward side by side with "threshold" and
      "merge" in the same run: bit equality with merge at T = 4096 (also per-head keys, fp32, top_k 32,
      repeated rows with the fallback rate), float64 brute force on 32 tokens, forward times at
-     T = 16384 / 65536, its launch sweep, and forward+backward through autograd against the default.
+     T = 16384 / 65536, its launch sweep, and forward+backward through autograd against the default;
+     with --profile, then per-kernel GPU times (torch.profiler) of one fwd+bwd of threshold+hybrid,
+     onepass+hybrid and onepass+sorted at the largest T.
 Times: median of CUDA-event timings (triton.testing.do_bench, L2 flushed between reps).
 Writes bench_retrieval.json under --out (default: $OUT if set, else benchmarks/results).
 """
@@ -472,11 +474,48 @@ def onepass_section(run, H, n, dk, K, T_check, T_list, sweep):
         )
 
 
+def profile_section(run, H, n, dk, K, T):
+    """Per-kernel GPU times of one forward+backward through autograd for each combination (torch.profiler,
+    after a warm-up step): where the time goes inside "threshold", "onepass" and the backwards."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, keys = make(T, H, n, dk)
+    q.requires_grad_()
+    keys.requires_grad_()
+    up = torch.randn(T, H, K, device=DEV)
+    combos = {
+        "threshold+hybrid": dataclasses.replace(CFG, forward="threshold", backward="hybrid"),
+        "onepass+hybrid": dataclasses.replace(CFG, forward="onepass", backward="hybrid"),
+        "onepass+sorted": dataclasses.replace(CFG, forward="onepass", backward="sorted"),
+    }
+    for name, cfg in combos.items():
+
+        def step(cfg=cfg):
+            q.grad = keys.grad = None
+            s, _ = product_key_topk_triton(q, keys, K, cfg)
+            (s * up).sum().backward()
+
+        def prof(step=step):
+            step()  # compile and warm up outside the trace
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ON_GPU else [])
+            with profile(activities=acts) as p:
+                step()
+                if ON_GPU:
+                    torch.cuda.synchronize()
+            attr = "device_time_total" if ON_GPU else "cpu_time_total"
+            events = sorted(p.key_averages(), key=lambda e: getattr(e, attr, 0), reverse=True)
+            rows = [(e.key[:80], e.count, round(getattr(e, attr, 0) / 1e3, 4)) for e in events[:20]]
+            return {"T": T, "top_ms": rows}
+
+        run.guarded("profile", f"{name} T={T}", prof)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results")))
     p.add_argument("--smoke", action="store_true", help="tiny sizes (CPU + TRITON_INTERPRET=1)")
     p.add_argument("--only", choices=["onepass"], help="run only this section (section 0)")
+    p.add_argument("--profile", action="store_true", help="also per-kernel times of one fwd+bwd (torch.profiler)")
     p.add_argument("--budget-s", type=float, default=BUDGET_S, help="start no new row after this many seconds")
     args = p.parse_args()
     set_budget(args.budget_s)
@@ -513,6 +552,8 @@ def main():
         ]
     run = Run(args.out, {"H": H, "n": n, "d_key": dk, "top_k": K, "dtype": "bfloat16"})
     onepass_section(run, H, n, dk, K, T_check, T_list, sweep_onepass)
+    if args.profile:
+        profile_section(run, H, n, dk, K, T_list[-1])
     if args.only == "onepass":
         run.add("done", "total", seconds=round(time.time() - T0, 1))
         return
