@@ -440,6 +440,25 @@ def onepass_section(run, H, n, dk, K, T_check, T_list, sweep):
                 f"fwd {name} T={T}",
                 lambda cfg=cfg, qt=qt, kt=kt, T=T: {"ms": bench_ms(lambda: forward(qt, kt, K, cfg)), "T": T},
             )
+    # fp32 inputs ("auto" picks merge for them: one pass of fp32 dots) and top_k = 2K, at the smaller T
+    T = T_list[0]
+    q32, k32 = make(T, H, n, dk, dtype=torch.float32)
+    for name in ("merge", "threshold", "onepass"):
+        cfg = impls[name]
+        run.guarded(
+            "onepass",
+            f"fwd fp32 {name} T={T}",
+            lambda cfg=cfg, T=T, q32=q32, k32=k32: {"ms": bench_ms(lambda: forward(q32, k32, K, cfg)), "T": T},
+        )
+    del q32, k32
+    qt, kt = make(T, H, n, dk)
+    for name in ("merge", "threshold", "onepass"):
+        cfg = impls[name]
+        run.guarded(
+            "onepass",
+            f"fwd top_k={2 * K} {name} T={T}",
+            lambda cfg=cfg, T=T, qt=qt, kt=kt: {"ms": bench_ms(lambda: forward(qt, kt, 2 * K, cfg)), "T": T},
+        )
     T = T_list[-1]
     qt, kt = make(T, H, n, dk)
     best, best_ms = None, float("inf")
