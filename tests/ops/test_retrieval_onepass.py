@@ -90,10 +90,13 @@ def test_prefix_by_dot_equals_cumsum():
 
 
 def test_repeated_key_rows_take_the_fallback_and_stay_exact():
-    # every sub-key row repeated 8 times: 8-way exact ties in both halves, so a row has >= 8 * k
-    # candidates >= theta > CAP: every work item redoes both halves by the running top-KP
-    q, keys = _inputs(9, 2, 1, 32, 8, torch.float32, seed=6)
-    keys = keys[:, :, torch.arange(32) // 8 * 8].contiguous()
+    # two distinct sub-key rows per half, each repeated CAP + 8 times: the row maximum alone has
+    # CAP + 8 exact ties >= theta, so every work item redoes both halves by the running top-KP
+    # (sized from the CAP in force: 16 under the interpreter, the config's on a GPU)
+    cap = triton_onepass.onepass_launch(5, True, ONEPASS)["CAP"]
+    dup = cap + 8
+    q, keys = _inputs(9, 2, 1, 2 * dup, 8, torch.float32, seed=6)
+    keys = keys[:, :, torch.arange(2 * dup) // dup * dup].contiguous()
     scores, idx, flags = triton_onepass.launch_onepass(q, keys, 5, ONEPASS, return_flags=True)
     assert (flags == 2).all()
     want = triton_op.forward(q, keys, 5, RetrievalKernelConfig(forward="merge"))
