@@ -145,3 +145,13 @@ def test_export_hf_of_a_folder_of_runs_lists_them(make_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: '{sweep}' is a folder of 2 runs, not one run: give one of {sweep}/runs/a, ")
     assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_export_hf_help_loads_the_tokenizer_without_a_prompt(capsys):
+    """transformers' AutoTokenizer reads config.json (model_type torchpeer, remote code): without
+    trust_remote_code=True it asks on a terminal, so the help must not show the bare call."""
+    with pytest.raises(SystemExit):
+        main(["export-hf", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "AutoTokenizer.from_pretrained(OUT_DIR, trust_remote_code=True)" in text
+    assert "AutoTokenizer.from_pretrained(OUT_DIR)" not in text

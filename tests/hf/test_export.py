@@ -43,6 +43,9 @@ def test_folder_layout(exported):
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_torchpeer.TorchpeerForCausalLM"
     assert cfg["model_type"] == "torchpeer" and cfg["torchpeer"]["model"]["ffw"] == "peer"
     assert cfg["eos_token_id"] == 256 and is_exported_folder(out)
+    # safetensors writes 0600: the weights get the mode of every other file (others can load the model)
+    modes = {name: os.stat(os.path.join(out, name)).st_mode & 0o777 for name in ("config.json", "model.safetensors")}
+    assert modes["model.safetensors"] == modes["config.json"], modes
 
 
 def test_logits_equal_torchpeer_with_and_without_cache(exported):

@@ -22,12 +22,22 @@ def atomic_open(path: str, mode: str = "wb"):
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; token files are meant to be shared
+        plain_file_mode(tmp)  # mkstemp creates 0600; token files are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def plain_file_mode(path: str) -> None:
+    """Give ``path`` the mode ``open(path, "w")`` would have (0o666 less the umask, e.g. 0644).
+
+    For files that a writer creates private (mkstemp, safetensors: 0600), so that a checkpoint or
+    an exported model can be read by the other users who can read its folder."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def write_text_atomic(path: str, text: str) -> None:

@@ -11,7 +11,8 @@
       torchpeer_origin.json         the checkpoint exported, and its step, tokens and training seconds
 
 Load it with ``AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`` and
-``AutoTokenizer.from_pretrained(OUT_DIR)`` (offline; torchpeer must be installed). The folder is
+``AutoTokenizer.from_pretrained(OUT_DIR, trust_remote_code=True)`` (offline; torchpeer must be
+installed; without trust_remote_code the tokenizer's AutoConfig look-up asks on a terminal). The folder is
 assembled under a temporary name and renamed into place, so a failure leaves no half folder.
 Works for every FFW kind, since the modelling code builds torchpeer's own TransformerLM.
 """
@@ -56,7 +57,7 @@ def export_hf(run_dir: str, out_dir: str, overwrite: bool = False) -> str:
     """
     require_transformers()
     from torchpeer.data import load_tokenizer
-    from torchpeer.data.atomic import write_json_atomic
+    from torchpeer.data.atomic import plain_file_mode, write_json_atomic
     from torchpeer.hf.tokenizer_files import write_tokenizer
     from torchpeer.lm.checkpoint import (
         is_dcp_checkpoint,
@@ -91,6 +92,9 @@ def export_hf(run_dir: str, out_dir: str, overwrite: bool = False) -> str:
         _write_model(tmp, model, cfg, tok.eot_id)
         write_tokenizer(tmp, tok, cfg.model.seq_len)
         write_json_atomic(os.path.join(tmp, ORIGIN_FILE), checkpoint_origin(ckpt, cfg))
+        for folder, _, names in os.walk(tmp):  # save_pretrained's safetensors files are 0600
+            for name in names:
+                plain_file_mode(os.path.join(folder, name))
         previous = None
         if os.path.exists(out_dir):  # --overwrite: move the old export aside, removed once the new one is in
             previous = tempfile.mkdtemp(dir=parent, prefix=".export-hf.", suffix=".old")
@@ -155,7 +159,7 @@ def add_parser(subparsers):
         description="Write the latest checkpoint of RUN_DIR (or a checkpoint folder) as a transformers model "
         "folder: config.json with auto_map, modelling code, safetensors weights and tokenizer files. Load it "
         "with AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True) and "
-        "AutoTokenizer.from_pretrained(OUT_DIR). Needs the [hf] extra.",
+        "AutoTokenizer.from_pretrained(OUT_DIR, trust_remote_code=True). Needs the [hf] extra.",
         epilog="example:\n  torchpeer export-hf runs/ptb-tiny exports/ptb-tiny",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder (its latest checkpoint) or checkpoint folder")

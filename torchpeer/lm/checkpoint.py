@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
+from torchpeer.data.atomic import plain_file_mode
 from torchpeer.lm.config import RunConfig
 from torchpeer.lm.integrity import CheckpointDamaged, read_json, verify_checkpoint, write_manifest
 
@@ -186,6 +187,7 @@ def save_checkpoint(
     tmp, final = new_partial_dir(run_dir, step)
     try:
         save_model(model, os.path.join(tmp, "model.safetensors"))
+        plain_file_mode(os.path.join(tmp, "model.safetensors"))  # safetensors writes it 0600
         write_checkpoint_meta(tmp, trainer_state, step, cfg, tokenizer)
         return publish_checkpoint(tmp, final, run_dir, keep)
     except BaseException:
