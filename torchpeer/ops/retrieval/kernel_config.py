@@ -14,7 +14,7 @@ Forward algorithms (``forward``):
   "onepass":   one kernel per (row block, head): both halves' candidates (group-max theta + cumsum
                compaction), each half's top-k and the pruned pair merge by rounds of max, no int64
                sorting network and no half lists in memory; triton_onepass.py. Not measured yet
-               (predicted 1.0-2.5 ms at T=65536, bf16, NOTES_retrieval.md section 7), so "auto"
+               (predicted 1.6 ms, 1.0-3.0, at T=65536, bf16, NOTES_retrieval.md 7b), so "auto"
                does not pick it.
   "auto":      "split" for at most ``small_tokens`` tokens; else "merge" for fp32 (or mixed-dtype)
                inputs with top_k <= 16, where its single pass of fp32 dots wins (T=16384: 7.8 vs
