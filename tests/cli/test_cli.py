@@ -533,3 +533,27 @@ def test_a_missing_data_file_names_its_field_before_any_tokenising(capsys, tmp_p
     err = _error(capsys, ["eval", run, "--data", "a=t.txt", "--data", f"b={tmp_path}/gone.txt", "--no-progress"])
     gone = f"{tmp_path}/gone.txt"
     assert err == f"error: --data b: source '{gone}' does not exist (from the source spec '{gone}')\n"
+
+
+def test_bare_torchpeer_lists_the_commands(capsys):
+    """`torchpeer` alone shows what it can do (exit 2), not argparse's "arguments are required"."""
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("usage: torchpeer") and all(c in captured.err for c in SUBCOMMANDS)
+    assert "required" not in captured.err
+
+
+@pytest.mark.parametrize(
+    "word, hint",
+    [
+        ("trian", "did you mean 'train'? "),
+        ("gen", "did you mean 'generate'? "),  # a prefix of one command
+        ("plto", "did you mean 'plot'? "),
+        ("frobnicate", ""),
+    ],
+)
+def test_a_misspelt_command_names_the_closest_one(capsys, word, hint):
+    assert main([word, "ptb-tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: unknown command '{word}'; {hint}commands: train, eval, generate, info, data")
+    assert err.count("\n") == 1

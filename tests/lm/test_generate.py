@@ -138,3 +138,22 @@ def test_generate_streams_text_as_it_comes(trained):
     finally:
         p.kill()
         p.wait()
+
+
+def test_ctrl_c_while_streaming_ends_the_text_line(trained, capsys, monkeypatch):
+    """Ctrl-C mid-generation: the streamed text gets its line break, then "interrupted" on a line of
+    its own (not glued to the last word), exit status 130."""
+    import importlib
+
+    lm_generate = importlib.import_module("torchpeer.lm.generate")  # the module (torchpeer.lm.generate is the function)
+    root, cfg, run = trained
+
+    def interrupted_generate(model, idx, *args, on_token=None, **kw):
+        for t in (ord("a"), ord("b")):  # byte tokenizer: two characters arrive, then Ctrl-C
+            on_token(torch.tensor([[t]]))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lm_generate, "generate", interrupted_generate)
+    assert main(["generate", run, "--prompt", "the cat ", "--max-new-tokens", "10"]) == 130
+    out, err = capsys.readouterr()
+    assert out == "the cat ab\n" and err == "interrupted\n"

@@ -66,6 +66,19 @@ def os_error_message(e: BaseException) -> str | None:
     return f"{path}: {e.strerror}"
 
 
+def check_command(parser: argparse.ArgumentParser, word: str) -> None:
+    """A misspelt subcommand (``torchpeer trian``) is one error that names the closest one."""
+    import difflib
+
+    names = list(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices)
+    if word.startswith("-") or word in names:
+        return
+    close = [n for n in names if n.startswith(word)] or difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+    close = close if len(close) == 1 else []  # one clear candidate, or none
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise ValueError(f"unknown command '{word}'; {hint}commands: {', '.join(names)} (torchpeer --help)")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -73,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
 
         rest, overrides = split_overrides(argv)
         parser = build_parser()
-        if rest and rest[0] in parser.get_default("override_commands"):
+        if not rest:  # a bare `torchpeer`: the list of commands, not argparse's "arguments are required"
+            parser.print_help(sys.stderr)
+            return 2
+        check_command(parser, rest[0])
+        if rest[0] in parser.get_default("override_commands"):
             check_no_bare_section(rest[1:])
         args = parser.parse_args(rest)
         if overrides and not getattr(args, "takes_overrides", False):

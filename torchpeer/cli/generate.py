@@ -97,18 +97,23 @@ def run(args) -> int:
         stream = TextStream(tok)
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
-    out = generate(
-        model,
-        idx,
-        args.max_new_tokens,
-        args.temperature,
-        args.top_k,
-        args.top_p,
-        gen,
-        use_cache=not args.no_cache,
-        stop_token=tok.eot_id if args.stop_at_eot else None,
-        on_token=(lambda nxt: stream.push(int(nxt[0, 0]))) if stream is not None else None,
-    )
+    try:
+        out = generate(
+            model,
+            idx,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k,
+            args.top_p,
+            gen,
+            use_cache=not args.no_cache,
+            stop_token=tok.eot_id if args.stop_at_eot else None,
+            on_token=(lambda nxt: stream.push(int(nxt[0, 0]))) if stream is not None else None,
+        )
+    except KeyboardInterrupt:
+        if stream is not None:  # end the streamed line, so that "interrupted" starts a line of its own
+            stream.close()
+        raise
     if stream is not None:
         stream.close()
         return 0
