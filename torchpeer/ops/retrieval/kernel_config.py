@@ -13,7 +13,8 @@ Forward algorithms (``forward``):
                the byte/latency count is in that file and benchmarks/NOTES_issue19.md.
   "onepass":   one kernel per (row block, head): both halves' candidates (group-max theta + cumsum
                compaction), each half's top-k and the pruned pair merge by rounds of max, no int64
-               sorting network and no half lists in memory; triton_onepass.py. Not measured yet
+               sorting network, no second launch (the half lists stay in the program's own scratch);
+               triton_onepass.py. Not measured yet
                (predicted 1.6 ms, 1.0-3.0, at T=65536, bf16, NOTES_retrieval.md 7b), so "auto"
                does not pick it.
   "auto":      "split" for at most ``small_tokens`` tokens; else "merge" for fp32 (or mixed-dtype)
