@@ -29,7 +29,11 @@ def add_parser(subparsers):
     p.add_argument("--max-batches", type=int, help="evaluate only the first N batches of each set (default: all)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto: cuda if available)")
     p.add_argument("--cache-dir", help="token cache folder (default: the config's data.cache_dir)")
-    p.add_argument("--out", help="JSON output path (default RUN_DIR/eval-<checkpoint>.json)")
+    p.add_argument(
+        "--out",
+        help="JSON output path (default RUN_DIR/eval-<checkpoint>.json); results of other sets already in "
+        "it for the same checkpoint are kept",
+    )
     p.add_argument("--no-progress", action="store_true", help="no tokenising progress bar")
     p.set_defaults(func=run)
     return p
@@ -40,6 +44,39 @@ def default_out(ckpt: str) -> str:
     parent = os.path.dirname(ckpt)
     run_dir = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else parent
     return os.path.join(run_dir, f"eval-{os.path.basename(ckpt)}.json")
+
+
+def weights_id(ckpt: str) -> str | None:
+    """SHA-256 of the checkpoint's checksums.json (which hashes every file of it): the same id means
+    the same weights. None for a folder without one (an export, a checkpoint from older code)."""
+    import hashlib
+
+    from torchpeer.lm.integrity import MANIFEST
+
+    try:
+        with open(os.path.join(ckpt, MANIFEST), "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def with_earlier_results(out: str, record: dict) -> tuple[dict, list[str]]:
+    """``record`` plus the sets of an earlier eval of the same weights in ``out`` that this one did
+    not evaluate again (so that evaluating the test set, then the valid set, keeps both); returns the
+    record to write and the names of the sets kept. Another checkpoint's file is replaced."""
+    import json
+
+    try:
+        with open(out, encoding="utf-8") as fh:
+            earlier = json.load(fh)
+    except (OSError, ValueError):
+        return record, []
+    same = isinstance(earlier, dict) and earlier.get("checkpoint") == record["checkpoint"]
+    if not same or record.get("weights") is None or earlier.get("weights") != record["weights"]:
+        return record, []
+    old = earlier.get("results")
+    kept = [name for name in old if name not in record["results"]] if isinstance(old, dict) else []
+    return {**record, "results": {**{k: old[k] for k in kept}, **record["results"]}}, kept
 
 
 def run(args) -> int:
@@ -80,7 +117,8 @@ def run(args) -> int:
     print(format_results(results))
     if any(r.get("routing") for r in results.values()):
         print(format_routing(results))
+    record, kept = with_earlier_results(out, {"checkpoint": ckpt, "weights": weights_id(ckpt), "results": results})
     with writing(out):
-        write_json_atomic(out, {"checkpoint": ckpt, "results": results})
-    print(f"wrote {out}")
+        write_json_atomic(out, record)
+    print(f"wrote {out}" + (f" (with the earlier results of {', '.join(kept)}, same checkpoint)" if kept else ""))
     return 0

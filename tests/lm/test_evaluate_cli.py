@@ -1,0 +1,36 @@
+"""`torchpeer eval` writes its JSON without losing what an earlier eval of the same checkpoint wrote."""
+
+import json
+
+from torchpeer.cli import main
+
+
+def test_eval_of_other_sets_keeps_the_earlier_results(trained, capsys, tmp_path):
+    root, cfg, run = trained
+    out = str(tmp_path / "e.json")
+    common = ["--max-batches", "1", "--out", out, "--no-progress"]
+    assert main(["eval", run, "--data", f"test={root}/valid.txt", *common]) == 0
+    first = json.load(open(out))["results"]["test"]
+    capsys.readouterr()
+    assert main(["eval", run, "--data", f"train={root}/train.txt", *common]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"wrote {out} (with the earlier results of test, same checkpoint)"
+    record = json.load(open(out))
+    assert set(record["results"]) == {"test", "train"} and record["results"]["test"] == first
+    # the same set again replaces its entry; the other stays
+    assert main(["eval", run, "--data", f"train={root}/valid.txt", *common]) == 0
+    record = json.load(open(out))
+    assert record["results"]["train"]["source"].endswith("valid.txt") and set(record["results"]) == {"test", "train"}
+
+
+def test_eval_replaces_the_file_of_other_weights(trained, capsys, tmp_path):
+    root, cfg, run = trained
+    out = tmp_path / "e.json"
+    assert main(["eval", run, "--data", f"a={root}/valid.txt", "--max-batches", "1", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    record["weights"] = "0" * 64  # as if the checkpoint had been written again with other weights
+    out.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(["eval", run, "--data", f"b={root}/valid.txt", "--max-batches", "1", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {out}"
+    assert set(json.loads(out.read_text())["results"]) == {"b"}
