@@ -44,6 +44,7 @@ from torchpeer.ops.expert_mixing import expert_mix_reference  # noqa: E402
 from torchpeer.ops.expert_mixing import triton_decode as decode  # noqa: E402
 from torchpeer.ops.expert_mixing import triton_op as mixing  # noqa: E402
 from torchpeer.ops.expert_mixing import triton_tiled as tiled  # noqa: E402
+from torchpeer.ops.expert_mixing import triton_tiled_bwd as tiled_bwd  # noqa: E402
 from torchpeer.ops.expert_mixing.triton_kernels import _act_and_grad  # noqa: E402
 from torchpeer.ops.expert_mixing.triton_op import expert_mix_triton  # noqa: E402
 
@@ -231,6 +232,19 @@ def time_tiled(T, H, K, d, N, tables, tiles, hot_frac, sweep_a=False):
     r["cur_fwd_bwd_ms"] = bench_ms(fwd_bwd, grad_to_none=leaves)
     r["tiles"] = []
     xd, dd, ud, gd = (a.detach() for a in leaves)
+    if not hot_frac:  # the expert pass with its sort (the tiled one is not skew-robust: skew falls back)
+        gbufs = [
+            torch.empty_like(dd),
+            torch.empty_like(ud),
+            torch.empty(T * S, device=DEV),
+            torch.empty(T * S, device=DEV),
+        ]
+
+        def expert_default():
+            perm, offsets = mixing._sort_by_expert(idx, N)
+            mixing._launch_expert(dy, xd, ud, gd, h0, perm, offsets, *gbufs, "gelu")
+
+        r["cur_expert_ms"] = bench_ms(expert_default)
     by_expert = torch.sort(idx.reshape(-1).to(torch.int32), stable=True)
     for tile in tiles:
         if tile > T and tile != tiles[0]:
@@ -269,6 +283,23 @@ def time_tiled(T, H, K, d, N, tables, tiles, hot_frac, sweep_a=False):
         t["rel_diff_vs_token_centric"] = {"y": rel_err(y, y0), "h": rel_err(h, h0)}
         mixing.TUNING["fwd"] = dict(saved, tile_tokens=tile)
         t["fwd_bwd_ms"] = bench_ms(fwd_bwd, grad_to_none=leaves)
+        if not hot_frac:  # tiled expert pass (NOTES §5.3): plan + 2 launches per tile, then both tiled
+            t["expert_plan_ms"] = bench_ms(lambda tile=tile: tiled_bwd.tile_plan(idx, N, tile))
+
+            def expert_tiled(tile=tile):
+                plan = tiled_bwd.tile_plan(idx, N, tile)
+                tiled_bwd.launch_expert_tiled(dy, xd, ud, gd, h0, plan, *gbufs, "gelu")
+
+            t["expert_ms"] = bench_ms(expert_tiled)
+            saved_expert = dict(mixing.TUNING["expert"])
+            mixing.TUNING["expert"] = dict(saved_expert, tile_tokens=tile)
+            t["fwd_bwd_both_tiled_ms"] = bench_ms(fwd_bwd, grad_to_none=leaves)
+            mixing.TUNING["expert"] = saved_expert
+            print(
+                f"  tiled expert pass T={T} tile={tile}: {t['expert_ms']:.3f} ms (plan {t['expert_plan_ms']:.3f})"
+                f" vs default {r['cur_expert_ms']:.3f} (sort included); fwd+bwd both tiled"
+                f" {t['fwd_bwd_both_tiled_ms']:.3f} vs {r['cur_fwd_bwd_ms']:.3f}"
+            )
         mixing.TUNING["fwd"] = dict(saved, tile_tokens=None)
         t["gain_fwd_ms"] = r["cur_fwd_ms"] - t["fwd_ms"]
         # shared sort: fwd+bwd gain = token-centric fwd - (partition + best pass A + pass B)

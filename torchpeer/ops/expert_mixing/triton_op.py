@@ -16,6 +16,7 @@ from .checks import ACTIVATIONS, check_mix_inputs
 from .triton_decode import expert_mix_split_forward
 from .triton_kernels import _mix_bwd_dx_kernel, _mix_bwd_reduce_kernel, _mix_bwd_segment_kernel, _mix_fwd_kernel
 from .triton_tiled import expert_mix_tiled_forward
+from .triton_tiled_bwd import launch_expert_tiled, tile_plan
 
 # Launch tuning per kernel, from the H200 sweeps in benchmarks/NOTES_mixing.md (T = 65536, S = 128):
 #   tile: BLOCK_S * BLOCK_D, the elements of one gathered tile (BLOCK_S rows of BLOCK_D);
@@ -31,6 +32,9 @@ from .triton_tiled import expert_mix_tiled_forward
 #   None: never split (not skew-robust).
 #   fwd "tile_tokens" (absent/None by default): a token count selects the tile-sorted forward of
 #   triton_tiled.py (a prototype being measured, NOTES_mixing.md §5) with that many tokens per tile.
+#   expert "tile_tokens" (absent/None by default): the tile-sorted expert pass of triton_tiled_bwd.py
+#   (a prototype, NOTES_mixing.md §5.3) with that many tokens per tile, unless some expert owns more
+#   than `segment` selections of a tile (skew: the default pass, which splits hot experts).
 #   fwd "split_below" (absent/None by default): batches of at most that many tokens (decoding) take
 #   the split-S forward of triton_decode.py (a prototype being measured, NOTES_mixing.md §6).
 # Mutable on purpose: benchmarks/bench_mixing.py sweeps it.
@@ -241,13 +245,19 @@ def _backward_impl(dy, x, down, up, indices, gates, h, activation):
             torch.zeros_like(gates),
         )
     dy = dy.contiguous()  # e.g. the expanded grad of y.sum() has stride 0
-    perm, offsets = _sort_by_expert(indices, N)
     ddown = _new_buffer(down.shape, down.dtype, dev)
     dup = _new_buffer(up.shape, up.dtype, dev)
     coef = _new_buffer((T * S,), torch.float32, dev)
     dgate = _new_buffer((T * S,), torch.float32, dev)
 
-    _launch_expert(dy, x, up, gates, h, perm, offsets, ddown, dup, coef, dgate, activation)
+    tile_tokens = TUNING["expert"].get("tile_tokens")
+    plan = tile_plan(indices, N, tile_tokens) if tile_tokens else None
+    seg = TUNING["expert"].get("segment", SEGMENT)
+    if plan is not None and (seg is None or not _needs_split(plan[1], seg)):  # opt-in prototype
+        launch_expert_tiled(dy, x, up, gates, h, plan, ddown, dup, coef, dgate, activation)
+    else:
+        perm, offsets = _sort_by_expert(indices, N)
+        _launch_expert(dy, x, up, gates, h, perm, offsets, ddown, dup, coef, dgate, activation)
     dx = _new_buffer((T, d), x.dtype, dev)
     _launch_dx(down, indices, coef, dx)
     return dx, ddown, dup, dgate.view(gates.shape).to(gates.dtype)
