@@ -557,3 +557,21 @@ def test_a_misspelt_command_names_the_closest_one(capsys, word, hint):
     err = capsys.readouterr().err
     assert err.startswith(f"error: unknown command '{word}'; {hint}commands: train, eval, generate, info, data")
     assert err.count("\n") == 1
+
+
+def test_none_for_an_eval_set_says_how_to_drop_it(capsys, tmp_path, monkeypatch):
+    """`--data.valid.ptb none` (meaning: not that set) names the override that keeps only the others,
+    instead of "source 'none' does not exist"; nothing is tokenised or written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.txt").write_text("some text for a tiny run\n" * 40)
+    cfg = _toml(tmp_path, 'train = "t.txt"\nvalid = {ptb = "ptb:valid"}')
+    run = str(tmp_path / "run")
+    err = _error(capsys, ["train", cfg, "--run-dir", run, "--data.valid.mine", "t.txt", "--data.valid.ptb", "none"])
+    assert err == (
+        "error: data.valid.ptb: 'none' is not a source and does not remove an eval set; to evaluate only some "
+        """sets, give the valid table as one JSON object, e.g. --data.valid '{"mine": "t.txt"}'\n"""
+    )
+    assert not os.path.exists(tmp_path / "cache") and not os.path.exists(run)
+    argv = ["train", cfg, "--run-dir", run, "--data.valid", '{"mine": "t.txt"}', "--no-progress"]
+    assert main(argv) == 0  # the suggested override works
+    assert "mine" in capsys.readouterr().out
