@@ -146,6 +146,25 @@ def tiled_forward_model(T, S, d, N, tile, hot_frac=0.0, n_hot=64, bw=4.4e12, k_l
     return r
 
 
+def tiled_expert_model(T, S, d, N, tile, bw=4.25e12):
+    """Byte floors (GB, ms at the copy rate) of the backward expert pass: default (x and dy rows per
+    selection, v_e once per used expert, dU and dV rows written once) and tiled (v_e once per (tile,
+    expert) pair; the gradient rows written by an expert's first tile, read + written by each later
+    one; zero rows for unused experts; x and dy once per tile; NOTES §5.3). Uniform routing."""
+    row, sel = d * ES, T * S
+    used = distinct_in(T, S, N)
+    pairs = tile_pairs(T, S, N, tile)
+    default = (2 * sel + used + 2 * N) * row + 24 * sel
+    tiled_b = (pairs + 2 * (2 * pairs - 2 * used + N)) * row + 2 * T * row + 48 * sel
+    return {
+        "default_gb": default / 1e9,
+        "tiled_gb": tiled_b / 1e9,
+        "default_ms": default / bw * 1e3,
+        "tiled_ms": tiled_b / bw * 1e3,
+        "gain_ms": (default - tiled_b) / bw * 1e3,
+    }
+
+
 def print_tiled_model(S=128, d=1024, N=1024**2):
     """The tables of NOTES_mixing.md §5 (forward): gain (ms) of the tiled forward over the token-centric."""
     print("| routing | T | tile | x tile MB | pairs/sel | k_l2 | cur ms | sort+A+B ms | gain ms | gain, sort shared |")
@@ -165,6 +184,15 @@ def print_tiled_model(S=128, d=1024, N=1024**2):
                         f"{lo['gain_ms']:.2f}..{hi['gain_ms']:.2f} | "
                         f"{lo['gain_shared_sort_ms']:.2f}..{hi['gain_shared_sort_ms']:.2f} |"
                     )
+    print("\n| backward expert pass | T | tile | DRAM GB default / tiled | floor ms default / tiled | gain ms |")
+    print("|---|---|---|---|---|---|")
+    for T in (32768, 65536):
+        for tile in (8192, 12288, 16384):
+            m = tiled_expert_model(T, S, d, N, tile)
+            print(
+                f"| uniform | {T} | {tile} | {m['default_gb']:.1f} / {m['tiled_gb']:.1f} | "
+                f"{m['default_ms']:.2f} / {m['tiled_ms']:.2f} | {m['gain_ms']:+.2f} |"
+            )
 
 
 def try_ms(fn, what):
