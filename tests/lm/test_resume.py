@@ -163,7 +163,10 @@ def test_resuming_a_finished_run_keeps_one_final_record(trained, tmp_path, capsy
     shutil.copytree(run, copy)
     before = records(copy)
     assert main(["train", cfg, "--run-dir", copy, "--resume"]) == 0
-    assert "from step_00000060: step 60/60" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "from step_00000060: step 60/60" in out
+    # the totals line says that they are the run's, and that this resume trained nothing
+    assert "(the whole run; it had already reached its end at step 60, so this resume trained nothing; " in out
     after = records(copy)
     assert [r for r in after if r.get("final")] == [r for r in before if r.get("final")]  # same numbers, once
     assert len(after) == len(before) and losses(copy) == losses(run)

@@ -44,6 +44,10 @@ def test_resume_continues_the_saved_run_not_the_toml_file(corpus, tmp_path, caps
     assert f"note: the run continues under its saved config; {cfg} differs in train.max_steps (run 20, file 60)" in out
     assert "e.g. --train.max_steps 60" in out and "from step_00000010: step 10/20" in out
     assert "changed on resume" not in out
+    trained_line = next(line for line in out.splitlines() if line.startswith("trained "))
+    assert trained_line.startswith("trained 20 steps (") and trained_line.endswith(
+        "(the whole run; steps 11-20 in this session)"
+    )
     assert losses(run) == uninterrupted and [s for s, _ in losses(run)] == list(range(1, 21))
     assert _json(os.path.join(run, "config.json")) == config_before
     assert os.listdir(os.path.join(run, "configs")) == ["from_step_00000000.json"]

@@ -70,13 +70,13 @@ def resume_command(args, run_dir: str) -> str:
 
 
 def config_for_resume(file_cfg, config_arg: str, run_dir: str, overrides, say=print):
-    """The config a resume continues with: the run's saved one (its newest intact checkpoint's) with
-    ``overrides`` applied. Says which fields the named config file would have set otherwise, so that
-    an edited TOML file is not mistaken for the run's config."""
+    """(the config a resume continues with, the checkpoint it starts from): the run's saved config
+    (its newest intact checkpoint's) with ``overrides`` applied. Says which fields the named config
+    file would have set otherwise, so that an edited TOML file is not mistaken for the run's config."""
     from torchpeer.lm.config_io import apply_overrides
     from torchpeer.lm.resume import field_differences, saved_run_config
 
-    saved, _ = saved_run_config(run_dir)
+    saved, ckpt = saved_run_config(run_dir)
     cfg = apply_overrides(saved, overrides)
     cfg.validate()
     ours, theirs = cfg.to_dict(), file_cfg.to_dict()
@@ -95,7 +95,19 @@ def config_for_resume(file_cfg, config_arg: str, run_dir: str, overrides, say=pr
             f"note: the run continues under its saved config; {config_arg} differs in {shown}{more}; "
             f"to change a field give it as an override{example}{fixed}"
         )
-    return cfg
+    return cfg, ckpt
+
+
+def session_note(start: int | None, steps: int) -> str:
+    """What a resumed run's totals leave out: how many of the steps this command trained."""
+    if start is None:
+        return ""
+    if steps <= start:
+        return (
+            f" (the whole run; it had already reached its end at step {start}, so this resume trained "
+            "nothing; raise train.max_steps, max_tokens or max_flops to train longer)"
+        )
+    return f" (the whole run; steps {start + 1}-{steps} in this session)"
 
 
 def _as_flag(value) -> str:
@@ -105,6 +117,7 @@ def _as_flag(value) -> str:
 
 def run(args) -> int:
     from torchpeer.cli.common import _is_exported, config_with_overrides
+    from torchpeer.lm.checkpoint import checkpoint_step
     from torchpeer.lm.config_io import DEFAULT_CONFIG
     from torchpeer.lm.train import TrainingInterrupted, train
     from torchpeer.parallel.plan import plan_for_this_process
@@ -121,8 +134,11 @@ def run(args) -> int:
         cfg = config_with_overrides(config_arg, args.overrides)
     run_dir = args.run_dir or os.path.join("runs", cfg.name or "run")
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
+    start = None  # the step a resume starts from
     if args.resume:
-        cfg = config_for_resume(cfg, config_arg, run_dir, args.overrides, print if rank0 else (lambda _: None))
+        say = print if rank0 else (lambda _: None)
+        cfg, ckpt = config_for_resume(cfg, config_arg, run_dir, args.overrides, say)
+        start = checkpoint_step(ckpt)
     if rank0:
         blocks = cfg.model.sparse_blocks() or "none"
         print(f"config {cfg.name}: {cfg.model.ffw} FFW at blocks {blocks}, run dir {run_dir}")
@@ -150,7 +166,7 @@ def run(args) -> int:
         return 0
     print(
         f"trained {summary['steps']} steps ({summary['tokens']:,} tokens, {summary['train_flops']:.3g} FLOPs) "
-        f"in {summary['train_seconds'] / 60:.1f} min"
+        f"in {summary['train_seconds'] / 60:.1f} min" + session_note(start, summary["steps"])
     )
     if summary["valid"]:
         from torchpeer.lm.evaluate import format_results
