@@ -28,3 +28,27 @@ def test_checkpoint_weights_have_the_mode_of_the_other_files(tmp_path):
     assert _mode(os.path.join(ckpt, "model.safetensors")) == _mode(os.path.join(ckpt, "config.json"))
     loaded, _, _ = load_model_from_checkpoint(ckpt)  # still intact: the mode is set before checksums.json
     assert sorted(loaded.state_dict()) == sorted(model.state_dict())
+
+
+def test_a_checkpoint_without_trainer_pt_is_named_damaged_not_missing(tmp_path, capsys):
+    """trainer.pt deleted (e.g. to save space): the folders are still the run's checkpoints, so eval
+    names the missing file instead of "not a run folder", and a new run is not started over them."""
+    from torchpeer.cli import main
+
+    cfg = RunConfig()
+    cfg.model, cfg.train.max_steps = tiny("peer"), 4
+    run = str(tmp_path / "run")
+    model = TransformerLM(cfg.model)
+    for step in (2, 4):
+        os.remove(os.path.join(save_checkpoint(run, step, model, {}, cfg), "trainer.pt"))
+    ckpts = os.path.join(run, "checkpoints")
+    assert main(["eval", os.path.join(ckpts, "step_00000004")]) == 2
+    assert capsys.readouterr().err == f"error: checkpoint {ckpts}/step_00000004 is damaged: trainer.pt is missing\n"
+    assert main(["eval", run]) == 2
+    why = "step_00000004: trainer.pt is missing; step_00000002: trainer.pt is missing"
+    assert capsys.readouterr().err == f"error: no intact checkpoint in {run}: {why}\n"
+    assert main(["train", "--resume", "--run-dir", run]) == 2
+    assert capsys.readouterr().err == f"error: cannot resume {run}: no intact checkpoint ({why}); nothing was changed\n"
+    assert main(["train", "--run-dir", run, "--train.max_steps", "2"]) == 2  # not a new run over them
+    assert "already holds checkpoints (latest: step_00000004); pass --resume" in capsys.readouterr().err
+    assert sorted(os.listdir(ckpts)) == ["step_00000002", "step_00000004"]

@@ -40,7 +40,7 @@ from safetensors.torch import load_model, save_model
 
 from torchpeer.data.atomic import plain_file_mode
 from torchpeer.lm.config import RunConfig
-from torchpeer.lm.integrity import CheckpointDamaged, read_json, verify_checkpoint, write_manifest
+from torchpeer.lm.integrity import MANIFEST, CheckpointDamaged, read_json, verify_checkpoint, write_manifest
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -56,14 +56,15 @@ def checkpoint_step(path: str) -> int | None:
 
 
 def list_checkpoints(run_dir: str) -> list[str]:
-    """Complete checkpoint folders of a run, oldest first (not yet verified)."""
+    """Complete checkpoint folders of a run, oldest first (not yet verified: one that has lost its
+    trainer.pt is listed, and its check names the missing file)."""
     root = checkpoint_dir(run_dir)
     if not os.path.isdir(root):
         return []
     found = []
     for name in os.listdir(root):
         step = checkpoint_step(name)
-        if step is not None and os.path.isfile(os.path.join(root, name, "trainer.pt")):
+        if step is not None and _is_checkpoint_folder(os.path.join(root, name)):
             found.append((step, os.path.join(root, name)))
     return [p for _, p in sorted(found)]
 
@@ -97,7 +98,7 @@ def resolve_checkpoint(path: str, say=_stderr) -> str:
     (a ValueError) naming an intact older one when the folder given is damaged, ValueError when a run
     folder has no intact checkpoint, FileNotFoundError when there is none at all (naming the runs
     inside when ``path`` is a folder of runs, such as a sweep's)."""
-    if os.path.isfile(os.path.join(path, "trainer.pt")):
+    if _is_checkpoint_folder(path):
         try:
             verify_checkpoint(path)
         except CheckpointDamaged as e:
@@ -132,6 +133,12 @@ def resolve_checkpoint(path: str, say=_stderr) -> str:
             f"checkpoint {path!r} is a file; give its folder (RUN_DIR/checkpoints/step_<N>) or the run folder"
         )
     raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+
+
+def _is_checkpoint_folder(path: str) -> bool:
+    """trainer.pt marks a checkpoint folder; one that has lost it (deleted to save space, say) still has
+    checksums.json, and is then a checkpoint whose check names the missing file, not "no checkpoint"."""
+    return os.path.isfile(os.path.join(path, "trainer.pt")) or os.path.isfile(os.path.join(path, MANIFEST))
 
 
 def _intact(path: str) -> bool:
