@@ -575,3 +575,40 @@ def test_none_for_an_eval_set_says_how_to_drop_it(capsys, tmp_path, monkeypatch)
     argv = ["train", cfg, "--run-dir", run, "--data.valid", '{"mine": "t.txt"}', "--no-progress"]
     assert main(argv) == 0  # the suggested override works
     assert "mine" in capsys.readouterr().out
+
+
+def test_a_saved_run_serves_as_config(capsys, tmp_path, monkeypatch):
+    """info and train take a run folder, a checkpoint folder or their config.json as CONFIG (the config
+    the run was saved with, overrides on top); train asks what is meant instead of guessing a run folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.txt").write_text("some text for a tiny run\n" * 40)
+    cfg = _toml(tmp_path, 'train = "t.txt"\nvalid = {}')
+    assert main(["train", cfg, "--run-dir", "run", "--model.d_model", "24", "--no-progress"]) == 0
+    capsys.readouterr()
+    ckpt = os.path.join("run", "checkpoints", "step_00000002")
+    for source in ("run", ckpt, os.path.join("run", "config.json")):
+        assert main(["info", source, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["config"] == "c"
+        assert main(["info", source, "--toml", "--train.max_steps", "7"]) == 0
+        toml = capsys.readouterr().out
+        assert "d_model = 24" in toml and "max_steps = 7" in toml  # the run's value, and the override
+    assert _error(capsys, ["train", "run"]) == (
+        "error: run is a run folder: to continue its run, torchpeer train run --resume; "
+        "to start a new run with its config, add --run-dir NEW_FOLDER\n"
+    )
+    assert "to continue its run, torchpeer train --resume --run-dir run;" in _error(capsys, ["train", ckpt, "--resume"])
+    assert main(["train", "run", "--resume", "--train.max_steps", "3", "--no-progress"]) == 0
+    assert "resuming run from step_00000002: step 2/3" in capsys.readouterr().out
+    assert main(["train", "run", "--run-dir", "again", "--train.seed", "1", "--no-progress"]) == 0
+    with open(os.path.join("again", "config.json")) as fh:
+        again = json.load(fh)
+    assert again["model"]["d_model"] == 24 and again["train"]["seed"] == 1 and again["train"]["max_steps"] == 3
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    assert _error(capsys, ["info", "other.json"]) == (
+        "error: other.json is not a torchpeer run config (no model, train and data sections)\n"
+    )
+
+
+def test_a_misspelt_config_name_names_the_closest_one(capsys):
+    assert _error(capsys, ["info", "gpu-peer-smal"]).endswith("; did you mean gpu-peer-small?\n")
+    assert "did you mean" not in _error(capsys, ["info", "nothing-like-it"])

@@ -155,3 +155,13 @@ def test_export_hf_help_loads_the_tokenizer_without_a_prompt(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "AutoTokenizer.from_pretrained(OUT_DIR, trust_remote_code=True)" in text
     assert "AutoTokenizer.from_pretrained(OUT_DIR)" not in text
+
+
+def test_info_reads_an_exported_folder(make_run, tmp_path, capsys):
+    import json
+
+    out = str(tmp_path / "exported")
+    assert main(["export-hf", make_run("peer"), out]) == 0
+    capsys.readouterr()
+    assert main(["info", out, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"] == "tiny-peer"

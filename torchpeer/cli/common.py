@@ -6,10 +6,49 @@ import os
 
 
 def config_with_overrides(name: str, overrides):
-    """The run config ``name`` (shipped name or TOML path) with ``--a.b V`` overrides applied."""
-    from torchpeer.lm.config_io import load_config
+    """The run config ``name`` with ``--a.b V`` overrides applied. ``name``: a shipped config name, a
+    TOML path, or a saved config: a run folder (the config it was last trained under), a checkpoint
+    folder, an export-hf folder, or one of their config.json files."""
+    import difflib
 
-    return load_config(name, overrides)
+    from torchpeer.lm.config_io import apply_overrides, list_configs, load_config
+
+    saved = saved_config(name)
+    if saved is not None:
+        apply_overrides(saved, overrides)
+        saved.validate()
+        return saved
+    try:
+        return load_config(name, overrides)
+    except FileNotFoundError as e:
+        stem = os.path.basename(os.path.normpath(name)).removesuffix(".toml")
+        close = difflib.get_close_matches(stem, list_configs(), n=1, cutoff=0.6)
+        if close and "neither a file nor a shipped config" in str(e):
+            raise FileNotFoundError(f"{e}; did you mean {close[0]}?") from None
+        raise
+
+
+def saved_config(path: str):
+    """The RunConfig that a run folder, checkpoint folder or export-hf folder was saved with (or a
+    config.json of one), or None when ``path`` is none of these (a config name or TOML file)."""
+    import json
+
+    from torchpeer.lm.config import RunConfig
+
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not file.endswith(".json") or not os.path.isfile(file):
+        return None
+    try:
+        with open(file, encoding="utf-8") as fh:
+            raw = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{file}: not a readable JSON config ({e})") from None
+    if isinstance(raw, dict) and isinstance(raw.get("torchpeer"), dict):  # an export-hf folder's config.json
+        raw = raw["torchpeer"]
+    if not isinstance(raw, dict) or not {"model", "train", "data"} <= set(raw):
+        raise ValueError(f"{file} is not a torchpeer run config (no model, train and data sections)")
+    # a run folder's config.json also records what the run resolved (its op backends): not config fields
+    return RunConfig.from_dict({k: v for k, v in raw.items() if k in ("name", "model", "train", "data")})
 
 
 def named_sources(items: list[str] | None, flag: str = "--data") -> dict[str, str]:

@@ -17,10 +17,17 @@ def add_parser(subparsers):
         "block and in total (CONFIG and overrides as for train). FLOP conventions: multiply-add = 2, "
         "training = 3 x forward, attention scores 6*seq_len*d_model per layer, unembedding counted, "
         "embedding lookup not.",
-        epilog="example:\n  torchpeer info gpu-peer-small --model.peer.n_experts 65536",
+        epilog="examples:\n  torchpeer info gpu-peer-small --model.peer.n_experts 65536\n"
+        "  torchpeer info runs/ptb-tiny          # the model a run trained",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"config name or path (default {DEFAULT_CONFIG})")
+    p.add_argument(
+        "config",
+        nargs="?",
+        default=DEFAULT_CONFIG,
+        help=f"config name or TOML path (default {DEFAULT_CONFIG}), or a run, checkpoint or export-hf folder "
+        "(the config it was saved with)",
+    )
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print JSON instead of a table")
     out.add_argument(

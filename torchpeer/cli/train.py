@@ -21,6 +21,7 @@ examples:
   torchpeer train gpu-peer-small --run-dir runs/peer
   torchpeer train ptb-tiny --resume                # continue runs/ptb-tiny from its last checkpoint
   torchpeer train --resume --run-dir runs/x --train.max_steps 1000   # ... with a larger budget
+  torchpeer train runs/x --run-dir runs/x-seed1 --train.seed 1   # a new run with runs/x's config
 
 --resume continues the run under the config it was saved with (its newest intact checkpoint's);
 overrides given with --resume change that config, are printed, and the run folder keeps every
@@ -40,14 +41,17 @@ def add_parser(subparsers):
         "train",
         help="train a language model from a TOML config",
         description="Train a language model. CONFIG is a shipped config name "
-        f"({', '.join(list_configs()) or '(none)'}) or a TOML path.",
+        f"({', '.join(list_configs()) or '(none)'}), a TOML path, a run or checkpoint folder (its saved "
+        "config; give --run-dir for the new run, or --resume to continue a run folder) or an export-hf folder "
+        "(a new run from its weights).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "config",
         nargs="?",
-        help=f"config name or path (default {DEFAULT_CONFIG}), or an export-hf folder to continue training",
+        help=f"config name or TOML path (default {DEFAULT_CONFIG}); a run or checkpoint folder (its saved "
+        "config), or an export-hf folder to continue training",
     )
     p.add_argument("--run-dir", help="run folder (default runs/<config name>)")
     p.add_argument(
@@ -133,6 +137,19 @@ def run(args) -> int:
     else:
         cfg = config_with_overrides(config_arg, args.overrides)
     run_dir = args.run_dir or os.path.join("runs", cfg.name or "run")
+    if os.path.isdir(config_arg) and init_from is None and not args.run_dir:  # a run or checkpoint folder
+        is_run = os.path.isdir(os.path.join(config_arg, "checkpoints"))
+        if is_run and args.resume:
+            run_dir = config_arg  # `torchpeer train runs/x --resume` continues runs/x
+        else:
+            what, cont = "a run folder", f"torchpeer train {shlex.quote(config_arg)} --resume"
+            if not is_run:
+                run = os.path.dirname(os.path.dirname(os.path.normpath(config_arg))) or "."
+                what, cont = "a checkpoint folder", f"torchpeer train --resume --run-dir {shlex.quote(run)}"
+            raise ValueError(
+                f"{config_arg} is {what}: to continue its run, {cont}; to start a new run with its config, "
+                "add --run-dir NEW_FOLDER"
+            )
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
     start = None  # the step a resume starts from
     if args.resume:
