@@ -34,3 +34,19 @@ def test_eval_replaces_the_file_of_other_weights(trained, capsys, tmp_path):
     assert main(["eval", run, "--data", f"b={root}/valid.txt", "--max-batches", "1", "--out", str(out)]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == f"wrote {out}"
     assert set(json.loads(out.read_text())["results"]) == {"b"}
+
+
+def test_the_results_table_of_a_dense_model_has_no_empty_usage_columns():
+    from torchpeer.lm.evaluate import format_results
+
+    dense = {"tokens": 8192, "loss": 2.368, "ppl": 10.68, "bpb": 3.4163, "usage": {}}
+    assert format_results({"ptb": dense, "test": dense}).splitlines() == [
+        "set   tokens    loss    ppl     bpb",
+        "----  ------  ------  -----  ------",
+        "ptb    8,192  2.3680  10.68  3.4163",
+        "test   8,192  2.3680  10.68  3.4163",
+    ]
+    routed = {**dense, "usage": {"blocks.1.ffw": {"usage_pct": 49.38, "kl": 2.9798}}}
+    assert format_results({"ptb": routed}).splitlines()[0].split() == [
+        "set", "tokens", "loss", "ppl", "bpb", "layer", "usage", "%", "KL"
+    ]

@@ -102,6 +102,8 @@ def format_results(results: dict[str, dict]) -> str:
             cells = base if j == 0 else ("",) * 5
             extra = (layer, f"{u['usage_pct']:.2f}", f"{u['kl']:.4f}") if u else ("", "", "")
             rows.append(cells + extra)
+    if not any(r[5] for r in rows[1:]):  # no routed layer (a dense model): no empty usage columns
+        rows = [r[:5] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(c.ljust(w) if i in (0, 5) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
