@@ -165,3 +165,35 @@ def test_info_reads_an_exported_folder(make_run, tmp_path, capsys):
     capsys.readouterr()
     assert main(["info", out, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["config"] == "tiny-peer"
+
+
+def test_overwrite_replaces_only_an_earlier_export(make_run, tmp_path, capsys):
+    """--overwrite given a folder that is not an export (the run folder itself, a data folder, /tmp)
+    used to delete it whole; now it is one error line and the folder is untouched."""
+    import shutil
+
+    run = str(tmp_path / "run")
+    shutil.copytree(make_run("peer"), run)
+    before = sorted(os.listdir(run))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.txt").write_text("precious\n")
+    (tmp_path / "a-file").write_text("x")
+    for target, message in (
+        (run, f"'{run}' already exists and is not an export-hf folder (it holds checkpoints, config.json, "),
+        (str(data), f"'{data}' already exists and is not an export-hf folder (it holds train.txt); "),
+        (str(tmp_path / "a-file"), "is a file; export-hf writes a folder: choose a new OUT_DIR"),
+    ):
+        for flags in (["--overwrite"], []):
+            assert main(["export-hf", run, target, *flags]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert sorted(os.listdir(run)) == before and (data / "train.txt").read_text() == "precious\n"
+    out = tmp_path / "out"
+    out.mkdir()  # an empty folder may be replaced
+    assert main(["export-hf", run, str(out), "--overwrite"]) == 0
+    (out / "more-run" / "checkpoints").mkdir(parents=True)  # a run trained inside the export
+    assert main(["export-hf", run, str(out), "--overwrite"]) == 2
+    assert "with other folders inside (more-run); --overwrite would delete them" in capsys.readouterr().err
+    shutil.rmtree(out / "more-run")
+    assert main(["export-hf", run, str(out), "--overwrite"]) == 0  # an earlier export is replaced

@@ -77,8 +77,10 @@ def export_hf(run_dir: str, out_dir: str, overwrite: bool = False) -> str:
             f"{run_dir!r} holds no checkpoint (expected RUN_DIR/checkpoints/step_*/ or a checkpoint folder); "
             "train with checkpoints on (train.checkpoint = true) first"
         ) from None
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir!r} already exists; choose a new folder or pass --overwrite")
+    if os.path.exists(out_dir):
+        check_replaceable(out_dir)  # a run folder, a data folder, /tmp, ...: refused even with overwrite
+        if not overwrite:
+            raise FileExistsError(f"{out_dir!r} already exists; choose a new folder or pass --overwrite")
     read_dcp_weights = None
     if is_dcp_checkpoint(ckpt):  # a distributed run's weights: torchpeer.parallel reads them (core does not)
         from torchpeer.parallel.checkpoint import load_dcp_weights as read_dcp_weights
@@ -106,6 +108,29 @@ def export_hf(run_dir: str, out_dir: str, overwrite: bool = False) -> str:
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
     return ckpt
+
+
+def check_replaceable(out_dir: str) -> None:
+    """An existing OUT_DIR may be replaced (with ``overwrite``) only when it is an earlier export or an
+    empty folder: a run folder, a data folder or /tmp given by mistake would be deleted whole.
+    ValueError (one line) otherwise."""
+    from torchpeer.hf.exported import is_exported_folder
+
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir!r} is a file; export-hf writes a folder: choose a new OUT_DIR")
+    entries = sorted(os.listdir(out_dir))
+    if entries and not is_exported_folder(out_dir):
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise ValueError(
+            f"{out_dir!r} already exists and is not an export-hf folder (it holds {shown}); export-hf replaces "
+            "only an earlier export (--overwrite), so nothing was changed: choose a new OUT_DIR"
+        )
+    folders = [e for e in entries if os.path.isdir(os.path.join(out_dir, e)) and e != "torchpeer_tokenizer"]
+    if folders:  # an export holds files only: a folder inside (a run trained there, say) is not ours to delete
+        raise ValueError(
+            f"{out_dir!r} is an export-hf folder with other folders inside ({', '.join(folders[:5])}); --overwrite "
+            "would delete them, so nothing was changed: move them out or choose a new OUT_DIR"
+        )
 
 
 def checkpoint_origin(ckpt: str, cfg) -> dict:
@@ -164,7 +189,9 @@ def add_parser(subparsers):
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder (its latest checkpoint) or checkpoint folder")
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (must not exist)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace OUT_DIR if it is an earlier export (or an empty folder)"
+    )
     p.set_defaults(func=run)
     return p
 
