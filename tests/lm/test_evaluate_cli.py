@@ -50,3 +50,13 @@ def test_the_results_table_of_a_dense_model_has_no_empty_usage_columns():
     assert format_results({"ptb": routed}).splitlines()[0].split() == [
         "set", "tokens", "loss", "ppl", "bpb", "layer", "usage", "%", "KL"
     ]
+
+
+def test_eval_out_never_replaces_a_file_that_is_not_an_eval_result(trained, capsys, tmp_path):
+    root, cfg, run = trained
+    other = tmp_path / "config.json"
+    other.write_text('{"model": {"d_model": 32}}\n')
+    assert main(["eval", run, "--data", f"a={root}/valid.txt", "--out", str(other), "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"error: --out {other} exists and is not a 'torchpeer eval' result file; give a new path\n"
+    assert out == "" and other.read_text() == '{"model": {"d_model": 32}}\n'  # refused before evaluating

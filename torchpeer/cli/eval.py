@@ -60,22 +60,33 @@ def weights_id(ckpt: str) -> str | None:
         return None
 
 
-def with_earlier_results(out: str, record: dict) -> tuple[dict, list[str]]:
-    """``record`` plus the sets of an earlier eval of the same weights in ``out`` that this one did
-    not evaluate again (so that evaluating the test set, then the valid set, keeps both); returns the
-    record to write and the names of the sets kept. Another checkpoint's file is replaced."""
+def earlier_results(out: str) -> dict | None:
+    """The record of an earlier ``torchpeer eval`` in ``out`` (None when there is no file). Any other
+    file there (--out config.json by mistake) is a ValueError: not ours to replace."""
     import json
 
+    if not os.path.exists(out):
+        return None
     try:
         with open(out, encoding="utf-8") as fh:
             earlier = json.load(fh)
-    except (OSError, ValueError):
+    except (OSError, ValueError, UnicodeDecodeError):
+        earlier = None
+    if not (isinstance(earlier, dict) and isinstance(earlier.get("results"), dict) and "checkpoint" in earlier):
+        raise ValueError(f"--out {out} exists and is not a 'torchpeer eval' result file; give a new path")
+    return earlier
+
+
+def with_earlier_results(earlier: dict | None, record: dict) -> tuple[dict, list[str]]:
+    """``record`` plus the sets of an ``earlier`` eval of the same weights that this one did not
+    evaluate again (so that evaluating the test set, then the valid set, keeps both); returns the
+    record to write and the names of the sets kept. Another checkpoint's record is replaced."""
+    if earlier is None or earlier.get("checkpoint") != record["checkpoint"]:
         return record, []
-    same = isinstance(earlier, dict) and earlier.get("checkpoint") == record["checkpoint"]
-    if not same or record.get("weights") is None or earlier.get("weights") != record["weights"]:
+    if record.get("weights") is None or earlier.get("weights") != record["weights"]:
         return record, []
-    old = earlier.get("results")
-    kept = [name for name in old if name not in record["results"]] if isinstance(old, dict) else []
+    old = earlier["results"]
+    kept = [name for name in old if name not in record["results"]]
     return {**record, "results": {**{k: old[k] for k in kept}, **record["results"]}}, kept
 
 
@@ -106,6 +117,7 @@ def run(args) -> int:
     out = args.out or default_out(ckpt)
     what = "--out folder" if args.out else "run folder"  # the default output goes into the run folder
     check_writable(os.path.dirname(os.path.abspath(out)), what, "--out")  # fail before evaluating, not after
+    earlier = earlier_results(out)  # likewise a file there that is not an earlier eval's
     dtype = autocast_dtype(device, cfg.train.dtype)
     bs = args.batch_size or cfg.train.eval_batch_size or cfg.train.batch_size
     results = {}
@@ -117,7 +129,7 @@ def run(args) -> int:
     print(format_results(results))
     if any(r.get("routing") for r in results.values()):
         print(format_routing(results))
-    record, kept = with_earlier_results(out, {"checkpoint": ckpt, "weights": weights_id(ckpt), "results": results})
+    record, kept = with_earlier_results(earlier, {"checkpoint": ckpt, "weights": weights_id(ckpt), "results": results})
     with writing(out):
         write_json_atomic(out, record)
     print(f"wrote {out}" + (f" (with the earlier results of {', '.join(kept)}, same checkpoint)" if kept else ""))
