@@ -612,3 +612,27 @@ def test_a_saved_run_serves_as_config(capsys, tmp_path, monkeypatch):
 def test_a_misspelt_config_name_names_the_closest_one(capsys):
     assert _error(capsys, ["info", "gpu-peer-smal"]).endswith("; did you mean gpu-peer-small?\n")
     assert "did you mean" not in _error(capsys, ["info", "nothing-like-it"])
+
+
+def test_train_never_replaces_a_config_json_that_is_not_a_runs(capsys, tmp_path, monkeypatch):
+    """--run-dir of an export-hf or transformers model folder: the run would write its config.json over
+    theirs; one error line instead, and the folder is untouched. Other files (a job log) are fine."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.txt").write_text("some text for a tiny run\n" * 40)
+    cfg = _toml(tmp_path, 'train = "t.txt"\nvalid = {}')
+    for folder, text, kind in (
+        ("hf-model", '{"model_type": "llama"}', "another"),
+        ("export", '{"model_type": "torchpeer", "torchpeer": {"model": {}}}', "an export-hf folder's"),
+    ):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "config.json").write_text(text)
+        assert _error(capsys, ["train", cfg, "--run-dir", folder]) == (
+            f"error: {folder} holds {kind} config.json, not a torchpeer run's; a run there would replace it, "
+            "so nothing was written: choose another --run-dir\n"
+        )
+        assert os.listdir(tmp_path / folder) == ["config.json"]
+        assert (tmp_path / folder / "config.json").read_text() == text
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "slurm.out").write_text("log\n")
+    assert main(["train", cfg, "--run-dir", "job", "--no-progress"]) == 0
+    assert (tmp_path / "job" / "slurm.out").read_text() == "log\n"

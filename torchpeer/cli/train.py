@@ -123,6 +123,7 @@ def run(args) -> int:
     from torchpeer.cli.common import _is_exported, config_with_overrides
     from torchpeer.lm.checkpoint import checkpoint_step
     from torchpeer.lm.config_io import DEFAULT_CONFIG
+    from torchpeer.lm.rundir import check_run_folder
     from torchpeer.lm.train import TrainingInterrupted, train
     from torchpeer.parallel.plan import plan_for_this_process
 
@@ -150,6 +151,7 @@ def run(args) -> int:
                 f"{config_arg} is {what}: to continue its run, {cont}; to start a new run with its config, "
                 "add --run-dir NEW_FOLDER"
             )
+    check_run_folder(run_dir)  # e.g. --run-dir of an export-hf folder: its config.json is not ours to replace
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
     start = None  # the step a resume starts from
     if args.resume:

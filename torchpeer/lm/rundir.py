@@ -89,6 +89,28 @@ def check_writable(run_dir: str, what: str = "run folder", option: str = "--run-
         ) from e
 
 
+def check_run_folder(run_dir: str, option: str = "--run-dir") -> None:
+    """ValueError (one line) when ``run_dir`` holds a config.json that is not a torchpeer run config
+    (an export-hf or transformers model folder, a project folder): a run would replace it."""
+    import json
+
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = json.load(fh)
+    except (OSError, ValueError, UnicodeDecodeError):
+        raw = None
+    if isinstance(raw, dict) and {"model", "train", "data"} <= set(raw):
+        return
+    kind = "an export-hf folder's" if isinstance(raw, dict) and isinstance(raw.get("torchpeer"), dict) else "another"
+    raise ValueError(
+        f"{run_dir} holds {kind} config.json, not a torchpeer run's; a run there would replace it, so nothing was "
+        f"written: choose another {option}"
+    )
+
+
 def remove_stale_partials(run_dir: str) -> list[str]:
     """Delete partial checkpoint folders left by a kill mid-save; returns their names.
 
