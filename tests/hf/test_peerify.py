@@ -129,6 +129,11 @@ def test_save_pretrained_round_trip_and_generate(family, tmp_path):
     uncached = loaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False)
     assert cached.shape[1] > 5 and torch.equal(cached, uncached)
     assert torch.equal(cached, model.generate(prompt, max_new_tokens=6, do_sample=False))
+    # what the README warns of: transformers' own loader builds the plain model, a new MLP in block 1
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    assert not isinstance(decoder_blocks(plain)[2][1].mlp, PEER)
 
 
 def test_peer_follows_model_dtype():

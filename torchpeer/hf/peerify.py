@@ -4,6 +4,8 @@
     peerify(model, blocks=[1], n_experts=64**2, heads=4, top_k=8, d_key=32)
     model.save_pretrained("out")                      # config.json records config.peer
     model = torchpeer.hf.from_pretrained("out")       # base class from config, peerify, load weights
+    # not AutoModelForCausalLM.from_pretrained("out"): it builds the plain model, with a new random MLP
+    # in each peerified block (its load report lists those weights as UNEXPECTED / MISSING)
 
 The decoder blocks are found from the model's structure (not its class name), so any model laid
 out like GPT-2 (``transformer.h[i].mlp``) or like Llama / Qwen2 / Mistral (``model.layers[i].mlp``)
