@@ -259,7 +259,7 @@ def test_help_and_the_parser_load_no_torch():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.rstrip().endswith("no torch"), res.stderr
-    assert "usage: torchpeer [-h] COMMAND" in res.stdout and "usage: torchpeer train" in res.stdout
+    assert "usage: torchpeer [-h] [--version] COMMAND" in res.stdout and "usage: torchpeer train" in res.stdout
 
 
 def test_lazy_packages_keep_their_names():
@@ -636,3 +636,13 @@ def test_train_never_replaces_a_config_json_that_is_not_a_runs(capsys, tmp_path,
     (tmp_path / "job" / "slurm.out").write_text("log\n")
     assert main(["train", cfg, "--run-dir", "job", "--no-progress"]) == 0
     assert (tmp_path / "job" / "slurm.out").read_text() == "log\n"
+
+
+def test_version_names_torchpeer_and_torch(capsys):
+    from torchpeer import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"torchpeer {__version__} (torch ") and ", python 3." in out

@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="torchpeer",
         description="PEER (Mixture of A Million Experts) language-model toolkit.",
     )
+    parser.add_argument("--version", action="version", version=version_line(), help="versions of torchpeer and torch")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     parser.set_defaults(override_commands=[])  # the subcommands that take --section.field overrides
@@ -31,6 +32,21 @@ def build_parser() -> argparse.ArgumentParser:
         if p.get_default("takes_overrides"):
             parser.get_default("override_commands").append(p.prog.split()[-1])
     return parser
+
+
+def version_line() -> str:
+    """"torchpeer 0.1.0 (torch 2.13.0+cpu, python 3.11.7)", read from the installed packages'
+    metadata: importing torch for its version would take a second."""
+    import platform
+    from importlib import metadata
+
+    from torchpeer import __version__
+
+    try:
+        torch = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch = "not installed"
+    return f"torchpeer {__version__} (torch {torch}, python {platform.python_version()})"
 
 
 SECTION_EXAMPLES = {"--model": "--model.ffw dense", "--train": "--train.max_steps 100", "--data": "--data.train FILE"}
