@@ -60,3 +60,16 @@ def test_eval_out_never_replaces_a_file_that_is_not_an_eval_result(trained, caps
     out, err = capsys.readouterr()
     assert err == f"error: --out {other} exists and is not a 'torchpeer eval' result file; give a new path\n"
     assert out == "" and other.read_text() == '{"model": {"d_model": 32}}\n'  # refused before evaluating
+
+
+def test_eval_says_which_set_it_is_evaluating(trained, capsys, tmp_path):
+    """Off a terminal (no bar), one line per set before its evaluation, as tokenising prints; none with
+    --no-progress."""
+    root, cfg, run = trained
+    argv = ["eval", run, "--data", f"a={root}/valid.txt", "--max-batches", "1", "--out", str(tmp_path / "e.json")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "evaluating a (256 tokens) ...\n" in out  # 1 batch of 8 x 32
+    assert out.index("evaluating a") < out.index("checkpoint ")
+    assert main([*argv, "--no-progress"]) == 0
+    assert "evaluating" not in capsys.readouterr().out

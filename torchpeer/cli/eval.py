@@ -34,7 +34,7 @@ def add_parser(subparsers):
         help="JSON output path (default RUN_DIR/eval-<checkpoint>.json); results of other sets already in "
         "it for the same checkpoint are kept",
     )
-    p.add_argument("--no-progress", action="store_true", help="no tokenising progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no tokenising or evaluating progress")
     p.set_defaults(func=run)
     return p
 
@@ -123,7 +123,8 @@ def run(args) -> int:
     results = {}
     for name, spec in sets.items():
         tf = prepare_split(cfg.data, spec, f"eval/{name}", tokenizer=tok, progress=not args.no_progress)
-        results[name] = evaluate(model, tf, bs, cfg.model.seq_len, args.max_batches, device, dtype)
+        shown = None if args.no_progress else name
+        results[name] = evaluate(model, tf, bs, cfg.model.seq_len, args.max_batches, device, dtype, progress=shown)
         results[name]["source"] = spec
     print(f"checkpoint {ckpt}")
     print(format_results(results))

@@ -34,11 +34,14 @@ def evaluate(
     device: str | torch.device = "cpu",
     autocast_dtype: torch.dtype | None = None,
     plan=None,
+    progress: str | None = None,
 ) -> dict:
     """Evaluate ``model`` on a TokenFile (anything with ``.tokens`` and ``.n_bytes``).
 
     plan: a parallel plan (lm/plan.py); each rank evaluates its share of the batches and the sums
     are reduced over ranks. None = one process.
+    progress: a name to show a progress bar under (on a terminal; elsewhere one line says that the
+    set is being evaluated); None = silent.
     Returns {"loss", "ppl", "bpb", "tokens", "complete", "usage": {layer: {"usage_pct", "kl"}},
     "routing": {layer: {metric: value}}, "pool_usage": {pool: {"usage_pct", "kl", "layers"}}}
     (usage and routing: routed layers only; pool_usage: shared expert pools only, e.g.
@@ -56,6 +59,7 @@ def evaluate(
     tracked = enable_usage_tracking(model, True)
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # total nats, number of targets
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    bar = _progress_bar(progress, token_file, batch_size, seq_len, max_batches)
     try:
         batches = sequential_windows(token_file.tokens, batch_size, seq_len, max_batches=max_batches)
         for x, y in plan.shard_batches(batches):
@@ -64,6 +68,7 @@ def evaluate(
                 logits, _ = model(x)
             sums[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
             sums[1] += y.numel()
+            bar.update(y.numel())
         plan.all_reduce_sum_(sums)
         if tracked:
             plan.reduce_usage_(model)
@@ -72,6 +77,7 @@ def evaluate(
         pools = pool_usage_report(model) if tracked else {}
         routing.update((name, dict(u)) for name, u in pools.items())
     finally:
+        bar.close()
         enable_usage_tracking(model, False)
         model.train(was_training)
     nats, n_targets = sums[0].item(), int(sums[1].item())
@@ -88,6 +94,20 @@ def evaluate(
         "routing": routing,
         "pool_usage": pools,
     }
+
+
+def _progress_bar(name: str | None, token_file, batch_size: int, seq_len: int, max_batches: int | None):
+    """A tqdm bar counting target tokens (disabled when ``name`` is None); not on a terminal, one
+    line "evaluating NAME (N tokens) ..." instead, as tokenising does."""
+    from tqdm.auto import tqdm
+
+    total = len(token_file.tokens) - 1
+    if max_batches is not None:
+        total = min(total, max_batches * batch_size * seq_len)
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"evaluating {name}", disable=None if name else True)
+    if name and bar.disable:
+        print(f"evaluating {name} ({total:,} tokens) ...", flush=True)
+    return bar
 
 
 def format_results(results: dict[str, dict]) -> str:
