@@ -646,3 +646,16 @@ def test_version_names_torchpeer_and_torch(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"torchpeer {__version__} (torch ") and ", python 3." in out
+
+
+def test_a_runs_own_unreadable_config_json_does_not_block_it(tmp_path):
+    from torchpeer.lm.rundir import check_run_folder
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text('{"model": {')  # cut short
+    check_run_folder(str(run))  # the run's own file: resume rewrites it
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text("not json")
+    with pytest.raises(ValueError, match="holds another config.json, not a torchpeer run's"):
+        check_run_folder(str(tmp_path / "other"))

@@ -104,6 +104,9 @@ def check_run_folder(run_dir: str, option: str = "--run-dir") -> None:
         raw = None
     if isinstance(raw, dict) and {"model", "train", "data"} <= set(raw):
         return
+    ours = os.path.isdir(os.path.join(run_dir, "checkpoints")) or os.path.isfile(os.path.join(run_dir, "metrics.jsonl"))
+    if raw is None and ours:
+        return  # the run's own config.json, unreadable: the run rewrites it (its checkpoints hold the config)
     kind = "an export-hf folder's" if isinstance(raw, dict) and isinstance(raw.get("torchpeer"), dict) else "another"
     raise ValueError(
         f"{run_dir} holds {kind} config.json, not a torchpeer run's; a run there would replace it, so nothing was "
