@@ -659,3 +659,11 @@ def test_a_runs_own_unreadable_config_json_does_not_block_it(tmp_path):
     (tmp_path / "other" / "config.json").write_text("not json")
     with pytest.raises(ValueError, match="holds another config.json, not a torchpeer run's"):
         check_run_folder(str(tmp_path / "other"))
+
+
+def test_one_step_is_one_step(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.txt").write_text("some text for a tiny run\n" * 40)
+    cfg = _toml(tmp_path, 'train = "t.txt"\nvalid = {}')
+    assert main(["train", cfg, "--run-dir", "run", "--train.max_steps", "1", "--no-progress"]) == 0
+    assert "\ntrained 1 step (" in capsys.readouterr().out

@@ -184,7 +184,8 @@ def run(args) -> int:
     if not rank0:
         return 0
     print(
-        f"trained {summary['steps']} steps ({summary['tokens']:,} tokens, {summary['train_flops']:.3g} FLOPs) "
+        f"trained {summary['steps']} step{'s' * (summary['steps'] != 1)} ({summary['tokens']:,} tokens, "
+        f"{summary['train_flops']:.3g} FLOPs) "
         f"in {summary['train_seconds'] / 60:.1f} min" + session_note(start, summary["steps"])
     )
     if summary["valid"]:
