@@ -42,7 +42,7 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
     exp_plan = pytest.importorskip("torchpeer.experiments.plan")
     spec = exp_spec.load_spec("beyond-paper")
     runs = exp_plan.plan_sweep(spec, str(tmp_path))
-    assert len(runs) == 28  # 14 designs (dense, the paper's PEER, 12 new) x 2 seeds
+    assert len(runs) == 30  # 15 designs (dense, the paper's PEER, 13 new) x 2 seeds
     assert len(runs[0].cfg.data.valid) == 11  # the corpus valid set and each of the 10 sources
     by_seed: dict[int, dict[str, object]] = {}
     for r in runs:
@@ -59,6 +59,8 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
         assert designs["key-norm"].cfg.model.peer.key_norm == "l2"
         ramp = designs["table-lr-decay"].cfg.train
         assert (ramp.expert_lr, ramp.expert_lr_final) == (3e-3, 1e-3)
+        wide = designs["top-k-32"].cfg.model.peer
+        assert (wide.top_k, wide.heads, wide.n_experts, wide.shared_pool) == (32, 8, 1024**2, True)
         paper = designs["paper"].cfg.model
         assert paper.sparse_blocks() == [4] and not paper.peer.shared_pool and paper.peer.n_experts == 1024**2
 
@@ -66,7 +68,7 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
 def test_logged_flop_table_is_what_torchpeer_info_computes():
     rows = re.findall(r"^\| [^|]+ \| (`[^`]*`|-)[^|]*\| ([\d,.]+)M \| [\d.]+M \| ([\d,]+) \| ([\d.]+) \|$",
                       LOG.read_text(), flags=re.M)  # fmt: skip
-    assert len(rows) == 14
+    assert len(rows) == 15
     dense = cost_of("gpu-dense-small").train_flops
     for overrides, params, flops, ratio in rows:
         args = [] if overrides == "-" else shlex.split(overrides.strip("`"))
