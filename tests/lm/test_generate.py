@@ -157,3 +157,20 @@ def test_ctrl_c_while_streaming_ends_the_text_line(trained, capsys, monkeypatch)
     assert main(["generate", run, "--prompt", "the cat ", "--max-new-tokens", "10"]) == 130
     out, err = capsys.readouterr()
     assert out == "the cat ab\n" and err == "interrupted\n"
+
+
+def test_the_readme_python_lines_that_load_a_run(trained, capsys):
+    """The README's `py` block that loads a trained run, run on the tiny run as written."""
+    import re
+
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "README.md")
+    with open(readme, encoding="utf-8") as fh:
+        blocks = re.findall(r"```py\n(.*?)```", fh.read(), flags=re.S)
+    code = next(b for b in blocks if "load_model_from_checkpoint" in b)
+    root, cfg, run = trained
+    exec(compile(code.replace('"runs/ptb-tiny"', repr(run)), "README.md", "exec"), {})
+    text = capsys.readouterr().out
+    assert len(text) > 10  # 20 greedy tokens of the byte tokenizer, and a line break
+    # the same greedy continuation as the command line's
+    assert main(["generate", run, "--prompt", "the company said", "--temperature", "0", "--max-new-tokens", "20"]) == 0
+    assert capsys.readouterr().out == "the company said" + text
