@@ -667,3 +667,12 @@ def test_one_step_is_one_step(capsys, tmp_path, monkeypatch):
     cfg = _toml(tmp_path, 'train = "t.txt"\nvalid = {}')
     assert main(["train", cfg, "--run-dir", "run", "--train.max_steps", "1", "--no-progress"]) == 0
     assert "\ntrained 1 step (" in capsys.readouterr().out
+
+
+def test_the_session_note_of_a_resume():
+    from torchpeer.cli.train import session_note
+
+    assert session_note(None, 5) == ""
+    assert session_note(12, 13) == " (the whole run; step 13 in this session)"
+    assert session_note(10, 20) == " (the whole run; steps 11-20 in this session)"
+    assert session_note(5, 5).startswith(" (the whole run; it had already reached its end at step 5, so this resume")

@@ -74,6 +74,11 @@ def test_resume_with_other_model_is_one_error_and_keeps_checkpoints(trained, cap
     err = capsys.readouterr().err
     assert err.startswith("error: cannot resume") and "model.d_model: checkpoint 32, now 64" in err
     assert err.count("\n") == 1 and "Traceback" not in err
+    # it names the command that starts a new run with the change; its config is the run's, changed
+    suggested = err.split("start a new run with its config so changed: ")[1].split()
+    assert suggested == ["torchpeer", "train", run, "--run-dir", "NEW_FOLDER", "--model.d_model", "64"]
+    assert main(["info", run, "--toml", *suggested[5:]]) == 0
+    assert "d_model = 64" in capsys.readouterr().out
     # starting over in a folder that has checkpoints, without --resume, is refused too
     assert main(["train", cfg, "--run-dir", run]) == 2
     assert "--resume" in capsys.readouterr().err

@@ -111,7 +111,8 @@ def session_note(start: int | None, steps: int) -> str:
             f" (the whole run; it had already reached its end at step {start}, so this resume trained "
             "nothing; raise train.max_steps, max_tokens or max_flops to train longer)"
         )
-    return f" (the whole run; steps {start + 1}-{steps} in this session)"
+    done = f"step {steps}" if steps == start + 1 else f"steps {start + 1}-{steps}"
+    return f" (the whole run; {done} in this session)"
 
 
 def _as_flag(value) -> str:

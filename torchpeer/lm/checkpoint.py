@@ -259,16 +259,25 @@ def check_same_model(saved: RunConfig, cfg: RunConfig, ckpt: str) -> None:
     da, db = _flat(dataclasses.asdict(saved.model), "model"), _flat(dataclasses.asdict(cfg.model), "model")
     if cfg.model.vocab_size is None:
         db["model.vocab_size"] = da["model.vocab_size"]
-    diffs = [
-        f"{k}: checkpoint {da.get(k)!r}, now {db.get(k)!r}" for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)
-    ]
+    changed = [(k, da.get(k), db.get(k)) for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)]
     if saved.data.tokenizer != cfg.data.tokenizer:
-        diffs.append(f"data.tokenizer: checkpoint {saved.data.tokenizer!r}, now {cfg.data.tokenizer!r}")
-    if diffs:
+        changed.append(("data.tokenizer", saved.data.tokenizer, cfg.data.tokenizer))
+    if changed:
+        diffs = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in changed)
+        flags = " ".join(f"--{k} {_as_flag(b)}" for k, _, b in changed)
+        run_dir = os.path.dirname(os.path.dirname(os.path.normpath(ckpt))) or "."
         raise ValueError(
-            f"cannot resume from {ckpt}: the model config differs from the checkpoint's ({'; '.join(diffs)}); "
-            "resume with the checkpoint's settings, or start a new run with another --run-dir"
+            f"cannot resume from {ckpt}: the model config differs from the checkpoint's ({diffs}); resume with "
+            f"the checkpoint's settings, or start a new run with its config so changed: torchpeer train {run_dir} "
+            f"--run-dir NEW_FOLDER {flags}"
         )
+
+
+def _as_flag(value) -> str:
+    """A config value as command-line override text (strings as they are, the rest as JSON)."""
+    import shlex
+
+    return shlex.quote(value) if isinstance(value, str) else shlex.quote(json.dumps(value))
 
 
 def _flat(d: dict, prefix: str) -> dict:
