@@ -65,3 +65,17 @@ def test_python_m_torchpeer_data_runs_the_same_subcommand():
         text=True,
     )
     assert res.returncode == 2 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr
+
+
+def test_an_unnamed_valid_set_is_named_after_its_source():
+    """`--valid ptb:test` was listed as "valid/valid": the name now says which set it is."""
+    parse = data_command.parse_valid_args
+    assert parse(["ptb:test", "ptb:valid"]) == {"ptb_test": "ptb:test", "ptb": "ptb:valid"}
+    assert parse(["corpus/*/valid.jsonl.xz", "other/valid.txt", "mine=x.txt"]) == {
+        "valid": "corpus/*/valid.jsonl.xz",
+        "valid2": "other/valid.txt",
+        "mine": "x.txt",
+    }
+    assert parse(["data/held out.txt"]) == {"held_out": "data/held out.txt"}
+    with pytest.raises(ValueError, match="--valid name 'mine' is given twice"):
+        parse(["mine=a.txt", "mine=b.txt"])

@@ -7,6 +7,8 @@ here and not in torchpeer.data, which the config modules themselves import.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 import time
 
@@ -40,7 +42,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--valid",
         metavar="[NAME=]SPEC",
         action="append",
-        help="a validation source; repeat for several (replaces the config's valid table)",
+        help="a validation source; repeat for several (replaces the config's valid table); without NAME= it "
+        "is named after its source (ptb:test -> ptb_test, dir/valid.txt -> valid)",
     )
     parser.add_argument("--tokenizer", metavar="SPEC", help="byte | bpe | gpt2:DIR | hf:NAME (default: byte)")
     parser.add_argument(
@@ -71,17 +74,37 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def parse_valid_args(items: list[str]) -> dict[str, str]:
-    """["name=spec", "spec", ...] -> {name: spec}; a bare spec is named valid, valid2, ..."""
+    """["name=spec", "spec", ...] -> {name: spec}; a bare spec is named after its source (ptb:test ->
+    ptb_test, corpus/*/valid.jsonl.xz -> valid; a second of the same name gets 2, 3, ...)."""
     out: dict[str, str] = {}
-    for i, item in enumerate(items):
+    for item in items:
         name, sep, spec = item.partition("=")
         if not sep or not name.strip() or any(c in name for c in "/*?,:"):
-            name, spec = ("valid" if i == 0 else f"valid{i + 1}"), item
+            name, spec = _unique(source_name(item), out), item
         name = name.strip()
         if name in out:
             raise ValueError(f"--valid name {name!r} is given twice; name them NAME=SPEC")
         out[name] = spec.strip()
     return out
+
+
+def source_name(spec: str) -> str:
+    """A short name for an eval set from its source spec: ptb:valid -> ptb (the configs' name for
+    it), ptb:test -> ptb_test, a file, folder or glob -> its last part without extensions."""
+    spec = spec.strip().split(",")[0]
+    if spec.startswith("ptb:"):
+        return "ptb" if spec == "ptb:valid" else "ptb_" + spec[4:]
+    base = os.path.basename(os.path.normpath(spec)).split(".")[0]
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", base).strip("_")
+    return name or "valid"
+
+
+def _unique(name: str, taken) -> str:
+    n, candidate = 1, name
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}{n}"
+    return candidate
 
 
 def data_config_from_args(args: argparse.Namespace):
