@@ -603,6 +603,7 @@ def test_a_saved_run_serves_as_config(capsys, tmp_path, monkeypatch):
     with open(os.path.join("again", "config.json")) as fh:
         again = json.load(fh)
     assert again["model"]["d_model"] == 24 and again["train"]["seed"] == 1 and again["train"]["max_steps"] == 3
+    assert _error(capsys, ["info", "."]) == "error: . is a folder of 2 runs, not one run: give one of ./again, ./run\n"
     (tmp_path / "other.json").write_text('{"a": 1}')
     assert _error(capsys, ["info", "other.json"]) == (
         "error: other.json is not a torchpeer run config (no model, train and data sections)\n"

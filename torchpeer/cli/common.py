@@ -18,6 +18,13 @@ def config_with_overrides(name: str, overrides):
         apply_overrides(saved, overrides)
         saved.validate()
         return saved
+    if os.path.isdir(name):  # a folder without config.json: a sweep's folder of runs, say
+        from torchpeer.lm.checkpoint import runs_below
+
+        runs = runs_below(name)
+        if runs:
+            shown = ", ".join(runs[:8]) + (f" (and {len(runs) - 8} more)" if len(runs) > 8 else "")
+            raise ValueError(f"{name} is a folder of {len(runs)} runs, not one run: give one of {shown}")
     try:
         return load_config(name, overrides)
     except FileNotFoundError as e:
