@@ -52,3 +52,16 @@ def test_a_checkpoint_without_trainer_pt_is_named_damaged_not_missing(tmp_path, 
     assert main(["train", "--run-dir", run, "--train.max_steps", "2"]) == 2  # not a new run over them
     assert "already holds checkpoints (latest: step_00000004); pass --resume" in capsys.readouterr().err
     assert sorted(os.listdir(ckpts)) == ["step_00000002", "step_00000004"]
+
+
+def test_pruning_keeps_a_checkpoint_stripped_by_hand(tmp_path):
+    """Only checkpoints as written are pruned (keep the newest K); one whose trainer.pt was removed by
+    hand, to keep its weights, stays as it was before checksums.json made it visible."""
+    cfg = RunConfig()
+    cfg.model, cfg.train.max_steps = tiny("dense"), 9
+    run = str(tmp_path / "run")
+    model = TransformerLM(cfg.model)
+    os.remove(os.path.join(save_checkpoint(run, 1, model, {}, cfg, keep=2), "trainer.pt"))
+    for step in (2, 3, 4):
+        save_checkpoint(run, step, model, {}, cfg, keep=2)
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["step_00000001", "step_00000003", "step_00000004"]

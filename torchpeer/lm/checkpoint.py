@@ -233,7 +233,9 @@ def publish_checkpoint(tmp: str, final: str, run_dir: str, keep: int) -> str:
     else:
         os.replace(tmp, final)
     _fsync_dir(os.path.dirname(final))  # the rename itself reaches the disk
-    for stale in list_checkpoints(run_dir)[:-keep]:
+    # the keep newest stay; a folder without trainer.pt (stripped by hand, kept for its weights) is not pruned
+    written = [p for p in list_checkpoints(run_dir) if os.path.isfile(os.path.join(p, "trainer.pt"))]
+    for stale in written[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
 
