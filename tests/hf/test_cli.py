@@ -10,7 +10,9 @@ from torchpeer.cli import main
 def test_export_hf_command(make_run, tmp_path, capsys):
     out = str(tmp_path / "exported")
     assert main(["export-hf", make_run("peer"), out]) == 0
-    assert "exported" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "exported" in captured.out
+    assert captured.err == ""  # no transformers progress bar ("Writing model shards: 100%") among its lines
     assert os.path.isfile(os.path.join(out, "modeling_torchpeer.py"))
     assert main(["export-hf", make_run("peer"), out]) == 2  # exists, no --overwrite
     err = capsys.readouterr().err.strip().splitlines()

@@ -44,7 +44,15 @@ def _write_model(directory: str, model, cfg, eot_id: int) -> None:
     config.architectures = ["TorchpeerForCausalLM"]
     hf = TorchpeerForCausalLM(config, model=model)
     hf.generation_config = GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
-    hf.save_pretrained(directory)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards: 100%" bar among export-hf's own lines
+    try:
+        hf.save_pretrained(directory)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     here = os.path.dirname(os.path.abspath(__file__))
     for name in REMOTE_FILES:
         shutil.copyfile(os.path.join(here, name), os.path.join(directory, name))
