@@ -677,3 +677,23 @@ def test_the_session_note_of_a_resume():
     assert session_note(12, 13) == " (the whole run; step 13 in this session)"
     assert session_note(10, 20) == " (the whole run; steps 11-20 in this session)"
     assert session_note(5, 5).startswith(" (the whole run; it had already reached its end at step 5, so this resume")
+
+
+def test_python_m_torchpeer_and_the_sweep_and_report_help():
+    """`python -m torchpeer` is the command line; `sweep --help` names every shipped spec (from the
+    spec folder, so a new spec cannot be left out) and `report --help` gives examples."""
+    import subprocess
+    import sys
+
+    from torchpeer.experiments.spec import list_specs
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "torchpeer", *args], capture_output=True, text=True)
+
+    res = run("sweep", "--help")
+    assert res.returncode == 0, res.stderr
+    named = res.stdout.split("SPEC is a shipped spec name (", 1)[1].split(")", 1)[0]
+    assert named.split(", ") == list_specs() and {"lr-check", "speed-settings"} <= set(list_specs())
+    res = run("report", "--help")
+    assert res.returncode == 0 and "examples:" in res.stdout and "--with-runs" in res.stdout
+    assert run("no-such-command").returncode == 2

@@ -13,41 +13,29 @@ See docs/experiments.md.
 
 from __future__ import annotations
 
-import importlib
+from torchpeer.lazy import lazy_exports
 
-# Public name -> defining module. Loaded on first use, so that ``torchpeer --help`` (which imports
-# the light sweep_command / report_command modules of this package) does not load numpy or torch.
+# Public name -> defining module, loaded on first use (torchpeer/lazy.py), so that ``torchpeer --help``
+# (which imports the light sweep_command / report_command modules of this package) loads no numpy or torch.
 _EXPORTS = {
-    "IsoFLOPFit": "fit",
-    "fit_isoflop": "fit",
-    "isoflop_fits": "fit",
-    "PlannedRun": "plan",
-    "budget_label": "plan",
-    "plan_sweep": "plan",
-    "select_runs": "plan",
-    "write_report": "report",
-    "append_result": "results",
-    "read_results": "results",
-    "format_plan": "runner",
-    "run_sweep": "runner",
-    "SweepSpec": "spec",
-    "Variant": "spec",
-    "list_specs": "spec",
-    "load_spec": "spec",
-    "parse_spec": "spec",
+    "IsoFLOPFit": "torchpeer.experiments.fit",
+    "fit_isoflop": "torchpeer.experiments.fit",
+    "isoflop_fits": "torchpeer.experiments.fit",
+    "PlannedRun": "torchpeer.experiments.plan",
+    "budget_label": "torchpeer.experiments.plan",
+    "plan_sweep": "torchpeer.experiments.plan",
+    "select_runs": "torchpeer.experiments.plan",
+    "write_report": "torchpeer.experiments.report",
+    "append_result": "torchpeer.experiments.results",
+    "read_results": "torchpeer.experiments.results",
+    "format_plan": "torchpeer.experiments.runner",
+    "run_sweep": "torchpeer.experiments.runner",
+    "SweepSpec": "torchpeer.experiments.spec",
+    "Variant": "torchpeer.experiments.spec",
+    "list_specs": "torchpeer.experiments.spec",
+    "load_spec": "torchpeer.experiments.spec",
+    "parse_spec": "torchpeer.experiments.spec",
 }
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'torchpeer.experiments' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"torchpeer.experiments.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_EXPORTS))
 
 
 __all__ = [
@@ -69,3 +57,5 @@ __all__ = [
     "select_runs",
     "write_report",
 ]
+
+lazy_exports(__name__)

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+EPILOG = """\
+examples:
+  torchpeer report runs/cpu-smoke                      # runs/cpu-smoke/report/report.md, PNGs, rows.csv
+  torchpeer report runs/isoflop --out experiments/results/DATE-isoflop --with-runs   # a folder to commit
+  torchpeer report experiments/results/2026-12-04-isoflop --out /tmp/again     # a committed folder again
+"""
+
 
 def add_parser(subparsers):
+    import argparse
+
     p = subparsers.add_parser(
         "report",
         help="markdown tables and PNG figures of a sweep's results.jsonl",
-        description="Write RUNS_DIR/report/report.md (runs, isoFLOP fits, per-eval-set perplexities, "
-        "ablations), its PNG figures (isoFLOP curves, ablations, training curves) and rows.csv (every run on "
-        "every eval set, a row each: loss, ppl, usage, KL, FLOPs, tokens/s).",
+        description="Write RUNS_DIR/report/report.md (runs, isoFLOP fits, per-eval-set perplexities,\n"
+        "ablations), its PNG figures (isoFLOP curves, ablations, training curves) and rows.csv\n"
+        "(every run on every eval set, a row each: loss, ppl, usage, KL, FLOPs, tokens/s).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("runs_dir", help="a sweep's runs folder (holds results.jsonl)")
     p.add_argument("--out", default=None, help="output folder (default: RUNS_DIR/report)")

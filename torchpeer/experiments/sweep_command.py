@@ -4,7 +4,7 @@ work is imported when the command runs, so registering it costs nothing)."""
 from __future__ import annotations
 
 EPILOG = """\
-SPEC is a shipped spec name (isoflop, ablate-experts, ablate-active, beyond-paper, cpu-smoke) or a TOML path;
+SPEC is a shipped spec name ({specs}) or a TOML path;
 see docs/experiments.md for the format. The sweep is resumable: run the same command again and
 finished runs are skipped, an interrupted one resumes from its latest checkpoint.
 
@@ -19,12 +19,14 @@ examples:
 def add_parser(subparsers):
     import argparse
 
+    from torchpeer.experiments.spec import list_specs  # the spec folder's names; no torch
+
     p = subparsers.add_parser(
         "sweep",
         help="plan and run a sweep of training runs (isoFLOP, ablations)",
         description="Train every (variant, budget) run of a sweep spec, resumably; one line per run in "
         "RUNS_DIR/results.jsonl.",
-        epilog=EPILOG,
+        epilog=EPILOG.format(specs=", ".join(list_specs())),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("spec", help="shipped spec name or path to a spec TOML")
