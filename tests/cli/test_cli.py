@@ -559,22 +559,22 @@ def test_a_misspelt_command_names_the_closest_one(capsys, word, hint):
     assert err.count("\n") == 1
 
 
-def test_none_for_an_eval_set_says_how_to_drop_it(capsys, tmp_path, monkeypatch):
-    """`--data.valid.ptb none` (meaning: not that set) names the override that keeps only the others,
-    instead of "source 'none' does not exist"; nothing is tokenised or written."""
+def test_none_for_an_eval_set_removes_it(capsys, tmp_path, monkeypatch):
+    """`--data.valid.ptb none` removes that eval set (the others stay); naming a set that is not
+    there is one error line that lists the sets, before anything is tokenised or written."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "t.txt").write_text("some text for a tiny run\n" * 40)
     cfg = _toml(tmp_path, 'train = "t.txt"\nvalid = {ptb = "ptb:valid"}')
     run = str(tmp_path / "run")
-    err = _error(capsys, ["train", cfg, "--run-dir", run, "--data.valid.mine", "t.txt", "--data.valid.ptb", "none"])
-    assert err == (
-        "error: data.valid.ptb: 'none' is not a source and does not remove an eval set; to evaluate only some "
-        """sets, give the valid table as one JSON object, e.g. --data.valid '{"mine": "t.txt"}'\n"""
-    )
+    err = _error(capsys, ["train", cfg, "--run-dir", run, "--data.valid.mine", "t.txt", "--data.valid.ptv", "none"])
+    assert err == "error: --data.valid.ptv none: there is no eval set 'ptv' to remove (eval sets: ptb, mine)\n"
     assert not os.path.exists(tmp_path / "cache") and not os.path.exists(run)
-    argv = ["train", cfg, "--run-dir", run, "--data.valid", '{"mine": "t.txt"}', "--no-progress"]
-    assert main(argv) == 0  # the suggested override works
-    assert "mine" in capsys.readouterr().out
+    argv = ["train", cfg, "--run-dir", run, "--data.valid.mine", "t.txt", "--data.valid.ptb", "none", "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "mine" in out and "(ptb)" not in out
+    with open(os.path.join(run, "config.json")) as fh:
+        assert json.load(fh)["data"]["valid"] == {"mine": "t.txt"}
 
 
 def test_a_saved_run_serves_as_config(capsys, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ config overrides: any field as --SECTION.FIELD VALUE (or =VALUE), typed from the
   --model.d_model 512 --model.ffw dense --model.placement 3,7 --model.peer.n_experts 65536
   --train.max_steps 100 --train.max_flops 1e15 --train.device cpu
   --data.train 'corpus/*/train.jsonl.xz' --data.valid.mine path/valid.txt   (adds an eval set)
-  --data.valid '{"mine": "path/valid.txt"}'   (the eval sets: only these)
+  --data.valid.ptb none   (removes an eval set)   --data.valid '{"mine": "path/valid.txt"}'   (only these)
   ('none' clears an optional field, e.g. --train.max_steps none --train.max_tokens 2e7)
   every field and its value: torchpeer info CONFIG --toml (the same overrides apply)
 

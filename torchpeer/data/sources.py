@@ -16,7 +16,6 @@ import io
 import json
 import lzma
 import os
-import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -125,22 +124,9 @@ def check_sources(named: dict[str, str]) -> None:
         try:
             resolve_source(spec)
         except FileNotFoundError as e:
-            if name.startswith("data.valid.") and spec.strip().lower() == "none":
-                raise ValueError(_drop_valid_set_hint(name, named)) from None
             raise FileNotFoundError(f"{name}: {e}") from None
         except (ValueError, TypeError) as e:
             raise type(e)(f"{name}: {e}") from None
-
-
-def _drop_valid_set_hint(name: str, named: dict[str, str]) -> str:
-    """``--data.valid.ptb none`` (meant: no ptb eval set) names the override that drops it: the
-    valid table as one JSON object of the sets to keep."""
-    keep = {k[len("data.valid.") :]: v for k, v in named.items() if k.startswith("data.valid.") and k != name}
-    example = shlex.quote(json.dumps(keep or {"mine": "valid.txt"}))
-    return (
-        f"{name}: 'none' is not a source and does not remove an eval set; to evaluate only some sets, give "
-        f"the valid table as one JSON object, e.g. --data.valid {example}"
-    )
 
 
 def _relative_to_cwd(path: str) -> str:

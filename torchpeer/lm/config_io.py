@@ -9,7 +9,8 @@ Overrides use dotted field names and take their type from the dataclass field::
     --model.d_model 512  --train.max_steps=100  --model.placement 3,7  --data.valid.ptb ptb:test
     --model.peer.top_k 8   (any registered FFW kind's section)
 
-``none`` sets an optional field to None; ``--data.valid.NAME SPEC`` adds/replaces one eval set.
+``none`` sets an optional field to None; ``--data.valid.NAME SPEC`` adds/replaces one eval set and
+``--data.valid.NAME none`` removes it.
 ``split_overrides(argv)`` pulls them out of a command line; ``apply_overrides(cfg, pairs)`` sets them.
 """
 
@@ -158,8 +159,15 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | list[tuple[str, str]]
             if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
                 raise ValueError(f"unknown config field {key!r}; {_suggest(cfg, key, parts[: i + 1])}")
             obj = getattr(obj, part)
-        if obj is None:  # --data.valid.NAME SPEC
-            cfg.data.valid = {**cfg.data.valid, parts[-1]: text}
+        if obj is None:  # --data.valid.NAME SPEC adds or replaces that eval set; SPEC none removes it
+            name = parts[-1]
+            if text.strip().lower() in ("none", "null"):
+                if name not in cfg.data.valid:
+                    sets = ", ".join(cfg.data.valid) or "none"
+                    raise ValueError(f"--{key} none: there is no eval set {name!r} to remove (eval sets: {sets})")
+                cfg.data.valid = {k: v for k, v in cfg.data.valid.items() if k != name}
+            else:
+                cfg.data.valid = {**cfg.data.valid, name: text}
             continue
         last = parts[-1]
         if not dataclasses.is_dataclass(obj) or last not in {f.name for f in dataclasses.fields(obj)}:
