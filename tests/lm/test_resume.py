@@ -218,3 +218,34 @@ def test_a_signal_while_the_run_is_built_stops_at_once(tmp_path, capsys, monkeyp
     err = capsys.readouterr().err
     assert err == "interrupted by SIGTERM at step 0, before the first step: nothing to resume from\n"
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers are put back
+
+
+def test_a_signal_during_the_final_evaluation_stops_at_once_and_resume_evaluates(tmp_path, capsys, monkeypatch):
+    """SIGINT while the final full evaluation runs (minutes on a large valid set) stops it at once,
+    exit 130, no summary.json; the final checkpoint is there, and the resume command evaluates and
+    finishes the run (before: the first Ctrl-C was ignored until the evaluation ended, exit 0)."""
+    from torchpeer.lm.trainer import Trainer
+
+    evaluate = Trainer.evaluate
+
+    def signalled(self, batches):
+        if batches is None:  # the final, full evaluation
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(30)  # the handler raises in here
+            raise AssertionError("the signal did not stop the final evaluation")
+        return evaluate(self, batches)
+
+    write_corpus(tmp_path)
+    cfg = write_config(tmp_path)
+    run = str(tmp_path / "run")
+    monkeypatch.setattr(Trainer, "evaluate", signalled)
+    t0 = time.time()
+    assert main(["train", cfg, "--run-dir", run]) == 130
+    assert time.time() - t0 < 25 and not os.path.exists(os.path.join(run, "summary.json"))
+    err = capsys.readouterr().err
+    assert "interrupted by SIGINT" in err and "--resume" in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    assert main(["train", cfg, "--run-dir", run, "--resume"]) == 0
+    with open(os.path.join(run, "summary.json")) as fh:
+        assert json.load(fh)["valid"]

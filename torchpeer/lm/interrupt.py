@@ -4,8 +4,9 @@ While ``Trainer.fit`` runs, the first SIGINT (Ctrl-C) or SIGTERM only sets a fla
 it after each step, writes a checkpoint of that step (when checkpoints are on) and raises
 TrainingInterrupted, which the CLI turns into "resume with: ..." and exit status 128 + signal
 (130 / 143). A second signal stops at once (KeyboardInterrupt). While the run is still being built
-(tokenizer training, tokenising) a signal stops at once with TrainingInterrupted (there is nothing
-new to checkpoint; a resumed run's existing checkpoint is named for the resume command).
+(tokenizer training, tokenising) or in its final evaluation (after the final checkpoint) a signal
+stops at once with TrainingInterrupted (there is nothing new to checkpoint; the latest checkpoint is
+named for the resume command, which evaluates again).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class StopOnSignals:
     def _handle(self, signum, frame) -> None:
         if self.trainer.signal_received is not None:
             raise KeyboardInterrupt
-        if not self.trainer.in_loop:  # still building (tokenizer, token files): nothing new to save, stop now
+        if not self.trainer.in_loop:  # building, or the final evaluation: nothing new to save, stop now
             from torchpeer.lm.checkpoint import latest_checkpoint
 
             raise TrainingInterrupted(signum, self.trainer.step, latest_checkpoint(self.trainer.run_dir))

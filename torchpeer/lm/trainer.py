@@ -400,6 +400,9 @@ class Trainer:
         path = self.save_checkpoint()
         if self.signal_received is not None:  # interrupted during the last step: evaluate when resumed
             raise TrainingInterrupted(self.signal_received, self.step, path)
+        # A signal during the final evaluation (minutes on a large valid set) stops at once, as during
+        # the build: the final checkpoint is written, and a resume evaluates again
+        self.in_loop = False
         results = self.evaluate(None) if self.valid_files else {}  # full validation splits at the end
         summary = {
             "name": self.cfg.name,
