@@ -228,12 +228,12 @@ def test_a_signal_during_the_final_evaluation_stops_at_once_and_resume_evaluates
 
     evaluate = Trainer.evaluate
 
-    def signalled(self, batches):
+    def signalled(self, batches, progress=False):
         if batches is None:  # the final, full evaluation
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(30)  # the handler raises in here
             raise AssertionError("the signal did not stop the final evaluation")
-        return evaluate(self, batches)
+        return evaluate(self, batches, progress)
 
     write_corpus(tmp_path)
     cfg = write_config(tmp_path)

@@ -228,15 +228,19 @@ class Trainer:
         self._n_loss += 1
         return {"loss": step_loss, "grad_norm": grad_norm}
 
-    def evaluate(self, max_batches: int | None) -> dict:
-        """{valid set name: evaluate() results} of the current weights (the first max_batches of each)."""
+    def evaluate(self, max_batches: int | None, progress: bool = False) -> dict:
+        """{valid set name: evaluate() results} of the current weights (the first max_batches of each);
+        ``progress``: a bar per set (rank 0, when the run shows progress), e.g. for the final full pass."""
         from torchpeer.lm.evaluate import evaluate
 
         t = self.cfg.train
         bs = t.eval_batch_size or t.batch_size
         seq_len, dev, dtype = self.cfg.model.seq_len, self.device, self.amp_dtype
+        show = progress and self.progress and self.plan.is_rank0
         return {
-            name: evaluate(self.model, tf, bs, seq_len, max_batches, dev, dtype, plan=self.plan)
+            name: evaluate(
+                self.model, tf, bs, seq_len, max_batches, dev, dtype, plan=self.plan, progress=name if show else None
+            )
             for name, tf in self.valid_files.items()
         }
 
@@ -403,7 +407,7 @@ class Trainer:
         # A signal during the final evaluation (minutes on a large valid set) stops at once, as during
         # the build: the final checkpoint is written, and a resume evaluates again
         self.in_loop = False
-        results = self.evaluate(None) if self.valid_files else {}  # full validation splits at the end
+        results = self.evaluate(None, progress=True) if self.valid_files else {}  # the full valid splits
         summary = {
             "name": self.cfg.name,
             "steps": self.step,
