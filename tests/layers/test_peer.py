@@ -177,6 +177,27 @@ def test_wrong_input_dimension():
         m([1.0] * 8)
 
 
+def test_input_dtype_other_than_the_parameters_is_one_clear_error():
+    """bf16 input to an fp32 layer (no autocast) or integer input: one TypeError naming both dtypes
+    and the fixes, not matmul's error from inside torch; under autocast, or once the layer is cast,
+    the same input runs."""
+    from torchpeer import PKM
+
+    m = PEER(8, n_experts=64, heads=2, top_k=4, d_key=8)
+    x = torch.randn(3, 8)
+    wrong = r"PEER: the input is torch.bfloat16 but the layer's parameters are torch.float32"
+    with pytest.raises(TypeError, match=wrong):
+        m(x.bfloat16())
+    with pytest.raises(TypeError, match="floating-point input"):
+        m(torch.ones(3, 8, dtype=torch.long))
+    with pytest.raises(TypeError, match="PKM: the input is torch.float64"):
+        PKM(8, n_keys=8, heads=2, top_k=4, d_key=8)(x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(x.bfloat16()).shape == (3, 8)
+    y64 = m.double()(x.double())
+    assert y64.dtype == torch.float64 and torch.isfinite(y64).all()
+
+
 def test_triton_backend_without_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     m = PEER(8, n_experts=64, heads=2, top_k=4, d_key=8, backend="triton")

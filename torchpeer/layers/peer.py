@@ -292,7 +292,7 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
         x: (..., d_model) -> scores (..., heads, top_k) float32 and indices (..., heads, top_k)
         int64 in [0, n_experts), sorted by descending score.
         """
-        check_input(x, self.d_model, "PEER")
+        check_input(x, self.d_model, "PEER", self.router.query_proj.weight.dtype)
         lead = x.shape[:-1]
         _, scores, indices = self.router(x.reshape(-1, self.d_model))
         return scores.view(*lead, self.heads, self.top_k), indices.view(*lead, self.heads, self.top_k)
@@ -302,7 +302,7 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
         return scores.softmax(dim=-1) if self.gate == "softmax" else torch.sigmoid(scores)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.d_model, "PEER")
+        check_input(x, self.d_model, "PEER", self.router.query_proj.weight.dtype)
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.d_model)
         if self._keys_pending and self.training:  # key_init "queries": once, on the first training batch

@@ -111,14 +111,14 @@ class PKM(RoutedLayer, UsageTrackingMixin, nn.Module):
         """x: (..., d_model) -> (scores, indices), each (..., heads, top_k), best first: the memories
         ``forward`` reads. scores are float32 (float64 for float64 inputs) and differentiable;
         indices int64 in [0, N)."""
-        check_input(x, self.d_model, "PKM")
+        check_input(x, self.d_model, "PKM", self.router.query_proj.weight.dtype)
         lead = x.shape[:-1]
         _, scores, indices = self.router(x.reshape(-1, self.d_model))
         return scores.view(*lead, self.heads, self.top_k), indices.view(*lead, self.heads, self.top_k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_model) -> (..., d_model)."""
-        check_input(x, self.d_model, "PKM")
+        check_input(x, self.d_model, "PKM", self.router.query_proj.weight.dtype)
         lead = x.shape[:-1]
         q, scores, indices = self.router(x.reshape(-1, self.d_model))  # (T, H, k) each
         T, hk = scores.shape[0], self.heads * self.top_k

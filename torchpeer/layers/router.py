@@ -140,7 +140,7 @@ class ProductKeyRouter(nn.Module):
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised queries. x: (..., d_model) -> (..., heads, d_key)."""
-        check_input(x, self.d_model, type(self).__name__)
+        check_input(x, self.d_model, type(self).__name__, self.query_proj.weight.dtype)
         lead = x.shape[:-1]
         q = self.query_proj(x.reshape(-1, self.d_model)).view(-1, self.heads, self.d_key)  # (T, H, d_key)
         return self.norm(q).view(*lead, self.heads, self.d_key)

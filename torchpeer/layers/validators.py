@@ -36,13 +36,23 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"unknown {name} {value!r}; use one of {tuple(choices)}")
 
 
-def check_input(x, d_model: int, layer: str = "FFW") -> None:
-    """Raise the shared errors of every FFW module for a non-tensor or a wrong input width."""
+def check_input(x, d_model: int, layer: str = "FFW", weight_dtype: torch.dtype | None = None) -> None:
+    """Raise the shared errors of every FFW module for a non-tensor, a wrong input width, or (given
+    ``weight_dtype``, the dtype of the layer's first matmul weight) an input dtype that matmul would
+    refuse deep inside torch: another dtype than the weight's with autocast off."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{layer} expects a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1 or x.shape[-1] != d_model:
         got = x.shape[-1] if x.dim() else "a scalar"
         raise ValueError(f"expected input last dimension d_model={d_model}, got {got}")
+    if weight_dtype is not None and x.dtype != weight_dtype:
+        if not x.is_floating_point():
+            raise TypeError(f"{layer} expects floating-point input (e.g. embeddings), got {x.dtype}")
+        if not (x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type)):
+            raise TypeError(
+                f"{layer}: the input is {x.dtype} but the layer's parameters are {weight_dtype}; cast one to "
+                f"the other (layer.to({x.dtype}) or x.to({weight_dtype})) or run the layer under torch.autocast"
+            )
 
 
 def check_last_dim(x: torch.Tensor, d_model: int) -> None:
