@@ -172,3 +172,19 @@ def test_missing_matplotlib_says_how_to_install(runs, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "pip install matplotlib" in proc.stderr and "[viz]" in proc.stderr
     assert not out.exists()
+
+
+def test_a_folder_of_runs_names_them_and_the_report(tmp_path, capsys):
+    """`torchpeer plot SWEEP_DIR` (runs below it, each with metrics.jsonl): one line naming the runs
+    to give, and `torchpeer report` when it is a sweep's folder; not 'has no metrics.jsonl'."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")
+    status, _, err = plot_cli([str(tmp_path)], capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert "is a folder of 2 runs, not one run: give the runs to draw together" in err
+    assert f"e.g. torchpeer plot {tmp_path / 'a'} {tmp_path / 'b'}" in err
+    assert "torchpeer report" not in err
+    (tmp_path / "results.jsonl").write_text("")
+    status, _, err = plot_cli([str(tmp_path)], capsys)
+    assert status == 2 and err.rstrip().endswith(f"a sweep's figures: torchpeer report {tmp_path}")

@@ -87,12 +87,34 @@ def metrics_path(run_dir: str) -> str:
     if not os.path.isdir(run_dir):
         raise NotADirectoryError(f"{run_dir} is not a run dir (give the folder that holds metrics.jsonl)")
     path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path) and (runs := _logged_runs_below(run_dir)):  # a sweep's runs folder, say
+        shown = " ".join(runs[:3]) + (" ..." if len(runs) > 3 else "")
+        sweep = os.path.isfile(os.path.join(run_dir, "results.jsonl"))
+        also = f"; a sweep's figures: torchpeer report {run_dir}" if sweep else ""
+        raise FileNotFoundError(
+            f"{run_dir} is a folder of {len(runs)} runs, not one run: give the runs to draw together, "
+            f"e.g. torchpeer plot {shown}{also}"
+        )
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{run_dir} has no metrics.jsonl: not a torchpeer run dir, or its training has not logged yet "
             "(torchpeer train writes RUN_DIR/metrics.jsonl)"
         )
     return path
+
+
+def _logged_runs_below(folder: str, depth: int = 2) -> list[str]:
+    """Folders with a metrics.jsonl under ``folder``, up to ``depth`` levels down, sorted."""
+    out = []
+    for name in sorted(os.listdir(folder)):
+        sub = os.path.join(folder, name)
+        if name.startswith(".") or not os.path.isdir(sub):
+            continue
+        if os.path.isfile(os.path.join(sub, "metrics.jsonl")):
+            out.append(sub)
+        elif depth > 1:
+            out += _logged_runs_below(sub, depth - 1)
+    return out
 
 
 def read_metrics(run_dir: str, name: str | None = None) -> RunMetrics:
