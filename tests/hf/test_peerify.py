@@ -171,9 +171,20 @@ def test_bad_blocks_and_settings():
     with pytest.raises(ValueError, match="perfect square"):
         peerify(model, blocks=[0], n_experts=60)
     assert not getattr(model.config, "peer", None)  # nothing changed by the failed calls
+    with pytest.raises(TypeError, match='"middle" or "all"'):
+        peerify(model, blocks="last", **PEER_KW)
     peerify(model, blocks=0, **PEER_KW)
     with pytest.raises(ValueError, match="already peerified"):
         peerify(model, blocks=[1], **PEER_KW)
+
+
+@pytest.mark.parametrize("blocks, expected", [("middle", [1]), ("all", [0, 1])])
+def test_blocks_by_placement_name(blocks, expected):
+    """blocks="middle" / "all" as the LM configs' placement: block n // 2 (the paper's) or every block."""
+    model = peerify(tiny_model("gpt2"), blocks=blocks, **PEER_KW)
+    assert model.config.peer["blocks"] == expected
+    _, _, layers = decoder_blocks(model)
+    assert [i for i, b in enumerate(layers) if isinstance(b.mlp, PEER)] == expected
 
 
 def test_without_transformers_one_import_error(monkeypatch, tmp_path):

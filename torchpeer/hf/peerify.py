@@ -82,10 +82,16 @@ def _peer_settings(peer_kwargs: dict) -> dict:
 
 
 def _check_blocks(blocks, n: int, family: str) -> list[int]:
+    """``blocks`` as sorted 0-based indices: an index, a list of them, or the LM configs' placements
+    "middle" (block n // 2, the paper's) and "all"."""
+    if blocks == "middle":
+        blocks = [n // 2]
+    elif blocks == "all":
+        blocks = list(range(n))
     if isinstance(blocks, int) and not isinstance(blocks, bool):
         blocks = [blocks]
     if not isinstance(blocks, (list, tuple)) or not blocks:
-        raise TypeError(f"blocks must be a non-empty list of block indices, got {blocks!r}")
+        raise TypeError(f'blocks must be a non-empty list of block indices, "middle" or "all", got {blocks!r}')
     for b in blocks:
         if isinstance(b, bool) or not isinstance(b, int):
             raise TypeError(f"block indices must be ints, got {b!r}")
@@ -99,7 +105,8 @@ def _check_blocks(blocks, n: int, family: str) -> list[int]:
 
 
 def peerify(model: nn.Module, blocks, **peer_kwargs) -> nn.Module:
-    """Replace ``block.mlp`` of decoder blocks ``blocks`` (0-based) by ``torchpeer.PEER``, in place.
+    """Replace ``block.mlp`` of decoder blocks ``blocks`` (0-based indices, or "middle": block
+    n_blocks // 2 as in the paper, or "all") by ``torchpeer.PEER``, in place.
 
     peer_kwargs: PEER settings (n_experts, heads, top_k, d_key, activation, gate, query_norm,
     shared_keys, backend). The PEER layer takes the device and dtype of the MLP it replaces, and
