@@ -319,3 +319,21 @@ def _tensors(obj):
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             yield from _tensors(v)
+
+
+def test_python_train_leaves_a_foreign_config_json_alone(tmp_path):
+    """train() from Python (not only the command line) refuses a folder whose config.json is not a
+    torchpeer run's (an export-hf or transformers model folder): one ValueError, the file unchanged."""
+    from tests.lm.helpers import write_config, write_corpus
+    from torchpeer.lm import load_config
+    from torchpeer.lm import train as train_fn
+
+    write_corpus(tmp_path)
+    cfg = load_config(write_config(tmp_path))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    foreign = '{"architectures": ["GPT2LMHeadModel"], "n_embd": 768}'
+    (folder / "config.json").write_text(foreign)
+    with pytest.raises(ValueError, match="holds another config.json, not a torchpeer run's"):
+        train_fn(cfg, str(folder), progress=False)
+    assert (folder / "config.json").read_text() == foreign and sorted(os.listdir(folder)) == ["config.json"]

@@ -152,7 +152,7 @@ def run(args) -> int:
                 f"{config_arg} is {what}: to continue its run, {cont}; to start a new run with its config, "
                 "add --run-dir NEW_FOLDER"
             )
-    check_run_folder(run_dir)  # e.g. --run-dir of an export-hf folder: its config.json is not ours to replace
+    check_run_folder(run_dir)  # before config_for_resume reads the folder (the trainer checks again: Python callers)
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
     start = None  # the step a resume starts from
     if args.resume:

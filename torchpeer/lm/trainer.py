@@ -38,7 +38,7 @@ from torchpeer.lm.config import RunConfig
 from torchpeer.lm.interrupt import StopOnSignals, TrainingInterrupted
 from torchpeer.lm.metrics import MetricsLog
 from torchpeer.lm.plan import default_plan
-from torchpeer.lm.rundir import check_writable, remove_stale_partials, writing
+from torchpeer.lm.rundir import check_run_folder, check_writable, remove_stale_partials, writing
 
 # The sum of the (already weighted) aux_loss() terms of the model's submodules (trainer name kept).
 aux_loss = sum_aux_losses
@@ -100,6 +100,7 @@ class Trainer:
         """The run folder must be writable; the checkpoint to resume from: the newest intact one, after
         cleaning up partial ones (damaged newer ones are moved aside, resume.py); the config changes."""
         check_writable(self.run_dir)  # a read-only or misnamed run folder fails now, not after the tokenizer
+        check_run_folder(self.run_dir)  # e.g. an export-hf folder: its config.json is not ours to replace
         self.removed_partials = remove_stale_partials(self.run_dir) if self.plan.is_rank0 else []
         self.notes, self.config_changes = [], []
         latest = ckpt_io.latest_checkpoint(self.run_dir)
