@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .checks import ACTIVATIONS
-from .triton_kernels import _act
+from .triton_cols_kernels import _cols_rows_kernel
 
 # Launch tuning, by the shape of what each kernel gathers (as triton_op.TUNING; unmeasured on a GPU):
 # pass A gathers two rows per selection (u and x), like the token-centric forward -> its config;
@@ -86,30 +86,6 @@ def _tiled_h_kernel(
     xt = tl.load(x_rows, mask=m2, other=0.0, eviction_policy="evict_last")
     h = tl.sum(u.to(tl.float32) * xt.to(tl.float32), axis=1)  # (BLOCK_P,)
     tl.store(h_ptr + p, h, mask=qmask)
-
-
-@triton.jit
-def _tiled_y_kernel(
-    up_ptr, idx_ptr, gate_ptr, h_ptr, y_ptr,
-    S, D, stride_up, stride_y,
-    ACT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """One program per token t: y[t] = sum_s g[t,s] * act(h[t,s]) * up[idx[t,s]] (h from pass A)."""
-    t = tl.program_id(0).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for s0 in range(0, S, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        smask = offs_s < S
-        e = tl.load(idx_ptr + t * S + offs_s, mask=smask, other=0).to(tl.int64)
-        g = tl.load(gate_ptr + t * S + offs_s, mask=smask, other=0.0).to(tl.float32)
-        h = tl.load(h_ptr + t * S + offs_s, mask=smask, other=0.0)
-        m2 = smask[:, None] & dmask[None, :]
-        v = tl.load(up_ptr + e[:, None] * stride_up + offs_d[None, :], mask=m2, other=0.0)
-        w = g * _act(h, ACT)  # masked lanes: g = 0
-        acc += tl.sum(w[:, None] * v.to(tl.float32), axis=0)
-    tl.store(y_ptr + t * stride_y + offs_d, acc.to(y_ptr.dtype.element_ty), mask=dmask)
 
 
 def _new_buffer(shape, dtype, device):
@@ -194,7 +170,8 @@ def launch_y(up, indices, gates, h, y, activation):
     """Pass B: y[t] = sum_s gates[t, s] act(h[t, s]) up[indices[t, s]]."""
     (T, d), S = y.shape, indices[0].numel()
     block_d, block_s, warps = _config("y", d, S)
-    _tiled_y_kernel[(T,)](
-        up, indices, gates, h, y, S, d, up.stride(0), y.stride(0),
-        ACT=ACTIVATIONS.index(activation), BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps,
+    # the columns path's row kernel computes exactly this sum (one program per token, fp32 accumulator)
+    _cols_rows_kernel[(T,)](
+        h, gates, up, indices, y, S, d, up.stride(0), y.stride(0),
+        ACT=ACTIVATIONS.index(activation), BLOCK_S=block_s, BLOCK_C=block_d, num_warps=warps,
     )  # fmt: skip
