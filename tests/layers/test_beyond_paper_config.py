@@ -48,6 +48,9 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
     for r in runs:
         by_seed.setdefault(r.cfg.train.seed, {})[r.variant.split("-", 1)[1]] = r
     assert sorted(by_seed) == [0, 1] and by_seed[0].keys() == by_seed[1].keys()
+    for r in runs:  # one evaluation after 30M tokens (the usage / KL criterion) besides the final one
+        t = r.cfg.train
+        assert t.eval_interval * t.batch_size * t.grad_accum * r.cfg.model.seq_len == pytest.approx(30e6, rel=1e-3)
     for seed, designs in by_seed.items():
         dense = designs["dense"]
         assert dense.tokens >= 60_000_000
