@@ -1,8 +1,15 @@
-"""Compile this session's new Triton kernels ahead of time for sm_90 (H100/H200) without a GPU, so a
-kernel that the interpreter accepts but the real compiler rejects is caught on the CPU. Run as a
-script with TRITON_INTERPRET unset (tests/ops/test_sm90_aot.py does); prints one line per kernel."""
+"""Compile Triton kernels ahead of time for sm_90 (H100/H200) without a GPU, so a kernel that the
+interpreter accepts but the real compiler rejects is caught on the CPU.
+
+- ``aot(fn, types, consts, num_warps)``: compile one kernel (returns the compiled kernel: ``.asm["ptx"]``).
+- ``run_without_interpreter(*python_args)``: run a script or ``-c`` code with TRITON_INTERPRET unset and
+  the repo importable (the real compiler), from a test: skips when this triton has no NVIDIA backend,
+  asserts success, returns stdout. Kernel tests' scripts use ``from tests.ops.sm90_aot import aot``.
+- As a script (tests/ops/test_sm90_aot.py runs it): this session's new kernels, one line each.
+"""
 
 import os
+import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -13,12 +20,31 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 
-def aot(fn, types: dict, consts: dict, num_warps: int = 4) -> None:
-    """types: {arg: triton type} (others i32); consts: {constexpr arg: value}."""
+def aot(fn, types: dict, consts: dict, num_warps: int = 4, say: bool = True):
+    """types: {arg: triton type} (others i32); consts: {constexpr arg: value}. ``say``: print an "ok"
+    line. Returns the compiled kernel."""
     sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()})
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    print(f"ok {fn.__name__} {types.get('x_ptr') or types.get('q_ptr')} {consts}", flush=True)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    if say:
+        print(f"ok {fn.__name__} {types.get('x_ptr') or types.get('q_ptr')} {consts}", flush=True)
+    return compiled
+
+
+def run_without_interpreter(*python_args: str, timeout: float = 300) -> str:
+    """stdout of ``python *python_args`` run with TRITON_INTERPRET unset and the repo on PYTHONPATH;
+    pytest.skip when this triton build has no NVIDIA backend; asserts exit status 0."""
+    import pytest
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
+    except Exception as e:  # a triton build without the NVIDIA backend
+        pytest.skip(f"no NVIDIA backend in this triton: {e}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+    out = subprocess.run([sys.executable, *python_args], capture_output=True, text=True, env=env, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
 
 
 def main() -> None:

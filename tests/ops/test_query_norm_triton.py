@@ -245,20 +245,15 @@ def test_many_programs_update_the_statistics_once():
 
 
 AOT_SCRIPT = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from tests.ops.sm90_aot import aot
 from torchpeer.ops.query_norm import triton_kernels as qn
 
-fn = qn._fwd_update_kernel
 for xdt in ("bf16", "fp32"):
     types = {"x_ptr": "*" + xdt, "y_ptr": "*" + xdt, "n_ptr": "*i64", "sync_ptr": "*i32"}
     types.update(eps="fp32", momentum="fp32")
     types.update({a + "_ptr": "*fp32" for a in ("w", "b", "rm", "rv", "aux")})
     consts = {"P_PAD": 64, "BLOCK_T": 64, "BLOCK_F": 64}
-    sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    ptx = aot(qn._fwd_update_kernel, types, consts, say=False).asm["ptx"]
     print("ok", xdt, ptx.count("atom.global.gpu.acq_rel.add"))
 """
 
@@ -267,16 +262,7 @@ def test_fused_update_kernel_compiles_for_sm90():
     """The in-kernel update compiles for sm_90 without a GPU (tests/ops/sm90_aot.py covers the other
     kernels), with its two arrivals as acq_rel atomics at GPU scope (the ordering the last-program
     pattern relies on)."""
-    import subprocess
-    import sys
+    from tests.ops.sm90_aot import run_without_interpreter
 
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
-    except Exception as e:  # a triton build without the NVIDIA backend
-        pytest.skip(f"no NVIDIA backend in this triton: {e}")
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
-    out = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["ok", "bf16", "2", "ok", "fp32", "2"], out.stdout
+    out = run_without_interpreter("-c", AOT_SCRIPT)
+    assert out.split() == ["ok", "bf16", "2", "ok", "fp32", "2"], out

@@ -5,8 +5,6 @@ ops (floor_divide, remainder, stack) in the backward, and an ahead-of-time sm_90
 kernels. TRITON_INTERPRET=1 without a GPU."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,18 +15,11 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from tests.ops.op_recorder import OpRecorder  # noqa: E402
+from tests.ops.retrieval_inputs import DEVICE, retrieval_inputs  # noqa: E402
+from tests.ops.sm90_aot import run_without_interpreter  # noqa: E402
 from torchpeer.ops import RetrievalKernelConfig, product_key_topk_reference  # noqa: E402
 from torchpeer.ops.retrieval.triton_backward import backward  # noqa: E402
 from torchpeer.ops.retrieval.triton_op import forward  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _inputs(T, H, S, n, d_key, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(T, H, d_key, generator=g).to(DEVICE, dtype)
-    keys = torch.randn(S, 2, n, d_key // 2, generator=g).to(DEVICE, dtype)
-    return q, keys
 
 
 @pytest.mark.parametrize("impl", ["triton", "hybrid", "sorted"])
@@ -41,7 +32,7 @@ def _inputs(T, H, S, n, d_key, dtype, seed=0):
     ],
 )
 def test_backward_matches_float64(impl, T, H, S, n, d_key, top_k, dtype):
-    q, keys = _inputs(T, H, S, n, d_key, dtype)
+    q, keys = retrieval_inputs(T, H, S, n, d_key, dtype)
     _, idx = forward(q, keys, top_k, RetrievalKernelConfig(forward="merge"))
     ds = torch.randn(idx.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     with OpRecorder() as rec:
@@ -62,36 +53,21 @@ def test_backward_matches_float64(impl, T, H, S, n, d_key, top_k, dtype):
 
 
 _AOT = """
-import sys
-sys.path.insert(0, {repo!r})
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from tests.ops.sm90_aot import aot
 from torchpeer.ops.retrieval import triton_backward as tb, triton_backward_sorted as sb
 
-def aot(fn, types, consts):
-    sig = {{a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}}
-    src = ASTSource(fn=fn, signature=sig, constexprs={{(fn.arg_names.index(a),): v for a, v in consts.items()}})
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={{"num_warps": 4}})
+def ok(fn, types, consts):
+    aot(fn, types, consts, say=False)
     print("ok", fn.__name__, flush=True)
 
-aot(tb._dq_kernel, {{"ds_ptr": "*fp32", "idx_ptr": "*i64", "k_ptr": "*bf16", "dq_ptr": "*bf16"}},
-    dict(PER_HEAD=False, K=16, DH=64, BLOCK_R=32, BLOCK_D=64))
-aot(tb._dkeys_kernel, {{"ds_ptr": "*fp32", "idx_ptr": "*i64", "q_ptr": "*bf16", "part_ptr": "*fp32"}},
-    dict(PER_HEAD=True, K=16, DH=64, BLOCK_A=128, BLOCK_R=32, BLOCK_D=64, DOT_FP32=False))
-aot(sb._table_rows_kernel, {{"idx_ptr": "*i64", "rows_ptr": "*i32"}}, dict(H=8, K=16, PER_HEAD=True, BLOCK=1024))
+ok(tb._dq_kernel, {"ds_ptr": "*fp32", "idx_ptr": "*i64", "k_ptr": "*bf16", "dq_ptr": "*bf16"},
+   dict(PER_HEAD=False, K=16, DH=64, BLOCK_R=32, BLOCK_D=64))
+ok(tb._dkeys_kernel, {"ds_ptr": "*fp32", "idx_ptr": "*i64", "q_ptr": "*bf16", "part_ptr": "*fp32"},
+   dict(PER_HEAD=True, K=16, DH=64, BLOCK_A=128, BLOCK_R=32, BLOCK_D=64, DOT_FP32=False))
+ok(sb._table_rows_kernel, {"idx_ptr": "*i64", "rows_ptr": "*i32"}, dict(H=8, K=16, PER_HEAD=True, BLOCK=1024))
 """
 
 
 def test_backward_kernels_compile_for_sm90():
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
-    except Exception as e:  # a triton build without the NVIDIA backend
-        pytest.skip(f"no NVIDIA backend in this triton: {e}")
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run(
-        [sys.executable, "-c", _AOT.format(repo=repo)], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("ok ") == 3
+    out = run_without_interpreter("-c", _AOT)
+    assert out.count("ok ") == 3

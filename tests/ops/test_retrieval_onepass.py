@@ -5,8 +5,6 @@ in-kernel fallback for rows with more than CAP candidates (ties), gradients agai
 an ahead-of-time sm_90 compile of the kernel (what the interpreter cannot check)."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,19 +14,13 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+from tests.ops.retrieval_inputs import DEVICE, retrieval_inputs  # noqa: E402
+from tests.ops.sm90_aot import run_without_interpreter  # noqa: E402
 from torchpeer.ops import RetrievalKernelConfig, product_key_topk_reference  # noqa: E402
 from torchpeer.ops.retrieval import triton_onepass, triton_op  # noqa: E402
 from torchpeer.ops.retrieval.triton_op import product_key_topk_triton  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ONEPASS = RetrievalKernelConfig(forward="onepass")
-
-
-def _inputs(T, H, S, n, d_key, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(T, H, d_key, generator=g).to(DEVICE, dtype)
-    keys = torch.randn(S, 2, n, d_key // 2, generator=g).to(DEVICE, dtype)
-    return q, keys
 
 
 CASES = [
@@ -45,7 +37,7 @@ CASES = [
 
 @pytest.mark.parametrize("T,H,S,n,d_key,top_k,dtype", CASES)
 def test_onepass_matches_float64_brute_force(T, H, S, n, d_key, top_k, dtype):
-    q, keys = _inputs(T, H, S, n, d_key, dtype)
+    q, keys = retrieval_inputs(T, H, S, n, d_key, dtype)
     q, keys = q.requires_grad_(), keys.requires_grad_()
     scores, idx = product_key_topk_triton(q, keys, top_k, ONEPASS)
     q64, k64 = q.detach().double().requires_grad_(), keys.detach().double().requires_grad_()
@@ -74,7 +66,7 @@ def test_onepass_matches_float64_brute_force(T, H, S, n, d_key, top_k, dtype):
     ],
 )
 def test_onepass_is_bit_equal_to_threshold_and_merge(T, H, S, n, d_key, top_k, dtype, dup):
-    q, keys = _inputs(T, H, S, n, d_key, dtype, seed=2)
+    q, keys = retrieval_inputs(T, H, S, n, d_key, dtype, seed=2)
     keys = keys[:, :, torch.arange(n) // dup * dup].contiguous()
     got = product_key_topk_triton(q, keys, top_k, ONEPASS)
     for other in ("threshold", "merge"):
@@ -83,7 +75,7 @@ def test_onepass_is_bit_equal_to_threshold_and_merge(T, H, S, n, d_key, top_k, d
 
 
 def test_prefix_by_dot_equals_cumsum():
-    q, keys = _inputs(21, 2, 1, 48, 16, torch.float32, seed=3)
+    q, keys = retrieval_inputs(21, 2, 1, 48, 16, torch.float32, seed=3)
     a = product_key_topk_triton(q, keys, 7, ONEPASS)
     b = product_key_topk_triton(q, keys, 7, RetrievalKernelConfig(forward="onepass", onepass_prefix="dot"))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -95,7 +87,7 @@ def test_repeated_key_rows_take_the_fallback_and_stay_exact():
     # (sized from the CAP in force: 16 under the interpreter, the config's on a GPU)
     cap = triton_onepass.onepass_launch(5, True, ONEPASS)["CAP"]
     dup = cap + 8
-    q, keys = _inputs(9, 2, 1, 2 * dup, 8, torch.float32, seed=6)
+    q, keys = retrieval_inputs(9, 2, 1, 2 * dup, 8, torch.float32, seed=6)
     keys = keys[:, :, torch.arange(2 * dup) // dup * dup].contiguous()
     scores, idx, flags = triton_onepass.launch_onepass(q, keys, 5, ONEPASS, return_flags=True)
     assert (flags == 2).all()
@@ -127,7 +119,7 @@ def test_overflow_of_one_half_is_exact():
 
 
 def test_strided_queries_and_empty_input():
-    q, keys = _inputs(13, 2, 1, 24, 8, torch.float32, seed=4)
+    q, keys = retrieval_inputs(13, 2, 1, 24, 8, torch.float32, seed=4)
     q_strided = q.transpose(0, 1).contiguous().transpose(0, 1)  # heads-major storage
     assert not q_strided.is_contiguous()
     a = product_key_topk_triton(q_strided, keys, 4, ONEPASS)
@@ -143,30 +135,23 @@ def test_config_names_and_auto_never_picks_onepass(monkeypatch):
     calls = []
     for name in ("launch_split", "launch_merge", "launch_threshold", "launch_onepass"):
         monkeypatch.setattr(triton_op, name, lambda *a, name=name: calls.append(name[7:]))
-    q, keys = _inputs(80, 1, 1, 32, 8, torch.bfloat16)
+    q, keys = retrieval_inputs(80, 1, 1, 32, 8, torch.bfloat16)
     triton_op.forward(q, keys, 4, RetrievalKernelConfig())  # auto: unmeasured "onepass" is not its choice
     triton_op.forward(q, keys, 4, ONEPASS)
     assert calls == ["threshold", "onepass"]
 
 
 _AOT = """
-import sys
-sys.path.insert(0, {repo!r})
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from tests.ops.sm90_aot import aot
 from torchpeer.ops.retrieval import RetrievalKernelConfig, triton_onepass as op
-fn = op._onepass_kernel
 cfg = RetrievalKernelConfig()
 for xdt, (bm, _, warps, cap, _), kp, ncp, prefix_dot in [("bf16", cfg.onepass_half, 16, 64, False),
                                                        ("bf16", cfg.onepass_wide, 32, 128, True)]:
-    types = {{"q_ptr": "*" + xdt, "k_ptr": "*" + xdt, "pi_ptr": "*i32", "pj_ptr": "*i32", "scores_ptr": "*fp32",
-             "idx_ptr": "*i64", "scr_s_ptr": "*fp32", "scr_i_ptr": "*i32", "flag_ptr": "*i32"}}
+    types = {"q_ptr": "*" + xdt, "k_ptr": "*" + xdt, "pi_ptr": "*i32", "pj_ptr": "*i32", "scores_ptr": "*fp32",
+             "idx_ptr": "*i64", "scr_s_ptr": "*fp32", "scr_i_ptr": "*i32", "flag_ptr": "*i32"}
     consts = dict(PER_HEAD=False, DH=64, BLOCK_M=bm, BLOCK_N=64, BLOCK_D=64, KP=kp, CAP=cap, NCP=ncp,
                   FB_BLOCK_N=64, DOT_FP32=xdt == "fp32", PREFIX_DOT=prefix_dot)
-    sig = {{a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}}
-    src = ASTSource(fn=fn, signature=sig, constexprs={{(fn.arg_names.index(a),): v for a, v in consts.items()}})
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={{"num_warps": warps}})
+    aot(op._onepass_kernel, types, consts, num_warps=warps, say=False)
     print("ok", xdt, bm, kp, flush=True)
 """
 
@@ -175,14 +160,5 @@ def test_onepass_kernel_compiles_for_sm90():
     """The real compiler (not the interpreter) accepts the kernel for an H100/H200 at the config's launch
     shapes for bf16 top_k 16 and top_k 32 (the latter with the dot prefix); TRITON_INTERPRET unset, a
     subprocess."""
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
-    except Exception as e:  # a triton build without the NVIDIA backend
-        pytest.skip(f"no NVIDIA backend in this triton: {e}")
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run(
-        [sys.executable, "-c", _AOT.format(repo=repo)], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("ok ") == 2
+    out = run_without_interpreter("-c", _AOT)
+    assert out.count("ok ") == 2

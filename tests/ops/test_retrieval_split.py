@@ -13,19 +13,12 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+from tests.ops.retrieval_inputs import DEVICE, retrieval_inputs  # noqa: E402
 from torchpeer.ops import RetrievalKernelConfig, product_key_topk_reference  # noqa: E402
 from torchpeer.ops.retrieval import triton_op  # noqa: E402
 from torchpeer.ops.retrieval.triton_op import product_key_topk_triton  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SPLIT = RetrievalKernelConfig(forward="split")
-
-
-def _inputs(T, H, S, n, d_key, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(T, H, d_key, generator=g).to(DEVICE, dtype)
-    keys = torch.randn(S, 2, n, d_key // 2, generator=g).to(DEVICE, dtype)
-    return q, keys
 
 
 CASES = [
@@ -40,7 +33,7 @@ CASES = [
 
 @pytest.mark.parametrize("T,H,S,n,d_key,top_k,dtype", CASES)
 def test_split_matches_float64_brute_force(T, H, S, n, d_key, top_k, dtype):
-    q, keys = _inputs(T, H, S, n, d_key, dtype)
+    q, keys = retrieval_inputs(T, H, S, n, d_key, dtype)
     q, keys = q.requires_grad_(), keys.requires_grad_()
     scores, idx = product_key_topk_triton(q, keys, top_k, SPLIT)
     q64, k64 = q.detach().double().requires_grad_(), keys.detach().double().requires_grad_()
@@ -60,7 +53,7 @@ def test_split_matches_float64_brute_force(T, H, S, n, d_key, top_k, dtype):
 def test_split_equals_the_large_token_kernels_with_ties():
     """Repeated sub-key rows (exact ties): "split" returns the indices "threshold" and "merge" return
     (the packed (score, -index) order breaks ties the same way everywhere)."""
-    q, keys = _inputs(5, 2, 1, 20, 8, torch.float32, seed=3)
+    q, keys = retrieval_inputs(5, 2, 1, 20, 8, torch.float32, seed=3)
     keys = keys[:, :, torch.arange(20) % 5]  # every sub-key 4 times
     got = product_key_topk_triton(q, keys, 6, SPLIT)
     for other in ("threshold", "merge"):
@@ -74,9 +67,9 @@ def test_auto_takes_split_up_to_small_tokens(monkeypatch):
         monkeypatch.setattr(triton_op, name, lambda *a, name=name: calls.append(name[7:]))
     cfg = RetrievalKernelConfig(small_tokens=4)
     for T in (1, 4, 5):
-        q, keys = _inputs(T, 1, 1, 32, 8, torch.float32)
+        q, keys = retrieval_inputs(T, 1, 1, 32, 8, torch.float32)
         triton_op.forward(q, keys, 4, cfg)
-    triton_op.forward(*_inputs(3, 1, 1, 32, 8, torch.float32), 4, RetrievalKernelConfig(small_tokens=0))
+    triton_op.forward(*retrieval_inputs(3, 1, 1, 32, 8, torch.float32), 4, RetrievalKernelConfig(small_tokens=0))
     assert calls == ["split", "split", "merge", "merge"]
     assert RetrievalKernelConfig().small_tokens == 64  # the default decode threshold
 

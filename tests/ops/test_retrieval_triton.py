@@ -15,20 +15,12 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+from tests.ops.retrieval_inputs import DEVICE, retrieval_inputs  # noqa: E402
 from torchpeer.ops import RetrievalKernelConfig, dispatch, product_key_topk, product_key_topk_reference  # noqa: E402
 from torchpeer.ops.retrieval import triton_op, triton_threshold  # noqa: E402
 from torchpeer.ops.retrieval.kernel_config import DEFAULT_CONFIG  # noqa: E402
 from torchpeer.ops.retrieval.triton_common import next_pow2  # noqa: E402
 from torchpeer.ops.retrieval.triton_op import product_key_topk_triton  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _inputs(T, H, S, n, d_key, dtype, key_dtype=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(T, H, d_key, generator=g).to(DEVICE, dtype)
-    keys = torch.randn(S, 2, n, d_key // 2, generator=g).to(DEVICE, key_dtype or dtype)
-    return q, keys
 
 
 def _check_against_reference(q, keys, top_k, grads=True, config=None):
@@ -72,7 +64,7 @@ CASES = [
 
 @pytest.mark.parametrize("T,H,S,n,d_key,top_k,dtype,bwd", CASES)
 def test_matches_reference(T, H, S, n, d_key, top_k, dtype, bwd):
-    q, keys = _inputs(T, H, S, n, d_key, dtype)
+    q, keys = retrieval_inputs(T, H, S, n, d_key, dtype)
     _check_against_reference(q, keys, top_k, config=RetrievalKernelConfig(forward="threshold", backward=bwd))
 
 
@@ -81,7 +73,7 @@ def test_matches_reference(T, H, S, n, d_key, top_k, dtype, bwd):
     [(20, 2, 1, 8, 8, 3, torch.float32), (9, 2, 2, 4, 6, 4, torch.bfloat16), (10, 2, 1, 3, 4, 3, torch.float16)],
 )
 def test_merge_kernel_matches_reference(T, H, S, n, d_key, top_k, dtype):
-    q, keys = _inputs(T, H, S, n, d_key, dtype)
+    q, keys = retrieval_inputs(T, H, S, n, d_key, dtype)
     _check_against_reference(q, keys, top_k, config=RetrievalKernelConfig(forward="merge"))
 
 
@@ -91,7 +83,7 @@ def test_auto_forward_choice(monkeypatch):
     calls = []
     monkeypatch.setattr(triton_op, "launch_merge", lambda *a: calls.append("merge"))
     monkeypatch.setattr(triton_op, "launch_threshold", lambda *a: calls.append("threshold"))
-    q, keys = _inputs(2, 1, 1, 32, 8, torch.float32)
+    q, keys = retrieval_inputs(2, 1, 1, 32, 8, torch.float32)
     auto = RetrievalKernelConfig(forward="auto", small_tokens=1)
     triton_op.forward(q, keys, 16, auto)
     triton_op.forward(q, keys, 17, auto)
@@ -117,7 +109,7 @@ def _assert_valid_topk(q, keys, top_k, scores, idx):
 @pytest.mark.parametrize("impl", ["threshold", "merge"])
 def test_repeated_key_rows_give_a_valid_topk(impl):
     # every sub-key row repeated 4 times: exact ties in both halves (and CAP overflows for "threshold")
-    q, keys = _inputs(6, 2, 1, 32, 8, torch.float32, seed=6)
+    q, keys = retrieval_inputs(6, 2, 1, 32, 8, torch.float32, seed=6)
     keys = keys[:, :, torch.arange(32) // 4 * 4].contiguous()
     scores, idx = product_key_topk_triton(q, keys, 5, RetrievalKernelConfig(forward=impl))
     _assert_valid_topk(q, keys, 5, scores, idx)
@@ -170,7 +162,7 @@ def test_unknown_impl_names():
 
 def test_mixed_dtypes_and_strided_queries():
     # bf16 queries against fp32 keys, queries a non-contiguous view (heads-major storage)
-    q, keys = _inputs(7, 2, 1, 8, 8, torch.bfloat16, key_dtype=torch.float32)
+    q, keys = retrieval_inputs(7, 2, 1, 8, 8, torch.bfloat16, key_dtype=torch.float32)
     q_strided = q.transpose(0, 1).contiguous().transpose(0, 1)
     assert not q_strided.is_contiguous()
     _check_against_reference(q_strided, keys, 4)
@@ -178,12 +170,12 @@ def test_mixed_dtypes_and_strided_queries():
 
 def test_backward_chunks():
     # force several "dense" backward chunks (chunk = 64 // (H * n) = 2 tokens)
-    q, keys = _inputs(7, 2, 2, 4, 8, torch.float32, seed=3)
+    q, keys = retrieval_inputs(7, 2, 2, 4, 8, torch.float32, seed=3)
     _check_against_reference(q, keys, 3, config=RetrievalKernelConfig(backward="dense", backward_chunk_elements=64))
 
 
 def test_only_keys_need_grad():
-    q, keys = _inputs(5, 2, 1, 4, 8, torch.float32, seed=4)
+    q, keys = retrieval_inputs(5, 2, 1, 4, 8, torch.float32, seed=4)
     keys.requires_grad_()
     scores, _ = product_key_topk_triton(q, keys, 2)
     scores.sum().backward()
@@ -193,14 +185,14 @@ def test_only_keys_need_grad():
 
 
 def test_empty_tokens():
-    q, keys = _inputs(0, 2, 1, 4, 8, torch.float32)
+    q, keys = retrieval_inputs(0, 2, 1, 4, 8, torch.float32)
     scores, idx = product_key_topk_triton(q, keys, 3)
     assert scores.shape == idx.shape == (0, 2, 3)
 
 
 def test_reference_is_exact_product_key_topk():
     # the reference itself: score of expert a*n+b is q1.C[a] + q2.C'[b]
-    q, keys = _inputs(3, 2, 1, 4, 6, torch.float64)
+    q, keys = retrieval_inputs(3, 2, 1, 4, 6, torch.float64)
     scores, idx = product_key_topk_reference(q, keys, 16)  # all n*n experts
     a, b = idx // 4, idx % 4
     direct = (q[..., None, :3] * keys[0, 0][a]).sum(-1) + (q[..., None, 3:] * keys[0, 1][b]).sum(-1)
@@ -241,7 +233,7 @@ def test_cpu_tensors_without_interpreter(monkeypatch):
 
 def test_large_top_k_falls_back_to_torch():
     # above max_kernel_kp the chunked PyTorch implementation answers, with the same contract
-    q, keys = _inputs(5, 2, 1, 8, 8, torch.float32, seed=5)
+    q, keys = retrieval_inputs(5, 2, 1, 8, 8, torch.float32, seed=5)
     scores, idx = product_key_topk_triton(q, keys, 6, RetrievalKernelConfig(max_kernel_kp=4))
     ref_scores, ref_idx = product_key_topk_reference(q.double(), keys.double(), 6)
     assert torch.equal(idx.cpu(), ref_idx.cpu())
@@ -250,7 +242,7 @@ def test_large_top_k_falls_back_to_torch():
 
 def test_theta_by_topk():
     # the other way of finding the k-th largest group maximum (tl.topk instead of k rounds of max)
-    q, keys = _inputs(12, 2, 1, 20, 8, torch.float32, seed=9)
+    q, keys = retrieval_inputs(12, 2, 1, 20, 8, torch.float32, seed=9)
     _check_against_reference(q, keys, 3, grads=False, config=RetrievalKernelConfig(forward="threshold", theta="topk"))
 
 
