@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .checks import ACTIVATIONS
-from .triton_kernels import _act
+from .triton_kernels import _act, _gather_selections
 
 # split: selections per program (16 at S = 128: 8 programs per token, each 2 blocks of 8 rows at
 # d = 1024); tile / num_warps as triton_op.TUNING["fwd"] (the same two-row gather per selection).
@@ -47,14 +47,9 @@ def _split_fwd_kernel(
     start = c * SPLIT
     end = tl.minimum(S, start + SPLIT)
     for s0 in range(start, end, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        smask = offs_s < end
-        e = tl.load(idx_ptr + t * S + offs_s, mask=smask, other=0).to(tl.int64)
-        g = tl.load(gate_ptr + t * S + offs_s, mask=smask, other=0.0).to(tl.float32)
-        m2 = smask[:, None] & dmask[None, :]
-        # both gathers issued before any use, so they are in flight together
-        u = tl.load(down_ptr + e[:, None] * stride_down + offs_d[None, :], mask=m2, other=0.0)
-        v = tl.load(up_ptr + e[:, None] * stride_up + offs_d[None, :], mask=m2, other=0.0)
+        offs_s, smask, g, u, v = _gather_selections(
+            t, s0, S, end, idx_ptr, gate_ptr, down_ptr, up_ptr, stride_down, stride_up, offs_d, dmask, BLOCK_S
+        )
         h = tl.sum(u.to(tl.float32) * x[None, :], axis=1)
         tl.store(h_ptr + t * S + offs_s, h, mask=smask)
         w = g * _act(h, ACT)  # masked lanes: g = 0

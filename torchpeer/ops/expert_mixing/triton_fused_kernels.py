@@ -38,7 +38,7 @@ def _bwd_token_kernel(
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for s0 in range(0, S, BLOCK_S):
         offs_s, smask, g, u, v = _gather_selections(
-            t, s0, S, idx_ptr, gate_ptr, down_ptr, up_ptr, stride_down, stride_up, offs_d, dmask, BLOCK_S
+            t, s0, S, S, idx_ptr, gate_ptr, down_ptr, up_ptr, stride_down, stride_up, offs_d, dmask, BLOCK_S
         )
         h = tl.load(h_ptr + t * S + offs_s, mask=smask, other=0.0)
         s = tl.sum(v.to(tl.float32) * dy[None, :], axis=1)

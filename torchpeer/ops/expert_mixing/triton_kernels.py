@@ -57,12 +57,13 @@ def _act_and_grad(h, ACT: tl.constexpr):
 
 @triton.jit
 def _gather_selections(
-    t, s0, S, idx_ptr, gate_ptr, down_ptr, up_ptr, stride_down, stride_up, offs_d, dmask, BLOCK_S: tl.constexpr
+    t, s0, S, end, idx_ptr, gate_ptr, down_ptr, up_ptr, stride_down, stride_up, offs_d, dmask, BLOCK_S: tl.constexpr
 ):
-    """Selections s0 .. s0 + BLOCK_S of token t: -> (offs_s, smask, gates fp32, u rows, v rows)
-    (rows in the table dtype; masked lanes are zeros)."""
+    """Selections s0 .. min(s0 + BLOCK_S, end) of token t (S selections per token; end <= S bounds a
+    chunk of them): -> (offs_s, smask, gates fp32, u rows, v rows) (rows in the table dtype; masked
+    lanes are zeros)."""
     offs_s = s0 + tl.arange(0, BLOCK_S)
-    smask = offs_s < S
+    smask = offs_s < end
     e = tl.load(idx_ptr + t * S + offs_s, mask=smask, other=0).to(tl.int64)
     g = tl.load(gate_ptr + t * S + offs_s, mask=smask, other=0.0).to(tl.float32)
     m2 = smask[:, None] & dmask[None, :]
@@ -86,7 +87,7 @@ def _mix_fwd_kernel(
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for s0 in range(0, S, BLOCK_S):
         offs_s, smask, g, u, v = _gather_selections(
-            t, s0, S, idx_ptr, gate_ptr, down_ptr, up_ptr, stride_down, stride_up, offs_d, dmask, BLOCK_S
+            t, s0, S, S, idx_ptr, gate_ptr, down_ptr, up_ptr, stride_down, stride_up, offs_d, dmask, BLOCK_S
         )
         h = tl.sum(u.to(tl.float32) * x[None, :], axis=1)  # (BLOCK_S,)
         tl.store(h_ptr + t * S + offs_s, h, mask=smask)
