@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from tests.ops.retrieval_inputs import DEVICE, retrieval_inputs  # noqa: E402
+from tests.ops.retrieval_inputs import DEVICE, cap_overflow_inputs, retrieval_inputs  # noqa: E402
 from tests.ops.sm90_aot import run_without_interpreter  # noqa: E402
 from torchpeer.ops import RetrievalKernelConfig, product_key_topk_reference  # noqa: E402
 from torchpeer.ops.retrieval import triton_onepass, triton_op  # noqa: E402
@@ -102,15 +102,7 @@ def test_overflow_of_one_half_is_exact():
     # half 0: columns 0..CAP+8 tie at score 1, column n-1 scores 2, the rest -5: theta = 1 keeps
     # CAP + 10 candidates; without the fallback column n-1 (beyond the first CAP) would be lost.
     # Half 1 is random: only its half 0 falls back (flag 1).
-    cap = triton_onepass.onepass_launch(2, True, ONEPASS)["CAP"]
-    n, dh, ties = 2 * cap, 4, cap + 9
-    keys = torch.randn(1, 2, n, dh, generator=torch.Generator().manual_seed(7))
-    keys[0, 0, :, 0] = -5.0
-    keys[0, 0, :ties, 0] = 1.0
-    keys[0, 0, n - 1, 0] = 2.0
-    q = torch.randn(3, 1, 2 * dh, generator=torch.Generator().manual_seed(8))
-    q[..., :dh] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # half-0 score = first coordinate of C[a]
-    q, keys = q.to(DEVICE), keys.to(DEVICE)
+    q, keys, n = cap_overflow_inputs(triton_onepass.onepass_launch(2, True, ONEPASS)["CAP"])
     scores, idx, flags = triton_onepass.launch_onepass(q, keys, 2, ONEPASS, return_flags=True)
     assert flags.tolist() == [1]
     assert (idx[..., 0] // n == n - 1).all()

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from tests.ops.retrieval_inputs import DEVICE, retrieval_inputs  # noqa: E402
+from tests.ops.retrieval_inputs import DEVICE, cap_overflow_inputs, retrieval_inputs  # noqa: E402
 from torchpeer.ops import RetrievalKernelConfig, dispatch, product_key_topk, product_key_topk_reference  # noqa: E402
 from torchpeer.ops.retrieval import triton_op, triton_threshold  # noqa: E402
 from torchpeer.ops.retrieval.kernel_config import DEFAULT_CONFIG  # noqa: E402
@@ -128,15 +128,7 @@ def test_candidate_overflow_falls_back_exactly():
     # keeps cap + 10 candidates > CAP; without the fallback row n-1 (beyond the first CAP candidates
     # in column order) would be lost. Sized from the CAP in force (16 in the interpreter, 64 on the
     # H200, where a fixed 25 candidates did not overflow); the flags check fails if it is not.
-    cap = _threshold_cap(2, fp32=True)
-    n, dh, ties = 2 * cap, 4, cap + 9
-    keys = torch.randn(1, 2, n, dh, generator=torch.Generator().manual_seed(7))
-    keys[0, 0, :, 0] = -5.0
-    keys[0, 0, :ties, 0] = 1.0
-    keys[0, 0, n - 1, 0] = 2.0
-    q = torch.randn(3, 1, 2 * dh, generator=torch.Generator().manual_seed(8))
-    q[..., :dh] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # half-1 score = first coordinate of C[a]
-    q, keys = q.to(DEVICE), keys.to(DEVICE)
+    q, keys, n = cap_overflow_inputs(_threshold_cap(2, fp32=True))
     _, _, flags = triton_threshold.half_lists(q, keys, 2)
     assert flags.bool().any()
     scores, idx = triton_threshold.launch_threshold(q, keys, 2)
