@@ -265,26 +265,21 @@ def eval_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for r in records:
         for name, entry in sorted((r.get("valid") or {}).items()):
-            usage, kl = routed_usage(r, name)
-            pool, pool_kl = pool_usage(r, name)
-            rows.append(
-                {
-                    **{k: r.get(k) for k in EVAL_ROW_FIELDS if k in r},
-                    "seed": seed_of(r),
-                    "eval_set": name,
-                    "ranking": name == r.get("eval_set"),
-                    "eval_tokens": entry.get("tokens"),
-                    "loss": entry.get("loss"),
-                    "ppl": entry.get("ppl"),
-                    "bpb": entry.get("bpb"),
-                    "usage_pct": usage,
-                    "kl": kl,
-                    "pool_usage_pct": pool,
-                    "pool_kl": pool_kl,
-                    "commit": (r.get("code") or {}).get("commit"),
-                }
+            row = {k: r.get(k) for k in EVAL_ROW_FIELDS}  # the run's own fields; the rest per eval set
+            row["usage_pct"], row["kl"] = routed_usage(r, name)
+            row["pool_usage_pct"], row["pool_kl"] = pool_usage(r, name)
+            row.update(
+                seed=seed_of(r),
+                eval_set=name,
+                ranking=name == r.get("eval_set"),
+                eval_tokens=entry.get("tokens"),
+                loss=entry.get("loss"),
+                ppl=entry.get("ppl"),
+                bpb=entry.get("bpb"),
+                commit=(r.get("code") or {}).get("commit"),
             )
-    return [{k: row.get(k) for k in EVAL_ROW_FIELDS} for row in rows]
+            rows.append(row)
+    return rows
 
 
 def eval_rows_csv(records: list[dict[str, Any]]) -> str:
