@@ -9,18 +9,23 @@ a relative error, and a measure of what autograd keeps for backward.
 import torch
 
 
-def naive_float64(x, down, up, idx, gates, activation):
-    """Expert mixing as a loop over (head, k) in float64, independent of the implementations.
+def naive_float64(x, down, up, idx, gates, activation, lin=None):
+    """Expert mixing as a loop over (head, k) in float64, independent of the implementations:
+    sum g act(x.u) v, or with ``lin`` (the GLU read-out's table w) sum g act(x.u) (x.w) v.
 
-    x: (T, d); down, up: (N, d); idx, gates: (T, H, K) -> (T, d) float64.
+    x: (T, d); down, up, lin: (N, d); idx, gates: (T, H, K); activation "gelu", "relu" or
+    "identity" -> (T, d) float64.
     """
-    act = torch.nn.functional.gelu if activation == "gelu" else torch.relu
+    act = {"gelu": torch.nn.functional.gelu, "relu": torch.relu, "identity": lambda h: h}[activation]
     x, down, up, gates = (t.double() for t in (x, down, up, gates))
     out = torch.zeros_like(x)
     for h in range(idx.shape[1]):
         for k in range(idx.shape[2]):
             i = idx[:, h, k]
-            out = out + gates[:, h, k, None] * act((x * down[i]).sum(-1, keepdim=True)) * up[i]
+            c = act((x * down[i]).sum(-1, keepdim=True))
+            if lin is not None:
+                c = c * (x * lin.double()[i]).sum(-1, keepdim=True)
+            out = out + gates[:, h, k, None] * c * up[i]
     return out
 
 

@@ -1,35 +1,15 @@
-"""PEER's read-outs beyond act(u.x) v (readout "linear", "glu", "gated"): the ops against a float64 loop
-formula, the layer against a float64 reference built from public pieces (forward and every gradient),
-the Triton path of "gated" under TRITON_INTERPRET=1, the torch fallback of "linear"/"glu", costs."""
+"""PEER's read-outs beyond act(u.x) v (readout "linear", "glu", "gated"): the layer against a float64
+reference built from public pieces (forward and every gradient) on every backend, the Triton
+kernels under TRITON_INTERPRET=1, the fused table optimizer's rules, costs. The ops themselves
+(expert_mix with lin= / activation "identity") are tested in tests/ops/test_mixing_glu.py."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from tests.references import assert_backward_matches
+from tests.references import assert_backward_matches, naive_float64
 from torchpeer.layers.peer import PEER
-from torchpeer.ops import product_key_topk_reference
-from torchpeer.ops.expert_mixing.reference import expert_mix_readout_reference
-from torchpeer.ops.expert_mixing.torch_impl import expert_mix_readout_torch
-
-
-def loop_float64(x, down, up, lin, idx, gates, readout, activation):
-    """The read-outs as a loop over (head, k) in float64, written independently of the implementations."""
-    act = F.gelu if activation == "gelu" else torch.relu
-    x, down, up, gates = (t.double() for t in (x, down, up, gates))
-    out = torch.zeros_like(x)
-    for h in range(idx.shape[1]):
-        for k in range(idx.shape[2]):
-            i = idx[:, h, k]
-            pre = (x * down[i]).sum(-1, keepdim=True)
-            if readout == "paper":
-                c = act(pre)
-            elif readout == "linear":
-                c = pre
-            else:  # glu
-                c = act(pre) * (x * lin.double()[i]).sum(-1, keepdim=True)
-            out = out + gates[:, h, k, None] * c * up[i]
-    return out
+from torchpeer.layers.readout import mix_activation
+from torchpeer.ops import expert_mix, product_key_topk_reference
 
 
 def _inputs(T=11, d=6, N=20, H=2, K=3, dtype=torch.float64, seed=0):
@@ -41,54 +21,17 @@ def _inputs(T=11, d=6, N=20, H=2, K=3, dtype=torch.float64, seed=0):
     return x, down, up, lin, idx, gates
 
 
-@pytest.mark.parametrize("readout,activation", [("linear", "gelu"), ("glu", "gelu"), ("glu", "relu")])
-def test_readout_ops_match_the_loop_formula_forward_and_backward(readout, activation):
+def test_linear_readout_is_the_identity_activation_and_glu_takes_lin():
+    """What the layer asks of expert_mix per read-out: (u.x) v for "linear" whatever the layer's
+    activation; act(u.x) (w.x) v for "glu"."""
     x, down, up, lin, idx, gates = _inputs()
-    lin = lin if readout == "glu" else None
-    ref = expert_mix_readout_reference(x, down, up, idx, gates, readout, activation, lin=lin)
-    torch.testing.assert_close(ref, loop_float64(x, down, up, lin, idx, gates, readout, activation))
-
-    leaves = [t.clone().requires_grad_() for t in (x, down, up, gates)]
-    lin_leaf = lin.clone().requires_grad_() if lin is not None else None
-    y = expert_mix_readout_torch(*leaves[:3], idx, leaves[3], readout, activation, lin=lin_leaf, chunk=3)  # 4 chunks
-    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
-    leaves_ref = [t.clone().requires_grad_() for t in (x, down, up, gates)]
-    lin_ref = lin.clone().requires_grad_() if lin is not None else None
-    y_ref = loop_float64(*leaves_ref[:3], lin_ref, idx, leaves_ref[3], readout, activation)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    y_ref.backward(dy)
-    pairs = list(zip(["x", "down", "up", "gates"], leaves, leaves_ref))
-    if lin is not None:
-        pairs.append(("lin", lin_leaf, lin_ref))
-    for name, a, b in pairs:
-        assert a.grad is not None and a.grad.abs().sum() > 0, name
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
-
-
-def test_readout_ops_float32_and_wide_tables():
-    """fp32 x against the float64 spec; bf16 x with fp32 master tables keeps fp32 table gradients."""
-    x, down, up, lin, idx, gates = _inputs(dtype=torch.float32, seed=1)
-    y = expert_mix_readout_torch(x, down, up, idx, gates, "glu", lin=lin)
-    ref = loop_float64(x, down, up, lin, idx, gates, "glu", "gelu")
-    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
-    tables = [t.clone().requires_grad_() for t in (down, up, lin)]
-    y16 = expert_mix_readout_torch(x.bfloat16(), tables[0], tables[1], idx, gates, "glu", lin=tables[2])
-    assert y16.dtype == torch.bfloat16
-    y16.float().sum().backward()
-    assert all(t.grad.dtype == torch.float32 and t.grad.abs().sum() > 0 for t in tables)
-
-
-def test_readout_op_errors():
-    x, down, up, lin, idx, gates = _inputs()
-    with pytest.raises(ValueError, match="readout must be one of"):
-        expert_mix_readout_torch(x, down, up, idx, gates, "paper")
-    with pytest.raises(ValueError, match="needs lin"):
-        expert_mix_readout_torch(x, down, up, idx, gates, "glu")
-    with pytest.raises(ValueError, match="needs lin"):
-        expert_mix_readout_torch(x, down, up, idx, gates, "glu", lin=lin[:, :3])
-    with pytest.raises(ValueError, match="takes no lin"):
-        expert_mix_readout_torch(x, down, up, idx, gates, "linear", lin=lin)
+    assert mix_activation("linear", "relu") == "identity" and mix_activation("glu", "relu") == "relu"
+    y = expert_mix(x, down, up, idx, gates, mix_activation("linear", "gelu"), backend="torch")
+    torch.testing.assert_close(
+        y, torch.einsum("thk,thkd->td", gates * torch.einsum("td,thkd->thk", x, down[idx]), up[idx])
+    )
+    y = expert_mix(x, down, up, idx, gates, "relu", lin=lin, backend="torch")
+    torch.testing.assert_close(y, naive_float64(x, down, up, idx, gates, "relu", lin=lin))
 
 
 def layer_reference(m: PEER, x: torch.Tensor) -> torch.Tensor:
@@ -96,8 +39,8 @@ def layer_reference(m: PEER, x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1, m.d_model)
     scores, idx = product_key_topk_reference(m.query(flat), m.sub_keys, m.top_k)
     lin = m.lin if m.readout == "glu" else None
-    mix = "paper" if m.readout == "gated" else m.readout
-    y = loop_float64(flat, m.down, m.up, lin, idx, m.gates(scores), mix, m.activation)
+    act = "identity" if m.readout == "linear" else m.activation
+    y = naive_float64(flat, m.down, m.up, idx, m.gates(scores), act, lin=lin)
     if m.readout == "gated":
         y = m.out_gate.proj(y * (m.out_gate.gate(flat) * torch.sigmoid(m.out_gate.gate(flat))))
     return y.view(x.shape)
@@ -118,10 +61,11 @@ def test_layer_readouts_match_float64_reference(readout, backend):
     assert_backward_matches(m, ref, x, x_ref, m(x), layer_reference(ref, x_ref), True, rtol=1e-9, atol=1e-11)
 
 
-def test_gated_readout_runs_through_the_triton_kernels():
+@pytest.mark.parametrize("readout", ["linear", "glu", "gated"])
+def test_readouts_run_through_the_triton_kernels(readout):
     pytest.importorskip("triton")  # conftest sets TRITON_INTERPRET=1 without a GPU
     torch.manual_seed(2)
-    kw = dict(n_experts=49, heads=2, top_k=3, d_key=8, readout="gated")
+    kw = dict(n_experts=49, heads=2, top_k=3, d_key=8, readout=readout)
     m = PEER(16, backend="triton", **kw)
     assert m.op_backends() == {"product_key_topk": "triton", "expert_mix": "triton"}
     ref = PEER(16, backend="reference", **kw).double()
@@ -131,18 +75,14 @@ def test_gated_readout_runs_through_the_triton_kernels():
     assert_backward_matches(m, ref, x, x_ref, m(x), layer_reference(ref, x_ref), True)
 
 
-@pytest.mark.parametrize("readout", ["linear", "glu"])
-def test_torch_only_readouts_mix_in_pytorch_and_refuse_triton(readout):
-    # No Triton kernel computes these: "auto" mixes in PyTorch wherever retrieval runs (on CUDA:
-    # Triton retrieval, torch mixing), and asking for "triton" is an error at construction.
-    m = PEER(8, n_experts=16, heads=1, top_k=2, d_key=4, readout=readout)
-    assert m.op_backends("cpu") == {"product_key_topk": "torch", "expert_mix": "torch"}
-    if m.router.retrieval_backend("cuda") == "triton":  # triton installed: what "auto" picks on a GPU
-        assert m.op_backends("cuda") == {"product_key_topk": "triton", "expert_mix": "torch"}
-        paper = PEER(8, n_experts=16, heads=1, top_k=2, d_key=4)
-        assert paper.op_backends("cuda")["expert_mix"] == "triton"
-    with pytest.raises(ValueError, match=f"readout='{readout}' has no Triton kernel"):
-        PEER(8, n_experts=16, heads=1, top_k=2, d_key=4, readout=readout, backend="triton")
+def test_auto_backend_mixes_every_readout_with_the_kernels_where_retrieval_has_them():
+    for readout in ("linear", "glu"):
+        m = PEER(8, n_experts=16, heads=1, top_k=2, d_key=4, readout=readout)
+        assert m.op_backends("cpu") == {"product_key_topk": "torch", "expert_mix": "torch"}
+        if m.router.retrieval_backend("cuda") == "triton":  # triton installed: what "auto" picks on a GPU
+            assert m.op_backends("cuda") == {"product_key_topk": "triton", "expert_mix": "triton"}
+    with pytest.raises(ValueError, match="set readout='linear' instead"):
+        PEER(8, n_experts=16, heads=1, top_k=2, d_key=4, activation="identity")  # that is readout="linear"
 
 
 def test_readout_costs_by_hand():
@@ -163,12 +103,30 @@ def test_readout_costs_by_hand():
 
 
 def test_fused_table_optimizer_refuses_what_it_cannot_update():
-    for readout in ("linear", "glu"):
-        m = PEER(8, n_experts=16, heads=1, top_k=2, d_key=4, readout=readout)
-        with pytest.raises(ValueError, match="rowwise_adam"):
-            m.table_update = lambda *a: None
-    ok = PEER(8, n_experts=16, heads=1, top_k=2, d_key=4, readout="gated")
-    ok.table_update = fn = lambda *a: None  # the gated read-out mixes with the paper's tables: allowed
-    assert ok.table_update is fn
-    ok.table_update = None
-    assert ok.table_update is None
+    m = PEER(8, n_experts=16, heads=1, top_k=2, d_key=4, readout="glu")
+    with pytest.raises(ValueError, match="rowwise_adam"):
+        m.table_update = lambda *a: None
+    for readout in ("linear", "gated"):  # both mix the paper's two tables: allowed
+        ok = PEER(8, n_experts=16, heads=1, top_k=2, d_key=4, readout=readout)
+        ok.table_update = fn = lambda *a: None
+        assert ok.table_update is fn
+        ok.table_update = None
+        assert ok.table_update is None
+
+
+def test_fused_table_optimizer_gets_the_identity_activation_for_linear():
+    """The linear read-out through a table optimizer's mixing: it is called with activation
+    "identity", and the layer's output is what that mixing returns."""
+    torch.manual_seed(3)
+    m = PEER(8, n_experts=16, heads=1, top_k=2, d_key=4, readout="linear", activation="relu").eval()
+    seen = []
+
+    def mixer(x, down, up, idx, gates, activation):
+        seen.append(activation)
+        return expert_mix(x, down, up, idx, gates, activation, backend="reference")
+
+    x = torch.randn(5, 8)
+    want = m(x)
+    m.table_update = mixer
+    torch.testing.assert_close(m(x), want)
+    assert seen == ["identity"]

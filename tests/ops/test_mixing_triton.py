@@ -70,6 +70,7 @@ CASES = [
     (13, 1, 5, 64, 7, "relu"),
     (7, 4, 12, 40, 64, "gelu"),
     (23, 3, 1, 17, 11, "relu"),
+    (11, 2, 4, 24, 9, "identity"),  # the linear read-out's
 ]
 
 
@@ -80,7 +81,7 @@ def test_fp32_matches_float64_reference(T, H, K, d, N, activation):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("activation", ["gelu", "relu"])
+@pytest.mark.parametrize("activation", ["gelu", "relu", "identity"])
 def test_half_precision_matches_float64_reference(dtype, activation):
     inputs, dy = make_inputs(19, 2, 5, 32, 29, dtype=dtype, gate_dtype=dtype, seed=1)
     # bf16 rounding of the output and of each gradient alone is ~3e-3 relative

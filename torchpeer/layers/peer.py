@@ -33,18 +33,11 @@ from torchpeer.layers.accounting import FFWCost, count_params
 from torchpeer.layers.balance import balance_train_flops, subkey_balance_loss
 from torchpeer.layers.expert_pool import TABLE_NAMES, ExpertPool, expert_tables
 from torchpeer.layers.key_init import KEY_INITS, init_sub_keys_from_queries
-from torchpeer.layers.readout import (
-    READOUTS,
-    TORCH_ONLY_READOUTS,
-    OutputGate,
-    readout_mix,
-    readout_mix_backend,
-    rows_per_selection,
-)
+from torchpeer.layers.readout import LAYER_ACTIVATIONS, READOUTS, OutputGate, mix_activation, rows_per_selection
 from torchpeer.layers.registry import register_ffw
 from torchpeer.layers.router import KEY_NORMS, ProductKeyRouter, RoutedLayer, autocast_dtype
 from torchpeer.layers.validators import check_choice, check_input, check_number, check_positive
-from torchpeer.ops import ACTIVATIONS, BACKENDS, expert_mix, resolve_backend
+from torchpeer.ops import BACKENDS, expert_mix, resolve_backend
 from torchpeer.usage import UsageTrackingMixin
 
 GATES = ("softmax", "sigmoid")
@@ -102,8 +95,8 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
             used for both ops (retrieval and mixing), resolved by ``torchpeer.ops``.
         up_init_std: std of the ``up`` (v) table at init; None = 1/sqrt(d_model) (see below).
         readout: "paper" (act(u.x) v), "linear" ((u.x) v), "glu" (act(u.x) (w.x) v, one more table
-            ``lin``) or "gated" (Memory+: W_o(mix * silu(W_g x))); see readout.py, also for which
-            run on the Triton kernels.
+            ``lin``) or "gated" (Memory+: W_o(mix * silu(W_g x))); see readout.py. All four run on
+            every backend (the Triton kernels on CUDA).
         shared_pool: read the tables from ``pool`` (below) instead of owning them. Only the LM
             acts on it (it builds one pool for all its PEER layers); a layer built alone with
             shared_pool and no pool owns its tables.
@@ -167,7 +160,9 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
         n = math.isqrt(n_experts) if n_experts > 0 else -1
         if n < 1 or n * n != n_experts:
             raise ValueError(f"n_experts={n_experts} must be a perfect square (e.g. 1024**2 or 256**2)")
-        check_choice("activation", activation, ACTIVATIONS)
+        if activation == "identity":  # an op-level activation; the layer spells it as a read-out
+            raise ValueError("activation='identity' is the linear read-out: set readout='linear' instead")
+        check_choice("activation", activation, LAYER_ACTIVATIONS)
         check_choice("gate", gate, GATES)
         check_choice("backend", backend, BACKENDS)
         if up_init_std is not None and not (
@@ -177,8 +172,6 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
         _check_beyond_paper(
             readout, shared_pool, balance_weight, balance_stride, key_lr_scale, query_lr_scale, key_init, key_norm
         )
-        if readout in TORCH_ONLY_READOUTS:
-            readout_mix_backend(readout, backend)  # raises for backend "triton", before anything is built
         self.router = ProductKeyRouter(
             d_model, n, heads, top_k, d_key, query_norm, key_sets=1 if shared_keys else heads, backend=backend,
             key_norm=key_norm,
@@ -242,10 +235,10 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
 
     @table_update.setter
     def table_update(self, fn) -> None:
-        if fn is not None and (self.readout in TORCH_ONLY_READOUTS or self.pool is not None):
+        if fn is not None and (self.readout == "glu" or self.pool is not None):
             raise ValueError(
                 "the fused table optimizer (train.expert_optimizer=rowwise_adam) updates one layer's own down/up "
-                f"in the paper's read-out; this layer has readout={self.readout!r}, "
+                f"(not a glu read-out's third table); this layer has readout={self.readout!r}, "
                 f"shared_pool={self.pool is not None}: use train.expert_optimizer=adamw"
             )
         self.__dict__["_table_update"] = fn
@@ -318,14 +311,12 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
             self.balance_loss = subkey_balance_loss(q, self.router.retrieval_keys(), indices, self.balance_stride)
         compute = autocast_dtype(x.device)
         xc = flat.to(compute) if compute is not None else flat  # mix in the autocast dtype (fp32 master tables)
+        act = mix_activation(self.readout, self.activation)
         if self.table_update is not None:  # a fused table optimizer's mixing (e.g. torchpeer.optim)
-            y = self.table_update(xc, self.down, self.up, indices, g, self.activation)
-        elif self.readout in TORCH_ONLY_READOUTS:
-            lin = self.lin if self.readout == "glu" else None
-            backend = readout_mix_backend(self.readout, self.backend)
-            y = readout_mix(xc, self.down, self.up, lin, indices, g, self.readout, self.activation, backend)
+            y = self.table_update(xc, self.down, self.up, indices, g, act)
         else:
-            y = expert_mix(xc, self.down, self.up, indices, g, self.activation, backend=self.backend)
+            lin = self.lin if self.readout == "glu" else None
+            y = expert_mix(xc, self.down, self.up, indices, g, act, lin=lin, backend=self.backend)
         if self.out_gate is not None:
             y = self.out_gate(xc, y)
         return y.view(*lead, self.d_model)
@@ -349,10 +340,7 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
     def op_backends(self, device: torch.device | str | None = None) -> dict[str, str]:
         """{op: backend} this layer runs with on ``device`` (default: where its tables live)."""
         device = device or self.down.device
-        if self.readout in TORCH_ONLY_READOUTS:
-            mix = readout_mix_backend(self.readout, self.backend)
-        else:
-            mix = resolve_backend("expert_mix", self.backend, device)
+        mix = resolve_backend("expert_mix", self.backend, device)
         return {"product_key_topk": self.router.retrieval_backend(device), "expert_mix": mix}
 
     def cost(self) -> FFWCost:

@@ -9,10 +9,10 @@ With gates g (softmax/sigmoid of the retrieval scores), per token x (d_model,):
               Berges et al. 2024: the memory output times a SiLU gate of the input, then a d x d
               projection; W_g, W_o are dense (d_model, d_model) matrices of the layer)
 
-Where they run: "paper" and "gated" mix through ``torchpeer.ops.expert_mix`` (the Triton kernels
-on CUDA); "linear" and "glu" have no Triton kernel (the kernels compute act(u.x) v), so they mix
-with the chunked PyTorch implementation (``expert_mix_readout_torch``) under backend "auto" and
-refuse backend "triton" at construction. Retrieval keeps its own backend (Triton on CUDA).
+Where they run: all four mix through ``torchpeer.ops.expert_mix`` with every backend (the Triton
+kernels on CUDA): "linear" as activation "identity", "glu" with the third table (``lin=``).
+Not with the fused row-wise Adam (``train.expert_optimizer = "rowwise_adam"``): "glu" (its kernels
+update two tables) and a shared pool are refused there; "linear" and "gated" are accepted.
 
 Costs per token and head-selection (h*k of them), d = d_model: paper / linear 4d FLOPs and 2d
 active parameters (u, v); glu 6d and 3d (u, w, v); gated adds 2 * 2d^2 FLOPs and 2d^2 parameters
@@ -26,11 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchpeer.layers.accounting import FFWCost, matmul_flops
-from torchpeer.ops.expert_mixing.reference import expert_mix_readout_reference
-from torchpeer.ops.expert_mixing.torch_impl import expert_mix_readout_torch
 
 READOUTS = ("paper", "linear", "glu", "gated")
-TORCH_ONLY_READOUTS = ("linear", "glu")  # no Triton kernel: mixed by the PyTorch implementation
+LAYER_ACTIVATIONS = ("gelu", "relu")  # a PEER layer's ``activation``; the linear read-out is readout="linear"
 
 
 def rows_per_selection(readout: str) -> int:
@@ -38,22 +36,10 @@ def rows_per_selection(readout: str) -> int:
     return 3 if readout == "glu" else 2
 
 
-def readout_mix_backend(readout: str, backend: str) -> str:
-    """The mixing backend of a torch-only read-out for the layer's ``backend``: "reference" stays,
-    "auto"/"torch" are "torch"; "triton" is an error (no kernel)."""
-    if backend == "triton":
-        raise ValueError(
-            f"readout={readout!r} has no Triton kernel (the kernels compute act(u.x) v); use backend='auto' "
-            "(Triton retrieval on CUDA, PyTorch mixing) or 'torch'"
-        )
-    return "reference" if backend == "reference" else "torch"
-
-
-def readout_mix(x, down, up, lin, indices, gates, readout: str, activation: str, backend: str) -> torch.Tensor:
-    """Mixing for a read-out of TORCH_ONLY_READOUTS. x: (T, d); down, up (lin for "glu"): (N, d);
-    indices, gates: (T, H, K) -> (T, d) in x's dtype. backend: "torch" or "reference"."""
-    fn = expert_mix_readout_reference if backend == "reference" else expert_mix_readout_torch
-    return fn(x, down, up, indices, gates, readout, activation, lin=lin)
+def mix_activation(readout: str, activation: str) -> str:
+    """The activation ``expert_mix`` computes for a read-out: "identity" for "linear" ((u.x) v),
+    the layer's own for the others ("glu" passes its third table as ``lin`` besides)."""
+    return "identity" if readout == "linear" else activation
 
 
 class OutputGate(nn.Module):

@@ -3,7 +3,7 @@
     product_key_topk(queries (T, H, d_key), sub_keys (S, 2, n, d_key // 2), top_k, *, backend="auto")
         -> scores (T, H, top_k) fp32 (fp64 for fp64 inputs), indices (T, H, top_k) int64
     expert_mix(x (T, d), down (N, d), up (N, d), indices (T, H, K), gates (T, H, K), activation="gelu",
-               *, backend="auto") -> y (T, d) in x's dtype
+               *, lin=None, backend="auto") -> y (T, d) in x's dtype
 
 backend: "auto" | "torch" | "triton" | "reference", resolved by dispatch.resolve_backend (which logs
 the choice and refuses a backend that cannot run). The references (product_key_topk_reference,
@@ -62,22 +62,28 @@ def expert_mix(
     gates: torch.Tensor,
     activation: str = "gelu",
     *,
+    lin: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """y[t] = sum_{h,k} gates[t,h,k] * act(x[t] . down[i]) * up[i], i = indices[t,h,k].
+    """y[t] = sum_{h,k} gates[t,h,k] * act(x[t] . down[i]) * up[i], i = indices[t,h,k]; with ``lin``
+    (the GLU read-out's third table) y[t] = sum_{h,k} gates * act(x[t] . down[i]) * (x[t] . lin[i]) * up[i].
 
-    x: (T, d); down, up: (N, d) (may be wider than x, e.g. fp32 master tables with bf16 x);
-    indices: (T, H, K) int32/int64; gates: (T, H, K). Returns y: (T, d) in x's dtype,
-    differentiable w.r.t. x, down, up and gates.
+    x: (T, d); down, up, lin: (N, d) (may be wider than x, e.g. fp32 master tables with bf16 x);
+    indices: (T, H, K) int32/int64; gates: (T, H, K). activation: "gelu", "relu" or "identity" (the
+    linear read-out). Returns y: (T, d) in x's dtype, differentiable w.r.t. x, the tables and gates.
     """
     backend = resolve_backend("expert_mix", backend, _device(x))
     if backend == "triton":
+        if lin is not None:
+            from .expert_mixing.triton_glu_op import expert_mix_glu_triton
+
+            return expert_mix_glu_triton(x, down, lin, up, indices, gates, activation)
         from .expert_mixing.triton_op import expert_mix_triton
 
         return expert_mix_triton(x, down, up, indices, gates, activation)
     if backend == "reference":
-        return expert_mix_reference(x, down, up, indices, gates, activation)
-    return expert_mix_torch(x, down, up, indices, gates, activation)
+        return expert_mix_reference(x, down, up, indices, gates, activation, lin=lin)
+    return expert_mix_torch(x, down, up, indices, gates, activation, lin=lin)
 
 
 __all__ = [

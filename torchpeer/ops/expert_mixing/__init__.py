@@ -1,6 +1,8 @@
-"""Expert mixing y[t] = sum_{h,k} g[t,h,k] * act(x[t] . u[i]) * v[i]: the spec (reference.py), its input
-checker (checks.py), the chunked PyTorch implementation (torch_impl.py) and the Triton kernels
-(triton_kernels.py + triton_op.py, imported only when the "triton" backend runs); two opt-in
+"""Expert mixing y[t] = sum_{h,k} g[t,h,k] * act(x[t] . u[i]) * v[i] (and the GLU read-out's
+act(x . u) (x . w) v with a third table): the spec (reference.py), its input checker (checks.py),
+the chunked PyTorch implementation (torch_impl.py) and the Triton kernels (triton_kernels.py +
+triton_op.py; the GLU read-out's triton_glu_kernels.py + triton_glu_op.py; imported only when the
+"triton" backend runs); two opt-in
 forward prototypes being measured (benchmarks/NOTES_mixing.md §5-6): tile-sorted (triton_tiled.py)
 and split-S for decoding (triton_decode.py), selected through triton_op.TUNING["fwd"]; the fused
 row-wise Adam backward (triton_fused_*.py); one rank's column slice of the mixing for the

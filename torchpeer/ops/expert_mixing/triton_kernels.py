@@ -37,11 +37,14 @@ import triton.language as tl
 
 @triton.jit
 def _act(h, ACT: tl.constexpr):
-    # ACT 0: exact (erf) GELU, as torch.nn.functional.gelu's default; ACT 1: ReLU
+    # ACT 0: exact (erf) GELU, as torch.nn.functional.gelu's default; 1: ReLU; 2: identity (linear
+    # read-out). The indices are checks.ACTIVATIONS'.
     if ACT == 0:
         return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
-    else:
+    elif ACT == 1:
         return tl.maximum(h, 0.0)
+    else:
+        return h
 
 
 @triton.jit
@@ -51,8 +54,10 @@ def _act_and_grad(h, ACT: tl.constexpr):
         cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
         pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327  # 1 / sqrt(2 pi)
         return h * cdf, cdf + h * pdf
-    else:
+    elif ACT == 1:
         return tl.maximum(h, 0.0), tl.where(h > 0.0, 1.0, 0.0)
+    else:
+        return h, tl.full(h.shape, 1.0, tl.float32)
 
 
 @triton.jit

@@ -359,7 +359,7 @@ def expert_mix_triton(x, down, up, indices, gates, activation="gelu", determinis
     gates; each gradient comes back in its input's dtype.
 
     Under torch.autocast, x is cast to the autocast dtype (so y is in it); the tables are read
-    in their own dtype. activation: "gelu" (exact erf) or "relu".
+    in their own dtype. activation: "gelu" (exact erf), "relu" or "identity" (the linear read-out).
     deterministic: accepted for API symmetry; every path is already deterministic (no atomics,
     fixed summation order), so it changes nothing.
     Indices outside [0, N) are only checked for CPU tensors (a GPU check would need a host sync).
