@@ -23,6 +23,11 @@ What it does (one GPU call):
   8. (--decode) the forward at decoding sizes (T = 1, 2, 8, 32), token-centric vs split-S
      (triton_decode.py, NOTES_mixing.md §6) at 8/16/32 selections per program, bf16 and fp32
      tables: eager time (launch included) and CUDA-graph replay time, in us.
+  9. (--readouts, or --only-readouts to skip 2-8) the read-outs of issue 18 at gpu-peer-multi-small's
+     mixing shape (d = 512, N = 1024^2, H*K = 128, bf16, T in {16384, 32768}): paper (gelu), linear
+     (activation identity) and glu (a third table, lin=) on the Triton kernels against the PyTorch
+     backend (what linear and glu ran on before), fwd+bwd and peak memory; glu's error against an
+     fp32 reference at T = 2048.
     TRITON_INTERPRET=1 python benchmarks/bench_mixing.py --smoke --only-tiled   # CPU check of 7
     python benchmarks/bench_mixing.py --model      # print the tiled byte model's tables, no kernels
 Writes bench_mixing.json under --out (default: $OUT if set, else benchmarks/results).
@@ -603,6 +608,62 @@ SWEEP = {
 }
 
 
+def time_readouts(d, N, sizes, H=8, K=16):
+    """Step 9: fwd+bwd (ms) and peak memory of each read-out on the Triton kernels and on the PyTorch
+    backend, per T; glu's relative error against an fp32 reference on the first 2048 tokens."""
+    from torchpeer.ops import expert_mix
+
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    tables = [(torch.randn(N, d, device=DEV, generator=gen) / d**0.25).to(torch.bfloat16) for _ in range(3)]
+    out = []
+    for T in sizes:
+        x = torch.randn(T, d, device=DEV, generator=gen).to(torch.bfloat16)
+        idx = torch.randint(0, N, (T, H, K), device=DEV, generator=gen)
+        gates = torch.rand(T, H, K, device=DEV, generator=gen).softmax(-1)
+        dy = torch.randn(T, d, device=DEV, generator=gen).to(torch.bfloat16)
+        for readout, act, glu in (("paper", "gelu", False), ("linear", "identity", False), ("glu", "gelu", True)):
+            for backend in ("triton", "torch"):
+                leaves = [t.requires_grad_() for t in (x, *tables, gates)]
+
+                def fwd_bwd():
+                    lin = leaves[3] if glu else None  # noqa: B023
+                    y = expert_mix(leaves[0], leaves[1], leaves[2], idx, leaves[4], act, lin=lin, backend=backend)  # noqa: B023
+                    y.backward(dy)  # noqa: B023
+
+                r = {"readout": readout, "backend": backend, "T": T, "d": d, "N": N}
+                try:  # one failing variant (e.g. out of memory on the PyTorch backend) must not end the run
+                    r["fwd_bwd_ms"] = bench_ms(fwd_bwd, grad_to_none=leaves)
+                except Exception as e:
+                    r["fwd_bwd_ms"], r["error"] = None, f"{type(e).__name__}: {str(e)[:300]}"
+                if ON_GPU and r["fwd_bwd_ms"] is not None:
+                    for t in leaves:
+                        t.grad = None
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
+                    fwd_bwd()
+                    torch.cuda.synchronize()
+                    r["peak_above_params_gib"] = (torch.cuda.max_memory_allocated() - before) / 2**30
+                for t in leaves:
+                    t.grad = None
+                    t.requires_grad_(False)
+                print(json.dumps(r))
+                out.append(r)
+                if ON_GPU:
+                    torch.cuda.empty_cache()
+    n = min(2048, sizes[0])
+    x = torch.randn(n, d, device=DEV, generator=gen).to(torch.bfloat16)
+    idx = torch.randint(0, N, (n, H, K), device=DEV, generator=gen)
+    gates = torch.rand(n, H, K, device=DEV, generator=gen).softmax(-1)
+    got = expert_mix(x, *tables[:2], idx, gates, "gelu", lin=tables[2], backend="triton")
+    ref = expert_mix(x.float(), *(t.float() for t in tables[:2]), idx, gates, "gelu", lin=tables[2].float(),
+                     backend="reference")  # fmt: skip
+    out.append({"glu_rel_err_vs_fp32": rel_err(got.float(), ref)})
+    print(json.dumps(out[-1]))
+    return out
+
+
 def sweep(T, H, K, d, N, tables, kernels):
     """Time every config of each kernel on the same inputs; keep the fastest in mixing.TUNING.
 
@@ -716,6 +777,8 @@ def main():
     ap.add_argument("--tiles", default="4096,8192,16384", help="token tiles of step 7")
     ap.add_argument("--decode", action="store_true", help="time the forward at decoding sizes (step 8)")
     ap.add_argument("--only-decode", action="store_true", help="step 8 only (with --only-tiled: 7 and 8)")
+    ap.add_argument("--readouts", action="store_true", help="also time the read-outs paper/linear/glu (step 9)")
+    ap.add_argument("--only-readouts", action="store_true", help="step 9 only")
     ap.add_argument("--model", action="store_true", help="print the tiled forward's byte model and exit")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
@@ -735,6 +798,11 @@ def main():
     print(f"device {res['device']}  torch {torch.__version__}  triton {triton.__version__}")
     print(f"copy bandwidth (read+write): {res['copy_tbps']:.2f} TB/s")
 
+    if args.readouts or args.only_readouts:
+        res["readouts"] = time_readouts(32 if args.smoke else 512, N, [9, 16] if args.smoke else [16384, 32768])
+    if args.only_readouts:
+        write_json(res, args.out)
+        return
     if args.decode or args.only_decode:
         res["decode"] = time_decode(max(dims), N, sizes=(1, 2) if args.smoke else (1, 2, 8, 32))
     if args.only_tiled or args.only_decode:  # skip steps 2-6
