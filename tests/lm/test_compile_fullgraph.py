@@ -18,17 +18,19 @@ from torchpeer.lm import load_config  # noqa: E402
 from torchpeer.lm.model import TransformerLM  # noqa: E402
 
 
-def tiny_peer_lm() -> TransformerLM:
+def tiny_peer_lm(readout: str = "paper") -> TransformerLM:
     cfg = load_config("ptb-tiny")
     m = cfg.model
     m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.seq_len = 64, 32, 2, 2, 16
     m.peer.n_experts, m.peer.heads, m.peer.top_k, m.peer.d_key, m.peer.backend = 64, 2, 4, 8, "triton"
+    m.peer.readout = readout
     return TransformerLM(m)
 
 
-def test_peer_lm_forward_loss_backward_compile_with_no_graph_break():
+@pytest.mark.parametrize("readout", ["paper", "glu"])  # glu: its own mixing ops (triton_glu_op.py)
+def test_peer_lm_forward_loss_backward_compile_with_no_graph_break(readout):
     torch.manual_seed(0)
-    eager, compiled = tiny_peer_lm(), tiny_peer_lm()
+    eager, compiled = tiny_peer_lm(readout), tiny_peer_lm(readout)
     compiled.load_state_dict(eager.state_dict())
     assert eager.cfg.peer.query_norm == "ema"  # the shipped default is what is compiled
     idx = torch.randint(0, 64, (2, 16))
