@@ -77,3 +77,34 @@ def train_run(rank: int, world: int, cfg_path: str, run_dir: str, resume: bool, 
 
         dcp_io.dcp.save = save
     train(config(cfg_path), run_dir, resume=resume, progress=False, plan=DistributedPlan())
+
+
+def gloo_threads() -> int:
+    """The threads of this process that gloo process groups run (workers, TCP loops; Linux names)."""
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as fh:
+            names.append(fh.read())
+    return sum("gloo" in n for n in names)
+
+
+def train_then_no_gloo_threads(rank: int, world: int, cfg_path: str, run_dir: str) -> None:
+    """After train() with the DistributedPlan returns, its process groups are gone with their threads,
+    not kept alive (until interpreter shutdown) by references the library holds."""
+    from torchpeer.lm.train import train
+    from torchpeer.parallel import DistributedPlan
+
+    plan = DistributedPlan()
+    join, during = plan.setup, []
+
+    def setup(device):
+        out = join(device)  # joins the group, as under torchrun (run_workers(..., init_group=False))
+        during.append(gloo_threads())
+        return out
+
+    plan.setup = setup
+    cfg = config(cfg_path)
+    cfg.train.max_steps = 2  # a checkpoint (the DCP device mesh) and the final evaluation
+    train(cfg, run_dir, progress=False, plan=plan)
+    assert during[0] > 0  # the count below means something
+    assert gloo_threads() == 0, f"rank {rank}: {gloo_threads()} gloo threads alive after the run"

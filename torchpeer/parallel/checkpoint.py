@@ -71,6 +71,12 @@ class _Mesh:
             cls.mesh = init_device_mesh(device_type, (world,))
         return cls.mesh
 
+    @classmethod
+    def reset(cls) -> None:
+        """Drop the cached mesh (end of run): it holds the default process group, which would otherwise
+        live, with its gloo threads, until interpreter shutdown, and be reused by a later group."""
+        cls.mesh = None
+
 
 def _as_global(t: torch.Tensor, sharded: bool):
     """A column shard as a DTensor of the full table (Shard(1)); other tensors as they are."""

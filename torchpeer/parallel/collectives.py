@@ -64,9 +64,15 @@ class ShardContext:
         part = width // self.world
         return slice(self.rank * part, (self.rank + 1) * part)
 
+    def release(self) -> None:
+        """Forget the process group (end of run): out of the registry below and ``group`` None, so
+        that this context no longer keeps the group, and gloo's threads, alive."""
+        _CONTEXTS.pop(self.key, None)
+        self.group = None
+
 
 _KEYS = itertools.count()
-_CONTEXTS: dict[int, ShardContext] = {}  # every ShardContext made (a handful per process)
+_CONTEXTS: dict[int, ShardContext] = {}  # every live ShardContext (a handful per process; release() removes one)
 
 
 def shard_context(key: int) -> ShardContext:

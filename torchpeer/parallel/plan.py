@@ -30,6 +30,7 @@ The DCP module is imported on first use: it costs ~0.6 s, and most one-process r
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 
 import torch
@@ -244,4 +245,18 @@ class DistributedPlan(SingleProcessPlan):
         return dcp_io.load_single_process_checkpoint(path, model, optimizer)  # a one-process run, continued on W
 
     def close(self) -> None:
+        """Destroy the process groups, and drop this package's own references to them: the expert
+        group's ShardContext (in collectives' registry) and the checkpoints' device mesh (the default
+        group). destroy_process_group only unregisters a gloo group; the group, with its worker and
+        TCP-loop threads, lives on while anything references it. Left to interpreter shutdown, those
+        threads are torn down with the interpreter half gone (the likely cause of a rare SIGABRT,
+        "terminate called without an active exception", of a torchrun rank at exit under CPU load).
+        Released here, the groups are destroyed (their threads joined) once the trainer, which holds
+        DDP, is freed: when train() returns."""
+        if self.shard_ctx is not None:
+            self.shard_ctx.release()
+            self.shard_ctx = None
+        dcp_io = sys.modules.get("torchpeer.parallel.checkpoint")  # imported only by runs that checkpoint
+        if dcp_io is not None:
+            dcp_io._Mesh.reset()
         destroy_distributed()
