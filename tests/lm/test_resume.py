@@ -162,19 +162,46 @@ def test_stale_partial_checkpoints_are_removed_on_start_and_resume(tmp_path, cap
     assert [s for s, _ in losses(run)] == list(range(1, 13))
 
 
-def test_resuming_a_finished_run_keeps_one_final_record(trained, tmp_path, capsys):
+def test_resuming_a_finished_run_redoes_nothing_and_names_how_to_train_on(trained, tmp_path, capsys, monkeypatch):
+    """A resume of a run whose final evaluation is recorded builds no model and evaluates nothing (before:
+    it evaluated the whole valid split again and rewrote the records), leaves the run folder as it was,
+    and prints one line whose command trains the run further."""
+    from torchpeer.lm.config_io import load_config
+    from torchpeer.lm.trainer import Trainer
+
     root, cfg, run = trained
     copy = str(tmp_path / "copy")
     shutil.copytree(run, copy)
-    before = records(copy)
+    before = _tree_digest(copy)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run was built or evaluated again")
+
+    monkeypatch.setattr(Trainer, "evaluate", refuse)
+    monkeypatch.setattr(Trainer, "_build_model", refuse)
     assert main(["train", cfg, "--run-dir", copy, "--resume"]) == 0
     out = capsys.readouterr().out
-    assert "from step_00000060: step 60/60" in out
-    # the totals line says that they are the run's, and that this resume trained nothing
-    assert "(the whole run; it had already reached its end at step 60, so this resume trained nothing; " in out
-    after = records(copy)
-    assert [r for r in after if r.get("final")] == [r for r in before if r.get("final")]  # same numbers, once
-    assert len(after) == len(before) and losses(copy) == losses(run)
+    lines = [line for line in out.splitlines() if "had already finished" in line]
+    assert lines == [
+        f"{copy} had already finished at step 60/60 (train.max_steps = 60) and its final evaluation is recorded "
+        "in summary.json: nothing was trained or evaluated again; to train further, raise train.max_steps, "
+        f"e.g. torchpeer train {copy} --resume --train.max_steps 120"
+    ]
+    assert "validation perplexity (v)" in out  # the recorded results, as the run ended
+    assert _tree_digest(copy) == before
+
+    # an eval set added on resume is not recorded yet: that resume evaluates (nothing is skipped)
+    added = load_config(cfg, ["--data.valid.w", os.path.join(root, "valid.txt")])
+    assert Trainer(added, copy, resume=True, progress=False).recorded_finish() is None
+    # a budget in FLOPs that ends at the same step: finished too (FLOPs per token from summary.json)
+    flops = json.load(open(os.path.join(copy, "summary.json")))["train_flops"]
+    by_flops = Trainer(load_config(cfg, ["--train.max_steps", "none", "--train.max_flops", str(flops)]), copy, True)
+    assert by_flops.recorded_finish() is not None and by_flops.budget_setting.startswith("train.max_flops")
+
+    monkeypatch.undo()
+    assert main(lines[0].split("e.g. torchpeer ")[1].split()) == 0  # the printed command, as printed
+    assert [s for s, _ in losses(copy)] == list(range(1, 121)) and losses(copy)[:60] == losses(run)
+    assert [r["step"] for r in records(copy) if r.get("final")] == [120]
 
 
 def test_resume_from_a_checkpoint_written_by_the_old_code(tmp_path):

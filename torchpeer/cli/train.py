@@ -25,7 +25,9 @@ examples:
 
 --resume continues the run under the config it was saved with (its newest intact checkpoint's);
 overrides given with --resume change that config, are printed, and the run folder keeps every
-config it was trained under (RUN_DIR/configs/from_step_<N>.json).
+config it was trained under (RUN_DIR/configs/from_step_<N>.json). --resume of a run that had
+already finished (its final evaluation recorded) trains and evaluates nothing and says which
+setting to raise to train it further.
 
 Ctrl-C (SIGINT) or SIGTERM stops after the current step, writes a checkpoint and prints the
 command that resumes the run (exit status 130 / 143).

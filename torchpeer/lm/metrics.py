@@ -55,7 +55,9 @@ class MetricsLog:
         """Keep only the records of steps <= ``step`` (resume; -1 = none), rewritten atomically.
 
         The final evaluation record of ``step`` goes too: a resumed run that is already at its
-        last step evaluates again and writes it once more.
+        last step without a recorded final evaluation (stopped during it; an eval set added) evaluates
+        again and writes it once more. (One whose final evaluation is recorded never gets here: the
+        trainer returns its recorded summary, see Trainer.recorded_finish.)
         """
         if not os.path.exists(self.path):
             return

@@ -33,7 +33,9 @@ def train(
 
     resume: continue from the newest intact checkpoint of run_dir (start fresh if it has none;
     newer damaged ones are moved aside and named), with ``cfg``: changes from the checkpoint's
-    config are printed and recorded (``torchpeer train --resume`` passes the saved config).
+    config are printed and recorded (``torchpeer train --resume`` passes the saved config). A run
+    that had already finished (its final evaluation recorded) is not trained or evaluated again: one
+    line says so and how to train further, and its recorded summary is returned.
     Without resume, a run_dir that already holds checkpoints is an error (nothing is touched).
     callbacks: torchpeer.lm.callbacks.Callback instances; plan: a parallel plan (lm/plan.py),
     None = one process (under torchrun pass torchpeer.parallel's, which the core does not import:

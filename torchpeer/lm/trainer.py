@@ -13,7 +13,9 @@ save_checkpoint() / load_checkpoint(path): exact-resume state (see checkpoint.py
     newest intact checkpoint and records the config changes (resume.py).
 fit(): steps until the budget, logging, periodic eval and checkpoints, then the final checkpoint,
     the full evaluation and summary.json. SIGINT/SIGTERM stop it after the current step with a
-    checkpoint (TrainingInterrupted).
+    checkpoint (TrainingInterrupted). A resume of a run that had already finished (checkpoint at the
+    end of the budget, final evaluation recorded: recorded_finish()) builds nothing, says so in one
+    line and returns the recorded summary.
 
 Seams: callbacks (callbacks.py) watch the run; a parallel plan (plan.py) spreads it over processes.
 """
@@ -21,6 +23,7 @@ Seams: callbacks (callbacks.py) watch the run; a parallel plan (plan.py) spreads
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import time
 
@@ -75,16 +78,9 @@ class Trainer:
 
     def build(self) -> Trainer:
         """Everything that can fail on bad input happens here, before the run folder is written."""
-        from torchpeer.data.sources import check_sources
         from torchpeer.lm.memory import check_fits
-        from torchpeer.lm.model import check_ffw_sections
 
-        self.cfg.validate()
-        check_ffw_sections(self.cfg.model)  # a bad [model.<kind>] value fails now, not after the tokenizer
-        data = self.cfg.data  # so does a missing data file, of any split
-        check_sources({"data.train": data.train, **{f"data.valid.{k}": v for k, v in data.valid.items()}})
-        self.device = self.plan.setup(runtime.resolve_device(self.cfg.train.device))
-        self._find_checkpoint()
+        self._start()
         self._build_data()
         self.memory = check_fits(self.cfg, self.device)  # refuse a step that cannot fit, before allocating it
         self._build_model()
@@ -95,6 +91,48 @@ class Trainer:
                 raise ValueError(beyond_budget(self.step, self.total_steps, self.budget_setting, self.run_dir))
         self._open_run_folder()
         return self
+
+    def _start(self) -> None:
+        """The first part of build() (once): input checks, the process group and device, the checkpoint
+        to resume from. fit() asks recorded_finish() between it and the rest of the build."""
+        if hasattr(self, "device"):
+            return
+        from torchpeer.data.sources import check_sources
+        from torchpeer.lm.model import check_ffw_sections
+
+        self.cfg.validate()
+        check_ffw_sections(self.cfg.model)  # a bad [model.<kind>] value fails now, not after the tokenizer
+        data = self.cfg.data  # so does a missing data file, of any split
+        check_sources({"data.train": data.train, **{f"data.valid.{k}": v for k, v in data.valid.items()}})
+        self.device = self.plan.setup(runtime.resolve_device(self.cfg.train.device))
+        self._find_checkpoint()
+
+    def recorded_finish(self) -> dict | None:
+        """The recorded summary when this resume has nothing to do, else None: the checkpoint is at the
+        end of the config's budget and the run's final evaluation of that step is recorded (summary.json
+        of that step with every valid set of the config, and the final record in metrics.jsonl). Read
+        before the tokenizer, model and data are built (for train.max_flops, the FLOPs per token are the
+        summary's). A run stopped during its final evaluation, or resumed with an eval set added, is not
+        finished: its resume evaluates (see _finish)."""
+        self._start()
+        if self.ckpt is None:
+            return None
+        step = ckpt_io.checkpoint_step(self.ckpt)
+        summary = _read_json(os.path.join(self.run_dir, "summary.json"))
+        done = (
+            isinstance(summary, dict)
+            and summary.get("steps") == step
+            and isinstance(summary.get("train_flops_per_token"), int)
+            and set(summary.get("valid") or {}) == set(self.cfg.data.valid)
+            and _has_final_record(os.path.join(self.run_dir, "metrics.jsonl"), step)
+        )
+        if done:  # the model is the checkpoint's (check_same_model), and so are its recorded FLOPs per token
+            total, setting = step_budget(self.cfg, summary["train_flops_per_token"])
+            done = step == total
+        if self.plan.any_rank(not done):  # every rank takes the same way (each read the files itself)
+            return None
+        self.step, self.total_steps, self.budget_setting = step, total, setting
+        return summary
 
     def _find_checkpoint(self) -> None:
         """The run folder must be writable; the checkpoint to resume from: the newest intact one, after
@@ -293,10 +331,15 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train to the end of the budget (building first if build() was not called); returns the
-        summary (also written to summary.json). Closes the plan at the end, also on error."""
+        summary (also written to summary.json; for a resume of a finished run, the recorded one, and
+        nothing is built, trained, evaluated or written). Closes the plan at the end, also on error."""
         try:
             with StopOnSignals(self):
                 if not hasattr(self, "model"):
+                    recorded = self.recorded_finish()
+                    if recorded is not None:  # a resume of a finished run: nothing to train or evaluate
+                        self._say_finished()
+                        return recorded
                     self.build()
                 return self._fit()
         finally:  # also after a failed build: the plan may hold process groups
@@ -387,6 +430,16 @@ class Trainer:
         bar.close()
         return self._finish()
 
+    def _say_finished(self) -> None:
+        """What a resume of a finished run prints (rank 0): the notes of the resume, then one line."""
+        if not self.plan.is_rank0:
+            return
+        for note in self.notes:
+            print(note)
+        if self.removed_partials:
+            print(f"removed {len(self.removed_partials)} partial checkpoint(s) left by an interrupted save")
+        print(finished_message(self.run_dir, self.step, self.total_steps, self.budget_setting, self.cfg))
+
     def _interrupt(self, say) -> None:
         """Checkpoint the current step (unless one was just written) and raise TrainingInterrupted."""
         signum = self.signal_received or signal.SIGINT
@@ -431,6 +484,42 @@ class Trainer:
                 write_json_atomic(path, summary)
             self.callbacks.on_train_end(self, summary)
         return summary
+
+
+def finished_message(run_dir: str, step: int, total: int, setting: str, cfg: RunConfig) -> str:
+    """One line: the run had already finished (nothing was redone), and the command that trains it further."""
+    flag = setting.split(" = ")[0]
+    t = cfg.train
+    if flag == "train.max_steps":
+        more = str(2 * step)
+    else:
+        value = t.max_tokens if flag == "train.max_tokens" else t.max_flops
+        more = f"{2 * value:.3g}".replace("e+0", "e").replace("e+", "e")
+    again = shlex.join(["torchpeer", "train", run_dir, "--resume", f"--{flag}", more])
+    return (
+        f"{run_dir} had already finished at step {step}/{total} ({setting}) and its final evaluation is recorded "
+        f"in summary.json: nothing was trained or evaluated again; to train further, raise {flag}, e.g. {again}"
+    )
+
+
+def _read_json(path: str):
+    """The JSON in ``path``, or None when it is missing or unreadable."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def _has_final_record(path: str, step: int) -> bool:
+    """Whether metrics.jsonl holds the final evaluation record of ``step``."""
+    from torchpeer.jsonl import read_json_lines
+
+    if not os.path.isfile(path):
+        return False
+    return any(r.get("final") and r.get("step") == step for r in read_json_lines(path).records)
 
 
 def format_backends(report: dict) -> str:
