@@ -676,7 +676,7 @@ def test_the_session_note_of_a_resume():
     assert session_note(None, 5) == ""
     assert session_note(12, 13) == " (the whole run; step 13 in this session)"
     assert session_note(10, 20) == " (the whole run; steps 11-20 in this session)"
-    assert session_note(5, 5).startswith(" (the whole run; it had already reached its end at step 5, so this resume")
+    assert session_note(5, 5) == " (the whole run, as recorded; this resume trained nothing)"
 
 
 def test_python_m_torchpeer_and_the_sweep_and_report_help():

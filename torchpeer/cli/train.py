@@ -108,11 +108,8 @@ def session_note(start: int | None, steps: int) -> str:
     """What a resumed run's totals leave out: how many of the steps this command trained."""
     if start is None:
         return ""
-    if steps <= start:
-        return (
-            f" (the whole run; it had already reached its end at step {start}, so this resume trained "
-            "nothing; raise train.max_steps, max_tokens or max_flops to train longer)"
-        )
+    if steps <= start:  # a finished run: the trainer's line above says how to train it further
+        return " (the whole run, as recorded; this resume trained nothing)"
     done = f"step {steps}" if steps == start + 1 else f"steps {start + 1}-{steps}"
     return f" (the whole run; {done} in this session)"
 
