@@ -67,6 +67,21 @@ def bench_ms(fn, grad_to_none=None):
     return (time.perf_counter() - t0) * 1e3
 
 
+def peak_gib(fwd_bwd, leaves, inputs) -> float:
+    """GiB that one fwd_bwd() allocates at its peak (gradients of `leaves` included) plus its `inputs`
+    (activations, indices, gates, dy): the memory above the parameters. CUDA only."""
+    for t in leaves:
+        t.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    size = sum(t.numel() * t.element_size() for t in inputs)
+    return (torch.cuda.max_memory_allocated() - before + size) / 2**30
+
+
 def rel_err(a, ref):
     a, ref = a.double(), ref.double()
     return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
@@ -517,17 +532,7 @@ def time_parts(T, H, K, d, N, tables):
     r["fwd_bwd_ms"] = bench_ms(fwd_bwd, grad_to_none=leaves)
     h = perm = offsets = bufs = coef = dx = None  # free: not part of what fwd+bwd allocates
     if ON_GPU:
-        for t in leaves:
-            t.grad = None
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fwd_bwd()
-        torch.cuda.synchronize()
-        inputs = sum(t.numel() * t.element_size() for t in (x, idx, gates, dy))
-        # everything fwd+bwd allocated (grads included) plus its inputs; the tables themselves excluded
-        r["peak_above_params_gib"] = (torch.cuda.max_memory_allocated() - before + inputs) / 2**30
+        r["peak_above_params_gib"] = peak_gib(fwd_bwd, leaves, (x, idx, gates, dy))
     for t in leaves:
         t.grad = None
         t.requires_grad_(False)
@@ -552,16 +557,7 @@ def time_torch_backend(T, H, K, d, N, tables):
 
     r = {"T": T, "d": d, "fwd_bwd_ms": bench_ms(fwd_bwd, grad_to_none=leaves)}
     if ON_GPU:
-        for t in leaves:
-            t.grad = None
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fwd_bwd()
-        torch.cuda.synchronize()
-        inputs = sum(t.numel() * t.element_size() for t in (x, idx, gates, dy))
-        r["peak_above_params_gib"] = (torch.cuda.max_memory_allocated() - before + inputs) / 2**30
+        r["peak_above_params_gib"] = peak_gib(fwd_bwd, leaves, (x, idx, gates, dy))
     for t in leaves:
         t.grad = None
         t.requires_grad_(False)
@@ -636,15 +632,7 @@ def time_readouts(d, N, sizes, H=8, K=16):
                 except Exception as e:
                     r["fwd_bwd_ms"], r["error"] = None, f"{type(e).__name__}: {str(e)[:300]}"
                 if ON_GPU and r["fwd_bwd_ms"] is not None:
-                    for t in leaves:
-                        t.grad = None
-                    torch.cuda.synchronize()
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                    before = torch.cuda.memory_allocated()
-                    fwd_bwd()
-                    torch.cuda.synchronize()
-                    r["peak_above_params_gib"] = (torch.cuda.max_memory_allocated() - before) / 2**30
+                    r["peak_above_params_gib"] = peak_gib(fwd_bwd, leaves, (x, idx, gates, dy))
                 for t in leaves:
                     t.grad = None
                     t.requires_grad_(False)
