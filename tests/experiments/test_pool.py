@@ -37,6 +37,8 @@ FAKE_WORKER = textwrap.dedent(
     json.dump(summary, open(os.path.join(run_dir, "summary.json"), "w"))
     with open(os.path.join(os.path.dirname(run_dir), "times.txt"), "a") as fh:
         fh.write(f"{payload['run']} {t0} {time.time()}\\n")
+    with open(os.path.join(os.path.dirname(run_dir), "gpus.txt"), "a") as fh:
+        fh.write(f"{payload['run']} {os.environ.get('CUDA_VISIBLE_DEVICES', '-')} {t0} {time.time()}\\n")
     """
 )
 
@@ -112,6 +114,35 @@ def test_parallel_runs_each_recorded_once_at_most_n_at_a_time(tmp_path, fake_wor
     msgs.clear()
     assert run_sweep(spec, runs_dir, parallel=3, progress=False, say=msgs.append) == []
     assert sum("done, skipped" in m for m in msgs) == 8
+
+
+def test_workers_are_spread_over_the_visible_gpus(tmp_path, fake_worker, monkeypatch):
+    """Two visible GPUs (named 3 and 5), 4 runs at a time: each worker sees one GPU, both GPUs are
+    used, and neither ever has more than 2 runs at once."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    spec, runs_dir, msgs = spec_for(tmp_path), str(tmp_path / "runs"), []
+    run_sweep(spec, runs_dir, parallel=4, progress=False, say=msgs.append)
+    with open(os.path.join(runs_dir, "gpus.txt")) as fh:
+        rows = [line.split() for line in fh]
+    assert len(rows) == 8 and {gpu for _, gpu, _, _ in rows} == {"3", "5"}
+    for gpu in ("3", "5"):
+        spans = [(name, float(a), float(b)) for name, g, a, b in rows if g == gpu]
+        assert max_overlap(spans) <= 2, gpu
+    assert sum(", GPU 3)" in m for m in msgs) + sum(", GPU 5)" in m for m in msgs) == 8
+
+
+def test_visible_gpus_and_the_least_loaded_one(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0, 2,7")
+    assert pool_mod.visible_gpus() == ["0", "2", "7"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # CUDA hidden
+    assert pool_mod.visible_gpus() == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert pool_mod.visible_gpus() == []
+    job = lambda gpu: pool_mod._Job(None, "", None, 0.0, None, gpu)  # noqa: E731
+    assert pool_mod.least_loaded_gpu(["0"], []) is None  # one GPU: the worker keeps the parent's view
+    assert pool_mod.least_loaded_gpu(["0", "1"], []) == "0"
+    assert pool_mod.least_loaded_gpu(["0", "1"], [job("0")]) == "1"
+    assert pool_mod.least_loaded_gpu(["0", "1", "2"], [job("0"), job("1"), job("0"), job("2")]) == "1"
 
 
 def test_a_failed_worker_is_reported_and_the_others_finish(tmp_path, fake_worker, monkeypatch):

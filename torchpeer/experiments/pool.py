@@ -5,6 +5,11 @@ kernels are short and the step is launch-bound), so N runs side by side finish t
 ~N times sooner. Each run is ``python -m torchpeer.experiments.worker RUN_DIR`` (worker.py) with
 its output in ``RUN_DIR/worker.log``; only this process writes results.jsonl.
 
+On a machine with several GPUs the workers are spread over them: each new run goes to the visible
+GPU with the fewest runs (its worker sees only that one, CUDA_VISIBLE_DEVICES), so ``--parallel``
+counts runs on the whole machine (e.g. 8 GPUs x 3 small runs each: ``--parallel 24``); restrict the
+GPUs with CUDA_VISIBLE_DEVICES as usual.
+
 Scheduling, in plan order (budget by budget): a free slot takes the next run whose estimated time
 (runner.estimate_seconds) ends before ``time_limit``; a run that would not is passed over for a
 shorter one (said once), one longer than the whole limit is skipped. ``stop_at`` (seconds after the
@@ -40,6 +45,30 @@ class _Job:
     proc: subprocess.Popen
     started: float
     log: object
+    gpu: str | None = None
+
+
+def visible_gpus() -> list[str]:
+    """The GPU ids this process may use, as CUDA_VISIBLE_DEVICES names them (or 0..n-1 when it is
+    unset); [] without CUDA. A worker given one of them sees only that GPU."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip() and not g.strip().startswith("-")]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def least_loaded_gpu(gpus: list[str], jobs: list[_Job]) -> str | None:
+    """The GPU of ``gpus`` with the fewest running jobs (the first such); None for fewer than 2 GPUs
+    (the worker keeps the parent's view)."""
+    if len(gpus) < 2:
+        return None
+    load = {g: 0 for g in gpus}
+    for job in jobs:
+        if job.gpu in load:
+            load[job.gpu] += 1
+    return min(gpus, key=lambda g: load[g])
 
 
 def too_long_message(head: str, run: PlannedRun, estimate: float) -> str:
@@ -86,12 +115,14 @@ def run_parallel(
     say: Callable[[str], None] = print,
     command: list[str] | None = None,
     on_recorded: Callable[[PlannedRun], None] | None = None,
+    gpus: list[str] | None = None,
 ) -> list[dict]:
     """Train ``todo`` ([(head, run)], plan order) ``parallel`` at a time; returns the new records.
 
     ``estimate(run)``: its expected seconds from the records so far (None = unknown, always started).
     ``command``: the worker command; ``on_recorded(run)``: called once a run's record is written
-    (e.g. to drop its checkpoints).
+    (e.g. to drop its checkpoints). ``gpus``: the GPU ids to spread the workers over (default:
+    ``visible_gpus()``; with fewer than 2 every worker keeps this process's view).
     """
     t0, new = time.time(), []
     pending = list(todo)
@@ -99,6 +130,7 @@ def run_parallel(
     told: set[str] = set()
     interrupted, dropped = False, []
     env = worker_env(parallel)
+    gpus = visible_gpus() if gpus is None else gpus
     try:
         while pending or jobs:
             for job in [j for j in jobs if j.proc.poll() is not None]:
@@ -127,7 +159,8 @@ def run_parallel(
                     blocked = True
                     break
                 head, run = pick
-                jobs.append(_start(head, run, command or worker_command(), env, say))
+                gpu = least_loaded_gpu(gpus, jobs)
+                jobs.append(_start(head, run, command or worker_command(), env, say, gpu))
             if not jobs and (blocked or not pending):
                 break  # nothing running and nothing left that fits the limit: done for this invocation
             time.sleep(POLL_SECONDS)
@@ -169,9 +202,11 @@ def _next_startable(pending, estimate, elapsed, time_limit, told, say):
     return None
 
 
-def _start(head: str, run: PlannedRun, command: list[str], env: dict, say) -> _Job:
+def _start(head: str, run: PlannedRun, command: list[str], env: dict, say, gpu: str | None = None) -> _Job:
     from torchpeer.data.atomic import write_text_atomic
 
+    if gpu is not None:
+        env = {**env, "CUDA_VISIBLE_DEVICES": gpu}
     os.makedirs(run.run_dir, exist_ok=True)
     payload = {"run": run.name, "config": run.cfg.to_dict()}
     write_text_atomic(os.path.join(run.run_dir, RUN_FILE), json.dumps(payload, indent=1) + "\n")
@@ -180,8 +215,9 @@ def _start(head: str, run: PlannedRun, command: list[str], env: dict, say) -> _J
     log.flush()
     proc = subprocess.Popen([*command, run.run_dir], stdout=log, stderr=subprocess.STDOUT, env=env)
     state = "resuming" if list_checkpoints(run.run_dir) else "starting"
-    say(f"{head}: {state} (pid {proc.pid}): {run.family}, {run.tokens:,} tokens in {run.steps} steps")
-    return _Job(run, head, proc, time.time(), log)
+    where = f"pid {proc.pid}" + (f", GPU {gpu}" if gpu is not None else "")
+    say(f"{head}: {state} ({where}): {run.family}, {run.tokens:,} tokens in {run.steps} steps")
+    return _Job(run, head, proc, time.time(), log, gpu)
 
 
 def _finish(job: _Job, spec, runs_dir: str, say) -> dict | None:
