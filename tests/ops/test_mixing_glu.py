@@ -161,3 +161,19 @@ def test_glu_kernels_and_the_identity_activation_compile_for_sm90():
 
     out = run_without_interpreter("-c", _AOT)
     assert out.count("ok ") == 6, out
+
+
+def test_glu_kernels_take_int32_indices_bf16_gates_and_strided_tables():
+    """int32 indices and bf16 gates give what int64 / fp32 give (up to the gates' rounding); a
+    lin table that is a column slice of a wider one (row stride != d) is read in place."""
+    leaves, idx, dy = make_inputs(T=9, H=2, K=3, d=16, N=11, seed=5)
+    x, down, up, lin, gates = (t.detach() for t in leaves)
+    wide = torch.randn(11, 40, device=DEVICE)
+    wide[:, 8:24] = lin
+    strided = wide[:, 8:24]
+    assert strided.stride(0) == 40
+    base = expert_mix(x, down, up, idx, gates, lin=lin, backend="triton")
+    torch.testing.assert_close(expert_mix(x, down, up, idx.int(), gates, lin=strided, backend="triton"), base)
+    g16 = gates.bfloat16()
+    ref = naive_float64(x, down, up, idx, g16.float(), "gelu", lin=lin)
+    assert rel_err(expert_mix(x, down, up, idx.int(), g16, lin=lin, backend="triton"), ref) < 1e-5
