@@ -74,10 +74,12 @@ def _glu_bwd_segment_kernel(
     du = tl.zeros([BLOCK_D], dtype=tl.float32)
     dw = tl.zeros([BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+    offs_p = start + tl.arange(0, BLOCK_S)
+    p_next = tl.load(perm_ptr + offs_p, mask=offs_p < end, other=0).to(tl.int64)
     for p0 in range(start, end, BLOCK_S):
         offs_p = p0 + tl.arange(0, BLOCK_S)
         pmask = offs_p < end
-        p = tl.load(perm_ptr + offs_p, mask=pmask, other=0).to(tl.int64)  # flat selection ids t * S + s
+        p = p_next  # flat selection ids t * S + s of this block
         tok = p // S
         g = tl.load(gate_ptr + p, mask=pmask, other=0.0).to(tl.float32)
         h = tl.load(h_ptr + p, mask=pmask, other=0.0)
@@ -85,6 +87,9 @@ def _glu_bwd_segment_kernel(
         m2 = pmask[:, None] & dmask[None, :]
         xt = tl.load(x_ptr + tok[:, None] * stride_x + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
         dyt = tl.load(dy_ptr + tok[:, None] * stride_dy + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+        # the next block's ids while these rows are in flight (as _mix_bwd_segment_kernel)
+        offs_n = offs_p + BLOCK_S
+        p_next = tl.load(perm_ptr + offs_n, mask=offs_n < end, other=0).to(tl.int64)
         s = tl.sum(dyt * v_e[None, :], axis=1)  # dy[t] . v_e
         a, da = _act_and_grad(h, ACT)
         cu = g * da * z * s
