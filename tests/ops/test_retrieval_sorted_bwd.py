@@ -46,3 +46,23 @@ def test_sorted_backward_matches_float64(T, H, S, n, d_key, top_k, dtype):
     assert k64.grad.abs().sum() > 0
     _, dq2, dk2 = _grads(q, keys, top_k, SORTED, up)
     assert torch.equal(dk2, dk) and torch.equal(dq2, dq)  # no atomics: bitwise the same
+
+
+def test_int16_and_int32_sort_keys_give_the_same_gradients(monkeypatch):
+    """Up to INT16_KEY_ROWS table rows the sort keys are int16 (2 radix passes instead of 4); the
+    int32 keys beyond it sort the same pairs in the same stable order, so the gradients are bitwise
+    equal (forced here by lowering the limit)."""
+    from torchpeer.ops.retrieval import triton_backward_sorted as sb
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(13, 2, 8, generator=g).to(DEVICE)
+    keys = torch.randn(2, 2, 9, 4, generator=g).to(DEVICE)  # per-head keys: 36 table rows
+    up = torch.randn(13, 2, 4, generator=g).to(DEVICE)
+    seen = []
+    real_sort = torch.sort
+    monkeypatch.setattr(sb.torch, "sort", lambda t, **kw: seen.append(t.dtype) or real_sort(t, **kw))
+    _, dq16, dk16 = _grads(q, keys, 4, SORTED, up)
+    monkeypatch.setattr(sb, "INT16_KEY_ROWS", 35)
+    _, dq32, dk32 = _grads(q, keys, 4, SORTED, up)
+    assert seen == [torch.int16, torch.int32]
+    assert torch.equal(dk16, dk32) and torch.equal(dq16, dq32)

@@ -20,6 +20,8 @@ from torchpeer.ops.dispatch import triton_interpreting
 
 from .triton_common import next_pow2
 
+INT16_KEY_ROWS = torch.iinfo(torch.int16).max  # up to this many table rows the sort keys are int16
+
 
 @triton.jit
 def _dkeys_sorted_kernel(
@@ -58,8 +60,9 @@ def _table_rows_kernel(idx_ptr, rows_ptr, RK, n, H: tl.constexpr, K: tl.constexp
     a = e // n
     b = e - a * n
     s_set = (s // K) % H if PER_HEAD else 0
-    tl.store(rows_ptr + s, (s_set * 2) * n + a, mask=m)
-    tl.store(rows_ptr + RK + s, (s_set * 2 + 1) * n + b, mask=m)
+    out = rows_ptr.dtype.element_ty
+    tl.store(rows_ptr + s, ((s_set * 2) * n + a).to(out), mask=m)
+    tl.store(rows_ptr + RK + s, ((s_set * 2 + 1) * n + b).to(out), mask=m)
 
 
 def dkeys_sorted(ds: torch.Tensor, queries: torch.Tensor, sub_keys: torch.Tensor, indices: torch.Tensor):
@@ -70,7 +73,10 @@ def dkeys_sorted(ds: torch.Tensor, queries: torch.Tensor, sub_keys: torch.Tensor
     dev = queries.device
     RK = T * H * K
     n_rows = S * 2 * n  # < 2**31: n <= 46340 (the index packing) and S <= H
-    keys = torch.empty((2 * RK,), device=dev, dtype=torch.int32)  # (half, t, h, k) order, as before
+    # The radix sort makes one pass per key byte: 16-bit keys (2048 table rows with shared keys,
+    # 16384 per head at n = 1024) take 2 passes instead of 4. Same stable order, same sums.
+    key_dtype = torch.int16 if n_rows <= INT16_KEY_ROWS else torch.int32
+    keys = torch.empty((2 * RK,), device=dev, dtype=key_dtype)  # (half, t, h, k) order, as before
     if RK:
         block = 256 if triton_interpreting() else 1024
         _table_rows_kernel[(triton.cdiv(RK, block),)](
