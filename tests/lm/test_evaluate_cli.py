@@ -73,3 +73,23 @@ def test_eval_says_which_set_it_is_evaluating(trained, capsys, tmp_path):
     assert out.index("evaluating a") < out.index("checkpoint ")
     assert main([*argv, "--no-progress"]) == 0
     assert "evaluating" not in capsys.readouterr().out
+
+
+def test_eval_default_out_of_a_folder_given_with_a_trailing_slash(trained, capsys, tmp_path):
+    """'runs/x/' and 'runs/x/checkpoints/step_N/' (as shell completion writes them) name the same
+    file as without the slash: RUN_DIR/eval-step_N.json, not 'eval-.json' inside the checkpoint."""
+    import os
+    import shutil
+
+    root, cfg, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    step = sorted(os.listdir(copy / "checkpoints"))[-1]  # the newest, which a run folder evaluates
+    data = ["--data", f"a={root}/valid.txt", "--max-batches", "1", "--no-progress"]
+    for given in (f"{copy}/", f"{copy}/checkpoints/{step}/"):
+        assert main(["eval", given, *data]) == 0
+        out = capsys.readouterr().out
+        assert out.splitlines()[-1].startswith(f"wrote {copy}/eval-{step}.json")
+        assert f"checkpoint {copy}/checkpoints/{step}\n" in out
+    assert not (copy / "checkpoints" / step / "eval-.json").exists()
+    assert sorted(p.name for p in copy.glob("eval-*.json")) == [f"eval-{step}.json"]

@@ -88,6 +88,7 @@ def load_for_inference(path: str, device):
     folder."""
     from torchpeer.lm.checkpoint import load_checkpoint_tokenizer, load_model_from_checkpoint
 
+    path = os.path.normpath(path)  # 'runs/x/' (shell completion) names the same checkpoint as 'runs/x'
     if _is_exported(path):
         from torchpeer.hf import load_exported
 

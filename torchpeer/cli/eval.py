@@ -41,9 +41,11 @@ def add_parser(subparsers):
 
 def default_out(ckpt: str) -> str:
     """RUN_DIR/eval-<checkpoint name>.json next to the run's checkpoints/ folder."""
-    parent = os.path.dirname(ckpt)
+    path = os.path.abspath(ckpt)  # 'step_N/' as shell completion writes it, or '.', names the folder too
+    parent = os.path.dirname(path)
     run_dir = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else parent
-    return os.path.join(run_dir, f"eval-{os.path.basename(ckpt)}.json")
+    out = os.path.join(run_dir, f"eval-{os.path.basename(path)}.json")
+    return out if os.path.isabs(ckpt) else os.path.relpath(out)
 
 
 def weights_id(ckpt: str) -> str | None:
