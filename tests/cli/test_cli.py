@@ -197,6 +197,15 @@ def test_error_override_without_value(capsys):
     assert "--train.lr needs a value" in _error(capsys, ["info", "--train.lr"])
 
 
+@pytest.mark.parametrize("then", [["--train.max_steps", "3"], ["--run-dir", "/nonexistent/never-written"]])
+def test_error_override_followed_by_another_option_is_missing_its_value(capsys, then):
+    """'--train.lr --train.max_steps 3' is a forgotten value, not lr = '--train.max_steps' and a
+    config named '3' (the error was about config '3', or the --run-dir path, not found)."""
+    for cmd in ("info", "train"):
+        err = _error(capsys, [cmd, "--train.lr", *then])
+        assert err.startswith(f"error: override --train.lr needs a value (before {then[0]})"), err
+
+
 @pytest.mark.parametrize("where", ["torchpeer.lm.config_io", "torchpeer.cli.info"])
 def test_ctrl_c_while_a_command_starts_is_one_line(monkeypatch, capsys, where):
     """Ctrl-C while main() imports the override parser or a subcommand (seconds with torch): exit 130

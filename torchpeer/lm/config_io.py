@@ -126,11 +126,12 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
         if "=" in a:
             pairs.append((key, a.split("=", 1)[1]))
             i += 1
-        elif i + 1 < len(argv):
+        elif i + 1 < len(argv) and not re.match(r"--[A-Za-z]", argv[i + 1]):
             pairs.append((key, argv[i + 1]))
             i += 2
-        else:
-            raise ValueError(f"override {a} needs a value, e.g. {a} 512")
+        else:  # the last argument, or followed by another option ('--train.lr --train.max_steps 3')
+            after = f" (before {argv[i + 1]})" if i + 1 < len(argv) else ""
+            raise ValueError(f"override {a} needs a value{after}: {a} VALUE or {a}=VALUE")
     return rest, pairs
 
 
