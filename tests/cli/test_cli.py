@@ -395,7 +395,8 @@ def test_every_option_says_what_it_does_and_its_default(cmd):
             "as dict; give one eval set as --data.valid.NAME SOURCE (e.g. --data.valid.ptb",
         ),
         (["--model.peer.shared_keys", "maybe"], "'maybe' as bool; use true or false"),
-        (["--model.peer.n_experts", "abc"], "'abc' as int; give a number"),
+        (["--model.peer.n_experts", "abc"], "'abc' as int; give a whole number"),
+        (["--train.batch_size", "2.5"], "'2.5' as int; give a whole number, e.g. 64 or 2e6"),
         (["--train.max_flops", "lots"], "'lots' as float or none; give a number, e.g. 2e6 or none"),
     ],
 )
@@ -518,7 +519,7 @@ def test_an_int_field_takes_a_power_as_the_docs_write_n(capsys):
     """--model.peer.n_experts 256**2 (or 256^2): the docs and configs write N as a square."""
     assert load_config("ptb-tiny", ["--model.peer.n_experts", "256**2"]).model.peer.n_experts == 65536
     assert load_config("ptb-tiny", ["--model.peer.n_experts", "256^2"]).model.peer.n_experts == 65536
-    assert "'2M' as int or none; give a number, e.g. 2e6 or none" in _error(
+    assert "'2M' as int or none; give a whole number, e.g. 64 or 2e6 or none" in _error(
         capsys, ["info", "--train.max_tokens", "2M"]
     )
 

@@ -289,6 +289,8 @@ def _value_hint(tp, key: str) -> str:
         return "; give a JSON object"
     if bool in kinds:
         return "; use true or false"
-    if int in kinds or float in kinds:
+    if int in kinds and float not in kinds:  # '2.5' for a count: 'give a number' would not say what is wrong
+        return "; give a whole number, e.g. 64 or 2e6" + (" or none" if type(None) in kinds else "")
+    if float in kinds:
         return "; give a number, e.g. 2e6" + (" or none" if type(None) in kinds else "")
     return ""
