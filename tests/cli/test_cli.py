@@ -707,3 +707,15 @@ def test_python_m_torchpeer_and_the_sweep_and_report_help():
     res = run("report", "--help")
     assert res.returncode == 0 and "examples:" in res.stdout and "--with-runs" in res.stdout
     assert run("no-such-command").returncode == 2
+
+
+def test_a_folder_that_is_not_a_run_is_named_a_folder(capsys, tmp_path):
+    """An existing folder without config.json (an empty one, a data folder) is not 'neither a file nor
+    a shipped config': the error says it is a folder and what folders are taken."""
+    (tmp_path / "notes").mkdir()
+    notes = str(tmp_path / "notes")
+    for argv in (["info", notes], ["train", notes, "--run-dir", str(tmp_path / "r")]):
+        err = _error(capsys, argv)
+        assert err.startswith(f"error: {tmp_path / 'notes'} is a folder without config.json: not a run, "), err
+        assert "ptb-tiny" in err and "neither a file" not in err
+    assert not (tmp_path / "r").exists()

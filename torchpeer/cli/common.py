@@ -28,6 +28,11 @@ def config_with_overrides(name: str, overrides):
     try:
         return load_config(name, overrides)
     except FileNotFoundError as e:
+        if os.path.isdir(name):  # 'neither a file nor a shipped config' would hide that it is a folder
+            raise FileNotFoundError(
+                f"{name} is a folder without config.json: not a run, checkpoint or export-hf folder (nor a "
+                f"folder of runs); give one of those, a TOML file or a shipped config: {', '.join(list_configs())}"
+            ) from None
         stem = os.path.basename(os.path.normpath(name)).removesuffix(".toml")
         close = difflib.get_close_matches(stem, list_configs(), n=1, cutoff=0.6)
         if close and "neither a file nor a shipped config" in str(e):
