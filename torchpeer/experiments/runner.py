@@ -302,7 +302,8 @@ def format_plan(
         tail = f", {unknown} unknown (no measured tokens/s yet{hint})"
     lines.append(f"{todo} runs to train; estimated {_duration(total)} from {basis}{tail}")
     if any(e is None for e in epochs.values()):
-        lines.append("epochs '?': the train split is not tokenised yet ('torchpeer data --config ...' or a first run)")
+        # not 'torchpeer data --config BASE': the spec's data overrides (tokenizer, sources) are not the base's
+        lines.append("epochs '?': the train split is not tokenised yet; the sweep's first run tokenises it")
     if rule is not None:
         lines.append(_rule_line(rule, epochs, over))
     return "\n".join(line.rstrip() for line in lines)
