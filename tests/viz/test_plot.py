@@ -188,3 +188,27 @@ def test_a_folder_of_runs_names_them_and_the_report(tmp_path, capsys):
     (tmp_path / "results.jsonl").write_text("")
     status, _, err = plot_cli([str(tmp_path)], capsys)
     assert status == 2 and err.rstrip().endswith(f"a sweep's figures: torchpeer report {tmp_path}")
+
+
+def test_a_checkpoint_or_export_folder_names_its_run(tmp_path, capsys, monkeypatch):
+    """`torchpeer plot RUN/checkpoints/step_N` or an export-hf folder (torchpeer_origin.json names its
+    checkpoint): one line giving the run folder to plot, not 'not a torchpeer run dir'."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000010").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")
+    export = tmp_path / "export"
+    export.mkdir()
+    origin = {"checkpoint": str(run / "checkpoints" / "step_00000010")}  # absolute, as export-hf writes it
+    (export / "torchpeer_origin.json").write_text(json.dumps(origin))
+    monkeypatch.chdir(tmp_path)
+    status, _, err = plot_cli([os.path.join("run", "checkpoints", "step_00000010") + os.sep], capsys)
+    assert status == 2 and err == (
+        f"error: {os.path.join('run', 'checkpoints', 'step_00000010')}{os.sep} is a checkpoint folder, which has "
+        "no curves of its own: torchpeer plot run\n"
+    )
+    status, _, err = plot_cli(["export"], capsys)
+    assert status == 2
+    assert err == "error: export is an export-hf folder, which has no curves of its own: torchpeer plot run\n"
+    (run / "metrics.jsonl").unlink()  # a run that never logged: the general message
+    status, _, err = plot_cli(["export"], capsys)
+    assert status == 2 and "export has no metrics.jsonl: not a torchpeer run dir" in err

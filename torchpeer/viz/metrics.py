@@ -14,6 +14,7 @@ last record wins. A run that continued another one's weights (``torchpeer train 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -95,12 +96,37 @@ def metrics_path(run_dir: str) -> str:
             f"{run_dir} is a folder of {len(runs)} runs, not one run: give the runs to draw together, "
             f"e.g. torchpeer plot {shown}{also}"
         )
+    if not os.path.isfile(path) and (source := _source_run(run_dir)):  # a checkpoint or export-hf folder
+        what, run = source
+        raise FileNotFoundError(f"{run_dir} is {what}, which has no curves of its own: torchpeer plot {run}")
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{run_dir} has no metrics.jsonl: not a torchpeer run dir, or its training has not logged yet "
             "(torchpeer train writes RUN_DIR/metrics.jsonl)"
         )
     return path
+
+
+def _source_run(folder: str) -> tuple[str, str] | None:
+    """(what ``folder`` is, the run folder whose curves it belongs to) for a checkpoint folder
+    (RUN/checkpoints/step_N) or an export-hf folder (its torchpeer_origin.json names the checkpoint
+    it came from) whose run has a metrics.jsonl; else None."""
+    norm = os.path.normpath(folder)
+    parent = os.path.dirname(norm)
+    if os.path.basename(parent) == "checkpoints":
+        what, run = "a checkpoint folder", os.path.dirname(parent)
+    else:
+        try:
+            with open(os.path.join(norm, "torchpeer_origin.json"), encoding="utf-8") as fh:
+                ckpt = json.load(fh)["checkpoint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        what, run = "an export-hf folder", os.path.dirname(os.path.dirname(str(ckpt)))
+    if not os.path.isfile(os.path.join(run or ".", "metrics.jsonl")):
+        return None
+    if os.path.isabs(run) and not os.path.isabs(folder):
+        run = os.path.relpath(run)  # as the user named the folder
+    return what, run
 
 
 def _logged_runs_below(folder: str, depth: int = 2) -> list[str]:
