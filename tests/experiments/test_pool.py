@@ -197,6 +197,14 @@ def test_bad_parallel_arguments(tmp_path):
         run_sweep(spec, str(tmp_path / "r"), parallel=0)
     with pytest.raises(ValueError, match="--stop-at must be > 0"):
         run_sweep(spec, str(tmp_path / "r"), stop_at=0)
+    # before: a negative time limit skipped every run ('the time limit of -1 s is reached'), a negative
+    # or zero rate planned negative or no times
+    with pytest.raises(ValueError, match="--time-limit must be >= 0 seconds, got -1"):
+        run_sweep(spec, str(tmp_path / "r"), time_limit=-1)
+    for rate in (-5, 0):
+        with pytest.raises(ValueError, match=f"--assume-tokens-per-s must be > 0, got {rate}"):
+            run_sweep(spec, str(tmp_path / "r"), dry_run=True, assume_tokens_per_s=rate)
+    assert not (tmp_path / "r").exists()
 
 
 def test_real_worker_trains_like_the_sweep_process(tmp_path, monkeypatch):

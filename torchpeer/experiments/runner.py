@@ -74,6 +74,10 @@ def run_sweep(
         raise ValueError(f"--parallel must be >= 1, got {parallel}")
     if stop_at is not None and stop_at <= 0:
         raise ValueError(f"--stop-at must be > 0 seconds, got {stop_at}")
+    if time_limit is not None and time_limit < 0:  # (0 starts nothing, as a job with no time left would)
+        raise ValueError(f"--time-limit must be >= 0 seconds, got {time_limit}")
+    if assume_tokens_per_s is not None and not assume_tokens_per_s > 0:  # else negative or no estimates
+        raise ValueError(f"--assume-tokens-per-s must be > 0, got {assume_tokens_per_s}")
     runs = select_runs(plan_sweep(spec, runs_dir), only)
     done = {r["run"]: r for r in read_results(runs_dir)}
     if dry_run:
