@@ -144,6 +144,20 @@ def test_report_params_choice_and_empty(tmp_path, runs_dir):
         write_report(str(tmp_path / "nothing"))
 
 
+def test_report_of_one_training_run_points_to_plot(tmp_path):
+    """A run folder of 'torchpeer train' (metrics.jsonl, no results.jsonl) is not advised to be made a
+    sweep's runs folder ('run torchpeer sweep SPEC --runs-dir RUN'): it names torchpeer plot."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")
+    with pytest.raises(ValueError) as e:
+        write_report(str(run))
+    assert str(e.value) == (
+        f"{run} is one training run, not a sweep's runs folder (no results.jsonl); its curves: torchpeer plot {run}"
+    )
+    assert not (run / "report").exists()
+
+
 def test_blank_png_fails_the_check(tmp_path):
     """The plot check itself can fail: a figure with nothing drawn is rejected."""
     from torchpeer.experiments.figures import _figure, save_png

@@ -60,6 +60,11 @@ def write_report(
     every sweep (``--max-epochs``); None = no rule."""
     if not os.path.isdir(runs_dir):
         raise ValueError(f"{runs_dir} is not a folder; give the runs folder of a sweep (it holds results.jsonl)")
+    if not os.path.exists(results_path(runs_dir)) and os.path.isfile(os.path.join(runs_dir, "metrics.jsonl")):
+        raise ValueError(  # 'torchpeer train' made it: 'run torchpeer sweep --runs-dir RUN' would be no advice
+            f"{runs_dir} is one training run, not a sweep's runs folder (no results.jsonl); "
+            f"its curves: torchpeer plot {runs_dir}"
+        )
     if not os.path.exists(results_path(runs_dir)):
         raise ValueError(
             f"{results_path(runs_dir)} is missing: {runs_dir} is not a sweep's runs folder, or no run of it has "
