@@ -145,6 +145,14 @@ def from_pretrained(directory: str, dtype: torch.dtype | None = None, device: st
     transformers = require_transformers()
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise FileNotFoundError(f"{directory!r} has no config.json: not a saved transformers model")
+    from torchpeer.hf.exported import is_exported_folder
+
+    if is_exported_folder(directory):  # else transformers asks on stdin whether to run its code, then raises
+        raise ValueError(
+            f"{directory!r} is a torchpeer export-hf folder, not a peerified transformers model: load it with "
+            f"torchpeer.hf.load_exported({directory!r}) or "
+            f"AutoModelForCausalLM.from_pretrained({directory!r}, trust_remote_code=True)"
+        )
     config = transformers.AutoConfig.from_pretrained(directory)
     peer = getattr(config, "peer", None)
     if peer is not None:
