@@ -11,13 +11,14 @@ def add_parser(subparsers):
     p = subparsers.add_parser(
         "eval",
         help="perplexity, bits per byte and expert usage of a checkpoint",
-        description="Evaluate a checkpoint (a checkpoint folder, or a run folder: its latest checkpoint) "
+        description="Evaluate a checkpoint (a checkpoint folder, a run folder: its newest intact checkpoint, or an "
+        "export-hf folder) "
         "on named sets: loss, perplexity per token, bits per byte, expert usage and KL; prints a "
         "table and writes JSON.",
         epilog="example:\n  torchpeer eval runs/ptb-tiny --data ptb=ptb:test --data valid=ptb:valid",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("checkpoint", help="checkpoint folder or run folder")
+    p.add_argument("checkpoint", help="checkpoint folder, run folder or export-hf folder")
     p.add_argument(
         "--data", action="append", metavar="NAME=SOURCE", help="eval set (repeatable); default: the config's valid sets"
     )

@@ -16,7 +16,9 @@ def add_parser(subparsers):
         epilog='example:\n  torchpeer generate runs/ptb-tiny --prompt "the company said" --max-new-tokens 200',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("checkpoint", help="checkpoint folder or run folder")
+    p.add_argument(
+        "checkpoint", help="checkpoint folder, run folder (its newest intact checkpoint) or export-hf folder"
+    )
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample (default 200)")
     p.add_argument(

@@ -189,13 +189,13 @@ def add_parser(subparsers):
     p = subparsers.add_parser(
         "export-hf",
         help="write a checkpoint as a transformers model folder",
-        description="Write the latest checkpoint of RUN_DIR (or a checkpoint folder) as a transformers model "
+        description="Write the newest intact checkpoint of RUN_DIR (or a checkpoint folder) as a transformers model "
         "folder: config.json with auto_map, modelling code, safetensors weights and tokenizer files. Load it "
         "with AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True) and "
         "AutoTokenizer.from_pretrained(OUT_DIR, trust_remote_code=True). Needs the [hf] extra.",
         epilog="example:\n  torchpeer export-hf runs/ptb-tiny exports/ptb-tiny",
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="run folder (its latest checkpoint) or checkpoint folder")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run folder (its newest intact checkpoint) or checkpoint folder")
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (must not exist)")
     p.add_argument(
         "--overwrite", action="store_true", help="replace OUT_DIR if it is an earlier export (or an empty folder)"
