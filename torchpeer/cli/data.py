@@ -21,7 +21,7 @@ bytes/token. Files are reused while their inputs are unchanged, so running this 
 Source specs: ptb:train | ptb:valid | ptb:test | FILE.txt | FILE.jsonl[.xz|.gz] (a "text" field
 per line) | DIR (all such files under it) | a glob pattern; join several with ",".
 Tokenizers: byte | bpe (trained on the train split, vocab --vocab-size) | gpt2:DIR (vocab.json +
-merges.txt) | hf:NAME (Hugging Face hub).
+merges.txt) | hf:NAME (the local Hugging Face cache, else the hub).
 """
 
 EXAMPLES = """\

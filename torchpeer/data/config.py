@@ -34,7 +34,7 @@ def check_tokenizer_spec(spec: str) -> None:
     if not ok:
         raise ValueError(
             f"unknown tokenizer spec {spec!r}; use 'byte', 'bpe' (trained locally on the train split), "
-            "'gpt2:DIR' (a folder with vocab.json + merges.txt) or 'hf:NAME' (Hugging Face hub)"
+            "'gpt2:DIR' (a folder with vocab.json + merges.txt) or 'hf:NAME' (Hugging Face cache or hub)"
         )
 
 
