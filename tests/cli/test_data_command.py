@@ -79,3 +79,25 @@ def test_an_unnamed_valid_set_is_named_after_its_source():
     assert parse(["data/held out.txt"]) == {"held_out": "data/held out.txt"}
     with pytest.raises(ValueError, match="--valid name 'mine' is given twice"):
         parse(["mine=a.txt", "mine=b.txt"])
+
+
+def test_a_missing_source_names_the_option_it_came_from(tmp_path, capsys):
+    """One error line that starts with the option (or config field) of the missing source, as in
+    torchpeer train / eval; before, only 'source ... does not exist'."""
+    from torchpeer.cli import main
+
+    (tmp_path / "t.txt").write_text("\n".join(corpus_text(50)), encoding="utf-8")
+    cache = ["--cache-dir", str(tmp_path / "c"), "--no-progress"]
+    cases = [
+        (["--train", str(tmp_path / "nope.txt")], "error: --train: source "),
+        (["--train", str(tmp_path / "t.txt"), "--valid", f"v={tmp_path / 'nope.txt'}"], "error: --valid v: source "),
+        (["--train", str(tmp_path / "t.txt"), "--valid", "ptb:tset"], "error: --valid ptb_tset: unknown Penn "),
+    ]
+    for argv, start in cases:
+        assert main(["data", *argv, *cache]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(start) and err.count("\n") == 1, err
+    (tmp_path / "run.toml").write_text(f'[data]\ntrain = "{tmp_path / "gone.txt"}"\n')
+    assert main(["data", "--config", str(tmp_path / "run.toml"), *cache]) == 2
+    assert capsys.readouterr().err.startswith("error: data.train: source ")
+    assert not (tmp_path / "c").exists()  # nothing tokenised

@@ -157,13 +157,16 @@ def format_table(rows: list[dict]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Prepare every split of the config and print the table; returns the exit status (0)."""
-    from torchpeer.data import load_tokenizer, prepare_split, resolve_source
+    from torchpeer.data import load_tokenizer, prepare_split
+    from torchpeer.data.sources import check_sources
 
     cfg = data_config_from_args(args)
     progress = not args.no_progress
     splits = [("train", cfg.train)] + [(f"valid/{k}", v) for k, v in cfg.valid.items()]
-    for _, spec in splits:  # fail on a bad spec now, not after a long BPE training
-        resolve_source(spec)
+    # fail on a bad spec now, not after a long BPE training, naming the option (or config field) it came from
+    where = {"--train" if args.train else "data.train": cfg.train}
+    where.update({(f"--valid {k}" if args.valid else f"data.valid.{k}"): v for k, v in cfg.valid.items()})
+    check_sources(where)
     t0 = time.time()
     tok = load_tokenizer(cfg, progress=progress)
     dt = time.time() - t0
