@@ -128,6 +128,14 @@ def test_resume_with_nothing_to_resume_is_one_error(trained, tmp_path, capsys, c
         assert main(["eval", str(run)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: '{run}' is a folder of 2 runs, not one run: give one of {run}/runs/a, ")
+    if case == "started":  # eval / generate say it is a run without checkpoints (before: 'neither a
+        (run / "summary.json").write_text("{}")  # checkpoint folder nor a run folder with checkpoints')
+        for cmd in ("eval", "generate"):
+            assert main([cmd, str(run)]) == 2
+            assert capsys.readouterr().err == (
+                f"error: '{run}' is a run folder without checkpoints (trained with train.checkpoint = false, or "
+                "stopped before its first checkpoint); its final evaluation is in its summary.json\n"
+            )
 
 
 def test_eval_on_a_sweep_folder_without_checkpoints_points_to_its_results(tmp_path, capsys):

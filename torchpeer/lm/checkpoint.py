@@ -127,6 +127,13 @@ def resolve_checkpoint(path: str, say=_stderr) -> str:
                 f"{path!r} is a sweep's runs folder whose runs kept no checkpoints (train.checkpoint false): "
                 f"their final evaluations are in its results.jsonl; see them with 'torchpeer report {path}'"
             )
+        if os.path.isfile(os.path.join(path, "metrics.jsonl")):  # torchpeer train wrote it, but no checkpoint
+            finished = os.path.isfile(os.path.join(path, "summary.json"))
+            summary = "; its final evaluation is in its summary.json" if finished else ""
+            raise FileNotFoundError(
+                f"{path!r} is a run folder without checkpoints (trained with train.checkpoint = false, or stopped "
+                f"before its first checkpoint){summary}"
+            )
         raise FileNotFoundError(f"{path!r} is neither a checkpoint folder nor a run folder with checkpoints")
     if os.path.exists(path):  # a file: e.g. model.safetensors or config.json of a checkpoint
         raise FileNotFoundError(
