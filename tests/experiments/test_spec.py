@@ -218,3 +218,20 @@ def test_speed_settings_spec_pairs_seeds_and_changes_only_the_speed_fields(tmp_p
         strip = [dataclasses.replace(r.cfg.train, expert_optimizer="adamw", compile=False) for r in group]
         assert all(s == strip[0] for s in strip) and all(r.cfg.model == group[0].cfg.model for r in group)
         assert len({r.steps for r in group}) == 1 and group[0].cfg.model.ffw == "peer"
+
+
+def test_a_misspelt_base_config_names_the_closest_one(tmp_path, capsys):
+    """A spec's base (and torchpeer data --config) gets the CLI's 'did you mean' too: the suggestion is
+    made where config names are resolved, not only by train / info."""
+    from torchpeer.cli import main
+    from torchpeer.lm.config_io import list_configs
+
+    spec = tmp_path / "s.toml"
+    spec.write_text('[sweep]\nbase = "ptb-tiy"\nkind = "isoflop"\nbudgets = [1e10]\n[grid.family]\nd = {}\n')
+    assert main(["sweep", str(spec), "--dry-run", "--runs-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert err.endswith("config 'ptb-tiy' is neither a file nor a shipped config; shipped configs: "
+                        f"{', '.join(list_configs())}; did you mean ptb-tiny?\n")
+    assert main(["data", "--config", "ptb-tiyn"]) == 2
+    assert capsys.readouterr().err.endswith("; did you mean ptb-tiny?\n")

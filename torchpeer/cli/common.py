@@ -9,8 +9,6 @@ def config_with_overrides(name: str, overrides):
     """The run config ``name`` with ``--a.b V`` overrides applied. ``name``: a shipped config name, a
     TOML path, or a saved config: a run folder (the config it was last trained under), a checkpoint
     folder, an export-hf folder, or one of their config.json files."""
-    import difflib
-
     from torchpeer.lm.config_io import apply_overrides, list_configs, load_config
 
     saved = saved_config(name)
@@ -27,16 +25,12 @@ def config_with_overrides(name: str, overrides):
             raise ValueError(f"{name} is a folder of {len(runs)} runs, not one run: give one of {shown}")
     try:
         return load_config(name, overrides)
-    except FileNotFoundError as e:
+    except FileNotFoundError:
         if os.path.isdir(name):  # 'neither a file nor a shipped config' would hide that it is a folder
             raise FileNotFoundError(
                 f"{name} is a folder without config.json: not a run, checkpoint or export-hf folder (nor a "
                 f"folder of runs); give one of those, a TOML file or a shipped config: {', '.join(list_configs())}"
             ) from None
-        stem = os.path.basename(os.path.normpath(name)).removesuffix(".toml")
-        close = difflib.get_close_matches(stem, list_configs(), n=1, cutoff=0.6)
-        if close and "neither a file nor a shipped config" in str(e):
-            raise FileNotFoundError(f"{e}; did you mean {close[0]}?") from None
         raise
 
 
