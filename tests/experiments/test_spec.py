@@ -235,3 +235,11 @@ def test_a_misspelt_base_config_names_the_closest_one(tmp_path, capsys):
                         f"{', '.join(list_configs())}; did you mean ptb-tiny?\n")
     assert main(["data", "--config", "ptb-tiyn"]) == 2
     assert capsys.readouterr().err.endswith("; did you mean ptb-tiny?\n")
+
+
+def test_a_misspelt_spec_name_names_the_closest_one():
+    with pytest.raises(FileNotFoundError, match=r"shipped specs: .*; did you mean isoflop\?$"):
+        load_spec("isoflp")
+    with pytest.raises(FileNotFoundError) as e:
+        load_spec("nothing-like-it")
+    assert "did you mean" not in str(e.value)
