@@ -65,7 +65,7 @@ def _one_line(text: str) -> str:
 
 
 @pytest.mark.parametrize("damaged_run", DAMAGE, indirect=True, ids=[f"{f}-{h}" for f, h in DAMAGE])
-def test_eval_and_generate_name_the_damage_and_use_the_intact_checkpoint(damaged_run, tmp_path, capsys):
+def test_eval_and_generate_name_the_damage_and_use_the_intact_checkpoint(damaged_run, tmp_path, capsys, monkeypatch):
     run, file, how = damaged_run
     bad, good = (os.path.join(run, "checkpoints", f"step_000000{s}0") for s in (6, 5))
     out = str(tmp_path / "eval.json")
@@ -86,6 +86,11 @@ def test_eval_and_generate_name_the_damage_and_use_the_intact_checkpoint(damaged
     err = _one_line(capsys.readouterr().err)
     assert err.startswith(f"error: checkpoint {bad} is damaged: {file} {WHY[how]}")
     assert err.endswith(f"the older checkpoint {good} beside it is intact, use that")
+    with monkeypatch.context() as m:  # named relative to the current folder, the offer is too (it was absolute)
+        m.chdir(run)
+        assert main(["eval", os.path.relpath(bad, run), "--max-batches", "1", "--device", "cpu", "--out", out]) == 2
+        err = _one_line(capsys.readouterr().err)
+        assert err.endswith(f"the older checkpoint {os.path.relpath(good, run)} beside it is intact, use that")
     assert main([*argv[:1], bad, *argv[2:]]) == 2
     assert _one_line(capsys.readouterr().err).startswith(f"error: checkpoint {bad} is damaged: {file}")
 

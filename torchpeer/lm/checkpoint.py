@@ -106,6 +106,8 @@ def resolve_checkpoint(path: str, say=_stderr) -> str:
             name = os.path.basename(os.path.abspath(path))
             older = [p for p in list_checkpoints(run_dir) if os.path.basename(p) < name]  # zero-padded steps
             intact = next((p for p in reversed(older) if _intact(p)), None)
+            if intact and not os.path.isabs(path):
+                intact = os.path.relpath(intact)  # as the damaged one was named, not /abs/path/...
             hint = f"; the older checkpoint {intact} beside it is intact, use that" if intact else ""
             raise CheckpointDamaged(e.folder, e.reason, hint) from None
         return path
