@@ -32,8 +32,8 @@ def add_parser(subparsers):
     p.add_argument("--cache-dir", help="token cache folder (default: the config's data.cache_dir)")
     p.add_argument(
         "--out",
-        help="JSON output path (default RUN_DIR/eval-<checkpoint>.json); results of other sets already in "
-        "it for the same checkpoint are kept",
+        help="JSON output path (default RUN_DIR/eval-<checkpoint>.json; for an export-hf folder DIR, "
+        "eval-DIR.json beside it); results of other sets already in it for the same checkpoint are kept",
     )
     p.add_argument("--no-progress", action="store_true", help="no tokenising or evaluating progress")
     p.set_defaults(func=run)
