@@ -12,6 +12,7 @@ import pytest
 
 from torchpeer.experiments import parse_spec, read_results, run_sweep
 from torchpeer.experiments import pool as pool_mod
+from torchpeer.experiments.plan import plan_sweep
 
 # A stand-in worker: writes what the trainer writes (config.json, summary.json) after SLEEP seconds,
 # logs its start/end times; exits 1 for runs named in FAIL; exits 130 on SIGINT.
@@ -26,6 +27,14 @@ FAKE_WORKER = textwrap.dedent(
     if payload["run"] in os.environ.get("FAIL", "").split(","):
         print("boom: a deliberate failure", flush=True)
         sys.exit(1)
+    marker = os.path.join(run_dir, "refused_once")
+    if payload["run"] in os.environ.get("NOMEM", "").split(",") and not os.path.exists(marker):
+        open(marker, "w").close()  # refused by the memory check once (others hold the GPU), then fits
+        print("worker: not now: a training step needs about 80 GiB", flush=True)
+        sys.exit(75)
+    if payload["run"] in os.environ.get("NOMEM_ALWAYS", "").split(","):
+        print("worker: not now: a training step needs about 80 GiB", flush=True)
+        sys.exit(75)
     time.sleep(float(os.environ.get("SLEEP", "0.5")))
     cfg["model"]["vocab_size"] = 257
     json.dump(cfg, open(os.path.join(run_dir, "config.json"), "w"))
@@ -81,6 +90,8 @@ def fake_worker(tmp_path, monkeypatch):
     monkeypatch.setattr(pool_mod, "worker_command", lambda: [sys.executable, str(script)])
     monkeypatch.setenv("SLEEP", "0.5")
     monkeypatch.delenv("FAIL", raising=False)
+    monkeypatch.delenv("NOMEM", raising=False)
+    monkeypatch.delenv("NOMEM_ALWAYS", raising=False)
     return script
 
 
@@ -143,6 +154,31 @@ def test_visible_gpus_and_the_least_loaded_one(monkeypatch):
     assert pool_mod.least_loaded_gpu(["0", "1"], []) == "0"
     assert pool_mod.least_loaded_gpu(["0", "1"], [job("0")]) == "1"
     assert pool_mod.least_loaded_gpu(["0", "1", "2"], [job("0"), job("1"), job("0"), job("2")]) == "1"
+
+
+def test_a_run_refused_for_memory_waits_for_a_running_run_to_end(tmp_path, fake_worker, monkeypatch):
+    """A worker refused by the memory check while others run (exit 75) goes back to the queue and
+    starts again only after a running run has ended; it is then recorded like the others. One that
+    is refused with nothing else running has failed (it would never fit)."""
+    spec, runs_dir, msgs = spec_for(tmp_path), str(tmp_path / "runs"), []
+    victim = "d_model=32-ffw=peer-1e10"
+    monkeypatch.setenv("NOMEM", victim)
+    run_sweep(spec, runs_dir, parallel=3, progress=False, say=msgs.append)
+    assert len({r["run"] for r in read_results(runs_dir)}) == 8
+    waited = [i for i, m in enumerate(msgs) if victim in m and "waits for GPU memory" in m]
+    assert len(waited) == 1 and not any("FAILED" in m for m in msgs)
+    restart = next(i for i, m in enumerate(msgs) if i > waited[0] and victim in m and "starting" in m)
+    assert any("finished in" in m for m in msgs[waited[0] : restart])  # another run ended in between
+    spans = intervals(runs_dir)
+    assert max_overlap(spans) <= 3
+
+    (tmp_path / "b").mkdir()
+    spec2, runs2, msgs2 = spec_for(tmp_path / "b"), str(tmp_path / "runs2"), []
+    monkeypatch.setenv("NOMEM_ALWAYS", victim)
+    run_sweep(spec2, runs2, parallel=3, progress=False, say=msgs2.append)
+    failed = [m for m in msgs2 if "FAILED" in m]
+    assert len(failed) == 1 and victim in failed[0] and "not now" in failed[0]
+    assert len({r["run"] for r in read_results(runs2)}) == 7
 
 
 def test_a_failed_worker_is_reported_and_the_others_finish(tmp_path, fake_worker, monkeypatch):
@@ -268,3 +304,40 @@ def test_device_sweep_script_runs_a_sweep_and_packs_its_results(tmp_path):
     assert "torchpeer from" in res.stdout and ".snap" in res.stdout
     (rec,) = [json.loads(line) for line in (snap / "runs" / "smoke" / "results.jsonl").read_text().splitlines()]
     assert rec["code"]["commit"] == "abc1234" and rec["code"]["torch"]
+
+
+def test_worker_exit_status_for_a_memory_refusal(tmp_path, monkeypatch):
+    """The worker exits 75 (start me later) when the step would fit on the empty GPU but not in
+    what is free now, and fails (raises: exit 1) when it would not fit even on the empty GPU."""
+    import torchpeer.lm as lm
+    from torchpeer.experiments import worker
+    from torchpeer.lm.memory import MemoryFitError
+
+    spec = spec_for(tmp_path)
+    run = plan_sweep(spec, str(tmp_path / "runs"))[0]
+    os.makedirs(run.run_dir)
+    with open(os.path.join(run.run_dir, worker.RUN_FILE), "w") as fh:
+        json.dump({"run": run.name, "config": run.cfg.to_dict()}, fh)
+    for capacity, expect in ((100, worker.EXIT_NO_MEMORY_NOW), (50, None), (None, None)):
+
+        def refuse(*a, capacity=capacity, **k):
+            raise MemoryFitError("a training step needs about 80 B", needed=80, available=10, capacity=capacity)
+
+        monkeypatch.setattr(lm, "train", refuse)
+        if expect is None:
+            with pytest.raises(MemoryFitError):
+                worker.main([run.run_dir])
+        else:
+            assert worker.main([run.run_dir]) == expect
+
+
+def test_check_fits_refusal_carries_the_numbers():
+    from torchpeer.lm import load_config
+    from torchpeer.lm.memory import MemoryFitError, check_fits
+
+    cfg = load_config("ptb-tiny")
+    cfg.train.device = "cpu"
+    with pytest.raises(MemoryFitError, match="a training step needs about") as e:
+        check_fits(cfg, "cpu", available=1)
+    assert e.value.available == 1 and e.value.needed > 1 and e.value.capacity is None
+    assert isinstance(e.value, ValueError)  # callers that catch ValueError keep working

@@ -14,8 +14,11 @@ Scheduling, in plan order (budget by budget): a free slot takes the next run who
 (runner.estimate_seconds) ends before ``time_limit``; a run that would not is passed over for a
 shorter one (said once), one longer than the whole limit is skipped. ``stop_at`` (seconds after the
 start) interrupts runs still training then with SIGINT: they checkpoint (when checkpoints are on)
-and resume on the next invocation, or restart. A failed run (non-zero exit) is reported with the
-end of its log and not retried in this invocation; the others go on.
+and resume on the next invocation, or restart. A run refused by the memory check while other runs
+hold the GPU (worker exit EXIT_NO_MEMORY_NOW) goes back to the head of the queue, and no run starts
+until one of the running ones ends; refused with nothing else running, it has failed. A failed run
+(other non-zero exit) is reported with the end of its log and not retried in this invocation; the
+others go on.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 
 from torchpeer.experiments.plan import PlannedRun
 from torchpeer.experiments.results import append_result, make_run_record
-from torchpeer.experiments.worker import RUN_FILE
+from torchpeer.experiments.worker import EXIT_NO_MEMORY_NOW, RUN_FILE
 from torchpeer.lm.checkpoint import list_checkpoints
 
 POLL_SECONDS = 0.2
@@ -131,10 +134,18 @@ def run_parallel(
     interrupted, dropped = False, []
     env = worker_env(parallel)
     gpus = visible_gpus() if gpus is None else gpus
+    hold = False  # a run waits for GPU memory: start nothing until a running run ends
     try:
         while pending or jobs:
             for job in [j for j in jobs if j.proc.poll() is not None]:
                 jobs.remove(job)
+                if job.proc.returncode == EXIT_NO_MEMORY_NOW and jobs and not interrupted:
+                    job.log.close()
+                    say(f"{job.head}: waits for GPU memory (others hold it); it starts again when a running run ends")
+                    pending.insert(0, (job.head, job.run))
+                    hold = True
+                    continue
+                hold = False
                 rec = _finish(job, spec, runs_dir, say)
                 if rec is not None:
                     new.append(rec)
@@ -153,7 +164,7 @@ def run_parallel(
                 dropped += pending
                 pending = []
             blocked = False
-            while pending and len(jobs) < parallel:
+            while pending and len(jobs) < parallel and not hold:
                 pick = _next_startable(pending, estimate, elapsed, time_limit, told, say)
                 if pick is None:
                     blocked = True

@@ -6,7 +6,9 @@ writes ``RUN_DIR/summary.json``. The sweep records the result; a worker never to
 results.jsonl, so several workers can share a runs folder.
 
 Exit status: 0 finished, 130/143 stopped by SIGINT/SIGTERM (after a checkpoint, when checkpoints
-are on), 1 anything else (the traceback goes to the run's worker.log).
+are on), 75 (EXIT_NO_MEMORY_NOW) the step does not fit in the GPU memory free now but would on the
+empty GPU (other runs hold it: the sweep starts it again later), 1 anything else (the traceback
+goes to the run's worker.log).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import sys
 
 RUN_FILE = "sweep_run.json"
+EXIT_NO_MEMORY_NOW = 75  # EX_TEMPFAIL: refused by the memory check while other runs hold the GPU
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         payload = json.load(fh)
 
     from torchpeer.lm import RunConfig, train
+    from torchpeer.lm.memory import MemoryFitError
     from torchpeer.lm.train import TrainingInterrupted
 
     cfg = RunConfig.from_dict(payload["config"])
@@ -36,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:
         print(f"worker: {e}; checkpoint {e.checkpoint}", flush=True)
         return 128 + e.signum
+    except MemoryFitError as e:
+        if e.capacity is None or e.needed > e.capacity:
+            raise  # would not fit on the empty device either: a real failure
+        print(f"worker: not now: {e}", flush=True)
+        return EXIT_NO_MEMORY_NOW
     return 0
 
 

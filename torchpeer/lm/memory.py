@@ -330,7 +330,19 @@ def check_fits(cfg, device: str | torch.device | None = None, available: int | N
             return est
     if est.total <= available:
         return est
-    raise ValueError(
+    raise MemoryFitError(
         f"a training step needs about {est.format()}, more than the {format_bytes(available)} of {source}; "
-        f"lower {', or '.join(_knobs(est, cfg))}"
+        f"lower {', or '.join(_knobs(est, cfg))}",
+        needed=est.total,
+        available=available,
+        capacity=torch.cuda.mem_get_info(dev)[1] if dev.type == "cuda" else None,
     )
+
+
+class MemoryFitError(ValueError):
+    """``check_fits``' refusal. needed, available: bytes; capacity: the GPU's total memory (None off
+    CUDA), so a caller can tell "not now, others hold memory" (needed <= capacity) from "never"."""
+
+    def __init__(self, message: str, needed: int, available: int, capacity: int | None):
+        super().__init__(message)
+        self.needed, self.available, self.capacity = needed, available, capacity
