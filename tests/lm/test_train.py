@@ -174,7 +174,7 @@ def test_config_json_records_backends(trained):
     assert saved["backends"] == {"blocks.1.ffw": {"product_key_topk": "torch", "expert_mix": "torch"}}
     start = records(run)[0]
     assert start["event"] == "start" and start["backends"] == saved["backends"] and start["world_size"] == 1
-    from torchpeer.lm.trainer import format_backends
+    from torchpeer.lm.run_messages import format_backends
 
     two = {"blocks.0.ffw": {"expert_mix": "torch"}, "blocks.2.ffw": {"expert_mix": "torch"}, "x": {"op": "triton"}}
     assert format_backends(two) == "expert_mix=torch (blocks.0.ffw, blocks.2.ffw); op=triton (x)"
@@ -182,7 +182,7 @@ def test_config_json_records_backends(trained):
 
 def test_aux_loss_of_any_module_is_added(tmp_path):
     """The trainer adds aux_loss() of every module that defines one (here a token-choice MoE)."""
-    from torchpeer.lm.trainer import aux_loss
+    from torchpeer.layers.registry import sum_aux_losses as aux_loss
 
     moe_flags = ["--model.ffw", "moe", "--model.moe.n_experts", "4", "--model.moe.routing", "token_choice"]
     cfg = _tiny(tmp_path, *moe_flags, "--model.moe.aux_loss_weight", "0.5", max_steps=2)

@@ -13,9 +13,8 @@ save_checkpoint() / load_checkpoint(path): exact-resume state (see checkpoint.py
     newest intact checkpoint and records the config changes (resume.py).
 fit(): steps until the budget, logging, periodic eval and checkpoints, then the final checkpoint,
     the full evaluation and summary.json. SIGINT/SIGTERM stop it after the current step with a
-    checkpoint (TrainingInterrupted). A resume of a run that had already finished (checkpoint at the
-    end of the budget, final evaluation recorded: recorded_finish()) builds nothing, says so in one
-    line and returns the recorded summary.
+    checkpoint (TrainingInterrupted). A resume of a finished run (finished.py) builds nothing, says
+    so in one line and returns the recorded summary.
 
 Seams: callbacks (callbacks.py) watch the run; a parallel plan (plan.py) spreads it over processes.
 """
@@ -23,7 +22,6 @@ Seams: callbacks (callbacks.py) watch the run; a parallel plan (plan.py) spreads
 from __future__ import annotations
 
 import os
-import shlex
 import signal
 import time
 
@@ -41,10 +39,8 @@ from torchpeer.lm.config import RunConfig
 from torchpeer.lm.interrupt import StopOnSignals, TrainingInterrupted
 from torchpeer.lm.metrics import MetricsLog
 from torchpeer.lm.plan import default_plan
+from torchpeer.lm.run_messages import format_eval, resume_lines, start_lines
 from torchpeer.lm.rundir import check_run_folder, check_writable, remove_stale_partials, writing
-
-# The sum of the (already weighted) aux_loss() terms of the model's submodules (trainer name kept).
-aux_loss = sum_aux_losses
 
 
 class Trainer:
@@ -108,30 +104,15 @@ class Trainer:
         self._find_checkpoint()
 
     def recorded_finish(self) -> dict | None:
-        """The recorded summary when this resume has nothing to do, else None: the checkpoint is at the
-        end of the config's budget and the run's final evaluation of that step is recorded (summary.json
-        of that step with every valid set of the config, and the final record in metrics.jsonl). Read
-        before the tokenizer, model and data are built (for train.max_flops, the FLOPs per token are the
-        summary's). A run stopped during its final evaluation, or resumed with an eval set added, is not
-        finished: its resume evaluates (see _finish)."""
+        """The recorded summary when this resume has nothing to do (the run had finished: finished.py),
+        else None; every rank takes the same way. Read before the tokenizer, model and data are built."""
+        from torchpeer.lm.finished import recorded_finish
+
         self._start()
-        if self.ckpt is None:
+        found = recorded_finish(self.run_dir, self.ckpt, self.cfg)
+        if self.plan.any_rank(found is None):  # each rank read the files itself
             return None
-        step = ckpt_io.checkpoint_step(self.ckpt)
-        summary = _read_json(os.path.join(self.run_dir, "summary.json"))
-        done = (
-            isinstance(summary, dict)
-            and summary.get("steps") == step
-            and isinstance(summary.get("train_flops_per_token"), int)
-            and set(summary.get("valid") or {}) == set(self.cfg.data.valid)
-            and _has_final_record(os.path.join(self.run_dir, "metrics.jsonl"), step)
-        )
-        if done:  # the model is the checkpoint's (check_same_model), and so are its recorded FLOPs per token
-            total, setting = step_budget(self.cfg, summary["train_flops_per_token"])
-            done = step == total
-        if self.plan.any_rank(not done):  # every rank takes the same way (each read the files itself)
-            return None
-        self.step, self.total_steps, self.budget_setting = step, total, setting
+        summary, self.step, self.total_steps, self.budget_setting = found
         return summary
 
     def _find_checkpoint(self) -> None:
@@ -253,7 +234,7 @@ class Trainer:
             with self.plan.no_sync(self.wrapped, micro == t.grad_accum - 1):
                 with runtime.autocast(self.device, self.amp_dtype):
                     _, loss = self.forward(x, y)
-                    aux = aux_loss(self.model)
+                    aux = sum_aux_losses(self.model)  # the FFWs' weighted aux_loss() terms
                     total = loss if aux is None else loss + aux
                 (total / t.grad_accum).backward()
             part = loss.detach().float() / t.grad_accum
@@ -350,32 +331,13 @@ class Trainer:
     def _fit(self) -> dict:
         cfg, t, rank0 = self.cfg, self.cfg.train, self.plan.is_rank0
         show_bar = self.progress and rank0 and os.environ.get("TQDM_DISABLE") != "1"
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.step,
-            disable=None if show_bar else True,
-            dynamic_ncols=True,
-            desc=cfg.name or "train",
-            unit="step",
-        )
+        opts = dict(disable=None if show_bar else True, dynamic_ncols=True, desc=cfg.name or "train", unit="step")
+        bar = tqdm(total=self.total_steps, initial=self.step, **opts)
         say = bar.write if not bar.disable else print
         print_logs = self.progress and rank0 and bar.disable  # not a terminal: print the log lines instead
-        for note in self.notes if rank0 else []:
-            say(note)
-        if rank0 and self.ckpt is not None:
-            say(
-                f"resuming {self.run_dir} from {os.path.basename(self.ckpt)}: step {self.step}/{self.total_steps}, "
-                f"{self.step * self.tokens_per_step:,} tokens"
-            )
-            if self.config_changes:
-                say(f"changed on resume (kept in {self.run_dir}/configs/): {'; '.join(self.config_changes)}")
-        if self.progress and rank0 and self.backends:
-            say(f"op backends: {format_backends(self.backends)}")
-        if rank0 and self.log.tb_missing:
-            say(self.log.tb_missing)
-        if rank0 and self.removed_partials:
-            say(f"removed {len(self.removed_partials)} partial checkpoint(s) left by an interrupted save")
         if rank0:
+            for line in start_lines(self):
+                say(line)
             self.callbacks.on_train_start(self)
         self._t_start = t_log = time.time()
         self.model.train()
@@ -418,7 +380,7 @@ class Trainer:
                 results = self.evaluate(t.eval_batches)
                 if rank0:
                     self.log.write({"step": step, "eval": results})
-                    say(f"step {step}: " + _format_eval(results))
+                    say(f"step {step}: " + format_eval(results))
                     self.callbacks.on_eval(self, step, results)
             if step % t.ckpt_interval == 0 and not final:
                 self.save_checkpoint()
@@ -431,14 +393,12 @@ class Trainer:
         return self._finish()
 
     def _say_finished(self) -> None:
-        """What a resume of a finished run prints (rank 0): the notes of the resume, then one line."""
-        if not self.plan.is_rank0:
-            return
-        for note in self.notes:
-            print(note)
-        if self.removed_partials:
-            print(f"removed {len(self.removed_partials)} partial checkpoint(s) left by an interrupted save")
-        print(finished_message(self.run_dir, self.step, self.total_steps, self.budget_setting, self.cfg))
+        """What a resume of a finished run prints (rank 0): what the resume found, then one line."""
+        from torchpeer.lm.finished import finished_message
+
+        line = finished_message(self.run_dir, self.step, self.total_steps, self.budget_setting, self.cfg)
+        if self.plan.is_rank0:
+            print("\n".join([*resume_lines(self), line]))
 
     def _interrupt(self, say) -> None:
         """Checkpoint the current step (unless one was just written) and raise TrainingInterrupted."""
@@ -484,52 +444,3 @@ class Trainer:
                 write_json_atomic(path, summary)
             self.callbacks.on_train_end(self, summary)
         return summary
-
-
-def finished_message(run_dir: str, step: int, total: int, setting: str, cfg: RunConfig) -> str:
-    """One line: the run had already finished (nothing was redone), and the command that trains it further."""
-    flag = setting.split(" = ")[0]
-    t = cfg.train
-    if flag == "train.max_steps":
-        more = str(2 * step)
-    else:
-        value = t.max_tokens if flag == "train.max_tokens" else t.max_flops
-        more = f"{2 * value:.3g}".replace("e+0", "e").replace("e+", "e")
-    again = shlex.join(["torchpeer", "train", run_dir, "--resume", f"--{flag}", more])
-    return (
-        f"{run_dir} had already finished at step {step}/{total} ({setting}) and its final evaluation is recorded "
-        f"in summary.json: nothing was trained or evaluated again; to train further, raise {flag}, e.g. {again}"
-    )
-
-
-def _read_json(path: str):
-    """The JSON in ``path``, or None when it is missing or unreadable."""
-    import json
-
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return None
-
-
-def _has_final_record(path: str, step: int) -> bool:
-    """Whether metrics.jsonl holds the final evaluation record of ``step``."""
-    from torchpeer.jsonl import read_json_lines
-
-    if not os.path.isfile(path):
-        return False
-    return any(r.get("final") and r.get("step") == step for r in read_json_lines(path).records)
-
-
-def format_backends(report: dict) -> str:
-    """{layer: {op: backend}} -> "product_key_topk=torch expert_mix=torch (blocks.1.ffw)", layers with
-    the same choices listed together."""
-    groups: dict[str, list[str]] = {}
-    for layer, ops in report.items():
-        groups.setdefault(" ".join(f"{op}={b}" for op, b in ops.items()), []).append(layer)
-    return "; ".join(f"{choice} ({', '.join(layers)})" for choice, layers in groups.items())
-
-
-def _format_eval(results: dict) -> str:
-    return ", ".join(f"{n} loss {r['loss']:.4f} ppl {r['ppl']:.2f} bpb {r['bpb']:.4f}" for n, r in results.items())

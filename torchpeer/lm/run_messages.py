@@ -1,0 +1,48 @@
+"""What a training run prints besides its log lines: the lines at its start and the periodic
+evaluation line (the line of a resume of a finished run is finished.py's)."""
+
+from __future__ import annotations
+
+import os
+
+
+def resume_lines(trainer) -> list[str]:
+    """What a resume found: its notes (damaged checkpoints moved aside, ...) and the partial
+    checkpoints it removed."""
+    lines = list(trainer.notes)
+    if trainer.removed_partials:
+        lines.append(f"removed {len(trainer.removed_partials)} partial checkpoint(s) left by an interrupted save")
+    return lines
+
+
+def start_lines(trainer) -> list[str]:
+    """The lines a (rank-0) Trainer prints before its first step: resume_lines, where it resumes from
+    and what changed, the op backends, a missing TensorBoard."""
+    t = trainer
+    lines = resume_lines(t)
+    if t.ckpt is not None:
+        lines.append(
+            f"resuming {t.run_dir} from {os.path.basename(t.ckpt)}: step {t.step}/{t.total_steps}, "
+            f"{t.step * t.tokens_per_step:,} tokens"
+        )
+        if t.config_changes:
+            lines.append(f"changed on resume (kept in {t.run_dir}/configs/): {'; '.join(t.config_changes)}")
+    if t.progress and t.backends:
+        lines.append(f"op backends: {format_backends(t.backends)}")
+    if t.log.tb_missing:
+        lines.append(t.log.tb_missing)
+    return lines
+
+
+def format_backends(report: dict) -> str:
+    """{layer: {op: backend}} -> "product_key_topk=torch expert_mix=torch (blocks.1.ffw)", layers with
+    the same choices listed together."""
+    groups: dict[str, list[str]] = {}
+    for layer, ops in report.items():
+        groups.setdefault(" ".join(f"{op}={b}" for op, b in ops.items()), []).append(layer)
+    return "; ".join(f"{choice} ({', '.join(layers)})" for choice, layers in groups.items())
+
+
+def format_eval(results: dict) -> str:
+    """{set: results} -> "corpus loss 3.1234 ppl 22.75 bpb 1.1000, ..." (one periodic evaluation)."""
+    return ", ".join(f"{n} loss {r['loss']:.4f} ppl {r['ppl']:.2f} bpb {r['bpb']:.4f}" for n, r in results.items())
