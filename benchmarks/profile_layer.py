@@ -102,7 +102,7 @@ def summarise(prof, steps: int, wall_ms: float, on_gpu: bool = True) -> dict:
 
 def profile_one(impl: str, d: int, tokens: int, cfg: dict, device, dtype, steps: int, warmup: int) -> dict:
     """Profile `steps` forward+backward steps of `impl` on (tokens, d) inputs after `warmup` ones."""
-    module = make_module(impl, d, cfg).to(device)
+    module = make_module(impl, d, cfg).to(device=device, dtype=dtype)  # in the inputs' dtype, as peer_layer.py
     x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
     dy = torch.randn_like(x)
 

@@ -46,3 +46,13 @@ def test_bad_arguments_say_what_to_fix(profile_layer, argv, message, capsys, tmp
     with pytest.raises(SystemExit):
         profile_layer.main([*argv, "--out-dir", str(tmp_path)])
     assert message in capsys.readouterr().err
+
+
+def test_profile_one_runs_the_layer_in_the_inputs_dtype(profile_layer):
+    """The GPU default is bf16 inputs: the layer is cast to them (a PEER layer refuses inputs of
+    another dtype than its parameters; an H200 run of 2026-12-05 stopped there)."""
+    import torch
+
+    cfg = {"n_experts": 8**2, "heads": 2, "top_k": 2, "d_key": 8}
+    row = profile_layer.profile_one("torch", 16, 8, cfg, torch.device("cpu"), torch.bfloat16, 1, 0)
+    assert row["wall_ms"] > 0
