@@ -65,3 +65,41 @@ def test_pruning_keeps_a_checkpoint_stripped_by_hand(tmp_path):
     for step in (2, 3, 4):
         save_checkpoint(run, step, model, {}, cfg, keep=2)
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["step_00000001", "step_00000003", "step_00000004"]
+
+
+def test_a_full_disk_deletes_the_checkpoints_to_be_pruned_before_the_save(tmp_path, monkeypatch, capsys):
+    """With room for one more checkpoint the old ones go after the new one is complete; on a disk
+    with less free space than a checkpoint takes, the ones the save would prune go first (and it
+    says so), so the save does not fail; the keep newest are what remains either way."""
+    import shutil
+    from collections import namedtuple
+
+    import torchpeer.lm.checkpoint as ckpt_io
+
+    cfg = RunConfig()
+    cfg.model, cfg.train.max_steps = tiny("dense"), 9
+    run = str(tmp_path / "run")
+    model = TransformerLM(cfg.model)
+    root = os.path.join(run, "checkpoints")
+    present_at_write = []
+    real_save_model = ckpt_io.save_model
+
+    def spy(model, path):
+        present_at_write.append(sorted(n for n in os.listdir(root) if n.startswith("step_")))
+        return real_save_model(model, path)
+
+    monkeypatch.setattr(ckpt_io, "save_model", spy)
+    for step in (1, 2):
+        save_checkpoint(run, step, model, {}, cfg, keep=1)
+    assert present_at_write == [[], ["step_00000001"]] and "disk nearly full" not in capsys.readouterr().out
+    assert sorted(os.listdir(root)) == ["step_00000002"]
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    save_checkpoint(run, 3, model, {}, cfg, keep=1)
+    assert present_at_write[-1] == []  # step 2 went before step 3 was written
+    assert "disk nearly full" in capsys.readouterr().out and sorted(os.listdir(root)) == ["step_00000003"]
+    save_checkpoint(run, 4, model, {}, cfg, keep=2)  # keep 2: nothing would be pruned, nothing goes
+    save_checkpoint(run, 5, model, {}, cfg, keep=2)  # step 3 would be pruned after: it goes before
+    assert present_at_write[-2:] == [["step_00000003"], ["step_00000004"]]
+    assert sorted(os.listdir(root)) == ["step_00000004", "step_00000005"]

@@ -199,7 +199,9 @@ def save_checkpoint(
     tokenizer=None,
     keep: int = 2,
 ) -> str:
-    """Write ``step_<step>`` atomically, then delete all but the ``keep`` newest; returns its path."""
+    """Write ``step_<step>`` atomically, then delete all but the ``keep`` newest; returns its path.
+    On a disk too full for it, the checkpoints it would delete afterwards go first (make_room)."""
+    make_room(run_dir, keep)
     tmp, final = new_partial_dir(run_dir, step)
     try:
         save_model(model, os.path.join(tmp, "model.safetensors"))
@@ -209,6 +211,30 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def make_room(run_dir: str, keep: int) -> list[str]:
+    """Before a checkpoint is written: when the disk has less free space than the newest complete
+    checkpoint takes (the size the next one will have), delete now the ones publish_checkpoint would
+    delete after the save anyway (all but the keep - 1 newest), so that the save does not fail on a
+    full disk (as it did on a shared GPU machine with several 1.1B-parameter runs). Says what it
+    deleted; returns their paths. With room enough nothing changes: the old ones go only after the
+    new one is complete."""
+    written = [p for p in list_checkpoints(run_dir) if os.path.isfile(os.path.join(p, "trainer.pt"))]
+    doomed = written[: max(0, len(written) - max(0, keep - 1))]
+    if not doomed:
+        return []
+    need = sum(e.stat().st_size for e in os.scandir(written[-1]) if e.is_file())
+    free = shutil.disk_usage(checkpoint_dir(run_dir)).free
+    if free >= need:
+        return []
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    names = ", ".join(os.path.basename(p) for p in doomed)
+    print(f"disk nearly full ({free / 2**30:.1f} GiB free, a checkpoint takes {need / 2**30:.1f} GiB): deleted "
+          f"{names} before writing the next checkpoint instead of after it (train.keep_checkpoints = {keep})",
+          flush=True)  # fmt: skip
+    return doomed
 
 
 def new_partial_dir(run_dir: str, step: int) -> tuple[str, str]:
