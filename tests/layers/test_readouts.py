@@ -130,3 +130,14 @@ def test_fused_table_optimizer_gets_the_identity_activation_for_linear():
     m.table_update = mixer
     torch.testing.assert_close(m(x), want)
     assert seen == ["identity"]
+
+
+def test_a_misspelt_choice_lists_the_choices_and_the_nearest():
+    with pytest.raises(
+        ValueError, match=r"unknown readout 'gluu' \(did you mean 'glu'\?\); use one of: paper, linear, glu, gated$"
+    ):
+        PEER(8, n_experts=16, heads=1, top_k=2, d_key=4, readout="gluu")
+    with pytest.raises(ValueError, match=r"unknown query_norm 'bn'; use one of: batch, layer, none, ema"):
+        PEER(8, n_experts=16, heads=1, top_k=2, d_key=4, query_norm="bn")
+    with pytest.raises(ValueError, match=r"unknown key_norm 'L2' \(did you mean 'l2'\?\)"):
+        PEER(8, n_experts=16, heads=1, top_k=2, d_key=4, key_norm="L2")

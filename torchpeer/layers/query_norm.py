@@ -31,6 +31,7 @@ import math
 import torch
 from torch import nn
 
+from torchpeer.layers.validators import check_choice
 from torchpeer.ops import BACKENDS, resolve_backend
 from torchpeer.ops.query_norm import ema_norm_reference, kernel_supports
 
@@ -267,7 +268,7 @@ def build_query_norm(kind: str, heads: int, d_key: int, **opts) -> nn.Module:
     (e.g. ``momentum``, ``eps``). Raises ValueError for an unknown kind or bad sizes.
     """
     if kind not in _BUILDERS:
-        raise ValueError(f"unknown query_norm {kind!r}; use one of {QUERY_NORM_KINDS}")
+        check_choice("query_norm", kind, QUERY_NORM_KINDS)
     for name, v in (("heads", heads), ("d_key", d_key)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")

@@ -64,7 +64,7 @@ def normalize_sub_keys(sub_keys: torch.Tensor, kind: str, d_key: int) -> torch.T
         elif kind == "layer":
             out = F.layer_norm(k, (m,), eps=1e-5) / math.sqrt(d_key)
         else:
-            raise ValueError(f"unknown key_norm {kind!r}; use one of {KEY_NORMS}")
+            check_choice("key_norm", kind, KEY_NORMS)
     return out.to(sub_keys.dtype)
 
 

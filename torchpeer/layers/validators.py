@@ -19,7 +19,7 @@ ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 def get_activation(name: str):
     """The activation function called ``name`` (one of ``ACTIVATIONS``)."""
     if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; use one of {sorted(ACTIVATIONS)}")
+        check_choice("activation", name, sorted(ACTIVATIONS))
     return ACTIVATIONS[name]
 
 
@@ -31,9 +31,15 @@ def check_positive(**sizes: int) -> None:
 
 
 def check_choice(name: str, value, choices) -> None:
-    """Raise ``unknown <name> <value>; use one of <choices>`` unless value is in choices."""
+    """Raise ``unknown <name> 'value'; use one of: a, b, c`` (with "did you mean 'x'?" for a near
+    miss) unless value is in choices."""
     if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; use one of {tuple(choices)}")
+        import difflib
+
+        names = {str(c).lower(): str(c) for c in choices}
+        near = difflib.get_close_matches(str(value).lower(), list(names), n=1, cutoff=0.6)
+        hint = f" (did you mean {names[near[0]]!r}?)" if near else ""
+        raise ValueError(f"unknown {name} {value!r}{hint}; use one of: {', '.join(map(str, choices))}")
 
 
 def check_input(x, d_model: int, layer: str = "FFW", weight_dtype: torch.dtype | None = None) -> None:
