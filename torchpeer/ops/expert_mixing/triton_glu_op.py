@@ -2,7 +2,8 @@
 custom ops (opaque to torch.compile), an autograd Function over them and the entry point
 ``expert_mix_glu_triton``, which ``torchpeer.ops.expert_mix`` calls when it is given ``lin``.
 
-Launch tuning and the expert sort / segment plan are the paper read-out's (triton_op.py): the same
+Launch tuning and the expert sort / segment plan are the paper read-out's (triton_op.py,
+_expert_segments): the same
 passes with one more table row per selection. Not for the GLU read-out (they compute act(u.x) v):
 the opt-in forward prototypes of TUNING["fwd"] (tiled, split-S decode), the tiled expert pass, the
 fused row-wise Adam backward and the column-sharded kernels.
@@ -11,10 +12,9 @@ fused row-wise Adam backward and the column-sharded kernels.
 import torch
 
 from ..dispatch import call_implementation_directly
-from . import triton_op as mix  # TUNING read at call time: benchmarks and tests replace it
 from .checks import check_mix_inputs
 from .triton_glu_kernels import _glu_bwd_dx_kernel, _glu_bwd_reduce_kernel, _glu_bwd_segment_kernel, _glu_fwd_kernel
-from .triton_op import _act_id, _launch_config, _needs_split, _new_buffer, _segment_plan, _sort_by_expert
+from .triton_op import _act_id, _expert_segments, _launch_config, _new_buffer, _sort_by_expert
 
 
 def _glu_forward_impl(x, down, lin, up, indices, gates, activation):
@@ -53,15 +53,7 @@ def _glu_backward_impl(dy, x, down, lin, up, indices, gates, h, z, activation):
     perm, offsets = _sort_by_expert(indices, N)
 
     block_d, block_s, num_warps = _launch_config("expert", d, S)
-    seg = mix.TUNING["expert"].get("segment", mix.SEGMENT)
-    if seg is not None and not _needs_split(offsets, seg):
-        seg = None
-    if seg is None:  # one program walks each whole expert list
-        seg, none = 2**31 - 1, torch.empty(0, dtype=torch.int64, device=dev)
-        nseg = pbase = seg_expert = seg_index = hot = none
-    else:
-        seg = max(block_s, (seg + block_s - 1) // block_s * block_s)
-        nseg, pbase, seg_expert, seg_index, hot = _segment_plan(offsets, T * S, seg)
+    seg, nseg, pbase, seg_expert, seg_index, hot = _expert_segments(offsets, T * S, block_s)
     partial = torch.empty((max(1, seg_expert.numel()), 3, d), dtype=torch.float32, device=dev)
     _glu_bwd_segment_kernel[(N + seg_expert.numel(),)](
         x, dy, up, gates, h, z, perm, offsets, seg_expert, seg_index, partial,

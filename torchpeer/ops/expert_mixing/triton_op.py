@@ -190,21 +190,26 @@ class LaggedSplitCheck:
 _needs_split = LaggedSplitCheck()
 
 
+def _expert_segments(offsets, n_selections, block_s):
+    """The segments of an expert pass (TUNING["expert"]["segment"], _needs_split): (seg, nseg,
+    pbase, seg_expert, seg_index, hot) as _segment_plan returns them, seg rounded up to whole blocks
+    of block_s; when no expert list needs splitting, seg = 2**31 - 1 and empty plans (one program
+    walks each whole list: the pre-segment kernel)."""
+    seg = TUNING["expert"].get("segment", SEGMENT)
+    if seg is None or not _needs_split(offsets, seg):
+        none = torch.empty(0, dtype=torch.int64, device=offsets.device)
+        return 2**31 - 1, none, none, none, none, none
+    seg = max(block_s, (seg + block_s - 1) // block_s * block_s)  # whole blocks per segment
+    return seg, *_segment_plan(offsets, n_selections, seg)
+
+
 def _launch_expert(dy, x, up, gates, h, perm, offsets, ddown, dup, coef, dgate, activation):
     """Expert-centric pass: one program per expert segment, then a reduce pass over the hot
     experts (those with more than one segment); writes ddown, dup, coef, dgate."""
     N, d = up.shape
     S = h[0].numel()
     block_d, block_s, num_warps = _launch_config("expert", d, S)
-    seg = TUNING["expert"].get("segment", SEGMENT)
-    if seg is not None and not _needs_split(offsets, seg):
-        seg = None
-    if seg is None:  # no splitting: one program walks each whole expert list (the pre-segment kernel)
-        seg, none = 2**31 - 1, torch.empty(0, dtype=torch.int64, device=up.device)
-        nseg = pbase = seg_expert = seg_index = hot = none
-    else:
-        seg = max(block_s, (seg + block_s - 1) // block_s * block_s)  # whole blocks per segment
-        nseg, pbase, seg_expert, seg_index, hot = _segment_plan(offsets, h.numel(), seg)
+    seg, nseg, pbase, seg_expert, seg_index, hot = _expert_segments(offsets, h.numel(), block_s)
     # fp32 partial sums of the extra segments only: (T*S / seg) row pairs at most
     partial = torch.empty((max(1, seg_expert.numel()), 2, d), dtype=torch.float32, device=up.device)
     _mix_bwd_segment_kernel[(N + seg_expert.numel(),)](
