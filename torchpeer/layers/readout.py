@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchpeer.layers.accounting import FFWCost, matmul_flops
+from torchpeer.ops.expert_mixing.checks import ACTIVATIONS
 
 READOUTS = ("paper", "linear", "glu", "gated")
-LAYER_ACTIVATIONS = ("gelu", "relu")  # a PEER layer's ``activation``; the linear read-out is readout="linear"
+# a PEER layer's ``activation``: the mixing's, but "identity", which the layer spells readout="linear"
+LAYER_ACTIVATIONS = tuple(a for a in ACTIVATIONS if a != "identity")
 
 
 def rows_per_selection(readout: str) -> int:

@@ -213,6 +213,12 @@ def save_checkpoint(
         raise
 
 
+def written_checkpoints(run_dir: str) -> list[str]:
+    """The checkpoints as the trainer wrote them (with trainer.pt), oldest first: the ones pruning may
+    delete; a folder without trainer.pt (stripped by hand, kept for its weights) is never pruned."""
+    return [p for p in list_checkpoints(run_dir) if os.path.isfile(os.path.join(p, "trainer.pt"))]
+
+
 def make_room(run_dir: str, keep: int) -> list[str]:
     """Before a checkpoint is written: when the disk has less free space than the newest complete
     checkpoint takes (the size the next one will have), delete now the ones publish_checkpoint would
@@ -220,7 +226,7 @@ def make_room(run_dir: str, keep: int) -> list[str]:
     full disk (as it did on a shared GPU machine with several 1.1B-parameter runs). Says what it
     deleted; returns their paths. With room enough nothing changes: the old ones go only after the
     new one is complete."""
-    written = [p for p in list_checkpoints(run_dir) if os.path.isfile(os.path.join(p, "trainer.pt"))]
+    written = written_checkpoints(run_dir)
     doomed = written[: max(0, len(written) - max(0, keep - 1))]
     if not doomed:
         return []
@@ -268,8 +274,7 @@ def publish_checkpoint(tmp: str, final: str, run_dir: str, keep: int) -> str:
     else:
         os.replace(tmp, final)
     _fsync_dir(os.path.dirname(final))  # the rename itself reaches the disk
-    # the keep newest stay; a folder without trainer.pt (stripped by hand, kept for its weights) is not pruned
-    written = [p for p in list_checkpoints(run_dir) if os.path.isfile(os.path.join(p, "trainer.pt"))]
+    written = written_checkpoints(run_dir)  # the keep newest of them stay
     for stale in written[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
