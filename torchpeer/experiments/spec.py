@@ -207,9 +207,12 @@ def _grid_variants(grid: dict[str, Any], where: str) -> list[Variant]:
         if isinstance(values, list):  # "model.x.y" = [v1, v2]: a field and its values
             if "." not in axis:
                 raise ValueError(f"{where}: [grid] axis {axis!r} is a list, so it must be a dotted config field")
+            _check_field(axis, values, "[grid]", where)  # named here, with its list, not per variant
             options = [(f"{axis.split('.')[-1]}={_value_name(v)}", {axis: v}) for v in values]
         elif isinstance(values, dict):  # [grid.AXIS] NAME = {overrides}
             options = [(name, _table(opt, f"[grid.{axis}.{name}]", where)) for name, opt in values.items()]
+            for name, opt in options:  # a misspelt field is named in its own option, not a combination
+                _overrides(opt, f"[grid.{axis}.{name}]", where)
         else:
             raise ValueError(f"{where}: [grid] {axis} must be a list of values or a table of named options")
         if not options:
@@ -264,8 +267,47 @@ def _overrides(table: dict[str, Any], what: str, where: str, meta=VARIANT_META_K
             )
         if isinstance(value, dict):
             raise ValueError(f"{where}: {what} {key} is a table; give one value per dotted field")
+        _check_field(key, value, what, where)
         out[key] = value
     return out
+
+
+def _check_field(key: str, value: Any, what: str, where: str) -> None:
+    """An unknown dotted field is a ValueError naming the closest one *as the spec writes it*
+    (``"train.lr" = 0.001``), not in the ``--train.lr`` form of the CLI's message: the user is
+    editing a TOML file. Checked here, at load time, so the error also names the table it is in."""
+    from torchpeer.lm.config import RunConfig
+    from torchpeer.lm.config_io import _closest_field, _field_names
+
+    parts = key.split(".")
+    if parts[:2] == ["data", "valid"] and len(parts) == 3:
+        return  # "data.valid.NAME" adds an eval set: any name
+    fields = _field_names(RunConfig())
+    sections = {".".join(f.split(".")[:i]) for f in fields for i in range(1, f.count(".") + 1)}
+    if key in fields:
+        return
+    if key in sections:
+        raise ValueError(f'{where}: {what} {key} is a section; set one of its fields, e.g. "{key}.<field>" = VALUE')
+    if parts[-1] in ("epochs", "num_epochs", "max_epochs"):
+        hint = 'runs are sized by [sweep] budgets or tokens (or "train.max_tokens"), not epochs'
+    elif (match := _closest_field(key, fields)) is not None:
+        hint = f"did you mean {_toml_key_value(match, value)}?"
+    else:  # nothing alike: list what the deepest valid section of the key holds
+        known = [p for p in (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)) if p in sections]
+        if known:
+            names = sorted({f[len(known[0]) + 1 :].split(".")[0] for f in fields if f.startswith(known[0] + ".")})
+            hint = f"fields of {known[0]}: {', '.join(names)}"
+        else:
+            hint = f"sections are {', '.join(sorted(s for s in sections if '.' not in s))}"
+    raise ValueError(f"{where}: unknown config field {key!r} in {what}; {hint}")
+
+
+def _toml_key_value(key: str, value: Any) -> str:
+    """``"train.lr" = 0.001``: a dotted field as a line of a spec (quoted key, TOML value)."""
+    import json
+
+    text = ("true" if value else "false") if isinstance(value, bool) else json.dumps(value)
+    return f"{json.dumps(key)} = {text}"
 
 
 def _budgets(table: dict[str, Any], what: str, where: str) -> tuple[list[float], list[int]]:
