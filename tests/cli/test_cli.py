@@ -649,6 +649,35 @@ def test_train_never_replaces_a_config_json_that_is_not_a_runs(capsys, tmp_path,
     assert (tmp_path / "job" / "slurm.out").read_text() == "log\n"
 
 
+def test_train_refuses_a_non_empty_folder_that_is_not_a_run(capsys, tmp_path, monkeypatch):
+    """--run-dir of a project folder or a folder of runs would mix the run's files (config.json,
+    checkpoints/, summary.json) with what is there: one error line naming the folder and the fix, and
+    nothing is written. An empty folder, a new one, a run folder (--resume) and one holding only a job
+    log or hidden files (test above) still take the run."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.txt").write_text("some text for a tiny run\n" * 40)
+    cfg = _toml(tmp_path, 'train = "t.txt"\nvalid = {}')
+    (tmp_path / "proj" / "src").mkdir(parents=True)
+    (tmp_path / "proj" / "README.md").write_text("mine\n")
+    assert _error(capsys, ["train", cfg, "--run-dir", "proj"]) == (
+        "error: proj is not empty and is not a torchpeer run folder (it holds README.md, src); a run there would "
+        "write its files among them, so nothing was written: give --run-dir a new or empty folder, or the run "
+        "folder to resume with --resume\n"
+    )
+    assert sorted(os.listdir(tmp_path / "proj")) == ["README.md", "src"]
+    for folder in ("empty", "quiet"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "quiet" / ".gitkeep").write_text("")
+    for run in ("empty", "quiet", "new"):
+        assert main(["train", cfg, "--run-dir", run, "--no-progress"]) == 0
+    capsys.readouterr()
+    # the folder the runs are in is no run folder itself
+    assert "error: . is not empty and is not a torchpeer run folder (it holds c.toml, cache, empty" in _error(
+        capsys, ["train", cfg, "--run-dir", "."]
+    )
+    assert main(["train", cfg, "--run-dir", "new", "--resume", "--train.max_steps", "3", "--no-progress"]) == 0
+
+
 def test_version_names_torchpeer_and_torch(capsys):
     from torchpeer import __version__
 

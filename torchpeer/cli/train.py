@@ -123,7 +123,7 @@ def run(args) -> int:
     from torchpeer.cli.common import _is_exported, config_with_overrides
     from torchpeer.lm.checkpoint import checkpoint_step
     from torchpeer.lm.config_io import DEFAULT_CONFIG
-    from torchpeer.lm.rundir import check_run_folder
+    from torchpeer.lm.rundir import check_new_run_folder, check_run_folder
     from torchpeer.lm.train import TrainingInterrupted, train
     from torchpeer.parallel.plan import plan_for_this_process
 
@@ -152,6 +152,8 @@ def run(args) -> int:
                 "add --run-dir NEW_FOLDER"
             )
     check_run_folder(run_dir)  # before config_for_resume reads the folder (the trainer checks again: Python callers)
+    if not args.resume:  # (a resume of a folder that is no run says "nothing to resume")
+        check_new_run_folder(run_dir)  # not into a project folder, a folder of runs, ...: nothing written yet
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
     start = None  # the step a resume starts from
     if args.resume:

@@ -114,6 +114,41 @@ def check_run_folder(run_dir: str, option: str = "--run-dir") -> None:
     )
 
 
+# What a run writes first and only a run folder holds: a run folder (to resume, or that
+# check_run_folder and the trainer judge) has one of these.
+RUN_MARKERS = ("config.json", "metrics.jsonl", "checkpoints")
+# A job scheduler's log, which may be created in the run folder before the run starts
+# (sbatch --output=runs/x/slurm.out): the run writes no file of these names.
+_JOB_LOG = re.compile(r".+\.(out|err|log)$")
+
+
+def check_new_run_folder(run_dir: str, option: str = "--run-dir") -> None:
+    """ValueError (one line) when ``run_dir`` exists and holds other things but is not a run folder
+    (none of RUN_MARKERS): a project folder, a folder of runs, a data folder. A run would write its
+    config.json, checkpoints/, summary.json, ... among them and mix with or replace them, so
+    ``torchpeer train`` refuses before writing anything. Missing, empty and run folders pass (a run
+    folder: resume or the trainer's own checks decide), and so do hidden entries (.gitkeep) and job
+    logs (*.out, *.err, *.log). Called by the CLI only: a Python caller of train() chooses its folder."""
+    if not os.path.isdir(run_dir):
+        return  # missing (created by the run) or a file (check_writable says so)
+    entries = sorted(os.listdir(run_dir))
+    if any(e in RUN_MARKERS for e in entries):
+        return
+    others = [
+        e
+        for e in entries
+        if not e.startswith(".") and not (_JOB_LOG.match(e) and os.path.isfile(os.path.join(run_dir, e)))
+    ]
+    if not others:
+        return
+    shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    raise ValueError(
+        f"{run_dir} is not empty and is not a torchpeer run folder (it holds {shown}); a run there would "
+        f"write its files among them, so nothing was written: give {option} a new or empty folder, or the "
+        "run folder to resume with --resume"
+    )
+
+
 def remove_stale_partials(run_dir: str) -> list[str]:
     """Delete partial checkpoint folders left by a kill mid-save; returns their names.
 
