@@ -81,6 +81,28 @@ def test_an_unnamed_valid_set_is_named_after_its_source():
         parse(["mine=a.txt", "mine=b.txt"])
 
 
+def test_a_valid_set_with_an_empty_name_or_source_says_the_form(capsys):
+    """`--valid =ptb:test` was taken as the source '=ptb:test' ("does not exist"), and `--valid mine=`
+    failed later as an empty spec: one error that names the empty side and the NAME=SOURCE form."""
+    from torchpeer.cli import main
+
+    form = "; give NAME=SOURCE with both, e.g. test=ptb:test, or the source alone (ptb:test, named ptb_test)"
+    parse = data_command.parse_valid_args
+    for item, empty in (
+        ("=ptb:test", "the name before '=' is"),
+        (" = ptb:test", "the name before '=' is"),
+        ("mine=", "the source after '=' is"),
+        ("mine= ", "the source after '=' is"),
+        ("=", "the name and the source around '=' are"),
+    ):
+        with pytest.raises(ValueError) as e:
+            parse([item])
+        assert str(e.value) == f"--valid {item!r}: {empty} empty{form}"
+    assert parse(["dir/a=b.txt"]) == {"a_b": "dir/a=b.txt"}  # a path holding '=' is still a source
+    assert main(["data", "--valid", "=ptb:test", "--no-progress"]) == 2  # the CLI's error path: one line
+    assert capsys.readouterr().err == f"error: --valid '=ptb:test': the name before '=' is empty{form}\n"
+
+
 def test_a_missing_source_names_the_option_it_came_from(tmp_path, capsys):
     """One error line that starts with the option (or config field) of the missing source, as in
     torchpeer train / eval; before, only 'source ... does not exist'."""

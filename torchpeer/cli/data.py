@@ -75,11 +75,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def parse_valid_args(items: list[str]) -> dict[str, str]:
     """["name=spec", "spec", ...] -> {name: spec}; a bare spec is named after its source (ptb:test ->
-    ptb_test, corpus/*/valid.jsonl.xz -> valid; a second of the same name gets 2, 3, ...)."""
+    ptb_test, corpus/*/valid.jsonl.xz -> valid; a second of the same name gets 2, 3, ...). A NAME=
+    with an empty side ('=ptb:test', 'mine=') is a ValueError that says which side."""
     out: dict[str, str] = {}
     for item in items:
         name, sep, spec = item.partition("=")
-        if not sep or not name.strip() or any(c in name for c in "/*?,:"):
+        if sep and not (name.strip() and spec.strip()) and not any(c in name for c in "/*?,:"):
+            # '=ptb:test' or 'mine=': a NAME=SOURCE with a part left out (not a source of that name)
+            empty = {(True, False): "the name before '=' is", (False, True): "the source after '=' is"}.get(
+                (not name.strip(), not spec.strip()), "the name and the source around '=' are"
+            )
+            raise ValueError(
+                f"--valid {item!r}: {empty} empty; give NAME=SOURCE with both, e.g. test=ptb:test, "
+                "or the source alone (ptb:test, named ptb_test)"
+            )
+        if not sep or any(c in name for c in "/*?,:"):  # a bare source (a path may hold '=')
             name, spec = _unique(source_name(item), out), item
         name = name.strip()
         if name in out:

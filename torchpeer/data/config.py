@@ -73,6 +73,10 @@ class DataConfig:
             raise TypeError(
                 f"data.valid must map names to source specs, e.g. {{ptb = 'ptb:valid'}}, got {self.valid!r}"
             )
+        if any(not k.strip() for k in self.valid):  # its split would be "valid/", its results unnamed
+            raise ValueError(
+                f"data.valid has an eval set with an empty name ({self.valid!r}); name each, e.g. {{ptb = 'ptb:valid'}}"
+            )
         if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int):
             raise TypeError(f"data.vocab_size must be an integer, got {self.vocab_size!r}")
         if self.tokenizer == "bpe" and self.vocab_size <= 257:
