@@ -66,3 +66,34 @@ def test_int16_and_int32_sort_keys_give_the_same_gradients(monkeypatch):
     _, dq32, dk32 = _grads(q, keys, 4, SORTED, up)
     assert seen == [torch.int16, torch.int32]
     assert torch.equal(dk16, dk32) and torch.equal(dq16, dq32)
+
+
+def test_segment_splits_follow_the_mean_list_length():
+    from torchpeer.ops.retrieval.triton_backward_sorted import segment_splits
+
+    # 65536 tokens x H 8 x k 16, both halves, 2048 table rows, blocks of 64: 128 blocks per row -> 4
+    assert segment_splits(2 * 65536 * 8 * 16, 2048, 64) == 4
+    assert segment_splits(2 * 4096 * 8 * 16, 2048, 64) == 1  # 8 blocks per row: one program is enough
+    assert segment_splits(10**10, 2048, 64) == 8  # capped
+    assert segment_splits(0, 2048, 64) == 1
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_split_row_lists_give_the_reference_gradients(monkeypatch, splits):
+    """Each table row's sorted list walked by several programs (partial sums added in a fixed order):
+    the sub-key gradient still matches float64 and is bitwise repeatable; rows whose list is shorter
+    than the splits leave empty slices (zero partials)."""
+    from torchpeer.ops.retrieval import triton_backward_sorted as sb
+
+    monkeypatch.setattr(sb, "segment_splits", lambda *a, **kw: splits)
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(40, 2, 8, generator=g).to(DEVICE)
+    keys = torch.randn(1, 2, 6, 4, generator=g).to(DEVICE)  # 6 sub-keys: long lists (~53 entries each)
+    up = torch.randn(40, 2, 4, generator=g).to(DEVICE)
+    _, dq, dk = _grads(q, keys, 4, SORTED, up)
+    q64, k64 = q.double().requires_grad_(), keys.double().requires_grad_()
+    ref_s, _ = product_key_topk_reference(q64, k64, 4)
+    (ref_s * up.double()).sum().backward()
+    torch.testing.assert_close(dk.double(), k64.grad, rtol=1e-5, atol=1e-5)
+    _, _, dk2 = _grads(q, keys, 4, SORTED, up)
+    assert torch.equal(dk2, dk)
