@@ -587,6 +587,43 @@ def test_none_for_an_eval_set_removes_it(capsys, tmp_path, monkeypatch):
         assert json.load(fh)["data"]["valid"] == {"mine": "t.txt"}
 
 
+def test_a_name_that_is_both_a_folder_here_and_a_shipped_config(capsys, tmp_path, monkeypatch):
+    """`torchpeer info ptb-tiny` beside a run folder ./ptb-tiny (a --run-dir ptb-tiny) read the run's
+    config under no sign of it. The rule: the path here is used, and one note on stderr says so and
+    how to give the shipped config; ./NAME and configs/NAME.toml are unambiguous (no note), and a
+    folder that holds no config is no candidate (the shipped config, no note)."""
+    from torchpeer.lm.config_io import load_config
+
+    monkeypatch.chdir(tmp_path)
+    saved = load_config("ptb-tiny")
+    saved.name = "mine"
+    (tmp_path / "ptb-tiny" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "ptb-tiny" / "config.json").write_text(json.dumps(saved.to_dict()))
+    (tmp_path / "gpu-peer-small").mkdir()  # empty: not a config
+
+    def info(name):
+        assert main(["info", name, "--json"]) == 0
+        out, err = capsys.readouterr()
+        return json.loads(out)["config"], err
+
+    assert info("ptb-tiny") == (
+        "mine",
+        "note: 'ptb-tiny' is both a run folder here and a shipped config; using the run folder ./ptb-tiny; "
+        "for the shipped config give configs/ptb-tiny.toml\n",
+    )
+    assert info("./ptb-tiny") == ("mine", "")
+    assert info("configs/ptb-tiny.toml") == ("ptb-tiny", "")
+    assert info("gpu-peer-small") == ("gpu-peer-small", "")
+    (tmp_path / "gpu-peer-small").rmdir()
+    (tmp_path / "gpu-peer-small").write_text("[model]\nd_model = 32\n[train]\nmax_steps = 2\n")  # a TOML file
+    assert main(["info", "gpu-peer-small", "--toml"]) == 0
+    out, err = capsys.readouterr()
+    assert "d_model = 32" in out and err == (
+        "note: 'gpu-peer-small' is both a file here and a shipped config; using the file ./gpu-peer-small; "
+        "for the shipped config give configs/gpu-peer-small.toml\n"
+    )
+
+
 def test_a_saved_run_serves_as_config(capsys, tmp_path, monkeypatch):
     """info and train take a run folder, a checkpoint folder or their config.json as CONFIG (the config
     the run was saved with, overrides on top); train asks what is meant instead of guessing a run folder."""

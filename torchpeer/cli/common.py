@@ -11,6 +11,7 @@ def config_with_overrides(name: str, overrides):
     folder, an export-hf folder, or one of their config.json files."""
     from torchpeer.lm.config_io import apply_overrides, list_configs, load_config
 
+    note_shadowed_config(name)
     saved = saved_config(name)
     if saved is not None:
         apply_overrides(saved, overrides)
@@ -32,6 +33,43 @@ def config_with_overrides(name: str, overrides):
                 f"folder of runs); give one of those, a TOML file or a shipped config: {', '.join(list_configs())}"
             ) from None
         raise
+
+
+def note_shadowed_config(name: str) -> None:
+    """The rule when a bare name is both a path here and a shipped config (``ptb-tiny`` with a run
+    folder ./ptb-tiny, e.g. after ``--run-dir ptb-tiny``): the path is used, as for any command
+    argument. That is easy to miss (info prints the run's model under the config's name), so one
+    note on stderr says which was used and how to give the other. ``./ptb-tiny`` or
+    ``configs/ptb-tiny.toml`` is unambiguous and prints nothing; a folder that holds no config (an
+    empty one) is no candidate: the shipped config is used, as before. Under torchrun only rank 0 says it."""
+    import sys
+
+    from torchpeer.lm.config_io import CONFIG_DIR
+
+    if os.sep in name or (os.altsep and os.altsep in name) or not os.path.exists(name):
+        return
+    shipped = os.path.join(CONFIG_DIR, f"{name}.toml")
+    if not os.path.isfile(shipped):
+        return
+    if os.path.isdir(name):
+        from torchpeer.lm.checkpoint import runs_below
+
+        if os.path.isfile(os.path.join(name, "config.json")):
+            kind = "run folder" if os.path.isdir(os.path.join(name, "checkpoints")) else "folder with a saved config"
+        elif runs_below(name):  # (refused next: 'a folder of N runs, not one run')
+            kind = "folder of runs"
+        else:
+            return
+    else:
+        kind = "file"
+    # configs/NAME.toml is read as the shipped config unless such a file exists here too
+    other = f"configs/{name}.toml" if not os.path.exists(os.path.join("configs", f"{name}.toml")) else shipped
+    if os.environ.get("RANK", "0") == "0":
+        print(
+            f"note: {name!r} is both a {kind} here and a shipped config; using the {kind} ./{name}; "
+            f"for the shipped config give {other}",
+            file=sys.stderr,
+        )
 
 
 def saved_config(path: str):
