@@ -785,3 +785,38 @@ def test_a_folder_that_is_not_a_run_is_named_a_folder(capsys, tmp_path):
         assert err.startswith(f"error: {tmp_path / 'notes'} is a folder without config.json: not a run, "), err
         assert "ptb-tiny" in err and "neither a file" not in err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["train", "--max-steps", "100"],
+            "torchpeer train has no option --max-steps; config fields are set with "
+            "their section: --train.max_steps VALUE (torchpeer train --help lists its options)",
+        ),
+        (
+            ["train", "ptb-tiny", "--lr", "1e-3"],
+            "torchpeer train has no option --lr; config fields are set with their section: --train.lr VALUE",
+        ),
+        (["train", "ptb-tiny", "--runs-dir", "x"], "torchpeer train has no option --runs-dir; did you mean --run-dir?"),
+        (
+            ["eval", "run", "--max_batches", "2"],
+            "torchpeer eval has no option --max_batches; did you mean --max-batches?",
+        ),
+        (["sweep", "cpu-smoke", "--run-dir", "x"], "torchpeer sweep has no option --run-dir; did you mean --runs-dir?"),
+        (
+            ["info", "ptb-tiny", "--name", "x"],
+            "torchpeer info has no option --name; config fields are set with their section, e.g. --train.max_steps 100",
+        ),
+        (
+            ["generate", "run", "--prompt", "a", "b"],
+            "unexpected argument 'b' for torchpeer generate (quote a value that holds spaces",
+        ),
+    ],
+)
+def test_an_unknown_option_names_its_command_and_what_was_meant(capsys, argv, message):
+    """argparse's "unrecognized arguments" came with the top-level usage (torchpeer [-h] [--version]
+    COMMAND ...), not the subcommand's, and `train --max-steps 100` took 100 for the config: one line
+    naming the subcommand, the option spelt its way, or the dotted config field."""
+    assert _error(capsys, argv).startswith("error: " + message)

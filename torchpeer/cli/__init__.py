@@ -95,6 +95,43 @@ def check_command(parser: argparse.ArgumentParser, word: str) -> None:
     raise ValueError(f"unknown command '{word}'; {hint}commands: {', '.join(names)} (torchpeer --help)")
 
 
+def unknown_arguments_message(parser: argparse.ArgumentParser, command: str, extra: list[str]) -> str:
+    """An argument the subcommand does not take, as one line that names the subcommand and, where
+    there is one, what was meant: its option spelt the other way (``--max_batches`` for
+    ``--max-batches``, ``--runs-dir`` for ``--run-dir``) or, for the commands that take config
+    overrides, the dotted field (``--max-steps 100`` -> ``--train.max_steps``)."""
+    import difflib
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    word = extra[0]
+    where = f"torchpeer {command}"
+    if not word.startswith("-") or word == "-":
+        extras = " ".join(repr(e) for e in extra)
+        return (
+            f"unexpected argument{'s' * (len(extra) > 1)} {extras} for {where} (quote a value that holds "
+            f"spaces; {where} --help lists its arguments)"
+        )
+    flag = word.split("=", 1)[0]
+    options = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
+    norm = {o.replace("_", "-"): o for o in options}
+    hint = ""
+    if flag.replace("_", "-") in norm:
+        hint = f"; did you mean {norm[flag.replace('_', '-')]}?"
+    elif close := difflib.get_close_matches(flag, options, n=1, cutoff=0.75):
+        hint = f"; did you mean {close[0]}?"
+    elif sub.get_default("takes_overrides"):
+        from torchpeer.lm.config import RunConfig
+        from torchpeer.lm.config_io import _closest_field, _field_names
+
+        leaf = flag.lstrip("-").replace("-", "_")
+        field = _closest_field(leaf, [n for n in _field_names(RunConfig()) if "." in n])  # not the name
+        if field:
+            hint = f"; config fields are set with their section: --{field} VALUE"
+        else:
+            hint = "; config fields are set with their section, e.g. --train.max_steps 100"
+    return f"{where} has no option {flag}{hint} ({where} --help lists its options)"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -108,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         check_command(parser, rest[0])
         if rest[0] in parser.get_default("override_commands"):
             check_no_bare_section(rest[1:])
-        args = parser.parse_args(rest)
+        args, extra = parser.parse_known_args(rest)
+        if extra:  # argparse's own error shows the top-level usage, not the subcommand's options
+            raise ValueError(unknown_arguments_message(parser, rest[0], extra))
         if overrides and not getattr(args, "takes_overrides", False):
             takers = parser.get_default("override_commands")
             names = ", ".join(takers[:-1]) + " and " + takers[-1] if len(takers) > 1 else "".join(takers)
