@@ -820,3 +820,24 @@ def test_an_unknown_option_names_its_command_and_what_was_meant(capsys, argv, me
     COMMAND ...), not the subcommand's, and `train --max-steps 100` took 100 for the config: one line
     naming the subcommand, the option spelt its way, or the dotted config field."""
     assert _error(capsys, argv).startswith("error: " + message)
+
+
+def test_a_budget_given_but_never_reached_is_one_note(capsys, tmp_path, monkeypatch):
+    """--train.max_tokens on a config whose max_steps stops the run sooner (ptb-tiny's 500 steps
+    against --train.max_tokens 2e6) trained the shorter run without a word; now one note names the
+    limit that decides and how to lift it. A budget that shortens the run, or one the config set
+    itself, says nothing."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.txt").write_text("some text for a tiny run\n" * 40)
+    cfg = _toml(tmp_path, 'train = "t.txt"\nvalid = {}')  # max_steps = 2, 32 tokens per step
+    assert main(["train", cfg, "--run-dir", "a", "--train.max_tokens", "320", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "\nnote: train.max_steps = 2 ends the run at step 2, before train.max_tokens = 320 at 32 tokens per step "
+        "(step 10) is reached; to train to it, also give --train.max_steps none\n"
+    ) in out
+    assert "\ntrained 2 steps (64 tokens" in out
+    assert "\nnote: train.warmup_steps = 100 is longer than the run's 2 steps: the lr rises to 2e-05 at most" in out
+    for argv in (["--train.max_tokens", "32"], ["--train.max_steps", "none", "--train.max_tokens", "96"], []):
+        assert main(["train", cfg, "--run-dir", f"r{len(argv)}", "--no-progress", *argv]) == 0
+        assert "note: train.max" not in capsys.readouterr().out

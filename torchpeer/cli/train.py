@@ -114,6 +114,27 @@ def session_note(start: int | None, steps: int) -> str:
     return f" (the whole run; {done} in this session)"
 
 
+def preempted_budget_note(cfg, overrides) -> str | None:
+    """The note when a budget given on the command line (--train.max_tokens 2e6) is never reached
+    because a budget field of the config stops the run first (ptb-tiny's max_steps = 500): the run
+    would stop early without a word (the progress bar's total is the only sign)."""
+    from torchpeer.lm.budget import BUDGET_FIELDS, preempted_note
+
+    given = {k for k, v in overrides if k in BUDGET_FIELDS and str(v).strip().lower() not in ("none", "null")}
+    if not given:
+        return None
+    flops = None
+    if cfg.train.max_flops is not None:  # the model's training FLOPs per token, as torchpeer info counts them
+        import dataclasses
+
+        from torchpeer.cli.info import infer_vocab_size
+        from torchpeer.lm.info import config_cost
+
+        model = dataclasses.replace(cfg.model, vocab_size=infer_vocab_size(cfg))
+        flops = config_cost(model).train_flops
+    return preempted_note(cfg, flops, given)
+
+
 def _as_flag(value) -> str:
     """A config value as override text (the parser reads str as is, the rest as JSON)."""
     return shlex.quote(value) if isinstance(value, str) else json.dumps(value)
@@ -163,6 +184,9 @@ def run(args) -> int:
     if rank0:
         blocks = cfg.model.sparse_blocks() or "none"
         print(f"config {cfg.name}: {cfg.model.ffw} FFW at blocks {blocks}, run dir {run_dir}")
+        note = preempted_budget_note(cfg, args.overrides)
+        if note:
+            print(note)
     try:
         # torchpeer.parallel's plan: DistributedPlan under torchrun, else one process that also reads
         # a distributed run's checkpoints (the core, torchpeer.lm, does not import torchpeer.parallel)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from torchpeer.lm.budget import warmup_note
+
 
 def resume_lines(trainer) -> list[str]:
     """What a resume found: its notes (damaged checkpoints moved aside, ...) and the partial
@@ -17,7 +19,7 @@ def resume_lines(trainer) -> list[str]:
 
 def start_lines(trainer) -> list[str]:
     """The lines a (rank-0) Trainer prints before its first step: resume_lines, where it resumes from
-    and what changed, the op backends, a missing TensorBoard."""
+    and what changed, a warmup longer than the run, the op backends, a missing TensorBoard."""
     t = trainer
     lines = resume_lines(t)
     if t.ckpt is not None:
@@ -27,6 +29,9 @@ def start_lines(trainer) -> list[str]:
         )
         if t.config_changes:
             lines.append(f"changed on resume (kept in {t.run_dir}/configs/): {'; '.join(t.config_changes)}")
+    warmup = warmup_note(t.cfg, t.total_steps)
+    if warmup and t.step == 0:  # (a resumed run said so when it started)
+        lines.append(warmup)
     if t.progress and t.backends:
         lines.append(f"op backends: {format_backends(t.backends)}")
     if t.log.tb_missing:
