@@ -123,3 +123,29 @@ def test_a_missing_source_names_the_option_it_came_from(tmp_path, capsys):
     assert main(["data", "--config", str(tmp_path / "run.toml"), *cache]) == 2
     assert capsys.readouterr().err.startswith("error: data.train: source ")
     assert not (tmp_path / "c").exists()  # nothing tokenised
+
+
+def test_config_takes_a_run_folder_as_train_and_info_do(tmp_path, capsys):
+    """`torchpeer data --config runs/x` said "config 'runs/x' is neither a file nor a shipped config"
+    of a run folder that train and info read; now its saved [data] table is the starting point (also
+    its config.json), and a folder without a config says so."""
+    import json
+
+    from torchpeer.cli import main
+    from torchpeer.lm.config import RunConfig
+
+    write_jsonl(tmp_path / "t.jsonl", DOCS)
+    (tmp_path / "v.txt").write_text(DOCS[1], encoding="utf-8")
+    cfg = RunConfig()
+    cfg.data.train, cfg.data.valid = str(tmp_path / "t.jsonl"), {"mine": str(tmp_path / "v.txt")}
+    cfg.data.cache_dir = str(tmp_path / "c")
+    cfg.train.max_steps = 10
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text(json.dumps(cfg.to_dict()))
+    for config in (tmp_path / "run", tmp_path / "run" / "config.json"):
+        assert main(["data", "--config", str(config), "--no-progress"]) == 0
+        rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[3:]}
+        assert set(rows) == {"train", "valid/mine"} and rows["train"][0] == "4"
+    (tmp_path / "empty").mkdir()
+    assert main(["data", "--config", str(tmp_path / "empty")]) == 2
+    assert "empty is a folder without config.json: not a run, checkpoint" in capsys.readouterr().err

@@ -35,7 +35,10 @@ examples:
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", metavar="TOML", help="run config (path or shipped name); its [data] table is the starting point"
+        "--config",
+        metavar="CONFIG",
+        help="run config (TOML path or shipped name) or a run, checkpoint or export-hf folder (the config it was "
+        "saved with); its [data] table is the starting point",
     )
     parser.add_argument("--train", metavar="SPEC", help="train source spec (default: ptb:train)")
     parser.add_argument(
@@ -120,15 +123,22 @@ def _unique(name: str, taken) -> str:
 def data_config_from_args(args: argparse.Namespace):
     """DataConfig from --config's [data] table (if any) overridden by the command-line flags.
 
-    --config is a run config's path or a shipped config's name (``ptb-tiny``, ``configs/ptb-tiny.toml``);
-    the flags are applied as the ``--data.FIELD VALUE`` overrides of ``torchpeer train`` would be.
+    --config is a run config's path or a shipped config's name (``ptb-tiny``, ``configs/ptb-tiny.toml``),
+    or a run, checkpoint or export-hf folder (or its config.json): the config it was saved with; the
+    flags are applied as the ``--data.FIELD VALUE`` overrides of ``torchpeer train`` would be.
     """
     from torchpeer.data import DataConfig
     from torchpeer.lm.config import RunConfig, from_dict
     from torchpeer.lm.config_io import apply_overrides, read_toml, resolve_config_path
 
-    table = read_toml(resolve_config_path(args.config)).get("data", {}) if getattr(args, "config", None) else {}
-    run = RunConfig(data=from_dict(DataConfig, table))
+    config = getattr(args, "config", None)
+    if config and (os.path.isdir(config) or config.endswith(".json")):  # a run's saved config, as train reads it
+        from torchpeer.cli.common import config_with_overrides
+
+        run = RunConfig(data=config_with_overrides(config, []).data)
+    else:
+        table = read_toml(resolve_config_path(config)).get("data", {}) if config else {}
+        run = RunConfig(data=from_dict(DataConfig, table))
     flags = {
         "train": args.train,
         "tokenizer": args.tokenizer,
