@@ -841,3 +841,36 @@ def test_a_budget_given_but_never_reached_is_one_note(capsys, tmp_path, monkeypa
     for argv in (["--train.max_tokens", "32"], ["--train.max_steps", "none", "--train.max_tokens", "96"], []):
         assert main(["train", cfg, "--run-dir", f"r{len(argv)}", "--no-progress", *argv]) == 0
         assert "note: train.max" not in capsys.readouterr().out
+
+
+def test_a_run_folder_with_a_damaged_config_json_uses_its_checkpoints_config(capsys, tmp_path, monkeypatch):
+    """A run folder whose config.json was cut short or hand-edited into invalid JSON (or removed)
+    stopped `torchpeer train RUN --resume` (the command a finished run prints), `info RUN` and
+    `data --config RUN` at "not a readable JSON config", though its checkpoints hold the config it
+    trained under: now one note names the file and the checkpoint used, and the resume rewrites the
+    file. A config.json outside a run folder, or a run without an intact checkpoint, is still an error."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.txt").write_text("some text for a tiny run\n" * 40)
+    cfg = _toml(tmp_path, 'train = "t.txt"\nvalid = {}')
+    assert main(["train", cfg, "--run-dir", "run", "--no-progress"]) == 0
+    capsys.readouterr()
+    (tmp_path / "run" / "config.json").write_text('{"model": {')  # cut short
+    note = (
+        "note: run/config.json: not a readable JSON config (Expecting property name enclosed in double quotes: "
+        "line 1 column 12 (char 11)); using the config of the run's newest intact checkpoint, step_00000002 "
+        "(a resume of the run writes config.json anew)\n"
+    )
+    assert main(["info", "run"]) == 0
+    assert capsys.readouterr().err == note
+    assert main(["train", "run", "--resume", "--train.max_steps", "3", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == note and "\ntrained 3 steps (" in captured.out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["max_steps"] == 3  # written anew
+    os.remove(tmp_path / "run" / "config.json")
+    assert main(["info", "run", "--json"]) == 0
+    assert "note: run/config.json is missing; using the config of the run's newest" in capsys.readouterr().err
+    (tmp_path / "other.json").write_text('{"model": {')
+    assert "error: other.json: not a readable JSON config (" in _error(capsys, ["info", "other.json"])
+    (tmp_path / "bare" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "bare" / "config.json").write_text("{")
+    assert _error(capsys, ["info", "bare"]).endswith("; and bare has no intact checkpoint to read its config from\n")

@@ -80,19 +80,48 @@ def saved_config(path: str):
     from torchpeer.lm.config import RunConfig
 
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    if not file.endswith(".json") or not os.path.isfile(file):
+    run_folder = os.path.isdir(path) and os.path.isdir(os.path.join(path, "checkpoints"))
+    if not file.endswith(".json") or not (os.path.isfile(file) or run_folder):
         return None
     try:
+        if not os.path.isfile(file):
+            raise ValueError(f"{file} is missing")
         with open(file, encoding="utf-8") as fh:
-            raw = json.load(fh)
+            try:
+                raw = json.load(fh)
+            except ValueError as e:
+                raise ValueError(f"{file}: not a readable JSON config ({e})") from None
+        if isinstance(raw, dict) and isinstance(raw.get("torchpeer"), dict):  # an export-hf folder's config.json
+            raw = raw["torchpeer"]
+        if not isinstance(raw, dict) or not {"model", "train", "data"} <= set(raw):
+            raise ValueError(f"{file} is not a torchpeer run config (no model, train and data sections)")
     except (OSError, ValueError) as e:
-        raise ValueError(f"{file}: not a readable JSON config ({e})") from None
-    if isinstance(raw, dict) and isinstance(raw.get("torchpeer"), dict):  # an export-hf folder's config.json
-        raw = raw["torchpeer"]
-    if not isinstance(raw, dict) or not {"model", "train", "data"} <= set(raw):
-        raise ValueError(f"{file} is not a torchpeer run config (no model, train and data sections)")
+        if run_folder:  # a hand edit gone wrong: the run's checkpoints hold the config it trained under
+            return checkpoint_config_instead(path, e)
+        raise ValueError(str(e)) if isinstance(e, ValueError) else ValueError(f"{file}: {e}") from None
     # a run folder's config.json also records what the run resolved (its op backends): not config fields
     return RunConfig.from_dict({k: v for k, v in raw.items() if k in ("name", "model", "train", "data")})
+
+
+def checkpoint_config_instead(run_dir: str, why: Exception):
+    """The config of the newest intact checkpoint of ``run_dir``, whose config.json is damaged or
+    missing (``why``), with one note on stderr saying so; ``why`` itself when no checkpoint is intact.
+    The file is left as it is: the run's next resume writes it anew (its history stays in configs/)."""
+    import sys
+
+    from torchpeer.lm.resume import saved_run_config
+
+    try:
+        cfg, ckpt = saved_run_config(run_dir)
+    except (OSError, ValueError):
+        raise ValueError(f"{why}; and {run_dir} has no intact checkpoint to read its config from") from None
+    if os.environ.get("RANK", "0") == "0":
+        print(
+            f"note: {str(why).splitlines()[0]}; using the config of the run's newest intact checkpoint, "
+            f"{os.path.basename(ckpt)} (a resume of the run writes config.json anew)",
+            file=sys.stderr,
+        )
+    return cfg
 
 
 def named_sources(items: list[str] | None, flag: str = "--data") -> dict[str, str]:
