@@ -26,3 +26,23 @@ def test_report_without_results_is_one_error(tmp_path, capsys):
     (tmp_path / "results.jsonl").write_text("")
     assert main(["report", str(tmp_path)]) == 2
     assert "has no finished runs" in capsys.readouterr().err
+
+
+def test_sweep_refuses_a_training_runs_folder_as_its_runs_dir(tmp_path, capsys):
+    """--runs-dir of one training run's folder (runs/x of torchpeer train) made the sweep write its run
+    folders and results.jsonl among the run's files, without a word: one error line now, before
+    anything is planned or written, also for --dry-run. A new, empty or sweep folder is fine."""
+    run = tmp_path / "x"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    for dry in (["--dry-run"], []):
+        assert main(["sweep", "cpu-smoke", "--runs-dir", str(run), "--only", "dense-d48*", *dry]) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            f"error: {run} is a training run's folder (it holds config.json, checkpoints), not a sweep's runs "
+            "folder; a sweep would put its runs among the run's files, so nothing was written: give --runs-dir "
+            "a new or empty folder, or a sweep's runs folder (it holds results.jsonl)\n"
+        )
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.json"]
+    (tmp_path / "sweep").mkdir()
+    assert main(["sweep", "cpu-smoke", "--runs-dir", str(tmp_path / "sweep"), "--dry-run"]) == 0

@@ -73,6 +73,27 @@ def add_parser(subparsers):
     return p
 
 
+def check_not_a_run_folder(runs_dir: str) -> None:
+    """ValueError (one line) when ``runs_dir`` is one training run's folder (runs/x of ``torchpeer
+    train``: config.json, metrics.jsonl or checkpoints/ at its top), which a sweep would fill with
+    its own run folders and results.jsonl beside the run's files, say after --runs-dir was given a
+    run by mistake. A sweep's runs folder never holds these itself; missing, empty and sweep
+    folders pass. Called by the CLI before anything is planned or written."""
+    import os
+
+    from torchpeer.lm.rundir import RUN_MARKERS
+
+    if not os.path.isdir(runs_dir) or os.path.exists(os.path.join(runs_dir, "results.jsonl")):
+        return
+    found = [m for m in RUN_MARKERS if os.path.exists(os.path.join(runs_dir, m))]
+    if found:
+        raise ValueError(
+            f"{runs_dir} is a training run's folder (it holds {', '.join(found)}), not a sweep's runs folder; "
+            "a sweep would put its runs among the run's files, so nothing was written: give --runs-dir a new "
+            "or empty folder, or a sweep's runs folder (it holds results.jsonl)"
+        )
+
+
 def run(args) -> int:
     import os
 
@@ -81,6 +102,7 @@ def run(args) -> int:
 
     spec = load_spec(args.spec)
     runs_dir = args.runs_dir or os.path.join("runs", spec.name)
+    check_not_a_run_folder(runs_dir)
     run_sweep(
         spec,
         runs_dir,
