@@ -62,6 +62,29 @@ def test_eval_out_never_replaces_a_file_that_is_not_an_eval_result(trained, caps
     assert out == "" and other.read_text() == '{"model": {"d_model": 32}}\n'  # refused before evaluating
 
 
+def test_a_damaged_result_at_the_default_path_is_named_as_eval_s_own(trained, capsys, tmp_path):
+    """Without --out, a damaged earlier result at RUN_DIR/eval-<checkpoint>.json said "--out ... exists"
+    of an option the user never gave; now the file is named as where eval writes, kept, and both ways
+    out are given."""
+    import shutil
+
+    from torchpeer.cli.eval import default_out
+    from torchpeer.lm.checkpoint import list_checkpoints
+
+    root, cfg, run = trained
+    copy = str(tmp_path / "run")
+    shutil.copytree(run, copy)
+    out = default_out(list_checkpoints(copy)[-1])
+    with open(out, "w") as fh:
+        fh.write('{"checkpoint": "x", "res')  # cut short
+    assert main(["eval", copy, "--data", f"a={root}/valid.txt", "--no-progress"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {out}, where eval writes its results, exists and is not a 'torchpeer eval' result file "
+        "(damaged or replaced?); it was left as it is: move it aside, or give --out a new path\n"
+    )
+    assert open(out).read() == '{"checkpoint": "x", "res'
+
+
 def test_eval_says_which_set_it_is_evaluating(trained, capsys, tmp_path):
     """Off a terminal (no bar), one line per set before its evaluation, as tokenising prints; none with
     --no-progress."""

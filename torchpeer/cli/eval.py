@@ -63,9 +63,10 @@ def weights_id(ckpt: str) -> str | None:
         return None
 
 
-def earlier_results(out: str) -> dict | None:
+def earlier_results(out: str, given: bool = True) -> dict | None:
     """The record of an earlier ``torchpeer eval`` in ``out`` (None when there is no file). Any other
-    file there (--out config.json by mistake) is a ValueError: not ours to replace."""
+    file there (--out config.json by mistake; a damaged earlier result at the default path, ``given``
+    False) is a ValueError: not ours to replace."""
     import json
 
     if not os.path.exists(out):
@@ -76,6 +77,11 @@ def earlier_results(out: str) -> dict | None:
     except (OSError, ValueError, UnicodeDecodeError):
         earlier = None
     if not (isinstance(earlier, dict) and isinstance(earlier.get("results"), dict) and "checkpoint" in earlier):
+        if not given:  # the user gave no --out: name the file as eval's own and the ways out
+            raise ValueError(
+                f"{out}, where eval writes its results, exists and is not a 'torchpeer eval' result file (damaged "
+                "or replaced?); it was left as it is: move it aside, or give --out a new path"
+            )
         raise ValueError(f"--out {out} exists and is not a 'torchpeer eval' result file; give a new path")
     return earlier
 
@@ -120,7 +126,7 @@ def run(args) -> int:
     out = args.out or default_out(ckpt)
     what = "--out folder" if args.out else "run folder"  # the default output goes into the run folder
     check_writable(os.path.dirname(os.path.abspath(out)), what, "--out")  # fail before evaluating, not after
-    earlier = earlier_results(out)  # likewise a file there that is not an earlier eval's
+    earlier = earlier_results(out, given=bool(args.out))  # likewise a file there that is not an earlier eval's
     dtype = autocast_dtype(device, cfg.train.dtype)
     bs = args.batch_size or cfg.train.eval_batch_size or cfg.train.batch_size
     results = {}
