@@ -48,6 +48,8 @@ FAKE_WORKER = textwrap.dedent(
         fh.write(f"{payload['run']} {t0} {time.time()}\\n")
     with open(os.path.join(os.path.dirname(run_dir), "gpus.txt"), "a") as fh:
         fh.write(f"{payload['run']} {os.environ.get('CUDA_VISIBLE_DEVICES', '-')} {t0} {time.time()}\\n")
+    with open(os.path.join(os.path.dirname(run_dir), "locks.txt"), "a") as fh:
+        fh.write(f"{os.environ.get('CUDA_VISIBLE_DEVICES', '-')} {os.environ.get('TORCHPEER_START_LOCK', '-')}\\n")
     """
 )
 
@@ -140,6 +142,29 @@ def test_workers_are_spread_over_the_visible_gpus(tmp_path, fake_worker, monkeyp
         spans = [(name, float(a), float(b)) for name, g, a, b in rows if g == gpu]
         assert max_overlap(spans) <= 2, gpu
     assert sum(", GPU 3)" in m for m in msgs) + sum(", GPU 5)" in m for m in msgs) == 8
+
+
+def test_workers_on_one_gpu_share_its_start_lock(tmp_path, fake_worker, monkeypatch):
+    """Each worker gets the start lock of its GPU (torchpeer/lm/start_lock.py): one file per GPU in
+    the temp folder, the same for two sweeps on one machine; a lock the user set is kept."""
+    from torchpeer.experiments.pool import start_lock_path
+
+    monkeypatch.delenv("TORCHPEER_START_LOCK", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    spec, runs_dir = spec_for(tmp_path), str(tmp_path / "runs")
+    run_sweep(spec, runs_dir, parallel=4, progress=False, say=lambda m: None)
+    with open(os.path.join(runs_dir, "locks.txt")) as fh:
+        rows = [line.split() for line in fh]
+    assert len(rows) == 8 and {gpu for gpu, _ in rows} == {"3", "5"}
+    for gpu, lock in rows:
+        assert lock == start_lock_path(gpu, {}) and os.path.basename(lock) == f"torchpeer-start-{gpu}.lock"
+    assert start_lock_path(None, {"CUDA_VISIBLE_DEVICES": "0,1"}) != start_lock_path(None, {})
+    assert os.path.basename(start_lock_path(None, {})) == "torchpeer-start-all.lock"
+    monkeypatch.setenv("TORCHPEER_START_LOCK", str(tmp_path / "mine.lock"))
+    runs2 = str(tmp_path / "runs2")
+    run_sweep(spec, runs2, parallel=2, progress=False, say=lambda m: None)
+    with open(os.path.join(runs2, "locks.txt")) as fh:
+        assert {line.split()[1] for line in fh} == {str(tmp_path / "mine.lock")}
 
 
 def test_visible_gpus_and_the_least_loaded_one(monkeypatch):

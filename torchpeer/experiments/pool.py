@@ -16,7 +16,10 @@ shorter one (said once), one longer than the whole limit is skipped. ``stop_at``
 start) interrupts runs still training then with SIGINT: they checkpoint (when checkpoints are on)
 and resume on the next invocation, or restart. A run refused by the memory check while other runs
 hold the GPU (worker exit EXIT_NO_MEMORY_NOW) goes back to the head of the queue, and no run starts
-until one of the running ones ends; refused with nothing else running, it has failed. A failed run
+until one of the running ones ends; refused with nothing else running, it has failed. Workers on
+one GPU pass the memory check one at a time, each after the runs started before it have taken
+their first step (a lock file per GPU, torchpeer/lm/start_lock.py), so runs started together do
+not all pass it against the empty GPU. A failed run
 (other non-zero exit) is reported with the end of its log and not retried in this invocation; the
 others go on.
 """
@@ -213,11 +216,24 @@ def _next_startable(pending, estimate, elapsed, time_limit, told, say):
     return None
 
 
+def start_lock_path(gpu: str | None, env: dict) -> str:
+    """The lock file that runs starting on this GPU share (torchpeer/lm/start_lock.py): one per GPU
+    set, in the temp folder, so that two sweeps on one machine (e.g. two in one device job) share it."""
+    import re
+    import tempfile
+
+    key = gpu if gpu is not None else (env.get("CUDA_VISIBLE_DEVICES") or "all")
+    return os.path.join(tempfile.gettempdir(), f"torchpeer-start-{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.lock")
+
+
 def _start(head: str, run: PlannedRun, command: list[str], env: dict, say, gpu: str | None = None) -> _Job:
     from torchpeer.data.atomic import write_text_atomic
+    from torchpeer.lm.start_lock import ENV as START_LOCK_ENV
 
     if gpu is not None:
         env = {**env, "CUDA_VISIBLE_DEVICES": gpu}
+    if not env.get(START_LOCK_ENV):  # memory checks one at a time per GPU (start_lock.py says why)
+        env = {**env, START_LOCK_ENV: start_lock_path(gpu, env)}
     os.makedirs(run.run_dir, exist_ok=True)
     payload = {"run": run.name, "config": run.cfg.to_dict()}
     write_text_atomic(os.path.join(run.run_dir, RUN_FILE), json.dumps(payload, indent=1) + "\n")

@@ -41,6 +41,7 @@ from torchpeer.lm.metrics import MetricsLog
 from torchpeer.lm.plan import default_plan
 from torchpeer.lm.run_messages import format_eval, resume_lines, start_lines
 from torchpeer.lm.rundir import check_run_folder, check_writable, remove_stale_partials, writing
+from torchpeer.lm.start_lock import StartLock
 
 
 class Trainer:
@@ -78,6 +79,12 @@ class Trainer:
 
         self._start()
         self._build_data()
+        # runs starting together on one device check one at a time (start_lock.py); held until the
+        # first step has allocated its memory, released in _fit (or at exit, by the kernel)
+        lock = self._start_lock = StartLock.from_env().acquire()
+        if lock.timed_out or lock.waited >= 1.0:
+            how = "gave up waiting" if lock.timed_out else "waited"
+            print(f"start lock: {how} {lock.waited:.0f} s for the runs starting before this one", flush=True)
         self.memory = check_fits(self.cfg, self.device)  # refuse a step that cannot fit, before allocating it
         self._build_model()
         self._build_optimizer()
@@ -324,9 +331,15 @@ class Trainer:
                     self.build()
                 return self._fit()
         finally:  # also after a failed build: the plan may hold process groups
+            self._release_start_lock()
             if getattr(self, "log", None) is not None:
                 self.log.close()
             self.plan.close()
+
+    def _release_start_lock(self) -> None:
+        lock = getattr(self, "_start_lock", None)
+        if lock is not None:
+            lock.release()
 
     def _fit(self) -> dict:
         cfg, t, rank0 = self.cfg, self.cfg.train, self.plan.is_rank0
@@ -344,6 +357,7 @@ class Trainer:
         self.in_loop = True
         while self.step < self.total_steps and self.stop_reason is None:
             out = self.train_step()
+            self._release_start_lock()  # the first step has allocated what this run holds
             step = self.step
             bar.update(1)
             metrics = {"step": step, "tokens": step * self.tokens_per_step, "lr": self.optimizer.param_groups[0]["lr"]}
