@@ -377,8 +377,9 @@ def extra_section(run, H, n, dk, K, T, best):
     run.guarded("extra", f"dup4 keys (fallback) T={T}", lambda: timed(dict(dup=4)))
 
 
-def onepass_section(run, H, n, dk, K, T_check, T_list, sweep):
-    """0. The "onepass" forward against "threshold" and "merge", all in this one run."""
+def onepass_section(run, H, n, dk, K, T_check, T_list, sweep, quick=False):
+    """0. The "onepass" forward against "threshold" and "merge", all in this one run. quick: only the
+    checks, the bf16 forwards and the fwd+bwd rows (no fp32 / top_k rows, no launch sweep)."""
     onepass = dataclasses.replace(CFG, forward="onepass")
     q, keys = make(T_check, H, n, dk)
     ref = launch_merge(q, keys, K, CFG)
@@ -440,29 +441,30 @@ def onepass_section(run, H, n, dk, K, T_check, T_list, sweep):
                 f"fwd {name} T={T}",
                 lambda cfg=cfg, qt=qt, kt=kt, T=T: {"ms": bench_ms(lambda: forward(qt, kt, K, cfg)), "T": T},
             )
-    # fp32 inputs ("auto" picks merge for them: one pass of fp32 dots) and top_k = 2K, at the smaller T
-    T = T_list[0]
-    q32, k32 = make(T, H, n, dk, dtype=torch.float32)
-    for name in ("merge", "threshold", "onepass"):
-        cfg = impls[name]
-        run.guarded(
-            "onepass",
-            f"fwd fp32 {name} T={T}",
-            lambda cfg=cfg, T=T, q32=q32, k32=k32: {"ms": bench_ms(lambda: forward(q32, k32, K, cfg)), "T": T},
-        )
-    del q32, k32
-    qt, kt = make(T, H, n, dk)
-    for name in ("merge", "threshold", "onepass"):
-        cfg = impls[name]
-        run.guarded(
-            "onepass",
-            f"fwd top_k={2 * K} {name} T={T}",
-            lambda cfg=cfg, T=T, qt=qt, kt=kt: {"ms": bench_ms(lambda: forward(qt, kt, 2 * K, cfg)), "T": T},
-        )
+    if not quick:
+        # fp32 inputs ("auto" picks merge for them: one pass of fp32 dots) and top_k = 2K, at the smaller T
+        T = T_list[0]
+        q32, k32 = make(T, H, n, dk, dtype=torch.float32)
+        for name in ("merge", "threshold", "onepass"):
+            cfg = impls[name]
+            run.guarded(
+                "onepass",
+                f"fwd fp32 {name} T={T}",
+                lambda cfg=cfg, T=T, q32=q32, k32=k32: {"ms": bench_ms(lambda: forward(q32, k32, K, cfg)), "T": T},
+            )
+        del q32, k32
+        qt, kt = make(T, H, n, dk)
+        for name in ("merge", "threshold", "onepass"):
+            cfg = impls[name]
+            run.guarded(
+                "onepass",
+                f"fwd top_k={2 * K} {name} T={T}",
+                lambda cfg=cfg, T=T, qt=qt, kt=kt: {"ms": bench_ms(lambda: forward(qt, kt, 2 * K, cfg)), "T": T},
+            )
     T = T_list[-1]
     qt, kt = make(T, H, n, dk)
     best, best_ms = None, float("inf")
-    for launch in sweep:
+    for launch in [] if quick else sweep:
         for prefix in ("cumsum", "dot"):
             cfg = dataclasses.replace(onepass, onepass_half=launch, onepass_prefix=prefix)
             res = run.guarded(
@@ -535,6 +537,7 @@ def main():
     p.add_argument("--smoke", action="store_true", help="tiny sizes (CPU + TRITON_INTERPRET=1)")
     p.add_argument("--only", choices=["onepass"], help="run only this section (section 0)")
     p.add_argument("--profile", action="store_true", help="also per-kernel times of one fwd+bwd (torch.profiler)")
+    p.add_argument("--quick", action="store_true", help="section 0 without its fp32 / top_k rows and launch sweep")
     p.add_argument("--budget-s", type=float, default=BUDGET_S, help="start no new row after this many seconds")
     args = p.parse_args()
     set_budget(args.budget_s)
@@ -570,7 +573,7 @@ def main():
             (64, 64, 8, 32, 4),
         ]
     run = Run(args.out, {"H": H, "n": n, "d_key": dk, "top_k": K, "dtype": "bfloat16"})
-    onepass_section(run, H, n, dk, K, T_check, T_list, sweep_onepass)
+    onepass_section(run, H, n, dk, K, T_check, T_list, sweep_onepass, quick=args.quick)
     if args.profile:
         profile_section(run, H, n, dk, K, T_list[-1])
     if args.only == "onepass":
