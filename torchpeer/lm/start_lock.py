@@ -39,8 +39,9 @@ class StartLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> StartLock:
-        """Take the lock, waiting up to ``timeout`` s; returns self (held, or not after a timeout)."""
+    def acquire(self, say=None) -> StartLock:
+        """Take the lock, waiting up to ``timeout`` s; returns self (held, or not after a timeout).
+        say: called with one line when it waited a second or more, or gave up."""
         if self.path is None or self._fd is not None:
             return self
         try:
@@ -61,6 +62,9 @@ class StartLock:
                     break
                 time.sleep(POLL_SECONDS)
         self.waited = time.monotonic() - t0
+        if say is not None and (self.timed_out or self.waited >= 1.0):
+            how = "gave up waiting" if self.timed_out else "waited"
+            say(f"start lock: {how} {self.waited:.0f} s for the runs starting before this one")
         return self
 
     def release(self) -> None:

@@ -4,8 +4,8 @@
     summary = trainer.fit()
 
 build(): validate -> device and runtime (runtime.py) -> run folder checks -> tokenizer and token
-    files -> memory estimate -> model (through the parallel plan) -> optimizer, schedule, sampler
-    -> resume from the newest intact checkpoint -> config.json (+ configs/ history), the metrics log.
+    files -> memory estimate (under start_lock.py's lock) -> model (through the parallel plan) ->
+    optimizer, schedule, sampler -> resume -> config.json (+ configs/ history), the metrics log.
 train_step(): one optimizer step over ``train.grad_accum`` micro-batches (loss + the FFWs'
     ``aux_loss()`` terms), gradient clipping, lr schedule.
 evaluate(max_batches): every valid set -> {name: evaluate() results}.
@@ -13,8 +13,7 @@ save_checkpoint() / load_checkpoint(path): exact-resume state (see checkpoint.py
     newest intact checkpoint and records the config changes (resume.py).
 fit(): steps until the budget, logging, periodic eval and checkpoints, then the final checkpoint,
     the full evaluation and summary.json. SIGINT/SIGTERM stop it after the current step with a
-    checkpoint (TrainingInterrupted). A resume of a finished run (finished.py) builds nothing, says
-    so in one line and returns the recorded summary.
+    checkpoint (TrainingInterrupted). A resume of a finished run (finished.py) returns its summary.
 
 Seams: callbacks (callbacks.py) watch the run; a parallel plan (plan.py) spreads it over processes.
 """
@@ -70,6 +69,7 @@ class Trainer:
         self.stop_reason: str | None = None
         self.signal_received: int | None = None
         self.in_loop = False  # SIGINT/SIGTERM: before the loop they stop at once, in it after the step
+        self._start_lock = StartLock(None)  # build() takes the sweep's, held to the 1st step (start_lock.py)
 
     # ------------------------------------------------------------------------------------ build
 
@@ -79,12 +79,7 @@ class Trainer:
 
         self._start()
         self._build_data()
-        # runs starting together on one device check one at a time (start_lock.py); held until the
-        # first step has allocated its memory, released in _fit (or at exit, by the kernel)
-        lock = self._start_lock = StartLock.from_env().acquire()
-        if lock.timed_out or lock.waited >= 1.0:
-            how = "gave up waiting" if lock.timed_out else "waited"
-            print(f"start lock: {how} {lock.waited:.0f} s for the runs starting before this one", flush=True)
+        self._start_lock = StartLock.from_env().acquire(say=print)  # one memory check at a time per GPU
         self.memory = check_fits(self.cfg, self.device)  # refuse a step that cannot fit, before allocating it
         self._build_model()
         self._build_optimizer()
@@ -331,15 +326,10 @@ class Trainer:
                     self.build()
                 return self._fit()
         finally:  # also after a failed build: the plan may hold process groups
-            self._release_start_lock()
+            self._start_lock.release()
             if getattr(self, "log", None) is not None:
                 self.log.close()
             self.plan.close()
-
-    def _release_start_lock(self) -> None:
-        lock = getattr(self, "_start_lock", None)
-        if lock is not None:
-            lock.release()
 
     def _fit(self) -> dict:
         cfg, t, rank0 = self.cfg, self.cfg.train, self.plan.is_rank0
@@ -357,7 +347,7 @@ class Trainer:
         self.in_loop = True
         while self.step < self.total_steps and self.stop_reason is None:
             out = self.train_step()
-            self._release_start_lock()  # the first step has allocated what this run holds
+            self._start_lock.release()  # the first step has allocated what this run holds
             step = self.step
             bar.update(1)
             metrics = {"step": step, "tokens": step * self.tokens_per_step, "lr": self.optimizer.param_groups[0]["lr"]}
