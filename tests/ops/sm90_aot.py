@@ -66,9 +66,11 @@ def main() -> None:
         rt = {"q_ptr": f"*{xdt}", "k_ptr": f"*{xdt}", "cand_ptr": "*i64", "scores_ptr": "*fp32", "idx_ptr": "*i64"}
         consts = {"PER_HEAD": False, "DH": 64, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_D": 64, "KP": 16}
         aot(sp._tile_topk_kernel, rt, {**consts, "DOT_FP32": xdt == "fp32"})
-        st = {"perm_ptr": "*i64", "offsets_ptr": "*i32", "ds_ptr": "*fp32", "q_ptr": f"*{xdt}", "dk_ptr": "*fp32"}
-        st.update(RK="i64", stride_qt="i64")
+        st = {f"{a}_ptr": "*i64" for a in ("perm", "offsets", "seg_row", "seg_index")}
+        st.update(ds_ptr="*fp32", q_ptr=f"*{xdt}", dk_ptr="*fp32", partial_ptr="*fp32", RK="i64", stride_qt="i64")
         aot(sb._dkeys_sorted_kernel, st, {"H": 8, "K": 16, "DH": 64, "BLOCK_S": 64, "BLOCK_D": 64})
+    rd = {"hot_ptr": "*i64", "nseg_ptr": "*i64", "pbase_ptr": "*i64", "partial_ptr": "*fp32", "dk_ptr": "*fp32"}
+    aot(sb._dkeys_reduce_kernel, rd, {"DH": 64, "BLOCK_D": 64}, num_warps=1)
     aot(sp._tile_merge_kernel, rt, {"KP": 16, "NC": 256, "BLOCK_R": 8})
 
 

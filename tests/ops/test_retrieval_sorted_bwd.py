@@ -68,32 +68,62 @@ def test_int16_and_int32_sort_keys_give_the_same_gradients(monkeypatch):
     assert torch.equal(dk16, dk32) and torch.equal(dq16, dq32)
 
 
-def test_segment_splits_follow_the_mean_list_length():
-    from torchpeer.ops.retrieval.triton_backward_sorted import segment_splits
-
-    # 65536 tokens x H 8 x k 16, both halves, 2048 table rows, blocks of 64: 128 blocks per row -> 4
-    assert segment_splits(2 * 65536 * 8 * 16, 2048, 64) == 4
-    assert segment_splits(2 * 4096 * 8 * 16, 2048, 64) == 1  # 8 blocks per row: one program is enough
-    assert segment_splits(10**10, 2048, 64) == 8  # capped
-    assert segment_splits(0, 2048, 64) == 1
+def _split_everything(monkeypatch, sb, blocks=1):
+    """Segments of `blocks` blocks and a split check that always says yes (the plan is built)."""
+    monkeypatch.setattr(sb, "SEGMENT_BLOCKS", blocks)
+    monkeypatch.setattr(sb, "_rows_need_split", lambda offsets, seg: True)
 
 
-@pytest.mark.parametrize("splits", [2, 3])
-def test_split_row_lists_give_the_reference_gradients(monkeypatch, splits):
-    """Each table row's sorted list walked by several programs (partial sums added in a fixed order):
-    the sub-key gradient still matches float64 and is bitwise repeatable; rows whose list is shorter
-    than the splits leave empty slices (zero partials)."""
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_segmented_row_lists_give_the_reference_gradients(monkeypatch, blocks):
+    """Each table row's sorted list cut into segments (extra segments' partials added to the row in
+    segment order by the reduce kernel): the sub-key gradient matches float64 and is bitwise
+    repeatable; it matches the unsplit walk to fp32 rounding."""
     from torchpeer.ops.retrieval import triton_backward_sorted as sb
 
-    monkeypatch.setattr(sb, "segment_splits", lambda *a, **kw: splits)
     g = torch.Generator().manual_seed(11)
     q = torch.randn(40, 2, 8, generator=g).to(DEVICE)
-    keys = torch.randn(1, 2, 6, 4, generator=g).to(DEVICE)  # 6 sub-keys: long lists (~53 entries each)
+    keys = torch.randn(1, 2, 6, 4, generator=g).to(DEVICE)  # 6 sub-keys: lists of ~53 entries each
     up = torch.randn(40, 2, 4, generator=g).to(DEVICE)
+    _, _, dk_whole = _grads(q, keys, 4, SORTED, up)
+    _split_everything(monkeypatch, sb, blocks)
+    calls = []
+    real = sb._segment_plan
+    monkeypatch.setattr(sb, "_segment_plan", lambda *a: calls.append(a[2]) or real(*a))
     _, dq, dk = _grads(q, keys, 4, SORTED, up)
+    assert calls == [16 * blocks]  # the interpreter's BLOCK_S is 16: the plan was built and used
     q64, k64 = q.double().requires_grad_(), keys.double().requires_grad_()
     ref_s, _ = product_key_topk_reference(q64, k64, 4)
     (ref_s * up.double()).sum().backward()
     torch.testing.assert_close(dk.double(), k64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dk, dk_whole, rtol=1e-5, atol=1e-6)
     _, _, dk2 = _grads(q, keys, 4, SORTED, up)
     assert torch.equal(dk2, dk)
+
+
+def test_a_hot_sub_key_is_spread_over_segments(monkeypatch):
+    """Skewed routing: one sub-key of each half in (nearly) every selection, so one row's list holds
+    most entries; with the plan it is walked by many programs and still sums to the reference."""
+    from torchpeer.ops.retrieval import triton_backward_sorted as sb
+
+    g = torch.Generator().manual_seed(5)
+    T, H, n, dh = 64, 2, 8, 4
+    keys = torch.randn(1, 2, n, dh, generator=g) * 0.1
+    keys[0, :, 3] = 5.0  # sub-key 3 of both halves wins every query's first place
+    q = (torch.randn(T, H, 2 * dh, generator=g) * 0.1 + 1.0).to(DEVICE)
+    keys = keys.to(DEVICE)
+    up = torch.randn(T, H, 3, generator=g).to(DEVICE)
+    _split_everything(monkeypatch, sb)
+    plans = []
+    real = sb.row_segments
+    monkeypatch.setattr(sb, "row_segments", lambda *a: plans.append(real(*a)) or plans[-1])
+    idx, dq, dk = _grads(q, keys, 3, SORTED, up)
+    assert (idx // n == 3).float().mean() > 0.6  # the skew is real
+    seg, nseg, pbase, seg_row, seg_index, hot = plans[0]
+    hot_rows = hot[hot >= 0].tolist()
+    assert {3, n + 3} <= set(hot_rows) and int(nseg[3]) >= 4  # both halves' hot rows split up
+    q64, k64 = q.double().requires_grad_(), keys.double().requires_grad_()
+    ref_s, _ = product_key_topk_reference(q64, k64, 3)
+    (ref_s * up.double()).sum().backward()
+    torch.testing.assert_close(dk.double(), k64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dq.double(), q64.grad, rtol=1e-5, atol=1e-5)

@@ -14,21 +14,28 @@ Forward algorithms (``forward``):
   "onepass":   one kernel per (row block, head): both halves' candidates (group-max theta + cumsum
                compaction), each half's top-k and the pruned pair merge by rounds of max, no int64
                sorting network, no second launch (the half lists stay in the program's own scratch);
-               triton_onepass.py. Not measured yet
-               (predicted 1.6 ms, 1.0-3.0, at T=65536, bf16, NOTES_retrieval.md 7b), so "auto"
-               does not pick it.
+               triton_onepass.py. Measured 2026-12-05: 5.67 ms against 5.91 for "threshold" at
+               T=65536 (1.48 vs 1.54 at 16384), bit-equal (benchmarks/results/
+               bench_retrieval_onepass_2026-12-05.md; predicted 1.6 ms: the selection rounds, not the
+               bytes, cost). "auto" does not pick it yet: its CAP is 32 candidate slots against
+               threshold's 64, and the fallback rate on trained keys is unmeasured (4 % is not worth
+               a slow fallback).
   "auto":      "split" for at most ``small_tokens`` tokens; else "merge" for fp32 (or mixed-dtype)
                inputs with top_k <= 16, where its single pass of fp32 dots wins (T=16384: 7.8 vs
                10.7 ms), else "threshold".
 Backward algorithms (``backward``, triton_backward.py):
-  "hybrid" (the default): dq by the gather kernel (0.4 ms) + dkeys by the dense path; in one run of
-               benchmarks/peer_layer.py (2026-11-28) the layer's fwd+bwd at d=1024 took 33.1 ms
-               against 34.4 ms with "dense" at 65536 tokens (9.8 vs 10.3 ms at 16384).
+  "sorted" (the default): the dq kernel + dkeys by sorted segment sums: the (half, selection)
+               pairs radix-sorted by table row (int16 keys), each row's list cut into segments of
+               SEGMENT_BLOCKS blocks (skew-robust: a hot sub-key spreads over many programs), fp32
+               sums, no atomics (triton_backward_sorted.py). H200, 2026-12-05, T=65536: backward
+               1.49 ms against 3.34 for "hybrid" (fwd+bwd 7.23 vs 9.49 ms); the layer at d=1024
+               31.5-31.8 ms against 33.8-33.9 (benchmarks/results/peer_layer_2026-12-05_sorted_bwd.md;
+               measured with per-row splits, before the segment plan of the same kernel loop).
+  "hybrid":    dq by the gather kernel (0.25 ms) + dkeys by the dense path: (T*H, n) fp32 scatter
+               matrices and TF32 matmuls per token chunk (~9.2 GB of traffic at 65536 tokens).
+               The default until 2026-12-05; 2026-11-28: layer 33.1 ms against 34.4 with "dense".
   "dense":     scatter matrix per token chunk + TF32 matmuls (5.0 ms).
   "triton":    dq and dkeys kernels, deterministic partial sums (29.8 ms).
-  "sorted":    the dq kernel + dkeys by sorted segment sums, no dense (T*H, n) matrix (issue 19;
-               ~2.3 GB against ~9.2 GB of traffic at 65536 tokens, NOTES_retrieval.md section 6).
-               Not measured yet, so not the default.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ PREFIX_METHODS = ("cumsum", "dot")
 @dataclass(frozen=True)
 class RetrievalKernelConfig:
     forward: str = "auto"
-    backward: str = "hybrid"
+    backward: str = "sorted"
     # "merge" launch (BLOCK_M, BLOCK_N, num_warps). "half": bf16/fp16 queries and keys with top_k <= 16;
     # "fp32": any other dtype mix; "wide": 16 < top_k <= 32. Measured, bf16: (64, 128, 16) 15.5 ms,
     # (64, 64, 16) 25.0, (32, 64, 16) 32.5, (32, 128, 16) 48.8, (16, 64, 4) 37.6; fp32 (16, 64, 4)

@@ -8,8 +8,9 @@ chunk, then dq_half = G @ C and dC = G^T @ q_half (TF32 matmuls for half-precisi
 "triton": `_dq_kernel` gathers the k sub-key rows per (token, head) (the tables are L2-resident);
 `_dkeys_kernel` builds G one (BLOCK_R, BLOCK_A) tile at a time in registers and accumulates
 G^T @ q_half with tl.dot into per-split partial sums (deterministic, no (rows, n) matrix in memory).
-"hybrid" (the default): `_dq_kernel` for dq + the dense dC.
-"sorted": `_dq_kernel` for dq + dC by sorted segment sums (triton_backward_sorted.py; no dense G).
+"hybrid": `_dq_kernel` for dq + the dense dC (the default until 2026-12-05).
+"sorted" (the default): `_dq_kernel` for dq + dC by sorted, segmented sums (triton_backward_sorted.py;
+no dense G; 1.49 ms against hybrid's 3.34 at 65536 tokens on an H200, kernel_config.py).
 """
 
 from __future__ import annotations

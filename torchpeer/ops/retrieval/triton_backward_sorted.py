@@ -3,12 +3,12 @@
 dC_half[a] = sum over the selections (t, h, k) whose half index is a of ds[t, h, k] * q_half[t, h]
 (triton_backward.py). The "dense" path materialises G (T*H, n) fp32 per half and multiplies:
 ~4.6 GB of traffic per half at 65536 tokens (NOTES_retrieval.md section 6). Here the 2 * T*H*k
-(half, selection) pairs are sorted by their table row ((key set * 2 + half) * n + a), and one
-few programs per table row (`segment_splits`) walk equal slices of its sorted list, gathering
-the queries' half rows (128 B in bf16) and summing ds * q in fp32; their partial sums add in a
-fixed order: deterministic, ~1.1 GB of gathers per half. The splits follow the mean list length,
-so heavily skewed routing (one sub-key in most selections) still serialises on that row's few
-programs; the load-balanced segments of the mixing backward would fix that (not built).
+(half, selection) pairs are sorted by their table row ((key set * 2 + half) * n + a), and each
+row's sorted list is cut into segments of at most SEGMENT_BLOCKS * BLOCK_S entries (the mixing
+backward's plan, so a hot sub-key is spread over many programs: skew-robust); each program
+gathers its entries' query half rows (128 B in bf16) and sums ds * q in fp32, and the extra
+segments' partial sums are added to their row in segment order: deterministic, no atomics,
+~1.1 GB of gathers per half at 65536 tokens.
 """
 
 from __future__ import annotations
@@ -18,48 +18,72 @@ import triton
 import triton.language as tl
 
 from torchpeer.ops.dispatch import triton_interpreting
+from torchpeer.ops.expert_mixing.triton_kernels import _segment_of_program
+from torchpeer.ops.expert_mixing.triton_op import LaggedSplitCheck, _segment_plan
 
 from .triton_common import next_pow2
 
 INT16_KEY_ROWS = torch.iinfo(torch.int16).max  # up to this many table rows the sort keys are int16
+# Segment length in blocks of BLOCK_S: at 65536 tokens (H 8, k 16, 2048 rows: 8192 entries per row)
+# 32 blocks of 64 gave 4 programs per row, 7.23 ms retrieval fwd+bwd on an H200 against 9.49 ms
+# for the hybrid backward (benchmarks/results/bench_retrieval_onepass_2026-12-05.md)
+SEGMENT_BLOCKS = 32
+_rows_need_split = LaggedSplitCheck()
 
 
 @triton.jit
 def _dkeys_sorted_kernel(
-    perm_ptr, offsets_ptr, ds_ptr, q_ptr, part_ptr, RK, n, n_rows, stride_qt, stride_qh, stride_qd,
+    perm_ptr, offsets_ptr, seg_row_ptr, seg_index_ptr, ds_ptr, q_ptr, dk_ptr, partial_ptr,
+    RK, n, n_rows, SEG, stride_qt, stride_qh, stride_qd,
     H: tl.constexpr, K: tl.constexpr, DH: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """part[split, g] = sum over this split's share of the sorted entries e of table row g:
-    ds[s] * q_half[t, h], e = half * RK + s. Program (g, split) takes the split-th of
-    num_programs(1) equal, BLOCK_S-aligned slices of row g's list.
+    """One program per segment: at most SEG (a multiple of BLOCK_S) consecutive sorted entries of one
+    table row g, summing ds[s] * q_half[t, h] over them (entry e = half * RK + s).
 
-    The products accumulate in a (BLOCK_S, BLOCK_D) register tile reduced over the rows once at the
-    end: a reduction per block (as before) crossed warps through shared memory with a barrier on
-    every one of the ~128 blocks of a row's list at 65536 tokens."""
-    g = tl.program_id(0)
-    split = tl.program_id(1)
-    splits = tl.num_programs(1)
+    Programs 0..n_rows-1 take segment 0 of row g = program id and write dk[g] (every row, zeros for
+    an unused one); programs n_rows.. take the extra segments of long lists (seg_row/seg_index name
+    them, -1: nothing) and write partial[q]; _dkeys_reduce_kernel adds those to dk in segment order.
+    No atomics: deterministic. The products accumulate in a (BLOCK_S, BLOCK_D) register tile reduced
+    over the rows once per program (a reduction per block crosses the warps through shared memory
+    with a barrier, ~128 of them per row list at 65536 tokens)."""
+    pid = tl.program_id(0).to(tl.int64)
+    g, seg, valid, first, last, start, end = _segment_of_program(
+        pid, n_rows, seg_row_ptr, seg_index_ptr, offsets_ptr, SEG
+    )
     half = (g // n) % 2
-    start = tl.load(offsets_ptr + g)
-    end = tl.load(offsets_ptr + g + 1)
-    blocks = tl.cdiv(end - start, BLOCK_S)
-    share = tl.cdiv(blocks, splits)
-    lo = start + split * share * BLOCK_S
-    hi = tl.minimum(lo + share * BLOCK_S, end)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < DH
     acc = tl.zeros((BLOCK_S, BLOCK_D), tl.float32)
-    for p0 in range(lo, hi, BLOCK_S):
+    for p0 in range(start, end, BLOCK_S):
         pos = p0 + tl.arange(0, BLOCK_S)
-        m = pos < hi
+        m = pos < end
         s = tl.load(perm_ptr + pos, mask=m, other=0) - half * RK  # selection id t * H * K + h * K + k
         gs = tl.load(ds_ptr + s, mask=m, other=0.0)
         r = s // K
         q_ptrs = q_ptr + (r // H)[:, None] * stride_qt + (r % H)[:, None] * stride_qh
         q = tl.load(q_ptrs + (half * DH + offs_d)[None, :] * stride_qd, mask=m[:, None] & d_mask[None, :], other=0.0)
         acc += gs[:, None] * q.to(tl.float32)
-    out = part_ptr + (split.to(tl.int64) * n_rows + g) * DH + offs_d
-    tl.store(out, tl.sum(acc, axis=0), mask=d_mask)
+    total = tl.sum(acc, axis=0)
+    tl.store(dk_ptr + g * DH + offs_d, total, mask=offs_d < tl.where(pid < n_rows, DH, 0))
+    slot = tl.maximum(pid - n_rows, 0) * DH
+    tl.store(partial_ptr + slot + offs_d, total, mask=offs_d < tl.where(valid & (pid >= n_rows), DH, 0))
+
+
+@triton.jit
+def _dkeys_reduce_kernel(hot_ptr, nseg_ptr, pbase_ptr, partial_ptr, dk_ptr, DH: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per hot row g = hot[q] (-1: none): adds its extra segments' partials
+    partial[pbase[g] : pbase[g] + nseg[g] - 1] to dk[g] (segment 0's sum), in segment order."""
+    g = tl.load(hot_ptr + tl.program_id(0))
+    valid = g >= 0
+    g = tl.maximum(g, 0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < tl.where(valid, DH, 0)
+    extra = tl.where(valid, tl.load(nseg_ptr + g) - 1, 0)
+    base = tl.load(pbase_ptr + g) * DH
+    acc = tl.load(dk_ptr + g * DH + offs_d, mask=d_mask, other=0.0)
+    for i in range(0, extra):
+        acc += tl.load(partial_ptr + base + i * DH + offs_d, mask=d_mask, other=0.0)
+    tl.store(dk_ptr + g * DH + offs_d, acc, mask=d_mask)
 
 
 @triton.jit
@@ -79,12 +103,17 @@ def _table_rows_kernel(idx_ptr, rows_ptr, RK, n, H: tl.constexpr, K: tl.constexp
     tl.store(rows_ptr + RK + s, ((s_set * 2 + 1) * n + b).to(out), mask=m)
 
 
-def segment_splits(entries: int, n_rows: int, block_s: int, blocks_per_program: int = 32, most: int = 8) -> int:
-    """Programs per table row: enough that each walks ~blocks_per_program blocks of an average row's
-    list (at 65536 tokens, H 8, k 16 and 2048 rows: 8192 entries, 128 blocks of 64 -> 4 splits,
-    8192 programs instead of 2048, each a quarter of the dependent load chain)."""
-    mean_blocks = -(-entries // max(1, n_rows * block_s))
-    return max(1, min(most, -(-mean_blocks // blocks_per_program)))
+def row_segments(offsets: torch.Tensor, entries: int, block_s: int):
+    """(SEG, nseg, pbase, seg_row, seg_index, hot): the table rows' sorted lists cut into segments of
+    at most SEG entries (the mixing backward's plan, expert_mixing.triton_op._segment_plan: sizes
+    from shapes only, no host sync). SEG = SEGMENT_BLOCKS blocks of block_s. When no list is longer
+    than SEG (judged from an earlier call's count, LaggedSplitCheck), SEG = 2**31 - 1 and empty
+    plans: one program per row walks its whole list."""
+    seg = SEGMENT_BLOCKS * block_s
+    if not _rows_need_split(offsets, seg):
+        none = torch.empty(0, dtype=torch.int64, device=offsets.device)
+        return 2**31 - 1, none, none, none, none, none
+    return seg, *_segment_plan(offsets, entries, seg)
 
 
 def dkeys_sorted(ds: torch.Tensor, queries: torch.Tensor, sub_keys: torch.Tensor, indices: torch.Tensor):
@@ -107,11 +136,14 @@ def dkeys_sorted(ds: torch.Tensor, queries: torch.Tensor, sub_keys: torch.Tensor
     sorted_rows, perm = torch.sort(keys, stable=True)
     offsets = torch.searchsorted(sorted_rows, torch.arange(n_rows + 1, device=dev, dtype=keys.dtype))
     block_s = 16 if triton_interpreting() else 64
-    splits = segment_splits(2 * RK, n_rows, block_s)
-    part = torch.empty((splits, n_rows, dh), device=dev, dtype=torch.float32)
-    _dkeys_sorted_kernel[(n_rows, splits)](
-        perm, offsets, ds.contiguous().float(), queries, part, RK, n, n_rows, *queries.stride(),
-        H=H, K=K, DH=dh, BLOCK_S=block_s, BLOCK_D=max(16, next_pow2(dh)), num_warps=4,
+    block_d = max(16, next_pow2(dh))
+    seg, nseg, pbase, seg_row, seg_index, hot = row_segments(offsets, 2 * RK, block_s)
+    dk = torch.empty((n_rows, dh), device=dev, dtype=torch.float32)
+    partial = torch.empty((max(1, seg_row.numel()), dh), device=dev, dtype=torch.float32)
+    _dkeys_sorted_kernel[(n_rows + seg_row.numel(),)](
+        perm, offsets, seg_row, seg_index, ds.contiguous().float(), queries, dk, partial,
+        RK, n, n_rows, seg, *queries.stride(), H=H, K=K, DH=dh, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
     )  # fmt: skip
-    dk = part[0] if splits == 1 else part.sum(0)  # a fixed order: deterministic
+    if hot.numel():
+        _dkeys_reduce_kernel[(hot.numel(),)](hot, nseg, pbase, partial, dk, DH=dh, BLOCK_D=block_d, num_warps=1)
     return dk.view(S, 2, n, dh).to(sub_keys.dtype)
