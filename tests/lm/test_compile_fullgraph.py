@@ -54,3 +54,36 @@ def test_peer_lm_forward_loss_backward_compile_with_no_graph_break(readout):
     for (name, be), bc in zip(eager.named_buffers(), compiled.buffers()):
         torch.testing.assert_close(bc, be, msg=name)
     assert any("running_mean" in n and b.abs().sum() > 0 for n, b in compiled.named_buffers())
+
+
+def test_compiled_steps_with_the_fused_rowwise_adam_update_the_tables_once():
+    """The fused row-wise Adam updates the tables inside the mixing backward (a mutating custom op):
+    under torch.compile (AOTAutograd) that op must run once per step, as in eager mode. Three steps
+    from one init: the losses, the tables and the optimizer's moments and step counts agree."""
+    from torchpeer.optim.fused_tables import attach_rowwise_adam
+
+    torch.manual_seed(0)
+    eager, compiled = tiny_peer_lm(), tiny_peer_lm()
+    compiled.load_state_dict(eager.state_dict())
+    opt_e = attach_rowwise_adam(eager, lr=1e-2, bf16_tables=True)
+    opt_c = attach_rowwise_adam(compiled, lr=1e-2, bf16_tables=True)
+
+    def step(model, idx, targets):
+        _, loss = model(idx, targets)
+        loss.backward()
+        return loss.detach()
+
+    fn = torch.compile(step, backend="aot_eager")
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        idx, targets = torch.randint(0, 64, (2, 16), generator=g), torch.randint(0, 64, (2, 16), generator=g)
+        torch.testing.assert_close(fn(compiled, idx, targets), step(eager, idx, targets), rtol=1e-5, atol=1e-6)
+    layers = [(n, m) for n, m in eager.named_modules() if type(m).__name__ == "PEER"]
+    assert layers
+    for name, layer in layers:
+        other = compiled.get_submodule(name)
+        torch.testing.assert_close(other.down, layer.down, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(other.up, layer.up, rtol=1e-5, atol=1e-6)
+        for se, sc in zip(opt_e.states[name], opt_c.states[name]):
+            assert torch.equal(sc.steps, se.steps) and int(se.steps.max()) == 2  # one update per step
+            torch.testing.assert_close(sc.exp_avg, se.exp_avg, rtol=1e-4, atol=1e-7)
