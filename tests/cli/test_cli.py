@@ -874,3 +874,12 @@ def test_a_run_folder_with_a_damaged_config_json_uses_its_checkpoints_config(cap
     (tmp_path / "bare" / "checkpoints").mkdir(parents=True)
     (tmp_path / "bare" / "config.json").write_text("{")
     assert _error(capsys, ["info", "bare"]).endswith("; and bare has no intact checkpoint to read its config from\n")
+
+
+def test_missing_config_suggests_the_toml_file_here(capsys, tmp_path, monkeypatch):
+    """`torchpeer info bad` with ./bad.toml in the cwd: the error points at bad.toml."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.toml").write_text("[train]\nmax_steps = 2\n")
+    err = _error(capsys, ["info", "bad"])
+    assert "neither a file nor a shipped config" in err and "did you mean bad.toml?" in err
+    assert "did you mean" not in _error(capsys, ["info", "nothing-like-it"])
