@@ -113,6 +113,9 @@ def test_dry_run_estimates_from_measured_tokens_per_s(tmp_path, fake_train):
     run_sweep(spec, str(tmp_path), dry_run=True, say=out.append)
     assert fake_train.calls == [] and "unknown" in out[0] and "8 runs to train" in out[0]
     assert "--assume-tokens-per-s N estimates them" in out[0]  # says how to get an estimate
+    # no run has an estimate: no "estimated 0 s" that reads as one
+    assert "8 runs to train; no time estimate yet (no measured tokens/s;" in out[0]
+    assert "estimated 0 s" not in out[0]
     assert not os.path.exists(results_path(str(tmp_path)))
     run_sweep(spec, str(tmp_path), only="*-1e10", progress=False, say=lambda s: None)
     out.clear()
@@ -121,6 +124,7 @@ def test_dry_run_estimates_from_measured_tokens_per_s(tmp_path, fake_train):
     assert rows["d_model=16-ffw=dense-1e10"].rstrip().endswith("done")
     # measured: 384 tokens in 0.5 s -> 295,424 tokens of the 2e10 run in 385 s
     assert "295,424" in rows["d_model=16-ffw=dense-2e10"] and "6.4 min  todo" in rows["d_model=16-ffw=dense-2e10"]
+    assert "runs to train; estimated " in out[0] and "no time estimate yet" not in out[0]  # some estimated
     out.clear()
     run_sweep(spec, str(tmp_path / "other"), dry_run=True, assume_tokens_per_s=1000.0, say=out.append)
     assert "~" in out[0] and "assumed 1,000" in out[0]

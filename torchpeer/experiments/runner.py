@@ -304,7 +304,11 @@ def format_plan(
     if unknown:
         hint = "" if assume_tokens_per_s else "; --assume-tokens-per-s N estimates them"
         tail = f", {unknown} unknown (no measured tokens/s yet{hint})"
-    lines.append(f"{todo} runs to train; estimated {_duration(total)} from {basis}{tail}")
+    if unknown and unknown == todo:  # no run has an estimate: "estimated 0 s" would read as one
+        hint = "" if assume_tokens_per_s else "; --assume-tokens-per-s N estimates them"
+        lines.append(f"{todo} runs to train; no time estimate yet (no measured tokens/s{hint})")
+    else:
+        lines.append(f"{todo} runs to train; estimated {_duration(total)} from {basis}{tail}")
     if any(e is None for e in epochs.values()):
         # not 'torchpeer data --config BASE': the spec's data overrides (tokenizer, sources) are not the base's
         lines.append("epochs '?': the train split is not tokenised yet; the sweep's first run tokenises it")
