@@ -88,8 +88,8 @@ def test_segmented_row_lists_give_the_reference_gradients(monkeypatch, blocks):
     _, _, dk_whole = _grads(q, keys, 4, SORTED, up)
     _split_everything(monkeypatch, sb, blocks)
     calls = []
-    real = sb._segment_plan
-    monkeypatch.setattr(sb, "_segment_plan", lambda *a: calls.append(a[2]) or real(*a))
+    real = sb.segment_plan
+    monkeypatch.setattr(sb, "segment_plan", lambda *a: calls.append(a[2]) or real(*a))
     _, dq, dk = _grads(q, keys, 4, SORTED, up)
     assert calls == [16 * blocks]  # the interpreter's BLOCK_S is 16: the plan was built and used
     q64, k64 = q.double().requires_grad_(), keys.double().requires_grad_()

@@ -34,6 +34,8 @@ byte counts and every measured version.
 import triton
 import triton.language as tl
 
+from ..segments import segment_of_program as _segment_of_program
+
 
 @triton.jit
 def _act(h, ACT: tl.constexpr):
@@ -99,26 +101,6 @@ def _mix_fwd_kernel(
         w = g * _act(h, ACT)  # masked lanes: g = 0
         acc += tl.sum(w[:, None] * v.to(tl.float32), axis=0)
     tl.store(y_ptr + t * stride_y + offs_d, acc.to(y_ptr.dtype.element_ty), mask=dmask)
-
-
-@triton.jit
-def _segment_of_program(pid, N, seg_expert_ptr, seg_index_ptr, offsets_ptr, SEG):
-    """-> (expert e, segment index, valid, expert's first/last selection, segment start/end) of
-    segment program pid: programs 0..N-1 take segment 0 of expert pid, programs N.. the extra
-    segment named by seg_expert/seg_index (-1: none, an empty range)."""
-    if pid < N:
-        e = pid
-        seg = pid * 0
-    else:
-        e = tl.load(seg_expert_ptr + (pid - N))
-        seg = tl.load(seg_index_ptr + (pid - N))
-    valid = e >= 0
-    e = tl.maximum(e, 0)
-    first = tl.load(offsets_ptr + e)
-    last = tl.load(offsets_ptr + e + 1)
-    start = tl.where(valid, first + seg * SEG, first)
-    end = tl.where(valid, tl.minimum(last, start + SEG), first)
-    return e, seg, valid, first, last, start, end
 
 
 @triton.jit
