@@ -116,3 +116,19 @@ def test_eval_default_out_of_a_folder_given_with_a_trailing_slash(trained, capsy
         assert f"checkpoint {copy}/checkpoints/{step}\n" in out
     assert not (copy / "checkpoints" / step / "eval-.json").exists()
     assert sorted(p.name for p in copy.glob("eval-*.json")) == [f"eval-{step}.json"]
+
+
+def test_eval_accepts_a_bare_source_named_as_data_valid_names_it(trained, capsys, tmp_path):
+    """`torchpeer eval RUN --data SOURCE` (no NAME=), as `torchpeer data --valid SOURCE` takes it."""
+    from torchpeer.cli.common import named_sources
+    from torchpeer.cli.data import parse_valid_args
+
+    root, cfg, run = trained
+    out = tmp_path / "e.json"
+    argv = ["eval", run, "--data", f"{root}/valid.txt", "--data", f"t={root}/train.txt", "--max-batches", "1"]
+    assert main([*argv, "--out", str(out), "--no-progress"]) == 0
+    assert set(json.loads(out.read_text())["results"]) == {"valid", "t"}
+    items = ["ptb:test", "ptb:valid", "x=ptb:train", "ptb:test"]
+    assert named_sources(items) == parse_valid_args(items)
+    expected = {"ptb_test": "ptb:test", "ptb": "ptb:valid", "x": "ptb:train", "ptb_test2": "ptb:test"}
+    assert named_sources(items) == expected

@@ -125,16 +125,11 @@ def checkpoint_config_instead(run_dir: str, why: Exception):
 
 
 def named_sources(items: list[str] | None, flag: str = "--data") -> dict[str, str]:
-    """["a=ptb:test", ...] -> {"a": "ptb:test"}."""
-    out: dict[str, str] = {}
-    for item in items or []:
-        name, sep, spec = item.partition("=")
-        if not sep or not name or not spec:
-            raise ValueError(f"{flag} {item!r}: give NAME=SOURCE, e.g. {flag} ptb=ptb:test")
-        if name in out:
-            raise ValueError(f"{flag} name {name!r} is given twice")
-        out[name] = spec
-    return out
+    """["a=ptb:test", "ptb:test", ...] -> {"a": "ptb:test", "ptb_test": "ptb:test"}: a bare source is
+    named as ``torchpeer data --valid`` names it."""
+    from torchpeer.cli.data import parse_valid_args
+
+    return parse_valid_args(items or [], flag)
 
 
 def _is_exported(path: str) -> bool:

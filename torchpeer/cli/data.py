@@ -76,10 +76,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def parse_valid_args(items: list[str]) -> dict[str, str]:
+def parse_valid_args(items: list[str], flag: str = "--valid") -> dict[str, str]:
     """["name=spec", "spec", ...] -> {name: spec}; a bare spec is named after its source (ptb:test ->
     ptb_test, corpus/*/valid.jsonl.xz -> valid; a second of the same name gets 2, 3, ...). A NAME=
-    with an empty side ('=ptb:test', 'mine=') is a ValueError that says which side."""
+    with an empty side ('=ptb:test', 'mine=') is a ValueError that says which side. ``flag``: the
+    option the errors name (``torchpeer eval --data`` parses its sets here too)."""
     out: dict[str, str] = {}
     for item in items:
         name, sep, spec = item.partition("=")
@@ -89,14 +90,14 @@ def parse_valid_args(items: list[str]) -> dict[str, str]:
                 (not name.strip(), not spec.strip()), "the name and the source around '=' are"
             )
             raise ValueError(
-                f"--valid {item!r}: {empty} empty; give NAME=SOURCE with both, e.g. test=ptb:test, "
+                f"{flag} {item!r}: {empty} empty; give NAME=SOURCE with both, e.g. test=ptb:test, "
                 "or the source alone (ptb:test, named ptb_test)"
             )
         if not sep or any(c in name for c in "/*?,:"):  # a bare source (a path may hold '=')
             name, spec = _unique(source_name(item), out), item
         name = name.strip()
         if name in out:
-            raise ValueError(f"--valid name {name!r} is given twice; name them NAME=SPEC")
+            raise ValueError(f"{flag} name {name!r} is given twice; name them NAME=SPEC")
         out[name] = spec.strip()
     return out
 

@@ -1,4 +1,4 @@
-"""``torchpeer eval CHECKPOINT [--data NAME=SOURCE ...]``: loss, perplexity, bits per byte, expert usage."""
+"""``torchpeer eval CHECKPOINT [--data [NAME=]SOURCE ...]``: loss, perplexity, bits per byte, expert usage."""
 
 from __future__ import annotations
 
@@ -20,7 +20,11 @@ def add_parser(subparsers):
     )
     p.add_argument("checkpoint", help="checkpoint folder, run folder or export-hf folder")
     p.add_argument(
-        "--data", action="append", metavar="NAME=SOURCE", help="eval set (repeatable); default: the config's valid sets"
+        "--data",
+        action="append",
+        metavar="[NAME=]SOURCE",
+        help="eval set (repeatable); a bare SOURCE is named after it, as by torchpeer data --valid (ptb:test -> "
+        "ptb_test); default: the config's valid sets",
     )
     p.add_argument(
         "--batch-size",
