@@ -109,13 +109,18 @@ def env():
     return e
 
 
-def make(T, H, n, dk, dtype=torch.bfloat16, S=1, dup=1, seed=0):
+def make(T, H, n, dk, dtype=torch.bfloat16, S=1, dup=1, seed=0, hot=False):
+    """hot: a collapsed router: sub-key 0 of each half points along the queries' common mean, so it
+    is in nearly every row's top-k and in most selections (one table row's list holds most entries)."""
     g = torch.Generator(device=DEV).manual_seed(seed)
-    q = torch.randn(T, H, dk, device=DEV, generator=g).to(dtype)
+    q = torch.randn(T, H, dk, device=DEV, generator=g)
     keys = torch.randn(S, 2, n, dk // 2, device=DEV, generator=g)
+    if hot:
+        q = 0.3 * q + 1.0
+        keys[:, :, 0] = 3.0
     if dup > 1:  # every sub-key row repeated dup times (ties in every half)
         keys = keys[:, :, torch.arange(n, device=DEV) // dup * dup]
-    return q, keys.to(dtype)
+    return q.to(dtype), keys.to(dtype)
 
 
 # The kernel config every call below passes down; with_settings swaps it for a variant.
@@ -493,6 +498,24 @@ def onepass_section(run, H, n, dk, K, T_check, T_list, sweep, quick=False):
         run.guarded(
             "onepass", f"fwd+bwd {name} T={T}", lambda step=step: {"ms": bench_ms(step, grad_to_none=[qg, kg]), "T": T}
         )
+    # the backwards under a collapsed router (make(hot=True)): a skew-robust one stays near its uniform time
+    qh, kh = make(T, H, n, dk, hot=True)
+    qh.requires_grad_()
+    kh.requires_grad_()
+    for bwd in ("hybrid", "sorted"):
+        cfg = dataclasses.replace(CFG, backward=bwd)
+
+        def hot_step(cfg=cfg):
+            s, idx = product_key_topk_triton(qh, kh, K, cfg)
+            (s * up).sum().backward()
+            return idx
+
+        def hot_row(hot_step=hot_step):
+            idx = hot_step()
+            share = ((idx // n) == 0).float().mean().item()  # selections whose first half is sub-key 0
+            return {"ms": bench_ms(hot_step, grad_to_none=[qh, kh]), "T": T, "hot_share": share}
+
+        run.guarded("onepass", f"fwd+bwd collapsed router {bwd} T={T}", hot_row)
 
 
 def profile_section(run, H, n, dk, K, T):
