@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
+
+from torchpeer.cli.common import parse_valid_args, source_name  # noqa: F401 (part of this command)
 
 DESCRIPTION = """\
 Prepare (tokenise) the train and valid splits of a data config into memory-mapped token files
@@ -74,51 +75,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_data_arguments(p)
     p.set_defaults(func=run)
     return p
-
-
-def parse_valid_args(items: list[str], flag: str = "--valid") -> dict[str, str]:
-    """["name=spec", "spec", ...] -> {name: spec}; a bare spec is named after its source (ptb:test ->
-    ptb_test, corpus/*/valid.jsonl.xz -> valid; a second of the same name gets 2, 3, ...). A NAME=
-    with an empty side ('=ptb:test', 'mine=') is a ValueError that says which side. ``flag``: the
-    option the errors name (``torchpeer eval --data`` parses its sets here too)."""
-    out: dict[str, str] = {}
-    for item in items:
-        name, sep, spec = item.partition("=")
-        if sep and not (name.strip() and spec.strip()) and not any(c in name for c in "/*?,:"):
-            # '=ptb:test' or 'mine=': a NAME=SOURCE with a part left out (not a source of that name)
-            empty = {(True, False): "the name before '=' is", (False, True): "the source after '=' is"}.get(
-                (not name.strip(), not spec.strip()), "the name and the source around '=' are"
-            )
-            raise ValueError(
-                f"{flag} {item!r}: {empty} empty; give NAME=SOURCE with both, e.g. test=ptb:test, "
-                "or the source alone (ptb:test, named ptb_test)"
-            )
-        if not sep or any(c in name for c in "/*?,:"):  # a bare source (a path may hold '=')
-            name, spec = _unique(source_name(item), out), item
-        name = name.strip()
-        if name in out:
-            raise ValueError(f"{flag} name {name!r} is given twice; name them NAME=SPEC")
-        out[name] = spec.strip()
-    return out
-
-
-def source_name(spec: str) -> str:
-    """A short name for an eval set from its source spec: ptb:valid -> ptb (the configs' name for
-    it), ptb:test -> ptb_test, a file, folder or glob -> its last part without extensions."""
-    spec = spec.strip().split(",")[0]
-    if spec.startswith("ptb:"):
-        return "ptb" if spec == "ptb:valid" else "ptb_" + spec[4:]
-    base = os.path.basename(os.path.normpath(spec)).split(".")[0]
-    name = re.sub(r"[^A-Za-z0-9_-]+", "_", base).strip("_")
-    return name or "valid"
-
-
-def _unique(name: str, taken) -> str:
-    n, candidate = 1, name
-    while candidate in taken:
-        n += 1
-        candidate = f"{name}{n}"
-    return candidate
 
 
 def data_config_from_args(args: argparse.Namespace):

@@ -34,7 +34,7 @@ byte counts and every measured version.
 import triton
 import triton.language as tl
 
-from ..segments import segment_of_program as _segment_of_program
+from ..triton_segments import segment_of_program as _segment_of_program
 
 
 @triton.jit

@@ -12,8 +12,8 @@ import torch
 import triton
 
 from ..dispatch import call_implementation_directly
-from ..segments import LaggedSplitCheck
-from ..segments import segment_plan as _segment_plan
+from ..triton_segments import LaggedSplitCheck
+from ..triton_segments import segment_plan as _segment_plan
 from .checks import ACTIVATIONS, check_mix_inputs
 from .triton_decode import expert_mix_split_forward
 from .triton_kernels import _mix_bwd_dx_kernel, _mix_bwd_reduce_kernel, _mix_bwd_segment_kernel, _mix_fwd_kernel

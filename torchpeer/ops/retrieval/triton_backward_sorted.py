@@ -5,7 +5,7 @@ dC_half[a] = sum over the selections (t, h, k) whose half index is a of ds[t, h,
 ~4.6 GB of traffic per half at 65536 tokens (NOTES_retrieval.md section 6). Here the 2 * T*H*k
 (half, selection) pairs are sorted by their table row ((key set * 2 + half) * n + a), and each
 row's sorted list is cut into segments of at most SEGMENT_BLOCKS * BLOCK_S entries (the mixing
-backward's plan, ops/segments.py, so a hot sub-key is spread over many programs: skew-robust);
+backward's plan, ops/triton_segments.py, so a hot sub-key is spread over many programs: skew-robust);
 each program gathers its entries' query half rows (128 B in bf16) and sums ds * q in fp32, and the extra
 segments' partial sums are added to their row in segment order: deterministic, no atomics,
 ~1.1 GB of gathers per half at 65536 tokens.
@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from torchpeer.ops.dispatch import triton_interpreting
-from torchpeer.ops.segments import LaggedSplitCheck, segment_of_program, segment_plan
+from torchpeer.ops.triton_segments import LaggedSplitCheck, segment_of_program, segment_plan
 
 from .triton_common import next_pow2
 
@@ -104,7 +104,7 @@ def _table_rows_kernel(idx_ptr, rows_ptr, RK, n, H: tl.constexpr, K: tl.constexp
 
 def row_segments(offsets: torch.Tensor, entries: int, block_s: int):
     """(SEG, nseg, pbase, seg_row, seg_index, hot): the table rows' sorted lists cut into segments of
-    at most SEG entries (the mixing backward's plan, torchpeer/ops/segments.py: sizes
+    at most SEG entries (the mixing backward's plan, torchpeer/ops/triton_segments.py: sizes
     from shapes only, no host sync). SEG = SEGMENT_BLOCKS blocks of block_s. When no list is longer
     than SEG (judged from an earlier call's count, LaggedSplitCheck), SEG = 2**31 - 1 and empty
     plans: one program per row walks its whole list."""
