@@ -11,6 +11,8 @@ segment order (deterministic, no atomics).
 - ``LaggedSplitCheck``: does any list exceed ``seg``? answered from an earlier call's count on CUDA,
   so near-uniform routing runs the unsplit pass without building a plan.
 - ``segment_of_program`` (a Triton helper): the (row, segment, range) of one program of such a pass.
+- ``hot_row_of_program`` (a Triton helper): the hot row, and where its partials lie, of one program
+  of the reduce pass.
 
 Used by torchpeer/ops/expert_mixing (triton_op, triton_cols_op, triton_fused_op and their kernels)
 and torchpeer/ops/retrieval/triton_backward_sorted.py.
@@ -122,3 +124,15 @@ def segment_of_program(pid, N, seg_expert_ptr, seg_index_ptr, offsets_ptr, SEG):
     start = tl.where(valid, first + seg * SEG, first)
     end = tl.where(valid, tl.minimum(last, start + SEG), first)
     return e, seg, valid, first, last, start, end
+
+
+@triton.jit
+def hot_row_of_program(pid, hot_ptr, nseg_ptr, pbase_ptr):
+    """-> (row e, valid, number of extra segments, index of its first partial) of reduce program pid:
+    e = hot[pid] (-1 padding: valid False, no extra segments, e clamped to 0 so loads stay in range);
+    its partials are pbase[e] .. pbase[e] + extra - 1 (segment_plan)."""
+    e = tl.load(hot_ptr + pid)
+    valid = e >= 0
+    e = tl.maximum(e, 0).to(tl.int64)
+    extra = tl.where(valid, tl.load(nseg_ptr + e) - 1, 0)
+    return e, valid, extra, tl.load(pbase_ptr + e)

@@ -19,6 +19,7 @@ No atomics, fixed order: bitwise deterministic, like the paper's kernels.
 import triton
 import triton.language as tl
 
+from ..triton_segments import hot_row_of_program
 from .triton_kernels import _act, _act_and_grad, _segment_of_program
 
 
@@ -127,13 +128,10 @@ def _glu_bwd_reduce_kernel(
 ):  # fmt: skip
     """One program per hot expert e = hot[q] (-1: none): adds its extra segments' partial rows to
     the three gradient rows segment 0 wrote, in segment order."""
-    e = tl.load(hot_ptr + tl.program_id(0))
-    valid = e >= 0
-    e = tl.maximum(e, 0).to(tl.int64)
+    e, valid, n, first = hot_row_of_program(tl.program_id(0), hot_ptr, nseg_ptr, pbase_ptr)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < tl.where(valid, D, 0)
-    n = tl.where(valid, tl.load(nseg_ptr + e) - 1, 0)
-    base = tl.load(pbase_ptr + e) * 3 * D
+    base = first * 3 * D
     _add_partials(ddown_ptr, stride_ddown, e, partial_ptr, base, n, D, offs_d, dmask)
     _add_partials(dlin_ptr, stride_dlin, e, partial_ptr, base + D, n, D, offs_d, dmask)
     _add_partials(dup_ptr, stride_dup, e, partial_ptr, base + 2 * D, n, D, offs_d, dmask)

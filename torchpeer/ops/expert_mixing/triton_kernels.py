@@ -34,6 +34,7 @@ byte counts and every measured version.
 import triton
 import triton.language as tl
 
+from ..triton_segments import hot_row_of_program
 from ..triton_segments import segment_of_program as _segment_of_program
 
 
@@ -177,13 +178,10 @@ def _mix_bwd_reduce_kernel(
 ):  # fmt: skip
     """One program per hot expert e = hot[q] (-1: none): adds its extra segments' partial rows
     partial[pbase[e] : pbase[e] + nseg[e] - 1] to the rows segment 0 wrote, in segment order."""
-    e = tl.load(hot_ptr + tl.program_id(0))
-    valid = e >= 0
-    e = tl.maximum(e, 0).to(tl.int64)
+    e, valid, n, first = hot_row_of_program(tl.program_id(0), hot_ptr, nseg_ptr, pbase_ptr)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < tl.where(valid, D, 0)
-    n = tl.where(valid, tl.load(nseg_ptr + e) - 1, 0)
-    base = tl.load(pbase_ptr + e) * 2 * D
+    base = first * 2 * D
     du = tl.load(ddown_ptr + e * stride_ddown + offs_d, mask=dmask, other=0.0).to(tl.float32)
     dv = tl.load(dup_ptr + e * stride_dup + offs_d, mask=dmask, other=0.0).to(tl.float32)
     for i in range(0, n):

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from torchpeer.ops.dispatch import triton_interpreting
-from torchpeer.ops.triton_segments import LaggedSplitCheck, segment_of_program, segment_plan
+from torchpeer.ops.triton_segments import LaggedSplitCheck, hot_row_of_program, segment_of_program, segment_plan
 
 from .triton_common import next_pow2
 
@@ -72,13 +72,10 @@ def _dkeys_sorted_kernel(
 def _dkeys_reduce_kernel(hot_ptr, nseg_ptr, pbase_ptr, partial_ptr, dk_ptr, DH: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program per hot row g = hot[q] (-1: none): adds its extra segments' partials
     partial[pbase[g] : pbase[g] + nseg[g] - 1] to dk[g] (segment 0's sum), in segment order."""
-    g = tl.load(hot_ptr + tl.program_id(0))
-    valid = g >= 0
-    g = tl.maximum(g, 0).to(tl.int64)
+    g, valid, extra, first = hot_row_of_program(tl.program_id(0), hot_ptr, nseg_ptr, pbase_ptr)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < tl.where(valid, DH, 0)
-    extra = tl.where(valid, tl.load(nseg_ptr + g) - 1, 0)
-    base = tl.load(pbase_ptr + g) * DH
+    base = first * DH
     acc = tl.load(dk_ptr + g * DH + offs_d, mask=d_mask, other=0.0)
     for i in range(0, extra):
         acc += tl.load(partial_ptr + base + i * DH + offs_d, mask=d_mask, other=0.0)
