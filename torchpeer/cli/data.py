@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from torchpeer.cli.common import parse_valid_args, source_name  # noqa: F401 (part of this command)
+from torchpeer.cli.common import parse_valid_args
 
 DESCRIPTION = """\
 Prepare (tokenise) the train and valid splits of a data config into memory-mapped token files

@@ -300,12 +300,9 @@ def format_plan(
     basis = "measured tokens/s"
     if assume_tokens_per_s:
         basis += f", else an assumed {assume_tokens_per_s:,.0f} (~)"
-    tail = ""
-    if unknown:
-        hint = "" if assume_tokens_per_s else "; --assume-tokens-per-s N estimates them"
-        tail = f", {unknown} unknown (no measured tokens/s yet{hint})"
+    hint = "" if assume_tokens_per_s else "; --assume-tokens-per-s N estimates them"
+    tail = f", {unknown} unknown (no measured tokens/s yet{hint})" if unknown else ""
     if unknown and unknown == todo:  # no run has an estimate: "estimated 0 s" would read as one
-        hint = "" if assume_tokens_per_s else "; --assume-tokens-per-s N estimates them"
         lines.append(f"{todo} runs to train; no time estimate yet (no measured tokens/s{hint})")
     else:
         lines.append(f"{todo} runs to train; estimated {_duration(total)} from {basis}{tail}")

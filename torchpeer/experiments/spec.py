@@ -93,13 +93,12 @@ def resolve_spec_path(name_or_path: str) -> str:
     shipped = os.path.join(SPEC_DIR, f"{name_or_path}.toml")
     if os.sep not in name_or_path and os.path.isfile(shipped):
         return shipped
-    import difflib
+    from torchpeer.lm.config import closest
 
-    stem = os.path.basename(os.path.normpath(name_or_path)).removesuffix(".toml")
-    close = difflib.get_close_matches(stem, list_specs(), n=1, cutoff=0.6)
+    close = closest(os.path.basename(os.path.normpath(name_or_path)).removesuffix(".toml"), list_specs())
     raise FileNotFoundError(
         f"sweep spec {name_or_path!r} is neither a file nor a shipped spec; shipped specs: {', '.join(list_specs())}"
-        + (f"; did you mean {close[0]}?" if close else "")
+        + (f"; did you mean {close}?" if close else "")
     )
 
 

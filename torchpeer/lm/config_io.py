@@ -52,14 +52,15 @@ def resolve_config_path(name_or_path: str) -> str:
     shipped = os.path.join(CONFIG_DIR, f"{stem}.toml")
     if (stem != base or os.sep not in name_or_path) and os.path.isfile(shipped):
         return shipped
-    import difflib
+    from torchpeer.lm.config import closest
 
-    close = difflib.get_close_matches(stem.removesuffix(".toml"), list_configs(), n=1, cutoff=0.6)
     if not name_or_path.endswith(".toml") and os.path.isfile(name_or_path + ".toml"):
-        close = [name_or_path + ".toml"]  # 'bad' with ./bad.toml here: the file, not a shipped config
+        close = name_or_path + ".toml"  # 'bad' with ./bad.toml here: the file, not a shipped config
+    else:
+        close = closest(stem.removesuffix(".toml"), list_configs())
     raise FileNotFoundError(  # a sweep spec's base, --config of torchpeer data and the CLI's CONFIG alike
         f"config {name_or_path!r} is neither a file nor a shipped config; shipped configs: {', '.join(list_configs())}"
-        + (f"; did you mean {close[0]}?" if close else "")
+        + (f"; did you mean {close}?" if close else "")
     )
 
 
