@@ -17,9 +17,9 @@ start) interrupts runs still training then with SIGINT: they checkpoint (when ch
 and resume on the next invocation, or restart. A run refused by the memory check while other runs
 hold the GPU (worker exit EXIT_NO_MEMORY_NOW) goes back to the head of the queue, and no run starts
 until one of the running ones ends; refused with nothing else running, it has failed. Workers on
-one GPU pass the memory check one at a time, each after the runs started before it have taken
-their first step (a lock file per GPU, torchpeer/lm/start_lock.py), so runs started together do
-not all pass it against the empty GPU. A failed run
+one GPU check their memory against the free memory less what the runs started before them have
+reserved until their first step (a lock file and a ledger per GPU, torchpeer/lm/start_lock.py), so
+runs started together do not all pass it against the empty GPU. A failed run
 (other non-zero exit) is reported with the end of its log and not retried in this invocation; the
 others go on.
 """

@@ -315,10 +315,14 @@ def _knobs(est: MemoryEstimate, cfg) -> list[str]:
     return knobs
 
 
-def check_fits(cfg, device: str | torch.device | None = None, available: int | None = None) -> MemoryEstimate:
+def check_fits(
+    cfg, device: str | torch.device | None = None, available: int | None = None, reserved: int = 0
+) -> MemoryEstimate:
     """Raise ValueError (naming the knobs to turn) if a training step of ``cfg`` cannot fit on ``device``.
 
     available: free bytes to compare with (default: measured, see ``available_memory``).
+    reserved: bytes of the measured free memory promised to runs starting beside this one
+    (start_lock.py's ledger), taken off it.
     Returns the estimate when it fits, or when the free memory cannot be measured.
     """
     dev = _device_of(cfg, device)
@@ -328,6 +332,9 @@ def check_fits(cfg, device: str | torch.device | None = None, available: int | N
         available, source = available_memory(dev)
         if available is None:
             return est
+        if reserved > 0:
+            available = max(0, available - reserved)
+            source += f" less {format_bytes(reserved)} reserved by runs starting beside this one"
     if est.total <= available:
         return est
     raise MemoryFitError(

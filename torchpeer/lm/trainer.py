@@ -4,7 +4,7 @@
     summary = trainer.fit()
 
 build(): validate -> device and runtime (runtime.py) -> run folder checks -> tokenizer and token
-    files -> memory estimate (under start_lock.py's lock) -> model (through the parallel plan) ->
+    files -> memory estimate (less start_lock.py's reservations) -> model (through the parallel plan) ->
     optimizer, schedule, sampler -> resume -> config.json (+ configs/ history), the metrics log.
 train_step(): one optimizer step over ``train.grad_accum`` micro-batches (loss + the FFWs'
     ``aux_loss()`` terms), gradient clipping, lr schedule.
@@ -69,7 +69,7 @@ class Trainer:
         self.stop_reason: str | None = None
         self.signal_received: int | None = None
         self.in_loop = False  # SIGINT/SIGTERM: before the loop they stop at once, in it after the step
-        self._start_lock = StartLock(None)  # build() takes the sweep's, held to the 1st step (start_lock.py)
+        self._start_lock = StartLock(None)  # build() takes the sweep's: a reservation until the 1st step
 
     # ------------------------------------------------------------------------------------ build
 
@@ -79,8 +79,8 @@ class Trainer:
 
         self._start()
         self._build_data()
-        self._start_lock = StartLock.from_env().acquire(say=print)  # one memory check at a time per GPU
-        self.memory = check_fits(self.cfg, self.device)  # refuse a step that cannot fit, before allocating it
+        self._start_lock = StartLock.from_env()  # the GPU's ledger of starting runs' memory (start_lock.py)
+        self.memory = self._start_lock.check(lambda r: check_fits(self.cfg, self.device, reserved=r), say=print)
         self._build_model()
         self._build_optimizer()
         if self.ckpt is not None:
@@ -347,7 +347,7 @@ class Trainer:
         self.in_loop = True
         while self.step < self.total_steps and self.stop_reason is None:
             out = self.train_step()
-            self._start_lock.release()  # the first step has allocated what this run holds
+            self._start_lock.release()  # the first step has allocated what this run holds: drop its reservation
             step = self.step
             bar.update(1)
             metrics = {"step": step, "tokens": step * self.tokens_per_step, "lr": self.optimizer.param_groups[0]["lr"]}
