@@ -136,6 +136,11 @@ def test_callbacks_and_plan_seams(tmp_path):
     assert plan.counts["no_sync"] == plan.counts["no_sync_last"] == 12  # grad_accum 2: one of each per step
     assert plan.counts["all_reduce_sum_"] == 3  # one per evaluation of the one valid set
     assert summary["world_size"] == 1
+    # the memory estimate beside the allocator's peak (CUDA only; None on the CPU)
+    from torchpeer.lm.memory import estimate_step_memory
+
+    estimate = estimate_step_memory(cfg, "cpu").total
+    assert summary["memory"] == {"estimate": estimate, "peak": None, "peak_over_estimate": None}
 
 
 def test_request_stop_finishes_the_run_early(tmp_path):

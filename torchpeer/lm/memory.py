@@ -83,6 +83,16 @@ class MemoryEstimate:
         parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.breakdown().items())
         return f"{format_bytes(self.total)} ({parts})"
 
+    def against_peak(self) -> dict:
+        """{"estimate": bytes, "peak": bytes or None, "peak_over_estimate": ratio or None}: the estimate
+        beside this process's peak of the caching allocator (CUDA; None elsewhere), for summary.json,
+        so that GPU runs calibrate the estimate (the sweep's start lock reserves it for the others)."""
+        peak = None
+        if self.device.startswith("cuda") and torch.cuda.is_available():
+            peak = int(torch.cuda.max_memory_reserved(torch.device(self.device)))
+        ratio = round(peak / self.total, 3) if peak is not None and self.total else None
+        return {"estimate": self.total, "peak": peak, "peak_over_estimate": ratio}
+
 
 def format_bytes(n: float) -> str:
     if n >= 1024**4:

@@ -172,11 +172,9 @@ class Trainer:
         if t.expert_optimizer.startswith("rowwise_adam"):
             from torchpeer.optim import attach_rowwise_adam
 
-            betas = (t.beta1, t.beta2)
             bf16 = t.expert_optimizer == "rowwise_adam_bf16"
-            self.table_optimizer = attach_rowwise_adam(
-                self.model, t.table_lr, betas, t.eps, t.expert_weight_decay, bf16_tables=bf16
-            )
+            args = (self.model, t.table_lr, (t.beta1, t.beta2), t.eps, t.expert_weight_decay)
+            self.table_optimizer = attach_rowwise_adam(*args, bf16_tables=bf16)
         self.wrapped = self.plan.wrap_model(self.model)
         self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
         self.backends = backend_report(self.model)
@@ -436,6 +434,7 @@ class Trainer:
             "active_params": self.cost.active_params,
             "train_flops_per_token": self.cost.train_flops,
             "world_size": self.plan.world_size,
+            "memory": self.memory.against_peak(),  # the estimate beside the allocator's peak (CUDA)
             "valid": results,
         }
         if self.stop_reason is not None:
