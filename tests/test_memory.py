@@ -32,6 +32,10 @@ def tiny_cfg(*overrides):
         "--model.ffw pkm --model.pkm.n_keys 16 --model.pkm.heads 2 --model.pkm.top_k 4 --model.pkm.d_key 16",
         "--model.ffw pkm --model.pkm.n_keys 16 --model.pkm.top_k 4 --model.pkm.value_dim 48 --model.placement all",
         "--model.ffw moe --model.moe.n_experts 4 --model.moe.d_expert 32",
+        "--model.ffw peer --model.placement all --model.peer.shared_pool true",
+        "--model.ffw peer --model.placement all --model.peer.shared_pool true --model.peer.readout glu",
+        "--model.ffw peer --model.peer.readout glu",
+        "--model.ffw peer --model.peer.readout gated",
     ],
 )
 def test_parameter_bytes_match_a_built_model(overrides):
@@ -156,3 +160,26 @@ def test_train_cli_refuses_an_oversized_step_before_allocating(tmp_path):
     assert not run_dir.exists()
     assert usage.ru_maxrss < 1.5 * 2**20  # KiB: < 1.5 GiB peak, nothing step-sized was allocated
     assert seconds < 30, seconds  # imports included; the check itself is timed above (< 5 s)
+
+
+@pytest.mark.parametrize("optimizer", ["rowwise_adam", "rowwise_adam_bf16"])
+def test_rowwise_adam_state_bytes_match_the_attached_optimizer(optimizer, monkeypatch):
+    """With the fused row-wise Adam the tables have no gradients and no AdamW moments: the estimate's
+    parameters + gradients + optimizer equal the bytes of the built model, its row-wise state and
+    AdamW's two moments of the other parameters."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from torchpeer.optim import attach_rowwise_adam
+
+    cfg = tiny_cfg(*"--model.d_model 64 --model.n_layers 3 --model.peer.n_experts 1024 --model.ffw peer".split())
+    cfg.train.expert_optimizer = optimizer
+    est = estimate_step_memory(cfg, "cuda")  # no CPU-only optimizer allowance
+    model = TransformerLM(cfg.model)
+    opt = attach_rowwise_adam(model, 1e-3, bf16_tables=optimizer.endswith("bf16"))
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    state = sum(
+        t.numel() * t.element_size() for pair in opt.states.values() for s in pair for t in s.state_dict().values()
+    )
+    assert est.parameters == params
+    assert est.gradients == 4 * trained
+    assert est.optimizer == state + 8 * trained

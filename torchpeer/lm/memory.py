@@ -137,7 +137,11 @@ def _ffw_param_sizes(kind: str, cfg) -> list[int]:
         n = math.isqrt(c.n_experts)
         key_sets = 1 if c.shared_keys else c.heads
         router = [d * c.heads * c.d_key, _query_norm_params(c.query_norm, c.heads, c.d_key), key_sets * n * c.d_key]
-        return [*router, c.n_experts * d, c.n_experts * d]  # + the u and v tables
+        readout = getattr(c, "readout", "paper")
+        gated = [d * d, d * d] if readout == "gated" else []  # W_g and W_o (layers/readout.py)
+        if getattr(c, "shared_pool", False):
+            return [*router, *gated]  # the tables are the LM's one pool: _param_sizes counts them once
+        return [*router, *gated, *_peer_table_sizes(c, d)]
     if kind == "pkm":
         dk, vd = c.d_key or 256, c.value_dim or d
         hq = c.heads * dk
@@ -149,15 +153,32 @@ def _ffw_param_sizes(kind: str, cfg) -> list[int]:
     raise ValueError(f"unknown FFW kind {kind!r}")
 
 
+def _peer_table_sizes(c, d: int) -> list[int]:
+    """Element counts of a PEER layer's (or pool's) expert tables: u and v, and w for read-out "glu"."""
+    return [c.n_experts * d] * (3 if getattr(c, "readout", "paper") == "glu" else 2)
+
+
+def _rowwise_table_elements(cfg) -> int:
+    """Elements of the PEER tables that train.expert_optimizer "rowwise_adam*" updates (0 for adamw)."""
+    if not getattr(cfg.train, "expert_optimizer", "adamw").startswith("rowwise_adam"):
+        return 0
+    m = cfg.model
+    n_peer = sum(kind == "peer" for kind in m.block_kinds())
+    return n_peer * sum(_peer_table_sizes(m.peer, m.d_model)) if n_peer else 0
+
+
 def _param_sizes(cfg, vocab: int) -> list[int]:
     """Element counts of the model's parameters, from the config alone (nothing is built or allocated:
     a meta-device build costs seconds of imports). tests/test_memory.py checks them against built models."""
     m = cfg.model
     d = m.d_model
     sizes = [vocab * d] + ([] if m.tie_embeddings else [vocab * d]) + [d]  # embeddings, final norm
-    for kind in m.block_kinds():
+    kinds = m.block_kinds()
+    for kind in kinds:
         sizes += [d, 3 * d * d, d * d, d]  # norm1, qkv, proj, norm2
         sizes += _ffw_param_sizes(kind, cfg)
+    if "peer" in kinds and getattr(m.peer, "shared_pool", False):
+        sizes += _peer_table_sizes(m.peer, d)  # one ExpertPool for every PEER layer
     return [s for s in sizes if s]
 
 
@@ -223,6 +244,15 @@ def estimate_step_memory(cfg, device: str | torch.device | None = None) -> Memor
     if t.grad_accum > 1:  # the next micro-batch's gradient exists beside .grad before it is added
         gradients += 4 * max(sizes)
     optimizer = 8 * n_params + (0 if dev_type == "cuda" else 4 * max(sizes))
+    tables = _rowwise_table_elements(cfg)
+    if tables:  # the fused row-wise Adam (torchpeer/optim/fused_tables.py) owns the PEER tables' update:
+        # no table gradients and no AdamW moments for them; per element an fp32 first moment, per row
+        # an fp32 second moment and an int32 step count
+        gradients -= 4 * tables
+        optimizer += 4 * tables + 8 * (tables // m.d_model) - 8 * tables
+        if t.expert_optimizer == "rowwise_adam_bf16":  # bf16 working tables, fp32 masters in the optimizer
+            parameters -= 2 * tables
+            optimizer += 4 * tables
 
     # Per block: two RMSNorms keep their fp32 input and normalised output and pass on their output.
     norms = tokens * 2 * (2 * d * 4 + d * mm)
