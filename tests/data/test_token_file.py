@@ -153,3 +153,35 @@ def test_bad_inputs(tmp_path):
     assert DataConfig.from_dict(DataConfig(valid={"a": "x.txt"}).to_dict()) == DataConfig(valid={"a": "x.txt"})
 
 
+def test_a_copied_corpus_keeps_its_tokenizer_and_token_files(tmp_path, monkeypatch):
+    """Files are identified by their bytes, not their paths or mtimes: the same corpus under the same
+    relative spec in another folder (a device machine's checkout) reuses the BPE tokenizer and the
+    token files of a shared cache; an edited file is tokenised again."""
+    import shutil
+
+    import torchpeer.data.tokenizer as tokmod
+
+    for where in ("a", "b"):
+        os.makedirs(tmp_path / where / "corpus")
+    write_jsonl(tmp_path / "a" / "corpus" / "train.jsonl", corpus_text(60))
+    shutil.copytree(tmp_path / "a" / "corpus", tmp_path / "b" / "corpus", dirs_exist_ok=True)
+    os.utime(tmp_path / "b" / "corpus" / "train.jsonl", ns=(1, 1_000_000_000))  # another mtime
+    cache = str(tmp_path / "cache")
+    cfg = DataConfig(train="corpus/train.jsonl", tokenizer="bpe", vocab_size=320, cache_dir=cache)
+    monkeypatch.chdir(tmp_path / "a")
+    tok = load_tokenizer(cfg, progress=False)
+    tf = prepare_split(cfg, "corpus/train.jsonl", "train", tokenizer=tok, progress=False)
+
+    monkeypatch.chdir(tmp_path / "b")
+    monkeypatch.setattr(tokmod, "train_bpe", lambda *a, **k: pytest.fail("BPE retrained"))
+    tok_b = load_tokenizer(cfg, progress=False)
+    calls = []
+    real_encode = tok_b.encode_batch
+    monkeypatch.setattr(tok_b, "encode_batch", lambda texts: calls.append(1) or real_encode(texts))
+    tf_b = prepare_split(cfg, "corpus/train.jsonl", "train", tokenizer=tok_b, progress=False)
+    assert tok_b.fingerprint == tok.fingerprint and calls == [] and tf_b.path == tf.path
+
+    with open(tmp_path / "b" / "corpus" / "train.jsonl", "a", encoding="utf-8") as fh:
+        fh.write('{"text": "one more document"}\n')
+    prepare_split(cfg, "corpus/train.jsonl", "train", tokenizer=tok_b, progress=False)
+    assert calls and len(os.listdir(cache)) == 3  # tokenised again, in place (+ the tokenizers folder)

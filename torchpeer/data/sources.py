@@ -135,16 +135,29 @@ def _relative_to_cwd(path: str) -> str:
     return "" if os.path.isabs(path) else f"; relative paths are read from the current folder, {os.getcwd()}"
 
 
+HASH_UP_TO = 1 << 30  # files up to this size are identified by their bytes' hash, larger ones by path + mtime
+
+
 def fingerprint(files: list[SourceFile]) -> list[dict]:
-    """What identifies the inputs' contents: path + size + mtime (PTB: text hash)."""
+    """What identifies the inputs' contents, in order: size + sha256 of the bytes (PTB: of its text),
+    so a corpus copied to another folder or machine (new paths, new mtimes) keeps its tokenizer and
+    token files; for a file over ``HASH_UP_TO`` bytes, path + size + mtime (hashing it at every run's
+    start would cost seconds)."""
     out = []
     for f in files:
         if f.kind == "ptb":
             data = load_ptb(f.path[4:]).encode("utf-8")
             out.append({"path": f.path, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-        else:
-            st = os.stat(f.path)
+            continue
+        st = os.stat(f.path)
+        if st.st_size > HASH_UP_TO:
             out.append({"path": f.path, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+            continue
+        digest = hashlib.sha256()
+        with open(f.path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+        out.append({"name": os.path.basename(f.path), "size": st.st_size, "sha256": digest.hexdigest()})
     return out
 
 

@@ -9,7 +9,7 @@ and, between documents, the end of the previous one. ``n_bytes`` (UTF-8 bytes of
 document texts, separators excluded) turns the summed loss into bits per byte.
 
 ``prepare_split`` tokenises once and reuses the file while the inputs (source files' size and
-mtime, or PTB's text hash), the tokenizer and the dtype are unchanged.
+content hash, see ``sources.fingerprint``), the tokenizer and the dtype are unchanged.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_open, write_json_atomic
 from .config import DataConfig
-from .sources import SourceFile, fingerprint, iter_documents, resolve_source
+from .sources import fingerprint, iter_documents, resolve_source
 from .tokenizer import Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 1
@@ -146,8 +146,12 @@ def _first_id_outside(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 24)
     return None
 
 
-def _cache_key(files: list[SourceFile], tok: Tokenizer, dtype: np.dtype) -> str:
-    ident = [FORMAT_VERSION, [f.path for f in files], tok.fingerprint, dtype.name]
+def _cache_key(source: str, tok: Tokenizer, dtype: np.dtype) -> str:
+    """The token file's name: the source spec as written (not the resolved absolute paths, so a corpus
+    copied under the same relative spec keeps its token files), the tokenizer and the dtype. Whether
+    the file is fresh is the header's "sources" fingerprint (content), so an edited source replaces
+    its file in place."""
+    ident = [FORMAT_VERSION, source, tok.fingerprint, dtype.name]
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]
 
 
@@ -180,12 +184,13 @@ def prepare_split(
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg, progress=progress)
     dtype = token_dtype(tok.vocab_size, cfg.token_dtype)
     files = resolve_source(source)
-    base = os.path.join(cfg.cache_dir, _cache_key(files, tok, dtype))
+    sources = fingerprint(files)
+    base = os.path.join(cfg.cache_dir, _cache_key(source, tok, dtype))
     header = {
         "format_version": FORMAT_VERSION,
         "split": split_name,
         "source": source,
-        "sources": fingerprint(files),
+        "sources": sources,
         "tokenizer": tok.name,
         "tokenizer_fingerprint": tok.fingerprint,
         "vocab_size": tok.vocab_size,

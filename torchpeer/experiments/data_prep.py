@@ -23,8 +23,8 @@ def cached_train_tokens(data_cfg) -> int | None:
     """Tokens of the train split when a fresh token file of it is already in the cache, else None.
 
     Reads only the cache's JSON headers (no tokenizer training, no tokenising), so ``--dry-run``
-    stays instant: a header matches when its source spec, tokenizer name and source files' sizes
-    and modification times are this config's.
+    stays instant: a header matches when its source spec, tokenizer name and source files'
+    fingerprint (sizes and content hashes: torchpeer.data.sources.fingerprint) are this config's.
     """
     from torchpeer.data.sources import fingerprint, resolve_source
 
