@@ -20,11 +20,17 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 
-def aot(fn, types: dict, consts: dict, num_warps: int = 4, say: bool = True):
+def aot(fn, types: dict, consts: dict, num_warps: int = 4, say: bool = True, aligned: tuple = ()):
     """types: {arg: triton type} (others i32); consts: {constexpr arg: value}. ``say``: print an "ok"
-    line. Returns the compiled kernel."""
+    line. ``aligned``: args the JIT would mark divisible by 16 (pointers 16-byte aligned, ints % 16 == 0:
+    without it loads and stores of those pointers compile unvectorised, unlike a real launch; an int arg
+    equal to 1, e.g. a unit stride, goes in ``consts`` as the JIT specialises it). Returns the compiled
+    kernel."""
     sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()})
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = ASTSource(
+        fn=fn, signature=sig, constexprs={(fn.arg_names.index(a),): v for a, v in consts.items()}, attrs=attrs
+    )
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     if say:
         print(f"ok {fn.__name__} {types.get('x_ptr') or types.get('q_ptr')} {consts}", flush=True)
@@ -72,6 +78,16 @@ def main() -> None:
     rd = {"hot_ptr": "*i64", "nseg_ptr": "*i64", "pbase_ptr": "*i64", "partial_ptr": "*fp32", "dk_ptr": "*fp32"}
     aot(sb._dkeys_reduce_kernel, rd, {"DH": 64, "BLOCK_D": 64}, num_warps=1)
     aot(sp._tile_merge_kernel, rt, {"KP": 16, "NC": 256, "BLOCK_R": 8})
+    # the "packed" forward at the default bf16 launch, specialised as a real launch would be (aligned
+    # pointers and 16-divisible ints, unit query stride): 255 registers, ~190 B of stack, like "onepass"
+    from torchpeer.ops.retrieval import triton_packed as pk
+
+    pt = {"q_ptr": "*bf16", "k_ptr": "*bf16", "pi_ptr": "*i32", "pj_ptr": "*i32", "scores_ptr": "*fp32"}
+    pt.update(idx_ptr="*i64", scr_s_ptr="*fp32", scr_i_ptr="*i32", flag_ptr="*i32")
+    pc = {"stride_qd": 1, "PER_HEAD": False, "DH": 64, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "KP": 16}
+    pc.update(CAP=32, NCP=64, FB_BLOCK_N=64, DOT_FP32=False, EVEN_N=True)
+    aligned = [a for a in pk._packed_kernel.arg_names if a.endswith("_ptr")] + ["n", "top_k", "n_work", "stride_qt"]
+    aot(pk._packed_kernel, pt, pc, aligned=tuple(aligned))
 
 
 if __name__ == "__main__":

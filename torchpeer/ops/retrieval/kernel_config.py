@@ -20,6 +20,11 @@ Forward algorithms (``forward``):
                bytes, cost). "auto" does not pick it yet: its CAP is 32 candidate slots against
                threshold's 64, and the fallback rate on trained keys is unmeasured (4 % is not worth
                a slow fallback).
+  "packed":    "onepass" with each half's selection rounds on 32-bit packed (truncated score, slot)
+               keys, an exact per-row check and the int64 rounds where it fails, and no per-score bounds
+               masks; bit-equal to the others; launched with the onepass_* tuples; triton_packed.py.
+               Unmeasured: from the sm_90 SASS count ~10-15 % faster than "onepass" (NOTES_retrieval.md
+               section 8, which also says why no selection change alone reaches ~1.5 ms: pass 2 is ~2/3).
   "auto":      "split" for at most ``small_tokens`` tokens; else "merge" for fp32 (or mixed-dtype)
                inputs with top_k <= 16, where its single pass of fp32 dots wins (T=16384: 7.8 vs
                10.7 ms), else "threshold".
@@ -42,7 +47,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FORWARD_IMPLS = ("auto", "threshold", "merge", "split", "onepass")
+FORWARD_IMPLS = ("auto", "threshold", "merge", "split", "onepass", "packed")
 BACKWARD_IMPLS = ("dense", "hybrid", "triton", "sorted")
 THETA_METHODS = ("max", "topk")
 PREFIX_METHODS = ("cumsum", "dot")

@@ -1,0 +1,119 @@
+"""The "packed" Triton retrieval forward (triton_packed.py) under TRITON_INTERPRET=1 without a GPU:
+indices equal the float64 brute force (same order), scores and indices bit-equal to "threshold",
+"merge" and "onepass", the exact int64 rounds taken where the 32-bit keys are ambiguous (constructed
+near-ties and exact ties, and the flag that says so), the CAP overflow fallback, and an
+ahead-of-time sm_90 compile of the kernel."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from tests.ops.retrieval_inputs import DEVICE, cap_overflow_inputs, retrieval_inputs  # noqa: E402
+from tests.ops.sm90_aot import run_without_interpreter  # noqa: E402
+from torchpeer.ops import RetrievalKernelConfig, product_key_topk_reference  # noqa: E402
+from torchpeer.ops.retrieval import triton_onepass, triton_op, triton_packed  # noqa: E402
+from torchpeer.ops.retrieval.triton_op import product_key_topk_triton  # noqa: E402
+
+PACKED = RetrievalKernelConfig(forward="packed")
+
+
+def _same(a, b):
+    return torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# "onepass" is bit-equal to "threshold" and "merge" (test_retrieval_onepass.py); one comparison each here
+@pytest.mark.parametrize(
+    "T,H,S,n,d_key,top_k,dtype,others",
+    [
+        (24, 2, 1, 32, 16, 5, torch.float32, ("merge",)),  # 6 items over 3 programs; n % BLOCK_N == 0
+        (17, 3, 3, 24, 16, 6, torch.bfloat16, ("threshold",)),  # per-head keys, ragged rows, n % BLOCK_N != 0
+        (3, 1, 1, 40, 8, 32, torch.float32, ("onepass",)),  # top_k 32: KP 32, 119 rank pairs
+        (10, 2, 1, 3, 4, 3, torch.float32, ("threshold",)),  # n < padded top_k: fewer than k + 1 candidates
+    ],
+)
+def test_packed_matches_float64_and_the_other_forwards(T, H, S, n, d_key, top_k, dtype, others):
+    q, keys = retrieval_inputs(T, H, S, n, d_key, dtype, seed=5)
+    got = product_key_topk_triton(q, keys, top_k, PACKED)
+    ref_s, ref_i = product_key_topk_reference(q.double(), keys.double(), top_k)
+    assert torch.equal(got[1].cpu(), ref_i.cpu())
+    torch.testing.assert_close(got[0].double(), ref_s, rtol=1e-5, atol=1e-5)
+    for other in others:
+        assert _same(got, product_key_topk_triton(q, keys, top_k, RetrievalKernelConfig(forward=other))), other
+
+
+def test_near_ties_take_the_exact_rounds():
+    # half 0 of row 0: sub-keys 3 and 7 score 10 and 10 * (1 + 2**-20) (the same truncated key with
+    # CAP 16's 4 slot bits, the larger one at the larger column, where the packed order picks the
+    # smaller column): the packed rounds are ambiguous, the int64 rounds give the exact order
+    n, dh = 32, 4
+    q, keys = retrieval_inputs(2, 1, 1, n, 2 * dh, torch.float32, seed=9)
+    keys[0, 0, :, 0] = torch.linspace(-3.0, 3.0, n)
+    keys[0, 0, 3, 0], keys[0, 0, 7, 0] = 10.0, 10.0 * (1 + 2**-20)
+    q[:, 0, :dh] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    s, i, flags = triton_packed.launch_packed(q, keys, 4, PACKED, return_flags=True)
+    assert flags.tolist() == [4]  # one ambiguous half, no overflow
+    assert (i[:, 0, 0] // n == 7).all() and (i[:, 0, 1] // n == 3).all()
+    assert _same((s, i), triton_op.forward(q, keys, 4, RetrievalKernelConfig(forward="threshold")))
+    # the same inputs without the near-tie: the packed rounds decide alone
+    keys[0, 0, 7, 0] = 9.0
+    flags = triton_packed.launch_packed(q, keys, 4, PACKED, return_flags=True)[2]
+    assert flags.tolist() == [0]
+
+
+def test_repeated_rows_exact_ties_and_overflow():
+    # every sub-key row 4 times: exact score ties (ambiguous packed rounds, index order decides)
+    q, keys = retrieval_inputs(7, 2, 1, 40, 8, torch.bfloat16, seed=2)
+    keys = keys[:, :, torch.arange(40) // 4 * 4].contiguous()
+    s, i, flags = triton_packed.launch_packed(q, keys, 5, PACKED, return_flags=True)
+    assert (flags >= 4).all()
+    assert _same((s, i), triton_op.forward(q, keys, 5, RetrievalKernelConfig(forward="onepass")))
+    # more candidates than CAP in half 0: the running top-KP fallback (flag bit 1), still exact
+    cap = triton_onepass.onepass_launch(2, True, PACKED)["CAP"]
+    q, keys, n = cap_overflow_inputs(cap)
+    s, i, flags = triton_packed.launch_packed(q, keys, 2, PACKED, return_flags=True)
+    assert flags.tolist()[0] % 4 == 1
+    assert (i[..., 0] // n == n - 1).all()
+    assert _same((s, i), triton_op.forward(q, keys, 2, RetrievalKernelConfig(forward="threshold")))
+
+
+def test_gradients_and_auto_never_picks_packed(monkeypatch):
+    q, keys = retrieval_inputs(9, 2, 1, 32, 16, torch.float32, seed=3)
+    q, keys = q.requires_grad_(), keys.requires_grad_()
+    s, _ = product_key_topk_triton(q, keys, 4, PACKED)
+    q64, k64 = q.detach().double().requires_grad_(), keys.detach().double().requires_grad_()
+    ref_s, _ = product_key_topk_reference(q64, k64, 4)
+    up = torch.randn(s.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    (s * up).sum().backward()
+    (ref_s * up.double()).sum().backward()
+    torch.testing.assert_close(q.grad.double(), q64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(keys.grad.double(), k64.grad, rtol=1e-5, atol=1e-5)
+    assert triton_op.forward_impl(q, keys, 4, RetrievalKernelConfig()) != "packed"
+    e = product_key_topk_triton(q[:0].detach(), keys.detach(), 4, PACKED)
+    assert e[0].shape == (0, 2, 4)
+
+
+_AOT = """
+from tests.ops.sm90_aot import aot
+from torchpeer.ops.retrieval import RetrievalKernelConfig, triton_packed as op
+cfg = RetrievalKernelConfig()
+types = {"q_ptr": "*bf16", "k_ptr": "*bf16", "pi_ptr": "*i32", "pj_ptr": "*i32", "scores_ptr": "*fp32",
+         "idx_ptr": "*i64", "scr_s_ptr": "*fp32", "scr_i_ptr": "*i32", "flag_ptr": "*i32"}
+bm, _, warps, cap, _ = cfg.onepass_half
+consts = dict(stride_qd=1, PER_HEAD=False, DH=64, BLOCK_M=bm, BLOCK_N=64, BLOCK_D=64, KP=16, CAP=cap, NCP=64,
+              FB_BLOCK_N=64, DOT_FP32=False, EVEN_N=True)
+aligned = tuple(a for a in op._packed_kernel.arg_names if a.endswith("_ptr") or a in ("n", "top_k", "n_work",
+                "stride_qt", "stride_qh"))
+aot(op._packed_kernel, types, consts, num_warps=warps, say=False, aligned=aligned)
+print("ok packed", flush=True)
+"""
+
+
+def test_packed_kernel_compiles_for_sm90():
+    """The real compiler accepts the kernel at the config's bf16 top_k 16 launch (TRITON_INTERPRET unset)."""
+    assert run_without_interpreter("-c", _AOT).count("ok ") == 1
