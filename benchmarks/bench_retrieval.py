@@ -48,6 +48,7 @@ from torchpeer.ops.retrieval.triton_backward import backward, backward_dense, ba
 from torchpeer.ops.retrieval.triton_merge import launch_merge  # noqa: E402
 from torchpeer.ops.retrieval.triton_onepass import launch_onepass  # noqa: E402
 from torchpeer.ops.retrieval.triton_op import forward, product_key_topk_triton  # noqa: E402
+from torchpeer.ops.retrieval.triton_packed import launch_packed  # noqa: E402
 from torchpeer.ops.retrieval.triton_threshold import half_lists, launch_threshold, pair_merge  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -432,11 +433,32 @@ def onepass_section(run, H, n, dk, K, T_check, T_list, sweep, quick=False):
     for dup in (2, 4):
         run.guarded("onepass", f"check dup{dup} keys", lambda dup=dup: variant(dict(dup=dup, seed=1)))
 
+    # "packed" (triton_packed.py): bit_equal against merge and threshold; flags = overflowed halves
+    # + 4 * halves whose 32-bit rounds were ambiguous (redone on int64 keys)
+    packed = dataclasses.replace(CFG, forward="packed")
+
+    def packed_variant(make_kw, k=K):
+        qx, kx = make(T_check, H, n, dk, **make_kw)
+        s, i, flags = launch_packed(qx, kx, k, packed, return_flags=True)
+        out = exact((s, i), launch_merge(qx, kx, k, CFG))
+        threshold = forward(qx, kx, k, dataclasses.replace(CFG, forward="threshold"))
+        out["bit_equal_threshold"] = exact((s, i), threshold)["bit_equal"]
+        out["fallback_halves_frac"] = (flags % 4).float().mean().item() / 2
+        out["exact_rounds_halves_frac"] = (flags // 4).float().mean().item() / 2
+        return out
+
+    run.guarded("onepass", "check packed gaussian keys (fallback, exact-round rates)", lambda: packed_variant({}))
+    run.guarded("onepass", "check packed per-head keys", lambda: packed_variant(dict(S=H, seed=2)))
+    run.guarded("onepass", "check packed fp32", lambda: packed_variant(dict(dtype=torch.float32, seed=3)))
+    run.guarded("onepass", f"check packed top_k={2 * K}", lambda: packed_variant(dict(seed=4), k=2 * K))
+    run.guarded("onepass", "check packed dup4 keys", lambda: packed_variant(dict(dup=4, seed=1)))
+
     impls = {
         "threshold": dataclasses.replace(CFG, forward="threshold"),
         "merge": dataclasses.replace(CFG, forward="merge"),
         "onepass": onepass,
         "onepass/dot": dataclasses.replace(onepass, onepass_prefix="dot"),
+        "packed": packed,
     }
     for T in T_list:
         qt, kt = make(T, H, n, dk)
@@ -450,7 +472,7 @@ def onepass_section(run, H, n, dk, K, T_check, T_list, sweep, quick=False):
         # fp32 inputs ("auto" picks merge for them: one pass of fp32 dots) and top_k = 2K, at the smaller T
         T = T_list[0]
         q32, k32 = make(T, H, n, dk, dtype=torch.float32)
-        for name in ("merge", "threshold", "onepass"):
+        for name in ("merge", "threshold", "onepass", "packed"):
             cfg = impls[name]
             run.guarded(
                 "onepass",
@@ -459,7 +481,7 @@ def onepass_section(run, H, n, dk, K, T_check, T_list, sweep, quick=False):
             )
         del q32, k32
         qt, kt = make(T, H, n, dk)
-        for name in ("merge", "threshold", "onepass"):
+        for name in ("merge", "threshold", "onepass", "packed"):
             cfg = impls[name]
             run.guarded(
                 "onepass",
@@ -486,6 +508,7 @@ def onepass_section(run, H, n, dk, K, T_check, T_list, sweep, quick=False):
         "default (auto+hybrid)": CFG,
         "onepass+hybrid": onepass,
         "onepass+sorted": dataclasses.replace(onepass, backward="sorted"),
+        "packed+sorted": dataclasses.replace(packed, backward="sorted"),
     }
     if best is not None:
         combos["onepass best+hybrid"] = best
