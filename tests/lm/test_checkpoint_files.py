@@ -4,6 +4,9 @@ file torchpeer writes (safetensors creates its file 0600)."""
 import os
 import stat
 
+import pytest
+import torch
+
 from tests.lm.test_model import tiny
 from torchpeer.lm.checkpoint import load_model_from_checkpoint, save_checkpoint
 from torchpeer.lm.config import RunConfig
@@ -103,3 +106,40 @@ def test_a_full_disk_deletes_the_checkpoints_to_be_pruned_before_the_save(tmp_pa
     save_checkpoint(run, 5, model, {}, cfg, keep=2)  # step 3 would be pruned after: it goes before
     assert present_at_write[-2:] == [["step_00000003"], ["step_00000004"]]
     assert sorted(os.listdir(root)) == ["step_00000004", "step_00000005"]
+
+
+def test_a_sharded_checkpoint_makes_room_too(tmp_path, monkeypatch, capsys):
+    """A sharded (DCP) checkpoint keeps its weights in dcp/: make_room counts them (it counted only
+    the folder's top-level files, a few KB, so a full disk never made room) and the DCP save calls
+    it before writing, as the one-process save does."""
+    import shutil
+    import warnings
+    from collections import namedtuple
+
+    pytest.importorskip("torch.distributed.checkpoint")
+    from torchpeer.lm.checkpoint import folder_bytes
+    from torchpeer.parallel.checkpoint import save_dcp_checkpoint
+
+    cfg = RunConfig()
+    cfg.model, cfg.train.max_steps = tiny("dense"), 9
+    run = str(tmp_path / "run")
+    model = TransformerLM(cfg.model)
+    root = os.path.join(run, "checkpoints")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP: "torch.distributed is ... uninitialized" (one process)
+        first = save_dcp_checkpoint(run, 1, model, None, {}, cfg, None, keep=1)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        assert folder_bytes(first) >= weights  # the shards in dcp/ are counted
+        usage = namedtuple("usage", "total used free")
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - weights // 2, weights // 2))
+        real_save = torch.distributed.checkpoint.save
+        present_at_write = []
+
+        def spy(*a, **kw):
+            present_at_write.append(sorted(n for n in os.listdir(root) if n.startswith("step_")))
+            return real_save(*a, **kw)
+
+        monkeypatch.setattr(torch.distributed.checkpoint, "save", spy)
+        save_dcp_checkpoint(run, 2, model, None, {}, cfg, None, keep=1)
+    assert present_at_write == [[]]  # step 1 went before step 2 was written
+    assert "disk nearly full" in capsys.readouterr().out and sorted(os.listdir(root)) == ["step_00000002"]

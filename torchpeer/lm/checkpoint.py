@@ -219,6 +219,11 @@ def written_checkpoints(run_dir: str) -> list[str]:
     return [p for p in list_checkpoints(run_dir) if os.path.isfile(os.path.join(p, "trainer.pt"))]
 
 
+def folder_bytes(path: str) -> int:
+    """Bytes of the files under ``path``, subfolders included."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
 def make_room(run_dir: str, keep: int) -> list[str]:
     """Before a checkpoint is written: when the disk has less free space than the newest complete
     checkpoint takes (the size the next one will have), delete now the ones publish_checkpoint would
@@ -230,7 +235,7 @@ def make_room(run_dir: str, keep: int) -> list[str]:
     doomed = written[: max(0, len(written) - max(0, keep - 1))]
     if not doomed:
         return []
-    need = sum(e.stat().st_size for e in os.scandir(written[-1]) if e.is_file())
+    need = folder_bytes(written[-1])  # with the shards of a sharded (DCP) checkpoint's dcp/ folder
     free = shutil.disk_usage(checkpoint_dir(run_dir)).free
     if free >= need:
         return []

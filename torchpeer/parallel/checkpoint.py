@@ -38,7 +38,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from torchpeer.lm.checkpoint import load_trainer_state, new_partial_dir, publish_checkpoint, write_checkpoint_meta
+from torchpeer.lm.checkpoint import (
+    load_trainer_state,
+    make_room,
+    new_partial_dir,
+    publish_checkpoint,
+    write_checkpoint_meta,
+)
 from torchpeer.lm.integrity import CheckpointDamaged, verify_checkpoint
 from torchpeer.parallel.sharded_layers import sharded_tables
 
@@ -216,8 +222,12 @@ def save_dcp_checkpoint(
     run_dir: str, step: int, model: nn.Module, optimizer, state: dict, cfg, tokenizer, keep: int
 ) -> str:
     """Write ``checkpoints/step_<step>`` (collective: every rank calls it); returns its path. Rank 0
-    writes checksums.json of the whole folder (every rank's shards) before renaming it into place."""
+    writes checksums.json of the whole folder (every rank's shards) before renaming it into place;
+    on a disk with less room than the newest checkpoint takes, it first deletes the ones the save
+    would prune afterwards (``make_room``, as a one-process save does)."""
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:  # on a nearly full disk the checkpoints pruned after the save go first (before the others write)
+        make_room(run_dir, keep)
     where = [new_partial_dir(run_dir, step) if rank0 else None]
     if dist.is_initialized():
         dist.broadcast_object_list(where, src=0)  # every rank writes into the same temporary folder
