@@ -140,11 +140,31 @@ def test_error_missing_checkpoint(capsys, tmp_path):
         assert "model.safetensors' is a file; give its folder (RUN_DIR/checkpoints/step_<N>) or the run folder" in err
 
 
-def test_overrides_rejected_for_eval(capsys, tmp_path):
-    with pytest.raises(SystemExit) as e:
-        main(["eval", str(tmp_path), "--model.d_model", "3"])
-    assert e.value.code == 2
-    assert "only apply to train and info" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "argv, fix",
+    [
+        (["eval", "x", "--model.d_model", "3"], "torchpeer eval --help lists its options"),
+        (["eval", "x", "--train.eval_batch_size", "8"], "did you mean --batch-size 8?"),
+        (["eval", "x", "--data.valid.t", "ptb:test"], "did you mean --data t=ptb:test?"),
+        (["data", "--data.train", "a.txt"], "did you mean --train a.txt?"),
+        (["data", "--data.valid.mine", "v.txt"], "did you mean --valid mine=v.txt?"),
+        (["generate", "x", "--train.device", "cpu"], "did you mean --device cpu?"),
+        (
+            ["sweep", "cpu-smoke", "--train.lr", "1e-3"],
+            "a sweep's runs take their fields from its spec: add \"train.lr\" = 0.001 to the [base] table of a "
+            "copy of torchpeer/experiments/specs/cpu-smoke.toml",
+        ),
+    ],
+)
+def test_overrides_given_to_a_command_without_them_say_where_the_value_goes(capsys, argv, fix):
+    """`torchpeer sweep cpu-smoke --train.lr 1e-3` or `eval RUN --train.eval_batch_size 8` was argparse's
+    error under the top-level usage ("config overrides ... only apply to train and info"); now one
+    line that names the command's own option, or for a sweep the spec line to write."""
+    key = next(a for a in argv if a.startswith("--"))
+    err = _error(capsys, argv)
+    head = f"error: torchpeer {argv[0]} takes no config overrides ({key} ...: they apply to train and info); "
+    assert err.startswith(head), err
+    assert err.rstrip().endswith(fix), err
 
 
 def test_data_subcommand_accepts_config_name(capsys, tmp_path):

@@ -132,6 +132,41 @@ def unknown_arguments_message(parser: argparse.ArgumentParser, command: str, ext
     return f"{where} has no option {flag}{hint} ({where} --help lists its options)"
 
 
+def overrides_message(parser: argparse.ArgumentParser, command: str, key: str, value: str, spec: str = "") -> str:
+    """``--section.field VALUE`` given to a command that takes no config overrides, as one line that
+    says where such a value goes instead: the command's own option (``eval --train.eval_batch_size 8``
+    -> ``--batch-size``, ``data --data.train X`` -> ``--train``) or, for a sweep, its spec's [base]
+    table (argparse's error came with the top-level usage and no way forward)."""
+    import difflib
+    import json
+
+    takers = parser.get_default("override_commands")
+    names = ", ".join(takers[:-1]) + " and " + takers[-1] if len(takers) > 1 else "".join(takers)
+    where = f"torchpeer {command}"
+    head = f"{where} takes no config overrides (--{key} ...: they apply to {names})"
+    if command == "sweep":
+        try:
+            shown = json.dumps(json.loads(value))  # 1e-3, true, [1, 3] as TOML writes them
+        except ValueError:
+            shown = json.dumps(value)  # text: a TOML string
+        line = f'"{key}" = {shown}'
+        if spec and not os.path.isfile(spec):  # a shipped spec's name: the user edits a copy
+            spec = f"a copy of torchpeer/experiments/specs/{spec.removesuffix('.toml')}.toml"
+        return f"{head}; a sweep's runs take their fields from its spec: add {line} to the [base] table of {spec}"
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    options = {o: a for a in sub._actions for o in a.option_strings if o.startswith("--")}
+    parts = key.split(".")
+    if parts[:2] == ["data", "valid"]:  # an eval set: data --valid NAME=SOURCE, eval --data NAME=SOURCE
+        flag = next((o for o in ("--valid", "--data") if o in options), None)
+        wanted = f"{flag} {parts[2] + '=' if len(parts) > 2 else ''}{value}" if flag else None
+    else:
+        leaf = "--" + parts[-1].replace("_", "-")
+        close = [leaf] if leaf in options else difflib.get_close_matches(leaf, list(options), n=1, cutoff=0.75)
+        wanted = f"{close[0]} {value}" if close and options[close[0]].nargs != 0 else (close or [None])[0]
+    fix = f"did you mean {wanted}?" if wanted else f"{where} --help lists its options"
+    return f"{head}; {fix}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -149,9 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         if extra:  # argparse's own error shows the top-level usage, not the subcommand's options
             raise ValueError(unknown_arguments_message(parser, rest[0], extra))
         if overrides and not getattr(args, "takes_overrides", False):
-            takers = parser.get_default("override_commands")
-            names = ", ".join(takers[:-1]) + " and " + takers[-1] if len(takers) > 1 else "".join(takers)
-            parser.error(f"config overrides (--{overrides[0][0]} ...) only apply to {names}")
+            raise ValueError(overrides_message(parser, rest[0], *overrides[0], spec=getattr(args, "spec", "")))
         args.overrides = overrides
         return int(args.func(args) or 0)
     except BrokenPipeError:  # e.g. `torchpeer info --json | head`: the reader left, nothing to report
