@@ -269,3 +269,30 @@ def test_a_misspelt_field_in_a_spec_is_suggested_as_the_spec_writes_it(mutate, m
     with pytest.raises(ValueError) as e:
         parse_spec(raw)
     assert message in str(e.value) and "--" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: r["base"].update({"train.lr": "fast"}),
+         """[base] "train.lr" = "fast" is not of type float; give a number, e.g. 2e6"""),
+        (lambda r: r["variants"]["peer"].update({"model.n_layers": 2.5}),
+         """[variants.peer] "model.n_layers" = 2.5 is not of type int; give a whole number"""),
+        (lambda r: r.update(grid={"train.seed": [0, "a"]}),
+         """[grid] "train.seed" = "a" is not of type int; give a whole number"""),
+        (lambda r: r.update(grid={"size": {"s1": {"model.tie_embeddings": "maybe"}}}),
+         """[grid.size.s1] "model.tie_embeddings" = "maybe" is not of type bool; use true or false"""),
+    ],
+)
+def test_a_value_of_the_wrong_type_in_a_spec_is_named_as_the_spec_writes_it(mutate, message):
+    """A value of the wrong type ("train.lr" = "fast") failed only when the first run was planned,
+    as the CLI's "cannot parse --train.lr 'fast' as float" under the run's name; now the spec's
+    load names its table and the line as written. A [grid] axis checks each of its values."""
+    raw = spec_dict()
+    mutate(raw)
+    with pytest.raises(ValueError) as e:
+        parse_spec(raw)
+    assert message in str(e.value) and "--" not in str(e.value)
+    raw = spec_dict()
+    raw.update(grid={"train.seed": [0, 1], "model.placement": {"a": {"model.placement": [1]}}})
+    parse_spec(raw)  # lists of good values, a list-typed field: loaded

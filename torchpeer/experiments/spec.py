@@ -206,7 +206,7 @@ def _grid_variants(grid: dict[str, Any], where: str) -> list[Variant]:
         if isinstance(values, list):  # "model.x.y" = [v1, v2]: a field and its values
             if "." not in axis:
                 raise ValueError(f"{where}: [grid] axis {axis!r} is a list, so it must be a dotted config field")
-            _check_field(axis, values, "[grid]", where)  # named here, with its list, not per variant
+            _check_field(axis, values, "[grid]", where, values=values)  # named here, with its list, not per variant
             options = [(f"{axis.split('.')[-1]}={_value_name(v)}", {axis: v}) for v in values]
         elif isinstance(values, dict):  # [grid.AXIS] NAME = {overrides}
             options = [(name, _table(opt, f"[grid.{axis}.{name}]", where)) for name, opt in values.items()]
@@ -271,10 +271,11 @@ def _overrides(table: dict[str, Any], what: str, where: str, meta=VARIANT_META_K
     return out
 
 
-def _check_field(key: str, value: Any, what: str, where: str) -> None:
+def _check_field(key: str, value: Any, what: str, where: str, values: list | None = None) -> None:
     """An unknown dotted field is a ValueError naming the closest one *as the spec writes it*
     (``"train.lr" = 0.001``), not in the ``--train.lr`` form of the CLI's message: the user is
-    editing a TOML file. Checked here, at load time, so the error also names the table it is in."""
+    editing a TOML file. Checked here, at load time, so the error also names the table it is in; so is
+    the type of the value (of each of ``values``, a [grid] axis's list, when given)."""
     from torchpeer.lm.config import RunConfig
     from torchpeer.lm.config_io import _closest_field, _field_names
 
@@ -284,6 +285,8 @@ def _check_field(key: str, value: Any, what: str, where: str) -> None:
     fields = _field_names(RunConfig())
     sections = {".".join(f.split(".")[:i]) for f in fields for i in range(1, f.count(".") + 1)}
     if key in fields:
+        for v in [value] if values is None else values:
+            _check_value(key, v, what, where)
         return
     if key in sections:
         raise ValueError(f'{where}: {what} {key} is a section; set one of its fields, e.g. "{key}.<field>" = VALUE')
@@ -299,6 +302,29 @@ def _check_field(key: str, value: Any, what: str, where: str) -> None:
         else:
             hint = f"sections are {', '.join(sorted(s for s in sections if '.' not in s))}"
     raise ValueError(f"{where}: unknown config field {key!r} in {what}; {hint}")
+
+
+def _check_value(key: str, value: Any, what: str, where: str) -> None:
+    """A value of the wrong type (``"train.lr" = "fast"``, ``"model.n_layers" = 2.5``) is refused at
+    load time in the spec's own terms, naming its table, instead of the CLI's ``cannot parse
+    --train.lr 'fast'`` when the first run is planned."""
+    import dataclasses
+    import typing
+
+    from torchpeer.lm.config import RunConfig
+    from torchpeer.lm.config_io import parse_value
+
+    obj, tp = RunConfig(), None
+    for part in key.split("."):
+        tp = typing.get_type_hints(type(obj))[part]
+        obj = getattr(obj, part)
+    if dataclasses.is_dataclass(tp):
+        return  # a section: _check_field says so
+    try:
+        parse_value(override_text(value), tp, key)
+    except ValueError as e:
+        wanted = str(e).split(" as ", 1)[-1]  # "float; give a number, e.g. 2e6"
+        raise ValueError(f"{where}: {what} {_toml_key_value(key, value)} is not of type {wanted}") from None
 
 
 def _toml_key_value(key: str, value: Any) -> str:
