@@ -97,3 +97,23 @@ def test_sequential_windows_cover_every_token(n, pad):
     assert len(list(sequential_windows(tokens, 3, 16, max_batches=1, pad=pad))) == 1
 
 
+
+
+def test_a_train_split_shorter_than_one_window_names_the_split_and_the_fields(tmp_path):
+    """A train file shorter than one window said "the split has 11" without saying which split (the
+    valid sets are tokenised before it is read) or which settings to change; a token file names its
+    split and source, and the config fields."""
+    from torchpeer.data import DataConfig, prepare_split
+
+    (tmp_path / "tiny.txt").write_text("tiny text")
+    cfg = DataConfig(train=str(tmp_path / "tiny.txt"), cache_dir=str(tmp_path / "cache"))
+    tf = prepare_split(cfg, cfg.train, "train", progress=False)
+    with pytest.raises(ValueError) as e:
+        RandomWindows(tf, batch_size=2, seq_len=16)
+    assert str(e.value) == (
+        f"the train split ({tmp_path / 'tiny.txt'}) has 10 tokens, fewer than one training window of model.seq_len "
+        "16 + 1 = 17; use a shorter model.seq_len or more text in data.train"
+    )
+    with pytest.raises(ValueError, match="needs at least 17 tokens, the split has 10"):
+        RandomWindows(tf.tokens, batch_size=2, seq_len=16)  # a bare array: no names to give
+    assert next(RandomWindows(tf, batch_size=2, seq_len=9))[0].shape == (2, 9)

@@ -55,10 +55,18 @@ class RandomWindows:
     """
 
     def __init__(self, tokens, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        header = getattr(tokens, "header", None)  # a TokenFile: its split and source name the data
         self.tokens = _as_array(tokens)
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
         if len(self.tokens) < seq_len + 1:
+            if isinstance(header, dict) and header.get("source"):
+                split = header.get("split") or "train"
+                raise ValueError(
+                    f"the {split} split ({header['source']}) has {len(self.tokens)} tokens, fewer than one training "
+                    f"window of model.seq_len {seq_len} + 1 = {seq_len + 1}; use a shorter model.seq_len or more "
+                    "text in data.train"
+                )
             raise ValueError(
                 f"a window of seq_len {seq_len} needs at least {seq_len + 1} tokens, the split has "
                 f"{len(self.tokens)}; use a shorter seq_len or a larger corpus"
