@@ -174,3 +174,13 @@ def test_the_readme_python_lines_that_load_a_run(trained, capsys):
     # the same greedy continuation as the command line's
     assert main(["generate", run, "--prompt", "the company said", "--temperature", "0", "--max-new-tokens", "20"]) == 0
     assert capsys.readouterr().out == "the company said" + text
+
+
+def test_the_context_note_counts_one_token_as_one():
+    """`torchpeer generate RUN` without --prompt (the prompt is the start token alone) said "the
+    prompt (1 tokens) and up to 200 new ones"."""
+    from torchpeer.lm.generate import context_note
+
+    assert context_note(1, 200, 128).startswith("note: the prompt (1 token) and up to 200 new ones exceed")
+    assert context_note(128, 1, 128).startswith("note: the prompt (128 tokens) and up to 1 new one exceed")
+    assert context_note(1, 127, 128) is None

@@ -57,7 +57,8 @@ def context_note(n_prompt: int, max_new_tokens: int, seq_len: int, use_cache: bo
         return None
     window = f"the last {max(1, seq_len // 2)}-{seq_len} tokens" if use_cache else f"the last {seq_len} tokens"
     return (
-        f"note: the prompt ({n_prompt} tokens) and up to {max_new_tokens} new ones exceed the model's context "
+        f"note: the prompt ({n_prompt} token{'s' * (n_prompt != 1)}) and up to {max_new_tokens} new "
+        f"{'ones' if max_new_tokens != 1 else 'one'} exceed the model's context "
         f"(seq_len {seq_len}, the longest it was trained on); beyond it each new token sees only {window} "
         "(a sliding window)"
     )
@@ -75,22 +76,43 @@ def generate(
     use_cache: bool = True,
     stop_token: int | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
+    decode: str = "eager",
 ) -> torch.Tensor:
     """Extend idx (B, T0) by up to ``max_new_tokens`` tokens -> (B, T0 + n).
 
     Stops early once every row has produced ``stop_token`` (if given). ``on_token(next_ids)`` is
     called with each new (B, 1) column as soon as it is sampled (streaming output).
+    decode (with the cache): "eager" (default), "graph" (each one-token step replayed from a CUDA
+    graph on a static cache: far fewer launches, CUDA only; decode_graph.py) or "static" (the
+    graph's static-cache step run eagerly, on any device).
     """
     if idx.dim() != 2 or idx.shape[0] < 1 or idx.shape[1] < 1:
         raise ValueError(f"idx must be (batch, time>=1) token ids, got shape {tuple(idx.shape)}")
+    if decode not in ("eager", "static", "graph"):
+        raise ValueError(f"decode must be 'eager', 'static' or 'graph', got {decode!r}")
+    if decode != "eager" and not use_cache:
+        raise ValueError(f"decode={decode!r} decodes on a KV cache: leave use_cache on, or use decode='eager'")
+    if decode == "graph" and idx.device.type != "cuda":
+        raise ValueError(f"decode='graph' needs the model on a CUDA device (it is on {idx.device}); use 'eager'")
     was_training = model.training
     model.eval()
     window = model.cfg.seq_len
     cache = None
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    static = None
+    if decode != "eager":
+        from torchpeer.lm.decode_graph import StaticDecoder
+
+        static = StaticDecoder(model, idx.shape[0], window, graph=decode == "graph")
     try:
         for _ in range(max_new_tokens):
-            if not use_cache:
+            if static is not None:
+                if static.pos == 0 or static.pos >= window:  # (re)fill as the default cache does
+                    n_keep = idx.shape[1] if static.pos == 0 and idx.shape[1] < window else max(1, window // 2)
+                    logits = static.prefill(idx[:, -n_keep:])
+                else:
+                    logits = static.step(idx[:, -1:])
+            elif not use_cache:
                 logits, _ = model(idx[:, -window:], last_only=True)
             elif cache is None or cache.pos >= window:
                 # (Re)fill: the whole prompt if it fits, else the last seq_len // 2 tokens.
