@@ -22,7 +22,8 @@ so that one failing variant does not stop the others):
      repeated rows with the fallback rate), float64 brute force on 32 tokens, forward times at
      T = 16384 / 65536, its launch sweep, and forward+backward through autograd against the default;
      with --profile, then per-kernel GPU times (torch.profiler) of one fwd+bwd of threshold+hybrid,
-     onepass+hybrid and onepass+sorted at the largest T.
+     onepass+hybrid and onepass+sorted at the largest T. "packed" and "queue" (opt-in forwards) get the
+     same check rows (with their exact-path rates) and forward / fwd+bwd rows.
 Times: median of CUDA-event timings (triton.testing.do_bench, L2 flushed between reps).
 Writes bench_retrieval.json under --out (default: $OUT if set, else benchmarks/results).
 """
@@ -49,6 +50,7 @@ from torchpeer.ops.retrieval.triton_merge import launch_merge  # noqa: E402
 from torchpeer.ops.retrieval.triton_onepass import launch_onepass  # noqa: E402
 from torchpeer.ops.retrieval.triton_op import forward, product_key_topk_triton  # noqa: E402
 from torchpeer.ops.retrieval.triton_packed import launch_packed  # noqa: E402
+from torchpeer.ops.retrieval.triton_queue import launch_queue  # noqa: E402
 from torchpeer.ops.retrieval.triton_threshold import half_lists, launch_threshold, pair_merge  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -453,12 +455,37 @@ def onepass_section(run, H, n, dk, K, T_check, T_list, sweep, quick=False):
     run.guarded("onepass", f"check packed top_k={2 * K}", lambda: packed_variant(dict(seed=4), k=2 * K))
     run.guarded("onepass", "check packed dup4 keys", lambda: packed_variant(dict(dup=4, seed=1)))
 
+    # "queue" (triton_queue.py): flags = exact-path halves that overflowed CAP + 4 * halves redone exactly
+    queue = dataclasses.replace(CFG, forward="queue")
+
+    def queue_variant(make_kw, k=K, cfg=queue):
+        qx, kx = make(T_check, H, n, dk, **make_kw)
+        s, i, flags = launch_queue(qx, kx, k, cfg, return_flags=True)
+        out = exact((s, i), launch_merge(qx, kx, k, CFG))
+        threshold = forward(qx, kx, k, dataclasses.replace(CFG, forward="threshold"))
+        out["bit_equal_threshold"] = exact((s, i), threshold)["bit_equal"]
+        out["exact_path_halves_frac"] = (flags // 4).float().mean().item() / 2
+        out["fallback_halves_frac"] = (flags % 4).float().mean().item() / 2
+        return out
+
+    run.guarded("onepass", "check queue gaussian keys (exact-path rate)", lambda: queue_variant({}))
+    run.guarded(
+        "onepass", "check queue D3 gaussian keys (exact-path rate)",
+        lambda: queue_variant({}, cfg=dataclasses.replace(queue, queue_depth=3)),
+    )  # fmt: skip
+    run.guarded("onepass", "check queue per-head keys", lambda: queue_variant(dict(S=H, seed=2)))
+    run.guarded("onepass", "check queue fp32", lambda: queue_variant(dict(dtype=torch.float32, seed=3)))
+    run.guarded("onepass", f"check queue top_k={2 * K}", lambda: queue_variant(dict(seed=4), k=2 * K))
+    run.guarded("onepass", "check queue dup4 keys", lambda: queue_variant(dict(dup=4, seed=1)))
+
     impls = {
         "threshold": dataclasses.replace(CFG, forward="threshold"),
         "merge": dataclasses.replace(CFG, forward="merge"),
         "onepass": onepass,
         "onepass/dot": dataclasses.replace(onepass, onepass_prefix="dot"),
         "packed": packed,
+        "queue": queue,
+        "queue/D3": dataclasses.replace(queue, queue_depth=3),
     }
     for T in T_list:
         qt, kt = make(T, H, n, dk)
@@ -472,7 +499,7 @@ def onepass_section(run, H, n, dk, K, T_check, T_list, sweep, quick=False):
         # fp32 inputs ("auto" picks merge for them: one pass of fp32 dots) and top_k = 2K, at the smaller T
         T = T_list[0]
         q32, k32 = make(T, H, n, dk, dtype=torch.float32)
-        for name in ("merge", "threshold", "onepass", "packed"):
+        for name in ("merge", "threshold", "onepass", "packed", "queue"):
             cfg = impls[name]
             run.guarded(
                 "onepass",
@@ -481,7 +508,7 @@ def onepass_section(run, H, n, dk, K, T_check, T_list, sweep, quick=False):
             )
         del q32, k32
         qt, kt = make(T, H, n, dk)
-        for name in ("merge", "threshold", "onepass", "packed"):
+        for name in ("merge", "threshold", "onepass", "packed", "queue"):
             cfg = impls[name]
             run.guarded(
                 "onepass",
@@ -509,6 +536,7 @@ def onepass_section(run, H, n, dk, K, T_check, T_list, sweep, quick=False):
         "onepass+hybrid": onepass,
         "onepass+sorted": dataclasses.replace(onepass, backward="sorted"),
         "packed+sorted": dataclasses.replace(packed, backward="sorted"),
+        "queue+sorted": dataclasses.replace(queue, backward="sorted"),
     }
     if best is not None:
         combos["onepass best+hybrid"] = best

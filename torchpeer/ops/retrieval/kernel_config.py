@@ -25,6 +25,12 @@ Forward algorithms (``forward``):
                masks; bit-equal to the others; launched with the onepass_* tuples; triton_packed.py.
                Unmeasured: from the sm_90 SASS count ~10-15 % faster than "onepass" (NOTES_retrieval.md
                section 8, which also says why no selection change alone reaches ~1.5 ms: pass 2 is ~2/3).
+  "queue":     per (row, strided column group) a sorted register queue of the D best 32-bit (truncated
+               score, tile) keys, filled elementwise in the accumulator layout (no compaction, no theta),
+               k rounds over the queue heads, the winners' exact scores from a gathered tensor-core
+               product, a per-row exactness check and "packed"'s exact path for a failing half;
+               bit-equal to the others; onepass_* launch tuples + queue_depth; triton_queue.py.
+               Unmeasured (NOTES_retrieval.md section 9).
   "auto":      "split" for at most ``small_tokens`` tokens; else "merge" for fp32 (or mixed-dtype)
                inputs with top_k <= 16, where its single pass of fp32 dots wins (T=16384: 7.8 vs
                10.7 ms), else "threshold".
@@ -47,7 +53,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FORWARD_IMPLS = ("auto", "threshold", "merge", "split", "onepass", "packed")
+FORWARD_IMPLS = ("auto", "threshold", "merge", "split", "onepass", "packed", "queue")
 BACKWARD_IMPLS = ("dense", "hybrid", "triton", "sorted")
 THETA_METHODS = ("max", "topk")
 PREFIX_METHODS = ("cumsum", "dot")
@@ -89,6 +95,11 @@ class RetrievalKernelConfig:
     # (BLOCK_M, BLOCK_N) tile to a blocked layout for the scan and back) or "dot" (the prefix count as
     # a product with a triangular ones matrix on the tensor cores, exact). Which is faster is unmeasured.
     onepass_prefix: str = "cumsum"
+    # "queue": D, the keys kept per (row, group) besides the best dropped one (3 or 4). A half of a work item
+    # takes the exact path when one of its rows has a group holding more than D of its top-k (CPU
+    # simulation, Gaussian bf16, n 1024, k 16: 0.42 % of half-rows at D 3, ~0.01 % at D 4) or a near tie
+    # (~0.06 %); D 4 costs 2 more integer max/min per score and 32 more registers (NOTES_retrieval.md 9).
+    queue_depth: int = 4
     # How the threshold kernel finds the k-th largest group maximum: "topk" (tl.topk of BLOCK_N floats)
     # or "max" (top_k rounds of max + drop; also much faster under the interpreter). Same speed (5.67
     # vs 5.68 ms).
@@ -119,6 +130,8 @@ class RetrievalKernelConfig:
             raise ValueError(f"theta must be one of {THETA_METHODS}, got {self.theta!r}")
         if self.onepass_prefix not in PREFIX_METHODS:
             raise ValueError(f"onepass_prefix must be one of {PREFIX_METHODS}, got {self.onepass_prefix!r}")
+        if self.queue_depth not in (3, 4):
+            raise ValueError(f"queue_depth must be 3 or 4, got {self.queue_depth!r}")
 
     def merge_launch(self, kp: int, dot_fp32: bool) -> tuple[int, int, int]:
         return self.merge_wide if kp > 16 else self.merge_fp32 if dot_fp32 else self.merge_half

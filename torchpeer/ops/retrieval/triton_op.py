@@ -25,6 +25,7 @@ from .triton_common import next_pow2
 from .triton_merge import launch_merge
 from .triton_onepass import launch_onepass
 from .triton_packed import launch_packed
+from .triton_queue import launch_queue
 from .triton_split import launch_split
 from .triton_threshold import launch_threshold
 
@@ -33,8 +34,8 @@ _said_too_wide: set[int] = set()
 
 
 def forward_impl(queries: torch.Tensor, sub_keys: torch.Tensor, top_k: int, config: RetrievalKernelConfig) -> str:
-    """The forward algorithm config.forward resolves to for these inputs ("threshold", "merge", "split" or
-    "onepass" or "packed"; "auto" picks neither until they are measured)."""
+    """The forward algorithm config.forward resolves to for these inputs ("threshold", "merge", "split",
+    "onepass", "packed" or "queue"; "auto" picks none of the last three until they are measured)."""
     if config.forward != "auto":
         return config.forward
     if queries.shape[0] <= config.small_tokens:
@@ -55,6 +56,8 @@ def forward(queries, sub_keys, top_k: int, config: RetrievalKernelConfig = DEFAU
         return launch_onepass(queries, sub_keys, top_k, config)
     if impl == "packed":
         return launch_packed(queries, sub_keys, top_k, config)
+    if impl == "queue":
+        return launch_queue(queries, sub_keys, top_k, config)
     return launch_merge(queries, sub_keys, top_k, config)
 
 
