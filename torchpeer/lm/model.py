@@ -86,14 +86,15 @@ class Rotary(nn.Module):
         super().__init__()
         self.head_dim, self.base = head_dim, base
 
-    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x: (B, H, T, head_dim) at positions start..start+T-1 -> same shape."""
+    def forward(self, x: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """x: (B, H, T, head_dim) at positions start..start+T-1 -> same shape. ``start``: an int, or
+        the positions themselves as a (T,) integer tensor (the static cache: no host value)."""
         T = x.shape[-2]
         dtype = torch.promote_types(x.dtype, torch.float32)
         # Angles in float64 (exact at large positions), computed on the fly: no buffer for .to() to cast.
         f64 = dict(device=x.device, dtype=torch.float64)
         inv_freq = self.base ** (-torch.arange(0, self.head_dim, 2, **f64) / self.head_dim)
-        pos = torch.arange(start, start + T, **f64)
+        pos = start.to(torch.float64) if isinstance(start, torch.Tensor) else torch.arange(start, start + T, **f64)
         angles = (pos[:, None] * inv_freq[None, :]).to(dtype)  # (T, head_dim/2)
         cos, sin = angles.cos(), angles.sin()
         xf = x.to(dtype)
@@ -106,15 +107,25 @@ class KVCache:
     """Keys and values of every layer for incremental decoding.
 
     k, v: (n_layers, B, n_heads, max_len, head_dim); ``pos`` = number of cached positions.
+    static: positions also in ``pos_t``, a 0-d device tensor, and attention always over all
+    ``max_len`` slots with a mask: every step then has the same shapes and no host value, so it can
+    be captured in a CUDA graph and replayed (torchpeer/lm/decode_graph.py). The same results as the
+    default cache up to the attention kernel's summation order.
     """
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32, static=False):
         hd = cfg.d_model // cfg.n_heads
         shape = (cfg.n_layers, batch, cfg.n_heads, max_len, hd)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
+        self.pos_t = torch.zeros((), dtype=torch.long, device=device) if static else None
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+        if self.pos_t is not None:
+            self.pos_t += n  # in place: a graph replay advances it on the device
 
 
 class CausalSelfAttention(nn.Module):
@@ -131,6 +142,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B,H,T,hd)
+        if cache is not None and cache.pos_t is not None:
+            return self.proj(self._static_cache_attention(q, k, v, cache, layer).transpose(1, 2).reshape(B, T, -1))
         start = cache.pos if cache is not None else 0
         q, k = self.rotary(q, start), self.rotary(k, start)
         if cache is None or start == 0:
@@ -147,6 +160,16 @@ class CausalSelfAttention(nn.Module):
             mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.d_model))
+
+    def _static_cache_attention(self, q, k, v, cache: KVCache, layer: int) -> torch.Tensor:
+        """(B, H, T, hd) -> (B, H, T, hd) at positions pos_t..pos_t+T-1, over all max_len cache slots
+        (the unwritten ones masked): fixed shapes, device-side positions."""
+        pos = cache.pos_t + torch.arange(q.shape[-2], device=q.device)  # (T,)
+        q, k = self.rotary(q, pos), self.rotary(k, pos)
+        cache.k[layer].index_copy_(2, pos, k.to(cache.k.dtype))
+        cache.v[layer].index_copy_(2, pos, v.to(cache.v.dtype))
+        mask = torch.arange(cache.max_len, device=q.device)[None, :] <= pos[:, None]  # (T, max_len)
+        return F.scaled_dot_product_attention(q, cache.k[layer].to(q.dtype), cache.v[layer].to(q.dtype), attn_mask=mask)
 
 
 class Block(nn.Module):
@@ -218,7 +241,7 @@ class TransformerLM(nn.Module):
         for i, blk in enumerate(self.blocks):
             x = blk(x, cache, i)
         if cache is not None:
-            cache.pos += idx.shape[1]
+            cache.advance(idx.shape[1])
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(self.norm_f(x))
