@@ -107,6 +107,7 @@ def make_record(run, summary: dict[str, Any], sweep, wall_seconds: float | None 
         "train_seconds": seconds,
         "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
         "wall_seconds": round(wall_seconds, 2) if wall_seconds is not None else None,
+        "memory": summary.get("memory"),  # the step's memory estimate beside the GPU's peak (calibration)
         "eval_set": sweep.eval_set or next(iter(run.cfg.data.valid), None),
         "valid": {name: _eval_entry(r) for name, r in (summary.get("valid") or {}).items()},
         "overrides": run.overrides,
