@@ -2,8 +2,38 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The subcommands' help: the description and epilog keep their line breaks and indented lines
+    (examples) as written, but a paragraph with a line wider than the terminal is wrapped to it,
+    which RawDescriptionHelpFormatter leaves to the terminal (breaking words on an 80-column one)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        out: list[str] = []
+        para: list[str] = []  # consecutive lines of prose (not blank, not indented)
+
+        def flush() -> None:
+            if any(len(indent + line) > width for line in para):
+                wrap = dict(initial_indent=indent, subsequent_indent=indent, break_long_words=False)
+                out.extend(textwrap.wrap(" ".join(para), width, break_on_hyphens=False, **wrap))
+            else:
+                out.extend(indent + line for line in para)
+            para.clear()
+
+        for line in text.splitlines():
+            if line.strip() and not line[0].isspace():
+                para.append(line)
+                continue
+            flush()
+            out.append(indent + line)
+        flush()
+        return "\n".join(out) + "\n"
 
 
 def config_with_overrides(name: str, overrides):

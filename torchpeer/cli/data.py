@@ -21,6 +21,7 @@ bytes/token. Files are reused while their inputs are unchanged, so running this 
 
 Source specs: ptb:train | ptb:valid | ptb:test | FILE.txt | FILE.jsonl[.xz|.gz] (a "text" field
 per line) | DIR (all such files under it) | a glob pattern; join several with ",".
+
 Tokenizers: byte | bpe (trained on the train split, vocab --vocab-size) | gpt2:DIR (vocab.json +
 merges.txt) | hf:NAME (the local Hugging Face cache, else the hub).
 """
@@ -65,12 +66,14 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``data`` on an argparse subparsers object; the handler is ``run``."""
+    from torchpeer.cli.common import HelpFormatter
+
     p = subparsers.add_parser(
         "data",
         help="tokenise the train/valid splits into the cache and summarise them",
         description=DESCRIPTION,
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_data_arguments(p)
     p.set_defaults(func=run)

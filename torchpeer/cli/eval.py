@@ -6,7 +6,7 @@ import os
 
 
 def add_parser(subparsers):
-    import argparse
+    from torchpeer.cli.common import HelpFormatter
 
     p = subparsers.add_parser(
         "eval",
@@ -16,7 +16,7 @@ def add_parser(subparsers):
         "on named sets: loss, perplexity per token, bits per byte, expert usage and KL; prints a "
         "table and writes JSON.",
         epilog="example:\n  torchpeer eval runs/ptb-tiny --data ptb=ptb:test --data valid=ptb:valid",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("checkpoint", help="checkpoint folder, run folder or export-hf folder")
     p.add_argument(

@@ -6,7 +6,7 @@ import sys
 
 
 def add_parser(subparsers):
-    import argparse
+    from torchpeer.cli.common import HelpFormatter
 
     p = subparsers.add_parser(
         "generate",
@@ -14,7 +14,7 @@ def add_parser(subparsers):
         description="Sample text from a checkpoint with a KV cache. Temperature 0 is greedy decoding. "
         "One sample is printed as it is generated; several are printed when all are done.",
         epilog='example:\n  torchpeer generate runs/ptb-tiny --prompt "the company said" --max-new-tokens 200',
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "checkpoint", help="checkpoint folder, run folder (its newest intact checkpoint) or export-hf folder"

@@ -6,8 +6,7 @@ import json
 
 
 def add_parser(subparsers):
-    import argparse
-
+    from torchpeer.cli.common import HelpFormatter
     from torchpeer.lm.config_io import DEFAULT_CONFIG
 
     p = subparsers.add_parser(
@@ -19,7 +18,7 @@ def add_parser(subparsers):
         "embedding lookup not.",
         epilog="examples:\n  torchpeer info gpu-peer-small --model.peer.n_experts 65536\n"
         "  torchpeer info runs/ptb-tiny          # the model a run trained",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "config",

@@ -35,8 +35,7 @@ command that resumes the run (exit status 130 / 143).
 
 
 def add_parser(subparsers):
-    import argparse
-
+    from torchpeer.cli.common import HelpFormatter
     from torchpeer.lm.config_io import DEFAULT_CONFIG, list_configs
 
     p = subparsers.add_parser(
@@ -47,7 +46,7 @@ def add_parser(subparsers):
         "config; give --run-dir for the new run, or --resume to continue a run folder) or an export-hf folder "
         "(a new run from its weights).",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "config",

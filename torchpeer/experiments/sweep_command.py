@@ -17,8 +17,7 @@ examples:
 
 
 def add_parser(subparsers):
-    import argparse
-
+    from torchpeer.cli.common import HelpFormatter  # keeps the examples, wraps the prose
     from torchpeer.experiments.spec import list_specs  # the spec folder's names; no torch
 
     p = subparsers.add_parser(
@@ -27,7 +26,7 @@ def add_parser(subparsers):
         description="Train every (variant, budget) run of a sweep spec, resumably; one line per run in "
         "RUNS_DIR/results.jsonl.",
         epilog=EPILOG.format(specs=", ".join(list_specs())),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("spec", help="shipped spec name or path to a spec TOML")
     p.add_argument("--runs-dir", default=None, help="folder of the runs and results.jsonl (default: runs/<sweep name>)")
