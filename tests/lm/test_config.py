@@ -168,3 +168,25 @@ def test_a_kind_registered_too_late_is_one_clear_error(monkeypatch):
     registry.register_ffw("late", LateConfig, lambda d, cfg: None)
     with pytest.raises(ValueError, match=r"registered after torchpeer.lm.config was imported.*\[model.late\]"):
         load_config("ptb-tiny", ["--model.ffw", "late"])
+
+
+def test_a_quoted_number_or_boolean_in_toml_shows_the_line_without_quotes(tmp_path):
+    """d_model = "128" in a TOML file said 'must be of type int, got '128'' (a newcomer reads: it is
+    128); now the message shows the line as TOML wants it. A list item is named by its index."""
+    from torchpeer.lm.config import quoted_hint
+
+    lines = {
+        'd_model = "128"': "model.d_model must be of type int, got '128'; a TOML number has no quotes: d_model = 128",
+        'placement = [1, "2"]': "placement[1] must be of type int, got '2'; a TOML number has no quotes: 2 (in a list)",
+        'tie_embeddings = "True"': "a TOML boolean has no quotes: tie_embeddings = true",
+        'tie_embeddings = "yes"': "model.tie_embeddings must be of type bool, got 'yes'",
+    }
+    for line, message in lines.items():
+        path = tmp_path / "c.toml"
+        path.write_text(f"[model]\nn_layers = 4\n{line}\n")
+        with pytest.raises(TypeError) as e:
+            load_config(str(path))
+        assert str(e.value).endswith(message), str(e.value)
+    assert quoted_hint("2e-3", float, "train.lr") == "; a TOML number has no quotes: lr = 2e-3"
+    assert quoted_hint("2.5", int, "train.batch_size") == ""  # not a whole number: the type error says enough
+    assert quoted_hint(2.5, int, "train.batch_size") == ""

@@ -286,7 +286,10 @@ def check_field_types(obj, prefix: str) -> None:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if not dataclasses.is_dataclass(hints[f.name]) and not is_instance(value, hints[f.name]):
-            raise TypeError(f"{prefix}.{f.name} must be of type {type_name(hints[f.name])}, got {value!r}")
+            raise TypeError(
+                f"{prefix}.{f.name} must be of type {type_name(hints[f.name])}, got {value!r}"
+                + quoted_hint(value, hints[f.name], f.name)
+            )
 
 
 # ----------------------------------------------------------------------------- dict -> dataclass
@@ -378,7 +381,28 @@ def coerce(value: Any, tp, key: str) -> Any:
         origin = typing.get_origin(t)
         if origin is list and isinstance(value, list):
             (item,) = typing.get_args(t)
-            return [coerce(v, item, key) for v in value]
+            return [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
         if origin is dict and isinstance(value, dict):
             return {str(k): coerce(v, typing.get_args(t)[1], key) for k, v in value.items()}
-    raise TypeError(f"config field {key} must be of type {type_name(tp)}, got {value!r}")
+    raise TypeError(f"config field {key} must be of type {type_name(tp)}, got {value!r}" + quoted_hint(value, tp, key))
+
+
+def quoted_hint(value: Any, tp, key: str) -> str:
+    """For a number or boolean written in quotes in a TOML file (d_model = "128", compile = "true"),
+    the line without them; "" for anything else."""
+    if not isinstance(value, str):
+        return ""
+    text, leaf = value.strip(), key.rsplit(".", 1)[-1]
+    for t in type_args(tp):
+        try:
+            if t is bool and text.lower() in ("true", "false"):
+                kind, text = "boolean", text.lower()
+            elif t in (int, float) and (t is float or float(text).is_integer()):
+                kind = "number"
+            else:
+                continue
+        except ValueError:
+            continue
+        line = f"{text} (in a list)" if "[" in leaf else f"{leaf} = {text}"  # model.placement[1]
+        return f"; a TOML {kind} has no quotes: {line}"
+    return ""
