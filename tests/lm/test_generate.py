@@ -89,6 +89,12 @@ def test_generate_cli(trained, capsys):
     greedy = capsys.readouterr().out
     assert main(["generate", run, "--prompt", "the", "--temperature", "0", "--max-new-tokens", "20", "--no-cache"]) == 0
     assert capsys.readouterr().out == greedy
+    # the fixed-shape step a CUDA graph replays (decode_graph.py), run eagerly: the same text
+    assert (
+        main(["generate", run, "--prompt", "the", "--temperature", "0", "--max-new-tokens", "20", "--decode", "static"])
+        == 0
+    )
+    assert capsys.readouterr().out == greedy
 
 
 def test_generate_calls_on_token_with_each_new_column():
@@ -114,6 +120,8 @@ def test_generate_calls_on_token_with_each_new_column():
         (["--top-p", "0"], "--top-p must be in (0, 1]"),
         (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
         (["--temperature", "-0.5"], "--temperature must be >= 0"),
+        (["--decode", "static", "--no-cache"], "--decode static decodes on the KV cache: drop --no-cache"),
+        (["--decode", "graph", "--device", "cpu"], "--decode graph needs a CUDA device (this run is on cpu)"),
     ],
 )
 def test_generate_rejects_bad_options(trained, capsys, flags, message):

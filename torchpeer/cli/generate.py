@@ -32,6 +32,13 @@ def add_parser(subparsers):
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto: cuda if available)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step")
+    p.add_argument(
+        "--decode",
+        choices=("eager", "graph", "static"),
+        default="eager",
+        help="eager (default); graph: replay each one-token step from a CUDA graph (CUDA only, far fewer "
+        "kernel launches per token); static: the graph's fixed-shape step without the graph",
+    )
     p.add_argument("--stop-at-eot", action="store_true", help="stop at the end-of-text token")
     p.set_defaults(func=run)
     return p
@@ -49,6 +56,8 @@ def check_args(args) -> None:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if not args.temperature >= 0:
         raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.decode != "eager" and args.no_cache:
+        raise ValueError(f"--decode {args.decode} decodes on the KV cache: drop --no-cache, or use --decode eager")
 
 
 class TextStream:
@@ -87,6 +96,8 @@ def run(args) -> int:
 
     check_args(args)
     device = resolve_device(args.device, "--device")
+    if args.decode == "graph" and device.type != "cuda":
+        raise ValueError(f"--decode graph needs a CUDA device (this run is on {device}); use --decode eager")
     model, cfg, ckpt, tok = load_for_inference(args.checkpoint, device)
     ids = [tok.eot_id] + tok.encode(args.prompt)  # documents start after an end-of-text token
     note = context_note(len(ids), args.max_new_tokens, cfg.model.seq_len, use_cache=not args.no_cache)
@@ -111,6 +122,7 @@ def run(args) -> int:
             use_cache=not args.no_cache,
             stop_token=tok.eot_id if args.stop_at_eot else None,
             on_token=(lambda nxt: stream.push(int(nxt[0, 0]))) if stream is not None else None,
+            decode=args.decode,
         )
     except KeyboardInterrupt:
         if stream is not None:  # end the streamed line, so that "interrupted" starts a line of its own
