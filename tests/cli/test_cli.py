@@ -906,7 +906,7 @@ def test_missing_config_suggests_the_toml_file_here(capsys, tmp_path, monkeypatc
     assert "did you mean" not in _error(capsys, ["info", "nothing-like-it"])
 
 
-@pytest.mark.parametrize("cmd", [*SUBCOMMANDS, "sweep"])
+@pytest.mark.parametrize("cmd", [*SUBCOMMANDS, "sweep", "plot", "export-hf"])
 def test_help_prose_is_wrapped_to_the_terminal_and_examples_kept(cmd, capsys, monkeypatch):
     """The descriptions of eval, generate, info, train and sweep were one 150-300 character line that
     an 80-column terminal broke mid-word (RawDescriptionHelpFormatter does not wrap); now prose fits

@@ -186,6 +186,8 @@ def read_origin(folder: str) -> dict | None:
 
 def add_parser(subparsers):
     """Register ``export-hf`` on an argparse subparsers object; returns the parser."""
+    from torchpeer.cli.common import HelpFormatter
+
     p = subparsers.add_parser(
         "export-hf",
         help="write a checkpoint as a transformers model folder",
@@ -194,6 +196,7 @@ def add_parser(subparsers):
         "with AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True) and "
         "AutoTokenizer.from_pretrained(OUT_DIR, trust_remote_code=True). Needs the [hf] extra.",
         epilog="example:\n  torchpeer export-hf runs/ptb-tiny exports/ptb-tiny",
+        formatter_class=HelpFormatter,  # prose wrapped to the terminal, the example as written
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder (its newest intact checkpoint) or checkpoint folder")
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (must not exist)")

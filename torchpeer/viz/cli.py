@@ -13,7 +13,7 @@ examples:
 
 
 def add_parser(subparsers):
-    import argparse
+    from torchpeer.cli.common import HelpFormatter
 
     p = subparsers.add_parser(
         "plot",
@@ -22,7 +22,7 @@ def add_parser(subparsers):
         "tokens/s, gradient norm, expert usage and KL over training, read from RUN_DIR/metrics.jsonl, "
         "as one PNG. Needs matplotlib (pip install matplotlib, or the [viz] extra).",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,  # prose wrapped to the terminal, examples as written
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folder(s) written by torchpeer train")
     p.add_argument(
