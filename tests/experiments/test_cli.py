@@ -1,5 +1,7 @@
 """`torchpeer sweep` / `torchpeer report` through the main command line: plan output, one-line errors."""
 
+import os
+
 from torchpeer.cli import main
 
 
@@ -46,3 +48,15 @@ def test_sweep_refuses_a_training_runs_folder_as_its_runs_dir(tmp_path, capsys):
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.json"]
     (tmp_path / "sweep").mkdir()
     assert main(["sweep", "cpu-smoke", "--runs-dir", str(tmp_path / "sweep"), "--dry-run"]) == 0
+
+
+def test_report_out_naming_a_file_is_one_error(tmp_path, capsys):
+    """`report RUNS --out RUNS/report.md` made a folder called report.md; --out is a folder."""
+    for out in (str(tmp_path / "report.md"), str(tmp_path / "fig.PNG")):
+        assert main(["report", str(tmp_path), "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert "names a file; --out is the folder" in err and err.count("\n") == 1
+        assert not os.path.exists(out)
+    (tmp_path / "notes").write_text("x")
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "notes")]) == 2
+    assert "names a file" in capsys.readouterr().err

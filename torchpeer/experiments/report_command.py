@@ -50,9 +50,16 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
+    import os
+
     from torchpeer.experiments.report import write_report
     from torchpeer.experiments.results import copy_results
 
+    if args.out and (args.out.lower().endswith((".md", ".png", ".csv", ".json", ".jsonl")) or os.path.isfile(args.out)):
+        raise ValueError(
+            f"--out {args.out} names a file; --out is the folder the report writes report.md, the figures and "
+            f"rows.csv into: give a folder, e.g. --out {os.path.splitext(args.out)[0] or 'report'}"
+        )
     if args.with_runs:
         if not args.out:
             raise ValueError("--with-runs needs --out DIR (the folder to copy the results into)")
