@@ -58,21 +58,23 @@ def _check_brute(q, keys, k, got):
     torch.testing.assert_close(got[0].double(), ref_s, rtol=1e-6, atol=1e-6)
 
 
-def test_a_group_holding_more_than_d_winners_takes_the_exact_path():
-    # interpreter tiles are 16 wide: group 0 = sub-keys 0, 16, 32, 48; give it the 4 best half-0 scores
-    # (D = 3: the queue keeps 3, its best dropped key o = 7 beats the 4th winner from another group)
+@pytest.mark.parametrize("dtype,g", [(torch.float32, 0), (torch.bfloat16, 9)])
+def test_a_group_holding_more_than_d_winners_takes_the_exact_path(dtype, g):
+    # interpreter tiles are 16 wide: group g = sub-keys g, g + 16, g + 32, g + 48; give it the 4 best half-0
+    # scores (D = 3: the queue keeps 3, its best dropped key o = 7 beats the 4th winner from another group).
+    # bf16 (a tensor-core tile): o is folded to 8 columns, group 9 onto 1
     n, k, cfg = 64, 4, RetrievalKernelConfig(forward="queue", queue_depth=3)
     base = torch.linspace(-3.0, 3.0, n)
     crowded = base.clone()
-    crowded[torch.tensor([0, 16, 32, 48])] = torch.tensor([10.0, 9.0, 8.0, 7.0])
-    q, keys = _one_hot_half0(n, crowded)
+    crowded[torch.tensor([g, g + 16, g + 32, g + 48])] = torch.tensor([10.0, 9.0, 8.0, 7.0])
+    q, keys = (x.to(dtype) for x in _one_hot_half0(n, crowded))
     got = triton_queue.launch_queue(q, keys, k, cfg, return_flags=True)
     assert got[2].tolist() == [4]
     _check_brute(q, keys, k, got[:2])
-    # control: the same scores over groups 0 and 1 (3 + 1): the queues decide alone
+    # control: the same scores over groups g and g + 1 (3 + 1): the queues decide alone
     spread = base.clone()
-    spread[torch.tensor([0, 16, 32, 1])] = torch.tensor([10.0, 9.0, 8.0, 7.0])
-    q, keys = _one_hot_half0(n, spread)
+    spread[torch.tensor([g, g + 16, g + 32, g + 1])] = torch.tensor([10.0, 9.0, 8.0, 7.0])
+    q, keys = (x.to(dtype) for x in _one_hot_half0(n, spread))
     got = triton_queue.launch_queue(q, keys, k, cfg, return_flags=True)
     assert got[2].tolist() == [0]
     _check_brute(q, keys, k, got[:2])

@@ -9,7 +9,8 @@ layout through shared memory (~41 SASS per score). Here no score tile is ever st
    columns {c, c + BLOCK_N, ...}): key = order-preserving int32 image of the fp32 score with its low
    TBITS bits replaced by LOW - t (LOW = 2**TBITS - 1; unique within a group). Each (row, group) keeps
    q_0 >= .. >= q_{D-1}, the D best keys, by a compare-exchange bubble (2D integer max/min per score),
-   and o, the best key that fell off the end (one more max): no stores, no theta, no payload.
+   and o, the best key that fell off the end (one more max; only its row max is used, so o is kept
+   folded to 8 columns): no stores, no theta, no payload.
 2. k rounds of "row max of the queue heads q_0, pop that group's queue" give the winners w_1..w_k in
    key order; the round's group g (a second row max over the groups whose head matched) and the tile
    in the key's low bits give the column. Its exact fp32 score (the key lost TBITS bits) comes from a
@@ -46,13 +47,19 @@ def _fill_queues(
     q, keys, n, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     D: tl.constexpr, TBITS: tl.constexpr, EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr,
 ):  # fmt: skip
-    """Step 1 for one half -> q0..q3, o (BLOCK_M, BLOCK_N) int32 (q3 unused when D == 3)."""
+    """Step 1 for one half -> q0..q3 (BLOCK_M, BLOCK_N) int32 (q3 unused when D == 3) and o (BLOCK_M, OW):
+    per row, partial maxima of the dropped keys (only their row max is used)."""
     LOW: tl.constexpr = (1 << TBITS) - 1
+    # o folded to 8 columns (column c into c % 8): a thread of a tensor-core tile holds columns r, r + 8, ..
+    # of its rows, so the fold is 28 max per tile in registers and o is 4 registers instead of 32 (with 32
+    # the loop spilled 26 values: NOTES_retrieval.md section 9b). fp32 keys (FMA tile: the fold would take
+    # shuffles) keep o unfolded; by key dtype, not DOT_FP32, so the interpreter (always DOT_FP32) runs both.
+    OW: tl.constexpr = min(8, BLOCK_N) if keys.dtype.element_ty.primitive_bitwidth == 16 else BLOCK_N
     q0 = tl.full((BLOCK_M, BLOCK_N), SENT32, tl.int32)
     q1 = q0
     q2 = q0
     q3 = q0
-    o = q0
+    o = tl.full((BLOCK_M, OW), SENT32, tl.int32)
     # not software-pipelined: the prefetched key tiles would hold ~32 more registers next to the queues
     for n0 in tl.range(0, n, BLOCK_N, num_stages=1):
         s, cols = _score_tile(q, keys, n0, n, DH, BLOCK_N, BLOCK_D, DOT_FP32)
@@ -76,7 +83,10 @@ def _fill_queues(
             hi = tl.maximum(q3, c)
             c = tl.minimum(q3, c)
             q3 = hi
-        o = tl.maximum(o, c)
+        if OW < BLOCK_N:
+            o = tl.maximum(o, tl.max(tl.reshape(c, (BLOCK_M, BLOCK_N // OW, OW)), axis=1))
+        else:
+            o = tl.maximum(o, c)
     return q0, q1, q2, q3, o
 
 
@@ -125,7 +135,11 @@ def _select(
         top_s = tl.where(offs_k[None, :] == r, s_r[:, None], top_s)
         top_i = tl.where(offs_k[None, :] == r, col[:, None], top_i)
     # F: the best key left in any queue or dropped off one; T(F) < T(w_k) needed
-    amb = amb | ((tl.max(tl.maximum(q0, o), axis=1) & ~LOW) >= prev)
+    if o.shape[1] == BLOCK_N:
+        f = tl.max(tl.maximum(q0, o), axis=1)
+    else:  # o folded (_fill_queues)
+        f = tl.maximum(tl.max(q0, axis=1), tl.max(o, axis=1))
+    amb = amb | ((f & ~LOW) >= prev)
     # exactly top_k real keys popped (equal keys in two groups pop together; sentinels pop no real key)
     real = tl.where(offs_n < n, (n - offs_n + BLOCK_N - 1) // BLOCK_N, 0)
     full = tl.sum(tl.minimum(real, D), axis=0)
