@@ -88,7 +88,7 @@ def main() -> None:
     pc.update(CAP=32, NCP=64, FB_BLOCK_N=64, DOT_FP32=False, EVEN_N=True)
     aligned = [a for a in pk._packed_kernel.arg_names if a.endswith("_ptr")] + ["n", "top_k", "n_work", "stride_qt"]
     aot(pk._packed_kernel, pt, pc, aligned=tuple(aligned))
-    # the "queue" forward, same launch, D 4, 16 tiles (4 tile bits per key): 255 registers, ~470 B of stack
+    # the "queue" forward, same launch, D 4, 16 tiles (4 tile bits per key): 255 registers, ~340 B of stack
     # (spills in the queue-filling loop; NOTES_retrieval.md section 9)
     from torchpeer.ops.retrieval import triton_queue as tq
 
