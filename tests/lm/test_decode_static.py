@@ -65,3 +65,27 @@ def test_bad_decode_settings_are_one_clear_error():
             dec.step(prompt[:, :1])
         with pytest.raises(ValueError, match="does not fit"):
             dec.prefill(torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_a_failed_capture_falls_back_to_eager_steps_with_one_warning(monkeypatch):
+    """If an op of the step cannot be captured, the decoder warns once and steps eagerly from the same
+    cache position (the CUDA calls are stubbed: this machine has no GPU)."""
+    torch.manual_seed(1)
+    model = TransformerLM(tiny("peer")).eval()
+    prompt, steps = torch.randint(0, 50, (2, 4)), torch.randint(0, 50, (2, 3))
+    ref = StaticDecoder(model, 2, 16)
+    dec = StaticDecoder(model, 2, 16)
+    dec.graph_wanted = True  # as graph=True would on a CUDA device
+
+    def no_stream():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "Stream", no_stream)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    with torch.no_grad():
+        torch.testing.assert_close(dec.prefill(prompt), ref.prefill(prompt))
+        with pytest.warns(UserWarning, match="CUDA graph capture failed, decoding eagerly"):
+            torch.testing.assert_close(dec.step(steps[:, :1]), ref.step(steps[:, :1]))
+        for t in (1, 2):  # no second attempt, no second warning
+            torch.testing.assert_close(dec.step(steps[:, t : t + 1]), ref.step(steps[:, t : t + 1]))
+    assert dec.graph is None and "not permitted" in dec.graph_failed and int(dec.cache.pos_t) == 7

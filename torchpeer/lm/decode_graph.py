@@ -76,9 +76,9 @@ class StaticDecoder:
         The warm-up steps write the current token's keys and values at the current position and
         advance pos_t; pos_t is put back, so the recorded step writes the same slot again."""
         start = self.cache.pos_t.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
         try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
             # autocast's weight cache would keep casts made during capture outside the graph's pool
             no_cache = (
                 torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
