@@ -44,6 +44,42 @@ from .triton_threshold import _load_half_query, _score_tile, pair_lists
 
 
 @triton.jit
+def _pair_stage(
+    pi_ptr, pj_ptr, scr_s_ptr, scr_i_ptr, scores_ptr, idx_ptr, pid, rows, row_mask, h, H, n, top_k, n_pairs,
+    BLOCK_M: tl.constexpr, CAP: tl.constexpr, KP: tl.constexpr, NCP: tl.constexpr,
+):  # fmt: skip
+    """Step 4 of the onepass-family kernels (onepass, packed, queue): from the two sorted half lists in
+    slots 0..KP-1 of the program's slabs, the sums of the pruned rank pairs (pi, pj) and their top-k
+    by int64 (score, -index) rounds -> scores/indices of the item's rows (BLOCK_M, top_k)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, KP)
+    offs_c = tl.arange(0, NCP)
+    tl.debug_barrier()  # both lists are visible to every thread
+    c_valid = offs_c < n_pairs
+    pi = tl.load(pi_ptr + offs_c, mask=c_valid, other=0)
+    pj = tl.load(pj_ptr + offs_c, mask=c_valid, other=0)
+    base = pid.to(tl.int64) * 2 * (BLOCK_M * CAP)  # half 0's slab; half 1's is BLOCK_M * CAP further
+    off_a = offs_m[:, None] * CAP + pi[None, :]
+    off_b = (BLOCK_M + offs_m[:, None]) * CAP + pj[None, :]
+    sa = tl.load(scr_s_ptr + base + off_a)
+    ia = tl.load(scr_i_ptr + base + off_a)
+    sb = tl.load(scr_s_ptr + base + off_b)
+    ib = tl.load(scr_i_ptr + base + off_b)
+    pairs = tl.where(c_valid[None, :], pack(sa + sb, ia * n + ib), sentinel(BLOCK_M, NCP))
+    tl.debug_barrier()  # every thread has read the lists before the next work item rewrites the slabs
+    out = sentinel(BLOCK_M, KP)
+    for r in range(top_k):
+        best = tl.max(pairs, axis=1)
+        pairs = tl.where(pairs == best[:, None], sentinel(BLOCK_M, NCP), pairs)
+        out = tl.where(offs_k[None, :] == r, best[:, None], out)
+    score, expert = unpack(out)
+    dst = (rows.to(tl.int64)[:, None] * H + h) * top_k + offs_k[None, :]
+    mask = row_mask[:, None] & (offs_k[None, :] < top_k)
+    tl.store(scores_ptr + dst, score, mask=mask)
+    tl.store(idx_ptr + dst, expert.to(tl.int64), mask=mask)
+
+
+@triton.jit
 def _onepass_kernel(
     q_ptr, k_ptr, pi_ptr, pj_ptr, scores_ptr, idx_ptr, scr_s_ptr, scr_i_ptr, flag_ptr,
     T, H, n, top_k, n_pairs, n_work, stride_qt, stride_qh, stride_qd,
@@ -61,7 +97,6 @@ def _onepass_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, KP)
     offs_cap = tl.arange(0, CAP)
-    offs_c = tl.arange(0, NCP)
     for w in range(pid, n_work, tl.num_programs(0)):
         h = w % H
         rows = (w // H) * BLOCK_M + offs_m
@@ -143,29 +178,10 @@ def _onepass_kernel(
             tl.store(slab_i + (row_off + offs_k[None, :]), top_i)
 
         # 4. the pair sums of the pruned rank pairs, and their top-k in order
-        tl.debug_barrier()  # both lists are visible to every thread
-        c_valid = offs_c < n_pairs
-        pi = tl.load(pi_ptr + offs_c, mask=c_valid, other=0)
-        pj = tl.load(pj_ptr + offs_c, mask=c_valid, other=0)
-        base = pid.to(tl.int64) * 2 * (BLOCK_M * CAP)  # half 0's slab; half 1's is BLOCK_M * CAP further
-        off_a = offs_m[:, None] * CAP + pi[None, :]
-        off_b = (BLOCK_M + offs_m[:, None]) * CAP + pj[None, :]
-        sa = tl.load(scr_s_ptr + base + off_a)
-        ia = tl.load(scr_i_ptr + base + off_a)
-        sb = tl.load(scr_s_ptr + base + off_b)
-        ib = tl.load(scr_i_ptr + base + off_b)
-        pairs = tl.where(c_valid[None, :], pack(sa + sb, ia * n + ib), sentinel(BLOCK_M, NCP))
-        tl.debug_barrier()  # every thread has read the lists before the next work item rewrites the slabs
-        out = sentinel(BLOCK_M, KP)
-        for r in range(top_k):
-            best = tl.max(pairs, axis=1)
-            pairs = tl.where(pairs == best[:, None], sentinel(BLOCK_M, NCP), pairs)
-            out = tl.where(offs_k[None, :] == r, best[:, None], out)
-        score, expert = unpack(out)
-        dst = (rows.to(tl.int64)[:, None] * H + h) * top_k + offs_k[None, :]
-        mask = row_mask[:, None] & (offs_k[None, :] < top_k)
-        tl.store(scores_ptr + dst, score, mask=mask)
-        tl.store(idx_ptr + dst, expert.to(tl.int64), mask=mask)
+        _pair_stage(
+            pi_ptr, pj_ptr, scr_s_ptr, scr_i_ptr, scores_ptr, idx_ptr, pid, rows, row_mask, h, H, n, top_k, n_pairs,
+            BLOCK_M, CAP, KP, NCP,
+        )  # fmt: skip
         tl.store(flag_ptr + w, fell_back)
 
 
@@ -194,6 +210,16 @@ def launch_onepass(
     return_flags: also return flags (n_work,) int32, work item w = (row block w // H, head w % H):
     how many of its halves overflowed CAP and were redone by the exact fallback (tests, benchmarks).
     """
+    use_fp32 = dot_fp32(queries, sub_keys)
+    lc = onepass_launch(top_k, use_fp32, config)
+    prefix = dict(PREFIX_DOT=config.onepass_prefix == "dot")
+    return launch_onepass_family(_onepass_kernel, queries, sub_keys, top_k, lc, use_fp32, return_flags, **prefix)
+
+
+def launch_onepass_family(kernel, queries, sub_keys, top_k: int, lc: dict, use_fp32: bool, return_flags: bool, **extra):
+    """Outputs, per-program scratch, the rank-pair lists and the persistent grid of a onepass-family
+    kernel (onepass, packed, queue: the same arguments), then its launch with the launch parameters
+    ``lc`` (onepass_launch's) and the kernel's own constexprs ``extra``. Shapes as launch_onepass."""
     T, H, d_key = queries.shape
     n = sub_keys.shape[2]
     dev = queries.device
@@ -201,8 +227,6 @@ def launch_onepass(
     indices = torch.empty((T, H, top_k), device=dev, dtype=torch.int64)
     if T == 0:
         return (scores, indices, torch.zeros(0, device=dev, dtype=torch.int32)) if return_flags else (scores, indices)
-    use_fp32 = dot_fp32(queries, sub_keys)
-    lc = onepass_launch(top_k, use_fp32, config)
     n_work = triton.cdiv(T, lc["BLOCK_M"]) * H
     programs = INTERP_PROGRAMS if lc["per_sm"] == 0 else num_sms(dev) * lc["per_sm"]
     programs = max(1, min(n_work, programs))
@@ -211,11 +235,11 @@ def launch_onepass(
     flags = torch.empty((n_work,), device=dev, dtype=torch.int32)
     pi, pj = pair_lists(top_k, dev)
     dh = d_key // 2
-    _onepass_kernel[(programs,)](
+    kernel[(programs,)](
         queries, sub_keys.contiguous(), pi, pj, scores, indices, scr_s, scr_i, flags,
         T, H, n, top_k, pi.numel(), n_work, queries.stride(0), queries.stride(1), queries.stride(2),
         PER_HEAD=sub_keys.shape[0] > 1, DH=dh, BLOCK_M=lc["BLOCK_M"], BLOCK_N=lc["BLOCK_N"],
         BLOCK_D=max(16, next_pow2(dh)), KP=lc["KP"], CAP=lc["CAP"], NCP=lc["NCP"], FB_BLOCK_N=lc["FB_BLOCK_N"],
-        DOT_FP32=use_fp32, PREFIX_DOT=config.onepass_prefix == "dot", num_warps=lc["num_warps"],
+        DOT_FP32=use_fp32, num_warps=lc["num_warps"], **extra,
     )  # fmt: skip
     return (scores, indices, flags) if return_flags else (scores, indices)

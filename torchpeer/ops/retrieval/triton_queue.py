@@ -36,10 +36,10 @@ import triton
 import triton.language as tl
 
 from .kernel_config import DEFAULT_CONFIG, RetrievalKernelConfig
-from .triton_common import INTERP_PROGRAMS, dot_fp32, half_topk, next_pow2, num_sms, pack, sentinel, unpack
-from .triton_onepass import onepass_launch
+from .triton_common import dot_fp32, half_topk, unpack
+from .triton_onepass import _pair_stage, launch_onepass_family, onepass_launch
 from .triton_packed import SENT32, _candidates, _exact_rounds, _mono32
-from .triton_threshold import _load_half_query, _score_tile, pair_lists
+from .triton_threshold import _load_half_query, _score_tile
 
 
 @triton.jit
@@ -167,7 +167,6 @@ def _queue_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, KP)
     offs_cap = tl.arange(0, CAP)
-    offs_c = tl.arange(0, NCP)
     row_off = offs_m[:, None] * CAP
     for w in range(pid, n_work, tl.num_programs(0)):
         h = w % H
@@ -212,29 +211,10 @@ def _queue_kernel(
             tl.store(slab_i + (row_off + offs_k[None, :]), top_i)
 
         # the pair sums of the pruned rank pairs and their top-k: as "onepass" (exact int64 keys)
-        tl.debug_barrier()  # both lists are visible to every thread
-        c_valid = offs_c < n_pairs
-        pi = tl.load(pi_ptr + offs_c, mask=c_valid, other=0)
-        pj = tl.load(pj_ptr + offs_c, mask=c_valid, other=0)
-        base = pid.to(tl.int64) * 2 * (BLOCK_M * CAP)
-        off_a = offs_m[:, None] * CAP + pi[None, :]
-        off_b = (BLOCK_M + offs_m[:, None]) * CAP + pj[None, :]
-        sa = tl.load(scr_s_ptr + base + off_a)
-        ia = tl.load(scr_i_ptr + base + off_a)
-        sb = tl.load(scr_s_ptr + base + off_b)
-        ib = tl.load(scr_i_ptr + base + off_b)
-        pairs = tl.where(c_valid[None, :], pack(sa + sb, ia * n + ib), sentinel(BLOCK_M, NCP))
-        tl.debug_barrier()  # every thread has read the lists before the next work item rewrites the slabs
-        out = sentinel(BLOCK_M, KP)
-        for r in range(top_k):
-            best = tl.max(pairs, axis=1)
-            pairs = tl.where(pairs == best[:, None], sentinel(BLOCK_M, NCP), pairs)
-            out = tl.where(offs_k[None, :] == r, best[:, None], out)
-        score, expert = unpack(out)
-        dst = (rows.to(tl.int64)[:, None] * H + h) * top_k + offs_k[None, :]
-        mask = row_mask[:, None] & (offs_k[None, :] < top_k)
-        tl.store(scores_ptr + dst, score, mask=mask)
-        tl.store(idx_ptr + dst, expert.to(tl.int64), mask=mask)
+        _pair_stage(
+            pi_ptr, pj_ptr, scr_s_ptr, scr_i_ptr, scores_ptr, idx_ptr, pid, rows, row_mask, h, H, n, top_k, n_pairs,
+            BLOCK_M, CAP, KP, NCP,
+        )  # fmt: skip
         tl.store(flag_ptr + w, flag)
 
 
@@ -256,30 +236,10 @@ def launch_queue(
     return_flags: also return flags (n_work,) int32 per work item (row block w // H, head w % H):
     overflowed exact-path halves + 4 * halves redone by the exact path (tests, benchmarks).
     """
-    T, H, d_key = queries.shape
     n = sub_keys.shape[2]
-    dev = queries.device
-    scores = torch.empty((T, H, top_k), device=dev, dtype=torch.float32)
-    indices = torch.empty((T, H, top_k), device=dev, dtype=torch.int64)
-    if T == 0:
-        return (scores, indices, torch.zeros(0, device=dev, dtype=torch.int32)) if return_flags else (scores, indices)
     use_fp32 = dot_fp32(queries, sub_keys)
     lc = queue_launch(n, top_k, use_fp32, config)
-    if lc["TBITS"] > 8:
+    if lc["TBITS"] > 8 and queries.shape[0] > 0:  # (no rows: nothing to launch, as before)
         raise ValueError(f"queue forward: n = {n} is more than 256 tiles of {lc['BLOCK_N']} sub-keys")
-    n_work = triton.cdiv(T, lc["BLOCK_M"]) * H
-    programs = INTERP_PROGRAMS if lc["per_sm"] == 0 else num_sms(dev) * lc["per_sm"]
-    programs = max(1, min(n_work, programs))
-    scr_s = torch.empty((programs, 2, lc["BLOCK_M"], lc["CAP"]), device=dev, dtype=torch.float32)
-    scr_i = torch.empty((programs, 2, lc["BLOCK_M"], lc["CAP"]), device=dev, dtype=torch.int32)
-    flags = torch.empty((n_work,), device=dev, dtype=torch.int32)
-    pi, pj = pair_lists(top_k, dev)
-    dh = d_key // 2
-    _queue_kernel[(programs,)](
-        queries, sub_keys.contiguous(), pi, pj, scores, indices, scr_s, scr_i, flags,
-        T, H, n, top_k, pi.numel(), n_work, queries.stride(0), queries.stride(1), queries.stride(2),
-        PER_HEAD=sub_keys.shape[0] > 1, DH=dh, BLOCK_M=lc["BLOCK_M"], BLOCK_N=lc["BLOCK_N"],
-        BLOCK_D=max(16, next_pow2(dh)), KP=lc["KP"], CAP=lc["CAP"], NCP=lc["NCP"], FB_BLOCK_N=lc["FB_BLOCK_N"],
-        DOT_FP32=use_fp32, EVEN_N=n % lc["BLOCK_N"] == 0, D=lc["D"], TBITS=lc["TBITS"], num_warps=lc["num_warps"],
-    )  # fmt: skip
-    return (scores, indices, flags) if return_flags else (scores, indices)
+    extra = dict(EVEN_N=n % lc["BLOCK_N"] == 0, D=lc["D"], TBITS=lc["TBITS"])
+    return launch_onepass_family(_queue_kernel, queries, sub_keys, top_k, lc, use_fp32, return_flags, **extra)
