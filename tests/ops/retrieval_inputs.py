@@ -27,3 +27,26 @@ def cap_overflow_inputs(cap):
     q = torch.randn(3, 1, 2 * dh, generator=torch.Generator().manual_seed(8))
     q[..., :dh] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # half-0 score = first coordinate of the sub-key
     return q.to(DEVICE), keys.to(DEVICE), n
+
+
+def one_hot_half0(n, scores):
+    """q (2, 1, 8), keys (1, 2, n, 4) whose half-0 score of sub-key j is scores[j] (query = e_0)."""
+    q, keys = retrieval_inputs(2, 1, 1, n, 8, torch.float32, seed=9)
+    keys[0, 0, :, 0] = scores
+    q[:, 0, :4] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    return q, keys
+
+
+def same_result(a, b) -> bool:
+    """Two (scores, indices) results equal bit for bit."""
+    return torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def check_brute_force(q, keys, k, got, tol):
+    """``got`` (scores, indices) against the float64 brute force: the same indices in the same order,
+    scores within ``tol``."""
+    from torchpeer.ops import product_key_topk_reference
+
+    ref_s, ref_i = product_key_topk_reference(q.double(), keys.double(), k)
+    assert torch.equal(got[1].cpu(), ref_i.cpu())
+    torch.testing.assert_close(got[0].double(), ref_s, rtol=tol, atol=tol)

@@ -14,16 +14,19 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from tests.ops.retrieval_inputs import DEVICE, cap_overflow_inputs, retrieval_inputs  # noqa: E402
+from tests.ops.retrieval_inputs import (  # noqa: E402
+    DEVICE,
+    cap_overflow_inputs,
+    check_brute_force,
+    one_hot_half0,
+    retrieval_inputs,
+    same_result,
+)
 from torchpeer.ops import RetrievalKernelConfig, product_key_topk_reference  # noqa: E402
 from torchpeer.ops.retrieval import triton_onepass, triton_op, triton_packed  # noqa: E402
 from torchpeer.ops.retrieval.triton_op import product_key_topk_triton  # noqa: E402
 
 PACKED = RetrievalKernelConfig(forward="packed")
-
-
-def _same(a, b):
-    return torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 # "onepass" is bit-equal to "threshold" and "merge" (test_retrieval_onepass.py); one comparison each here
@@ -39,26 +42,23 @@ def _same(a, b):
 def test_packed_matches_float64_and_the_other_forwards(T, H, S, n, d_key, top_k, dtype, others):
     q, keys = retrieval_inputs(T, H, S, n, d_key, dtype, seed=5)
     got = product_key_topk_triton(q, keys, top_k, PACKED)
-    ref_s, ref_i = product_key_topk_reference(q.double(), keys.double(), top_k)
-    assert torch.equal(got[1].cpu(), ref_i.cpu())
-    torch.testing.assert_close(got[0].double(), ref_s, rtol=1e-5, atol=1e-5)
+    check_brute_force(q, keys, top_k, got, 1e-5)
     for other in others:
-        assert _same(got, product_key_topk_triton(q, keys, top_k, RetrievalKernelConfig(forward=other))), other
+        assert same_result(got, product_key_topk_triton(q, keys, top_k, RetrievalKernelConfig(forward=other))), other
 
 
 def test_near_ties_take_the_exact_rounds():
     # half 0 of row 0: sub-keys 3 and 7 score 10 and 10 * (1 + 2**-20) (the same truncated key with
     # CAP 16's 4 slot bits, the larger one at the larger column, where the packed order picks the
     # smaller column): the packed rounds are ambiguous, the int64 rounds give the exact order
-    n, dh = 32, 4
-    q, keys = retrieval_inputs(2, 1, 1, n, 2 * dh, torch.float32, seed=9)
-    keys[0, 0, :, 0] = torch.linspace(-3.0, 3.0, n)
-    keys[0, 0, 3, 0], keys[0, 0, 7, 0] = 10.0, 10.0 * (1 + 2**-20)
-    q[:, 0, :dh] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    n = 32
+    scores = torch.linspace(-3.0, 3.0, n)
+    scores[3], scores[7] = 10.0, 10.0 * (1 + 2**-20)
+    q, keys = one_hot_half0(n, scores)
     s, i, flags = triton_packed.launch_packed(q, keys, 4, PACKED, return_flags=True)
     assert flags.tolist() == [4]  # one ambiguous half, no overflow
     assert (i[:, 0, 0] // n == 7).all() and (i[:, 0, 1] // n == 3).all()
-    assert _same((s, i), triton_op.forward(q, keys, 4, RetrievalKernelConfig(forward="threshold")))
+    assert same_result((s, i), triton_op.forward(q, keys, 4, RetrievalKernelConfig(forward="threshold")))
     # the same inputs without the near-tie: the packed rounds decide alone
     keys[0, 0, 7, 0] = 9.0
     flags = triton_packed.launch_packed(q, keys, 4, PACKED, return_flags=True)[2]
@@ -71,14 +71,14 @@ def test_repeated_rows_exact_ties_and_overflow():
     keys = keys[:, :, torch.arange(40) // 4 * 4].contiguous()
     s, i, flags = triton_packed.launch_packed(q, keys, 5, PACKED, return_flags=True)
     assert (flags >= 4).all()
-    assert _same((s, i), triton_op.forward(q, keys, 5, RetrievalKernelConfig(forward="onepass")))
+    assert same_result((s, i), triton_op.forward(q, keys, 5, RetrievalKernelConfig(forward="onepass")))
     # more candidates than CAP in half 0: the running top-KP fallback (flag bit 1), still exact
     cap = triton_onepass.onepass_launch(2, True, PACKED)["CAP"]
     q, keys, n = cap_overflow_inputs(cap)
     s, i, flags = triton_packed.launch_packed(q, keys, 2, PACKED, return_flags=True)
     assert flags.tolist()[0] % 4 == 1
     assert (i[..., 0] // n == n - 1).all()
-    assert _same((s, i), triton_op.forward(q, keys, 2, RetrievalKernelConfig(forward="threshold")))
+    assert same_result((s, i), triton_op.forward(q, keys, 2, RetrievalKernelConfig(forward="threshold")))
 
 
 def test_gradients_and_auto_never_picks_packed(monkeypatch):

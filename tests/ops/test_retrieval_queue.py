@@ -14,16 +14,19 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from tests.ops.retrieval_inputs import DEVICE, cap_overflow_inputs, retrieval_inputs  # noqa: E402
+from tests.ops.retrieval_inputs import (  # noqa: E402
+    DEVICE,
+    cap_overflow_inputs,
+    check_brute_force,
+    one_hot_half0,
+    retrieval_inputs,
+    same_result,
+)
 from torchpeer.ops import RetrievalKernelConfig, product_key_topk_reference  # noqa: E402
 from torchpeer.ops.retrieval import triton_onepass, triton_op, triton_queue  # noqa: E402
 from torchpeer.ops.retrieval.triton_op import product_key_topk_triton  # noqa: E402
 
 QUEUE = RetrievalKernelConfig(forward="queue")
-
-
-def _same(a, b):
-    return torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 @pytest.mark.parametrize(
@@ -38,24 +41,8 @@ def _same(a, b):
 def test_queue_matches_float64_and_the_other_forwards(T, H, S, n, d_key, top_k, dtype, cfg, other):
     q, keys = retrieval_inputs(T, H, S, n, d_key, dtype, seed=5)
     got = product_key_topk_triton(q, keys, top_k, cfg)
-    ref_s, ref_i = product_key_topk_reference(q.double(), keys.double(), top_k)
-    assert torch.equal(got[1].cpu(), ref_i.cpu())
-    torch.testing.assert_close(got[0].double(), ref_s, rtol=1e-5, atol=1e-5)
-    assert _same(got, product_key_topk_triton(q, keys, top_k, RetrievalKernelConfig(forward=other)))
-
-
-def _one_hot_half0(n, scores):
-    """q (2, 1, 8), keys (1, 2, n, 4) whose half-0 score of sub-key j is scores[j] (query = e_0)."""
-    q, keys = retrieval_inputs(2, 1, 1, n, 8, torch.float32, seed=9)
-    keys[0, 0, :, 0] = scores
-    q[:, 0, :4] = torch.tensor([1.0, 0.0, 0.0, 0.0])
-    return q, keys
-
-
-def _check_brute(q, keys, k, got):
-    ref_s, ref_i = product_key_topk_reference(q.double(), keys.double(), k)
-    assert torch.equal(got[1].cpu(), ref_i.cpu())
-    torch.testing.assert_close(got[0].double(), ref_s, rtol=1e-6, atol=1e-6)
+    check_brute_force(q, keys, top_k, got, 1e-5)
+    assert same_result(got, product_key_topk_triton(q, keys, top_k, RetrievalKernelConfig(forward=other)))
 
 
 @pytest.mark.parametrize("dtype,g", [(torch.float32, 0), (torch.bfloat16, 9)])
@@ -64,20 +51,15 @@ def test_a_group_holding_more_than_d_winners_takes_the_exact_path(dtype, g):
     # scores (D = 3: the queue keeps 3, its best dropped key o = 7 beats the 4th winner from another group).
     # bf16 (a tensor-core tile): o is folded to 8 columns, group 9 onto 1
     n, k, cfg = 64, 4, RetrievalKernelConfig(forward="queue", queue_depth=3)
-    base = torch.linspace(-3.0, 3.0, n)
-    crowded = base.clone()
-    crowded[torch.tensor([g, g + 16, g + 32, g + 48])] = torch.tensor([10.0, 9.0, 8.0, 7.0])
-    q, keys = (x.to(dtype) for x in _one_hot_half0(n, crowded))
-    got = triton_queue.launch_queue(q, keys, k, cfg, return_flags=True)
-    assert got[2].tolist() == [4]
-    _check_brute(q, keys, k, got[:2])
-    # control: the same scores over groups g and g + 1 (3 + 1): the queues decide alone
-    spread = base.clone()
-    spread[torch.tensor([g, g + 16, g + 32, g + 1])] = torch.tensor([10.0, 9.0, 8.0, 7.0])
-    q, keys = (x.to(dtype) for x in _one_hot_half0(n, spread))
-    got = triton_queue.launch_queue(q, keys, k, cfg, return_flags=True)
-    assert got[2].tolist() == [0]
-    _check_brute(q, keys, k, got[:2])
+    # the 4 best in group g (exact path, flag 4); control: spread over groups g and g + 1 (3 + 1), the
+    # queues decide alone (flag 0)
+    for cols, flag in (([g, g + 16, g + 32, g + 48], 4), ([g, g + 16, g + 32, g + 1], 0)):
+        scores = torch.linspace(-3.0, 3.0, n)
+        scores[torch.tensor(cols)] = torch.tensor([10.0, 9.0, 8.0, 7.0])
+        q, keys = (x.to(dtype) for x in one_hot_half0(n, scores))
+        got = triton_queue.launch_queue(q, keys, k, cfg, return_flags=True)
+        assert got[2].tolist() == [flag], cols
+        check_brute_force(q, keys, k, got[:2], 1e-6)
 
 
 def test_near_tie_and_exact_ties():
@@ -85,20 +67,20 @@ def test_near_tie_and_exact_ties():
     # 16 under the interpreter: 1 tile bit per key)
     scores = torch.linspace(-3.0, 3.0, 32)
     scores[3], scores[7] = 10.0, torch.nextafter(torch.tensor(10.0), torch.tensor(11.0))
-    q, keys = _one_hot_half0(32, scores)
+    q, keys = one_hot_half0(32, scores)
     s, i, flags = triton_queue.launch_queue(q, keys, 4, QUEUE, return_flags=True)
     assert flags.tolist() == [4]
     assert (i[..., :2] // 32 % 4 == 3).all()  # the two near-tied sub-keys (their fp32 pair sums tie)
-    assert _same((s, i), triton_op.forward(q, keys, 4, RetrievalKernelConfig(forward="threshold")))
+    assert same_result((s, i), triton_op.forward(q, keys, 4, RetrievalKernelConfig(forward="threshold")))
     scores[7] = 9.0  # control
-    q, keys = _one_hot_half0(32, scores)
+    q, keys = one_hot_half0(32, scores)
     assert triton_queue.launch_queue(q, keys, 4, QUEUE, return_flags=True)[2].tolist() == [0]
     # every sub-key row 4 times: exact ties in every row (equal keys in two groups pop together)
     q, keys = retrieval_inputs(5, 1, 1, 32, 8, torch.bfloat16, seed=2)
     keys = keys[:, :, torch.arange(32) // 4 * 4].contiguous()
     s, i, flags = triton_queue.launch_queue(q, keys, 3, QUEUE, return_flags=True)
     assert (flags >= 4).all()
-    assert _same((s, i), triton_op.forward(q, keys, 3, RetrievalKernelConfig(forward="onepass")))
+    assert same_result((s, i), triton_op.forward(q, keys, 3, RetrievalKernelConfig(forward="onepass")))
 
 
 def test_exact_path_cap_overflow():
@@ -107,7 +89,7 @@ def test_exact_path_cap_overflow():
     s, i, flags = triton_queue.launch_queue(q, keys, 2, QUEUE, return_flags=True)
     assert flags.tolist()[0] % 4 == 1 and flags.tolist()[0] >= 4  # ties: exact path, then its fallback
     assert (i[..., 0] // n == n - 1).all()
-    assert _same((s, i), triton_op.forward(q, keys, 2, RetrievalKernelConfig(forward="threshold")))
+    assert same_result((s, i), triton_op.forward(q, keys, 2, RetrievalKernelConfig(forward="threshold")))
 
 
 def test_gradients_auto_and_config():
