@@ -64,10 +64,10 @@ class StaticDecoder:
         if self.graph is not None:
             self.graph.replay()
             return self.logits
-        logits, _ = self.model(self.tokens, cache=self.cache, last_only=True)
-        return logits
+        return self._run()
 
     def _run(self) -> torch.Tensor:
+        """One step on the token buffer (what the graph records)."""
         logits, _ = self.model(self.tokens, cache=self.cache, last_only=True)
         return logits
 

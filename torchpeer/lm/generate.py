@@ -106,19 +106,19 @@ def generate(
         static = StaticDecoder(model, idx.shape[0], window, graph=decode == "graph")
     try:
         for _ in range(max_new_tokens):
-            if static is not None:
-                if static.pos == 0 or static.pos >= window:  # (re)fill as the default cache does
-                    n_keep = idx.shape[1] if static.pos == 0 and idx.shape[1] < window else max(1, window // 2)
+            pos = static.pos if static is not None else (cache.pos if cache is not None else 0)  # cached tokens
+            if not use_cache:
+                logits, _ = model(idx[:, -window:], last_only=True)
+            elif pos == 0 or pos >= window:
+                # (Re)fill: the whole prompt if it fits, else the last seq_len // 2 tokens.
+                n_keep = idx.shape[1] if pos == 0 and idx.shape[1] < window else max(1, window // 2)
+                if static is not None:
                     logits = static.prefill(idx[:, -n_keep:])
                 else:
-                    logits = static.step(idx[:, -1:])
-            elif not use_cache:
-                logits, _ = model(idx[:, -window:], last_only=True)
-            elif cache is None or cache.pos >= window:
-                # (Re)fill: the whole prompt if it fits, else the last seq_len // 2 tokens.
-                n_keep = idx.shape[1] if cache is None and idx.shape[1] < window else max(1, window // 2)
-                cache = KVCache(model.cfg, idx.shape[0], window, idx.device, model.tok_emb.weight.dtype)
-                logits, _ = model(idx[:, -n_keep:], cache=cache, last_only=True)
+                    cache = KVCache(model.cfg, idx.shape[0], window, idx.device, model.tok_emb.weight.dtype)
+                    logits, _ = model(idx[:, -n_keep:], cache=cache, last_only=True)
+            elif static is not None:
+                logits = static.step(idx[:, -1:])
             else:
                 logits, _ = model(idx[:, -1:], cache=cache, last_only=True)
             nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
