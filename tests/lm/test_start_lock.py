@@ -3,6 +3,7 @@ memory against the free memory less the others' reservations, each reservation h
 run's first step; a run that fits beside them starts at once, one that does not waits for them
 (up to its timeout); a dead run's reservation is dropped; the flock itself is held only briefly."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -33,9 +34,11 @@ def fits_in(free: int, need: int):
     return fits
 
 
-def reserve_in_child(path, nbytes):
+@contextlib.contextmanager
+def reserving(path, nbytes):
     """A process that reserves ``nbytes`` in the ledger at ``path``, then drops its reservation when
-    it reads a line on stdin. It loads start_lock.py by file (no torch import: starts in ~50 ms)."""
+    it reads a line on stdin; killed on leaving. It loads start_lock.py by file (no torch import:
+    starts in ~50 ms)."""
     import torchpeer.lm.start_lock as module
 
     code = (
@@ -46,14 +49,17 @@ def reserve_in_child(path, nbytes):
         "print('released', flush=True)"
     )
     child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert child.stdout.readline().strip() == "reserved"
-    return child
+    try:
+        assert child.stdout.readline().strip() == "reserved"
+        yield child
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_a_run_that_fits_beside_the_reservations_starts_at_once(tmp_path):
     path = str(tmp_path / "gpu0.lock")
-    first = reserve_in_child(path, 30 * GIB)
-    try:
+    with reserving(path, 30 * GIB) as first:
         second = StartLock(path, timeout=5)
         assert second.others() == 30 * GIB
         est = second.check(fits_in(free=100 * GIB, need=60 * GIB))  # 60 <= 100 - 30
@@ -63,15 +69,11 @@ def test_a_run_that_fits_beside_the_reservations_starts_at_once(tmp_path):
         second.release()
         with open(second.ledger_path) as fh:
             assert list(json.load(fh)) == [str(first.pid)]
-    finally:
-        first.kill()
-        first.wait()
 
 
 def test_a_run_that_does_not_fit_beside_them_waits_for_their_first_step(tmp_path):
     path = str(tmp_path / "gpu0.lock")
-    first = reserve_in_child(path, 50 * GIB)
-    try:
+    with reserving(path, 50 * GIB) as first:
         timer = threading.Timer(0.6, lambda: (first.stdin.write("\n"), first.stdin.flush()))
         timer.start()
         second = StartLock(path, timeout=10)
@@ -80,31 +82,22 @@ def test_a_run_that_does_not_fit_beside_them_waits_for_their_first_step(tmp_path
         assert 0.5 <= second.waited < 5 and "waited" in said[0]
         assert first.stdout.readline().strip() == "released"
         second.release()
-    finally:
-        first.kill()
-        first.wait()
     # with nothing reserved, a step that does not fit is refused at once (the pool's "not now")
     with pytest.raises(MemoryFitError):
         StartLock(path, timeout=10).check(fits_in(free=10 * GIB, need=60 * GIB))
     # a reservation that never clears: refused after the timeout
-    stuck = reserve_in_child(path, 50 * GIB)
-    try:
+    with reserving(path, 50 * GIB):
         late = StartLock(path, timeout=0.5)
         with pytest.raises(MemoryFitError):
             late.check(fits_in(free=100 * GIB, need=60 * GIB))
         assert late.waited >= 0.5
-    finally:
-        stuck.kill()
-        stuck.wait()
 
 
 def test_a_dead_runs_reservation_is_dropped(tmp_path):
     path = str(tmp_path / "gpu0.lock")
-    child = reserve_in_child(path, 50 * GIB)
-    assert StartLock(path).others() == 50 * GIB
-    child.kill()
-    child.wait()
-    assert StartLock(path).others() == 0
+    with reserving(path, 50 * GIB):
+        assert StartLock(path).others() == 50 * GIB
+    assert StartLock(path).others() == 0  # killed: its reservation is dropped
     with open(path + ".reservations.json", "w") as fh:  # a damaged ledger counts as empty
         fh.write("{not json")
     assert StartLock(path).others() == 0
