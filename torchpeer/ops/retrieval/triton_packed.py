@@ -115,6 +115,34 @@ def _exact_rounds(cand_s, cand_i, in_list, top_k, BLOCK_M: tl.constexpr, CAP: tl
 
 
 @triton.jit
+def _slab_candidates(
+    q, q_ptr, keys, slab_s, slab_i, row_off, rows, row_mask, h, half, n, stride_qt, stride_qh, stride_qd,
+    DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAP: tl.constexpr,
+    KP: tl.constexpr, FB_BLOCK_N: tl.constexpr, top_k, EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    """One half's exact candidates in the program's slab: the scores >= theta (_candidates), or, where a
+    row has more than CAP of them (ties), the exact running top-KP instead -> (cnt (BLOCK_M,) int32 slots
+    filled per row, 1 if the running top-KP was taken else 0). The slab's stores are visible to every
+    thread on return."""
+    offs_k = tl.arange(0, KP)
+    cnt = _candidates(
+        q, keys, slab_s, slab_i, row_off, row_mask, n, DH, BLOCK_M, BLOCK_N, BLOCK_D, CAP, top_k, EVEN_N, DOT_FP32
+    )
+    overflowed = 0
+    if tl.max(cnt, axis=0) > CAP:  # ties: the exact running top-KP replaces the candidates
+        q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qt + h * stride_qh + half * DH * stride_qd
+        running = half_topk(q_rows, stride_qd, row_mask, keys, n, DH, BLOCK_M, FB_BLOCK_N, BLOCK_D, KP, DOT_FP32)
+        run_s, run_i = unpack(running)
+        tl.debug_barrier()  # pass 2's stores to the same slots, by other threads, come first
+        tl.store(slab_s + (row_off + offs_k[None, :]), run_s)
+        tl.store(slab_i + (row_off + offs_k[None, :]), run_i)
+        cnt = tl.full((BLOCK_M,), KP, tl.int32)
+        overflowed = 1
+    tl.debug_barrier()  # the slab's stores, made by other threads, are visible after this
+    return cnt, overflowed
+
+
+@triton.jit
 def _packed_kernel(
     q_ptr, k_ptr, pi_ptr, pj_ptr, scores_ptr, idx_ptr, scr_s_ptr, scr_i_ptr, flag_ptr,
     T, H, n, top_k, n_pairs, n_work, stride_qt, stride_qh, stride_qd,
@@ -143,22 +171,11 @@ def _packed_kernel(
             q = _load_half_query(q_ptr, rows, row_mask, h, half, stride_qt, stride_qh, stride_qd, DH, BLOCK_D, DOT_FP32)
             slab_s = scr_s_ptr + (pid.to(tl.int64) * 2 + half) * (BLOCK_M * CAP)  # scalar bases (see onepass)
             slab_i = scr_i_ptr + (pid.to(tl.int64) * 2 + half) * (BLOCK_M * CAP)
-            cnt = _candidates(
-                q, keys, slab_s, slab_i, row_off, row_mask, n, DH, BLOCK_M, BLOCK_N, BLOCK_D, CAP, top_k,
-                EVEN_N, DOT_FP32,
+            cnt, overflowed = _slab_candidates(
+                q, q_ptr, keys, slab_s, slab_i, row_off, rows, row_mask, h, half, n, stride_qt, stride_qh, stride_qd,
+                DH, BLOCK_M, BLOCK_N, BLOCK_D, CAP, KP, FB_BLOCK_N, top_k, EVEN_N, DOT_FP32,
             )  # fmt: skip
-            if tl.max(cnt, axis=0) > CAP:  # ties: the exact running top-KP replaces the candidates
-                q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qt + h * stride_qh + half * DH * stride_qd
-                running = half_topk(
-                    q_rows, stride_qd, row_mask, keys, n, DH, BLOCK_M, FB_BLOCK_N, BLOCK_D, KP, DOT_FP32
-                )
-                run_s, run_i = unpack(running)
-                tl.debug_barrier()  # pass 2's stores to the same slots, by other threads, come first
-                tl.store(slab_s + (row_off + offs_k[None, :]), run_s)
-                tl.store(slab_i + (row_off + offs_k[None, :]), run_i)
-                cnt = tl.full((BLOCK_M,), KP, tl.int32)
-                flag += 1
-            tl.debug_barrier()  # the slab's stores, made by other threads, are visible after this
+            flag += overflowed
             in_list = offs_cap[None, :] < cnt[:, None]
             cand_s = tl.load(slab_s + (row_off + offs_cap[None, :]), mask=in_list, other=0.0)
             slot, amb = _packed_rounds(cand_s, in_list, top_k, BLOCK_M, CAP, KP)

@@ -36,9 +36,9 @@ import triton
 import triton.language as tl
 
 from .kernel_config import DEFAULT_CONFIG, RetrievalKernelConfig
-from .triton_common import dot_fp32, half_topk, unpack
+from .triton_common import dot_fp32, unpack
 from .triton_onepass import _pair_stage, launch_onepass_family, onepass_launch
-from .triton_packed import SENT32, _candidates, _exact_rounds, _mono32
+from .triton_packed import SENT32, _exact_rounds, _mono32, _slab_candidates
 from .triton_threshold import _load_half_query, _score_tile
 
 
@@ -185,22 +185,11 @@ def _queue_kernel(
             )
             if tl.max((amb & row_mask).to(tl.int32), axis=0) > 0:
                 # the exact path ("packed"'s): theta + compaction into the slab, int64 rounds
-                cnt = _candidates(
-                    q, keys, slab_s, slab_i, row_off, row_mask, n, DH, BLOCK_M, BLOCK_N, BLOCK_D, CAP, top_k,
-                    EVEN_N, DOT_FP32,
+                cnt, overflowed = _slab_candidates(
+                    q, q_ptr, keys, slab_s, slab_i, row_off, rows, row_mask, h, half, n, stride_qt, stride_qh,
+                    stride_qd, DH, BLOCK_M, BLOCK_N, BLOCK_D, CAP, KP, FB_BLOCK_N, top_k, EVEN_N, DOT_FP32,
                 )  # fmt: skip
-                if tl.max(cnt, axis=0) > CAP:  # ties: the exact running top-KP replaces the candidates
-                    q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qt + h * stride_qh + half * DH * stride_qd
-                    running = half_topk(
-                        q_rows, stride_qd, row_mask, keys, n, DH, BLOCK_M, FB_BLOCK_N, BLOCK_D, KP, DOT_FP32
-                    )
-                    run_s, run_i = unpack(running)
-                    tl.debug_barrier()  # the compaction's stores to the same slots, by other threads, first
-                    tl.store(slab_s + (row_off + offs_k[None, :]), run_s)
-                    tl.store(slab_i + (row_off + offs_k[None, :]), run_i)
-                    cnt = tl.full((BLOCK_M,), KP, tl.int32)
-                    flag += 1
-                tl.debug_barrier()  # the slab's stores, made by other threads, are visible after this
+                flag += overflowed
                 in_list = offs_cap[None, :] < cnt[:, None]
                 cand_s = tl.load(slab_s + (row_off + offs_cap[None, :]), mask=in_list, other=0.0)
                 cand_i = tl.load(slab_i + (row_off + offs_cap[None, :]), mask=in_list, other=0)
