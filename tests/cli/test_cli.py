@@ -101,6 +101,18 @@ def test_error_unknown_ffw_kind(capsys):
     _error(capsys, ["info", "--model.ffw", "mlp"])
 
 
+def test_rowwise_adam_without_the_triton_kernels_is_refused_before_the_data(capsys, tmp_path, monkeypatch):
+    """The fused row-wise Adam needs the Triton kernels: on a CPU without the interpreter, one error that
+    names the setting and the way out, before any tokenizer is trained or folder written."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    run_dir = tmp_path / "run"
+    for opt in ("rowwise_adam", "rowwise_adam_bf16"):
+        args = ["train", "--train.expert_optimizer", opt, "--train.device", "cpu", "--run-dir", str(run_dir)]
+        err = _error(capsys, [*args, "--data.cache_dir", str(tmp_path / "cache")])
+        assert f"train.expert_optimizer={opt}" in err and "need a CUDA GPU" in err and "adamw" in err
+    assert not run_dir.exists() and not (tmp_path / "cache").exists()
+
+
 def test_error_unknown_field_and_bad_value(capsys):
     assert "model.d_model" in _error(capsys, ["info", "--model.d_modle", "3"])
     assert "cannot parse" in _error(capsys, ["info", "--train.lr", "fast"])

@@ -103,6 +103,7 @@ class Trainer:
         data = self.cfg.data  # so does a missing data file, of any split
         check_sources({"data.train": data.train, **{f"data.valid.{k}": v for k, v in data.valid.items()}})
         self.device = self.plan.setup(runtime.resolve_device(self.cfg.train.device))
+        runtime.check_expert_optimizer(self.cfg.train.expert_optimizer, self.device)
         self._find_checkpoint()
 
     def recorded_finish(self) -> dict | None:
