@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from torchpeer.ops import RetrievalKernelConfig, product_key_topk_reference  # noqa: E402
+from torchpeer.ops.retrieval.triton_backward import backward  # noqa: E402
 from torchpeer.ops.retrieval.triton_op import product_key_topk_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -23,6 +24,19 @@ def _grads(q, keys, top_k, config, up):
     scores, idx = product_key_topk_triton(q, keys, top_k, config)
     (scores * up).sum().backward()
     return idx, q.grad, keys.grad
+
+
+def _backward(q, keys, idx, up):
+    """The "sorted" backward alone, for given indices (what autograd calls after the forward) -> dq, dk."""
+    return backward(up.contiguous(), q, keys, idx, True, True, SORTED)
+
+
+def _reference(q, keys, top_k, up):
+    """-> (indices, dq, dk) of the float64 reference's selection through float64 autograd."""
+    q64, k64 = q.double().requires_grad_(), keys.double().requires_grad_()
+    ref_s, ref_i = product_key_topk_reference(q64, k64, top_k)
+    (ref_s * up.double()).sum().backward()
+    return ref_i, q64.grad, k64.grad
 
 
 @pytest.mark.parametrize(
@@ -44,7 +58,7 @@ def test_sorted_backward_matches_float64(T, H, S, n, d_key, top_k, dtype):
     torch.testing.assert_close(dq.double(), q64.grad, rtol=tol, atol=tol)
     torch.testing.assert_close(dk.double(), k64.grad, rtol=tol, atol=tol)
     assert k64.grad.abs().sum() > 0
-    _, dq2, dk2 = _grads(q, keys, top_k, SORTED, up)
+    dq2, dk2 = _backward(q, keys, idx, up)  # the backward again, for the same selection
     assert torch.equal(dk2, dk) and torch.equal(dq2, dq)  # no atomics: bitwise the same
 
 
@@ -61,9 +75,10 @@ def test_int16_and_int32_sort_keys_give_the_same_gradients(monkeypatch):
     seen = []
     real_sort = torch.sort
     monkeypatch.setattr(sb.torch, "sort", lambda t, **kw: seen.append(t.dtype) or real_sort(t, **kw))
-    _, dq16, dk16 = _grads(q, keys, 4, SORTED, up)
+    idx = product_key_topk_reference(q, keys, 4)[1]  # the selection; only the backward runs twice
+    dq16, dk16 = _backward(q, keys, idx, up)
     monkeypatch.setattr(sb, "INT16_KEY_ROWS", 35)
-    _, dq32, dk32 = _grads(q, keys, 4, SORTED, up)
+    dq32, dk32 = _backward(q, keys, idx, up)
     assert seen == [torch.int16, torch.int32]
     assert torch.equal(dk16, dk32) and torch.equal(dq16, dq32)
 
@@ -74,36 +89,37 @@ def _split_everything(monkeypatch, sb, blocks=1):
     monkeypatch.setattr(sb, "_rows_need_split", lambda offsets, seg: True)
 
 
-@pytest.mark.parametrize("blocks", [1, 2])
-def test_segmented_row_lists_give_the_reference_gradients(monkeypatch, blocks):
-    """Each table row's sorted list cut into segments (extra segments' partials added to the row in
-    segment order by the reduce kernel): the sub-key gradient matches float64 and is bitwise
-    repeatable; it matches the unsplit walk to fp32 rounding."""
+def test_segmented_row_lists_give_the_reference_gradients(monkeypatch):
+    """Each table row's sorted list cut into segments of 1 and of 2 blocks (extra segments' partials
+    added to the row in segment order by the reduce kernel): the sub-key gradient matches float64 and
+    is bitwise repeatable; it matches the unsplit walk to fp32 rounding. The backward alone, on the
+    float64 reference's selection (the forward kernels are tested elsewhere; here they only cost)."""
     from torchpeer.ops.retrieval import triton_backward_sorted as sb
 
     g = torch.Generator().manual_seed(11)
     q = torch.randn(40, 2, 8, generator=g).to(DEVICE)
     keys = torch.randn(1, 2, 6, 4, generator=g).to(DEVICE)  # 6 sub-keys: lists of ~53 entries each
     up = torch.randn(40, 2, 4, generator=g).to(DEVICE)
-    _, _, dk_whole = _grads(q, keys, 4, SORTED, up)
-    _split_everything(monkeypatch, sb, blocks)
+    idx, _, dk_ref = _reference(q, keys, 4, up)
+    _, dk_whole = _backward(q, keys, idx, up)
     calls = []
     real = sb.segment_plan
     monkeypatch.setattr(sb, "segment_plan", lambda *a: calls.append(a[2]) or real(*a))
-    _, dq, dk = _grads(q, keys, 4, SORTED, up)
-    assert calls == [16 * blocks]  # the interpreter's BLOCK_S is 16: the plan was built and used
-    q64, k64 = q.double().requires_grad_(), keys.double().requires_grad_()
-    ref_s, _ = product_key_topk_reference(q64, k64, 4)
-    (ref_s * up.double()).sum().backward()
-    torch.testing.assert_close(dk.double(), k64.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dk, dk_whole, rtol=1e-5, atol=1e-6)
-    _, _, dk2 = _grads(q, keys, 4, SORTED, up)
-    assert torch.equal(dk2, dk)
+    for blocks in (1, 2):
+        _split_everything(monkeypatch, sb, blocks)
+        calls.clear()
+        _, dk = _backward(q, keys, idx, up)
+        assert calls == [16 * blocks]  # the interpreter's BLOCK_S is 16: the plan was built and used
+        torch.testing.assert_close(dk.double(), dk_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dk, dk_whole, rtol=1e-5, atol=1e-6)
+        _, dk2 = _backward(q, keys, idx, up)
+        assert torch.equal(dk2, dk)
 
 
 def test_a_hot_sub_key_is_spread_over_segments(monkeypatch):
     """Skewed routing: one sub-key of each half in (nearly) every selection, so one row's list holds
-    most entries; with the plan it is walked by many programs and still sums to the reference."""
+    most entries; with the plan it is walked by many programs and still sums to the reference (the
+    backward alone, on the float64 reference's selection)."""
     from torchpeer.ops.retrieval import triton_backward_sorted as sb
 
     g = torch.Generator().manual_seed(5)
@@ -113,17 +129,15 @@ def test_a_hot_sub_key_is_spread_over_segments(monkeypatch):
     q = (torch.randn(T, H, 2 * dh, generator=g) * 0.1 + 1.0).to(DEVICE)
     keys = keys.to(DEVICE)
     up = torch.randn(T, H, 3, generator=g).to(DEVICE)
+    idx, dq_ref, dk_ref = _reference(q, keys, 3, up)
     _split_everything(monkeypatch, sb)
     plans = []
     real = sb.row_segments
     monkeypatch.setattr(sb, "row_segments", lambda *a: plans.append(real(*a)) or plans[-1])
-    idx, dq, dk = _grads(q, keys, 3, SORTED, up)
+    dq, dk = _backward(q, keys, idx, up)
     assert (idx // n == 3).float().mean() > 0.6  # the skew is real
     seg, nseg, pbase, seg_row, seg_index, hot = plans[0]
     hot_rows = hot[hot >= 0].tolist()
     assert {3, n + 3} <= set(hot_rows) and int(nseg[3]) >= 4  # both halves' hot rows split up
-    q64, k64 = q.double().requires_grad_(), keys.double().requires_grad_()
-    ref_s, _ = product_key_topk_reference(q64, k64, 3)
-    (ref_s * up.double()).sum().backward()
-    torch.testing.assert_close(dk.double(), k64.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dq.double(), q64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dk.double(), dk_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dq.double(), dq_ref, rtol=1e-5, atol=1e-5)
