@@ -1,12 +1,19 @@
-"""Quality of the row-wise Adam rule vs AdamW for the expert tables, on the CPU (small scale).
+"""Quality and routing health of the expert tables' optimizer, on the CPU (small scale).
 
 The fused Triton optimizer needs a GPU; its rule is the spec torchpeer/optim/rowwise_adam.py, and
 the fused kernel is tested to match that spec step for step (tests/ops/test_rowwise_adam.py). So
-this script trains with the spec's plain-PyTorch form (RowwiseAdamW: row-wise rule for the PEER
-tables, AdamW for the rest; tables excluded from gradient clipping, as in the fused path) and with
-AdamW, same config, seeds and data, and compares the validation loss.
+this script trains with the spec's plain-PyTorch form and with AdamW, same config, seeds and data,
+and compares the validation loss and the PEER layers' expert usage and KL. Variants (--optimizers):
 
-    python benchmarks/rowwise_quality.py --steps 150 --seeds 0 1     # ptb-tiny, ~minutes per run
+  adamw        torch AdamW for every parameter (the trainer's default; tables in the clipping)
+  lazy_adamw   AdamW's per-element rule, but a table row changes only on steps whose gradient
+               touches it (torchpeer.optim.SparseRowAdamW; global step count; tables clipped):
+               AdamW minus the moves of idle rows along their old momentum
+  rowwise      the fused optimizer's rule (RowwiseAdamW: lazy, one second moment per row, per-row
+               step counts; tables not clipped, as in the fused path)
+  NAME:xK      the same with the expert tables' lr multiplied by K (e.g. rowwise:x3)
+
+    python benchmarks/rowwise_quality.py --steps 500 --seeds 0 1 --optimizers adamw lazy_adamw rowwise
 
 Writes <out-dir>/rowwise_quality_<date>.json and .md. Small-scale evidence only: ptb-tiny
 (N = 128^2 experts, 2k tokens per step), not the GPU configs at 30M tokens.
@@ -28,28 +35,64 @@ if REPO not in sys.path:
 
 from torchpeer.data.atomic import write_text_atomic  # noqa: E402
 
+OPTIMIZERS = ("adamw", "lazy_adamw", "rowwise")
 
-def run(config, optimizer, seed, steps, runs_dir):
+
+def parse_variant(text: str) -> tuple[str, float]:
+    """ "rowwise:x3" -> ("rowwise", 3.0); "adamw" -> ("adamw", 1.0)."""
+    name, _, mult = text.partition(":x")
+    if name not in OPTIMIZERS or (mult and not mult.replace(".", "", 1).isdigit()):
+        raise ValueError(
+            f"--optimizers takes {', '.join(OPTIMIZERS)}, each optionally with :xK (e.g. rowwise:x3); got {text!r}"
+        )
+    return name, float(mult) if mult else 1.0
+
+
+def lazy_adamw(groups, expert_ids, lr, betas, eps):
+    """SparseRowAdamW whose step() finds the touched table rows itself (rows with a nonzero gradient),
+    so the trainer can call it like AdamW; every other parameter takes the dense AdamW update."""
+    from torchpeer.optim.sparse_adam import SparseRowAdamW
+
+    class LazyAdamW(SparseRowAdamW):
+        def step(self, closure=None):
+            rows = {}
+            for g in self.param_groups:
+                for p in g["params"]:
+                    if id(p) in expert_ids and p.grad is not None:
+                        rows[p] = (p.grad != 0).any(dim=1).nonzero().squeeze(1)
+            return super().step(rows=rows, closure=closure)
+
+    return LazyAdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def run(config, variant, seed, steps, runs_dir):
     from torchpeer.lm import Trainer
     from torchpeer.lm.config_io import load_config
-    from torchpeer.lm.optim import expert_parameters
+    from torchpeer.lm.optim import expert_parameters, is_expert_group
     from torchpeer.optim import RowwiseAdamW
 
+    optimizer, lr_mult = parse_variant(variant)
     overrides = [("train.seed", str(seed)), ("train.max_steps", str(steps)), ("train.checkpoint", "false"),
                  ("train.tensorboard", "false"), ("train.eval_interval", str(steps)),
                  ("train.device", "cpu")]  # fmt: skip
     cfg = load_config(config, overrides)
-    trainer = Trainer(cfg, os.path.join(runs_dir, f"{optimizer}_s{seed}"), progress=False).build()
+    if lr_mult != 1.0:
+        cfg.train.expert_lr = cfg.train.table_lr * lr_mult
+    trainer = Trainer(cfg, os.path.join(runs_dir, f"{variant}_s{seed}".replace(":", "_")), progress=False).build()
+    t = cfg.train
+    tables = expert_parameters(trainer.model)
+    groups = [dict(g) for g in trainer.optimizer.param_groups]
     if optimizer == "rowwise":
-        t = cfg.train
-        groups = [dict(g) for g in trainer.optimizer.param_groups]
-        trainer.optimizer = RowwiseAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
-        tables = expert_parameters(trainer.model)
+        names = tuple(g["name"] for g in groups if is_expert_group(g))
+        trainer.optimizer = RowwiseAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, rowwise_groups=names)
         trainer.params = [p for p in trainer.params if id(p) not in tables]  # tables: not clipped
+    elif optimizer == "lazy_adamw":
+        trainer.optimizer = lazy_adamw(groups, tables, t.lr, (t.beta1, t.beta2), t.eps)
     t0 = time.perf_counter()
     summary = trainer.fit()
     valid = {k: v["loss"] for k, v in summary["valid"].items()}
-    return {"optimizer": optimizer, "seed": seed, "steps": steps, "valid_loss": valid,
+    usage = {k: v.get("usage", {}) for k, v in summary["valid"].items()}
+    return {"optimizer": variant, "seed": seed, "steps": steps, "valid_loss": valid, "usage": usage,
             "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
 
 
@@ -58,24 +101,30 @@ def main(argv=None):
     p.add_argument("--config", default="ptb-tiny")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--optimizers", nargs="+", default=["adamw", "rowwise"], help="variants (see above)")
     p.add_argument("--out-dir", default=os.path.join("benchmarks", "results"))
     args = p.parse_args(argv)
+    for v in args.optimizers:
+        parse_variant(v)  # a typo fails now, not after the first run
     date = datetime.date.today().isoformat()
     result = {"date": date, "config": args.config, "steps": args.steps, "runs": []}
     stem = os.path.join(args.out_dir, f"rowwise_quality_{date}")
     os.makedirs(args.out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as runs_dir:
         for seed in args.seeds:
-            for opt in ("adamw", "rowwise"):
-                r = run(args.config, opt, seed, args.steps, runs_dir)
+            for variant in args.optimizers:
+                r = run(args.config, variant, seed, args.steps, runs_dir)
                 result["runs"].append(r)
                 print(json.dumps(r), flush=True)
                 write_text_atomic(stem + ".json", json.dumps(result, indent=2) + "\n")
-    lines = [f"# Row-wise Adam vs AdamW for the expert tables, {args.config}, {args.steps} steps, {date}", "",
-             "| seed | optimizer | valid loss | seconds |", "| ---: | --- | --- | ---: |"]  # fmt: skip
+    lines = [f"# The expert tables' optimizer: quality and usage, {args.config}, {args.steps} steps, {date}", "",
+             "| seed | optimizer | valid loss | usage % / KL (per PEER layer) | seconds |",
+             "| ---: | --- | --- | --- | ---: |"]  # fmt: skip
     for r in result["runs"]:
         loss = ", ".join(f"{k} {v:.4f}" for k, v in r["valid_loss"].items())
-        lines.append(f"| {r['seed']} | {r['optimizer']} | {loss} | {r['seconds']} |")
+        first = next(iter(r["usage"].values()), {})
+        use = ", ".join(f"{u['usage_pct']:.1f} / {u['kl']:.2f}" for u in first.values())
+        lines.append(f"| {r['seed']} | {r['optimizer']} | {loss} | {use} | {r['seconds']} |")
     write_text_atomic(stem + ".md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
