@@ -57,8 +57,12 @@ def _topk_inputs(dtype=torch.float32, T=9, H=2, n=8, d_key=8, need_q=True, need_
     return [q, keys]
 
 
-@pytest.mark.parametrize("forward", ["split", "threshold", "merge"])
-@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
+# Each forward once and each (q, keys) gradient need once: the forward is picked in the forward op, the
+# needs only steer the backward (the same "sorted" backward after any forward), so the 3 x 3 grid
+# proved nothing more than its diagonal
+@pytest.mark.parametrize(
+    "forward,need", [("split", (True, True)), ("threshold", (True, False)), ("merge", (False, True))]
+)
 def test_retrieval_eager_path_equals_custom_op_path(forward, need):
     leaves = _topk_inputs(need_q=need[0], need_k=need[1])
     config = RetrievalKernelConfig(forward=forward)
@@ -136,18 +140,13 @@ def test_fake_tensors_take_the_custom_ops():
 
 
 def test_compiled_calls_equal_eager():
-    """torch.compile (aot_eager, fullgraph) traces the Functions with the ops opaque inside."""
+    """torch.compile (aot_eager, fullgraph) traces the Function with the ops opaque inside. The retrieval's
+    Function, compiled the same way against eager (indices, scores, gradients), is
+    test_retrieval_triton.py's test_torch_compile_fullgraph_matches_eager."""
     leaves, indices = _mix_inputs()
     eager = _run(_mix, leaves, indices, "gelu")
     compiled = _run(torch.compile(_mix, backend="aot_eager", fullgraph=True), leaves, indices, "gelu")
     for a, b in zip(eager[0] + tuple(eager[1]), compiled[0] + tuple(compiled[1])):
-        torch.testing.assert_close(a, b)
-    tk = _topk_inputs()
-    eager = _run(retrieval.product_key_topk_triton, tk, 4)
-    fn = torch.compile(retrieval.product_key_topk_triton, backend="aot_eager", fullgraph=True)
-    compiled = _run(fn, tk, 4)
-    assert torch.equal(eager[0][1], compiled[0][1])
-    for a, b in zip((eager[0][0], *eager[1]), (compiled[0][0], *compiled[1])):
         torch.testing.assert_close(a, b)
 
 

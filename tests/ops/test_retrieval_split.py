@@ -25,7 +25,7 @@ CASES = [
     # T, H, S, n, d_key, top_k, dtype
     (1, 2, 1, 40, 16, 5, torch.float32),  # one decode token; three sub-key tiles of 16, the last ragged
     (5, 3, 3, 16, 8, 4, torch.float32),  # per-head keys, one tile
-    (19, 2, 1, 33, 8, 8, torch.bfloat16),  # two row blocks (BLOCK_M 16), bf16, ragged tile of 1 key
+    (19, 1, 1, 33, 8, 8, torch.bfloat16),  # two row blocks (BLOCK_M 16), bf16, ragged tile of 1 key
     (3, 2, 1, 3, 4, 3, torch.float32),  # n < padded top_k (4): sentinels stay out of the pairs
     (4, 1, 1, 20, 6, 1, torch.float16),  # top_k 1, half width 3 (padded to 16)
 ]
@@ -52,8 +52,9 @@ def test_split_matches_float64_brute_force(T, H, S, n, d_key, top_k, dtype):
 
 def test_split_equals_the_large_token_kernels_with_ties():
     """Repeated sub-key rows (exact ties): "split" returns the indices "threshold" and "merge" return
-    (the packed (score, -index) order breaks ties the same way everywhere)."""
-    q, keys = retrieval_inputs(5, 2, 1, 20, 8, torch.float32, seed=3)
+    (the packed (score, -index) order breaks ties the same way everywhere). One head: the kernels'
+    cost under the interpreter is per head."""
+    q, keys = retrieval_inputs(5, 1, 1, 20, 8, torch.float32, seed=3)
     keys = keys[:, :, torch.arange(20) % 5]  # every sub-key 4 times
     got = product_key_topk_triton(q, keys, 6, SPLIT)
     for other in ("threshold", "merge"):
@@ -76,18 +77,29 @@ def test_auto_takes_split_up_to_small_tokens(monkeypatch):
 
 def test_peer_decode_steps_match_the_large_token_path():
     """A PEER layer (Triton backends) in eval mode: one token, and 3 tokens at once, give the experts
-    and outputs of the same tokens inside a call above small_tokens (the large-T kernels)."""
+    and outputs of the same tokens inside a call above small_tokens (the large-T kernels). The experts
+    are the router's scores and indices inside each forward (what layer.retrieve returns, tests/layers/
+    test_peer.py), so each token count retrieves once."""
     from torchpeer import PEER
 
     torch.manual_seed(0)
     layer = PEER(16, n_experts=24**2, heads=2, top_k=4, d_key=8, backend="triton").to(DEVICE).eval()
     layer.router.retrieval_config = RetrievalKernelConfig(small_tokens=3)
+    routed = []
+    layer.router.register_forward_hook(lambda module, args, out: routed.append(out[1:]))
+
+    def forward(x):
+        """-> (scores, indices) (tokens, heads, top_k) of the forward's retrieval, and its output."""
+        routed.clear()
+        y = layer(x)
+        assert len(routed) == 1
+        return *(t.view(len(x), 2, 4) for t in routed[0]), y
+
     x = torch.randn(9, 16, device=DEVICE)
     with torch.no_grad():
-        s_big, i_big = layer.retrieve(x)  # 9 tokens > small_tokens: fp32 "merge"
-        y_big = layer(x)
+        s_big, i_big, y_big = forward(x)  # 9 tokens > small_tokens: fp32 "merge"
         for rows in (slice(0, 1), slice(5, 8)):
-            s, i = layer.retrieve(x[rows])
+            s, i, y = forward(x[rows])
             assert torch.equal(i, i_big[rows])
             torch.testing.assert_close(s, s_big[rows], rtol=1e-6, atol=1e-6)
-            torch.testing.assert_close(layer(x[rows]), y_big[rows], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(y, y_big[rows], rtol=1e-5, atol=1e-6)
