@@ -66,8 +66,9 @@ def test_near_ties_take_the_exact_rounds():
 
 
 def test_repeated_rows_exact_ties_and_overflow():
-    # every sub-key row 4 times: exact score ties (ambiguous packed rounds, index order decides)
-    q, keys = retrieval_inputs(7, 2, 1, 40, 8, torch.bfloat16, seed=2)
+    # every sub-key row 4 times: exact score ties (ambiguous packed rounds, index order decides); one
+    # head (the interpreter's cost is per head; several: the other tests)
+    q, keys = retrieval_inputs(7, 1, 1, 40, 8, torch.bfloat16, seed=2)
     keys = keys[:, :, torch.arange(40) // 4 * 4].contiguous()
     s, i, flags = triton_packed.launch_packed(q, keys, 5, PACKED, return_flags=True)
     assert (flags >= 4).all()
