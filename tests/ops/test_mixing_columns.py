@@ -113,7 +113,7 @@ def lockstep_mix(x, down, up, idx, gates, dy, activation, world):
     return y, dx, torch.cat(d_down, 1), torch.cat(d_up, 1), outs[0][1]
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("world", [2, 4])  # (one slice, the whole row: test_each_phase_matches_its_float64_spec)
 def test_column_slices_in_lockstep_equal_expert_mix(monkeypatch, world):
     small_tiles(monkeypatch, 8)
     x, down, up, idx, gates, dy = inputs(11, 2, 3, 32, 20, seed=world, skew=0.5)
@@ -156,7 +156,7 @@ def test_fused_rowwise_adam_in_column_slices(monkeypatch, segment, skew):
     (rowwise_adam_update_ on the full float64 gradient) and the one-GPU fused kernel's; the row's
     second moment and step count, kept whole by every slice, equal them too."""
     small_tiles(monkeypatch, segment)
-    world, N, d = 2, 20, 32
+    world, N, d = 2, 12, 32  # (T = 9, 54 selections over 6 rows: hot lists of ~20 under skew)
     x0, down, up, *_ = inputs(1, 1, 1, d, N, seed=7)
     full = [down.clone(), up.clone()]  # the one-GPU fused kernel's tables
     spec = [down.double(), up.double()]
@@ -166,7 +166,7 @@ def test_fused_rowwise_adam_in_column_slices(monkeypatch, segment, skew):
     mine = [[down[:, sl].contiguous(), up[:, sl].contiguous()] for sl in sls]
     st = [[RowwiseAdamState.zeros_like(t) for t in pair] for pair in mine]
     for step in range(2):
-        x, _, _, idx, gates, dy = inputs(13, 2, 3, d, N, seed=10 + step, skew=skew)
+        x, _, _, idx, gates, dy = inputs(9, 2, 3, d, N, seed=10 + step, skew=skew)
         hp = hyper(1e-2 * (step + 1))
         h = sum(cols.column_dots(x[:, sl], mine[r][0], idx) for r, sl in enumerate(sls))
         plans = [cols.expert_plan(idx, N, d // world, fused=True) for _ in sls]

@@ -52,6 +52,10 @@ CASES = [
     (7, 4, 12, 40, 64, 16, "gelu"),
     (23, 3, 1, 17, 4096, 5, "relu"),
 ]
+# the gradients: the unchanged backward fed the tiled forward's h, the last case with N = 128 (still
+# most experts absent from every tile): its expert pass runs one program per expert, and at
+# N = 4096 that took 16 s in the interpreter (the forward test above keeps N = 4096)
+GRAD_CASES = CASES[:3] + [(23, 3, 1, 17, 128, 5, "relu")]
 
 
 @pytest.mark.parametrize("T,H,K,d,N,tile,activation", CASES)
@@ -64,7 +68,7 @@ def test_forward_y_and_h_match_float64(dedup, T, H, K, d, N, tile, activation):
     assert rel_err(y, naive_float64(x, down, up, indices, gates, activation)) < 1e-5
 
 
-@pytest.mark.parametrize("T,H,K,d,N,tile,activation", CASES)
+@pytest.mark.parametrize("T,H,K,d,N,tile,activation", GRAD_CASES)
 def test_gradients_fp32_match_float64(tiled_forward, T, H, K, d, N, tile, activation):
     tiled_forward(tile)
     inputs, dy = make_inputs(T, H, K, d, N, seed=1)
@@ -80,9 +84,10 @@ def test_bf16_activations_bf16_or_fp32_tables(tiled_forward, table_dtype):
 
 def test_skewed_routing(dedup, tiled_forward):
     """90% of the selections on 2 hot experts (as the benchmarks' 90%-on-64 at scale): long runs
-    of one expert inside each tile, spread over several programs."""
+    of one expert inside each tile, spread over several programs. (N = 64: the backward's expert
+    pass costs one interpreted program per expert.)"""
     tiled_forward(6)
-    inputs, dy = make_inputs(29, 2, 6, 24, 256, seed=3)
+    inputs, dy = make_inputs(29, 2, 6, 24, 64, seed=3)
     indices = inputs[3]
     gen = torch.Generator().manual_seed(3)
     hot = torch.rand(indices.shape, generator=gen) < 0.9

@@ -80,8 +80,12 @@ def test_fp32_matches_float64_reference(T, H, K, d, N, activation):
     check_against_float64(inputs, dy, activation, tol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("activation", ["gelu", "relu", "identity"])
+# every activation in bf16; fp16 (the other 16-bit load/store type) with gelu: the activation is a
+# constexpr branch on fp32 values, independent of the storage dtype
+@pytest.mark.parametrize(
+    "dtype,activation",
+    [(torch.bfloat16, "gelu"), (torch.bfloat16, "relu"), (torch.bfloat16, "identity"), (torch.float16, "gelu")],
+)
 def test_half_precision_matches_float64_reference(dtype, activation):
     inputs, dy = make_inputs(19, 2, 5, 32, 29, dtype=dtype, gate_dtype=dtype, seed=1)
     # bf16 rounding of the output and of each gradient alone is ~3e-3 relative
