@@ -1,4 +1,5 @@
-"""Workers of test_sharded_layers.py (module level so that spawned processes can import them)."""
+"""Workers of the torch-path cases of test_sharded_triton.py (module level so that spawned processes can
+import them; triton_workers.check_all runs them in the same spawn as the Triton-path cases)."""
 
 from __future__ import annotations
 

@@ -88,9 +88,11 @@ def gloo_threads() -> int:
     return sum("gloo" in n for n in names)
 
 
-def train_then_no_gloo_threads(rank: int, world: int, cfg_path: str, run_dir: str) -> None:
+def train_then_no_gloo_threads(rank: int, world: int, cfg_path: str, run_dir: str, resume: bool = False) -> None:
     """After train() with the DistributedPlan returns, its process groups are gone with their threads,
-    not kept alive (until interpreter shutdown) by references the library holds."""
+    not kept alive (until interpreter shutdown) by references the library holds. The run must save a
+    checkpoint (the DCP device mesh) and evaluate at its end: a fresh run of 2 steps, or (resume) the
+    rest of a run that does."""
     from torchpeer.lm.train import train
     from torchpeer.parallel import DistributedPlan
 
@@ -104,7 +106,8 @@ def train_then_no_gloo_threads(rank: int, world: int, cfg_path: str, run_dir: st
 
     plan.setup = setup
     cfg = config(cfg_path)
-    cfg.train.max_steps = 2  # a checkpoint (the DCP device mesh) and the final evaluation
-    train(cfg, run_dir, progress=False, plan=plan)
+    if not resume:
+        cfg.train.max_steps = 2  # a checkpoint (the DCP device mesh) and the final evaluation
+    train(cfg, run_dir, resume=resume, progress=False, plan=plan)
     assert during[0] > 0  # the count below means something
     assert gloo_threads() == 0, f"rank {rank}: {gloo_threads()} gloo threads alive after the run"

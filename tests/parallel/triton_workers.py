@@ -1,4 +1,5 @@
-"""Workers of test_sharded_triton.py (module level so that spawned processes can import them).
+"""Workers of test_sharded_triton.py (module level so that spawned processes can import them); its
+torch-path cases are layer_workers.py's, run by check_all in the same spawn.
 
 The column-sliced Triton path of the sharded PEER layer (torchpeer/parallel/triton_mixing.py) runs
 in Triton's interpreter (TRITON_INTERPRET=1, inherited from the test session) on gloo ranks.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from tests.parallel.layer_workers import batch
+from tests.parallel.layer_workers import batch, check_layers
 from tests.references import rel_err
 from torchpeer.parallel.collectives import ShardContext
 from torchpeer.parallel.sharded_layers import shard_layer_
@@ -175,8 +176,12 @@ def check_compile(rank: int, world: int, out_dir: str) -> None:
 
 
 def check_all(rank: int, world: int, cases: list, out_dir: str) -> None:
+    """Each case in one spawn: ("torch", kind, counts) is layer_workers.py's (the torch path), the
+    others this module's (the Triton path)."""
     for case in cases:
-        if case[0] == "layer":
+        if case[0] == "torch":
+            check_layers(rank, world, [case[1:]], out_dir)
+        elif case[0] == "layer":
             check_layer(rank, world, case[1], case[2], out_dir)
         elif case[0] == "rowwise":
             check_rowwise_adam(rank, world, case[1], out_dir)
