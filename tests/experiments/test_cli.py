@@ -8,7 +8,7 @@ from torchpeer.cli import main
 def test_sweep_dry_run_and_errors(tmp_path, capsys):
     assert main(["sweep", "cpu-smoke", "--dry-run", "--runs-dir", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
-    assert "sweep cpu-smoke (isoflop): 6 runs" in out and "peer-d48-1.5e10" in out and "unknown" in out
+    assert "sweep cpu-smoke (isoflop): 6 runs" in out and "peer-d48-7.5e9" in out and "unknown" in out
     assert not (tmp_path / "r").exists()  # a dry run writes nothing
 
     bad = tmp_path / "bad.toml"

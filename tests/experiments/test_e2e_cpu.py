@@ -65,7 +65,7 @@ def test_cpu_smoke_sweep_kill_resume_report(tmp_path):
     assert [r["run"] for r in recs] == names  # each run once, in plan order
     for r, p in zip(recs, plan):
         assert set(r["valid"]) == {"ptb", "ptb_test"}  # the final evaluation covers every eval set
-        assert r["tokens"] == p.tokens and r["train_flops"] <= 1.5e10 and r["tokens_per_s"] > 0
+        assert r["tokens"] == p.tokens and r["train_flops"] <= 7.5e9 and r["tokens_per_s"] > 0
         assert r["memory"]["estimate"] > 0 and r["memory"]["peak"] is None  # no GPU peak on the CPU
         assert (r["family"] == "peer") == bool(r["valid"]["ptb"]["usage"])
         assert 0 < r["valid"]["ptb"]["loss"] < 5.6  # below uniform over 257 bytes (ln 257 = 5.55)
