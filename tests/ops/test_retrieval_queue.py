@@ -24,6 +24,7 @@ from tests.ops.retrieval_inputs import (  # noqa: E402
 )
 from torchpeer.ops import RetrievalKernelConfig, product_key_topk_reference  # noqa: E402
 from torchpeer.ops.retrieval import triton_onepass, triton_op, triton_queue  # noqa: E402
+from torchpeer.ops.retrieval.triton_common import dot_fp32  # noqa: E402
 from torchpeer.ops.retrieval.triton_op import product_key_topk_triton  # noqa: E402
 
 QUEUE = RetrievalKernelConfig(forward="queue")
@@ -47,13 +48,17 @@ def test_queue_matches_float64_and_the_other_forwards(T, H, S, n, d_key, top_k, 
 
 @pytest.mark.parametrize("dtype,g", [(torch.float32, 0), (torch.bfloat16, 9)])
 def test_a_group_holding_more_than_d_winners_takes_the_exact_path(dtype, g):
-    # interpreter tiles are 16 wide: group g = sub-keys g, g + 16, g + 32, g + 48; give it the 4 best half-0
-    # scores (D = 3: the queue keeps 3, its best dropped key o = 7 beats the 4th winner from another group).
-    # bf16 (a tensor-core tile): o is folded to 8 columns, group 9 onto 1
-    n, k, cfg = 64, 4, RetrievalKernelConfig(forward="queue", queue_depth=3)
+    # tiles are W wide (16 in the interpreter, the launch's BLOCK_N on a GPU), n = 4 W: group g = sub-keys
+    # g, g + W, g + 2W, g + 3W; give it the 4 best half-0 scores (D = 3: the queue keeps 3, its best dropped
+    # key o = 7 beats the 4th winner from another group). bf16 (a tensor-core tile): o is folded to 8
+    # columns, group 9 onto 1
+    k, cfg = 4, RetrievalKernelConfig(forward="queue", queue_depth=3)
+    fp32 = dot_fp32(*(torch.zeros(1, 1, 2, dtype=dtype, device=DEVICE) for _ in range(2)))
+    w = triton_queue.queue_launch(64, k, fp32, cfg)["BLOCK_N"]
+    n = 4 * w
     # the 4 best in group g (exact path, flag 4); control: spread over groups g and g + 1 (3 + 1), the
     # queues decide alone (flag 0)
-    for cols, flag in (([g, g + 16, g + 32, g + 48], 4), ([g, g + 16, g + 32, g + 1], 0)):
+    for cols, flag in (([g, g + w, g + 2 * w, g + 3 * w], 4), ([g, g + w, g + 2 * w, g + 1], 0)):
         scores = torch.linspace(-3.0, 3.0, n)
         scores[torch.tensor(cols)] = torch.tensor([10.0, 9.0, 8.0, 7.0])
         q, keys = (x.to(dtype) for x in one_hot_half0(n, scores))
