@@ -44,6 +44,20 @@ from .triton_threshold import _load_half_query, _score_tile, pair_lists
 
 
 @triton.jit
+def _topk_rounds(keys, top_k, BLOCK_M: tl.constexpr, W: tl.constexpr, KP: tl.constexpr):
+    """top_k rounds of "row max, drop it" over int64 (score, -index) keys (BLOCK_M, W), unique per row
+    (one drops per round) -> the sorted top (BLOCK_M, KP), sentinels past top_k. The exact selection of
+    the onepass-family kernels: their half lists and their pair sums."""
+    offs_k = tl.arange(0, KP)
+    top = sentinel(BLOCK_M, KP)
+    for r in range(top_k):
+        best = tl.max(keys, axis=1)
+        keys = tl.where(keys == best[:, None], sentinel(BLOCK_M, W), keys)
+        top = tl.where(offs_k[None, :] == r, best[:, None], top)
+    return top
+
+
+@triton.jit
 def _pair_stage(
     pi_ptr, pj_ptr, scr_s_ptr, scr_i_ptr, scores_ptr, idx_ptr, pid, rows, row_mask, h, H, n, top_k, n_pairs,
     BLOCK_M: tl.constexpr, CAP: tl.constexpr, KP: tl.constexpr, NCP: tl.constexpr,
@@ -67,12 +81,7 @@ def _pair_stage(
     ib = tl.load(scr_i_ptr + base + off_b)
     pairs = tl.where(c_valid[None, :], pack(sa + sb, ia * n + ib), sentinel(BLOCK_M, NCP))
     tl.debug_barrier()  # every thread has read the lists before the next work item rewrites the slabs
-    out = sentinel(BLOCK_M, KP)
-    for r in range(top_k):
-        best = tl.max(pairs, axis=1)
-        pairs = tl.where(pairs == best[:, None], sentinel(BLOCK_M, NCP), pairs)
-        out = tl.where(offs_k[None, :] == r, best[:, None], out)
-    score, expert = unpack(out)
+    score, expert = unpack(_topk_rounds(pairs, top_k, BLOCK_M, NCP, KP))
     dst = (rows.to(tl.int64)[:, None] * H + h) * top_k + offs_k[None, :]
     mask = row_mask[:, None] & (offs_k[None, :] < top_k)
     tl.store(scores_ptr + dst, score, mask=mask)
@@ -166,12 +175,7 @@ def _onepass_kernel(
             cand = tl.where(in_list, pack(cand_s, cand_i), sentinel(BLOCK_M, CAP))
 
             # 3. the k winners of this half in order (keys are unique: one drops per round)
-            top = sentinel(BLOCK_M, KP)
-            for r in range(top_k):
-                best = tl.max(cand, axis=1)
-                cand = tl.where(cand == best[:, None], sentinel(BLOCK_M, CAP), cand)
-                top = tl.where(offs_k[None, :] == r, best[:, None], top)
-            top_s, top_i = unpack(top)
+            top_s, top_i = unpack(_topk_rounds(cand, top_k, BLOCK_M, CAP, KP))
             tl.debug_barrier()  # every thread has read the candidates before the list overwrites them
             # the sorted list goes to slots 0..KP-1 (L1-resident), where step 4 gathers it by rank
             tl.store(slab_s + (row_off + offs_k[None, :]), top_s)

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .kernel_config import DEFAULT_CONFIG, RetrievalKernelConfig
 from .triton_common import dot_fp32, half_topk, pack, sentinel, unpack
-from .triton_onepass import _pair_stage, launch_onepass_family, onepass_launch
+from .triton_onepass import _pair_stage, _topk_rounds, launch_onepass_family, onepass_launch
 from .triton_threshold import _load_half_query, _score_tile
 
 # below the 32-bit key of every non-NaN score (the image of -inf is -2139095041)
@@ -104,14 +104,8 @@ def _packed_rounds(cand_s, in_list, top_k, BLOCK_M: tl.constexpr, CAP: tl.conste
 @triton.jit
 def _exact_rounds(cand_s, cand_i, in_list, top_k, BLOCK_M: tl.constexpr, CAP: tl.constexpr, KP: tl.constexpr):
     """The "onepass" rounds on int64 (score, -index) keys -> sorted top (BLOCK_M, KP) packed int64."""
-    offs_k = tl.arange(0, KP)
     cand = tl.where(in_list, pack(cand_s, cand_i), sentinel(BLOCK_M, CAP))
-    top = sentinel(BLOCK_M, KP)
-    for r in range(top_k):
-        best = tl.max(cand, axis=1)
-        cand = tl.where(cand == best[:, None], sentinel(BLOCK_M, CAP), cand)
-        top = tl.where(offs_k[None, :] == r, best[:, None], top)
-    return top
+    return _topk_rounds(cand, top_k, BLOCK_M, CAP, KP)
 
 
 @triton.jit
