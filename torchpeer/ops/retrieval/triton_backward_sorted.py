@@ -99,6 +99,12 @@ def _table_rows_kernel(idx_ptr, rows_ptr, RK, n, H: tl.constexpr, K: tl.constexp
     tl.store(rows_ptr + RK + s, ((s_set * 2 + 1) * n + b).to(out), mask=m)
 
 
+def sorted_block_s() -> int:
+    """BLOCK_S, the entries a segment program reads per step: 16 in the interpreter (numpy emulation), 64
+    on a GPU; segments are SEGMENT_BLOCKS of it."""
+    return 16 if triton_interpreting() else 64
+
+
 def row_segments(offsets: torch.Tensor, entries: int, block_s: int):
     """(SEG, nseg, pbase, seg_row, seg_index, hot): the table rows' sorted lists cut into segments of
     at most SEG entries (the mixing backward's plan, torchpeer/ops/triton_segments.py: sizes
@@ -131,7 +137,7 @@ def dkeys_sorted(ds: torch.Tensor, queries: torch.Tensor, sub_keys: torch.Tensor
         )
     sorted_rows, perm = torch.sort(keys, stable=True)
     offsets = torch.searchsorted(sorted_rows, torch.arange(n_rows + 1, device=dev, dtype=keys.dtype))
-    block_s = 16 if triton_interpreting() else 64
+    block_s = sorted_block_s()
     block_d = max(16, next_pow2(dh))
     seg, nseg, pbase, seg_row, seg_index, hot = row_segments(offsets, 2 * RK, block_s)
     dk = torch.empty((n_rows, dh), device=dev, dtype=torch.float32)
