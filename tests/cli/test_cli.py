@@ -474,6 +474,36 @@ def test_resume_note_suggests_no_model_override(capsys, tmp_path):
     assert "e.g. --model" not in note
 
 
+def test_resume_note_neither_suggests_the_tokenizer_nor_compares_with_an_unnamed_config(capsys, tmp_path):
+    """A resume refuses another tokenizer, so the note never gives --data.tokenizer as its example; and
+    `torchpeer train --resume --run-dir X` names no config, so there is nothing to compare the run's
+    config with (it used to list every field in which the run differs from ptb-tiny), and the resume
+    command printed on Ctrl-C names no config either."""
+    import argparse
+
+    from torchpeer.cli.train import resume_command
+
+    (tmp_path / "t.txt").write_text("some text for a tiny run\n" * 40)
+    cfg = _toml(tmp_path, f'train = "{tmp_path}/t.txt"\nvalid = {{}}\ntokenizer = "byte"')
+    run = str(tmp_path / "run")
+    assert main(["train", cfg, "--run-dir", run, "--train.seed", "3", "--no-progress"]) == 0
+    capsys.readouterr()
+    with open(cfg) as fh:
+        text = fh.read().replace('tokenizer = "byte"', 'tokenizer = "bpe"')
+    with open(cfg, "w") as fh:
+        fh.write(text)
+    assert main(["train", cfg, "--run-dir", run, "--resume", "--train.max_steps", "3", "--no-progress"]) == 0
+    note = capsys.readouterr().out.splitlines()[0]
+    assert note.startswith("note: the run continues under its saved config") and "data.tokenizer" in note
+    assert note.endswith("e.g. --train.seed 0"), note
+    assert main(["train", "--run-dir", run, "--resume", "--train.max_steps", "4", "--no-progress"]) == 0
+    assert "note:" not in capsys.readouterr().out
+    args = argparse.Namespace(config=None, overrides=[("train.max_steps", "4")])
+    assert resume_command(args, run) == f"torchpeer train --run-dir {run} --resume --train.max_steps=4"
+    args.config = cfg
+    assert resume_command(args, run) == f"torchpeer train {cfg} --run-dir {run} --resume --train.max_steps=4"
+
+
 def test_a_file_where_a_folder_is_needed_is_one_clear_line(capsys, tmp_path):
     """A bare OS error from inside a command (sweep's runs folder, report's --out, export-hf's
     output made below a file) names the file in the way, not "[Errno 17] File exists: ..."."""

@@ -67,11 +67,9 @@ def add_parser(subparsers):
 
 def resume_command(args, run_dir: str) -> str:
     """The command line that continues this run."""
-    from torchpeer.lm.config_io import DEFAULT_CONFIG
-
     overrides = [f"--{k}={v}" for k, v in args.overrides]
-    config = args.config or DEFAULT_CONFIG
-    return shlex.join(["torchpeer", "train", config, "--run-dir", run_dir, "--resume", *overrides])
+    config = [args.config] if args.config else []  # none named: the resume names none either (the run's own)
+    return shlex.join(["torchpeer", "train", *config, "--run-dir", run_dir, "--resume", *overrides])
 
 
 def config_for_resume(file_cfg, config_arg: str, run_dir: str, overrides, say=print):
@@ -92,8 +90,13 @@ def config_for_resume(file_cfg, config_arg: str, run_dir: str, overrides, say=pr
     if diffs:
         shown = "; ".join(f"{k} (run {a!r}, file {b!r})" for k, a, b in diffs[:6])
         more = f"; and {len(diffs) - 6} more" if len(diffs) > 6 else ""
-        # model fields are the checkpoint's weights' shape: an override of one is refused, so none is the example
-        changeable = [(k, v) for k, _, v in diffs if not isinstance(v, dict) and not k.startswith("model.")]
+        # model fields (the checkpoint's weights' shape) and the tokenizer: an override of one is refused on
+        # resume, so none is the example
+        changeable = [
+            (k, v)
+            for k, _, v in diffs
+            if not isinstance(v, dict) and not k.startswith("model.") and k != "data.tokenizer"
+        ]
         example = f", e.g. --{changeable[0][0]} {_as_flag(changeable[0][1])}" if changeable else ""
         fixed = " (model fields stay the checkpoint's)" if any(k.startswith("model.") for k, _, _ in diffs) else ""
         say(
@@ -178,7 +181,9 @@ def run(args) -> int:
     start = None  # the step a resume starts from
     if args.resume:
         say = print if rank0 else (lambda _: None)
-        cfg, ckpt = config_for_resume(cfg, config_arg, run_dir, args.overrides, say)
+        # no config named (`torchpeer train --resume --run-dir X`): no file to compare the run's config with
+        quiet = args.config is None
+        cfg, ckpt = config_for_resume(cfg, config_arg, run_dir, args.overrides, (lambda _: None) if quiet else say)
         start = checkpoint_step(ckpt)
     if rank0:
         blocks = cfg.model.sparse_blocks() or "none"
