@@ -104,6 +104,23 @@ def test_drop_in_shapes_and_autocast():
     assert m.down.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("query_norm", ["ema", "batch", "ema_white", "layer", "l2", "none"])
+def test_a_batch_of_no_tokens_gives_an_empty_output(query_norm):
+    """A drop-in FFW takes (0, seq, d_model) like nn.Linear does (the default "ema" and "batch" norms
+    raised reshape's "0 elements into shape [0, -1]" error), and an empty training batch leaves the
+    running statistics finite."""
+    m = PEER(32, n_experts=16**2, heads=2, top_k=4, d_key=8, query_norm=query_norm)
+    for training in (True, False):
+        m.train(training)
+        x = torch.randn(0, 5, 32, requires_grad=True)
+        y = m(x)
+        assert y.shape == (0, 5, 32)
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+    assert all(torch.isfinite(b.float()).all() for b in m.buffers())
+    assert torch.isfinite(m.train()(torch.randn(2, 3, 32))).all()
+
+
 def test_init_output_scale():
     """The docstring's init claims: up ~ N(0, 1/d) by default (output scaled by exactly that std), and
     up_init_std = (h*G)**-0.5 (the earlier init) gives an output std within a small factor of a

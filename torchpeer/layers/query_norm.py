@@ -52,7 +52,7 @@ class BatchQueryNorm(nn.BatchNorm1d):
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         _check_q(q, self.heads, self.d_key)
-        return super().forward(q.reshape(q.shape[0], -1)).view_as(q)
+        return super().forward(q.reshape(q.shape[0], self.num_features)).view_as(q)  # (not -1: 0 tokens)
 
 
 class LayerQueryNorm(nn.LayerNorm):
@@ -140,7 +140,7 @@ class EMAQueryNorm(_EMAStats):
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         _check_q(q, self.heads, self.d_key)
-        x = q.reshape(q.shape[0], -1)
+        x = q.reshape(q.shape[0], self.heads * self.d_key)  # (not -1: a batch of 0 tokens has no -1)
         args = (x, self.weight, self.bias, self.running_mean, self.running_var, self.num_updates)
         opts = (self.eps, self.momentum, self.training, self.bn_grad)
         if self.uses_kernels(x):
