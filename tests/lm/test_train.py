@@ -340,3 +340,39 @@ def test_python_train_leaves_a_foreign_config_json_alone(tmp_path):
     with pytest.raises(ValueError, match="holds another config.json, not a torchpeer run's"):
         train_fn(cfg, str(folder), progress=False)
     assert (folder / "config.json").read_text() == foreign and sorted(os.listdir(folder)) == ["config.json"]
+
+
+def test_tokens_per_s_after_a_resume_counts_only_the_steps_it_timed(tmp_path, monkeypatch):
+    """A resume restores the loss window (the steps since the last log line) but not their time: the
+    first tok/s after it divided all of the window's tokens by this session's seconds (a resume at
+    step 104 with log_interval 10 showed 1.7x the real speed). With a clock that moves 1 s per step,
+    every logged tok/s is one step's tokens."""
+    import torchpeer.lm.trainer as trainer_mod
+
+    class Clock:
+        now = 1000.0
+
+        def time(self):
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(trainer_mod, "time", clock)
+    step = Trainer.train_step
+
+    def timed_step(self):
+        clock.now += 1.0
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    cfg = _tiny(tmp_path, "--train.log_interval", "4", max_steps=8)
+    run = str(tmp_path / "run")
+    trainer = Trainer(cfg, run, progress=False).build()
+    trainer._t_start = clock.now
+    for _ in range(6):  # stopped between log lines: the checkpoint's loss window holds steps 5 and 6
+        trainer.train_step()
+    trainer.save_checkpoint()
+    trainer.plan.close()
+    train(_tiny(tmp_path, "--train.log_interval", "4", max_steps=8), run, resume=True, progress=False)
+    logged = [r for r in records(run) if "tok_per_s" in r]
+    assert [r["step"] for r in logged] == [8]
+    assert logged[0]["tok_per_s"] == trainer.tokens_per_step

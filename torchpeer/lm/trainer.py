@@ -342,10 +342,13 @@ class Trainer:
                 say(line)
             self.callbacks.on_train_start(self)
         self._t_start = t_log = time.time()
+        # steps timed since t_log: a resume restores the loss window's steps (_n_loss), not their time
+        timed = 0
         self.model.train()
         self.in_loop = True
         while self.step < self.total_steps and self.stop_reason is None:
             out = self.train_step()
+            timed += 1
             self._start_lock.release()  # the first step has allocated what this run holds: drop its reservation
             step = self.step
             bar.update(1)
@@ -353,7 +356,7 @@ class Trainer:
             if step % t.log_interval == 0 or step == self.total_steps:
                 now = time.time()
                 train_loss = self.plan.all_reduce_mean(self._loss_sum / self._n_loss).item()
-                tok_s = self._n_loss * self.tokens_per_step / max(now - t_log, 1e-9)
+                tok_s = timed * self.tokens_per_step / max(now - t_log, 1e-9)
                 metrics = {
                     "step": step,
                     "tokens": step * self.tokens_per_step,
@@ -368,7 +371,7 @@ class Trainer:
                     self.log.write(metrics)
                 bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
                 if print_logs:
-                    eta = (self.total_steps - step) * (now - t_log) / self._n_loss
+                    eta = (self.total_steps - step) * (now - t_log) / timed
                     print(
                         f"step {step}/{self.total_steps} loss {train_loss:.4f} lr {metrics['lr']:.2e} "
                         f"tok/s {tok_s:,.0f} eta {eta / 60:.1f} min",
@@ -391,7 +394,7 @@ class Trainer:
                 bar.close()
                 self._interrupt(say)
             if self._n_loss == 0:
-                t_log = time.time()  # tokens/s measures training only, not evaluation or checkpointing
+                t_log, timed = time.time(), 0  # tokens/s measures training only, not evaluation or checkpointing
         bar.close()
         return self._finish()
 
