@@ -376,3 +376,13 @@ def test_tokens_per_s_after_a_resume_counts_only_the_steps_it_timed(tmp_path, mo
     logged = [r for r in records(run) if "tok_per_s" in r]
     assert [r["step"] for r in logged] == [8]
     assert logged[0]["tok_per_s"] == trainer.tokens_per_step
+
+
+def test_a_config_name_instead_of_a_run_config_is_one_clear_type_error(tmp_path):
+    """train("ptb-tiny", run_dir) raised AttributeError: 'str' object has no attribute 'validate'."""
+    wanted = r"must be a RunConfig, got str; read one with torchpeer.lm.load_config\('ptb-tiny'\)"
+    with pytest.raises(TypeError, match=wanted):
+        train("ptb-tiny", str(tmp_path / "run"), progress=False)
+    with pytest.raises(TypeError, match="got dict"):
+        Trainer({"model": {}}, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")

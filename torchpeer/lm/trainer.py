@@ -61,6 +61,12 @@ class Trainer:
         (every rank, before plan.wrap_model; not when resuming from a checkpoint of this run).
         parent: where those weights stand in their own training ({"step", "tokens", "time"}, e.g. an
         export's origin): written in the start record of metrics.jsonl, so plots draw this run after it."""
+        if not isinstance(cfg, RunConfig):  # e.g. train("ptb-tiny", ...): not an AttributeError from inside
+            example = f"load_config({cfg!r})" if isinstance(cfg, str) else "load_config('ptb-tiny')"
+            raise TypeError(
+                f"the config must be a RunConfig, got {type(cfg).__name__}; read one with "
+                f"torchpeer.lm.{example} (a shipped config name or a TOML path; overrides as its second argument)"
+            )
         self.cfg, self.run_dir, self.resume, self.progress = cfg, run_dir, resume, progress
         self.init_from, self.parent = init_from, parent
         self.callbacks = CallbackList(callbacks)
