@@ -60,3 +60,31 @@ def test_report_out_naming_a_file_is_one_error(tmp_path, capsys):
     (tmp_path / "notes").write_text("x")
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "notes")]) == 2
     assert "names a file" in capsys.readouterr().err
+
+
+def test_an_interrupted_sweep_says_how_to_go_on(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in a sweep printed only "interrupted": it now names results.jsonl and the command that
+    continues the sweep (its runs folder and options), and exits 130 (143 for a run's SIGTERM)."""
+    import signal
+
+    import torchpeer.experiments.runner as runner
+    from torchpeer.lm.train import TrainingInterrupted
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_sweep", interrupted)
+    runs = str(tmp_path / "r")
+    assert main(["sweep", "cpu-smoke", "--runs-dir", runs, "--parallel", "2", "--time-limit", "470"]) == 130
+    err = capsys.readouterr().err
+    assert err == (
+        f"interrupted: runs finished so far are in {runs}/results.jsonl; to go on (finished runs are skipped, "
+        f"an interrupted one resumes): torchpeer sweep cpu-smoke --runs-dir {runs} --time-limit 470 --parallel 2\n"
+    )
+
+    def terminated(*args, **kwargs):
+        raise TrainingInterrupted(signal.SIGTERM, 12, None)
+
+    monkeypatch.setattr(runner, "run_sweep", terminated)
+    assert main(["sweep", "cpu-smoke", "--runs-dir", runs]) == 143
+    assert capsys.readouterr().err.endswith(f"torchpeer sweep cpu-smoke --runs-dir {runs}\n")

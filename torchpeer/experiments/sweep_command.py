@@ -93,6 +93,25 @@ def check_not_a_run_folder(runs_dir: str) -> None:
         )
 
 
+def continue_command(args, runs_dir: str) -> str:
+    """The command line that continues an interrupted sweep: the same one, with its runs folder."""
+    import shlex
+
+    cmd = ["torchpeer", "sweep", args.spec, "--runs-dir", runs_dir]
+    for flag, value in (
+        ("--only", args.only),
+        ("--time-limit", args.time_limit),
+        ("--assume-tokens-per-s", args.assume_tokens_per_s),
+        ("--stop-at", args.stop_at),
+    ):
+        if value is not None:
+            cmd += [flag, value if isinstance(value, str) else f"{value:g}"]
+    if args.parallel != 1:
+        cmd += ["--parallel", str(args.parallel)]
+    cmd += ["--drop-checkpoints"] * bool(args.drop_checkpoints) + ["--no-progress"] * bool(args.no_progress)
+    return shlex.join(cmd)
+
+
 def run(args) -> int:
     import os
 
@@ -102,19 +121,30 @@ def run(args) -> int:
     spec = load_spec(args.spec)
     runs_dir = args.runs_dir or os.path.join("runs", spec.name)
     check_not_a_run_folder(runs_dir)
-    run_sweep(
-        spec,
-        runs_dir,
-        only=args.only,
-        dry_run=args.dry_run,
-        progress=not args.no_progress,
-        assume_tokens_per_s=args.assume_tokens_per_s,
-        time_limit=args.time_limit,
-        parallel=args.parallel,
-        stop_at=args.stop_at,
-        drop_checkpoints=args.drop_checkpoints,
-        say=lambda s: print(s, flush=True),
-    )
+    try:
+        run_sweep(
+            spec,
+            runs_dir,
+            only=args.only,
+            dry_run=args.dry_run,
+            progress=not args.no_progress,
+            assume_tokens_per_s=args.assume_tokens_per_s,
+            time_limit=args.time_limit,
+            parallel=args.parallel,
+            stop_at=args.stop_at,
+            drop_checkpoints=args.drop_checkpoints,
+            say=lambda s: print(s, flush=True),
+        )
+    except KeyboardInterrupt as e:  # Ctrl-C, or a run's TrainingInterrupted (SIGINT/SIGTERM)
+        import sys
+
+        signum = getattr(e, "signum", 2)
+        print(
+            f"interrupted: runs finished so far are in {os.path.join(runs_dir, 'results.jsonl')}; "
+            f"to go on (finished runs are skipped, an interrupted one resumes): {continue_command(args, runs_dir)}",
+            file=sys.stderr,
+        )
+        return 128 + signum
     if not args.dry_run:
         print(f"results: {os.path.join(runs_dir, 'results.jsonl')}; tables and figures: torchpeer report {runs_dir}")
     return 0
