@@ -19,7 +19,7 @@ def resume_lines(trainer) -> list[str]:
 
 def start_lines(trainer) -> list[str]:
     """The lines a (rank-0) Trainer prints before its first step: resume_lines, where it resumes from
-    and what changed, a warmup longer than the run, the op backends, a missing TensorBoard."""
+    and what changed, a warmup longer than the run, a non-causal FFW, the op backends, a missing TensorBoard."""
     t = trainer
     lines = resume_lines(t)
     if t.ckpt is not None:
@@ -32,11 +32,27 @@ def start_lines(trainer) -> list[str]:
     warmup = warmup_note(t.cfg, t.total_steps)
     if warmup and t.step == 0:  # (a resumed run said so when it started)
         lines.append(warmup)
+    noncausal = noncausal_note(t.cfg)
+    if noncausal and t.step == 0:
+        lines.append(noncausal)
     if t.progress and t.backends:
         lines.append(f"op backends: {format_backends(t.backends)}")
     if t.log.tb_missing:
         lines.append(t.log.tb_missing)
     return lines
+
+
+def noncausal_note(cfg) -> str | None:
+    """A note when the LM's FFW is expert-choice MoE (the default routing of ``model.ffw = "moe"``, the
+    paper's baseline): experts pick tokens among all of a batch's positions, so a token's output
+    depends on later tokens, in training and in evaluation, and the perplexity is not a causal LM's."""
+    if cfg.model.ffw != "moe" or cfg.model.moe.routing != "expert_choice":
+        return None
+    return (
+        'note: model.moe.routing = "expert_choice" is not causal (experts choose among all positions of a batch, '
+        "so a token's output depends on later tokens): its perplexities are not comparable with a causal model's; "
+        "for a causal MoE give --model.moe.routing token_choice"
+    )
 
 
 def format_backends(report: dict) -> str:
