@@ -97,6 +97,22 @@ def test_generate_cli(trained, capsys):
     assert capsys.readouterr().out == greedy
 
 
+def test_a_prompt_that_is_no_tensor_of_token_ids_is_one_clear_error():
+    """A list (tok.encode's), float ids or an id past the vocabulary gave AttributeError "'list' object
+    has no attribute 'dim'", the embedding's dtype error or "index out of range in self"."""
+    model = TransformerLM(tiny("dense")).eval()
+    vocab = model.cfg.vocab_size
+    with pytest.raises(TypeError, match="got a list: torch.tensor"):
+        generate(model, [1, 2, 3], 2)
+    with pytest.raises(TypeError, match="integer token ids"):
+        generate(model, torch.ones(1, 3), 2)
+    with pytest.raises(ValueError, match=rf"token ids 1..{vocab}, outside the model's vocabulary 0..{vocab - 1}"):
+        generate(model, torch.tensor([[1, vocab]]), 2)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        generate(model, torch.tensor([[-1, 2]]), 2)
+    assert generate(model, torch.tensor([[1, vocab - 1]], dtype=torch.int32), 2, temperature=0).shape == (1, 4)
+
+
 def test_generate_calls_on_token_with_each_new_column():
     torch.manual_seed(5)
     model = TransformerLM(tiny("dense")).eval()

@@ -86,8 +86,18 @@ def generate(
     graph on a static cache: far fewer launches, CUDA only; decode_graph.py) or "static" (the
     graph's static-cache step run eagerly, on any device).
     """
+    if not isinstance(idx, torch.Tensor):  # e.g. tok.encode(...)'s list
+        raise TypeError(
+            f"idx must be a (batch, time) tensor of token ids, got a {type(idx).__name__}: torch.tensor([ids])"
+        )
     if idx.dim() != 2 or idx.shape[0] < 1 or idx.shape[1] < 1:
         raise ValueError(f"idx must be (batch, time>=1) token ids, got shape {tuple(idx.shape)}")
+    if idx.dtype not in (torch.long, torch.int):
+        raise TypeError(f"idx must hold integer token ids (torch.long), got {idx.dtype}")
+    vocab = model.cfg.vocab_size  # always set on a built TransformerLM
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= vocab:  # else the embedding's "index out of range in self"
+        raise ValueError(f"idx holds token ids {lo}..{hi}, outside the model's vocabulary 0..{vocab - 1}")
     if decode not in ("eager", "static", "graph"):
         raise ValueError(f"decode must be 'eager', 'static' or 'graph', got {decode!r}")
     if decode != "eager" and not use_cache:
