@@ -906,6 +906,20 @@ def test_a_budget_given_but_never_reached_is_one_note(capsys, tmp_path, monkeypa
         assert "note: train.max" not in capsys.readouterr().out
 
 
+def test_info_notes_a_budget_given_but_never_reached_as_train_does(capsys):
+    """`torchpeer info ptb-tiny --train.max_tokens 2e7` printed "training: 500 steps ..." with no word
+    that max_steps pre-empts the given budget (train says so at its start); now the same note."""
+    assert main(["info", "ptb-tiny", "--train.max_tokens", "2e7"]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith(
+        "training: 500 steps x 2,048 tokens = 1,024,000 tokens, 8.1e+12 FLOPs\n"
+        "note: train.max_steps = 500 ends the run at step 500, before train.max_tokens = 2e+07 at 2,048 tokens "
+        "per step (step 9,766) is reached; to train to it, also give --train.max_steps none\n"
+    )
+    assert main(["info", "ptb-tiny", "--train.max_tokens", "2e5"]) == 0  # it shortens the run: no note
+    assert "note:" not in capsys.readouterr().out
+
+
 def test_a_run_folder_with_a_damaged_config_json_uses_its_checkpoints_config(capsys, tmp_path, monkeypatch):
     """A run folder whose config.json was cut short or hand-edited into invalid JSON (or removed)
     stopped `torchpeer train RUN --resume` (the command a finished run prints), `info RUN` and

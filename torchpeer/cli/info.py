@@ -79,4 +79,9 @@ def run(args) -> int:
         f"training: {steps} steps x {tokens_per_step:,} tokens = {steps * tokens_per_step:,} tokens, "
         f"{steps * tokens_per_step * cost.train_flops:.3g} FLOPs"
     )
+    from torchpeer.cli.train import preempted_budget_note
+
+    note = preempted_budget_note(cfg, args.overrides)  # as train says at its start
+    if note:
+        print(note)
     return 0
