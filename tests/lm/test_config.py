@@ -156,6 +156,16 @@ def test_type_errors_name_the_field():
     assert math.isclose(load_config("ptb-tiny", ["--train.lr", "1"]).train.lr, 1.0)
 
 
+def test_a_section_given_as_a_dict_in_python_is_one_clear_type_error():
+    """ModelConfig(peer={"n_experts": 256}) (a TOML table's shape) failed inside dataclasses.fields with
+    "must be called with a dataclass type or instance"; now the error names the field and the class."""
+    cfg = ModelConfig(vocab_size=100, peer={"n_experts": 256})
+    wanted = r"model\.peer must be a PEERConfig, got dict \{'n_experts': 256\}; e\.g\. peer=PEERConfig\(\.\.\.\)"
+    with pytest.raises(TypeError, match=wanted):
+        cfg.validate()
+    assert "from torchpeer.layers.peer import PEERConfig" in str(pytest.raises(TypeError, cfg.validate).value)
+
+
 def test_a_kind_registered_too_late_is_one_clear_error(monkeypatch):
     import torchpeer.layers.registry as registry
 

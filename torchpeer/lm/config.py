@@ -102,7 +102,13 @@ class _ModelFields:
             raise ValueError(f"model.vocab_size must be >= 2 (or omitted), got {self.vocab_size!r}")
         for kind in ffw_kinds():  # e.g. n_experts = 1024.0 names model.peer.n_experts, before the layer sees it
             if hasattr(self, kind):
-                check_field_types(getattr(self, kind), f"model.{kind}")
+                section, want = getattr(self, kind), get_ffw(kind).config_cls
+                if not isinstance(section, want):  # e.g. ModelConfig(peer={"n_experts": 256}) in Python
+                    raise TypeError(
+                        f"model.{kind} must be a {want.__name__}, got {type(section).__name__} {section!r}; "
+                        f"e.g. {kind}={want.__name__}(...) (from {want.__module__} import {want.__name__})"
+                    )
+                check_field_types(section, f"model.{kind}")
 
 
 def _model_config_class() -> type:
