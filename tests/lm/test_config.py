@@ -166,6 +166,15 @@ def test_a_section_given_as_a_dict_in_python_is_one_clear_type_error():
     assert "from torchpeer.layers.peer import PEERConfig" in str(pytest.raises(TypeError, cfg.validate).value)
 
 
+def test_a_run_config_section_given_as_a_dict_is_one_clear_type_error():
+    """RunConfig(model={...}) / (train={...}) failed with AttributeError "'dict' object has no attribute
+    'validate'"; now the error names the section and RunConfig.from_dict, which takes nested dicts."""
+    for section, value in (("model", {"d_model": 64}), ("train", {"max_steps": 3}), ("data", {"train": "x.txt"})):
+        with pytest.raises(TypeError, match=rf"^{section} must be a \w+Config, got dict .*RunConfig\.from_dict"):
+            RunConfig(**{section: value}).validate()
+    assert RunConfig.from_dict({"model": {"d_model": 64}, "train": {"max_steps": 3}}).model.d_model == 64
+
+
 def test_a_kind_registered_too_late_is_one_clear_error(monkeypatch):
     import torchpeer.layers.registry as registry
 

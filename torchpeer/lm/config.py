@@ -237,6 +237,13 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
     def validate(self) -> None:
+        for name, cls in (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig)):
+            value = getattr(self, name)
+            if not isinstance(value, cls):  # e.g. RunConfig(model={"d_model": 64}) in Python
+                raise TypeError(
+                    f"{name} must be a {cls.__name__}, got {type(value).__name__} {value!r}; "
+                    "build a config from nested dicts with RunConfig.from_dict({...})"
+                )
         self.model.validate()
         self.train.validate()
         self.data.validate()
