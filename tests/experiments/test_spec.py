@@ -170,6 +170,16 @@ def test_per_option_budgets_intersect(tmp_path):
         (lambda r: r["base"].update({"model.d_model": "wide"}), "model.d_model"),
         (lambda r: r["sweep"].update(warmup_frac=1.5), "warmup_frac"),
         (lambda r: r["sweep"].update(eval_set="wiki"), "eval_set = 'wiki' is not one of the run's eval sets (ptb)"),
+        (  # a table where the spec takes dotted fields: the dotted form to write instead
+            lambda r: r["base"].update({"data.valid": {"mine": "v.txt"}}),
+            '[base] data.valid is a table; give one value per dotted field, e.g. "data.valid.mine" = "v.txt" '
+            '("data.valid.NAME" = "none" drops an eval set of the base config)',
+        ),
+        (
+            lambda r: r["variants"]["peer"].update({"model.peer": {"heads": 4, "top_k": 8}}),
+            'model.peer is a table; give one value per dotted field, e.g. "model.peer.heads" = 4; '
+            '"model.peer.top_k" = 8',
+        ),
     ],
 )
 def test_bad_specs_name_the_problem(tmp_path, mutate, message):

@@ -19,6 +19,7 @@ problem (unknown key, empty grid, no budgets, ...) is one ValueError that names 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import sys
@@ -265,7 +266,13 @@ def _overrides(table: dict[str, Any], what: str, where: str, meta=VARIANT_META_K
                 "'model.d_model' or 'train.lr'"
             )
         if isinstance(value, dict):
-            raise ValueError(f"{where}: {what} {key} is a table; give one value per dotted field")
+            example = "; ".join(f'"{key}.{k}" = {json.dumps(v)}' for k, v in list(value.items())[:2])
+            drop = ' ("data.valid.NAME" = "none" drops an eval set of the base config)' if key == "data.valid" else ""
+            raise ValueError(
+                f"{where}: {what} {key} is a table; give one value per dotted field"
+                + (f", e.g. {example}" if example else "")
+                + drop
+            )
         _check_field(key, value, what, where)
         out[key] = value
     return out
