@@ -444,6 +444,13 @@ def test_error_unparsable_override_says_what_to_give(capsys, override, message):
         ("model.n_experts", "model.peer.n_experts"),  # ptb-tiny is a PEER model: its section first
         ("trian.max_steps", "train.max_steps"),
         ("train.warmup", "train.warmup_steps"),
+        # other libraries' names whose letters led elsewhere (checkpoint: the on/off switch; max_steps)
+        ("train.checkpoint_every", "train.ckpt_interval"),
+        ("train.save_steps", "train.ckpt_interval"),
+        ("train.eval_steps", "train.eval_interval"),
+        ("train.eval_iters", "train.eval_batches"),
+        ("train.logging_steps", "train.log_interval"),
+        ("train.wd", "train.weight_decay"),
     ],
 )
 def test_unknown_field_suggests_only_a_similar_field(capsys, key, suggestion):

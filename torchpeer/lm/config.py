@@ -357,6 +357,19 @@ OTHER_NAMES = {
     "clip_grad_norm": "grad_clip",
     "max_grad_norm": "grad_clip",
     "warmup": "warmup_steps",
+    # letters alone gave a wrong field: checkpoint_every -> checkpoint (the on/off switch), save_steps
+    # and eval_steps -> max_steps, save_interval -> eval_interval, eval_iters (nanoGPT's eval batches)
+    # -> eval_interval; and nothing for log_every, logging_steps, wd, precision
+    "checkpoint_every": "ckpt_interval",
+    "save_every": "ckpt_interval",
+    "save_interval": "ckpt_interval",
+    "save_steps": "ckpt_interval",
+    "eval_steps": "eval_interval",
+    "eval_iters": "eval_batches",
+    "log_every": "log_interval",
+    "logging_steps": "log_interval",
+    "wd": "weight_decay",
+    "precision": "dtype",
     "num_experts": "n_experts",
     "num_heads": "n_heads heads",
     "n_heads": "heads",
