@@ -451,6 +451,10 @@ def test_error_unparsable_override_says_what_to_give(capsys, override, message):
         ("train.eval_iters", "train.eval_batches"),
         ("train.logging_steps", "train.log_interval"),
         ("train.wd", "train.weight_decay"),
+        ("train.bf16", "train.dtype"),
+        ("model.peer.key_dim", "model.peer.d_key"),  # not key_init
+        ("model.num_attention_heads", "model.n_heads"),
+        ("model.intermediate_size", "model.dense.d_hidden"),
     ],
 )
 def test_unknown_field_suggests_only_a_similar_field(capsys, key, suggestion):

@@ -370,6 +370,12 @@ OTHER_NAMES = {
     "logging_steps": "log_interval",
     "wd": "weight_decay",
     "precision": "dtype",
+    "bf16": "dtype",
+    "amp": "dtype",
+    "key_dim": "d_key",  # not key_init
+    "num_attention_heads": "n_heads",
+    "intermediate_size": "d_hidden",
+    "ffn_dim": "d_hidden",
     "num_experts": "n_experts",
     "num_heads": "n_heads heads",
     "n_heads": "heads",
