@@ -121,6 +121,28 @@ def test_a_batch_of_no_tokens_gives_an_empty_output(query_norm):
     assert torch.isfinite(m.train()(torch.randn(2, 3, 32))).all()
 
 
+@pytest.mark.parametrize("query_norm", ["ema", "batch", "ema_white"])
+def test_retrieve_and_query_do_not_update_the_norm_statistics(query_norm):
+    """In training mode retrieve() / query() (the README's inspection calls) updated the query norm's
+    running statistics like a training step, so the next forward saw other statistics than without
+    the look (and picked other experts). Now they leave the layer as it was, still differentiable."""
+    torch.manual_seed(0)
+    m = PEER(32, n_experts=16**2, heads=2, top_k=4, d_key=8, query_norm=query_norm)
+    twin = PEER(32, n_experts=16**2, heads=2, top_k=4, d_key=8, query_norm=query_norm)
+    twin.load_state_dict(m.state_dict())
+    x = torch.randn(3, 7, 32)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    scores, idx = m.retrieve(x)
+    again = m.retrieve(x)
+    q = m.query(x)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    assert torch.equal(idx, again[1]) and torch.equal(scores, again[0])
+    (scores.sum() + q.sum()).backward()
+    assert m.router.query_proj.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(m(x), twin(x), rtol=0, atol=0)  # the forward counts, once
+    assert all(torch.equal(a, b) for a, b in zip(m.buffers(), twin.buffers()))
+
+
 def test_init_output_scale():
     """The docstring's init claims: up ~ N(0, 1/d) by default (output scaled by exactly that std), and
     up_init_std = (h*G)**-0.5 (the earlier init) gives an output std within a small factor of a

@@ -35,7 +35,7 @@ from torchpeer.layers.expert_pool import TABLE_NAMES, ExpertPool, expert_tables
 from torchpeer.layers.key_init import KEY_INITS, init_sub_keys_from_queries
 from torchpeer.layers.readout import LAYER_ACTIVATIONS, READOUTS, OutputGate, mix_activation, rows_per_selection
 from torchpeer.layers.registry import register_ffw
-from torchpeer.layers.router import KEY_NORMS, ProductKeyRouter, RoutedLayer, autocast_dtype
+from torchpeer.layers.router import KEY_NORMS, ProductKeyRouter, RoutedLayer, autocast_dtype, norm_statistics_kept
 from torchpeer.layers.validators import check_choice, check_input, check_number, check_positive
 from torchpeer.ops import BACKENDS, expert_mix, resolve_backend
 from torchpeer.usage import UsageTrackingMixin
@@ -280,14 +280,17 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
         )
 
     def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact top-k experts per head: the ones ``forward`` mixes (same precision rules).
+        """Exact top-k experts per head: the ones ``forward`` mixes (same precision rules). In
+        training mode it leaves the query norm's running statistics alone (as ``query()`` does; only
+        ``forward`` updates them), so a call before the forward gives the forward's experts.
 
         x: (..., d_model) -> scores (..., heads, top_k) float32 and indices (..., heads, top_k)
         int64 in [0, n_experts), sorted by descending score.
         """
         check_input(x, self.d_model, "PEER", self.router.query_proj.weight.dtype)
         lead = x.shape[:-1]
-        _, scores, indices = self.router(x.reshape(-1, self.d_model))
+        with norm_statistics_kept(self.router.norm):  # inspecting is no training step
+            _, scores, indices = self.router(x.reshape(-1, self.d_model))
         return scores.view(*lead, self.heads, self.top_k), indices.view(*lead, self.heads, self.top_k)
 
     def gates(self, scores: torch.Tensor) -> torch.Tensor:

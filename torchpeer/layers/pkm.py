@@ -39,7 +39,7 @@ from torch import nn
 
 from torchpeer.layers.accounting import FFWCost, count_params, matmul_flops
 from torchpeer.layers.registry import register_ffw
-from torchpeer.layers.router import ProductKeyRouter, RoutedLayer
+from torchpeer.layers.router import ProductKeyRouter, RoutedLayer, norm_statistics_kept
 from torchpeer.layers.validators import check_input, check_positive
 from torchpeer.usage import UsageTrackingMixin
 
@@ -113,7 +113,8 @@ class PKM(RoutedLayer, UsageTrackingMixin, nn.Module):
         indices int64 in [0, N)."""
         check_input(x, self.d_model, "PKM", self.router.query_proj.weight.dtype)
         lead = x.shape[:-1]
-        _, scores, indices = self.router(x.reshape(-1, self.d_model))
+        with norm_statistics_kept(self.router.norm):  # inspecting is no training step
+            _, scores, indices = self.router(x.reshape(-1, self.d_model))
         return scores.view(*lead, self.heads, self.top_k), indices.view(*lead, self.heads, self.top_k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ the router was a module of its own) keep working.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -193,6 +194,24 @@ class ProductKeyRouter(nn.Module):
 _LEGACY_ROUTER_NAMES = ("query_proj", "norm", "sub_keys")
 
 
+@contextlib.contextmanager
+def norm_statistics_kept(norm: nn.Module):
+    """Within: the query norm's buffers (running statistics, update counts) are stand-in copies, so
+    that looking at queries or experts (``query()``, ``retrieve()``) in training mode is not a training
+    step: a call before ``forward`` sees what the forward will, and the forward is the one that counts.
+    The originals are never written, so nothing autograd saved from them is modified in place."""
+    originals = [(mod, dict(mod._buffers)) for mod in norm.modules()]
+    for mod, bufs in originals:
+        for name, buf in bufs.items():
+            if buf is not None:
+                mod._buffers[name] = buf.clone()
+    try:
+        yield
+    finally:
+        for mod, bufs in originals:
+            mod._buffers.update(bufs)
+
+
 class RoutedLayer:
     """Mixin for an nn.Module that owns ``self.router: ProductKeyRouter``."""
 
@@ -211,8 +230,10 @@ class RoutedLayer:
         return self.router.sub_keys
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised queries. x: (..., d_model) -> (..., heads, d_key)."""
-        return self.router.query(x)
+        """Normalised queries. x: (..., d_model) -> (..., heads, d_key). Leaves the query norm's
+        running statistics as they were (in training mode, only ``forward`` updates them)."""
+        with norm_statistics_kept(self.router.norm):
+            return self.router.query(x)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for key in list(state_dict):
