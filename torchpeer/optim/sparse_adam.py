@@ -6,7 +6,8 @@ row of the parameter and both moments (5 table-sized passes); this optimizer tou
 rows given for the step:
 
     opt = SparseRowAdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    _, indices = peer.retrieve(x)                     # or keep the indices of the forward
+    _, indices = peer.retrieve(x)                     # before the forward (the ema norm's statistics
+                                                      # move in it), or keep the forward's indices
     rows = indices.unique()
     opt.step(rows={peer.down: rows, peer.up: rows})   # other parameters: plain dense AdamW
 
