@@ -929,6 +929,8 @@ def test_info_notes_a_budget_given_but_never_reached_as_train_does(capsys):
     )
     assert main(["info", "ptb-tiny", "--train.max_tokens", "2e5"]) == 0  # it shortens the run: no note
     assert "note:" not in capsys.readouterr().out
+    assert main(["info", "ptb-tiny", "--train.max_steps", "1221"]) == 0  # steps with a thousands separator
+    assert "\ntraining: 1,221 steps x 2,048 tokens = 2,500,608 tokens" in capsys.readouterr().out
 
 
 def test_a_run_folder_with_a_damaged_config_json_uses_its_checkpoints_config(capsys, tmp_path, monkeypatch):

@@ -76,7 +76,7 @@ def run(args) -> int:
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.seq_len
     steps = plan_steps(cfg, cost.train_flops)
     print(
-        f"training: {steps} steps x {tokens_per_step:,} tokens = {steps * tokens_per_step:,} tokens, "
+        f"training: {steps:,} steps x {tokens_per_step:,} tokens = {steps * tokens_per_step:,} tokens, "
         f"{steps * tokens_per_step * cost.train_flops:.3g} FLOPs"
     )
     from torchpeer.cli.train import preempted_budget_note
