@@ -933,6 +933,24 @@ def test_info_notes_a_budget_given_but_never_reached_as_train_does(capsys):
     assert "\ntraining: 1,221 steps x 2,048 tokens = 2,500,608 tokens" in capsys.readouterr().out
 
 
+def test_an_override_of_a_section_the_model_does_not_read_is_noted(capsys):
+    """--model.ffw pkm --model.peer.top_k 4 trained a PKM with its own top_k, and the override did nothing
+    without a word; now one note names it and the field of the model's own section. [model.dense] is
+    read by every model (the blocks without the sparse FFW), so its fields are never noted."""
+    assert main(["info", "ptb-tiny", "--model.ffw", "pkm", "--model.peer.top_k", "4"]) == 0
+    assert capsys.readouterr().out.endswith(
+        "\nnote: --model.peer.top_k does nothing: model.ffw = 'pkm' reads only [model.pkm] (and [model.dense]); "
+        "did you mean --model.pkm.top_k?\n"
+    )
+    dense = ["--model.ffw", "dense", "--model.peer.n_experts", "1024", "--model.moe.top_k", "2"]
+    assert main(["info", "ptb-tiny", *dense]) == 0
+    assert capsys.readouterr().out.endswith(
+        "\nnote: --model.peer.n_experts, --model.moe.top_k do nothing: model.ffw = 'dense' reads only [model.dense]\n"
+    )
+    assert main(["info", "ptb-tiny", "--model.dense.d_hidden", "64", "--model.peer.top_k", "4"]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
 def test_a_run_folder_with_a_damaged_config_json_uses_its_checkpoints_config(capsys, tmp_path, monkeypatch):
     """A run folder whose config.json was cut short or hand-edited into invalid JSON (or removed)
     stopped `torchpeer train RUN --resume` (the command a finished run prints), `info RUN` and

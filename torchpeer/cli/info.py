@@ -79,9 +79,9 @@ def run(args) -> int:
         f"training: {steps:,} steps x {tokens_per_step:,} tokens = {steps * tokens_per_step:,} tokens, "
         f"{steps * tokens_per_step * cost.train_flops:.3g} FLOPs"
     )
-    from torchpeer.cli.train import preempted_budget_note
+    from torchpeer.cli.train import preempted_budget_note, unused_section_note
 
-    note = preempted_budget_note(cfg, args.overrides)  # as train says at its start
-    if note:
-        print(note)
+    for note in (preempted_budget_note(cfg, args.overrides), unused_section_note(cfg, args.overrides)):
+        if note:  # as train says at its start
+            print(note)
     return 0

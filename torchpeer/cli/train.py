@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -127,14 +128,35 @@ def preempted_budget_note(cfg, overrides) -> str | None:
         return None
     flops = None
     if cfg.train.max_flops is not None:  # the model's training FLOPs per token, as torchpeer info counts them
-        import dataclasses
-
         from torchpeer.cli.info import infer_vocab_size
         from torchpeer.lm.info import config_cost
 
         model = dataclasses.replace(cfg.model, vocab_size=infer_vocab_size(cfg))
         flops = config_cost(model).train_flops
     return preempted_note(cfg, flops, given)
+
+
+def unused_section_note(cfg, overrides) -> str | None:
+    """The note when an override sets a field of another FFW kind's section than the model's
+    (--model.ffw pkm --model.peer.top_k 4): the model never reads it, and nothing said so. [model.dense]
+    is always read (the blocks without the sparse FFW are dense)."""
+    from torchpeer.layers import ffw_kinds
+
+    ffw = cfg.model.ffw
+    unused = [
+        k for k, _ in overrides if k.split(".")[0] == "model" and k.split(".")[1] in set(ffw_kinds()) - {ffw, "dense"}
+    ]
+    if not unused:
+        return None
+    ours = {f"model.{ffw}.{f.name}" for f in dataclasses.fields(getattr(cfg.model, ffw))}
+    meant = [f"model.{ffw}.{k.split('.', 2)[2]}" for k in unused]
+    hint = [m for m in meant if m in ours]
+    sections = "[model.dense]" if ffw == "dense" else f"[model.{ffw}] (and [model.dense])"
+    return (
+        f"note: {', '.join('--' + k for k in unused)} {'does' if len(unused) == 1 else 'do'} nothing: "
+        f"model.ffw = {ffw!r} reads only {sections}"
+        + (f"; did you mean {', '.join('--' + m for m in hint)}?" if hint else "")
+    )
 
 
 def _as_flag(value) -> str:
@@ -188,9 +210,9 @@ def run(args) -> int:
     if rank0:
         blocks = cfg.model.sparse_blocks() or "none"
         print(f"config {cfg.name}: {cfg.model.ffw} FFW at blocks {blocks}, run dir {run_dir}")
-        note = preempted_budget_note(cfg, args.overrides)
-        if note:
-            print(note)
+        for note in (preempted_budget_note(cfg, args.overrides), unused_section_note(cfg, args.overrides)):
+            if note:
+                print(note)
     try:
         # torchpeer.parallel's plan: DistributedPlan under torchrun, else one process that also reads
         # a distributed run's checkpoints (the core, torchpeer.lm, does not import torchpeer.parallel)
