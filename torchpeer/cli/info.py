@@ -39,23 +39,9 @@ def add_parser(subparsers):
     return p
 
 
-def infer_vocab_size(cfg) -> int:
-    """model.vocab_size, or the tokenizer's (bpe: the configured target size) without training one."""
-    if cfg.model.vocab_size is not None:
-        return cfg.model.vocab_size
-    if cfg.data.tokenizer == "byte":
-        from torchpeer.data import ByteTokenizer
-
-        return ByteTokenizer.vocab_size
-    if cfg.data.tokenizer == "bpe":
-        return cfg.data.vocab_size
-    from torchpeer.data import load_tokenizer
-
-    return load_tokenizer(cfg.data).vocab_size
-
-
 def run(args) -> int:
     from torchpeer.cli.common import config_with_overrides
+    from torchpeer.cli.notes import infer_vocab_size
     from torchpeer.lm.budget import plan_steps
     from torchpeer.lm.info import config_cost, format_cost
 
@@ -79,7 +65,7 @@ def run(args) -> int:
         f"training: {steps:,} steps x {tokens_per_step:,} tokens = {steps * tokens_per_step:,} tokens, "
         f"{steps * tokens_per_step * cost.train_flops:.3g} FLOPs"
     )
-    from torchpeer.cli.train import preempted_budget_note, unused_section_note
+    from torchpeer.cli.notes import preempted_budget_note, unused_section_note
 
     for note in (preempted_budget_note(cfg, args.overrides), unused_section_note(cfg, args.overrides)):
         if note:  # as train says at its start
