@@ -371,7 +371,7 @@ def test_tokens_per_s_after_a_resume_counts_only_the_steps_it_timed(tmp_path, mo
     for _ in range(6):  # stopped between log lines: the checkpoint's loss window holds steps 5 and 6
         trainer.train_step()
     trainer.save_checkpoint()
-    trainer.plan.close()
+    trainer.close()  # this session ends: the resume below may take the folder
     train(_tiny(tmp_path, "--train.log_interval", "4", max_steps=8), run, resume=True, progress=False)
     logged = [r for r in records(run) if "tok_per_s" in r]
     assert [r["step"] for r in logged] == [8]

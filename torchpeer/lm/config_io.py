@@ -95,6 +95,18 @@ def load_config(name_or_path: str = DEFAULT_CONFIG, overrides: list[str] | list[
     return cfg
 
 
+def require_run_config(cfg) -> None:
+    """TypeError (one line) unless ``cfg`` is a RunConfig: ``train("ptb-tiny", ...)`` says how to read one."""
+    from torchpeer.lm.config import RunConfig
+
+    if not isinstance(cfg, RunConfig):
+        example = f"load_config({cfg!r})" if isinstance(cfg, str) else "load_config('ptb-tiny')"
+        raise TypeError(
+            f"the config must be a RunConfig, got {type(cfg).__name__}; read one with "
+            f"torchpeer.lm.{example} (a shipped config name or a TOML path; overrides as its second argument)"
+        )
+
+
 def dump_toml(cfg: RunConfig, show_unset: bool = False) -> str:
     """TOML text of a config (None fields are omitted, TOML has no null; ``show_unset`` writes each
     as a comment ``# field = none``, so that every field is listed)."""

@@ -28,6 +28,7 @@ from torchpeer.lm.checkpoint import (
     runs_below,
 )
 from torchpeer.lm.config import RunConfig
+from torchpeer.lm.run_lock import check_not_in_use
 
 DAMAGED_SUFFIX = ".damaged"
 
@@ -78,6 +79,8 @@ def saved_run_config(run_dir: str) -> tuple[RunConfig, str]:
             shown = ", ".join(runs[:8]) + (f" (and {len(runs) - 8} more)" if len(runs) > 8 else "")
             raise ValueError(f"{run_dir} is a folder of {len(runs)} runs, not one run: resume one of {shown}")
         started = os.path.exists(os.path.join(run_dir, "metrics.jsonl"))
+        if started:  # still training, before its first checkpoint: say that, not "nothing to resume"
+            check_not_in_use(run_dir)
         why = " (the run stopped before its first checkpoint, or train.checkpoint = false)" if started else ""
         raise ValueError(
             f"nothing to resume in {run_dir}: it holds no checkpoint{why}; check --run-dir, "

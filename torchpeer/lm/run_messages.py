@@ -1,5 +1,5 @@
 """What a training run prints besides its log lines: the lines at its start and the periodic
-evaluation line (the line of a resume of a finished run is finished.py's)."""
+evaluation line, and what a resume of a finished run prints (its line is finished.py's)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,16 @@ def resume_lines(trainer) -> list[str]:
     if trainer.removed_partials:
         lines.append(f"removed {len(trainer.removed_partials)} partial checkpoint(s) left by an interrupted save")
     return lines
+
+
+def say_finished(trainer) -> None:
+    """What a resume of a finished run prints (rank 0): what the resume found, then one line."""
+    from torchpeer.lm.finished import finished_message
+
+    t = trainer
+    line = finished_message(t.run_dir, t.step, t.total_steps, t.budget_setting, t.cfg)
+    if t.plan.is_rank0:
+        print("\n".join([*resume_lines(t), line]))
 
 
 def start_lines(trainer) -> list[str]:

@@ -35,10 +35,12 @@ from torchpeer.lm import runtime
 from torchpeer.lm.budget import beyond_budget, step_budget
 from torchpeer.lm.callbacks import CallbackList
 from torchpeer.lm.config import RunConfig
+from torchpeer.lm.config_io import require_run_config
 from torchpeer.lm.interrupt import StopOnSignals, TrainingInterrupted
 from torchpeer.lm.metrics import MetricsLog
 from torchpeer.lm.plan import default_plan
-from torchpeer.lm.run_messages import format_eval, resume_lines, start_lines
+from torchpeer.lm.run_lock import RunFolderLock
+from torchpeer.lm.run_messages import format_eval, say_finished, start_lines
 from torchpeer.lm.rundir import check_run_folder, check_writable, remove_stale_partials, writing
 from torchpeer.lm.start_lock import StartLock
 
@@ -61,12 +63,7 @@ class Trainer:
         (every rank, before plan.wrap_model; not when resuming from a checkpoint of this run).
         parent: where those weights stand in their own training ({"step", "tokens", "time"}, e.g. an
         export's origin): written in the start record of metrics.jsonl, so plots draw this run after it."""
-        if not isinstance(cfg, RunConfig):  # e.g. train("ptb-tiny", ...): not an AttributeError from inside
-            example = f"load_config({cfg!r})" if isinstance(cfg, str) else "load_config('ptb-tiny')"
-            raise TypeError(
-                f"the config must be a RunConfig, got {type(cfg).__name__}; read one with "
-                f"torchpeer.lm.{example} (a shipped config name or a TOML path; overrides as its second argument)"
-            )
+        require_run_config(cfg)  # e.g. train("ptb-tiny", ...): one TypeError, not an AttributeError from inside
         self.cfg, self.run_dir, self.resume, self.progress = cfg, run_dir, resume, progress
         self.init_from, self.parent = init_from, parent
         self.callbacks = CallbackList(callbacks)
@@ -76,6 +73,7 @@ class Trainer:
         self.signal_received: int | None = None
         self.in_loop = False  # SIGINT/SIGTERM: before the loop they stop at once, in it after the step
         self._start_lock = StartLock(None)  # build() takes the sweep's: a reservation until the 1st step
+        self._folder_lock = RunFolderLock(run_dir)  # not held yet: one trainer per run folder (run_lock.py)
 
     # ------------------------------------------------------------------------------------ build
 
@@ -122,6 +120,7 @@ class Trainer:
         if self.plan.any_rank(found is None):  # each rank read the files itself
             return None
         summary, self.step, self.total_steps, self.budget_setting = found
+        self._folder_lock.release()  # nothing to train: the folder is free for the next command
         return summary
 
     def _find_checkpoint(self) -> None:
@@ -129,6 +128,7 @@ class Trainer:
         cleaning up partial ones (damaged newer ones are moved aside, resume.py); the config changes."""
         check_writable(self.run_dir)  # a read-only or misnamed run folder fails now, not after the tokenizer
         check_run_folder(self.run_dir)  # e.g. an export-hf folder: its config.json is not ours to replace
+        self._folder_lock.hold(self.plan.is_rank0)  # before the cleanup: another run may be writing those
         self.removed_partials = remove_stale_partials(self.run_dir) if self.plan.is_rank0 else []
         self.notes, self.config_changes = [], []
         latest = ckpt_io.latest_checkpoint(self.run_dir)
@@ -213,6 +213,7 @@ class Trainer:
             return
         with writing(f"the run folder {self.run_dir}"):
             os.makedirs(self.run_dir, exist_ok=True)
+            self._folder_lock.hold(self.plan.is_rank0)  # a new folder: locked before anything is written
             config = {**self.cfg.to_dict(), "backends": self.backends}
             resume_io.record_config(self.run_dir, config, self.step)  # config.json + configs/from_step_<N>.json
         resumed = self.ckpt is not None
@@ -326,15 +327,20 @@ class Trainer:
                 if not hasattr(self, "model"):
                     recorded = self.recorded_finish()
                     if recorded is not None:  # a resume of a finished run: nothing to train or evaluate
-                        self._say_finished()
+                        say_finished(self)
                         return recorded
                     self.build()
                 return self._fit()
         finally:  # also after a failed build: the plan may hold process groups
-            self._start_lock.release()
-            if getattr(self, "log", None) is not None:
-                self.log.close()
-            self.plan.close()
+            self.close()
+
+    def close(self) -> None:
+        """Let go of the run folder, start ledger, log and plan (fit() does; a caller of train_step() too)."""
+        self._start_lock.release()
+        self._folder_lock.release()
+        if getattr(self, "log", None) is not None:
+            self.log.close()
+        self.plan.close()
 
     def _fit(self) -> dict:
         cfg, t, rank0 = self.cfg, self.cfg.train, self.plan.is_rank0
@@ -363,16 +369,9 @@ class Trainer:
                 now = time.time()
                 train_loss = self.plan.all_reduce_mean(self._loss_sum / self._n_loss).item()
                 tok_s = timed * self.tokens_per_step / max(now - t_log, 1e-9)
-                metrics = {
-                    "step": step,
-                    "tokens": step * self.tokens_per_step,
-                    "flops": step * self.tokens_per_step * self.cost.train_flops,
-                    "loss": train_loss,
-                    "lr": metrics["lr"],
-                    "grad_norm": out["grad_norm"].item(),
-                    "tok_per_s": round(tok_s, 1),
-                    "time": round(self.elapsed + now - self._t_start, 2),  # training seconds (resumes included)
-                }
+                metrics.update(flops=metrics["tokens"] * self.cost.train_flops, loss=train_loss)
+                metrics.update(grad_norm=out["grad_norm"].item(), tok_per_s=round(tok_s, 1))
+                metrics["time"] = round(self.elapsed + now - self._t_start, 2)  # training seconds (resumes included)
                 if rank0:
                     self.log.write(metrics)
                 bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
@@ -403,14 +402,6 @@ class Trainer:
                 t_log, timed = time.time(), 0  # tokens/s measures training only, not evaluation or checkpointing
         bar.close()
         return self._finish()
-
-    def _say_finished(self) -> None:
-        """What a resume of a finished run prints (rank 0): what the resume found, then one line."""
-        from torchpeer.lm.finished import finished_message
-
-        line = finished_message(self.run_dir, self.step, self.total_steps, self.budget_setting, self.cfg)
-        if self.plan.is_rank0:
-            print("\n".join([*resume_lines(self), line]))
 
     def _interrupt(self, say) -> None:
         """Checkpoint the current step (unless one was just written) and raise TrainingInterrupted."""
