@@ -149,3 +149,18 @@ def test_config_takes_a_run_folder_as_train_and_info_do(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["data", "--config", str(tmp_path / "empty")]) == 2
     assert "empty is a folder without config.json: not a run, checkpoint" in capsys.readouterr().err
+
+
+def test_without_config_it_prepares_what_train_reads_by_default():
+    """`torchpeer data` alone prepared PTB with the byte tokenizer, which `torchpeer train` (ptb-tiny, BPE
+    4096) never reads: the first training run tokenised everything again. Now both start from ptb-tiny."""
+    from torchpeer.lm.config_io import DEFAULT_CONFIG, load_config
+
+    parser = argparse.ArgumentParser(prog="torchpeer")
+    data_command.add_parser(parser.add_subparsers(dest="command"))
+    want = load_config(DEFAULT_CONFIG).data
+    got = data_command.data_config_from_args(parser.parse_args(["data"]))
+    assert got == want and (got.tokenizer, got.vocab_size) == ("bpe", 4096)
+    # a flag overrides that starting point as `torchpeer train --data.tokenizer byte` would
+    got = data_command.data_config_from_args(parser.parse_args(["data", "--tokenizer", "byte"]))
+    assert got.tokenizer == "byte" and got.train == want.train and got.valid == want.valid

@@ -28,8 +28,8 @@ merges.txt) | hf:NAME (the local Hugging Face cache, else the hub).
 
 EXAMPLES = """\
 examples:
-  torchpeer data                                    # PTB, byte tokenizer (the defaults)
-  torchpeer data --config configs/ptb-tiny.toml     # the [data] table of a run config
+  torchpeer data                                    # what `torchpeer train` reads by default (ptb-tiny)
+  torchpeer data --config gpu-peer-small            # the [data] table of another run config
   torchpeer data --train 'corpus/*/train.jsonl.xz' --valid 'all=corpus/*/valid.jsonl.xz' \\
                  --tokenizer bpe --vocab-size 16384
 """
@@ -40,9 +40,10 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         metavar="CONFIG",
         help="run config (TOML path or shipped name) or a run, checkpoint or export-hf folder (the config it was "
-        "saved with); its [data] table is the starting point",
+        "saved with); its [data] table is the starting point (default: ptb-tiny, the config `torchpeer train` "
+        "runs when it names none, so both use the same token files)",
     )
-    parser.add_argument("--train", metavar="SPEC", help="train source spec (default: ptb:train)")
+    parser.add_argument("--train", metavar="SPEC", help="train source spec (default: the config's)")
     parser.add_argument(
         "--valid",
         metavar="[NAME=]SPEC",
@@ -50,9 +51,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         help="a validation source; repeat for several (replaces the config's valid table); without NAME= it "
         "is named after its source (ptb:test -> ptb_test, dir/valid.txt -> valid)",
     )
-    parser.add_argument("--tokenizer", metavar="SPEC", help="byte | bpe | gpt2:DIR | hf:NAME (default: byte)")
+    parser.add_argument("--tokenizer", metavar="SPEC", help="byte | bpe | gpt2:DIR | hf:NAME (default: the config's)")
     parser.add_argument(
-        "--vocab-size", type=int, metavar="N", help="vocabulary size of a bpe tokenizer (default: 8192)"
+        "--vocab-size", type=int, metavar="N", help="vocabulary size of a bpe tokenizer (default: the config's)"
     )
     parser.add_argument("--cache-dir", metavar="DIR", help="where token files live (default: data_cache)")
     parser.add_argument(
@@ -81,7 +82,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def data_config_from_args(args: argparse.Namespace):
-    """DataConfig from --config's [data] table (if any) overridden by the command-line flags.
+    """DataConfig from --config's [data] table (default: ptb-tiny's, as train's) overridden by the flags.
 
     --config is a run config's path or a shipped config's name (``ptb-tiny``, ``configs/ptb-tiny.toml``),
     or a run, checkpoint or export-hf folder (or its config.json): the config it was saved with; the
@@ -89,15 +90,17 @@ def data_config_from_args(args: argparse.Namespace):
     """
     from torchpeer.data import DataConfig
     from torchpeer.lm.config import RunConfig, from_dict
-    from torchpeer.lm.config_io import apply_overrides, read_toml, resolve_config_path
+    from torchpeer.lm.config_io import DEFAULT_CONFIG, apply_overrides, read_toml, resolve_config_path
 
-    config = getattr(args, "config", None)
+    # no --config: the one `torchpeer train` runs without a name, so that `data` prepares its token files
+    # (before, the bare DataConfig: PTB with the byte tokenizer, which no shipped config trains on)
+    config = getattr(args, "config", None) or DEFAULT_CONFIG
     if config and (os.path.isdir(config) or config.endswith(".json")):  # a run's saved config, as train reads it
         from torchpeer.cli.common import config_with_overrides
 
         run = RunConfig(data=config_with_overrides(config, []).data)
     else:
-        table = read_toml(resolve_config_path(config)).get("data", {}) if config else {}
+        table = read_toml(resolve_config_path(config)).get("data", {})
         run = RunConfig(data=from_dict(DataConfig, table))
     flags = {
         "train": args.train,
