@@ -385,9 +385,11 @@ def extra_section(run, H, n, dk, K, T, best):
     run.guarded("extra", f"dup4 keys (fallback) T={T}", lambda: timed(dict(dup=4)))
 
 
-def onepass_section(run, H, n, dk, K, T_check, T_list, sweep, quick=False):
+def onepass_section(run, H, n, dk, K, T_check, T_list, sweep, quick=False, timings_first=False):
     """0. The "onepass" forward against "threshold" and "merge", all in this one run. quick: only the
-    checks, the bf16 forwards and the fwd+bwd rows (no fp32 / top_k rows, no launch sweep)."""
+    checks, the bf16 forwards and the fwd+bwd rows (no fp32 / top_k rows, no launch sweep).
+    timings_first: the timing rows before the checks (the checks compile every variant's kernels,
+    which took all of a 75 s budget on an H100: 2026-12-05)."""
     onepass = dataclasses.replace(CFG, forward="onepass")
     q, keys = make(T_check, H, n, dk)
     ref = launch_merge(q, keys, K, CFG)
@@ -397,176 +399,186 @@ def onepass_section(run, H, n, dk, K, T_check, T_list, sweep, quick=False):
         out["bit_equal"] = bool(torch.equal(res[0], want[0]) and torch.equal(res[1], want[1]))
         return out
 
-    run.guarded("onepass", "check vs merge", lambda: exact(launch_onepass(q, keys, K, onepass), ref))
-    run.guarded(
-        "onepass", "check dot prefix vs merge",
-        lambda: exact(launch_onepass(q, keys, K, dataclasses.replace(onepass, onepass_prefix="dot")), ref),
-    )  # fmt: skip
-    run.guarded(
-        "onepass",
-        "check vs threshold",
-        lambda: exact(
-            launch_onepass(q, keys, K, onepass), forward(q, keys, K, dataclasses.replace(CFG, forward="threshold"))
-        ),
-    )
-
-    def brute():
-        eq, diff = [], []
-        for t0 in range(0, 32, 4):
-            bs, bi = product_key_topk_reference(q[t0 : t0 + 4].double(), keys.double(), K)
-            ts, ti = launch_onepass(q[t0 : t0 + 4], keys, K, onepass)
-            eq.append((ti == bi).all(-1).float().mean().item())
-            diff.append((ts.double() - bs).abs().max().item())
-        return {"idx_equal_frac": min(eq), "max_score_diff": max(diff)}
-
-    run.guarded("onepass", "vs float64 brute force, 32 tokens", brute)
-
-    def variant(make_kw, k=K):
-        qx, kx = make(T_check, H, n, dk, **make_kw)
-        s, i, flags = launch_onepass(qx, kx, k, onepass, return_flags=True)
-        out = exact((s, i), launch_merge(qx, kx, k, CFG))
-        out["fallback_halves_frac"] = flags.float().mean().item() / 2
-        return out
-
-    run.guarded("onepass", "check gaussian keys (fallback rate)", lambda: variant({}))
-    run.guarded("onepass", "check per-head keys", lambda: variant(dict(S=H, seed=2)))
-    run.guarded("onepass", "check fp32", lambda: variant(dict(dtype=torch.float32, seed=3)))
-    run.guarded("onepass", f"check top_k={2 * K}", lambda: variant(dict(seed=4), k=2 * K))
-    for dup in (2, 4):
-        run.guarded("onepass", f"check dup{dup} keys", lambda dup=dup: variant(dict(dup=dup, seed=1)))
-
-    # "packed" (triton_packed.py): bit_equal against merge and threshold; flags = overflowed halves
-    # + 4 * halves whose 32-bit rounds were ambiguous (redone on int64 keys)
     packed = dataclasses.replace(CFG, forward="packed")
-
-    def packed_variant(make_kw, k=K):
-        qx, kx = make(T_check, H, n, dk, **make_kw)
-        s, i, flags = launch_packed(qx, kx, k, packed, return_flags=True)
-        out = exact((s, i), launch_merge(qx, kx, k, CFG))
-        threshold = forward(qx, kx, k, dataclasses.replace(CFG, forward="threshold"))
-        out["bit_equal_threshold"] = exact((s, i), threshold)["bit_equal"]
-        out["fallback_halves_frac"] = (flags % 4).float().mean().item() / 2
-        out["exact_rounds_halves_frac"] = (flags // 4).float().mean().item() / 2
-        return out
-
-    run.guarded("onepass", "check packed gaussian keys (fallback, exact-round rates)", lambda: packed_variant({}))
-    run.guarded("onepass", "check packed per-head keys", lambda: packed_variant(dict(S=H, seed=2)))
-    run.guarded("onepass", "check packed fp32", lambda: packed_variant(dict(dtype=torch.float32, seed=3)))
-    run.guarded("onepass", f"check packed top_k={2 * K}", lambda: packed_variant(dict(seed=4), k=2 * K))
-    run.guarded("onepass", "check packed dup4 keys", lambda: packed_variant(dict(dup=4, seed=1)))
-
-    # "queue" (triton_queue.py): flags = exact-path halves that overflowed CAP + 4 * halves redone exactly
     queue = dataclasses.replace(CFG, forward="queue")
 
-    def queue_variant(make_kw, k=K, cfg=queue):
-        qx, kx = make(T_check, H, n, dk, **make_kw)
-        s, i, flags = launch_queue(qx, kx, k, cfg, return_flags=True)
-        out = exact((s, i), launch_merge(qx, kx, k, CFG))
-        threshold = forward(qx, kx, k, dataclasses.replace(CFG, forward="threshold"))
-        out["bit_equal_threshold"] = exact((s, i), threshold)["bit_equal"]
-        out["exact_path_halves_frac"] = (flags // 4).float().mean().item() / 2
-        out["fallback_halves_frac"] = (flags % 4).float().mean().item() / 2
-        return out
-
-    run.guarded("onepass", "check queue gaussian keys (exact-path rate)", lambda: queue_variant({}))
-    run.guarded(
-        "onepass", "check queue D3 gaussian keys (exact-path rate)",
-        lambda: queue_variant({}, cfg=dataclasses.replace(queue, queue_depth=3)),
-    )  # fmt: skip
-    run.guarded("onepass", "check queue per-head keys", lambda: queue_variant(dict(S=H, seed=2)))
-    run.guarded("onepass", "check queue fp32", lambda: queue_variant(dict(dtype=torch.float32, seed=3)))
-    run.guarded("onepass", f"check queue top_k={2 * K}", lambda: queue_variant(dict(seed=4), k=2 * K))
-    run.guarded("onepass", "check queue dup4 keys", lambda: queue_variant(dict(dup=4, seed=1)))
-
-    impls = {
-        "threshold": dataclasses.replace(CFG, forward="threshold"),
-        "merge": dataclasses.replace(CFG, forward="merge"),
-        "onepass": onepass,
-        "onepass/dot": dataclasses.replace(onepass, onepass_prefix="dot"),
-        "packed": packed,
-        "queue": queue,
-        "queue/D3": dataclasses.replace(queue, queue_depth=3),
-    }
-    for T in T_list:
-        qt, kt = make(T, H, n, dk)
-        for name, cfg in impls.items():
-            run.guarded(
-                "onepass",
-                f"fwd {name} T={T}",
-                lambda cfg=cfg, qt=qt, kt=kt, T=T: {"ms": bench_ms(lambda: forward(qt, kt, K, cfg)), "T": T},
-            )
-    if not quick:
-        # fp32 inputs ("auto" picks merge for them: one pass of fp32 dots) and top_k = 2K, at the smaller T
-        T = T_list[0]
-        q32, k32 = make(T, H, n, dk, dtype=torch.float32)
-        for name in ("merge", "threshold", "onepass", "packed", "queue"):
-            cfg = impls[name]
-            run.guarded(
-                "onepass",
-                f"fwd fp32 {name} T={T}",
-                lambda cfg=cfg, T=T, q32=q32, k32=k32: {"ms": bench_ms(lambda: forward(q32, k32, K, cfg)), "T": T},
-            )
-        del q32, k32
-        qt, kt = make(T, H, n, dk)
-        for name in ("merge", "threshold", "onepass", "packed", "queue"):
-            cfg = impls[name]
-            run.guarded(
-                "onepass",
-                f"fwd top_k={2 * K} {name} T={T}",
-                lambda cfg=cfg, T=T, qt=qt, kt=kt: {"ms": bench_ms(lambda: forward(qt, kt, 2 * K, cfg)), "T": T},
-            )
-    T = T_list[-1]
-    qt, kt = make(T, H, n, dk)
-    best, best_ms = None, float("inf")
-    for launch in [] if quick else sweep:
-        for prefix in ("cumsum", "dot"):
-            cfg = dataclasses.replace(onepass, onepass_half=launch, onepass_prefix=prefix)
-            res = run.guarded(
-                "onepass_sweep", f"{launch} {prefix} T={T}",
-                lambda cfg=cfg, qt=qt, kt=kt, T=T: {"ms": bench_ms(lambda: forward(qt, kt, K, cfg)), "T": T},
-            )  # fmt: skip
-            if res and res["ms"] < best_ms:
-                best, best_ms = cfg, res["ms"]
-    if best is not None:
-        run.add("onepass_sweep", "best", launch=best.onepass_half, prefix=best.onepass_prefix, ms=best_ms)
-    qg, kg = qt.detach().requires_grad_(), kt.detach().requires_grad_()
-    up = torch.randn(T, H, K, device=DEV)
-    combos = {
-        "default (auto+hybrid)": CFG,
-        "onepass+hybrid": onepass,
-        "onepass+sorted": dataclasses.replace(onepass, backward="sorted"),
-        "packed+sorted": dataclasses.replace(packed, backward="sorted"),
-        "queue+sorted": dataclasses.replace(queue, backward="sorted"),
-    }
-    if best is not None:
-        combos["onepass best+hybrid"] = best
-    for name, cfg in combos.items():
-
-        def step(cfg=cfg):
-            s, _ = product_key_topk_triton(qg, kg, K, cfg)
-            (s * up).sum().backward()
-
+    def checks():
+        """Bit-equality of every forward against merge/threshold at T_check, and their fallback rates."""
+        run.guarded("onepass", "check vs merge", lambda: exact(launch_onepass(q, keys, K, onepass), ref))
         run.guarded(
-            "onepass", f"fwd+bwd {name} T={T}", lambda step=step: {"ms": bench_ms(step, grad_to_none=[qg, kg]), "T": T}
+            "onepass", "check dot prefix vs merge",
+            lambda: exact(launch_onepass(q, keys, K, dataclasses.replace(onepass, onepass_prefix="dot")), ref),
+        )  # fmt: skip
+        run.guarded(
+            "onepass",
+            "check vs threshold",
+            lambda: exact(
+                launch_onepass(q, keys, K, onepass), forward(q, keys, K, dataclasses.replace(CFG, forward="threshold"))
+            ),
         )
-    # the backwards under a collapsed router (make(hot=True)): a skew-robust one stays near its uniform time
-    qh, kh = make(T, H, n, dk, hot=True)
-    qh.requires_grad_()
-    kh.requires_grad_()
-    for bwd in ("hybrid", "sorted"):
-        cfg = dataclasses.replace(CFG, backward=bwd)
 
-        def hot_step(cfg=cfg):
-            s, idx = product_key_topk_triton(qh, kh, K, cfg)
-            (s * up).sum().backward()
-            return idx
+        def brute():
+            eq, diff = [], []
+            for t0 in range(0, 32, 4):
+                bs, bi = product_key_topk_reference(q[t0 : t0 + 4].double(), keys.double(), K)
+                ts, ti = launch_onepass(q[t0 : t0 + 4], keys, K, onepass)
+                eq.append((ti == bi).all(-1).float().mean().item())
+                diff.append((ts.double() - bs).abs().max().item())
+            return {"idx_equal_frac": min(eq), "max_score_diff": max(diff)}
 
-        def hot_row(hot_step=hot_step):
-            idx = hot_step()
-            share = ((idx // n) == 0).float().mean().item()  # selections whose first half is sub-key 0
-            return {"ms": bench_ms(hot_step, grad_to_none=[qh, kh]), "T": T, "hot_share": share}
+        run.guarded("onepass", "vs float64 brute force, 32 tokens", brute)
 
-        run.guarded("onepass", f"fwd+bwd collapsed router {bwd} T={T}", hot_row)
+        def variant(make_kw, k=K):
+            qx, kx = make(T_check, H, n, dk, **make_kw)
+            s, i, flags = launch_onepass(qx, kx, k, onepass, return_flags=True)
+            out = exact((s, i), launch_merge(qx, kx, k, CFG))
+            out["fallback_halves_frac"] = flags.float().mean().item() / 2
+            return out
+
+        run.guarded("onepass", "check gaussian keys (fallback rate)", lambda: variant({}))
+        run.guarded("onepass", "check per-head keys", lambda: variant(dict(S=H, seed=2)))
+        run.guarded("onepass", "check fp32", lambda: variant(dict(dtype=torch.float32, seed=3)))
+        run.guarded("onepass", f"check top_k={2 * K}", lambda: variant(dict(seed=4), k=2 * K))
+        for dup in (2, 4):
+            run.guarded("onepass", f"check dup{dup} keys", lambda dup=dup: variant(dict(dup=dup, seed=1)))
+
+        # "packed" (triton_packed.py): bit_equal against merge and threshold; flags = overflowed halves
+        # + 4 * halves whose 32-bit rounds were ambiguous (redone on int64 keys)
+
+        def packed_variant(make_kw, k=K):
+            qx, kx = make(T_check, H, n, dk, **make_kw)
+            s, i, flags = launch_packed(qx, kx, k, packed, return_flags=True)
+            out = exact((s, i), launch_merge(qx, kx, k, CFG))
+            threshold = forward(qx, kx, k, dataclasses.replace(CFG, forward="threshold"))
+            out["bit_equal_threshold"] = exact((s, i), threshold)["bit_equal"]
+            out["fallback_halves_frac"] = (flags % 4).float().mean().item() / 2
+            out["exact_rounds_halves_frac"] = (flags // 4).float().mean().item() / 2
+            return out
+
+        run.guarded("onepass", "check packed gaussian keys (fallback, exact-round rates)", lambda: packed_variant({}))
+        run.guarded("onepass", "check packed per-head keys", lambda: packed_variant(dict(S=H, seed=2)))
+        run.guarded("onepass", "check packed fp32", lambda: packed_variant(dict(dtype=torch.float32, seed=3)))
+        run.guarded("onepass", f"check packed top_k={2 * K}", lambda: packed_variant(dict(seed=4), k=2 * K))
+        run.guarded("onepass", "check packed dup4 keys", lambda: packed_variant(dict(dup=4, seed=1)))
+
+        # "queue" (triton_queue.py): flags = exact-path halves that overflowed CAP + 4 * halves redone exactly
+
+        def queue_variant(make_kw, k=K, cfg=queue):
+            qx, kx = make(T_check, H, n, dk, **make_kw)
+            s, i, flags = launch_queue(qx, kx, k, cfg, return_flags=True)
+            out = exact((s, i), launch_merge(qx, kx, k, CFG))
+            threshold = forward(qx, kx, k, dataclasses.replace(CFG, forward="threshold"))
+            out["bit_equal_threshold"] = exact((s, i), threshold)["bit_equal"]
+            out["exact_path_halves_frac"] = (flags // 4).float().mean().item() / 2
+            out["fallback_halves_frac"] = (flags % 4).float().mean().item() / 2
+            return out
+
+        run.guarded("onepass", "check queue gaussian keys (exact-path rate)", lambda: queue_variant({}))
+        run.guarded(
+            "onepass", "check queue D3 gaussian keys (exact-path rate)",
+            lambda: queue_variant({}, cfg=dataclasses.replace(queue, queue_depth=3)),
+        )  # fmt: skip
+        run.guarded("onepass", "check queue per-head keys", lambda: queue_variant(dict(S=H, seed=2)))
+        run.guarded("onepass", "check queue fp32", lambda: queue_variant(dict(dtype=torch.float32, seed=3)))
+        run.guarded("onepass", f"check queue top_k={2 * K}", lambda: queue_variant(dict(seed=4), k=2 * K))
+        run.guarded("onepass", "check queue dup4 keys", lambda: queue_variant(dict(dup=4, seed=1)))
+
+    def timings():
+        """Forward rows per implementation and T, fwd+bwd rows, the collapsed-router rows."""
+        impls = {
+            "threshold": dataclasses.replace(CFG, forward="threshold"),
+            "merge": dataclasses.replace(CFG, forward="merge"),
+            "onepass": onepass,
+            "onepass/dot": dataclasses.replace(onepass, onepass_prefix="dot"),
+            "packed": packed,
+            "queue": queue,
+            "queue/D3": dataclasses.replace(queue, queue_depth=3),
+        }
+        for T in T_list:
+            qt, kt = make(T, H, n, dk)
+            for name, cfg in impls.items():
+                run.guarded(
+                    "onepass",
+                    f"fwd {name} T={T}",
+                    lambda cfg=cfg, qt=qt, kt=kt, T=T: {"ms": bench_ms(lambda: forward(qt, kt, K, cfg)), "T": T},
+                )
+        if not quick:
+            # fp32 inputs ("auto" picks merge for them: one pass of fp32 dots) and top_k = 2K, at the smaller T
+            T = T_list[0]
+            q32, k32 = make(T, H, n, dk, dtype=torch.float32)
+            for name in ("merge", "threshold", "onepass", "packed", "queue"):
+                cfg = impls[name]
+                run.guarded(
+                    "onepass",
+                    f"fwd fp32 {name} T={T}",
+                    lambda cfg=cfg, T=T, q32=q32, k32=k32: {"ms": bench_ms(lambda: forward(q32, k32, K, cfg)), "T": T},
+                )
+            del q32, k32
+            qt, kt = make(T, H, n, dk)
+            for name in ("merge", "threshold", "onepass", "packed", "queue"):
+                cfg = impls[name]
+                run.guarded(
+                    "onepass",
+                    f"fwd top_k={2 * K} {name} T={T}",
+                    lambda cfg=cfg, T=T, qt=qt, kt=kt: {"ms": bench_ms(lambda: forward(qt, kt, 2 * K, cfg)), "T": T},
+                )
+        T = T_list[-1]
+        qt, kt = make(T, H, n, dk)
+        best, best_ms = None, float("inf")
+        for launch in [] if quick else sweep:
+            for prefix in ("cumsum", "dot"):
+                cfg = dataclasses.replace(onepass, onepass_half=launch, onepass_prefix=prefix)
+                res = run.guarded(
+                    "onepass_sweep", f"{launch} {prefix} T={T}",
+                    lambda cfg=cfg, qt=qt, kt=kt, T=T: {"ms": bench_ms(lambda: forward(qt, kt, K, cfg)), "T": T},
+                )  # fmt: skip
+                if res and res["ms"] < best_ms:
+                    best, best_ms = cfg, res["ms"]
+        if best is not None:
+            run.add("onepass_sweep", "best", launch=best.onepass_half, prefix=best.onepass_prefix, ms=best_ms)
+        qg, kg = qt.detach().requires_grad_(), kt.detach().requires_grad_()
+        up = torch.randn(T, H, K, device=DEV)
+        combos = {
+            f"default ({CFG.forward}+{CFG.backward})": CFG,
+            "onepass+hybrid": onepass,
+            "onepass+sorted": dataclasses.replace(onepass, backward="sorted"),
+            "packed+sorted": dataclasses.replace(packed, backward="sorted"),
+            "queue+sorted": dataclasses.replace(queue, backward="sorted"),
+        }
+        if best is not None:
+            combos["onepass best+hybrid"] = best
+        for name, cfg in combos.items():
+
+            def step(cfg=cfg):
+                s, _ = product_key_topk_triton(qg, kg, K, cfg)
+                (s * up).sum().backward()
+
+            run.guarded(
+                "onepass",
+                f"fwd+bwd {name} T={T}",
+                lambda step=step: {"ms": bench_ms(step, grad_to_none=[qg, kg]), "T": T},
+            )
+        # the backwards under a collapsed router (make(hot=True)): a skew-robust one stays near its uniform time
+        qh, kh = make(T, H, n, dk, hot=True)
+        qh.requires_grad_()
+        kh.requires_grad_()
+        for bwd in ("hybrid", "sorted"):
+            cfg = dataclasses.replace(CFG, backward=bwd)
+
+            def hot_step(cfg=cfg):
+                s, idx = product_key_topk_triton(qh, kh, K, cfg)
+                (s * up).sum().backward()
+                return idx
+
+            def hot_row(hot_step=hot_step):
+                idx = hot_step()
+                share = ((idx // n) == 0).float().mean().item()  # selections whose first half is sub-key 0
+                return {"ms": bench_ms(hot_step, grad_to_none=[qh, kh]), "T": T, "hot_share": share}
+
+            run.guarded("onepass", f"fwd+bwd collapsed router {bwd} T={T}", hot_row)
+
+    for part in (timings, checks) if timings_first else (checks, timings):
+        part()
 
 
 def profile_section(run, H, n, dk, K, T):
@@ -612,6 +624,9 @@ def main():
     p.add_argument("--only", choices=["onepass"], help="run only this section (section 0)")
     p.add_argument("--profile", action="store_true", help="also per-kernel times of one fwd+bwd (torch.profiler)")
     p.add_argument("--quick", action="store_true", help="section 0 without its fp32 / top_k rows and launch sweep")
+    p.add_argument(
+        "--timings-first", action="store_true", help="section 0's timing rows before its checks (short budgets)"
+    )
     p.add_argument("--budget-s", type=float, default=BUDGET_S, help="start no new row after this many seconds")
     args = p.parse_args()
     set_budget(args.budget_s)
@@ -647,7 +662,9 @@ def main():
             (64, 64, 8, 32, 4),
         ]
     run = Run(args.out, {"H": H, "n": n, "d_key": dk, "top_k": K, "dtype": "bfloat16"})
-    onepass_section(run, H, n, dk, K, T_check, T_list, sweep_onepass, quick=args.quick)
+    onepass_section(
+        run, H, n, dk, K, T_check, T_list, sweep_onepass, quick=args.quick, timings_first=args.timings_first
+    )
     if args.profile:
         profile_section(run, H, n, dk, K, T_list[-1])
     if args.only == "onepass":
