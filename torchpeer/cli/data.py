@@ -29,7 +29,7 @@ merges.txt) | hf:NAME (the local Hugging Face cache, else the hub).
 EXAMPLES = """\
 examples:
   torchpeer data                                    # what `torchpeer train` reads by default (ptb-tiny)
-  torchpeer data --config gpu-peer-small            # the [data] table of another run config
+  torchpeer data --config configs/ptb-tiny.toml     # the [data] table of a run config (or its name)
   torchpeer data --train 'corpus/*/train.jsonl.xz' --valid 'all=corpus/*/valid.jsonl.xz' \\
                  --tokenizer bpe --vocab-size 16384
 """

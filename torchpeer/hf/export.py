@@ -128,7 +128,8 @@ def check_replaceable(out_dir: str) -> None:
         raise ValueError(f"{out_dir!r} is a file; export-hf writes a folder: choose a new OUT_DIR")
     entries = sorted(os.listdir(out_dir))
     if entries and not is_exported_folder(out_dir):
-        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        named = [e for e in entries if not e.startswith(".")] or entries  # not a run's .lock before its files
+        shown = ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
         raise ValueError(
             f"{out_dir!r} already exists and is not an export-hf folder (it holds {shown}); export-hf replaces "
             "only an earlier export (--overwrite), so nothing was changed: choose a new OUT_DIR"
