@@ -2,6 +2,8 @@
 # One GPU job of a sweep on the device machine, as docs/research/campaign.md ("Device procedure") runs it:
 #   bash scripts/device_sweep.sh SPEC RUNS_DIR [torchpeer sweep options ...]
 # e.g. bash scripts/device_sweep.sh isoflop runs/isoflop --parallel 8 --time-limit 470 --stop-at 525 --drop-checkpoints
+# or, in a command that runs other things first: export DEVICE_END=$(( $(date +%s) + 590 )) at its start
+# and no --stop-at (see DEVICE_END below)
 # Run from the repo root. The package is imported from .snap/ (a `git archive` of the commit, made here
 # before the call, its commit in .snap/COMMIT) when it exists, so that uncommitted edits in the
 # checkout never reach a run;
@@ -28,6 +30,21 @@ else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 python3 -c "import torchpeer; print('device_sweep: torchpeer from', torchpeer.__file__)" || exit 3
+# DEVICE_END (epoch seconds; e.g. `export DEVICE_END=$(( $(date +%s) + 590 ))` first thing in a device
+# command): the time by which the sweep must have stopped, checkpointed and been packed. --stop-at
+# counts from the sweep's own start, so anything that ran before it in the command (tests, a guard)
+# pushed the stop past the command's limit, which killed it before it could checkpoint or pack
+# (2026-12-05, batch 7). With DEVICE_END and no --stop-at given, the stop is DEVICE_END less now
+# less PACK_SECONDS (default 45: interrupt checkpoints and the tar).
+if [ -n "${DEVICE_END:-}" ] && [[ " $* " != *" --stop-at "* ]]; then
+    left=$(( DEVICE_END - $(date +%s) - ${PACK_SECONDS:-45} ))
+    if [ "$left" -lt 30 ]; then
+        echo "device_sweep: DEVICE_END leaves ${left} s to train (< 30): not starting" >&2
+        exit 4
+    fi
+    echo "device_sweep: --stop-at $left (DEVICE_END less ${PACK_SECONDS:-45} s to checkpoint and pack)"
+    set -- "$@" --stop-at "$left"
+fi
 smi=""
 if command -v nvidia-smi > /dev/null; then
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv -l 10 > "$OUT/smi_$name.csv" 2>&1 &

@@ -353,11 +353,22 @@ def test_device_sweep_script_runs_a_sweep_and_packs_its_results(tmp_path):
     (snap / ".snap").mkdir(parents=True)
     os.symlink(os.path.join(root, "torchpeer"), snap / ".snap" / "torchpeer")
     (snap / ".snap" / "COMMIT").write_text("abc1234\n")
+    # DEVICE_END (the command's own deadline) and no --stop-at: the stop is derived from it, so that what
+    # ran before the sweep in the same command cannot push the stop past the command's limit
+    now = int(time.time())
+    late = subprocess.run(
+        ["bash", script, str(spec), "runs/late"], cwd=snap, env={**env, "DEVICE_END": str(now + 40)},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert late.returncode == 4 and "leaves" in late.stderr and not (snap / "runs" / "late").exists()
     res = subprocess.run(
-        ["bash", script, str(spec), "runs/smoke"], cwd=snap, env=env, capture_output=True, text=True, timeout=300
-    )
+        ["bash", script, str(spec), "runs/smoke"], cwd=snap, env={**env, "DEVICE_END": str(now + 600)},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
     assert "torchpeer from" in res.stdout and ".snap" in res.stdout
+    stop = int(res.stdout.split("device_sweep: --stop-at ")[1].split()[0])
+    assert 600 - 45 - 60 <= stop <= 600 - 45  # DEVICE_END less the packing margin, less the seconds spent
     (rec,) = [json.loads(line) for line in (snap / "runs" / "smoke" / "results.jsonl").read_text().splitlines()]
     assert rec["code"]["commit"] == "abc1234" and rec["code"]["torch"]
 
