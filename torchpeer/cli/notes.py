@@ -21,7 +21,6 @@ def infer_vocab_size(cfg) -> int:
     return load_tokenizer(cfg.data).vocab_size
 
 
-
 def preempted_budget_note(cfg, overrides) -> str | None:
     """The note when a budget given on the command line (--train.max_tokens 2e6) is never reached
     because a budget field of the config stops the run first (ptb-tiny's max_steps = 500): the run
