@@ -261,3 +261,41 @@ def test_eval_rows_per_set_usage_and_the_shared_pool():
     assert rows["corpus"]["pool_usage_pct"] == 97.0 and rows["brown"]["pool_usage_pct"] is None
     assert rows["brown"]["usage_pct"] == 10.0 and rows["brown"]["seed"] == 1 and rows["brown"]["commit"] == "abc"
     assert rows["brown"]["tokens"] is None  # absent fields stay empty, not invented
+
+
+def test_ablation_pivot_is_the_papers_table_2_layout_with_seeds_side_by_side(tmp_path):
+    """A row per N, (ppl, usage %, KL) per query norm; a cell with two seeds shows both, seed 0 first,
+    whatever order the results arrived in; a missing cell stays empty."""
+    d = tmp_path / "runs"
+    cells = [  # (n, norm, seed, loss, usage, kl)
+        (16384, "ema", 1, 3.10, 99.0, 0.30),
+        (16384, "ema", 0, 3.00, 98.0, 0.20),
+        (16384, "batch", 0, 3.05, 97.5, 0.25),
+        (65536, "ema", 0, 2.90, 91.0, 0.80),
+    ]
+    for n, norm, seed, loss, usage, kl in cells:
+        append_result(
+            str(d),
+            rec(
+                f"n{n}-{norm}-s{seed}",
+                sweep="t2",
+                kind="ablation",
+                family="peer",
+                seed=seed,
+                x_field="model.peer.n_experts",
+                x=n,
+                series_field="model.peer.query_norm",
+                series=norm,
+                valid=valid(loss, usage, kl),
+            ),
+        )
+    md = open(write_report(str(d))["report"]).read()
+    head = next(line for line in md.splitlines() if line.startswith("| query_norm -> |"))
+    assert head == "| query_norm -> | batch ppl | batch usage % | batch KL | ema ppl | ema usage % | ema KL |"
+    lines = md.splitlines()
+    rows = lines[lines.index(head) + 2 : lines.index(head) + 4]  # below the header and its rule
+    e0, e1 = np.exp(3.00), np.exp(3.10)
+    assert rows == [
+        f"| 16384 | {np.exp(3.05):.2f} | 97.5 | 0.250 | {e0:.2f} / {e1:.2f} | 98.0 / 99.0 | 0.200 / 0.300 |",
+        f"| 65536 |  |  |  | {np.exp(2.90):.2f} | 91.0 | 0.800 |",
+    ]

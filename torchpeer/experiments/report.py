@@ -114,6 +114,9 @@ def write_report(
             png = figures.ablation_figure(recs, os.path.join(out_dir, f"ablation-{name}.png"), x_field, series_field)
             written[f"ablation-{name}"] = png
             lines += ["", f"### Ablation over {x_field}", "", *ablation_table(recs, x_field, series_field)]
+            if series_field:
+                lines += ["", "As the paper lays it out (a row per value; per series ppl, usage %, KL; seeds s0 / s1):"]
+                lines += ["", *ablation_pivot(recs, series_field)]
             lines += ["", _img(png, out_dir)]
         if kind == "grid" and len({seed_of(r) for r in recs}) > 1:
             header, rows = design_rows(recs)
@@ -402,6 +405,25 @@ def ablation_table(recs: list[dict], x_field: str, series_field: str | None) -> 
             ]
         )
     return _table(header, rows, right_from=3)
+
+
+def ablation_pivot(recs: list[dict], series_field: str) -> list[str]:
+    """The paper's Table 2 layout: a row per x, three columns (ppl, usage %, KL) per series; a cell
+    with several seeds lists them in seed order ("20.11 / 20.43"), so the seed spread stays visible."""
+    series = sorted({str(r.get("series")) for r in recs})
+    xs = sorted({r.get("x") for r in recs}, key=lambda x: float(x) if x is not None else 0.0)
+    header = [series_field.split(".")[-1] + " ->"] + [f"{s} {m}" for s in series for m in ("ppl", "usage %", "KL")]
+    rows = []
+    for x in xs:
+        row = [str(x)]
+        for s in series:
+            cell = sorted((r for r in recs if r.get("x") == x and str(r.get("series")) == s), key=seed_of)
+            ppl = [(r.get("valid") or {}).get(r.get("eval_set"), {}).get("ppl") for r in cell]
+            usage = [routed_usage(r) for r in cell]
+            for values, spec in ((ppl, ".2f"), ([u for u, _ in usage], ".1f"), ([k for _, k in usage], ".3f")):
+                row.append(" / ".join(_fmt(v, spec) for v in values) if values else "")
+        rows.append(row)
+    return _table(header, rows, right_from=1)
 
 
 def code_line(recs: list[dict]) -> str:
