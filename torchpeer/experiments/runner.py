@@ -257,7 +257,8 @@ def format_plan(
     With a data rule (``spec.max_epochs``) a run with more epochs is marked '> N' in the epochs
     column and named under the table: it still trains, but the report leaves it out of the fits."""
     done = {r["run"] for r in records}
-    header = ("run", "family", "params", "active", "FLOPs/token", "steps", "tokens", "epochs", "FLOPs", "est. time")
+    header = ("run", "family", "params", "active", "FLOPs/token", "steps", "tokens", "epochs", "FLOPs", "GiB")
+    header += ("est. time",)
     rows = [(*header, "state")]
     total, unknown = 0.0, 0
     memo: dict = {}
@@ -283,6 +284,7 @@ def format_plan(
                 f"{run.tokens:,}",
                 _epochs_cell(epochs[run.name], rule),
                 f"{run.train_flops:.3g}",
+                _memory_cell(run),
                 "-" if run.name in done else ("unknown" if est is None else ("~" if guessed else "") + _duration(est)),
                 "done" if run.name in done else ("partial" if list_checkpoints(run.run_dir) else "todo"),
             )
@@ -292,7 +294,7 @@ def format_plan(
     if spec.description:
         lines.append(spec.description.strip())
     for j, r in enumerate(rows):
-        cells = (c.ljust(w) if i in (0, 1, 10) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        cells = (c.ljust(w) if i in (0, 1, 11) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
         lines.append("  ".join(cells))
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -306,12 +308,28 @@ def format_plan(
         lines.append(f"{todo} runs to train; no time estimate yet (no measured tokens/s{hint})")
     else:
         lines.append(f"{todo} runs to train; estimated {_duration(total)} from {basis}{tail}")
+    lines.append(
+        "GiB: a run's estimated peak memory on a CUDA GPU (torchpeer.lm.memory; the CPU's for train.device cpu); "
+        "with --parallel N, runs start side by side while their estimates fit the GPU's free memory, the rest "
+        "wait for one to end"
+    )
     if any(e is None for e in epochs.values()):
         # not 'torchpeer data --config BASE': the spec's data overrides (tokenizer, sources) are not the base's
         lines.append("epochs '?': the train split is not tokenised yet; the sweep's first run tokenises it")
     if rule is not None:
         lines.append(_rule_line(rule, epochs, over))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _memory_cell(run: PlannedRun) -> str:
+    """GiB of one training step on a CUDA GPU (a CPU run's own memory for train.device = "cpu")."""
+    from torchpeer.lm.memory import estimate_step_memory
+
+    device = "cpu" if run.cfg.train.device == "cpu" else "cuda"
+    try:
+        return f"{estimate_step_memory(run.cfg, device).total / 2**30:.1f}"
+    except (ValueError, OSError):  # e.g. a tokenizer folder not there yet: the vocabulary is unknown
+        return "?"
 
 
 def _epochs_cell(epochs: float | None, rule: float | None) -> str:
