@@ -163,7 +163,7 @@ def test_error_missing_checkpoint(capsys, tmp_path):
         (["generate", "x", "--train.device", "cpu"], "did you mean --device cpu?"),
         (
             ["sweep", "cpu-smoke", "--train.lr", "1e-3"],
-            "a sweep's runs take their fields from its spec: add \"train.lr\" = 0.001 to the [base] table of a "
+            'a sweep\'s runs take their fields from its spec: add "train.lr" = 0.001 to the [base] table of a '
             "copy of torchpeer/experiments/specs/cpu-smoke.toml",
         ),
     ],

@@ -48,4 +48,3 @@ class CountingTokenizer(ByteTokenizer):
     def encode_batch(self, texts):
         self.calls += 1
         return super().encode_batch(texts)
-

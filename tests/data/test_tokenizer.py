@@ -112,5 +112,3 @@ def test_bad_tokenizer_specs(tmp_path, monkeypatch):
     (snap / "tokenizer.json").write_text(bpe.tok.to_str())
     cached = load_tokenizer(DataConfig(tokenizer="hf:org/tiny"))
     assert cached.encode(TRICKY) == bpe.encode(TRICKY) and cached.eot_id == bpe.eot_id
-
-

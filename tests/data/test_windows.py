@@ -97,8 +97,6 @@ def test_sequential_windows_cover_every_token(n, pad):
     assert len(list(sequential_windows(tokens, 3, 16, max_batches=1, pad=pad))) == 1
 
 
-
-
 def test_a_train_split_shorter_than_one_window_names_the_split_and_the_fields(tmp_path):
     """A train file shorter than one window said "the split has 11" without saying which split (the
     valid sets are tokenised before it is read) or which settings to change; a token file names its

@@ -152,9 +152,7 @@ def test_reduce_over_processes_matches_one_process():
     """Two 'processes' (trackers) merged with a simulated all-reduce give the statistics of one
     tracker that saw all the tokens."""
     torch.manual_seed(5)
-    batches = [
-        (torch.randn(50, 2, 8) * 3 + 1, torch.randint(0, N, (50, 2, 3)), torch.rand(50, 2, 3)) for _ in range(4)
-    ]
+    batches = [(torch.randn(50, 2, 8) * 3 + 1, torch.randint(0, N, (50, 2, 3)), torch.rand(50, 2, 3)) for _ in range(4)]
     whole, ranks = RoutingStats(N), [RoutingStats(N), RoutingStats(N)]
     for i, (q, idx, g) in enumerate(batches):
         whole.update_routing(q, idx, g)

@@ -30,8 +30,14 @@ def seeded_runs(noise):
             for seed in (0, 1, 2):
                 loss = parabola(p, floor) + noise[fam][seed]
                 out.append(
-                    rec(f"{fam}-s{i}-seed{seed}-1e15", family=fam, seed=seed, budget_flops=1e15,
-                        active_params=float(p), valid=valid(loss))
+                    rec(
+                        f"{fam}-s{i}-seed{seed}-1e15",
+                        family=fam,
+                        seed=seed,
+                        budget_flops=1e15,
+                        active_params=float(p),
+                        valid=valid(loss),
+                    )
                 )
     return out
 
@@ -76,10 +82,14 @@ def test_report_with_seeds_ranks_pairs_and_marks(tmp_path):
         append_result(str(runs), r)
     # a family with 3 sizes only: provisional
     for i, p in enumerate(SIZES[:3]):
-        append_result(str(runs), rec(f"few-s{i}-1e15", family="few", budget_flops=1e15, active_params=float(p),
-                                     valid=valid(parabola(p, 3.1))))
+        append_result(
+            str(runs),
+            rec(
+                f"few-s{i}-1e15", family="few", budget_flops=1e15, active_params=float(p), valid=valid(parabola(p, 3.1))
+            ),
+        )
     md = open(write_report(str(runs))["report"]).read()
-    ahead = md[md.index("### Who is ahead"):]
+    ahead = md[md.index("### Who is ahead") :]
     assert "moe-ec 3.2033 = ppl" in ahead and "non-causal, not ranked" in ahead
     assert "few 3.1000 = ppl 22.20 (fit; provisional)" in ahead
     # PEER minus dense at the optimum size (4e6 is a trained size? nearest in log): seeds 0,1,2 paired
@@ -88,11 +98,11 @@ def test_report_with_seeds_ranks_pairs_and_marks(tmp_path):
     mean_diff = 3.30 - 3.40 + sum(diffs) / 3
     assert f"{mean_diff:+.4f} nats" in line and "seeds [0, 1, 2]" in line and "PEER ahead of dense." in line
     assert "paper's order (peer < moe < pkm < dense) holds" in ahead
-    t1 = md[md.index("### Perplexity on every eval set"):]
+    t1 = md[md.index("### Perplexity on every eval set") :]
     peer_row = next(x for x in t1.splitlines() if x.startswith("| 1e+15 | peer |"))
     assert "| 0,1,2 |" in peer_row and "3 seeds)" in peer_row
     assert "moe-ec-" in t1 and "not a causal LM's perplexity" in t1
-    runs_md = md[md.index("### Runs"):md.index("### isoFLOP fits")]
+    runs_md = md[md.index("### Runs") : md.index("### isoFLOP fits")]
     assert "| seed |" in runs_md and "| epochs |" in runs_md
 
 
@@ -134,11 +144,28 @@ def test_design_table_pairs_seeds_against_dense(tmp_path):
     assert design_of({"variant": "peer-s2-seed2"}) == "peer-s2"
     recs = []
     for seed, noise in ((0, 0.0), (1, 0.05)):
-        recs.append(rec(f"seed={seed}-dense-tok6e7", variant=f"seed={seed}-dense", seed=seed, kind="grid",
-                        train_flops_per_token=100, tokens_per_s=1000.0, valid=valid(3.0 + noise, other=0.1)))
-        recs.append(rec(f"seed={seed}-multi-tok6e7", variant=f"seed={seed}-multi", seed=seed, kind="grid",
-                        train_flops_per_token=95, tokens_per_s=800.0,
-                        valid=valid(2.9 + noise, usage=90.0, kl=1.2, other=0.3)))
+        recs.append(
+            rec(
+                f"seed={seed}-dense-tok6e7",
+                variant=f"seed={seed}-dense",
+                seed=seed,
+                kind="grid",
+                train_flops_per_token=100,
+                tokens_per_s=1000.0,
+                valid=valid(3.0 + noise, other=0.1),
+            )
+        )
+        recs.append(
+            rec(
+                f"seed={seed}-multi-tok6e7",
+                variant=f"seed={seed}-multi",
+                seed=seed,
+                kind="grid",
+                train_flops_per_token=95,
+                tokens_per_s=800.0,
+                valid=valid(2.9 + noise, usage=90.0, kl=1.2, other=0.3),
+            )
+        )
     header, rows = design_rows(recs)
     row = dict(zip(header, next(r for r in rows if r[0] == "multi")))
     assert row["seeds"] == "0,1" and row["FLOPs/token"] == "0.950x" and row["tokens/s"] == "800"

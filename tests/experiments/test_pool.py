@@ -337,7 +337,11 @@ def test_device_sweep_script_runs_a_sweep_and_packs_its_results(tmp_path):
     assert subprocess.run(["bash", script, str(spec)], env=env, capture_output=True).returncode == 2
     res = subprocess.run(
         ["bash", script, str(spec), "runs/smoke"],
-        cwd=tmp_path, env={**env, "PYTHONPATH": root}, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": root},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert res.returncode == 0, res.stdout + res.stderr
     (run,) = [r["run"] for r in map(json.loads, (tmp_path / "runs" / "smoke" / "results.jsonl").open())]

@@ -185,8 +185,14 @@ def test_estimate_falls_back_to_the_same_family_and_size(tmp_path):
     spec = parse_spec(SPEC)
     runs = plan_sweep(spec, str(tmp_path))
     run = runs[0]
-    twin = {"variant": "other-seed", "family": run.family, "total_params": run.total_params, "tokens_per_s": 100.0,
-            "wall_seconds": 12.0, "train_seconds": 10.0}
+    twin = {
+        "variant": "other-seed",
+        "family": run.family,
+        "total_params": run.total_params,
+        "tokens_per_s": 100.0,
+        "wall_seconds": 12.0,
+        "train_seconds": 10.0,
+    }
     stranger = {**twin, "total_params": run.total_params + 1, "tokens_per_s": 1.0}
     assert estimate_seconds(run, [stranger]) is None
     assert estimate_seconds(run, [stranger, twin]) == pytest.approx(run.tokens / 100.0 + 2.0)

@@ -241,8 +241,10 @@ def test_a_misspelt_base_config_names_the_closest_one(tmp_path, capsys):
     assert main(["sweep", str(spec), "--dry-run", "--runs-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")
-    assert err.endswith("config 'ptb-tiy' is neither a file nor a shipped config; shipped configs: "
-                        f"{', '.join(list_configs())}; did you mean ptb-tiny?\n")
+    assert err.endswith(
+        "config 'ptb-tiy' is neither a file nor a shipped config; shipped configs: "
+        f"{', '.join(list_configs())}; did you mean ptb-tiny?\n"
+    )
     assert main(["data", "--config", "ptb-tiyn"]) == 2
     assert capsys.readouterr().err.endswith("; did you mean ptb-tiny?\n")
 
@@ -258,14 +260,22 @@ def test_a_misspelt_spec_name_names_the_closest_one():
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda r: r["base"].update({"train.lrr": 1e-3}),
-         """unknown config field 'train.lrr' in [base]; did you mean "train.lr" = 0.001?"""),
-        (lambda r: r["variants"]["peer"].update({"model.peer.topk": 8}),
-         """unknown config field 'model.peer.topk' in [variants.peer]; did you mean "model.peer.top_k" = 8?"""),
-        (lambda r: r.update(grid={"model.peer.query_nrom": ["batch", "none"]}),
-         """in [grid]; did you mean "model.peer.query_norm" = ["batch", "none"]?"""),
-        (lambda r: r.update(grid={"size": {"s1": {"model.d_modle": 16}}}),
-         """'model.d_modle' in [grid.size.s1]; did you mean "model.d_model" = 16?"""),
+        (
+            lambda r: r["base"].update({"train.lrr": 1e-3}),
+            """unknown config field 'train.lrr' in [base]; did you mean "train.lr" = 0.001?""",
+        ),
+        (
+            lambda r: r["variants"]["peer"].update({"model.peer.topk": 8}),
+            """unknown config field 'model.peer.topk' in [variants.peer]; did you mean "model.peer.top_k" = 8?""",
+        ),
+        (
+            lambda r: r.update(grid={"model.peer.query_nrom": ["batch", "none"]}),
+            """in [grid]; did you mean "model.peer.query_norm" = ["batch", "none"]?""",
+        ),
+        (
+            lambda r: r.update(grid={"size": {"s1": {"model.d_modle": 16}}}),
+            """'model.d_modle' in [grid.size.s1]; did you mean "model.d_model" = 16?""",
+        ),
         (lambda r: r["base"].update({"train.epochs": 3}), "runs are sized by [sweep] budgets or tokens"),
         (lambda r: r["base"].update({"model.peer": 3}), """[base] model.peer is a section; set one of its fields"""),
     ],
@@ -284,14 +294,22 @@ def test_a_misspelt_field_in_a_spec_is_suggested_as_the_spec_writes_it(mutate, m
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda r: r["base"].update({"train.lr": "fast"}),
-         """[base] "train.lr" = "fast" is not of type float; give a number, e.g. 2e6"""),
-        (lambda r: r["variants"]["peer"].update({"model.n_layers": 2.5}),
-         """[variants.peer] "model.n_layers" = 2.5 is not of type int; give a whole number"""),
-        (lambda r: r.update(grid={"train.seed": [0, "a"]}),
-         """[grid] "train.seed" = "a" is not of type int; give a whole number"""),
-        (lambda r: r.update(grid={"size": {"s1": {"model.tie_embeddings": "maybe"}}}),
-         """[grid.size.s1] "model.tie_embeddings" = "maybe" is not of type bool; use true or false"""),
+        (
+            lambda r: r["base"].update({"train.lr": "fast"}),
+            """[base] "train.lr" = "fast" is not of type float; give a number, e.g. 2e6""",
+        ),
+        (
+            lambda r: r["variants"]["peer"].update({"model.n_layers": 2.5}),
+            """[variants.peer] "model.n_layers" = 2.5 is not of type int; give a whole number""",
+        ),
+        (
+            lambda r: r.update(grid={"train.seed": [0, "a"]}),
+            """[grid] "train.seed" = "a" is not of type int; give a whole number""",
+        ),
+        (
+            lambda r: r.update(grid={"size": {"s1": {"model.tie_embeddings": "maybe"}}}),
+            """[grid.size.s1] "model.tie_embeddings" = "maybe" is not of type bool; use true or false""",
+        ),
     ],
 )
 def test_a_value_of_the_wrong_type_in_a_spec_is_named_as_the_spec_writes_it(mutate, message):

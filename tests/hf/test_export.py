@@ -179,6 +179,7 @@ def test_bad_inputs(tmp_path, exported):
     with pytest.raises(ValueError, match="not an exported torchpeer model"):
         load_exported(run)  # a run folder's config.json has no "torchpeer" section
     from torchpeer.hf import from_pretrained  # (for peerified models): names the two loaders of an export,
+
     # instead of transformers asking on stdin whether to run the folder's code, then a ValueError
     with pytest.raises(ValueError, match=r"is a torchpeer export-hf folder, not a peerified .*hf\.load_exported\("):
         from_pretrained(out)

@@ -48,7 +48,15 @@ def test_the_results_table_of_a_dense_model_has_no_empty_usage_columns():
     ]
     routed = {**dense, "usage": {"blocks.1.ffw": {"usage_pct": 49.38, "kl": 2.9798}}}
     assert format_results({"ptb": routed}).splitlines()[0].split() == [
-        "set", "tokens", "loss", "ppl", "bpb", "layer", "usage", "%", "KL"
+        "set",
+        "tokens",
+        "loss",
+        "ppl",
+        "bpb",
+        "layer",
+        "usage",
+        "%",
+        "KL",
     ]
 
 

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def version_line() -> str:
-    """"torchpeer 0.1.0 (torch 2.13.0+cpu, python 3.11.7)", read from the installed packages'
+    """ "torchpeer 0.1.0 (torch 2.13.0+cpu, python 3.11.7)", read from the installed packages'
     metadata: importing torch for its version would take a second."""
     import platform
     from importlib import metadata

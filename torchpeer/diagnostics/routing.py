@@ -102,8 +102,9 @@ class RoutingStats(ExpertUsage):
         totals = torch.tensor([float(self.gate_rows), float(self.q_rows)], dtype=torch.float64, device=device)
         sums = torch.stack(
             [
-                (self.gate_entropy_sum if self.gate_entropy_sum is not None else torch.zeros((), dtype=torch.float64))
-                .to(device),
+                (
+                    self.gate_entropy_sum if self.gate_entropy_sum is not None else torch.zeros((), dtype=torch.float64)
+                ).to(device),
                 (self.sq_sum if self.sq_sum is not None else torch.zeros((), dtype=torch.float64)).to(device),
             ]
         )
