@@ -50,10 +50,33 @@ if command -v nvidia-smi > /dev/null; then
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv -l 10 > "$OUT/smi_$name.csv" 2>&1 &
     smi=$!
 fi
-python3 -m torchpeer.cli sweep "$spec" --runs-dir "$runs" --no-progress "$@" 2>&1 | tee "$OUT/sweep_$name.log"
-rc=${PIPESTATUS[0]}
+pack() {  # the runs folder without checkpoints (metrics, summaries, results.jsonl) -> $OUT/<name>.tgz
+    if [ -d "$runs" ]; then
+        tar czf "$OUT/$name.tgz.tmp" --exclude=checkpoints --warning=no-file-changed "$runs" 2> /dev/null
+        mv -f "$OUT/$name.tgz.tmp" "$OUT/$name.tgz"
+    fi
+}
+# A command killed at the device's time limit (SIGTERM) used to lose everything, the metrics of its
+# runs included, because the tar came only after the sweep (batch 7). On SIGTERM/SIGINT: pack what
+# the runs have written so far at once (seconds), then pass the signal on to the sweep (its runs
+# write interrupt checkpoints, for a resume on the same machine), and pack again when it has ended.
+# The sweep runs in the background, so that `wait` returns to the trap as the signal arrives.
+on_signal() {
+    echo "device_sweep: signal $1: packing what the runs have written so far" >&2
+    pack
+    [ -n "$sweep" ] && kill -s "$1" "$sweep" 2> /dev/null && wait "$sweep"
+    [ -n "$smi" ] && kill "$smi" 2> /dev/null
+    pack
+    exit $((128 + $2))
+}
+sweep=""
+trap 'on_signal TERM 15' TERM
+trap 'on_signal INT 2' INT
+python3 -m torchpeer.cli sweep "$spec" --runs-dir "$runs" --no-progress "$@" > >(tee "$OUT/sweep_$name.log") 2>&1 &
+sweep=$!
+wait "$sweep"
+rc=$?
+trap - TERM INT
 [ -n "$smi" ] && kill "$smi" 2> /dev/null
-if [ -d "$runs" ]; then
-    tar czf "$OUT/$name.tgz" --exclude=checkpoints "$runs"
-fi
+pack
 exit "$rc"

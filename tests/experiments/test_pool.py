@@ -412,3 +412,47 @@ def test_check_fits_refusal_carries_the_numbers():
         check_fits(cfg, "cpu", available=1)
     assert e.value.available == 1 and e.value.needed > 1 and e.value.capacity is None
     assert isinstance(e.value, ValueError)  # callers that catch ValueError keep working
+
+
+def test_device_sweep_script_packs_what_it_has_when_killed_at_the_time_limit(tmp_path):
+    """SIGTERM to scripts/device_sweep.sh (the device tool's time limit) lost everything in batch 7: the
+    tar came after the sweep. Now the script packs the runs written so far, passes the signal on (the
+    run stops with an interrupt checkpoint), packs again and exits 143."""
+    import signal
+    import subprocess
+    import tarfile
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    (tmp_path / "text.txt").write_text("the cat sat on the mat. " * 400)
+    spec = tmp_path / "long.toml"
+    spec.write_text(TINY_SPEC.format(text=tmp_path / "text.txt").replace("budgets = [1e8]", "budgets = [1e11]"))
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    p = subprocess.Popen(
+        ["bash", os.path.join(root, "scripts", "device_sweep.sh"), str(spec), "runs/sig"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 240
+        metrics = []
+        while time.time() < deadline and p.poll() is None:
+            metrics = list((tmp_path / "runs" / "sig").glob("*/metrics.jsonl"))
+            if metrics and len(metrics[0].read_text().splitlines()) >= 3:  # the run is training
+                break
+            time.sleep(0.2)
+        assert p.poll() is None and metrics, "the run did not start training"
+        p.send_signal(signal.SIGTERM)  # to the script only, as a time limit's kill of its process
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 143, err
+    assert "device_sweep: signal TERM: packing what the runs have written so far" in err
+    run = metrics[0].parent.name
+    with tarfile.open(out / "sig.tgz") as tar:
+        packed = tar.extractfile(f"runs/sig/{run}/metrics.jsonl").read().decode()
+        assert not any("checkpoints" in n for n in tar.getnames())
+    events = [json.loads(line).get("event") for line in packed.splitlines()]
+    assert "interrupted" in events  # the sweep got the signal and its run stopped with a checkpoint
+    assert os.listdir(tmp_path / "runs" / "sig" / run / "checkpoints")

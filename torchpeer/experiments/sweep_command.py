@@ -3,6 +3,8 @@ work is imported when the command runs, so registering it costs nothing)."""
 
 from __future__ import annotations
 
+import contextlib
+
 EPILOG = """\
 SPEC is a shipped spec name ({specs}) or a TOML path;
 see docs/experiments.md for the format. The sweep is resumable: run the same command again and
@@ -114,6 +116,37 @@ def continue_command(args, runs_dir: str) -> str:
     return shlex.join(cmd)
 
 
+class SweepStopped(KeyboardInterrupt):
+    """SIGTERM or SIGINT reached the sweep: it stops its runs as on Ctrl-C (they checkpoint)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Within: SIGTERM (a job's time limit) stops the sweep as Ctrl-C does, and so does SIGINT even
+    when the sweep was started with it ignored (a background job of a script, as scripts/device_sweep.sh
+    runs it). The first signal counts: later ones are ignored, so the runs' interrupt checkpoints are
+    not cut short (the pool still kills a run past its grace period). The handlers before are restored."""
+    import signal
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise SweepStopped(signum)
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in before:
+        signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def run(args) -> int:
     import os
 
@@ -124,19 +157,20 @@ def run(args) -> int:
     runs_dir = args.runs_dir or os.path.join("runs", spec.name)
     check_not_a_run_folder(runs_dir)
     try:
-        run_sweep(
-            spec,
-            runs_dir,
-            only=args.only,
-            dry_run=args.dry_run,
-            progress=not args.no_progress,
-            assume_tokens_per_s=args.assume_tokens_per_s,
-            time_limit=args.time_limit,
-            parallel=args.parallel,
-            stop_at=args.stop_at,
-            drop_checkpoints=args.drop_checkpoints,
-            say=lambda s: print(s, flush=True),
-        )
+        with stop_on_signals() if not args.dry_run else contextlib.nullcontext():
+            run_sweep(
+                spec,
+                runs_dir,
+                only=args.only,
+                dry_run=args.dry_run,
+                progress=not args.no_progress,
+                assume_tokens_per_s=args.assume_tokens_per_s,
+                time_limit=args.time_limit,
+                parallel=args.parallel,
+                stop_at=args.stop_at,
+                drop_checkpoints=args.drop_checkpoints,
+                say=lambda s: print(s, flush=True),
+            )
     except KeyboardInterrupt as e:  # Ctrl-C, or a run's TrainingInterrupted (SIGINT/SIGTERM)
         import sys
 
