@@ -66,6 +66,7 @@ on_signal() {
     pack
     [ -n "$sweep" ] && kill -s "$1" "$sweep" 2> /dev/null && wait "$sweep"
     [ -n "$smi" ] && kill "$smi" 2> /dev/null
+    wait  # the log's tee (bash >= 5.1 waits for the last process substitution too)
     pack
     exit $((128 + $2))
 }
@@ -78,5 +79,6 @@ wait "$sweep"
 rc=$?
 trap - TERM INT
 [ -n "$smi" ] && kill "$smi" 2> /dev/null
+wait  # the log's tee (see on_signal)
 pack
 exit "$rc"
