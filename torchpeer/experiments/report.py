@@ -35,6 +35,7 @@ from torchpeer.experiments.results import (
     eval_rows_csv,
     pool_usage,
     primary_loss,
+    primary_ppl,
     read_results,
     results_path,
     routed_usage,
@@ -259,7 +260,7 @@ def runs_table(recs: list[dict], rule: float | None = None) -> list[str]:
         loss = primary_loss(r)
         usage, kl = routed_usage(r)
         pool = [_fmt(v, f) for v, f in zip(pool_usage(r), (".1f", ".3f"))] if pools else []
-        ppl = (r.get("valid") or {}).get(r.get("eval_set"), {}).get("ppl")
+        ppl = primary_ppl(r)
         rows.append(
             [
                 r["run"],
@@ -392,7 +393,7 @@ def ablation_table(recs: list[dict], x_field: str, series_field: str | None) -> 
     rows = []
     for r in sorted(recs, key=lambda r: (str(r.get("series")), float(r["x"]) if r.get("x") is not None else 0.0)):
         usage, kl = routed_usage(r)
-        ppl = (r.get("valid") or {}).get(r.get("eval_set"), {}).get("ppl")
+        ppl = primary_ppl(r)
         rows.append(
             [
                 str(r.get("x")),
@@ -418,7 +419,7 @@ def ablation_pivot(recs: list[dict], series_field: str) -> list[str]:
         row = [str(x)]
         for s in series:
             cell = sorted((r for r in recs if r.get("x") == x and str(r.get("series")) == s), key=seed_of)
-            ppl = [(r.get("valid") or {}).get(r.get("eval_set"), {}).get("ppl") for r in cell]
+            ppl = [primary_ppl(r) for r in cell]
             usage = [routed_usage(r) for r in cell]
             for values, spec in ((ppl, ".2f"), ([u for u, _ in usage], ".1f"), ([k for _, k in usage], ".3f")):
                 row.append(" / ".join(_fmt(v, spec) for v in values) if values else "")

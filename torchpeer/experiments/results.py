@@ -235,6 +235,12 @@ def primary_loss(record: dict[str, Any]) -> float | None:
     return entry.get("loss") if entry else None
 
 
+def primary_ppl(record: dict[str, Any]) -> float | None:
+    """Perplexity on the record's ranking eval set (None when it has none)."""
+    entry = (record.get("valid") or {}).get(record.get("eval_set"))
+    return entry.get("ppl") if entry else None
+
+
 def routed_usage(record: dict[str, Any], eval_set: str | None = None) -> tuple[float | None, float | None]:
     """(usage %, KL) on ``eval_set`` (default: the ranking eval set), averaged over the routed layers
     (None if there are none)."""
