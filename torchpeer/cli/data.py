@@ -95,7 +95,7 @@ def data_config_from_args(args: argparse.Namespace):
     # no --config: the one `torchpeer train` runs without a name, so that `data` prepares its token files
     # (before, the bare DataConfig: PTB with the byte tokenizer, which no shipped config trains on)
     config = getattr(args, "config", None) or DEFAULT_CONFIG
-    if config and (os.path.isdir(config) or config.endswith(".json")):  # a run's saved config, as train reads it
+    if os.path.isdir(config) or config.endswith(".json"):  # a run's saved config, as train reads it
         from torchpeer.cli.common import config_with_overrides
 
         run = RunConfig(data=config_with_overrides(config, []).data)
