@@ -31,3 +31,24 @@ def test_first_signal_stops_later_ones_are_ignored_handlers_restored(sig):
         for s, handler in before.items():
             signal.signal(s, handler)
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_off_the_main_thread_it_leaves_handlers_alone():
+    """signal.signal raises ValueError off the main thread: a sweep run from a worker thread must
+    still run (its body executes) and leave the handlers as they were."""
+    import threading
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    seen = []
+
+    def worker():
+        try:
+            with stop_on_signals():
+                seen.append({s: signal.getsignal(s) for s in before})
+        except Exception as e:  # noqa: BLE001 - the failure under test
+            seen.append(e)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join(10)
+    assert seen == [before]

@@ -129,8 +129,15 @@ def stop_on_signals():
     """Within: SIGTERM (a job's time limit) stops the sweep as Ctrl-C does, and so does SIGINT even
     when the sweep was started with it ignored (a background job of a script, as scripts/device_sweep.sh
     runs it). The first signal counts: later ones are ignored, so the runs' interrupt checkpoints are
-    not cut short (the pool still kills a run past its grace period). The handlers before are restored."""
+    not cut short (the pool still kills a run past its grace period). The handlers before are restored.
+    Off the main thread (a sweep started from a notebook's or a server's worker thread) Python allows
+    no signal handlers: there it changes nothing and Ctrl-C stays the caller's."""
     import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
     def stop(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
