@@ -85,8 +85,12 @@ class Run:
         print(json.dumps(row), flush=True)
         self.save()
 
+    rows = None  # --rows: run only rows whose name holds one of these substrings
+
     def guarded(self, section, name, fn):
         """Run fn() -> dict of results; record an error instead of raising."""
+        if self.rows is not None and not any(r in name for r in self.rows):
+            return None  # not asked for (--rows): neither run nor recorded
         if time.time() - T0 > BUDGET_S:
             self.add(section, name, skipped="time budget")
             return None
@@ -628,7 +632,14 @@ def main():
         "--timings-first", action="store_true", help="section 0's timing rows before its checks (short budgets)"
     )
     p.add_argument("--budget-s", type=float, default=BUDGET_S, help="start no new row after this many seconds")
+    p.add_argument(
+        "--rows",
+        help="comma-separated substrings: run only the rows whose name holds one (e.g. 'queue,packed' for the "
+        "rows a decision on those forwards needs; the reference computations still run)",
+    )
     args = p.parse_args()
+    if args.rows is not None and not [r for r in args.rows.split(",") if r.strip()]:
+        p.error("--rows needs at least one substring, e.g. --rows queue,packed")
     set_budget(args.budget_s)
     if args.smoke:
         H, n, dk, K, T_check, T_list = 2, 32, 32, 4, 40, [40]
@@ -662,6 +673,8 @@ def main():
             (64, 64, 8, 32, 4),
         ]
     run = Run(args.out, {"H": H, "n": n, "d_key": dk, "top_k": K, "dtype": "bfloat16"})
+    if args.rows is not None:
+        run.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     onepass_section(
         run, H, n, dk, K, T_check, T_list, sweep_onepass, quick=args.quick, timings_first=args.timings_first
     )
