@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from tests.lm.helpers import losses, records, write_config, write_corpus
+from tests.lm.helpers import evals, losses, records, write_config, write_corpus
 from torchpeer.lm import Callback, SingleProcessPlan, Trainer
 from torchpeer.lm.checkpoint import list_checkpoints, load_model_from_checkpoint
 from torchpeer.lm.config_io import load_config
@@ -386,3 +386,17 @@ def test_a_config_name_instead_of_a_run_config_is_one_clear_type_error(tmp_path)
     with pytest.raises(TypeError, match="got dict"):
         Trainer({"model": {}}, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_periodic_evaluations_leave_training_unchanged(tmp_path):
+    """An evaluation mid-run (eval mode, usage tracking, the ema query norm's running statistics)
+    must not change what training computes: the campaign adds evaluation points to runs whose
+    partners trained without them (ablate-experts' seed-1 row) and compares them step for step."""
+    write_corpus(tmp_path)
+    cfg = write_config(tmp_path, max_steps=24, extra="checkpoint = false")
+    flags = ["--model.peer.query_norm", "ema", "--model.seq_len", "16"]
+    train(load_config(cfg, flags + ["--train.eval_interval", "1000"]), str(tmp_path / "once"), progress=False)
+    train(load_config(cfg, flags + ["--train.eval_interval", "5"]), str(tmp_path / "often"), progress=False)
+    assert [s for s, _ in evals(tmp_path / "often")][:4] == [5, 10, 15, 20]
+    assert losses(tmp_path / "often") == losses(tmp_path / "once")  # bit for bit, every step
+    assert evals(tmp_path / "often")[-1] == evals(tmp_path / "once")[-1]  # the final evaluation too
