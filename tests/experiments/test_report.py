@@ -299,3 +299,37 @@ def test_ablation_pivot_is_the_papers_table_2_layout_with_seeds_side_by_side(tmp
         f"| 16384 | {np.exp(3.05):.2f} | 97.5 | 0.250 | {e0:.2f} / {e1:.2f} | 98.0 / 99.0 | 0.200 / 0.300 |",
         f"| 65536 |  |  |  | {np.exp(2.90):.2f} | 91.0 | 0.800 |",
     ]
+
+
+def test_evaluations_during_training_table_only_for_runs_evaluated_more_than_once(tmp_path):
+    """A run whose metrics.jsonl holds several evaluations (train.eval_interval) gets a row per
+    evaluated step on its ranking set: ppl, epochs (tokens over the train split), the routed layers'
+    mean usage and KL; a run evaluated once adds no row, and no run evaluated twice: no section."""
+    d = tmp_path / "runs"
+
+    def write_run(name, evals):
+        append_result(str(d), rec(name, sweep="t2", kind="ablation", train_split_tokens=400, valid=valid(3.0, 90, 1)))
+        (d / name).mkdir(parents=True)
+        with open(d / name / "metrics.jsonl", "w") as fh:
+            fh.write(json.dumps({"step": 0, "event": "start", "tokens_per_step": 100}) + "\n")
+            for step in range(1, 13):
+                fh.write(json.dumps({"step": step, "tokens": step * 100, "loss": 4 - step / 10}) + "\n")
+            for step, loss, usage in evals:
+                layers = {"blocks.1.ffw": {"usage_pct": usage, "kl": 1.0}, "blocks.3.ffw": {"usage_pct": usage + 2}}
+                result = {"all": {"loss": loss, "ppl": float(np.exp(loss)), "usage": layers}, "books": {"loss": 9.0}}
+                fh.write(json.dumps({"step": step, "eval": result, "final": step == 12}) + "\n")
+
+    write_run("once", [(12, 3.0, 90.0)])
+    md = open(write_report(str(d))["report"]).read()
+    assert "Evaluations during training" not in md
+    write_run("thrice", [(4, 3.4, 60.0), (8, 3.2, 70.0), (12, 3.0, 80.0)])
+    md = open(write_report(str(d))["report"]).read()
+    lines = md.splitlines()
+    i = lines.index("### Evaluations during training (ranking eval set)")
+    assert lines[i + 2] == "| run | step | tokens | epochs | ppl | usage % | KL |"
+    assert lines[i + 4 : i + 7] == [
+        f"| thrice | 4 | 400 | 1.00 | {np.exp(3.4):.2f} | 61.0 | 1.000 |",
+        f"| thrice | 8 | 800 | 2.00 | {np.exp(3.2):.2f} | 71.0 | 1.000 |",
+        f"| thrice | 12 | 1.2k | 3.00 | {np.exp(3.0):.2f} | 81.0 | 1.000 |",
+    ]
+    assert not any(line.startswith("| once |") for line in lines[i:])
