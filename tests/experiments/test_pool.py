@@ -123,6 +123,13 @@ def test_parallel_runs_each_recorded_once_at_most_n_at_a_time(tmp_path, fake_wor
     r = recs[0]
     assert r["train_split_tokens"] > 0 and r["epochs"] == pytest.approx(r["tokens"] / r["train_split_tokens"], 1e-3)
     assert r["seed"] == 0
+    # each record says how many runs shared its GPU on average while it ran (its tokens/s is a share)
+    assert all(1.0 <= rec["sharing"] <= 3.0 for rec in recs) and max(rec["sharing"] for rec in recs) > 1.5
+    assert sum("runs on its GPU on average" in m for m in msgs) == 8
+    # the dry run of a larger sweep says its estimates come from rates measured at that load
+    msgs.clear()
+    run_sweep(spec_for(tmp_path, budgets=(1e10, 2e10, 4e10)), runs_dir, dry_run=True, say=msgs.append)
+    assert "measured tokens/s are each run's share of its GPU: " in msgs[0]
     # a second invocation trains nothing
     msgs.clear()
     assert run_sweep(spec, runs_dir, parallel=3, progress=False, say=msgs.append) == []

@@ -52,6 +52,13 @@ class _Job:
     started: float
     log: object
     gpu: str | None = None
+    shared_seconds: float = 0.0  # integral over its wall time of the runs on its GPU (itself included)
+    seen_seconds: float = 0.0
+
+    def sharing(self) -> float | None:
+        """The mean number of runs that trained on this run's GPU while it ran (itself included):
+        its tokens/s is a share of the GPU, measured at this load (None before the first poll)."""
+        return round(self.shared_seconds / self.seen_seconds, 2) if self.seen_seconds > 0 else None
 
 
 def visible_gpus() -> list[str]:
@@ -88,7 +95,8 @@ def finished_message(head: str, rec: dict) -> str:
     loss = rec["valid"].get(rec["eval_set"], {}).get("loss")
     loss_text = "-" if loss is None else f"{loss:.4f}"
     rate = rec["tokens_per_s"] or 0
-    return f"{head}: finished in {rec['wall_seconds']:.0f} s, {rate:,.0f} tokens/s, loss {loss_text}"
+    shared = f" ({rec['sharing']:g} runs on its GPU on average)" if rec.get("sharing") else ""
+    return f"{head}: finished in {rec['wall_seconds']:.0f} s, {rate:,.0f} tokens/s{shared}, loss {loss_text}"
 
 
 def worker_command() -> list[str]:
@@ -138,8 +146,14 @@ def run_parallel(
     env = worker_env(parallel)
     gpus = visible_gpus() if gpus is None else gpus
     hold = False  # a run waits for GPU memory: start nothing until a running run ends
+    last = time.time()
     try:
         while pending or jobs:
+            now = time.time()
+            for job in jobs:  # how loaded each run's GPU was since the last poll (results' "sharing")
+                job.shared_seconds += (now - last) * sum(1 for j in jobs if j.gpu == job.gpu)
+                job.seen_seconds += now - last
+            last = now
             for job in [j for j in jobs if j.proc.poll() is not None]:
                 jobs.remove(job)
                 if job.proc.returncode == EXIT_NO_MEMORY_NOW and jobs and not interrupted:
@@ -254,6 +268,8 @@ def _finish(job: _Job, spec, runs_dir: str, say) -> dict | None:
     if rc == 0 and os.path.exists(summary_path):
         with open(summary_path, encoding="utf-8") as fh:
             rec = make_run_record(job.run, json.load(fh), spec, wall_seconds=time.time() - job.started)
+        if job.sharing() is not None:
+            rec["sharing"] = job.sharing()
         append_result(runs_dir, rec)
         say(finished_message(job.head, rec))
         return rec

@@ -308,6 +308,12 @@ def format_plan(
         lines.append(f"{todo} runs to train; no time estimate yet (no measured tokens/s{hint})")
     else:
         lines.append(f"{todo} runs to train; estimated {_duration(total)} from {basis}{tail}")
+    shares = [r["sharing"] for r in records if isinstance(r.get("sharing"), (int, float))]
+    if shares and todo:  # a rate measured 8-way is not a run alone's: the 1e16 plan misread it (campaign.md)
+        lines.append(
+            f"measured tokens/s are each run's share of its GPU: {min(shares):g}-{max(shares):g} runs trained on "
+            "it at once on average (results' 'sharing'); at another --parallel the times differ"
+        )
     lines.append(
         "GiB: a run's estimated peak memory on a CUDA GPU (torchpeer.lm.memory; the CPU's for train.device cpu); "
         "with --parallel N, runs start side by side while their estimates fit the GPU's free memory, the rest "
