@@ -29,6 +29,7 @@ from torchpeer.experiments.compare import (
     order_verdict,
     paired_difference,
 )
+from torchpeer.experiments.eval_history import evals_during_training
 from torchpeer.experiments.fit import isoflop_fits, outside_fit_runs
 from torchpeer.experiments.results import (
     breaks_epoch_rule,
@@ -127,9 +128,9 @@ def write_report(
         if png:
             written[f"curves-{name}"] = png
             lines += ["", "### Training curves", "", _img(png, out_dir)]
-        during = evals_during_training(recs, runs_dir)
+        header, during = evals_during_training(recs, runs_dir)
         if during:
-            lines += ["", "### Evaluations during training (ranking eval set)", "", *during]
+            lines += ["", "### Evaluations during training (ranking eval set)", "", *_table(header, during)]
     from torchpeer.data.atomic import write_text_atomic
 
     rows = os.path.join(out_dir, "rows.csv")  # every (run, eval set) in one long table, for other tools
@@ -429,46 +430,6 @@ def ablation_pivot(recs: list[dict], series_field: str) -> list[str]:
                 row.append(" / ".join(_fmt(v, spec) for v in values) if values else "")
         rows.append(row)
     return _table(header, rows, right_from=1)
-
-
-def evals_during_training(recs: list[dict], runs_dir: str) -> list[str]:
-    """Rows (run, step, tokens, epochs, ppl, usage %, KL) of every evaluation in the runs'
-    metrics.jsonl on their ranking eval set, for the runs evaluated more than once (a spec's
-    ``train.eval_interval``); [] when none was (the runs table already holds the final values).
-    Usage and KL are the mean over the routed layers; epochs: tokens over the run's train split."""
-    from torchpeer.viz.metrics import read_metrics
-
-    def at(series, step):
-        return dict(zip(series.steps, series.values)).get(step) if series else None
-
-    def mean(values):
-        values = [v for v in values if v is not None]
-        return sum(values) / len(values) if values else None
-
-    rows = []
-    for r in recs:
-        try:
-            m = read_metrics(os.path.join(runs_dir, r["run"]))
-        except (FileNotFoundError, NotADirectoryError, ValueError):
-            continue
-        curves = m.evals.get(r.get("eval_set"), {})
-        if len(getattr(curves.get("loss"), "steps", [])) < 2:
-            continue
-        layers = [c for (set_name, _), c in m.routing.items() if set_name == r.get("eval_set")]
-        split = r.get("train_split_tokens")
-        for step, loss in zip(curves["loss"].steps, curves["loss"].values):
-            tokens = m.tokens_at(step)
-            ppl = at(curves.get("ppl"), step)
-            rows.append([
-                r["run"], str(step), short_count(tokens) if tokens else "",
-                _fmt(tokens / split, ".2f") if tokens and split else "",
-                _fmt(ppl if ppl is not None else math.exp(loss), ".2f"),
-                _fmt(mean(at(c.get("usage_pct"), step) for c in layers), ".1f"),
-                _fmt(mean(at(c.get("kl"), step) for c in layers), ".3f"),
-            ])  # fmt: skip
-    if not rows:
-        return []
-    return _table(["run", "step", "tokens", "epochs", "ppl", "usage %", "KL"], rows, right_from=1)
 
 
 def code_line(recs: list[dict]) -> str:
