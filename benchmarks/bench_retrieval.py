@@ -78,14 +78,13 @@ class Run:
         self.path = os.path.join(out_dir, "bench_retrieval.json")
         os.makedirs(out_dir, exist_ok=True)
         self.data = {"config": cfg, "env": env(), "rows": []}
+        self.rows = None  # --rows: run only rows whose name holds one of these substrings
 
     def add(self, section, name, **kw):
         row = {"section": section, "name": name, **kw}
         self.data["rows"].append(row)
         print(json.dumps(row), flush=True)
         self.save()
-
-    rows = None  # --rows: run only rows whose name holds one of these substrings
 
     def guarded(self, section, name, fn):
         """Run fn() -> dict of results; record an error instead of raising."""

@@ -268,8 +268,9 @@ def _finish(job: _Job, spec, runs_dir: str, say) -> dict | None:
     if rc == 0 and os.path.exists(summary_path):
         with open(summary_path, encoding="utf-8") as fh:
             rec = make_run_record(job.run, json.load(fh), spec, wall_seconds=time.time() - job.started)
-        if job.sharing() is not None:
-            rec["sharing"] = job.sharing()
+        sharing = job.sharing()
+        if sharing is not None:
+            rec["sharing"] = sharing
         append_result(runs_dir, rec)
         say(finished_message(job.head, rec))
         return rec

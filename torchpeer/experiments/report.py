@@ -29,8 +29,10 @@ from torchpeer.experiments.compare import (
     order_verdict,
     paired_difference,
 )
-from torchpeer.experiments.eval_history import evals_during_training
+from torchpeer.experiments.eval_history import during_table, evals_during_training
 from torchpeer.experiments.fit import isoflop_fits, outside_fit_runs
+from torchpeer.experiments.markdown import fmt as _fmt
+from torchpeer.experiments.markdown import table as _table
 from torchpeer.experiments.results import (
     breaks_epoch_rule,
     epochs_text,
@@ -128,9 +130,9 @@ def write_report(
         if png:
             written[f"curves-{name}"] = png
             lines += ["", "### Training curves", "", _img(png, out_dir)]
-        header, during = evals_during_training(recs, runs_dir)
+        during = evals_during_training(recs, runs_dir)
         if during:
-            lines += ["", "### Evaluations during training (ranking eval set)", "", *_table(header, during)]
+            lines += ["", "### Evaluations during training (ranking eval set)", "", *during_table(during)]
     from torchpeer.data.atomic import write_text_atomic
 
     rows = os.path.join(out_dir, "rows.csv")  # every (run, eval set) in one long table, for other tools
@@ -152,15 +154,6 @@ def _set(recs: list[dict]) -> str:
 def _img(png: str, out_dir: str) -> str:
     rel = os.path.relpath(png, out_dir)
     return f"![{os.path.splitext(rel)[0]}]({rel})"
-
-
-def _table(header: list[str], rows: list[list[str]], right_from: int = 1) -> list[str]:
-    align = ["---" if i < right_from else "---:" for i in range(len(header))]
-    return ["| " + " | ".join(r) + " |" for r in [header, align, *rows]]
-
-
-def _fmt(v, spec: str = ".4f") -> str:
-    return "-" if v is None else format(v, spec)
 
 
 def _rule_flag(max_epochs: float | str | None) -> str:
