@@ -333,3 +333,31 @@ def test_evaluations_during_training_table_only_for_runs_evaluated_more_than_onc
         f"| thrice | 12 | 1.2k | 3.00 | {np.exp(3.0):.2f} | 81.0 | 1.000 |",
     ]
     assert not any(line.startswith("| once |") for line in lines[i:])
+
+
+def test_ablation_line_runs_through_the_seed_mean_and_every_run_is_a_dot(tmp_path):
+    """Two seeds at one x: the series line goes through their mean (a line through every run zigzagged
+    between the seeds at one x), each run is drawn as a dot, and the title says which is which."""
+    from torchpeer.experiments import figures
+
+    rng = np.random.default_rng(0)
+    pts = [(float(x), float(y)) for x, y in zip(rng.choice([1.0, 4.0, 16.0], 12), rng.normal(3.0, 0.1, 12))]
+    xs, means = figures.mean_by_x(pts)
+    assert xs == sorted({x for x, _ in pts})
+    for x, m in zip(xs, means):
+        assert m == pytest.approx(np.mean([y for px, y in pts if px == x]))
+
+    cells = [(16384, 0, 3.00, 99.0, 0.2), (16384, 1, 3.10, 98.0, 0.4), (65536, 0, 2.90, 91.0, 0.8)]
+    records = [
+        rec(f"n{n}-s{seed}", kind="ablation", seed=seed, x=n, series="ema", valid=valid(loss, usage, kl))
+        for n, seed, loss, usage, kl in cells
+    ]
+    fig = figures.ablation_plot(records, "model.peer.n_experts", "model.peer.query_norm")
+    line, dots = fig.axes[0].lines[:2]  # the loss panel
+    assert list(line.get_ydata()) == pytest.approx([3.05, 2.90])
+    assert sorted(dots.get_ydata()) == pytest.approx([2.90, 3.00, 3.10])
+    assert "mean over seeds" in fig._suptitle.get_text()
+    one_seed = figures.ablation_plot(records[:1] + records[2:], "model.peer.n_experts", "model.peer.query_norm")
+    assert "mean over seeds" not in one_seed._suptitle.get_text()
+    path = figures.ablation_figure(records, str(tmp_path / "a.png"), "model.peer.n_experts", "model.peer.query_norm")
+    assert_real_plot(path, colours=(figures.colour("ema", 0),))

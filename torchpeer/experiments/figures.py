@@ -143,7 +143,13 @@ def human_count(x: float) -> str:
 
 
 def ablation_figure(records: list[dict], path: str, x_field: str, series_field: str | None) -> str:
-    """Loss / usage % / KL against ``x`` (records carry "x" and "series")."""
+    """Loss / usage % / KL against ``x`` (records carry "x" and "series"), written to ``path``."""
+    return save_png(ablation_plot(records, x_field, series_field), path)
+
+
+def ablation_plot(records: list[dict], x_field: str, series_field: str | None):
+    """The figure of ablation_figure: three panels, per series a line through the mean at each x and
+    a dot per run."""
     from torchpeer.experiments.results import primary_loss, routed_usage
 
     series = sorted({str(r.get("series")) for r in records})
@@ -156,14 +162,19 @@ def ablation_figure(records: list[dict], path: str, x_field: str, series_field: 
     ]
     xs_all = [float(r["x"]) for r in records if r.get("x") is not None]
     log_x = bool(xs_all) and min(xs_all) > 0 and max(xs_all) / min(xs_all) > 8
+    several = False
     for ax, (label, get) in zip(axes, metrics):
         for i, s in enumerate(series):
-            pts = sorted(
-                (float(r["x"]), get(r)) for r in records if str(r.get("series")) == s and r.get("x") is not None
-            )
+            pts = [(float(r["x"]), get(r)) for r in records if str(r.get("series")) == s and r.get("x") is not None]
             pts = [(x, y) for x, y in pts if y is not None]
-            if pts:
-                ax.plot(*zip(*pts), "o-", color=colour(s, i), label=s if series_field else None)
+            if not pts:
+                continue
+            xs, means = mean_by_x(pts)
+            c = colour(s, i)
+            ax.plot(xs, means, "-", color=c, label=s if series_field else None)
+            # every run a dot, so the seeds' spread at one x shows beside the mean
+            ax.plot(*zip(*pts), "o", color=c, alpha=0.8 if len(xs) == len(pts) else 0.55, markersize=5)
+            several = several or len(xs) < len(pts)
         if log_x:
             ax.set_xscale("log", base=2)
         ax.set_xlabel(x_field)
@@ -171,8 +182,18 @@ def ablation_figure(records: list[dict], path: str, x_field: str, series_field: 
         ax.grid(True, alpha=0.3)
         if series_field and ax.get_legend_handles_labels()[0]:
             ax.legend(title=series_field.split(".")[-1], fontsize=8)
-    fig.suptitle(f"ablation over {x_field}")
-    return save_png(fig, path)
+    fig.suptitle(f"ablation over {x_field}" + (" (line: mean over seeds; dots: runs)" if several else ""))
+    return fig
+
+
+def mean_by_x(points: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    """(sorted distinct x, mean y at each): the line of a series whose x repeats (several seeds);
+    a line through every run would zigzag between seeds at one x."""
+    by_x: dict[float, list[float]] = {}
+    for x, y in points:
+        by_x.setdefault(x, []).append(y)
+    xs = sorted(by_x)
+    return xs, [sum(by_x[x]) / len(by_x[x]) for x in xs]
 
 
 def read_curve(run_dir: str) -> tuple[list[float], list[float]]:
