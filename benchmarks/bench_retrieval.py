@@ -48,7 +48,7 @@ from torchpeer.ops.retrieval import (  # noqa: E402
 from torchpeer.ops.retrieval.triton_backward import backward, backward_dense, backward_triton  # noqa: E402
 from torchpeer.ops.retrieval.triton_merge import launch_merge  # noqa: E402
 from torchpeer.ops.retrieval.triton_onepass import launch_onepass  # noqa: E402
-from torchpeer.ops.retrieval.triton_op import forward, product_key_topk_triton  # noqa: E402
+from torchpeer.ops.retrieval.triton_op import forward, forward_impl, product_key_topk_triton  # noqa: E402
 from torchpeer.ops.retrieval.triton_packed import launch_packed  # noqa: E402
 from torchpeer.ops.retrieval.triton_queue import launch_queue  # noqa: E402
 from torchpeer.ops.retrieval.triton_threshold import half_lists, launch_threshold, pair_merge  # noqa: E402
@@ -62,6 +62,13 @@ BUDGET_S = 250  # stop starting new sections after this many seconds
 def set_budget(seconds):
     global BUDGET_S
     BUDGET_S = seconds
+
+
+def default_name(q, keys, k):
+    """The default config's forward as it resolves for these inputs ("auto=queue", since 2026-12-05 at T >=
+    queue_tokens with bf16 inputs and top_k <= 16; "auto=threshold" below): row names say what ran."""
+    impl = forward_impl(q, keys, k, CFG)
+    return impl if CFG.forward == impl else f"{CFG.forward}={impl}"
 
 
 def bench_ms(fn, grad_to_none=None):
@@ -358,7 +365,8 @@ def fwd_bwd_section(run, H, n, dk, K, T, best):
         s, _ = product_key_topk_triton(q, keys, K, CFG)
         (s * up).sum().backward()
 
-    combos = {"new best" if best else "new default": dict(fwd="threshold", bwd="triton", **best)}
+    # (named by what runs: "threshold+triton" was the default when this section was written, not now)
+    combos = {"threshold+triton best" if best else "threshold+triton": dict(fwd="threshold", bwd="triton", **best)}
     if not best:  # the old default, once
         combos["old merge+dense"] = dict(fwd="merge", bwd="dense")
     for name, kw in combos.items():
@@ -499,7 +507,7 @@ def onepass_section(run, H, n, dk, K, T_check, T_list, sweep, quick=False, timin
         }
         for T in T_list:
             qt, kt = make(T, H, n, dk)
-            for name, cfg in impls.items():
+            for name, cfg in {f"default ({default_name(qt, kt, K)})": CFG, **impls}.items():
                 run.guarded(
                     "onepass",
                     f"fwd {name} T={T}",
@@ -542,7 +550,8 @@ def onepass_section(run, H, n, dk, K, T_check, T_list, sweep, quick=False, timin
         qg, kg = qt.detach().requires_grad_(), kt.detach().requires_grad_()
         up = torch.randn(T, H, K, device=DEV)
         combos = {
-            f"default ({CFG.forward}+{CFG.backward})": CFG,
+            f"default ({default_name(qg, kg, K)}+{CFG.backward})": CFG,
+            "threshold+sorted": dataclasses.replace(CFG, forward="threshold", backward="sorted"),
             "onepass+hybrid": onepass,
             "onepass+sorted": dataclasses.replace(onepass, backward="sorted"),
             "packed+sorted": dataclasses.replace(packed, backward="sorted"),

@@ -269,7 +269,7 @@ def kernel_rows(d: int, tokens: int, cfg: dict, device, dtype, copy: float | Non
     "threshold" kernel, so such rows of older results timed the default config.
     """
     from torchpeer.ops import RetrievalKernelConfig
-    from torchpeer.ops.retrieval.triton_op import product_key_topk_triton
+    from torchpeer.ops.retrieval.triton_op import forward_impl, product_key_topk_triton
 
     H, K, dk, N = cfg["heads"], cfg["top_k"], cfg["d_key"], cfg["n_experts"]
     n = math.isqrt(N)
@@ -296,7 +296,7 @@ def kernel_rows(d: int, tokens: int, cfg: dict, device, dtype, copy: float | Non
     keys = torch.randn(1, 2, n, dk // 2, device=device, dtype=dtype, generator=g)
     ms = time_ms(lambda: product_key_topk_triton(q, keys, K), device, warmup=2, reps=10)
     retrieval_bytes = tokens * H * dk * el + keys.numel() * el + sel * (4 + 8)
-    add("retrieval", ms, retrieval_bytes)
+    add(f"retrieval (auto={forward_impl(q, keys, K, RetrievalKernelConfig())})", ms, retrieval_bytes)
     for c in retrieval_configs:
         config = RetrievalKernelConfig(forward="merge", merge_half=tuple(c))
         ms = time_ms(lambda config=config: product_key_topk_triton(q, keys, K, config), device, warmup=2, reps=10)
@@ -333,12 +333,13 @@ def kernel_rows(d: int, tokens: int, cfg: dict, device, dtype, copy: float | Non
 
 def part_rows(token_counts, cfg: dict, device, dtype, budget_s: float) -> list[dict]:
     """The layer's parts alone, at each token count, as the layer runs them (bf16 module):
-    retrieval (Triton, default config and with the "sorted" backward; fwd without autograd, fwd+bwd
-    with gradients for queries and keys) and the ema query norm in train mode (fused Triton vs the reference path; bf16
-    queries, parameters and buffers, fp32 statistics)."""
+    retrieval (Triton, default config, named by the forward "auto" takes at that T, and with
+    forward="threshold", auto's choice before 2026-12-05 ("queue" from queue_tokens bf16 tokens since);
+    fwd without autograd, fwd+bwd with gradients for queries and keys) and the ema query norm in train
+    mode (fused Triton vs the reference path; bf16 queries, parameters and buffers, fp32 statistics)."""
     from torchpeer.layers.query_norm import EMAQueryNorm
     from torchpeer.ops import RetrievalKernelConfig
-    from torchpeer.ops.retrieval.triton_op import product_key_topk_triton
+    from torchpeer.ops.retrieval.triton_op import forward_impl, product_key_topk_triton
 
     H, K, dk, n = cfg["heads"], cfg["top_k"], cfg["d_key"], math.isqrt(cfg["n_experts"])
     rows = []
@@ -347,9 +348,10 @@ def part_rows(token_counts, cfg: dict, device, dtype, budget_s: float) -> list[d
         q = torch.randn(T, H, dk, device=device, dtype=dtype, generator=g).requires_grad_()
         keys = torch.randn(1, 2, n, dk // 2, device=device, dtype=dtype, generator=g).requires_grad_()
         ds = torch.randn(T, H, K, device=device, generator=g)
+        auto = f"retrieval (auto={forward_impl(q, keys, K, RetrievalKernelConfig())})"
         parts = [
             (name, lambda q=q, keys=keys, c=c: product_key_topk_triton(q, keys, K, c)[0])
-            for name, c in (("retrieval", None), ("retrieval (sorted bwd)", RetrievalKernelConfig(backward="sorted")))
+            for name, c in ((auto, None), ("retrieval (threshold fwd)", RetrievalKernelConfig(forward="threshold")))
         ]
         for backend in ("triton", "torch"):
             norm = EMAQueryNorm(H, dk, backend=backend).to(device=device, dtype=dtype).train()
@@ -426,6 +428,19 @@ def optim_rows(d: int, token_counts, cfg: dict, device, dtype) -> list[dict]:
         print(json.dumps(row), flush=True)
     module = None
     return out
+
+
+def auto_forward_note(token_counts, cfg: dict, dtype) -> str:
+    """The forward the default RetrievalKernelConfig ("auto") resolves to at each token count for the
+    layer's (T, heads, d_key) queries in ``dtype`` ("queue" from queue_tokens bf16 tokens since 2026-12-05)."""
+    from torchpeer.ops.retrieval.kernel_config import DEFAULT_CONFIG
+    from torchpeer.ops.retrieval.triton_op import forward_impl
+
+    H, K, dk, n = cfg["heads"], cfg["top_k"], cfg["d_key"], math.isqrt(cfg["n_experts"])
+    keys = torch.empty(1, 2, n, dk // 2, dtype=dtype, device="meta")
+    picks = [f"{forward_impl(torch.empty(T, H, dk, dtype=dtype, device='meta'), keys, K, DEFAULT_CONFIG)} at {T}"
+             for T in token_counts]  # fmt: skip
+    return "triton retrieval forward (auto): " + ", ".join(picks) + " tokens"
 
 
 # ---------------------------------------------------------------------------- output
@@ -557,6 +572,9 @@ def main(argv=None) -> dict:
         result["copy_tbs"] = round(result["copy_tbs"], 4)
         print(f"copy ceiling: {result['copy_tbs']:.3f} TB/s", flush=True)
 
+    # which retrieval forward the layer's default config ("auto") runs, per token count
+    if "triton" in impls and unavailable_reason("triton", device) is None:
+        result["notes"].append(auto_forward_note(token_counts, cfg, dtype))
     for impl in impls:
         reason = unavailable_reason(impl, device)
         if reason:

@@ -79,7 +79,8 @@ def test_merge_kernel_matches_reference(T, H, S, n, d_key, top_k, dtype):
 
 def test_auto_forward_choice(monkeypatch):
     # above small_tokens tokens: "merge" for fp32 / mixed inputs with top_k <= 16, "threshold" otherwise
-    # (the small-token choice, "split", is tested in test_retrieval_split.py)
+    # below queue_tokens (the small-token choice, "split", is tested in test_retrieval_split.py, "queue" in
+    # test_retrieval_queue_auto.py)
     calls = []
     monkeypatch.setattr(triton_op, "launch_merge", lambda *a: calls.append("merge"))
     monkeypatch.setattr(triton_op, "launch_threshold", lambda *a: calls.append("threshold"))

@@ -30,10 +30,16 @@ Forward algorithms (``forward``):
                k rounds over the queue heads, the winners' exact scores from a gathered tensor-core
                product, a per-row exactness check and "packed"'s exact path for a failing half;
                bit-equal to the others; onepass_* launch tuples + queue_depth; triton_queue.py.
-               Unmeasured (NOTES_retrieval.md section 9).
-  "auto":      "split" for at most ``small_tokens`` tokens; else "merge" for fp32 (or mixed-dtype)
-               inputs with top_k <= 16, where its single pass of fp32 dots wins (T=16384: 7.8 vs
-               10.7 ms), else "threshold".
+               H100, 2026-12-05 (bf16, top_k 16): 4.61 ms against 5.77 for "threshold" at T=65536,
+               1.23 vs 1.52 at 16384; fwd+bwd with "sorted" 6.14 vs 7.40 (benchmarks/results/
+               bench_retrieval_queue_2026-12-05_h100.md). Bit-equal to "merge" and "threshold" in all
+               6 check rows at T=4096 (Gaussian, D 3, per-head, fp32, top_k 32, dup4; exact path on
+               4.0 / 25.2 / 5.6 / 2.2 / 10.5 / 100 % of halves: bench_retrieval_checks_2026-12-05_h100.md).
+  "auto":      "split" for at most ``small_tokens`` tokens; else "queue" for bf16/fp16 inputs with
+               top_k <= 16 and at least ``queue_tokens`` tokens (where the queue kernel takes n: at
+               most 256 tiles of BLOCK_N); else "merge" for fp32 (or mixed-dtype) inputs with
+               top_k <= 16, where its single pass of fp32 dots wins (T=16384: 7.8 vs 10.7 ms), else
+               "threshold".
 Backward algorithms (``backward``, triton_backward.py):
   "sorted" (the default): the dq kernel + dkeys by sorted segment sums: the (half, selection)
                pairs radix-sorted by table row (int16 keys), each row's list cut into segments of
@@ -100,6 +106,11 @@ class RetrievalKernelConfig:
     # simulation, Gaussian bf16, n 1024, k 16: 0.42 % of half-rows at D 3, ~0.01 % at D 4) or a near tie
     # (~0.06 %); D 4 costs 2 more integer max/min per score and 32 more registers (NOTES_retrieval.md 9).
     queue_depth: int = 4
+    # "auto" takes "queue" for bf16/fp16 inputs with top_k <= 16 from this many tokens (0: never). Why:
+    # the only T it was timed at, H100 bf16 top_k 16 (bench_retrieval_queue_2026-12-05_h100.md): 1.23 vs
+    # 1.52 ms for "threshold" at T=16384, 4.61 vs 5.77 at 65536, and every check row bit-equal
+    # (bench_retrieval_checks_2026-12-05_h100.md). Below 16384 and for top_k 32 it is unmeasured.
+    queue_tokens: int = 16384
     # How the threshold kernel finds the k-th largest group maximum: "topk" (tl.topk of BLOCK_N floats)
     # or "max" (top_k rounds of max + drop; also much faster under the interpreter). Same speed (5.67
     # vs 5.68 ms).
@@ -132,6 +143,8 @@ class RetrievalKernelConfig:
             raise ValueError(f"onepass_prefix must be one of {PREFIX_METHODS}, got {self.onepass_prefix!r}")
         if self.queue_depth not in (3, 4):
             raise ValueError(f"queue_depth must be 3 or 4, got {self.queue_depth!r}")
+        if self.queue_tokens < 0:
+            raise ValueError(f"queue_tokens must be >= 0 (0: never), got {self.queue_tokens!r}")
 
     def merge_launch(self, kp: int, dot_fp32: bool) -> tuple[int, int, int]:
         return self.merge_wide if kp > 16 else self.merge_fp32 if dot_fp32 else self.merge_half

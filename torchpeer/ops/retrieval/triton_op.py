@@ -21,11 +21,11 @@ from .checks import check_topk_inputs
 from .kernel_config import DEFAULT_CONFIG, RetrievalKernelConfig, config_by_id, config_id
 from .torch_impl import product_key_topk_torch
 from .triton_backward import backward
-from .triton_common import next_pow2
+from .triton_common import dot_fp32, next_pow2
 from .triton_merge import launch_merge
 from .triton_onepass import launch_onepass
 from .triton_packed import launch_packed
-from .triton_queue import launch_queue
+from .triton_queue import launch_queue, queue_launch
 from .triton_split import launch_split
 from .triton_threshold import launch_threshold
 
@@ -35,13 +35,20 @@ _said_too_wide: set[int] = set()
 
 def forward_impl(queries: torch.Tensor, sub_keys: torch.Tensor, top_k: int, config: RetrievalKernelConfig) -> str:
     """The forward algorithm config.forward resolves to for these inputs ("threshold", "merge", "split",
-    "onepass", "packed" or "queue"; "auto" picks none of the last three until they are measured)."""
+    "onepass", "packed" or "queue"). "auto": "split" for at most config.small_tokens tokens; "queue" for
+    bf16/fp16 queries and keys with top_k <= 16 and at least config.queue_tokens tokens (0: never), where
+    the queue kernel takes n (its keys hold a tile index of at most 8 bits); "merge" for other dtypes with
+    top_k <= 16; else "threshold". Never "onepass" or "packed" (kernel_config.py: what was measured)."""
     if config.forward != "auto":
         return config.forward
     if queries.shape[0] <= config.small_tokens:
         return "split"  # a decode step: no plan sized for 64k tokens (triton_split.py)
     half = (torch.bfloat16, torch.float16)
     both_half = queries.dtype == sub_keys.dtype and queries.dtype in half
+    # queue: timed faster than threshold only with half inputs, top_k 16, T 16384 and 65536 (H100)
+    if both_half and top_k <= 16 and 0 < config.queue_tokens <= queries.shape[0]:
+        if queue_launch(sub_keys.shape[2], top_k, dot_fp32(queries, sub_keys), config)["TBITS"] <= 8:
+            return "queue"  # (launch_queue raises above 8 tile bits)
     return "merge" if not both_half and top_k <= 16 else "threshold"
 
 
