@@ -146,6 +146,9 @@ class TrainConfig:
     eval_batches: batches per eval set at each evaluation (None = the whole split).
     checkpoint: write checkpoints (every ckpt_interval steps, at the end and when interrupted);
         False for throwaway runs whose checkpoints would be large (a 1M-expert PEER model's are GBs).
+    loss_chunk_tokens: 0 (default) = the training loss from the whole (tokens, vocab) logits; N > 0 =
+        the LM head and loss N tokens at a time, never the whole logits (torchpeer/lm/chunked_loss.py:
+        the same loss and gradients up to float rounding, ~tokens x vocab x 16 bytes less memory).
     """
 
     device: str = "auto"
@@ -179,6 +182,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     checkpoint: bool = True
     tensorboard: bool = True
+    loss_chunk_tokens: int = 0
 
     @property
     def table_lr(self) -> float:
@@ -196,6 +200,10 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise ValueError(f"train.{name} must be a positive finite number, got {v!r}")
+        if self.loss_chunk_tokens < 0:
+            raise ValueError(
+                f"train.loss_chunk_tokens must be 0 (off) or a number of tokens, got {self.loss_chunk_tokens}"
+            )
         for name in ("warmup_steps", "weight_decay", "expert_weight_decay", "grad_clip"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):

@@ -14,7 +14,8 @@
   (torchpeer/mixing.py, product_keys.py), the Triton path on (tokens, heads, top_k) sort buffers;
 * logits: (batch * seq_len, vocab) in fp32, alive four times around the loss backward
   (logits, log-softmax, and both of their gradients), or three times for an evaluation batch
-  (``train.eval_batch_size``) when that is larger;
+  (``train.eval_batch_size``) when that is larger; with ``train.loss_chunk_tokens`` only one
+  chunk's logits (and the head's input and weight gradients the chunked loss keeps);
 * a backward workspace of about one block's activations (the gradients in flight);
 * runtime: a fixed allowance for what the trainer still loads and initialises after the check (on
   the CPU mostly code: building torch.optim imports torch._dynamo and sympy, 100-150 MiB of RSS;
@@ -267,7 +268,11 @@ def estimate_step_memory(cfg, device: str | torch.device | None = None) -> Memor
         routing = max(routing, ffw_work)  # one layer's chunks live at a time
         largest_block = max(largest_block, norms + ffw_saved + attention_block)
     activations += tokens * (2 * d * 4 + d * mm)  # final norm
-    logits = tokens * vocab * (16 + (2 if bf16 else 0))
+    chunk = getattr(t, "loss_chunk_tokens", 0)
+    if chunk:  # chunked_loss.py: one chunk's logits (fp32, its exp, the bf16 gradient) + the kept gradients
+        logits = min(chunk, tokens) * vocab * (8 + (2 if bf16 else 0) + 4) + tokens * d * mm + vocab * d * (4 + mm)
+    else:
+        logits = tokens * vocab * (16 + (2 if bf16 else 0))
     eval_tokens = (getattr(t, "eval_batch_size", None) or t.batch_size) * m.seq_len
     logits = max(logits, eval_tokens * vocab * (12 + (2 if bf16 else 0)))  # no gradients, a larger batch
     # activation gradients of the block in backward (FFW hidden units and their pre-activations, q/k/v)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchpeer.layers.registry import get_ffw, sum_aux_losses
+from torchpeer.lm.chunked_loss import chunked_linear_cross_entropy
 from torchpeer.lm.config import ModelConfig
 
 
@@ -230,10 +231,13 @@ class TransformerLM(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        loss_chunk_tokens: int = 0,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx: (B, T) -> (logits (B, T, V) or (B, 1, V) if last_only, mean CE loss or None).
 
         With ``cache`` the tokens are appended at position ``cache.pos`` and the cache advances.
+        loss_chunk_tokens > 0 with targets and gradients on: the head and loss run that many tokens
+        at a time (train.loss_chunk_tokens) and the logits returned are None (never made whole).
         """
         if idx.dim() != 2:
             raise ValueError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
@@ -244,6 +248,10 @@ class TransformerLM(nn.Module):
             cache.advance(idx.shape[1])
         if last_only:
             x = x[:, -1:]
+        if loss_chunk_tokens and targets is not None and torch.is_grad_enabled() and not last_only:
+            h = self.norm_f(x)
+            flat = h.reshape(-1, h.shape[-1])
+            return None, chunked_linear_cross_entropy(flat, self.lm_head.weight, targets.reshape(-1), loss_chunk_tokens)
         logits = self.lm_head(self.norm_f(x))
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 autocast -> fp32 loss
         loss = None

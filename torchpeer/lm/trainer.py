@@ -241,7 +241,7 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.plan.no_sync(self.wrapped, micro == t.grad_accum - 1):
                 with runtime.autocast(self.device, self.amp_dtype):
-                    _, loss = self.forward(x, y)
+                    _, loss = self.forward(x, y, loss_chunk_tokens=t.loss_chunk_tokens)
                     aux = sum_aux_losses(self.model)  # the FFWs' weighted aux_loss() terms
                     total = loss if aux is None else loss + aux
                 (total / t.grad_accum).backward()
