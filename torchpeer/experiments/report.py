@@ -33,6 +33,7 @@ from torchpeer.experiments.eval_history import during_table, evals_during_traini
 from torchpeer.experiments.fit import isoflop_fits, outside_fit_runs
 from torchpeer.experiments.markdown import fmt as _fmt
 from torchpeer.experiments.markdown import table as _table
+from torchpeer.experiments.paired import paired_table
 from torchpeer.experiments.results import (
     breaks_epoch_rule,
     epochs_text,
@@ -122,6 +123,8 @@ def write_report(
             if series_field:
                 lines += ["", "As the paper lays it out (a row per value; per series ppl, usage %, KL; seeds s0 / s1):"]
                 lines += ["", *ablation_pivot(recs, series_field)]
+            if paired := paired_table(recs):  # loss differences in nats, same seed = same data order
+                lines += ["", "Paired by seed against each series' first value (loss difference, nats):", "", *paired]
             lines += ["", _img(png, out_dir)]
         if kind == "grid" and len({seed_of(r) for r in recs}) > 1:
             header, rows = design_rows(recs)
