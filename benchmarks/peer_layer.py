@@ -9,6 +9,12 @@ Implementations (rows of the table):
   peer-pytorch  lucidrains' PEER-pytorch 0.2.2, if importable (not a dependency)
   dense4d       the dense d -> 4d -> d GELU FFW a PEER layer replaces
 
+--retrieval-forwards auto,threshold runs each Triton impl (triton, triton-refnorm) once per listed
+retrieval forward (RetrievalKernelConfig.forward set on the layer's router.retrieval_config; "auto"
+is the layer's default config), the rows of one shape next to each other, named by what ran
+("triton (retrieval auto=queue)", "triton (retrieval threshold)"); the tables then also give each
+row's time over the first listed forward's (section "Retrieval forwards compared"), within this run.
+
 For each (impl, d_model, tokens): fwd_ms and fwd_bwd_ms are medians of CUDA-event timings
 after warm-up (fwd runs with autograd on, as in training; fwd+bwd uses a random upstream
 gradient and drops parameter gradients between steps), peak_gib is
@@ -23,6 +29,8 @@ layer's parts alone (part_rows(): retrieval fwd and fwd+bwd, the ema norm fused 
     python benchmarks/peer_layer.py --quick        # tiny sizes; runs on the CPU as a smoke test
     python benchmarks/peer_layer.py --impls triton,triton-refnorm,peer-pytorch,dense4d \
         --d-models 1024 --tokens 4096,65536 --no-optim      # issue 19's table (~3 min)
+    python benchmarks/peer_layer.py --impls triton --retrieval-forwards auto,threshold \
+        --d-models 1024 --tokens 4096,16384,65536 --no-optim   # the default vs the old one, one run
 
 Writes <out-dir>/peer_layer_<date>.json and .md.
 """
@@ -50,6 +58,7 @@ from torchpeer.data.atomic import write_text_atomic  # noqa: E402
 from torchpeer.experiments.results import code_version  # noqa: E402
 
 IMPLS = ("triton", "triton-refnorm", "torch", "peer-pytorch", "dense4d")
+TRITON_IMPLS = ("triton", "triton-refnorm")  # the rows --retrieval-forwards multiplies
 
 
 # ---------------------------------------------------------------------------- timing
@@ -178,14 +187,83 @@ def unavailable_reason(impl: str, device: torch.device) -> str | None:
             import PEER_pytorch  # noqa: F401
         elif impl in ("triton", "triton-refnorm", "torch"):
             from torchpeer import PEER  # noqa: F401
-        if impl in ("triton", "triton-refnorm"):
+        if impl in TRITON_IMPLS:
             import triton  # noqa: F401
 
-            if device.type != "cuda":
-                return "needs a CUDA device"
+            if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+                return "needs a CUDA device (or TRITON_INTERPRET=1: the interpreter, slow)"
     except Exception as e:  # ImportError, or anything a half-installed package raises
         return f"import failed: {type(e).__name__}: {e}"
     return None
+
+
+# ---------------------------------------------------------------------------- retrieval forwards
+
+
+def retrieval_forward_choices() -> tuple[str, ...]:
+    """The values --retrieval-forwards takes: RetrievalKernelConfig.forward's ("auto" first)."""
+    from torchpeer.ops.retrieval.kernel_config import FORWARD_IMPLS
+
+    return FORWARD_IMPLS
+
+
+def retrieval_config_for(forward: str):
+    """The router.retrieval_config a row sets: None (the layer's default config) for "auto", else
+    RetrievalKernelConfig(forward=forward) with every other field at its default."""
+    if forward == "auto":
+        return None
+    from torchpeer.ops import RetrievalKernelConfig
+
+    return RetrievalKernelConfig(forward=forward)
+
+
+def retrieval_label(forward: str, tokens: int, cfg: dict, dtype) -> str:
+    """What the layer's retrieval runs at ``tokens`` tokens with config forward ``forward``: "auto=<the
+    forward auto resolves to>" (forward_impl on the layer's (T, heads, d_key) queries and keys in
+    ``dtype``), else the forward's own name."""
+    if forward != "auto":
+        return forward
+    from torchpeer.ops.retrieval.kernel_config import DEFAULT_CONFIG
+    from torchpeer.ops.retrieval.triton_op import forward_impl
+
+    H, K, dk, n = cfg["heads"], cfg["top_k"], cfg["d_key"], math.isqrt(cfg["n_experts"])
+    q = torch.empty(tokens, H, dk, dtype=dtype, device="meta")
+    keys = torch.empty(1, 2, n, dk // 2, dtype=dtype, device="meta")
+    return f"auto={forward_impl(q, keys, K, DEFAULT_CONFIG)}"
+
+
+def row_label(row: dict) -> str:
+    """The name of a row in the tables: its impl, and for the Triton impls the retrieval that ran."""
+    return f"{row['impl']} (retrieval {row['retrieval']})" if row.get("retrieval") else row["impl"]
+
+
+def retrieval_ratios(rows: list[dict], forwards) -> list[dict]:
+    """For each Triton (impl, d_model, tokens) measured with the first listed forward and another one:
+    the other's fwd_ms and fwd_bwd_ms over the first's (> 1: the first listed is faster). Pairs where
+    neither time exists on both sides are left out."""
+    if len(forwards) < 2:
+        return []
+    base = {(r["impl"], r["d_model"], r["tokens"]): r for r in rows if r.get("retrieval_forward") == forwards[0]}
+    out = []
+    for r in rows:
+        b = base.get((r["impl"], r["d_model"], r["tokens"]))
+        if b is None or r.get("retrieval_forward") in (None, forwards[0]):
+            continue
+        ratio = {k: round(r[k] / b[k], 4) if r.get(k) and b.get(k) else None for k in ("fwd_ms", "fwd_bwd_ms")}
+        if all(v is None for v in ratio.values()):
+            continue
+        out.append(
+            {
+                "impl": r["impl"],
+                "d_model": r["d_model"],
+                "tokens": r["tokens"],
+                "first": row_label(b),
+                "other": row_label(r),
+                "fwd_ratio": ratio["fwd_ms"],
+                "fwd_bwd_ratio": ratio["fwd_bwd_ms"],
+            }
+        )
+    return out
 
 
 # ---------------------------------------------------------------------------- one row
@@ -464,11 +542,20 @@ def markdown(result: dict) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
     for r in result["rows"]:
-        cells = [r["impl"], r["d_model"], r["n_experts"] or "-", r["heads"] or "-", r["top_k"] or "-"]
+        cells = [row_label(r), r["d_model"], r["n_experts"] or "-", r["heads"] or "-", r["top_k"] or "-"]
         miss = "OOM" if r.get("note") == "out of memory" else "n/a"
         times = [f"{v:.3f}" if v is not None else miss for v in (r["fwd_ms"], r["fwd_bwd_ms"], r["peak_gib"])]
         cells += [r["tokens"], r["dtype"], *times]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if result.get("retrieval_ratios"):
+        lines += ["", "## Retrieval forwards compared (this run; ratio = row / first listed, > 1: first faster)", ""]
+        lines += [
+            "| first listed | other | d_model | tokens | fwd ratio | fwd+bwd ratio |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
+        ]
+        for c in result["retrieval_ratios"]:
+            cells = [c["first"], c["other"], c["d_model"], c["tokens"], _fmt(c["fwd_ratio"]), _fmt(c["fwd_bwd_ratio"])]
+            lines.append("| " + " | ".join(str(v) for v in cells) + " |")
     if result.get("kernels"):
         lines += ["", "## Triton kernels alone", ""]
         lines += [
@@ -523,6 +610,15 @@ def main(argv=None) -> dict:
         default="",
         help="extra 'merge' retrieval launch configs to time, 'BM,BN,WARPS;BM,BN,WARPS' (bf16, top_k <= 16)",
     )
+    p.add_argument(
+        "--retrieval-forwards",
+        default="auto",
+        help=f"comma-separated RetrievalKernelConfig.forward values, each run on the Triton impls "
+        f"({', '.join(TRITON_IMPLS)}) as its own row, e.g. 'auto,threshold' (the default vs auto's pick "
+        "before 2026-12-05); rows are named '<impl> (retrieval auto=<what auto ran>)' / '<impl> (retrieval "
+        "<forward>)' and compared as ratios to the first listed; one of: "
+        f"{', '.join(retrieval_forward_choices())} (default: auto)",
+    )
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -547,13 +643,23 @@ def main(argv=None) -> dict:
     bad = [i for i in impls if i not in IMPLS]
     if bad:
         p.error(f"unknown impls {bad}; choose from {', '.join(IMPLS)}")
+    forwards = [f.strip() for f in args.retrieval_forwards.split(",") if f.strip()]
+    allowed = retrieval_forward_choices()
+    bad = [f for f in forwards if f not in allowed]
+    if bad or not forwards or len(set(forwards)) != len(forwards):
+        p.error(
+            f"--retrieval-forwards takes distinct values from {', '.join(allowed)}, "
+            f"got {args.retrieval_forwards!r}" + (f" (unknown: {', '.join(bad)})" if bad else "")
+        )
 
     result = {
         **run_info(device),
         "commit": commit_of(args.commit),
         "copy_tbs": None,
         "config": {**cfg, "quick": args.quick},
+        "retrieval_forwards": forwards,
         "rows": [],
+        "retrieval_ratios": [],
         "kernels": [],
         "parts": [],
         "optim": [],
@@ -563,6 +669,7 @@ def main(argv=None) -> dict:
     stem = os.path.join(args.out_dir, f"peer_layer_{result['date']}")
 
     def save() -> None:  # after every row, so a run cut short still leaves its results
+        result["retrieval_ratios"] = retrieval_ratios(result["rows"], forwards)
         write_text_atomic(stem + ".json", json.dumps(result, indent=2) + "\n")
         write_text_atomic(stem + ".md", markdown(result))
 
@@ -591,19 +698,28 @@ def main(argv=None) -> dict:
             except Exception as e:
                 build_error = "out of memory" if _is_oom(e) else f"{type(e).__name__}: {e}"
                 traceback.print_exc()
+            # the Triton impls once per retrieval forward, a shape's rows one after the other
+            row_forwards = [(f, retrieval_config_for(f)) for f in forwards] if impl in TRITON_IMPLS else [(None, None)]
             for tokens in token_counts:
-                row = empty_row(impl, d, tokens, cfg, dtype)
-                if module is None:
-                    row["note"] = f"build failed: {build_error}"
-                else:
-                    try:
-                        measure_row(module, row, device, dtype, budget_s)
-                    except Exception as e:  # a broken impl must not lose the other rows
-                        traceback.print_exc()
-                        row["note"] = f"{type(e).__name__}: {e}"
-                result["rows"].append(row)
-                save()
-                print(json.dumps(row), f"[{time.perf_counter() - t_start:.0f}s]", flush=True)
+                for forward, config in row_forwards:
+                    row = empty_row(impl, d, tokens, cfg, dtype)
+                    if forward is not None:
+                        row["retrieval_forward"] = forward
+                        row["retrieval"] = retrieval_label(forward, tokens, cfg, dtype)
+                        row["label"] = row_label(row)
+                    if module is None:
+                        row["note"] = f"build failed: {build_error}"
+                    else:
+                        try:
+                            if forward is not None:
+                                module.router.retrieval_config = config
+                            measure_row(module, row, device, dtype, budget_s)
+                        except Exception as e:  # a broken impl must not lose the other rows
+                            traceback.print_exc()
+                            row["note"] = f"{type(e).__name__}: {e}"
+                    result["rows"].append(row)
+                    save()
+                    print(json.dumps(row), f"[{time.perf_counter() - t_start:.0f}s]", flush=True)
             module = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -1,0 +1,92 @@
+"""benchmarks/peer_layer.py --retrieval-forwards auto,threshold: one run gives the Triton layer's row
+with each retrieval forward, named by what ran, and their ratio (the layer with the new default
+beside the old one on one card, NOTES_issue19 section 19). On the CPU through the Triton interpreter
+at a tiny shape, each timing one call; bad values get one argparse error naming the allowed ones."""
+
+import json
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def peer_layer():
+    sys.path.insert(0, REPO)
+    try:
+        from benchmarks import peer_layer
+    finally:
+        sys.path.remove(REPO)
+    return peer_layer
+
+
+def test_retrieval_forwards_give_both_rows_named_and_their_ratio(peer_layer, tmp_path, monkeypatch):
+    pytest.importorskip("triton")
+    from torchpeer.ops.retrieval import triton_op
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the "triton" impl on the CPU
+
+    def once(fn, device, **kw):  # the interpreter is slow: one call per timing
+        t0 = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t0)
+
+    ran = []  # the forward each real (not meta) retrieval call was configured with, and what ran
+    real_forward_impl = triton_op.forward_impl
+
+    def spy(queries, sub_keys, top_k, config):
+        impl = real_forward_impl(queries, sub_keys, top_k, config)
+        if queries.device.type != "meta":
+            ran.append((config.forward, impl))
+        return impl
+
+    monkeypatch.setattr(peer_layer, "time_ms", once)
+    monkeypatch.setattr(triton_op, "forward_impl", spy)
+    argv = ["--quick", "--impls", "triton", "--retrieval-forwards", "auto,threshold", "--d-models", "32",
+            "--tokens", "16", "--no-optim", "--no-kernels", "--no-parts", "--out-dir", str(tmp_path),
+            "--commit", "abc123"]  # fmt: skip
+    result = peer_layer.main(argv)
+    saved = json.loads(next(tmp_path.glob("peer_layer_*.json")).read_text())
+    assert saved["rows"] == result["rows"] and saved["retrieval_forwards"] == ["auto", "threshold"]
+    auto, threshold = saved["rows"]
+    assert (auto["impl"], auto["retrieval_forward"], auto["retrieval"]) == ("triton", "auto", "auto=split")  # 16 tokens
+    assert (threshold["impl"], threshold["retrieval_forward"], threshold["retrieval"]) == (
+        "triton", "threshold", "threshold")  # fmt: skip
+    assert auto["label"] == "triton (retrieval auto=split)" and threshold["label"] == "triton (retrieval threshold)"
+    for row in (auto, threshold):
+        assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 and "note" not in row
+    # the config reached the layer's kernels: the first row ran auto's pick, the second threshold
+    assert ("auto", "split") in ran and ("threshold", "threshold") in ran and len(set(ran)) == 2
+    (ratio,) = saved["retrieval_ratios"]
+    assert ratio["first"] == auto["label"] and ratio["other"] == threshold["label"]
+    assert ratio["fwd_bwd_ratio"] == pytest.approx(threshold["fwd_bwd_ms"] / auto["fwd_bwd_ms"], rel=1e-2)
+    md = next(tmp_path.glob("peer_layer_*.md")).read_text()
+    assert "| triton (retrieval auto=split) | 32 |" in md and "| triton (retrieval threshold) | 32 |" in md
+    assert "## Retrieval forwards compared" in md
+    assert f"| triton (retrieval auto=split) | triton (retrieval threshold) | 32 | 16 | {ratio['fwd_ratio']:.3f}" in md
+
+
+def test_auto_label_names_the_forward_auto_takes_at_the_gpu_shapes(peer_layer):
+    """At the full config (heads 8, top_k 16, d_key 128, 1024^2 experts, bf16): the old default below
+    queue_tokens, queue from 16384 tokens (torchpeer/ops/retrieval/triton_op.py forward_impl)."""
+    pytest.importorskip("triton")
+    cfg = dict(n_experts=1024**2, heads=8, top_k=16, d_key=128)
+    labels = [peer_layer.retrieval_label("auto", T, cfg, torch.bfloat16) for T in (4096, 16384, 65536)]
+    assert labels == ["auto=threshold", "auto=queue", "auto=queue"]
+    assert peer_layer.retrieval_label("threshold", 65536, cfg, torch.bfloat16) == "threshold"
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [("auto,nope", "(unknown: nope)"), ("auto,auto", "distinct values"), (",", "distinct values")],
+)
+def test_bad_retrieval_forwards_name_the_allowed_values(peer_layer, value, message, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        peer_layer.main(["--quick", "--retrieval-forwards", value, "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert message in err and "auto, threshold, merge, split, onepass, packed, queue" in err
+    assert not list(tmp_path.iterdir())  # nothing ran
