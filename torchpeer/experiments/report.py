@@ -9,6 +9,7 @@ Per sweep found in the results (written to RUNS_DIR/report/ unless another folde
   runs that repeat the train split more often are marked in the runs table, left out of the fits
   and everything built on them, drawn hollow in the isoFLOP figure, and set against the fit;
 * ablations: loss, usage % and KL against the ablated field, one line per series, and its figure;
+  each value against the series' first, paired by seed (experiments/paired.py);
 * training curves of every run (from RUN_DIR/metrics.jsonl), and, for runs evaluated more than
   once, the ranking eval set's perplexity, usage and KL at each evaluated step.
 """
