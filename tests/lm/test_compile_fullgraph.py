@@ -56,6 +56,30 @@ def test_peer_lm_forward_loss_backward_compile_with_no_graph_break(readout):
     assert any("running_mean" in n and b.abs().sum() > 0 for n, b in compiled.named_buffers())
 
 
+def test_the_chunked_loss_compiles_with_no_graph_break():
+    """train.loss_chunk_tokens under torch.compile(fullgraph=True): the chunk loop and the custom
+    autograd function trace whole, and loss and gradients equal the eager plain head's."""
+    torch.manual_seed(0)
+    eager, compiled = tiny_peer_lm(), tiny_peer_lm()
+    compiled.load_state_dict(eager.state_dict())
+    idx, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+
+    def step(model, idx, targets, chunk):
+        _, loss = model(idx, targets, loss_chunk_tokens=chunk)
+        return loss
+
+    fn = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for _ in range(2):
+        loss_e, loss_c = step(eager, idx, targets, 0), fn(compiled, idx, targets, 12)  # 32 tokens: 12 + 12 + 8
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+        loss_e.backward()
+        loss_c.backward()
+    for (name, pe), pc in zip(eager.named_parameters(), compiled.parameters()):
+        assert (pe.grad is None) == (pc.grad is None), name
+        if pe.grad is not None:
+            torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_compiled_steps_with_the_fused_rowwise_adam_update_the_tables_once():
     """The fused row-wise Adam updates the tables inside the mixing backward (a mutating custom op):
     under torch.compile (AOTAutograd) that op must run once per step, as in eager mode. Three steps
