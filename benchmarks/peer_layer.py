@@ -651,6 +651,8 @@ def main(argv=None) -> dict:
             f"--retrieval-forwards takes distinct values from {', '.join(allowed)}, "
             f"got {args.retrieval_forwards!r}" + (f" (unknown: {', '.join(bad)})" if bad else "")
         )
+    if forwards != ["auto"] and not set(impls) & set(TRITON_IMPLS):
+        p.error(f"--retrieval-forwards applies to the Triton impls ({', '.join(TRITON_IMPLS)}); add one to --impls")
 
     result = {
         **run_info(device),

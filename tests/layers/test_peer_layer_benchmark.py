@@ -90,3 +90,14 @@ def test_bad_retrieval_forwards_name_the_allowed_values(peer_layer, value, messa
     err = capsys.readouterr().err
     assert message in err and "auto, threshold, merge, split, onepass, packed, queue" in err
     assert not list(tmp_path.iterdir())  # nothing ran
+
+
+def test_retrieval_forwards_without_a_triton_impl_is_refused(peer_layer, capsys, tmp_path):
+    """The option multiplies only the Triton rows: asked for with none of them, it would do nothing,
+    so the script says which impl to add instead of running without it."""
+    with pytest.raises(SystemExit):
+        peer_layer.main(
+            ["--quick", "--impls", "dense4d", "--retrieval-forwards", "auto,threshold", "--out-dir", str(tmp_path)]
+        )
+    assert "add one to --impls" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
