@@ -74,6 +74,22 @@ def test_bf16_autocast_is_close_to_the_plain_autocast_path():
         torch.testing.assert_close(o, r, rtol=2e-2, atol=2e-2 * r.abs().max().item())
 
 
+def test_a_scaled_loss_scales_bf16_gradients_without_a_bias():
+    """(loss / 3).backward() under bf16 autocast (the trainer divides by grad_accum): the gradients
+    are a third of loss.backward()'s up to one rounding each, not biased by a bf16 copy of 1/3
+    (0.333984, +0.2 % on every element)."""
+    g = torch.Generator().manual_seed(4)
+    T, d, V = 64, 32, 100
+    h, w = torch.randn(T, d, generator=g), torch.randn(V, d, generator=g) * 0.2
+    t = torch.randint(0, V, (T,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        one = _grads(lambda a, b, c: chunked_linear_cross_entropy(a, b, c, 16), h, w, t)
+        third = _grads(lambda a, b, c: chunked_linear_cross_entropy(a, b, c, 16) / 3, h, w, t)
+    for full, part in zip(one[1:], third[1:]):
+        ratio = (part * 3).abs().sum() / full.abs().sum()
+        assert abs(ratio.item() - 1) < 5e-4, ratio.item()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_bf16_autocast_matches_the_plain_head():
     """On the GPU under bf16 autocast (how the campaign trains): loss and gradients as the plain

@@ -51,7 +51,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None
+        # scaled in fp32 (or wider), then rounded once: a bf16 copy of e.g. 1 / grad_accum (1/3 ->
+        # 0.33398) would bias the whole gradient by its rounding error
+        acc = torch.promote_types(grad_out.dtype, torch.float32)
+        return (grad_h.to(acc) * grad_out).to(grad_h.dtype), (grad_w.to(acc) * grad_out).to(grad_w.dtype), None, None
 
 
 def chunked_linear_cross_entropy(
