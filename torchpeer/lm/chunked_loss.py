@@ -39,7 +39,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=1)
             loss += ((lse - logits.gather(1, safe).squeeze(1)) * keep.to(acc)).sum()
             # d(mean loss)/d logits = (softmax - one_hot) / n_valid on kept rows, 0 on ignored ones
-            g = torch.exp(logits.sub_(lse.unsqueeze(1)))
+            g = logits.sub_(lse.unsqueeze(1)).exp_()  # in place: one (chunk, vocab) fp32 buffer, not two
             g.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=g.dtype))
             g.mul_((keep.to(acc) / n_valid.to(acc)).unsqueeze(1))
             g = g.to(h.dtype)
