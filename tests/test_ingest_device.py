@@ -1,0 +1,86 @@
+"""scripts/ingest_device.py: a device call's tgz and logs merged into a local runs folder."""
+
+import json
+import os
+import sys
+import tarfile
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+try:
+    import ingest_device
+finally:
+    sys.path.remove(os.path.join(REPO, "scripts"))
+
+
+def _write_records(path, records):
+    with open(path, "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def _device_call(root, name, records, runs, log_text):
+    """A files_at folder as device_sweep.sh leaves it: NAME.tgz (runs/NAME), sweep_NAME.log, smi_NAME.csv."""
+    src = root / "src" / "runs" / name
+    src.mkdir(parents=True)
+    _write_records(src / "results.jsonl", records)
+    for run in runs:
+        (src / run).mkdir()
+        (src / run / "summary.json").write_text(json.dumps({"run": run}))
+    out = root / "out"
+    out.mkdir()
+    with tarfile.open(out / f"{name}.tgz", "w:gz") as tar:
+        tar.add(src, arcname=f"runs/{name}")
+    (out / f"sweep_{name}.log").write_text(log_text)
+    (out / f"smi_{name}.csv").write_text("utilization.gpu [%], memory.used [MiB]\n" + log_text)
+    return str(out)
+
+
+def test_new_records_and_runs_are_added_logs_numbered_and_a_repeat_changes_nothing(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    old = {"run": "a", "loss": 3.0}
+    _write_records(runs / "results.jsonl", [old])
+    (runs / "sweep_command2.log").write_text("an earlier command\n")
+    dev = _device_call(
+        tmp_path / "d1", "x", [{"run": "b", "loss": 2.9}, {"run": "c", "loss": 2.8}], ["b", "c"], "cmd 3\n"
+    )
+    added = ingest_device.ingest([dev], str(runs))
+    assert added["records"] == ["b", "c"]
+    lines = [json.loads(x) for x in (runs / "results.jsonl").read_text().splitlines()]
+    assert [r["run"] for r in lines] == ["a", "b", "c"] and lines[0] == old  # local lines kept, first
+    assert json.loads((runs / "c" / "summary.json").read_text()) == {"run": "c"}
+    assert (runs / "sweep_command3.log").read_text() == "cmd 3\n"  # the next free number after 2
+    assert (runs / "smi_command1.csv").exists()
+    again = ingest_device.ingest([dev], str(runs))
+    assert again["records"] == [] and again["logs"] == []
+    assert len((runs / "results.jsonl").read_text().splitlines()) == 3
+    assert sorted(p.name for p in runs.glob("sweep_command*.log")) == ["sweep_command2.log", "sweep_command3.log"]
+
+
+def test_a_run_recorded_on_both_sides_keeps_the_local_record_and_says_so(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    _write_records(runs / "results.jsonl", [{"run": "a", "loss": 3.0}])
+    dev = _device_call(tmp_path / "d1", "x", [{"run": "a", "loss": 3.1}], ["a"], "log\n")
+    assert ingest_device.ingest([dev], str(runs))["records"] == []
+    assert json.loads((runs / "results.jsonl").read_text())["loss"] == 3.0
+    assert "kept the local record" in capsys.readouterr().err
+
+
+def test_a_damaged_tgz_stops_before_anything_changes(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    _write_records(runs / "results.jsonl", [{"run": "a"}])
+    good = _device_call(tmp_path / "d1", "x", [{"run": "b"}], ["b"], "log\n")
+    bad = tmp_path / "d2"
+    bad.mkdir()
+    (bad / "x.tgz").write_bytes(b"not a tar file")
+    with pytest.raises(SystemExit) as e:
+        ingest_device.main([good, str(bad), "--runs", str(runs)])
+    assert e.value.code == 2 and "cannot be unpacked" in capsys.readouterr().err
+    assert (runs / "results.jsonl").read_text().count("\n") == 1 and not (runs / "b").exists()
+    with pytest.raises(SystemExit):
+        ingest_device.main([str(tmp_path / "missing"), "--runs", str(runs)])
+    assert "is not a folder" in capsys.readouterr().err
