@@ -25,7 +25,7 @@ from .triton_common import dot_fp32, next_pow2
 from .triton_merge import launch_merge
 from .triton_onepass import launch_onepass
 from .triton_packed import launch_packed
-from .triton_queue import launch_queue, queue_launch
+from .triton_queue import launch_queue, queue_takes
 from .triton_split import launch_split
 from .triton_threshold import launch_threshold
 
@@ -47,8 +47,8 @@ def forward_impl(queries: torch.Tensor, sub_keys: torch.Tensor, top_k: int, conf
     both_half = queries.dtype == sub_keys.dtype and queries.dtype in half
     # queue: timed faster than threshold only with half inputs, top_k 16, T 16384 and 65536 (H100)
     if both_half and top_k <= 16 and 0 < config.queue_tokens <= queries.shape[0]:
-        if queue_launch(sub_keys.shape[2], top_k, dot_fp32(queries, sub_keys), config)["TBITS"] <= 8:
-            return "queue"  # (launch_queue raises above 8 tile bits)
+        if queue_takes(sub_keys.shape[2], top_k, dot_fp32(queries, sub_keys), config):
+            return "queue"  # (launch_queue raises where it does not)
     return "merge" if not both_half and top_k <= 16 else "threshold"
 
 

@@ -207,6 +207,14 @@ def _queue_kernel(
         tl.store(flag_ptr + w, flag)
 
 
+MAX_TILE_BITS = 8  # a key's low bits hold the tile index: at most 256 tiles of BLOCK_N sub-keys
+
+
+def queue_takes(n: int, top_k: int, fp32: bool, config: RetrievalKernelConfig) -> bool:
+    """Whether the queue kernel takes n sub-keys per half (its tile index fits MAX_TILE_BITS)."""
+    return queue_launch(n, top_k, fp32, config)["TBITS"] <= MAX_TILE_BITS
+
+
 def queue_launch(n: int, top_k: int, fp32: bool, config: RetrievalKernelConfig) -> dict:
     """onepass_launch's parameters (BLOCK_M, BLOCK_N, num_warps, CAP for the exact path, ...) + D (queue
     depth, config.queue_depth) and TBITS (bits of the tile index in a key)."""
@@ -228,7 +236,7 @@ def launch_queue(
     n = sub_keys.shape[2]
     use_fp32 = dot_fp32(queries, sub_keys)
     lc = queue_launch(n, top_k, use_fp32, config)
-    if lc["TBITS"] > 8 and queries.shape[0] > 0:  # (no rows: nothing to launch, as before)
+    if lc["TBITS"] > MAX_TILE_BITS and queries.shape[0] > 0:  # (no rows: nothing to launch, as before)
         raise ValueError(f"queue forward: n = {n} is more than 256 tiles of {lc['BLOCK_N']} sub-keys")
     extra = dict(EVEN_N=n % lc["BLOCK_N"] == 0, D=lc["D"], TBITS=lc["TBITS"])
     return launch_onepass_family(_queue_kernel, queries, sub_keys, top_k, lc, use_fp32, return_flags, **extra)
