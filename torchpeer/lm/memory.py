@@ -269,7 +269,8 @@ def estimate_step_memory(cfg, device: str | torch.device | None = None) -> Memor
         largest_block = max(largest_block, norms + ffw_saved + attention_block)
     activations += tokens * (2 * d * 4 + d * mm)  # final norm
     chunk = getattr(t, "loss_chunk_tokens", 0)
-    if chunk:  # chunked_loss.py: one chunk's logits (fp32, its exp, the bf16 gradient) + the kept gradients
+    if chunk:  # chunked_loss.py: one chunk's fp32 logits and logsumexp's temporary, the bf16 product and
+        # gradient, 4 bytes of slack; + the kept gradients (tokens x d, vocab x d)
         logits = min(chunk, tokens) * vocab * (8 + (2 if bf16 else 0) + 4) + tokens * d * mm + vocab * d * (4 + mm)
     else:
         logits = tokens * vocab * (16 + (2 if bf16 else 0))

@@ -248,11 +248,11 @@ class TransformerLM(nn.Module):
             cache.advance(idx.shape[1])
         if last_only:
             x = x[:, -1:]
+        h = self.norm_f(x)
         if loss_chunk_tokens and targets is not None and torch.is_grad_enabled() and not last_only:
-            h = self.norm_f(x)
             flat = h.reshape(-1, h.shape[-1])
             return None, chunked_linear_cross_entropy(flat, self.lm_head.weight, targets.reshape(-1), loss_chunk_tokens)
-        logits = self.lm_head(self.norm_f(x))
+        logits = self.lm_head(h)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 autocast -> fp32 loss
         loss = None
         if targets is not None:
