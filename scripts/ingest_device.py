@@ -33,6 +33,8 @@ import sys
 import tarfile
 import tempfile
 
+from torchpeer.data.atomic import write_text_atomic
+
 
 def _fail(msg: str) -> None:
     print(f"ingest_device: {msg}", file=sys.stderr)
@@ -113,10 +115,7 @@ def ingest(device_dirs: list[str], runs: str, report: str | None = None) -> dict
                         f"ingest_device: {rec['run']} is recorded here already; kept the local record", file=sys.stderr
                     )
             if new:
-                tmp_path = results + ".tmp"
-                with open(tmp_path, "w", encoding="utf-8") as fh:
-                    fh.writelines(json.dumps(r, sort_keys=True) + "\n" for r in local + new)
-                os.replace(tmp_path, results)
+                write_text_atomic(results, "".join(json.dumps(r, sort_keys=True) + "\n" for r in local + new))
                 added["records"] += [r["run"] for r in new]
             for log in logs:
                 if (dest := _copy_log(log, runs)) is not None:
