@@ -6,7 +6,8 @@
 DEVICE_DIR is what one device call returned: NAME.tgz (``scripts/device_sweep.sh`` packs the runs
 folder without checkpoints), sweep_NAME.log and smi_NAME.csv. This script
 
-* unpacks the tgz in a temporary folder and finds the runs folder in it (the one with results.jsonl);
+* unpacks the tgz in a temporary folder and finds the runs folder in it (the one with results.jsonl,
+  or with the run folders when the command's runs were all cut before any was recorded);
 * copies every run folder of it into RUNS (files overwritten: the device's copy is the newer; a warm
   machine's later tgz holds all its runs, so ingesting several in order is safe);
 * adds the records of runs that RUNS/results.jsonl lacks, keeping the lines already there and their
@@ -57,9 +58,17 @@ def _unpack(device_dir: str, tmp: str) -> tuple[str, list[str]]:
                 tar.extractall(dest)
     except (tarfile.TarError, OSError, EOFError) as e:
         _fail(f"{tgzs[0]} cannot be unpacked ({e}); fetch the device call's files again")
-    found = sorted({os.path.dirname(p) for p in glob.glob(os.path.join(dest, "**", "results.jsonl"), recursive=True)})
+    # the runs folder: the one with results.jsonl, or (a command whose every run was cut, so nothing
+    # was recorded yet) the parent of the run folders, each of which has its sweep_run.json
+    found = sorted(
+        {os.path.dirname(p) for p in glob.glob(os.path.join(dest, "**", "results.jsonl"), recursive=True)}
+        | {
+            os.path.dirname(os.path.dirname(p))
+            for p in glob.glob(os.path.join(dest, "**", "sweep_run.json"), recursive=True)
+        }
+    )
     if len(found) != 1:
-        _fail(f"{tgzs[0]} holds {len(found)} results.jsonl files; expected one runs folder")
+        _fail(f"{tgzs[0]} holds {len(found)} runs folders (results.jsonl or run folders); expected one")
     logs = sorted(glob.glob(os.path.join(device_dir, "sweep_*.log")) + glob.glob(os.path.join(device_dir, "smi_*.csv")))
     return found[0], logs
 

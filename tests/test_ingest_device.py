@@ -24,9 +24,11 @@ def _device_call(root, name, records, runs, log_text):
     """A files_at folder as device_sweep.sh leaves it: NAME.tgz (runs/NAME), sweep_NAME.log, smi_NAME.csv."""
     src = root / "src" / "runs" / name
     src.mkdir(parents=True)
-    _write_records(src / "results.jsonl", records)
+    if records is not None:  # None: every run was cut before one was recorded (no results.jsonl yet)
+        _write_records(src / "results.jsonl", records)
     for run in runs:
         (src / run).mkdir()
+        (src / run / "sweep_run.json").write_text(json.dumps({"name": run}))
         (src / run / "summary.json").write_text(json.dumps({"run": run}))
     out = root / "out"
     out.mkdir()
@@ -84,3 +86,26 @@ def test_a_damaged_tgz_stops_before_anything_changes(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ingest_device.main([str(tmp_path / "missing"), "--runs", str(runs)])
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_a_command_whose_runs_were_all_cut_brings_their_folders_and_no_record(tmp_path):
+    runs = tmp_path / "runs"
+    cut = _device_call(tmp_path / "d1", "x", None, ["a", "b"], "stopped\n")
+    done = _device_call(tmp_path / "d2", "x", [{"run": "a", "loss": 3.0}], ["a", "b"], "finished\n")
+    added = ingest_device.ingest([cut, done], str(runs))
+    assert added["records"] == ["a"] and sorted(set(added["runs"])) == ["a", "b"]
+    assert [json.loads(x)["run"] for x in (runs / "results.jsonl").read_text().splitlines()] == ["a"]
+    assert (runs / "sweep_command1.log").read_text() == "stopped\n"
+    assert (runs / "sweep_command2.log").read_text() == "finished\n"
+
+
+def test_a_tgz_with_two_runs_folders_is_refused(tmp_path, capsys):
+    dev = _device_call(tmp_path / "d1", "x", [{"run": "a"}], ["a"], "log\n")
+    other = tmp_path / "d1" / "src" / "runs" / "y"
+    (other / "c").mkdir(parents=True)
+    (other / "c" / "sweep_run.json").write_text("{}")
+    with tarfile.open(os.path.join(dev, "x.tgz"), "w:gz") as tar:
+        tar.add(tmp_path / "d1" / "src" / "runs", arcname="runs")
+    with pytest.raises(SystemExit) as e:
+        ingest_device.main([dev, "--runs", str(tmp_path / "runs")])
+    assert e.value.code == 2 and "holds 2 runs folders" in capsys.readouterr().err
