@@ -22,7 +22,12 @@ Part 2, op rows at decode sizes (H 8, n 1024, d_key 128, k 16; d_model 512): ret
 forward algorithm and the torch backend, the PEER layer's eval forward, and the mixing op (Triton
 vs torch): eager_ms (per call, launches included) and graph_ms (per call inside a CUDA graph).
 
+Row order: for each variant (the graph ones first: they are the path to serve with), each batch,
+each config in turn, so that a run cut short (or stopped by --budget-s) still holds PEER beside
+dense at the same settings; --configs and --variants pick rows.
+
     python benchmarks/decode.py --out-dir benchmarks/results --commit <sha>   # one GPU (~3 min)
+    python benchmarks/decode.py --variants 'bf16 graph,fp32 graph,bf16' --budget-s 60 --no-ops   # short lease
     python benchmarks/decode.py --quick --out-dir /tmp/decode                  # tiny, CPU smoke test
 
 Writes <out-dir>/decode_<date>.json and .md.
@@ -106,12 +111,28 @@ def set_variant(model, variant: str) -> None:
             layer.router.norm.backend = "torch" if "before" in variant else layer.router.backend
 
 
+# every variant, in the order rows are run: the CUDA-graph decode first (the path to serve with), then
+# generate's eager path, then PEER's before-and-after variants of issue 19
+VARIANTS = ("bf16 graph", "fp32 graph", "fp32", "bf16", "fp32 large-T retrieval", "fp32 before issue 19")
+
+
 def variants_of(config: str, device) -> list[str]:
-    graphs = ["fp32 graph", "bf16 graph"] if device.type == "cuda" else []  # generate(decode="graph")
-    if "peer" not in config:
-        return ["fp32", "bf16", *graphs]
-    out = ["fp32", "fp32 large-T retrieval", "fp32 before issue 19", "bf16", *graphs]
-    return out if device.type == "cuda" else ["fp32", "bf16"]
+    """The variants that apply to config on device (graph ones need CUDA; the last two need PEER)."""
+    out = [v for v in VARIANTS if device.type == "cuda" or "graph" not in v]
+    if "peer" not in config or device.type != "cuda":
+        out = [v for v in out if v in ("bf16 graph", "fp32 graph", "fp32", "bf16")]
+    return out
+
+
+def _pick(text: str | None, allowed, what: str) -> list[str]:
+    """A comma list of names from `allowed` (None: all of them, in allowed's order)."""
+    if text is None:
+        return list(allowed)
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise SystemExit(f"decode.py: unknown {what} {bad or text!r}; choose from: {', '.join(allowed)}")
+    return [a for a in allowed if a in names]
 
 
 def generate_row(model, cfg, config, variant, batch, prompt, new_tokens, repeats, device) -> dict:
@@ -271,6 +292,14 @@ def main(argv=None) -> dict:
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 512; quick 16)")
     p.add_argument("--new-tokens", type=int, default=None, help="new tokens (default 256; quick 8)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per row (default 3; quick 1)")
+    p.add_argument("--configs", default=None, help=f"comma list of configs (default: {','.join(CONFIGS)})")
+    p.add_argument("--variants", default=None, help=f"comma list of variants (default all: {','.join(VARIANTS)})")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="start no new generate row after this many seconds (rows so far kept)",
+    )
     p.add_argument("--no-ops", action="store_true", help="skip the op rows")
     p.add_argument("--commit", default=None, help="commit of the code measured (default: git rev-parse HEAD)")
     args = p.parse_args(argv)
@@ -290,27 +319,33 @@ def main(argv=None) -> dict:
         write_text_atomic(stem + ".json", json.dumps(result, indent=2) + "\n")
         write_text_atomic(stem + ".md", markdown(result))
 
+    configs = _pick(args.configs, CONFIGS, "config")
+    variants = _pick(args.variants, VARIANTS, "variant")
     t0 = time.perf_counter()
-    for config in CONFIGS:
+    models = {}
+    for config in configs:  # both built first: a row of each config in turn, not one config's rows then the other's
         try:
-            model, cfg = build_model(config, device, args.quick)
+            models[config] = build_model(config, device, args.quick)
         except Exception as e:
             traceback.print_exc()
             result["notes"].append(f"{config}: build failed: {type(e).__name__}: {e}")
-            continue
-        for variant in variants_of(config, device):
-            for batch in batches:
-                try:
-                    row = generate_row(model, cfg, config, variant, batch, prompt, new_tokens, repeats, device)
-                except Exception as e:
-                    traceback.print_exc()
-                    row = {"config": config, "variant": variant, "batch": batch, "note": f"{type(e).__name__}: {e}"}
-                result["rows"].append(row)
-                save()
-                print(json.dumps(row), f"[{time.perf_counter() - t0:.0f}s]", flush=True)
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    plan = [(v, b, c) for v in variants for b in batches for c in models if v in variants_of(c, device)]
+    for n, (variant, batch, config) in enumerate(plan):
+        if args.budget_s is not None and time.perf_counter() - t0 > args.budget_s:
+            result["notes"].append(f"--budget-s {args.budget_s:g} reached: {len(plan) - n} generate row(s) not run")
+            break
+        model, cfg = models[config]
+        try:
+            row = generate_row(model, cfg, config, variant, batch, prompt, new_tokens, repeats, device)
+        except Exception as e:
+            traceback.print_exc()
+            row = {"config": config, "variant": variant, "batch": batch, "note": f"{type(e).__name__}: {e}"}
+        result["rows"].append(row)
+        save()
+        print(json.dumps(row), f"[{time.perf_counter() - t0:.0f}s]", flush=True)
+    models.clear()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     if not args.no_ops:
         result["ops"] = op_rows(device, args.quick, repeats)
     save()

@@ -5,6 +5,8 @@ import json
 import os
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -26,3 +28,33 @@ def test_decode_benchmark_quick(tmp_path):
     assert all(r.get("eager_ms", 0) > 0 for r in saved["ops"])
     md = next(tmp_path.glob("decode_*.md")).read_text()
     assert "| gpu-peer-small | fp32 | 1 |" in md and "## Ops at decode sizes" in md
+
+
+def _decode_module():
+    sys.path.insert(0, REPO)
+    try:
+        from benchmarks import decode
+    finally:
+        sys.path.remove(REPO)
+    return decode
+
+
+def test_rows_alternate_configs_and_the_budget_keeps_what_ran(tmp_path):
+    decode = _decode_module()
+    result = decode.main(
+        ["--quick", "--no-ops", "--out-dir", str(tmp_path), "--variants", "bf16,fp32", "--budget-s", "0"]
+    )
+    # a zero budget still runs nothing and says how many rows it left out
+    assert result["rows"] == [] and any("8 generate row(s) not run" in n for n in result["notes"])
+    result = decode.main(["--quick", "--no-ops", "--out-dir", str(tmp_path), "--variants", "bf16,fp32"])
+    order = [(r["variant"], r["batch"], r["config"]) for r in result["rows"]]
+    # variants in VARIANTS' order (fp32 before bf16), each (variant, batch) with dense then PEER beside it
+    assert order == [(v, b, c) for v in ("fp32", "bf16") for b in (1, 2) for c in decode.CONFIGS]
+
+
+def test_unknown_config_or_variant_is_refused_with_the_choices(tmp_path):
+    decode = _decode_module()
+    with pytest.raises(SystemExit, match="unknown variant.*choose from: bf16 graph"):
+        decode.main(["--quick", "--out-dir", str(tmp_path), "--variants", "fp16"])
+    with pytest.raises(SystemExit, match="unknown config"):
+        decode.main(["--quick", "--out-dir", str(tmp_path), "--configs", "gpu-peer-base"])
