@@ -90,7 +90,7 @@ def test_isoflop_spec_protocol(tmp_path):
 
 def test_ablation_specs(tmp_path):
     """Table 2: N x {ema, batch, none} at 60M tokens of gpu-peer-small, the ema row with a second seed;
-    Fig. 3: h*k = 32..512 by heads (k 16) and by top-k (h 8) at one budget."""
+    Fig. 3: h*k = 32..512 by heads (k 16) and by top-k (h 8) at one budget, h*k 512 with a second seed."""
     runs = plan_sweep(load_spec("ablate-experts"), str(tmp_path))
     assert sorted({r.x for r in runs}) == [128**2, 256**2, 512**2, 1024**2]
     assert {r.series for r in runs} == {"ema", "batch", "none"} and len(runs) == 16
@@ -100,9 +100,11 @@ def test_ablation_specs(tmp_path):
     assert all(r.cfg.train.eval_batches is None for r in runs)
     runs = plan_sweep(load_spec("ablate-active"), str(tmp_path))
     assert len({r.budget_flops for r in runs}) == 1
-    heads = sorted(r.x for r in runs if r.series == "heads")
-    top_k = sorted(r.x for r in runs if r.series == "top_k")
-    assert heads == [32, 64, 128, 256, 512] and top_k == [32, 64, 256, 512]  # heads * top_k
+    heads = sorted((r.x, r.cfg.train.seed) for r in runs if r.series == "heads")
+    top_k = sorted((r.x, r.cfg.train.seed) for r in runs if r.series == "top_k")
+    # heads * top_k at seed 0, and h*k 512 both ways again at seed 1
+    assert heads == [(32, 0), (64, 0), (128, 0), (256, 0), (512, 0), (512, 1)]
+    assert top_k == [(32, 0), (64, 0), (256, 0), (512, 0), (512, 1)]
     assert all(r.cfg.model.peer.top_k == 16 for r in runs if r.series == "heads")
     assert all(r.cfg.model.peer.heads == 8 for r in runs if r.series == "top_k")
 
