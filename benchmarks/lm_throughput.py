@@ -17,6 +17,7 @@ Part 2, LM rows: gpu-dense-small, gpu-peer-small, gpu-dense-base, gpu-peer-base 
   depend on token content except through routing, which is near uniform at initialisation.
 
     python benchmarks/lm_throughput.py --budget-s 200          # on the GPU
+    python benchmarks/lm_throughput.py --no-layer --compiled-only --budget-s 480   # issue 19's compiled pairs
     TRITON_INTERPRET=1 python benchmarks/lm_throughput.py --quick   # CPU smoke test
 
 Writes <out-dir>/lm_throughput_<date>.json (and .md): {"rows": [...LM rows...], "layer_rows": [...]}.
@@ -287,6 +288,29 @@ def markdown(result):
     return "\n".join(lines) + "\n"
 
 
+# LM rows, most informative first (the budget may cut the tail): the small pair eager, the small pair
+# compiled (issue 19's target), the base pair compiled, the base pair eager, then the other variants.
+# (config, expert optimizer, compiled)
+LM_PLAN = [
+    ("gpu-dense-small", "adamw", False), ("gpu-peer-small", "adamw", False),
+    ("gpu-peer-small", "rowwise_adam", False), ("gpu-peer-small", "rowwise_adam_bf16", False),
+    ("gpu-dense-small", "adamw", True), ("gpu-peer-small", "rowwise_adam_bf16", True),
+    ("gpu-dense-base", "adamw", True), ("gpu-peer-base", "rowwise_adam_bf16", True),
+    ("gpu-dense-base", "adamw", False), ("gpu-peer-base", "adamw", False),
+    ("gpu-peer-base", "rowwise_adam_bf16", False), ("gpu-peer-small", "rowwise_adam_bf16_m16", False),
+    ("gpu-peer-small", "adamw", True),
+    ("gpu-peer-base", "rowwise_adam", False),
+]  # fmt: skip
+
+
+def lm_plan(compiled_only: bool = False, quick: bool = False) -> list[tuple[str, str, bool]]:
+    """The LM rows to run, in order: LM_PLAN; compiled_only keeps issue 19's compiled pairs (each dense
+    row right before its PEER twin, so a cut run still has a ratio); quick (CPU) drops compiled rows."""
+    if compiled_only:
+        return [r for r in LM_PLAN if r[2] and (r[0].startswith("gpu-dense") or r[1] == "rowwise_adam_bf16")]
+    return [r for r in LM_PLAN if not r[2]] if quick else list(LM_PLAN)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out-dir", default=os.path.join("benchmarks", "results"))
@@ -294,6 +318,12 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=240.0, help="skip the remaining rows after this many seconds")
     p.add_argument("--no-layer", action="store_true")
     p.add_argument("--no-lm", action="store_true")
+    p.add_argument(
+        "--compiled-only",
+        action="store_true",
+        help="LM rows: only issue 19's compiled pairs (small and base, dense beside PEER with the tables' "
+        "rowwise_adam_bf16), about 80 s each",
+    )
     args = p.parse_args(argv)
     t_start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -339,17 +369,7 @@ def main(argv=None):
                 result["notes"].append(f"{name} rows failed: {type(e).__name__}: {e}"[:300])
             save()
     steps, warmup = (2, 1) if args.quick else (8, 3)
-    # most informative first (the budget may cut the tail): the small pair eager, the small pair
-    # compiled (the issue's target), the base pair eager, then the remaining variants
-    plan = [("gpu-dense-small", "adamw", False), ("gpu-peer-small", "adamw", False),
-            ("gpu-peer-small", "rowwise_adam", False), ("gpu-peer-small", "rowwise_adam_bf16", False),
-            ("gpu-dense-small", "adamw", True), ("gpu-peer-small", "rowwise_adam_bf16", True),
-            ("gpu-dense-base", "adamw", False), ("gpu-peer-base", "adamw", False),
-            ("gpu-peer-base", "rowwise_adam_bf16", False), ("gpu-peer-small", "rowwise_adam_bf16_m16", False),
-            ("gpu-peer-small", "adamw", True),
-            ("gpu-peer-base", "rowwise_adam", False)]  # fmt: skip
-    if args.quick:
-        plan = [p for p in plan if not p[2]]
+    plan = lm_plan(args.compiled_only, args.quick)
     for config, opt_name, compiled in [] if args.no_lm else plan:
         row = {"config": config, "compiled": compiled, "expert_optimizer": opt_name}
         if left() < (75 if compiled else 10):  # a compiled row spends about a minute compiling
