@@ -5,6 +5,10 @@ Implementations (rows of the table):
                 Triton "ema" query norm)
   triton-refnorm  the same with the "ema" norm on its plain-PyTorch reference path (the layer as
                 it was before the fused norm, issue 19)
+  triton-graph  the "triton" layer with its forward and backward each replayed from a CUDA graph
+                (torch.cuda.make_graphed_callables, captured per row): the GPU time of a step without
+                the host's dispatch, which bounds small token counts (issue 19: at 4096 tokens the
+                retrieval's fwd+bwd takes as long as at 16384). CUDA only.
   torch         torchpeer.PEER(backend="torch")   (chunked PyTorch retrieval + mixing)
   peer-pytorch  lucidrains' PEER-pytorch 0.2.2, if importable (not a dependency)
   dense4d       the dense d -> 4d -> d GELU FFW a PEER layer replaces
@@ -57,8 +61,8 @@ if REPO not in sys.path:  # run from a checkout without `pip install -e .`
 from torchpeer.data.atomic import write_text_atomic  # noqa: E402
 from torchpeer.experiments.results import code_version  # noqa: E402
 
-IMPLS = ("triton", "triton-refnorm", "torch", "peer-pytorch", "dense4d")
-TRITON_IMPLS = ("triton", "triton-refnorm")  # the rows --retrieval-forwards multiplies
+IMPLS = ("triton", "triton-refnorm", "triton-graph", "torch", "peer-pytorch", "dense4d")
+TRITON_IMPLS = ("triton", "triton-refnorm", "triton-graph")  # the rows --retrieval-forwards multiplies
 
 
 # ---------------------------------------------------------------------------- timing
@@ -173,7 +177,7 @@ def make_module(impl: str, d: int, cfg: dict) -> nn.Module:
         heads=cfg["heads"],
         top_k=cfg["top_k"],
         d_key=cfg["d_key"],
-        backend="triton" if impl == "triton-refnorm" else impl,
+        backend="triton" if impl in ("triton-refnorm", "triton-graph") else impl,
     )
     if impl == "triton-refnorm":
         layer.router.norm.backend = "torch"  # the ema norm's reference path, Triton everywhere else
@@ -190,6 +194,8 @@ def unavailable_reason(impl: str, device: torch.device) -> str | None:
         if impl in TRITON_IMPLS:
             import triton  # noqa: F401
 
+            if impl == "triton-graph" and device.type != "cuda":
+                return "needs a CUDA device (CUDA graphs)"
             if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                 return "needs a CUDA device (or TRITON_INTERPRET=1: the interpreter, slow)"
     except Exception as e:  # ImportError, or anything a half-installed package raises
@@ -293,17 +299,23 @@ def measure_row(module: nn.Module, row: dict, device, dtype, budget_s: float) ->
     """Fill row's fwd_ms, fwd_bwd_ms, peak_gib for module on row["tokens"] tokens."""
     param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     x = dy = None
+    layer = module
     try:
         x = torch.randn(row["tokens"], row["d_model"], device=device, dtype=dtype, requires_grad=True)
         dy = torch.randn_like(x)
+        if row["impl"] == "triton-graph":
+            # capture this row's shape: forward and backward each become one graph replay (the capture's
+            # warm-up steps run the layer eagerly first, so capture-time choices such as the segment
+            # split are made as in training); the graphs' memory pool is freed with `layer` below
+            layer = torch.cuda.make_graphed_callables(module, (x,))
 
         def fwd():
-            return module(x)
+            return layer(x)
 
         def fwd_bwd():
             module.zero_grad(set_to_none=True)
             x.grad = None
-            module(x).backward(dy)
+            layer(x).backward(dy)
 
         row["fwd_ms"] = round(time_ms(fwd, device, budget_s=budget_s), 4)
         row["fwd_bwd_ms"] = round(time_ms(fwd_bwd, device, budget_s=budget_s), 4)
@@ -321,7 +333,7 @@ def measure_row(module: nn.Module, row: dict, device, dtype, budget_s: float) ->
         row["note"] = "out of memory"
     finally:
         module.zero_grad(set_to_none=True)
-        x = dy = None  # free before the next row
+        x = dy = layer = None  # free before the next row (a graphed layer holds its graphs' pool)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return row

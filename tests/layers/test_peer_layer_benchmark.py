@@ -101,3 +101,19 @@ def test_retrieval_forwards_without_a_triton_impl_is_refused(peer_layer, capsys,
         )
     assert "add one to --impls" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_graph_impl_off_cuda_is_a_note_and_the_other_rows_run(peer_layer, tmp_path, monkeypatch):
+    """triton-graph needs CUDA graphs: on the CPU (even under the interpreter) it is skipped with a note
+    that says so, and the rows of the other impls still run."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(peer_layer, "time_ms", lambda fn, device, **kw: (fn(), 1.0)[1])
+    argv = ["--quick", "--impls", "triton-graph,dense4d", "--d-models", "32", "--tokens", "16", "--no-optim",
+            "--no-kernels", "--no-parts", "--out-dir", str(tmp_path), "--commit", "abc123"]  # fmt: skip
+    result = peer_layer.main(argv)
+    assert "triton-graph skipped: needs a CUDA device (CUDA graphs)" in result["notes"]
+    assert [r["impl"] for r in result["rows"]] == ["dense4d"] and result["rows"][0]["fwd_bwd_ms"] == 1.0
+    assert (
+        peer_layer.make_module("triton-graph", 32, dict(n_experts=256, heads=2, top_k=4, d_key=16)).backend == "triton"
+    )
