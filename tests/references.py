@@ -3,10 +3,26 @@
 The library's own specs are torchpeer.ops.product_key_topk_reference and
 torchpeer.ops.expert_mix_reference; what is here is what tests need on top of them: a loop formula
 of expert mixing written independently of every implementation (so the spec itself is tested),
-a relative error, and a measure of what autograd keeps for backward.
+a relative error, a measure of what autograd keeps for backward, and the import of a benchmark script.
 """
 
+import importlib
+import os
+import sys
+
 import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def import_benchmark(name: str):
+    """benchmarks/<name>.py as the module ``benchmarks.<name>`` (the scripts are not part of the
+    package): the repository root is on sys.path only while it is imported."""
+    sys.path.insert(0, REPO)
+    try:
+        return importlib.import_module(f"benchmarks.{name}")
+    finally:
+        sys.path.remove(REPO)
 
 
 def naive_float64(x, down, up, idx, gates, activation, lin=None):

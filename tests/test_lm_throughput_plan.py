@@ -1,23 +1,11 @@
 """benchmarks/lm_throughput.py's row plan: issue 19 asks for compiled rows of all four configs, dense
 beside PEER; the plan keeps each pair adjacent so a run cut by its time budget still has a ratio."""
 
-import os
-import sys
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _module():
-    sys.path.insert(0, REPO)
-    try:
-        from benchmarks import lm_throughput
-    finally:
-        sys.path.remove(REPO)
-    return lm_throughput
+from tests.references import import_benchmark
 
 
 def test_compiled_only_is_the_four_configs_in_dense_then_peer_pairs():
-    plan = _module().lm_plan(compiled_only=True)
+    plan = import_benchmark("lm_throughput").lm_plan(compiled_only=True)
     assert plan == [
         ("gpu-dense-small", "adamw", True),
         ("gpu-peer-small", "rowwise_adam_bf16", True),
@@ -27,7 +15,7 @@ def test_compiled_only_is_the_four_configs_in_dense_then_peer_pairs():
 
 
 def test_full_plan_has_every_config_compiled_and_quick_drops_compiled_rows():
-    mod = _module()
+    mod = import_benchmark("lm_throughput")
     full = mod.lm_plan()
     assert {c for c, _, compiled in full if compiled} == {
         "gpu-dense-small", "gpu-peer-small", "gpu-dense-base", "gpu-peer-base"

@@ -2,20 +2,14 @@
 batch, op rows) and writes its JSON and markdown."""
 
 import json
-import os
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.references import import_benchmark
 
 
 def test_decode_benchmark_quick(tmp_path):
-    sys.path.insert(0, REPO)
-    try:
-        from benchmarks import decode
-    finally:
-        sys.path.remove(REPO)
+    decode = import_benchmark("decode")
     result = decode.main(["--quick", "--out-dir", str(tmp_path), "--commit", "abc123"])
     saved = json.loads(next(tmp_path.glob("decode_*.json")).read_text())
     assert saved["rows"] == result["rows"] and saved["commit"] == "abc123" and saved["gpu"] == "cpu"
@@ -30,17 +24,8 @@ def test_decode_benchmark_quick(tmp_path):
     assert "| gpu-peer-small | fp32 | 1 |" in md and "## Ops at decode sizes" in md
 
 
-def _decode_module():
-    sys.path.insert(0, REPO)
-    try:
-        from benchmarks import decode
-    finally:
-        sys.path.remove(REPO)
-    return decode
-
-
 def test_rows_alternate_configs_and_the_budget_keeps_what_ran(tmp_path):
-    decode = _decode_module()
+    decode = import_benchmark("decode")
     result = decode.main(
         ["--quick", "--no-ops", "--out-dir", str(tmp_path), "--variants", "bf16,fp32", "--budget-s", "0"]
     )
@@ -53,7 +38,7 @@ def test_rows_alternate_configs_and_the_budget_keeps_what_ran(tmp_path):
 
 
 def test_unknown_config_or_variant_is_refused_with_the_choices(tmp_path):
-    decode = _decode_module()
+    decode = import_benchmark("decode")
     with pytest.raises(SystemExit, match="unknown variant.*choose from: bf16 graph"):
         decode.main(["--quick", "--out-dir", str(tmp_path), "--variants", "fp16"])
     with pytest.raises(SystemExit, match="unknown config"):

@@ -4,24 +4,17 @@ beside the old one on one card, NOTES_issue19 section 19). On the CPU through th
 at a tiny shape, each timing one call; bad values get one argparse error naming the allowed ones."""
 
 import json
-import os
-import sys
 import time
 
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.references import import_benchmark
 
 
 @pytest.fixture(scope="module")
 def peer_layer():
-    sys.path.insert(0, REPO)
-    try:
-        from benchmarks import peer_layer
-    finally:
-        sys.path.remove(REPO)
-    return peer_layer
+    return import_benchmark("peer_layer")
 
 
 def test_retrieval_forwards_give_both_rows_named_and_their_ratio(peer_layer, tmp_path, monkeypatch):

@@ -2,22 +2,15 @@
 CUDA step) and writes its JSON and markdown; bad arguments get one clear error."""
 
 import json
-import os
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.references import import_benchmark
 
 
 @pytest.fixture(scope="module")
 def profile_layer():
-    sys.path.insert(0, REPO)
-    try:
-        from benchmarks import profile_layer
-    finally:
-        sys.path.remove(REPO)
-    return profile_layer
+    return import_benchmark("profile_layer")
 
 
 def test_quick_profile_counts_scalar_reads_and_writes_its_tables(profile_layer, tmp_path):
