@@ -59,7 +59,7 @@ def test_config_fields_and_defaults_unchanged():
         "up_init_std": None,  # new; "ema" was "batch" (old sections name their query_norm, or get "ema")
         # new (issue 18), each default the paper's layer as before
         "readout": "paper", "shared_pool": False, "balance_weight": 0.0, "balance_stride": 1,
-        "key_lr_scale": 1.0, "query_lr_scale": 1.0, "key_init": "random", "key_norm": "none",
+        "key_lr_scale": 1.0, "query_lr_scale": 1.0, "key_init": "random", "key_norm": "none", "dense_hidden": 0,
     }  # fmt: skip
     assert defaults["pkm"] == {
         "n_keys": 1024, "heads": 8, "top_k": 32, "d_key": None, "query_norm": "batch", "value_dim": None,

@@ -17,7 +17,9 @@ docs/research/beyond_paper.md): ``readout`` (readout.py: "linear", "glu", Memory
 ``balance_weight`` / ``balance_stride`` (balance.py: a Switch-style term on the sub-key
 marginals, returned by ``aux_loss()``), ``key_lr_scale`` / ``query_lr_scale`` (lr multipliers of
 the sub-keys and the query network, ``lr_scales()``), ``key_init`` (key_init.py: sub-keys from the
-first batch's queries), ``key_norm`` (router.py: normalised sub-keys, Memory Layers at Scale).
+first batch's queries), ``key_norm`` (router.py: normalised sub-keys, Memory Layers at Scale),
+``dense_hidden`` (a narrow dense FFW beside the experts, in the spirit of UltraMemV2's memory
+layers beside an FFN: y = PEER(x) + W2 gelu(W1 x)).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import nn
 
 from torchpeer.layers.accounting import FFWCost, count_params
 from torchpeer.layers.balance import balance_train_flops, subkey_balance_loss
+from torchpeer.layers.dense import DenseFFW
 from torchpeer.layers.expert_pool import TABLE_NAMES, ExpertPool, expert_tables
 from torchpeer.layers.key_init import KEY_INITS, init_sub_keys_from_queries
 from torchpeer.layers.readout import LAYER_ACTIVATIONS, READOUTS, OutputGate, mix_activation, rows_per_selection
@@ -66,6 +69,7 @@ class PEERConfig:
     query_lr_scale: float = 1.0
     key_init: str = "random"
     key_norm: str = "none"
+    dense_hidden: int = 0
 
 
 class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
@@ -111,6 +115,9 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
         key_norm: "none" (paper), "l2" or "layer": every sub-key row is normalised before it is
             scored (router.py ``normalize_sub_keys``: rows at the random init's norm, so scores
             start on the same scale), by retrieval on every backend and by the balance term.
+        dense_hidden: 0 (paper) or the hidden width of a dense FFW (``DenseFFW``, gelu, no biases)
+            whose output is added to the experts': the block keeps a narrow dense path beside the
+            retrieved neurons instead of losing its FFW to them (attribute ``dense``, else None).
         pool: an ``ExpertPool`` to read the tables from (not a submodule: its owner counts,
             saves and optimises it); must match n_experts, d_model and the read-out's tables.
 
@@ -152,6 +159,7 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
         query_lr_scale: float = 1.0,
         key_init: str = "random",
         key_norm: str = "none",
+        dense_hidden: int = 0,
         pool: ExpertPool | None = None,
     ):
         super().__init__()
@@ -172,6 +180,8 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
         _check_beyond_paper(
             readout, shared_pool, balance_weight, balance_stride, key_lr_scale, query_lr_scale, key_init, key_norm
         )
+        if isinstance(dense_hidden, bool) or not isinstance(dense_hidden, int) or dense_hidden < 0:
+            raise ValueError(f"dense_hidden must be 0 (no dense branch) or a positive int width, got {dense_hidden!r}")
         self.router = ProductKeyRouter(
             d_model, n, heads, top_k, d_key, query_norm, key_sets=1 if shared_keys else heads, backend=backend,
             key_norm=key_norm,
@@ -199,6 +209,8 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
             self.up_init_std = pool.up_init_std
         object.__setattr__(self, "_pool", pool)  # a reference, not a submodule: see ``pool`` above
         self.out_gate = OutputGate(d_model) if readout == "gated" else None
+        self.dense_hidden = dense_hidden
+        self.dense = DenseFFW(d_model, dense_hidden) if dense_hidden else None
         self.balance_loss: torch.Tensor | None = None  # the unweighted term of the last training forward
         self._keys_pending = key_init == "queries"
         if self._keys_pending:
@@ -262,10 +274,11 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
 
     def beyond_paper_options(self) -> dict[str, object]:
         """{option: value} of the options that change what the layer computes or trains on (readout,
-        shared pool, balance term, key init), set to other than the paper's; {} for the paper's layer."""
+        shared pool, balance term, key init, dense branch), set to other than the paper's; {} for the paper's layer."""
         used = {"readout": self.readout, "shared_pool": self.pool is not None}
-        used.update(balance_weight=self.balance_weight, key_init=self.key_init)
+        used.update(balance_weight=self.balance_weight, key_init=self.key_init, dense_hidden=self.dense_hidden)
         paper = {"readout": "paper", "shared_pool": False, "balance_weight": 0.0, "key_init": "random"}
+        paper["dense_hidden"] = 0
         return {k: v for k, v in used.items() if v != paper[k]}
 
     def extra_repr(self) -> str:
@@ -322,6 +335,8 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
             y = expert_mix(xc, self.down, self.up, indices, g, act, lin=lin, backend=self.backend)
         if self.out_gate is not None:
             y = self.out_gate(xc, y)
+        if self.dense is not None:
+            y = y + self.dense(flat).to(y.dtype)
         return y.view(*lead, self.d_model)
 
     def aux_loss(self) -> torch.Tensor | None:
@@ -350,19 +365,23 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
         """Per-token cost: the router's (query projection 2*d*h*d_key, sub-key scores
         2*h*sqrt(N)*d_key, query network and all sub-keys active) plus the experts, h*k*(2d in +
         2d out) FLOPs and h*k u and v rows (glu: 6d FLOPs and a w row more; gated: + the output
-        gate's 2 dense d x d matmuls); the balance term's training-only FLOPs in aux_train_flops.
+        gate's 2 dense d x d matmuls; dense_hidden: + the dense branch's); the balance term's
+        training-only FLOPs in aux_train_flops.
         total_params: the layer's own (a shared pool is counted by the LM, once)."""
         d, h, k = self.d_model, self.heads, self.top_k
         rows = rows_per_selection(self.readout)
         routing = self.router.cost()
-        gate = self.out_gate.cost() if self.out_gate is not None else FFWCost(0, 0, 0)
+        extra = self.out_gate.cost() if self.out_gate is not None else FFWCost(0, 0, 0)
+        if self.dense is not None:
+            branch = self.dense.cost()
+            extra = FFWCost(0, extra.active_params + branch.active_params, extra.forward_flops + branch.forward_flops)
         aux = 0
         if self.balance_weight > 0:
             aux = balance_train_flops(h, self.n_sub, self.d_key, self.balance_stride)
         return FFWCost(
             total_params=count_params(self),
-            active_params=routing.active_params + h * k * rows * d + gate.active_params,
-            forward_flops=routing.forward_flops + h * k * 2 * rows * d + gate.forward_flops,
+            active_params=routing.active_params + h * k * rows * d + extra.active_params,
+            forward_flops=routing.forward_flops + h * k * 2 * rows * d + extra.forward_flops,
             aux_train_flops=aux,
         )
 
