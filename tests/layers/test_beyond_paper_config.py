@@ -42,7 +42,7 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
     exp_plan = pytest.importorskip("torchpeer.experiments.plan")
     spec = exp_spec.load_spec("beyond-paper")
     runs = exp_plan.plan_sweep(spec, str(tmp_path))
-    assert len(runs) == 38  # 19 designs (dense, the paper's PEER, 17 new) x 2 seeds
+    assert len(runs) == 42  # 21 designs (dense, the paper's PEER, 19 new) x 2 seeds
     assert len(runs[0].cfg.data.valid) == 11  # the corpus valid set and each of the 10 sources
     by_seed: dict[int, dict[str, object]] = {}
     for r in runs:
@@ -69,6 +69,10 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
             assert (model.peer.n_experts, model.peer.shared_pool, model.sparse_blocks()) == (n, False, [1, 3, 5, 7])
         assert not designs["per-head-keys"].cfg.model.peer.shared_keys
         both = designs["balance-values-lr"].cfg
+        for name, blocks in (("hybrid-4", [1, 3, 5, 7]), ("hybrid-all", list(range(8)))):  # a dense branch, at dense FLOPs
+            model = designs[name].cfg.model
+            assert (model.peer.dense_hidden, model.sparse_blocks()) == (384, blocks)
+            assert designs[name].train_flops == dense.train_flops
         assert (both.model.peer.balance_weight, both.train.expert_lr) == (0.01, 3e-3)
         paper = designs["paper"].cfg.model
         assert paper.sparse_blocks() == [4] and not paper.peer.shared_pool and paper.peer.n_experts == 1024**2
