@@ -178,10 +178,9 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
         ):
             raise ValueError(f"up_init_std must be a positive number (or None = 1/sqrt(d_model)), got {up_init_std!r}")
         _check_beyond_paper(
-            readout, shared_pool, balance_weight, balance_stride, key_lr_scale, query_lr_scale, key_init, key_norm
-        )
-        if isinstance(dense_hidden, bool) or not isinstance(dense_hidden, int) or dense_hidden < 0:
-            raise ValueError(f"dense_hidden must be 0 (no dense branch) or a positive int width, got {dense_hidden!r}")
+            readout, shared_pool, balance_weight, balance_stride, key_lr_scale, query_lr_scale, key_init, key_norm,
+            dense_hidden,
+        )  # fmt: skip
         self.router = ProductKeyRouter(
             d_model, n, heads, top_k, d_key, query_norm, key_sets=1 if shared_keys else heads, backend=backend,
             key_norm=key_norm,
@@ -277,8 +276,13 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
         shared pool, balance term, key init, dense branch), set to other than the paper's; {} for the paper's layer."""
         used = {"readout": self.readout, "shared_pool": self.pool is not None}
         used.update(balance_weight=self.balance_weight, key_init=self.key_init, dense_hidden=self.dense_hidden)
-        paper = {"readout": "paper", "shared_pool": False, "balance_weight": 0.0, "key_init": "random"}
-        paper["dense_hidden"] = 0
+        paper = {
+            "readout": "paper",
+            "shared_pool": False,
+            "balance_weight": 0.0,
+            "key_init": "random",
+            "dense_hidden": 0,
+        }
         return {k: v for k, v in used.items() if v != paper[k]}
 
     def extra_repr(self) -> str:
@@ -371,17 +375,14 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
         d, h, k = self.d_model, self.heads, self.top_k
         rows = rows_per_selection(self.readout)
         routing = self.router.cost()
-        extra = self.out_gate.cost() if self.out_gate is not None else FFWCost(0, 0, 0)
-        if self.dense is not None:
-            branch = self.dense.cost()
-            extra = FFWCost(0, extra.active_params + branch.active_params, extra.forward_flops + branch.forward_flops)
+        extras = [m.cost() for m in (self.out_gate, self.dense) if m is not None]
         aux = 0
         if self.balance_weight > 0:
             aux = balance_train_flops(h, self.n_sub, self.d_key, self.balance_stride)
         return FFWCost(
             total_params=count_params(self),
-            active_params=routing.active_params + h * k * rows * d + extra.active_params,
-            forward_flops=routing.forward_flops + h * k * 2 * rows * d + extra.forward_flops,
+            active_params=routing.active_params + h * k * rows * d + sum(c.active_params for c in extras),
+            forward_flops=routing.forward_flops + h * k * 2 * rows * d + sum(c.forward_flops for c in extras),
             aux_train_flops=aux,
         )
 
@@ -399,8 +400,9 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
 
 
 def _check_beyond_paper(
-    readout, shared_pool, balance_weight, balance_stride, key_lr_scale, query_lr_scale, key_init, key_norm="none"
-):
+    readout, shared_pool, balance_weight, balance_stride, key_lr_scale, query_lr_scale, key_init, key_norm="none",
+    dense_hidden=0,
+):  # fmt: skip
     """ValueError/TypeError naming the first bad value of the options beyond the paper."""
     check_choice("readout", readout, READOUTS)
     if not isinstance(shared_pool, bool):
@@ -411,6 +413,8 @@ def _check_beyond_paper(
     check_number("query_lr_scale", query_lr_scale, strict=True)
     check_choice("key_init", key_init, KEY_INITS)
     check_choice("key_norm", key_norm, KEY_NORMS)
+    if isinstance(dense_hidden, bool) or not isinstance(dense_hidden, int) or dense_hidden < 0:
+        raise ValueError(f"dense_hidden must be 0 (no dense branch) or a positive int width, got {dense_hidden!r}")
 
 
 register_ffw("peer", PEERConfig, PEER.from_config, build_shared=ExpertPool.from_config)
