@@ -3,7 +3,8 @@
 The library's own specs are torchpeer.ops.product_key_topk_reference and
 torchpeer.ops.expert_mix_reference; what is here is what tests need on top of them: a loop formula
 of expert mixing written independently of every implementation (so the spec itself is tested),
-a relative error, a measure of what autograd keeps for backward, and the import of a benchmark script.
+exact product-key top-k by brute force over the full keys, a relative error, a measure of what
+autograd keeps for backward, and the import of a benchmark script.
 """
 
 import importlib
@@ -43,6 +44,17 @@ def naive_float64(x, down, up, idx, gates, activation, lin=None):
                 c = c * (x * lin.double()[i]).sum(-1, keepdim=True)
             out = out + gates[:, h, k, None] * c * up[i]
     return out
+
+
+def brute_force_topk(q: torch.Tensor, sub_keys: torch.Tensor, top_k: int):
+    """Exact top-k over all n*n full keys [C[a]; C'[b]] (built explicitly). q: (T, H, d_key),
+    sub_keys: (S, 2, n, m) -> scores, indices (T, H, top_k)."""
+    S, _, n, m = sub_keys.shape
+    full = torch.cat(
+        [sub_keys[:, 0].unsqueeze(2).expand(S, n, n, m), sub_keys[:, 1].unsqueeze(1).expand(S, n, n, m)], -1
+    ).reshape(S, n * n, 2 * m)  # row a * n + b
+    full = full.expand(q.shape[1], -1, -1) if S == 1 else full
+    return torch.einsum("thd,hnd->thn", q, full.to(q.dtype)).topk(top_k, dim=-1)
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:

@@ -69,11 +69,11 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
             assert (model.peer.n_experts, model.peer.shared_pool, model.sparse_blocks()) == (n, False, [1, 3, 5, 7])
         assert not designs["per-head-keys"].cfg.model.peer.shared_keys
         both = designs["balance-values-lr"].cfg
+        assert (both.model.peer.balance_weight, both.train.expert_lr) == (0.01, 3e-3)
         for name, blocks in (("hybrid-4", [1, 3, 5, 7]), ("hybrid-all", list(range(8)))):  # dense branch, dense FLOPs
             model = designs[name].cfg.model
             assert (model.peer.dense_hidden, model.sparse_blocks()) == (384, blocks)
             assert designs[name].train_flops == dense.train_flops
-        assert (both.model.peer.balance_weight, both.train.expert_lr) == (0.01, 3e-3)
         paper = designs["paper"].cfg.model
         assert paper.sparse_blocks() == [4] and not paper.peer.shared_pool and paper.peer.n_experts == 1024**2
 

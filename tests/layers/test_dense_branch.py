@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from tests.references import assert_backward_matches, naive_float64
+from tests.references import assert_backward_matches, brute_force_topk, naive_float64
 from torchpeer.layers import PEERConfig
 from torchpeer.layers.peer import PEER
 from torchpeer.lm.config import ModelConfig
@@ -18,16 +18,9 @@ from torchpeer.lm.model import TransformerLM
 D, N = 16, 8**2
 
 
-def brute_force(q, sub_keys, top_k):
-    """Exact top-k over all n*n full keys [C[a]; C'[b]], q: (T, H, d_key), sub_keys (1, 2, n, m)."""
-    _, _, n, m = sub_keys.shape
-    full = torch.cat([sub_keys[0, 0].unsqueeze(1).expand(n, n, m), sub_keys[0, 1].unsqueeze(0).expand(n, n, m)], -1)
-    return torch.einsum("thd,nd->thn", q, full.reshape(n * n, 2 * m).to(q.dtype)).topk(top_k, dim=-1)
-
-
 def reference64(m: PEER, x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1, m.d_model).double()
-    scores, idx = brute_force(m.query(flat.to(x.dtype)).double(), m.sub_keys.double(), m.top_k)
+    scores, idx = brute_force_topk(m.query(flat.to(x.dtype)).double(), m.sub_keys.double(), m.top_k)
     experts = naive_float64(flat, m.down, m.up, idx, m.gates(scores), m.activation)
     w1, w2 = m.dense.fc_in.weight.double(), m.dense.fc_out.weight.double()
     branch = torch.nn.functional.gelu(flat @ w1.T) @ w2.T

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tests.references import assert_backward_matches, naive_float64
+from tests.references import assert_backward_matches, brute_force_topk, naive_float64
 from torchpeer.layers import PEERConfig
 from torchpeer.layers.balance import subkey_balance_loss
 from torchpeer.layers.peer import PEER
@@ -29,21 +29,10 @@ def norm64(sub_keys: torch.Tensor, kind: str, d_key: int) -> torch.Tensor:
     return (k - mean) / (var + 1e-5).sqrt() / math.sqrt(d_key)
 
 
-def brute_force(q: torch.Tensor, sub_keys: torch.Tensor, top_k: int):
-    """Exact top-k over all n*n full keys [C[a]; C'[b]] (built explicitly). q: (T, H, d_key),
-    sub_keys: (S, 2, n, m) -> scores, indices (T, H, top_k)."""
-    S, _, n, m = sub_keys.shape
-    full = torch.cat(
-        [sub_keys[:, 0].unsqueeze(2).expand(S, n, n, m), sub_keys[:, 1].unsqueeze(1).expand(S, n, n, m)], -1
-    ).reshape(S, n * n, 2 * m)  # row a * n + b
-    full = full.expand(q.shape[1], -1, -1) if S == 1 else full
-    return torch.einsum("thd,hnd->thn", q, full.to(q.dtype)).topk(top_k, dim=-1)
-
-
 def reference64(m: PEER, x: torch.Tensor) -> torch.Tensor:
     """float64 PEER forward: query -> brute force over the normalised keys -> gates -> loop formula."""
     flat = x.reshape(-1, m.d_model)
-    scores, idx = brute_force(m.query(flat), norm64(m.sub_keys, m.key_norm, m.d_key), m.top_k)
+    scores, idx = brute_force_topk(m.query(flat), norm64(m.sub_keys, m.key_norm, m.d_key), m.top_k)
     return naive_float64(flat, m.down, m.up, idx, m.gates(scores), m.activation).view(x.shape)
 
 
@@ -78,11 +67,11 @@ def test_retrieval_is_brute_force_over_the_normalised_keys(backend, kind, shared
     r = r.to(DEVICE)
     x = torch.randn(13, 16, device=DEVICE)
     q, scores, idx = r(x)
-    ref_scores, ref_idx = brute_force(q.double(), norm64(r.sub_keys, kind, d_key), k)
+    ref_scores, ref_idx = brute_force_topk(q.double(), norm64(r.sub_keys, kind, d_key), k)
     assert torch.equal(idx, ref_idx)
     torch.testing.assert_close(scores.double(), ref_scores, rtol=1e-5, atol=1e-5)
     # and it is not the raw keys' top-k (normalising changes which experts win)
-    assert not torch.equal(idx, brute_force(q.double(), r.sub_keys.double(), k)[1])
+    assert not torch.equal(idx, brute_force_topk(q.double(), r.sub_keys.double(), k)[1])
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
