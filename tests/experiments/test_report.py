@@ -332,7 +332,34 @@ def test_evaluations_during_training_table_only_for_runs_evaluated_more_than_onc
         f"| thrice | 8 | 800 | 2.00 | {np.exp(3.2):.2f} | 71.0 | 1.000 |",
         f"| thrice | 12 | 1.2k | 3.00 | {np.exp(3.0):.2f} | 81.0 | 1.000 |",
     ]
-    assert not any(line.startswith("| once |") for line in lines[i:])
+    section = lines[i : next((j for j in range(i + 1, len(lines)) if lines[j].startswith("#")), len(lines))]
+    assert not any(line.startswith("| once |") for line in section)
+
+
+def test_train_valid_gap_is_valid_loss_less_the_mean_training_loss_of_the_last_tenth(tmp_path):
+    """The gap table: per run, the mean of the logged training losses over the last 10 % of its steps,
+    the ranking set's final loss, and their difference; a run without a metrics.jsonl has no row."""
+    d = tmp_path / "runs"
+    rng = np.random.default_rng(1)
+    losses = {}
+    for name, valid_loss in (("a", 3.3), ("b", 3.1)):
+        append_result(str(d), rec(name, sweep="g", kind="grid", valid=valid(valid_loss)))
+        (d / name).mkdir(parents=True)
+        losses[name] = rng.uniform(2.5, 4.0, 40)  # logged every 5 steps: steps 5..200
+        with open(d / name / "metrics.jsonl", "w") as fh:
+            for i, loss in enumerate(losses[name]):
+                fh.write(json.dumps({"step": 5 * (i + 1), "tokens": 500 * (i + 1), "loss": float(loss)}) + "\n")
+    append_result(str(d), rec("no-metrics", sweep="g", kind="grid", valid=valid(3.0)))
+    lines = open(write_report(str(d))["report"]).read().splitlines()
+    i = lines.index("### Train-valid gap (nats; late batches repeat seen text)")
+    assert lines[i + 2] == "| run | train loss (last 10 %) | valid loss | gap |"
+    rows = [line for line in lines[i + 4 :] if line.startswith("| ")][:3]
+    expect = []
+    for name, valid_loss in (("a", 3.3), ("b", 3.1)):
+        train = float(np.mean(losses[name][-4:]))  # steps 185..200: those above 200 x 0.9 = 180
+        expect.append(f"| {name} | {train:.4f} | {valid_loss:.4f} | {valid_loss - train:.4f} |")
+    assert rows[:2] == expect
+    assert not any(line.startswith("| no-metrics |") for line in lines[i:])
 
 
 def test_ablation_line_runs_through_the_seed_mean_and_every_run_is_a_dot(tmp_path):

@@ -1,6 +1,7 @@
-"""The evaluations a run made during training (``train.eval_interval``), read from its metrics.jsonl:
-perplexity, usage and KL on the ranking eval set at each evaluated step (the results line holds
-only the final evaluation). ``during_table`` makes the report's table of them."""
+"""What a run's metrics.jsonl says beyond its results line: the evaluations it made during training
+(``train.eval_interval``: perplexity, usage and KL on the ranking eval set at each evaluated step;
+``during_table`` makes the report's table of them), and its train-valid gap (``train_valid_gaps``,
+``gap_table``: the final valid loss less the training loss of the run's last tenth)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import os
 
 from torchpeer.experiments.markdown import fmt, table
-from torchpeer.experiments.results import short_count
+from torchpeer.experiments.results import primary_loss, short_count
 
 
 def evals_during_training(recs: list[dict], runs_dir: str) -> list[dict]:
@@ -61,3 +62,36 @@ def during_table(during: list[dict]) -> list[str]:
         for e in during
     ]  # fmt: skip
     return table(["run", "step", "tokens", "epochs", "ppl", "usage %", "KL"], rows, right_from=1)
+
+
+def train_valid_gaps(recs: list[dict], runs_dir: str, tail: float = 0.1) -> list[dict]:
+    """One dict (run, train_loss, valid_loss, gap) per run whose metrics.jsonl has logged training
+    losses: ``train_loss`` is the mean of the logged losses over the last ``tail`` of its steps,
+    ``valid_loss`` the results line's loss on the ranking eval set, ``gap`` = valid_loss - train_loss.
+
+    Why: the training sampler draws windows at random offsets, so late in a run much of each batch
+    was seen before; a design whose training loss falls further than its valid loss stores seen
+    text (the expert tables can) rather than learning what transfers. Runs without logged losses or
+    without a valid loss are left out."""
+    from torchpeer.viz.metrics import read_metrics
+
+    rows = []
+    for r in recs:
+        valid = primary_loss(r)
+        try:
+            losses = read_metrics(os.path.join(runs_dir, r["run"])).train.get("loss")
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            continue
+        if valid is None or not losses or not losses.steps:
+            continue
+        last = losses.steps[-1]
+        window = [v for s, v in zip(losses.steps, losses.values) if s > last * (1 - tail)] or [losses.values[-1]]
+        train = sum(window) / len(window)
+        rows.append({"run": r["run"], "train_loss": train, "valid_loss": valid, "gap": valid - train})
+    return rows
+
+
+def gap_table(gaps: list[dict]) -> list[str]:
+    """The rows of ``train_valid_gaps`` as a table (losses in nats)."""
+    rows = [[g["run"], fmt(g["train_loss"], ".4f"), fmt(g["valid_loss"], ".4f"), fmt(g["gap"], ".4f")] for g in gaps]
+    return table(["run", "train loss (last 10 %)", "valid loss", "gap"], rows, right_from=1)

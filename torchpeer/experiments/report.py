@@ -30,7 +30,7 @@ from torchpeer.experiments.compare import (
     order_verdict,
     paired_difference,
 )
-from torchpeer.experiments.eval_history import during_table, evals_during_training
+from torchpeer.experiments.eval_history import during_table, evals_during_training, gap_table, train_valid_gaps
 from torchpeer.experiments.fit import isoflop_fits, outside_fit_runs
 from torchpeer.experiments.markdown import fmt as _fmt
 from torchpeer.experiments.markdown import table as _table
@@ -137,6 +137,8 @@ def write_report(
         during = evals_during_training(recs, runs_dir)
         if during:
             lines += ["", "### Evaluations during training (ranking eval set)", "", *during_table(during)]
+        if gaps := train_valid_gaps(recs, runs_dir):  # memorisation: the training loss falls, valid does not
+            lines += ["", "### Train-valid gap (nats; late batches repeat seen text)", "", *gap_table(gaps)]
     from torchpeer.data.atomic import write_text_atomic
 
     rows = os.path.join(out_dir, "rows.csv")  # every (run, eval set) in one long table, for other tools
