@@ -4,7 +4,8 @@
         [--report experiments/results/2026-12-05-ablate-experts]
 
 DEVICE_DIR is what one device call returned: NAME.tgz (``scripts/device_sweep.sh`` packs the runs
-folder without checkpoints), sweep_NAME.log and smi_NAME.csv. This script
+folder without checkpoints), sweep_NAME.log and smi_NAME.csv; a command that ran several sweeps side
+by side returns one such trio per sweep, and the one whose NAME is RUNS's basename is taken. This script
 
 * unpacks the tgz in a temporary folder and finds the runs folder in it (the one with results.jsonl,
   or with the run folders when the command's runs were all cut before any was recorded);
@@ -42,11 +43,20 @@ def _fail(msg: str) -> None:
     raise SystemExit(2)
 
 
-def _unpack(device_dir: str, tmp: str) -> tuple[str, list[str]]:
-    """-> (the runs folder inside the unpacked tgz, the log files beside the tgz)."""
+def _unpack(device_dir: str, tmp: str, name: str) -> tuple[str, list[str]]:
+    """-> (the runs folder inside the unpacked tgz, the log files beside the tgz). ``name``: the
+    basename of RUNS; a command that ran several sweeps side by side left one NAME.tgz (with its
+    sweep_NAME.log, smi_NAME.csv) per sweep, and the one named as RUNS is taken."""
     if not os.path.isdir(device_dir):
         _fail(f"{device_dir} is not a folder (give the files_at folder of a device call)")
     tgzs = sorted(glob.glob(os.path.join(device_dir, "*.tgz")))
+    stem = "*"
+    if len(tgzs) > 1:
+        mine = os.path.join(device_dir, f"{name}.tgz")
+        if mine not in tgzs:
+            names = ", ".join(os.path.basename(t) for t in tgzs)
+            _fail(f"{device_dir} holds {names} and no {name}.tgz; name RUNS after the sweep to ingest")
+        tgzs, stem = [mine], name
     if len(tgzs) != 1:
         _fail(f"{device_dir} holds {len(tgzs)} .tgz files; expected the one device_sweep.sh packs")
     dest = os.path.join(tmp, os.path.basename(device_dir.rstrip("/")) or "device")
@@ -69,7 +79,10 @@ def _unpack(device_dir: str, tmp: str) -> tuple[str, list[str]]:
     )
     if len(found) != 1:
         _fail(f"{tgzs[0]} holds {len(found)} runs folders (results.jsonl or run folders); expected one")
-    logs = sorted(glob.glob(os.path.join(device_dir, "sweep_*.log")) + glob.glob(os.path.join(device_dir, "smi_*.csv")))
+    logs = sorted(
+        glob.glob(os.path.join(device_dir, f"sweep_{stem}.log"))
+        + glob.glob(os.path.join(device_dir, f"smi_{stem}.csv"))
+    )
     return found[0], logs
 
 
@@ -104,7 +117,8 @@ def ingest(device_dirs: list[str], runs: str, report: str | None = None) -> dict
     """Merge each device folder into ``runs`` (see the module docstring); -> what was added."""
     added: dict = {"runs": [], "records": [], "logs": []}
     with tempfile.TemporaryDirectory() as tmp:
-        unpacked = [_unpack(d, tmp) for d in device_dirs]  # every input read before RUNS changes
+        name = os.path.basename(os.path.normpath(runs))
+        unpacked = [_unpack(d, tmp, name) for d in device_dirs]  # every input read before RUNS changes
         os.makedirs(runs, exist_ok=True)
         results = os.path.join(runs, "results.jsonl")
         for src, logs in unpacked:

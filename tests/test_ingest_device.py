@@ -109,3 +109,20 @@ def test_a_tgz_with_two_runs_folders_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ingest_device.main([dev, "--runs", str(tmp_path / "runs")])
     assert e.value.code == 2 and "holds 2 runs folders" in capsys.readouterr().err
+
+
+def test_a_command_of_two_sweeps_gives_each_runs_folder_its_own_tgz_and_logs(tmp_path, capsys):
+    """Two sweeps side by side in one command leave a.tgz and b.tgz in one folder: RUNS named b takes
+    b's runs, records and logs only; RUNS named after neither is refused with both names."""
+    one = _device_call(tmp_path / "d1", "a", [{"run": "ra", "loss": 3.0}], ["ra"], "log a\n")
+    two = _device_call(tmp_path / "d2", "b", [{"run": "rb", "loss": 2.9}], ["rb"], "log b\n")
+    for f in os.listdir(two):
+        os.replace(os.path.join(two, f), os.path.join(one, f))  # one device folder holding both trios
+    runs = tmp_path / "runs" / "b"
+    added = ingest_device.ingest([one], str(runs))
+    assert added["records"] == ["rb"]
+    assert sorted(p.name for p in runs.iterdir()) == ["rb", "results.jsonl", "smi_command1.csv", "sweep_command1.log"]
+    assert (runs / "sweep_command1.log").read_text() == "log b\n"
+    with pytest.raises(SystemExit):
+        ingest_device.ingest([one], str(tmp_path / "runs" / "c"))
+    assert "a.tgz, b.tgz and no c.tgz" in capsys.readouterr().err
