@@ -295,6 +295,17 @@ def empty_row(impl: str, d: int, tokens: int, cfg: dict, dtype) -> dict:
     }
 
 
+class _Wrapped(nn.Module):
+    """``module`` behind a forward of its own, for make_graphed_callables to replace (not module's)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return self.module(x)
+
+
 def measure_row(module: nn.Module, row: dict, device, dtype, budget_s: float) -> dict:
     """Fill row's fwd_ms, fwd_bwd_ms, peak_gib for module on row["tokens"] tokens."""
     param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
@@ -306,8 +317,11 @@ def measure_row(module: nn.Module, row: dict, device, dtype, budget_s: float) ->
         if row["impl"] == "triton-graph":
             # capture this row's shape: forward and backward each become one graph replay (the capture's
             # warm-up steps run the layer eagerly first, so capture-time choices such as the segment
-            # split are made as in training); the graphs' memory pool is freed with `layer` below
-            layer = torch.cuda.make_graphed_callables(module, (x,))
+            # split are made as in training); the graphs' memory pool is freed with `layer` below.
+            # A fresh wrapper per row: make_graphed_callables replaces the forward of the module it is
+            # given, so graphing `module` itself kept the first row's shape for every later row (the
+            # 16384- and 65536-token rows failed on 2026-12-06: "size of tensor a (4096) must match")
+            layer = torch.cuda.make_graphed_callables(_Wrapped(module), (x,))
 
         def fwd():
             return layer(x)

@@ -110,3 +110,35 @@ def test_graph_impl_off_cuda_is_a_note_and_the_other_rows_run(peer_layer, tmp_pa
     assert (
         peer_layer.make_module("triton-graph", 32, dict(n_experts=256, heads=2, top_k=4, d_key=16)).backend == "triton"
     )
+
+
+def test_graph_rows_of_several_sizes_each_capture_their_own_shape(peer_layer, monkeypatch):
+    """make_graphed_callables replaces the forward of the module it is given with one that accepts only
+    the captured shape; the benchmark must hand it a fresh wrapper per row, so that the layer itself
+    keeps its own forward and a later row of another size is captured anew (on 2026-12-06 the 16384-
+    and 65536-token triton-graph rows failed on the 4096-token row's graph). The fake below does what
+    the real function does to a module's forward, on the CPU."""
+    captured = []
+
+    def fake_graphed(m, args):
+        shape, eager = args[0].shape, m.forward
+        captured.append(tuple(shape))
+
+        def replay(x):
+            if x.shape != shape:
+                raise RuntimeError(f"The size of tensor a ({shape[0]}) must match the size of tensor b ({x.shape[0]})")
+            return eager(x)
+
+        m.forward = replay
+        return m
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake_graphed)
+    monkeypatch.setattr(peer_layer, "time_ms", lambda fn, device, **kw: (fn(), 1.0)[1])
+    module = torch.nn.Linear(8, 8)
+    own_forward = module.forward
+    for tokens in (4, 16):
+        row = {"impl": "triton-graph", "d_model": 8, "tokens": tokens, "fwd_ms": None, "fwd_bwd_ms": None}
+        out = peer_layer.measure_row(module, row, torch.device("cpu"), torch.float32, budget_s=0.1)
+        assert out["fwd_bwd_ms"] == 1.0 and "note" not in out
+    assert captured == [(4, 8), (16, 8)]
+    assert module.forward == own_forward  # the layer itself was never replaced
