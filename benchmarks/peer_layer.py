@@ -9,6 +9,10 @@ Implementations (rows of the table):
                 (torch.cuda.make_graphed_callables, captured per row): the GPU time of a step without
                 the host's dispatch, which bounds small token counts (issue 19: at 4096 tokens the
                 retrieval's fwd+bwd takes as long as at 16384). CUDA only.
+  triton-touched  the "triton" layer with the mixing backward's expert pass over the touched experts
+                only (TUNING["expert"]["touched_below"] = 1: table gradients zeroed by a memset, one
+                program per touched expert, when T*S < N; NOTES_issue19.md section 22). Opt-in until
+                this row shows it pays.
   torch         torchpeer.PEER(backend="torch")   (chunked PyTorch retrieval + mixing)
   peer-pytorch  lucidrains' PEER-pytorch 0.2.2, if importable (not a dependency)
   dense4d       the dense d -> 4d -> d GELU FFW a PEER layer replaces
@@ -61,8 +65,9 @@ if REPO not in sys.path:  # run from a checkout without `pip install -e .`
 from torchpeer.data.atomic import write_text_atomic  # noqa: E402
 from torchpeer.experiments.results import code_version  # noqa: E402
 
-IMPLS = ("triton", "triton-refnorm", "triton-graph", "torch", "peer-pytorch", "dense4d")
-TRITON_IMPLS = ("triton", "triton-refnorm", "triton-graph")  # the rows --retrieval-forwards multiplies
+IMPLS = ("triton", "triton-refnorm", "triton-graph", "triton-touched", "torch", "peer-pytorch", "dense4d")
+# the rows --retrieval-forwards multiplies
+TRITON_IMPLS = ("triton", "triton-refnorm", "triton-graph", "triton-touched")
 
 
 # ---------------------------------------------------------------------------- timing
@@ -177,7 +182,7 @@ def make_module(impl: str, d: int, cfg: dict) -> nn.Module:
         heads=cfg["heads"],
         top_k=cfg["top_k"],
         d_key=cfg["d_key"],
-        backend="triton" if impl in ("triton-refnorm", "triton-graph") else impl,
+        backend="triton" if impl in TRITON_IMPLS else impl,
     )
     if impl == "triton-refnorm":
         layer.router.norm.backend = "torch"  # the ema norm's reference path, Triton everywhere else
@@ -189,7 +194,7 @@ def unavailable_reason(impl: str, device: torch.device) -> str | None:
     try:
         if impl == "peer-pytorch":
             import PEER_pytorch  # noqa: F401
-        elif impl in ("triton", "triton-refnorm", "torch"):
+        elif impl in (*TRITON_IMPLS, "torch"):
             from torchpeer import PEER  # noqa: F401
         if impl in TRITON_IMPLS:
             import triton  # noqa: F401
@@ -308,6 +313,19 @@ class _Wrapped(nn.Module):
 
 def measure_row(module: nn.Module, row: dict, device, dtype, budget_s: float) -> dict:
     """Fill row's fwd_ms, fwd_bwd_ms, peak_gib for module on row["tokens"] tokens."""
+    if row["impl"] == "triton-touched":  # the opt-in expert pass, for this row only
+        from torchpeer.ops.expert_mixing import triton_op
+
+        before = dict(triton_op.TUNING["expert"])
+        triton_op.TUNING["expert"]["touched_below"] = 1.0
+        try:
+            return _measure_row(module, row, device, dtype, budget_s)
+        finally:
+            triton_op.TUNING["expert"] = before
+    return _measure_row(module, row, device, dtype, budget_s)
+
+
+def _measure_row(module: nn.Module, row: dict, device, dtype, budget_s: float) -> dict:
     param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     x = dy = None
     layer = module

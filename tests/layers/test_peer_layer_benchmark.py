@@ -142,3 +142,27 @@ def test_graph_rows_of_several_sizes_each_capture_their_own_shape(peer_layer, mo
         assert out["fwd_bwd_ms"] == 1.0 and "note" not in out
     assert captured == [(4, 8), (16, 8)]
     assert module.forward == own_forward  # the layer itself was never replaced
+
+
+def test_touched_rows_time_the_opt_in_expert_pass_and_leave_the_tuning_as_it_was(peer_layer, tmp_path, monkeypatch):
+    """triton-touched sets TUNING["expert"]["touched_below"] for its own rows only: the "triton" row
+    beside it runs the default pass, and the tuning is restored after (also for later rows)."""
+    pytest.importorskip("triton")
+    from torchpeer.ops.expert_mixing import triton_op
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    seen = []
+
+    def fake_time(fn, device, **kw):
+        fn()
+        seen.append(triton_op.TUNING["expert"].get("touched_below"))
+        return 1.0
+
+    monkeypatch.setattr(peer_layer, "time_ms", fake_time)
+    argv = ["--quick", "--impls", "triton-touched,triton", "--d-models", "16", "--tokens", "4", "--no-optim",
+            "--no-kernels", "--no-parts", "--out-dir", str(tmp_path), "--commit", "abc123"]  # fmt: skip
+    before = dict(triton_op.TUNING["expert"])
+    result = peer_layer.main(argv)
+    assert [r["impl"].split()[0] for r in result["rows"]] == ["triton-touched", "triton"]
+    assert seen == [1.0, 1.0, None, None]  # fwd and fwd+bwd of each row
+    assert triton_op.TUNING["expert"] == before

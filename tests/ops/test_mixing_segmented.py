@@ -203,3 +203,65 @@ def test_stale_split_decisions_keep_the_gradients_exact(monkeypatch):
         check_against_float64(inputs, dy, "gelu", tol=1e-5)
         built.append(len(calls) > 0)
     assert built == [False, False, True, True]
+
+
+def touched_tuning(segment):
+    """The touched-only expert pass (TUNING["expert"]["touched_below"]): on for any T*S < 1e9 * N."""
+    t = tuning(segment)
+    t["expert"]["touched_below"] = 1e9
+    return t
+
+
+@pytest.mark.parametrize("skew", [False, True])
+def test_touched_only_pass_matches_float64_and_the_per_expert_pass_bitwise(skew, monkeypatch):
+    """Fewer selections than experts (T*S = 30 over 64, so most experts untouched; with skew, hot
+    experts split into segments too): every output against float64, and bitwise equal to the
+    one-program-per-expert pass (the same sums in the same order; untouched rows exactly zero, with
+    every uninitialised buffer poisoned: the pass must not leave a row to an empty buffer)."""
+
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(mixing, "_new_buffer", poisoned)
+    inputs, dy = make_inputs(5, 2, 3, 32, 64, seed=40)
+    if skew:
+        skewed(inputs[3], 2, 0.8, seed=41)
+    monkeypatch.setattr(mixing, "TUNING", touched_tuning(4))
+    check_against_float64(inputs, dy, "gelu", tol=1e-5)
+    touched = grads_with(inputs, dy, monkeypatch, touched_tuning(4))
+    whole = grads_with(inputs, dy, monkeypatch, tuning(4))
+    for a, b in zip(touched, whole):
+        assert torch.equal(a, b)
+    used = torch.bincount(inputs[3].reshape(-1).cpu(), minlength=64) > 0
+    assert (~used).sum() > 20 and (touched[2][~used] == 0).all() and (touched[3][~used] == 0).all()
+
+
+def test_touched_only_pass_launches_one_program_per_selection_not_per_expert(monkeypatch):
+    """The grid: T*S direct programs (+ extra segments) instead of N, and only below the ratio."""
+    grids = []
+    real = mixing._mix_bwd_segment_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid[0])
+            return real[grid]
+
+    monkeypatch.setattr(mixing, "_mix_bwd_segment_kernel", Spy())
+    inputs, dy = make_inputs(4, 1, 2, 16, 50, seed=42)
+    inputs[3].copy_(torch.randperm(50)[:8].view(4, 1, 2))  # 8 distinct experts: no list splits
+    t = touched_tuning(4)
+    t["expert"]["touched_below"] = 0.5  # 8 < 0.5 * 50: on
+    grads_with(inputs, dy, monkeypatch, t)
+    t["expert"]["touched_below"] = 0.1  # 8 >= 0.1 * 50: off, one program per expert
+    grads_with(inputs, dy, monkeypatch, t)
+    assert grids == [8, 50]
+
+
+def grads_with(inputs, dy, monkeypatch, tuning_dict):
+    monkeypatch.setattr(mixing, "TUNING", tuning_dict)
+    x, down, up, indices, gates = (t.detach().clone() for t in inputs)
+    for t in (x, down, up, gates):
+        t.requires_grad_()
+    y = expert_mix_triton(x, down, up, indices, gates)
+    y.backward(dy)
+    return y, x.grad, down.grad, up.grad, gates.grad

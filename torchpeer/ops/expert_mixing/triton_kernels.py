@@ -107,9 +107,9 @@ def _mix_fwd_kernel(
 @triton.jit
 def _mix_bwd_segment_kernel(
     x_ptr, dy_ptr, up_ptr, gate_ptr, h_ptr, perm_ptr, offsets_ptr,
-    seg_expert_ptr, seg_index_ptr, partial_ptr, ddown_ptr, dup_ptr, coef_ptr, dgate_ptr,
-    N, S, D, SEG, stride_x, stride_dy, stride_up, stride_ddown, stride_dup,
-    ACT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    seg_expert_ptr, seg_index_ptr, partial_ptr, ddown_ptr, dup_ptr, coef_ptr, dgate_ptr, keys_ptr,
+    N, P, S, D, SEG, stride_x, stride_dy, stride_up, stride_ddown, stride_dup,
+    ACT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, TOUCHED: tl.constexpr,
 ):  # fmt: skip
     """One program per segment: SEG (a multiple of BLOCK_S) consecutive selections of one expert.
 
@@ -124,11 +124,25 @@ def _mix_bwd_segment_kernel(
     to its rows in segment order: no atomics, so the result is bitwise deterministic. (With
     bf16 tables segment 0's sum is rounded to bf16 once more than an unsplit expert's.)
     u_e itself is never needed here: dU only needs coef and x.
+
+    TOUCHED (small batches, T*S well below N): programs 0..P-1 (P = T*S) stand for the sorted
+    selections keys[0..P-1] (expert ids), and program p takes segment 0 of expert keys[p] only when
+    p is the first selection of that expert (the others do nothing); programs P.. take the extra
+    segments. Untouched experts get no program: their gradient rows must be zeroed before (a memset,
+    near the copy rate, instead of one program per empty row).
     """
     pid = tl.program_id(0).to(tl.int64)
+    lead = pid >= 0  # does this program own a segment? (always, but for TOUCHED's followers)
+    if TOUCHED:  # vpid: the program of the N-program layout this one stands for
+        p = tl.minimum(pid, P - 1)
+        k = tl.load(keys_ptr + p).to(tl.int64)
+        prev = tl.load(keys_ptr + tl.maximum(p - 1, 0)).to(tl.int64)
+        lead = (pid >= P) | (p == 0) | (prev != k)
+        pid = tl.where(pid < P, k, pid - P + N)
     e, seg, valid, first, last, start, end = _segment_of_program(
         pid, N, seg_expert_ptr, seg_index_ptr, offsets_ptr, SEG
     )
+    end = tl.where(lead, end, start)  # followers walk nothing and store nothing
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     # masked loads move no bytes: unused experts skip reading v_e.
@@ -162,7 +176,7 @@ def _mix_bwd_segment_kernel(
         du += tl.sum(coef[:, None] * xt.to(tl.float32), axis=0)
         dv += tl.sum((g * a)[:, None] * dyt, axis=0)
     # segment 0 (program e < N) writes the gradient rows; extra segment q writes partial[q]
-    direct = offs_d < tl.where(pid < N, D, 0)
+    direct = offs_d < tl.where((pid < N) & lead, D, 0)
     tl.store(ddown_ptr + e * stride_ddown + offs_d, du.to(ddown_ptr.dtype.element_ty), mask=direct)
     tl.store(dup_ptr + e * stride_dup + offs_d, dv.to(dup_ptr.dtype.element_ty), mask=direct)
     slot = tl.maximum(pid - N, 0) * 2 * D

@@ -95,16 +95,17 @@ def _forward_impl(x, down, up, indices, gates, activation):
     return y, h
 
 
-def _sort_by_expert(indices, n_experts):
+def _sort_by_expert(indices, n_experts, with_keys=False):
     """-> perm (T*S,) int64: flat selection ids grouped by expert (stable: token order inside),
-    offsets (N+1,) int64: expert e owns perm[offsets[e]:offsets[e+1]]."""
+    offsets (N+1,) int64: expert e owns perm[offsets[e]:offsets[e+1]]; with_keys: also the sorted
+    expert ids (T*S,) (int32 for N < 2^31)."""
     flat = indices.reshape(-1)
     # 32-bit keys halve the radix-sort passes; expert ids always fit for N < 2^31
     keys = flat.to(torch.int32) if n_experts < 2**31 else flat.to(torch.int64)
     sorted_keys, perm = torch.sort(keys, stable=True)
     bounds = torch.arange(n_experts + 1, device=keys.device, dtype=keys.dtype)
     offsets = torch.searchsorted(sorted_keys, bounds)  # first position >= e
-    return perm, offsets
+    return (perm, offsets, sorted_keys) if with_keys else (perm, offsets)
 
 
 _needs_split = LaggedSplitCheck()
@@ -123,20 +124,31 @@ def _expert_segments(offsets, n_selections, block_s):
     return seg, *_segment_plan(offsets, n_selections, seg)
 
 
-def _launch_expert(dy, x, up, gates, h, perm, offsets, ddown, dup, coef, dgate, activation):
+def _touched_only(n_selections, n_experts):
+    """Run the expert pass over the touched experts only (gradients zeroed by a memset first)?
+    TUNING["expert"]["touched_below"] = r: when T*S < r * N. Off (None) by default until measured:
+    at T*S / N = 0.5 the one-program-per-expert pass spends most of its time writing zero rows
+    (benchmarks/NOTES_issue19.md section 22)."""
+    r = TUNING["expert"].get("touched_below")
+    return r is not None and n_selections < r * n_experts
+
+
+def _launch_expert(dy, x, up, gates, h, perm, offsets, ddown, dup, coef, dgate, activation, keys=None):
     """Expert-centric pass: one program per expert segment, then a reduce pass over the hot
-    experts (those with more than one segment); writes ddown, dup, coef, dgate."""
+    experts (those with more than one segment); writes ddown, dup, coef, dgate. With ``keys`` (the
+    sorted expert ids), only the touched experts get a program, and ddown, dup must be zeros."""
     N, d = up.shape
     S = h[0].numel()
     block_d, block_s, num_warps = _launch_config("expert", d, S)
     seg, nseg, pbase, seg_expert, seg_index, hot = _expert_segments(offsets, h.numel(), block_s)
     # fp32 partial sums of the extra segments only: (T*S / seg) row pairs at most
     partial = torch.empty((max(1, seg_expert.numel()), 2, d), dtype=torch.float32, device=up.device)
-    _mix_bwd_segment_kernel[(N + seg_expert.numel(),)](
+    direct = N if keys is None else keys.numel()
+    _mix_bwd_segment_kernel[(direct + seg_expert.numel(),)](
         x, dy, up, gates, h, perm, offsets, seg_expert, seg_index, partial,
-        ddown, dup, coef, dgate,
-        N, S, d, seg, x.stride(0), dy.stride(0), up.stride(0), ddown.stride(0), dup.stride(0),
-        ACT=_act_id(activation), BLOCK_S=block_s, BLOCK_D=block_d, num_warps=num_warps,
+        ddown, dup, coef, dgate, offsets if keys is None else keys,
+        N, direct, S, d, seg, x.stride(0), dy.stride(0), up.stride(0), ddown.stride(0), dup.stride(0),
+        ACT=_act_id(activation), BLOCK_S=block_s, BLOCK_D=block_d, TOUCHED=keys is not None, num_warps=num_warps,
     )  # fmt: skip
     if hot.numel():
         _mix_bwd_reduce_kernel[(hot.numel(),)](
@@ -170,8 +182,10 @@ def _backward_impl(dy, x, down, up, indices, gates, h, activation):
             torch.zeros_like(gates),
         )
     dy = dy.contiguous()  # e.g. the expanded grad of y.sum() has stride 0
-    ddown = _new_buffer(down.shape, down.dtype, dev)
-    dup = _new_buffer(up.shape, up.dtype, dev)
+    touched = _touched_only(T * S, N)
+    table_grad = torch.zeros if touched else _new_buffer  # touched-only: untouched rows stay zero
+    ddown = table_grad(down.shape, dtype=down.dtype, device=dev)
+    dup = table_grad(up.shape, dtype=up.dtype, device=dev)
     coef = _new_buffer((T * S,), torch.float32, dev)
     dgate = _new_buffer((T * S,), torch.float32, dev)
 
@@ -181,8 +195,9 @@ def _backward_impl(dy, x, down, up, indices, gates, h, activation):
     if plan is not None and (seg is None or not _needs_split(plan[1], seg)):  # opt-in prototype
         launch_expert_tiled(dy, x, up, gates, h, plan, ddown, dup, coef, dgate, activation)
     else:
-        perm, offsets = _sort_by_expert(indices, N)
-        _launch_expert(dy, x, up, gates, h, perm, offsets, ddown, dup, coef, dgate, activation)
+        perm, offsets, keys = _sort_by_expert(indices, N, with_keys=True)
+        keys = keys if touched else None
+        _launch_expert(dy, x, up, gates, h, perm, offsets, ddown, dup, coef, dgate, activation, keys=keys)
     dx = _new_buffer((T, d), x.dtype, dev)
     _launch_dx(down, indices, coef, dx)
     return dx, ddown, dup, dgate.view(gates.shape).to(gates.dtype)
