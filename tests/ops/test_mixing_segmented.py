@@ -43,14 +43,19 @@ def skewed(indices, n_hot, frac, seed):
     return indices
 
 
-def grads(inputs, dy, segment, monkeypatch):
-    monkeypatch.setattr(mixing, "TUNING", tuning(segment))
+def grads_with(inputs, dy, monkeypatch, tuning_dict):
+    """(y, dx, ddown, dup, dgates) of expert_mix_triton on fresh copies of inputs under tuning_dict."""
+    monkeypatch.setattr(mixing, "TUNING", tuning_dict)
     x, down, up, indices, gates = (t.detach().clone() for t in inputs)
     for t in (x, down, up, gates):
         t.requires_grad_()
     y = expert_mix_triton(x, down, up, indices, gates)
     y.backward(dy)
     return y, x.grad, down.grad, up.grad, gates.grad
+
+
+def grads(inputs, dy, segment, monkeypatch):
+    return grads_with(inputs, dy, monkeypatch, tuning(segment))
 
 
 def test_segment_plan_matches_a_python_loop():
@@ -255,13 +260,3 @@ def test_touched_only_pass_launches_one_program_per_selection_not_per_expert(mon
     t["expert"]["touched_below"] = 0.1  # 8 >= 0.1 * 50: off, one program per expert
     grads_with(inputs, dy, monkeypatch, t)
     assert grids == [8, 50]
-
-
-def grads_with(inputs, dy, monkeypatch, tuning_dict):
-    monkeypatch.setattr(mixing, "TUNING", tuning_dict)
-    x, down, up, indices, gates = (t.detach().clone() for t in inputs)
-    for t in (x, down, up, gates):
-        t.requires_grad_()
-    y = expert_mix_triton(x, down, up, indices, gates)
-    y.backward(dy)
-    return y, x.grad, down.grad, up.grad, gates.grad
