@@ -42,7 +42,7 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
     exp_plan = pytest.importorskip("torchpeer.experiments.plan")
     spec = exp_spec.load_spec("beyond-paper")
     runs = exp_plan.plan_sweep(spec, str(tmp_path))
-    assert len(runs) == 42  # 21 designs (dense, the paper's PEER, 19 new) x 2 seeds
+    assert len(runs) == 44  # 22 designs (dense, the paper's PEER, 20 new) x 2 seeds
     assert len(runs[0].cfg.data.valid) == 11  # the corpus valid set and each of the 10 sources
     by_seed: dict[int, dict[str, object]] = {}
     for r in runs:
@@ -70,6 +70,10 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
         assert not designs["per-head-keys"].cfg.model.peer.shared_keys
         both = designs["balance-values-lr"].cfg
         assert (both.model.peer.balance_weight, both.train.expert_lr) == (0.01, 3e-3)
+        decay = designs["balance-values-lr-decay"].cfg
+        t = decay.train
+        assert (decay.model.peer.balance_weight, t.expert_lr, t.expert_weight_decay) == (0.01, 3e-3, 1)
+        assert decay.train.expert_optimizer == "adamw" and both.train.expert_weight_decay == 0  # dense decay, every row
         for name, blocks in (("hybrid-4", [1, 3, 5, 7]), ("hybrid-all", list(range(8)))):  # dense branch, dense FLOPs
             model = designs[name].cfg.model
             assert (model.peer.dense_hidden, model.sparse_blocks()) == (384, blocks)
