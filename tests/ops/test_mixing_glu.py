@@ -146,13 +146,14 @@ bf = {a: "*bf16" for a in ("x_ptr", "down_ptr", "lin_ptr", "up_ptr", "y_ptr", "d
 f32 = {a: "*fp32" for a in ("gate_ptr", "h_ptr", "z_ptr", "partial_ptr", "cu_ptr", "cw_ptr", "dgate_ptr", "coef_ptr")}
 i64 = {a: "*i64" for a in ("idx_ptr", "perm_ptr", "offsets_ptr", "seg_expert_ptr", "seg_index_ptr", "hot_ptr",
                            "nseg_ptr", "pbase_ptr")}
-types = {**bf, **f32, **i64}
+types = {**bf, **f32, **i64, "keys_ptr": "*i32"}  # keys: the sorted expert ids (int32 for N < 2^31)
 ok(g._glu_fwd_kernel, types, dict(ACT=0, BLOCK_S=8, BLOCK_D=1024))
 ok(g._glu_bwd_segment_kernel, types, dict(ACT=0, BLOCK_S=1, BLOCK_D=1024))
 ok(g._glu_bwd_reduce_kernel, types, dict(BLOCK_D=1024))
 ok(g._glu_bwd_dx_kernel, types, dict(BLOCK_S=4, BLOCK_D=1024), warps=2)
 ok(k._mix_fwd_kernel, types, dict(ACT=2, BLOCK_S=8, BLOCK_D=1024))
-ok(k._mix_bwd_segment_kernel, types, dict(ACT=2, BLOCK_S=1, BLOCK_D=1024))
+ok(k._mix_bwd_segment_kernel, types, dict(ACT=2, BLOCK_S=1, BLOCK_D=1024, TOUCHED=False))
+ok(k._mix_bwd_segment_kernel, types, dict(ACT=0, BLOCK_S=1, BLOCK_D=1024, TOUCHED=True))  # the touched-only pass
 """
 
 
@@ -160,7 +161,7 @@ def test_glu_kernels_and_the_identity_activation_compile_for_sm90():
     from tests.ops.sm90_aot import run_without_interpreter
 
     out = run_without_interpreter("-c", _AOT)
-    assert out.count("ok ") == 6, out
+    assert out.count("ok ") == 7, out
 
 
 def test_glu_kernels_take_int32_indices_bf16_gates_and_strided_tables():

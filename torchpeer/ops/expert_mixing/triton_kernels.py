@@ -134,10 +134,10 @@ def _mix_bwd_segment_kernel(
     pid = tl.program_id(0).to(tl.int64)
     lead = pid >= 0  # does this program own a segment? (always, but for TOUCHED's followers)
     if TOUCHED:  # vpid: the program of the N-program layout this one stands for
-        p = tl.minimum(pid, P - 1)
-        k = tl.load(keys_ptr + p).to(tl.int64)
-        prev = tl.load(keys_ptr + tl.maximum(p - 1, 0)).to(tl.int64)
-        lead = (pid >= P) | (p == 0) | (prev != k)
+        q = tl.minimum(pid, P - 1)  # (not `p`: the loop below carries a block named p)
+        k = tl.load(keys_ptr + q).to(tl.int64)
+        prev = tl.load(keys_ptr + tl.maximum(q - 1, 0)).to(tl.int64)
+        lead = (pid >= P) | (q == 0) | (prev != k)
         pid = tl.where(pid < P, k, pid - P + N)
     e, seg, valid, first, last, start, end = _segment_of_program(
         pid, N, seg_expert_ptr, seg_index_ptr, offsets_ptr, SEG
