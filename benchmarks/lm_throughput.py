@@ -18,6 +18,8 @@ Part 2, LM rows: gpu-dense-small, gpu-peer-small, gpu-dense-base, gpu-peer-base 
 
     python benchmarks/lm_throughput.py --budget-s 200          # on the GPU
     python benchmarks/lm_throughput.py --no-layer --compiled-only --budget-s 480   # issue 19's compiled pairs
+    python benchmarks/lm_throughput.py --no-layer --configs gpu-dense-small,gpu-peer-small,gpu-peer-multi-tuned-small
+                                       # issue 18: the winner's tokens/s beside its dense twin's, one run
     TRITON_INTERPRET=1 python benchmarks/lm_throughput.py --quick   # CPU smoke test
 
 Writes <out-dir>/lm_throughput_<date>.json (and .md): {"rows": [...LM rows...], "layer_rows": [...]}.
@@ -193,7 +195,7 @@ def lm_row(config, expert_optimizer, compiled, device, steps, warmup, quick):
     overrides = [("model.vocab_size", str(VOCAB))]
     if quick:
         overrides += [("model.d_model", "32"), ("model.n_layers", "2"), ("model.n_heads", "2"),
-                      ("model.seq_len", "16"), ("train.batch_size", "2")]  # fmt: skip
+                      ("model.seq_len", "16"), ("train.batch_size", "2"), ("model.placement", "middle")]  # fmt: skip
         if "peer" in config:
             overrides += [("model.peer.n_experts", "256"), ("model.peer.heads", "2"), ("model.peer.top_k", "4"),
                           ("model.peer.d_key", "16")]  # fmt: skip
@@ -234,6 +236,9 @@ def lm_row(config, expert_optimizer, compiled, device, steps, warmup, quick):
             ev[0].record()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=auto):
             _, loss = fwd_model(seq[:, :-1], seq[:, 1:])
+            aux = model.aux_loss()  # the FFWs' weighted terms (the balance term), as the trainer adds them
+            if aux is not None:
+                loss = loss + aux
         if ev:
             ev[1].record()
         loss.backward()
@@ -254,6 +259,8 @@ def lm_row(config, expert_optimizer, compiled, device, steps, warmup, quick):
     for k, v in times.items():
         row[f"{k}_ms"] = round(statistics.median(v), 3) if v else None
     row["tokens_per_s"] = round(B * L / (row["step_ms"] / 1e3), 1)
+    # the mean counts the steps a strided term (model.peer.balance_stride) adds to, as training does
+    row["tokens_per_s_mean"] = round(B * L / (statistics.fmean(times["step"]) / 1e3), 1)
     row["peak_gib"] = _peak_gib(device)
     row["loss_last"] = round(float(loss.detach()), 4)
     if table_opt is not None:
@@ -269,12 +276,13 @@ def markdown(result):
     lines = [f"# LM throughput, {result['date']}", "",
              f"Device: {result['gpu']}; torch {result['torch']}; triton {result['triton']}; copy ceiling "
              f"{result['copy_tbs']} TB/s. Synthetic tokens (vocab {VOCAB}), bf16 autocast.", "",
-             "| config | compiled | expert optimizer | tokens/s | fwd ms | bwd ms | opt ms | step ms | peak GiB"
-             " | note |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+             "| config | compiled | expert optimizer | tokens/s | tokens/s (mean) | fwd ms | bwd ms | opt ms | step ms"
+             " | peak GiB | note |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
     for r in result["rows"]:
         lines.append(
-            f"| {r['config']} | {r['compiled']} | {r['expert_optimizer']} | {r.get('tokens_per_s')} | {r.get('fwd_ms')}"
+            f"| {r['config']} | {r['compiled']} | {r['expert_optimizer']} | {r.get('tokens_per_s')}"
+            f" | {r.get('tokens_per_s_mean', '')} | {r.get('fwd_ms')}"
             f" | {r.get('bwd_ms')} | {r.get('opt_ms')} | {r.get('step_ms')} | {r.get('peak_gib')}"
             f" | {r.get('note', '')} |"
         )
@@ -303,9 +311,15 @@ LM_PLAN = [
 ]  # fmt: skip
 
 
-def lm_plan(compiled_only: bool = False, quick: bool = False) -> list[tuple[str, str, bool]]:
+def lm_plan(compiled_only: bool = False, quick: bool = False, configs: str | None = None) -> list[tuple]:
     """The LM rows to run, in order: LM_PLAN; compiled_only keeps issue 19's compiled pairs (each dense
-    row right before its PEER twin, so a cut run still has a ratio); quick (CPU) drops compiled rows."""
+    row right before its PEER twin, so a cut run still has a ratio); quick (CPU) drops compiled rows;
+    configs ("a,b,c") replaces the plan with those configs, eager, tables on AdamW, in that order."""
+    if configs:
+        names = [c.strip() for c in configs.split(",") if c.strip()]
+        if not names:
+            raise ValueError(f"--configs {configs!r} names no config; give e.g. gpu-dense-small,gpu-peer-small")
+        return [(c, "adamw", False) for c in names]
     if compiled_only:
         return [r for r in LM_PLAN if r[2] and (r[0].startswith("gpu-dense") or r[1] == "rowwise_adam_bf16")]
     return [r for r in LM_PLAN if not r[2]] if quick else list(LM_PLAN)
@@ -324,7 +338,17 @@ def main(argv=None):
         help="LM rows: only issue 19's compiled pairs (small and base, dense beside PEER with the tables' "
         "rowwise_adam_bf16), about 80 s each",
     )
+    p.add_argument(
+        "--configs",
+        help="LM rows: these configs (comma-separated names or .toml paths) instead of the plan, eager, in the "
+        "order given, 16 measured steps each; e.g. issue 18's winner beside its dense twin: "
+        "--configs gpu-dense-small,gpu-peer-small,gpu-peer-multi-tuned-small",
+    )
     args = p.parse_args(argv)
+    try:
+        plan = lm_plan(args.compiled_only, args.quick, args.configs)
+    except ValueError as e:
+        p.error(str(e))
     t_start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = {
@@ -368,8 +392,7 @@ def main(argv=None):
                 traceback.print_exc()
                 result["notes"].append(f"{name} rows failed: {type(e).__name__}: {e}"[:300])
             save()
-    steps, warmup = (2, 1) if args.quick else (8, 3)
-    plan = lm_plan(args.compiled_only, args.quick)
+    steps, warmup = (2, 1) if args.quick else (16, 3) if args.configs else (8, 3)
     for config, opt_name, compiled in [] if args.no_lm else plan:
         row = {"config": config, "compiled": compiled, "expert_optimizer": opt_name}
         if left() < (75 if compiled else 10):  # a compiled row spends about a minute compiling

@@ -1,6 +1,8 @@
 """benchmarks/lm_throughput.py's row plan: issue 19 asks for compiled rows of all four configs, dense
 beside PEER; the plan keeps each pair adjacent so a run cut by its time budget still has a ratio."""
 
+import pytest
+
 from tests.references import import_benchmark
 
 
@@ -22,3 +24,11 @@ def test_full_plan_has_every_config_compiled_and_quick_drops_compiled_rows():
     }  # fmt: skip
     assert len(set(full)) == len(full)  # no row twice
     assert mod.lm_plan(quick=True) == [r for r in full if not r[2]] and mod.lm_plan(quick=True)
+
+
+def test_configs_replace_the_plan_in_the_order_given_and_an_empty_list_is_refused():
+    mod = import_benchmark("lm_throughput")
+    plan = mod.lm_plan(configs="gpu-dense-small, gpu-peer-multi-tuned-small")
+    assert plan == [("gpu-dense-small", "adamw", False), ("gpu-peer-multi-tuned-small", "adamw", False)]
+    with pytest.raises(ValueError, match="names no config"):
+        mod.lm_plan(configs=" , ")
