@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from torchpeer.experiments.paired import paired_rows, paired_table, seed_spread
+from torchpeer.experiments.paired import paired_rows, paired_table, seed_spread, with_shared_points
 
 
 def _rec(series, x, seed, losses):
@@ -43,3 +43,20 @@ def test_table_shows_each_seed_side_by_side_and_is_empty_without_pairs():
     assert lines[0].startswith("| series | x - reference | seed 0: ranking set") and "seed 1:" in lines[0]
     assert lines[2] == "| ema | 64 - 16 | -0.0100 (1/2) | +0.0100 (1/2) | 0.0400 / 0.0200 |"
     assert paired_table(recs[:2]) == []
+
+
+def _run(run, series, seed, **overrides):
+    return {"run": run, "series": series, "seed": seed, "overrides": {"train.seed": seed, **overrides}}
+
+
+def test_a_run_joins_every_line_whose_shared_overrides_it_matches():
+    """Fig. 3's grid: heads varied at top-k 16, top-k varied at heads 8; h8-k16 is filed with heads."""
+    recs = [_run(f"h{h}-k16", "heads", 0, heads=h, top_k=16) for h in (2, 8, 32)]
+    recs += [_run(f"h8-k{k}", "top_k", 0, heads=8, top_k=k) for k in (4, 64)]
+    recs.append(_run("h8-k64-seed1", "top_k", 1, heads=8, top_k=64))  # a second seed: train.seed not shared
+    recs.append(_run("h2-k64", "other", 0, heads=2, top_k=64))  # on neither line
+    out = with_shared_points(recs)
+    assert out[: len(recs)] == recs
+    added = [(r["run"], r["series"], r["shared_from"]) for r in out[len(recs) :]]
+    assert added == [("h8-k16", "top_k", "heads")]
+    assert with_shared_points([r for r in recs if r["series"] == "heads"]) == recs[:3]  # one line: nothing added

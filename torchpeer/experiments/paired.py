@@ -17,6 +17,24 @@ def _x_key(x) -> float:
     return float(x) if x is not None else 0.0
 
 
+def with_shared_points(recs: list[dict]) -> list[dict]:
+    """``recs`` plus, for each run that also lies on another series' line, a copy labelled with that
+    series (``"shared_from"``: its own). A run lies on series B's line when it agrees with every
+    override that all of B's runs share: Fig. 3's h8-k16 run (heads 8, top-k 16; filed with the heads
+    line) lies on the top-k line, whose runs all have heads 8. Seeds need not agree (a seed-1 run of B
+    makes ``train.seed`` one of the overrides B's runs do not share)."""
+    series = sorted({str(r.get("series")) for r in recs if r.get("series") is not None})
+    out = list(recs)
+    for b in series:
+        members = [r.get("overrides") or {} for r in recs if str(r.get("series")) == b]
+        shared = {k: v for k, v in members[0].items() if all(k in m and m[k] == v for m in members[1:])}
+        for r in recs:
+            own = r.get("overrides") or {}
+            if str(r.get("series")) not in (b, "None") and shared and all(own.get(k) == v for k, v in shared.items()):
+                out.append({**r, "series": b, "shared_from": r.get("series")})
+    return out
+
+
 def paired_rows(recs: list[dict]) -> list[dict]:
     """Per (series, x other than the series' smallest, seed that both have): the ranking set's loss
     difference x minus the reference (nats), the mean difference over the eval sets both runs have,

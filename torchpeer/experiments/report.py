@@ -34,7 +34,7 @@ from torchpeer.experiments.eval_history import during_table, evals_during_traini
 from torchpeer.experiments.fit import isoflop_fits, outside_fit_runs
 from torchpeer.experiments.markdown import fmt as _fmt
 from torchpeer.experiments.markdown import table as _table
-from torchpeer.experiments.paired import paired_table
+from torchpeer.experiments.paired import paired_table, with_shared_points
 from torchpeer.experiments.results import (
     breaks_epoch_rule,
     epochs_text,
@@ -118,13 +118,14 @@ def write_report(
                 lines += table1(fits)
         if kind == "ablation" and recs[0].get("x_field"):
             x_field, series_field = recs[0]["x_field"], recs[0].get("series_field")
-            png = figures.ablation_figure(recs, os.path.join(out_dir, f"ablation-{name}.png"), x_field, series_field)
+            lined = with_shared_points(recs) if series_field else recs  # a shared point on every line it lies on
+            png = figures.ablation_figure(lined, os.path.join(out_dir, f"ablation-{name}.png"), x_field, series_field)
             written[f"ablation-{name}"] = png
-            lines += ["", f"### Ablation over {x_field}", "", *ablation_table(recs, x_field, series_field)]
+            lines += ["", f"### Ablation over {x_field}", "", *ablation_table(lined, x_field, series_field)]
             if series_field:
                 lines += ["", "As the paper lays it out (a row per value; per series ppl, usage %, KL; seeds s0 / s1):"]
-                lines += ["", *ablation_pivot(recs, series_field)]
-            if paired := paired_table(recs):  # loss differences in nats, same seed = same data order
+                lines += ["", *ablation_pivot(lined, series_field)]
+            if paired := paired_table(lined):  # loss differences in nats, same seed = same data order
                 lines += ["", "Paired by seed against each series' first value (loss difference, nats):", "", *paired]
             lines += ["", _img(png, out_dir)]
         if kind == "grid" and len({seed_of(r) for r in recs}) > 1:
@@ -402,7 +403,7 @@ def ablation_table(recs: list[dict], x_field: str, series_field: str | None) -> 
             [
                 str(r.get("x")),
                 str(r.get("series")) if series_field else "-",
-                r["run"],
+                r["run"] + (f" (the {r['shared_from']} run)" if r.get("shared_from") else ""),
                 _fmt(primary_loss(r)),
                 _fmt(ppl, ".2f"),
                 _fmt(usage, ".1f"),
