@@ -58,3 +58,32 @@ def test_lr_schedules():
     assert wsd(50) == 1.0 and wsd(87) == 1.0 and wsd(109) == pytest.approx(0.0)
     assert 0.0 < wsd(100) < 1.0
     assert LRSchedule("constant", 100, 10, 0.1, 0.2)(99) == 1.0
+
+
+def test_table_decay_shrinks_every_row_of_a_shared_pool_once_per_step():
+    """train.expert_weight_decay with the dense AdamW (issue 18's winner): a row no token selected has a
+    zero gradient, so AdamW's update is zero and only the decoupled decay moves it, by exactly
+    (1 - expert_lr * wd); the pool that four layers share is one parameter, decayed once per step."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        d_model=16, n_layers=4, n_heads=2, seq_len=8, vocab_size=40, ffw="peer", placement=[1, 3],
+        peer=PEERConfig(n_experts=1024, heads=1, top_k=2, d_key=8, shared_pool=True),
+    )  # fmt: skip
+    model = TransformerLM(cfg).double()
+    train = TrainConfig(lr=1e-3, expert_lr=3e-3, expert_weight_decay=1.0, weight_decay=0.1)
+    groups = param_groups(model, train)
+    experts = next(g for g in groups if g["name"] == "experts")
+    pool = [p for p in model.ffw_shared.parameters()]
+    assert len(pool) == 2 and {id(p) for p in experts["params"]} == {id(p) for p in pool}  # each table once
+    opt = torch.optim.AdamW(groups, foreach=False)
+    seq = torch.randint(0, 40, (2, 9))
+    _, loss = model(seq[:, :-1], seq[:, 1:])
+    loss.backward()
+    before = [p.detach().clone() for p in pool]
+    opt.step()
+    shrink = 1 - 3e-3 * 1.0
+    for p, old in zip(pool, before):
+        idle = (p.grad == 0).all(dim=1)  # rows no token of the batch selected (most of the 1024)
+        assert 0 < idle.sum() < len(idle)
+        torch.testing.assert_close(p.detach()[idle], old[idle] * shrink, rtol=1e-12, atol=0)
+        assert not torch.allclose(p.detach()[~idle], old[~idle] * shrink)  # touched rows also take Adam's step
