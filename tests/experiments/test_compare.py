@@ -176,3 +176,25 @@ def test_design_table_pairs_seeds_against_dense(tmp_path):
         append_result(str(tmp_path), r)
     md = open(write_report(str(tmp_path))["report"]).read()
     assert "### Designs (seeds paired)" in md and "| multi | 0,1 |" in md
+
+
+def test_the_fifth_family_is_paired_against_the_papers_peer_and_its_rivals(tmp_path):
+    """Issue 17's fifth family (issue 18's winner, ``multi-peer``) gets its own paired lines, including
+    one against the paper's PEER; it is ranked with the causal families but not part of the paper's order."""
+    runs = tmp_path / "runs"
+    for r in seeded_runs(NOISE):
+        append_result(str(runs), r)
+    multi_noise = [-0.02, 0.0, 0.01]
+    for i, p in enumerate(SIZES):
+        for seed in (0, 1, 2):
+            loss = parabola(p, 3.20) + multi_noise[seed]
+            append_result(str(runs), rec(f"multi-peer-s{i}-seed{seed}-1e15", family="multi-peer", seed=seed,
+                                         budget_flops=1e15, active_params=float(p), valid=valid(loss)))  # fmt: skip
+    ahead = open(write_report(str(runs))["report"]).read().split("### Who is ahead")[1]
+    line = next(x for x in ahead.splitlines() if "multi-PEER minus peer" in x)
+    diffs = [(3.20 + m) - (3.30 + n) for m, n in zip(multi_noise, NOISE["peer"])]
+    assert f"{sum(diffs) / 3:+.4f} nats" in line and "multi-PEER ahead of peer." in line
+    assert [x.split(" minus ")[1].split(",")[0] for x in ahead.splitlines() if "multi-PEER minus" in x] == [
+        "dense", "moe", "pkm", "peer"
+    ]  # fmt: skip
+    assert "PEER minus dense" in ahead and "paper's order (peer < moe < pkm < dense) holds" in ahead

@@ -5,6 +5,7 @@ import math
 import pytest
 
 from torchpeer.experiments import budget_label, list_specs, load_spec, parse_spec, plan_sweep, select_runs
+from torchpeer.lm.config_io import load_config
 
 TINY_BASE = {
     "train.device": "cpu",
@@ -65,7 +66,7 @@ def test_isoflop_spec_protocol(tmp_path):
     groups = {}
     for r in runs:
         groups.setdefault((r.family, r.budget_flops), []).append(r)
-    families = ("dense", "peer", "pkm", "moe", "moe-ec")
+    families = ("dense", "peer", "pkm", "moe", "moe-ec", "multi-peer")
     assert set(groups) == {(f, b) for f in families for b in (1e15, 3e15, 1e16)}
     for (fam, b), rs in groups.items():
         sizes = sorted(r.active_params for r in rs)
@@ -74,12 +75,20 @@ def test_isoflop_spec_protocol(tmp_path):
         guess = math.sqrt(b / 120)  # the Chinchilla-style guess of the optimum
         if fam == "dense" and b / (6 * guess) <= 4 * CORPUS_TRAIN_TOKENS:  # its tokens C / 6N
             assert sizes[0] < guess < sizes[-1], (fam, b, sizes)  # inside the sizes where 4 epochs allow it
-        assert all(r.cfg.model.ffw == fam.split("-")[0] for r in rs)
+        assert all(r.cfg.model.ffw == {"moe-ec": "moe", "multi-peer": "peer"}.get(fam, fam) for r in rs)
     peer = [r for r in runs if r.family == "peer"]
     assert all(r.cfg.model.peer.n_experts == 1024**2 and r.cfg.model.placement == "middle" for r in peer)
     from torchpeer.layers.peer import PEERConfig
 
     assert all(r.cfg.model.peer.query_norm == PEERConfig().query_norm for r in peer)
+    # the fifth family is issue 18's winner at every size: at s6 (gpu-*-small's shape) it is the shipped config
+    multi = {r.name: r.cfg for r in runs if r.family == "multi-peer"}
+    winner, s6 = load_config("gpu-peer-multi-tuned-small"), multi["multi-peer-s6-1e16"]
+    assert s6.model.sparse_blocks() == winner.model.sparse_blocks() == [1, 3, 5, 7]
+    assert s6.model.peer == winner.model.peer
+    for f in ("expert_lr", "expert_weight_decay", "lr", "expert_optimizer"):
+        assert getattr(s6.train, f) == getattr(winner.train, f), f
+    assert multi["multi-peer-s2-1e15"].model.sparse_blocks() == [1, 3]  # every second block at any depth
     assert {r.cfg.model.moe.routing for r in runs if r.family == "moe"} == {"token_choice"}
     assert {r.cfg.model.moe.routing for r in runs if r.family == "moe-ec"} == {"expert_choice"}
     valid = runs[0].cfg.data.valid

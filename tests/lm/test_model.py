@@ -166,3 +166,14 @@ def test_bad_model_config(change, match):
         setattr(cfg, k, v)
     with pytest.raises(ValueError, match=match):
         TransformerLM(cfg)
+
+
+def test_odd_placement_is_every_second_block_from_block_1_at_any_depth():
+    from torchpeer.lm.config import ModelConfig
+
+    for n, blocks in ((2, [1]), (3, [1]), (4, [1, 3]), (8, [1, 3, 5, 7]), (10, [1, 3, 5, 7, 9])):
+        assert ModelConfig(n_layers=n, placement="odd").sparse_blocks() == blocks
+    with pytest.raises(ValueError, match=r"placement='odd' is not valid; use .*odd \(2\+ blocks\)"):
+        ModelConfig(n_layers=1, placement="odd").validate()
+    with pytest.raises(ValueError, match="placement='even' is not valid"):
+        ModelConfig(placement="even").validate()

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-FAMILY_COLOURS = {"dense": "#1f77b4", "peer": "#d62728", "pkm": "#2ca02c", "moe": "#ff7f0e"}
+FAMILY_COLOURS = {"dense": "#1f77b4", "peer": "#d62728", "pkm": "#2ca02c", "moe": "#ff7f0e", "multi-peer": "#6b0f1a"}
 OTHER_COLOURS = ["#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
 

@@ -16,20 +16,12 @@ Per sweep found in the results (written to RUNS_DIR/report/ unless another folde
 
 from __future__ import annotations
 
-import math
 import os
 import time
 
 from torchpeer.experiments import figures
-from torchpeer.experiments.compare import (
-    NON_CAUSAL_FAMILIES,
-    design_rows,
-    eval_stats,
-    format_spread,
-    optimum_runs,
-    order_verdict,
-    paired_difference,
-)
+from torchpeer.experiments.ahead import ahead_lines
+from torchpeer.experiments.compare import NON_CAUSAL_FAMILIES, design_rows, eval_stats, format_spread, optimum_runs
 from torchpeer.experiments.eval_history import during_table, evals_during_training, gap_table, train_valid_gaps
 from torchpeer.experiments.fit import isoflop_fits, outside_fit_runs
 from torchpeer.experiments.markdown import fmt as _fmt
@@ -310,63 +302,6 @@ def fits_table(fits: dict, params_key: str) -> list[str]:
         )
     notes = [f"- {fam} at {b:.3g}: {g['note']}" for (fam, b), g in fits.items() if g["note"]]
     return _table(header, rows, right_from=2) + ([""] + notes if notes else [])
-
-
-def optimal_loss(group: dict) -> tuple[float, str]:
-    """A family's isoFLOP-optimal loss at one budget: the fitted vertex when the runs bracket it,
-    else the best run's loss; with which one it is."""
-    fit = group["fit"]
-    if fit is not None and fit.bracketed:
-        return fit.optimum_loss, "fit"
-    return primary_loss(group["best"]), "best run"
-
-
-def complete(group: dict) -> bool:
-    """At least 4 sizes whose fit has its minimum inside them: the protocol's bar for a final number."""
-    return group["n_sizes"] >= 4 and group["fit"] is not None and group["fit"].bracketed
-
-
-def ahead_lines(fits: dict) -> list[str]:
-    """Per budget: every family's optimal loss (lowest first), the seed spread at its optimum size,
-    PEER's paired differences to dense, MoE and PKM, and whether the paper's order holds.
-    Families with fewer than 4 sizes or an unbracketed optimum are marked provisional; the
-    expert-choice MoE (non-causal) is reported but not ranked."""
-    out = []
-    for budget in sorted({b for _, b in fits}):
-        groups = {fam: g for (fam, b), g in fits.items() if b == budget}
-        ranked = sorted((optimal_loss(g) + (fam,) for fam, g in groups.items()))
-        cells = []
-        for loss, how, fam in ranked:
-            g = groups[fam]
-            note = [how]
-            if not complete(g):
-                note.append("provisional")
-            if fam in NON_CAUSAL_FAMILIES:
-                note.append("non-causal, not ranked")
-            at_opt = eval_stats(optimum_runs(g), _set(g["runs"]), "loss")
-            spread = f", {at_opt['n']} seeds {at_opt['min']:.4f}..{at_opt['max']:.4f}" if at_opt["n"] > 1 else ""
-            cells.append(f"{fam} {loss:.4f} = ppl {math.exp(loss):.2f} ({'; '.join(note)}{spread})")
-        out.append(f"- **{budget:.3g} FLOPs**: {', '.join(cells)}.")
-        if "peer" in groups:
-            for rival in ("dense", "moe", "pkm"):
-                if rival not in groups:
-                    continue
-                d = paired_difference(optimum_runs(groups["peer"]), optimum_runs(groups[rival]))
-                if d is None:
-                    continue
-                sign = "ahead of" if d["mean"] < 0 else "behind"
-                rng = f" (seed {d['seeds'][0]})"
-                if d["n"] > 1:
-                    rng = f" (seeds {d['seeds']}: {d['min']:+.4f}..{d['max']:+.4f})"
-                prov = "" if complete(groups["peer"]) and complete(groups[rival]) else " (provisional)"
-                out.append(
-                    f"  - PEER minus {rival}, paired at each family's optimum size: {d['mean']:+.4f} nats "
-                    f"({d['ppl_pct']:+.1f} % ppl){rng}: PEER {sign} {rival}{prov}."
-                )
-        causal = {fam: optimal_loss(g)[0] for fam, g in groups.items() if fam not in NON_CAUSAL_FAMILIES}
-        final = all(complete(groups[f]) for f in causal)
-        out.append(f"  - {order_verdict(causal)}{'' if final else ' (provisional: some families incomplete)'}.")
-    return out
 
 
 def table1(fits: dict) -> list[str]:

@@ -36,8 +36,8 @@ class _ModelFields:
 
     ffw: kind of the sparse FFW layers (a registered kind: "dense" | "peer" | "pkm" | "moe" | ...).
     placement: which blocks get the ``ffw`` kind, the others are dense. "middle" = block
-        ``n_layers // 2`` (0-based: block 6 of blocks 0..11, the paper's middle layer), "all",
-        or a list of 0-based block indices.
+        ``n_layers // 2`` (0-based: block 6 of blocks 0..11, the paper's middle layer), "all", "odd"
+        (blocks 1, 3, 5, ...: issue 18's four-layer design at any depth), or a list of block indices.
     vocab_size: None = take it from the tokenizer.
     seq_len: context length (training windows and the attention FLOP term).
     One more field per registered FFW kind (``dense``, ``peer``, ...) holds that kind's options.
@@ -63,6 +63,8 @@ class _ModelFields:
             return [self.n_layers // 2]
         if self.placement == "all":
             return list(range(self.n_layers))
+        if self.placement == "odd":
+            return list(range(1, self.n_layers, 2))
         return sorted(self.placement)
 
     def block_kinds(self) -> list[str]:
@@ -90,14 +92,14 @@ class _ModelFields:
             )
         p = self.placement
         if isinstance(p, str):
-            if p not in ("middle", "all"):
-                raise ValueError(f"model.placement={p!r} is not valid; use 'middle', 'all' or a list of block indices")
+            if p not in ("middle", "all", "odd") or (p == "odd" and self.n_layers < 2):
+                raise ValueError(f"model.placement={p!r} is not valid; use middle, all, odd (2+ blocks) or indices")
         elif isinstance(p, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in p):
             bad = [i for i in p if not 0 <= i < self.n_layers]
             if bad or len(set(p)) != len(p) or not p:
                 raise ValueError(f"model.placement={p} must list distinct block indices in 0..{self.n_layers - 1}")
         else:
-            raise TypeError(f"model.placement must be 'middle', 'all' or a list of ints, got {p!r}")
+            raise TypeError(f"model.placement must be 'middle', 'all', 'odd' or a list of ints, got {p!r}")
         if self.vocab_size is not None and (isinstance(self.vocab_size, bool) or self.vocab_size < 2):
             raise ValueError(f"model.vocab_size must be >= 2 (or omitted), got {self.vocab_size!r}")
         for kind in ffw_kinds():  # e.g. n_experts = 1024.0 names model.peer.n_experts, before the layer sees it
