@@ -52,7 +52,9 @@ from benchmarks.peer_layer import commit_of, run_info, time_ms  # noqa: E402
 from torchpeer.data.atomic import write_text_atomic  # noqa: E402
 
 VOCAB = 16384
-CONFIGS = ("gpu-dense-small", "gpu-peer-small")
+CONFIGS = ("gpu-dense-small", "gpu-peer-small")  # the default pair
+# also allowed: issue 18's winner (issue 19: "the PEER configuration that ships as the recommended one")
+MORE_CONFIGS = ("gpu-peer-multi-tuned-small",)
 
 
 def graph_ms(fn, device, inner: int = 10, repeats: int = 5) -> float | None:
@@ -83,7 +85,7 @@ def build_model(config: str, device, quick: bool):
     overrides = [("model.vocab_size", str(VOCAB))]
     if quick:
         overrides += [("model.d_model", "32"), ("model.n_layers", "2"), ("model.n_heads", "2"),
-                      ("model.seq_len", "16")]  # fmt: skip
+                      ("model.seq_len", "16"), ("model.placement", "middle")]  # fmt: skip
         if "peer" in config:
             overrides += [("model.peer.n_experts", "256"), ("model.peer.heads", "2"), ("model.peer.top_k", "4"),
                           ("model.peer.d_key", "16")]  # fmt: skip
@@ -292,7 +294,11 @@ def main(argv=None) -> dict:
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 512; quick 16)")
     p.add_argument("--new-tokens", type=int, default=None, help="new tokens (default 256; quick 8)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per row (default 3; quick 1)")
-    p.add_argument("--configs", default=None, help=f"comma list of configs (default: {','.join(CONFIGS)})")
+    p.add_argument(
+        "--configs",
+        default=None,
+        help=f"comma list of configs (default: {','.join(CONFIGS)}; also {','.join(MORE_CONFIGS)})",
+    )
     p.add_argument("--variants", default=None, help=f"comma list of variants (default all: {','.join(VARIANTS)})")
     p.add_argument(
         "--budget-s",
@@ -319,7 +325,7 @@ def main(argv=None) -> dict:
         write_text_atomic(stem + ".json", json.dumps(result, indent=2) + "\n")
         write_text_atomic(stem + ".md", markdown(result))
 
-    configs = _pick(args.configs, CONFIGS, "config")
+    configs = _pick(args.configs, CONFIGS + MORE_CONFIGS, "config") if args.configs else list(CONFIGS)
     variants = _pick(args.variants, VARIANTS, "variant")
     t0 = time.perf_counter()
     models = {}

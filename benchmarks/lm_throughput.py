@@ -314,12 +314,13 @@ LM_PLAN = [
 def lm_plan(compiled_only: bool = False, quick: bool = False, configs: str | None = None) -> list[tuple]:
     """The LM rows to run, in order: LM_PLAN; compiled_only keeps issue 19's compiled pairs (each dense
     row right before its PEER twin, so a cut run still has a ratio); quick (CPU) drops compiled rows;
-    configs ("a,b,c") replaces the plan with those configs, eager, tables on AdamW, in that order."""
+    configs ("a,b,c") replaces the plan with those configs, tables on AdamW, in that order: eager, or
+    compiled with compiled_only."""
     if configs:
         names = [c.strip() for c in configs.split(",") if c.strip()]
         if not names:
             raise ValueError(f"--configs {configs!r} names no config; give e.g. gpu-dense-small,gpu-peer-small")
-        return [(c, "adamw", False) for c in names]
+        return [(c, "adamw", compiled_only) for c in names]
     if compiled_only:
         return [r for r in LM_PLAN if r[2] and (r[0].startswith("gpu-dense") or r[1] == "rowwise_adam_bf16")]
     return [r for r in LM_PLAN if not r[2]] if quick else list(LM_PLAN)
@@ -340,8 +341,9 @@ def main(argv=None):
     )
     p.add_argument(
         "--configs",
-        help="LM rows: these configs (comma-separated names or .toml paths) instead of the plan, eager, in the "
-        "order given, 16 measured steps each; e.g. issue 18's winner beside its dense twin: "
+        help="LM rows: these configs (comma-separated names or .toml paths) instead of the plan, eager (with "
+        "--compiled-only: compiled), in the order given, 16 measured steps each; e.g. issue 18's winner beside its "
+        "dense twin: "
         "--configs gpu-dense-small,gpu-peer-small,gpu-peer-multi-tuned-small",
     )
     args = p.parse_args(argv)

@@ -30,5 +30,7 @@ def test_configs_replace_the_plan_in_the_order_given_and_an_empty_list_is_refuse
     mod = import_benchmark("lm_throughput")
     plan = mod.lm_plan(configs="gpu-dense-small, gpu-peer-multi-tuned-small")
     assert plan == [("gpu-dense-small", "adamw", False), ("gpu-peer-multi-tuned-small", "adamw", False)]
+    compiled = mod.lm_plan(compiled_only=True, configs="gpu-dense-small,gpu-peer-multi-tuned-small")
+    assert compiled == [(c, "adamw", True) for c, _, _ in plan]
     with pytest.raises(ValueError, match="names no config"):
         mod.lm_plan(configs=" , ")

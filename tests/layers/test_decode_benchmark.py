@@ -43,3 +43,12 @@ def test_unknown_config_or_variant_is_refused_with_the_choices(tmp_path):
         decode.main(["--quick", "--out-dir", str(tmp_path), "--variants", "fp16"])
     with pytest.raises(SystemExit, match="unknown config"):
         decode.main(["--quick", "--out-dir", str(tmp_path), "--configs", "gpu-peer-base"])
+
+
+def test_the_winner_config_decodes_beside_the_dense_twin_when_asked(tmp_path):
+    """issue 19: the recommended PEER config gets the same rows; not in the default pair."""
+    decode = import_benchmark("decode")
+    argv = ["--quick", "--no-ops", "--out-dir", str(tmp_path), "--variants", "fp32", "--batches", "1"]
+    result = decode.main(argv + ["--configs", "gpu-dense-small,gpu-peer-multi-tuned-small"])
+    assert [r["config"] for r in result["rows"]] == ["gpu-dense-small", "gpu-peer-multi-tuned-small"]
+    assert all("note" not in r and r["tokens_per_s"] > 0 for r in result["rows"])
