@@ -336,6 +336,31 @@ def test_evaluations_during_training_table_only_for_runs_evaluated_more_than_onc
     assert not any(line.startswith("| once |") for line in section)
 
 
+def test_rows_csv_has_a_row_per_evaluation_during_training_on_every_eval_set(tmp_path):
+    """rows.csv: a run evaluated at steps 4 and 8 of 12 (train.eval_interval) gets rows at those steps on
+    every set the evaluation made, with that step's tokens, epochs and FLOPs and final false, before
+    its final rows; the final eval line of metrics.jsonl is not repeated."""
+    import csv
+
+    d = tmp_path / "runs"
+    run = rec("r", sweep="g", kind="grid", steps=12, tokens=1200, train_split_tokens=400, train_flops_per_token=6.0,
+              train_flops=7200.0, epochs=3.0, valid=valid(3.0, 90, 1))  # fmt: skip
+    append_result(str(d), run)
+    (d / "r").mkdir(parents=True)
+    with open(d / "r" / "metrics.jsonl", "w") as fh:
+        for step, loss in ((4, 3.4), (8, 3.2), (12, 3.0)):
+            fh.write(json.dumps({"step": step, "eval": valid(loss, 60 + step, 2.0), "final": step == 12}) + "\n")
+    rows = list(csv.DictReader(open(write_report(str(d))["rows"])))
+    got = [(r["eval_set"], r["steps"], r["tokens"], r["epochs"], r["train_flops"], r["final"]) for r in rows]
+    assert got == [
+        ("all", "4", "400", "1.0", "2400.0", "False"), ("books", "4", "400", "1.0", "2400.0", "False"),
+        ("all", "8", "800", "2.0", "4800.0", "False"), ("books", "8", "800", "2.0", "4800.0", "False"),
+        ("all", "12", "1200", "3.0", "7200.0", "True"), ("books", "12", "1200", "3.0", "7200.0", "True"),
+    ]  # fmt: skip
+    assert [float(r["loss"]) for r in rows if r["eval_set"] == "all"] == [3.4, 3.2, 3.0]
+    assert [float(r["usage_pct"]) for r in rows if r["eval_set"] == "all"] == [64.0, 68.0, 90.0]
+
+
 def test_train_valid_gap_is_valid_loss_less_the_mean_training_loss_of_the_last_tenth(tmp_path):
     """The gap table: per run, the mean of the logged training losses over the last 10 % of its steps,
     the ranking set's final loss, and their difference; a run without a metrics.jsonl has no row."""

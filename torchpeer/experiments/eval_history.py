@@ -51,6 +51,34 @@ def evals_during_training(recs: list[dict], runs_dir: str) -> list[dict]:
     return rows
 
 
+def records_during_training(recs: list[dict], runs_dir: str) -> list[dict]:
+    """``recs`` with, before each run's record, a copy of it per evaluation its metrics.jsonl holds
+    from before the end (``train.eval_interval``), marked ``"during_training": True``, whose ``valid``
+    is that evaluation (every eval set it made) and whose steps, tokens, epochs and train_flops are
+    those of its step. So the report's rows.csv has a row per (run, tokens, eval set): issue 18's
+    "usage and KL after 30M tokens" is a row, not a line of a run's log."""
+    import json
+
+    out = []
+    for r in recs:
+        path = os.path.join(runs_dir, r["run"], "metrics.jsonl")
+        steps, tokens = r.get("steps"), r.get("tokens")
+        if os.path.isfile(path) and steps and tokens:
+            per_step, split = tokens / steps, r.get("train_split_tokens")
+            with open(path) as f:
+                lines = [json.loads(line) for line in f if '"eval"' in line]
+            for e in lines:
+                step = e.get("step")
+                if not isinstance(e.get("eval"), dict) or not isinstance(step, int) or not 0 < step < steps:
+                    continue
+                t = round(step * per_step)
+                flops = t * r["train_flops_per_token"] if r.get("train_flops_per_token") else None
+                out.append({**r, "valid": e["eval"], "steps": step, "tokens": t, "train_flops": flops,
+                            "epochs": t / split if split else None, "during_training": True})  # fmt: skip
+        out.append(r)
+    return out
+
+
 def during_table(during: list[dict]) -> list[str]:
     """The rows of ``evals_during_training`` as a table (blank where the tokens are unknown)."""
     rows = [

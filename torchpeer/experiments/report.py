@@ -22,7 +22,13 @@ import time
 from torchpeer.experiments import figures
 from torchpeer.experiments.ahead import ahead_lines
 from torchpeer.experiments.compare import NON_CAUSAL_FAMILIES, design_rows, eval_stats, format_spread, optimum_runs
-from torchpeer.experiments.eval_history import during_table, evals_during_training, gap_table, train_valid_gaps
+from torchpeer.experiments.eval_history import (
+    during_table,
+    evals_during_training,
+    gap_table,
+    records_during_training,
+    train_valid_gaps,
+)
 from torchpeer.experiments.fit import isoflop_fits, outside_fit_runs
 from torchpeer.experiments.markdown import fmt as _fmt
 from torchpeer.experiments.markdown import table as _table
@@ -135,9 +141,13 @@ def write_report(
     from torchpeer.data.atomic import write_text_atomic
 
     rows = os.path.join(out_dir, "rows.csv")  # every (run, eval set) in one long table, for other tools
-    write_text_atomic(rows, eval_rows_csv(records))
+    write_text_atomic(rows, eval_rows_csv(records_during_training(records, runs_dir)))
     written["rows"] = rows
-    lines += ["", "Every run on every eval set, a row each (loss, ppl, usage, KL, FLOPs, tokens/s): "]
+    lines += [
+        "",
+        "Every run on every eval set, a row each (loss, ppl, usage, KL, FLOPs, tokens/s; also the evaluations"
+        " made during training, `final` false): ",
+    ]
     lines[-1] += "[rows.csv](rows.csv)."
 
     md = os.path.join(out_dir, "report.md")

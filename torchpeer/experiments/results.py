@@ -261,14 +261,16 @@ def pool_usage(record: dict[str, Any], eval_set: str | None = None) -> tuple[flo
 EVAL_ROW_FIELDS = (
     "sweep", "run", "family", "variant", "seed", "tokens", "epochs", "steps", "train_flops",
     "train_flops_per_token", "active_params", "total_params", "tokens_per_s", "eval_set", "ranking",
-    "eval_tokens", "loss", "ppl", "bpb", "usage_pct", "kl", "pool_usage_pct", "pool_kl", "commit",
+    "eval_tokens", "loss", "ppl", "bpb", "usage_pct", "kl", "pool_usage_pct", "pool_kl", "commit", "final",
 )  # fmt: skip
 
 
 def eval_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One dict per (run, eval set) with EVAL_ROW_FIELDS: the run's size, tokens, FLOPs and speed,
     and on that eval set its loss, ppl, bits per byte, mean routed usage % / KL and (shared pools)
-    the pool's union usage % / KL. ``ranking`` is True for the set the report ranks runs by."""
+    the pool's union usage % / KL. ``ranking`` is True for the set the report ranks runs by; ``final``
+    is False for an evaluation made during training (a record of ``eval_history.records_during_training``:
+    its tokens, steps, epochs and FLOPs are those of that step)."""
     rows = []
     for r in records:
         for name, entry in sorted((r.get("valid") or {}).items()):
@@ -284,6 +286,7 @@ def eval_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 ppl=entry.get("ppl"),
                 bpb=entry.get("bpb"),
                 commit=(r.get("code") or {}).get("commit"),
+                final=not r.get("during_training", False),
             )
             rows.append(row)
     return rows
