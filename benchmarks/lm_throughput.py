@@ -259,7 +259,7 @@ def lm_row(config, expert_optimizer, compiled, device, steps, warmup, quick):
     for k, v in times.items():
         row[f"{k}_ms"] = round(statistics.median(v), 3) if v else None
     row["tokens_per_s"] = round(B * L / (row["step_ms"] / 1e3), 1)
-    # the mean counts the steps a strided term (model.peer.balance_stride) adds to, as training does
+    # the mean over the measured steps (the trainer reports a mean rate), beside the median-based one
     row["tokens_per_s_mean"] = round(B * L / (statistics.fmean(times["step"]) / 1e3), 1)
     row["peak_gib"] = _peak_gib(device)
     row["loss_last"] = round(float(loss.detach()), 4)
