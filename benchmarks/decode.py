@@ -48,10 +48,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, REPO)
 
+from benchmarks.lm_throughput import VOCAB, lm_overrides  # noqa: E402
 from benchmarks.peer_layer import commit_of, run_info, time_ms  # noqa: E402
 from torchpeer.data.atomic import write_text_atomic  # noqa: E402
 
-VOCAB = 16384
 CONFIGS = ("gpu-dense-small", "gpu-peer-small")  # the default pair
 # also allowed: issue 18's winner (issue 19: "the PEER configuration that ships as the recommended one")
 MORE_CONFIGS = ("gpu-peer-multi-tuned-small",)
@@ -82,14 +82,7 @@ def build_model(config: str, device, quick: bool):
     from torchpeer.lm.config_io import load_config
     from torchpeer.lm.model import TransformerLM
 
-    overrides = [("model.vocab_size", str(VOCAB))]
-    if quick:
-        overrides += [("model.d_model", "32"), ("model.n_layers", "2"), ("model.n_heads", "2"),
-                      ("model.seq_len", "16"), ("model.placement", "middle")]  # fmt: skip
-        if "peer" in config:
-            overrides += [("model.peer.n_experts", "256"), ("model.peer.heads", "2"), ("model.peer.top_k", "4"),
-                          ("model.peer.d_key", "16")]  # fmt: skip
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, lm_overrides(config, quick))
     torch.manual_seed(0)
     with device:
         model = TransformerLM(cfg.model)

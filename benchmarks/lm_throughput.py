@@ -187,18 +187,27 @@ def layer_rows(d, T, cfg, device, budget_s):
 # ---------------------------------------------------------------------------- LM rows
 
 
+def lm_overrides(config: str, quick: bool) -> list[tuple[str, str]]:
+    """The config overrides of an LM row (also decode.py's): the BPE-16k vocabulary, and with quick a
+    tiny model (2 blocks, d 32; PEER in the middle block whatever the config's placement, 256 experts)."""
+    overrides = [("model.vocab_size", str(VOCAB))]
+    if quick:
+        overrides += [("model.d_model", "32"), ("model.n_layers", "2"), ("model.n_heads", "2"),
+                      ("model.seq_len", "16"), ("model.placement", "middle")]  # fmt: skip
+        if "peer" in config:
+            overrides += [("model.peer.n_experts", "256"), ("model.peer.heads", "2"), ("model.peer.top_k", "4"),
+                          ("model.peer.d_key", "16")]  # fmt: skip
+    return overrides
+
+
 def lm_row(config, expert_optimizer, compiled, device, steps, warmup, quick):
     from torchpeer.lm.config_io import load_config
     from torchpeer.lm.model import TransformerLM
     from torchpeer.lm.optim import build_optimizer
 
-    overrides = [("model.vocab_size", str(VOCAB))]
+    overrides = lm_overrides(config, quick)
     if quick:
-        overrides += [("model.d_model", "32"), ("model.n_layers", "2"), ("model.n_heads", "2"),
-                      ("model.seq_len", "16"), ("train.batch_size", "2"), ("model.placement", "middle")]  # fmt: skip
-        if "peer" in config:
-            overrides += [("model.peer.n_experts", "256"), ("model.peer.heads", "2"), ("model.peer.top_k", "4"),
-                          ("model.peer.d_key", "16")]  # fmt: skip
+        overrides.append(("train.batch_size", "2"))
     cfg = load_config(config, overrides)
     t = cfg.train
     B, L = t.batch_size, cfg.model.seq_len
