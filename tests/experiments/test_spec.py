@@ -1,5 +1,6 @@
 """Sweep specs: the shipped specs load and plan; bad specs raise one ValueError that names the problem."""
 
+import dataclasses
 import math
 
 import pytest
@@ -89,6 +90,17 @@ def test_isoflop_spec_protocol(tmp_path):
     for f in ("expert_lr", "expert_weight_decay", "lr", "expert_optimizer"):
         assert getattr(s6.train, f) == getattr(winner.train, f), f
     assert multi["multi-peer-s2-1e15"].model.sparse_blocks() == [1, 3]  # every second block at any depth
+    # every seed variant is its seed-0 grid run but for train.seed (the same data order per seed across families)
+    by_name = {r.name: r.cfg for r in runs}
+    seeded = [n for n in by_name if "-seed" in n]
+    assert {"multi-peer-s2-seed1-1e15", "multi-peer-s4-seed2-3e15"} <= set(seeded) and len(seeded) == 24
+    for name in seeded:
+        family_size, rest = name.split("-seed")
+        seed, budget = rest.split("-")
+        twin = by_name[f"{family_size}-{budget}"]
+        assert by_name[name].train.seed == int(seed) and twin.train.seed == 0
+        assert by_name[name].model == twin.model, name
+        assert dataclasses.replace(by_name[name].train, seed=0) == twin.train, name
     assert {r.cfg.model.moe.routing for r in runs if r.family == "moe"} == {"token_choice"}
     assert {r.cfg.model.moe.routing for r in runs if r.family == "moe-ec"} == {"expert_choice"}
     valid = runs[0].cfg.data.valid
