@@ -320,16 +320,31 @@ LM_PLAN = [
 ]  # fmt: skip
 
 
+# the tables' optimizers an LM row can use (lm_row: "adamw", or attach_rowwise_adam's variants)
+TABLE_OPTIMIZERS = ("adamw", "rowwise_adam", "rowwise_adam_bf16", "rowwise_adam_bf16_m16")
+
+
 def lm_plan(compiled_only: bool = False, quick: bool = False, configs: str | None = None) -> list[tuple]:
     """The LM rows to run, in order: LM_PLAN; compiled_only keeps issue 19's compiled pairs (each dense
     row right before its PEER twin, so a cut run still has a ratio); quick (CPU) drops compiled rows;
-    configs ("a,b,c") replaces the plan with those configs, tables on AdamW, in that order: eager, or
-    compiled with compiled_only."""
+    configs ("a,b,c") replaces the plan with those configs in that order: eager, or compiled with
+    compiled_only; each on AdamW, or on the tables' optimizer named after a colon
+    ("gpu-peer-multi-tuned-small:rowwise_adam_bf16"), so one run can put both beside the dense twin."""
     if configs:
-        names = [c.strip() for c in configs.split(",") if c.strip()]
-        if not names:
+        items = [c.strip() for c in configs.split(",") if c.strip()]
+        if not items:
             raise ValueError(f"--configs {configs!r} names no config; give e.g. gpu-dense-small,gpu-peer-small")
-        return [(c, "adamw", compiled_only) for c in names]
+        plan = []
+        for item in items:
+            name, _, optimizer = item.partition(":")
+            optimizer = optimizer.strip() or "adamw"
+            if optimizer not in TABLE_OPTIMIZERS:
+                raise ValueError(
+                    f"--configs item {item!r}: unknown tables' optimizer {optimizer!r}; write NAME or "
+                    f"NAME:OPTIMIZER with OPTIMIZER one of {', '.join(TABLE_OPTIMIZERS)}"
+                )
+            plan.append((name.strip(), optimizer, compiled_only))
+        return plan
     if compiled_only:
         return [r for r in LM_PLAN if r[2] and (r[0].startswith("gpu-dense") or r[1] == "rowwise_adam_bf16")]
     return [r for r in LM_PLAN if not r[2]] if quick else list(LM_PLAN)
@@ -351,9 +366,10 @@ def main(argv=None):
     p.add_argument(
         "--configs",
         help="LM rows: these configs (comma-separated names or .toml paths) instead of the plan, eager (with "
-        "--compiled-only: compiled), in the order given, 16 measured steps each; e.g. issue 18's winner beside its "
-        "dense twin: "
-        "--configs gpu-dense-small,gpu-peer-small,gpu-peer-multi-tuned-small",
+        "--compiled-only: compiled), in the order given, 16 measured steps each, the tables on AdamW or on the "
+        f"optimizer after a colon ({', '.join(TABLE_OPTIMIZERS)}); e.g. issue 18's "
+        "winner both ways beside its dense twin: --configs "
+        "gpu-dense-small,gpu-peer-multi-tuned-small,gpu-peer-multi-tuned-small:rowwise_adam_bf16",
     )
     args = p.parse_args(argv)
     try:
