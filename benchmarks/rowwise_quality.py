@@ -14,6 +14,9 @@ and compares the validation loss and the PEER layers' expert usage and KL. Varia
   NAME:xK      the same with the expert tables' lr multiplied by K (e.g. rowwise:x3)
 
     python benchmarks/rowwise_quality.py --steps 500 --seeds 0 1 --optimizers adamw lazy_adamw rowwise
+    # a design other than the config's: --set KEY=VALUE (config overrides, repeatable), --name to keep files apart
+    python benchmarks/rowwise_quality.py --steps 900 --seeds 0 1 --optimizers rowwise --name tuned \
+        --set model.placement=1,3 --set model.peer.shared_pool=true --set train.expert_weight_decay=1.0
 
 Writes <out-dir>/rowwise_quality_<date>.json and .md. Small-scale evidence only: ptb-tiny
 (N = 128^2 experts, 2k tokens per step), not the GPU configs at 30M tokens.
@@ -48,6 +51,17 @@ def parse_variant(text: str) -> tuple[str, float]:
     return name, float(mult) if mult else 1.0
 
 
+def parse_set(items: list[str]) -> list[tuple[str, str]]:
+    """["model.d_model=64", ...] -> [("model.d_model", "64"), ...]: the --set config overrides."""
+    pairs = []
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"--set takes KEY=VALUE (e.g. --set train.expert_weight_decay=1.0); got {item!r}")
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
 def lazy_adamw(groups, expert_ids, lr, betas, eps):
     """SparseRowAdamW whose step() finds the touched table rows itself (rows with a nonzero gradient),
     so the trainer can call it like AdamW; every other parameter takes the dense AdamW update."""
@@ -65,7 +79,7 @@ def lazy_adamw(groups, expert_ids, lr, betas, eps):
     return LazyAdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
-def run(config, variant, seed, steps, runs_dir):
+def run(config, variant, seed, steps, runs_dir, extra=()):
     from torchpeer.lm import Trainer
     from torchpeer.lm.config_io import load_config
     from torchpeer.lm.optim import expert_parameters, is_expert_group
@@ -74,7 +88,7 @@ def run(config, variant, seed, steps, runs_dir):
     optimizer, lr_mult = parse_variant(variant)
     overrides = [("train.seed", str(seed)), ("train.max_steps", str(steps)), ("train.checkpoint", "false"),
                  ("train.tensorboard", "false"), ("train.eval_interval", str(steps)),
-                 ("train.device", "cpu")]  # fmt: skip
+                 ("train.device", "cpu"), *extra]  # fmt: skip
     cfg = load_config(config, overrides)
     if lr_mult != 1.0:
         cfg.train.expert_lr = cfg.train.table_lr * lr_mult
@@ -103,21 +117,33 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--optimizers", nargs="+", default=["adamw", "rowwise"], help="variants (see above)")
     p.add_argument("--out-dir", default=os.path.join("benchmarks", "results"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every run (repeatable), e.g. --set model.placement=1,3")  # fmt: skip
+    p.add_argument("--name", default="", help="a suffix of the output files (rowwise_quality_<date>_<name>)")
     args = p.parse_args(argv)
-    for v in args.optimizers:
-        parse_variant(v)  # a typo fails now, not after the first run
+    from torchpeer.lm.config_io import load_config
+
+    try:  # a typo fails now, in one line, not after the first run
+        for v in args.optimizers:
+            parse_variant(v)
+        extra = parse_set(args.set)
+        load_config(args.config, extra)  # an unknown key or a bad value
+    except (ValueError, TypeError) as e:
+        p.error(str(e))
     date = datetime.date.today().isoformat()
-    result = {"date": date, "config": args.config, "steps": args.steps, "runs": []}
-    stem = os.path.join(args.out_dir, f"rowwise_quality_{date}")
+    result = {"date": date, "config": args.config, "overrides": [f"{k}={v}" for k, v in extra],
+              "steps": args.steps, "runs": []}  # fmt: skip
+    stem = os.path.join(args.out_dir, f"rowwise_quality_{date}" + (f"_{args.name}" if args.name else ""))
     os.makedirs(args.out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as runs_dir:
         for seed in args.seeds:
             for variant in args.optimizers:
-                r = run(args.config, variant, seed, args.steps, runs_dir)
+                r = run(args.config, variant, seed, args.steps, runs_dir, extra)
                 result["runs"].append(r)
                 print(json.dumps(r), flush=True)
                 write_text_atomic(stem + ".json", json.dumps(result, indent=2) + "\n")
     lines = [f"# The expert tables' optimizer: quality and usage, {args.config}, {args.steps} steps, {date}", "",
+             f"Overrides: {' '.join(result['overrides']) or 'none'}.", "",
              "| seed | optimizer | valid loss | usage % / KL (per PEER layer) | seconds |",
              "| ---: | --- | --- | --- | ---: |"]  # fmt: skip
     for r in result["runs"]:
