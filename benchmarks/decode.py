@@ -119,10 +119,10 @@ def variants_of(config: str, device) -> list[str]:
     return out
 
 
-def _pick(text: str | None, allowed, what: str) -> list[str]:
-    """A comma list of names from `allowed` (None: all of them, in allowed's order)."""
+def _pick(text: str | None, allowed, what: str, default=None) -> list[str]:
+    """A comma list of names from `allowed`, in allowed's order (None: `default`, or all of them)."""
     if text is None:
-        return list(allowed)
+        return list(allowed if default is None else default)
     names = [t.strip() for t in text.split(",") if t.strip()]
     bad = [n for n in names if n not in allowed]
     if bad or not names:
@@ -318,7 +318,7 @@ def main(argv=None) -> dict:
         write_text_atomic(stem + ".json", json.dumps(result, indent=2) + "\n")
         write_text_atomic(stem + ".md", markdown(result))
 
-    configs = _pick(args.configs, CONFIGS + MORE_CONFIGS, "config") if args.configs else list(CONFIGS)
+    configs = _pick(args.configs, CONFIGS + MORE_CONFIGS, "config", default=CONFIGS)
     variants = _pick(args.variants, VARIANTS, "variant")
     t0 = time.perf_counter()
     models = {}
