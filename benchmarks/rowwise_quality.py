@@ -120,6 +120,7 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every run (repeatable), e.g. --set model.placement=1,3")  # fmt: skip
     p.add_argument("--name", default="", help="a suffix of the output files (rowwise_quality_<date>_<name>)")
+    p.add_argument("--runs-dir", default=None, help="keep each run's folder here (default: a temporary one)")
     args = p.parse_args(argv)
     from torchpeer.lm.config_io import load_config
 
@@ -135,7 +136,8 @@ def main(argv=None):
               "steps": args.steps, "runs": []}  # fmt: skip
     stem = os.path.join(args.out_dir, f"rowwise_quality_{date}" + (f"_{args.name}" if args.name else ""))
     os.makedirs(args.out_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory() as runs_dir:
+    with tempfile.TemporaryDirectory() as scratch:
+        runs_dir = args.runs_dir or scratch
         for seed in args.seeds:
             for variant in args.optimizers:
                 r = run(args.config, variant, seed, args.steps, runs_dir, extra)
