@@ -45,6 +45,7 @@ if REPO not in sys.path:  # run from a checkout without `pip install -e .`
 
 from benchmarks.peer_layer import copy_tbs, run_info, time_ms  # noqa: E402
 from torchpeer.data.atomic import write_text_atomic  # noqa: E402
+from torchpeer.lm.config import EXPERT_OPTIMIZERS  # noqa: E402
 
 VOCAB = 16384
 
@@ -320,8 +321,9 @@ LM_PLAN = [
 ]  # fmt: skip
 
 
-# the tables' optimizers an LM row can use (lm_row: "adamw", or attach_rowwise_adam's variants)
-TABLE_OPTIMIZERS = ("adamw", "rowwise_adam", "rowwise_adam_bf16", "rowwise_adam_bf16_m16")
+# the tables' optimizers an LM row can use: train.expert_optimizer's choices, and the bf16-moments variant
+# of attach_rowwise_adam that only this benchmark times
+TABLE_OPTIMIZERS = (*EXPERT_OPTIMIZERS, "rowwise_adam_bf16_m16")
 
 
 def lm_plan(compiled_only: bool = False, quick: bool = False, configs: str | None = None) -> list[tuple]:

@@ -1,6 +1,8 @@
 """benchmarks/lm_throughput.py's row plan: issue 19 asks for compiled rows of all four configs, dense
 beside PEER; the plan keeps each pair adjacent so a run cut by its time budget still has a ratio."""
 
+import json
+
 import pytest
 
 from tests.references import import_benchmark
@@ -58,8 +60,6 @@ def test_cli_runs_a_quick_row_with_the_rowwise_tables_on_the_cpu(tmp_path, monke
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     mod = import_benchmark("lm_throughput")
     mod.main(["--quick", "--no-layer", "--out-dir", str(tmp_path), "--configs", "gpu-peer-small:rowwise_adam"])
-    import json
-
     (result,) = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
     (row,) = result["rows"]
     assert (row["config"], row["expert_optimizer"]) == ("gpu-peer-small", "rowwise_adam")
