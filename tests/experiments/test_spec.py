@@ -171,6 +171,51 @@ def test_per_option_budgets_intersect(tmp_path):
         parse_spec(raw)
 
 
+def test_seeds_repeat_a_variant_but_for_its_seed(tmp_path):
+    """[seeds] NAME = {seeds, budgets}: runs NAME-seedS-BUDGET whose configs equal NAME's but for
+    train.seed, at the budgets given (NAME's own when none are); grid and named variants alike."""
+    raw = spec_dict(budgets=[1e10, 2e10])
+    raw["grid"] = {"size": {"s1": {"model.d_model": 16}, "s2": {"model.d_model": 48, "budgets": [2e10]}}}
+    raw["seeds"] = {"peer": {"seeds": [2, 1], "budgets": [2e10]}, "s2": {"seeds": [5]}}
+    runs = {r.name: r for r in plan_sweep(parse_spec(raw), str(tmp_path))}
+    assert {n for n in runs if "-seed" in n} == {"peer-seed2-2e10", "peer-seed1-2e10", "s2-seed5-2e10"}
+    for name, twin, seed in [("peer-seed1-2e10", "peer-2e10", 1), ("s2-seed5-2e10", "s2-2e10", 5)]:
+        a, b = runs[name].cfg, runs[twin].cfg
+        assert a.train.seed == seed and b.train.seed == 0 and a.model == b.model
+        assert dataclasses.replace(a.train, seed=0) == b.train and a.data == b.data
+        assert runs[name].steps == runs[twin].steps and runs[name].family == runs[twin].family
+
+
+@pytest.mark.parametrize(
+    "seeds, message",
+    [
+        ({"pear": {"seeds": [1]}}, "[seeds] pear: no variant is named 'pear'"),
+        ({"peer": {"seeds": []}}, "seeds must be a non-empty list of whole numbers >= 0"),
+        ({"peer": {"seeds": [1, "2"]}}, "seeds must be a non-empty list"),
+        ({"peer": {"seeds": [1, 1]}}, "seed(s) [1] repeat peer's own seed or each other"),
+        ({"peer": {"seeds": [1], "budgets": [3e10]}}, "budgets [30000000000.0] are not among peer's"),
+        ({"peer": {"seeds": [1], "budget": [1e10]}}, "unknown key(s) ['budget']"),
+        ({"peer": [1, 2]}, "[seeds] peer must be a table"),
+    ],
+)
+def test_bad_seeds_name_the_problem(seeds, message):
+    raw = spec_dict()
+    raw["seeds"] = seeds
+    with pytest.raises(ValueError) as e:
+        parse_spec(raw)
+    assert message in str(e.value)
+    if "pear" in seeds:
+        assert "did you mean peer?" in str(e.value)
+
+
+def test_a_seed_equal_to_the_variants_own_is_refused():
+    raw = spec_dict()
+    raw["variants"]["peer"]["train.seed"] = 3
+    raw["seeds"] = {"peer": {"seeds": [1, 3]}}
+    with pytest.raises(ValueError, match=r"seed\(s\) \[3\] repeat peer's own seed"):
+        parse_spec(raw)
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [

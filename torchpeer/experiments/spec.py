@@ -10,6 +10,8 @@ A spec (see docs/experiments.md) has these tables::
                             or a table of named options, each a table of overrides + meta keys:
                               [grid.size]
                               s1 = {"model.d_model" = 128, budgets = [1e15]}
+    [seeds]                 more seeds of named variants: NAME = {seeds = [1, 2], budgets = [1e15]}
+                            adds NAME-seed1 and NAME-seed2, NAME's overrides but for train.seed
 
 A run is one (variant, budget) pair. Override keys are dotted config fields (anything
 ``torchpeer train --SECTION.FIELD VALUE`` accepts); keys without a dot are meta keys. Every
@@ -118,9 +120,11 @@ def load_spec(name_or_path: str) -> SweepSpec:
 def parse_spec(raw: dict[str, Any], default_name: str = "sweep", path: str | None = None) -> SweepSpec:
     """Build a SweepSpec from the dict of a TOML file (``path`` only for messages and relative bases)."""
     where = path or "the spec"
-    unknown = sorted(set(raw) - {"sweep", "base", "variants", "grid"})
+    unknown = sorted(set(raw) - {"sweep", "base", "variants", "grid", "seeds"})
     if unknown:
-        raise ValueError(f"{where}: unknown table(s) {unknown}; a spec has [sweep], [base], [variants.NAME], [grid]")
+        raise ValueError(
+            f"{where}: unknown table(s) {unknown}; a spec has [sweep], [base], [variants.NAME], [grid], [seeds]"
+        )
     sweep = _table(raw.get("sweep"), "[sweep]", where)
     unknown = sorted(set(sweep) - set(SWEEP_KEYS))
     if unknown:
@@ -160,6 +164,7 @@ def parse_spec(raw: dict[str, Any], default_name: str = "sweep", path: str | Non
         for name, v in _table(raw.get("variants"), "[variants]", where).items()
     ]
     variants += _grid_variants(_table(raw.get("grid"), "[grid]", where), where)
+    variants += _seed_variants(_table(raw.get("seeds"), "[seeds]", where), variants, spec, where)
     if not variants:
         raise ValueError(f"{where}: the sweep has an empty grid: add [variants.NAME] tables or [grid] axes")
     names = [v.name for v in variants]
@@ -237,6 +242,61 @@ def _grid_variants(grid: dict[str, Any], where: str) -> list[Variant]:
     if not variants:
         raise ValueError(f"{where}: the sweep has an empty grid: no combination of the [grid] options shares a budget")
     return variants
+
+
+def _seed_variants(table: dict[str, Any], variants: list[Variant], spec: SweepSpec, where: str) -> list[Variant]:
+    """[seeds] NAME = {seeds = [1, 2], budgets = [...]}: variant NAME again with ``train.seed`` = each
+    seed, named ``NAME-seedS``, at the given budgets (or tokens; default: all of NAME's). A seed run
+    is its twin but for the seed, by construction: a paired comparison across families needs exactly
+    that (the same data order per seed), and a copied table of overrides could drift from its twin."""
+    by_name = {v.name: v for v in variants}
+    out = []
+    for name, entry in table.items():
+        what = f"[seeds] {name}"
+        if name not in by_name:
+            from torchpeer.lm.config import closest
+
+            close = closest(name, list(by_name))
+            raise ValueError(
+                f"{where}: {what}: no variant is named {name!r}; [seeds] names a [variants] or [grid] variant"
+                + (f"; did you mean {close}?" if close else "")
+            )
+        entry = _table(entry, what, where)
+        unknown = sorted(set(entry) - {"seeds", "budgets", "tokens"})
+        if unknown:
+            raise ValueError(
+                f"{where}: {what}: unknown key(s) {unknown}; give seeds = [...] and optionally budgets or tokens"
+            )
+        seeds = entry.get("seeds")
+        if (
+            not isinstance(seeds, list)
+            or not seeds
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)
+        ):
+            raise ValueError(
+                f"{where}: {what}: seeds must be a non-empty list of whole numbers >= 0, e.g. seeds = [1, 2]; "
+                f"got {seeds!r}"
+            )
+        twin = by_name[name]
+        own = twin.overrides.get("train.seed", spec.base_overrides.get("train.seed"))
+        repeated = sorted({x for x in seeds if seeds.count(x) > 1 or x == own})
+        if repeated:
+            raise ValueError(f"{where}: {what}: seed(s) {repeated} repeat {name}'s own seed or each other")
+        budgets, tokens = _budgets(entry, what, where)
+        has_budgets, has_tokens = twin.budgets or spec.budgets, twin.tokens or spec.tokens
+        for given, allowed, key in ((budgets, has_budgets, "budgets"), (tokens, has_tokens, "tokens")):
+            extra = [x for x in given if x not in (allowed or [])]
+            if extra:
+                raise ValueError(
+                    f"{where}: {what}: {key} {extra} are not among {name}'s ({allowed or 'none'}); "
+                    "a seed run repeats runs of its variant"
+                )
+        for seed in seeds:
+            v = Variant(f"{name}-seed{seed}", {**twin.overrides, "train.seed": seed}, twin.family)
+            v.budgets = budgets or (None if tokens else twin.budgets)
+            v.tokens = tokens or (None if budgets else twin.tokens)
+            out.append(v)
+    return out
 
 
 def _intersect(lists: list[list]) -> list | None:
