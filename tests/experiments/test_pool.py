@@ -29,6 +29,7 @@ FAKE_WORKER = textwrap.dedent(
         sys.exit(1)
     marker = os.path.join(run_dir, "refused_once")
     if payload["run"] in os.environ.get("NOMEM", "").split(",") and not os.path.exists(marker):
+        time.sleep(float(os.environ.get("NOMEM_DELAY", "0")))
         open(marker, "w").close()  # refused by the memory check once (others hold the GPU), then fits
         print("worker: not now: a training step needs about 80 GiB", flush=True)
         sys.exit(75)
@@ -211,6 +212,36 @@ def test_a_run_refused_for_memory_waits_for_a_running_run_to_end(tmp_path, fake_
     failed = [m for m in msgs2 if "FAILED" in m]
     assert len(failed) == 1 and victim in failed[0] and "not now" in failed[0]
     assert len({r["run"] for r in read_results(runs2)}) == 7
+
+
+def test_a_refusal_in_the_same_poll_as_the_last_other_runs_end_is_retried(tmp_path, fake_worker, monkeypatch):
+    """The refused run and the only other running one end within one poll: the refusal came while the
+    other held memory, so the run is retried (alone now), not failed. A CPU under load once made this
+    happen in the test above (the pool looked at the runs left after removing the ones that ended)."""
+    monkeypatch.setattr(pool_mod, "POLL_SECONDS", 2.0)  # both workers exit well inside one poll
+    monkeypatch.setenv("SLEEP", "0.2")
+    monkeypatch.setenv("NOMEM_DELAY", "0.2")
+    spec, runs_dir, msgs = spec_for(tmp_path), str(tmp_path / "runs"), []
+    victim = "d_model=16-ffw=peer-1e10"  # the second run in plan order: it starts beside the first
+    monkeypatch.setenv("NOMEM", victim)
+    run_sweep(spec, runs_dir, parallel=2, progress=False, say=msgs.append)
+    assert not any("FAILED" in m for m in msgs), msgs
+    assert any(victim in m and "waits for GPU memory" in m for m in msgs)
+    assert len({r["run"] for r in read_results(runs_dir)}) == 8
+
+
+def test_runs_refused_together_with_no_other_run_end_as_failed(tmp_path, fake_worker, monkeypatch):
+    """Two runs that never fit, refused in one poll with no other run holding memory: the sweep ends
+    (no endless retry of the pair), both are reported failed, the other six are recorded."""
+    monkeypatch.setattr(pool_mod, "POLL_SECONDS", 2.0)
+    monkeypatch.setenv("SLEEP", "0.2")
+    victims = ["d_model=16-ffw=dense-1e10", "d_model=16-ffw=peer-1e10"]  # the first two in plan order
+    monkeypatch.setenv("NOMEM_ALWAYS", ",".join(victims))
+    spec, runs_dir, msgs = spec_for(tmp_path), str(tmp_path / "runs"), []
+    run_sweep(spec, runs_dir, parallel=2, progress=False, say=msgs.append)
+    failed = [m for m in msgs if "FAILED" in m]
+    assert len(failed) == 2 and all(any(v in m for m in failed) for v in victims)
+    assert len({r["run"] for r in read_results(runs_dir)}) == 6
 
 
 def test_a_failed_worker_is_reported_and_the_others_finish(tmp_path, fake_worker, monkeypatch):

@@ -15,8 +15,9 @@ Scheduling, in plan order (budget by budget): a free slot takes the next run who
 shorter one (said once), one longer than the whole limit is skipped. ``stop_at`` (seconds after the
 start) interrupts runs still training then with SIGINT: they checkpoint (when checkpoints are on)
 and resume on the next invocation, or restart. A run refused by the memory check while other runs
-hold the GPU (worker exit EXIT_NO_MEMORY_NOW) goes back to the head of the queue, and no run starts
-until one of the running ones ends; refused with nothing else running, it has failed. Workers on
+hold the GPU (worker exit EXIT_NO_MEMORY_NOW; runs that ended in the same poll count as holding it)
+goes back to the head of the queue, and no run starts until one of the running ones ends; refused
+with nothing else running, it has failed. Workers on
 one GPU check their memory against the free memory less what the runs started before them have
 reserved until their first step (a lock file and a ledger per GPU, torchpeer/lm/start_lock.py), so
 runs started together do not all pass it against the empty GPU. A failed run
@@ -154,9 +155,17 @@ def run_parallel(
                 job.shared_seconds += (now - last) * sum(1 for j in jobs if j.gpu == job.gpu)
                 job.seen_seconds += now - last
             last = now
-            for job in [j for j in jobs if j.proc.poll() is not None]:
+            ended = [j for j in jobs if j.proc.poll() is not None]
+            refused = [j for j in ended if j.proc.returncode == EXIT_NO_MEMORY_NOW]
+            # A run refused while another held memory (running, or ended since the last poll: in this
+            # very window) was refused for that memory, not for its own size: it waits. Refused with no
+            # other holder it has failed; of runs refused together with no other, the first retries.
+            holders = len(jobs) - len(refused)
+            # refusals first, so the log says "waits" before the ends that free its memory in this poll
+            for job in sorted(ended, key=lambda j: j.proc.returncode != EXIT_NO_MEMORY_NOW):
                 jobs.remove(job)
-                if job.proc.returncode == EXIT_NO_MEMORY_NOW and jobs and not interrupted:
+                retry = holders > 0 or (len(refused) > 1 and job is refused[0])
+                if job.proc.returncode == EXIT_NO_MEMORY_NOW and retry and not interrupted:
                     job.log.close()
                     say(f"{job.head}: waits for GPU memory (others hold it); it starts again when a running run ends")
                     pending.insert(0, (job.head, job.run))
@@ -168,6 +177,8 @@ def run_parallel(
                     new.append(rec)
                     if on_recorded is not None:
                         on_recorded(job.run)
+            if not jobs:
+                hold = False  # no running run is left to end: the refused one retries now, alone
             elapsed = time.time() - t0
             if stop_at is not None and elapsed >= stop_at and jobs and not interrupted:
                 say(f"stop time of {stop_at:.0f} s reached: interrupting {', '.join(j.run.name for j in jobs)}")
