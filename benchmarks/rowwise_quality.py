@@ -11,6 +11,10 @@ and compares the validation loss and the PEER layers' expert usage and KL. Varia
                AdamW minus the moves of idle rows along their old momentum
   rowwise      the fused optimizer's rule (RowwiseAdamW: lazy, one second moment per row, per-row
                step counts; tables not clipped, as in the fused path)
+  rowwise_factored
+               rowwise with a per-column factor on the row's second moment (Adafactor-like):
+               v_ij = v_i * f_j, f = c / mean(c), c the table's EMA of the column means of g^2 over
+               the selected rows (an experiment: one d-vector per table; no fused kernel has it)
   NAME:xK      the same with the expert tables' lr multiplied by K (e.g. rowwise:x3)
 
     python benchmarks/rowwise_quality.py --steps 500 --seeds 0 1 --optimizers adamw lazy_adamw rowwise
@@ -38,7 +42,7 @@ if REPO not in sys.path:
 
 from torchpeer.data.atomic import write_text_atomic  # noqa: E402
 
-OPTIMIZERS = ("adamw", "lazy_adamw", "rowwise")
+OPTIMIZERS = ("adamw", "lazy_adamw", "rowwise", "rowwise_factored")
 
 
 def parse_variant(text: str) -> tuple[str, float]:
@@ -79,6 +83,53 @@ def lazy_adamw(groups, expert_ids, lr, betas, eps):
     return LazyAdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
+def factored_rowwise_adamw(groups, lr, betas, eps, rowwise_groups):
+    """RowwiseAdamW whose per-row second moment is scaled per column: the denominator of element
+    (i, j) is sqrt(v_i * f_j) with f = c / mean(c), c (d,) an EMA (global step count) of the column
+    means of g^2 over the rows a step selects. A row-wise moment assumes a row's elements share one
+    gradient scale; the down table's gradients are sums of x_t and the up table's of dy_t, whose
+    channels need not share one, and f restores that scale per channel for one d-vector per table."""
+    import torch
+
+    from torchpeer.optim import RowwiseAdamW
+    from torchpeer.optim.rowwise_adam import RowwiseAdamState
+
+    class FactoredRowwiseAdamW(RowwiseAdamW):
+        @torch.no_grad()
+        def step(self, closure=None):
+            if self._dense is not None:
+                self._dense.step()
+            for group in self.param_groups:
+                if group.get("name") not in self.rowwise_groups:
+                    continue
+                b1, b2 = group["betas"]
+                lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    st = self.state[p]
+                    if "rowwise" not in st:
+                        st["rowwise"] = RowwiseAdamState.zeros_like(p)
+                        st["col"] = torch.zeros(p.shape[1], dtype=torch.float64)
+                        st["col_t"] = 0
+                    s = st["rowwise"]
+                    rows = (p.grad != 0).any(dim=1).nonzero().squeeze(1)
+                    g = p.grad[rows].double()
+                    st["col_t"] += 1
+                    st["col"].mul_(b2).add_(g.pow(2).mean(dim=0), alpha=1 - b2)
+                    c = st["col"] / (1 - b2 ** st["col_t"])
+                    f = c / c.mean().clamp_min(1e-300)
+                    t = s.steps[rows].double() + 1
+                    m = b1 * s.exp_avg[rows].double() + (1 - b1) * g
+                    v = b2 * s.exp_avg_sq[rows].double() + (1 - b2) * g.pow(2).mean(dim=1)
+                    vhat = (v / (1 - b2**t))[:, None] * f[None, :]
+                    w = p[rows].double() * (1 - lr * wd) - lr * (m / (1 - b1**t)[:, None]) / (vhat.sqrt() + eps)
+                    p[rows] = w.to(p.dtype)
+                    s.exp_avg[rows], s.exp_avg_sq[rows], s.steps[rows] = m.float(), v.float(), t.to(torch.int32)
+
+    return FactoredRowwiseAdamW(groups, lr=lr, betas=betas, eps=eps, rowwise_groups=rowwise_groups)
+
+
 def run(config, variant, seed, steps, runs_dir, extra=()):
     from torchpeer.lm import Trainer
     from torchpeer.lm.config_io import load_config
@@ -96,9 +147,10 @@ def run(config, variant, seed, steps, runs_dir, extra=()):
     t = cfg.train
     tables = expert_parameters(trainer.model)
     groups = [dict(g) for g in trainer.optimizer.param_groups]
-    if optimizer == "rowwise":
+    if optimizer in ("rowwise", "rowwise_factored"):
         names = tuple(g["name"] for g in groups if is_expert_group(g))
-        trainer.optimizer = RowwiseAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, rowwise_groups=names)
+        make = RowwiseAdamW if optimizer == "rowwise" else factored_rowwise_adamw
+        trainer.optimizer = make(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, rowwise_groups=names)
         trainer.params = [p for p in trainer.params if id(p) not in tables]  # tables: not clipped
     elif optimizer == "lazy_adamw":
         trainer.optimizer = lazy_adamw(groups, tables, t.lr, (t.beta1, t.beta2), t.eps)

@@ -50,3 +50,42 @@ def test_set_overrides_the_config_of_a_run(tmp_path):
     r = mod.run("ptb-tiny", "rowwise", 0, 2, str(tmp_path / "runs"), extra)
     assert r["steps"] == 2 and set(r["valid_loss"]) == {"ptb"}
     assert set(r["usage"]["ptb"]) == {"blocks.1.ffw", "blocks.3.ffw"}
+
+
+def _table_steps(make, grads):
+    import torch
+
+    table = torch.nn.Parameter(torch.linspace(-1, 1, 24, dtype=torch.float64).reshape(6, 4).clone())
+    opt = make([{"params": [table], "name": "experts", "lr": 0.1, "weight_decay": 0.5}])
+    for g in grads:
+        table.grad = g.clone()
+        opt.step()
+    return table.detach().clone(), opt
+
+
+def test_factored_rowwise_reduces_to_rowwise_when_columns_share_one_scale_and_not_otherwise():
+    """The factored variant's denominator is sqrt(v_i * f_j): with gradients of +-1 (every column's
+    mean g^2 is 1, so f = 1) it takes the row-wise rule's steps exactly, idle rows untouched; with one
+    column's gradient 10x larger it steps that column less than row-wise Adam (f_j > 1 there)."""
+    import torch
+
+    from torchpeer.optim import RowwiseAdamW
+
+    mod = import_benchmark("rowwise_quality")
+    gen = torch.Generator().manual_seed(0)
+    signs = [torch.randint(0, 2, (6, 4), generator=gen).double() * 2 - 1 for _ in range(3)]
+    for g in signs:
+        g[4] = 0  # row 4 is never selected
+    rowwise = lambda groups: RowwiseAdamW(groups, lr=0.1, betas=(0.9, 0.99), eps=1e-8)  # noqa: E731
+    factored = lambda groups: mod.factored_rowwise_adamw(groups, 0.1, (0.9, 0.99), 1e-8, ("experts",))  # noqa: E731
+    a, _ = _table_steps(rowwise, signs)
+    b, opt = _table_steps(factored, signs)
+    torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    start, _ = _table_steps(rowwise, [])
+    assert torch.equal(b[4], start[4])  # lazy: the idle row did not move
+    assert opt.state[next(iter(opt.state))]["col_t"] == 3
+    skewed = [g * torch.tensor([10.0, 1.0, 1.0, 1.0], dtype=torch.float64) for g in signs[:1]]
+    a1, _ = _table_steps(rowwise, skewed)
+    b1, _ = _table_steps(factored, skewed)
+    moved_a, moved_b = (a1 - start).abs(), (b1 - start).abs()
+    assert (moved_b[:4, 0] < moved_a[:4, 0]).all() and (moved_b[:4, 1:] > moved_a[:4, 1:]).all()
