@@ -89,3 +89,27 @@ def test_factored_rowwise_reduces_to_rowwise_when_columns_share_one_scale_and_no
     b1, _ = _table_steps(factored, skewed)
     moved_a, moved_b = (a1 - start).abs(), (b1 - start).abs()
     assert (moved_b[:4, 0] < moved_a[:4, 0]).all() and (moved_b[:4, 1:] > moved_a[:4, 1:]).all()
+
+
+def test_bf16_rounding_to_nearest_and_stochastic():
+    """round_bf16_: nearest equals torch's bf16 cast; stochastic rounding is unbiased (the mean of many
+    roundings of one value is that value) and leaves bf16 values exact; a 0.1 % EMA step that rounding
+    to nearest loses is kept on average by stochastic rounding."""
+    import torch
+
+    mod = import_benchmark("rowwise_quality")
+    x = torch.randn(1000, dtype=torch.float32)
+    torch.testing.assert_close(mod.round_bf16_(x.clone()), x.bfloat16().float(), rtol=0, atol=0)
+    gen = torch.Generator().manual_seed(0)
+    v = torch.full((200_000,), 1.0 + 3e-3, dtype=torch.float32)  # between the bf16 values 1 and 1 + 2^-7
+    r = mod.round_bf16_(v.clone(), gen)
+    assert set(r.unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert abs(r.double().mean().item() - (1.0 + 3e-3)) < 3e-5
+    exact = x.bfloat16().float()
+    torch.testing.assert_close(mod.round_bf16_(exact.clone(), gen), exact, rtol=0, atol=0)
+    ema_near, ema_sr = torch.ones(4096), torch.ones(4096)
+    for _ in range(200):  # v <- 0.999 v + 0.001 * 2: the fixed point is 2
+        mod.round_bf16_(ema_near.mul_(0.999).add_(0.002))
+        mod.round_bf16_(ema_sr.mul_(0.999).add_(0.002), gen)
+    assert ema_near.max().item() == 1.0  # stuck: each increment is under half an ulp
+    assert 1.15 < ema_sr.mean().item() < 1.21  # 2 - 0.999^200 = 1.181
