@@ -14,6 +14,8 @@ and compares the validation loss and the PEER layers' expert usage and KL. Varia
                rounded to nearest, the second stochastically (round-to-nearest would lose
                (1 - beta2) = 0.1 % increments below bf16's half-ulp of 0.2 %): the state a fused
                element-wise kernel would keep at row-wise Adam's bytes (an experiment; no kernel has it)
+  lazy_adamw_v16
+               the same with only the second moment in bf16 (stochastic), the first in fp32
   rowwise      the fused optimizer's rule (RowwiseAdamW: lazy, one second moment per row, per-row
                step counts; tables not clipped, as in the fused path)
   rowwise_factored
@@ -47,7 +49,7 @@ if REPO not in sys.path:
 
 from torchpeer.data.atomic import write_text_atomic  # noqa: E402
 
-OPTIMIZERS = ("adamw", "lazy_adamw", "lazy_adamw_bf16", "rowwise", "rowwise_factored")
+OPTIMIZERS = ("adamw", "lazy_adamw", "lazy_adamw_bf16", "lazy_adamw_v16", "rowwise", "rowwise_factored")
 
 
 def parse_variant(text: str) -> tuple[str, float]:
@@ -102,8 +104,9 @@ def round_bf16_(x, generator=None):
     return x
 
 
-def lazy_adamw_bf16(groups, expert_ids, lr, betas, eps, seed):
-    """lazy_adamw with the tables' moments kept in bf16 (first to nearest, second stochastically)."""
+def lazy_adamw_bf16(groups, expert_ids, lr, betas, eps, seed, first_moment=True):
+    """lazy_adamw with the tables' moments kept in bf16 (first to nearest, second stochastically);
+    first_moment=False: only the second moment in bf16."""
     import torch
 
     opt = lazy_adamw(groups, expert_ids, lr, betas, eps)
@@ -115,7 +118,8 @@ def lazy_adamw_bf16(groups, expert_ids, lr, betas, eps, seed):
         with torch.no_grad():
             for p, st in opt.state.items():
                 if id(p) in expert_ids and "exp_avg" in st:
-                    round_bf16_(st["exp_avg"])
+                    if first_moment:
+                        round_bf16_(st["exp_avg"])
                     round_bf16_(st["exp_avg_sq"], gen)
         return loss
 
@@ -194,8 +198,9 @@ def run(config, variant, seed, steps, runs_dir, extra=()):
         trainer.params = [p for p in trainer.params if id(p) not in tables]  # tables: not clipped
     elif optimizer == "lazy_adamw":
         trainer.optimizer = lazy_adamw(groups, tables, t.lr, (t.beta1, t.beta2), t.eps)
-    elif optimizer == "lazy_adamw_bf16":
-        trainer.optimizer = lazy_adamw_bf16(groups, tables, t.lr, (t.beta1, t.beta2), t.eps, seed)
+    elif optimizer in ("lazy_adamw_bf16", "lazy_adamw_v16"):
+        both = optimizer == "lazy_adamw_bf16"
+        trainer.optimizer = lazy_adamw_bf16(groups, tables, t.lr, (t.beta1, t.beta2), t.eps, seed, first_moment=both)
     t0 = time.perf_counter()
     summary = trainer.fit()
     valid = {k: v["loss"] for k, v in summary["valid"].items()}
