@@ -139,37 +139,28 @@ def factored_rowwise_adamw(groups, lr, betas, eps, rowwise_groups):
     from torchpeer.optim.rowwise_adam import RowwiseAdamState
 
     class FactoredRowwiseAdamW(RowwiseAdamW):
-        @torch.no_grad()
-        def step(self, closure=None):
-            if self._dense is not None:
-                self._dense.step()
-            for group in self.param_groups:
-                if group.get("name") not in self.rowwise_groups:
-                    continue
-                b1, b2 = group["betas"]
-                lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-                for p in group["params"]:
-                    if p.grad is None:
-                        continue
-                    st = self.state[p]
-                    if "rowwise" not in st:
-                        st["rowwise"] = RowwiseAdamState.zeros_like(p)
-                        st["col"] = torch.zeros(p.shape[1], dtype=torch.float64)
-                        st["col_t"] = 0
-                    s = st["rowwise"]
-                    rows = (p.grad != 0).any(dim=1).nonzero().squeeze(1)
-                    g = p.grad[rows].double()
-                    st["col_t"] += 1
-                    st["col"].mul_(b2).add_(g.pow(2).mean(dim=0), alpha=1 - b2)
-                    c = st["col"] / (1 - b2 ** st["col_t"])
-                    f = c / c.mean().clamp_min(1e-300)
-                    t = s.steps[rows].double() + 1
-                    m = b1 * s.exp_avg[rows].double() + (1 - b1) * g
-                    v = b2 * s.exp_avg_sq[rows].double() + (1 - b2) * g.pow(2).mean(dim=1)
-                    vhat = (v / (1 - b2**t))[:, None] * f[None, :]
-                    w = p[rows].double() * (1 - lr * wd) - lr * (m / (1 - b1**t)[:, None]) / (vhat.sqrt() + eps)
-                    p[rows] = w.to(p.dtype)
-                    s.exp_avg[rows], s.exp_avg_sq[rows], s.steps[rows] = m.float(), v.float(), t.to(torch.int32)
+        def _update_table(self, p, group):
+            b1, b2 = group["betas"]
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            st = self.state[p]
+            if "rowwise" not in st:
+                st["rowwise"] = RowwiseAdamState.zeros_like(p)
+                st["col"] = torch.zeros(p.shape[1], dtype=torch.float64)
+                st["col_t"] = 0
+            s = st["rowwise"]
+            rows = (p.grad != 0).any(dim=1).nonzero().squeeze(1)
+            g = p.grad[rows].double()
+            st["col_t"] += 1
+            st["col"].mul_(b2).add_(g.pow(2).mean(dim=0), alpha=1 - b2)
+            c = st["col"] / (1 - b2 ** st["col_t"])
+            f = c / c.mean().clamp_min(1e-300)
+            t = s.steps[rows].double() + 1
+            m = b1 * s.exp_avg[rows].double() + (1 - b1) * g
+            v = b2 * s.exp_avg_sq[rows].double() + (1 - b2) * g.pow(2).mean(dim=1)
+            vhat = (v / (1 - b2**t))[:, None] * f[None, :]
+            w = p[rows].double() * (1 - lr * wd) - lr * (m / (1 - b1**t)[:, None]) / (vhat.sqrt() + eps)
+            p[rows] = w.to(p.dtype)
+            s.exp_avg[rows], s.exp_avg_sq[rows], s.steps[rows] = m.float(), v.float(), t.to(torch.int32)
 
     return FactoredRowwiseAdamW(groups, lr=lr, betas=betas, eps=eps, rowwise_groups=rowwise_groups)
 

@@ -146,15 +146,19 @@ class RowwiseAdamW(torch.optim.Optimizer):
             if group.get("name") not in self.rowwise_groups:
                 continue
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p not in self.state or "rowwise" not in self.state[p]:
-                    self.state[p]["rowwise"] = RowwiseAdamState.zeros_like(p)
-                rows = (p.grad != 0).any(dim=1).nonzero().squeeze(1)
-                rowwise_adam_update_(
-                    p, self.state[p]["rowwise"], rows, p.grad[rows], group["lr"], group["betas"], group["eps"],
-                    group["weight_decay"],
-                )  # fmt: skip
+                if p.grad is not None:
+                    self._update_table(p, group)
+
+    def _update_table(self, p: torch.Tensor, group: dict) -> None:
+        """The row-wise rule on the rows of table p with a nonzero gradient (a variant of the rule, e.g.
+        an experiment's, overrides this and keeps the rest of the optimizer)."""
+        if p not in self.state or "rowwise" not in self.state[p]:
+            self.state[p]["rowwise"] = RowwiseAdamState.zeros_like(p)
+        rows = (p.grad != 0).any(dim=1).nonzero().squeeze(1)
+        rowwise_adam_update_(
+            p, self.state[p]["rowwise"], rows, p.grad[rows], group["lr"], group["betas"], group["eps"],
+            group["weight_decay"],
+        )  # fmt: skip
 
     def zero_grad(self, set_to_none: bool = True):
         super().zero_grad(set_to_none)
