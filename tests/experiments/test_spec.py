@@ -190,8 +190,9 @@ def test_seeds_repeat_a_variant_but_for_its_seed(tmp_path):
     "seeds, message",
     [
         ({"pear": {"seeds": [1]}}, "[seeds] pear: no variant is named 'pear'"),
-        ({"peer": {"seeds": []}}, "seeds must be a non-empty list of whole numbers >= 0"),
-        ({"peer": {"seeds": [1, "2"]}}, "seeds must be a non-empty list"),
+        ({"peer": {"seeds": []}}, "give seeds = a non-empty list of whole numbers >= 0"),
+        ({"peer": {"seeds": [1, "2"]}}, "[seeds] peer = {'seeds': [1, '2']}: give seeds = a non-empty list"),
+        ({"peer": {"seeds": [-1]}}, "whole numbers >= 0"),
         ({"peer": {"seeds": [1, 1]}}, "seed(s) [1] repeat peer's own seed or each other"),
         ({"peer": {"seeds": [1], "budgets": [3e10]}}, "budgets [30000000000.0] are not among peer's"),
         ({"peer": {"seeds": [1], "budget": [1e10]}}, "unknown key(s) ['budget']"),

@@ -262,20 +262,12 @@ def _seed_variants(table: dict[str, Any], variants: list[Variant], spec: SweepSp
                 + (f"; did you mean {close}?" if close else "")
             )
         entry = _table(entry, what, where)
-        unknown = sorted(set(entry) - {"seeds", "budgets", "tokens"})
-        if unknown:
+        seeds, unknown = entry.get("seeds"), sorted(set(entry) - {"seeds", "budgets", "tokens"})
+        whole = isinstance(seeds, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)
+        if unknown or not whole or not seeds or min(seeds) < 0:
             raise ValueError(
-                f"{where}: {what}: unknown key(s) {unknown}; give seeds = [...] and optionally budgets or tokens"
-            )
-        seeds = entry.get("seeds")
-        if (
-            not isinstance(seeds, list)
-            or not seeds
-            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)
-        ):
-            raise ValueError(
-                f"{where}: {what}: seeds must be a non-empty list of whole numbers >= 0, e.g. seeds = [1, 2]; "
-                f"got {seeds!r}"
+                f"{where}: {what} = {entry!r}: give seeds = a non-empty list of whole numbers >= 0 (e.g. [1, 2]) "
+                "and optionally budgets or tokens" + (f"; unknown key(s) {unknown}" if unknown else "")
             )
         twin = by_name[name]
         own = twin.overrides.get("train.seed", spec.base_overrides.get("train.seed"))
@@ -283,8 +275,10 @@ def _seed_variants(table: dict[str, Any], variants: list[Variant], spec: SweepSp
         if repeated:
             raise ValueError(f"{where}: {what}: seed(s) {repeated} repeat {name}'s own seed or each other")
         budgets, tokens = _budgets(entry, what, where)
-        has_budgets, has_tokens = twin.budgets or spec.budgets, twin.tokens or spec.tokens
-        for given, allowed, key in ((budgets, has_budgets, "budgets"), (tokens, has_tokens, "tokens")):
+        for given, allowed, key in (
+            (budgets, twin.budgets or spec.budgets, "budgets"),
+            (tokens, twin.tokens or spec.tokens, "tokens"),
+        ):
             extra = [x for x in given if x not in (allowed or [])]
             if extra:
                 raise ValueError(
