@@ -17,12 +17,11 @@ start) interrupts runs still training then with SIGINT: they checkpoint (when ch
 and resume on the next invocation, or restart. A run refused by the memory check while other runs
 hold the GPU (worker exit EXIT_NO_MEMORY_NOW; runs that ended in the same poll count as holding it)
 goes back to the head of the queue, and no run starts until one of the running ones ends; refused
-with nothing else running, it has failed. Workers on
-one GPU check their memory against the free memory less what the runs started before them have
-reserved until their first step (a lock file and a ledger per GPU, torchpeer/lm/start_lock.py), so
-runs started together do not all pass it against the empty GPU. A failed run
-(other non-zero exit) is reported with the end of its log and not retried in this invocation; the
-others go on.
+with nothing else running, it has failed. Workers on one GPU check their memory against the free
+memory less what the runs started before them have reserved until their first step (a lock file and
+a ledger per GPU, torchpeer/lm/start_lock.py), so runs started together do not all pass it against
+the empty GPU. A failed run (other non-zero exit) is reported with the end of its log and not retried
+in this invocation; the others go on.
 """
 
 from __future__ import annotations
@@ -161,7 +160,8 @@ def run_parallel(
             # very window) was refused for that memory, not for its own size: it waits. Refused with no
             # other holder it has failed; of runs refused together with no other, the first retries.
             holders = len(jobs) - len(refused)
-            # refusals first, so the log says "waits" before the ends that free its memory in this poll
+            # refusals first, so the log says "waits" before the ends that free its memory in this poll (and
+            # those ends then release the hold: a retried refusal never waits on runs already gone)
             for job in sorted(ended, key=lambda j: j.proc.returncode != EXIT_NO_MEMORY_NOW):
                 jobs.remove(job)
                 retry = holders > 0 or (len(refused) > 1 and job is refused[0])
@@ -177,8 +177,6 @@ def run_parallel(
                     new.append(rec)
                     if on_recorded is not None:
                         on_recorded(job.run)
-            if not jobs:
-                hold = False  # no running run is left to end: the refused one retries now, alone
             elapsed = time.time() - t0
             if stop_at is not None and elapsed >= stop_at and jobs and not interrupted:
                 say(f"stop time of {stop_at:.0f} s reached: interrupting {', '.join(j.run.name for j in jobs)}")

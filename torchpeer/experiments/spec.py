@@ -285,11 +285,10 @@ def _seed_variants(table: dict[str, Any], variants: list[Variant], spec: SweepSp
                     f"{where}: {what}: {key} {extra} are not among {name}'s ({allowed or 'none'}); "
                     "a seed run repeats runs of its variant"
                 )
-        for seed in seeds:
-            v = Variant(f"{name}-seed{seed}", {**twin.overrides, "train.seed": seed}, twin.family)
-            v.budgets = budgets or (None if tokens else twin.budgets)
-            v.tokens = tokens or (None if budgets else twin.tokens)
-            out.append(v)
+        budgets, tokens = budgets or (None if tokens else twin.budgets), tokens or (None if budgets else twin.tokens)
+        out += [
+            Variant(f"{name}-seed{s}", {**twin.overrides, "train.seed": s}, twin.family, budgets, tokens) for s in seeds
+        ]
     return out
 
 
