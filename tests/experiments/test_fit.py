@@ -75,3 +75,28 @@ def test_isoflop_fits_groups_by_family_and_budget():
     best = fits[("peer", 1e15)]["best"]
     assert best["valid"]["v"]["loss"] == min(r["valid"]["v"]["loss"] for r in fits[("peer", 1e15)]["runs"])
     assert fits[("moe", 1e15)]["fit"] is None and "at least 3" in fits[("moe", 1e15)]["note"]
+
+
+@pytest.mark.parametrize("rising_to", ["large", "small"])
+def test_best_run_at_an_edge_is_not_a_bracket_even_with_the_vertex_inside(rising_to):
+    # The 1e16 dense column of the isoFLOP study: the loss only rises from the smallest size, yet the
+    # parabola's vertex lands inside the sizes (16.1M), pulled there by the far, steep point.
+    params = [11.4e6, 16.9e6, 33.6e6, 59.7e6]
+    losses = [2.9750, 2.9905, 3.1260, 3.6285]
+    if rising_to == "small":  # the mirror image: the best size is the largest
+        params = [1e14 / p for p in params]
+    fit = fit_isoflop(params, losses)
+    assert fit.min_params < fit.optimum_params < fit.max_params  # the vertex alone would call it bracketed
+    assert fit.best_at_edge and not fit.bracketed
+    assert fit.best_params == (11.4e6 if rising_to == "large" else 1e14 / 11.4e6)
+    recs = [_rec("dense", 1e16, p, loss) for p, loss in zip(params, losses)]
+    note = isoflop_fits(recs)[("dense", 1e16)]["note"]
+    side = "smallest" if rising_to == "large" else "largest"
+    assert f"best measured size is the {side} trained" in note and "add sizes on that side" in note
+
+
+def test_best_size_is_the_mean_over_repeats_of_one_size():
+    # Three sizes; the middle one has two seeds whose mean is the lowest, though one seed of the
+    # smallest size is lower than either: the middle is the measured minimum, so it brackets.
+    fit = fit_isoflop([1e6, 1e6, 2e6, 2e6, 4e6], [2.80, 3.20, 2.90, 2.92, 3.10])
+    assert fit.best_params == 2e6 and not fit.best_at_edge

@@ -6,8 +6,11 @@ vertex is the compute-optimal size at C:
 
     loss(N) ~ a u^2 + b u + c,   u = log10 N,   N* = 10^(-b / 2a),   loss* = c - b^2 / 4a
 
-A fit needs >= 3 sizes (4+ that bracket the minimum for a trustworthy vertex) and a > 0; when
-the vertex falls outside the measured sizes the runs do not bracket the optimum (``bracketed``).
+A fit needs >= 3 sizes (4+ that bracket the minimum for a trustworthy vertex) and a > 0. The runs
+bracket the optimum (``bracketed``) when the vertex lies inside the measured sizes AND the best
+measured size is not the smallest or largest one: a parabola over points that only rise from one
+end (e.g. losses 2.975, 2.99, 3.13, 3.63 from small to large) still puts its vertex inside, pulled
+there by the far points, while the data say only "at or beyond the edge".
 """
 
 from __future__ import annotations
@@ -30,11 +33,19 @@ class IsoFLOPFit:
     optimum_params: float | None
     optimum_loss: float | None
     residual_rms: float
+    best_params: float  # the measured size of least loss (mean over repeats of one size)
+
+    @property
+    def best_at_edge(self) -> bool:
+        """True when the best measured size is the smallest or the largest one trained."""
+        return self.best_params in (self.min_params, self.max_params)
 
     @property
     def bracketed(self) -> bool:
-        """True when the fitted optimum lies inside the range of sizes that were trained."""
-        return self.optimum_params is not None and self.min_params <= self.optimum_params <= self.max_params
+        """True when the fitted optimum lies inside the trained sizes and the measured minimum is interior."""
+        if self.optimum_params is None or self.best_at_edge:
+            return False
+        return self.min_params <= self.optimum_params <= self.max_params
 
     def predict(self, params) -> np.ndarray:
         a, b, c = self.coeffs
@@ -55,6 +66,8 @@ def fit_isoflop(params: Sequence[float], losses: Sequence[float]) -> IsoFLOPFit:
     if len(np.unique(p)) < 3:
         raise ValueError(f"an isoFLOP fit needs at least 3 distinct model sizes, got {len(np.unique(p))}")
     u = np.log10(p)
+    sizes = np.unique(p)
+    best_p = float(min(sizes, key=lambda q: float(y[p == q].mean())))
     a, b, c = (float(v) for v in np.polyfit(u, y, 2))
     resid = y - (a * u * u + b * u + c)
     opt_p = opt_l = None
@@ -71,6 +84,7 @@ def fit_isoflop(params: Sequence[float], losses: Sequence[float]) -> IsoFLOPFit:
         optimum_params=opt_p,
         optimum_loss=opt_l,
         residual_rms=float(np.sqrt(np.mean(resid**2))),
+        best_params=best_p,
     )
 
 
@@ -108,6 +122,10 @@ def isoflop_fits(
             note = str(e)
         if fit is not None and fit.optimum_params is None:
             note = "no minimum: the loss is not convex in log(params) over these sizes"
+        elif fit is not None and fit.best_at_edge:
+            side = "smallest" if fit.best_params == fit.min_params else "largest"
+            where = "at or below" if side == "smallest" else "at or above"
+            note = f"the best measured size is the {side} trained: the optimum is {where} it; add sizes on that side"
         elif fit is not None and not fit.bracketed:
             note = "optimum outside the trained sizes: add sizes on that side"
         out[key] = {"runs": runs, "best": best, "fit": fit, "note": note, "n_sizes": len(sizes)}

@@ -297,7 +297,7 @@ def fits_table(fits: dict, params_key: str) -> list[str]:
         fit, best = g["fit"], g["best"]
         opt = "-" if fit is None or fit.optimum_params is None else short_count(fit.optimum_params)
         if fit is not None and fit.optimum_params is not None and not fit.bracketed:
-            opt += " (outside)"
+            opt += " (edge)" if fit.best_at_edge else " (outside)"
         rows.append(
             [
                 f"{budget:.3g}",
