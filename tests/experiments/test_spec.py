@@ -93,7 +93,10 @@ def test_isoflop_spec_protocol(tmp_path):
     # every seed variant is its seed-0 grid run but for train.seed (the same data order per seed across families)
     by_name = {r.name: r.cfg for r in runs}
     seeded = [n for n in by_name if "-seed" in n]
-    assert {"multi-peer-s2-seed1-1e15", "multi-peer-s4-seed2-3e15"} <= set(seeded) and len(seeded) == 24
+    assert {"multi-peer-s2-seed1-1e15", "multi-peer-s4-seed2-3e15"} <= set(seeded) and len(seeded) == 36
+    # the seeds: every (family, budget) has seeds 1 and 2 at one size (the one nearest its optimum)
+    seeded_at = {(by_name[n].train.seed, n.split("-seed")[0].rsplit("-", 1)[0], n.rsplit("-", 1)[1]) for n in seeded}
+    assert seeded_at == {(s, f, b) for s in (1, 2) for f in families for b in ("1e15", "3e15", "1e16")}
     for name in seeded:
         family_size, rest = name.split("-seed")
         seed, budget = rest.split("-")
