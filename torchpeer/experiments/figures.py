@@ -114,12 +114,12 @@ def isoflop_plot(
         ax.set_ylabel(f"loss ({eval_set})")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    # the title names only what is drawn: a star per fit whose optimum lies inside the trained sizes
+    # the title names only what is drawn: a star per fit that brackets its optimum (fit.bracketed)
     notes = []
     if stars:
         notes.append("star: fitted optimum")
     if outside_optima:
-        notes.append(f"{outside_optima} fit(s) with the optimum outside the trained sizes, not drawn")
+        notes.append(f"no star: {outside_optima} fit(s) with the vertex outside the sizes or the best run at an edge")
     fig.suptitle("isoFLOP curves" + (f" ({'; '.join(notes)})" if notes else ""))
     return fig
 
