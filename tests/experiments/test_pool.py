@@ -214,6 +214,19 @@ def test_a_run_refused_for_memory_waits_for_a_running_run_to_end(tmp_path, fake_
     assert len({r["run"] for r in read_results(runs2)}) == 7
 
 
+def _short_polls_after(msgs: list, text: str, count: int):
+    """The sweep's `say`: collects its messages into msgs and, once `count` of them contain `text`
+    (the long poll's race has been decided), goes back to short polls for the runs left, which only
+    make the test slower with 2-s polls."""
+
+    def say(m):
+        msgs.append(m)
+        if sum(text in x for x in msgs) >= count:
+            pool_mod.POLL_SECONDS = 0.2  # monkeypatch restores the module's value after the test
+
+    return say
+
+
 def test_a_refusal_in_the_same_poll_as_the_last_other_runs_end_is_retried(tmp_path, fake_worker, monkeypatch):
     """The refused run and the only other running one end within one poll: the refusal came while the
     other held memory, so the run is retried (alone now), not failed. A CPU under load once made this
@@ -224,7 +237,7 @@ def test_a_refusal_in_the_same_poll_as_the_last_other_runs_end_is_retried(tmp_pa
     spec, runs_dir, msgs = spec_for(tmp_path), str(tmp_path / "runs"), []
     victim = "d_model=16-ffw=peer-1e10"  # the second run in plan order: it starts beside the first
     monkeypatch.setenv("NOMEM", victim)
-    run_sweep(spec, runs_dir, parallel=2, progress=False, say=msgs.append)
+    run_sweep(spec, runs_dir, parallel=2, progress=False, say=_short_polls_after(msgs, "waits for GPU memory", 1))
     assert not any("FAILED" in m for m in msgs), msgs
     assert any(victim in m and "waits for GPU memory" in m for m in msgs)
     assert len({r["run"] for r in read_results(runs_dir)}) == 8
@@ -238,7 +251,7 @@ def test_runs_refused_together_with_no_other_run_end_as_failed(tmp_path, fake_wo
     victims = ["d_model=16-ffw=dense-1e10", "d_model=16-ffw=peer-1e10"]  # the first two in plan order
     monkeypatch.setenv("NOMEM_ALWAYS", ",".join(victims))
     spec, runs_dir, msgs = spec_for(tmp_path), str(tmp_path / "runs"), []
-    run_sweep(spec, runs_dir, parallel=2, progress=False, say=msgs.append)
+    run_sweep(spec, runs_dir, parallel=2, progress=False, say=_short_polls_after(msgs, "FAILED", 1))
     failed = [m for m in msgs if "FAILED" in m]
     assert len(failed) == 2 and all(any(v in m for m in failed) for v in victims)
     assert len({r["run"] for r in read_results(runs_dir)}) == 6
