@@ -4,7 +4,8 @@ The library's own specs are torchpeer.ops.product_key_topk_reference and
 torchpeer.ops.expert_mix_reference; what is here is what tests need on top of them: a loop formula
 of expert mixing written independently of every implementation (so the spec itself is tested),
 exact product-key top-k by brute force over the full keys, a relative error, a measure of what
-autograd keeps for backward, and the import of a benchmark script.
+autograd keeps for backward, the import of a benchmark script, and lazy Adam by hand in float64 (the
+oracle of torchpeer/optim/rowwise_adam.py's spec and of the fused kernels).
 """
 
 import importlib
@@ -92,3 +93,31 @@ def assert_backward_matches(m, ref, x, x_ref, y, y_ref, nonzero_grads=False, rto
         if nonzero_grads:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
         torch.testing.assert_close(p.grad.double(), p_ref.grad, rtol=rtol, atol=atol, msg=name)
+
+
+class LazyAdam64:
+    """Lazy Adam on one table by hand, in float64 and one row at a time (independent of
+    torchpeer.optim.rowwise_adam_update_ and of the kernels): a row steps only on the steps that
+    select it, with its own step count t_r for the bias corrections, and decoupled weight decay;
+    the second moment per element (elementwise) or the mean of g^2 per row. State is kept in
+    float64 (the spec and the kernels round theirs to fp32 each step)."""
+
+    def __init__(self, table, elementwise, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1):
+        self.w = table.detach().double().cpu().clone()
+        self.m = torch.zeros_like(self.w)
+        self.v = torch.zeros_like(self.w) if elementwise else torch.zeros(self.w.shape[0], 1, dtype=torch.float64)
+        self.t = [0] * self.w.shape[0]
+        self.elementwise, self.betas, self.eps, self.wd = elementwise, betas, eps, weight_decay
+
+    def step(self, grad, rows, lr):
+        """grad: the whole table's gradient (N, d) (each row's summed over all its selections);
+        rows: the rows the step selected (repeats allowed: a row steps once)."""
+        b1, b2 = self.betas
+        for r in sorted({int(i) for i in rows}):
+            g = grad[r].detach().double().cpu()
+            self.t[r] += 1
+            self.m[r] = b1 * self.m[r] + (1 - b1) * g
+            self.v[r] = b2 * self.v[r] + (1 - b2) * (g * g if self.elementwise else (g * g).mean())
+            m_hat = self.m[r] / (1 - b1 ** self.t[r])
+            v_hat = self.v[r] / (1 - b2 ** self.t[r])
+            self.w[r] = self.w[r] * (1 - lr * self.wd) - lr * m_hat / (v_hat.sqrt() + self.eps)

@@ -2,8 +2,9 @@
 
 Each phase against its PyTorch spec (columns_reference.py); then W column slices run in lock step in
 one process (the all-reduces are sums over the slices) against expert_mix_reference's forward and
-gradients, and, with the fused row-wise Adam, against the optimizer's spec and the one-GPU fused
-kernel. Tiny sizes: the kernels run in Triton's interpreter on the CPU.
+gradients, and, with the fused lazy Adam (row-wise and element-wise second moments), against the
+optimizer's spec, lazy Adam by hand and the one-GPU fused kernel. Tiny sizes: the kernels run in
+Triton's interpreter on the CPU.
 """
 
 import os
@@ -17,7 +18,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from tests.references import rel_err  # noqa: E402
+from tests.references import LazyAdam64, rel_err  # noqa: E402
 from torchpeer.ops import expert_mix_reference  # noqa: E402
 from torchpeer.ops.expert_mixing import columns_reference as ref  # noqa: E402
 from torchpeer.ops.expert_mixing import triton_cols_op as cols  # noqa: E402
@@ -150,21 +151,24 @@ def hyper(lr, wd=0.1):
     return torch.tensor([lr, 0.9, 0.99, 1e-8, wd], dtype=torch.float32, device=DEVICE)
 
 
+@pytest.mark.parametrize("elementwise", [False, True], ids=["rowwise", "elementwise"])
 @pytest.mark.parametrize("segment,skew", [(None, 0.0), (4, 0.8)])
-def test_fused_rowwise_adam_in_column_slices(monkeypatch, segment, skew):
+def test_fused_rowwise_adam_in_column_slices(monkeypatch, segment, skew, elementwise):
     """Two slices in lock step, two steps: every table row and moment equals the spec's
-    (rowwise_adam_update_ on the full float64 gradient) and the one-GPU fused kernel's; the row's
-    second moment and step count, kept whole by every slice, equal them too."""
+    (rowwise_adam_update_ on the full float64 gradient), lazy Adam's by hand and the one-GPU fused
+    kernel's; a row-wise second moment and the step counts, kept whole by every slice, equal them
+    too; an element-wise second moment is each slice's columns of theirs (no all-reduce, no apply)."""
     small_tiles(monkeypatch, segment)
     world, N, d = 2, 12, 32  # (T = 9, 54 selections over 6 rows: hot lists of ~20 under skew)
     x0, down, up, *_ = inputs(1, 1, 1, d, N, seed=7)
     full = [down.clone(), up.clone()]  # the one-GPU fused kernel's tables
     spec = [down.double(), up.double()]
-    st_full = [RowwiseAdamState.zeros_like(t) for t in full]
-    st_spec = [RowwiseAdamState.zeros_like(t) for t in spec]
+    st_full = [RowwiseAdamState.zeros_like(t, elementwise=elementwise) for t in full]
+    st_spec = [RowwiseAdamState.zeros_like(t, elementwise=elementwise) for t in spec]
+    by_hand = [LazyAdam64(t, elementwise) for t in spec]
     sls = [slice(r * d // world, (r + 1) * d // world) for r in range(world)]
     mine = [[down[:, sl].contiguous(), up[:, sl].contiguous()] for sl in sls]
-    st = [[RowwiseAdamState.zeros_like(t) for t in pair] for pair in mine]
+    st = [[RowwiseAdamState.zeros_like(t, elementwise=elementwise) for t in pair] for pair in mine]
     for step in range(2):
         x, _, _, idx, gates, dy = inputs(9, 2, 3, d, N, seed=10 + step, skew=skew)
         hp = hyper(1e-2 * (step + 1))
@@ -173,7 +177,7 @@ def test_fused_rowwise_adam_in_column_slices(monkeypatch, segment, skew):
         sq = [torch.zeros(2, N, device=DEVICE) for _ in sls]
         s = sum(
             cols.column_up_pass(
-                plans[r], dy[:, sl], mine[r][1], gates, h, "gelu", moment=(st[r][1].exp_avg, sq[r][1], hp)
+                plans[r], dy[:, sl], mine[r][1], gates, h, "gelu", moment=(mine[r][1], st[r][1], sq[r][1], hp)
             )
             for r, sl in enumerate(sls)
         )
@@ -181,10 +185,11 @@ def test_fused_rowwise_adam_in_column_slices(monkeypatch, segment, skew):
         for r, sl in enumerate(sls):
             coef, _, dxr = cols.column_token_pass(s, gates, h, mine[r][0], idx, "gelu", 1.0, x.dtype)
             dx.append(dxr)
-            cols.column_down_pass(plans[r], x[:, sl], coef, moment=(st[r][0].exp_avg, sq[r][0], hp))
-            cols.column_reduce_moments(plans[r], st[r][0].exp_avg, sq[r][0], st[r][1].exp_avg, sq[r][1], hp)
+            cols.column_down_pass(plans[r], x[:, sl], coef, moment=(mine[r][0], st[r][0], sq[r][0], hp))
+            cols.column_reduce_moments(plans[r], *mine[r], *st[r], sq[r], hp)
         sq_all = sum(sq)
-        for r in range(world):
+        assert elementwise == (sq_all == 0).all()  # element-wise: nothing to all-reduce
+        for r in range(world) if not elementwise else ():
             cols.column_adam_apply(plans[r], sq_all, *mine[r], *st[r], hp, d)
 
         xg = x.clone().requires_grad_()
@@ -193,16 +198,19 @@ def test_fused_rowwise_adam_in_column_slices(monkeypatch, segment, skew):
         xr = x.double().requires_grad_()
         expert_mix_reference(xr, *leaves, idx, gates.double(), "gelu").backward(dy.double())
         rows = idx.reshape(-1).unique()
-        for table, leaf, state in zip(spec, leaves, st_spec):
+        for table, leaf, state, hand in zip(spec, leaves, st_spec, by_hand):
             rowwise_adam_update_(table, state, rows, leaf.grad[rows], 1e-2 * (step + 1), (0.9, 0.99), 1e-8, 0.1)
+            hand.step(leaf.grad, rows, 1e-2 * (step + 1))
         assert rel_err(torch.cat(dx, 1), xr.grad) < 1e-5
         for k in range(2):
             table = torch.cat([mine[r][k] for r in range(world)], 1)
             m = torch.cat([st[r][k].exp_avg for r in range(world)], 1)
             assert rel_err(table, spec[k]) < 1e-5 and rel_err(table, full[k]) < 1e-6
+            assert rel_err(table, by_hand[k].w) < 1e-5
             assert rel_err(m, st_spec[k].exp_avg) < 1e-5 and rel_err(m, st_full[k].exp_avg) < 1e-6
             for r in range(world):
-                assert rel_err(st[r][k].exp_avg_sq, st_spec[k].exp_avg_sq) < 1e-4
+                v_spec = st_spec[k].exp_avg_sq[:, sls[r]] if elementwise else st_spec[k].exp_avg_sq
+                assert rel_err(st[r][k].exp_avg_sq, v_spec) < 1e-4
                 assert torch.equal(st[r][k].steps, st_spec[k].steps)
         assert torch.equal(mine[0][0][N // 2 :], down[N // 2 :, sls[0]])  # never picked: unchanged
     assert int(st[0][0].steps.max()) == 2 and int(st[0][0].steps.min()) == 0

@@ -1,4 +1,6 @@
-"""The fused row-wise Adam mixing backward vs the plain-PyTorch spec (torchpeer/optim/rowwise_adam.py).
+"""The fused lazy Adam mixing backward vs the plain-PyTorch spec (torchpeer/optim/rowwise_adam.py)
+and vs lazy Adam by hand in float64 (tests/references.py LazyAdam64), with the second moment per row
+(rowwise_adam) and per element (elementwise_adam).
 
 Step for step: the same starting tables and state, each step fresh random inputs (repeated
 experts, skew), the spec gets float64 gradients from expert_mix_reference; after every step tables,
@@ -16,7 +18,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from tests.references import rel_err  # noqa: E402
+from tests.references import LazyAdam64, rel_err  # noqa: E402
 from torchpeer.ops import expert_mix_reference  # noqa: E402
 from torchpeer.ops.expert_mixing import triton_op as mixing  # noqa: E402
 from torchpeer.ops.expert_mixing.triton_fused_op import expert_mix_rowwise_adam  # noqa: E402
@@ -30,14 +32,15 @@ def hyper(lr, betas=(0.9, 0.99), eps=1e-8, wd=0.1):
     return torch.tensor([lr, betas[0], betas[1], eps, wd], dtype=torch.float32, device=DEVICE)
 
 
-def run_steps(T, H, K, d, N, steps, segment, monkeypatch, skew=0.0, activation="gelu", seed=0):
+def run_steps(T, H, K, d, N, steps, segment, monkeypatch, skew=0.0, activation="gelu", seed=0, elementwise=False):
     monkeypatch.setattr(mixing, "TUNING", {"fwd": SMALL, "expert": dict(SMALL, segment=segment), "dx": SMALL})
     gen = torch.Generator().manual_seed(seed)
     down = (torch.randn(N, d, generator=gen) / d**0.25).to(DEVICE)
     up = torch.randn(N, d, generator=gen).to(DEVICE)
     down_ref, up_ref = down.double(), up.double()
-    st = [RowwiseAdamState.zeros_like(t) for t in (down, up)]
-    st_ref = [RowwiseAdamState.zeros_like(t) for t in (down, up)]
+    st = [RowwiseAdamState.zeros_like(t, elementwise=elementwise) for t in (down, up)]
+    st_ref = [RowwiseAdamState.zeros_like(t, elementwise=elementwise) for t in (down, up)]
+    by_hand = [LazyAdam64(t, elementwise) for t in (down, up)]
     for step in range(steps):
         lr = 1e-2 * (1 + step)  # a changing lr: read from the hyper tensor at backward time
         x = torch.randn(T, d, generator=gen).to(DEVICE).requires_grad_()
@@ -63,34 +66,79 @@ def run_steps(T, H, K, d, N, steps, segment, monkeypatch, skew=0.0, activation="
         rows = idx.reshape(-1).unique()
         for table, grad, state in ((down_ref, leaves[1].grad, st_ref[0]), (up_ref, leaves[2].grad, st_ref[1])):
             rowwise_adam_update_(table, state, rows, grad[rows], lr, (0.9, 0.99), 1e-8, 0.1)
+        for hand, grad in zip(by_hand, (leaves[1].grad, leaves[2].grad)):
+            hand.step(grad, idx.reshape(-1), lr)
 
         untouched = torch.ones(N, dtype=torch.bool, device=DEVICE)
         untouched[rows] = False
-        for table, ref, b, s, sr in (
-            (down, down_ref, before[0], st[0], st_ref[0]),
-            (up, up_ref, before[1], st[1], st_ref[1]),
+        for table, ref, b, s, sr, hand in (
+            (down, down_ref, before[0], st[0], st_ref[0], by_hand[0]),
+            (up, up_ref, before[1], st[1], st_ref[1], by_hand[1]),
         ):
             assert torch.equal(table[untouched], b[untouched])
             assert not torch.equal(table[rows], b[rows])
             assert rel_err(table, ref) < 1e-5, (step, rel_err(table, ref))
+            assert rel_err(table, hand.w) < 1e-5, (step, rel_err(table, hand.w))
+            assert s.steps.tolist() == hand.t
             assert rel_err(s.exp_avg, sr.exp_avg) < 1e-5
             assert rel_err(s.exp_avg_sq, sr.exp_avg_sq) < 1e-4
             assert torch.equal(s.steps, sr.steps)
     return st
 
 
+@pytest.mark.parametrize("elementwise", [False, True], ids=["rowwise", "elementwise"])
 @pytest.mark.parametrize("activation", ["gelu", "identity"])  # identity: the linear read-out
-def test_fused_update_matches_the_spec_step_for_step(monkeypatch, activation):
-    st = run_steps(T=11, H=2, K=3, d=32, N=40, steps=2, segment=1 << 20, monkeypatch=monkeypatch, activation=activation)
-    assert st[0].steps.max() > 1  # rows stepped repeatedly, others once or never
+def test_fused_update_matches_the_spec_step_for_step(monkeypatch, activation, elementwise):
+    st = run_steps(
+        T=11, H=2, K=3, d=32, N=40, steps=2, segment=1 << 20, monkeypatch=monkeypatch, activation=activation,
+        elementwise=elementwise,
+    )  # fmt: skip
+    # rows stepped twice, once (their first step's bias correction at t = 1 beside rows at t = 2) and never
+    assert {0, 1, 2} <= set(st[0].steps.tolist())
+    assert st[0].exp_avg_sq.shape == ((40, 32) if elementwise else (40,))
 
 
-def test_fused_update_under_skew_with_split_segments(monkeypatch):
+@pytest.mark.parametrize("elementwise", [False, True], ids=["rowwise", "elementwise"])
+def test_fused_update_under_skew_with_split_segments(monkeypatch, elementwise):
     """80% of the selections on experts 0 and 1: their lists are split into segments of 4 and
     the reduce pass updates them; relu exercises the other activation."""
     run_steps(
-        T=13, H=2, K=3, d=32, N=30, steps=2, segment=4, monkeypatch=monkeypatch, skew=0.8, activation="relu", seed=1
-    )
+        T=13, H=2, K=3, d=32, N=30, steps=2, segment=4, monkeypatch=monkeypatch, skew=0.8, activation="relu", seed=1,
+        elementwise=elementwise,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("elementwise", [False, True], ids=["rowwise", "elementwise"])
+def test_spec_is_lazy_adam_by_hand(elementwise):
+    """rowwise_adam_update_ == LazyAdam64 over 4 steps: a row selected every step, rows first selected
+    at a later step (their first update is a normal bias-corrected step), a row never selected (bitwise
+    untouched); element-wise, the rows selected every step equal torch.optim.AdamW (same decay)."""
+    gen = torch.Generator().manual_seed(21)
+    table = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    adamw_rows = table[:1].clone().requires_grad_()  # row 0 is selected at every step
+    adamw = torch.optim.AdamW([adamw_rows], lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    state = RowwiseAdamState.zeros_like(table, elementwise=elementwise)
+    hand = LazyAdam64(table, elementwise)
+    start = table.clone()
+    for step, rows in enumerate(([0, 1], [0, 2, 3], [0, 1, 3], [0, 4])):  # row 5: never
+        lr = 1e-2 * (step + 1)
+        grad = torch.zeros_like(table)
+        grad[rows] = torch.randn(len(rows), 4, generator=gen, dtype=torch.float64) * 10.0 ** torch.arange(4.0)
+        for group in adamw.param_groups:
+            group["lr"] = lr
+        adamw_rows.grad = grad[:1].clone()
+        adamw.step()
+        was = table.clone()
+        rowwise_adam_update_(table, state, torch.tensor(rows), grad[rows], lr, (0.9, 0.99), 1e-8, 0.1)
+        hand.step(grad, rows, lr)
+        assert rel_err(table, hand.w) < 1e-7, step
+        if elementwise:
+            assert rel_err(table[:1], adamw_rows) < 1e-7, step
+        first = [r for r in rows if hand.t[r] == 1]  # a first step: lr * g / |g| per element (+ decay)
+        if elementwise and first:
+            delta = table[first] - was[first] * (1 - lr * 0.1)
+            assert torch.allclose(delta.abs(), torch.full_like(delta, lr), rtol=1e-4), step
+    assert torch.equal(table[5], start[5]) and state.steps.tolist() == hand.t == [4, 2, 1, 2, 1, 0]
 
 
 def test_fused_update_is_bitwise_deterministic(monkeypatch):
@@ -116,6 +164,13 @@ def test_bad_inputs_raise_clear_errors():
     idx = torch.randint(0, 8, (3, 1, 2), device=DEVICE)
     g = torch.rand(3, 1, 2, device=DEVICE)
     st = [RowwiseAdamState.zeros_like(t) for t in (down, up)]
+    with pytest.raises(ValueError, match="both tables or neither keep element-wise"):
+        expert_mix_rowwise_adam(
+            x, down, up, idx, g, "gelu", st[0], RowwiseAdamState.zeros_like(up, elementwise=True), hyper(1e-3)
+        )
+    bad_v = RowwiseAdamState(st[1].exp_avg, torch.zeros(8, 15, device=DEVICE), st[1].steps)
+    with pytest.raises(ValueError, match=r"exp_avg_sq must be a contiguous torch.float32 tensor of shape \(8, 16\)"):
+        expert_mix_rowwise_adam(x, down, up, idx, g, "gelu", st[0], bad_v, hyper(1e-3))
     with pytest.raises(ValueError, match="must not require grad"):
         expert_mix_rowwise_adam(x, down.requires_grad_(), up, idx, g, "gelu", st[0], st[1], hyper(1e-3))
     down.requires_grad_(False)
@@ -126,17 +181,24 @@ def test_bad_inputs_raise_clear_errors():
         expert_mix_rowwise_adam(x, down, up, idx, g, "gelu", st[0], st[1], torch.zeros(4, device=DEVICE))
 
 
-def test_state_dict_round_trip_and_shape_check():
+@pytest.mark.parametrize("elementwise", [False, True], ids=["rowwise", "elementwise"])
+def test_state_dict_round_trip_and_shape_check(elementwise):
     table = torch.randn(6, 4)
-    a = RowwiseAdamState.zeros_like(table)
+    a = RowwiseAdamState.zeros_like(table, elementwise=elementwise)
     a.exp_avg.normal_()
     a.exp_avg_sq.uniform_()
     a.steps.fill_(3)
-    b = RowwiseAdamState.zeros_like(table)
+    b = RowwiseAdamState.zeros_like(table, elementwise=elementwise)
     b.load_state_dict({k: v.clone() for k, v in a.state_dict().items()})
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in ("exp_avg", "exp_avg_sq", "steps"))
     with pytest.raises(ValueError, match="shape"):
-        RowwiseAdamState.zeros_like(torch.randn(5, 4)).load_state_dict(a.state_dict())
+        RowwiseAdamState.zeros_like(torch.randn(5, 4), elementwise=elementwise).load_state_dict(a.state_dict())
+    other = RowwiseAdamState.zeros_like(table, elementwise=not elementwise)  # the other optimizer's state
+    theirs = "per element" if elementwise else "per row"
+    with pytest.raises(
+        ValueError, match=f"checkpoint's Adam second moment is {theirs}.*resume with the train.expert_optimizer"
+    ):
+        other.load_state_dict(a.state_dict())
 
 
 class TinyPEERTables(torch.nn.Module):
@@ -153,9 +215,11 @@ class TinyPEERTables(torch.nn.Module):
         return self.table_update(x, self.down, self.up, idx, gates, "gelu")
 
 
-def test_table_optimizer_set_lr_and_checkpoint_resume():
+@pytest.mark.parametrize("elementwise", [False, True], ids=["rowwise", "elementwise"])
+def test_table_optimizer_set_lr_and_checkpoint_resume(elementwise):
     """Engine level: set_lr reaches the kernels; a state_dict round trip into a fresh engine on a
-    copy of the tables continues bitwise like the original; no_grad forwards update nothing."""
+    copy of the tables continues bitwise like the original (the other kind of second moment is
+    refused, naming the fix); no_grad forwards update nothing."""
     from torchpeer.optim import RowwiseTableAdam
 
     gen = torch.Generator().manual_seed(7)
@@ -175,7 +239,7 @@ def test_table_optimizer_set_lr_and_checkpoint_resume():
         layer(x.requires_grad_(), idx, g).backward(dy)
 
     a = TinyPEERTables(24, 16, seed=8)
-    engine_a = RowwiseTableAdam({"l": a}, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+    engine_a = RowwiseTableAdam({"l": a}, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, elementwise=elementwise)
     assert not a.down.requires_grad and not a.up.requires_grad
     start = a.down.detach().clone()
     step(a, engine_a, batches[0], 3e-2)
@@ -188,12 +252,18 @@ def test_table_optimizer_set_lr_and_checkpoint_resume():
     b = TinyPEERTables(24, 16, seed=0)
     b.down.data.copy_(a.down.detach())
     b.up.data.copy_(a.up.detach())
-    engine_b = RowwiseTableAdam({"l": b}, lr=0.5)
+    with pytest.raises(ValueError, match="second moments.*set train.expert_optimizer to the checkpoint's kind"):
+        RowwiseTableAdam({"l": TinyPEERTables(24, 16, seed=0)}, lr=0.5, elementwise=not elementwise).load_state_dict(
+            engine_a.state_dict()
+        )
+    engine_b = RowwiseTableAdam({"l": b}, lr=0.5, elementwise=elementwise)
     engine_b.load_state_dict(engine_a.state_dict())
+    assert engine_b.states["l"][1].exp_avg_sq.shape == ((24, 16) if elementwise else (24,))
     for layer, engine in ((a, engine_a), (b, engine_b)):
         step(layer, engine, batches[1], 1e-2)
     assert torch.equal(a.down, b.down) and torch.equal(a.up, b.up)
     assert torch.equal(engine_a.states["l"][0].exp_avg, engine_b.states["l"][0].exp_avg)
+    assert torch.equal(engine_a.states["l"][0].exp_avg_sq, engine_b.states["l"][0].exp_avg_sq)
 
     before = a.up.detach().clone()
     with torch.no_grad():
@@ -228,31 +298,37 @@ def test_attach_to_a_real_peer_layer_keeps_tables_out_of_adamw():
         attach_rowwise_adam(torch.nn.Linear(3, 3), lr=1e-3)
 
 
-def test_bf16_working_tables_with_fp32_masters_match_the_spec():
-    """bf16 tables read by the kernels, fp32 masters updated by the rule; after each step the
-    table is exactly the master rounded to bf16 and the master matches the spec."""
+@pytest.mark.parametrize("elementwise", [False, True], ids=["rowwise", "elementwise"])
+def test_bf16_working_tables_with_fp32_masters_match_the_spec(elementwise):
+    """bf16 tables read by the kernels, fp32 masters updated by the rule (rowwise_adam_bf16,
+    elementwise_adam_bf16); after each step the table is exactly the master rounded to bf16 and the
+    master matches the spec and lazy Adam by hand."""
     from torchpeer.optim import RowwiseTableAdam
 
-    layer = TinyPEERTables(20, 16, seed=9)
-    engine = RowwiseTableAdam({"l": layer}, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, bf16_tables=True)
+    layer = TinyPEERTables(20, 24, seed=9)  # d 24: BLOCK_D 32, the kernels' masked lanes
+    engine = RowwiseTableAdam(
+        {"l": layer}, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, bf16_tables=True, elementwise=elementwise
+    )
     assert layer.down.dtype == torch.bfloat16 and engine.states["l"][0].master.dtype == torch.float32
     ref_tables = [s.master.double().clone() for s in engine.states["l"]]
-    ref_states = [RowwiseAdamState.zeros_like(t) for t in ref_tables]
+    ref_states = [RowwiseAdamState.zeros_like(t, elementwise=elementwise) for t in ref_tables]
+    by_hand = [LazyAdam64(t, elementwise) for t in ref_tables]
     gen = torch.Generator().manual_seed(10)
     for _ in range(2):
-        x = torch.randn(9, 16, generator=gen).to(DEVICE).requires_grad_()
+        x = torch.randn(9, 24, generator=gen).to(DEVICE).requires_grad_()
         idx = torch.randint(0, 10, (9, 2, 2), generator=gen).to(DEVICE)
         g = (torch.rand(9, 2, 2, generator=gen) + 0.1).to(DEVICE)
-        dy = torch.randn(9, 16, generator=gen).to(DEVICE)
+        dy = torch.randn(9, 24, generator=gen).to(DEVICE)
         bf16 = [layer.down.detach().double(), layer.up.detach().double()]  # what the forward reads
         layer(x, idx, g).backward(dy)
         leaves = [t.clone().requires_grad_() for t in bf16]
         expert_mix_reference(x.detach().double(), leaves[0], leaves[1], idx, g.double()).backward(dy.double())
         rows = idx.reshape(-1).unique()
-        for table, leaf, st in zip(ref_tables, leaves, ref_states):
+        for table, leaf, st, hand in zip(ref_tables, leaves, ref_states, by_hand):
             rowwise_adam_update_(table, st, rows, leaf.grad[rows], 1e-2, (0.9, 0.99), 1e-8, 0.1)
-        for table, ref, st in zip((layer.down, layer.up), ref_tables, engine.states["l"]):
-            assert rel_err(st.master, ref) < 1e-5
+            hand.step(leaf.grad, rows, 1e-2)
+        for table, ref, st, hand in zip((layer.down, layer.up), ref_tables, engine.states["l"], by_hand):
+            assert rel_err(st.master, ref) < 1e-5 and rel_err(st.master, hand.w) < 1e-5
             if DEVICE == "cuda":
                 assert torch.equal(table, st.master.to(torch.bfloat16))
             else:  # the interpreter rounds fp32 -> bf16 by truncation: within one bf16 ulp
@@ -264,7 +340,8 @@ def test_bf16_working_tables_with_fp32_masters_match_the_spec():
     assert layer.down.dtype == torch.float32 and layer.down.requires_grad
 
 
-def test_opcheck_fused_backward_op():
+@pytest.mark.parametrize("elementwise", [False, True], ids=["rowwise", "elementwise"])
+def test_opcheck_fused_backward_op(elementwise):
     """Schema (the declared mutation of tables and states), fake-tensor and AOT dispatch checks."""
     from torchpeer.ops.expert_mixing import triton_fused_op as fused
 
@@ -276,7 +353,7 @@ def test_opcheck_fused_backward_op():
     _, h = mixing._peer_mix_fwd(x, down, up, idx, g, "gelu")
     states = []
     for t in (down, up):
-        s = RowwiseAdamState.zeros_like(t)
+        s = RowwiseAdamState.zeros_like(t, elementwise=elementwise)
         states += [torch.empty(0, device=DEVICE), s.exp_avg, s.exp_avg_sq, s.steps]
     tables = [down, up, *states]
     torch.library.opcheck(fused._peer_mix_bwd_rowwise_adam, (dy, x, tables, idx, g, h, hyper(1e-2), "gelu"))
@@ -309,7 +386,8 @@ def test_bf16_first_moments_match_the_spec():
             assert rel_err(table, ref) < 1e-4
 
 
-def test_plain_pytorch_rowwise_adamw_groups():
+@pytest.mark.parametrize("elementwise", [False, True], ids=["rowwise", "elementwise"])
+def test_plain_pytorch_rowwise_adamw_groups(elementwise):
     """RowwiseAdamW (CPU path): expert groups follow the spec on rows with a gradient, the other
     groups equal torch.optim.AdamW, and lr changes on the shared group dicts reach both."""
     from torchpeer.optim import RowwiseAdamW
@@ -322,9 +400,10 @@ def test_plain_pytorch_rowwise_adamw_groups():
         {"name": "experts", "params": [table], "lr": 1e-2, "weight_decay": 0.1},
         {"name": "decay", "params": [w], "lr": 1e-2, "weight_decay": 0.1},
     ]
-    opt = RowwiseAdamW(groups, betas=(0.9, 0.99))
+    opt = RowwiseAdamW(groups, betas=(0.9, 0.99), elementwise=elementwise)
     ref_opt = torch.optim.AdamW([w_ref], lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
-    spec_table, spec_state = table.detach().double().clone(), RowwiseAdamState.zeros_like(table)
+    spec_table = table.detach().double().clone()
+    spec_state = RowwiseAdamState.zeros_like(table, elementwise=elementwise)
     for step in range(3):
         for group in opt.param_groups + ref_opt.param_groups:
             group["lr"] = 1e-2 / (step + 1)

@@ -3,7 +3,8 @@
 - the torch path (float64) == the single-process layer: outputs, input/table/replicated-parameter
   gradients, BatchNorm statistics and usage scores (workers: layer_workers.py);
 - the column-sliced Triton path (the kernels in Triton's interpreter) == the one-process layer (its
-  float64 reference and its one-GPU Triton kernels), the fused row-wise Adam's update included; and
+  float64 reference and its one-GPU Triton kernels), the fused lazy Adam's update included (row-wise
+  and element-wise second moments); and
   under torch.compile, alone and inside DDP (workers: triton_workers.py)."""
 
 import os
@@ -38,8 +39,10 @@ def test_sharded_layers_torch_and_triton_and_compile_on_2_ranks(tmp_path):
     torch_cases.append(("autocast", None))
     # Triton: hot experts split into segments of 8 (and not), relu / EMA norm / sigmoid gates, the
     # fused update, then torch.compile of the layer (fullgraph) and of DDP around a model that holds it
-    cases = [("layer", "peer", 8), ("layer", "relu_ema", None), ("rowwise", 2), ("compile",)]
-    _run(tmp_path, 2, torch_cases, cases, ["ok_peer_2_8", "ok_relu_ema_2_None", "ok_rowwise_2_2", "ok_compile_2"])
+    cases = [("layer", "peer", 8), ("layer", "relu_ema", None), ("rowwise", 2, False), ("rowwise", 2, True)]
+    cases.append(("compile",))
+    expected = ["ok_peer_2_8", "ok_relu_ema_2_None", "ok_rowwise_2_2", "ok_rowwise_2_2_elementwise", "ok_compile_2"]
+    _run(tmp_path, 2, torch_cases, cases, expected)
 
 
 def test_sharded_layers_torch_and_triton_on_4_ranks(tmp_path):
@@ -47,4 +50,4 @@ def test_sharded_layers_torch_and_triton_on_4_ranks(tmp_path):
     # see only their rank's tokens (the union of experts); Triton: the layer and one step of the fused
     # update (the 2-rank test checks the moments' history over two)
     torch_cases = [("peer", None), ("pkm", [0, 3, 1, 4]), ("usage", None)]
-    _run(tmp_path, 4, torch_cases, [("layer", "peer", 8), ("rowwise", 1)], ["ok_peer_4_8", "ok_rowwise_4_1"])
+    _run(tmp_path, 4, torch_cases, [("layer", "peer", 8), ("rowwise", 1, False)], ["ok_peer_4_8", "ok_rowwise_4_1"])

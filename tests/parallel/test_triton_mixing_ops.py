@@ -37,13 +37,14 @@ def test_opcheck_sharded_mixing_ops():
     torch.library.opcheck(tm._sharded_mix_fwd, (leaves[0], X, leaves[1], leaves[2], idx, leaves[3], "gelu", ctx.key))
     _, h = tm._sharded_mix_fwd(x, X, down, up, idx, gates, "gelu", ctx.key)
     torch.library.opcheck(tm._sharded_mix_bwd, (dy, X, down, up, idx, gates, h, "relu", ctx.key))
-    states = []
-    for _ in range(2):
-        s = RowwiseAdamState.zeros_like(down)
-        states += [torch.empty(0, device=DEVICE), s.exp_avg, s.exp_avg_sq, s.steps]
     hyper = torch.tensor([1e-2, 0.9, 0.99, 1e-8, 0.0], device=DEVICE)
-    args = (dy, X, [down.clone(), up.clone(), *states], idx, gates, h, hyper, "gelu", ctx.key)
-    torch.library.opcheck(tm._sharded_mix_bwd_rowwise_adam, args)
+    for elementwise in (False, True):  # second moments (N,) and (N, d/W)
+        states = []
+        for _ in range(2):
+            s = RowwiseAdamState.zeros_like(down, elementwise=elementwise)
+            states += [torch.empty(0, device=DEVICE), s.exp_avg, s.exp_avg_sq, s.steps]
+        args = (dy, X, [down.clone(), up.clone(), *states], idx, gates, h, hyper, "gelu", ctx.key)
+        torch.library.opcheck(tm._sharded_mix_bwd_rowwise_adam, args)
     torch.library.opcheck(collectives._gather_tokens_op, (x.clone().requires_grad_(), ctx.key))
 
 
@@ -60,3 +61,6 @@ def test_bad_inputs_raise_clear_errors():
         tm.sharded_mix_rowwise_adam(x, x, down.requires_grad_(), up, idx, gates, "gelu", ctx, *st, hyper)
     with pytest.raises(ValueError, match="hyper must be"):
         tm.sharded_mix_rowwise_adam(x, x, down.detach(), up, idx, gates, "gelu", ctx, *st, hyper[:4])
+    mixed = (st[0], RowwiseAdamState.zeros_like(up, elementwise=True))
+    with pytest.raises(ValueError, match="both tables or neither keep element-wise"):
+        tm.sharded_mix_rowwise_adam(x, x, down.detach(), up, idx, gates, "gelu", ctx, *mixed, hyper)

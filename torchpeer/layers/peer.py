@@ -248,8 +248,8 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
     def table_update(self, fn) -> None:
         if fn is not None and (self.readout == "glu" or self.pool is not None):
             raise ValueError(
-                "the fused table optimizer (train.expert_optimizer=rowwise_adam) updates one layer's own down/up "
-                f"(not a glu read-out's third table); this layer has readout={self.readout!r}, "
+                "the fused table optimizer (train.expert_optimizer=rowwise_adam*, elementwise_adam*) updates one "
+                f"layer's own down/up (not a glu read-out's third table); this layer has readout={self.readout!r}, "
                 f"shared_pool={self.pool is not None}: use train.expert_optimizer=adamw"
             )
         self.__dict__["_table_update"] = fn

@@ -1,4 +1,4 @@
-"""Row-wise Adam fused into PEER's mixing backward: the tables never get a gradient tensor.
+"""Lazy Adam fused into PEER's mixing backward: the tables never get a gradient tensor.
 
     table_opt = attach_rowwise_adam(model, lr=1e-3, weight_decay=0.0)   # before building AdamW
     for step ...:
@@ -9,12 +9,14 @@
 attach_rowwise_adam sets the tables' requires_grad to False (so AdamW groups and
 clip_grad_norm_ skip them) and installs a `table_update` mixer on each PEER layer (the layer calls
 it instead of expert_mix). Rule, lazy semantics and the clipping policy (table gradients are not
-clipped): torchpeer/optim/rowwise_adam.py. One backward per forward: no gradient accumulation.
+clipped): torchpeer/optim/rowwise_adam.py; its second moment per row, or per element with
+elementwise=True. One backward per forward: no gradient accumulation.
 The layers and the optimizer reference each other (layer.table_update -> optimizer -> layer):
 call detach() to hand the tables back and let both be freed without waiting for the gc.
 
 On a layer whose tables torchpeer.parallel sharded by columns, each rank's state covers its
-columns (exp_avg, master) and whole rows (exp_avg_sq, steps: all-reduced, the same on every rank);
+columns (exp_avg, master, element-wise exp_avg_sq) and whole rows (row-wise exp_avg_sq: all-reduced,
+and steps: the same on every rank);
 the sharded layer runs its own fused op with them (torchpeer/parallel/triton_mixing.py), and the
 distributed checkpoint stores them like the tables (torchpeer/parallel/checkpoint.py).
 """
@@ -26,7 +28,15 @@ from torch import nn
 
 from torchpeer.optim.rowwise_adam import RowwiseAdamState
 
-__all__ = ["RowwiseTableAdam", "attach_rowwise_adam"]
+__all__ = ["FUSED_EXPERT_OPTIMIZERS", "RowwiseTableAdam", "attach_rowwise_adam"]
+
+# train.expert_optimizer's fused choices -> attach_rowwise_adam's options (bytes: lm/config.py's docstring)
+FUSED_EXPERT_OPTIMIZERS = {
+    "rowwise_adam": {"bf16_tables": False, "elementwise": False},
+    "rowwise_adam_bf16": {"bf16_tables": True, "elementwise": False},
+    "elementwise_adam": {"bf16_tables": False, "elementwise": True},
+    "elementwise_adam_bf16": {"bf16_tables": True, "elementwise": True},
+}
 
 
 class _Mixer:
@@ -52,7 +62,8 @@ class _Mixer:
 
 
 class RowwiseTableAdam:
-    """Row-wise Adam state for the down/up tables of the given PEER layers ({name: layer})."""
+    """Lazy Adam state for the down/up tables of the given PEER layers ({name: layer}); its
+    state_dict says whether the second moments are element-wise (a resume must agree)."""
 
     def __init__(
         self,
@@ -63,6 +74,7 @@ class RowwiseTableAdam:
         weight_decay: float = 0.0,
         bf16_tables: bool = False,
         bf16_moments: bool = False,
+        elementwise: bool = False,
     ):
         if not layers:
             raise ValueError("rowwise_adam needs at least one PEER layer in the model (model.ffw = 'peer' somewhere)")
@@ -74,7 +86,7 @@ class RowwiseTableAdam:
         self.layers = layers
         self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
         self.hyper = torch.tensor([lr, betas[0], betas[1], eps, weight_decay], dtype=torch.float32, device=first.device)
-        self.bf16_tables = bf16_tables
+        self.bf16_tables, self.elementwise = bf16_tables, elementwise
         self.states = {}
         for name, layer in layers.items():
             pair = []
@@ -89,7 +101,7 @@ class RowwiseTableAdam:
                     master = t.data
                     t.data = master.to(torch.bfloat16)
                 moment_dtype = torch.bfloat16 if bf16_moments else torch.float32
-                pair.append(RowwiseAdamState.zeros_like(t, master, moment_dtype))
+                pair.append(RowwiseAdamState.zeros_like(t, master, moment_dtype, elementwise))
             self.states[name] = tuple(pair)
             layer.table_update = _Mixer(self, name)
 
@@ -104,6 +116,7 @@ class RowwiseTableAdam:
     def state_dict(self) -> dict:
         return {
             "hyper": self.hyper.cpu().tolist(),
+            "elementwise": self.elementwise,
             "layers": {n: {"down": d.state_dict(), "up": u.state_dict()} for n, (d, u) in self.states.items()},
         }
 
@@ -115,6 +128,13 @@ class RowwiseTableAdam:
         missing = set(self.states) ^ set(sd["layers"])
         if missing:
             raise ValueError(f"row-wise Adam state does not match the model's PEER layers: {sorted(missing)}")
+        theirs = sd.get("elementwise", False)  # (absent: a checkpoint from before element-wise states)
+        if theirs != self.elementwise:
+            kind = {True: "element-wise (elementwise_adam*)", False: "row-wise (rowwise_adam*)"}
+            raise ValueError(
+                f"the checkpoint's table optimizer keeps {kind[theirs]} second moments, this run's "
+                f"{kind[self.elementwise]}: set train.expert_optimizer to the checkpoint's kind to resume"
+            )
         self.hyper.copy_(torch.tensor(sd["hyper"], dtype=torch.float32))
         for n, (d, u) in self.states.items():
             d.load_state_dict(sd["layers"][n]["down"])
@@ -143,13 +163,15 @@ def attach_rowwise_adam(model: nn.Module, *args, **kwargs) -> RowwiseTableAdam:
     """Install the fused row-wise Adam on every PEER layer of `model` (call after model.to(device)).
 
     The other arguments are RowwiseTableAdam's: lr, betas=(0.9, 0.999), eps=1e-8,
-    weight_decay=0.0, bf16_tables=False, bf16_moments=False.
+    weight_decay=0.0, bf16_tables=False, bf16_moments=False, elementwise=False.
 
     bf16_tables: the layers' tables become bf16 working copies (the mixing kernels read half the
     bytes) and the fp32 weights live in the optimizer as masters (its state_dict carries them;
     the model's state_dict then holds bf16 tables). bf16_moments: first moments in bf16 (4 -> 2
     bytes per parameter of state, 16 -> 12 bytes of update traffic; rounded to nearest each step,
-    so a moment's small increments can be lost: a quality cost to measure, not assumed free)."""
+    so a moment's small increments can be lost: a quality cost to measure, not assumed free).
+    elementwise: one fp32 second moment per element (lazy Adam as AdamW's rule), not per row: +4
+    bytes per parameter of state, +8 of update traffic (train.expert_optimizer elementwise_adam*)."""
     from torchpeer.layers.peer import PEER
     from torchpeer.ops import resolve_backend
 

@@ -14,9 +14,10 @@ backward (dy_r (T_r, d)):
     dx_r = all_to_all(dx columns)                                (T_r, d)
 
 Units as in sharded_layers.py: the table and gate gradients, summed over all ranks' tokens, are
-scaled by 1/W inside the kernels; dx stays in local units. With the fused row-wise Adam
-(``sharded_mix_rowwise_adam``) no table gradient exists: each rank updates its columns, and the
-rule's per-row mean(g^2) over all d columns costs one more all-reduce, of (2, N) fp32 sums.
+scaled by 1/W inside the kernels; dx stays in local units. With the fused lazy Adam
+(``sharded_mix_rowwise_adam``) no table gradient exists: each rank updates its columns; a row-wise
+second moment's mean(g^2) over all d columns costs one more all-reduce, of (2, N) fp32 sums; an
+element-wise second moment is sharded by columns like the first and needs none.
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ def _sharded_mix_bwd_rowwise_adam(
     key: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """tables = [down, up, w_down, m_down, v_down, t_down, w_up, m_up, v_up, t_up] (as
-    triton_fused_op's; w_* the fp32 masters or empty), updated in place. -> dx, d_gates."""
+    triton_fused_op's; w_* the fp32 masters or empty; v_* (N,) or my columns (N, d/W)), updated in
+    place. -> dx, d_gates."""
     ctx = shard_context(key)
     down, up, *st = tables
     states = [RowwiseAdamState(m, v, t, w if w.numel() else None) for w, m, v, t in (st[:4], st[4:])]
@@ -180,20 +182,19 @@ class _ShardedRowwiseAdamMix(torch.autograd.Function):
 
 
 def sharded_mix_rowwise_adam(x_local, X, down, up, indices, gates, activation, ctx, state_down, state_up, hyper):
-    """sharded_mix_triton whose backward applies the row-wise Adam rule (torchpeer/optim/rowwise_adam.py)
-    to my columns of down/up in place, with each row's mean(g^2) taken over all d columns (an
-    all-reduce), so that every rank's columns step as the one-process fused update would. The
-    states are my columns' (exp_avg (N, d/W)) and the whole rows' (exp_avg_sq, steps (N,): the
-    same on every rank); hyper: (5,) fp32 [lr, beta1, beta2, eps, weight_decay]."""
-    from torchpeer.ops.expert_mixing.triton_fused_op import _check_state
+    """sharded_mix_triton whose backward applies the lazy Adam rule (torchpeer/optim/rowwise_adam.py)
+    to my columns of down/up in place, so that every rank's columns step as the one-process fused
+    update would: a row-wise second moment takes each row's mean(g^2) over all d columns (an
+    all-reduce). The states are my columns' (exp_avg, element-wise exp_avg_sq, master: (N, d/W))
+    and the whole rows' (row-wise exp_avg_sq, steps (N,): the same on every rank); hyper: (5,) fp32
+    [lr, beta1, beta2, eps, weight_decay]."""
+    from torchpeer.ops.expert_mixing.triton_fused_op import check_states
 
     indices, gates = _prepare(X, down, up, indices, gates, activation, ctx)
-    for name, table, state in (("down", down, state_down), ("up", up, state_up)):
+    for name, table in (("down", down), ("up", up)):
         if table.requires_grad or not table.is_contiguous():
             raise ValueError(f"{name} must be contiguous and not require grad for the fused update")
-        _check_state(name, table, state)
-    if (state_down.master is None) != (state_up.master is None):
-        raise ValueError("both tables or neither need an fp32 master copy")
+    check_states(down, up, state_down, state_up)
     if hyper.shape != (5,) or hyper.dtype != torch.float32 or hyper.device != down.device:
         raise ValueError(f"hyper must be a (5,) float32 tensor on {down.device}: [lr, beta1, beta2, eps, weight_decay]")
     states = []

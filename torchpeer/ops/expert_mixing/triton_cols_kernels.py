@@ -30,11 +30,17 @@ moment kernels (in place of the gradient rows): m <- b1 m + (1 - b1) g, sq[e] = 
 apply kernel: t, v from the global sq, w <- w (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps)
 (it reads the moment as stored: with bf16 first moments, rounded, where the one-GPU kernel uses
 the fp32 value it has just computed).
+With the element-wise second moment ((N, c) per rank, sharded like m) every element's update needs
+only its own column, so the moment kernels apply the whole rule where they have the row's gradient
+(triton_fused_kernels._rowwise_adam_row, as the one-GPU kernel): no sq, no all-reduce, no apply
+kernel. The up pass may update v rows in place because the token pass reads only the down table;
+the down pass runs after the token pass has read the old down rows.
 """
 
 import triton
 import triton.language as tl
 
+from .triton_fused_kernels import _rowwise_adam_row
 from .triton_kernels import _act, _act_and_grad, _segment_of_program
 
 
@@ -190,13 +196,16 @@ def _adam_moment_row(m_ptr, sq_ptr, e, g, offs_c, mask, C, hyper_ptr):
 @triton.jit
 def _cols_moment_kernel(
     rows_ptr, gate_ptr, h_ptr, coef_ptr, v_ptr, dots_ptr, perm_ptr, offsets_ptr,
-    seg_expert_ptr, seg_index_ptr, nseg_ptr, pbase_ptr, partial_ptr, m_ptr, sq_ptr, hyper_ptr,
+    seg_expert_ptr, seg_index_ptr, nseg_ptr, pbase_ptr, partial_ptr,
+    w_ptr, master_ptr, m_ptr, sq_ptr, t_ptr, hyper_ptr,
     N, S, C, SEG, stride_r, stride_v, scale,
     ACT: tl.constexpr, UP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    MASTER: tl.constexpr, ELEMENTWISE: tl.constexpr,
 ):  # fmt: skip
     """As _cols_grad_kernel, but no gradient row is written: a one-segment expert with selections
-    updates its first moment and sq in place; each segment of a hot expert writes
-    partial[pbase[e] + segment] (the reduce-moment kernel finishes it)."""
+    updates its first moment and sq (N,) in place (ELEMENTWISE: the whole rule on its row of the
+    table w (N, C) (and master), with sq the (N, C) second moment and t the step counts); each
+    segment of a hot expert writes partial[pbase[e] + segment] (the reduce kernel finishes it)."""
     pid = tl.program_id(0).to(tl.int64)
     e, seg, valid, first, last, acc = _segment_sum(
         pid, N, S, C, SEG, rows_ptr, stride_r, gate_ptr, h_ptr, coef_ptr, v_ptr, stride_v, dots_ptr,
@@ -205,9 +214,13 @@ def _cols_moment_kernel(
     acc = acc * scale
     offs_c = tl.arange(0, BLOCK_C)
     nseg = tl.load(nseg_ptr + e)
-    _adam_moment_row(
-        m_ptr, sq_ptr, e, acc, offs_c, offs_c < tl.where(valid & (nseg == 1) & (last > first), C, 0), C, hyper_ptr
-    )
+    update = offs_c < tl.where(valid & (nseg == 1) & (last > first), C, 0)
+    if ELEMENTWISE:
+        _rowwise_adam_row(
+            w_ptr, master_ptr, m_ptr, sq_ptr, t_ptr, e, acc, offs_c, update, C, hyper_ptr, MASTER, ELEMENTWISE
+        )
+    else:
+        _adam_moment_row(m_ptr, sq_ptr, e, acc, offs_c, update, C, hyper_ptr)
     slot = (tl.load(pbase_ptr + e) + seg) * 2 * C
     if UP:
         slot += C
@@ -220,7 +233,8 @@ def _cols_reduce_moment_kernel(
     C, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """One program per hot expert e = hot[q] (-1: none): sums its segments' partials in segment
-    order, then phase 1 of the rule for both tables."""
+    order, then phase 1 of the row-wise rule for both tables (the element-wise rule's hot experts:
+    triton_fused_kernels._reduce_update_kernel)."""
     e = tl.load(hot_ptr + tl.program_id(0))
     valid = e >= 0
     e = tl.maximum(e, 0).to(tl.int64)

@@ -26,6 +26,7 @@ from .triton_cols_kernels import (
     _cols_rows_kernel,
     _cols_token_kernel,
 )
+from .triton_fused_kernels import _reduce_update_kernel
 from .triton_kernels import _mix_bwd_reduce_kernel
 from .triton_op import _act_id, _launch_config, _new_buffer, _segment_plan, _sort_by_expert
 
@@ -129,16 +130,20 @@ def _expert_pass(plan, up, rows, table, gates, h, coef, dots, activation, scale,
             grad.stride(0), scale, **meta,
         )  # fmt: skip
     else:
-        m, sq, hyper = moment
+        w, state, sq, hyper = moment
+        master = state.master is not None
         _cols_moment_kernel[grid](
-            *args, plan.nseg, plan.pbase, plan.partial, m, sq, hyper,
+            *args, plan.nseg, plan.pbase, plan.partial, w, state.master if master else w, state.exp_avg,
+            state.exp_avg_sq if state.elementwise else sq, state.steps, hyper,
             N, plan.selections, c, plan.seg, rows.stride(0), table.stride(0), scale, **meta,
+            MASTER=master, ELEMENTWISE=state.elementwise,
         )  # fmt: skip
 
 
 def column_up_pass(plan, dyc, up, gates, h, activation, scale=1.0, grad=None, moment=None) -> torch.Tensor:
     """-> (T, H, K) fp32 partial dots dy[t, cols] . v_e; writes dv rows * scale into grad (N, c),
-    or, fused, phase 1 of the row-wise rule with moment = (exp_avg (N, c), sq (N,), hyper)."""
+    or, fused, moment = (table (N, c), its RowwiseAdamState, sq (N,) fp32, hyper): phase 1 of the
+    row-wise rule (m and sq), or with an element-wise state the whole rule (sq unused)."""
     dots = _new_buffer(h.shape, torch.float32, dyc.device)
     _expert_pass(plan, True, dyc, up, gates, h, None, dots, activation, scale, grad, moment)
     return dots
@@ -164,7 +169,7 @@ def column_token_pass(s, gates, h, down, indices, activation, gate_scale=1.0, dx
 
 def column_down_pass(plan, xc, coef, scale=1.0, grad=None, moment=None) -> None:
     """du rows = scale * sum over each expert's selections of coef * x[t, cols], into grad (N, c),
-    or, fused, phase 1 of the rule (moment as in column_up_pass)."""
+    or, fused, the rule's update (moment as in column_up_pass)."""
     _expert_pass(plan, False, xc, None, coef, coef, coef, coef, "gelu", scale, grad, moment)
 
 
@@ -178,18 +183,31 @@ def column_reduce(plan, d_down, d_up) -> None:
         )  # fmt: skip
 
 
-def column_reduce_moments(plan, m_down, sq_down, m_up, sq_up, hyper) -> None:
-    """Fused: phase 1 of the rule for the hot experts, from all their segments' partials."""
-    if plan.hot.numel():
-        block_c = _launch_config(_CONFIG["expert"], m_down.shape[1], plan.selections)[0]
+def column_reduce_moments(plan, down, up, state_down, state_up, sq, hyper) -> None:
+    """Fused: for the hot experts, from all their segments' partials, phase 1 of the row-wise rule
+    (into the states' m and sq (2, N)), or with element-wise states the whole rule (sq unused)."""
+    if not plan.hot.numel():
+        return
+    c = down.shape[1]
+    block_c = _launch_config(_CONFIG["expert"], c, plan.selections)[0]
+    if state_down.elementwise:  # the one-GPU kernel's: the same partials layout, D = c
+        master = state_down.master is not None
+        w_down, w_up = (state_down.master, state_up.master) if master else (down, up)
+        _reduce_update_kernel[(plan.hot.numel(),)](
+            plan.hot, plan.nseg, plan.pbase, plan.partial,
+            down, w_down, state_down.exp_avg, state_down.exp_avg_sq, state_down.steps,
+            up, w_up, state_up.exp_avg, state_up.exp_avg_sq, state_up.steps, hyper,
+            c, BLOCK_D=block_c, MASTER=master, ELEMENTWISE=True,
+        )  # fmt: skip
+    else:
         _cols_reduce_moment_kernel[(plan.hot.numel(),)](
-            plan.hot, plan.nseg, plan.pbase, plan.partial, m_down, sq_down, m_up, sq_up, hyper,
-            m_down.shape[1], BLOCK_C=block_c,
+            plan.hot, plan.nseg, plan.pbase, plan.partial, state_down.exp_avg, sq[0], state_up.exp_avg, sq[1],
+            hyper, c, BLOCK_C=block_c,
         )  # fmt: skip
 
 
 def column_adam_apply(plan, sq, down, up, state_down, state_up, hyper, d_full: int) -> None:
-    """Fused: phase 2 of the rule on every selected row of both tables; sq (2, N) fp32 holds
+    """Fused, row-wise: phase 2 of the rule on every selected row of both tables; sq (2, N) fp32 holds
     sum(g^2) of each row over all d_full columns (the ranks' phase-1 sq, summed)."""
     N, c = down.shape
     master = state_down.master is not None
@@ -238,17 +256,20 @@ def column_mix_backward_rowwise_adam(
     dyc, xc, down, up, indices, gates, h, activation, state_down, state_up, hyper, d_full, all_reduce=None, scale=1.0
 ):
     """As column_mix_backward, but down/up (and their RowwiseAdamStates) are updated in place by the
-    row-wise rule (torchpeer/optim/rowwise_adam.py) with gradient scale * (the gradient): no table
-    gradient exists. d_full: the tables' full width (all ranks). -> dx, dgate."""
+    lazy Adam rule (torchpeer/optim/rowwise_adam.py) with gradient scale * (the gradient): no table
+    gradient exists. d_full: the tables' full width (all ranks). -> dx, dgate. A row-wise second
+    moment costs a (2, N) all-reduce of sum(g^2) and the apply pass; an element-wise one (sharded
+    by columns like m) neither."""
     if h.numel() == 0:  # no selection, no row to update (every rank sees the same replicated routing)
         return torch.zeros_like(xc), torch.zeros_like(h)
     plan = expert_plan(indices, down.shape[0], down.shape[1], fused=True)
-    sq = torch.zeros((2, down.shape[0]), dtype=torch.float32, device=down.device)
-    s = _sum(
-        all_reduce, column_up_pass(plan, dyc, up, gates, h, activation, scale, moment=(state_up.exp_avg, sq[1], hyper))
-    )
+    elementwise = state_down.elementwise
+    sq = torch.zeros((2, 0 if elementwise else down.shape[0]), dtype=torch.float32, device=down.device)
+    up_update = (up, state_up, sq[1], hyper)
+    s = _sum(all_reduce, column_up_pass(plan, dyc, up, gates, h, activation, scale, moment=up_update))
     coef, dgate, dx = column_token_pass(s, gates, h, down, indices, activation, scale, xc.dtype)  # old u rows
-    column_down_pass(plan, xc, coef, scale, moment=(state_down.exp_avg, sq[0], hyper))
-    column_reduce_moments(plan, state_down.exp_avg, sq[0], state_up.exp_avg, sq[1], hyper)
-    column_adam_apply(plan, _sum(all_reduce, sq), down, up, state_down, state_up, hyper, d_full)
+    column_down_pass(plan, xc, coef, scale, moment=(down, state_down, sq[0], hyper))
+    column_reduce_moments(plan, down, up, state_down, state_up, sq, hyper)
+    if not elementwise:
+        column_adam_apply(plan, _sum(all_reduce, sq), down, up, state_down, state_up, hyper, d_full)
     return dx, dgate

@@ -1,10 +1,13 @@
-"""Triton kernels of the mixing backward with a fused row-wise Adam update of the tables.
+"""Triton kernels of the mixing backward with a fused lazy Adam update of the table rows.
 
 The plain backward (triton_kernels.py) writes dense (N, d) gradients of both tables, which the
 optimizer then reads back (and clipping, and zero_grad): ~36 bytes per table parameter per step.
 Here no table gradient exists in memory: each expert's gradient rows are summed in registers and
-the update rule of torchpeer/optim/rowwise_adam.py is applied to that row right away (16 bytes
-per parameter: read and write the row and its first moment; 12 bytes per row of scalars).
+the update rule of torchpeer/optim/rowwise_adam.py is applied to that row right away. Bytes per
+parameter of a selected row (read and write each):
+    row-wise v (one per row)   fp32 table + m: 16; bf16 table + fp32 master + m: 18
+    element-wise v (fp32)      fp32 table + m + v: 24; bf16 table + fp32 master + m + v: 26
+plus 8 (row-wise: 12) bytes per row of scalars (step count and, row-wise, v).
 
 Order matters: dx needs the OLD down rows, so the token-centric pass runs first:
 pass 1 (token-centric, one program per token): gathers v and u rows of its selections,
@@ -51,10 +54,14 @@ def _bwd_token_kernel(
 
 
 @triton.jit
-def _rowwise_adam_row(w_ptr, master_ptr, m_ptr, v_ptr, t_ptr, e, g, offs_d, mask, D, hyper_ptr, MASTER: tl.constexpr):
-    """The rule of torchpeer/optim/rowwise_adam.py on row e with gradient g (BLOCK_D,) fp32.
-    hyper = [lr, beta1, beta2, eps, weight_decay] (a device tensor: no recompile per lr).
-    MASTER: the weights live in an fp32 master table; the working table (bf16) gets a rounded copy."""
+def _rowwise_adam_row(
+    w_ptr, master_ptr, m_ptr, v_ptr, t_ptr, e, g, offs_d, mask, D, hyper_ptr,
+    MASTER: tl.constexpr, ELEMENTWISE: tl.constexpr,
+):  # fmt: skip
+    """The rule of torchpeer/optim/rowwise_adam.py on row e (of D contiguous columns) with gradient
+    g (BLOCK_D,) fp32. hyper = [lr, beta1, beta2, eps, weight_decay] (a device tensor: no recompile
+    per lr). MASTER: the weights live in an fp32 master table; the working table (bf16) gets a
+    rounded copy. ELEMENTWISE: v is (N, D) fp32, one per element, else (N,), one per row."""
     lr = tl.load(hyper_ptr)
     b1 = tl.load(hyper_ptr + 1)
     b2 = tl.load(hyper_ptr + 2)
@@ -67,7 +74,10 @@ def _rowwise_adam_row(w_ptr, master_ptr, m_ptr, v_ptr, t_ptr, e, g, offs_d, mask
     else:
         w = tl.load(w_ptr + e * D + offs_d, mask=mask, other=0.0).to(tl.float32)
     m = b1 * m + (1.0 - b1) * g
-    v = b2 * tl.load(v_ptr + e) + (1.0 - b2) * (tl.sum(g * g, axis=0) / D)
+    if ELEMENTWISE:
+        v = b2 * tl.load(v_ptr + e * D + offs_d, mask=mask, other=0.0) + (1.0 - b2) * (g * g)
+    else:
+        v = b2 * tl.load(v_ptr + e) + (1.0 - b2) * (tl.sum(g * g, axis=0) / D)
     bc1 = 1.0 - tl.exp(t * tl.log(b1))
     bc2 = 1.0 - tl.exp(t * tl.log(b2))
     w = w * (1.0 - lr * wd) - (lr / bc1) * m / (tl.sqrt(v / bc2) + eps)
@@ -76,7 +86,10 @@ def _rowwise_adam_row(w_ptr, master_ptr, m_ptr, v_ptr, t_ptr, e, g, offs_d, mask
     tl.store(w_ptr + e * D + offs_d, w.to(w_ptr.dtype.element_ty), mask=mask)
     tl.store(m_ptr + e * D + offs_d, m.to(m_ptr.dtype.element_ty), mask=mask)
     any_lane = tl.max(mask.to(tl.int32), axis=0) > 0  # the row is updated at all
-    tl.store(v_ptr + e, v, mask=any_lane)
+    if ELEMENTWISE:
+        tl.store(v_ptr + e * D + offs_d, v, mask=mask)
+    else:
+        tl.store(v_ptr + e, v, mask=any_lane)
     tl.store(t_ptr + e, t.to(tl.int32), mask=any_lane)
 
 
@@ -88,6 +101,7 @@ def _bwd_segment_update_kernel(
     up_ptr, w_up_ptr, m_up_ptr, v_up_ptr, t_up_ptr, hyper_ptr,
     N, S, D, SEG, stride_x, stride_dy,
     ACT: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, MASTER: tl.constexpr,
+    ELEMENTWISE: tl.constexpr,
 ):  # fmt: skip
     """One program per segment (programs 0..N-1: segment 0 of expert = program id; N..: extra
     segments named by seg_expert/seg_index, -1 = none). du/dv of the segment; a one-segment
@@ -118,9 +132,12 @@ def _bwd_segment_update_kernel(
     nseg = tl.load(nseg_ptr + e)
     update = offs_d < tl.where(valid & (nseg == 1) & (last > first), D, 0)
     _rowwise_adam_row(
-        down_ptr, w_down_ptr, m_down_ptr, v_down_ptr, t_down_ptr, e, du, offs_d, update, D, hyper_ptr, MASTER
+        down_ptr, w_down_ptr, m_down_ptr, v_down_ptr, t_down_ptr, e, du, offs_d, update, D, hyper_ptr,
+        MASTER, ELEMENTWISE,
+    )  # fmt: skip
+    _rowwise_adam_row(
+        up_ptr, w_up_ptr, m_up_ptr, v_up_ptr, t_up_ptr, e, dv, offs_d, update, D, hyper_ptr, MASTER, ELEMENTWISE
     )
-    _rowwise_adam_row(up_ptr, w_up_ptr, m_up_ptr, v_up_ptr, t_up_ptr, e, dv, offs_d, update, D, hyper_ptr, MASTER)
     slot = (tl.load(pbase_ptr + e) + seg) * 2 * D
     partial = offs_d < tl.where(valid & (nseg > 1), D, 0)
     tl.store(partial_ptr + slot + offs_d, du, mask=partial)
@@ -132,10 +149,11 @@ def _reduce_update_kernel(
     hot_ptr, nseg_ptr, pbase_ptr, partial_ptr,
     down_ptr, w_down_ptr, m_down_ptr, v_down_ptr, t_down_ptr,
     up_ptr, w_up_ptr, m_up_ptr, v_up_ptr, t_up_ptr, hyper_ptr,
-    D, BLOCK_D: tl.constexpr, MASTER: tl.constexpr,
+    D, BLOCK_D: tl.constexpr, MASTER: tl.constexpr, ELEMENTWISE: tl.constexpr,
 ):  # fmt: skip
     """One program per hot expert e = hot[q] (-1: none): sum its segments' partials in order,
-    then update its rows."""
+    then update its rows. (Also the column path's, for the element-wise rule: partials of the
+    same layout, D = the slice's width.)"""
     e = tl.load(hot_ptr + tl.program_id(0))
     valid = e >= 0
     e = tl.maximum(e, 0).to(tl.int64)
@@ -149,6 +167,9 @@ def _reduce_update_kernel(
         du += tl.load(partial_ptr + base + i * 2 * D + offs_d, mask=dmask, other=0.0)
         dv += tl.load(partial_ptr + base + i * 2 * D + D + offs_d, mask=dmask, other=0.0)
     _rowwise_adam_row(
-        down_ptr, w_down_ptr, m_down_ptr, v_down_ptr, t_down_ptr, e, du, offs_d, dmask, D, hyper_ptr, MASTER
+        down_ptr, w_down_ptr, m_down_ptr, v_down_ptr, t_down_ptr, e, du, offs_d, dmask, D, hyper_ptr,
+        MASTER, ELEMENTWISE,
+    )  # fmt: skip
+    _rowwise_adam_row(
+        up_ptr, w_up_ptr, m_up_ptr, v_up_ptr, t_up_ptr, e, dv, offs_d, dmask, D, hyper_ptr, MASTER, ELEMENTWISE
     )
-    _rowwise_adam_row(up_ptr, w_up_ptr, m_up_ptr, v_up_ptr, t_up_ptr, e, dv, offs_d, dmask, D, hyper_ptr, MASTER)

@@ -1,4 +1,5 @@
-"""Expert mixing whose backward updates the tables in place with row-wise Adam (no table grads).
+"""Expert mixing whose backward updates the tables in place with lazy Adam (no table grads): the
+second moment per row ("rowwise_adam") or per element ("elementwise_adam"), as the states keep it.
 
 Entry point expert_mix_rowwise_adam; the kernels and their byte counts are in
 triton_fused_kernels.py, the update rule in torchpeer/optim/rowwise_adam.py (its spec).
@@ -53,17 +54,19 @@ def _fused_backward_impl(dy, x, down, up, indices, gates, h, activation, states,
     partial = torch.empty((max(1, n_partial), 2, d), dtype=torch.float32, device=dev)
     w_down, m_down, v_down, t_down, w_up, m_up, v_up, t_up = states
     master = w_down.numel() > 0  # fp32 master tables (empty tensors: the tables are the weights)
+    elementwise = v_down.dim() == 2  # (N, d) second moments, else (N,)
     if not master:
         w_down, w_up = down, up
     _bwd_segment_update_kernel[(N + seg_expert.numel(),)](
         x, dy, gates, h, coef, perm, offsets, nseg, pbase, seg_expert, seg_index, partial,
         down, w_down, m_down, v_down, t_down, up, w_up, m_up, v_up, t_up, hyper,
         N, S, d, seg, x.stride(0), dy.stride(0),
-        ACT=_act_id(activation), BLOCK_S=block_s, BLOCK_D=block_d, MASTER=master, num_warps=num_warps,
+        ACT=_act_id(activation), BLOCK_S=block_s, BLOCK_D=block_d, MASTER=master, ELEMENTWISE=elementwise,
+        num_warps=num_warps,
     )  # fmt: skip
     _reduce_update_kernel[(hot.numel(),)](
         hot, nseg, pbase, partial, down, w_down, m_down, v_down, t_down, up, w_up, m_up, v_up, t_up, hyper,
-        d, BLOCK_D=block_d, MASTER=master, num_warps=num_warps,
+        d, BLOCK_D=block_d, MASTER=master, ELEMENTWISE=elementwise, num_warps=num_warps,
     )  # fmt: skip
     return dx, dgate
 
@@ -80,7 +83,7 @@ def _peer_mix_bwd_rowwise_adam(
     activation: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """tables = [down, up, then the states: w_down, m_down, v_down, t_down, w_up, m_up, v_up,
-    t_up] (all updated in place; w_* are the fp32 masters or empty)."""
+    t_up] (all updated in place; w_* are the fp32 masters or empty; v_* (N,) or (N, d))."""
     down, up, *states = tables
     return _fused_backward_impl(dy, x, down, up, indices, gates, h, activation, states, hyper)
 
@@ -115,9 +118,10 @@ def _check_state(name, table, state):
     m, v, t, w = state.exp_avg, state.exp_avg_sq, state.steps, state.master
     checks = [("master", w, (n, d), torch.float32)] if w is not None else []
     m_dtype = torch.bfloat16 if m.dtype == torch.bfloat16 else torch.float32  # bf16 first moments allowed
+    v_shape = (n, d) if v.dim() == 2 else (n,)  # element-wise or row-wise second moments
     for what, tensor, shape, dtype in checks + [
         ("exp_avg", m, (n, d), m_dtype),
-        ("exp_avg_sq", v, (n,), torch.float32),
+        ("exp_avg_sq", v, v_shape, torch.float32),
         ("steps", t, (n,), torch.int32),
     ]:
         if (
@@ -132,14 +136,26 @@ def _check_state(name, table, state):
             )
 
 
+def check_states(down, up, state_down, state_up) -> None:
+    """The two tables' RowwiseAdamStates: shapes, dtypes and devices, and one kind for both (masters
+    or not, element-wise second moments or not). Also the column-sharded op's check."""
+    _check_state("down", down, state_down)
+    _check_state("up", up, state_up)
+    if (state_down.master is None) != (state_up.master is None):
+        raise ValueError("both tables or neither need an fp32 master copy")
+    if state_down.elementwise != state_up.elementwise:
+        raise ValueError("both tables or neither keep element-wise second moments ((N, d) exp_avg_sq)")
+
+
 def expert_mix_rowwise_adam(x, down, up, indices, gates, activation, state_down, state_up, hyper):
-    """expert_mix (triton) whose backward applies row-wise Adam to down/up in place.
+    """expert_mix (triton) whose backward applies lazy Adam to the selected rows of down/up in place.
 
     x: (T, d); down, up: (N, d) contiguous tables with requires_grad=False (fp32, or bf16 working
     copies when the states hold fp32 masters: the update runs on the master and writes both);
     indices, gates: (T, H, K); state_down/state_up: RowwiseAdamState of each table (exp_avg
-    (N, d) fp32 or bf16, exp_avg_sq (N,) fp32, steps (N,) int32); hyper: (5,) fp32 device tensor
-    [lr, beta1, beta2, eps, weight_decay], read at backward time (set lr before backward).
+    (N, d) fp32 or bf16, exp_avg_sq (N,) fp32 row-wise or (N, d) fp32 element-wise, steps (N,)
+    int32); hyper: (5,) fp32 device tensor [lr, beta1, beta2, eps, weight_decay], read at
+    backward time (set lr before backward).
     Returns y (T, d); gradients flow to x and gates only. One backward per forward: the update
     happens there (gradient accumulation over micro-batches is not possible).
     """
@@ -147,15 +163,12 @@ def expert_mix_rowwise_adam(x, down, up, indices, gates, activation, state_down,
     for name, table in (("down", down), ("up", up)):
         if table.requires_grad:
             raise ValueError(
-                f"{name} must not require grad: the fused row-wise Adam updates it inside the backward "
+                f"{name} must not require grad: the fused Adam updates it inside the backward "
                 "(set requires_grad_(False))"
             )
         if not table.is_contiguous():
             raise ValueError(f"{name} must be contiguous for the fused update")
-    _check_state("down", down, state_down)
-    _check_state("up", up, state_up)
-    if (state_down.master is None) != (state_up.master is None):
-        raise ValueError("both tables or neither need an fp32 master copy")
+    check_states(down, up, state_down, state_up)
     if hyper.shape != (5,) or hyper.dtype != torch.float32 or hyper.device != down.device:
         raise ValueError(f"hyper must be a (5,) float32 tensor on {down.device}: [lr, beta1, beta2, eps, weight_decay]")
     dev = x.device.type
