@@ -162,19 +162,23 @@ def test_train_cli_refuses_an_oversized_step_before_allocating(tmp_path):
     assert seconds < 30, seconds  # imports included; the check itself is timed above (< 5 s)
 
 
-@pytest.mark.parametrize("optimizer", ["rowwise_adam", "rowwise_adam_bf16"])
+@pytest.mark.parametrize(
+    "optimizer", ["rowwise_adam", "rowwise_adam_bf16", "elementwise_adam", "elementwise_adam_bf16"]
+)
 def test_rowwise_adam_state_bytes_match_the_attached_optimizer(optimizer, monkeypatch):
-    """With the fused row-wise Adam the tables have no gradients and no AdamW moments: the estimate's
-    parameters + gradients + optimizer equal the bytes of the built model, its row-wise state and
-    AdamW's two moments of the other parameters."""
+    """With a fused table optimizer the tables have no gradients and no AdamW moments: the estimate's
+    parameters + gradients + optimizer equal the bytes of the built model, the table optimizer's state
+    (an element-wise second moment: 4 more bytes per table element) and AdamW's two moments of the
+    other parameters."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from torchpeer.lm.config import FUSED_EXPERT_OPTIMIZERS
     from torchpeer.optim import attach_rowwise_adam
 
     cfg = tiny_cfg(*"--model.d_model 64 --model.n_layers 3 --model.peer.n_experts 1024 --model.ffw peer".split())
     cfg.train.expert_optimizer = optimizer
     est = estimate_step_memory(cfg, "cuda")  # no CPU-only optimizer allowance
     model = TransformerLM(cfg.model)
-    opt = attach_rowwise_adam(model, 1e-3, bf16_tables=optimizer.endswith("bf16"))
+    opt = attach_rowwise_adam(model, 1e-3, **FUSED_EXPERT_OPTIMIZERS[optimizer])
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     state = sum(

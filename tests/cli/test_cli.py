@@ -106,7 +106,7 @@ def test_rowwise_adam_without_the_triton_kernels_is_refused_before_the_data(caps
     names the setting and the way out, before any tokenizer is trained or folder written."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     run_dir = tmp_path / "run"
-    for opt in ("rowwise_adam", "rowwise_adam_bf16"):
+    for opt in ("rowwise_adam", "rowwise_adam_bf16", "elementwise_adam_bf16"):
         args = ["train", "--train.expert_optimizer", opt, "--train.device", "cpu", "--run-dir", str(run_dir)]
         err = _error(capsys, [*args, "--data.cache_dir", str(tmp_path / "cache")])
         assert f"train.expert_optimizer={opt}" in err and "need a CUDA GPU" in err and "adamw" in err

@@ -281,9 +281,11 @@ def test_rowwise_adam_tables_update_in_the_backward_and_resume_exactly(tmp_path)
         load_config(cfg, flags + ["--train.grad_accum", "2"])
 
 
-def test_rowwise_adam_bf16_keeps_bf16_tables_with_fp32_masters_and_resumes_exactly(tmp_path):
-    """train.expert_optimizer=rowwise_adam_bf16: the layer's tables are bf16 working copies, the fp32
-    masters live in the table optimizer (and its checkpoint state), and a resume continues exactly."""
+@pytest.mark.parametrize("optimizer", ["rowwise_adam_bf16", "elementwise_adam_bf16"])
+def test_rowwise_adam_bf16_keeps_bf16_tables_with_fp32_masters_and_resumes_exactly(tmp_path, optimizer):
+    """train.expert_optimizer=rowwise_adam_bf16 / elementwise_adam_bf16: the layer's tables are bf16
+    working copies, the fp32 masters (and element-wise: the (N, d) second moments) live in the table
+    optimizer and its checkpoint state, and a resume continues exactly."""
     import torch
 
     seen = {}
@@ -298,7 +300,7 @@ def test_rowwise_adam_bf16_keeps_bf16_tables_with_fp32_masters_and_resumes_exact
             trainer.request_stop("probe")
 
     write_corpus(tmp_path)
-    flags = ["--train.expert_optimizer", "rowwise_adam_bf16", "--train.max_steps", "3", "--train.ckpt_interval", "2"]
+    flags = ["--train.expert_optimizer", optimizer, "--train.max_steps", "3", "--train.ckpt_interval", "2"]
     flags += ["--model.seq_len", "8", "--train.batch_size", "2", "--data.valid", "{}"]
     cfg = write_config(tmp_path)
     train(load_config(cfg, flags), str(tmp_path / "ref"), progress=False)
@@ -306,8 +308,15 @@ def test_rowwise_adam_bf16_keeps_bf16_tables_with_fp32_masters_and_resumes_exact
     assert seen["dtype"] == torch.bfloat16
     fp32 = [t for t in _tensors(seen["state"]) if t.dtype == torch.float32 and t.dim() == 2]
     assert fp32, "the table optimizer holds no fp32 master tables"
+    layer_state = seen["state"]["layers"]["blocks.1.ffw"]["down"]
+    assert layer_state["exp_avg_sq"].shape == layer_state["master"].shape[: 2 if "elementwise" in optimizer else 1]
     assert train(load_config(cfg, flags), str(tmp_path / "run"), resume=True, progress=False)["steps"] == 3
     assert losses(tmp_path / "run") == losses(tmp_path / "ref")  # (the fp32-table rule: the test above)
+    choices = "adamw, rowwise_adam, rowwise_adam_bf16, elementwise_adam, elementwise_adam_bf16"
+    with pytest.raises(ValueError, match=f"train.expert_optimizer='elementwise'; use one of {choices}"):
+        load_config(cfg, flags + ["--train.expert_optimizer", "elementwise"])
+    with pytest.raises(ValueError, match=f"{optimizer} updates the tables inside the backward: use train.grad_accum 1"):
+        load_config(cfg, flags + ["--train.grad_accum", "2"])
 
 
 def _tensors(obj):

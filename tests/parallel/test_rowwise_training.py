@@ -1,7 +1,8 @@
-"""train.expert_optimizer=rowwise_adam under the DistributedPlan (2 gloo processes, the fused
-update in Triton's interpreter): the column-sharded run leaves the parameters of the one-process
-run; its checkpoint (the row-wise state in dcp/) resumes exactly on 2 processes and on one (under
-torchrun); a one-process checkpoint continues on 2; replicated tables on 2 ranks are refused."""
+"""train.expert_optimizer=rowwise_adam and elementwise_adam under the DistributedPlan (2 gloo
+processes, the fused update in Triton's interpreter): the column-sharded run leaves the parameters
+of the one-process run; its checkpoint (the table optimizer's state in dcp/) resumes exactly on 2
+processes and on one (under torchrun); a one-process checkpoint continues on 2; replicated tables
+on 2 ranks are refused."""
 
 import json
 import os
@@ -43,7 +44,8 @@ def _assert_close(got: dict, want: dict) -> None:
         assert (got[k] - v).abs().max() <= atol, (k, (got[k] - v).abs().max())
 
 
-def test_rowwise_adam_on_2_ranks_equals_one_process_and_resumes_on_2_and_1(tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["rowwise_adam", "elementwise_adam"])
+def test_rowwise_adam_on_2_ranks_equals_one_process_and_resumes_on_2_and_1(tmp_path, monkeypatch, optimizer):
     import torch.distributed.checkpoint as dcp
 
     from torchpeer.lm.train import train
@@ -51,32 +53,39 @@ def test_rowwise_adam_on_2_ranks_equals_one_process_and_resumes_on_2_and_1(tmp_p
     from torchpeer.parallel.plan import OneProcessDCPPlan
 
     cfg_path = write_tiny(str(tmp_path))
-    train(config(cfg_path), str(tmp_path / "ref"), progress=False)  # one process, checkpoints at 2 and 3
-    run_workers(rowwise_runs, 2, cfg_path, str(tmp_path))
+    train(config(cfg_path, optimizer), str(tmp_path / "ref"), progress=False)  # one process, checkpoints at 2 and 3
+    run_workers(rowwise_runs, 2, cfg_path, str(tmp_path), optimizer)
     # the 2-rank step-2 checkpoint (row-wise state: column shards + replicated rows) resumed under
     # torchrun with one process (this one: whole tables, DDP around the rest)
     branch_at_step_2(str(tmp_path / "wide"), str(tmp_path / "wide_to_one"))
     torchrun = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     for k, v in torchrun.items():
         monkeypatch.setenv(k, v)
-    train(config(cfg_path), str(tmp_path / "wide_to_one"), resume=True, progress=False, plan=DistributedPlan())
+    train(
+        config(cfg_path, optimizer), str(tmp_path / "wide_to_one"), resume=True, progress=False, plan=DistributedPlan()
+    )
 
     with open(tmp_path / "wide" / "config.json") as fh:  # the sharded layer ran (its fused op on my columns)
         assert json.load(fh)["backends"]["blocks.1.ffw"]["expert_mix"].startswith("column_sharded_")
-    # the row-wise state is in dcp/ with the full tables' shapes, not in trainer.pt
+    # the table optimizer's state is in dcp/ with the full tables' shapes, not in trainer.pt (an element-wise
+    # second moment sharded by columns like the first, a row-wise one replicated)
     ckpt = tmp_path / "wide" / "checkpoints" / "step_00000002"
     meta = dcp.FileSystemReader(str(ckpt / "dcp")).read_metadata().state_dict_metadata
     assert tuple(meta["table_optim.blocks.1.ffw.down.exp_avg"].size) == (16, 32)
-    assert tuple(meta["table_optim.blocks.1.ffw.up.exp_avg_sq"].size) == (16,)
+    elementwise = optimizer == "elementwise_adam"
+    assert tuple(meta["table_optim.blocks.1.ffw.up.exp_avg_sq"].size) == ((16, 32) if elementwise else (16,))
     assert tuple(meta["table_optim.blocks.1.ffw.up.steps"].size) == (16,)
     saved = torch.load(ckpt / "trainer.pt", weights_only=False)["table_optimizer"]
-    assert set(saved) == {"hyper", "dcp"} and "optim.blocks.1.ffw.down.exp_avg" not in meta
+    assert set(saved) == {"hyper", "elementwise", "dcp"} and "optim.blocks.1.ffw.down.exp_avg" not in meta
+    assert saved["elementwise"] == elementwise
 
     branch_at_step_2(str(tmp_path / "wide"), str(tmp_path / "wide_adamw"))
-    adamw = config(cfg_path)
-    adamw.train.expert_optimizer = "adamw"
-    with pytest.raises(ValueError, match="trained with train.expert_optimizer=rowwise_adam; resume with rowwise_adam"):
+    adamw = config(cfg_path, "adamw")
+    with pytest.raises(ValueError, match=f"trained with train.expert_optimizer={optimizer}; resume with {optimizer}"):
         train(adamw, str(tmp_path / "wide_adamw"), resume=True, progress=False, plan=OneProcessDCPPlan())
+    other = config(cfg_path, "rowwise_adam" if elementwise else "elementwise_adam")  # the other second moment
+    with pytest.raises(ValueError, match="set train.expert_optimizer to the checkpoint's kind"):
+        train(other, str(tmp_path / "wide_adamw"), resume=True, progress=False, plan=OneProcessDCPPlan())
 
     ref, wide = _final_weights(tmp_path / "ref"), _final_weights(tmp_path / "wide")
     _assert_close(wide, ref)  # the one-process parameters, the tables included

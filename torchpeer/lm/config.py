@@ -25,9 +25,10 @@ from typing import Any, Union
 from torchpeer.data import DataConfig
 from torchpeer.layers import DenseConfig, MoEConfig, PEERConfig, PKMConfig  # noqa: F401  (registers the kinds)
 from torchpeer.layers.registry import ffw_kinds, get_ffw
+from torchpeer.optim.fused_tables import FUSED_EXPERT_OPTIMIZERS
 
 SCHEDULES = ("cosine", "wsd", "constant")
-EXPERT_OPTIMIZERS = ("adamw", "rowwise_adam", "rowwise_adam_bf16")
+EXPERT_OPTIMIZERS = ("adamw", *FUSED_EXPERT_OPTIMIZERS)
 
 
 @dataclass
@@ -137,13 +138,13 @@ class TrainConfig:
         None (default) = constant expert_lr. When set, the tables' lr before the schedule goes
         linearly from expert_lr (or lr) at step 0 to expert_lr_final at the last step, and the
         schedule (warmup, cosine, ...) multiplies it as every group's (lm/optim.py ExpertLRRamp).
-    expert_optimizer: "adamw" (the tables are AdamW parameters) or "rowwise_adam" (PEER tables
-        updated inside the mixing backward by a fused row-wise Adam: torchpeer.optim.attach_rowwise_adam;
-        needs Triton and train.grad_accum 1; table gradients are not clipped). Also under torchrun:
-        each rank updates its columns of the sharded tables, as one process would (docs/parallel.md);
-        its state is in the distributed checkpoint and resumes on any number of processes.
-        "rowwise_adam_bf16": the same with bf16 working tables (the mixing kernels read half the
-        bytes; the fp32 masters live in the table optimizer and its checkpoint state).
+    expert_optimizer: "adamw" (the tables are AdamW parameters), or a fused lazy Adam updating the selected
+        PEER rows inside the mixing backward (torchpeer.optim.attach_rowwise_adam: Triton, grad_accum 1, table
+        gradients not clipped; column-sharded under torchrun; checkpointed, resumes on any number of processes)
+        with an fp32 first moment per element and (update bytes per element a step): "rowwise_adam" one fp32
+        second moment per ROW (16); "rowwise_adam_bf16" that with bf16 working tables, fp32 masters in the
+        optimizer (18); "elementwise_adam" an fp32 second moment per ELEMENT, AdamW's rule (24; +4 bytes of
+        state); "elementwise_adam_bf16" that with bf16 tables (26). CPU proxy: element-wise matched AdamW.
     dtype: "bf16" autocasts on CUDA; CPU always runs float32.
     eval_batches: batches per eval set at each evaluation (None = the whole split).
     checkpoint: write checkpoints (every ckpt_interval steps, at the end and when interrupted);
@@ -222,11 +223,10 @@ class TrainConfig:
         if self.expert_optimizer not in EXPERT_OPTIMIZERS:
             choices = ", ".join(EXPERT_OPTIMIZERS)
             raise ValueError(f"train.expert_optimizer={self.expert_optimizer!r}; use one of {choices}")
-        if self.expert_optimizer.startswith("rowwise_adam") and self.grad_accum > 1:
+        if self.expert_optimizer in FUSED_EXPERT_OPTIMIZERS and self.grad_accum > 1:
             raise ValueError(
                 f"train.expert_optimizer={self.expert_optimizer} updates the tables inside the backward: "
-                "use train.grad_accum 1 "
-                f"(now {self.grad_accum}; raise train.batch_size instead)"
+                f"use train.grad_accum 1 (now {self.grad_accum}; raise train.batch_size instead)"
             )
         if self.dtype not in ("bf16", "fp32"):
             raise ValueError(f"train.dtype={self.dtype!r}; use 'bf16' or 'fp32'")

@@ -160,8 +160,11 @@ def _peer_table_sizes(c, d: int) -> list[int]:
 
 
 def _rowwise_table_elements(cfg) -> int:
-    """Elements of the PEER tables that train.expert_optimizer "rowwise_adam*" updates (0 for adamw)."""
-    if not getattr(cfg.train, "expert_optimizer", "adamw").startswith("rowwise_adam"):
+    """Elements of the PEER tables that a fused train.expert_optimizer (rowwise_adam*, elementwise_adam*)
+    updates (0 for adamw)."""
+    from torchpeer.lm.config import FUSED_EXPERT_OPTIMIZERS  # (imported already: cfg is one)
+
+    if getattr(cfg.train, "expert_optimizer", "adamw") not in FUSED_EXPERT_OPTIMIZERS:
         return 0
     m = cfg.model
     n_peer = sum(kind == "peer" for kind in m.block_kinds())
@@ -246,12 +249,16 @@ def estimate_step_memory(cfg, device: str | torch.device | None = None) -> Memor
         gradients += 4 * max(sizes)
     optimizer = 8 * n_params + (0 if dev_type == "cuda" else 4 * max(sizes))
     tables = _rowwise_table_elements(cfg)
-    if tables:  # the fused row-wise Adam (torchpeer/optim/fused_tables.py) owns the PEER tables' update:
-        # no table gradients and no AdamW moments for them; per element an fp32 first moment, per row
-        # an fp32 second moment and an int32 step count
+    if tables:  # the fused lazy Adam (torchpeer/optim/fused_tables.py) owns the PEER tables' update:
+        # no table gradients and no AdamW moments for them; per element an fp32 first moment, per row an
+        # int32 step count, and an fp32 second moment per row (rowwise_adam*) or per element (elementwise_adam*)
+        from torchpeer.lm.config import FUSED_EXPERT_OPTIMIZERS
+
+        fused, rows = FUSED_EXPERT_OPTIMIZERS[t.expert_optimizer], tables // m.d_model
         gradients -= 4 * tables
-        optimizer += 4 * tables + 8 * (tables // m.d_model) - 8 * tables
-        if t.expert_optimizer == "rowwise_adam_bf16":  # bf16 working tables, fp32 masters in the optimizer
+        optimizer += 4 * tables + 4 * rows - 8 * tables
+        optimizer += 4 * (tables if fused["elementwise"] else rows)
+        if fused["bf16_tables"]:  # bf16 working tables, fp32 masters in the optimizer
             parameters -= 2 * tables
             optimizer += 4 * tables
 

@@ -30,17 +30,17 @@ def resolve_device(spec: str, option: str = "train.device") -> torch.device:
 
 
 def check_expert_optimizer(expert_optimizer: str, device: torch.device) -> None:
-    """train.expert_optimizer "rowwise_adam*" updates the tables inside the Triton mixing kernels: on a
-    device where they cannot run, say so before the tokenizer and the model are built (not as a
-    backend error from the first backward)."""
+    """A fused train.expert_optimizer (every choice but "adamw") updates the tables inside the Triton
+    mixing kernels: on a device where they cannot run, say so before the tokenizer and the model are
+    built (not as a backend error from the first backward)."""
     from torchpeer.ops.dispatch import triton_unavailable_reason
 
-    if expert_optimizer.startswith("rowwise_adam") and triton_unavailable_reason(device) is not None:
+    if expert_optimizer != "adamw" and triton_unavailable_reason(device) is not None:
         raise ValueError(
             f"train.expert_optimizer={expert_optimizer} updates the expert tables inside the Triton mixing "
             f"kernels, which need a CUDA GPU (this run is on {device}): use train.expert_optimizer=adamw "
-            "(the default) here; `python benchmarks/rowwise_quality.py` trains the same row-wise rule in "
-            "plain PyTorch on the CPU"
+            "(the default) here; `python benchmarks/rowwise_quality.py` trains the same rules (rowwise, "
+            "elementwise) in plain PyTorch on the CPU"
         )
 
 

@@ -34,7 +34,7 @@ from torchpeer.lm import resume as resume_io
 from torchpeer.lm import runtime
 from torchpeer.lm.budget import beyond_budget, step_budget
 from torchpeer.lm.callbacks import CallbackList
-from torchpeer.lm.config import RunConfig
+from torchpeer.lm.config import FUSED_EXPERT_OPTIMIZERS, RunConfig
 from torchpeer.lm.config_io import require_run_config
 from torchpeer.lm.interrupt import StopOnSignals, TrainingInterrupted
 from torchpeer.lm.metrics import MetricsLog
@@ -175,13 +175,12 @@ class Trainer:
         if self.init_from is not None and self.ckpt is None:
             self.init_from(self.model)
         self.table_optimizer = None
-        # before DDP and the AdamW groups: the row-wise optimizer takes the PEER tables out
-        if t.expert_optimizer.startswith("rowwise_adam"):
+        # before DDP and the AdamW groups: the fused table optimizer takes the PEER tables out
+        if t.expert_optimizer in FUSED_EXPERT_OPTIMIZERS:
             from torchpeer.optim import attach_rowwise_adam
 
-            bf16 = t.expert_optimizer == "rowwise_adam_bf16"
             args = (self.model, t.table_lr, (t.beta1, t.beta2), t.eps, t.expert_weight_decay)
-            self.table_optimizer = attach_rowwise_adam(*args, bf16_tables=bf16)
+            self.table_optimizer = attach_rowwise_adam(*args, **FUSED_EXPERT_OPTIMIZERS[t.expert_optimizer])
         self.wrapped = self.plan.wrap_model(self.model)
         self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
         self.backends = backend_report(self.model)
@@ -305,7 +304,7 @@ class Trainer:
         if self.table_optimizer is not None:
             if "table_optimizer" not in state:
                 raise ValueError(f"{path} was trained with train.expert_optimizer=adamw; resume with adamw")
-            # the model's checkpoint holds the exact bf16 working tables of rowwise_adam_bf16: keep them
+            # the model's checkpoint holds the exact bf16 working tables of the *_bf16 optimizers: keep them
             self.table_optimizer.load_state_dict(state["table_optimizer"], restore_tables=False)
         ckpt_io.set_rng_state(state["rng"])
         self.step, self.elapsed = state["step"], state.get("elapsed", 0.0)

@@ -15,11 +15,12 @@ Keys are the one-process model's: ``blocks.2.ffw.down`` is saved as a DTensor sh
 the column ranges each new rank needs), and in one process without a process group (full
 tensors: ``torchpeer eval``/``generate``, or resuming on one process).
 
-The fused row-wise Adam's state (train.expert_optimizer=rowwise_adam), which the trainer hands in
-as ``state["table_optimizer"]``, goes to ``dcp/`` too, under ``table_optim.<layer>.<down|up>.<name>``:
-exp_avg (and fp32 master) like the tables (this rank's columns, a DTensor of the full (N, d)),
-exp_avg_sq and steps (N,) as replicated tensors (whole rows, the same on every rank), written once;
-trainer.pt keeps its hyper-parameters and the list of those tensors. It reshards like the tables.
+The fused lazy Adam's state (train.expert_optimizer=rowwise_adam*, elementwise_adam*), which the
+trainer hands in as ``state["table_optimizer"]``, goes to ``dcp/`` too, under
+``table_optim.<layer>.<down|up>.<name>``: exp_avg, fp32 master and an element-wise exp_avg_sq like
+the tables (this rank's columns, a DTensor of the full (N, d)), a row-wise exp_avg_sq and steps (N,)
+as replicated tensors (whole rows, the same on every rank), written once; trainer.pt keeps its
+hyper-parameters, whether v is element-wise, and the list of those tensors. It reshards like the tables.
 
 Atomic: the folder is assembled under ``.step_<step>.<random>.tmp`` (a name rank 0 chooses and
 broadcasts) and renamed into place by rank 0 after every rank finished writing, so a crash
@@ -169,7 +170,7 @@ def _is_sharded_layer(model: nn.Module, name: str) -> bool:
 
 def _split_table_state(state: dict, model: nn.Module) -> tuple[dict, dict | None]:
     """-> (trainer state for trainer.pt, {layer: {down|up: {name: tensor}}} for dcp/ or None).
-    trainer.pt keeps "hyper" and "dcp": {layer: {down|up: {name: dtype}}} (what dcp/ holds)."""
+    trainer.pt keeps "hyper", "elementwise" and "dcp": {layer: {down|up: {name: dtype}}} (what dcp/ holds)."""
     table = state.get("table_optimizer")
     if table is None:
         return state, None
@@ -180,11 +181,14 @@ def _split_table_state(state: dict, model: nn.Module) -> tuple[dict, dict | None
             w: {k: _as_global(v, sharded and v.dim() == 2) for k, v in sd.items()} for w, sd in pair.items()
         }
         listing[layer] = {w: {k: str(v.dtype).removeprefix("torch.") for k, v in sd.items()} for w, sd in pair.items()}
-    return {**state, "table_optimizer": {"hyper": table["hyper"], "dcp": listing}}, tensors
+    kept = {"hyper": table["hyper"], "elementwise": table.get("elementwise", False), "dcp": listing}
+    return {**state, "table_optimizer": kept}, tensors
 
 
-def _table_targets(listing: dict, model: nn.Module) -> dict:
-    """Zero tensors in this rank's shapes for DCP to load the table optimizer's state into."""
+def _table_targets(listing: dict, model: nn.Module, elementwise: bool) -> dict:
+    """Zero tensors in this rank's shapes for DCP to load the table optimizer's state into
+    (elementwise: exp_avg_sq is (N, d) like exp_avg, else (N,))."""
+    per_element = ("exp_avg", "master") + (("exp_avg_sq",) if elementwise else ())
     out = {}
     for layer, pair in listing.items():
         mod, sharded = model.get_submodule(layer), _is_sharded_layer(model, layer)
@@ -193,7 +197,7 @@ def _table_targets(listing: dict, model: nn.Module) -> dict:
             table = getattr(mod, which)
             out[layer][which] = {}
             for k, dtype in names.items():
-                shape = table.shape if k in ("exp_avg", "master") else table.shape[:1]
+                shape = table.shape if k in per_element else table.shape[:1]
                 t = torch.zeros(shape, dtype=getattr(torch, dtype), device=table.device)
                 out[layer][which][k] = _as_global(t, sharded and t.dim() == 2)
     return out
@@ -266,12 +270,14 @@ def load_dcp_checkpoint(path: str, model: nn.Module, optimizer=None) -> dict:
     if table is not None and "dcp" in table and optimizer is not None:
         in_adamw = {id(p) for g in optimizer.param_groups for p in g["params"]}
         if any(id(getattr(model.get_submodule(n), w)) in in_adamw for n, pair in table["dcp"].items() for w in pair):
-            raise ValueError(f"{path} was trained with train.expert_optimizer=rowwise_adam; resume with rowwise_adam")
+            kind = "elementwise_adam" if table.get("elementwise", False) else "rowwise_adam"
+            kind += "_bf16" if any("master" in sd for pair in table["dcp"].values() for sd in pair.values()) else ""
+            raise ValueError(f"{path} was trained with train.expert_optimizer={kind}; resume with {kind}")
     if optimizer is not None:
         _init_optimizer_state(optimizer)
     target = _state_dict(model, optimizer)
     if table is not None and "dcp" in table:
-        target[TABLE_KEY] = _table_targets(table["dcp"], model)
+        target[TABLE_KEY] = _table_targets(table["dcp"], model, table.get("elementwise", False))
     _dcp_load(target, path)
     _copy_back(model, optimizer, target)
     if TABLE_KEY in target:
@@ -279,7 +285,7 @@ def load_dcp_checkpoint(path: str, model: nn.Module, optimizer=None) -> dict:
             n: {w: {k: _local(v) for k, v in sd.items()} for w, sd in pair.items()}
             for n, pair in target[TABLE_KEY].items()
         }
-        state["table_optimizer"] = {"hyper": table["hyper"], "layers": layers}
+        state["table_optimizer"] = {**{k: v for k, v in table.items() if k != "dcp"}, "layers": layers}
     return state
 
 
