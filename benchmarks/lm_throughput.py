@@ -2,13 +2,15 @@
 
 Part 1, layer rows (d_model 1024, N = 1024^2, heads 8, top_k 16, 65536 tokens, bf16 activations):
   the PEER layer fwd and fwd+bwd with bf16 tables, with fp32 master tables under autocast, with
-  the fused row-wise Adam (fp32 tables; bf16 working tables + fp32 masters), and the mixing op
-  alone under uniform and skewed routing (90% of the selections on 64 experts), the latter also
-  with the segmented backward switched off (one program per expert, the previous kernel).
+  the fused row-wise Adam (fp32 tables; bf16 working tables + fp32 masters) and the fused
+  element-wise Adam (bf16 working tables + fp32 masters), and the mixing op alone (also with each
+  fused update) under uniform and skewed routing (90% of the selections on 64 experts), the latter
+  also with the segmented backward switched off (one program per expert, the previous kernel).
 Part 2, LM rows: gpu-dense-small, gpu-peer-small, gpu-dense-base, gpu-peer-base at their configs'
   batch (64 x 512), bf16 autocast, eager and (while the time budget lasts) torch.compile'd, each
   PEER config with train.expert_optimizer adamw / rowwise_adam / rowwise_adam + bf16 tables
-  ("rowwise_adam_bf16"; "_m16": also bf16 first moments).
+  ("rowwise_adam_bf16"; "_m16": also bf16 first moments); --configs NAME:OPTIMIZER also takes
+  elementwise_adam and elementwise_adam_bf16 (per-element second moments).
   Every step is split by CUDA events into fwd (loss), bwd (backward + clip_grad_norm_; with
   rowwise_adam it includes the table update) and opt (AdamW step + zero_grad); medians over the
   measured steps; tokens_per_s = batch tokens / median step time; peak_gib =
@@ -45,7 +47,7 @@ if REPO not in sys.path:  # run from a checkout without `pip install -e .`
 
 from benchmarks.peer_layer import copy_tbs, run_info, time_ms  # noqa: E402
 from torchpeer.data.atomic import write_text_atomic  # noqa: E402
-from torchpeer.lm.config import EXPERT_OPTIMIZERS  # noqa: E402
+from torchpeer.lm.config import EXPERT_OPTIMIZERS, FUSED_EXPERT_OPTIMIZERS  # noqa: E402
 
 VOCAB = 16384
 
@@ -107,10 +109,10 @@ def mixing_rows(d, T, cfg, device, budget_s, segments=(None,), skews=(0.0, 0.9),
             rows.append(row)
             print(json.dumps(row), flush=True)
             del dn, u
-        if fused:
-            st = [RowwiseAdamState.zeros_like(t) for t in (down, up)]
+        for kind in ("rowwise_adam", "elementwise_adam") if fused else ():
+            st = [RowwiseAdamState.zeros_like(t, elementwise=kind == "elementwise_adam") for t in (down, up)]
             hyper = torch.tensor([1e-5, 0.9, 0.999, 1e-8, 0.0], device=device)
-            what = "mixing fwd+bwd+rowwise_adam (fused)"
+            what = f"mixing fwd+bwd+{kind} (fused)"
             row = {"what": what, "d_model": d, "tokens": T, "skew_90_on_64": bool(skew)}
 
             def fstep(st=st, hyper=hyper, idx=idx):
@@ -133,17 +135,19 @@ def layer_rows(d, T, cfg, device, budget_s):
     rows = []
     for variant in ("bf16 tables", "fp32 tables + autocast", "fp32 tables + autocast + rowwise_adam",
                     "bf16 tables + fp32 master + autocast + rowwise_adam",
-                    "bf16 tables + fp32 master + bf16 moments + autocast + rowwise_adam"):  # fmt: skip
+                    "bf16 tables + fp32 master + bf16 moments + autocast + rowwise_adam",
+                    "bf16 tables + fp32 master + autocast + elementwise_adam"):  # fmt: skip
         torch.manual_seed(0)
         with device:
             layer = PEER(d, cfg["n_experts"], cfg["heads"], cfg["top_k"], cfg["d_key"], backend="triton")
         if variant == "bf16 tables":
             layer.to(torch.bfloat16)
         engine = None
-        if "rowwise_adam" in variant:
+        if variant.endswith("_adam"):
             engine = RowwiseTableAdam(
-                {"l": layer}, lr=1e-5, bf16_tables="bf16" in variant, bf16_moments="bf16 moments" in variant
-            )
+                {"l": layer}, lr=1e-5, bf16_tables="bf16" in variant, bf16_moments="bf16 moments" in variant,
+                elementwise=variant.endswith("elementwise_adam"),
+            )  # fmt: skip
         params = sum(p.numel() * p.element_size() for p in layer.parameters())
         x = torch.randn(T, d, device=device, dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn_like(x)
@@ -220,15 +224,9 @@ def lm_row(config, expert_optimizer, compiled, device, steps, warmup, quick):
     if expert_optimizer != "adamw":
         from torchpeer.optim import attach_rowwise_adam
 
-        table_opt = attach_rowwise_adam(
-            model,
-            t.table_lr,
-            (t.beta1, t.beta2),
-            t.eps,
-            t.expert_weight_decay,
-            bf16_tables="_bf16" in expert_optimizer,
-            bf16_moments=expert_optimizer.endswith("_m16"),
-        )
+        m16 = expert_optimizer.endswith("_m16")  # this benchmark's variant: also bf16 first moments
+        options = dict(FUSED_EXPERT_OPTIMIZERS[expert_optimizer.removesuffix("_m16")], bf16_moments=m16)
+        table_opt = attach_rowwise_adam(model, t.table_lr, (t.beta1, t.beta2), t.eps, t.expert_weight_decay, **options)
     opt = build_optimizer(model, t, device.type)
     params = [p for p in model.parameters() if p.requires_grad]
     fwd_model = torch.compile(model) if compiled else model

@@ -17,7 +17,9 @@ and compares the validation loss and the PEER layers' expert usage and KL. Varia
   lazy_adamw_v16
                the same with only the second moment in bf16 (stochastic), the first in fp32
   rowwise      the fused optimizer's rule (RowwiseAdamW: lazy, one second moment per row, per-row
-               step counts; tables not clipped, as in the fused path)
+               step counts; tables not clipped, as in the fused path; train.expert_optimizer rowwise_adam*)
+  elementwise  the same with one fp32 second moment per element (RowwiseAdamW(elementwise=True):
+               lazy_adamw's rule with per-row step counts, unclipped tables; elementwise_adam*)
   rowwise_factored
                rowwise with a per-column factor on the row's second moment (Adafactor-like):
                v_ij = v_i * f_j, f = c / mean(c), c the table's EMA of the column means of g^2 over
@@ -49,7 +51,7 @@ if REPO not in sys.path:
 
 from torchpeer.data.atomic import write_text_atomic  # noqa: E402
 
-OPTIMIZERS = ("adamw", "lazy_adamw", "lazy_adamw_bf16", "lazy_adamw_v16", "rowwise", "rowwise_factored")
+OPTIMIZERS = ("adamw", "lazy_adamw", "lazy_adamw_bf16", "lazy_adamw_v16", "rowwise", "elementwise", "rowwise_factored")
 
 
 def parse_variant(text: str) -> tuple[str, float]:
@@ -182,10 +184,11 @@ def run(config, variant, seed, steps, runs_dir, extra=()):
     t = cfg.train
     tables = expert_parameters(trainer.model)
     groups = [dict(g) for g in trainer.optimizer.param_groups]
-    if optimizer in ("rowwise", "rowwise_factored"):
+    if optimizer in ("rowwise", "elementwise", "rowwise_factored"):
         names = tuple(g["name"] for g in groups if is_expert_group(g))
-        make = RowwiseAdamW if optimizer == "rowwise" else factored_rowwise_adamw
-        trainer.optimizer = make(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, rowwise_groups=names)
+        make = factored_rowwise_adamw if optimizer == "rowwise_factored" else RowwiseAdamW
+        kw = {"elementwise": True} if optimizer == "elementwise" else {}
+        trainer.optimizer = make(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, rowwise_groups=names, **kw)
         trainer.params = [p for p in trainer.params if id(p) not in tables]  # tables: not clipped
     elif optimizer == "lazy_adamw":
         trainer.optimizer = lazy_adamw(groups, tables, t.lr, (t.beta1, t.beta2), t.eps)

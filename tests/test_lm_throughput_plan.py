@@ -41,26 +41,32 @@ def test_configs_replace_the_plan_in_the_order_given_and_an_empty_list_is_refuse
 def test_configs_take_a_tables_optimizer_after_a_colon_and_refuse_an_unknown_one():
     mod = import_benchmark("lm_throughput")
     plan = mod.lm_plan(
-        configs="gpu-dense-small,gpu-peer-multi-tuned-small,gpu-peer-multi-tuned-small:rowwise_adam_bf16"
+        configs="gpu-dense-small,gpu-peer-multi-tuned-small,gpu-peer-multi-tuned-small:rowwise_adam_bf16,"
+        "gpu-peer-small:elementwise_adam_bf16"
     )
     assert plan == [
         ("gpu-dense-small", "adamw", False),
         ("gpu-peer-multi-tuned-small", "adamw", False),
         ("gpu-peer-multi-tuned-small", "rowwise_adam_bf16", False),
+        ("gpu-peer-small", "elementwise_adam_bf16", False),
     ]
     assert mod.lm_plan(compiled_only=True, configs="gpu-peer-small:rowwise_adam") == [
         ("gpu-peer-small", "rowwise_adam", True)
     ]
-    with pytest.raises(ValueError, match="unknown tables' optimizer 'rowwise'.*rowwise_adam_bf16"):
+    with pytest.raises(
+        ValueError, match="unknown tables' optimizer 'rowwise'.*rowwise_adam_bf16.*elementwise_adam_bf16"
+    ):
         mod.lm_plan(configs="gpu-peer-small:rowwise")
 
 
 def test_cli_runs_a_quick_row_with_the_rowwise_tables_on_the_cpu(tmp_path, monkeypatch):
-    """The colon form reaches lm_row: a quick PEER row with row-wise Adam (Triton interpreted) and its twin."""
+    """The colon form reaches lm_row: a quick PEER row with a fused table optimizer (Triton interpreted;
+    elementwise_adam_bf16: the options of FUSED_EXPERT_OPTIMIZERS, bf16 tables and per-element moments)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     mod = import_benchmark("lm_throughput")
-    mod.main(["--quick", "--no-layer", "--out-dir", str(tmp_path), "--configs", "gpu-peer-small:rowwise_adam"])
+    configs = "gpu-peer-small:elementwise_adam_bf16"
+    mod.main(["--quick", "--no-layer", "--out-dir", str(tmp_path), "--configs", configs])
     (result,) = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
     (row,) = result["rows"]
-    assert (row["config"], row["expert_optimizer"]) == ("gpu-peer-small", "rowwise_adam")
+    assert (row["config"], row["expert_optimizer"]) == ("gpu-peer-small", "elementwise_adam_bf16")
     assert row["tokens_per_s"] > 0 and row["loss_last"] == row["loss_last"]  # finite, not NaN
