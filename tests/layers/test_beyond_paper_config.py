@@ -43,7 +43,7 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
     exp_plan = pytest.importorskip("torchpeer.experiments.plan")
     spec = exp_spec.load_spec("beyond-paper")
     runs = exp_plan.plan_sweep(spec, str(tmp_path))
-    assert len(runs) == 48  # 24 designs (dense, the paper's PEER, 22 new) x 2 seeds
+    assert len(runs) == 50  # 25 designs (dense, the paper's PEER, 23 new) x 2 seeds
     assert len(runs[0].cfg.data.valid) == 11  # the corpus valid set and each of the 10 sources
     by_seed: dict[int, dict[str, object]] = {}
     for r in runs:
@@ -84,11 +84,10 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
         assert (single.model.peer.balance_weight, single.train.expert_lr, single.train.expert_weight_decay) == (
             0.01, 3e-3, 1.0
         )  # fmt: skip
-        fast = designs["tuned-rowwise"].cfg  # the winner with the fused row-wise table optimizer
-        assert fast.train.expert_optimizer == "rowwise_adam_bf16" and fast.model == decay.model
-        assert [getattr(fast.train, f) for f in ("expert_lr", "expert_weight_decay", "seed")] == [
-            getattr(decay.train, f) for f in ("expert_lr", "expert_weight_decay", "seed")
-        ]
+        for name, optimizer in (("tuned-rowwise", "rowwise_adam_bf16"), ("tuned-elementwise", "elementwise_adam_bf16")):
+            fast = designs[name].cfg  # the winner with a fused table optimizer, nothing else changed
+            assert fast.train.expert_optimizer == optimizer and fast.model == decay.model
+            assert dataclasses.replace(fast.train, expert_optimizer="adamw") == decay.train
         paper = designs["paper"].cfg.model
         assert paper.sparse_blocks() == [4] and not paper.peer.shared_pool and paper.peer.n_experts == 1024**2
 
