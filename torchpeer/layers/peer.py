@@ -241,16 +241,23 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
     @property
     def table_update(self):
         """Replaces expert_mix when set (same arguments, no backend): an optimizer that updates the
-        tables inside the mixing backward installs it. Not part of the state_dict."""
+        tables inside the mixing backward installs it (on a shared pool: one whose ``pool`` attribute
+        is the layer's pool, which updates the pool once for all its layers). Not part of the state_dict."""
         return self.__dict__.get("_table_update")
 
     @table_update.setter
     def table_update(self, fn) -> None:
-        if fn is not None and (self.readout == "glu" or self.pool is not None):
+        if fn is not None and self.readout == "glu":
             raise ValueError(
-                "the fused table optimizer (train.expert_optimizer=rowwise_adam*, elementwise_adam*) updates one "
-                f"layer's own down/up (not a glu read-out's third table); this layer has readout={self.readout!r}, "
-                f"shared_pool={self.pool is not None}: use train.expert_optimizer=adamw"
+                "the fused table optimizer (train.expert_optimizer=rowwise_adam*, elementwise_adam*) updates "
+                "down/up, not a glu read-out's third table: use train.expert_optimizer=adamw or another readout"
+            )
+        if fn is not None and self.pool is not None and getattr(fn, "pool", None) is not self.pool:
+            # stepping the pool inside each layer's backward would step a row once per layer
+            raise ValueError(
+                "this layer reads a shared pool: its tables take one update from all the pool's layers after "
+                "the backward (torchpeer.optim.attach_rowwise_adam, train.expert_optimizer=rowwise_adam*, "
+                "elementwise_adam*), not a per-layer mixer (one whose .pool is not this layer's pool)"
             )
         self.__dict__["_table_update"] = fn
 

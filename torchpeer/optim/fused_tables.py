@@ -2,8 +2,9 @@
 
     table_opt = attach_rowwise_adam(model, lr=1e-3, weight_decay=0.0)   # before building AdamW
     for step ...:
-        table_opt.set_lr(lr_now)          # read by the kernels during backward
-        loss.backward()                   # updates every PEER table row the step selected
+        table_opt.set_lr(lr_now)          # read by the kernels during backward (and step())
+        loss.backward()                   # updates every PEER table row the step selected ...
+        table_opt.step()                  # ... or, for a shared pool, here (see below)
         optimizer.step()                  # AdamW for everything else (tables are not in it)
 
 attach_rowwise_adam sets the tables' requires_grad to False (so AdamW groups and
@@ -14,11 +15,19 @@ elementwise=True. One backward per forward: no gradient accumulation.
 The layers and the optimizer reference each other (layer.table_update -> optimizer -> layer):
 call detach() to hand the tables back and let both be freed without waiting for the gc.
 
+A shared ExpertPool (PEER shared_pool: several layers read one pair of tables) cannot be stepped
+inside each layer's backward (a later backward would read rows already stepped, and a row would
+take one Adam step per layer). Its layers' backwards only keep their selections, and step()
+applies ONE lazy Adam step per selected row from the gradient summed over all of them
+(torchpeer/ops/expert_mixing/triton_deferred_op.py: what it keeps, ~4 KiB a token and layer for
+the recommended config). Its state exists once, under the pool's module name.
+
 On a layer whose tables torchpeer.parallel sharded by columns, each rank's state covers its
 columns (exp_avg, master, element-wise exp_avg_sq) and whole rows (row-wise exp_avg_sq: all-reduced,
 and steps: the same on every rank);
 the sharded layer runs its own fused op with them (torchpeer/parallel/triton_mixing.py), and the
-distributed checkpoint stores them like the tables (torchpeer/parallel/checkpoint.py).
+distributed checkpoint stores them like the tables (torchpeer/parallel/checkpoint.py). The
+sharded layers support the paper's layer only, so no shared pool there.
 """
 
 from __future__ import annotations
@@ -61,8 +70,31 @@ class _Mixer:
         return s_down, s_up, self.owner.hyper
 
 
+class _PoolMixer:
+    """What a PEER layer on a shared pool calls instead of expert_mix: the pool's deferred update
+    (the layer's backward keeps its selections; RowwiseTableAdam.step() updates the pool).
+    ``pool``: the layer's pool (PEER's table_update setter accepts a mixer for that pool only)."""
+
+    def __init__(self, update, reader: int, pool: nn.Module):
+        self.update, self.reader, self.pool = update, reader, pool
+
+    def __call__(self, x, down, up, indices, gates, activation):
+        from torchpeer.ops.expert_mixing.triton_op import expert_mix_triton
+
+        if not torch.is_grad_enabled():  # eval / generation: plain forward, nothing to update
+            return expert_mix_triton(x, down, up, indices, gates, activation)
+        return self.update.mix(self.reader, x, down, up, indices, gates, activation)
+
+    def table_state(self):
+        raise ValueError(
+            "the column-sharded (torchrun) PEER has no deferred table update for a shared pool (it runs the "
+            "paper's layer only): use model.peer.shared_pool=false or one process"
+        )
+
+
 class RowwiseTableAdam:
-    """Lazy Adam state for the down/up tables of the given PEER layers ({name: layer}); its
+    """Lazy Adam state for the down/up tables of the given PEER layers ({name: layer}) and of the
+    shared pools they read ({name: ExpertPool}; a layer on a pool not given is refused); its
     state_dict says whether the second moments are element-wise (a resume must agree)."""
 
     def __init__(
@@ -75,6 +107,7 @@ class RowwiseTableAdam:
         bf16_tables: bool = False,
         bf16_moments: bool = False,
         elementwise: bool = False,
+        pools: dict[str, nn.Module] | None = None,
     ):
         if not layers:
             raise ValueError("rowwise_adam needs at least one PEER layer in the model (model.ffw = 'peer' somewhere)")
@@ -84,13 +117,14 @@ class RowwiseTableAdam:
             )
         first = next(iter(layers.values())).down
         self.layers = layers
+        self.owners = _table_owners(layers, pools or {})
         self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
         self.hyper = torch.tensor([lr, betas[0], betas[1], eps, weight_decay], dtype=torch.float32, device=first.device)
         self.bf16_tables, self.elementwise = bf16_tables, elementwise
-        self.states = {}
-        for name, layer in layers.items():
+        self.states = {}  # {owner name: (state of down, state of up)}: once per pair of tables
+        for name, owner in self.owners.items():
             pair = []
-            for t in (layer.down, layer.up):
+            for t in (owner.down, owner.up):
                 if t.device != first.device:
                     raise ValueError("rowwise_adam: all PEER tables must be on one device")
                 t.requires_grad_(False)
@@ -103,17 +137,40 @@ class RowwiseTableAdam:
                 moment_dtype = torch.bfloat16 if bf16_moments else torch.float32
                 pair.append(RowwiseAdamState.zeros_like(t, master, moment_dtype, elementwise))
             self.states[name] = tuple(pair)
-            layer.table_update = _Mixer(self, name)
+        self.deferred = {}  # {pool name: DeferredTableUpdate}
+        shared = [name for name in self.owners if name not in layers]  # the pools
+        if shared:
+            from torchpeer.ops.expert_mixing.triton_deferred_op import DeferredTableUpdate
+
+            for name in shared:
+                pool = self.owners[name]
+                self.deferred[name] = DeferredTableUpdate(pool.down, pool.up, *self.states[name], self.hyper)
+        pool_names = {id(owner): name for name, owner in self.owners.items()}
+        for reader, (name, layer) in enumerate(layers.items()):
+            pool = getattr(layer, "pool", None)
+            if pool is None:
+                layer.table_update = _Mixer(self, name)
+            else:
+                layer.table_update = _PoolMixer(self.deferred[pool_names[id(pool)]], reader, pool)
 
     @property
     def lr(self) -> float:
         return float(self.hyper[0])
 
     def set_lr(self, lr: float) -> None:
-        """The lr the NEXT backward uses (a 4-byte device write; no sync)."""
+        """The lr the NEXT backward (and step()) uses (a 4-byte device write; no sync)."""
         self.hyper[0] = lr
 
+    def step(self) -> None:
+        """The shared pools' update: one lazy Adam step of every pool row the last backward selected in
+        any of the pool's layers, from the gradient summed over them. Call after every backward; with no
+        shared pool it does nothing (a layer's own tables were updated inside the backward)."""
+        for update in self.deferred.values():
+            update.step()
+
     def state_dict(self) -> dict:
+        """{"hyper", "elementwise", "layers": {owner: {"down", "up": RowwiseAdamState.state_dict()}}}; an
+        owner is a layer with its own tables or a shared pool (by module name)."""
         return {
             "hyper": self.hyper.cpu().tolist(),
             "elementwise": self.elementwise,
@@ -140,17 +197,34 @@ class RowwiseTableAdam:
             d.load_state_dict(sd["layers"][n]["down"])
             u.load_state_dict(sd["layers"][n]["up"])
             if self.bf16_tables and restore_tables:  # the working copies follow the restored masters
-                self.layers[n].down.data.copy_(d.master)
-                self.layers[n].up.data.copy_(u.master)
+                self.owners[n].down.data.copy_(d.master)
+                self.owners[n].up.data.copy_(u.master)
 
     def detach(self) -> None:
         """Back to plain autograd tables (requires_grad True, no mixer; fp32 masters restored)."""
-        for name, layer in self.layers.items():
+        for layer in self.layers.values():
             layer.table_update = None
+        for name, owner in self.owners.items():
             if self.bf16_tables:
-                layer.down.data, layer.up.data = (s.master for s in self.states[name])
-            layer.down.requires_grad_(True)
-            layer.up.requires_grad_(True)
+                owner.down.data, owner.up.data = (s.master for s in self.states[name])
+            owner.down.requires_grad_(True)
+            owner.up.requires_grad_(True)
+        self.deferred = {}
+
+
+def _table_owners(layers: dict[str, nn.Module], pools: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """{name: the module holding a pair of tables}: a layer without a pool (its own), each pool read."""
+    pool_names = {id(p): n for n, p in pools.items()}
+    owners = {}
+    for name, layer in layers.items():
+        pool = getattr(layer, "pool", None)
+        if pool is None:
+            owners[name] = layer
+        elif id(pool) in pool_names:
+            owners.setdefault(pool_names[id(pool)], pool)
+        else:
+            raise ValueError(f"PEER layer {name} reads a shared pool that is not among pools= (name it there)")
+    return owners
 
 
 def _other_ranks() -> bool:
@@ -176,7 +250,14 @@ def attach_rowwise_adam(model: nn.Module, *args, **kwargs) -> RowwiseTableAdam:
     from torchpeer.ops import resolve_backend
 
     layers = {name: m for name, m in model.named_modules() if isinstance(m, PEER)}
+    read = {id(m.pool) for m in layers.values() if m.pool is not None}
+    pools = {name: m for name, m in model.named_modules() if id(m) in read}
     for name, m in layers.items():
+        if m.pool is not None and _other_ranks():
+            raise ValueError(
+                f"PEER layer {name} reads a shared pool: its fused update runs in one process only (torchrun's "
+                "column-sharded PEER supports the paper's layer only): use train.expert_optimizer=adamw"
+            )
         if getattr(m, "column_shard", None) is None and _other_ranks():
             # replicated tables would each step from their own rank's tokens and drift apart; sharded
             # by columns (torchpeer.parallel), every rank updates its columns from all tokens
@@ -189,4 +270,4 @@ def attach_rowwise_adam(model: nn.Module, *args, **kwargs) -> RowwiseTableAdam:
                 f"PEER layer {name} has no table_update hook (torchpeer.layers.peer too old for rowwise_adam)"
             )
         resolve_backend("expert_mix", "triton", m.down.device)  # ValueError naming the fix if Triton can't run
-    return RowwiseTableAdam(layers, *args, **kwargs)
+    return RowwiseTableAdam(layers, *args, **kwargs, pools=pools)

@@ -5,7 +5,8 @@ triton_op.py; the GLU read-out's triton_glu_kernels.py + triton_glu_op.py; impor
 "triton" backend runs); two opt-in
 forward prototypes being measured (benchmarks/NOTES_mixing.md §5-6): tile-sorted (triton_tiled.py)
 and split-S for decoding (triton_decode.py), selected through triton_op.TUNING["fwd"]; the fused
-row-wise Adam backward (triton_fused_*.py); one rank's column slice of the mixing for the
+row-wise Adam backward (triton_fused_*.py) and its deferred form for tables several layers read
+(triton_deferred_op.py: one update after the backward); one rank's column slice of the mixing for the
 column-sharded layer of torchpeer.parallel (triton_cols_*.py, specs in columns_reference.py)."""
 
 from .checks import ACTIVATIONS, check_mix_inputs

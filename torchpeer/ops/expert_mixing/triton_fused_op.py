@@ -24,12 +24,21 @@ from .triton_op import (
 
 def _fused_backward_impl(dy, x, down, up, indices, gates, h, activation, states, hyper):
     """-> dx (x dtype), dgate (T*S,) fp32; updates down, up and the 6 state tensors in place."""
+    dx, dgate, coef = token_pass(dy, x, down, up, indices, gates, h, activation)
+    expert_update(x, dy, indices, gates, h, coef, activation, down, up, states, hyper)
+    return dx, dgate
+
+
+def token_pass(dy, x, down, up, indices, gates, h, activation):
+    """Pass 1 (triton_fused_kernels.py), from the tables as they are: dy, x (T, d), indices (T, S),
+    gates, h (T*S values) -> dx (T, d) x dtype, dgate (T*S,) fp32 and coef (T*S,) fp32 (g act'(h)
+    (v.dy) per selection, what expert_update needs besides x, dy, indices, gates and h)."""
     T, d = x.shape
-    N = down.shape[0]
     S = indices[0].numel() if T else 0
     dev = x.device
     if T == 0 or S == 0:
-        return torch.zeros_like(x), torch.zeros(gates.numel(), dtype=torch.float32, device=dev)
+        zeros = torch.zeros(T * S, dtype=torch.float32, device=dev)
+        return torch.zeros_like(x), zeros, zeros
     dy = dy.contiguous()
     coef = _new_buffer((T * S,), torch.float32, dev)
     dgate = _new_buffer((T * S,), torch.float32, dev)
@@ -40,7 +49,19 @@ def _fused_backward_impl(dy, x, down, up, indices, gates, h, activation, states,
         S, d, dy.stride(0), down.stride(0), up.stride(0), dx.stride(0),
         ACT=_act_id(activation), BLOCK_S=block_s, BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip
+    return dx, dgate, coef
 
+
+def expert_update(x, dy, indices, gates, h, coef, activation, down, up, states, hyper):
+    """Passes 2-3 (triton_fused_kernels.py): each selected row's gradient summed over its selections,
+    then one lazy Adam step of that row of down and up (and of the 8 state tensors) in place.
+    x, dy (T, d) (dy contiguous); indices (T, S) int32 or int64; gates, h, coef (T*S values)."""
+    T, d = x.shape
+    N = down.shape[0]
+    S = indices[0].numel() if T else 0
+    if T == 0 or S == 0:
+        return
+    dy = dy.contiguous()
     perm, offsets = _sort_by_expert(indices, N)
     block_d, block_s, num_warps = _launch_config("expert", d, S)
     seg = triton_op.TUNING["expert"].get("segment", SEGMENT)  # looked up per call: tests patch it
@@ -51,7 +72,7 @@ def _fused_backward_impl(dy, x, down, up, indices, gates, h, activation, states,
     pcount = torch.where(nseg > 1, nseg, 0)
     pbase = torch.cumsum(pcount, 0) - pcount
     n_partial = seg_expert.numel() + hot.numel()  # >= sum(pcount): shape-only bound
-    partial = torch.empty((max(1, n_partial), 2, d), dtype=torch.float32, device=dev)
+    partial = torch.empty((max(1, n_partial), 2, d), dtype=torch.float32, device=x.device)
     w_down, m_down, v_down, t_down, w_up, m_up, v_up, t_up = states
     master = w_down.numel() > 0  # fp32 master tables (empty tensors: the tables are the weights)
     elementwise = v_down.dim() == 2  # (N, d) second moments, else (N,)
@@ -68,7 +89,6 @@ def _fused_backward_impl(dy, x, down, up, indices, gates, h, activation, states,
         hot, nseg, pbase, partial, down, w_down, m_down, v_down, t_down, up, w_up, m_up, v_up, t_up, hyper,
         d, BLOCK_D=block_d, MASTER=master, ELEMENTWISE=elementwise, num_warps=num_warps,
     )  # fmt: skip
-    return dx, dgate
 
 
 @torch.library.custom_op("torchpeer::peer_mix_bwd_rowwise_adam", mutates_args=("tables",))
@@ -159,6 +179,13 @@ def expert_mix_rowwise_adam(x, down, up, indices, gates, activation, state_down,
     Returns y (T, d); gradients flow to x and gates only. One backward per forward: the update
     happens there (gradient accumulation over micro-batches is not possible).
     """
+    x = check_fused_inputs(x, down, up, indices, gates, activation, state_down, state_up, hyper)
+    states = state_tensors(down, state_down, state_up)
+    return _RowwiseAdamMix.apply(x, gates.contiguous(), down, up, indices.contiguous(), activation, states, hyper)
+
+
+def check_fused_inputs(x, down, up, indices, gates, activation, state_down, state_up, hyper) -> torch.Tensor:
+    """expert_mix_rowwise_adam's arguments (ValueError naming the fix) -> x in the autocast dtype, contiguous."""
     check_mix_inputs(x, down, up, indices, gates, activation, kernel=True)
     for name, table in (("down", down), ("up", up)):
         if table.requires_grad:
@@ -174,17 +201,15 @@ def expert_mix_rowwise_adam(x, down, up, indices, gates, activation, state_down,
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         x = x.to(torch.get_autocast_dtype(dev))
+    return x.contiguous()
+
+
+def state_tensors(down, state_down, state_up) -> tuple[torch.Tensor, ...]:
+    """The 8 state tensors the kernels take: (master, exp_avg, exp_avg_sq, steps) of down, then of up;
+    a missing master is an empty fp32 tensor (the table is the weights)."""
     none = down.new_empty(0, dtype=torch.float32)
-    states = (
-        none if state_down.master is None else state_down.master,
-        state_down.exp_avg,
-        state_down.exp_avg_sq,
-        state_down.steps,
-        none if state_up.master is None else state_up.master,
-        state_up.exp_avg,
-        state_up.exp_avg_sq,
-        state_up.steps,
-    )
-    return _RowwiseAdamMix.apply(
-        x.contiguous(), gates.contiguous(), down, up, indices.contiguous(), activation, states, hyper
+    return tuple(
+        t
+        for s in (state_down, state_up)
+        for t in (none if s.master is None else s.master, s.exp_avg, s.exp_avg_sq, s.steps)
     )
