@@ -250,6 +250,8 @@ def lm_row(config, expert_optimizer, compiled, device, steps, warmup, quick):
         if ev:
             ev[1].record()
         loss.backward()
+        if table_opt is not None:  # a shared pool's table update (after its layers' backwards), as the trainer
+            table_opt.step()
         torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
         if ev:
             ev[2].record()

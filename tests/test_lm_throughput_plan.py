@@ -60,13 +60,15 @@ def test_configs_take_a_tables_optimizer_after_a_colon_and_refuse_an_unknown_one
 
 
 def test_cli_runs_a_quick_row_with_the_rowwise_tables_on_the_cpu(tmp_path, monkeypatch):
-    """The colon form reaches lm_row: a quick PEER row with a fused table optimizer (Triton interpreted;
-    elementwise_adam_bf16: the options of FUSED_EXPERT_OPTIMIZERS, bf16 tables and per-element moments)."""
+    """The colon form reaches lm_row: a quick row of the recommended config with a fused table optimizer
+    (Triton interpreted; rowwise_adam_bf16: the options of FUSED_EXPERT_OPTIMIZERS, bf16 tables), whose
+    shared pool takes the deferred update (before it, the row recorded the pool's ValueError as its note)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     mod = import_benchmark("lm_throughput")
-    configs = "gpu-peer-small:elementwise_adam_bf16"
+    configs = "gpu-peer-multi-tuned-small:rowwise_adam_bf16"
     mod.main(["--quick", "--no-layer", "--out-dir", str(tmp_path), "--configs", configs])
     (result,) = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
     (row,) = result["rows"]
-    assert (row["config"], row["expert_optimizer"]) == ("gpu-peer-small", "elementwise_adam_bf16")
+    assert (row["config"], row["expert_optimizer"]) == ("gpu-peer-multi-tuned-small", "rowwise_adam_bf16")
+    assert "note" not in row, row["note"]
     assert row["tokens_per_s"] > 0 and row["loss_last"] == row["loss_last"]  # finite, not NaN

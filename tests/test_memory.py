@@ -187,3 +187,32 @@ def test_rowwise_adam_state_bytes_match_the_attached_optimizer(optimizer, monkey
     assert est.parameters == params
     assert est.gradients == 4 * trained
     assert est.optimizer == state + 8 * trained
+
+
+def test_a_shared_pools_fused_state_and_kept_selections_are_counted_once(monkeypatch):
+    """A fused table optimizer on a shared pool: the estimate counts the pool's state once (not once per
+    layer) and, as activations, exactly the bytes its layers' backwards keep for step() (pool_stash_bytes)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import torch
+
+    from torchpeer.lm.memory import pool_stash_bytes
+    from torchpeer.optim import attach_rowwise_adam
+
+    flags = "--model.d_model 32 --model.n_layers 3 --model.peer.n_experts 64 --model.ffw peer --model.placement all"
+    cfg = tiny_cfg(*flags.split(), "--model.peer.shared_pool", "true", "--model.peer.heads", "2")
+    cfg.model.peer.top_k, cfg.model.vocab_size = 4, 64
+    cfg.train.expert_optimizer = "elementwise_adam_bf16"
+    est = estimate_step_memory(cfg, "cuda")
+    model = TransformerLM(cfg.model)
+    opt = attach_rowwise_adam(model, 1e-3, bf16_tables=True, elementwise=True)
+    state = sum(t.numel() * t.element_size() for s in opt.states["ffw_shared"] for t in s.state_dict().values())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert list(opt.states) == ["ffw_shared"] and est.optimizer == state + 8 * trained
+    idx = torch.randint(0, 64, (1, 5))
+    model(idx, idx)[1].backward()
+    kept = opt.deferred["ffw_shared"]._kept
+    assert len(kept) == 3  # (the CPU forward runs in fp32: 4 bytes a value of x and dy)
+    assert sum(t.numel() * t.element_size() for k in kept.values() for t in k[:6]) == pool_stash_bytes(cfg, 5, 4)
+    stash = pool_stash_bytes(cfg, est.tokens, 2 if cfg.train.dtype == "bf16" else 4)
+    cfg.train.expert_optimizer = "adamw"
+    assert stash > 0 and est.activations - estimate_step_memory(cfg, "cuda").activations == stash

@@ -92,6 +92,37 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
         assert paper.sparse_blocks() == [4] and not paper.peer.shared_pool and paper.peer.n_experts == 1024**2
 
 
+def test_the_winner_with_a_fused_table_optimizer_builds_and_steps(tmp_path):
+    """The winner's fused designs build as the trainer builds them (shrunk copies of the planned configs):
+    the table optimizer takes the shared pool (one state, under ffw_shared) and a step updates it."""
+    pytest.importorskip("triton")
+    exp_spec = pytest.importorskip("torchpeer.experiments.spec")
+    exp_plan = pytest.importorskip("torchpeer.experiments.plan")
+    import torch
+
+    from torchpeer.lm.config import FUSED_EXPERT_OPTIMIZERS
+    from torchpeer.lm.model import TransformerLM
+    from torchpeer.optim import attach_rowwise_adam
+
+    runs = {r.variant: r.cfg for r in exp_plan.plan_sweep(exp_spec.load_spec("beyond-paper"), str(tmp_path))}
+    for design, kind in (("tuned-rowwise", 1), ("tuned-elementwise", 2)):  # exp_avg_sq per row / per element
+        m, t = runs[f"seed=0-{design}"].model, runs[f"seed=0-{design}"].train
+        m.vocab_size, m.d_model, m.n_heads, m.seq_len = 64, 32, 2, 8
+        m.peer.n_experts, m.peer.heads, m.peer.top_k, m.peer.d_key = 64, 2, 4, 8
+        torch.manual_seed(0)
+        model = TransformerLM(m)
+        opt = attach_rowwise_adam(model, t.table_lr, (t.beta1, t.beta2), t.eps, t.expert_weight_decay,
+                                  **FUSED_EXPERT_OPTIMIZERS[t.expert_optimizer])  # fmt: skip
+        assert list(opt.states) == ["ffw_shared"] and m.peer.shared_pool and m.sparse_blocks() == [1, 3, 5, 7]
+        state = opt.states["ffw_shared"][0]
+        before = state.master.clone()
+        idx = torch.randint(0, 64, (1, 8))
+        _, loss = model(idx, idx)
+        (loss + model.aux_loss()).backward()
+        opt.step()
+        assert not torch.equal(state.master, before) and state.exp_avg_sq.dim() == kind, design
+
+
 def test_logged_flop_table_is_what_torchpeer_info_computes():
     rows = re.findall(r"^\| [^|]+ \| (`[^`]*`|-)[^|]*\| ([\d,.]+)M \| [\d.]+M \| ([\d,]+) \| ([\d.]+) \|$",
                       LOG.read_text(), flags=re.M)  # fmt: skip

@@ -319,6 +319,32 @@ def test_rowwise_adam_bf16_keeps_bf16_tables_with_fp32_masters_and_resumes_exact
         load_config(cfg, flags + ["--train.grad_accum", "2"])
 
 
+def test_fused_table_optimizer_on_the_winners_shared_pool_trains_and_resumes_exactly(tmp_path):
+    """gpu-peer-multi-tuned-small's design at a tiny size (PEER blocks 1 and 3 on one shared pool, the
+    balance term, expert lr and decay) with train.expert_optimizer=rowwise_adam_bf16: the pool's state
+    exists once (under its module name), its bf16 tables change at every step, a resume continues exactly."""
+    seen = {}
+
+    class Probe(Recorder):
+        def on_step_end(self, trainer, step, metrics):
+            seen["owners"] = list(trainer.table_optimizer.state_dict()["layers"])
+            seen["steps"] = trainer.table_optimizer.states["ffw_shared"][0].steps.max().item()
+            seen["dtype"] = trainer.model.ffw_shared.down.dtype
+            trainer.request_stop("probe")
+
+    write_corpus(tmp_path)
+    flags = ["--train.expert_optimizer", "rowwise_adam_bf16", "--train.max_steps", "2", "--model.seq_len", "8"]
+    flags += ["--train.batch_size", "2", "--data.valid", "{}", "--model.n_layers", "4", "--model.placement", "[1, 3]"]
+    flags += ["--model.peer.shared_pool", "true", "--model.peer.balance_weight", "0.01"]
+    flags += ["--model.peer.balance_stride", "8", "--train.expert_lr", "3e-3", "--train.expert_weight_decay", "1.0"]
+    cfg = write_config(tmp_path)
+    train(load_config(cfg, flags), str(tmp_path / "ref"), progress=False)
+    assert train(load_config(cfg, flags), str(tmp_path / "run"), progress=False, callbacks=[Probe()])["steps"] == 1
+    assert seen == {"owners": ["ffw_shared"], "steps": 1, "dtype": torch.bfloat16}  # one step from both layers
+    assert train(load_config(cfg, flags), str(tmp_path / "run"), resume=True, progress=False)["steps"] == 2
+    assert losses(tmp_path / "run") == losses(tmp_path / "ref")
+
+
 def _tensors(obj):
     """Every tensor inside a nested dict/list (a state_dict)."""
     import torch

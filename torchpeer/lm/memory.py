@@ -7,7 +7,8 @@
   AdamW step builds its denominator);
 * activations that autograd keeps for backward, per token and block (RMSNorm inputs and outputs,
   q/k/v and their rotated copies, the attention output and log-sum-exp, the FFW's hidden units or
-  PEER/PKM queries, scores, gates and int64 indices, MoE dispatch buffers);
+  PEER/PKM queries, scores, gates and int64 indices, MoE dispatch buffers; with a fused table
+  optimizer on a shared pool, what its layers' backwards keep for its step(): ``pool_stash_bytes``);
 * attention at ``model.seq_len``: the fused kernels (flash attention on the CPU, flash or
   memory-efficient on CUDA) keep O(seq_len) per head, never the (seq_len, seq_len) score matrix;
 * routing workspace: the lean PyTorch PEER/PKM paths work on chunks of gathered expert rows
@@ -161,14 +162,26 @@ def _peer_table_sizes(c, d: int) -> list[int]:
 
 def _rowwise_table_elements(cfg) -> int:
     """Elements of the PEER tables that a fused train.expert_optimizer (rowwise_adam*, elementwise_adam*)
-    updates (0 for adamw)."""
+    updates (0 for adamw): each layer's own, or a shared pool's once."""
     from torchpeer.lm.config import FUSED_EXPERT_OPTIMIZERS  # (imported already: cfg is one)
 
     if getattr(cfg.train, "expert_optimizer", "adamw") not in FUSED_EXPERT_OPTIMIZERS:
         return 0
     m = cfg.model
     n_peer = sum(kind == "peer" for kind in m.block_kinds())
-    return n_peer * sum(_peer_table_sizes(m.peer, m.d_model)) if n_peer else 0
+    owners = min(n_peer, 1) if getattr(m.peer, "shared_pool", False) else n_peer
+    return owners * sum(_peer_table_sizes(m.peer, m.d_model))
+
+
+def pool_stash_bytes(cfg, tokens: int, mm: int) -> int:
+    """What a fused table optimizer keeps of a shared pool's layers from their backwards to its step()
+    (ops/expert_mixing/triton_deferred_op.py): per token of each PEER layer x and dy (d values each, mm
+    bytes a value) and 16 bytes per selection (index, gate, u.x, coef); 0 without a pool or fused optimizer."""
+    m = cfg.model
+    if not (_rowwise_table_elements(cfg) and getattr(m.peer, "shared_pool", False)):
+        return 0
+    n_peer = sum(kind == "peer" for kind in m.block_kinds())
+    return n_peer * tokens * (2 * m.d_model * mm + 16 * m.peer.heads * m.peer.top_k)
 
 
 def _param_sizes(cfg, vocab: int) -> list[int]:
@@ -275,6 +288,9 @@ def estimate_step_memory(cfg, device: str | torch.device | None = None) -> Memor
         routing = max(routing, ffw_work)  # one layer's chunks live at a time
         largest_block = max(largest_block, norms + ffw_saved + attention_block)
     activations += tokens * (2 * d * 4 + d * mm)  # final norm
+    # a shared pool's fused update keeps its layers' selections through the backward (step()'s concatenated
+    # copy of them comes after the backward has freed the activations, which are larger)
+    activations += pool_stash_bytes(cfg, tokens, mm)
     chunk = getattr(t, "loss_chunk_tokens", 0)
     if chunk:  # chunked_loss.py: one chunk's fp32 logits and logsumexp's temporary, the bf16 product and
         # gradient, 4 bytes of slack; + the kept gradients (tokens x d, vocab x d)

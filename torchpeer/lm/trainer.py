@@ -232,18 +232,19 @@ class Trainer:
         t = self.cfg.train
         multiplier, ramp = self.schedule(self.step), self.expert_ramp(self.step)
         set_lr(self.optimizer, multiplier, ramp)
-        if self.table_optimizer is not None:  # the fused table update runs inside the backward below
+        if self.table_optimizer is not None:  # the fused table update runs inside the backward below (or after)
             self.table_optimizer.set_lr(t.table_lr * multiplier * ramp)
         step_loss = torch.zeros((), device=self.device)
         for micro in range(t.grad_accum):
-            x, y = next(self.sampler)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = (v.to(self.device, non_blocking=True) for v in next(self.sampler))
             with self.plan.no_sync(self.wrapped, micro == t.grad_accum - 1):
                 with runtime.autocast(self.device, self.amp_dtype):
                     _, loss = self.forward(x, y, loss_chunk_tokens=t.loss_chunk_tokens)
                     aux = sum_aux_losses(self.model)  # the FFWs' weighted aux_loss() terms
                     total = loss if aux is None else loss + aux
                 (total / t.grad_accum).backward()
+            if self.table_optimizer is not None:  # a shared pool's update, from all its layers' backwards
+                self.table_optimizer.step()
             part = loss.detach().float() / t.grad_accum
             self._loss_sum += part  # accumulated in this order so that a resumed log window is bit-exact
             step_loss += part
