@@ -140,7 +140,7 @@ class TrainConfig:
         schedule (warmup, cosine, ...) multiplies it as every group's (lm/optim.py ExpertLRRamp).
     expert_optimizer: "adamw" (the tables are AdamW parameters), or a fused lazy Adam updating the selected
         PEER rows inside the mixing backward (torchpeer.optim.attach_rowwise_adam: Triton, grad_accum 1, table
-        gradients not clipped; column-sharded under torchrun; checkpointed, resumes on any number of processes)
+        gradients not clipped; column-sharded under torchrun; a shared pool: one deferred pass after backward)
         with an fp32 first moment per element and (update bytes per element a step): "rowwise_adam" one fp32
         second moment per ROW (16); "rowwise_adam_bf16" that with bf16 working tables, fp32 masters in the
         optimizer (18); "elementwise_adam" an fp32 second moment per ELEMENT, AdamW's rule (24; +4 bytes of
