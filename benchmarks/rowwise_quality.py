@@ -20,6 +20,9 @@ and compares the validation loss and the PEER layers' expert usage and KL. Varia
                step counts; tables not clipped, as in the fused path; train.expert_optimizer rowwise_adam*)
   elementwise  the same with one fp32 second moment per element (RowwiseAdamW(elementwise=True):
                lazy_adamw's rule with per-row step counts, unclipped tables; elementwise_adam*)
+  elementwise_gstep
+               elementwise with the global step count in the bias correction (lazy_adamw's) instead of
+               per-row counts: which of its two differences from lazy_adamw costs (an experiment)
   rowwise_factored
                rowwise with a per-column factor on the row's second moment (Adafactor-like):
                v_ij = v_i * f_j, f = c / mean(c), c the table's EMA of the column means of g^2 over
@@ -51,7 +54,10 @@ if REPO not in sys.path:
 
 from torchpeer.data.atomic import write_text_atomic  # noqa: E402
 
-OPTIMIZERS = ("adamw", "lazy_adamw", "lazy_adamw_bf16", "lazy_adamw_v16", "rowwise", "elementwise", "rowwise_factored")
+OPTIMIZERS = (
+    "adamw", "lazy_adamw", "lazy_adamw_bf16", "lazy_adamw_v16", "rowwise", "elementwise", "elementwise_gstep",
+    "rowwise_factored",
+)  # fmt: skip
 
 
 def parse_variant(text: str) -> tuple[str, float]:
@@ -167,6 +173,23 @@ def factored_rowwise_adamw(groups, lr, betas, eps, rowwise_groups):
     return FactoredRowwiseAdamW(groups, lr=lr, betas=betas, eps=eps, rowwise_groups=rowwise_groups)
 
 
+def global_step_elementwise_adamw(groups, lr, betas, eps, rowwise_groups):
+    """RowwiseAdamW(elementwise=True) whose bias correction counts every step the table took (one
+    count per table, as lazy_adamw), not each row's own updates: before each update every row's
+    count is set to the table's, so the spec's t = count + 1 is the global step."""
+    from torchpeer.optim import RowwiseAdamW
+
+    class GlobalStepElementwise(RowwiseAdamW):
+        def _update_table(self, p, group):
+            st = self.state[p]
+            st["t"] = st.get("t", 0) + 1
+            if "rowwise" in st:
+                st["rowwise"].steps.fill_(st["t"] - 1)
+            super()._update_table(p, group)
+
+    return GlobalStepElementwise(groups, lr=lr, betas=betas, eps=eps, rowwise_groups=rowwise_groups, elementwise=True)
+
+
 def run(config, variant, seed, steps, runs_dir, extra=()):
     from torchpeer.lm import Trainer
     from torchpeer.lm.config_io import load_config
@@ -184,9 +207,10 @@ def run(config, variant, seed, steps, runs_dir, extra=()):
     t = cfg.train
     tables = expert_parameters(trainer.model)
     groups = [dict(g) for g in trainer.optimizer.param_groups]
-    if optimizer in ("rowwise", "elementwise", "rowwise_factored"):
+    if optimizer in ("rowwise", "elementwise", "elementwise_gstep", "rowwise_factored"):
         names = tuple(g["name"] for g in groups if is_expert_group(g))
-        make = factored_rowwise_adamw if optimizer == "rowwise_factored" else RowwiseAdamW
+        make = {"rowwise_factored": factored_rowwise_adamw, "elementwise_gstep": global_step_elementwise_adamw}
+        make = make.get(optimizer, RowwiseAdamW)
         kw = {"elementwise": True} if optimizer == "elementwise" else {}
         trainer.optimizer = make(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, rowwise_groups=names, **kw)
         trainer.params = [p for p in trainer.params if id(p) not in tables]  # tables: not clipped
