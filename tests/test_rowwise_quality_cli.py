@@ -113,3 +113,36 @@ def test_bf16_rounding_to_nearest_and_stochastic():
         mod.round_bf16_(ema_sr.mul_(0.999).add_(0.002), gen)
     assert ema_near.max().item() == 1.0  # stuck: each increment is under half an ulp
     assert 1.15 < ema_sr.mean().item() < 1.21  # 2 - 0.999^200 = 1.181
+
+
+def test_global_step_elementwise_counts_the_tables_steps_not_the_rows():
+    """elementwise_gstep: rows selected at every step take the element-wise rule's steps exactly (the
+    two counts agree); a row first selected at step 3 takes lazy AdamW's step with t = 3 (smaller than
+    the per-row count's sign-like first step here), computed by hand in float64; idle rows stay."""
+    import math
+
+    import torch
+
+    from torchpeer.optim import RowwiseAdamW
+
+    mod = import_benchmark("rowwise_quality")
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(6, 4, generator=gen, dtype=torch.float64) for _ in range(3)]
+    for i, g in enumerate(grads):
+        g[4] = 0  # never selected
+        if i < 2:
+            g[5] = 0  # first selected at step 3
+    per_row = lambda groups: RowwiseAdamW(groups, lr=0.1, betas=(0.9, 0.99), eps=1e-8, elementwise=True)  # noqa: E731
+    gstep = lambda groups: mod.global_step_elementwise_adamw(groups, 0.1, (0.9, 0.99), 1e-8, ("experts",))  # noqa: E731
+    a, _ = _table_steps(per_row, grads)
+    b, _ = _table_steps(gstep, grads)
+    start, _ = _table_steps(per_row, [])
+    torch.testing.assert_close(b[:4], a[:4], rtol=1e-12, atol=1e-12)
+    assert torch.equal(b[4], start[4]) and torch.equal(a[4], start[4])
+    g = grads[2][5]
+    w0 = start[5] * (1 - 0.1 * 0.5)  # decoupled decay (weight_decay 0.5 in _table_steps' group)
+    m, v = 0.1 * g, 0.01 * g * g
+    by_hand = w0 - 0.1 * (m / (1 - 0.9**3)) / ((v / (1 - 0.99**3)).sqrt() + 1e-8)
+    torch.testing.assert_close(b[5], by_hand, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(a[5], by_hand)  # the per-row count takes a different (t = 1) step
+    assert math.isclose(float((a[5] - w0).abs().max()), 0.1, rel_tol=1e-6)  # sign-like: lr per element
