@@ -138,20 +138,16 @@ class RowwiseTableAdam:
                 pair.append(RowwiseAdamState.zeros_like(t, master, moment_dtype, elementwise))
             self.states[name] = tuple(pair)
         self.deferred = {}  # {pool name: DeferredTableUpdate}
-        shared = [name for name in self.owners if name not in layers]  # the pools
-        if shared:
-            from torchpeer.ops.expert_mixing.triton_deferred_op import DeferredTableUpdate
+        by_pool = {}  # {id(pool): its DeferredTableUpdate}
+        for name, owner in self.owners.items():
+            if name not in layers:  # a shared pool
+                from torchpeer.ops.expert_mixing.triton_deferred_op import DeferredTableUpdate
 
-            for name in shared:
-                pool = self.owners[name]
-                self.deferred[name] = DeferredTableUpdate(pool.down, pool.up, *self.states[name], self.hyper)
-        pool_names = {id(owner): name for name, owner in self.owners.items()}
+                update = DeferredTableUpdate(owner.down, owner.up, *self.states[name], self.hyper)
+                self.deferred[name] = by_pool[id(owner)] = update
         for reader, (name, layer) in enumerate(layers.items()):
             pool = getattr(layer, "pool", None)
-            if pool is None:
-                layer.table_update = _Mixer(self, name)
-            else:
-                layer.table_update = _PoolMixer(self.deferred[pool_names[id(pool)]], reader, pool)
+            layer.table_update = _Mixer(self, name) if pool is None else _PoolMixer(by_pool[id(pool)], reader, pool)
 
     @property
     def lr(self) -> float:

@@ -188,19 +188,11 @@ def sharded_mix_rowwise_adam(x_local, X, down, up, indices, gates, activation, c
     all-reduce). The states are my columns' (exp_avg, element-wise exp_avg_sq, master: (N, d/W))
     and the whole rows' (row-wise exp_avg_sq, steps (N,): the same on every rank); hyper: (5,) fp32
     [lr, beta1, beta2, eps, weight_decay]."""
-    from torchpeer.ops.expert_mixing.triton_fused_op import check_states
+    from torchpeer.ops.expert_mixing.triton_fused_op import check_fused_tables, state_tensors
 
     indices, gates = _prepare(X, down, up, indices, gates, activation, ctx)
-    for name, table in (("down", down), ("up", up)):
-        if table.requires_grad or not table.is_contiguous():
-            raise ValueError(f"{name} must be contiguous and not require grad for the fused update")
-    check_states(down, up, state_down, state_up)
-    if hyper.shape != (5,) or hyper.dtype != torch.float32 or hyper.device != down.device:
-        raise ValueError(f"hyper must be a (5,) float32 tensor on {down.device}: [lr, beta1, beta2, eps, weight_decay]")
-    states = []
-    for s in (state_down, state_up):
-        master = s.master if s.master is not None else down.new_empty(0, dtype=torch.float32)
-        states += [master, s.exp_avg, s.exp_avg_sq, s.steps]
+    check_fused_tables(down, up, state_down, state_up, hyper)
+    states = state_tensors(down, state_down, state_up)
     return _ShardedRowwiseAdamMix.apply(
         x_local, gates, X.contiguous(), down, up, indices, activation, ctx.key, states, hyper
     )

@@ -24,6 +24,7 @@ from .triton_op import (
 
 def _fused_backward_impl(dy, x, down, up, indices, gates, h, activation, states, hyper):
     """-> dx (x dtype), dgate (T*S,) fp32; updates down, up and the 6 state tensors in place."""
+    dy = dy.contiguous()  # once for both passes
     dx, dgate, coef = token_pass(dy, x, down, up, indices, gates, h, activation)
     expert_update(x, dy, indices, gates, h, coef, activation, down, up, states, hyper)
     return dx, dgate
@@ -187,6 +188,16 @@ def expert_mix_rowwise_adam(x, down, up, indices, gates, activation, state_down,
 def check_fused_inputs(x, down, up, indices, gates, activation, state_down, state_up, hyper) -> torch.Tensor:
     """expert_mix_rowwise_adam's arguments (ValueError naming the fix) -> x in the autocast dtype, contiguous."""
     check_mix_inputs(x, down, up, indices, gates, activation, kernel=True)
+    check_fused_tables(down, up, state_down, state_up, hyper)
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        x = x.to(torch.get_autocast_dtype(dev))
+    return x.contiguous()
+
+
+def check_fused_tables(down, up, state_down, state_up, hyper) -> None:
+    """The tables, their states and hyper of a fused update (ValueError naming the fix); also the
+    column-sharded op's check."""
     for name, table in (("down", down), ("up", up)):
         if table.requires_grad:
             raise ValueError(
@@ -198,10 +209,6 @@ def check_fused_inputs(x, down, up, indices, gates, activation, state_down, stat
     check_states(down, up, state_down, state_up)
     if hyper.shape != (5,) or hyper.dtype != torch.float32 or hyper.device != down.device:
         raise ValueError(f"hyper must be a (5,) float32 tensor on {down.device}: [lr, beta1, beta2, eps, weight_decay]")
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        x = x.to(torch.get_autocast_dtype(dev))
-    return x.contiguous()
 
 
 def state_tensors(down, state_down, state_up) -> tuple[torch.Tensor, ...]:
