@@ -229,6 +229,8 @@ def lm_row(config, expert_optimizer, compiled, device, steps, warmup, quick):
         table_opt = attach_rowwise_adam(model, t.table_lr, (t.beta1, t.beta2), t.eps, t.expert_weight_decay, **options)
     opt = build_optimizer(model, t, device.type)
     params = [p for p in model.parameters() if p.requires_grad]
+    if compiled:  # a fresh cache per row: rows of one process would otherwise share (and exhaust) the
+        torch._dynamo.reset()  # recompile limit of the shared code, e.g. a guard on each config's pool key
     fwd_model = torch.compile(model) if compiled else model
     batches = [torch.randint(0, VOCAB, (B, L + 1), device=device) for _ in range(4)]
     auto = device.type == "cuda"

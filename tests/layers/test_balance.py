@@ -105,6 +105,22 @@ def test_peer_aux_loss_is_the_weighted_term_of_the_last_training_forward():
     assert m.aux_loss() is None
 
 
+def test_a_compiled_peer_with_the_term_is_one_graph_with_the_eager_value():
+    # the recommended configs train with the term under torch.compile: a graph break in it (bincount's
+    # data-dependent length did, four a layer) costs a compiled step its fusion and recompiles per layer
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    kw = dict(n_experts=64, heads=2, top_k=3, d_key=8, query_norm="layer", backend="torch")
+    m = PEER(16, balance_weight=0.25, balance_stride=2, **kw)
+    x = torch.randn(2, 10, 16)
+    explained = torch._dynamo.explain(m)(x)
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    m(x)
+    eager = m.aux_loss()
+    torch.compile(m, backend="eager", fullgraph=True)(x)
+    torch.testing.assert_close(m.aux_loss(), eager)
+
+
 def test_lm_aux_loss_sums_the_peer_layers_terms():
     torch.manual_seed(0)
     peer = PEERConfig(n_experts=64, heads=2, top_k=4, d_key=16, balance_weight=0.1)
