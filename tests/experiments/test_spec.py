@@ -409,13 +409,19 @@ def test_a_value_of_the_wrong_type_in_a_spec_is_named_as_the_spec_writes_it(muta
 @pytest.mark.parametrize("spec, twins", [("lr-check", "-s2-1e15"), ("lr-check-1e16", "-s45-1e16")])
 def test_lr_checks_are_their_isoflop_twins_but_for_the_lr(tmp_path, spec, twins):
     """Each lr-check run is the isoflop run of its family and size (model, data, steps, seed, every
-    train field) but for train.lr: so a loss difference is the lr's alone, paired on one data order."""
+    train field) but for train.lr (and the peer-tables runs' expert_lr): so a loss difference is the
+    lr's alone, paired on one data order."""
     iso = {r.family: r for r in plan_sweep(load_spec("isoflop"), str(tmp_path / "iso")) if r.name.endswith(twins)}
     runs = plan_sweep(load_spec(spec), str(tmp_path / spec))
-    assert {r.family for r in runs} == {"dense", "peer", "pkm", "moe"}
+    grid = {"dense", "peer", "pkm", "moe"}
+    assert {r.family for r in runs} == grid | ({"peer-tables"} if spec == "lr-check" else set())
     for r in runs:
-        twin = iso[r.family]
+        twin = iso[r.family.removesuffix("-tables")]
         assert r.cfg.model == twin.cfg.model and r.cfg.data == twin.cfg.data and r.steps == twin.steps
         named_lr = f"{r.cfg.train.lr:.0e}".replace("e-0", "e-")  # 2e-3 -> "2e-3", as the run names spell it
         assert twin.cfg.train.lr == 1e-3 and r.name.split("-lr")[1].startswith(named_lr)
+        if r.family == "peer-tables":  # PEER's tables at their own lr beside a base lr of 4e-3
+            assert r.cfg.train.lr == 4e-3 and r.cfg.train.expert_lr in (1e-3, 2e-3) and twin.cfg.train.expert_lr is None
+            assert dataclasses.replace(r.cfg.train, lr=1e-3, expert_lr=None) == twin.cfg.train
+            continue
         assert dataclasses.replace(r.cfg.train, lr=1e-3) == twin.cfg.train
