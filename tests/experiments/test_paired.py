@@ -55,8 +55,9 @@ def test_a_run_joins_every_line_whose_shared_overrides_it_matches():
     recs += [_run(f"h8-k{k}", "top_k", 0, heads=8, top_k=k) for k in (4, 64)]
     recs.append(_run("h8-k64-seed1", "top_k", 1, heads=8, top_k=64))  # a second seed: train.seed not shared
     recs.append(_run("h2-k64", "other", 0, heads=2, top_k=64))  # on neither line
+    recs.append(_run("h8-k16-lr", "lr", 0, heads=8, top_k=16, lr=2e-3))  # sets a field no other line's run sets
     out = with_shared_points(recs)
     assert out[: len(recs)] == recs
     added = [(r["run"], r["series"], r["shared_from"]) for r in out[len(recs) :]]
-    assert added == [("h8-k16", "top_k", "heads")]
+    assert added == [("h8-k16", "top_k", "heads")]  # h8-k16-lr on neither the heads nor the top-k line
     assert with_shared_points([r for r in recs if r["series"] == "heads"]) == recs[:3]  # one line: nothing added

@@ -22,15 +22,19 @@ def with_shared_points(recs: list[dict]) -> list[dict]:
     series (``"shared_from"``: its own). A run lies on series B's line when it agrees with every
     override that all of B's runs share: Fig. 3's h8-k16 run (heads 8, top-k 16; filed with the heads
     line) lies on the top-k line, whose runs all have heads 8. Seeds need not agree (a seed-1 run of B
-    makes ``train.seed`` one of the overrides B's runs do not share)."""
+    makes ``train.seed`` one of the overrides B's runs do not share). Nor does a run set a field that
+    none of B's runs sets: lr-check's PEER at base lr 4e-3 with its tables at 1e-3 (train.expert_lr)
+    is not a point of the one-lr PEER line."""
     series = sorted({str(r.get("series")) for r in recs if r.get("series") is not None})
     out = list(recs)
     for b in series:
         members = [r.get("overrides") or {} for r in recs if str(r.get("series")) == b]
         shared = {k: v for k, v in members[0].items() if all(k in m and m[k] == v for m in members[1:])}
+        fields = set().union(*members)
         for r in recs:
             own = r.get("overrides") or {}
-            if str(r.get("series")) not in (b, "None") and shared and all(own.get(k) == v for k, v in shared.items()):
+            on_line = shared and all(own.get(k) == v for k, v in shared.items()) and set(own) <= fields
+            if str(r.get("series")) not in (b, "None") and on_line:
                 out.append({**r, "series": b, "shared_from": r.get("series")})
     return out
 
