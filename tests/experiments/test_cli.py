@@ -88,3 +88,20 @@ def test_an_interrupted_sweep_says_how_to_go_on(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(runner, "run_sweep", terminated)
     assert main(["sweep", "cpu-smoke", "--runs-dir", runs]) == 143
     assert capsys.readouterr().err.endswith(f"torchpeer sweep cpu-smoke --runs-dir {runs}\n")
+
+
+def test_dry_run_builds_every_run_and_names_one_that_would_fail(tmp_path, capsys):
+    """A run whose model plans but whose training build fails (here a fused table optimizer on a
+    model with no PEER layer) is named by --dry-run, before any device time goes to it."""
+    spec = tmp_path / "fused.toml"
+    base = '[sweep]\nbase = "ptb-tiny"\nbudgets = [1e12]\n[base]\n"train.device" = "cpu"\n'
+    runs = '[variants.peer]\n"train.expert_optimizer" = "rowwise_adam"\n'
+    spec.write_text(base + runs)
+    assert main(["sweep", str(spec), "--dry-run", "--runs-dir", str(tmp_path / "r")]) == 0
+    assert "build check passed: 1 run(s) to train built" in capsys.readouterr().out
+    dense = '[variants.dense]\n"model.ffw" = "dense"\n"train.expert_optimizer" = "rowwise_adam"\n'
+    spec.write_text(base + runs + dense)
+    assert main(["sweep", str(spec), "--dry-run", "--runs-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "1 of the 2 runs to train would fail at build" in err and "dense-1e12: ValueError: rowwise_adam needs" in err
+    assert err.count("\n") == 1 and not (tmp_path / "r").exists()

@@ -151,14 +151,14 @@ def _cost(cfg, where: str):
 
     model_cfg = copy.deepcopy(cfg.model)
     if model_cfg.vocab_size is None:
-        model_cfg.vocab_size = _vocab_size(cfg)
+        model_cfg.vocab_size = planned_vocab_size(cfg)
     try:
         return config_cost(model_cfg)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: {e}") from None
 
 
-def _vocab_size(cfg) -> int:
+def planned_vocab_size(cfg) -> int:
     """The vocabulary the trainer will get from the tokenizer: 257 for bytes, the target for bpe."""
     tok = cfg.data.tokenizer
     if tok == "byte":

@@ -82,6 +82,7 @@ def run_sweep(
     done = {r["run"]: r for r in read_results(runs_dir)}
     if dry_run:
         say(format_plan(spec, runs, read_results(runs_dir), assume_tokens_per_s))
+        say(build_check_report([r for r in runs if r.name not in done]))
         return []
     os.makedirs(runs_dir, exist_ok=True)
     t0, new, todo = time.time(), [], []
@@ -247,6 +248,18 @@ def _done_fraction(run: PlannedRun) -> float:
     if not ckpts or run.steps <= 0:
         return 0.0
     return min(1.0, max(0.0, checkpoint_step(ckpts[-1]) / run.steps))
+
+
+def build_check_report(runs: list[PlannedRun]) -> str:
+    """The dry run's last line: every run to train built on the meta device (model, table optimizer,
+    AdamW groups); a ValueError naming each run whose build fails, so no GPU time goes to it."""
+    from torchpeer.experiments.build_check import check_builds
+
+    failures = check_builds(runs)
+    if failures:
+        each = "; ".join(f"{name}: {err}" for name, err in failures)
+        raise ValueError(f"{len(failures)} of the {len(runs)} runs to train would fail at build (fix the spec): {each}")
+    return f"build check passed: {len(runs)} run(s) to train built (model, table optimizer, AdamW groups; meta device)"
 
 
 def format_plan(

@@ -33,7 +33,10 @@ def add_parser(subparsers):
     p.add_argument("spec", help="shipped spec name or path to a spec TOML")
     p.add_argument("--runs-dir", default=None, help="folder of the runs and results.jsonl (default: runs/<sweep name>)")
     p.add_argument(
-        "--dry-run", action="store_true", help="print the plan (tokens, FLOPs, estimated GPU memory and time) and exit"
+        "--dry-run",
+        action="store_true",
+        help="print the plan (tokens, FLOPs, estimated GPU memory and time), build every run to train on the meta "
+        "device (model, table optimizer, AdamW groups: a design that would fail on the GPU fails here) and exit",
     )
     p.add_argument("--only", default=None, help="only runs whose name matches this glob (comma-separated globs)")
     p.add_argument(

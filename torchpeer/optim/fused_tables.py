@@ -229,7 +229,7 @@ def _other_ranks() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def attach_rowwise_adam(model: nn.Module, *args, **kwargs) -> RowwiseTableAdam:
+def attach_rowwise_adam(model: nn.Module, *args, check_backend: bool = True, **kwargs) -> RowwiseTableAdam:
     """Install the fused row-wise Adam on every PEER layer of `model` (call after model.to(device)).
 
     The other arguments are RowwiseTableAdam's: lr, betas=(0.9, 0.999), eps=1e-8,
@@ -241,7 +241,9 @@ def attach_rowwise_adam(model: nn.Module, *args, **kwargs) -> RowwiseTableAdam:
     bytes per parameter of state, 16 -> 12 bytes of update traffic; rounded to nearest each step,
     so a moment's small increments can be lost: a quality cost to measure, not assumed free).
     elementwise: one fp32 second moment per element (lazy Adam as AdamW's rule), not per row: +4
-    bytes per parameter of state, +8 of update traffic (train.expert_optimizer elementwise_adam*)."""
+    bytes per parameter of state, +8 of update traffic (train.expert_optimizer elementwise_adam*).
+    check_backend=False skips the check that Triton can run on the tables' device (the sweep's dry
+    run builds on the meta device to check everything else)."""
     from torchpeer.layers.peer import PEER
     from torchpeer.ops import resolve_backend
 
@@ -265,5 +267,6 @@ def attach_rowwise_adam(model: nn.Module, *args, **kwargs) -> RowwiseTableAdam:
             raise ValueError(
                 f"PEER layer {name} has no table_update hook (torchpeer.layers.peer too old for rowwise_adam)"
             )
-        resolve_backend("expert_mix", "triton", m.down.device)  # ValueError naming the fix if Triton can't run
+        if check_backend:
+            resolve_backend("expert_mix", "triton", m.down.device)  # ValueError naming the fix if Triton can't run
     return RowwiseTableAdam(layers, *args, **kwargs, pools=pools)
