@@ -216,3 +216,18 @@ def test_a_shared_pools_fused_state_and_kept_selections_are_counted_once(monkeyp
     stash = pool_stash_bytes(cfg, est.tokens, 2 if cfg.train.dtype == "bf16" else 4)
     cfg.train.expert_optimizer = "adamw"
     assert stash > 0 and est.activations - estimate_step_memory(cfg, "cuda").activations == stash
+
+
+def test_before_the_tokenizer_sets_it_the_vocabulary_is_the_one_it_will_give():
+    """A byte run's logits are over 257 ids, not data.vocab_size (a bpe target the byte tokenizer
+    ignores: the estimate used to take it, 8192 ids' worth of logits for a 257-id model)."""
+    base = "--model.d_model 64 --model.n_layers 2 --model.peer.n_experts 1024 --data.tokenizer byte".split()
+    unset = load_config("ptb-tiny", ["--train.device", "cpu", *base])
+    assert unset.model.vocab_size is None and unset.data.vocab_size != 257
+    resolved = load_config("ptb-tiny", ["--train.device", "cpu", *base, "--model.vocab_size", "257"])
+    assert estimate_step_memory(unset, "cpu").total == estimate_step_memory(resolved, "cpu").total
+    bpe = load_config("ptb-tiny", ["--train.device", "cpu", *base[:-2]])
+    sized = load_config(
+        "ptb-tiny", ["--train.device", "cpu", *base[:-2], "--model.vocab_size", str(bpe.data.vocab_size)]
+    )
+    assert estimate_step_memory(bpe, "cpu").total == estimate_step_memory(sized, "cpu").total

@@ -11,6 +11,7 @@ from tests.data.helpers import DOCS, TRICKY, corpus_text
 from torchpeer.data import (
     ByteTokenizer,
     DataConfig,
+    expected_vocab_size,
     load_saved_tokenizer,
     load_tokenizer,
 )
@@ -71,6 +72,11 @@ def test_gpt2_dir_tokenizer(tmp_path):
     bpe.tok.model.save(str(gdir))  # writes vocab.json + merges.txt, like GPT-2's files
     tok = load_tokenizer(DataConfig(tokenizer=f"gpt2:{gdir}"))
     assert tok.eot_id == bpe.eot_id and tok.vocab_size == bpe.vocab_size
+    # what planning, `torchpeer info` and the dry run take without training a BPE: the loaded sizes
+    bpe_cfg = DataConfig(train=str(src), tokenizer="bpe", vocab_size=300, cache_dir=str(tmp_path))
+    assert expected_vocab_size(bpe_cfg) == bpe.vocab_size == 300
+    assert expected_vocab_size(DataConfig(tokenizer=f"gpt2:{gdir}")) == tok.vocab_size
+    assert expected_vocab_size(DataConfig(tokenizer="byte")) == load_tokenizer(DataConfig(tokenizer="byte")).vocab_size
     assert tok.encode(TRICKY) == bpe.encode(TRICKY) and tok.decode(tok.encode(TRICKY)) == TRICKY
     with pytest.raises(FileNotFoundError, match="vocab.json"):
         load_tokenizer(DataConfig(tokenizer=f"gpt2:{tmp_path / 'missing'}"))

@@ -8,17 +8,9 @@ import dataclasses
 
 def infer_vocab_size(cfg) -> int:
     """model.vocab_size, or the tokenizer's (bpe: the configured target size) without training one."""
-    if cfg.model.vocab_size is not None:
-        return cfg.model.vocab_size
-    if cfg.data.tokenizer == "byte":
-        from torchpeer.data import ByteTokenizer
+    from torchpeer.data import expected_vocab_size
 
-        return ByteTokenizer.vocab_size
-    if cfg.data.tokenizer == "bpe":
-        return cfg.data.vocab_size
-    from torchpeer.data import load_tokenizer
-
-    return load_tokenizer(cfg.data).vocab_size
+    return cfg.model.vocab_size if cfg.model.vocab_size is not None else expected_vocab_size(cfg.data)
 
 
 def preempted_budget_note(cfg, overrides) -> str | None:

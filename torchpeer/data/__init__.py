@@ -44,7 +44,15 @@ this package); ``python -m torchpeer.data`` runs it too.
 from .config import DataConfig
 from .sources import SourceFile, iter_documents, load_ptb, resolve_source
 from .token_file import TokenFile, prepare_split, prepare_splits, token_dtype
-from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_saved_tokenizer, load_tokenizer, train_bpe
+from .tokenizer import (
+    ByteTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    expected_vocab_size,
+    load_saved_tokenizer,
+    load_tokenizer,
+    train_bpe,
+)
 from .windows import IGNORE_INDEX, RandomWindows, num_sequential_batches, sequential_windows
 
 __all__ = [
@@ -56,6 +64,7 @@ __all__ = [
     "SourceFile",
     "TokenFile",
     "Tokenizer",
+    "expected_vocab_size",
     "iter_documents",
     "load_ptb",
     "load_saved_tokenizer",

@@ -263,6 +263,16 @@ def _load_hub(repo: str, name: str) -> HFTokenizer:
     return HFTokenizer(tok, name)
 
 
+def expected_vocab_size(cfg: DataConfig, progress: bool = True) -> int:
+    """The vocabulary ``load_tokenizer(cfg)`` gives, without training a BPE: 257 for bytes, the target
+    size for "bpe"; a named tokenizer (gpt2:DIR, hf:REPO) is loaded to read it."""
+    if cfg.tokenizer == "byte":
+        return ByteTokenizer.vocab_size
+    if cfg.tokenizer == "bpe":
+        return cfg.vocab_size
+    return load_tokenizer(cfg, progress).vocab_size
+
+
 def load_tokenizer(cfg: DataConfig, progress: bool = True) -> Tokenizer:
     """The tokenizer of ``cfg.tokenizer``; a "bpe" one is trained on ``cfg.train`` once and cached."""
     spec = cfg.tokenizer

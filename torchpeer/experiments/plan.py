@@ -159,15 +159,10 @@ def _cost(cfg, where: str):
 
 
 def planned_vocab_size(cfg) -> int:
-    """The vocabulary the trainer will get from the tokenizer: 257 for bytes, the target for bpe."""
-    tok = cfg.data.tokenizer
-    if tok == "byte":
-        return 257
-    if tok == "bpe":
-        return cfg.data.vocab_size
-    from torchpeer.data import load_tokenizer
+    """The vocabulary the trainer will get from the tokenizer (257 for bytes, the target for bpe)."""
+    from torchpeer.data import expected_vocab_size
 
-    return load_tokenizer(cfg.data, progress=False).vocab_size
+    return expected_vocab_size(cfg.data, progress=False)
 
 
 def field_value(cfg, expr: str, where: str = "") -> Any:

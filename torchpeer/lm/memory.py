@@ -113,10 +113,15 @@ def _device_of(cfg, device) -> torch.device:
 
 
 def _vocab_size(cfg) -> int:
-    v = cfg.model.vocab_size
-    if v is None:  # not yet taken from the tokenizer: the tokenizer's requested size, else bytes
-        v = getattr(cfg.data, "vocab_size", None) or 256
-    return int(v)
+    """model.vocab_size; before the tokenizer sets it, what the tokenizer will give (257 for bytes,
+    the target for bpe; a named tokenizer is not loaded here: its data.vocab_size stands in)."""
+    from torchpeer.data import expected_vocab_size
+
+    if cfg.model.vocab_size is not None:
+        return int(cfg.model.vocab_size)
+    if cfg.data.tokenizer in ("byte", "bpe"):
+        return expected_vocab_size(cfg.data, progress=False)
+    return int(cfg.data.vocab_size)
 
 
 def _query_norm_params(kind: str, heads: int, d_key: int) -> int:
