@@ -413,3 +413,27 @@ def test_ablation_line_runs_through_the_seed_mean_and_every_run_is_a_dot(tmp_pat
     assert "mean over seeds" not in one_seed._suptitle.get_text()
     path = figures.ablation_figure(records, str(tmp_path / "a.png"), "model.peer.n_experts", "model.peer.query_norm")
     assert_real_plot(path, colours=(figures.colour("ema", 0),))
+
+
+def test_best_value_per_series_by_seed_mean_marks_an_unbracketed_best(tmp_path):
+    """lr-check's question, per family: which lr is best (mean over seeds), and is it bracketed?"""
+    d = tmp_path / "runs"
+    cells = [  # (series, lr, seed, loss)
+        ("dense", 1e-3, 0, 4.36),
+        ("dense", 2e-3, 0, 3.75),
+        ("dense", 4e-3, 0, 3.54),  # the largest lr run: best at the edge
+        ("peer", 1e-3, 0, 4.35),
+        ("peer", 2e-3, 0, 3.90),
+        ("peer", 2e-3, 1, 4.10),  # seed mean 4.00: still best, between 1e-3 and 4e-3
+        ("peer", 4e-3, 0, 4.05),
+    ]
+    for series, lr, seed, loss in cells:
+        run = f"{series}-lr{lr}-s{seed}"
+        fields = dict(sweep="lr", kind="ablation", family=series, seed=seed, x_field="train.lr", x=lr)
+        append_result(str(d), rec(run, **fields, series_field="family", series=series, valid=valid(loss)))
+    md = open(write_report(str(d))["report"]).read().splitlines()
+    head = md.index("| series | best lr | loss | values run | seeds (most) |")
+    assert md[head + 2 : head + 4] == [
+        "| dense | 0.004 (edge) | 3.5400 | 0.001, 0.002, 0.004 | 1 |",
+        "| peer | 0.002 | 4.0000 | 0.001, 0.002, 0.004 | 2 |",
+    ]

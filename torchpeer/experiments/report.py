@@ -123,6 +123,9 @@ def write_report(
             if series_field:
                 lines += ["", "As the paper lays it out (a row per value; per series ppl, usage %, KL; seeds s0 / s1):"]
                 lines += ["", *ablation_pivot(lined, series_field)]
+            if series_field:
+                lines += ["", f"Best {x_field} per series (seed-mean loss; '(edge)': no measured value on one side):"]
+                lines += ["", *best_per_series(recs, x_field)]
             if paired := paired_table(lined):  # loss differences in nats, same seed = same data order
                 lines += ["", "Paired by seed against each series' first value (loss difference, nats):", "", *paired]
             lines += ["", _img(png, out_dir)]
@@ -356,6 +359,28 @@ def ablation_table(recs: list[dict], x_field: str, series_field: str | None) -> 
             ]
         )
     return _table(header, rows, right_from=3)
+
+
+def best_per_series(recs: list[dict], x_field: str) -> list[str]:
+    """A row per series, best first: the value of the ablated field with the lowest seed-mean loss,
+    that loss, the series' values measured, and "(edge)" when the best is the smallest or largest of
+    them (the optimum is then not bracketed: lr-check's dense at its largest lr). Its own runs only
+    (no shared points): a series' best is what was run for it."""
+    by_series: dict[str, dict] = {}
+    for r in recs:
+        loss = primary_loss(r)
+        if r.get("x") is not None and loss is not None:
+            by_series.setdefault(str(r.get("series")), {}).setdefault(r["x"], []).append(loss)
+    rows = []
+    for s, cells in by_series.items():
+        xs = sorted(cells, key=float)
+        mean = {x: sum(v) / len(v) for x, v in cells.items()}
+        best = min(xs, key=lambda x: mean[x])
+        edge = " (edge)" if len(xs) > 1 and best in (xs[0], xs[-1]) else ""
+        seeds = max(len(v) for v in cells.values())
+        rows.append((mean[best], [s, f"{best}{edge}", _fmt(mean[best]), ", ".join(map(str, xs)), str(seeds)]))
+    header = ["series", f"best {x_field.split('.')[-1]}", "loss", "values run", "seeds (most)"]
+    return _table(header, [row for _, row in sorted(rows, key=lambda t: t[0])], right_from=2)
 
 
 def ablation_pivot(recs: list[dict], series_field: str) -> list[str]:
