@@ -18,21 +18,23 @@ from torchpeer.lm import load_config  # noqa: E402
 from torchpeer.lm.model import TransformerLM  # noqa: E402
 
 
-def tiny_peer_lm(readout: str = "paper") -> TransformerLM:
+def tiny_peer_lm(readout: str = "paper", balance_weight: float = 0.0) -> TransformerLM:
     cfg = load_config("ptb-tiny")
     m = cfg.model
     m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.seq_len = 64, 32, 2, 2, 16
     m.peer.n_experts, m.peer.heads, m.peer.top_k, m.peer.d_key, m.peer.backend = 64, 2, 4, 8, "triton"
-    m.peer.readout = readout
+    m.peer.readout, m.peer.balance_weight, m.peer.balance_stride = readout, balance_weight, 2
     return TransformerLM(m)
 
 
 # glu: its own mixing ops (triton_glu_op.py); chunk 12: train.loss_chunk_tokens (lm/chunked_loss.py, a
-# custom autograd function and a chunk loop; 32 tokens = 12 + 12 + 8) against the eager plain head
-@pytest.mark.parametrize("readout,chunk", [("paper", 0), ("glu", 0), ("paper", 12)])
-def test_peer_lm_forward_loss_backward_compile_with_no_graph_break(readout, chunk):
+# custom autograd function and a chunk loop; 32 tokens = 12 + 12 + 8) against the eager plain head,
+# with the sub-key balance term of the recommended config: its compiled value and gradients (whether it
+# breaks a graph is test_balance.py's check: under fullgraph=True torch 2.13 captures even bincount)
+@pytest.mark.parametrize("readout,chunk,balance", [("paper", 0, 0.0), ("glu", 0, 0.0), ("paper", 12, 0.01)])
+def test_peer_lm_forward_loss_backward_compile_with_no_graph_break(readout, chunk, balance):
     torch.manual_seed(0)
-    eager, compiled = tiny_peer_lm(readout), tiny_peer_lm(readout)
+    eager, compiled = tiny_peer_lm(readout, balance), tiny_peer_lm(readout, balance)
     compiled.load_state_dict(eager.state_dict())
     assert eager.cfg.peer.query_norm == "ema"  # the shipped default is what is compiled
     idx = torch.randint(0, 64, (2, 16))
@@ -40,7 +42,8 @@ def test_peer_lm_forward_loss_backward_compile_with_no_graph_break(readout, chun
 
     def step(model, idx, targets, chunk=0):
         _, loss = model(idx, targets, loss_chunk_tokens=chunk)
-        return loss
+        aux = model.aux_loss()  # the balance term (None without one), as the trainer adds it
+        return loss if aux is None else loss + aux
 
     fn = torch.compile(step, backend="aot_eager", fullgraph=True)
     for _ in range(2):  # the second call runs with the running statistics the first one updated
