@@ -437,3 +437,17 @@ def test_best_value_per_series_by_seed_mean_marks_an_unbracketed_best(tmp_path):
         "| dense | 0.004 (edge) | 3.5400 | 0.001, 0.002, 0.004 | 1 |",
         "| peer | 0.002 | 4.0000 | 0.001, 0.002, 0.004 | 2 |",
     ]
+
+
+def test_an_lr_ablation_is_drawn_on_a_log_axis_ticked_at_the_values_run():
+    """lr 5e-4..4e-3 on a linear axis ran its tick labels together ("0.00050.0010..."); a span of 4x or
+    more is drawn on a log axis, and fractional values are ticked where they were run, as written."""
+    from torchpeer.experiments import figures
+
+    lrs = [5e-4, 1e-3, 2e-3, 4e-3]
+    records = [rec(f"lr{lr}", kind="ablation", seed=0, x=lr, series="dense", valid=valid(4.0 - lr)) for lr in lrs]
+    ax = figures.ablation_plot(records, "train.lr", "family").axes[0]
+    assert ax.get_xscale() == "log" and list(ax.get_xticks()) == pytest.approx(lrs)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.0005", "0.001", "0.002", "0.004"]
+    narrow = [rec(f"lr{lr}", kind="ablation", seed=0, x=lr, series="dense", valid=valid(4.0)) for lr in (1e-3, 2e-3)]
+    assert figures.ablation_plot(narrow, "train.lr", "family").axes[0].get_xscale() == "linear"

@@ -161,7 +161,10 @@ def ablation_plot(records: list[dict], x_field: str, series_field: str | None):
         ("KL(usage || uniform)", lambda r: routed_usage(r)[1]),
     ]
     xs_all = [float(r["x"]) for r in records if r.get("x") is not None]
-    log_x = bool(xs_all) and min(xs_all) > 0 and max(xs_all) / min(xs_all) > 8
+    # a log axis once the values span 4x (N = 128^2..1024^2, h*k = 32..512, lr 5e-4..4e-3); fractional
+    # values (an lr) get their own ticks, as written ("0.002"), where base-2 ticks would read 2^-9
+    log_x = bool(xs_all) and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 4
+    own_ticks = log_x and any(x != int(x) for x in xs_all)
     several = False
     for ax, (label, get) in zip(axes, metrics):
         for i, s in enumerate(series):
@@ -177,6 +180,10 @@ def ablation_plot(records: list[dict], x_field: str, series_field: str | None):
             several = several or len(xs) < len(pts)
         if log_x:
             ax.set_xscale("log", base=2)
+        if own_ticks:
+            ticks = sorted(set(xs_all))
+            ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+            ax.minorticks_off()
         ax.set_xlabel(x_field)
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
