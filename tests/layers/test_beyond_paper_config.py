@@ -43,7 +43,7 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
     exp_plan = pytest.importorskip("torchpeer.experiments.plan")
     spec = exp_spec.load_spec("beyond-paper")
     runs = exp_plan.plan_sweep(spec, str(tmp_path))
-    assert len(runs) == 56  # 28 designs (dense, the paper's PEER, 23 new, 3 lr controls) x 2 seeds
+    assert len(runs) == 58  # 29 designs (dense, the paper's PEER, 23 new, 4 lr controls) x 2 seeds
     assert len(runs[0].cfg.data.valid) == 11  # the corpus valid set and each of the 10 sources
     by_seed: dict[int, dict[str, object]] = {}
     for r in runs:
@@ -93,8 +93,10 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
             control = designs[name]
             assert control.cfg.model == dense.cfg.model and control.tokens == dense.tokens
             assert control.cfg.train.lr == lr and dataclasses.replace(control.cfg.train, lr=1e-3) == dense.cfg.train
-        faster = designs["tuned-lr2e-3"].cfg
-        assert faster.model == decay.model and dataclasses.replace(faster.train, lr=1e-3) == decay.train
+        for name, lr in (("tuned-lr2e-3", 2e-3), ("tuned-lr4e-3", 4e-3)):  # the winner, its base lr moved
+            faster = designs[name].cfg
+            assert faster.model == decay.model and faster.train.lr == lr and faster.train.expert_lr == 3e-3
+            assert dataclasses.replace(faster.train, lr=1e-3) == decay.train
         paper = designs["paper"].cfg.model
         assert paper.sparse_blocks() == [4] and not paper.peer.shared_pool and paper.peer.n_experts == 1024**2
 
