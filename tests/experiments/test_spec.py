@@ -415,7 +415,8 @@ def test_lr_checks_are_their_isoflop_twins_but_for_the_lr(tmp_path, spec, twins)
     runs = plan_sweep(load_spec(spec), str(tmp_path / spec))
     grid = {"dense", "peer", "pkm", "moe"}
     tables = {"peer-tables1e-3", "peer-tables2e-3"} if spec == "lr-check" else set()
-    assert {r.family for r in runs} == grid | tables
+    fifth = {"multi-peer"} if spec == "lr-check-1e16" else set()
+    assert {r.family for r in runs} == grid | tables | fifth
     for r in runs:
         twin = iso[r.family.split("-tables")[0]]
         assert r.cfg.model == twin.cfg.model and r.cfg.data == twin.cfg.data and r.steps == twin.steps
