@@ -11,11 +11,9 @@ prepared and the device is held.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
-from torchpeer.experiments.plan import PlannedRun, planned_vocab_size
+from torchpeer.experiments.plan import PlannedRun, planned_model_config
 
 
 def build_error(run: PlannedRun) -> str | None:
@@ -23,21 +21,13 @@ def build_error(run: PlannedRun) -> str | None:
     table lr ramp) succeeds on the meta device; else the error's message. The device-only check
     (can Triton run on the tables' device?) is skipped: a GPU run passes it."""
     from torchpeer.lm.model import TransformerLM
-    from torchpeer.lm.optim import ExpertLRRamp, build_optimizer
-    from torchpeer.lm.trainer import FUSED_EXPERT_OPTIMIZERS
+    from torchpeer.lm.optim import ExpertLRRamp, attach_table_optimizer, build_optimizer
 
-    model_cfg = copy.deepcopy(run.cfg.model)
-    if model_cfg.vocab_size is None:
-        model_cfg.vocab_size = planned_vocab_size(run.cfg)
     t = run.cfg.train
     try:
         with torch.device("meta"):
-            model = TransformerLM(model_cfg)
-        if t.expert_optimizer in FUSED_EXPERT_OPTIMIZERS:
-            from torchpeer.optim import attach_rowwise_adam
-
-            args = (model, t.table_lr, (t.beta1, t.beta2), t.eps, t.expert_weight_decay)
-            attach_rowwise_adam(*args, check_backend=False, **FUSED_EXPERT_OPTIMIZERS[t.expert_optimizer])
+            model = TransformerLM(planned_model_config(run.cfg))
+        attach_table_optimizer(model, t, check_backend=False)
         build_optimizer(model, t, "cuda")
         ExpertLRRamp.from_config(t, run.steps)
     except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:

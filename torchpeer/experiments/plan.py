@@ -149,20 +149,21 @@ def _cost(cfg, where: str):
     """Costs of the model on the meta device; the vocabulary is the tokenizer's (estimated for bpe)."""
     from torchpeer.lm import config_cost
 
-    model_cfg = copy.deepcopy(cfg.model)
-    if model_cfg.vocab_size is None:
-        model_cfg.vocab_size = planned_vocab_size(cfg)
     try:
-        return config_cost(model_cfg)
+        return config_cost(planned_model_config(cfg))
     except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: {e}") from None
 
 
-def planned_vocab_size(cfg) -> int:
-    """The vocabulary the trainer will get from the tokenizer (257 for bytes, the target for bpe)."""
+def planned_model_config(cfg):
+    """A copy of ``cfg.model`` with the vocabulary the trainer will get from the tokenizer (257 for
+    bytes, the target for bpe) where it is not set: what the run's model is built from."""
     from torchpeer.data import expected_vocab_size
 
-    return expected_vocab_size(cfg.data, progress=False)
+    model_cfg = copy.deepcopy(cfg.model)
+    if model_cfg.vocab_size is None:
+        model_cfg.vocab_size = expected_vocab_size(cfg.data, progress=False)
+    return model_cfg
 
 
 def field_value(cfg, expr: str, where: str = "") -> Any:

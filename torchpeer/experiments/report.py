@@ -123,7 +123,6 @@ def write_report(
             if series_field:
                 lines += ["", "As the paper lays it out (a row per value; per series ppl, usage %, KL; seeds s0 / s1):"]
                 lines += ["", *ablation_pivot(lined, series_field)]
-            if series_field:
                 lines += ["", f"Best {x_field} per series (seed-mean loss; '(edge)': no measured value on one side):"]
                 lines += ["", *best_per_series(recs, x_field)]
             if paired := paired_table(lined):  # loss differences in nats, same seed = same data order

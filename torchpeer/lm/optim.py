@@ -113,6 +113,19 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "cpu"
     return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
 
 
+def attach_table_optimizer(model: nn.Module, cfg: TrainConfig, check_backend: bool = True):
+    """The fused table optimizer ``cfg.expert_optimizer`` names (rowwise_adam* / elementwise_adam*),
+    installed on the PEER layers of ``model`` (torchpeer.optim.attach_rowwise_adam: it takes their
+    tables out of the AdamW groups, so call it before build_optimizer); None for "adamw".
+    check_backend=False: the sweep's meta-device build check (no Triton device check)."""
+    from torchpeer.optim.fused_tables import FUSED_EXPERT_OPTIMIZERS, attach_rowwise_adam
+
+    if cfg.expert_optimizer not in FUSED_EXPERT_OPTIMIZERS:
+        return None
+    args = (model, cfg.table_lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.expert_weight_decay)
+    return attach_rowwise_adam(*args, check_backend=check_backend, **FUSED_EXPERT_OPTIMIZERS[cfg.expert_optimizer])
+
+
 class LRSchedule:
     """lr multiplier at step s (0-based) for a run of ``total_steps`` steps.
 

@@ -34,7 +34,7 @@ from torchpeer.lm import resume as resume_io
 from torchpeer.lm import runtime
 from torchpeer.lm.budget import beyond_budget, step_budget
 from torchpeer.lm.callbacks import CallbackList
-from torchpeer.lm.config import FUSED_EXPERT_OPTIMIZERS, RunConfig
+from torchpeer.lm.config import RunConfig
 from torchpeer.lm.config_io import require_run_config
 from torchpeer.lm.interrupt import StopOnSignals, TrainingInterrupted
 from torchpeer.lm.metrics import MetricsLog
@@ -168,19 +168,15 @@ class Trainer:
         from torchpeer.layers import backend_report
         from torchpeer.lm.info import model_cost
         from torchpeer.lm.model import TransformerLM
+        from torchpeer.lm.optim import attach_table_optimizer
 
         cfg, t = self.cfg, self.cfg.train
         runtime.setup_runtime(t.seed, self.device)
         self.model = self.plan.build_model(lambda: TransformerLM(cfg.model), self.device)
         if self.init_from is not None and self.ckpt is None:
             self.init_from(self.model)
-        self.table_optimizer = None
         # before DDP and the AdamW groups: the fused table optimizer takes the PEER tables out
-        if t.expert_optimizer in FUSED_EXPERT_OPTIMIZERS:
-            from torchpeer.optim import attach_rowwise_adam
-
-            args = (self.model, t.table_lr, (t.beta1, t.beta2), t.eps, t.expert_weight_decay)
-            self.table_optimizer = attach_rowwise_adam(*args, **FUSED_EXPERT_OPTIMIZERS[t.expert_optimizer])
+        self.table_optimizer = attach_table_optimizer(self.model, t)
         self.wrapped = self.plan.wrap_model(self.model)
         self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
         self.backends = backend_report(self.model)
