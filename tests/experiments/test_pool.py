@@ -53,6 +53,21 @@ FAKE_WORKER = textwrap.dedent(
         fh.write(f"{os.environ.get('CUDA_VISIBLE_DEVICES', '-')} {os.environ.get('TORCHPEER_START_LOCK', '-')}\\n")
     """
 )
+# Prepended to FAKE_WORKER's body where a test needs it: each worker writes, as it starts, its pid and
+# the start-lock ledger it sees (what the reservations of runs started before it say).
+LEDGER_SNAPSHOT = textwrap.dedent(
+    """
+    import json, os, sys
+    _lock = os.environ.get("TORCHPEER_START_LOCK")
+    try:
+        _seen = json.load(open(_lock + ".reservations.json"))
+    except (OSError, ValueError, TypeError):
+        _seen = {}
+    _run = json.load(open(os.path.join(sys.argv[1], "sweep_run.json")))["run"]
+    with open(os.path.join(os.path.dirname(sys.argv[1]), "ledger.txt"), "a") as fh:
+        fh.write(json.dumps({"run": _run, "pid": os.getpid(), "seen": _seen}) + "\\n")
+    """
+)
 
 
 def spec_for(tmp_path, budgets=(1e10, 2e10)):
@@ -202,6 +217,8 @@ def test_a_run_refused_for_memory_waits_for_a_running_run_to_end(tmp_path, fake_
     assert len(waited) == 1 and not any("FAILED" in m for m in msgs)
     restart = next(i for i, m in enumerate(msgs) if i > waited[0] and victim in m and "starting" in m)
     assert any("finished in" in m for m in msgs[waited[0] : restart])  # another run ended in between
+    # back from its wait it goes first: its memory is reserved before the next runs start
+    assert victim in msgs[restart + 1] and "goes first:" in msgs[restart + 1] and "GiB reserved" in msgs[restart + 1]
     spans = intervals(runs_dir)
     assert max_overlap(spans) <= 3
 
@@ -212,6 +229,37 @@ def test_a_run_refused_for_memory_waits_for_a_running_run_to_end(tmp_path, fake_
     failed = [m for m in msgs2 if "FAILED" in m]
     assert len(failed) == 1 and victim in failed[0] and "not now" in failed[0]
     assert len({r["run"] for r in read_results(runs2)}) == 7
+
+
+def test_resuming_runs_start_first_with_their_memory_reserved(tmp_path, fake_worker, monkeypatch):
+    """A run with a checkpoint (progress to lose) starts before the fresh runs that precede it in plan
+    order, and the sweep reserves its estimated memory in the start-lock ledger under its worker's pid
+    before it starts the next runs, so their memory checks count it even if they come first."""
+    from torchpeer.experiments.runner import step_memory_bytes
+
+    fake_worker.write_text(LEDGER_SNAPSHOT + FAKE_WORKER)
+    monkeypatch.setenv("TORCHPEER_START_LOCK", str(tmp_path / "gpu.lock"))
+    monkeypatch.setenv("SLEEP", "1.0")
+    spec, runs_dir, msgs = spec_for(tmp_path), str(tmp_path / "runs"), []
+    runs = plan_sweep(spec, runs_dir)
+    resumed = runs[-1]  # the last run in plan order
+    ckpt = os.path.join(resumed.run_dir, "checkpoints", "step_00000002")
+    os.makedirs(ckpt)
+    open(os.path.join(ckpt, "trainer.pt"), "wb").close()
+    run_sweep(spec, runs_dir, parallel=3, progress=False, say=msgs.append)
+    starts = [m for m in msgs if ": starting (" in m or ": resuming (" in m]
+    assert resumed.name in starts[0] and ": resuming (" in starts[0], starts
+    assert all(": starting (" in m for m in starts[1:])
+    nbytes = step_memory_bytes(resumed)
+    assert nbytes and any(resumed.name in m and f"goes first: {nbytes / 2**30:.1f} GiB" in m for m in msgs)
+    with open(os.path.join(runs_dir, "ledger.txt")) as fh:
+        rows = [json.loads(line) for line in fh]
+    pid = next(r["pid"] for r in rows if r["run"] == resumed.name)
+    started_with_it = [r for r in rows if r["run"] in {n.split(": ")[0].split()[-1] for n in starts[1:3]}]
+    assert len(started_with_it) == 2
+    for row in started_with_it:  # the two runs started beside it saw its reservation
+        assert row["seen"].get(str(pid), {}).get("bytes") == nbytes, row
+    assert len({r["run"] for r in read_results(runs_dir)}) == 8
 
 
 def _short_polls_after(msgs: list, text: str, count: int):

@@ -158,3 +158,20 @@ def test_a_failed_build_leaves_no_reservation_and_no_lock(tmp_path, monkeypatch)
         train(cfg, str(tmp_path / "run"), progress=False)
     assert StartLock(path).acquire(timeout=0).held
     assert StartLock(path).others() == 0 and not os.path.exists(path + ".reservations.json")
+
+
+def test_the_sweep_reserves_for_a_run_it_has_just_started(tmp_path):
+    """reserve_for(pid, n): an entry under another live process's pid (the sweep's for a worker that
+    goes first) that every other run counts, and that lapses when that process ends."""
+    path = str(tmp_path / "gpu.lock")
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert StartLock(path).reserve_for(proc.pid, 5 * GIB)
+        assert StartLock(path).others() == 5 * GIB  # this process's view: someone else's reservation
+        with open(path + ".reservations.json") as fh:
+            assert json.load(fh)[str(proc.pid)]["bytes"] == 5 * GIB
+    finally:
+        proc.kill()
+        proc.wait()
+    assert StartLock(path).others() == 0  # a dead pid's entry is dropped
+    assert StartLock(None).reserve_for(proc.pid, GIB) is False  # no lock path: nothing to reserve in

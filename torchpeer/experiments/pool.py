@@ -22,6 +22,13 @@ memory less what the runs started before them have reserved until their first st
 a ledger per GPU, torchpeer/lm/start_lock.py), so runs started together do not all pass it against
 the empty GPU. A failed run (other non-zero exit) is reported with the end of its log and not retried
 in this invocation; the others go on.
+
+Runs with progress to lose go first: those resuming a checkpoint start before fresh ones, and a run
+that waited for memory is the next to start. Each such run gets its memory reserved in the GPU's
+ledger by this process as it starts (``memory(run)`` bytes, StartLock.reserve_for), so the runs started
+after it cannot pass their checks first and take what it needs. (2026-12-06: a run resumed at step 677
+of 1,832 lost the race for memory to fresh runs started in the same poll three times in one command,
+and its checkpoint was lost with the machine.)
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ class _Job:
     started: float
     log: object
     gpu: str | None = None
+    lock: str | None = None  # its GPU's start lock (torchpeer/lm/start_lock.py)
     shared_seconds: float = 0.0  # integral over its wall time of the runs on its GPU (itself included)
     seen_seconds: float = 0.0
 
@@ -130,16 +138,20 @@ def run_parallel(
     command: list[str] | None = None,
     on_recorded: Callable[[PlannedRun], None] | None = None,
     gpus: list[str] | None = None,
+    memory: Callable[[PlannedRun], int | None] | None = None,
 ) -> list[dict]:
     """Train ``todo`` ([(head, run)], plan order) ``parallel`` at a time; returns the new records.
 
     ``estimate(run)``: its expected seconds from the records so far (None = unknown, always started).
     ``command``: the worker command; ``on_recorded(run)``: called once a run's record is written
     (e.g. to drop its checkpoints). ``gpus``: the GPU ids to spread the workers over (default:
-    ``visible_gpus()``; with fewer than 2 every worker keeps this process's view).
+    ``visible_gpus()``; with fewer than 2 every worker keeps this process's view). ``memory(run)``: the
+    bytes a run's step needs (None = unknown), reserved for the runs that go first (module docstring).
     """
     t0, new = time.time(), []
-    pending = list(todo)
+    # resuming runs first (a stable sort keeps plan order within each group)
+    pending = sorted(todo, key=lambda hr: not list_checkpoints(hr[1].run_dir))
+    first = {run.name for _, run in pending if list_checkpoints(run.run_dir)}
     jobs: list[_Job] = []
     told: set[str] = set()
     interrupted, dropped = False, []
@@ -169,6 +181,7 @@ def run_parallel(
                     job.log.close()
                     say(f"{job.head}: waits for GPU memory (others hold it); it starts again when a running run ends")
                     pending.insert(0, (job.head, job.run))
+                    first.add(job.run.name)
                     hold = True
                     continue
                 hold = False
@@ -197,7 +210,10 @@ def run_parallel(
                     break
                 head, run = pick
                 gpu = least_loaded_gpu(gpus, jobs)
-                jobs.append(_start(head, run, command or worker_command(), env, say, gpu))
+                job = _start(head, run, command or worker_command(), env, say, gpu)
+                jobs.append(job)
+                if run.name in first:
+                    _reserve_first(job, memory, say)
             if not jobs and (blocked or not pending):
                 break  # nothing running and nothing left that fits the limit: done for this invocation
             time.sleep(POLL_SECONDS)
@@ -216,6 +232,16 @@ def run_parallel(
     if left:
         say(f"not started in this invocation: {', '.join(left)} (run the same command again)")
     return new
+
+
+def _reserve_first(job: _Job, memory, say) -> None:
+    """Reserve the memory of a run that goes first (resuming, or back from a wait) in its GPU's ledger
+    for its worker's pid, before any later run starts (module docstring)."""
+    from torchpeer.lm.start_lock import StartLock
+
+    nbytes = memory(job.run) if memory is not None else None
+    if job.lock and nbytes and StartLock(job.lock).reserve_for(job.proc.pid, nbytes):
+        say(f"{job.head}: goes first: {nbytes / 2**30:.1f} GiB reserved for it until its first step")
 
 
 def _next_startable(pending, estimate, elapsed, time_limit, told, say):
@@ -267,7 +293,7 @@ def _start(head: str, run: PlannedRun, command: list[str], env: dict, say, gpu: 
     state = "resuming" if list_checkpoints(run.run_dir) else "starting"
     where = f"pid {proc.pid}" + (f", GPU {gpu}" if gpu is not None else "")
     say(f"{head}: {state} ({where}): {run.family}, {run.tokens:,} tokens in {run.steps} steps")
-    return _Job(run, head, proc, time.time(), log, gpu)
+    return _Job(run, head, proc, time.time(), log, gpu, env.get(START_LOCK_ENV) or None)
 
 
 def _finish(job: _Job, spec, runs_dir: str, say) -> dict | None:

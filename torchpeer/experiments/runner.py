@@ -128,6 +128,7 @@ def run_sweep(
             stop,
             say,
             on_recorded=drop_run_checkpoints if drop_checkpoints else None,
+            memory=step_memory_bytes,
         )
     for head, run in todo:
         estimate = estimate_seconds(run, list(done.values()) + new, assume_tokens_per_s)
@@ -340,15 +341,21 @@ def format_plan(
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _memory_cell(run: PlannedRun) -> str:
-    """GiB of one training step on a CUDA GPU (a CPU run's own memory for train.device = "cpu")."""
+def step_memory_bytes(run: PlannedRun) -> int | None:
+    """Bytes of one training step on a CUDA GPU (a CPU run's own memory for train.device = "cpu");
+    None when unknown (e.g. a tokenizer folder not there yet: the vocabulary is unknown)."""
     from torchpeer.lm.memory import estimate_step_memory
 
     device = "cpu" if run.cfg.train.device == "cpu" else "cuda"
     try:
-        return f"{estimate_step_memory(run.cfg, device).total / 2**30:.1f}"
-    except (ValueError, OSError):  # e.g. a tokenizer folder not there yet: the vocabulary is unknown
-        return "?"
+        return estimate_step_memory(run.cfg, device).total
+    except (ValueError, OSError):
+        return None
+
+
+def _memory_cell(run: PlannedRun) -> str:
+    nbytes = step_memory_bytes(run)
+    return "?" if nbytes is None else f"{nbytes / 2**30:.1f}"
 
 
 def _epochs_cell(epochs: float | None, rule: float | None) -> str:

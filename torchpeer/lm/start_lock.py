@@ -145,6 +145,25 @@ class StartLock:
         self._write(entries)
         self.reserved = int(nbytes)
 
+    def reserve_for(self, pid: int, nbytes: int) -> bool:
+        """Reserve ``nbytes`` for another process ``pid`` that has not checked yet (the sweep does this
+        for a run it has just started and that must go first: one resuming a checkpoint, or one that
+        waited for memory), so runs started after it count its memory as taken even if their checks
+        come first. Its own check does not count its own entry, and replaces it (same pid); a dead
+        pid's entry is dropped like any other. Takes the flock itself; False when it could not."""
+        if self.path is None:
+            return False
+        self.acquire(timeout=10.0)
+        try:
+            if not self.held:
+                return False
+            entries = self._read()
+            entries[str(int(pid))] = {"bytes": int(nbytes), "time": time.time()}
+            self._write(entries)
+            return True
+        finally:
+            self.unlock()
+
     # ------------------------------------------------------------------ what the trainer calls
 
     def check(self, fits: Callable[[int], object], say: Callable[[str], None] | None = None):
