@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import re
 
 import pytest
 
@@ -414,17 +415,48 @@ def test_lr_checks_are_their_isoflop_twins_but_for_the_lr(tmp_path, spec, twins)
     iso = {r.family: r for r in plan_sweep(load_spec("isoflop"), str(tmp_path / "iso")) if r.name.endswith(twins)}
     runs = plan_sweep(load_spec(spec), str(tmp_path / spec))
     grid = {"dense", "peer", "pkm", "moe"}
-    tables = {"peer-tables1e-3", "peer-tables2e-3"} if spec == "lr-check" else set()
+    tables = {"peer-tables1e-3", "peer-tables2e-3", "peer-tables8e-3"} if spec == "lr-check" else set()
     fifth = {"multi-peer"} if spec == "lr-check-1e16" else set()
     assert {r.family for r in runs} == grid | tables | fifth
     for r in runs:
         twin = iso[r.family.split("-tables")[0]]
         assert r.cfg.model == twin.cfg.model and r.cfg.data == twin.cfg.data and r.steps == twin.steps
-        named_lr = f"{r.cfg.train.lr:.0e}".replace("e-0", "e-")  # 2e-3 -> "2e-3", as the run names spell it
-        assert twin.cfg.train.lr == 1e-3 and r.name.split("-lr")[1].startswith(named_lr)
+        named_lr = re.match(r"\d+(\.\d+)?e-\d+", r.name.split("-lr")[1]).group(0)  # the lr the name spells
+        assert twin.cfg.train.lr == 1e-3 and float(named_lr) == r.cfg.train.lr
         if r.family in tables:  # PEER's tables at their own lr beside a base lr of 4e-3
-            assert r.family == f"peer-tables{r.cfg.train.expert_lr:.0e}".replace("e-0", "e-") and r.cfg.train.lr == 4e-3
+            assert float(r.family.removeprefix("peer-tables")) == r.cfg.train.expert_lr and r.cfg.train.lr == 4e-3
             assert twin.cfg.train.expert_lr is None
             assert dataclasses.replace(r.cfg.train, lr=1e-3, expert_lr=None) == twin.cfg.train
             continue
         assert dataclasses.replace(r.cfg.train, lr=1e-3) == twin.cfg.train
+
+
+def test_lr_width_ref_scales_each_runs_lrs_by_its_width(tmp_path):
+    """[sweep] lr_width_ref = 128: the lrs a spec gives are at d_model 128; a run of d_model d trains at
+    lr * 128 / d, its tables' lrs (expert_lr, expert_lr_final) likewise, and its recorded overrides say
+    so. Without the key every run keeps the lr as given. Bad values: one error saying what to give."""
+    raw = {
+        "sweep": {"base": "ptb-tiny", "budgets": [1e10], "lr_width_ref": 128},
+        "base": {
+            "train.batch_size": 4,
+            "train.warmup_steps": 1,
+            "model.seq_len": 32,
+            "model.n_layers": 2,
+            "model.n_heads": 2,
+            "data.tokenizer": "byte",
+            "train.lr": 4e-3,
+        },
+        "grid": {"model.d_model": [64, 256, 320]},
+        "variants": {"tables": {"model.d_model": 512, "train.expert_lr": 1.2e-2, "train.expert_lr_final": 6e-3}},
+    }
+    runs = {r.cfg.model.d_model: r for r in plan_sweep(parse_spec(raw), str(tmp_path))}
+    assert {d: r.cfg.train.lr for d, r in runs.items()} == {64: 8e-3, 256: 2e-3, 320: 1.6e-3, 512: 1e-3}
+    assert runs[512].cfg.train.expert_lr == 3e-3 and runs[512].cfg.train.expert_lr_final == 1.5e-3
+    assert runs[64].cfg.train.expert_lr is None  # unset stays unset (the tables follow train.lr)
+    assert runs[320].overrides["train.lr"] == "0.0016"
+    del raw["sweep"]["lr_width_ref"]
+    assert {r.cfg.train.lr for r in plan_sweep(parse_spec(raw), str(tmp_path / "b"))} == {4e-3}
+    for bad in (0, -128, "128", True, math.inf):
+        raw["sweep"]["lr_width_ref"] = bad
+        with pytest.raises(ValueError, match=re.escape("such as lr_width_ref = 128")):
+            parse_spec(raw)

@@ -60,6 +60,24 @@ def budget_label(value: float) -> str:
     return f"{text}e{exp}"
 
 
+def _scale_lrs_by_width(cfg, ref: float, overrides: dict[str, str]) -> None:
+    """The spec's lrs are given at d_model ``ref``: scale train.lr and the tables' lrs (expert_lr,
+    expert_lr_final, when set) by ref / the run's d_model, in the config and in its overrides.
+
+    Why: with Adam the best lr of the hidden matrices falls about as 1 / width (measured here: dense
+    at d_model 128 is best at lr 4e-3, at 512 at 1e-3; docs/research/campaign.md Batch 17), so one lr
+    for every size of an isoFLOP curve trains the small models far from their best and bends the
+    curve; one lr per family at a reference width, scaled, keeps every size near its best."""
+    scale = ref / cfg.model.d_model
+    t = cfg.train
+    for key in ("lr", "expert_lr", "expert_lr_final"):
+        value = getattr(t, key)
+        if value is not None:
+            scaled = float(f"{value * scale:.6g}")  # 4e-3 * 128 / 320 -> 0.0016, not 0.0016000000000000003
+            setattr(t, key, scaled)
+            overrides[f"train.{key}"] = repr(scaled)
+
+
 def plan_sweep(spec: SweepSpec, runs_dir: str) -> list[PlannedRun]:
     """All runs of ``spec`` in order: budgets outermost, so a partial sweep has whole budgets."""
     pairs: list[tuple[float | None, int | None, Variant]] = []
@@ -93,6 +111,8 @@ def plan_run(spec: SweepSpec, variant: Variant, budget: float | None, tokens: in
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise ValueError(f"{where}: {e}") from None
     cfg.name = name
+    if spec.lr_width_ref is not None:
+        _scale_lrs_by_width(cfg, spec.lr_width_ref, overrides)
     cost = _cost(cfg, where)
     t = cfg.train
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.seq_len

@@ -44,7 +44,10 @@ SWEEP_KEYS = {
     "tokens": "token counts (instead of budgets), e.g. [2e6, 4e6]",
     "warmup_frac": "warmup steps as a fraction of each run's steps (overrides train.warmup_steps)",
     "eval_set": "the eval set the report ranks runs by (default: the first of data.valid)",
-    "max_epochs": "the data rule: runs that pass over the train split more often are marked and left out of the fits",
+    "max_epochs": "the data rule, a positive number such as max_epochs = 4 (the most passes over the train split a run "
+    "in the fits may make; runs beyond it are marked and left out of the fits)",
+    "lr_width_ref": "a positive d_model such as lr_width_ref = 128, the width the spec's lrs are given at (each "
+    "run's lrs, train.lr and the tables', are scaled by lr_width_ref / its model.d_model)",
     "x": "ablation x-axis: a dotted config field or a product of them (model.peer.heads*model.peer.top_k)",
     "series": "ablation: a dotted config field, one line per value (e.g. model.peer.query_norm), or family",
 }
@@ -76,6 +79,7 @@ class SweepSpec:
     warmup_frac: float | None = None
     eval_set: str | None = None
     max_epochs: float | None = None  # None = no data rule
+    lr_width_ref: float | None = None  # None = the lrs as given (plan.py: width-scaled lrs)
     x: str | None = None
     series: str | None = None
     path: str | None = None
@@ -150,8 +154,7 @@ def parse_spec(raw: dict[str, Any], default_name: str = "sweep", path: str | Non
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < 1:
             raise ValueError(f"{where}: sweep.warmup_frac must be a number in [0, 1), got {w!r}")
         spec.warmup_frac = float(w)
-    if "max_epochs" in sweep:
-        spec.max_epochs = _max_epochs(sweep["max_epochs"], where)
+    spec.max_epochs, spec.lr_width_ref = _positive(sweep, "max_epochs", where), _positive(sweep, "lr_width_ref", where)
     for key in ("eval_set", "x", "series"):
         if key in sweep:
             setattr(spec, key, _str(sweep[key], f"sweep.{key}", where))
@@ -407,15 +410,14 @@ def _budgets(table: dict[str, Any], what: str, where: str) -> tuple[list[float],
     return [float(b) for b in budgets], [int(t) for t in tokens]
 
 
-def _max_epochs(value: Any, where: str) -> float:
-    """sweep.max_epochs: a positive number of passes over the train split (4 = the corpus seen at
-    most 4 times). Fractions are allowed (a rule of half an epoch is a rule too)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-        raise ValueError(
-            f"{where}: sweep.max_epochs = {value!r}: give the most passes over the train split a run in the "
-            "fit may make, a positive number such as max_epochs = 4 (or leave it out: no rule)"
-        )
-    return float(value)
+def _positive(sweep: dict[str, Any], key: str, where: str) -> float | None:
+    """A positive finite number of [sweep] (None when absent); one error naming what to give."""
+    value = sweep.get(key)
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf")
+    ):
+        raise ValueError(f"{where}: sweep.{key} = {value!r}: give {SWEEP_KEYS[key]} (or leave it out)")
+    return None if value is None else float(value)
 
 
 def _table(value: Any, what: str, where: str) -> dict[str, Any]:
