@@ -460,3 +460,22 @@ def test_lr_width_ref_scales_each_runs_lrs_by_its_width(tmp_path):
         raw["sweep"]["lr_width_ref"] = bad
         with pytest.raises(ValueError, match=re.escape("such as lr_width_ref = 128")):
             parse_spec(raw)
+
+
+def test_isoflop_lrw_is_the_isoflop_study_but_for_width_scaled_lrs(tmp_path):
+    """Every isoflop-lrw run has the isoflop run of its name as twin (model, data, steps, seed and
+    every train field the same) but for its lrs: the family's lr at d_model 128 times 128 / d_model."""
+    iso = {r.name: r for r in plan_sweep(load_spec("isoflop"), str(tmp_path / "iso"))}
+    runs = plan_sweep(load_spec("isoflop-lrw"), str(tmp_path / "lrw"))
+    at_128 = {"dense": 4e-3, "pkm": 4e-3, "peer": 8e-3, "moe": 8e-3, "moe-ec": 8e-3, "multi-peer": 4e-3}
+    assert {r.family for r in runs} == set(at_128) and len(runs) == 78
+    for r in runs:
+        twin = iso[r.name]
+        assert r.cfg.model == twin.cfg.model and r.cfg.data == twin.cfg.data and r.steps == twin.steps
+        scale = 128 / r.cfg.model.d_model
+        assert r.cfg.train.lr == pytest.approx(at_128[r.family] * scale, rel=1e-5)
+        if r.family == "multi-peer":  # the winner's tables at 3x the base lr, as at d_model 512
+            assert r.cfg.train.expert_lr == pytest.approx(3 * r.cfg.train.lr, rel=1e-5)
+        assert (
+            dataclasses.replace(r.cfg.train, lr=twin.cfg.train.lr, expert_lr=twin.cfg.train.expert_lr) == twin.cfg.train
+        )

@@ -43,7 +43,7 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
     exp_plan = pytest.importorskip("torchpeer.experiments.plan")
     spec = exp_spec.load_spec("beyond-paper")
     runs = exp_plan.plan_sweep(spec, str(tmp_path))
-    assert len(runs) == 58  # 29 designs (dense, the paper's PEER, 23 new, 4 lr controls) x 2 seeds
+    assert len(runs) == 60  # 30 designs (dense, the paper's PEER, 23 new, 5 lr controls) x 2 seeds
     assert len(runs[0].cfg.data.valid) == 11  # the corpus valid set and each of the 10 sources
     by_seed: dict[int, dict[str, object]] = {}
     for r in runs:
@@ -89,7 +89,8 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
             assert fast.train.expert_optimizer == optimizer and fast.model == decay.model
             assert dataclasses.replace(fast.train, expert_optimizer="adamw") == decay.train
         assert dense.cfg.train.lr == 1e-3
-        for name, lr in (("dense-lr2e-3", 2e-3), ("dense-lr4e-3", 4e-3)):  # the lr controls: only the lr moves
+        # the lr controls: only the lr moves
+        for name, lr in (("dense-lr5e-4", 5e-4), ("dense-lr2e-3", 2e-3), ("dense-lr4e-3", 4e-3)):
             control = designs[name]
             assert control.cfg.model == dense.cfg.model and control.tokens == dense.tokens
             assert control.cfg.train.lr == lr and dataclasses.replace(control.cfg.train, lr=1e-3) == dense.cfg.train
