@@ -20,6 +20,7 @@ import os
 import time
 
 from torchpeer.experiments import figures
+from torchpeer.experiments.against import against_lines
 from torchpeer.experiments.ahead import ahead_lines
 from torchpeer.experiments.compare import NON_CAUSAL_FAMILIES, design_rows, eval_stats, format_spread, optimum_runs
 from torchpeer.experiments.eval_history import (
@@ -56,13 +57,15 @@ def write_report(
     out_dir: str | None = None,
     params_key: str = "active_params",
     max_epochs: float | str | None = RECORDED,
+    against: str | None = None,
 ) -> dict[str, str]:
     """Write report.md, the PNGs and rows.csv (every run on every eval set, one row each: the long
     format for other tools); returns {what: path} of every file written.
 
     max_epochs: the data rule. RECORDED (default) = each sweep's own, from its results lines
     (none when no line has one, e.g. runs from before the field existed); a number = that rule for
-    every sweep (``--max-epochs``); None = no rule."""
+    every sweep (``--max-epochs``); None = no rule. against: another runs folder; its runs of the same
+    names are set beside these (against.py)."""
     if not os.path.isdir(runs_dir):
         raise ValueError(f"{runs_dir} is not a folder; give the runs folder of a sweep (it holds results.jsonl)")
     if not os.path.exists(results_path(runs_dir)) and os.path.isfile(os.path.join(runs_dir, "metrics.jsonl")):
@@ -140,6 +143,15 @@ def write_report(
             lines += ["", "### Evaluations during training (ranking eval set)", "", *during_table(during)]
         if gaps := train_valid_gaps(recs, runs_dir):  # memorisation: the training loss falls, valid does not
             lines += ["", "### Train-valid gap (nats; late batches repeat seen text)", "", *gap_table(gaps)]
+    if against is not None:
+        here, there = (os.path.basename(os.path.normpath(d)) for d in (runs_dir, against))
+        here, there = (here, there) if here != there else ("here", "there")
+        lines += [
+            "",
+            f"## Against {against}",
+            "",
+            *(against_lines(records, _other(against), here, there) or ["No twins."]),
+        ]
     from torchpeer.data.atomic import write_text_atomic
 
     rows = os.path.join(out_dir, "rows.csv")  # every (run, eval set) in one long table, for other tools
@@ -156,6 +168,12 @@ def write_report(
     write_text_atomic(md, "\n".join(lines) + "\n")
     written["report"] = md
     return written
+
+
+def _other(runs_dir: str) -> list[dict]:
+    if not os.path.exists(results_path(runs_dir)):
+        raise ValueError(f"--against {runs_dir}: no results.jsonl there; give another sweep's runs folder")
+    return read_results(runs_dir)
 
 
 def _set(recs: list[dict]) -> str:

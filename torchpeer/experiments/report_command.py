@@ -7,6 +7,7 @@ examples:
   torchpeer report runs/cpu-smoke                      # runs/cpu-smoke/report/report.md, PNGs, rows.csv
   torchpeer report runs/isoflop --out experiments/results/DATE-isoflop --with-runs   # a folder to commit
   torchpeer report experiments/results/2026-12-04-isoflop --out /tmp/again     # a committed folder again
+  torchpeer report runs/isoflop-lrw --against experiments/results/2026-12-04-isoflop   # the same runs, lr changed
 """
 
 
@@ -45,6 +46,14 @@ def add_parser(subparsers):
         help="also copy results.jsonl and each run's config.json, summary.json and metrics.jsonl into --out, "
         "so that the folder is a self-contained record (commit it; 'torchpeer report' works on it again)",
     )
+    p.add_argument(
+        "--against",
+        metavar="OTHER_RUNS_DIR",
+        default=None,
+        help="another sweep's runs folder: its runs of the same names (twins: e.g. isoflop-lrw's runs in isoflop) "
+        "are set beside these, with the loss differences, each family's best run per budget in both and the "
+        "order of the families in each",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -65,7 +74,9 @@ def run(args) -> int:
             raise ValueError("--with-runs needs --out DIR (the folder to copy the results into)")
         n = copy_results(args.runs_dir, args.out)
         print(f"copied results.jsonl and {n} runs' records into {args.out}")
-    written = write_report(args.runs_dir, args.out, params_key=f"{args.params}_params", max_epochs=args.max_epochs)
+    written = write_report(
+        args.runs_dir, args.out, params_key=f"{args.params}_params", max_epochs=args.max_epochs, against=args.against
+    )
     for what, path in written.items():
         print(f"{what}: {path}")
     return 0

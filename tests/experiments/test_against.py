@@ -1,0 +1,76 @@
+"""`torchpeer report RUNS --against OTHER`: runs of the same name in two sweeps (a study re-run with
+one setting changed) set side by side: each twin's loss difference, each family's best seed-0 run per
+budget in both, and whether the order of the families changed."""
+
+import pytest
+
+from tests.experiments.test_report import rec, valid
+from torchpeer.experiments import append_result
+from torchpeer.experiments.against import against_lines
+from torchpeer.experiments.report import write_report
+
+
+def study(losses: dict[str, float], lr: float | None = None, seed1: dict[str, float] | None = None) -> list[dict]:
+    """Records of a tiny isoFLOP study: run name -> loss at budget 1e15 (family = the name's first part)."""
+    over = {} if lr is None else {"train.lr": str(lr)}
+    recs = [
+        rec(
+            name,
+            family=name.split("-")[0],
+            budget_flops=1e15,
+            seed=0,
+            valid=valid(loss),
+            overrides=over,
+            active_params=10**6 * (2 if "-s2" in name else 1),
+        )
+        for name, loss in losses.items()
+    ]
+    recs += [
+        rec(
+            name,
+            family=name.split("-")[0],
+            budget_flops=1e15,
+            seed=1,
+            valid=valid(loss),
+            overrides=over,
+            active_params=10**6 * (2 if "-s2" in name else 1),
+        )
+        for name, loss in (seed1 or {}).items()
+    ]
+    return recs
+
+
+def test_twins_differences_best_runs_and_the_order_of_families():
+    there = study({"dense-s1": 4.0, "dense-s2": 3.9, "peer-s1": 3.95, "peer-s2": 3.85, "pkm-s2": 4.2})
+    here = study(
+        {"dense-s1": 3.5, "dense-s2": 3.6, "peer-s1": 3.7, "peer-s2": 3.65, "moe-s2": 3.4},
+        lr=4e-3,
+        seed1={"dense-s1-seed1": 3.0},  # a seed run: never a family's best (seed 0 only)
+    )
+    lines = against_lines(here, there, "lrw", "iso")
+    text = "\n".join(lines)
+    assert lines[0].startswith("4 runs with a twin of the same name in iso")  # moe and pkm have no twin
+    row = next(line for line in lines if line.startswith("| dense-s1 |"))
+    assert row == "| dense-s1 | dense | 0.004 | base | 3.5000 | 4.0000 | -0.5000 |"
+    assert "| peer-s2 | peer | 0.004 | base | 3.6500 | 3.8500 | -0.2000 |" in text
+    best = next(line for line in lines if line.startswith("| 1e+15 | dense |"))
+    assert "| dense-s1 | 3.5000 | dense-s2 | 3.9000 | -0.4000 |" in best  # the best sizes differ
+    # families in both sweeps only; here dense < peer, there peer < dense
+    assert "- 1e+15: lrw: dense < peer; iso: peer < dense (**the order changes**)." in lines
+    assert against_lines(here, study({"other": 1.0}), "a", "b") == []
+
+
+def test_report_against_another_runs_folder(tmp_path):
+    here_dir, there_dir = tmp_path / "isoflop-lrw", tmp_path / "isoflop"
+    for d, recs in ((here_dir, study({"dense-s2": 3.5, "peer-s2": 3.6}, lr=4e-3)),
+                    (there_dir, study({"dense-s2": 4.3, "peer-s2": 4.2}))):  # fmt: skip
+        for r in recs:
+            append_result(str(d), r)
+    out = tmp_path / "report"
+    write_report(str(here_dir), str(out), against=str(there_dir))
+    md = (out / "report.md").read_text()
+    assert f"## Against {there_dir}" in md
+    assert "| dense-s2 | dense | 0.004 | base | 3.5000 | 4.3000 | -0.8000 |" in md
+    assert "lr (isoflop-lrw)" in md and "- 1e+15: isoflop-lrw: dense < peer; isoflop: peer < dense" in md
+    with pytest.raises(ValueError, match="no results.jsonl there"):
+        write_report(str(here_dir), str(out), against=str(tmp_path / "nowhere"))
