@@ -81,7 +81,7 @@ def run_sweep(
     runs = select_runs(plan_sweep(spec, runs_dir), only)
     done = {r["run"]: r for r in read_results(runs_dir)}
     if dry_run:
-        say(format_plan(spec, runs, read_results(runs_dir), assume_tokens_per_s))
+        say(format_plan(spec, runs, list(done.values()), assume_tokens_per_s))
         say(build_check_report([r for r in runs if r.name not in done]))
         return []
     os.makedirs(runs_dir, exist_ok=True)
