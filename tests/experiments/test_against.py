@@ -13,31 +13,19 @@ from torchpeer.experiments.report import write_report
 def study(losses: dict[str, float], lr: float | None = None, seed1: dict[str, float] | None = None) -> list[dict]:
     """Records of a tiny isoFLOP study: run name -> loss at budget 1e15 (family = the name's first part)."""
     over = {} if lr is None else {"train.lr": str(lr)}
-    recs = [
+    return [
         rec(
             name,
             family=name.split("-")[0],
             budget_flops=1e15,
-            seed=0,
+            seed=seed,
             valid=valid(loss),
             overrides=over,
             active_params=10**6 * (2 if "-s2" in name else 1),
         )
-        for name, loss in losses.items()
+        for seed, runs in ((0, losses), (1, seed1 or {}))
+        for name, loss in runs.items()
     ]
-    recs += [
-        rec(
-            name,
-            family=name.split("-")[0],
-            budget_flops=1e15,
-            seed=1,
-            valid=valid(loss),
-            overrides=over,
-            active_params=10**6 * (2 if "-s2" in name else 1),
-        )
-        for name, loss in (seed1 or {}).items()
-    ]
-    return recs
 
 
 def test_twins_differences_best_runs_and_the_order_of_families():
