@@ -1004,3 +1004,14 @@ def test_help_prose_is_wrapped_to_the_terminal_and_examples_kept(cmd, capsys, mo
     lines = capsys.readouterr().out.splitlines()
     assert [line for line in lines if len(line) > 78 and not line.startswith("  ")] == []
     assert any(line.startswith(f"  torchpeer {cmd}") for line in lines)  # an example, unwrapped
+
+
+def test_a_missing_corpus_says_where_the_shipped_configs_and_specs_read_it(capsys, tmp_path, monkeypatch):
+    """Run from a folder without the corpus: the error of a shipped GPU config and of a shipped sweep
+    spec says where each expects it and how to put it there."""
+    monkeypatch.chdir(tmp_path)
+    err = _error(capsys, ["train", "gpu-dense-small", "--train.device", "cpu", "--run-dir", str(tmp_path / "r")])
+    assert "no file matches the source glob pattern '../shared/corpus/*/train.jsonl.xz'" in err
+    assert "run from the repository root, or give its folder: --data.train 'DIR/*/train.jsonl.xz'" in err
+    err = _error(capsys, ["sweep", "isoflop-lrw", "--runs-dir", str(tmp_path / "runs"), "--only", "dense-s0-1e15"])
+    assert "'.corpus/*/train.jsonl.xz'" in err and "cp -r ../shared/corpus .corpus" in err

@@ -132,7 +132,22 @@ def check_sources(named: dict[str, str]) -> None:
 def _relative_to_cwd(path: str) -> str:
     """Where a relative path was looked for (a config's relative data paths are read from the
     current folder, not the config file's), for the not-found errors; "" for an absolute path."""
-    return "" if os.path.isabs(path) else f"; relative paths are read from the current folder, {os.getcwd()}"
+    if os.path.isabs(path):
+        return ""
+    where = f"; relative paths are read from the current folder, {os.getcwd()}"
+    posix = path.replace(os.sep, "/")
+    if posix.startswith(".corpus/"):  # the shipped sweep specs' data
+        where += (
+            " (the shipped sweep specs read the 10-source corpus from .corpus/ in the repository root: "
+            "copy it there, e.g. cp -r ../shared/corpus .corpus, and run from the root)"
+        )
+    elif posix.startswith("../shared/corpus/"):  # the shipped GPU configs' data
+        where += (
+            " (the shipped GPU configs read the corpus from ../shared/corpus beside the repository: run from "
+            "the repository root, or give its folder: --data.train 'DIR/*/train.jsonl.xz' --data.valid.corpus "
+            "'DIR/*/valid.jsonl.xz')"
+        )
+    return where
 
 
 HASH_UP_TO = 1 << 30  # files up to this size are identified by their bytes' hash, larger ones by path + mtime
