@@ -62,3 +62,15 @@ def test_report_against_another_runs_folder(tmp_path):
     assert "lr (isoflop-lrw)" in md and "- 1e+15: isoflop-lrw: dense < peer; isoflop: peer < dense" in md
     with pytest.raises(ValueError, match="no results.jsonl there"):
         write_report(str(here_dir), str(out), against=str(tmp_path / "nowhere"))
+
+
+def test_a_run_beyond_the_data_rule_is_never_a_familys_best():
+    """As in the report's own "best run": a run with more epochs than its sweep's max_epochs (the
+    isoflop study's over-4-epoch check runs) is left out of the best runs; without a rule it counts."""
+    here = study({"dense-s2": 3.6, "peer-s2": 3.5})
+    there = study({"dense-s2": 3.9, "peer-s2": 3.8, "dense-s1": 3.0})
+    there[-1]["epochs"] = 5.0  # dense-s1: best of dense, but beyond a 4-epoch rule
+    ruled = "\n".join(against_lines(here, there, "a", "b", rules=(4.0, 4.0)))
+    assert "| 1e+15 | dense | dense-s2 | 3.6000 | dense-s2 | 3.9000 | -0.3000 |" in ruled
+    free = "\n".join(against_lines(here, there, "a", "b"))
+    assert "| 1e+15 | dense | dense-s2 | 3.6000 | dense-s1 | 3.0000 | +0.6000 |" in free

@@ -9,6 +9,7 @@ seed and data order meet.
 
 from __future__ import annotations
 
+from torchpeer.experiments.fit import isoflop_fits
 from torchpeer.experiments.markdown import fmt, table
 from torchpeer.experiments.results import primary_loss, seed_of
 
@@ -19,22 +20,19 @@ def _lr(record: dict) -> str:
     return "base" if value is None else f"{float(value):.3g}"
 
 
-def _best_by_family(recs: list[dict]) -> dict[tuple[float, str], dict]:
-    """(budget, family) -> its seed-0 run of least loss (budget runs only)."""
-    best: dict[tuple[float, str], dict] = {}
-    for r in recs:
-        loss, budget = primary_loss(r), r.get("budget_flops")
-        if loss is None or budget is None or seed_of(r) != 0:
-            continue
-        key = (budget, r["family"])
-        if key not in best or loss < primary_loss(best[key]):
-            best[key] = r
-    return best
+def _best_by_family(recs: list[dict], max_epochs: float | None) -> dict[tuple[float, str], dict]:
+    """(budget, family) -> its seed-0 run of least loss: the report's "best run" (isoflop_fits, under
+    the sweep's data rule ``max_epochs``) of the seed-0 runs, so both sweeps are read alike."""
+    fits = isoflop_fits([r for r in recs if seed_of(r) == 0], max_epochs=max_epochs)
+    return {(budget, fam): g["best"] for (fam, budget), g in fits.items()}
 
 
-def against_lines(recs: list[dict], other: list[dict], here: str, there: str) -> list[str]:
+def against_lines(
+    recs: list[dict], other: list[dict], here: str, there: str, rules: tuple[float | None, float | None] = (None, None)
+) -> list[str]:
     """Markdown lines: the twins' losses and differences (here minus there, nats), then per budget each
-    family's best seed-0 run in both sweeps and the order of the families in each. [] without twins."""
+    family's best seed-0 run in both sweeps and the order of the families in each. [] without twins.
+    ``rules``: each sweep's data rule (max_epochs; runs beyond it are never a family's best)."""
     by_name = {r["run"]: r for r in other}
     twins = [(r, by_name[r["run"]]) for r in recs if r["run"] in by_name and primary_loss(r) is not None]
     twins = [(a, b) for a, b in twins if primary_loss(b) is not None]
@@ -48,7 +46,7 @@ def against_lines(recs: list[dict], other: list[dict], here: str, there: str) ->
     ]  # fmt: skip
     lines = [f"{len(twins)} runs with a twin of the same name in {there} (difference: {here} minus {there}, nats):"]
     lines += ["", *table(header, rows, right_from=2)]
-    best_here, best_there = _best_by_family(recs), _best_by_family(other)
+    best_here, best_there = _best_by_family(recs, rules[0]), _best_by_family(other, rules[1])
     shared = sorted(k for k in best_here if k in best_there)
     if not shared:
         return lines

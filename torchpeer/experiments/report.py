@@ -146,11 +146,13 @@ def write_report(
     if against is not None:
         here, there = (os.path.basename(os.path.normpath(d)) for d in (runs_dir, against))
         here, there = (here, there) if here != there else ("here", "there")
+        other = _other(against)
+        rules = (sweep_rule(records, max_epochs)[0], sweep_rule(other, max_epochs)[0])
         lines += [
             "",
             f"## Against {against}",
             "",
-            *(against_lines(records, _other(against), here, there) or ["No twins."]),
+            *(against_lines(records, other, here, there, rules) or ["No twins."]),
         ]
     from torchpeer.data.atomic import write_text_atomic
 
