@@ -149,9 +149,8 @@ def run_parallel(
     bytes a run's step needs (None = unknown), reserved for the runs that go first (module docstring).
     """
     t0, new = time.time(), []
-    # resuming runs first (a stable sort keeps plan order within each group)
-    pending = sorted(todo, key=lambda hr: not list_checkpoints(hr[1].run_dir))
-    first = {run.name for _, run in pending if list_checkpoints(run.run_dir)}
+    first = {run.name for _, run in todo if list_checkpoints(run.run_dir)}  # resuming: they go first
+    pending = sorted(todo, key=lambda hr: hr[1].name not in first)  # stable: plan order within each group
     jobs: list[_Job] = []
     told: set[str] = set()
     interrupted, dropped = False, []
