@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from tests.experiments.test_epoch_rule import tiny
 from torchpeer.experiments import budget_label, list_specs, load_spec, parse_spec, plan_sweep, select_runs
 from torchpeer.lm.config_io import load_config
 
@@ -435,20 +436,10 @@ def test_lr_width_ref_scales_each_runs_lrs_by_its_width(tmp_path):
     """[sweep] lr_width_ref = 128: the lrs a spec gives are at d_model 128; a run of d_model d trains at
     lr * 128 / d, its tables' lrs (expert_lr, expert_lr_final) likewise, and its recorded overrides say
     so. Without the key every run keeps the lr as given. Bad values: one error saying what to give."""
-    raw = {
-        "sweep": {"base": "ptb-tiny", "budgets": [1e10], "lr_width_ref": 128},
-        "base": {
-            "train.batch_size": 4,
-            "train.warmup_steps": 1,
-            "model.seq_len": 32,
-            "model.n_layers": 2,
-            "model.n_heads": 2,
-            "data.tokenizer": "byte",
-            "train.lr": 4e-3,
-        },
-        "grid": {"model.d_model": [64, 256, 320]},
-        "variants": {"tables": {"model.d_model": 512, "train.expert_lr": 1.2e-2, "train.expert_lr_final": 6e-3}},
-    }
+    raw = tiny(lr_width_ref=128)  # test_epoch_rule's tiny isoFLOP spec, lrs given at d_model 128
+    raw["base"] = {**raw["base"], "train.lr": 4e-3}
+    raw["grid"] = {"model.d_model": [64, 256, 320]}
+    raw["variants"] = {"tables": {"model.d_model": 512, "train.expert_lr": 1.2e-2, "train.expert_lr_final": 6e-3}}
     runs = {r.cfg.model.d_model: r for r in plan_sweep(parse_spec(raw), str(tmp_path))}
     assert {d: r.cfg.train.lr for d, r in runs.items()} == {64: 8e-3, 256: 2e-3, 320: 1.6e-3, 512: 1e-3}
     assert runs[512].cfg.train.expert_lr == 3e-3 and runs[512].cfg.train.expert_lr_final == 1.5e-3
