@@ -1,6 +1,7 @@
 """Sweep specs: the shipped specs load and plan; bad specs raise one ValueError that names the problem."""
 
 import dataclasses
+import itertools
 import math
 import re
 
@@ -445,17 +446,28 @@ def test_lr_width_ref_scales_each_runs_lrs_by_its_width(tmp_path):
     assert runs[512].cfg.train.expert_lr == 3e-3 and runs[512].cfg.train.expert_lr_final == 1.5e-3
     assert runs[64].cfg.train.expert_lr is None  # unset stays unset (the tables follow train.lr)
     assert runs[320].overrides["train.lr"] == "0.0016"
-    del raw["sweep"]["lr_width_ref"]
+    raw["sweep"]["lr_width_power"] = 0.5  # (128 / d) ** 0.5: a quarter of the width, twice the lr
+    runs = {r.cfg.model.d_model: r for r in plan_sweep(parse_spec(raw), str(tmp_path / "p"))}
+    assert {d: r.cfg.train.lr for d, r in runs.items()} == pytest.approx(
+        {64: 4e-3 * 2**0.5, 256: 4e-3 / 2**0.5, 320: 4e-3 * 0.4**0.5, 512: 2e-3}, rel=1e-5
+    )
+    assert runs[512].cfg.train.expert_lr == 6e-3 and runs[512].cfg.train.expert_lr_final == 3e-3
+    del raw["sweep"]["lr_width_ref"]  # a power without a reference width is refused, not ignored
+    with pytest.raises(ValueError, match="lr_width_power needs lr_width_ref"):
+        parse_spec(raw)
+    del raw["sweep"]["lr_width_power"]
     assert {r.cfg.train.lr for r in plan_sweep(parse_spec(raw), str(tmp_path / "b"))} == {4e-3}
-    for bad in (0, -128, "128", True, math.inf):
-        raw["sweep"]["lr_width_ref"] = bad
-        with pytest.raises(ValueError, match=re.escape("such as lr_width_ref = 128")):
+    for key, bad in itertools.product(("lr_width_ref", "lr_width_power"), (0, -128, "128", True, math.inf)):
+        raw["sweep"] = {k: v for k, v in raw["sweep"].items() if not k.startswith("lr_width")}
+        raw["sweep"].update({"lr_width_ref": 128, key: bad})
+        with pytest.raises(ValueError, match=re.escape(f"such as {key} = ")):
             parse_spec(raw)
 
 
 def test_isoflop_lrw_is_the_isoflop_study_but_for_width_scaled_lrs(tmp_path):
     """Every isoflop-lrw run has the isoflop run of its name as twin (model, data, steps, seed and
-    every train field the same) but for its lrs: the family's lr at d_model 128 times 128 / d_model."""
+    every train field the same) but for its lrs: the family's lr at d_model 128 times
+    (128 / d_model) ** 0.5."""
     iso = {r.name: r for r in plan_sweep(load_spec("isoflop"), str(tmp_path / "iso"))}
     runs = plan_sweep(load_spec("isoflop-lrw"), str(tmp_path / "lrw"))
     at_128 = {"dense": 4e-3, "pkm": 4e-3, "peer": 8e-3, "moe": 8e-3, "moe-ec": 8e-3, "multi-peer": 4e-3}
@@ -463,7 +475,7 @@ def test_isoflop_lrw_is_the_isoflop_study_but_for_width_scaled_lrs(tmp_path):
     for r in runs:
         twin = iso[r.name]
         assert r.cfg.model == twin.cfg.model and r.cfg.data == twin.cfg.data and r.steps == twin.steps
-        scale = 128 / r.cfg.model.d_model
+        scale = (128 / r.cfg.model.d_model) ** 0.5
         assert r.cfg.train.lr == pytest.approx(at_128[r.family] * scale, rel=1e-5)
         if r.family == "multi-peer":  # the winner's tables at 3x the base lr, as at d_model 512
             assert r.cfg.train.expert_lr == pytest.approx(3 * r.cfg.train.lr, rel=1e-5)

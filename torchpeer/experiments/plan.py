@@ -60,15 +60,15 @@ def budget_label(value: float) -> str:
     return f"{text}e{exp}"
 
 
-def _scale_lrs_by_width(cfg, ref: float, overrides: dict[str, str]) -> None:
+def _scale_lrs_by_width(cfg, ref: float, power: float, overrides: dict[str, str]) -> None:
     """The spec's lrs are given at d_model ``ref``: scale train.lr and the tables' lrs (expert_lr,
-    expert_lr_final, when set) by ref / the run's d_model, in the config and in its overrides.
+    expert_lr_final, when set) by (ref / the run's d_model) ** power, in the config and in its overrides.
 
-    Why: with Adam the best lr of the hidden matrices falls about as 1 / width (measured here: dense
-    at d_model 128 is best at lr 4e-3, at 512 at 1e-3; docs/research/campaign.md Batch 17), so one lr
-    for every size of an isoFLOP curve trains the small models far from their best and bends the
-    curve; one lr per family at a reference width, scaled, keeps every size near its best."""
-    scale = ref / cfg.model.d_model
+    Why: with Adam the best lr falls with the width, so one lr for every size of an isoFLOP curve
+    trains the small models far from their best and bends the curve. How fast it falls is measured,
+    not assumed (docs/research/campaign.md Batches 17-18): as 1 / width on the CPU proxy (power 1), not
+    at all for dense from d_model 128 to 320 on the GPU study; isoflop-lrw uses power 0.5."""
+    scale = (ref / cfg.model.d_model) ** power
     t = cfg.train
     for key in ("lr", "expert_lr", "expert_lr_final"):
         value = getattr(t, key)
@@ -112,7 +112,7 @@ def plan_run(spec: SweepSpec, variant: Variant, budget: float | None, tokens: in
         raise ValueError(f"{where}: {e}") from None
     cfg.name = name
     if spec.lr_width_ref is not None:
-        _scale_lrs_by_width(cfg, spec.lr_width_ref, overrides)
+        _scale_lrs_by_width(cfg, spec.lr_width_ref, spec.lr_width_power, overrides)
     cost = _cost(cfg, where)
     t = cfg.train
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.seq_len

@@ -48,6 +48,8 @@ SWEEP_KEYS = {
     "in the fits may make; runs beyond it are marked and left out of the fits)",
     "lr_width_ref": "a positive d_model such as lr_width_ref = 128, the width the spec's lrs are given at (each "
     "run's lrs, train.lr and the tables', are scaled by lr_width_ref / its model.d_model)",
+    "lr_width_power": "a positive exponent such as lr_width_power = 0.5 (default 1; with lr_width_ref): each run's "
+    "lrs are scaled by (lr_width_ref / its model.d_model) ** lr_width_power",
     "x": "ablation x-axis: a dotted config field or a product of them (model.peer.heads*model.peer.top_k)",
     "series": "ablation: a dotted config field, one line per value (e.g. model.peer.query_norm), or family",
 }
@@ -80,6 +82,7 @@ class SweepSpec:
     eval_set: str | None = None
     max_epochs: float | None = None  # None = no data rule
     lr_width_ref: float | None = None  # None = the lrs as given (plan.py: width-scaled lrs)
+    lr_width_power: float = 1.0  # the lrs scale by (lr_width_ref / d_model) ** lr_width_power
     x: str | None = None
     series: str | None = None
     path: str | None = None
@@ -155,6 +158,9 @@ def parse_spec(raw: dict[str, Any], default_name: str = "sweep", path: str | Non
             raise ValueError(f"{where}: sweep.warmup_frac must be a number in [0, 1), got {w!r}")
         spec.warmup_frac = float(w)
     spec.max_epochs, spec.lr_width_ref = _positive(sweep, "max_epochs", where), _positive(sweep, "lr_width_ref", where)
+    spec.lr_width_power = _positive(sweep, "lr_width_power", where) or 1.0
+    if "lr_width_power" in sweep and spec.lr_width_ref is None:
+        raise ValueError(f"{where}: sweep.lr_width_power needs lr_width_ref = the d_model the spec's lrs are given at")
     for key in ("eval_set", "x", "series"):
         if key in sweep:
             setattr(spec, key, _str(sweep[key], f"sweep.{key}", where))
@@ -186,11 +192,9 @@ def parse_spec(raw: dict[str, Any], default_name: str = "sweep", path: str | Non
 
 def _resolve_base(base: str, spec_path: str | None) -> str:
     """A base path is taken relative to the spec's folder when it exists there."""
-    if spec_path and not os.path.isabs(base) and base.endswith(".toml"):
-        beside = os.path.join(os.path.dirname(os.path.abspath(spec_path)), base)
-        if os.path.isfile(beside):
-            return beside
-    return base
+    beside = os.path.join(os.path.dirname(os.path.abspath(spec_path or ".")), base)
+    use = spec_path and not os.path.isabs(base) and base.endswith(".toml") and os.path.isfile(beside)
+    return beside if use else base
 
 
 # ----------------------------------------------------------------------------- variants
@@ -392,8 +396,6 @@ def _check_value(key: str, value: Any, what: str, where: str) -> None:
 
 def _toml_key_value(key: str, value: Any) -> str:
     """``"train.lr" = 0.001``: a dotted field as a line of a spec (quoted key, TOML value)."""
-    import json
-
     text = ("true" if value else "false") if isinstance(value, bool) else json.dumps(value)
     return f"{json.dumps(key)} = {text}"
 
@@ -444,7 +446,5 @@ def override_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list):
-        import json
-
         return json.dumps(value)
     return str(value)
