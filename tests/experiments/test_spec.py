@@ -414,14 +414,17 @@ def test_lr_checks_are_their_isoflop_twins_but_for_the_lr(tmp_path, spec, twins)
     """Each lr-check run is the isoflop run of its family and size (model, data, steps, seed, every
     train field) but for train.lr (and the peer-tables runs' expert_lr): so a loss difference is the
     lr's alone, paired on one data order."""
-    iso = {r.family: r for r in plan_sweep(load_spec("isoflop"), str(tmp_path / "iso")) if r.name.endswith(twins)}
+    iso = {r.name: r for r in plan_sweep(load_spec("isoflop"), str(tmp_path / "iso"))}
     runs = plan_sweep(load_spec(spec), str(tmp_path / spec))
     grid = {"dense", "peer", "pkm", "moe"}
     tables = {"peer-tables1e-3", "peer-tables2e-3", "peer-tables8e-3"} if spec == "lr-check" else set()
     fifth = {"multi-peer"} if spec == "lr-check-1e16" else set()
     assert {r.family for r in runs} == grid | tables | fifth
     for r in runs:
-        twin = iso[r.family.split("-tables")[0]]
+        # its twin: the isoflop run of its name less the lr and the tables' lr (dense-s6-lr2e-3-1e16 ->
+        # dense-s6-1e16; peer-tables1e-3-s2-lr4e-3-1e15 -> peer-s2-1e15)
+        twin = iso[re.sub(r"-(lr|tables)\d+(\.\d+)?e-\d+", "", r.name)]
+        assert twin.name.endswith(twins) or r.name.startswith("dense-s6-")  # s6: the d-512 check of P-lr-k
         assert r.cfg.model == twin.cfg.model and r.cfg.data == twin.cfg.data and r.steps == twin.steps
         named_lr = re.match(r"\d+(\.\d+)?e-\d+", r.name.split("-lr")[1]).group(0)  # the lr the name spells
         assert twin.cfg.train.lr == 1e-3 and float(named_lr) == r.cfg.train.lr
