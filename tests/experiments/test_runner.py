@@ -6,21 +6,16 @@ import os
 
 import pytest
 
+from tests.experiments.test_epoch_rule import TINY
 from torchpeer.experiments import parse_spec, plan_sweep, read_results, run_sweep
 from torchpeer.experiments.results import append_result, results_path
 from torchpeer.experiments.runner import estimate_seconds
 
+# test_epoch_rule's tiny isoFLOP spec on the CPU, at two budgets, dense and PEER at two widths
 SPEC = {
-    "sweep": {"base": "ptb-tiny", "budgets": [1e10, 2e10], "kind": "isoflop"},
-    "base": {
-        "train.device": "cpu",
-        "train.batch_size": 4,
-        "train.warmup_steps": 1,
-        "model.seq_len": 32,
-        "model.n_layers": 2,
-        "model.n_heads": 2,
-        "data.tokenizer": "byte",
-    },
+    **TINY,
+    "sweep": {**TINY["sweep"], "budgets": [1e10, 2e10]},
+    "base": {**TINY["base"], "train.device": "cpu"},
     "grid": {"model.d_model": [16, 32], "model.ffw": ["dense", "peer"]},
 }
 
