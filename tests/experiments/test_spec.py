@@ -467,6 +467,19 @@ def test_lr_width_ref_scales_each_runs_lrs_by_its_width(tmp_path):
             parse_spec(raw)
 
 
+def test_warmup_frac_sets_each_runs_warmup_but_a_variant_may_keep_its_own(tmp_path):
+    """[sweep] warmup_frac: each run warms up for that fraction of its own steps, over the base's
+    train.warmup_steps; a variant that sets train.warmup_steps itself (a warm-up control) keeps it."""
+    raw = tiny(warmup_frac=0.1)
+    raw["base"] = {**raw["base"], "train.warmup_steps": 3}
+    raw["variants"] = {"long-warmup": {"model.d_model": 32, "train.warmup_steps": 7}}
+    runs = {r.name: r for r in plan_sweep(parse_spec(raw), str(tmp_path))}
+    for name, r in runs.items():
+        want = 7 if name.startswith("long-warmup") else round(0.1 * r.steps)
+        assert r.cfg.train.warmup_steps == want and r.overrides["train.warmup_steps"] == str(want)
+    assert len({r.cfg.train.warmup_steps for r in runs.values()}) == len(runs)  # steps differ by width
+
+
 def test_isoflop_lrw_is_the_isoflop_study_but_for_width_scaled_lrs(tmp_path):
     """Every isoflop-lrw run has the isoflop run of its name as twin (model, data, steps, seed and
     every train field the same) but for its lrs: the family's lr at d_model 128 times

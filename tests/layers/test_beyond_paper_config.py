@@ -43,7 +43,7 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
     exp_plan = pytest.importorskip("torchpeer.experiments.plan")
     spec = exp_spec.load_spec("beyond-paper")
     runs = exp_plan.plan_sweep(spec, str(tmp_path))
-    assert len(runs) == 60  # 30 designs (dense, the paper's PEER, 23 new, 5 lr controls) x 2 seeds
+    assert len(runs) == 68  # 34 designs (dense, the paper's PEER, 23 new, 5 lr and 4 warm-up controls) x 2 seeds
     assert len(runs[0].cfg.data.valid) == 11  # the corpus valid set and each of the 10 sources
     by_seed: dict[int, dict[str, object]] = {}
     for r in runs:
@@ -98,6 +98,15 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
             faster = designs[name].cfg
             assert faster.model == decay.model and faster.train.lr == lr and faster.train.expert_lr == 3e-3
             assert dataclasses.replace(faster.train, lr=1e-3) == decay.train
+        # the warm-up controls: 15 % of the steps (the sweep's warmup_frac gives the rest 2 %), nothing else moved
+        assert dense.cfg.train.warmup_steps == 37 and dense.steps == 1832
+        twins = {"wu15-dense": "dense", "wu15-dense-lr2e-3": "dense-lr2e-3", "wu15-dense-lr4e-3": "dense-lr4e-3"}
+        twins["wu15-tuned"] = "balance-values-lr-decay"  # the winner's design
+        for name, twin_name in twins.items():
+            control, twin = designs[name], designs[twin_name]
+            assert control.cfg.train.warmup_steps == 275 and control.tokens == twin.tokens
+            assert control.cfg.model == twin.cfg.model
+            assert dataclasses.replace(control.cfg.train, warmup_steps=37) == twin.cfg.train
         paper = designs["paper"].cfg.model
         assert paper.sparse_blocks() == [4] and not paper.peer.shared_pool and paper.peer.n_experts == 1024**2
 

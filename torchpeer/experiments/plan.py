@@ -127,7 +127,7 @@ def plan_run(spec: SweepSpec, variant: Variant, budget: float | None, tokens: in
             )
     else:
         steps = math.ceil(tokens / tokens_per_step)
-    if spec.warmup_frac is not None:
+    if spec.warmup_frac is not None and "train.warmup_steps" not in variant.overrides:  # a variant's own wins
         t.warmup_steps = int(round(spec.warmup_frac * steps))
         overrides["train.warmup_steps"] = str(t.warmup_steps)
     if t.warmup_steps >= steps:

@@ -42,7 +42,7 @@ SWEEP_KEYS = {
     "kind": f"one of {', '.join(KINDS)}: which report sections apply",
     "budgets": "training-FLOP budgets, e.g. [1e15, 3e15]",
     "tokens": "token counts (instead of budgets), e.g. [2e6, 4e6]",
-    "warmup_frac": "warmup steps as a fraction of each run's steps (overrides train.warmup_steps)",
+    "warmup_frac": "warmup steps as a fraction of each run's steps (but a variant's own train.warmup_steps)",
     "eval_set": "the eval set the report ranks runs by (default: the first of data.valid)",
     "max_epochs": "the data rule, a positive number such as max_epochs = 4 (the most passes over the train split a run "
     "in the fits may make; runs beyond it are marked and left out of the fits)",
