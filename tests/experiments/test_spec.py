@@ -419,11 +419,12 @@ def test_lr_checks_are_their_isoflop_twins_but_for_the_lr(tmp_path, spec, twins)
     grid = {"dense", "peer", "pkm", "moe"}
     tables = {"peer-tables1e-3", "peer-tables2e-3", "peer-tables8e-3"} if spec == "lr-check" else set()
     fifth = {"multi-peer"} if spec == "lr-check-1e16" else set()
-    assert {r.family for r in runs} == grid | tables | fifth
+    warm = {f"{f}-wu15" for f in grid} if spec == "lr-check" else set()  # 15 % warm-up at each family's best lr
+    assert {r.family for r in runs} == grid | tables | fifth | warm
     for r in runs:
         # its twin: the isoflop run of its name less the lr and the tables' lr (dense-s6-lr2e-3-1e16 ->
         # dense-s6-1e16; peer-tables1e-3-s2-lr4e-3-1e15 -> peer-s2-1e15)
-        twin = iso[re.sub(r"-(lr|tables)\d+(\.\d+)?e-\d+", "", r.name)]
+        twin = iso[re.sub(r"-(lr|tables)\d+(\.\d+)?e-\d+|-wu15", "", r.name)]
         assert twin.name.endswith(twins) or r.name.startswith("dense-s6-")  # s6: the d-512 check of P-lr-k
         assert r.cfg.model == twin.cfg.model and r.cfg.data == twin.cfg.data and r.steps == twin.steps
         named_lr = re.match(r"\d+(\.\d+)?e-\d+", r.name.split("-lr")[1]).group(0)  # the lr the name spells
@@ -432,6 +433,11 @@ def test_lr_checks_are_their_isoflop_twins_but_for_the_lr(tmp_path, spec, twins)
             assert float(r.family.removeprefix("peer-tables")) == r.cfg.train.expert_lr and r.cfg.train.lr == 4e-3
             assert twin.cfg.train.expert_lr is None
             assert dataclasses.replace(r.cfg.train, lr=1e-3, expert_lr=None) == twin.cfg.train
+            continue
+        if r.family in warm:  # 15 % of its steps where the twin has the study's 5 %
+            assert r.cfg.train.warmup_steps == round(0.15 * r.steps)
+            assert twin.cfg.train.warmup_steps == round(0.05 * r.steps)
+            assert dataclasses.replace(r.cfg.train, lr=1e-3, warmup_steps=twin.cfg.train.warmup_steps) == twin.cfg.train
             continue
         assert dataclasses.replace(r.cfg.train, lr=1e-3) == twin.cfg.train
 
