@@ -20,7 +20,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from torchpeer.experiments.spec import SweepSpec, Variant, override_text
+from torchpeer.experiments.spec import SweepSpec, Variant
+from torchpeer.experiments.spec_fields import override_text
 
 
 @dataclass
@@ -66,8 +67,9 @@ def _scale_lrs_by_width(cfg, ref: float, power: float, overrides: dict[str, str]
 
     Why: with Adam the best lr falls with the width, so one lr for every size of an isoFLOP curve
     trains the small models far from their best and bends the curve. How fast it falls is measured,
-    not assumed (docs/research/campaign.md Batches 17-18): as 1 / width on the CPU proxy (power 1), not
-    at all for dense from d_model 128 to 320 on the GPU study; isoflop-lrw uses power 0.5."""
+    not assumed (docs/research/campaign.md Batches 17-18): as 1 / width on the CPU proxy at 5.6 %
+    warm-up (mostly the warm-up's doing), not at all for dense from d_model 128 to 320 on the GPU
+    study; isoflop-lrw uses power 0.5."""
     scale = (ref / cfg.model.d_model) ** power
     t = cfg.train
     for key in ("lr", "expert_lr", "expert_lr_final"):

@@ -28,6 +28,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from torchpeer.experiments.spec_fields import check_field
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -192,9 +194,11 @@ def parse_spec(raw: dict[str, Any], default_name: str = "sweep", path: str | Non
 
 def _resolve_base(base: str, spec_path: str | None) -> str:
     """A base path is taken relative to the spec's folder when it exists there."""
-    beside = os.path.join(os.path.dirname(os.path.abspath(spec_path or ".")), base)
-    use = spec_path and not os.path.isabs(base) and base.endswith(".toml") and os.path.isfile(beside)
-    return beside if use else base
+    if spec_path and not os.path.isabs(base) and base.endswith(".toml"):
+        beside = os.path.join(os.path.dirname(os.path.abspath(spec_path)), base)
+        if os.path.isfile(beside):
+            return beside
+    return base
 
 
 # ----------------------------------------------------------------------------- variants
@@ -219,7 +223,7 @@ def _grid_variants(grid: dict[str, Any], where: str) -> list[Variant]:
         if isinstance(values, list):  # "model.x.y" = [v1, v2]: a field and its values
             if "." not in axis:
                 raise ValueError(f"{where}: [grid] axis {axis!r} is a list, so it must be a dotted config field")
-            _check_field(axis, values, "[grid]", where, values=values)  # named here, with its list, not per variant
+            check_field(axis, values, "[grid]", where, values=values)  # named here, with its list, not per variant
             options = [(f"{axis.split('.')[-1]}={_value_name(v)}", {axis: v}) for v in values]
         elif isinstance(values, dict):  # [grid.AXIS] NAME = {overrides}
             options = [(name, _table(opt, f"[grid.{axis}.{name}]", where)) for name, opt in values.items()]
@@ -333,71 +337,9 @@ def _overrides(table: dict[str, Any], what: str, where: str, meta=VARIANT_META_K
                 + (f", e.g. {example}" if example else "")
                 + drop
             )
-        _check_field(key, value, what, where)
+        check_field(key, value, what, where)
         out[key] = value
     return out
-
-
-def _check_field(key: str, value: Any, what: str, where: str, values: list | None = None) -> None:
-    """An unknown dotted field is a ValueError naming the closest one *as the spec writes it*
-    (``"train.lr" = 0.001``), not in the ``--train.lr`` form of the CLI's message: the user is
-    editing a TOML file. Checked here, at load time, so the error also names the table it is in; so is
-    the type of the value (of each of ``values``, a [grid] axis's list, when given)."""
-    from torchpeer.lm.config import RunConfig
-    from torchpeer.lm.config_io import _closest_field, _field_names
-
-    parts = key.split(".")
-    if parts[:2] == ["data", "valid"] and len(parts) == 3:
-        return  # "data.valid.NAME" adds an eval set: any name
-    fields = _field_names(RunConfig())
-    sections = {".".join(f.split(".")[:i]) for f in fields for i in range(1, f.count(".") + 1)}
-    if key in fields:
-        for v in [value] if values is None else values:
-            _check_value(key, v, what, where)
-        return
-    if key in sections:
-        raise ValueError(f'{where}: {what} {key} is a section; set one of its fields, e.g. "{key}.<field>" = VALUE')
-    if parts[-1] in ("epochs", "num_epochs", "max_epochs"):
-        hint = 'runs are sized by [sweep] budgets or tokens (or "train.max_tokens"), not epochs'
-    elif (match := _closest_field(key, fields)) is not None:
-        hint = f"did you mean {_toml_key_value(match, value)}?"
-    else:  # nothing alike: list what the deepest valid section of the key holds
-        known = [p for p in (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)) if p in sections]
-        if known:
-            names = sorted({f[len(known[0]) + 1 :].split(".")[0] for f in fields if f.startswith(known[0] + ".")})
-            hint = f"fields of {known[0]}: {', '.join(names)}"
-        else:
-            hint = f"sections are {', '.join(sorted(s for s in sections if '.' not in s))}"
-    raise ValueError(f"{where}: unknown config field {key!r} in {what}; {hint}")
-
-
-def _check_value(key: str, value: Any, what: str, where: str) -> None:
-    """A value of the wrong type (``"train.lr" = "fast"``, ``"model.n_layers" = 2.5``) is refused at
-    load time in the spec's own terms, naming its table, instead of the CLI's ``cannot parse
-    --train.lr 'fast'`` when the first run is planned."""
-    import dataclasses
-    import typing
-
-    from torchpeer.lm.config import RunConfig
-    from torchpeer.lm.config_io import parse_value
-
-    obj, tp = RunConfig(), None
-    for part in key.split("."):
-        tp = typing.get_type_hints(type(obj))[part]
-        obj = getattr(obj, part)
-    if dataclasses.is_dataclass(tp):
-        return  # a section: _check_field says so
-    try:
-        parse_value(override_text(value), tp, key)
-    except ValueError as e:
-        wanted = str(e).split(" as ", 1)[-1]  # "float; give a number, e.g. 2e6"
-        raise ValueError(f"{where}: {what} {_toml_key_value(key, value)} is not of type {wanted}") from None
-
-
-def _toml_key_value(key: str, value: Any) -> str:
-    """``"train.lr" = 0.001``: a dotted field as a line of a spec (quoted key, TOML value)."""
-    text = ("true" if value else "false") if isinstance(value, bool) else json.dumps(value)
-    return f"{json.dumps(key)} = {text}"
 
 
 def _budgets(table: dict[str, Any], what: str, where: str) -> tuple[list[float], list[int]]:
@@ -439,12 +381,3 @@ def _str(value: Any, what: str, where: str) -> str:
 def _check_name(name: str, what: str, where: str) -> None:
     if not NAME_RE.match(name):
         raise ValueError(f"{where}: {what} = {name!r}: use letters, digits and _ . = + - (it names folders)")
-
-
-def override_text(value: Any) -> str:
-    """A TOML value as the string ``--FIELD VALUE`` takes (lists as JSON, booleans lower-case)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return json.dumps(value)
-    return str(value)
