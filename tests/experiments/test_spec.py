@@ -486,6 +486,37 @@ def test_warmup_frac_sets_each_runs_warmup_but_a_variant_may_keep_its_own(tmp_pa
     assert len({r.cfg.train.warmup_steps for r in runs.values()}) == len(runs)  # steps differ by width
 
 
+def test_a_variants_warmup_frac_scales_with_its_own_steps_and_reaches_its_seed_runs(tmp_path):
+    """A variant's warmup_frac (a meta key) wins over the sweep's, is a fraction of each of its runs'
+    own steps, carries to its [seeds] runs, and cannot sit beside train.warmup_steps or leave [0, 1)."""
+    raw = tiny(warmup_frac=0.05)
+    raw["variants"] = {
+        "short": {"model.d_model": 32},
+        "long": {"model.d_model": 32, "warmup_frac": 0.25},
+        "fixed": {"model.d_model": 32, "train.warmup_steps": 5},
+    }
+    raw["seeds"] = {"long": {"seeds": [1]}}
+    runs = plan_sweep(parse_spec(raw), str(tmp_path))
+    by_variant = {}
+    for r in runs:
+        by_variant.setdefault(r.name.rsplit("-", 1)[0], []).append(r)
+    assert {"short", "long", "fixed", "long-seed1"} <= set(by_variant)
+    for variant, frac in (("short", 0.05), ("long", 0.25), ("long-seed1", 0.25)):
+        for r in by_variant[variant]:
+            assert r.cfg.train.warmup_steps == round(frac * r.steps) > 0
+            assert r.overrides["train.warmup_steps"] == str(r.cfg.train.warmup_steps)
+    assert {r.cfg.train.warmup_steps for r in by_variant["fixed"]} == {5}
+    for bad, match in (
+        ({"warmup_frac": 0.2, "train.warmup_steps": 5}, "both warmup_frac and train.warmup_steps"),
+        ({"warmup_frac": 1.0}, "warmup_frac must be a number in"),
+        ({"warmup_frac": "15%"}, "warmup_frac must be a number in"),
+    ):
+        raw["variants"] = {"bad": {"model.d_model": 32, **bad}}
+        raw.pop("seeds", None)
+        with pytest.raises(ValueError, match=re.escape(match)):
+            parse_spec(raw)
+
+
 def test_isoflop_lrw_is_the_isoflop_study_but_for_width_scaled_lrs(tmp_path):
     """Every isoflop-lrw run has the isoflop run of its name as twin (model, data, steps, seed and
     every train field the same) but for its lrs: the family's lr at d_model 128 times

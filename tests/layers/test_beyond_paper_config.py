@@ -98,7 +98,7 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
             faster = designs[name].cfg
             assert faster.model == decay.model and faster.train.lr == lr and faster.train.expert_lr == 3e-3
             assert dataclasses.replace(faster.train, lr=1e-3) == decay.train
-        # the warm-up controls: 15 % of the steps (the sweep's warmup_frac gives the rest 2 %), nothing else moved
+        # the warm-up controls: 15 % of the steps (their warmup_frac; the rest 2 %), nothing else moved
         assert dense.cfg.train.warmup_steps == 37 and dense.steps == 1832
         twins = {"wu15-dense": "dense", "wu15-dense-lr2e-3": "dense-lr2e-3", "wu15-dense-lr4e-3": "dense-lr4e-3"}
         twins["wu15-tuned"] = "balance-values-lr-decay"  # the winner's design

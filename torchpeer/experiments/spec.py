@@ -4,7 +4,7 @@ A spec (see docs/experiments.md) has these tables::
 
     [sweep]                 name, base (shipped config name or path), kind, budgets | tokens, ...
     [base]                  overrides applied to every run: "train.lr" = 1e-3, "data.valid.x" = "..."
-    [variants.NAME]         one named variant: overrides + meta keys (family, budgets, tokens)
+    [variants.NAME]         one named variant: overrides + meta keys (family, budgets, tokens, warmup_frac)
     [grid]                  variants as a cartesian product of axes; an axis is either
                               "model.peer.query_norm" = ["batch", "none"]    (a field and its values)
                             or a table of named options, each a table of overrides + meta keys:
@@ -20,6 +20,7 @@ problem (unknown key, empty grid, no budgets, ...) is one ValueError that names 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -44,7 +45,8 @@ SWEEP_KEYS = {
     "kind": f"one of {', '.join(KINDS)}: which report sections apply",
     "budgets": "training-FLOP budgets, e.g. [1e15, 3e15]",
     "tokens": "token counts (instead of budgets), e.g. [2e6, 4e6]",
-    "warmup_frac": "warmup steps as a fraction of each run's steps (but a variant's own train.warmup_steps)",
+    "warmup_frac": "warmup steps as a fraction of each run's steps (but a variant's own warmup_frac or "
+    "train.warmup_steps)",
     "eval_set": "the eval set the report ranks runs by (default: the first of data.valid)",
     "max_epochs": "the data rule, a positive number such as max_epochs = 4 (the most passes over the train split a run "
     "in the fits may make; runs beyond it are marked and left out of the fits)",
@@ -55,7 +57,7 @@ SWEEP_KEYS = {
     "x": "ablation x-axis: a dotted config field or a product of them (model.peer.heads*model.peer.top_k)",
     "series": "ablation: a dotted config field, one line per value (e.g. model.peer.query_norm), or family",
 }
-VARIANT_META_KEYS = ("family", "budgets", "tokens")
+VARIANT_META_KEYS = ("family", "budgets", "tokens", "warmup_frac")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
 
 
@@ -68,6 +70,7 @@ class Variant:
     family: str | None = None  # None = the run's model.ffw
     budgets: list[float] | None = None  # None = the sweep's
     tokens: list[int] | None = None
+    warmup_frac: float | None = None  # None = the sweep's (or the variant's own train.warmup_steps)
 
 
 @dataclass
@@ -155,10 +158,7 @@ def parse_spec(raw: dict[str, Any], default_name: str = "sweep", path: str | Non
     if spec.budgets and spec.tokens:
         raise ValueError(f"{where}: [sweep] gives both budgets and tokens; give one of them")
     if "warmup_frac" in sweep:
-        w = sweep["warmup_frac"]
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < 1:
-            raise ValueError(f"{where}: sweep.warmup_frac must be a number in [0, 1), got {w!r}")
-        spec.warmup_frac = float(w)
+        spec.warmup_frac = _fraction(sweep["warmup_frac"], "sweep.warmup_frac", where)
     spec.max_epochs, spec.lr_width_ref = _positive(sweep, "max_epochs", where), _positive(sweep, "lr_width_ref", where)
     spec.lr_width_power = _positive(sweep, "lr_width_power", where) or 1.0
     if "lr_width_power" in sweep and spec.lr_width_ref is None:
@@ -210,7 +210,22 @@ def _variant(name: str, table: dict[str, Any], what: str, where: str) -> Variant
     family = table.get("family")
     if family is not None:
         family = _str(family, f"{what} family", where)
-    return Variant(name, _overrides(table, what, where), family, budgets or None, tokens or None)
+    overrides = _overrides(table, what, where)
+    frac = table.get("warmup_frac")
+    if frac is not None:
+        frac = _fraction(frac, f"{what} warmup_frac", where)
+        if "train.warmup_steps" in overrides:
+            raise ValueError(
+                f"{where}: {what} sets both warmup_frac and train.warmup_steps; keep one (warmup_frac scales "
+                "with each run's steps)"
+            )
+    return Variant(name, overrides, family, budgets or None, tokens or None, frac)
+
+
+def _fraction(value: Any, what: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{where}: {what} must be a number in [0, 1), e.g. 0.05, got {value!r}")
+    return float(value)
 
 
 def _grid_variants(grid: dict[str, Any], where: str) -> list[Variant]:
@@ -298,7 +313,14 @@ def _seed_variants(table: dict[str, Any], variants: list[Variant], spec: SweepSp
                 )
         budgets, tokens = budgets or (None if tokens else twin.budgets), tokens or (None if budgets else twin.tokens)
         out += [
-            Variant(f"{name}-seed{s}", {**twin.overrides, "train.seed": s}, twin.family, budgets, tokens) for s in seeds
+            dataclasses.replace(
+                twin,
+                name=f"{name}-seed{s}",
+                overrides={**twin.overrides, "train.seed": s},
+                budgets=budgets,
+                tokens=tokens,
+            )
+            for s in seeds
         ]
     return out
 
