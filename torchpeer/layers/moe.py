@@ -177,8 +177,12 @@ class MoE(UsageTrackingMixin, nn.Module):
         T, E, k = probs.shape[0], self.n_experts, self.top_k
         top_p, top_e = probs.topk(k, dim=-1)  # (T, k)
         gates = top_p if k == 1 else top_p / top_p.sum(-1, keepdim=True)
-        # Switch load-balancing loss, from the assignments before capacity dropping.
-        frac = torch.bincount(top_e.reshape(-1), minlength=E).to(probs.dtype) / (T * k)
+        # Switch load-balancing loss, from the assignments before capacity dropping. Every shape below
+        # is fixed by (T, E, k, C), never by the routing's data (no bincount, no boolean mask), so the
+        # layer compiles as one graph: the counts are a scatter_add_ into E bins, and a dropped
+        # assignment writes to a spare slot E*C that is cut off at the end.
+        counts = _histogram(top_e.reshape(-1), E)
+        frac = counts.to(probs.dtype) / (T * k)
         self.balance_loss = E * (frac * probs.mean(0)).sum()
 
         # Assignment order: choice rank first, then token position (rank-major flattening).
@@ -187,19 +191,17 @@ class MoE(UsageTrackingMixin, nn.Module):
         gate = gates.t().reshape(-1)
         # Position of each assignment within its expert's queue, via a stable sort by expert.
         order = torch.sort(expert, stable=True).indices
-        counts = torch.bincount(expert, minlength=E)
         starts = torch.cumsum(counts, 0) - counts
         pos = torch.empty_like(expert)
         pos[order] = torch.arange(expert.numel(), device=probs.device) - starts[expert[order]]
-        keep = pos < C
-        slot = expert[keep] * C + pos[keep]
+        slot = torch.where(pos < C, expert * C + pos, E * C)  # (k*T,): E*C = dropped
         # Empty slots (gate 0) point at distinct tokens, not all at token 0: their zero contributions
         # then spread over many rows instead of piling E*C - kept atomic adds onto one row of the
         # gather's backward and the output's index_add_ (the same sums, without the contention).
-        token_of_slot = torch.arange(E * C, device=probs.device) % T
-        token_of_slot[slot] = token[keep]
+        # Kept slots are distinct, so each is written once; only the spare slot is written many times.
+        token_of_slot = (torch.arange(E * C + 1, device=probs.device) % T).scatter(0, slot, token)[: E * C]
         # Gates are scattered out-of-place so autograd flows back to the router.
-        gate_of_slot = torch.zeros(E * C, dtype=gate.dtype, device=probs.device).index_put((slot,), gate[keep])
+        gate_of_slot = gate.new_zeros(E * C + 1).scatter(0, slot, gate)[: E * C]
         expert_of_slot = torch.arange(E, device=probs.device).repeat_interleave(C)
         return token_of_slot, gate_of_slot, expert_of_slot
 
@@ -226,3 +228,9 @@ class MoE(UsageTrackingMixin, nn.Module):
 
 
 register_ffw("moe", MoEConfig, MoE.from_config)
+
+
+def _histogram(values: torch.Tensor, bins: int) -> torch.Tensor:
+    """(n,) int64 in [0, bins) -> (bins,) int64 counts: torch.bincount's integers with a fixed output
+    length (bincount's depends on the data, which breaks a compiled graph)."""
+    return torch.zeros(bins, dtype=torch.int64, device=values.device).scatter_add_(0, values, torch.ones_like(values))
