@@ -129,9 +129,12 @@ def plan_run(spec: SweepSpec, variant: Variant, budget: float | None, tokens: in
             )
     else:
         steps = math.ceil(tokens / tokens_per_step)
-    # a variant's own warmup_frac or train.warmup_steps wins over the sweep's warmup_frac
-    frac = variant.warmup_frac if variant.warmup_frac is not None else spec.warmup_frac
-    if frac is not None and (variant.warmup_frac is not None or "train.warmup_steps" not in variant.overrides):
+    # a variant's own warmup_frac or train.warmup_steps wins over the sweep's warmup_frac (a variant
+    # cannot set both: spec.py refuses it)
+    frac = variant.warmup_frac
+    if frac is None and "train.warmup_steps" not in variant.overrides:
+        frac = spec.warmup_frac
+    if frac is not None:
         t.warmup_steps = int(round(frac * steps))
         overrides["train.warmup_steps"] = str(t.warmup_steps)
     if t.warmup_steps >= steps:

@@ -53,13 +53,19 @@ def subkey_marginals(q: torch.Tensor, sub_keys: torch.Tensor, indices: torch.Ten
         if S > 1:  # one histogram per head: offset head h's ids by h * n
             halves = halves + n * torch.arange(H, device=indices.device).view(1, H, 1, 1)
         flat = halves.reshape(-1, 2).transpose(0, 1)  # (2, T*H*K)
-        # scatter_add, not bincount: bincount's output length depends on the data, which breaks a
-        # torch.compile graph at every call (four breaks a layer); int64 sums are exact and deterministic
-        counts = torch.zeros(2, S * n, dtype=torch.int64, device=indices.device)
-        counts.scatter_add_(1, flat, torch.ones_like(flat))  # (2, S*n)
+        counts = histogram(flat, S * n)  # (2, S*n)
         f = counts.view(2, S, n).transpose(0, 1).to(p.dtype)
         f = f / f.sum(-1, keepdim=True).clamp_min(1)
     return f, p
+
+
+def histogram(values: torch.Tensor, bins: int) -> torch.Tensor:
+    """(..., k) int64 in [0, bins) -> (..., bins) int64 counts of each row: torch.bincount's integers
+    with a fixed output length. scatter_add, not bincount: bincount's length depends on the data, which
+    breaks a torch.compile graph at every call (four breaks a PEER layer with the term, eight a
+    token-choice MoE); int64 sums are exact and deterministic."""
+    counts = torch.zeros(*values.shape[:-1], bins, dtype=torch.int64, device=values.device)
+    return counts.scatter_add_(-1, values, torch.ones_like(values))
 
 
 def subkey_balance_loss(q: torch.Tensor, sub_keys: torch.Tensor, indices: torch.Tensor, stride: int = 1):

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchpeer.layers.accounting import FFWCost, count_params, matmul_flops
+from torchpeer.layers.balance import histogram
 from torchpeer.layers.registry import register_ffw
 from torchpeer.layers.validators import check_choice, check_last_dim, check_positive, get_activation
 from torchpeer.usage import UsageTrackingMixin
@@ -181,7 +182,7 @@ class MoE(UsageTrackingMixin, nn.Module):
         # is fixed by (T, E, k, C), never by the routing's data (no bincount, no boolean mask), so the
         # layer compiles as one graph: the counts are a scatter_add_ into E bins, and a dropped
         # assignment writes to a spare slot E*C that is cut off at the end.
-        counts = _histogram(top_e.reshape(-1), E)
+        counts = histogram(top_e.reshape(-1), E)
         frac = counts.to(probs.dtype) / (T * k)
         self.balance_loss = E * (frac * probs.mean(0)).sum()
 
@@ -228,9 +229,3 @@ class MoE(UsageTrackingMixin, nn.Module):
 
 
 register_ffw("moe", MoEConfig, MoE.from_config)
-
-
-def _histogram(values: torch.Tensor, bins: int) -> torch.Tensor:
-    """(n,) int64 in [0, bins) -> (bins,) int64 counts: torch.bincount's integers with a fixed output
-    length (bincount's depends on the data, which breaks a compiled graph)."""
-    return torch.zeros(bins, dtype=torch.int64, device=values.device).scatter_add_(0, values, torch.ones_like(values))
