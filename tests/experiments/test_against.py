@@ -48,6 +48,23 @@ def test_twins_differences_best_runs_and_the_order_of_families():
     assert against_lines(here, study({"other": 1.0}), "a", "b") == []
 
 
+def test_warm_up_columns_appear_only_where_the_twins_differ_in_it():
+    """isoflop-lrw's runs warm up for 15 % of their steps, the isoflop study's for 5 %: the twins' table
+    then shows both warm-ups (steps and share), so the difference is not read as the lr's alone."""
+    here = study({"dense-s1": 3.5, "peer-s1": 3.7}, lr=4e-3)
+    there = study({"dense-s1": 4.0, "peer-s1": 3.9})
+    assert not any("warm-up" in line for line in against_lines(here, there, "lrw", "iso"))
+    for r in here:
+        r["overrides"]["train.warmup_steps"], r["steps"] = "150", 1000
+    for r in there:
+        r["overrides"] = {"train.warmup_steps": "50"}
+        r["steps"] = 1000
+    lines = against_lines(here, there, "lrw", "iso")
+    assert "| run | family | lr (lrw) | lr (iso) | warm-up (lrw) | warm-up (iso) |" in lines[2]
+    row = next(line for line in lines if line.startswith("| dense-s1 |"))
+    assert row == "| dense-s1 | dense | 0.004 | base | 150 (15 %) | 50 (5 %) | 3.5000 | 4.0000 | -0.5000 |"
+
+
 def test_report_against_another_runs_folder(tmp_path):
     here_dir, there_dir = tmp_path / "isoflop-lrw", tmp_path / "isoflop"
     for d, recs in ((here_dir, study({"dense-s2": 3.5, "peer-s2": 3.6}, lr=4e-3)),

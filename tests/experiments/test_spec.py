@@ -517,10 +517,10 @@ def test_a_variants_warmup_frac_scales_with_its_own_steps_and_reaches_its_seed_r
             parse_spec(raw)
 
 
-def test_isoflop_lrw_is_the_isoflop_study_but_for_width_scaled_lrs(tmp_path):
+def test_isoflop_lrw_is_the_isoflop_study_but_for_width_scaled_lrs_and_its_warm_up(tmp_path):
     """Every isoflop-lrw run has the isoflop run of its name as twin (model, data, steps, seed and
-    every train field the same) but for its lrs: the family's lr at d_model 128 times
-    (128 / d_model) ** 0.5."""
+    every train field the same) but for its lrs, the family's lr at d_model 128 times
+    (128 / d_model) ** 0.5, and its warm-up: 15 % of its steps where the twin has 5 %."""
     iso = {r.name: r for r in plan_sweep(load_spec("isoflop"), str(tmp_path / "iso"))}
     runs = plan_sweep(load_spec("isoflop-lrw"), str(tmp_path / "lrw"))
     at_128 = {"dense": 4e-3, "pkm": 4e-3, "peer": 8e-3, "moe": 8e-3, "moe-ec": 8e-3, "multi-peer": 4e-3}
@@ -532,6 +532,7 @@ def test_isoflop_lrw_is_the_isoflop_study_but_for_width_scaled_lrs(tmp_path):
         assert r.cfg.train.lr == pytest.approx(at_128[r.family] * scale, rel=1e-5)
         if r.family == "multi-peer":  # the winner's tables at 3x the base lr, as at d_model 512
             assert r.cfg.train.expert_lr == pytest.approx(3 * r.cfg.train.lr, rel=1e-5)
-        assert (
-            dataclasses.replace(r.cfg.train, lr=twin.cfg.train.lr, expert_lr=twin.cfg.train.expert_lr) == twin.cfg.train
-        )
+        here, there = r.cfg.train, twin.cfg.train
+        assert here.warmup_steps == round(0.15 * r.steps) and there.warmup_steps == round(0.05 * r.steps)
+        same = {"lr": there.lr, "expert_lr": there.expert_lr, "warmup_steps": there.warmup_steps}
+        assert dataclasses.replace(here, **same) == there

@@ -43,7 +43,7 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
     exp_plan = pytest.importorskip("torchpeer.experiments.plan")
     spec = exp_spec.load_spec("beyond-paper")
     runs = exp_plan.plan_sweep(spec, str(tmp_path))
-    assert len(runs) == 68  # 34 designs (dense, the paper's PEER, 23 new, 5 lr and 4 warm-up controls) x 2 seeds
+    assert len(runs) == 70  # 35 designs (dense, the paper's PEER, 23 new, 5 lr and 5 warm-up controls) x 2 seeds
     assert len(runs[0].cfg.data.valid) == 11  # the corpus valid set and each of the 10 sources
     by_seed: dict[int, dict[str, object]] = {}
     for r in runs:

@@ -20,6 +20,15 @@ def _lr(record: dict) -> str:
     return "base" if value is None else f"{float(value):.3g}"
 
 
+def _warmup(record: dict) -> str:
+    """The run's warm-up, "<steps> (<percent of its steps>)", as its overrides set it ("base" otherwise)."""
+    value = (record.get("overrides") or {}).get("train.warmup_steps")
+    if value is None or value == "none":
+        return "base"
+    steps = record.get("steps")
+    return f"{int(value)} ({100 * int(value) / steps:.0f} %)" if steps else str(int(value))
+
+
 def _best_by_family(recs: list[dict], max_epochs: float | None) -> dict[tuple[float, str], dict]:
     """(budget, family) -> its seed-0 run of least loss: the report's "best run" (isoflop_fits, under
     the sweep's data rule ``max_epochs``) of the seed-0 runs, so both sweeps are read alike."""
@@ -38,10 +47,15 @@ def against_lines(
     twins = [(a, b) for a, b in twins if primary_loss(b) is not None]
     if not twins:
         return []
-    header = ["run", "family", f"lr ({here})", f"lr ({there})", f"loss ({here})", f"loss ({there})", "difference"]
+    # the warm-up gets columns only where some twins differ in it (isoflop-lrw moved to 15 % from the
+    # isoflop study's 5 %: its differences are then the lr's and the warm-up's together)
+    warm = any(_warmup(a) != _warmup(b) for a, b in twins)
+    header = ["run", "family", f"lr ({here})", f"lr ({there})"]
+    header += [f"warm-up ({here})", f"warm-up ({there})"] if warm else []
+    header += [f"loss ({here})", f"loss ({there})", "difference"]
     rows = [
-        [a["run"], a["family"], _lr(a), _lr(b), fmt(primary_loss(a)), fmt(primary_loss(b)),
-         f"{primary_loss(a) - primary_loss(b):+.4f}"]
+        [a["run"], a["family"], _lr(a), _lr(b), *((_warmup(a), _warmup(b)) if warm else ()),
+         fmt(primary_loss(a)), fmt(primary_loss(b)), f"{primary_loss(a) - primary_loss(b):+.4f}"]
         for a, b in twins
     ]  # fmt: skip
     lines = [f"{len(twins)} runs with a twin of the same name in {there} (difference: {here} minus {there}, nats):"]
