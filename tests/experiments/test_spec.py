@@ -417,29 +417,31 @@ def test_lr_checks_are_their_isoflop_twins_but_for_the_lr(tmp_path, spec, twins)
     iso = {r.name: r for r in plan_sweep(load_spec("isoflop"), str(tmp_path / "iso"))}
     runs = plan_sweep(load_spec(spec), str(tmp_path / spec))
     grid = {"dense", "peer", "pkm", "moe"}
-    tables = {"peer-tables1e-3", "peer-tables2e-3", "peer-tables8e-3"} if spec == "lr-check" else set()
+    tables = {"peer-tables1e-3", "peer-tables2e-3", "peer-tables8e-3", "peer-tables8e-3-wu15"}
+    tables = tables if spec == "lr-check" else set()
     fifth = {"multi-peer"} if spec == "lr-check-1e16" else set()
-    warm = {f"{f}-wu15" for f in grid} if spec == "lr-check" else set()  # 15 % warm-up at each family's best lr
+    # 15 % warm-up at each family's best lr and one step either side, and at PEER's best tables setting
+    warm = {f"{f}-wu15" for f in grid} | {"peer-tables8e-3-wu15"} if spec == "lr-check" else set()
     assert {r.family for r in runs} == grid | tables | fifth | warm
     for r in runs:
-        # its twin: the isoflop run of its name less the lr and the tables' lr (dense-s6-lr2e-3-1e16 ->
-        # dense-s6-1e16; peer-tables1e-3-s2-lr4e-3-1e15 -> peer-s2-1e15)
+        # its twin: the isoflop run of its name less the lr, the tables' lr and the warm-up
+        # (dense-s6-lr2e-3-1e16 -> dense-s6-1e16; peer-tables8e-3-wu15-s2-lr4e-3-1e15 -> peer-s2-1e15)
         twin = iso[re.sub(r"-(lr|tables)\d+(\.\d+)?e-\d+|-wu15", "", r.name)]
         assert twin.name.endswith(twins) or r.name.startswith("dense-s6-")  # s6: the d-512 check of P-lr-k
         assert r.cfg.model == twin.cfg.model and r.cfg.data == twin.cfg.data and r.steps == twin.steps
         named_lr = re.match(r"\d+(\.\d+)?e-\d+", r.name.split("-lr")[1]).group(0)  # the lr the name spells
         assert twin.cfg.train.lr == 1e-3 and float(named_lr) == r.cfg.train.lr
+        same = {"lr": 1e-3}  # what makes the run its twin
         if r.family in tables:  # PEER's tables at their own lr beside a base lr of 4e-3
-            assert float(r.family.removeprefix("peer-tables")) == r.cfg.train.expert_lr and r.cfg.train.lr == 4e-3
+            named_tables = re.fullmatch(r"peer-tables(\d+e-\d+)(-wu15)?", r.family).group(1)
+            assert float(named_tables) == r.cfg.train.expert_lr and r.cfg.train.lr == 4e-3
             assert twin.cfg.train.expert_lr is None
-            assert dataclasses.replace(r.cfg.train, lr=1e-3, expert_lr=None) == twin.cfg.train
-            continue
+            same["expert_lr"] = None
         if r.family in warm:  # 15 % of its steps where the twin has the study's 5 %
             assert r.cfg.train.warmup_steps == round(0.15 * r.steps)
             assert twin.cfg.train.warmup_steps == round(0.05 * r.steps)
-            assert dataclasses.replace(r.cfg.train, lr=1e-3, warmup_steps=twin.cfg.train.warmup_steps) == twin.cfg.train
-            continue
-        assert dataclasses.replace(r.cfg.train, lr=1e-3) == twin.cfg.train
+            same["warmup_steps"] = twin.cfg.train.warmup_steps
+        assert dataclasses.replace(r.cfg.train, **same) == twin.cfg.train
 
 
 def test_lr_width_ref_scales_each_runs_lrs_by_its_width(tmp_path):
