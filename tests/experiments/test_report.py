@@ -416,7 +416,8 @@ def test_ablation_line_runs_through_the_seed_mean_and_every_run_is_a_dot(tmp_pat
 
 
 def test_best_value_per_series_by_seed_mean_marks_an_unbracketed_best(tmp_path):
-    """lr-check's question, per family: which lr is best (mean over seeds), and is it bracketed?"""
+    """lr-check's question, per family: which lr is best (mean over seeds), and is it bracketed? A series
+    of one value is marked as such, not printed as an optimum."""
     d = tmp_path / "runs"
     cells = [  # (series, lr, seed, loss)
         ("dense", 1e-3, 0, 4.36),
@@ -426,6 +427,7 @@ def test_best_value_per_series_by_seed_mean_marks_an_unbracketed_best(tmp_path):
         ("peer", 2e-3, 0, 3.90),
         ("peer", 2e-3, 1, 4.10),  # seed mean 4.00: still best, between 1e-3 and 4e-3
         ("peer", 4e-3, 0, 4.05),
+        ("peer-wu15", 8e-3, 0, 3.45),  # one value run: not an optimum, and said so
     ]
     for series, lr, seed, loss in cells:
         run = f"{series}-lr{lr}-s{seed}"
@@ -433,7 +435,8 @@ def test_best_value_per_series_by_seed_mean_marks_an_unbracketed_best(tmp_path):
         append_result(str(d), rec(run, **fields, series_field="family", series=series, valid=valid(loss)))
     md = open(write_report(str(d))["report"]).read().splitlines()
     head = md.index("| series | best lr | loss | values run | seeds (most) |")
-    assert md[head + 2 : head + 4] == [
+    assert md[head + 2 : head + 5] == [
+        "| peer-wu15 | 0.008 (one value) | 3.4500 | 0.008 | 1 |",
         "| dense | 0.004 (edge) | 3.5400 | 0.001, 0.002, 0.004 | 1 |",
         "| peer | 0.002 | 4.0000 | 0.001, 0.002, 0.004 | 2 |",
     ]

@@ -126,7 +126,11 @@ def write_report(
             if series_field:
                 lines += ["", "As the paper lays it out (a row per value; per series ppl, usage %, KL; seeds s0 / s1):"]
                 lines += ["", *ablation_pivot(lined, series_field)]
-                lines += ["", f"Best {x_field} per series (seed-mean loss; '(edge)': no measured value on one side):"]
+                lines += [
+                    "",
+                    f"Best {x_field} per series (seed-mean loss; '(edge)': no measured value on one side; "
+                    "'(one value)': nothing to compare it with):",
+                ]
                 lines += ["", *best_per_series(recs, x_field)]
             if paired := paired_table(lined):  # loss differences in nats, same seed = same data order
                 lines += ["", "Paired by seed against each series' first value (loss difference, nats):", "", *paired]
@@ -383,7 +387,8 @@ def ablation_table(recs: list[dict], x_field: str, series_field: str | None) -> 
 def best_per_series(recs: list[dict], x_field: str) -> list[str]:
     """A row per series, best first: the value of the ablated field with the lowest seed-mean loss,
     that loss, the series' values measured, and "(edge)" when the best is the smallest or largest of
-    them (the optimum is then not bracketed: lr-check's dense at its largest lr). Its own runs only
+    them (the optimum is then not bracketed: lr-check's dense at its largest lr), "(one value)" when
+    the series ran one value (lr-check's warm-up and tables series before their brackets). Its own runs only
     (no shared points): a series' best is what was run for it."""
     by_series: dict[str, dict] = {}
     for r in recs:
@@ -395,7 +400,8 @@ def best_per_series(recs: list[dict], x_field: str) -> list[str]:
         xs = sorted(cells, key=float)
         mean = {x: sum(v) / len(v) for x, v in cells.items()}
         best = min(xs, key=lambda x: mean[x])
-        edge = " (edge)" if len(xs) > 1 and best in (xs[0], xs[-1]) else ""
+        # one value run is not a best at all: say so rather than print it as an optimum
+        edge = " (one value)" if len(xs) == 1 else " (edge)" if best in (xs[0], xs[-1]) else ""
         seeds = max(len(v) for v in cells.values())
         rows.append((mean[best], [s, f"{best}{edge}", _fmt(mean[best]), ", ".join(map(str, xs)), str(seeds)]))
     header = ["series", f"best {x_field.split('.')[-1]}", "loss", "values run", "seeds (most)"]
