@@ -421,14 +421,20 @@ def test_lr_checks_are_their_isoflop_twins_but_for_the_lr(tmp_path, spec, twins)
     tables = tables if spec == "lr-check" else set()
     fifth = {"multi-peer"} if spec == "lr-check-1e16" else set()
     # 15 % warm-up at each family's best lr and one step either side, and at PEER's best tables setting
-    warm = {f"{f}-wu15" for f in grid} | {"peer-tables8e-3-wu15"} if spec == "lr-check" else set()
+    warm = {f"{f}-wu15" for f in grid} | {"peer-tables8e-3-wu15", "peer-balance-wu15"} if spec == "lr-check" else set()
     assert {r.family for r in runs} == grid | tables | fifth | warm
     for r in runs:
         # its twin: the isoflop run of its name less the lr, the tables' lr and the warm-up
         # (dense-s6-lr2e-3-1e16 -> dense-s6-1e16; peer-tables8e-3-wu15-s2-lr4e-3-1e15 -> peer-s2-1e15)
-        twin = iso[re.sub(r"-(lr|tables)\d+(\.\d+)?e-\d+|-wu15", "", r.name)]
+        twin = iso[re.sub(r"-(lr|tables)\d+(\.\d+)?e-\d+|-wu15|-balance", "", r.name)]
         assert twin.name.endswith(twins) or r.name.startswith("dense-s6-")  # s6: the d-512 check of P-lr-k
-        assert r.cfg.model == twin.cfg.model and r.cfg.data == twin.cfg.data and r.steps == twin.steps
+        model, steps = twin.cfg.model, twin.steps
+        if r.family == "peer-balance-wu15":  # the sub-key balance term, as issue 18's winner's: its
+            peer = dataclasses.replace(model.peer, balance_weight=0.01, balance_stride=8)
+            model = dataclasses.replace(model, peer=peer)
+            assert 0.95 * twin.steps < r.steps < twin.steps  # FLOPs are counted: a few % fewer steps
+            steps = r.steps
+        assert r.cfg.model == model and r.cfg.data == twin.cfg.data and r.steps == steps
         named_lr = re.match(r"\d+(\.\d+)?e-\d+", r.name.split("-lr")[1]).group(0)  # the lr the name spells
         assert twin.cfg.train.lr == 1e-3 and float(named_lr) == r.cfg.train.lr
         same = {"lr": 1e-3}  # what makes the run its twin
@@ -439,7 +445,7 @@ def test_lr_checks_are_their_isoflop_twins_but_for_the_lr(tmp_path, spec, twins)
             same["expert_lr"] = None
         if r.family in warm:  # 15 % of its steps where the twin has the study's 5 %
             assert r.cfg.train.warmup_steps == round(0.15 * r.steps)
-            assert twin.cfg.train.warmup_steps == round(0.05 * r.steps)
+            assert twin.cfg.train.warmup_steps == round(0.05 * twin.steps)
             same["warmup_steps"] = twin.cfg.train.warmup_steps
         assert dataclasses.replace(r.cfg.train, **same) == twin.cfg.train
 
