@@ -583,9 +583,7 @@ def test_info_toml_lists_every_field_and_loads_back(capsys, tmp_path):
         *sections, leaf = name.split(".")
         table = functools.reduce(lambda d, k: d[k], sections, parsed)
         assert leaf in table or f"\n# {leaf} = none" in text, name
-    with pytest.raises(SystemExit):
-        main(["info", "--toml", "--json"])
-    assert "not allowed with argument" in capsys.readouterr().err
+    assert "argument --json: not allowed with argument --toml" in _error(capsys, ["info", "--toml", "--json"])
 
 
 def test_an_int_field_takes_a_power_as_the_docs_write_n(capsys):
@@ -624,6 +622,29 @@ def test_bare_torchpeer_lists_the_commands(capsys):
     captured = capsys.readouterr()
     assert captured.err.startswith("usage: torchpeer") and all(c in captured.err for c in SUBCOMMANDS)
     assert "required" not in captured.err
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["generate", "run", "--max-new-tokens", "abc"], "torchpeer generate: argument --max-new-tokens: invalid int"),
+        (["generate", "run", "--prompt"], "torchpeer generate: argument --prompt: expected one argument"),
+        (["generate", "run", "--decode", "foo"], "torchpeer generate: argument --decode: invalid choice: 'foo'"),
+        (["eval", "run", "--max-batches", "1.5"], "torchpeer eval: argument --max-batches: invalid int value: '1.5'"),
+        (["train", "--run-dir"], "torchpeer train: argument --run-dir: expected one argument"),
+        (["eval"], "torchpeer eval needs CHECKPOINT: checkpoint folder, run folder or export-hf folder (examples"),
+        (["plot"], "torchpeer plot needs RUN_DIR: run folder(s) written by torchpeer train (examples"),
+        (["export-hf"], "torchpeer export-hf needs RUN_DIR: run folder (its newest intact checkpoint) or "),
+        (["--foo"], "torchpeer has no option --foo; give a command first: train, eval, generate"),
+    ],
+)
+def test_argparse_errors_are_one_line_naming_the_command(capsys, argv, expected):
+    """argparse's own errors (a bad type, an option without its value, a missing argument, a bad
+    choice) were its usage block and a second line, and `torchpeer --foo` said "the following
+    arguments are required: COMMAND"; now one error line that names the command and its --help."""
+    err = _error(capsys, argv)
+    assert err.startswith(f"error: {expected}"), err
+    assert "usage:" not in err and ("--help" in err or "(examples: " in err)
 
 
 @pytest.mark.parametrize(

@@ -18,13 +18,28 @@ import sys
 from torchpeer.cli.registry import COMMANDS
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's own errors (a value of the wrong type, an option without its value, a missing
+    argument, a bad choice) as the one-line ValueError that ``main`` prints, naming the command and
+    its --help, instead of the usage block and a second line ("invalid int value: 'abc'")."""
+
+    def error(self, message: str):
+        where = self.prog
+        if message.startswith("the following arguments are required: "):
+            names = message.split(": ", 1)[1].split(", ")
+            helps = {(a.metavar or a.dest): a.help for a in self._actions if not a.option_strings and a.help}
+            shown = "; ".join(f"{n.upper()}: {helps[n]}" if n in helps else n.upper() for n in names)
+            raise ValueError(f"{where} needs {shown} (examples: {where} --help)")
+        raise ValueError(f"{where}: {message} ({where} --help lists its options)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="torchpeer",
         description="PEER (Mixture of A Million Experts) language-model toolkit.",
     )
     parser.add_argument("--version", action="version", version=version_line(), help="versions of torchpeer and torch")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     parser.set_defaults(override_commands=[])  # the subcommands that take --section.field overrides
     for module in COMMANDS:
@@ -87,6 +102,8 @@ def check_command(parser: argparse.ArgumentParser, word: str) -> None:
     import difflib
 
     names = list(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices)
+    if word.startswith("-") and word.split("=", 1)[0] not in ("-h", "--help", "--version"):
+        raise ValueError(f"torchpeer has no option {word}; give a command first: {', '.join(names)} (torchpeer --help)")
     if word.startswith("-") or word in names:
         return
     close = [n for n in names if n.startswith(word)] or difflib.get_close_matches(word, names, n=1, cutoff=0.6)
