@@ -485,6 +485,32 @@ def test_resume_note_suggests_no_model_override(capsys, tmp_path):
     assert "e.g. --model" not in note
 
 
+def test_a_second_ctrl_c_says_what_is_left_to_resume(capsys, tmp_path, monkeypatch):
+    """A second Ctrl-C stops at once, without the current step's checkpoint (KeyboardInterrupt, not
+    TrainingInterrupted): it printed only "interrupted"; now it names the latest checkpoint and the
+    resume command, or says that the run folder holds none, exit 130."""
+    lm_train = importlib.import_module("torchpeer.lm.train")  # (torchpeer.lm.train is also the function)
+
+    (tmp_path / "t.txt").write_text("some text for a tiny run\n" * 40)
+    cfg = _toml(tmp_path, f'train = "{tmp_path}/t.txt"\nvalid = {{}}\ntokenizer = "byte"')
+    run, new = str(tmp_path / "run"), str(tmp_path / "new")
+    assert main(["train", cfg, "--run-dir", run, "--no-progress"]) == 0
+
+    def second_ctrl_c(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lm_train, "train", second_ctrl_c)
+    capsys.readouterr()
+    assert main(["train", cfg, "--run-dir", run, "--resume", "--train.max_steps", "4", "--no-progress"]) == 130
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("interrupted at once, without a checkpoint of the current step (a second Ctrl-C")
+    assert err[0].endswith(f"the latest checkpoint is {run}/checkpoints/step_00000002")
+    assert err[1] == f"resume with: torchpeer train {cfg} --run-dir {run} --resume --train.max_steps=4"
+    assert main(["train", cfg, "--run-dir", new, "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert err.endswith(f"; {new} holds no checkpoint: nothing to resume from (the same command starts the run anew)\n")
+
+
 def test_resume_note_neither_suggests_the_tokenizer_nor_compares_with_an_unnamed_config(capsys, tmp_path):
     """A resume refuses another tokenizer, so the note never gives --data.tokenizer as its example; and
     `torchpeer train --resume --run-dir X` names no config, so there is nothing to compare the run's

@@ -116,6 +116,19 @@ def session_note(start: int | None, steps: int) -> str:
     return f" (the whole run; {done} in this session)"
 
 
+def stopped_at_once(args, run_dir: str) -> str:
+    """What a second signal, which does not wait for the current step's checkpoint, leaves: the
+    latest checkpoint and the command that resumes from it, or that there is none."""
+    from torchpeer.lm.checkpoint import latest_checkpoint
+
+    head = "interrupted at once, without a checkpoint of the current step (a second Ctrl-C does not wait for it)"
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        anew = "start the run anew without --resume" if args.resume else "the same command starts the run anew"
+        return f"{head}; {run_dir} holds no checkpoint: nothing to resume from ({anew})"
+    return f"{head}; the latest checkpoint is {ckpt}\nresume with: {resume_command(args, run_dir)}"
+
+
 def _as_flag(value) -> str:
     """A config value as override text (the parser reads str as is, the rest as JSON)."""
     return shlex.quote(value) if isinstance(value, str) else json.dumps(value)
@@ -192,6 +205,10 @@ def run(args) -> int:
         else:
             print(f"{how}, before the first step: nothing to resume from", file=sys.stderr)
         return 128 + e.signum
+    except KeyboardInterrupt:  # a second Ctrl-C (or SIGTERM) stops at once: say what is left to resume
+        if rank0:
+            print(stopped_at_once(args, run_dir), file=sys.stderr)
+        return 130
     if not rank0:
         return 0
     print(
