@@ -20,8 +20,10 @@ class UsageTrackingMixin:
 
     usage_tracker: ExpertUsage | None = None
 
-    def enable_usage_tracking(self, enabled: bool = True) -> None:
-        self.usage_tracker = RoutingStats(self.n_experts) if enabled else None
+    def enable_usage_tracking(self, enabled: bool = True, full: bool = True) -> None:
+        """full: every routing statistic (RoutingStats, for evaluations); False: usage and KL only
+        (ExpertUsage: one index_add a forward, what the training-window curves use)."""
+        self.usage_tracker = (RoutingStats if full else ExpertUsage)(self.n_experts) if enabled else None
 
     def _track_routing(self, q: torch.Tensor | None, indices: torch.Tensor, gates: torch.Tensor) -> None:
         tracker = self.usage_tracker
@@ -61,11 +63,39 @@ def routing_report(model: nn.Module) -> dict[str, dict[str, float]]:
     return out
 
 
-def enable_usage_tracking(model: nn.Module, enabled: bool = True) -> int:
-    """Enable (or disable) tracking on every routed module of ``model``; returns how many."""
+def enable_usage_tracking(model: nn.Module, enabled: bool = True, full: bool = True) -> int:
+    """Enable (or disable) tracking on every routed module of ``model``; returns how many.
+    full=False: usage and KL only (see ``UsageTrackingMixin.enable_usage_tracking``)."""
     n = 0
     for mod in model.modules():
         if isinstance(mod, UsageTrackingMixin):
-            mod.enable_usage_tracking(enabled)
+            mod.enable_usage_tracking(enabled, full)
             n += 1
     return n
+
+
+def save_trackers(model: nn.Module) -> dict[nn.Module, ExpertUsage | None]:
+    """The routed modules' trackers as they are now, for ``restore_trackers`` (an evaluation in the
+    middle of training tracks with its own and must not end the training window's)."""
+    return {mod: mod.usage_tracker for mod in model.modules() if isinstance(mod, UsageTrackingMixin)}
+
+
+def restore_trackers(saved: dict[nn.Module, ExpertUsage | None]) -> None:
+    for mod, tracker in saved.items():
+        mod.usage_tracker = tracker
+
+
+def window_usage(model: nn.Module, plan=None) -> dict[str, dict[str, float]]:
+    """Usage % and KL of each tracked router over what it saw since the last call (a training log
+    window, ``train.track_usage``), summed over ranks by ``plan.reduce_usage_`` when given; then every
+    tracker starts a new window. Routers that saw no token in the window are left out."""
+    if plan is not None:
+        plan.reduce_usage_(model)
+    out = {}
+    for name, mod in model.named_modules():
+        tracker = getattr(mod, "usage_tracker", None)
+        if isinstance(tracker, ExpertUsage):
+            if tracker.scores is not None:
+                out[name or "."] = ExpertUsage.summary(tracker)
+            tracker.reset()
+    return out

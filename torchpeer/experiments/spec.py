@@ -108,7 +108,7 @@ def resolve_spec_path(name_or_path: str) -> str:
     shipped = os.path.join(SPEC_DIR, f"{name_or_path}.toml")
     if os.sep not in name_or_path and os.path.isfile(shipped):
         return shipped
-    from torchpeer.lm.config import closest
+    from torchpeer.lm.config_names import closest
 
     close = closest(os.path.basename(os.path.normpath(name_or_path)).removesuffix(".toml"), list_specs())
     raise FileNotFoundError(
@@ -280,7 +280,7 @@ def _seed_variants(table: dict[str, Any], variants: list[Variant], spec: SweepSp
     for name, entry in table.items():
         what = f"[seeds] {name}"
         if name not in by_name:
-            from torchpeer.lm.config import closest
+            from torchpeer.lm.config_names import closest
 
             close = closest(name, list(by_name))
             raise ValueError(

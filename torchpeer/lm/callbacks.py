@@ -23,8 +23,8 @@ class Callback:
 
     def on_step_end(self, trainer, step: int, metrics: dict) -> None:
         """After optimizer step ``step``. metrics always has "step", "tokens" and "lr"; on log
-        steps (every train.log_interval) also "loss", "grad_norm", "tok_per_s", "time", "flops"
-        (the record written to metrics.jsonl)."""
+        steps (every train.log_interval) also "loss", "grad_norm", "tok_per_s", "time", "flops",
+        and with train.track_usage "routing" (the record written to metrics.jsonl)."""
 
     def on_eval(self, trainer, step: int, results: dict) -> None:
         """After an evaluation: results = {set name: evaluate() dict}."""

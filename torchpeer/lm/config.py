@@ -25,6 +25,7 @@ from typing import Any, Union
 from torchpeer.data import DataConfig
 from torchpeer.layers import DenseConfig, MoEConfig, PEERConfig, PKMConfig  # noqa: F401  (registers the kinds)
 from torchpeer.layers.registry import ffw_kinds, get_ffw
+from torchpeer.lm.config_names import closest
 from torchpeer.optim.fused_tables import FUSED_EXPERT_OPTIMIZERS
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -147,6 +148,10 @@ class TrainConfig:
         state); "elementwise_adam_bf16" that with bf16 tables (26). CPU proxy: element-wise matched AdamW.
     dtype: "bf16" autocasts on CUDA; CPU always runs float32.
     eval_batches: batches per eval set at each evaluation (None = the whole split).
+    track_usage: also log each routed layer's expert usage % and KL over the training tokens of each
+        log window (log_interval steps; a metrics line's "routing"), so a router's collapse shows when
+        it happens, not only at the end; costs one index_add per routed layer a forward. A window's
+        usage depends on its tokens: compare it only between runs of the same tokens per window.
     checkpoint: write checkpoints (every ckpt_interval steps, at the end and when interrupted);
         False for throwaway runs whose checkpoints would be large (a 1M-expert PEER model's are GBs).
     loss_chunk_tokens: 0 (default) = the training loss from the whole (tokens, vocab) logits; N > 0 =
@@ -178,6 +183,7 @@ class TrainConfig:
     dtype: str = "bf16"
     compile: bool = False
     log_interval: int = 10
+    track_usage: bool = False
     eval_interval: int = 200
     eval_batches: int | None = 50
     eval_batch_size: int | None = None
@@ -344,67 +350,6 @@ def from_dict(cls, d: dict[str, Any], prefix: str = ""):
         else:
             kwargs[name] = coerce(value, tp, prefix + name)
     return cls(**kwargs)
-
-
-# Other libraries' names for fields that are spelt too differently here for the closest-name match
-# (``learning_rate`` is not like ``lr``; ``steps`` is nearer ``eps`` than ``max_steps`` by letters):
-# name -> the fields' last parts it may mean, in order; one in the same section is preferred
-OTHER_NAMES = {
-    "learning_rate": "lr",
-    "steps": "max_steps",
-    "num_steps": "max_steps",
-    "train_steps": "max_steps",
-    "total_steps": "max_steps",
-    "tokens": "max_tokens",
-    "hidden_size": "d_model",
-    "n_embd": "d_model",
-    "dim": "d_model",
-    "block_size": "seq_len",
-    "max_seq_len": "seq_len",
-    "context_length": "seq_len",
-    "micro_batch_size": "batch_size",
-    "gradient_accumulation_steps": "grad_accum",
-    "clip_grad_norm": "grad_clip",
-    "max_grad_norm": "grad_clip",
-    "warmup": "warmup_steps",
-    # letters alone gave a wrong field: checkpoint_every -> checkpoint (the on/off switch), save_steps
-    # and eval_steps -> max_steps, save_interval -> eval_interval, eval_iters (nanoGPT's eval batches)
-    # -> eval_interval; and nothing for log_every, logging_steps, wd, precision
-    "checkpoint_every": "ckpt_interval",
-    "save_every": "ckpt_interval",
-    "save_interval": "ckpt_interval",
-    "save_steps": "ckpt_interval",
-    "eval_steps": "eval_interval",
-    "eval_iters": "eval_batches",
-    "log_every": "log_interval",
-    "logging_steps": "log_interval",
-    "wd": "weight_decay",
-    "precision": "dtype",
-    "bf16": "dtype",
-    "amp": "dtype",
-    "key_dim": "d_key",  # not key_init
-    "num_attention_heads": "n_heads",
-    "intermediate_size": "d_hidden",
-    "ffn_dim": "d_hidden",
-    "num_experts": "n_experts",
-    "num_heads": "n_heads heads",
-    "n_heads": "heads",
-    "topk": "top_k",
-    "k": "top_k",
-}
-
-
-def closest(name: str, candidates) -> str | None:
-    """The candidate most like ``name`` (a misspelt key: ``max_step`` -> ``max_steps``; another
-    library's name: ``learning_rate`` -> ``lr``), or None."""
-    import difflib
-
-    candidates = list(candidates)
-    for meant in OTHER_NAMES.get(name, "").split():
-        if meant in candidates:
-            return meant
-    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return match[0] if match else None
 
 
 def coerce(value: Any, tp, key: str) -> Any:

@@ -52,7 +52,7 @@ def resolve_config_path(name_or_path: str) -> str:
     shipped = os.path.join(CONFIG_DIR, f"{stem}.toml")
     if (stem != base or os.sep not in name_or_path) and os.path.isfile(shipped):
         return shipped
-    from torchpeer.lm.config import closest
+    from torchpeer.lm.config_names import closest
 
     if not name_or_path.endswith(".toml") and os.path.isfile(name_or_path + ".toml"):
         close = name_or_path + ".toml"  # 'bad' with ./bad.toml here: the file, not a shipped config
@@ -224,7 +224,7 @@ def _closest_field(key: str, names: list[str], prefer: str = "") -> str | None:
     first among equals; or None."""
     import difflib
 
-    from torchpeer.lm.config import OTHER_NAMES, closest
+    from torchpeer.lm.config_names import OTHER_NAMES, closest
 
     leaf = key.rsplit(".", 1)[-1]
     meant = OTHER_NAMES.get(leaf, "").split()  # another library's name: only the fields it means

@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from torchpeer.diagnostics import restore_trackers, save_trackers
 from torchpeer.layers.expert_pool import pool_usage_report
 from torchpeer.usage import enable_usage_tracking, routing_report, usage_report
 
@@ -56,6 +57,7 @@ def evaluate(
     device = torch.device(device)
     was_training = model.training
     model.eval()
+    saved = save_trackers(model)  # a training window's (train.track_usage): back when this ends
     tracked = enable_usage_tracking(model, True)
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # total nats, number of targets
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
@@ -78,7 +80,7 @@ def evaluate(
         routing.update((name, dict(u)) for name, u in pools.items())
     finally:
         bar.close()
-        enable_usage_tracking(model, False)
+        restore_trackers(saved)
         model.train(was_training)
     nats, n_targets = sums[0].item(), int(sums[1].item())
     all_targets = len(token_file.tokens) - 1

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from torchpeer.data.atomic import write_json_atomic
+from torchpeer.diagnostics import enable_usage_tracking, window_usage
 from torchpeer.layers.registry import sum_aux_losses
 from torchpeer.lm import checkpoint as ckpt_io
 from torchpeer.lm import resume as resume_io
@@ -350,8 +351,8 @@ class Trainer:
                 say(line)
             self.callbacks.on_train_start(self)
         self._t_start = t_log = time.time()
-        # steps timed since t_log: a resume restores the loss window's steps (_n_loss), not their time
-        timed = 0
+        timed = 0  # steps timed since t_log: a resume restores the loss window's steps (_n_loss), not their time
+        enable_usage_tracking(self.model, t.track_usage, full=False)  # each log window's usage and KL (config.py)
         self.model.train()
         self.in_loop = True
         while self.step < self.total_steps and self.stop_reason is None:
@@ -367,6 +368,8 @@ class Trainer:
                 tok_s = timed * self.tokens_per_step / max(now - t_log, 1e-9)
                 metrics.update(flops=metrics["tokens"] * self.cost.train_flops, loss=train_loss)
                 metrics.update(grad_norm=out["grad_norm"].item(), tok_per_s=round(tok_s, 1))
+                if t.track_usage:
+                    metrics["routing"] = window_usage(self.model, self.plan)
                 metrics["time"] = round(self.elapsed + now - self._t_start, 2)  # training seconds (resumes included)
                 if rank0:
                     self.log.write(metrics)

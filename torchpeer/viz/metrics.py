@@ -3,7 +3,8 @@
 The trainer appends one JSON object per event (torchpeer/lm: the trainer's metrics log):
 
     {"step": 0, "event": "start", "tokens_per_step": ..., "parent"?: {"step", "tokens", "time"}, ...}
-    {"step": s, "tokens": ..., "loss": ..., "lr": ..., "grad_norm": ..., "tok_per_s": ..., "time": ...}
+    {"step": s, "tokens": ..., "loss": ..., "lr": ..., "grad_norm": ..., "tok_per_s": ..., "time": ...,
+     "routing"?: {LAYER: {"usage_pct", "kl"}}}   (train.track_usage: the log window's training tokens)
     {"step": s, "eval": {SET: {"loss", "ppl", "bpb", "usage": {LAYER: {"usage_pct", "kl"}}}}, "final"?: true}
 
 Lines cut by a kill are skipped; when a step appears twice (a resumed run's repeated record), the
@@ -39,7 +40,8 @@ class RunMetrics:
     """Everything ``torchpeer plot`` draws for one run.
 
     train: key (TRAIN_KEYS) -> Series; evals: eval set -> key (EVAL_KEYS) -> Series;
-    routing: (eval set, layer) -> {"usage_pct": Series, "kl": Series}; offset: {"step", "tokens",
+    routing: (eval set, or "train" for train.track_usage's windows, layer) -> {"usage_pct": Series,
+    "kl": Series}; offset: {"step", "tokens",
     "time"} of the parent run at which this one started (zeros for a run from scratch).
     """
 
@@ -164,6 +166,7 @@ def read_metrics(run_dir: str, name: str | None = None) -> RunMetrics:
             for key in TRAIN_KEYS:
                 if key in rec:
                     _put(run.train.setdefault(key, Series()), step, rec[key])
+            _put_routing(run, "train", rec.get("routing"), step, False)  # train.track_usage's windows
         results = rec.get("eval")
         if isinstance(results, dict):
             final = bool(rec.get("final"))
@@ -174,12 +177,17 @@ def read_metrics(run_dir: str, name: str | None = None) -> RunMetrics:
                 for key in EVAL_KEYS:
                     if key in r:
                         _put(curves.setdefault(key, Series()), step, r[key], final)
-                for layer, u in (r.get("usage") or {}).items():
-                    if isinstance(u, dict):
-                        layer_curves = run.routing.setdefault((set_name, layer), {})
-                        for key in ("usage_pct", "kl"):
-                            if key in u:
-                                _put(layer_curves.setdefault(key, Series()), step, u[key], final)
+                _put_routing(run, set_name, r.get("usage"), step, final)
     if not run.train and not run.evals:
         raise ValueError(f"{path} has no training or evaluation records yet (wait for the first log step)")
     return run
+
+
+def _put_routing(run: RunMetrics, set_name: str, usage, step: int, final: bool) -> None:
+    """{layer: {"usage_pct", "kl"}} of one record into run.routing[(set_name, layer)]."""
+    for layer, u in (usage if isinstance(usage, dict) else {}).items():
+        if isinstance(u, dict):
+            layer_curves = run.routing.setdefault((set_name, layer), {})
+            for key in ("usage_pct", "kl"):
+                if key in u:
+                    _put(layer_curves.setdefault(key, Series()), step, u[key], final)

@@ -86,8 +86,8 @@ def plot_runs(runs: list[RunMetrics], x: str = "step", title: str | None = None)
         "lr": "learning rate",
         "tok_per_s": "training tokens / s",
         "grad_norm": "gradient norm (before clipping)",
-        "usage": "expert usage % (eval)",
-        "kl": "KL(usage || uniform) (eval)",
+        "usage": "expert usage % (eval; train: each log window)",
+        "kl": "KL(usage || uniform) (eval; train: each log window)",
     }
     drawn = {k: False for k in panels}
     palette = plt.get_cmap("tab10").colors
