@@ -437,7 +437,7 @@ def test_lr_checks_are_their_isoflop_twins_but_for_the_lr(tmp_path, spec, twins)
         assert r.cfg.model == model and r.cfg.data == twin.cfg.data and r.steps == steps
         named_lr = re.match(r"\d+(\.\d+)?e-\d+", r.name.split("-lr")[1]).group(0)  # the lr the name spells
         assert twin.cfg.train.lr == 1e-3 and float(named_lr) == r.cfg.train.lr
-        same = {"lr": 1e-3}  # what makes the run its twin
+        same = {"lr": 1e-3, "track_usage": False}  # what makes the run its twin (the newest runs log usage)
         if r.family in tables:  # PEER's tables at their own lr beside a base lr of 4e-3
             named_tables = re.fullmatch(r"peer-tables(\d+e-\d+)(-wu15)?", r.family).group(1)
             assert float(named_tables) == r.cfg.train.expert_lr and r.cfg.train.lr == 4e-3
@@ -528,7 +528,7 @@ def test_a_variants_warmup_frac_scales_with_its_own_steps_and_reaches_its_seed_r
 def test_isoflop_lrw_is_the_isoflop_study_but_for_width_scaled_lrs_and_its_warm_up(tmp_path):
     """Every isoflop-lrw run has the isoflop run of its name as twin (model, data, steps, seed and
     every train field the same) but for its lrs, the family's lr at d_model 128 times
-    (128 / d_model) ** 0.5, and its warm-up: 15 % of its steps where the twin has 5 %."""
+    (128 / d_model) ** 0.5, its warm-up: 15 % of its steps where the twin has 5 %, and train.track_usage."""
     iso = {r.name: r for r in plan_sweep(load_spec("isoflop"), str(tmp_path / "iso"))}
     runs = plan_sweep(load_spec("isoflop-lrw"), str(tmp_path / "lrw"))
     at_128 = {"dense": 8e-3, "pkm": 8e-3, "peer": 8e-3, "moe": 8e-3, "moe-ec": 8e-3, "multi-peer": 4e-3}
@@ -542,5 +542,7 @@ def test_isoflop_lrw_is_the_isoflop_study_but_for_width_scaled_lrs_and_its_warm_
             assert r.cfg.train.expert_lr == pytest.approx(3 * r.cfg.train.lr, rel=1e-5)
         here, there = r.cfg.train, twin.cfg.train
         assert here.warmup_steps == round(0.15 * r.steps) and there.warmup_steps == round(0.05 * r.steps)
+        assert here.track_usage and not there.track_usage  # each log window's usage % / KL, logged
         same = {"lr": there.lr, "expert_lr": there.expert_lr, "warmup_steps": there.warmup_steps}
+        same["track_usage"] = False
         assert dataclasses.replace(here, **same) == there
