@@ -21,10 +21,15 @@ SPEC = {"dense": 8e-3, "peer": 8e-3, "pkm": 8e-3, "moe": 8e-3}  # isoflop-lrw's 
 
 
 def brackets(
-    best: dict[str, float] | None = None, tables: float | None = 3.50, drop: str | None = None, chosen: dict = CHOSEN
+    best: dict[str, float] | None = None,
+    tables: float | None = 3.50,
+    drop: str | None = None,
+    chosen: dict = CHOSEN,
+    margin: float = 0.05,
 ) -> list:
-    """lr-check's -wu15 records: each family at its chosen lr and x 0.5, x 2; the loss is lowest at
-    ``best[family]`` (default: the chosen lr), and PEER's tables run at loss ``tables``."""
+    """lr-check's -wu15 records: each family at its chosen lr and x 0.5, x 2; the loss is lowest (3.45)
+    at ``best[family]`` (default: the chosen lr), ``margin`` higher elsewhere, and PEER's tables run at
+    loss ``tables``."""
     best = {**chosen, **(best or {})}
     out = []
     for fam, lr in chosen.items():
@@ -32,7 +37,7 @@ def brackets(
             name = f"{fam}-wu15-s2-lr{x:g}"
             if name == drop:
                 continue
-            loss = 3.45 + (0.0 if x == best[fam] else 0.05)
+            loss = 3.45 + (0.0 if x == best[fam] else margin)
             out.append(rec(name, family=f"{fam}-wu15", seed=0, overrides={"train.lr": str(x)}, valid=valid(loss)))
     if tables is not None:
         over = {"train.lr": "0.004", "train.expert_lr": "0.008"}
@@ -75,3 +80,16 @@ def test_the_spec_lrs_and_the_command_line(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[-1] == "isoflop-lrw's family lrs stand: run it"
     assert lr_check_gate.main([str(tmp_path / "nowhere")]) == 2
     assert "no results in" in capsys.readouterr().err
+
+
+def test_a_win_below_the_tolerance_moves_nothing():
+    """A neighbour (or PEER's tables setting) better by less than 0.02 nats, a third of the seed range,
+    leaves the chosen lr standing: one seed cannot tell them apart."""
+    status, lines = lr_check_gate.gate(brackets(best={"dense": 8e-3}, margin=0.015, tables=3.44), CHOSEN)
+    assert (
+        status == 0
+        and "dense: 0.002: 3.4650  0.004: 3.4650  0.008: 3.4500  best 0.008  (stands: 0.004 within 0.02 of it)" in lines
+    )
+    assert any("3.4400 against 3.4500  (loses)" in line for line in lines)  # 0.01 better: below the tolerance
+    status, _ = lr_check_gate.gate(brackets(best={"dense": 8e-3}, margin=0.015), CHOSEN, tol=0.01)
+    assert status == 1
