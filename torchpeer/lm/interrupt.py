@@ -11,6 +11,7 @@ named for the resume command, which evaluates again).
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -41,6 +42,14 @@ class StopOnSignals:
 
             raise TrainingInterrupted(signum, self.trainer.step, latest_checkpoint(self.trainer.run_dir))
         self.trainer.signal_received = signum
+        plan = getattr(self.trainer, "plan", None)
+        if plan is None or plan.is_rank0:  # say so now: a large checkpoint takes seconds, and silence
+            # invites the second Ctrl-C that loses it. os.write, not print: the handler may run in the
+            # middle of a print to stderr (the progress bar), and a buffered stream refuses re-entry
+            msg = (
+                f"{signal.Signals(signum).name}: stopping after this step with a checkpoint; a second one stops at once"
+            )
+            os.write(2, f"\n{msg}, without it\n".encode())
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
