@@ -47,6 +47,7 @@ from torchpeer.experiments.results import (
     seed_of,
     short_count,
 )
+from torchpeer.experiments.usage_history import usage_section
 
 # write_report's max_epochs default: each sweep's rule is the one its results lines recorded.
 RECORDED = "recorded"
@@ -142,6 +143,7 @@ def write_report(
         if png:
             written[f"curves-{name}"] = png
             lines += ["", "### Training curves", "", _img(png, out_dir)]
+        lines += usage_section(recs, runs_dir, os.path.join(out_dir, f"usage-{name}.png"))  # train.track_usage
         during = evals_during_training(recs, runs_dir)
         if during:
             lines += ["", "### Evaluations during training (ranking eval set)", "", *during_table(during)]
