@@ -421,12 +421,16 @@ def test_lr_checks_are_their_isoflop_twins_but_for_the_lr(tmp_path, spec, twins)
     tables = tables if spec == "lr-check" else set()
     fifth = {"multi-peer"} if spec == "lr-check-1e16" else set()
     # 15 % warm-up at each family's best lr and one step either side, and at PEER's best tables setting
-    warm = {f"{f}-wu15" for f in grid} | {"peer-tables8e-3-wu15", "peer-balance-wu15"} if spec == "lr-check" else set()
+    warm = (
+        {f"{f}-wu15" for f in grid} | {"peer-tables8e-3-wu15", "peer-balance-wu15", "peer-slowkeys-wu15"}
+        if spec == "lr-check"
+        else set()
+    )
     assert {r.family for r in runs} == grid | tables | fifth | warm
     for r in runs:
         # its twin: the isoflop run of its name less the lr, the tables' lr and the warm-up
         # (dense-s6-lr2e-3-1e16 -> dense-s6-1e16; peer-tables8e-3-wu15-s2-lr4e-3-1e15 -> peer-s2-1e15)
-        twin = iso[re.sub(r"-(lr|tables)\d+(\.\d+)?e-\d+|-wu15|-balance", "", r.name)]
+        twin = iso[re.sub(r"-(lr|tables)\d+(\.\d+)?e-\d+|-wu15|-balance|-slowkeys", "", r.name)]
         assert twin.name.endswith(twins) or r.name.startswith("dense-s6-")  # s6: the d-512 check of P-lr-k
         model, steps = twin.cfg.model, twin.steps
         if r.family == "peer-balance-wu15":  # the sub-key balance term, as issue 18's winner's: its
@@ -434,6 +438,8 @@ def test_lr_checks_are_their_isoflop_twins_but_for_the_lr(tmp_path, spec, twins)
             model = dataclasses.replace(model, peer=peer)
             assert 0.95 * twin.steps < r.steps < twin.steps  # FLOPs are counted: a few % fewer steps
             steps = r.steps
+        if r.family == "peer-slowkeys-wu15":  # the sub-keys at a quarter of the lr
+            model = dataclasses.replace(model, peer=dataclasses.replace(model.peer, key_lr_scale=0.25))
         assert r.cfg.model == model and r.cfg.data == twin.cfg.data and r.steps == steps
         named_lr = re.match(r"\d+(\.\d+)?e-\d+", r.name.split("-lr")[1]).group(0)  # the lr the name spells
         assert twin.cfg.train.lr == 1e-3 and float(named_lr) == r.cfg.train.lr
