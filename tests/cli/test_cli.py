@@ -759,7 +759,13 @@ def test_a_saved_run_serves_as_config(capsys, tmp_path, monkeypatch):
         assert main(["info", source, "--toml", "--train.max_steps", "7"]) == 0
         toml = capsys.readouterr().out
         assert "d_model = 24" in toml and "max_steps = 7" in toml  # the run's value, and the override
-    assert _error(capsys, ["train", "run"]) == (
+    assert _error(capsys, ["train", "run"]) == (  # finished: --resume alone would only say so
+        "error: run is a run folder whose run has finished (at step 2, train.max_steps = 2): --resume alone has "
+        "nothing to do; to train it further, raise train.max_steps (or train.max_tokens / train.max_flops) with "
+        "--resume, e.g. torchpeer train run --resume --train.max_steps 4; to start a new run with its config, "
+        "add --run-dir NEW_FOLDER\n"
+    )
+    assert _error(capsys, ["train", "run", "--train.max_steps", "3"]) == (
         "error: run is a run folder: to continue its run, torchpeer train run --resume; "
         "to start a new run with its config, add --run-dir NEW_FOLDER\n"
     )

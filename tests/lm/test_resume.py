@@ -204,6 +204,33 @@ def test_resuming_a_finished_run_redoes_nothing_and_names_how_to_train_on(traine
     assert [r["step"] for r in records(copy) if r.get("final")] == [120]
 
 
+def test_a_new_run_on_a_finished_run_names_the_budget_to_raise(trained, tmp_path, capsys):
+    """Training again (no --resume) on a finished run's folder said "pass --resume to continue that run",
+    and --resume then only said it had finished: the error says it finished, and what to raise with
+    --resume; an unfinished run (the config's budget ends later) keeps "pass --resume"."""
+    root, cfg, run = trained
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run, copy)
+    before = _tree_digest(copy)
+    finished = (
+        f"error: {copy} holds a run that has finished (at step 60, train.max_steps = 60): --resume alone has "
+        "nothing to do; to train it further, raise train.max_steps (or train.max_tokens / train.max_flops) with "
+        f"--resume, e.g. torchpeer train {copy} --resume --train.max_steps 120; to start a new run, choose "
+        "another --run-dir\n"
+    )
+    assert main(["train", cfg, "--run-dir", copy, "--no-progress"]) == 2
+    assert capsys.readouterr().err == finished
+    assert main(["train", copy, "--no-progress"]) == 2  # the run folder as the config: test_cli.py
+    assert "run has finished (at step 60, train.max_steps = 60)" in capsys.readouterr().err
+    assert main(["train", cfg, "--run-dir", copy, "--train.max_steps", "100"]) == 2  # not finished at 100
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {copy} already holds checkpoints (latest: step_00000060); pass --resume to continue that run, "
+        "or choose another --run-dir\n"
+    )
+    assert _tree_digest(copy) == before
+
+
 def test_resume_from_a_checkpoint_written_by_the_old_code(tmp_path):
     """A checkpoint of the pre-relayout trainer (commit 9253f8b) resumes: weights, optimizer moments,
     sampler and RNG states give the losses the old code logged for the next steps, bit for bit."""

@@ -136,7 +136,7 @@ def _as_flag(value) -> str:
 
 def run(args) -> int:
     from torchpeer.cli.common import _is_exported, config_with_overrides
-    from torchpeer.lm.checkpoint import checkpoint_step
+    from torchpeer.lm.checkpoint import checkpoint_step, latest_checkpoint
     from torchpeer.lm.config_io import DEFAULT_CONFIG
     from torchpeer.lm.rundir import check_new_run_folder, check_run_folder
     from torchpeer.lm.train import TrainingInterrupted, train
@@ -158,6 +158,14 @@ def run(args) -> int:
         if is_run and args.resume:
             run_dir = config_arg  # `torchpeer train runs/x --resume` continues runs/x
         else:
+            from torchpeer.lm.finished import finished_hint
+
+            latest = latest_checkpoint(config_arg) if is_run else None
+            if latest is not None and (done := finished_hint(config_arg, latest, cfg)):  # --resume alone: nothing
+                raise ValueError(
+                    f"{config_arg} is a run folder whose run {done}; to start a new run with its config, "
+                    "add --run-dir NEW_FOLDER"
+                )
             what, cont = "a run folder", f"torchpeer train {shlex.quote(config_arg)} --resume"
             if not is_run:
                 run = os.path.dirname(os.path.dirname(os.path.normpath(config_arg))) or "."

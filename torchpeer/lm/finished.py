@@ -39,8 +39,8 @@ def recorded_finish(run_dir: str, ckpt: str | None, cfg: RunConfig) -> tuple[dic
     return (summary, step, total, setting) if step == total else None
 
 
-def finished_message(run_dir: str, step: int, total: int, setting: str, cfg: RunConfig) -> str:
-    """One line: the run had already finished (nothing was redone), and the command that trains it further."""
+def _train_further(run_dir: str, step: int, setting: str, cfg: RunConfig) -> tuple[str, str]:
+    """(the budget field that ended the run, a command that resumes it with that budget doubled)."""
     flag = setting.split(" = ")[0]
     t = cfg.train
     if flag == "train.max_steps":
@@ -48,11 +48,55 @@ def finished_message(run_dir: str, step: int, total: int, setting: str, cfg: Run
     else:
         value = t.max_tokens if flag == "train.max_tokens" else t.max_flops
         more = f"{2 * value:.3g}".replace("e+0", "e").replace("e+", "e")
-    again = shlex.join(["torchpeer", "train", run_dir, "--resume", f"--{flag}", more])
+    return flag, shlex.join(["torchpeer", "train", run_dir, "--resume", f"--{flag}", more])
+
+
+def finished_hint(run_dir: str, latest: str, cfg: RunConfig) -> str | None:
+    """When the run in ``run_dir`` (newest checkpoint ``latest``) had finished under ``cfg``: "has
+    finished (at step N, ...): ..." naming the budget to raise with --resume (--resume alone would
+    only report that it finished); else None."""
+    found = recorded_finish(run_dir, latest, cfg)
+    if found is None or not _intact(latest):  # damaged: --resume continues from an older one, or says none is intact
+        return None
+    _, step, _, setting = found
+    flag, again = _train_further(run_dir, step, setting, cfg)
+    others = " / ".join(f for f in ("train.max_steps", "train.max_tokens", "train.max_flops") if f != flag)
+    return (
+        f"has finished (at step {step}, {setting}): --resume alone has nothing to do; to train it further, "
+        f"raise {flag} (or {others}) with --resume, e.g. {again}"
+    )
+
+
+def existing_run_error(run_dir: str, latest: str, cfg: RunConfig) -> ValueError:
+    """The error of a new run (no --resume) in ``run_dir``, which holds checkpoints (newest: ``latest``):
+    "pass --resume" for an unfinished run, the budget to raise with --resume for a finished one."""
+    done = finished_hint(run_dir, latest, cfg)
+    if done is None:
+        return ValueError(
+            f"{run_dir} already holds checkpoints (latest: {os.path.basename(latest)}); pass --resume "
+            "to continue that run, or choose another --run-dir"
+        )
+    return ValueError(f"{run_dir} holds a run that {done}; to start a new run, choose another --run-dir")
+
+
+def finished_message(run_dir: str, step: int, total: int, setting: str, cfg: RunConfig) -> str:
+    """One line: the run had already finished (nothing was redone), and the command that trains it further."""
+    flag, again = _train_further(run_dir, step, setting, cfg)
     return (
         f"{run_dir} had already finished at step {step}/{total} ({setting}) and its final evaluation is recorded "
         f"in summary.json: nothing was trained or evaluated again; to train further, raise {flag}, e.g. {again}"
     )
+
+
+def _intact(ckpt: str) -> bool:
+    """Whether checkpoint ``ckpt`` verifies (its checksums)."""
+    from torchpeer.lm.integrity import CheckpointDamaged, verify_checkpoint
+
+    try:
+        verify_checkpoint(ckpt)
+    except CheckpointDamaged:
+        return False
+    return True
 
 
 def _read_json(path: str):

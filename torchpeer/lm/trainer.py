@@ -133,11 +133,10 @@ class Trainer:
         self.removed_partials = remove_stale_partials(self.run_dir) if self.plan.is_rank0 else []
         self.notes, self.config_changes = [], []
         latest = ckpt_io.latest_checkpoint(self.run_dir)
-        if latest is not None and not self.resume:
-            raise ValueError(
-                f"{self.run_dir} already holds checkpoints (latest: {os.path.basename(latest)}); pass --resume "
-                "to continue that run, or choose another --run-dir"
-            )
+        if latest is not None and not self.resume:  # a finished run: --resume alone has nothing to do
+            from torchpeer.lm.finished import existing_run_error
+
+            raise existing_run_error(self.run_dir, latest, self.cfg)
         self.ckpt, self.notes = resume_io.resume_checkpoint(self.run_dir, move_damaged=self.plan.is_rank0)
         if self.ckpt is not None:
             saved = ckpt_io.read_checkpoint_config(self.ckpt)
