@@ -51,7 +51,10 @@ def test_a_checkpoint_without_trainer_pt_is_named_damaged_not_missing(tmp_path, 
     why = "step_00000004: trainer.pt is missing; step_00000002: trainer.pt is missing"
     assert capsys.readouterr().err == f"error: no intact checkpoint in {run}: {why}\n"
     assert main(["train", "--resume", "--run-dir", run]) == 2
-    assert capsys.readouterr().err == f"error: cannot resume {run}: no intact checkpoint ({why}); nothing was changed\n"
+    assert capsys.readouterr().err == (
+        f"error: cannot resume {run}: no intact checkpoint ({why}); nothing was changed: to start the run anew, "
+        f"give another --run-dir, or move this folder aside (mv {run} {run}.damaged) and train into {run} again\n"
+    )
     assert main(["train", "--run-dir", run, "--train.max_steps", "2"]) == 2  # not a new run over them
     assert "already holds checkpoints (latest: step_00000004); pass --resume" in capsys.readouterr().err
     assert sorted(os.listdir(ckpts)) == ["step_00000002", "step_00000004"]

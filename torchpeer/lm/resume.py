@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 
 from torchpeer.data.atomic import write_json_atomic
 from torchpeer.lm.checkpoint import (
@@ -35,7 +36,11 @@ DAMAGED_SUFFIX = ".damaged"
 
 def _no_intact_checkpoint(run_dir: str, damaged) -> ValueError:
     why = "; ".join(f"{os.path.basename(e.folder)}: {e.reason}" for e in damaged)
-    return ValueError(f"cannot resume {run_dir}: no intact checkpoint ({why}); nothing was changed")
+    aside = shlex.join(["mv", run_dir, os.path.normpath(run_dir) + ".damaged"])
+    return ValueError(
+        f"cannot resume {run_dir}: no intact checkpoint ({why}); nothing was changed: to start the run anew, "
+        f"give another --run-dir, or move this folder aside ({aside}) and train into {run_dir} again"
+    )
 
 
 def resume_checkpoint(run_dir: str, move_damaged: bool = True) -> tuple[str | None, list[str]]:
