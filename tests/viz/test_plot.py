@@ -174,6 +174,21 @@ def test_missing_matplotlib_says_how_to_install(runs, tmp_path):
     assert not out.exists()
 
 
+def test_without_matplotlib_a_wrong_folder_is_said_first(tmp_path, capsys, monkeypatch):
+    """`torchpeer plot runs/nothere` without matplotlib said to install matplotlib, and after that that
+    the folder does not exist: the paths are read first, matplotlib is imported after them."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    status, _, err = plot_cli([str(tmp_path / "nothere")], capsys)
+    assert status == 2 and err == f"error: run dir {tmp_path / 'nothere'} does not exist\n"
+    status, _, err = plot_cli([str(tmp_path)], capsys)
+    assert status == 2 and "has no metrics.jsonl" in err and "pip install" not in err
+    record = {"step": 10, "tokens": 1000, "loss": 5.0, "lr": 1e-3}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    status, _, err = plot_cli([str(tmp_path)], capsys)  # the run is fine: now matplotlib is what is missing
+    assert status == 2 and err.count("\n") == 1 and "pip install matplotlib" in err
+    assert not os.path.exists(tmp_path / "metrics.png")
+
+
 def test_a_folder_of_runs_names_them_and_the_report(tmp_path, capsys):
     """`torchpeer plot SWEEP_DIR` (runs below it, each with metrics.jsonl): one line naming the runs
     to give, and `torchpeer report` when it is a sweep's folder; not 'has no metrics.jsonl'."""

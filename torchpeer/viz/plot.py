@@ -161,11 +161,11 @@ def save_plot(run_dirs: list[str], out: str, x: str = "step", names: list[str] |
     fmt = out.rsplit(".", 1)[-1].lower() if "." in out else ""
     if fmt not in FORMATS:
         raise ValueError(f"--out {out!r}: give a file name ending in .png (or .svg, .pdf)")
-    import_pyplot()  # a missing matplotlib is reported before anything is read
     if names is not None and len(names) != len(run_dirs):
         raise ValueError(f"give one name per run ({len(run_dirs)} runs, {len(names)} names)")
     runs = [read_metrics(d, names[i] if names else None) for i, d in enumerate(run_dirs)]
     _unique_names(runs)
+    import_pyplot()  # a missing matplotlib is reported after the paths: a wrong folder is fixed first
     data = figure_bytes(plot_runs(runs, x=x), fmt)
     with atomic_open(out, "wb") as fh:
         fh.write(data)
