@@ -60,6 +60,28 @@ def test_a_checkpoint_without_trainer_pt_is_named_damaged_not_missing(tmp_path, 
     assert sorted(os.listdir(ckpts)) == ["step_00000002", "step_00000004"]
 
 
+def test_a_runs_checkpoints_folder_names_the_run_and_its_newest_checkpoint(tmp_path, capsys, monkeypatch):
+    """`torchpeer eval runs/x/checkpoints` said "neither a checkpoint folder nor a run folder": it names
+    the run folder and the newest step_* folder to give instead."""
+    from torchpeer.cli import main
+
+    cfg = RunConfig()
+    cfg.model, cfg.train.max_steps = tiny("peer"), 4
+    model = TransformerLM(cfg.model)
+    for step in (2, 4):
+        save_checkpoint(str(tmp_path / "run"), step, model, {}, cfg)
+    monkeypatch.chdir(tmp_path)
+    given, newest = os.path.join("run", "checkpoints"), os.path.join("run", "checkpoints", "step_00000004")
+    assert main(["eval", given]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {given!r} is the checkpoints folder of the run folder 'run', not one checkpoint: give the "
+        f"run folder (its newest intact checkpoint is used) or one checkpoint, e.g. the newest, {newest!r}\n"
+    )
+    monkeypatch.chdir(tmp_path / "run")
+    assert main(["eval", "checkpoints"]) == 2
+    assert "of the run folder '.', not one checkpoint" in capsys.readouterr().err
+
+
 def test_pruning_keeps_a_checkpoint_stripped_by_hand(tmp_path):
     """Only checkpoints as written are pruned (keep the newest K); one whose trainer.pt was removed by
     hand, to keep its weights, stays as it was before checksums.json made it visible."""

@@ -119,6 +119,12 @@ def resolve_checkpoint(path: str, say=_stderr) -> str:
         for e in damaged:
             say(f"{e}; using {os.path.basename(found)}, the newest intact one")
         return found
+    run_dir = os.path.dirname(os.path.normpath(path)) or "."
+    if os.path.basename(os.path.normpath(path)) == "checkpoints" and (ckpts := list_checkpoints(run_dir)):
+        raise FileNotFoundError(
+            f"{path!r} is the checkpoints folder of the run folder {run_dir!r}, not one checkpoint: give the run "
+            f"folder (its newest intact checkpoint is used) or one checkpoint, e.g. the newest, {ckpts[-1]!r}"
+        )
     if os.path.isdir(path):
         runs = runs_below(path)
         if runs:
