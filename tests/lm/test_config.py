@@ -76,6 +76,26 @@ def test_a_misspelt_field_names_the_closest_one(tmp_path, capsys, where, wrong, 
     assert "did you mean" not in _error_of(lambda: load_config("ptb-tiny", ["--zzz.qqq", "1"]))
 
 
+def test_a_bare_top_level_field_names_its_table(tmp_path, capsys):
+    """`d_model = 64` above [model] suggested "did you mean 'model'?": the error names the table(s) that
+    have a field of that name and the line to move under it; a table [peer] at the top names [model.peer]."""
+    from torchpeer.cli import main
+
+    toml = "d_model = 64\nn_experts = 4\ntie_embeddings = false\nmax_stepz = 5\n[peer]\ntop_k = 8\n[train]\nlr = 1e-3\n"
+    (tmp_path / "c.toml").write_text(toml)
+    assert main(["info", str(tmp_path / "c.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "error: unknown config key(s) ['d_model', 'max_stepz', 'n_experts', 'peer', 'tie_embeddings'] in the top "
+        "level; 'd_model' is a field of [model]: move the line d_model = 64 under [model]; 'n_experts' is a field "
+        "of [model.peer] and [model.moe]: move the line n_experts = 4 under the one meant; 'peer' is a section of "
+        "[model]: name its table [model.peer]; 'tie_embeddings' is a field of [model]: move the line "
+        "tie_embeddings = false under [model] (valid keys: name, model, train, data)\n"
+    )
+    assert "did you mean 'model'" not in err  # a misspelt name that no table has gets no hint
+    assert "did you mean" in _error_of(lambda: from_dict(TrainConfig, {"max_step": 5}, "train."))
+
+
 def _error_of(fn) -> str:
     with pytest.raises((ValueError, TypeError)) as e:
         fn()

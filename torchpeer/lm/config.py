@@ -25,7 +25,7 @@ from typing import Any, Union
 from torchpeer.data import DataConfig
 from torchpeer.layers import DenseConfig, MoEConfig, PEERConfig, PKMConfig  # noqa: F401  (registers the kinds)
 from torchpeer.layers.registry import ffw_kinds, get_ffw
-from torchpeer.lm.config_names import closest
+from torchpeer.lm.config_names import closest, misplaced_hint
 from torchpeer.optim.fused_tables import FUSED_EXPERT_OPTIMIZERS
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -338,7 +338,10 @@ def from_dict(cls, d: dict[str, Any], prefix: str = ""):
     unknown = sorted(set(d) - set(names))
     if unknown:
         where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
-        hint = "; ".join(f"{k!r}: did you mean {m!r}?" for k in unknown if (m := closest(str(k), names)))
+        hints = [misplaced_hint(cls, str(k), d[k]) if not prefix else None for k in unknown]  # d_model = 64 at the top
+        hint = "; ".join(
+            h or f"{k!r}: did you mean {m!r}?" for k, h in zip(unknown, hints) if h or (m := closest(str(k), names))
+        )
         raise ValueError(
             f"unknown config key(s) {unknown} in {where}{'; ' + hint if hint else ''} (valid keys: {', '.join(names)})"
         )

@@ -2,6 +2,8 @@
 
 ``closest(name, candidates)``: the candidate most like ``name``, after ``OTHER_NAMES`` (other
 libraries' names for fields, which letters alone would match wrongly or not at all).
+``misplaced_hint(cls, key, value)``: where a bare top-level ``key`` belongs (``d_model = 64`` above
+``[model]``), for the unknown-key error.
 """
 
 from __future__ import annotations
@@ -65,3 +67,40 @@ def closest(name: str, candidates) -> str | None:
             return meant
     match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
     return match[0] if match else None
+
+
+def _tables(cls, prefix: str = "") -> dict[str, set[str]]:
+    """{table: its field names} of every table under dataclass ``cls`` ("model", "model.peer", "train", ...)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(tp := hints[f.name]):
+            out[prefix + f.name] = {g.name for g in dataclasses.fields(tp)}
+            out.update(_tables(tp, f"{prefix}{f.name}."))
+    return out
+
+
+def misplaced_hint(cls, key: str, value) -> str | None:
+    """For a key at the top level of a ``cls`` (RunConfig) dict that is a field of one of its tables:
+    "'d_model' is a field of [model]: move the line d_model = 64 under [model]" ("name its table
+    [model.peer]" for a table [peer]); several tables are all named; None when no table has the field."""
+    import json
+
+    tables = _tables(cls)
+    if isinstance(value, dict):  # [peer] at the top: a section of [model]
+        parents = [t for t in tables if f"{t}.{key}" in tables]
+        names = " or ".join(f"[{t}.{key}]" for t in parents)
+        return (
+            f"{key!r} is a section of {' and '.join(f'[{t}]' for t in parents)}: name its table {names}"
+            if parents
+            else None
+        )
+    owners = [t for t, fields in tables.items() if key in fields]
+    if not owners:
+        return None
+    text = ("true" if value else "false") if isinstance(value, bool) else json.dumps(value)
+    where = f"[{owners[0]}]" if len(owners) == 1 else "the one meant"
+    return f"{key!r} is a field of {' and '.join(f'[{t}]' for t in owners)}: move the line {key} = {text} under {where}"
