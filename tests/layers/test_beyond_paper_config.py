@@ -99,6 +99,7 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
             assert faster.model == decay.model and faster.train.lr == lr and faster.train.expert_lr == 3e-3
             assert dataclasses.replace(faster.train, lr=1e-3) == decay.train
         # the warm-up controls: 15 % of the steps (their warmup_frac; the rest 2 %), nothing else moved
+        # but the winner's logging of each window's usage (train.track_usage)
         assert dense.cfg.train.warmup_steps == 37 and dense.steps == 1832
         twins = {"wu15-dense": "dense", "wu15-dense-lr2e-3": "dense-lr2e-3", "wu15-dense-lr4e-3": "dense-lr4e-3"}
         twins["wu15-tuned"] = "balance-values-lr-decay"  # the winner's design
@@ -106,7 +107,8 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
             control, twin = designs[name], designs[twin_name]
             assert control.cfg.train.warmup_steps == 275 and control.tokens == twin.tokens
             assert control.cfg.model == twin.cfg.model
-            assert dataclasses.replace(control.cfg.train, warmup_steps=37) == twin.cfg.train
+            assert control.cfg.train.track_usage == (name == "wu15-tuned")  # the winner's pair logs window usage
+            assert dataclasses.replace(control.cfg.train, warmup_steps=37, track_usage=False) == twin.cfg.train
         paper = designs["paper"].cfg.model
         assert paper.sparse_blocks() == [4] and not paper.peer.shared_pool and paper.peer.n_experts == 1024**2
 
