@@ -96,6 +96,25 @@ def test_a_bare_top_level_field_names_its_table(tmp_path, capsys):
     assert "did you mean" in _error_of(lambda: from_dict(TrainConfig, {"max_step": 5}, "train."))
 
 
+def test_a_field_in_another_table_names_the_table_it_belongs_to(tmp_path, capsys):
+    """`lr = 3e-3` under [model] names [train], not a close-sounding [model] field; a key of no table
+    keeps the closest-name hint."""
+    from torchpeer.cli import main
+
+    (tmp_path / "c.toml").write_text("[model]\nlr = 3e-3\nd_key = 64\nd_modle = 64\n[train]\nmax_steps = 5\n")
+    assert main(["info", str(tmp_path / "c.toml")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: unknown config key(s) ['d_key', 'd_modle', 'lr'] in [model]; ") and err.count("\n") == 1
+    )
+    assert (
+        "'d_key' is a field of [model.peer] and [model.pkm], not [model]: move the line d_key = 64 under the one meant"
+        in err
+    )
+    assert "'lr' is a field of [train], not [model]: move the line lr = 0.003 under [train]" in err
+    assert "'d_modle': did you mean 'd_model'?" in err
+
+
 def _error_of(fn) -> str:
     with pytest.raises((ValueError, TypeError)) as e:
         fn()

@@ -324,8 +324,9 @@ def check_field_types(obj, prefix: str) -> None:
 # ----------------------------------------------------------------------------- dict -> dataclass
 
 
-def from_dict(cls, d: dict[str, Any], prefix: str = ""):
-    """Build dataclass ``cls`` from a nested dict (not validated); unknown keys are a ValueError."""
+def from_dict(cls, d: dict[str, Any], prefix: str = "", root=None):
+    """Build dataclass ``cls`` from a nested dict (not validated); unknown keys are a ValueError
+    (naming the table a key belongs to when it is a field of another table of ``root``, the top class)."""
     if cls is DataConfig:
         try:
             return DataConfig.from_dict(d)
@@ -338,7 +339,8 @@ def from_dict(cls, d: dict[str, Any], prefix: str = ""):
     unknown = sorted(set(d) - set(names))
     if unknown:
         where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
-        hints = [misplaced_hint(cls, str(k), d[k]) if not prefix else None for k in unknown]  # d_model = 64 at the top
+        here = prefix.rstrip(".") or None  # d_model = 64 at the top, or lr = 3e-3 under [model]
+        hints = [misplaced_hint(root or cls, str(k), d[k], here) for k in unknown]
         hint = "; ".join(
             h or f"{k!r}: did you mean {m!r}?" for k, h in zip(unknown, hints) if h or (m := closest(str(k), names))
         )
@@ -349,7 +351,7 @@ def from_dict(cls, d: dict[str, Any], prefix: str = ""):
     for name, value in d.items():
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(tp, value, f"{prefix}{name}.")
+            kwargs[name] = from_dict(tp, value, f"{prefix}{name}.", root or cls)
         else:
             kwargs[name] = coerce(value, tp, prefix + name)
     return cls(**kwargs)

@@ -83,13 +83,19 @@ def _tables(cls, prefix: str = "") -> dict[str, set[str]]:
     return out
 
 
-def misplaced_hint(cls, key: str, value) -> str | None:
+def misplaced_hint(cls, key: str, value, here: str | None = None) -> str | None:
     """For a key at the top level of a ``cls`` (RunConfig) dict that is a field of one of its tables:
     "'d_model' is a field of [model]: move the line d_model = 64 under [model]" ("name its table
-    [model.peer]" for a table [peer]); several tables are all named; None when no table has the field."""
+    [model.peer]" for a table [peer]); several tables are all named; None when no table has the field.
+    here: the table the key was found in instead ("model" for ``lr = 3e-3`` under [model]): "'lr' is a
+    field of [train], not [model]: move the line ..."; the other tables only."""
     import json
 
     tables = _tables(cls)
+    if here is not None:
+        if isinstance(value, dict):
+            return None
+        tables = {t: fields for t, fields in tables.items() if t != here}
     if isinstance(value, dict):  # [peer] at the top: a section of [model]
         parents = [t for t in tables if f"{t}.{key}" in tables]
         names = " or ".join(f"[{t}.{key}]" for t in parents)
@@ -103,4 +109,6 @@ def misplaced_hint(cls, key: str, value) -> str | None:
         return None
     text = ("true" if value else "false") if isinstance(value, bool) else json.dumps(value)
     where = f"[{owners[0]}]" if len(owners) == 1 else "the one meant"
-    return f"{key!r} is a field of {' and '.join(f'[{t}]' for t in owners)}: move the line {key} = {text} under {where}"
+    not_here = f", not [{here}]" if here is not None else ""
+    tables_named = " and ".join(f"[{t}]" for t in owners)
+    return f"{key!r} is a field of {tables_named}{not_here}: move the line {key} = {text} under {where}"
