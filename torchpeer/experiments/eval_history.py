@@ -17,7 +17,7 @@ def evals_during_training(recs: list[dict], runs_dir: str) -> list[dict]:
     in the runs' metrics.jsonl on their ranking eval set, for the runs evaluated more than once (a
     spec's ``train.eval_interval``); [] when none was (the runs table already holds the final values).
     usage_pct and kl: the mean over the routed layers; epochs: tokens over the run's train split."""
-    from torchpeer.viz.metrics import read_metrics
+    from torchpeer.viz.metrics import read_metrics_if_logged
 
     def by_step(series) -> dict:
         return dict(zip(series.steps, series.values)) if series else {}
@@ -28,9 +28,7 @@ def evals_during_training(recs: list[dict], runs_dir: str) -> list[dict]:
 
     rows = []
     for r in recs:
-        try:
-            m = read_metrics(os.path.join(runs_dir, r["run"]))
-        except (FileNotFoundError, NotADirectoryError, ValueError):
+        if (m := read_metrics_if_logged(os.path.join(runs_dir, r["run"]))) is None:
             continue
         curves = m.evals.get(r.get("eval_set"), {})
         if len(getattr(curves.get("loss"), "steps", [])) < 2:
@@ -101,15 +99,13 @@ def train_valid_gaps(recs: list[dict], runs_dir: str, tail: float = 0.1) -> list
     was seen before; a design whose training loss falls further than its valid loss stores seen
     text (the expert tables can) rather than learning what transfers. Runs without logged losses or
     without a valid loss are left out."""
-    from torchpeer.viz.metrics import read_metrics
+    from torchpeer.viz.metrics import read_metrics_if_logged
 
     rows = []
     for r in recs:
         valid = primary_loss(r)
-        try:
-            losses = read_metrics(os.path.join(runs_dir, r["run"])).train.get("loss")
-        except (FileNotFoundError, NotADirectoryError, ValueError):
-            continue
+        m = read_metrics_if_logged(os.path.join(runs_dir, r["run"]))
+        losses = m.train.get("loss") if m is not None else None
         if valid is None or not losses or not losses.steps:
             continue
         last = losses.steps[-1]

@@ -206,11 +206,9 @@ def mean_by_x(points: list[tuple[float, float]]) -> tuple[list[float], list[floa
 def read_curve(run_dir: str) -> tuple[list[float], list[float]]:
     """(tokens, train loss) of the log records in RUN_DIR/metrics.jsonl, parsed by
     ``torchpeer.viz.metrics.read_metrics`` (cut lines skipped; empty lists when there is no log yet)."""
-    from torchpeer.viz.metrics import read_metrics
+    from torchpeer.viz.metrics import read_metrics_if_logged
 
-    try:
-        run = read_metrics(run_dir)
-    except (FileNotFoundError, NotADirectoryError, ValueError):
+    if (run := read_metrics_if_logged(run_dir)) is None:
         return [], []
     tokens, losses = run.train.get("tokens"), run.train.get("loss")
     if tokens is None or losses is None:

@@ -20,13 +20,11 @@ FRACTIONS = (0.05, 0.15, 0.25, 0.5, 1.0)  # of a run's steps: the isoflop protoc
 def usage_during_training(recs: list[dict], runs_dir: str) -> list[dict]:
     """One dict per run that logged window usage: run, variant, family, budget (the report's panel
     key), steps, tokens, usage, kl (lists, one entry per window, the mean over routed layers)."""
-    from torchpeer.viz.metrics import read_metrics
+    from torchpeer.viz.metrics import read_metrics_if_logged
 
     out = []
     for r in recs:
-        try:
-            m = read_metrics(os.path.join(runs_dir, r["run"]))
-        except (FileNotFoundError, NotADirectoryError, ValueError):
+        if (m := read_metrics_if_logged(os.path.join(runs_dir, r["run"]))) is None:
             continue
         layers = [c for (set_name, _), c in m.routing.items() if set_name == "train" and c.get("usage_pct")]
         if not layers:

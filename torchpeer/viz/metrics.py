@@ -183,6 +183,15 @@ def read_metrics(run_dir: str, name: str | None = None) -> RunMetrics:
     return run
 
 
+def read_metrics_if_logged(run_dir: str) -> RunMetrics | None:
+    """``read_metrics(run_dir)``, or None when the run has no log to read (no folder, not a folder, no
+    metrics.jsonl or no record yet): what a sweep report does for each run, which may not have logged."""
+    try:
+        return read_metrics(run_dir)
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
+
+
 def _put_routing(run: RunMetrics, set_name: str, usage, step: int, final: bool) -> None:
     """{layer: {"usage_pct", "kl"}} of one record into run.routing[(set_name, layer)]."""
     for layer, u in (usage if isinstance(usage, dict) else {}).items():
