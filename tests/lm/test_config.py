@@ -112,7 +112,15 @@ def test_a_field_in_another_table_names_the_table_it_belongs_to(tmp_path, capsys
         in err
     )
     assert "'lr' is a field of [train], not [model]: move the line lr = 0.003 under [train]" in err
-    assert "'d_modle': did you mean 'd_model'?" in err
+    assert "'d_modle': did you mean 'd_model'?" in err and "(valid keys:" in err
+    # every key only misplaced: the hints say where each goes, and [model]'s own key list would mislead
+    (tmp_path / "c.toml").write_text("[model]\nlr = 3e-3\n[train]\nmax_steps = 5\n")
+    assert main(["info", str(tmp_path / "c.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "error: unknown config key(s) ['lr'] in [model]; 'lr' is a field of [train], not [model]: "
+        "move the line lr = 0.003 under [train]\n"
+    )
 
 
 def _error_of(fn) -> str:

@@ -344,9 +344,9 @@ def from_dict(cls, d: dict[str, Any], prefix: str = "", root=None):
         hint = "; ".join(
             h or f"{k!r}: did you mean {m!r}?" for k, h in zip(unknown, hints) if h or (m := closest(str(k), names))
         )
-        raise ValueError(
-            f"unknown config key(s) {unknown} in {where}{'; ' + hint if hint else ''} (valid keys: {', '.join(names)})"
-        )
+        # every key placed in the wrong table: the hint says where each goes, so no list of this table's keys
+        valid = "" if all(hints) else f" (valid keys: {', '.join(names)})"
+        raise ValueError(f"unknown config key(s) {unknown} in {where}{'; ' + hint if hint else ''}{valid}")
     kwargs = {}
     for name, value in d.items():
         tp = hints[name]
