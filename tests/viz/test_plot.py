@@ -120,6 +120,23 @@ def test_a_damaged_metrics_line_in_the_middle_is_said_a_cut_last_line_is_not(tmp
     assert capsys.readouterr().err == ""
 
 
+def test_a_reports_repeated_reads_of_one_log_parse_it_once_until_it_changes(tmp_path, capsys):
+    """The report's sections each read every run's log; the parse is shared while the file stands (a
+    damaged line is said once), and a line that lands is read."""
+    from torchpeer.viz.metrics import read_metrics_if_logged
+
+    good = [json.dumps({"step": s, "tokens": 100 * s, "loss": 5.0 - s / 100, "lr": 1e-3}) for s in (10, 20)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(good[0] + "\n" + '{"step": 15, "lo\n' + good[1] + "\n")
+    first = read_metrics_if_logged(str(tmp_path))
+    assert first.train["loss"].steps == [10, 20] and read_metrics_if_logged(str(tmp_path) + "/") is first
+    assert capsys.readouterr().err.count("a damaged file") == 1
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": 30, "tokens": 3000, "loss": 4.5, "lr": 1e-3}) + "\n")
+    assert read_metrics_if_logged(str(tmp_path)).train["loss"].steps == [10, 20, 30]
+    assert read_metrics_if_logged(str(tmp_path / "nothing")) is None
+
+
 def test_metrics_parsing_skips_cut_lines_and_keeps_the_last_repeat(tmp_path):
     usage = {"blocks.1.ffw": {"usage_pct": 40, "kl": 2}}
     lines = [

@@ -15,6 +15,7 @@ last record wins. A run that continued another one's weights (``torchpeer train 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -185,11 +186,22 @@ def read_metrics(run_dir: str, name: str | None = None) -> RunMetrics:
 
 def read_metrics_if_logged(run_dir: str) -> RunMetrics | None:
     """``read_metrics(run_dir)``, or None when the run has no log to read (no folder, not a folder, no
-    metrics.jsonl or no record yet): what a sweep report does for each run, which may not have logged."""
+    metrics.jsonl or no record yet): what a sweep report does for each run, which may not have logged.
+
+    One report reads each run's log in several sections (curves, evaluations, gap, usage), so the parse
+    is kept while the file's size and mtime stay the same: read-only callers share one RunMetrics."""
     try:
-        return read_metrics(run_dir)
+        path = os.path.abspath(metrics_path(run_dir))
+        st = os.stat(path)
+        return _read_unchanged(path, st.st_mtime_ns, st.st_size)
     except (FileNotFoundError, NotADirectoryError, ValueError):
         return None
+
+
+@functools.lru_cache(maxsize=256)
+def _read_unchanged(path: str, mtime_ns: int, size: int) -> RunMetrics:
+    """read_metrics of the file PATH as it stood at (mtime_ns, size): the key changes when a line lands."""
+    return read_metrics(path)
 
 
 def _put_routing(run: RunMetrics, set_name: str, usage, step: int, final: bool) -> None:
