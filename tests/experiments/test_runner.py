@@ -226,3 +226,32 @@ def test_a_field_added_after_the_run_counts_as_its_default(tmp_path, fake_train)
     raw = {**SPEC, "base": {**SPEC["base"], "train.beta1": 0.8}}
     with pytest.raises(ValueError, match=r"train.beta1: was None, now 0.8"):
         run_sweep(parse_spec(raw), runs_dir, only="*-1e10", progress=False, say=lambda s: None)
+
+
+def test_a_changed_config_is_refused_for_interrupted_runs_and_by_the_dry_run(tmp_path, fake_train):
+    """A run with checkpoints (interrupted) or a results line, whose spec then changed: the dry run
+    names the change instead of planning the run as partial or done, and the sweep refuses it before
+    anything trains (not the trainer's resume error, halfway through, with `torchpeer train` advice)."""
+    spec = parse_spec(SPEC)
+    runs_dir = str(tmp_path)
+    run_sweep(spec, runs_dir, only="d_model=16-ffw=dense-1e10", progress=False, say=lambda s: None)
+    partial = plan_sweep(spec, runs_dir)[1]  # interrupted at step 2: its config and a checkpoint
+    os.makedirs(os.path.join(partial.run_dir, "checkpoints", "step_00000002"))
+    open(os.path.join(partial.run_dir, "checkpoints", "step_00000002", "trainer.pt"), "wb").close()
+    json.dump(partial.cfg.to_dict(), open(os.path.join(partial.run_dir, "config.json"), "w"))
+    changed = parse_spec({**SPEC, "base": {**SPEC["base"], "model.n_layers": 3}})
+    for only in ("d_model=16-ffw=dense-1e10", partial.name):
+        for dry_run in (True, False):
+            with pytest.raises(ValueError, match=rf"run {only} .* another config \(model.n_layers: was 2, now 3\)"):
+                run_sweep(changed, runs_dir, only=only, dry_run=dry_run, progress=False, say=lambda s: None)
+    with pytest.raises(ValueError) as e:  # a field of [base] changes every run: one error names them all
+        run_sweep(changed, runs_dir, only="*-1e10", dry_run=True, say=lambda s: None)
+    assert str(e.value).startswith(
+        f"2 runs in {runs_dir} were trained with another config (model.n_layers: was 2, now 3): "
+        "d_model=16-ffw=dense-1e10, d_model=16-ffw=peer-1e10; give the changed spec a new --runs-dir"
+    )
+    assert len(fake_train.calls) == 1  # the partial run was not resumed
+    out = []
+    run_sweep(spec, runs_dir, dry_run=True, say=out.append)  # the spec as it was: both runs as they are
+    rows = {line.split()[0]: line for line in out[0].splitlines() if "-ffw=" in line}
+    assert rows[partial.name].rstrip().endswith("partial")

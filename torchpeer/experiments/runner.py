@@ -80,6 +80,10 @@ def run_sweep(
         raise ValueError(f"--assume-tokens-per-s must be > 0, got {assume_tokens_per_s}")
     runs = select_runs(plan_sweep(spec, runs_dir), only)
     done = {r["run"]: r for r in read_results(runs_dir)}
+    # A run (partly) trained with another config than the spec now gives is refused before anything
+    # trains, by the dry run too (its plan would call the run done or partial, and resuming one with
+    # another model fails in the trainer with advice for `torchpeer train`).
+    check_unchanged([run for run in runs if run.name in done or _has_trained(run)], runs_dir)
     if dry_run:
         say(format_plan(spec, runs, list(done.values()), assume_tokens_per_s))
         say(build_check_report([r for r in runs if r.name not in done]))
@@ -89,12 +93,10 @@ def run_sweep(
     for i, run in enumerate(runs, 1):
         head = f"[{i}/{len(runs)}] {run.name}"
         if run.name in done:
-            check_unchanged(run)
             say(f"{head}: done, skipped")
             continue
         summary_path = os.path.join(run.run_dir, "summary.json")
         if os.path.exists(summary_path):
-            check_unchanged(run)
             with open(summary_path, encoding="utf-8") as fh:
                 rec = make_run_record(run, json.load(fh), spec)
             append_result(runs_dir, rec)
@@ -181,11 +183,33 @@ def train_run(run: PlannedRun, spec: SweepSpec, progress: bool = True) -> dict:
     return make_run_record(run, summary, spec, wall_seconds=time.time() - t0)
 
 
-def check_unchanged(run: PlannedRun) -> None:
-    """ValueError when the run folder was trained with another config than the spec now gives."""
+def check_unchanged(runs: list[PlannedRun], runs_dir: str) -> None:
+    """One ValueError naming every run whose folder was trained with another config than the spec
+    now gives (a field changed in [base] changes them all: one error, not one per deleted folder)."""
+    changed = [(run, diffs) for run in runs if (diffs := config_changes(run))]
+    if not changed:
+        return
+    run, diffs = changed[0]
+    if len(changed) == 1:
+        raise ValueError(
+            f"run {run.name} in {run.run_dir} was trained with another config ({'; '.join(diffs)}); "
+            "delete that folder (and its line in results.jsonl) to retrain it, or rename the variant"
+        )
+    names = ", ".join(r.name for r, _ in changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+    same = all(d == diffs for _, d in changed)
+    raise ValueError(
+        f"{len(changed)} runs in {runs_dir} were trained with another config ({'; '.join(diffs)}"
+        f"{'' if same else f' in {run.name}; other fields in others'}): {names}; give the changed spec a new "
+        "--runs-dir, or delete those folders (and their lines in results.jsonl) to retrain them"
+    )
+
+
+def config_changes(run: PlannedRun) -> list[str]:
+    """The fields (``"train.lr: was 0.002, now 0.5"``) in which the config saved in ``run``'s folder
+    differs from the spec's; [] when none differ or the folder has no config."""
     path = os.path.join(run.run_dir, "config.json")
     if not os.path.exists(path):
-        return
+        return []
     with open(path, encoding="utf-8") as fh:
         saved = json.load(fh)
     # only the config sections: the trainer adds records of its own (e.g. the resolved kernel backends)
@@ -196,18 +220,19 @@ def check_unchanged(run: PlannedRun) -> None:
     from torchpeer.lm import RunConfig
 
     defaults = _flat({k: v for k, v in RunConfig().to_dict().items() if k in ("model", "train", "data")})
-    diffs = [
+    return [
         f"{k}: was {saved.get(k)!r}, now {now.get(k)!r}"
         for k in sorted(set(saved) | set(now))
         if saved.get(k) != now.get(k)
         and not k.startswith(_NON_RESULT_FIELDS)
         and not (k not in saved and k in defaults and now.get(k) == defaults[k])
     ]
-    if diffs:
-        raise ValueError(
-            f"run {run.name} in {run.run_dir} was trained with another config ({'; '.join(diffs)}); "
-            "delete that folder (and its line in results.jsonl) to retrain it, or rename the variant"
-        )
+
+
+def _has_trained(run: PlannedRun) -> bool:
+    """Whether ``run``'s folder holds training of it: a summary (finished) or checkpoints (interrupted,
+    to resume). A folder with neither is trained from scratch, whatever config it saved."""
+    return os.path.exists(os.path.join(run.run_dir, "summary.json")) or bool(list_checkpoints(run.run_dir))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
