@@ -255,3 +255,33 @@ def test_a_changed_config_is_refused_for_interrupted_runs_and_by_the_dry_run(tmp
     run_sweep(spec, runs_dir, dry_run=True, say=out.append)  # the spec as it was: both runs as they are
     rows = {line.split()[0]: line for line in out[0].splitlines() if "-ffw=" in line}
     assert rows[partial.name].rstrip().endswith("partial")
+
+
+def test_recorded_runs_take_the_labels_of_an_edited_spec(tmp_path, fake_train):
+    """A spec edited after its runs trained in what the report reads from the results lines (kind,
+    the ablation axis, the data rule): the next sweep retrains nothing and rewrites those lines in
+    place, saying so, so that the report follows the spec (it used to keep the old kind silently)."""
+    runs_dir = str(tmp_path)
+    run_sweep(
+        parse_spec({**SPEC, "sweep": {**SPEC["sweep"], "max_epochs": 4}}), runs_dir, only="*-1e10", say=lambda s: None
+    )
+    before = read_results(runs_dir)
+    edited = {**SPEC, "sweep": {**SPEC["sweep"], "kind": "ablation", "x": "model.d_model", "series": "model.ffw"}}
+    msgs = []
+    run_sweep(parse_spec(edited), runs_dir, only="*-1e10", progress=False, say=msgs.append)
+    assert len(fake_train.calls) == 4
+    assert msgs[0] == (
+        "[1/4] d_model=16-ffw=dense-1e10: done, skipped; its results line takes the spec's kind, max_epochs, "
+        "series, series_field, x, x_field"
+    )
+    after = read_results(runs_dir)
+    assert [r["run"] for r in after] == [r["run"] for r in before]  # in place, order kept
+    assert [(r["kind"], r["x_field"], r["x"], r["series"]) for r in after[:2]] == [
+        ("ablation", "model.d_model", 16, "dense"),
+        ("ablation", "model.d_model", 16, "peer"),
+    ]
+    assert all("max_epochs" not in r for r in after)  # the rule was taken out of the spec
+    assert [r["valid"] for r in after] == [r["valid"] for r in before]  # what training measured is kept
+    msgs.clear()
+    run_sweep(parse_spec(edited), runs_dir, only="*-1e10", progress=False, say=msgs.append)
+    assert sum(m.endswith("done, skipped") for m in msgs) == 4  # nothing more to relabel

@@ -91,9 +91,7 @@ def make_record(run, summary: dict[str, Any], sweep, wall_seconds: float | None 
     record = {
         "run": run.name,
         "sweep": sweep.name,
-        "kind": sweep.kind,
         "variant": run.variant,
-        "family": run.family,
         "seed": run.cfg.train.seed,
         "ffw": model.ffw,
         "budget_flops": run.budget_flops,
@@ -108,7 +106,6 @@ def make_record(run, summary: dict[str, Any], sweep, wall_seconds: float | None 
         "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
         "wall_seconds": round(wall_seconds, 2) if wall_seconds is not None else None,
         "memory": summary.get("memory"),  # the step's memory estimate beside the GPU's peak (calibration)
-        "eval_set": sweep.eval_set or next(iter(run.cfg.data.valid), None),
         "valid": {name: _eval_entry(r) for name, r in (summary.get("valid") or {}).items()},
         "overrides": run.overrides,
         "model": {
@@ -119,10 +116,7 @@ def make_record(run, summary: dict[str, Any], sweep, wall_seconds: float | None 
             "placement": model.placement,
             model.ffw: _section(model, model.ffw),
         },
-        "x_field": sweep.x,
-        "x": run.x,
-        "series_field": sweep.series,
-        "series": run.series,
+        **spec_labels(run, sweep),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "code": code_version(),
     }
@@ -157,14 +151,49 @@ def code_version() -> dict[str, Any]:
 
 
 def make_run_record(run, summary: dict[str, Any], sweep, wall_seconds: float | None = None) -> dict[str, Any]:
-    """The results line of a finished run: ``make_record`` plus its epoch fields, and the spec's
+    """The results line of a finished run: ``make_record`` plus its epoch fields."""
+    rec = make_record(run, summary, sweep, wall_seconds=wall_seconds)
+    return {**rec, **epoch_fields(run, tokens=rec["tokens"])}
+
+
+def spec_labels(run, sweep) -> dict[str, Any]:
+    """The fields of a results line that the spec gives and training does not: which report sections
+    a run is in and where (kind, family, ranking eval set, ablation axis and series), and the spec's
     data rule ``max_epochs`` when it has one (so that the report knows the rule without the spec;
     lines of a spec without a rule stay as they were)."""
-    rec = make_record(run, summary, sweep, wall_seconds=wall_seconds)
-    rec = {**rec, **epoch_fields(run, tokens=rec["tokens"])}
+    labels = {
+        "kind": sweep.kind,
+        "family": run.family,
+        "eval_set": sweep.eval_set or next(iter(run.cfg.data.valid), None),
+        "x_field": sweep.x,
+        "x": run.x,
+        "series_field": sweep.series,
+        "series": run.series,
+    }
     if getattr(sweep, "max_epochs", None) is not None:
-        rec["max_epochs"] = sweep.max_epochs
-    return rec
+        labels["max_epochs"] = sweep.max_epochs
+    return labels
+
+
+def relabel(record: dict[str, Any], run, sweep) -> list[str]:
+    """Give a recorded run's line the spec's labels now (spec_labels), in place; returns the fields
+    that changed. A spec edited after its runs trained (kind = "ablation" with x = "train.lr" added to a
+    grid) changes what the report shows without retraining; lines of another sweep that share the folder
+    keep their own labels."""
+    if record.get("sweep") != sweep.name:
+        return []
+    labels = spec_labels(run, sweep)
+    changed = sorted(k for k in set(labels) | {"max_epochs"} if record.get(k) != labels.get(k))
+    record.update(labels)
+    if "max_epochs" not in labels:
+        record.pop("max_epochs", None)
+    return changed
+
+
+def replace_results(runs_dir: str, records: list[dict[str, Any]]) -> None:
+    """Rewrite results.jsonl with ``records`` in place of the lines of their runs (order kept)."""
+    new = {r["run"]: r for r in records}
+    _write_results(runs_dir, [new.get(r["run"], r) for r in read_results(runs_dir)])
 
 
 def breaks_epoch_rule(epochs: float | None, max_epochs: float | None) -> bool:

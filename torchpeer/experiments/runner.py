@@ -28,6 +28,8 @@ from torchpeer.experiments.results import (
     epochs_text,
     make_run_record,
     read_results,
+    relabel,
+    replace_results,
     short_count,
 )
 from torchpeer.experiments.spec import SweepSpec
@@ -89,11 +91,14 @@ def run_sweep(
         say(build_check_report([r for r in runs if r.name not in done]))
         return []
     os.makedirs(runs_dir, exist_ok=True)
-    t0, new, todo = time.time(), [], []
+    t0, new, todo, relabelled = time.time(), [], [], []
     for i, run in enumerate(runs, 1):
         head = f"[{i}/{len(runs)}] {run.name}"
         if run.name in done:
-            say(f"{head}: done, skipped")
+            changed = relabel(done[run.name], run, spec)  # the spec's kind, x, family, ... edited since
+            relabelled += [done[run.name]] if changed else []
+            note = f"; its results line takes the spec's {', '.join(changed)}" if changed else ""
+            say(f"{head}: done, skipped{note}")
             continue
         summary_path = os.path.join(run.run_dir, "summary.json")
         if os.path.exists(summary_path):
@@ -104,6 +109,8 @@ def run_sweep(
             say(f"{head}: finished earlier, recorded from its summary")
             continue
         todo.append((head, run))
+    if relabelled:
+        replace_results(runs_dir, relabelled)
     # Worker processes when several runs share the GPU, or when a run must be interruptible at
     # stop_at (this process cannot SIGINT itself and go on to record what finished).
     if (parallel > 1 or stop_at is not None) and todo:
