@@ -8,6 +8,7 @@ import pytest
 
 from tests.experiments.test_epoch_rule import TINY
 from torchpeer.experiments import parse_spec, plan_sweep, read_results, run_sweep
+from torchpeer.experiments.pool import not_started_message
 from torchpeer.experiments.results import append_result, results_path
 from torchpeer.experiments.runner import estimate_seconds
 
@@ -148,7 +149,13 @@ def test_time_limit_starts_no_run_that_would_not_finish(tmp_path, fake_train, mo
     spec = parse_spec(SPEC)
     msgs = []
     run_sweep(spec, str(tmp_path), time_limit=0, progress=False, say=msgs.append)
-    assert fake_train.calls == [] and "time limit of 0 s is reached" in msgs[-1]
+    assert fake_train.calls == [] and "time limit of 0 s is reached" in msgs[-2]
+    # the last line says the sweep is not done and how to go on, as the parallel path's does
+    names = [r.name for r in plan_sweep(spec, str(tmp_path))]
+    assert msgs[-1] == f"not started in this invocation: {', '.join(names)} (run the same command again)"
+    many = not_started_message([f"r{i}" for i in range(12)])  # a long sweep's: the first 10, then a count
+    first = ", ".join(f"r{i}" for i in range(10))
+    assert many == f"not started in this invocation: {first} and 2 more (run the same command again)"
     run_sweep(spec, str(tmp_path), only="*-1e10", progress=False, say=lambda s: None)  # measures 768 tokens/s
 
     records = read_results(str(tmp_path))
@@ -168,7 +175,9 @@ def test_time_limit_starts_no_run_that_would_not_finish(tmp_path, fake_train, mo
     msgs.clear()
     run_sweep(spec, str(tmp_path), time_limit=limit, progress=False, say=msgs.append)
     assert [c[0] for c in fake_train.calls[4:]] == [todo[0].name]  # the second would end past the limit
-    assert f"{todo[1].name}: stopping, its estimated {est[todo[1].name]:.0f} s would pass" in msgs[-1]
+    assert f"{todo[1].name}: stopping, its estimated {est[todo[1].name]:.0f} s would pass" in msgs[-2]
+    left = ", ".join(r.name for r in todo[1:])
+    assert msgs[-1] == f"not started in this invocation: {left} (run the same command again)"
     msgs.clear()
     run_sweep(spec, str(tmp_path), time_limit=min(est.values()) / 2, progress=False, say=msgs.append)
     assert len(fake_train.calls) == 5  # longer than the whole limit: skipped (not stuck), each one said

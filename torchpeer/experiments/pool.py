@@ -229,8 +229,15 @@ def run_parallel(
         raise
     left = [run.name for _, run in dropped + pending]
     if left:
-        say(f"not started in this invocation: {', '.join(left)} (run the same command again)")
+        say(not_started_message(left))
     return new
+
+
+def not_started_message(names: list[str]) -> str:
+    """The line that ends an invocation stopped by its time limit: the runs left (the first 10 named)
+    and how to go on."""
+    more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+    return f"not started in this invocation: {', '.join(names[:10])}{more} (run the same command again)"
 
 
 def _reserve_first(job: _Job, memory, say) -> None:

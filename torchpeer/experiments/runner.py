@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from torchpeer.experiments.plan import PlannedRun, plan_sweep, select_runs
-from torchpeer.experiments.pool import finished_message, run_parallel, too_long_message
+from torchpeer.experiments.pool import finished_message, not_started_message, run_parallel, too_long_message
 from torchpeer.experiments.results import (
     append_result,
     breaks_epoch_rule,
@@ -139,16 +139,19 @@ def run_sweep(
             on_recorded=drop_run_checkpoints if drop_checkpoints else None,
             memory=step_memory_bytes,
         )
-    for head, run in todo:
+    for k, (head, run) in enumerate(todo):
         estimate = estimate_seconds(run, list(done.values()) + new, assume_tokens_per_s)
         if time_limit is not None and estimate is not None and estimate > time_limit:
             say(too_long_message(head, run, estimate))
             continue
+        why = None
         if time_limit is not None and estimate is not None and time.time() - t0 + estimate > time_limit:
-            say(f"{head}: stopping, its estimated {estimate:.0f} s would pass the time limit of {time_limit:.0f} s")
-            break
-        if time_limit is not None and time.time() - t0 >= time_limit:
-            say(f"{head}: stopping, the time limit of {time_limit:.0f} s is reached")
+            why = f"its estimated {estimate:.0f} s would pass the time limit of {time_limit:.0f} s"
+        elif time_limit is not None and time.time() - t0 >= time_limit:
+            why = f"the time limit of {time_limit:.0f} s is reached"
+        if why:  # and what is left, as the parallel path says it: the sweep is not done
+            say(f"{head}: stopping, {why}")
+            say(not_started_message([r.name for _, r in todo[k:]]))
             break
         ckpts = list_checkpoints(run.run_dir)
         state = f"resuming from {os.path.basename(ckpts[-1])}" if ckpts else "starting"
