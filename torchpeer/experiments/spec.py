@@ -29,7 +29,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from torchpeer.experiments.spec_fields import check_field
+from torchpeer.experiments.spec_fields import check_field, toml_key_value
+from torchpeer.experiments.spec_hints import sweep_hint, table_hint, unquoted_field, unquoted_message
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,6 +39,7 @@ else:  # pragma: no cover - Python 3.10
 
 SPEC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "specs")
 KINDS = ("isoflop", "ablation", "grid")
+TABLES = ("sweep", "base", "variants", "grid", "seeds")
 SWEEP_KEYS = {
     "name": "run-folder prefix and report title (default: the file's stem)",
     "description": "free text, shown by --dry-run",
@@ -132,16 +134,18 @@ def load_spec(name_or_path: str) -> SweepSpec:
 def parse_spec(raw: dict[str, Any], default_name: str = "sweep", path: str | None = None) -> SweepSpec:
     """Build a SweepSpec from the dict of a TOML file (``path`` only for messages and relative bases)."""
     where = path or "the spec"
-    unknown = sorted(set(raw) - {"sweep", "base", "variants", "grid", "seeds"})
+    unknown = sorted(set(raw) - set(TABLES))
     if unknown:
         raise ValueError(
             f"{where}: unknown table(s) {unknown}; a spec has [sweep], [base], [variants.NAME], [grid], [seeds]"
+            + table_hint(unknown[0], raw[unknown[0]], TABLES, SWEEP_KEYS)
         )
     sweep = _table(raw.get("sweep"), "[sweep]", where)
     unknown = sorted(set(sweep) - set(SWEEP_KEYS))
     if unknown:
-        known = "; ".join(f"{k}: {v}" for k, v in SWEEP_KEYS.items())
-        raise ValueError(f"{where}: unknown field(s) {unknown} in [sweep]; known fields: {known}")
+        raise ValueError(
+            f"{where}: unknown field(s) {unknown} in [sweep]; " + sweep_hint(unknown[0], sweep[unknown[0]], SWEEP_KEYS)
+        )
     if "base" not in sweep:
         raise ValueError(f"{where}: [sweep] needs base = a shipped config name (e.g. 'ptb-tiny') or a config path")
     spec = SweepSpec(
@@ -241,6 +245,15 @@ def _grid_variants(grid: dict[str, Any], where: str) -> list[Variant]:
             check_field(axis, values, "[grid]", where, values=values)  # named here, with its list, not per variant
             options = [(f"{axis.split('.')[-1]}={_value_name(v)}", {axis: v}) for v in values]
         elif isinstance(values, dict):  # [grid.AXIS] NAME = {overrides}
+            if "." not in axis and (found := unquoted_field(axis, values)):  # train.lr = [...] unquoted
+                raise ValueError(unquoted_message(found, "[grid]", where))
+            loose = [(name, opt) for name, opt in values.items() if not isinstance(opt, dict)]
+            if loose:  # [grid.size] "model.d_model" = [16, 32]: a field axis written as a named one
+                raise ValueError(
+                    f"{where}: [grid.{axis}] {toml_key_value(*loose[0])}: the options of a named axis are tables "
+                    f"(e.g. s1 = {{ {toml_key_value(*_first_value(*loose[0]))} }}); a field and its list of "
+                    f"values go in [grid] itself: {toml_key_value(*loose[0])}"
+                )
             options = [(name, _table(opt, f"[grid.{axis}.{name}]", where)) for name, opt in values.items()]
             for name, opt in options:  # a misspelt field is named in its own option, not a combination
                 _overrides(opt, f"[grid.{axis}.{name}]", where)
@@ -325,6 +338,10 @@ def _seed_variants(table: dict[str, Any], variants: list[Variant], spec: SweepSp
     return out
 
 
+def _first_value(key: str, value: Any) -> tuple[str, Any]:
+    return key, value[0] if isinstance(value, list) and value else value
+
+
 def _intersect(lists: list[list]) -> list | None:
     """Budgets common to every option that names some (None = no option names any; [] = none common)."""
     if not lists:
@@ -345,6 +362,8 @@ def _overrides(table: dict[str, Any], what: str, where: str, meta=VARIANT_META_K
     for key, value in table.items():
         if key in meta:
             continue
+        if "." not in key and isinstance(value, dict) and (found := unquoted_field(key, value)):
+            raise ValueError(unquoted_message(found, what, where))
         if "." not in key:
             allowed = f"meta keys {list(meta)} or " if meta else ""
             raise ValueError(
