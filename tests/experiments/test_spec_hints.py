@@ -56,8 +56,8 @@ warmup_frac = 0.1
         (  # a stopping field: plan.py sets it per run from budgets or tokens
             "warmup_frac = 0.1",
             "max_steps = 100",
-            "unknown field(s) ['max_steps'] in [sweep]; a sweep sizes its runs by [sweep] budgets = [...] "
-            "(training FLOPs) or tokens = [...]",
+            "unknown field(s) ['max_steps'] in [sweep]; a sweep sizes each run by [sweep] budgets = [...] "
+            "(training FLOPs) or tokens = [...], or a variant's own",
         ),
         ("[grid]", "[grids]", "unknown table(s) ['grids']; a spec has [sweep], [base], [variants.NAME], [grid], "),
         ("[grid]", "[grids]", "; did you mean [grid]?"),
@@ -95,3 +95,26 @@ def test_a_named_axis_called_like_a_config_section_still_works(tmp_path):
         "lr=0.003-dense",
         "lr=0.003-peer",
     ]
+
+
+@pytest.mark.parametrize(
+    "old, new, where",
+    [
+        ('"data.tokenizer" = "byte"', '"data.tokenizer" = "byte"\n"train.max_steps" = 3', "[base]"),
+        ('[grid]\n"train.lr" = [1e-3, 3e-3]', '[variants.short]\n"train.max_tokens" = 5000', "[variants.short]"),
+        ('"train.lr" = [1e-3, 3e-3]', '"train.max_flops" = [1e9, 2e9]', "[grid]"),
+    ],
+)
+def test_a_runs_length_given_as_a_config_field_is_refused_not_dropped(tmp_path, old, new, where):
+    """plan.py sets train.max_steps / max_tokens / max_flops per run from the budgets or tokens, so a
+    spec's own value was silently replaced ("train.max_steps" = 3 in [base] trained 100 steps)."""
+    path = tmp_path / "mine.toml"
+    path.write_text(GOOD.replace(old, new, 1))
+    with pytest.raises(ValueError) as e:
+        load_spec(str(path))
+    field = new.split("\n")[-1].split(" = ")[0]
+    assert f"{path}: {where} {field} = " in str(e.value)
+    assert str(e.value).endswith(
+        "would be ignored: a sweep sizes each run by [sweep] budgets = [...] (training FLOPs) or tokens = [...], "
+        "or a variant's own"
+    )

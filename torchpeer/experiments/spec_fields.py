@@ -7,6 +7,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+# Set per run from the spec's budgets or tokens (plan.py): a value given in the spec would be dropped.
+STOP_FIELDS = ("train.max_steps", "train.max_tokens", "train.max_flops")
+SIZED_BY = "a sweep sizes each run by [sweep] budgets = [...] (training FLOPs) or tokens = [...], or a variant's own"
+
 
 def check_field(key: str, value: Any, what: str, where: str, values: list | None = None) -> None:
     """An unknown dotted field is a ValueError naming the closest one *as the spec writes it*
@@ -21,6 +25,8 @@ def check_field(key: str, value: Any, what: str, where: str, values: list | None
         return  # "data.valid.NAME" adds an eval set: any name
     fields = _field_names(RunConfig())
     sections = {".".join(f.split(".")[:i]) for f in fields for i in range(1, f.count(".") + 1)}
+    if key in STOP_FIELDS:
+        raise ValueError(f"{where}: {what} {toml_key_value(key, value)} would be ignored: {SIZED_BY}")
     if key in fields:
         for v in [value] if values is None else values:
             check_value(key, v, what, where)
@@ -28,7 +34,7 @@ def check_field(key: str, value: Any, what: str, where: str, values: list | None
     if key in sections:
         raise ValueError(f'{where}: {what} {key} is a section; set one of its fields, e.g. "{key}.<field>" = VALUE')
     if parts[-1] in ("epochs", "num_epochs", "max_epochs"):
-        hint = 'runs are sized by [sweep] budgets or tokens (or "train.max_tokens"), not epochs'
+        hint = "runs are sized by [sweep] budgets or tokens (or a variant's own), not epochs"
     elif (match := _closest_field(key, fields)) is not None:
         hint = f"did you mean {toml_key_value(match, value)}?"
     else:  # nothing alike: list what the deepest valid section of the key holds

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from torchpeer.experiments.spec_fields import toml_key_value
+from torchpeer.experiments.spec_fields import SIZED_BY, STOP_FIELDS, toml_key_value
 
 
 def unquoted_field(prefix: str, table: dict) -> tuple[str, Any] | None:
@@ -74,8 +74,8 @@ def sweep_hint(key: str, value: Any, sweep_keys: dict[str, str]) -> str:
     from torchpeer.lm.config_names import closest
 
     if found := config_field_like(key, value):
-        if found[0] in ("train.max_steps", "train.max_tokens", "train.max_flops"):  # plan.py sets these per run
-            return "a sweep sizes its runs by [sweep] budgets = [...] (training FLOPs) or tokens = [...]"
+        if found[0] in STOP_FIELDS:  # plan.py sets these per run
+            return SIZED_BY
         return f"config fields go in [base] (every run) or in a variant, as {toml_key_value(*found)}"
     if close := closest(key, sweep_keys):
         return f"did you mean {close}? ({close}: {sweep_keys[close]})"
