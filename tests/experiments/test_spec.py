@@ -246,6 +246,11 @@ def test_a_seed_equal_to_the_variants_own_is_refused():
         (lambda r: r["sweep"].update(budgets=[1e3]), "budget 1e+03 FLOPs is too small for one step"),
         (lambda r: r["sweep"].update(kind="isoflops"), "sweep.kind = 'isoflops'"),
         (lambda r: r["sweep"].update(kind="ablation"), "an ablation needs [sweep] x"),
+        (  # the report draws and pairs loss against x as a number: a name failed there, after the training
+            lambda r: r["sweep"].update(kind="ablation", x="model.ffw"),
+            """sweep.x = "model.ffw" is 'dense' here, not a number; an ablation's x is a numeric field """
+            '(e.g. "model.peer.n_experts"); a field of names is its series: series = "model.ffw"',
+        ),
         (lambda r: r["sweep"].update(tokens=[100]), "both budgets and tokens"),
         (lambda r: r["sweep"].pop("base"), "[sweep] needs base"),
         (lambda r: r["sweep"].update(base="no-such-config"), "no-such-config"),

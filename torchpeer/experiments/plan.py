@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -165,6 +166,13 @@ def plan_run(spec: SweepSpec, variant: Variant, budget: float | None, tokens: in
     )
     if spec.x is not None:
         run.x = field_value(cfg, spec.x, where)
+        named = isinstance(run.x, bool) or not isinstance(run.x, (int, float, type(None)))
+        if spec.kind == "ablation" and named:  # the report draws loss against x: a name ('ema') failed there
+            x = json.dumps(spec.x)
+            raise ValueError(
+                f"{where}: sweep.x = {x} is {run.x!r} here, not a number; an ablation's x is a numeric field "
+                f'(e.g. "model.peer.n_experts"); a field of names is its series: series = {x}'
+            )
     if spec.series == "family":  # the variants' own labels (meta key family) name the series
         run.series = family
     elif spec.series is not None:
