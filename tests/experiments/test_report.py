@@ -442,6 +442,24 @@ def test_best_value_per_series_by_seed_mean_marks_an_unbracketed_best(tmp_path):
     ]
 
 
+def test_an_ablation_without_series_says_its_best_value_and_writes_no_none(tmp_path):
+    """A researcher's own lr sweep (kind = "ablation", x = "train.lr", no series): the report names the
+    best lr and whether the values run bracket it (it used to show this only with a series), and the
+    series cells read "-", not "None"."""
+    d = tmp_path / "runs"
+    for lr, loss in ((1e-3, 4.53), (3e-3, 3.28), (1e-2, 2.94)):
+        fields = dict(sweep="lr", kind="ablation", seed=0, x_field="train.lr", x=lr, series_field=None, series=None)
+        append_result(str(d), rec(f"lr={lr}-tok2e4", **fields, valid=valid(loss)))
+    md = open(write_report(str(d))["report"]).read().splitlines()
+    head = md.index("| series | best lr | loss | values run | seeds (most) |")
+    assert md[head + 2] == "| - | 0.01 (edge) | 2.9400 | 0.001, 0.003, 0.01 | 1 |"
+    head = md.index(
+        "| series | x - reference | seed 0: ranking set (sets favouring x) | seed spread at x / reference |"
+    )
+    assert md[head + 2].startswith("| - | 0.003 - 0.001 | -1.2500 (2/2) |")
+    assert not any("None" in line for line in md)
+
+
 def test_an_lr_ablation_is_drawn_on_a_log_axis_ticked_at_the_values_run():
     """lr 5e-4..4e-3 on a linear axis ran its tick labels together ("0.00050.0010..."); a span of 4x or
     more is drawn on a log axis, and fractional values are ticked where they were run, as written."""

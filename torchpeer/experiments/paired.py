@@ -74,6 +74,12 @@ def paired_rows(recs: list[dict]) -> list[dict]:
     return out
 
 
+def series_cell(series: str) -> str:
+    """A series key as a table cell: "-" for the runs of an ablation without series (their key is
+    str(None)), as the ablation table writes it."""
+    return "-" if series == "None" else series
+
+
 def seed_spread(recs: list[dict]) -> dict[tuple[str, object], float]:
     """(series, x) -> max minus min ranking-set loss over its seeds (only where there are several)."""
     groups: dict[tuple[str, object], list[float]] = {}
@@ -96,7 +102,7 @@ def paired_table(recs: list[dict]) -> list[str]:
     keys = sorted({(r["series"], r["x"], r["ref_x"]) for r in rows}, key=lambda k: (k[0], _x_key(k[1])))
     body = []
     for series, x, ref_x in keys:
-        line = [series, f"{x} - {ref_x}"]
+        line = [series_cell(series), f"{x} - {ref_x}"]
         for seed in seeds:
             hit = [r for r in rows if (r["series"], r["x"], r["seed"]) == (series, x, seed)]
             line.append(f"{fmt(hit[0]['ranking'], '+.4f')} ({hit[0]['favour']}/{hit[0]['sets']})" if hit else "")

@@ -33,7 +33,7 @@ from torchpeer.experiments.eval_history import (
 from torchpeer.experiments.fit import isoflop_fits, outside_fit_runs
 from torchpeer.experiments.markdown import fmt as _fmt
 from torchpeer.experiments.markdown import table as _table
-from torchpeer.experiments.paired import paired_table, with_shared_points
+from torchpeer.experiments.paired import paired_table, series_cell, with_shared_points
 from torchpeer.experiments.results import (
     breaks_epoch_rule,
     epochs_text,
@@ -127,12 +127,12 @@ def write_report(
             if series_field:
                 lines += ["", "As the paper lays it out (a row per value; per series ppl, usage %, KL; seeds s0 / s1):"]
                 lines += ["", *ablation_pivot(lined, series_field)]
-                lines += [
-                    "",
-                    f"Best {x_field} per series (seed-mean loss; '(edge)': no measured value on one side; "
-                    "'(one value)': nothing to compare it with):",
-                ]
-                lines += ["", *best_per_series(recs, x_field)]
+            lines += [  # also with no series: the best lr of a one-line lr sweep, and whether it is bracketed
+                "",
+                f"Best {x_field} per series (seed-mean loss; '(edge)': no measured value on one side; "
+                "'(one value)': nothing to compare it with):",
+            ]
+            lines += ["", *best_per_series(recs, x_field)]
             if paired := paired_table(lined):  # loss differences in nats, same seed = same data order
                 lines += ["", "Paired by seed against each series' first value (loss difference, nats):", "", *paired]
             lines += ["", _img(png, out_dir)]
@@ -405,7 +405,9 @@ def best_per_series(recs: list[dict], x_field: str) -> list[str]:
         # one value run is not a best at all: say so rather than print it as an optimum
         edge = " (one value)" if len(xs) == 1 else " (edge)" if best in (xs[0], xs[-1]) else ""
         seeds = max(len(v) for v in cells.values())
-        rows.append((mean[best], [s, f"{best}{edge}", _fmt(mean[best]), ", ".join(map(str, xs)), str(seeds)]))
+        rows.append(
+            (mean[best], [series_cell(s), f"{best}{edge}", _fmt(mean[best]), ", ".join(map(str, xs)), str(seeds)])
+        )
     header = ["series", f"best {x_field.split('.')[-1]}", "loss", "values run", "seeds (most)"]
     return _table(header, [row for _, row in sorted(rows, key=lambda t: t[0])], right_from=2)
 
