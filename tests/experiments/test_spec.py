@@ -427,7 +427,8 @@ def test_lr_checks_are_their_isoflop_twins_but_for_the_lr(tmp_path, spec, twins)
     fifth = {"multi-peer"} if spec == "lr-check-1e16" else set()
     # 15 % warm-up at each family's best lr and one step either side, and at PEER's best tables setting
     warm = (
-        {f"{f}-wu15" for f in grid} | {"peer-tables8e-3-wu15", "peer-balance-wu15", "peer-slowkeys-wu15"}
+        {f"{f}-wu15" for f in grid}
+        | {"peer-tables8e-3-wu15", "peer-balance-wu15", "peer-slowkeys-wu15", "peer-balance-slowkeys-wu15"}
         if spec == "lr-check"
         else set()
     )
@@ -438,12 +439,12 @@ def test_lr_checks_are_their_isoflop_twins_but_for_the_lr(tmp_path, spec, twins)
         twin = iso[re.sub(r"-(lr|tables)\d+(\.\d+)?e-\d+|-wu15|-balance|-slowkeys", "", r.name)]
         assert twin.name.endswith(twins) or r.name.startswith("dense-s6-")  # s6: the d-512 check of P-lr-k
         model, steps = twin.cfg.model, twin.steps
-        if r.family == "peer-balance-wu15":  # the sub-key balance term, as issue 18's winner's: its
+        if r.family.startswith("peer-balance-"):  # the sub-key balance term, as issue 18's winner's: its
             peer = dataclasses.replace(model.peer, balance_weight=0.01, balance_stride=8)
             model = dataclasses.replace(model, peer=peer)
             assert 0.95 * twin.steps < r.steps < twin.steps  # FLOPs are counted: a few % fewer steps
             steps = r.steps
-        if r.family == "peer-slowkeys-wu15":  # the sub-keys at a quarter of the lr
+        if "-slowkeys-" in r.family + "-":  # the sub-keys at a quarter of the lr
             model = dataclasses.replace(model, peer=dataclasses.replace(model.peer, key_lr_scale=0.25))
         assert r.cfg.model == model and r.cfg.data == twin.cfg.data and r.steps == steps
         named_lr = re.match(r"\d+(\.\d+)?e-\d+", r.name.split("-lr")[1]).group(0)  # the lr the name spells
@@ -489,6 +490,35 @@ def test_lr_width_ref_scales_each_runs_lrs_by_its_width(tmp_path):
         raw["sweep"] = {k: v for k, v in raw["sweep"].items() if not k.startswith("lr_width")}
         raw["sweep"].update({"lr_width_ref": 128, key: bad})
         with pytest.raises(ValueError, match=re.escape(f"such as {key} = ")):
+            parse_spec(raw)
+
+
+def test_a_variants_own_lr_width_power_wins_over_the_sweeps_and_reaches_its_seed_runs(tmp_path):
+    """lr_width_power as a meta key of a variant or a grid option (isoflop-lrw's dense, whose best lr falls
+    as 1 / width where the other families keep 0.5): that variant's runs scale by their own power, its
+    [seeds] runs too; the others keep the sweep's. Without lr_width_ref, or not a positive number: refused."""
+    raw = tiny(lr_width_ref=128, lr_width_power=0.5)
+    raw["base"] = {**raw["base"], "train.lr": 4e-3}
+    raw["grid"] = {
+        "fam": {"fast": {"train.seed": 0, "lr_width_power": 1.0}, "slow": {"train.seed": 0}},
+        "model.d_model": [64, 512],
+    }
+    raw["seeds"] = {"fast-d_model=512": {"seeds": [1]}}
+    runs = {r.name.rsplit("-", 1)[0]: r for r in plan_sweep(parse_spec(raw), str(tmp_path))}
+    lrs = {name: r.cfg.train.lr for name, r in runs.items()}
+    assert lrs == pytest.approx(
+        {"fast-d_model=64": 8e-3, "fast-d_model=512": 1e-3, "slow-d_model=64": 4e-3 * 2**0.5,
+         "slow-d_model=512": 2e-3, "fast-d_model=512-seed1": 1e-3},
+        rel=1e-5,
+    )  # fmt: skip
+    assert runs["fast-d_model=512"].overrides["train.lr"] == "0.001"
+    del raw["sweep"]["lr_width_ref"], raw["sweep"]["lr_width_power"], raw["seeds"]
+    with pytest.raises(ValueError, match="variant 'fast-d_model=64' sets lr_width_power; it needs \\[sweep\\] lr_w"):
+        parse_spec(raw)
+    raw["sweep"]["lr_width_ref"] = 128
+    for bad in (0, -1, "1", True):
+        raw["grid"]["fam"]["fast"]["lr_width_power"] = bad
+        with pytest.raises(ValueError, match="lr_width_power = .*: give a positive exponent such as 1.0"):
             parse_spec(raw)
 
 
@@ -539,15 +569,16 @@ def test_a_variants_warmup_frac_scales_with_its_own_steps_and_reaches_its_seed_r
 def test_isoflop_lrw_is_the_isoflop_study_but_for_width_scaled_lrs_and_its_warm_up(tmp_path):
     """Every isoflop-lrw run has the isoflop run of its name as twin (model, data, steps, seed and
     every train field the same) but for its lrs, the family's lr at d_model 128 times
-    (128 / d_model) ** 0.5, its warm-up: 15 % of its steps where the twin has 5 %, and train.track_usage."""
+    (128 / d_model) ** 0.5 (dense: its own power 1, Batch 22), its warm-up: 15 % of its steps where the
+    twin has 5 %, and train.track_usage."""
     iso = {r.name: r for r in plan_sweep(load_spec("isoflop"), str(tmp_path / "iso"))}
     runs = plan_sweep(load_spec("isoflop-lrw"), str(tmp_path / "lrw"))
-    at_128 = {"dense": 8e-3, "pkm": 8e-3, "peer": 8e-3, "moe": 8e-3, "moe-ec": 8e-3, "multi-peer": 4e-3}
+    at_128 = {"dense": 1.6e-2, "pkm": 8e-3, "peer": 8e-3, "moe": 8e-3, "moe-ec": 8e-3, "multi-peer": 4e-3}
     assert {r.family for r in runs} == set(at_128) and len(runs) == 78
     for r in runs:
         twin = iso[r.name]
         assert r.cfg.model == twin.cfg.model and r.cfg.data == twin.cfg.data and r.steps == twin.steps
-        scale = (128 / r.cfg.model.d_model) ** 0.5
+        scale = (128 / r.cfg.model.d_model) ** (1.0 if r.family == "dense" else 0.5)
         assert r.cfg.train.lr == pytest.approx(at_128[r.family] * scale, rel=1e-5)
         if r.family == "multi-peer":  # the winner's tables at 3x the base lr, as at d_model 512
             assert r.cfg.train.expert_lr == pytest.approx(3 * r.cfg.train.lr, rel=1e-5)

@@ -115,7 +115,8 @@ def plan_run(spec: SweepSpec, variant: Variant, budget: float | None, tokens: in
         raise ValueError(f"{where}: {e}") from None
     cfg.name = name
     if spec.lr_width_ref is not None:
-        _scale_lrs_by_width(cfg, spec.lr_width_ref, spec.lr_width_power, overrides)
+        power = variant.lr_width_power or spec.lr_width_power  # a variant's own power wins
+        _scale_lrs_by_width(cfg, spec.lr_width_ref, power, overrides)
     cost = _cost(cfg, where)
     t = cfg.train
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.seq_len

@@ -4,7 +4,8 @@ A spec (see docs/experiments.md) has these tables::
 
     [sweep]                 name, base (shipped config name or path), kind, budgets | tokens, ...
     [base]                  overrides applied to every run: "train.lr" = 1e-3, "data.valid.x" = "..."
-    [variants.NAME]         one named variant: overrides + meta keys (family, budgets, tokens, warmup_frac)
+    [variants.NAME]         one named variant: overrides + meta keys (family, budgets, tokens, warmup_frac,
+                            lr_width_power)
     [grid]                  variants as a cartesian product of axes; an axis is either
                               "model.peer.query_norm" = ["batch", "none"]    (a field and its values)
                             or a table of named options, each a table of overrides + meta keys:
@@ -59,7 +60,7 @@ SWEEP_KEYS = {
     "x": "ablation x-axis: a dotted config field or a product of them (model.peer.heads*model.peer.top_k)",
     "series": "ablation: a dotted config field, one line per value (e.g. model.peer.query_norm), or family",
 }
-VARIANT_META_KEYS = ("family", "budgets", "tokens", "warmup_frac")
+VARIANT_META_KEYS = ("family", "budgets", "tokens", "warmup_frac", "lr_width_power")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
 
 
@@ -73,6 +74,7 @@ class Variant:
     budgets: list[float] | None = None  # None = the sweep's
     tokens: list[int] | None = None
     warmup_frac: float | None = None  # None = the sweep's (or the variant's own train.warmup_steps)
+    lr_width_power: float | None = None  # None = the sweep's (a family whose best lr falls faster with width)
 
 
 @dataclass
@@ -192,6 +194,9 @@ def parse_spec(raw: dict[str, Any], default_name: str = "sweep", path: str | Non
                 f"{where}: variant {v.name!r} has no budgets: set [sweep] budgets = [...] (training FLOPs) "
                 "or tokens = [...], or budgets in the variant"
             )
+    if spec.lr_width_ref is None and (v := next((v for v in variants if v.lr_width_power), None)):
+        raise ValueError(f"{where}: variant {v.name!r} sets lr_width_power; it needs [sweep] lr_width_ref = the "
+                         "d_model the spec's lrs are given at")  # fmt: skip
     spec.variants = variants
     return spec
 
@@ -223,7 +228,10 @@ def _variant(name: str, table: dict[str, Any], what: str, where: str) -> Variant
                 f"{where}: {what} sets both warmup_frac and train.warmup_steps; keep one (warmup_frac scales "
                 "with each run's steps)"
             )
-    return Variant(name, overrides, family, budgets or None, tokens or None, frac)
+    power = table.get("lr_width_power")
+    if power is not None and (isinstance(power, bool) or not isinstance(power, (int, float)) or not 0 < power < 1e3):
+        raise ValueError(f"{where}: {what} lr_width_power = {power!r}: give a positive exponent such as 1.0")
+    return Variant(name, overrides, family, budgets or None, tokens or None, frac, power)
 
 
 def _fraction(value: Any, what: str, where: str) -> float:
