@@ -1068,3 +1068,17 @@ def test_a_missing_corpus_says_where_the_shipped_configs_and_specs_read_it(capsy
     assert "run from the repository root, or give its folder: --data.train 'DIR/*/train.jsonl.xz'" in err
     err = _error(capsys, ["sweep", "isoflop-lrw", "--runs-dir", str(tmp_path / "runs"), "--only", "dense-s0-1e15"])
     assert "'.corpus/*/train.jsonl.xz'" in err and "cp -r ../shared/corpus .corpus" in err
+
+
+@pytest.mark.parametrize("value, shows", [("1", True), ("yes", True), ("0", False), ("false", False), ("", False)])
+def test_torchpeer_traceback_shows_the_traceback_only_when_set_to_a_true_value(monkeypatch, capsys, value, shows):
+    """TORCHPEER_TRACEBACK=1 re-raises the error for debugging; =0 (or false, or empty) keeps the one line,
+    as unset does (any non-empty value used to count, so =0 showed the traceback)."""
+    monkeypatch.setenv("TORCHPEER_TRACEBACK", value)
+    if shows:
+        with pytest.raises(FileNotFoundError, match="no-such-config"):
+            main(["info", "no-such-config"])
+    else:
+        assert main(["info", "no-such-config"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "no-such-config" in err and err.count("\n") == 1

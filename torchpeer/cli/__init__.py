@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except (ValueError, TypeError, OSError) as e:
-        if os.environ.get("TORCHPEER_TRACEBACK"):
+        if os.environ.get("TORCHPEER_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no", "off"):
             raise  # debugging: the full traceback instead of the one-line message
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {os_error_message(e) or msg}", file=sys.stderr)
