@@ -340,12 +340,12 @@ def from_dict(cls, d: dict[str, Any], prefix: str = "", root=None):
     if unknown:
         where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
         here = prefix.rstrip(".") or None  # d_model = 64 at the top, or lr = 3e-3 under [model]
-        hints = [misplaced_hint(root or cls, str(k), d[k], here) for k in unknown]
+        moves = [misplaced_hint(root or cls, str(k), d[k], here) for k in unknown]  # the table each belongs to
         hint = "; ".join(
-            h or f"{k!r}: did you mean {m!r}?" for k, h in zip(unknown, hints) if h or (m := closest(str(k), names))
+            h or f"{k!r}: did you mean {m!r}?" for k, h in zip(unknown, moves) if h or (m := closest(str(k), names))
         )
         # every key placed in the wrong table: the hint says where each goes, so no list of this table's keys
-        valid = "" if all(hints) else f" (valid keys: {', '.join(names)})"
+        valid = "" if all(moves) else f" (valid keys: {', '.join(names)})"
         raise ValueError(f"unknown config key(s) {unknown} in {where}{'; ' + hint if hint else ''}{valid}")
     kwargs = {}
     for name, value in d.items():
