@@ -1,13 +1,15 @@
 """When does PEER's router collapse, and do the queries align when it does? (campaign.md Batch 22)
 
     python scripts/probe_router_collapse.py --out experiments/results/2026-12-07-router-collapse-cpu
+    python scripts/probe_router_collapse.py --out DIR --seed 1 --set model.peer.query_norm=ema_white
 
 CPU proxy of isoflop-lrw's peer-s2-1e15 (d_model 128, 4 layers, one PEER layer of 1024^2 experts,
 h 8, k 16, lr 8e-3 with the same per-step warm-up ramp of 180 steps), at 16 x 512 tokens a step (the
 GPU run's 64 x 512 is ~40 s a step here) on the corpus valid text. At a few steps it evaluates the
 router on 2 batches of brown's valid text with full tracking: usage %, KL, the queries' effective rank
 and participation ratio (diagnostics.routing), and the sub-keys' top-10 share. Writes probe.jsonl
-(one line per probed step) and prints a table.
+(one line per probed step) and prints a table. ``--set key=value`` (repeatable) overrides OVERRIDES
+or adds to them; ``--seed N`` sets train.seed (the config's 0 without it).
 """
 
 from __future__ import annotations
@@ -55,12 +57,17 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="folder for probe.jsonl and the run")
     ap.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
     ap.add_argument("--probe", default="5,10,15,20,30,40", help="steps to probe besides 0")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override (repeatable)")
+    ap.add_argument("--seed", type=int, help="train.seed (default: the config's)")
     args = ap.parse_args()
+    extra = dict(kv.split("=", 1) for kv in args.set)
+    if args.seed is not None:
+        extra["train.seed"] = str(args.seed)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "probe.jsonl")
     if os.path.exists(path):
         os.remove(path)
-    over = {**OVERRIDES, "train.max_steps": str(args.steps)}
+    over = {**OVERRIDES, "train.max_steps": str(args.steps), **extra}
     cfg = load_config("gpu-dense-small", [a for k, v in over.items() for a in (f"--{k}", v)])
     probe = Probe({int(s) for s in args.probe.split(",")}, path)
     train(cfg, os.path.join(args.out, "run"), callbacks=[probe], progress=False)
