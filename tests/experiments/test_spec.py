@@ -574,9 +574,14 @@ def test_isoflop_lrw_is_the_isoflop_study_but_for_width_scaled_lrs_and_its_warm_
     iso = {r.name: r for r in plan_sweep(load_spec("isoflop"), str(tmp_path / "iso"))}
     runs = plan_sweep(load_spec("isoflop-lrw"), str(tmp_path / "lrw"))
     at_128 = {"dense": 1.6e-2, "pkm": 8e-3, "peer": 8e-3, "moe": 8e-3, "moe-ec": 8e-3, "multi-peer": 4e-3}
-    assert {r.family for r in runs} == set(at_128) and len(runs) == 78
+    assert {r.family for r in runs} == set(at_128) and len(runs) == 90
+    # seeds 1 and 2 at 1e15, each family at s2 (Batch 23); each pairs with its seed-0 run's twin
+    seeded = {r.name for r in runs if "-seed" in r.name}
+    assert seeded == {f"{f}-s2-seed{s}-1e15" for f in at_128 for s in (1, 2)}
     for r in runs:
-        twin = iso[r.name]
+        seed = re.search(r"-seed(\d+)-", r.name)
+        twin = iso[re.sub(r"-seed\d+", "", r.name)]
+        assert r.cfg.train.seed == (int(seed.group(1)) if seed else twin.cfg.train.seed)
         assert r.cfg.model == twin.cfg.model and r.cfg.data == twin.cfg.data and r.steps == twin.steps
         scale = (128 / r.cfg.model.d_model) ** (1.0 if r.family == "dense" else 0.5)
         assert r.cfg.train.lr == pytest.approx(at_128[r.family] * scale, rel=1e-5)
@@ -586,5 +591,5 @@ def test_isoflop_lrw_is_the_isoflop_study_but_for_width_scaled_lrs_and_its_warm_
         assert here.warmup_steps == round(0.15 * r.steps) and there.warmup_steps == round(0.05 * r.steps)
         assert here.track_usage and not there.track_usage  # each log window's usage % / KL, logged
         same = {"lr": there.lr, "expert_lr": there.expert_lr, "warmup_steps": there.warmup_steps}
-        same["track_usage"] = False
+        same.update(track_usage=False, seed=there.seed)
         assert dataclasses.replace(here, **same) == there
