@@ -100,3 +100,22 @@ def test_best_size_is_the_mean_over_repeats_of_one_size():
     # smallest size is lower than either: the middle is the measured minimum, so it brackets.
     fit = fit_isoflop([1e6, 1e6, 2e6, 2e6, 4e6], [2.80, 3.20, 2.90, 2.92, 3.10])
     assert fit.best_params == 2e6 and not fit.best_at_edge
+
+
+def test_a_vertex_above_the_best_measured_size_is_noted():
+    # isoflop-lrw's token-choice MoE at 1e15 (campaign.md Batch 23): a sharp V at the middle size;
+    # the parabola through all five sizes puts its vertex 0.033 above the best run (rms 0.029).
+    params = [1.2e6, 1.92e6, 2.9e6, 4.94e6, 7.38e6]
+    losses = [3.7325, 3.6059, 3.4623, 3.5701, 3.7721]
+    fit = fit_isoflop(params, losses)
+    assert fit.bracketed and fit.best_params == 2.9e6 and fit.best_loss == 3.4623
+    assert fit.optimum_loss - fit.best_loss > fit.residual_rms > 0 and fit.vertex_above_data
+    note = isoflop_fits([_rec("moe", 1e15, p, loss) for p, loss in zip(params, losses)])[("moe", 1e15)]["note"]
+    assert f"lies {fit.optimum_loss - 3.4623:.3f} above the best measured size's 3.4623" in note
+    # PEER's curve of the same study: the vertex below its best run, no note
+    peer = [3.6276, 3.5041, 3.4502, 3.5503, 3.8651]
+    peer_fit = fit_isoflop(params, peer)
+    assert peer_fit.optimum_loss < peer_fit.best_loss and not peer_fit.vertex_above_data
+    assert isoflop_fits([_rec("peer", 1e15, p, loss) for p, loss in zip(params, peer)])[("peer", 1e15)]["note"] == ""
+    # an exact parabola: residual 0, vertex below every point
+    assert not fit_isoflop([1e6, 2e6, 4e6], parabola(np.array([1e6, 2e6, 4e6]), 2e6)).vertex_above_data

@@ -34,11 +34,22 @@ class IsoFLOPFit:
     optimum_loss: float | None
     residual_rms: float
     best_params: float  # the measured size of least loss (mean over repeats of one size)
+    best_loss: float  # that size's loss (the mean over its repeats)
 
     @property
     def best_at_edge(self) -> bool:
         """True when the best measured size is the smallest or the largest one trained."""
         return self.best_params in (self.min_params, self.max_params)
+
+    @property
+    def vertex_above_data(self) -> bool:
+        """True when the fitted loss lies above the best measured size's by more than the rms residual.
+
+        The least-squares parabola then does not follow the curve near its minimum (a sharp V whose
+        far sizes pull the vertex up), so its loss overstates the family's best: read the best run too.
+        """
+        # 1e-6 nats: an exact parabola's vertex may round a hair above its own data point
+        return self.optimum_loss is not None and self.optimum_loss - self.best_loss > max(self.residual_rms, 1e-6)
 
     @property
     def bracketed(self) -> bool:
@@ -68,6 +79,7 @@ def fit_isoflop(params: Sequence[float], losses: Sequence[float]) -> IsoFLOPFit:
     u = np.log10(p)
     sizes = np.unique(p)
     best_p = float(min(sizes, key=lambda q: float(y[p == q].mean())))
+    best_l = float(y[p == best_p].mean())
     a, b, c = (float(v) for v in np.polyfit(u, y, 2))
     resid = y - (a * u * u + b * u + c)
     opt_p = opt_l = None
@@ -85,6 +97,7 @@ def fit_isoflop(params: Sequence[float], losses: Sequence[float]) -> IsoFLOPFit:
         optimum_loss=opt_l,
         residual_rms=float(np.sqrt(np.mean(resid**2))),
         best_params=best_p,
+        best_loss=best_l,
     )
 
 
@@ -128,6 +141,12 @@ def isoflop_fits(
             note = f"the best measured size is the {side} trained: the optimum is {where} it; add sizes on that side"
         elif fit is not None and not fit.bracketed:
             note = "optimum outside the trained sizes: add sizes on that side"
+        elif fit is not None and fit.vertex_above_data:
+            note = (
+                f"the fitted loss {fit.optimum_loss:.4f} lies {fit.optimum_loss - fit.best_loss:.3f} above the best"
+                f" measured size's {fit.best_loss:.4f}, more than the fit's rms residual ({fit.residual_rms:.3f}):"
+                " the parabola does not follow the curve near its minimum; read the best run beside the fit"
+            )
         out[key] = {"runs": runs, "best": best, "fit": fit, "note": note, "n_sizes": len(sizes)}
     return out
 
