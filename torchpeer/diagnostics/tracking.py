@@ -38,28 +38,29 @@ class UsageTrackingMixin:
         self._track_routing(None, indices, scores)
 
 
-def usage_report(model: nn.Module) -> dict[str, dict[str, float]]:
-    """Usage % and KL of every tracked router in ``model``: {module name: {"usage_pct", "kl"}}."""
-    out = {}
+def _tracked(model: nn.Module):
+    """(module name, its module, its tracker) for every router of ``model`` that tracks now."""
     for name, mod in model.named_modules():
         tracker = getattr(mod, "usage_tracker", None)
         if isinstance(tracker, ExpertUsage):
-            out[name or "."] = ExpertUsage.summary(tracker)
-    return out
+            yield name or ".", mod, tracker
+
+
+def usage_report(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Usage % and KL of every tracked router in ``model``: {module name: {"usage_pct", "kl"}}."""
+    return {name: ExpertUsage.summary(tracker) for name, _, tracker in _tracked(model)}
 
 
 def routing_report(model: nn.Module) -> dict[str, dict[str, float]]:
     """All routing statistics (``RoutingStats.summary``) of every tracked router, plus the median
     sub-key norm of layers with ``sub_keys``: {module name: {metric: value}}."""
     out = {}
-    for name, mod in model.named_modules():
-        tracker = getattr(mod, "usage_tracker", None)
-        if isinstance(tracker, ExpertUsage):
-            rep = tracker.summary()
-            keys = getattr(mod, "sub_keys", None)
-            if isinstance(keys, torch.Tensor):
-                rep["subkey_norm_median"] = keys.detach().float().norm(dim=-1).median().item()
-            out[name or "."] = rep
+    for name, mod, tracker in _tracked(model):
+        rep = tracker.summary()
+        keys = getattr(mod, "sub_keys", None)
+        if isinstance(keys, torch.Tensor):
+            rep["subkey_norm_median"] = keys.detach().float().norm(dim=-1).median().item()
+        out[name] = rep
     return out
 
 
@@ -92,10 +93,8 @@ def window_usage(model: nn.Module, plan=None) -> dict[str, dict[str, float]]:
     if plan is not None:
         plan.reduce_usage_(model)
     out = {}
-    for name, mod in model.named_modules():
-        tracker = getattr(mod, "usage_tracker", None)
-        if isinstance(tracker, ExpertUsage):
-            if tracker.scores is not None:
-                out[name or "."] = ExpertUsage.summary(tracker)
-            tracker.reset()
+    for name, _, tracker in _tracked(model):
+        if tracker.scores is not None:
+            out[name] = ExpertUsage.summary(tracker)
+        tracker.reset()
     return out
