@@ -10,7 +10,7 @@ from tests.experiments.test_epoch_rule import TINY
 from torchpeer.experiments import parse_spec, plan_sweep, read_results, run_sweep
 from torchpeer.experiments.pool import not_started_message
 from torchpeer.experiments.results import append_result, results_path
-from torchpeer.experiments.runner import estimate_seconds
+from torchpeer.experiments.runner import estimate_basis, estimate_seconds
 
 # test_epoch_rule's tiny isoFLOP spec on the CPU, at two budgets, dense and PEER at two widths
 SPEC = {
@@ -200,6 +200,26 @@ def test_estimate_falls_back_to_the_same_family_and_size(tmp_path):
     stranger = {**twin, "total_params": run.total_params + 1, "tokens_per_s": 1.0}
     assert estimate_seconds(run, [stranger]) is None
     assert estimate_seconds(run, [stranger, twin]) == pytest.approx(run.tokens / 100.0 + 2.0)
+
+
+def test_a_new_size_is_estimated_from_its_familys_flop_rate_at_the_nearest_size(tmp_path):
+    """A size no run has measured yet is estimated from the training FLOP rate of its family's run
+    nearest in FLOPs a token (it used to be unknown, and an unknown run starts whatever the time
+    limit: two 3e15 runs were started late and cut that way, campaign.md Batch 23)."""
+    spec = parse_spec(SPEC)
+    run = plan_sweep(spec, str(tmp_path))[0]
+    fpt = run.train_flops_per_token
+    near = {"variant": "a", "family": run.family, "total_params": 1, "tokens_per_s": 50.0}
+    near.update(train_flops_per_token=2 * fpt, wall_seconds=13.0, train_seconds=10.0)
+    far = {**near, "variant": "b", "tokens_per_s": 1.0, "train_flops_per_token": 10 * fpt}
+    other = {**near, "variant": "c", "family": run.family + "-other", "train_flops_per_token": fpt}
+    seconds, basis = estimate_basis(run, [far, near, other])
+    assert basis == "family" and seconds == pytest.approx(run.train_flops / (50.0 * 2 * fpt) + 3.0)
+    assert estimate_basis(run, [other]) == (None, None)  # another family's rate says nothing
+    assert estimate_basis(run, [other], 100.0) == pytest.approx((run.tokens / 100.0, "assumed"))
+    assert estimate_basis(run, [far, near], 100.0)[1] == "family"  # a measured family beats a guess
+    twin = {**near, "variant": run.variant, "tokens_per_s": 10.0}
+    assert estimate_basis(run, [near, twin]) == pytest.approx((run.tokens / 10.0 + 3.0, "measured"))
 
 
 def test_estimate_of_a_resumed_run_counts_only_its_remaining_steps(tmp_path):

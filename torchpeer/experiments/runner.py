@@ -14,6 +14,7 @@ limited length (``time_limit`` stops before starting a run that would not finish
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -259,9 +260,18 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def estimate_seconds(run: PlannedRun, records: list[dict], assume_tokens_per_s: float | None = None) -> float | None:
-    """Training + overhead seconds from the measured tokens/s of the same variant (else of a run of
-    the same family and size, e.g. another seed); without one, from ``assume_tokens_per_s`` when
-    given (else None: unknown). A run with a checkpoint counts only the steps it has left."""
+    """Training + overhead seconds (None: unknown); ``estimate_basis`` says what they rest on."""
+    return estimate_basis(run, records, assume_tokens_per_s)[0]
+
+
+def estimate_basis(
+    run: PlannedRun, records: list[dict], assume_tokens_per_s: float | None = None
+) -> tuple[float | None, str | None]:
+    """(seconds, basis): from the measured tokens/s of the same variant, else of a run of the same
+    family and size (e.g. another seed): "measured"; else from the FLOP rate (tokens/s x FLOPs a
+    token) of the family's run nearest in FLOPs a token: "family" (within 0.5-2x on isoflop-lrw's runs;
+    "unknown" would start a run whatever the time limit: campaign.md Batch 23); else from
+    ``assume_tokens_per_s``: "assumed"; else (None, None). A resumed run counts the steps it has left."""
     same = [r for r in records if r.get("variant") == run.variant and r.get("tokens_per_s")]
     if not same:  # another variant of the same model (e.g. another seed): same family and size
         same = [
@@ -269,12 +279,22 @@ def estimate_seconds(run: PlannedRun, records: list[dict], assume_tokens_per_s: 
             for r in records
             if r.get("family") == run.family and r.get("total_params") == run.total_params and r.get("tokens_per_s")
         ]
-    tokens = run.tokens * (1.0 - _done_fraction(run))  # a resumed run only has its rest to train
-    if not same:
-        return tokens / assume_tokens_per_s if assume_tokens_per_s else None
-    rec = same[-1]
+    left = 1.0 - _done_fraction(run)  # a resumed run only has its rest to train
+    if same:
+        rec, basis = same[-1], "measured"
+        seconds = run.tokens * left / rec["tokens_per_s"]
+    else:
+        family = [
+            r
+            for r in records
+            if r.get("family") == run.family and r.get("tokens_per_s") and r.get("train_flops_per_token")
+        ]
+        if not family:
+            return (run.tokens * left / assume_tokens_per_s, "assumed") if assume_tokens_per_s else (None, None)
+        rec = min(family, key=lambda r: abs(math.log(r["train_flops_per_token"] / run.train_flops_per_token)))
+        seconds, basis = run.train_flops * left / (rec["tokens_per_s"] * rec["train_flops_per_token"]), "family"
     overhead = max(0.0, (rec.get("wall_seconds") or 0.0) - (rec.get("train_seconds") or 0.0))
-    return tokens / rec["tokens_per_s"] + overhead
+    return seconds + overhead, basis
 
 
 def _done_fraction(run: PlannedRun) -> float:
@@ -315,8 +335,8 @@ def format_plan(
     rule = spec.max_epochs
     over = [run.name for run in runs if breaks_epoch_rule(epochs[run.name], rule)]
     for run in runs:
-        est = None if run.name in done else estimate_seconds(run, records, assume_tokens_per_s)
-        guessed = est is not None and estimate_seconds(run, records) is None
+        est, basis = (None, None) if run.name in done else estimate_basis(run, records, assume_tokens_per_s)
+        guessed = basis in ("family", "assumed")
         if run.name not in done:
             if est is None:
                 unknown += 1
@@ -348,9 +368,9 @@ def format_plan(
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     todo = sum(1 for r in runs if r.name not in done)
-    basis = "measured tokens/s"
+    basis = "measured tokens/s (~: a new size, from its family's FLOP rate at the nearest measured size)"
     if assume_tokens_per_s:
-        basis += f", else an assumed {assume_tokens_per_s:,.0f} (~)"
+        basis += f", else an assumed {assume_tokens_per_s:,.0f} tokens/s (~)"
     hint = "" if assume_tokens_per_s else "; --assume-tokens-per-s N estimates them"
     tail = f", {unknown} unknown (no measured tokens/s yet{hint})" if unknown else ""
     if unknown and unknown == todo:  # no run has an estimate: "estimated 0 s" would read as one
