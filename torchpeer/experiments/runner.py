@@ -269,7 +269,7 @@ def estimate_basis(
 ) -> tuple[float | None, str | None]:
     """(seconds, basis): from the measured tokens/s of the same variant, else of a run of the same
     family and size (e.g. another seed): "measured"; else from the FLOP rate (tokens/s x FLOPs a
-    token) of the family's run nearest in FLOPs a token: "family" (within 0.5-2x on isoflop-lrw's runs;
+    token) of the family's run nearest in FLOPs a token: "family" (0.4-2.7x, median ~1, on isoflop-lrw's;
     "unknown" would start a run whatever the time limit: campaign.md Batch 23); else from
     ``assume_tokens_per_s``: "assumed"; else (None, None). A resumed run counts the steps it has left."""
     same = [r for r in records if r.get("variant") == run.variant and r.get("tokens_per_s")]
