@@ -328,7 +328,7 @@ def test_a_misspelt_base_config_names_the_closest_one(tmp_path, capsys):
     spec.write_text('[sweep]\nbase = "ptb-tiy"\nkind = "isoflop"\nbudgets = [1e10]\n[grid.family]\nd = {}\n')
     assert main(["sweep", str(spec), "--dry-run", "--runs-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert err.count("\n") == 1 and err.startswith("error: sweep 's': [sweep] base: config 'ptb-tiy' is neither")
     assert err.endswith(
         "config 'ptb-tiy' is neither a file nor a shipped config; shipped configs: "
         f"{', '.join(list_configs())}; did you mean ptb-tiny?\n"

@@ -111,7 +111,9 @@ def plan_run(spec: SweepSpec, variant: Variant, budget: float | None, tokens: in
     where = f"sweep {spec.name!r}, run {name!r}"
     try:
         cfg = load_config(spec.base, [a for k, v in overrides.items() for a in (f"--{k}", v)])
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except FileNotFoundError as e:  # the base itself (every run would say so): name the spec's field
+        raise ValueError(f"sweep {spec.name!r}: [sweep] base: {e}") from None
+    except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: {e}") from None
     cfg.name = name
     if spec.lr_width_ref is not None:
