@@ -207,3 +207,11 @@ def test_report_flag_parses_a_rule_none_or_recorded():
     for bad in ("0", "-2", "four", "inf", "nan"):
         with pytest.raises(argparse.ArgumentTypeError, match="e.g. --max-epochs 4"):
             _max_epochs(bad)
+
+
+def test_a_short_runs_epochs_are_not_shown_as_zero():
+    """The runs table and the dry run show epochs to two decimals, but a short run's (a CPU smoke
+    sweep's 0.0012 epochs) with two significant digits rather than as 0.00."""
+    from torchpeer.experiments.results import epochs_cell
+
+    assert [epochs_cell(e) for e in (1.2849, 0.0012, 0.00999, 0.0, None)] == ["1.28", "0.0012", "0.01", "0.00", "-"]

@@ -36,6 +36,7 @@ from torchpeer.experiments.markdown import table as _table
 from torchpeer.experiments.paired import paired_table, series_cell, with_shared_points
 from torchpeer.experiments.results import (
     breaks_epoch_rule,
+    epochs_cell,
     epochs_text,
     eval_rows_csv,
     pool_usage,
@@ -248,7 +249,8 @@ def outside_lines(fits: dict, outside: list[dict], rule: float, params_key: str)
         )
         for r in runs:
             fam, loss, size = r.get("family", ""), primary_loss(r), r.get(params_key)
-            head = f"  - {r['run']} ({fam}, {short_count(size)} {what}, {r['epochs']:.2f} epochs): loss {loss:.4f}"
+            head = f"  - {r['run']} ({fam}, {short_count(size)} {what}, {epochs_cell(r['epochs'])} epochs)"
+            head += f": loss {loss:.4f}"
             g = fits.get((fam, budget))
             if g is None:
                 out.append(f"{head}; {fam} has no run inside the rule at this budget to compare it with.")
@@ -304,7 +306,7 @@ def runs_table(recs: list[dict], rule: float | None = None) -> list[str]:
                 short_count(r.get("total_params")),
                 short_count(r.get("active_params")),
                 f"{r.get('tokens', 0):,}",
-                _fmt(r.get("epochs"), ".2f") + (mark if breaks_epoch_rule(r.get("epochs"), rule) else ""),
+                epochs_cell(r.get("epochs")) + (mark if breaks_epoch_rule(r.get("epochs"), rule) else ""),
                 _fmt(r.get("train_flops"), ".3g"),
                 _fmt(loss),
                 _fmt(ppl, ".2f"),

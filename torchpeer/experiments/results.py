@@ -202,6 +202,13 @@ def breaks_epoch_rule(epochs: float | None, max_epochs: float | None) -> bool:
     return max_epochs is not None and epochs is not None and epochs > max_epochs
 
 
+def epochs_cell(epochs: float | None) -> str:
+    """1.2849 -> "1.28", 0.0012 -> "0.0012" (a short run's epochs are not 0.00), None -> "-"."""
+    if epochs is None:
+        return "-"
+    return f"{epochs:.2g}" if 0 < abs(epochs) < 0.01 else f"{epochs:.2f}"
+
+
 def epochs_text(max_epochs: float) -> str:
     """4.0 -> "4", 2.5 -> "2.5": the rule as the spec writes it."""
     return f"{max_epochs:g}"

@@ -26,6 +26,7 @@ from torchpeer.experiments.results import (
     breaks_epoch_rule,
     data_key,
     epoch_fields,
+    epochs_cell,
     epochs_text,
     make_run_record,
     read_results,
@@ -416,7 +417,7 @@ def _memory_cell(run: PlannedRun) -> str:
 def _epochs_cell(epochs: float | None, rule: float | None) -> str:
     if epochs is None:
         return "?"
-    return f"{epochs:.2f}" + (f" > {epochs_text(rule)}" if breaks_epoch_rule(epochs, rule) else "")
+    return epochs_cell(epochs) + (f" > {epochs_text(rule)}" if breaks_epoch_rule(epochs, rule) else "")
 
 
 def _rule_line(rule: float, epochs: dict[str, float | None], over: list[str]) -> str:
