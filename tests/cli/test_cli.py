@@ -595,7 +595,7 @@ def test_info_toml_lists_every_field_and_loads_back(capsys, tmp_path):
     as a TOML file that loads back to the same config."""
     import functools
 
-    from torchpeer.lm.config_io import _field_names, tomllib  # tomllib, or tomli on Python 3.10
+    from torchpeer.lm.config_io import field_names, tomllib  # tomllib, or tomli on Python 3.10
 
     assert main(["info", "ptb-tiny", "--toml", "--model.d_model", "64", "--train.max_tokens", "1e6"]) == 0
     text = capsys.readouterr().out
@@ -605,7 +605,7 @@ def test_info_toml_lists_every_field_and_loads_back(capsys, tmp_path):
     cfg = load_config(str(path))
     assert cfg.to_dict() == load_config("ptb-tiny", ["--model.d_model", "64", "--train.max_tokens", "1e6"]).to_dict()
     parsed = tomllib.loads(text)
-    for name in _field_names(cfg):  # each set field is in the file; each unset one is a comment
+    for name in field_names(cfg):  # each set field is in the file; each unset one is a comment
         *sections, leaf = name.split(".")
         table = functools.reduce(lambda d, k: d[k], sections, parsed)
         assert leaf in table or f"\n# {leaf} = none" in text, name

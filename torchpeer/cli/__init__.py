@@ -137,11 +137,10 @@ def unknown_arguments_message(parser: argparse.ArgumentParser, command: str, ext
     elif close := difflib.get_close_matches(flag, options, n=1, cutoff=0.75):
         hint = f"; did you mean {close[0]}?"
     elif sub.get_default("takes_overrides"):
-        from torchpeer.lm.config import RunConfig
-        from torchpeer.lm.config_io import _closest_field, _field_names
+        from torchpeer.lm.config_io import closest_field, run_config_fields
 
         leaf = flag.lstrip("-").replace("-", "_")
-        field = _closest_field(leaf, [n for n in _field_names(RunConfig()) if "." in n])  # not the name
+        field = closest_field(leaf, [n for n in run_config_fields() if "." in n])  # not the name
         if field:
             hint = f"; config fields are set with their section: --{field} VALUE"
         else:

@@ -17,13 +17,12 @@ def check_field(key: str, value: Any, what: str, where: str, values: list | None
     (``"train.lr" = 0.001``), not in the ``--train.lr`` form of the CLI's message: the user is
     editing a TOML file. Checked here, at load time, so the error also names the table it is in; so is
     the type of the value (of each of ``values``, a [grid] axis's list, when given)."""
-    from torchpeer.lm.config import RunConfig
-    from torchpeer.lm.config_io import _closest_field, _field_names
+    from torchpeer.lm.config_io import closest_field, run_config_fields
 
     parts = key.split(".")
     if parts[:2] == ["data", "valid"] and len(parts) == 3:
         return  # "data.valid.NAME" adds an eval set: any name
-    fields = _field_names(RunConfig())
+    fields = list(run_config_fields())
     sections = {".".join(f.split(".")[:i]) for f in fields for i in range(1, f.count(".") + 1)}
     if key in STOP_FIELDS:
         raise ValueError(f"{where}: {what} {toml_key_value(key, value)} would be ignored: {SIZED_BY}")
@@ -35,7 +34,7 @@ def check_field(key: str, value: Any, what: str, where: str, values: list | None
         raise ValueError(f'{where}: {what} {key} is a section; set one of its fields, e.g. "{key}.<field>" = VALUE')
     if parts[-1] in ("epochs", "num_epochs", "max_epochs"):
         hint = "runs are sized by [sweep] budgets or tokens (or a variant's own), not epochs"
-    elif (match := _closest_field(key, fields)) is not None:
+    elif (match := closest_field(key, fields)) is not None:
         hint = f"did you mean {toml_key_value(match, value)}?"
     else:  # nothing alike: list what the deepest valid section of the key holds
         known = [p for p in (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)) if p in sections]

@@ -15,10 +15,9 @@ def unquoted_field(prefix: str, table: dict) -> tuple[str, Any] | None:
     """The first config field of ``table`` read under ``prefix`` (``train`` + {"lr": [..]} ->
     ("train.lr", [..])): what TOML makes of a dotted key written without quotes (``train.lr = 3e-3``
     is the table ``train`` holding ``lr``). None when no leaf is a config field."""
-    from torchpeer.lm.config import RunConfig
-    from torchpeer.lm.config_io import _field_names
+    from torchpeer.lm.config_io import run_config_fields
 
-    fields = _field_names(RunConfig())
+    fields = run_config_fields()
     for key, value in table.items():
         name = f"{prefix}.{key}"
         if isinstance(value, dict):
@@ -43,12 +42,11 @@ def config_field_like(key: str, value: Any) -> tuple[str, Any] | None:
     """(dotted config field, value) when ``key`` names one, quoted (``"train.lr"``), unquoted (a
     table: ``{"lr": ..}`` under ``train``) or by its last part (``lr``); else None. For a key put
     in a table of the spec that holds no config fields ([sweep], or none at all)."""
-    from torchpeer.lm.config import RunConfig
-    from torchpeer.lm.config_io import _closest_field, _field_names
+    from torchpeer.lm.config_io import closest_field, run_config_fields
 
     if isinstance(value, dict):
         return unquoted_field(key, value)
-    match = _closest_field(key, _field_names(RunConfig()))
+    match = closest_field(key, list(run_config_fields()))
     # a bare name only when it is a field's own (seed -> train.seed), not a likeness (a [sweep] field's)
     return (match, value) if match is not None and ("." in key or match.rsplit(".", 1)[-1] == key) else None
 

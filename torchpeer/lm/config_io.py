@@ -17,6 +17,7 @@ Overrides use dotted field names and take their type from the dataclass field::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -205,7 +206,7 @@ def _suggest(cfg: RunConfig, key: str, parts: list[str]) -> str:
         hint = "runs are sized in steps, tokens or FLOPs, not epochs: use --train.max_tokens "
         hint += "(one pass of the train split: its token count, which torchpeer data prints) "
     else:
-        match = _closest_field(key, _field_names(cfg), f"model.{cfg.model.ffw}.")
+        match = closest_field(key, field_names(cfg), f"model.{cfg.model.ffw}.")
         hint = f"did you mean --{match}? " if match else ""
     obj = cfg
     for p in parts[:-1]:
@@ -217,7 +218,7 @@ def _suggest(cfg: RunConfig, key: str, parts: list[str]) -> str:
     return f"{hint}sections are model, train, data"
 
 
-def _closest_field(key: str, names: list[str], prefer: str = "") -> str | None:
+def closest_field(key: str, names: list[str], prefer: str = "") -> str | None:
     """The dotted field most like ``key`` among those whose last part is like ``key``'s (so that
     ``trian.max_steps`` finds ``train.max_steps`` but ``model.dropout`` finds nothing, not a field
     that only shares the ``model.`` prefix), fields under ``prefer`` (the model's FFW section)
@@ -240,13 +241,21 @@ def _closest_field(key: str, names: list[str], prefer: str = "") -> str | None:
     return max(similar, key=score)
 
 
-def _field_names(obj, prefix: str = "") -> list[str]:
+@functools.cache
+def run_config_fields() -> tuple[str, ...]:
+    """``field_names(RunConfig())``, built once: the spec checks and hints ask for it per key."""
+    from torchpeer.lm.config import RunConfig
+
+    return tuple(field_names(RunConfig()))
+
+
+def field_names(obj, prefix: str = "") -> list[str]:
     """Every dotted field name of a config dataclass: "train.max_steps", "model.peer.top_k", ..."""
     out = []
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         name = f"{prefix}{f.name}"
-        out += _field_names(value, name + ".") if dataclasses.is_dataclass(value) else [name]
+        out += field_names(value, name + ".") if dataclasses.is_dataclass(value) else [name]
     return out
 
 
