@@ -412,6 +412,7 @@ budgets = [1e8]
 "data.tokenizer" = "byte"
 "data.train" = "{text}"
 "data.valid.small" = "{text}"
+"data.valid.ptb" = "none"           # the base's PTB valid set: 400k tokens to evaluate, not under test
 
 [grid.size]
 d16 = {{ "model.d_model" = 16, "model.ffw" = "dense" }}
@@ -464,9 +465,12 @@ def test_device_sweep_script_runs_a_sweep_and_packs_its_results(tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert late.returncode == 4 and "leaves" in late.stderr and not (snap / "runs" / "late").exists()
+    # --stop-at makes the sweep start its run in a worker process, whose intra-op threads are cores //
+    # --parallel: --parallel 2 gives it one thread, as the test's own processes have (two threads on two
+    # cores shared with other processes took 6.8 s for 16 steps where one took 0.3 s, 2026-12-07)
     res = subprocess.run(
-        ["bash", script, str(spec), "runs/smoke"], cwd=snap, env={**env, "DEVICE_END": str(now + 600)},
-        capture_output=True, text=True, timeout=300,
+        ["bash", script, str(spec), "runs/smoke", "--parallel", "2"], cwd=snap,
+        env={**env, "DEVICE_END": str(now + 600)}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
     assert "torchpeer from" in res.stdout and ".snap" in res.stdout
