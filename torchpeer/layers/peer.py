@@ -70,6 +70,7 @@ class PEERConfig:
     key_init: str = "random"
     key_norm: str = "none"
     dense_hidden: int = 0
+    query_norm_momentum: float | None = None
 
 
 class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
@@ -118,6 +119,11 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
         dense_hidden: 0 (paper) or the hidden width of a dense FFW (``DenseFFW``, gelu, no biases)
             whose output is added to the experts': the block keeps a narrow dense path beside the
             retrieved neurons instead of losing its FFW to them (attribute ``dense``, else None).
+        query_norm_momentum: None (the norm's own: ema 0.05, batch 0.1) or the running statistics'
+            update rate in (0, 1] of a "batch", "ema" or "ema_white" query norm. Why: at a high lr the
+            queries move fast in the first few dozen steps, and statistics averaged over all earlier
+            steps lag them, so every token's query carries one offset and picks the same sub-keys
+            (the early router collapse, beyond_paper.md P26-i); a higher rate follows them.
         pool: an ``ExpertPool`` to read the tables from (not a submodule: its owner counts,
             saves and optimises it); must match n_experts, d_model and the read-out's tables.
 
@@ -160,6 +166,7 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
         key_init: str = "random",
         key_norm: str = "none",
         dense_hidden: int = 0,
+        query_norm_momentum: float | None = None,
         pool: ExpertPool | None = None,
     ):
         super().__init__()
@@ -183,7 +190,7 @@ class PEER(RoutedLayer, UsageTrackingMixin, nn.Module):
         )  # fmt: skip
         self.router = ProductKeyRouter(
             d_model, n, heads, top_k, d_key, query_norm, key_sets=1 if shared_keys else heads, backend=backend,
-            key_norm=key_norm,
+            key_norm=key_norm, query_norm_momentum=query_norm_momentum,
         )  # fmt: skip
         self.d_model, self.n_experts, self.n_sub = d_model, n_experts, n
         self.heads, self.top_k, self.d_key = heads, top_k, d_key

@@ -38,6 +38,7 @@ from torchpeer.layers.validators import check_choice, check_input, check_positiv
 from torchpeer.ops import BACKENDS, RetrievalKernelConfig, product_key_topk, resolve_backend
 
 KEY_NORMS = ("none", "l2", "layer")
+MOMENTUM_NORMS = ("batch", "ema", "ema_white")  # the query norms with running statistics
 
 
 def normalize_sub_keys(sub_keys: torch.Tensor, kind: str, d_key: int) -> torch.Tensor:
@@ -86,6 +87,8 @@ class ProductKeyRouter(nn.Module):
         top_k: keys retrieved per head, at most n_keys.
         d_key: query / full key width, even (two sub-keys of d_key // 2).
         query_norm: a ``build_query_norm`` kind ("batch", "layer", "none", ...).
+        query_norm_momentum: None (the norm's default) or its running statistics' rate in (0, 1]
+            (``MOMENTUM_NORMS`` only).
         key_sets: 1 (all heads share the sub-keys) or heads (one set per head).
         query_bias: bias in the query projection (PKM: True, PEER: False).
         backend: retrieval backend for ``torchpeer.ops.product_key_topk``.
@@ -111,6 +114,7 @@ class ProductKeyRouter(nn.Module):
         query_bias: bool = False,
         backend: str = "auto",
         key_norm: str = "none",
+        query_norm_momentum: float | None = None,
     ):
         super().__init__()
         check_positive(d_model=d_model, n_keys=n_keys, heads=heads, top_k=top_k, d_key=d_key)
@@ -136,6 +140,17 @@ class ProductKeyRouter(nn.Module):
         self.query_proj = nn.Linear(d_model, heads * d_key, bias=query_bias)
         # the "ema" norm has fused kernels: it follows the router's backend ("torch": no Triton anywhere)
         norm_opts = {"backend": backend} if query_norm == "ema" else {}
+        if query_norm_momentum is not None:
+            if query_norm not in MOMENTUM_NORMS:
+                raise ValueError(
+                    f"query_norm_momentum applies to the query norms with running statistics {MOMENTUM_NORMS}, "
+                    f"not {query_norm!r}: leave it unset"
+                )
+            if isinstance(query_norm_momentum, bool) or not (
+                isinstance(query_norm_momentum, (int, float)) and 0 < query_norm_momentum <= 1
+            ):
+                raise ValueError(f"query_norm_momentum must be a number in (0, 1], got {query_norm_momentum!r}")
+            norm_opts["momentum"] = float(query_norm_momentum)
         self.norm = build_query_norm(query_norm, heads, d_key, **norm_opts)
         self.sub_keys = nn.Parameter(torch.randn(key_sets, 2, n_keys, d_key // 2) / math.sqrt(d_key))
 
