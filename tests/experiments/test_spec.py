@@ -429,6 +429,7 @@ def test_lr_checks_are_their_isoflop_twins_but_for_the_lr(tmp_path, spec, twins)
     warm = (
         {f"{f}-wu15" for f in grid}
         | {"peer-tables8e-3-wu15", "peer-balance-wu15", "peer-slowkeys-wu15", "peer-balance-slowkeys-wu15"}
+        | {"peer-batchnorm-wu15", "peer-emafast-wu15"}
         if spec == "lr-check"
         else set()
     )
@@ -436,7 +437,7 @@ def test_lr_checks_are_their_isoflop_twins_but_for_the_lr(tmp_path, spec, twins)
     for r in runs:
         # its twin: the isoflop run of its name less the lr, the tables' lr and the warm-up
         # (dense-s6-lr2e-3-1e16 -> dense-s6-1e16; peer-tables8e-3-wu15-s2-lr4e-3-1e15 -> peer-s2-1e15)
-        twin = iso[re.sub(r"-(lr|tables)\d+(\.\d+)?e-\d+|-wu15|-balance|-slowkeys", "", r.name)]
+        twin = iso[re.sub(r"-(lr|tables)\d+(\.\d+)?e-\d+|-wu15|-balance|-slowkeys|-batchnorm|-emafast", "", r.name)]
         assert twin.name.endswith(twins) or r.name.startswith("dense-s6-")  # s6: the d-512 check of P-lr-k
         model, steps = twin.cfg.model, twin.steps
         if r.family.startswith("peer-balance-"):  # the sub-key balance term, as issue 18's winner's: its
@@ -446,6 +447,9 @@ def test_lr_checks_are_their_isoflop_twins_but_for_the_lr(tmp_path, spec, twins)
             steps = r.steps
         if "-slowkeys-" in r.family + "-":  # the sub-keys at a quarter of the lr
             model = dataclasses.replace(model, peer=dataclasses.replace(model.peer, key_lr_scale=0.25))
+        if r.family in ("peer-batchnorm-wu15", "peer-emafast-wu15"):  # the query norm's lag (P26-k)
+            norm = {"query_norm": "batch"} if "batchnorm" in r.family else {"query_norm_momentum": 0.5}
+            model = dataclasses.replace(model, peer=dataclasses.replace(model.peer, **norm))
         assert r.cfg.model == model and r.cfg.data == twin.cfg.data and r.steps == steps
         named_lr = re.match(r"\d+(\.\d+)?e-\d+", r.name.split("-lr")[1]).group(0)  # the lr the name spells
         assert twin.cfg.train.lr == 1e-3 and float(named_lr) == r.cfg.train.lr
