@@ -60,6 +60,7 @@ def test_config_fields_and_defaults_unchanged():
         # new (issue 18), each default the paper's layer as before
         "readout": "paper", "shared_pool": False, "balance_weight": 0.0, "balance_stride": 1,
         "key_lr_scale": 1.0, "query_lr_scale": 1.0, "key_init": "random", "key_norm": "none", "dense_hidden": 0,
+        "query_norm_momentum": None,  # new (issue 18, P26-i): None keeps each norm's own rate, as before
     }  # fmt: skip
     assert defaults["pkm"] == {
         "n_keys": 1024, "heads": 8, "top_k": 32, "d_key": None, "query_norm": "batch", "value_dim": None,
