@@ -10,7 +10,7 @@ from tests.experiments.test_epoch_rule import TINY
 from torchpeer.experiments import parse_spec, plan_sweep, read_results, run_sweep
 from torchpeer.experiments.pool import not_started_message
 from torchpeer.experiments.results import append_result, results_path
-from torchpeer.experiments.runner import estimate_basis, estimate_seconds
+from torchpeer.experiments.runner import estimate_basis, estimate_seconds, format_plan
 
 # test_epoch_rule's tiny isoFLOP spec on the CPU, at two budgets, dense and PEER at two widths
 SPEC = {
@@ -220,6 +220,26 @@ def test_a_new_size_is_estimated_from_its_familys_flop_rate_at_the_nearest_size(
     assert estimate_basis(run, [far, near], 100.0)[1] == "family"  # a measured family beats a guess
     twin = {**near, "variant": run.variant, "tokens_per_s": 10.0}
     assert estimate_basis(run, [near, twin]) == pytest.approx((run.tokens / 10.0 + 3.0, "measured"))
+
+
+def test_a_new_family_is_estimated_from_the_nearest_run_of_its_ffw_kind(tmp_path):
+    """A family no run has measured (e.g. a PEER router variant added to lr-check) is estimated from
+    the FLOP rate of the run of the same FFW kind nearest in FLOPs a token, marked '~' in the plan; a
+    run of another kind says nothing (dense and PEER differ ~2x in rate at one FLOP count)."""
+    spec = parse_spec(SPEC)
+    run = plan_sweep(spec, str(tmp_path))[0]
+    fpt, ffw = run.train_flops_per_token, run.cfg.model.ffw
+    kin = {"run": "k-run", "variant": "k", "family": run.family + "-variant", "ffw": ffw, "tokens_per_s": 40.0}
+    kin.update(train_flops_per_token=fpt, wall_seconds=11.0, train_seconds=10.0)
+    far_kin = {**kin, "variant": "f", "tokens_per_s": 1.0, "train_flops_per_token": 50 * fpt}
+    stranger = {**kin, "variant": "s", "ffw": ffw + "-other", "tokens_per_s": 1e6}
+    seconds, basis = estimate_basis(run, [stranger, far_kin, kin])
+    assert basis == "kind" and seconds == pytest.approx(run.train_flops / (40.0 * fpt) + 1.0)
+    assert estimate_basis(run, [stranger]) == (None, None)
+    own = {**kin, "variant": "o", "family": run.family, "tokens_per_s": 20.0}  # its own family comes first
+    assert estimate_basis(run, [kin, own])[1] == "family"
+    plan = format_plan(spec, [run], [kin])
+    assert "~" in plan and "unknown" not in plan.split("runs to train")[0].splitlines()[-1]
 
 
 def test_estimate_of_a_resumed_run_counts_only_its_remaining_steps(tmp_path):

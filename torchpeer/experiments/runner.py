@@ -271,8 +271,9 @@ def estimate_basis(
     """(seconds, basis): from the measured tokens/s of the same variant, else of a run of the same
     family and size (e.g. another seed): "measured"; else from the FLOP rate (tokens/s x FLOPs a
     token) of the family's run nearest in FLOPs a token: "family" (0.4-2.7x, median ~1, on isoflop-lrw's;
-    "unknown" would start a run whatever the time limit: campaign.md Batch 23); else from
-    ``assume_tokens_per_s``: "assumed"; else (None, None). A resumed run counts the steps it has left."""
+    "unknown" would start a run whatever the time limit: campaign.md Batch 23); else, for a new family,
+    of the nearest run of the same FFW kind (e.g. a PEER router variant from PEER's runs): "kind"; else
+    from ``assume_tokens_per_s``: "assumed"; else (None, None). A resumed run counts the steps it has left."""
     same = [r for r in records if r.get("variant") == run.variant and r.get("tokens_per_s")]
     if not same:  # another variant of the same model (e.g. another seed): same family and size
         same = [
@@ -285,15 +286,14 @@ def estimate_basis(
         rec, basis = same[-1], "measured"
         seconds = run.tokens * left / rec["tokens_per_s"]
     else:
-        family = [
-            r
-            for r in records
-            if r.get("family") == run.family and r.get("tokens_per_s") and r.get("train_flops_per_token")
-        ]
-        if not family:
+        rated = [r for r in records if r.get("tokens_per_s") and r.get("train_flops_per_token")]
+        tiers = (("family", "family", run.family), ("kind", "ffw", run.cfg.model.ffw))
+        kins = ((b, [r for r in rated if r.get(k) == v]) for b, k, v in tiers)
+        basis, kin = next(((b, kin) for b, kin in kins if kin), (None, []))
+        if not kin:
             return (run.tokens * left / assume_tokens_per_s, "assumed") if assume_tokens_per_s else (None, None)
-        rec = min(family, key=lambda r: abs(math.log(r["train_flops_per_token"] / run.train_flops_per_token)))
-        seconds, basis = run.train_flops * left / (rec["tokens_per_s"] * rec["train_flops_per_token"]), "family"
+        rec = min(kin, key=lambda r: abs(math.log(r["train_flops_per_token"] / run.train_flops_per_token)))
+        seconds = run.train_flops * left / (rec["tokens_per_s"] * rec["train_flops_per_token"])
     overhead = max(0.0, (rec.get("wall_seconds") or 0.0) - (rec.get("train_seconds") or 0.0))
     return seconds + overhead, basis
 
@@ -337,7 +337,7 @@ def format_plan(
     over = [run.name for run in runs if breaks_epoch_rule(epochs[run.name], rule)]
     for run in runs:
         est, basis = (None, None) if run.name in done else estimate_basis(run, records, assume_tokens_per_s)
-        guessed = basis in ("family", "assumed")
+        guessed = basis in ("family", "kind", "assumed")
         if run.name not in done:
             if est is None:
                 unknown += 1
@@ -369,7 +369,7 @@ def format_plan(
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     todo = sum(1 for r in runs if r.name not in done)
-    basis = "measured tokens/s (~: a new size, from its family's FLOP rate at the nearest measured size)"
+    basis = "measured tokens/s (~: a new size or family, from the FLOP rate of its family's or FFW kind's nearest run)"
     if assume_tokens_per_s:
         basis += f", else an assumed {assume_tokens_per_s:,.0f} tokens/s (~)"
     hint = "" if assume_tokens_per_s else "; --assume-tokens-per-s N estimates them"
