@@ -559,3 +559,17 @@ def test_device_sweep_script_packs_what_it_has_when_killed_at_the_time_limit(tmp
     events = [json.loads(line).get("event") for line in packed.splitlines()]
     assert "interrupted" in events  # the sweep got the signal and its run stopped with a checkpoint
     assert os.listdir(tmp_path / "runs" / "sig" / run / "checkpoints")
+
+
+def test_worker_threads_are_the_cores_share_or_the_callers_lower_cap(monkeypatch):
+    """Each worker gets cores // parallel intra-op threads, unless the caller's OMP_NUM_THREADS is
+    lower (it used to be overridden: a sweep in a one-thread test process ran its workers on every
+    core); a bad value is ignored."""
+    monkeypatch.setattr(pool_mod.os, "cpu_count", lambda: 16)
+    cases = (("", 4, "4"), ("1", 4, "1"), ("8", 4, "4"), ("2", 1, "2"), ("x", 2, "8"), ("0", 2, "8"))
+    for asked, parallel, want in cases:
+        monkeypatch.setenv("OMP_NUM_THREADS", asked)
+        env = pool_mod.worker_env(parallel)
+        assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == want, (asked, parallel)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert pool_mod.worker_env(3)["OMP_NUM_THREADS"] == "5"

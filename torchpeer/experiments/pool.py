@@ -112,8 +112,11 @@ def worker_command() -> list[str]:
 
 
 def worker_env(parallel: int) -> dict[str, str]:
-    """The workers share the machine's cores: intra-op threads = cores // parallel (at least 1)."""
-    threads = str(max(1, (os.cpu_count() or 1) // parallel))
+    """The workers share the machine's cores: intra-op threads = cores // parallel (at least 1), or
+    the caller's OMP_NUM_THREADS where that is lower (a sweep inside a test run or a shared host)."""
+    share = max(1, (os.cpu_count() or 1) // parallel)
+    asked = os.environ.get("OMP_NUM_THREADS", "")
+    threads = str(min(share, int(asked)) if asked.isdigit() and int(asked) > 0 else share)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     path = os.environ.get("PYTHONPATH", "")
     return {
