@@ -573,3 +573,25 @@ def test_worker_threads_are_the_cores_share_or_the_callers_lower_cap(monkeypatch
         assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == want, (asked, parallel)
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert pool_mod.worker_env(3)["OMP_NUM_THREADS"] == "5"
+
+
+def test_longest_first_starts_fresh_runs_by_estimate_longest_and_unknown_first(tmp_path, fake_worker, monkeypatch):
+    """--longest-first: the runs start by estimated seconds, unknown first, then longest to shortest
+    (without it: plan order); the CLI's continue line keeps the flag."""
+    from torchpeer.experiments import runner as runner_mod
+    from torchpeer.experiments.sweep_command import continue_command
+
+    monkeypatch.setenv("SLEEP", "0.05")
+    spec = spec_for(tmp_path, budgets=(1e10,))
+    names = [r.name for r in plan_sweep(spec, str(tmp_path / "plan"))]
+    seconds = dict(zip(names, (5.0, None, 50.0, 20.0)))
+    monkeypatch.setattr(runner_mod, "estimate_seconds", lambda run, records, assume=None: seconds[run.name])
+    for longest_first, want in ((False, names), (True, [names[1], names[2], names[3], names[0]])):
+        runs_dir = str(tmp_path / f"runs-{longest_first}")
+        quiet = dict(progress=False, say=lambda m: None)
+        run_sweep(spec, runs_dir, parallel=1, stop_at=600, longest_first=longest_first, **quiet)
+        started = [name for name, _, _ in sorted(intervals(runs_dir), key=lambda span: span[1])]
+        assert started == want, longest_first
+    args = type("Args", (), dict(spec="s", only=None, time_limit=None, assume_tokens_per_s=None, stop_at=None))()
+    args.parallel, args.drop_checkpoints, args.no_progress, args.longest_first = 4, True, False, True
+    assert continue_command(args, "runs/s").endswith("--parallel 4 --drop-checkpoints --longest-first")

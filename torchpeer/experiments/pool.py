@@ -34,6 +34,7 @@ and its checkpoint was lost with the machine.)
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -142,6 +143,7 @@ def run_parallel(
     on_recorded: Callable[[PlannedRun], None] | None = None,
     gpus: list[str] | None = None,
     memory: Callable[[PlannedRun], int | None] | None = None,
+    longest_first: bool = False,
 ) -> list[dict]:
     """Train ``todo`` ([(head, run)], plan order) ``parallel`` at a time; returns the new records.
 
@@ -150,10 +152,17 @@ def run_parallel(
     (e.g. to drop its checkpoints). ``gpus``: the GPU ids to spread the workers over (default:
     ``visible_gpus()``; with fewer than 2 every worker keeps this process's view). ``memory(run)``: the
     bytes a run's step needs (None = unknown), reserved for the runs that go first (module docstring).
+    ``longest_first``: after the resuming runs, the fresh ones by estimate, longest (and unknown) first:
+    a GPU lease's first commands then start the runs that its time-limited last one could not.
     """
     t0, new = time.time(), []
     first = {run.name for _, run in todo if list_checkpoints(run.run_dir)}  # resuming: they go first
-    pending = sorted(todo, key=lambda hr: hr[1].name not in first)  # stable: plan order within each group
+
+    def rank(run: PlannedRun) -> float:
+        seconds = estimate(run) if longest_first else 0.0
+        return -math.inf if seconds is None else -seconds
+
+    pending = sorted(todo, key=lambda hr: (hr[1].name not in first, rank(hr[1])))  # stable: else plan order
     jobs: list[_Job] = []
     told: set[str] = set()
     interrupted, dropped = False, []

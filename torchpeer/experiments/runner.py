@@ -64,6 +64,7 @@ def run_sweep(
     parallel: int = 1,
     stop_at: float | None = None,
     drop_checkpoints: bool = False,
+    longest_first: bool = False,
 ) -> list[dict]:
     """Train the runs of ``spec`` not yet in ``runs_dir``; returns the records of this invocation.
 
@@ -72,7 +73,7 @@ def run_sweep(
     training are interrupted (they resume or restart next time), for jobs with a hard end; it
     needs a worker process to interrupt, so with parallel 1 the single run goes to one worker. drop_checkpoints:
     delete a run's checkpoints once its result is recorded (they only serve resuming; a 1M-expert
-    model's are GBs).
+    model's are GBs). longest_first: worker runs start by estimate, longest first (pool.run_parallel).
     """
     if parallel < 1:
         raise ValueError(f"--parallel must be >= 1, got {parallel}")
@@ -140,6 +141,7 @@ def run_sweep(
             say,
             on_recorded=drop_run_checkpoints if drop_checkpoints else None,
             memory=step_memory_bytes,
+            longest_first=longest_first,
         )
     for k, (head, run) in enumerate(todo):
         estimate = estimate_seconds(run, list(done.values()) + new, assume_tokens_per_s)

@@ -74,6 +74,13 @@ def add_parser(subparsers):
         action="store_true",
         help="delete a run's checkpoints once its result is recorded (they only serve resuming; GBs per PEER run)",
     )
+    p.add_argument(
+        "--longest-first",
+        action="store_true",
+        help="with --parallel or --stop-at: start the runs by estimated time, longest (and unknown) first, not in plan "
+        "order (runs resuming a checkpoint still go first): a GPU lease's first commands then start the long runs that "
+        "its last, time-limited command could not",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
@@ -115,7 +122,8 @@ def continue_command(args, runs_dir: str) -> str:
             cmd += [flag, value if isinstance(value, str) else f"{value:g}"]
     if args.parallel != 1:
         cmd += ["--parallel", str(args.parallel)]
-    cmd += ["--drop-checkpoints"] * bool(args.drop_checkpoints) + ["--no-progress"] * bool(args.no_progress)
+    cmd += ["--drop-checkpoints"] * bool(args.drop_checkpoints) + ["--longest-first"] * bool(args.longest_first)
+    cmd += ["--no-progress"] * bool(args.no_progress)
     return shlex.join(cmd)
 
 
@@ -179,6 +187,7 @@ def run(args) -> int:
                 parallel=args.parallel,
                 stop_at=args.stop_at,
                 drop_checkpoints=args.drop_checkpoints,
+                longest_first=args.longest_first,
                 say=lambda s: print(s, flush=True),
             )
     except KeyboardInterrupt as e:  # Ctrl-C, or a run's TrainingInterrupted (SIGINT/SIGTERM)
