@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from torchpeer.layers.peer import PEER, PEERConfig
+from torchpeer.layers.query_norm import build_query_norm
 from torchpeer.lm import load_config
 
 SMALL = dict(n_experts=64, heads=2, top_k=4, d_key=8, backend="torch")
@@ -56,8 +57,9 @@ def test_the_other_norms_with_running_statistics_take_it_too(kind, momentum):
     [
         ("layer", 0.5, "applies to the query norms with running statistics"),
         ("none", 0.5, "not 'none': leave it unset"),
-        ("ema", 0.0, r"must be a number in \(0, 1\], got 0.0"),
-        ("ema", 1.5, r"must be a number in \(0, 1\], got 1.5"),
+        ("ema", 0.0, r"must be a finite number in \(0, 1\], got 0.0"),
+        ("ema", 1.5, r"must be a finite number in \(0, 1\], got 1.5"),
+        ("ema", float("nan"), r"must be a finite number in \(0, 1\], got nan"),
         ("ema", True, "got True"),
         ("ema", "0.5", "got '0.5'"),
     ],
@@ -65,6 +67,14 @@ def test_the_other_norms_with_running_statistics_take_it_too(kind, momentum):
 def test_bad_values_name_the_fix(kind, momentum, match):
     with pytest.raises(ValueError, match=match):
         PEER(16, query_norm=kind, query_norm_momentum=momentum, **SMALL)
+
+
+@pytest.mark.parametrize("momentum", [0.0, -0.1, 1.01, float("inf"), "0.5", None])
+def test_the_norms_own_momentum_check_is_the_same(momentum):
+    """build_query_norm's ema statistics refuse what the router refuses, with the same message form
+    (a string used to fail with a TypeError from the comparison)."""
+    with pytest.raises(ValueError, match=r"momentum must be a finite number in \(0, 1\], got "):
+        build_query_norm("ema", 2, 8, momentum=momentum)
 
 
 def test_it_is_a_config_field_with_the_paper_default():

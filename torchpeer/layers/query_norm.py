@@ -31,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-from torchpeer.layers.validators import check_choice
+from torchpeer.layers.validators import check_choice, check_number
 from torchpeer.ops import BACKENDS, resolve_backend
 from torchpeer.ops.query_norm import ema_norm_reference, kernel_supports
 
@@ -82,8 +82,7 @@ class _EMAStats(nn.Module):
 
     def __init__(self, momentum: float):
         super().__init__()
-        if not 0.0 < momentum <= 1.0:
-            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
+        check_number("momentum", momentum, strict=True, maximum=1.0)
         self.momentum = momentum
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from torchpeer.layers.accounting import FFWCost, count_params, matmul_flops
 from torchpeer.layers.query_norm import build_query_norm
-from torchpeer.layers.validators import check_choice, check_input, check_positive
+from torchpeer.layers.validators import check_choice, check_input, check_number, check_positive
 from torchpeer.ops import BACKENDS, RetrievalKernelConfig, product_key_topk, resolve_backend
 
 KEY_NORMS = ("none", "l2", "layer")
@@ -146,10 +146,7 @@ class ProductKeyRouter(nn.Module):
                     f"query_norm_momentum applies to the query norms with running statistics {MOMENTUM_NORMS}, "
                     f"not {query_norm!r}: leave it unset"
                 )
-            if isinstance(query_norm_momentum, bool) or not (
-                isinstance(query_norm_momentum, (int, float)) and 0 < query_norm_momentum <= 1
-            ):
-                raise ValueError(f"query_norm_momentum must be a number in (0, 1], got {query_norm_momentum!r}")
+            check_number("query_norm_momentum", query_norm_momentum, strict=True, maximum=1.0)
             norm_opts["momentum"] = float(query_norm_momentum)
         self.norm = build_query_norm(query_norm, heads, d_key, **norm_opts)
         self.sub_keys = nn.Parameter(torch.randn(key_sets, 2, n_keys, d_key // 2) / math.sqrt(d_key))

@@ -66,9 +66,12 @@ def check_last_dim(x: torch.Tensor, d_model: int) -> None:
     check_input(x, d_model)
 
 
-def check_number(name: str, value, *, minimum: float = 0.0, strict: bool = False) -> None:
-    """Raise a ValueError naming ``name`` unless value is a finite real number >= minimum (> if strict)."""
+def check_number(name: str, value, *, minimum: float = 0.0, strict: bool = False, maximum: float | None = None) -> None:
+    """Raise a ValueError naming ``name`` unless value is a finite real number >= minimum (> if strict)
+    and, when given, <= maximum."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < minimum or (strict and value == minimum):
+    if not ok or value < minimum or (strict and value == minimum) or (maximum is not None and value > maximum):
         bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+        if maximum is not None:
+            bound = f"in {'(' if strict else '['}{minimum:g}, {maximum:g}]"
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
