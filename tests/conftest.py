@@ -7,7 +7,9 @@ One intra-op thread (OMP_NUM_THREADS=1 unless it is set already; subprocesses in
 tests' tensors are tiny, and on a 2-core host shared with other processes (the CI's own, a training
 run) torch's default of one thread per core oversubscribed the cores, its threads waiting on one
 another: tests/lm/test_train.py + tests/test_measure_readme.py took 217 s with the default and 57 s
-with one thread, back to back at load ~5 (2026-12-07). Every test tolerance is unchanged.
+with one thread, back to back at load ~5 (2026-12-07). Every test tolerance is unchanged. The README's
+command runs one test process per core (`-n auto`, pytest-xdist), each then on one thread: 631 s against
+1,006 s in one process on the 2-core host (2026-12-07).
 """
 
 import os
