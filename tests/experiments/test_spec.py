@@ -581,11 +581,11 @@ def test_isoflop_lrw_is_the_isoflop_study_but_for_width_scaled_lrs_and_its_warm_
     iso = {r.name: r for r in plan_sweep(load_spec("isoflop"), str(tmp_path / "iso"))}
     runs = plan_sweep(load_spec("isoflop-lrw"), str(tmp_path / "lrw"))
     at_128 = {"dense": 1.6e-2, "pkm": 8e-3, "peer": 8e-3, "moe": 8e-3, "moe-ec": 8e-3, "multi-peer": 4e-3}
-    assert {r.family for r in runs} == set(at_128) and len(runs) == 94
-    # seeds 1 and 2 at 1e15, each family at s2 (Batch 23), and at 3e15 dense and PEER at s3 (Batch 24);
+    assert {r.family for r in runs} == set(at_128) and len(runs) == 102
+    # seeds 1 and 2 at 1e15, each family at s2 (Batch 23), and at 3e15 each family at s3 (Batches 24-25);
     # each pairs with its seed-0 run's twin
     seeded = {r.name for r in runs if "-seed" in r.name}
-    at_3e15 = {f"{f}-s3-seed{s}-3e15" for f in ("dense", "peer") for s in (1, 2)}
+    at_3e15 = {f"{f}-s3-seed{s}-3e15" for f in at_128 for s in (1, 2)}
     assert seeded == {f"{f}-s2-seed{s}-1e15" for f in at_128 for s in (1, 2)} | at_3e15
     for r in runs:
         seed = re.search(r"-seed(\d+)-", r.name)
