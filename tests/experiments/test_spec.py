@@ -437,8 +437,16 @@ def test_lr_checks_are_their_isoflop_twins_but_for_the_lr(tmp_path, spec, twins)
     for r in runs:
         # its twin: the isoflop run of its name less the lr, the tables' lr and the warm-up
         # (dense-s6-lr2e-3-1e16 -> dense-s6-1e16; peer-tables8e-3-wu15-s2-lr4e-3-1e15 -> peer-s2-1e15)
-        strip = r"-(lr|tables)\d+(\.\d+)?e-\d+|-wu15|-balance(05)?|-slowkeys|-batchnorm|-emafast"
+        # ([seeds]: the balance runs' seeds 1-2 pair with their twin's data order at that seed, P28-a)
+        strip = r"-(lr|tables)\d+(\.\d+)?e-\d+|-wu15|-balance(05)?|-slowkeys|-batchnorm|-emafast|-seed\d+"
         twin = iso[re.sub(strip, "", r.name)]
+        seed = re.search(r"-seed(\d+)-", r.name)
+        assert (seed is None and "seed" not in r.name) or r.family.startswith("peer-balance")
+        if seed:
+            twin = dataclasses.replace(
+                twin,
+                cfg=dataclasses.replace(twin.cfg, train=dataclasses.replace(twin.cfg.train, seed=int(seed.group(1)))),
+            )
         assert twin.name.endswith(twins) or r.name.startswith("dense-s6-")  # s6: the d-512 check of P-lr-k
         model, steps = twin.cfg.model, twin.steps
         if r.family.startswith("peer-balance"):  # the sub-key balance term: 0.01 as issue 18's winner's,
