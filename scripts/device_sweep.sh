@@ -8,6 +8,7 @@
 # before the call, its commit in .snap/COMMIT) when it exists, so that uncommitted edits in the
 # checkout never reach a run;
 # PYTHONSAFEPATH keeps the checkout's own torchpeer/ out of sys.path, in the sweep's workers too.
+# A runs folder too large to carry: carry .carry/<name>/results.jsonl instead (see "The slim carry").
 # Writes to $OUT: sweep_<name>.log, smi_<name>.csv (GPU load every 10 s) and <name>.tgz (the runs folder
 # without checkpoints: unpack it here with `tar xzf <name>.tgz`). Exit status: the sweep's.
 set -uo pipefail
@@ -30,6 +31,15 @@ else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 python3 -c "import torchpeer; print('device_sweep: torchpeer from', torchpeer.__file__)" || exit 3
+# The slim carry: a call may carry 64 MiB in all, and the tracked files plus .corpus leave a few MB, less
+# than a study's whole runs folder (campaign.md, "Device procedure"). A runs folder's results.jsonl is
+# all the sweep needs to skip the runs already done, so when RUNS_DIR has none and
+# .carry/<name>/results.jsonl was carried, it starts from that copy (ingest_device.py merges the new
+# runs back into the full folder here). A RUNS_DIR already on the machine (a warm lease) is left as is.
+if [ ! -e "$runs/results.jsonl" ] && [ -f ".carry/$name/results.jsonl" ]; then
+    mkdir -p "$runs" && cp ".carry/$name/results.jsonl" "$runs/results.jsonl" || exit 3
+    echo "device_sweep: $runs/results.jsonl from .carry/$name ($(wc -l < "$runs/results.jsonl") runs done)"
+fi
 # DEVICE_END (epoch seconds; e.g. `export DEVICE_END=$(( $(date +%s) + 590 ))` first thing in a device
 # command): the time by which the sweep must have stopped, checkpointed and been packed. --stop-at
 # counts from the sweep's own start, so anything that ran before it in the command (tests, a guard)

@@ -4,6 +4,7 @@ the real worker trains and its result equals the in-process run's."""
 
 import json
 import os
+import shutil
 import sys
 import textwrap
 import time
@@ -451,6 +452,20 @@ def test_device_sweep_script_runs_a_sweep_and_packs_its_results(tmp_path):
         names = tar.getnames()
     assert "runs/smoke/results.jsonl" in names and f"runs/smoke/{run}/summary.json" in names
     assert not any("checkpoints" in n for n in names)
+    # the slim carry: a checkout that has only .carry/smoke/results.jsonl (a runs folder too large to carry)
+    # skips the run recorded there, and packs that record back with nothing retrained
+    slim = tmp_path / "slim"
+    (slim / ".carry" / "smoke").mkdir(parents=True)
+    shutil.copyfile(tmp_path / "runs" / "smoke" / "results.jsonl", slim / ".carry" / "smoke" / "results.jsonl")
+    res = subprocess.run(
+        ["bash", script, str(spec), "runs/smoke"], cwd=slim, env={**env, "PYTHONPATH": root},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "results.jsonl from .carry/smoke (1 runs done)" in res.stdout and f"{run}: done, skipped" in res.stdout
+    assert sorted(os.listdir(slim / "runs" / "smoke")) == ["results.jsonl"]
+    with tarfile.open(out / "smoke.tgz") as tar:
+        assert tar.getnames() == ["runs/smoke", "runs/smoke/results.jsonl"]
     # with a snapshot (.snap/torchpeer + .snap/COMMIT, as the campaign's procedure makes it) the
     # package comes from it and every record names the snapshot's commit
     snap = tmp_path / "snapped"
