@@ -9,11 +9,19 @@ append (metrics.jsonl) pass over it in silence, callers whose file is rewritten 
     lines = read_json_lines(path, accept=lambda rec: "run" in rec)
     if lines.bad:
         say_damaged(path, lines.bad, "are not result records and were skipped")
+
+A run's metrics are committed as metrics.jsonl.xz (experiments/results: ~4x smaller than the plain
+file, which counts against the device machine's cap on the copied tree), so a reader of a finished
+run finds its file with ``run_metrics_path`` and ``read_json_lines`` reads either form. An .xz file
+is written whole (temp file + rename), so a damaged one is not a kill's cut line: it is an error
+(DamagedFile, a ValueError) that names the file.
 """
 
 from __future__ import annotations
 
 import json
+import lzma
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,24 +42,49 @@ class JsonLines:
         return [n for n in self.bad if n != self.last]
 
 
+class DamagedFile(ValueError):
+    """A file that cannot be read at all (a damaged .xz): unlike a damaged line, nothing of it is
+    usable, so readers that pass over a missing log (read_metrics_if_logged) let this through."""
+
+
+METRICS_FILE = "metrics.jsonl"  # what torchpeer train appends to (torchpeer/lm/metrics.py)
+METRICS_XZ = METRICS_FILE + ".xz"  # a committed copy of it (experiments/results.py: copy_results)
+
+
+def run_metrics_path(run_dir: str) -> str | None:
+    """RUN_DIR/metrics.jsonl, else RUN_DIR/metrics.jsonl.xz, else None. The plain file comes first:
+    it is the one a run appends to, so where both exist it is the newer."""
+    for name in (METRICS_FILE, METRICS_XZ):
+        if os.path.isfile(path := os.path.join(run_dir, name)):
+            return path
+    return None
+
+
 def read_json_lines(path: str, accept: Callable[[dict[str, Any]], bool] | None = None) -> JsonLines:
-    """Read ``path`` (it must exist); a record is a JSON object on one line that ``accept`` (if
-    given) returns True for. Undecodable bytes are replaced, not fatal: the line is then skipped."""
+    """Read ``path`` (it must exist; a name ending in .xz is read through lzma); a record is a JSON
+    object on one line that ``accept`` (if given) returns True for. Undecodable bytes are replaced,
+    not fatal: the line is then skipped. A damaged .xz file: DamagedFile (a ValueError) naming it."""
     out = JsonLines()
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            out.last = number
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                out.bad.append(number)
-                continue
-            if isinstance(rec, dict) and (accept is None or accept(rec)):
-                out.records.append(rec)
-            else:
-                out.bad.append(number)
+    opener = lzma.open if path.endswith(".xz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                out.last = number
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    out.bad.append(number)
+                    continue
+                if isinstance(rec, dict) and (accept is None or accept(rec)):
+                    out.records.append(rec)
+                else:
+                    out.bad.append(number)
+    except (lzma.LZMAError, EOFError) as e:  # EOFError: the stream ends early (a cut or partial copy)
+        raise DamagedFile(
+            f"{path} is a damaged xz file ({e}); restore it, e.g. git checkout -- {path} (a committed run)"
+        ) from None
     return out
 
 

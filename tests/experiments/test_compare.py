@@ -2,6 +2,7 @@
 PEER-minus-rival differences over common seeds, the paper's order, provisional marks; and the
 results folder copied for committing (report works on the copy)."""
 
+import json
 import math
 import os
 
@@ -118,7 +119,36 @@ def test_copied_results_are_a_runs_folder(tmp_path):
     assert copy_results(str(runs), str(dest)) == 6
     assert [r["run"] for r in read_results(str(dest))] == [r["run"] for r in read_results(str(runs))]
     one = dest / recs_name(runs)
-    assert sorted(os.listdir(one)) == ["config.json", "metrics.jsonl", "summary.json"]  # no logs, no checkpoints
+    assert sorted(os.listdir(one)) == ["config.json", "metrics.jsonl.xz", "summary.json"]  # no logs, no checkpoints
+
+
+def test_copied_metrics_are_xz_of_the_same_bytes_and_replace_a_plain_copy(tmp_path):
+    """copy_results writes each run's metrics.jsonl as metrics.jsonl.xz (the committed folders travel
+    with every device command): it decompresses to the source's bytes, a plain metrics.jsonl left in
+    dest by an older copy is removed, and a source that only has the .xz (a committed folder copied
+    again) gives the same bytes."""
+    import lzma
+
+    from torchpeer.jsonl import read_json_lines
+
+    runs = tmp_path / "runs"
+    log = "".join(json.dumps({"step": s, "tokens": 100 * s, "loss": 4 - s / 10}) + "\n" for s in range(1, 30))
+    for r in seeded_runs(NOISE)[:2]:
+        append_result(str(runs), r)
+        os.makedirs(runs / r["run"], exist_ok=True)
+        (runs / r["run"] / "metrics.jsonl").write_text(log + '{"step": 30, "lo')  # cut by a kill: kept as is
+    name = recs_name(runs)
+    dest = tmp_path / "results"
+    (dest / name).mkdir(parents=True)
+    (dest / name / "metrics.jsonl").write_text("an older plain copy\n")
+    copy_results(str(runs), str(dest))
+    packed = dest / name / "metrics.jsonl.xz"
+    assert lzma.decompress(packed.read_bytes()) == (runs / name / "metrics.jsonl").read_bytes()
+    assert sorted(os.listdir(dest / name)) == ["metrics.jsonl.xz"]  # one form, no temp file
+    assert len(read_json_lines(str(packed)).records) == 29
+    again = tmp_path / "again"
+    copy_results(str(dest), str(again))
+    assert (again / name / "metrics.jsonl.xz").read_bytes() == packed.read_bytes()
 
 
 def recs_name(runs):

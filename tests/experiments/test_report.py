@@ -472,3 +472,49 @@ def test_an_lr_ablation_is_drawn_on_a_log_axis_ticked_at_the_values_run():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0.0005", "0.001", "0.002", "0.004"]
     narrow = [rec(f"lr{lr}", kind="ablation", seed=0, x=lr, series="dense", valid=valid(4.0)) for lr in (1e-3, 2e-3)]
     assert figures.ablation_plot(narrow, "train.lr", "family").axes[0].get_xscale() == "linear"
+
+
+def test_a_committed_folder_with_metrics_jsonl_xz_reports_as_the_runs_folder(tmp_path):
+    """copy_results stores each run's log as metrics.jsonl.xz: the evaluations during training, the
+    train-valid gaps, the curves and the whole report (tables, rows.csv) read from it are those of the
+    runs folder with the plain logs."""
+    import csv
+
+    from torchpeer.experiments.eval_history import evals_during_training, records_during_training, train_valid_gaps
+    from torchpeer.experiments.figures import read_curve
+    from torchpeer.experiments.results import copy_results, read_results
+
+    d = tmp_path / "runs"
+    for name in ("a", "b"):
+        append_result(str(d), rec(name, sweep="g", kind="grid", steps=12, tokens=1200, train_split_tokens=400,
+                                  valid=valid(3.0, 90, 1)))  # fmt: skip
+        (d / name).mkdir(parents=True)
+        with open(d / name / "metrics.jsonl", "w") as fh:
+            fh.write(json.dumps({"step": 0, "event": "start", "tokens_per_step": 100}) + "\n")
+            for step in range(1, 13):
+                fh.write(json.dumps({"step": step, "tokens": step * 100, "loss": 4 - step / 10}) + "\n")
+                if step % 4 == 0:
+                    layers = {"blocks.1.ffw": {"usage_pct": 50 + step, "kl": 1.0}}
+                    result = {"all": {"loss": 3.5 - step / 20, "usage": layers}, "books": {"loss": 9.0}}
+                    fh.write(json.dumps({"step": step, "eval": result, "final": step == 12}) + "\n")
+    committed = tmp_path / "committed" / "runs"  # the same name: the report's title is the folder's
+    copy_results(str(d), str(committed))
+    assert sorted(os.listdir(committed / "a")) == ["metrics.jsonl.xz"]
+    recs = read_results(str(d))
+    during = evals_during_training(recs, str(d))
+    assert len(during) == 6 and during == evals_during_training(recs, str(committed))
+    assert len(records_during_training(recs, str(d))) == 6 == len(records_during_training(recs, str(committed)))
+    assert records_during_training(recs, str(d)) == records_during_training(recs, str(committed))
+    assert train_valid_gaps(recs, str(d)) == train_valid_gaps(recs, str(committed)) != []
+    assert read_curve(str(d / "a")) == read_curve(str(committed / "a")) != ([], [])
+
+    plain, packed = write_report(str(d)), write_report(str(committed))
+    assert set(plain) == set(packed) and "curves-g" in packed
+
+    def body(path):  # the report less its "Made by `torchpeer report RUNS_DIR` ... (time)" line
+        return [line for line in open(path).read().splitlines() if not line.startswith("Made by")]
+
+    assert body(plain["report"]) == body(packed["report"])
+    assert list(csv.DictReader(open(plain["rows"]))) == list(csv.DictReader(open(packed["rows"])))
+    with pytest.raises(ValueError, match="is one training run, not a sweep's runs folder"):
+        write_report(str(committed / "a"))  # a run folder with only the .xz is still told apart

@@ -244,3 +244,36 @@ def test_a_checkpoint_or_export_folder_names_its_run(tmp_path, capsys, monkeypat
     (run / "metrics.jsonl").unlink()  # a run that never logged: the general message
     status, _, err = plot_cli(["export"], capsys)
     assert status == 2 and "export has no metrics.jsonl: not a torchpeer run dir" in err
+
+
+def test_a_committed_run_with_only_metrics_jsonl_xz_is_read_found_and_plotted(runs, tmp_path, capsys):
+    """A committed copy (experiments/results: metrics.jsonl.xz, no plain file) reads as the run's own
+    log, counts as a run in a folder of runs, and plots; a damaged one is one error line naming it."""
+    import lzma
+
+    import matplotlib.image
+
+    from torchpeer.viz.metrics import read_metrics_if_logged
+
+    committed = tmp_path / "results" / "peer"
+    committed.mkdir(parents=True)
+    with open(os.path.join(runs[0], "metrics.jsonl"), "rb") as fh:
+        (committed / "metrics.jsonl.xz").write_bytes(lzma.compress(fh.read()))
+    plain, packed = read_metrics(runs[0]), read_metrics(str(committed))
+    assert packed.path == str(committed) and (packed.train, packed.evals) == (plain.train, plain.evals)
+    assert packed.routing == plain.routing and packed.tokens_per_step == plain.tokens_per_step
+    assert read_metrics(str(committed / "metrics.jsonl.xz")).train == plain.train  # the file itself, too
+    status, _, err = plot_cli([str(tmp_path / "results")], capsys)
+    assert status == 2 and "is a folder of 1 runs, not one run" in err
+    out = tmp_path / "fig.png"
+    status, stdout, _ = plot_cli([str(committed), "--out", str(out)], capsys)
+    assert status == 0 and str(out) in stdout
+    assert colour_pixels(matplotlib.image.imread(str(out)), TAB_BLUE) > 200
+
+    packed_bytes = (committed / "metrics.jsonl.xz").read_bytes()
+    (committed / "metrics.jsonl.xz").write_bytes(packed_bytes[: len(packed_bytes) // 2])
+    status, _, err = plot_cli([str(committed), "--out", str(out)], capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: {committed / 'metrics.jsonl.xz'} is a damaged xz file (") and "git checkout" in err
+    with pytest.raises(ValueError, match="damaged xz file"):  # a report says it too, not "no log yet"
+        read_metrics_if_logged(str(committed))

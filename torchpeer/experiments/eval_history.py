@@ -1,7 +1,8 @@
-"""What a run's metrics.jsonl says beyond its results line: the evaluations it made during training
-(``train.eval_interval``: perplexity, usage and KL on the ranking eval set at each evaluated step;
-``during_table`` makes the report's table of them), and its train-valid gap (``train_valid_gaps``,
-``gap_table``: the final valid loss less the training loss of the run's last tenth)."""
+"""What a run's metrics.jsonl (or its committed metrics.jsonl.xz) says beyond its results line: the
+evaluations it made during training (``train.eval_interval``: perplexity, usage and KL on the ranking
+eval set at each evaluated step; ``during_table`` makes the report's table of them), and its
+train-valid gap (``train_valid_gaps``, ``gap_table``: the final valid loss less the training loss of
+the run's last tenth)."""
 
 from __future__ import annotations
 
@@ -55,17 +56,16 @@ def records_during_training(recs: list[dict], runs_dir: str) -> list[dict]:
     is that evaluation (every eval set it made) and whose steps, tokens, epochs and train_flops are
     those of its step. So the report's rows.csv has a row per (run, tokens, eval set): issue 18's
     "usage and KL after 30M tokens" is a row, not a line of a run's log."""
-    import json
+    from torchpeer.jsonl import read_json_lines, run_metrics_path
 
     out = []
     for r in recs:
-        path = os.path.join(runs_dir, r["run"], "metrics.jsonl")
+        path = run_metrics_path(os.path.join(runs_dir, r["run"]))
         steps, tokens = r.get("steps"), r.get("tokens")
-        if os.path.isfile(path) and steps and tokens:
+        if path is not None and steps and tokens:
             per_step, split = tokens / steps, r.get("train_split_tokens")
-            with open(path) as f:
-                lines = [json.loads(line) for line in f if '"eval"' in line]
-            for e in lines:
+            # cut or damaged lines are skipped (read_metrics, which the report reads first, says them)
+            for e in read_json_lines(path, accept=lambda rec: "eval" in rec).records:
                 step = e.get("step")
                 if not isinstance(e.get("eval"), dict) or not isinstance(step, int) or not 0 < step < steps:
                     continue

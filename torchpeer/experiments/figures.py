@@ -3,7 +3,7 @@
 * ``isoflop_figure``: loss against parameters, one panel per budget, one line per family, with
   the quadratic fit in log(params) and its optimum (star); runs beyond the data rule hollow;
 * ``ablation_figure``: loss, expert usage % and KL against the ablated field, one line per series;
-* ``curves_figure``: training loss against tokens of every run (RUN_DIR/metrics.jsonl).
+* ``curves_figure``: training loss against tokens of every run (RUN_DIR/metrics.jsonl, or .xz).
 
 Each PNG is written atomically (temp file + rename).
 """
@@ -204,7 +204,7 @@ def mean_by_x(points: list[tuple[float, float]]) -> tuple[list[float], list[floa
 
 
 def read_curve(run_dir: str) -> tuple[list[float], list[float]]:
-    """(tokens, train loss) of the log records in RUN_DIR/metrics.jsonl, parsed by
+    """(tokens, train loss) of the log records in RUN_DIR/metrics.jsonl (or .xz), parsed by
     ``torchpeer.viz.metrics.read_metrics`` (cut lines skipped; empty lists when there is no log yet)."""
     from torchpeer.viz.metrics import read_metrics_if_logged
 

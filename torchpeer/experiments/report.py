@@ -10,7 +10,7 @@ Per sweep found in the results (written to RUNS_DIR/report/ unless another folde
   and everything built on them, drawn hollow in the isoFLOP figure, and set against the fit;
 * ablations: loss, usage % and KL against the ablated field, one line per series, and its figure;
   each value against the series' first, paired by seed (experiments/paired.py);
-* training curves of every run (from RUN_DIR/metrics.jsonl), and, for runs evaluated more than
+* training curves of every run (from RUN_DIR/metrics.jsonl, or .xz), and, for runs evaluated more than
   once, the ranking eval set's perplexity, usage and KL at each evaluated step.
 """
 
@@ -49,6 +49,7 @@ from torchpeer.experiments.results import (
     short_count,
 )
 from torchpeer.experiments.usage_history import usage_section
+from torchpeer.jsonl import run_metrics_path
 
 # write_report's max_epochs default: each sweep's rule is the one its results lines recorded.
 RECORDED = "recorded"
@@ -70,7 +71,7 @@ def write_report(
     names are set beside these (against.py)."""
     if not os.path.isdir(runs_dir):
         raise ValueError(f"{runs_dir} is not a folder; give the runs folder of a sweep (it holds results.jsonl)")
-    if not os.path.exists(results_path(runs_dir)) and os.path.isfile(os.path.join(runs_dir, "metrics.jsonl")):
+    if not os.path.exists(results_path(runs_dir)) and run_metrics_path(runs_dir) is not None:
         raise ValueError(  # 'torchpeer train' made it: 'run torchpeer sweep --runs-dir RUN' would be no advice
             f"{runs_dir} is one training run, not a sweep's runs folder (no results.jsonl); "
             f"its curves: torchpeer plot {runs_dir}"

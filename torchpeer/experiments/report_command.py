@@ -43,8 +43,9 @@ def add_parser(subparsers):
     p.add_argument(
         "--with-runs",
         action="store_true",
-        help="also copy results.jsonl and each run's config.json, summary.json and metrics.jsonl into --out, "
-        "so that the folder is a self-contained record (commit it; 'torchpeer report' works on it again)",
+        help="also copy results.jsonl and each run's config.json, summary.json and metrics.jsonl (compressed, as "
+        "metrics.jsonl.xz) into --out, so that the folder is a self-contained record (commit it; 'torchpeer "
+        "report' and 'torchpeer plot' work on it again)",
     )
     p.add_argument(
         "--against",

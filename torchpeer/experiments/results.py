@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import functools
 import json
+import lzma
 import os
 import subprocess
 import time
 from typing import Any
 
-from torchpeer.jsonl import read_json_lines, say_damaged
+from torchpeer.jsonl import METRICS_FILE, METRICS_XZ, read_json_lines, run_metrics_path, say_damaged
 
 RESULTS_FILE = "results.jsonl"
 
@@ -59,13 +60,16 @@ def _write_results(runs_dir: str, records: list[dict[str, Any]]) -> None:
     write_text_atomic(results_path(runs_dir), "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
-RUN_RECORD_FILES = ("config.json", "summary.json", "metrics.jsonl")
+RUN_RECORD_FILES = ("config.json", "summary.json")  # copied as they are; the metrics log is compressed
 
 
 def copy_results(runs_dir: str, dest: str) -> int:
-    """Copy results.jsonl and, per recorded run, its small record files (RUN_RECORD_FILES) into
-    ``dest`` (dest/results.jsonl, dest/<run>/...), atomically per file: a folder to commit that
-    outlives the machine the runs trained on. Checkpoints and logs are left out. Returns the runs copied."""
+    """Copy results.jsonl and, per recorded run, its small record files (RUN_RECORD_FILES) and its
+    metrics log into ``dest`` (dest/results.jsonl, dest/<run>/...), atomically per file: a folder to
+    commit that outlives the machine the runs trained on. Checkpoints and job logs are left out. The metrics
+    log is written as metrics.jsonl.xz (~4x smaller: the committed folders travel with every device
+    command, whose copy of the tree is capped); a plain metrics.jsonl left in dest by an older copy is
+    removed, so a run folder holds one form. Returns the runs copied."""
     import shutil
 
     from torchpeer.data.atomic import atomic_open
@@ -79,8 +83,30 @@ def copy_results(runs_dir: str, dest: str) -> int:
             if os.path.exists(src):
                 with open(src, "rb") as fin, atomic_open(os.path.join(dest, rec["run"], name), "wb") as fout:
                     shutil.copyfileobj(fin, fout)
+        if (src := run_metrics_path(os.path.join(runs_dir, rec["run"]))) is not None:
+            _copy_metrics_xz(src, os.path.join(dest, rec["run"]))
     _write_results(dest, records)
     return len(records)
+
+
+def _copy_metrics_xz(src: str, run_dest: str) -> None:
+    """RUN_DEST/metrics.jsonl.xz := the log ``src`` (compressed; an .xz source is copied as it is);
+    then RUN_DEST's plain metrics.jsonl, if any, is removed."""
+    import shutil
+
+    from torchpeer.data.atomic import atomic_open
+
+    with open(src, "rb") as fin, atomic_open(os.path.join(run_dest, METRICS_XZ), "wb") as fout:
+        if src.endswith(".xz"):
+            shutil.copyfileobj(fin, fout)
+        else:
+            # xz's default preset (6): a log (~20-100 KB) fits its 8 MiB window whole, so 9 or EXTREME
+            # gain nothing (measured on the committed logs); closing xz leaves fout open
+            with lzma.open(fout, "wb") as xz:
+                shutil.copyfileobj(fin, xz)
+    plain = os.path.join(run_dest, METRICS_FILE)
+    if os.path.exists(plain):
+        os.remove(plain)
 
 
 def make_record(run, summary: dict[str, Any], sweep, wall_seconds: float | None = None) -> dict[str, Any]:

@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from torchpeer.data.atomic import plain_file_mode
+from torchpeer.jsonl import run_metrics_path
 from torchpeer.lm.config import RunConfig
 from torchpeer.lm.integrity import MANIFEST, CheckpointDamaged, read_json, verify_checkpoint, write_manifest
 
@@ -135,7 +136,7 @@ def resolve_checkpoint(path: str, say=_stderr) -> str:
                 f"{path!r} is a sweep's runs folder whose runs kept no checkpoints (train.checkpoint false): "
                 f"their final evaluations are in its results.jsonl; see them with 'torchpeer report {path}'"
             )
-        if os.path.isfile(os.path.join(path, "metrics.jsonl")):  # torchpeer train wrote it, but no checkpoint
+        if run_metrics_path(path) is not None:  # torchpeer train wrote it (or a committed copy), but no checkpoint
             finished = os.path.isfile(os.path.join(path, "summary.json"))
             summary = "; its final evaluation is in its summary.json" if finished else ""
             raise FileNotFoundError(

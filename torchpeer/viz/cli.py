@@ -19,8 +19,8 @@ def add_parser(subparsers):
         "plot",
         help="training curves of one or several runs as a PNG",
         description="Loss and perplexity (training and every eval set), bits per byte, learning rate, "
-        "tokens/s, gradient norm, expert usage and KL over training, read from RUN_DIR/metrics.jsonl, "
-        "as one PNG. Needs matplotlib (pip install matplotlib, or the [viz] extra).",
+        "tokens/s, gradient norm, expert usage and KL over training, read from RUN_DIR/metrics.jsonl (or a "
+        "committed run's metrics.jsonl.xz), as one PNG. Needs matplotlib (pip install matplotlib, or the [viz] extra).",
         epilog=EPILOG,
         formatter_class=HelpFormatter,  # prose wrapped to the terminal, examples as written
     )

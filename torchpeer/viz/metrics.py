@@ -1,4 +1,5 @@
-"""Read a run's ``metrics.jsonl`` into plottable series (no matplotlib needed).
+"""Read a run's ``metrics.jsonl`` (or its committed copy, ``metrics.jsonl.xz``) into plottable series
+(no matplotlib needed).
 
 The trainer appends one JSON object per event (torchpeer/lm: the trainer's metrics log):
 
@@ -21,7 +22,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from torchpeer.jsonl import read_json_lines, say_damaged
+from torchpeer.jsonl import DamagedFile, read_json_lines, run_metrics_path, say_damaged
 
 TRAIN_KEYS = ("tokens", "time", "loss", "lr", "tok_per_s", "grad_norm")
 EVAL_KEYS = ("loss", "ppl", "bpb")
@@ -83,15 +84,16 @@ def _put(series: Series, step: int, value, final: bool = False) -> None:
 
 
 def metrics_path(run_dir: str) -> str:
-    """RUN_DIR/metrics.jsonl (a path to the file itself is accepted too); clear errors otherwise."""
-    if os.path.isfile(run_dir) and run_dir.endswith(".jsonl"):
+    """RUN_DIR/metrics.jsonl, else RUN_DIR/metrics.jsonl.xz (a path to the file itself is accepted
+    too); clear errors otherwise."""
+    if os.path.isfile(run_dir) and run_dir.endswith((".jsonl", ".jsonl.xz")):
         return run_dir
     if not os.path.exists(run_dir):
         raise FileNotFoundError(f"run dir {run_dir} does not exist")
     if not os.path.isdir(run_dir):
         raise NotADirectoryError(f"{run_dir} is not a run dir (give the folder that holds metrics.jsonl)")
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path) and (runs := _logged_runs_below(run_dir)):  # a sweep's runs folder, say
+    path = run_metrics_path(run_dir)
+    if path is None and (runs := _logged_runs_below(run_dir)):  # a sweep's runs folder, say
         shown = " ".join(runs[:3]) + (" ..." if len(runs) > 3 else "")
         sweep = os.path.isfile(os.path.join(run_dir, "results.jsonl"))
         also = f"; a sweep's figures: torchpeer report {run_dir}" if sweep else ""
@@ -99,10 +101,10 @@ def metrics_path(run_dir: str) -> str:
             f"{run_dir} is a folder of {len(runs)} runs, not one run: give the runs to draw together, "
             f"e.g. torchpeer plot {shown}{also}"
         )
-    if not os.path.isfile(path) and (source := _source_run(run_dir)):  # a checkpoint or export-hf folder
+    if path is None and (source := _source_run(run_dir)):  # a checkpoint or export-hf folder
         what, run = source
         raise FileNotFoundError(f"{run_dir} is {what}, which has no curves of its own: torchpeer plot {run}")
-    if not os.path.isfile(path):
+    if path is None:
         raise FileNotFoundError(
             f"{run_dir} has no metrics.jsonl: not a torchpeer run dir, or its training has not logged yet "
             "(torchpeer train writes RUN_DIR/metrics.jsonl)"
@@ -113,7 +115,7 @@ def metrics_path(run_dir: str) -> str:
 def _source_run(folder: str) -> tuple[str, str] | None:
     """(what ``folder`` is, the run folder whose curves it belongs to) for a checkpoint folder
     (RUN/checkpoints/step_N) or an export-hf folder (its torchpeer_origin.json names the checkpoint
-    it came from) whose run has a metrics.jsonl; else None."""
+    it came from) whose run has a metrics.jsonl (or .xz); else None."""
     norm = os.path.normpath(folder)
     parent = os.path.dirname(norm)
     if os.path.basename(parent) == "checkpoints":
@@ -125,7 +127,7 @@ def _source_run(folder: str) -> tuple[str, str] | None:
         except (OSError, ValueError, KeyError, TypeError):
             return None
         what, run = "an export-hf folder", os.path.dirname(os.path.dirname(str(ckpt)))
-    if not os.path.isfile(os.path.join(run or ".", "metrics.jsonl")):
+    if run_metrics_path(run or ".") is None:
         return None
     if os.path.isabs(run) and not os.path.isabs(folder):
         run = os.path.relpath(run)  # as the user named the folder
@@ -133,13 +135,13 @@ def _source_run(folder: str) -> tuple[str, str] | None:
 
 
 def _logged_runs_below(folder: str, depth: int = 2) -> list[str]:
-    """Folders with a metrics.jsonl under ``folder``, up to ``depth`` levels down, sorted."""
+    """Folders with a metrics.jsonl (or .xz) under ``folder``, up to ``depth`` levels down, sorted."""
     out = []
     for name in sorted(os.listdir(folder)):
         sub = os.path.join(folder, name)
         if name.startswith(".") or not os.path.isdir(sub):
             continue
-        if os.path.isfile(os.path.join(sub, "metrics.jsonl")):
+        if run_metrics_path(sub) is not None:
             out.append(sub)
         elif depth > 1:
             out += _logged_runs_below(sub, depth - 1)
@@ -147,7 +149,7 @@ def _logged_runs_below(folder: str, depth: int = 2) -> list[str]:
 
 
 def read_metrics(run_dir: str, name: str | None = None) -> RunMetrics:
-    """Parse RUN_DIR/metrics.jsonl. ``name`` defaults to the run folder's name."""
+    """Parse RUN_DIR/metrics.jsonl (or .xz). ``name`` defaults to the run folder's name."""
     path = metrics_path(run_dir)
     folder = os.path.dirname(os.path.abspath(path))
     run = RunMetrics(name=name or os.path.basename(folder), path=folder)
@@ -187,6 +189,7 @@ def read_metrics(run_dir: str, name: str | None = None) -> RunMetrics:
 def read_metrics_if_logged(run_dir: str) -> RunMetrics | None:
     """``read_metrics(run_dir)``, or None when the run has no log to read (no folder, not a folder, no
     metrics.jsonl or no record yet): what a sweep report does for each run, which may not have logged.
+    A damaged metrics.jsonl.xz is not "no log": its DamagedFile error goes through.
 
     One report reads each run's log in several sections (curves, evaluations, gap, usage), so the parse
     is kept while the file's size and mtime stay the same: read-only callers share one RunMetrics."""
@@ -194,6 +197,8 @@ def read_metrics_if_logged(run_dir: str) -> RunMetrics | None:
         path = os.path.abspath(metrics_path(run_dir))
         st = os.stat(path)
         return _read_unchanged(path, st.st_mtime_ns, st.st_size)
+    except DamagedFile:
+        raise
     except (FileNotFoundError, NotADirectoryError, ValueError):
         return None
 
