@@ -21,7 +21,13 @@ FAKE_WORKER = textwrap.dedent(
     """
     import json, os, signal, sys, time
     run_dir = sys.argv[1]
-    signal.signal(signal.SIGINT, lambda *a: sys.exit(130))
+    def _stop(*a):  # CKPT_ON_STOP: checkpoint at step 2 as the trainer does when interrupted
+        if os.environ.get("CKPT_ON_STOP"):
+            step_dir = os.path.join(run_dir, "checkpoints", "step_2")
+            os.makedirs(step_dir, exist_ok=True)
+            open(os.path.join(step_dir, "trainer.pt"), "w").close()
+        sys.exit(130)
+    signal.signal(signal.SIGINT, _stop)
     payload = json.load(open(os.path.join(run_dir, "sweep_run.json")))
     cfg = payload["config"]
     t0 = time.time()
@@ -111,6 +117,7 @@ def fake_worker(tmp_path, monkeypatch):
     monkeypatch.delenv("FAIL", raising=False)
     monkeypatch.delenv("NOMEM", raising=False)
     monkeypatch.delenv("NOMEM_ALWAYS", raising=False)
+    monkeypatch.delenv("CKPT_ON_STOP", raising=False)
     return script
 
 
@@ -335,6 +342,27 @@ def test_stop_at_interrupts_running_workers(tmp_path, fake_worker, monkeypatch, 
     # the running ones, nothing else started
     assert sum("stopped (exit 130)" in m for m in msgs) == parallel
     assert any(m.startswith("not started in this invocation:") for m in msgs)
+
+
+def test_a_stopped_run_says_how_far_its_checkpoint_got(tmp_path, fake_worker, monkeypatch):
+    """The stop line names the step of the run's newest checkpoint against its total (what the next
+    command of a lease would have left to train); a run stopped before any checkpoint says it restarts."""
+    monkeypatch.setenv("SLEEP", "60")
+    monkeypatch.setattr(pool_mod, "GRACE_SECONDS", 5.0)
+    spec, runs_dir, msgs = spec_for(tmp_path, budgets=(1e10,)), str(tmp_path / "runs"), []
+    plan = {r.name: r for r in plan_sweep(spec, runs_dir)}
+    monkeypatch.setenv("CKPT_ON_STOP", "1")
+    run_sweep(spec, runs_dir, parallel=2, stop_at=1.5, progress=False, say=msgs.append)
+    stopped = [m for m in msgs if "stopped (exit 130)" in m]
+    assert len(stopped) == 2
+    for m in stopped:
+        run = plan[m.split(":")[0].split("] ")[-1]]
+        assert f"at step 2 of {run.steps:,} ({100 * 2 / run.steps:.0f} %)" in m, m
+    shutil.rmtree(runs_dir)
+    monkeypatch.delenv("CKPT_ON_STOP")
+    msgs.clear()
+    run_sweep(spec, runs_dir, parallel=1, stop_at=1.5, progress=False, say=msgs.append)
+    assert [m for m in msgs if "stopped (exit 130)" in m][0].endswith("with no checkpoint; it restarts next time")
 
 
 def test_time_limit_skips_runs_longer_than_the_limit_and_runs_the_rest(tmp_path, fake_worker):

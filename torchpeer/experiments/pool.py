@@ -108,6 +108,24 @@ def finished_message(head: str, rec: dict) -> str:
     return f"{head}: finished in {rec['wall_seconds']:.0f} s, {rate:,.0f} tokens/s{shared}, loss {loss_text}"
 
 
+def stopped_message(head: str, run: PlannedRun, rc: int) -> str:
+    """The line for a run interrupted at the stop time: how far its newest checkpoint got, so that
+    whoever plans the next command of a GPU lease sees what finishing it costs, and what is lost with
+    the machine (checkpoints live on it). 2026-12-07: three 1e16 runs 54-76 % done were read as just
+    started and given up in a lease's last command."""
+    from torchpeer.lm.checkpoint import checkpoint_step
+
+    ckpts = list_checkpoints(run.run_dir)
+    step = checkpoint_step(ckpts[-1]) if ckpts else None
+    if not step or run.steps <= 0:
+        return f"{head}: stopped (exit {rc}) with no checkpoint; it restarts next time"
+    pct = 100.0 * step / run.steps
+    return (
+        f"{head}: stopped (exit {rc}) at step {step:,} of {run.steps:,} ({pct:.0f} %); it resumes from that "
+        "checkpoint on this machine (checkpoints do not outlive it)"
+    )
+
+
 def worker_command() -> list[str]:
     return [sys.executable, "-m", "torchpeer.experiments.worker"]
 
@@ -328,7 +346,7 @@ def _finish(job: _Job, spec, runs_dir: str, say) -> dict | None:
         say(finished_message(job.head, rec))
         return rec
     if rc in (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGKILL):
-        say(f"{job.head}: stopped (exit {rc}); it resumes from its checkpoint or restarts next time")
+        say(stopped_message(job.head, job.run, rc))
         return None
     with open(os.path.join(job.run.run_dir, "worker.log"), encoding="utf-8", errors="replace") as fh:
         tail = fh.read()[-1500:]
