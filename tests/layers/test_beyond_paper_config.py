@@ -43,7 +43,7 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
     exp_plan = pytest.importorskip("torchpeer.experiments.plan")
     spec = exp_spec.load_spec("beyond-paper")
     runs = exp_plan.plan_sweep(spec, str(tmp_path))
-    assert len(runs) == 70  # 35 designs (dense, the paper's PEER, 23 new, 5 lr and 5 warm-up controls) x 2 seeds
+    assert len(runs) == 72  # 36 designs (dense, the paper's PEER, 24 new, 5 lr and 5 warm-up controls) x 2 seeds
     assert len(runs[0].cfg.data.valid) == 11  # the corpus valid set and each of the 10 sources
     by_seed: dict[int, dict[str, object]] = {}
     for r in runs:
@@ -63,6 +63,15 @@ def test_shipped_sweep_plans_every_run_at_or_below_the_dense_twins_flops(tmp_pat
         assert designs["key-norm"].cfg.model.peer.key_norm == "l2"
         ramp = designs["table-lr-decay"].cfg.train
         assert (ramp.expert_lr, ramp.expert_lr_final) == (3e-3, 1e-3)
+        single = designs["single-balance05"].cfg  # the paper's layer + the balance term at 0.05, paired with `paper`
+        paper = designs["paper"].cfg
+        assert (single.model.sparse_blocks(), single.model.peer.shared_pool) == (paper.model.sparse_blocks(), False)
+        assert (single.model.peer.balance_weight, single.model.peer.balance_stride) == (0.05, 8)
+        assert (single.train.lr, single.train.warmup_steps, single.model.peer.query_norm) == (
+            paper.train.lr,
+            paper.train.warmup_steps,
+            paper.model.peer.query_norm,
+        )
         wide = designs["top-k-32"].cfg.model.peer
         assert (wide.top_k, wide.heads, wide.n_experts, wide.shared_pool) == (32, 8, 1024**2, True)
         for name, n in (("multi-separate-2m", 724**2), ("multi-separate-4m", 1024**2)):  # larger separate pools
