@@ -52,9 +52,12 @@ class Probe(Callback):
             self._probe(trainer, step)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="folder for probe.jsonl and the run")
+def main(make_probe=None, outputs: tuple[str, ...] = ("probe.jsonl",), doc: str = __doc__) -> None:
+    """The probe's command line and run. ``make_probe(steps, out_dir)`` builds the callback (default:
+    ``Probe`` writing OUT/probe.jsonl); ``outputs``: the files of OUT it writes, removed before a new
+    run. scripts/probe_router_input.py runs its own probe through this."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--out", required=True, help=f"folder for {', '.join(outputs)} and the run")
     ap.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
     ap.add_argument("--probe", default="5,10,15,20,30,40", help="steps to probe besides 0")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override (repeatable)")
@@ -64,12 +67,13 @@ def main() -> None:
     if args.seed is not None:
         extra["train.seed"] = str(args.seed)
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "probe.jsonl")
-    if os.path.exists(path):
-        os.remove(path)
+    for name in outputs:
+        if os.path.exists(path := os.path.join(args.out, name)):
+            os.remove(path)
     over = {**OVERRIDES, "train.max_steps": str(args.steps), **extra}
     cfg = load_config("gpu-dense-small", [a for k, v in over.items() for a in (f"--{k}", v)])
-    probe = Probe({int(s) for s in args.probe.split(",")}, path)
+    steps = {int(s) for s in args.probe.split(",")}
+    probe = (make_probe or (lambda st, out: Probe(st, os.path.join(out, "probe.jsonl"))))(steps, args.out)
     train(cfg, os.path.join(args.out, "run"), callbacks=[probe], progress=False)
 
 

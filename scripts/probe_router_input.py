@@ -21,7 +21,6 @@ Per record (kind "train": averaged over the training forward(s) of that step; ki
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -29,9 +28,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its sibling probe_router_collapse.py
-from probe_router_collapse import OVERRIDES, Probe  # noqa: E402
-
-from torchpeer.lm import load_config, train  # noqa: E402
+from probe_router_collapse import Probe  # noqa: E402
+from probe_router_collapse import main as probe_main  # noqa: E402
 
 
 def geom(v: torch.Tensor) -> dict:
@@ -115,26 +113,13 @@ def _ng(fn, *a):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="folder for probe.jsonl, input_stats.jsonl and the run")
-    ap.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
-    ap.add_argument("--probe", default="5,10,15,20,30,40", help="steps to probe besides 0")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override (repeatable)")
-    ap.add_argument("--seed", type=int, help="train.seed (default: the config's)")
-    args = ap.parse_args()
-    extra = dict(kv.split("=", 1) for kv in args.set)
-    if args.seed is not None:
-        extra["train.seed"] = str(args.seed)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "probe.jsonl")
-    diag = os.path.join(args.out, "input_stats.jsonl")
-    for p in (path, diag):
-        if os.path.exists(p):
-            os.remove(p)
-    over = {**OVERRIDES, "train.max_steps": str(args.steps), **extra}
-    cfg = load_config("gpu-dense-small", [a for k, v in over.items() for a in (f"--{k}", v)])
-    probe = DiagProbe({int(s) for s in args.probe.split(",")}, path, diag)
-    train(cfg, os.path.join(args.out, "run"), callbacks=[probe], progress=False)
+    probe_main(
+        make_probe=lambda steps, out: DiagProbe(
+            steps, os.path.join(out, "probe.jsonl"), os.path.join(out, "input_stats.jsonl")
+        ),
+        outputs=("probe.jsonl", "input_stats.jsonl"),
+        doc=__doc__,
+    )
 
 
 if __name__ == "__main__":
