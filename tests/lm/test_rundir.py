@@ -17,7 +17,7 @@ import pytest
 import torchpeer.lm.checkpoint as ckpt_module
 from tests.lm.helpers import losses, write_config, write_corpus
 from torchpeer.cli import main
-from torchpeer.lm.checkpoint import list_checkpoints
+from torchpeer.lm.checkpoint import latest_checkpoint_step, list_checkpoints
 
 
 @pytest.fixture
@@ -130,6 +130,8 @@ def test_full_disk_mid_checkpoint(tmp_path, capsys, monkeypatch):
     assert main(["train", cfg, "--run-dir", str(run), "--resume", "--no-progress"]) == 0
     assert [s for s, _ in losses(run)] == list(range(1, 31))
     assert [os.path.basename(p) for p in list_checkpoints(run)] == ["step_00000020", "step_00000030"]
+    assert latest_checkpoint_step(str(run)) == 30
+    assert latest_checkpoint_step(str(tmp_path / "no-such-run")) is None
 
 
 def test_no_space_for_the_metrics_log(tmp_path, capsys, monkeypatch):

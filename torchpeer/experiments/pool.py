@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from torchpeer.experiments.plan import PlannedRun
 from torchpeer.experiments.results import append_result, make_run_record
 from torchpeer.experiments.worker import EXIT_NO_MEMORY_NOW, RUN_FILE
-from torchpeer.lm.checkpoint import list_checkpoints
+from torchpeer.lm.checkpoint import latest_checkpoint_step, list_checkpoints
 
 POLL_SECONDS = 0.2
 GRACE_SECONDS = 60.0  # after SIGINT at stop_at: time to finish a step and checkpoint before SIGKILL
@@ -113,10 +113,7 @@ def stopped_message(head: str, run: PlannedRun, rc: int) -> str:
     whoever plans the next command of a GPU lease sees what finishing it costs, and what is lost with
     the machine (checkpoints live on it). 2026-12-07: three 1e16 runs 54-76 % done were read as just
     started and given up in a lease's last command."""
-    from torchpeer.lm.checkpoint import checkpoint_step
-
-    ckpts = list_checkpoints(run.run_dir)
-    step = checkpoint_step(ckpts[-1]) if ckpts else None
+    step = latest_checkpoint_step(run.run_dir)
     if not step or run.steps <= 0:
         return f"{head}: stopped (exit {rc}) with no checkpoint; it restarts next time"
     pct = 100.0 * step / run.steps

@@ -35,7 +35,7 @@ from torchpeer.experiments.results import (
     short_count,
 )
 from torchpeer.experiments.spec import SweepSpec
-from torchpeer.lm.checkpoint import checkpoint_dir, checkpoint_step, list_checkpoints
+from torchpeer.lm.checkpoint import checkpoint_dir, latest_checkpoint_step, list_checkpoints
 
 # Config fields that do not change what a run computes: a finished run is still valid if they differ.
 _NON_RESULT_FIELDS = (
@@ -303,10 +303,10 @@ def estimate_basis(
 def _done_fraction(run: PlannedRun) -> float:
     """The share of ``run``'s steps its newest checkpoint holds (0 without one), from the folder name
     step_<n>, so that a run interrupted at the end of one job is estimated by what is left of it."""
-    ckpts = list_checkpoints(run.run_dir)
-    if not ckpts or run.steps <= 0:
+    step = latest_checkpoint_step(run.run_dir)
+    if not step or run.steps <= 0:
         return 0.0
-    return min(1.0, max(0.0, checkpoint_step(ckpts[-1]) / run.steps))
+    return min(1.0, max(0.0, step / run.steps))
 
 
 def build_check_report(runs: list[PlannedRun]) -> str:

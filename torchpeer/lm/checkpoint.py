@@ -75,6 +75,13 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return ckpts[-1] if ckpts else None
 
 
+def latest_checkpoint_step(run_dir: str) -> int | None:
+    """The step of ``run_dir``'s newest complete checkpoint (None without one), from its folder name;
+    what a sweep reads to say how far an interrupted run got and what is left of it."""
+    path = latest_checkpoint(run_dir)
+    return checkpoint_step(path) if path else None
+
+
 def newest_intact_checkpoint(run_dir: str, candidates: list[str] | None = None):
     """(the newest checkpoint of ``run_dir`` (or of ``candidates``, oldest first) that verifies, or
     None; the newer damaged ones as CheckpointDamaged errors)."""
