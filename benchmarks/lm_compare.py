@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import lzma
 import os
 import shutil
 import statistics
@@ -29,7 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, REPO)
 
-from torchpeer.data.atomic import write_text_atomic  # noqa: E402
+from torchpeer.data.atomic import atomic_open, write_text_atomic  # noqa: E402
 
 
 def read_run(run_dir: str) -> dict:
@@ -89,7 +90,12 @@ def main(argv=None) -> dict:
     p.add_argument("configs", nargs="+", help="config names or TOML paths, trained in this order")
     p.add_argument("--out-dir", default=os.path.join("benchmarks", "results"))
     p.add_argument("--runs-dir", default="runs/lm_compare")
-    p.add_argument("--copy-metrics", action="store_true", help="copy each run's metrics.jsonl into --out-dir")
+    p.add_argument(
+        "--copy-metrics",
+        action="store_true",
+        help="copy each run's metrics.jsonl into --out-dir, xz-compressed (<config>_metrics.jsonl.xz: "
+        "~4x smaller; torchpeer's readers take .xz)",
+    )
     args = p.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     try:
@@ -114,7 +120,10 @@ def main(argv=None) -> dict:
         subprocess.run(cmd, check=True)
         result["runs"].append(read_run(run_dir))
         if args.copy_metrics:
-            shutil.copy(os.path.join(run_dir, "metrics.jsonl"), os.path.join(args.out_dir, f"{cfg}_metrics.jsonl"))
+            with open(os.path.join(run_dir, "metrics.jsonl"), "rb") as fin:
+                with atomic_open(os.path.join(args.out_dir, f"{cfg}_metrics.jsonl.xz"), "wb") as fout:
+                    with lzma.open(fout, "wb") as xz:
+                        shutil.copyfileobj(fin, xz)
         stem = os.path.join(args.out_dir, f"lm_{date}")
         write_text_atomic(stem + ".json", json.dumps(result, indent=2) + "\n")
         write_text_atomic(stem + ".md", markdown(result))
