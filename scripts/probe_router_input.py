@@ -17,6 +17,12 @@ Per record (kind "train": averaged over the training forward(s) of that step; ki
   *_pr      = participation ratio of the CENTRED covariance (tr C)^2 / tr C^2,
   *_top1    = largest eigenvalue share of the centred covariance,
   *_pr_unc  = participation ratio of the UNCENTRED second moment E[v v^T] (what dot-product retrieval sees).
+  src_<s>_share (thirtieth session): which sublayer writes the common vector. The residual entering
+              block 2's norm2 is the sum of six writes, s in emb (token embedding), attn0, ffw0, attn1,
+              ffw1, attn2 (no absolute position embedding: RoPE), so its token mean mu is the sum of
+              theirs, mu_s, and share_s = <mu_s, mu> / |mu|^2 splits |mu|^2 exactly (the shares sum to
+              1; one may be negative where a write opposes the rest). src_<s>_mean_energy: that write's own
+              |mean|^2 / mean |v|^2.
 """
 
 from __future__ import annotations
@@ -81,7 +87,28 @@ class DiagProbe(Probe):
             rec.update({f"q_{k}": v for k, v in avg(halves).items()})
             self.buf["train" if mod.training else "eval"].append(dict(rec))
 
+        writes: dict = {}
+        sources = {"emb": trainer.model.tok_emb}
+        for i in range(3):
+            sources[f"attn{i}"] = trainer.model.blocks[i].attn
+            if i < 2:
+                sources[f"ffw{i}"] = trainer.model.blocks[i].ffw
+
+        def on_write(name, out):
+            writes[name] = out.detach().reshape(-1, out.shape[-1]).double()
+
+        def on_norm2_sources(resid):
+            mu = resid.detach().reshape(-1, resid.shape[-1]).double().mean(0)
+            total = float(mu @ mu)
+            for name in sources:
+                v = writes.pop(name)
+                rec[f"src_{name}_share"] = float(v.mean(0) @ mu) / total
+                rec[f"src_{name}_mean_energy"] = geom(v)["mean_energy"]
+
+        for name, mod in sources.items():
+            mod.register_forward_hook(lambda m, a, o, name=name: _ng(on_write, name, o))
         block.norm2.register_forward_pre_hook(lambda m, a: _ng(on_norm2, m, a))
+        block.norm2.register_forward_pre_hook(lambda m, a: _ng(on_norm2_sources, a[0]))
         block.ffw.register_forward_pre_hook(lambda m, a: _ng(on_ffw, m, a))
         router.norm.register_forward_hook(lambda m, a, o: _ng(on_qnorm, m, a, o))
         self.hooked = True
