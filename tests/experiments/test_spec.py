@@ -610,3 +610,29 @@ def test_isoflop_lrw_is_the_isoflop_study_but_for_width_scaled_lrs_and_its_warm_
         same = {"lr": there.lr, "expert_lr": there.expert_lr, "warmup_steps": there.warmup_steps}
         same.update(track_usage=False, seed=there.seed)
         assert dataclasses.replace(here, **same) == there
+
+
+def test_planned_costs_are_each_runs_own_though_cached(tmp_path):
+    """plan_sweep computes a model's cost once per distinct model config (the runs of a spec repeat
+    shapes): every run's FLOPs and parameters must still be those of its own config, built afresh, with
+    configs that differ in one nested field (PEER's n_experts, h) apart."""
+    from torchpeer.experiments.plan import planned_model_config
+    from torchpeer.lm import config_cost
+
+    raw = spec_dict(budgets=[1e10, 2e10])
+    raw["variants"] = {
+        "dense": {"model.ffw": "dense"},
+        "peer64": {"model.ffw": "peer", "model.peer.n_experts": 64},
+        "peer256": {"model.ffw": "peer", "model.peer.n_experts": 256},
+        "peer256h2": {"model.ffw": "peer", "model.peer.n_experts": 256, "model.peer.heads": 2},
+    }
+    spec = parse_spec(raw, "cache-test")
+    runs = plan_sweep(spec, str(tmp_path))
+    assert len(runs) == 8
+    seen = {}
+    for r in runs:
+        fresh = config_cost(planned_model_config(r.cfg))
+        assert (r.train_flops_per_token, r.total_params) == (fresh.train_flops, fresh.total_params), r.name
+        seen.setdefault(r.name.rsplit("-", 1)[0], set()).add((r.train_flops_per_token, r.total_params))
+    assert all(len(v) == 1 for v in seen.values())  # one cost per variant across budgets
+    assert len({next(iter(v)) for v in seen.values()}) == 4  # and four distinct ones

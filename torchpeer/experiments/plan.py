@@ -185,12 +185,24 @@ def plan_run(spec: SweepSpec, variant: Variant, budget: float | None, tokens: in
 
 def _cost(cfg, where: str):
     """Costs of the model on the meta device; the vocabulary is the tokenizer's (estimated for bpe)."""
-    from torchpeer.lm import config_cost
-
     try:
-        return config_cost(planned_model_config(cfg))
+        model_cfg = planned_model_config(cfg)
+        # the runs of a spec share few model configs (budgets and lrs vary, shapes repeat), and a meta
+        # build is ~40 ms: the cost is computed once per distinct config (its repr names every field)
+        key = repr(model_cfg)
+        if key not in _COSTS:
+            from torchpeer.lm import config_cost
+
+            if len(_COSTS) >= 512:
+                _COSTS.clear()
+            _COSTS[key] = config_cost(model_cfg)
+        return copy.deepcopy(_COSTS[key])
     except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: {e}") from None
+
+
+# {repr of a planned model config: its ModelCost}; a config's repr names every field, nested ones too
+_COSTS: dict[str, Any] = {}
 
 
 def planned_model_config(cfg):

@@ -51,14 +51,13 @@ def check_value(key: str, value: Any, what: str, where: str) -> None:
     load time in the spec's own terms, naming its table, instead of the CLI's ``cannot parse
     --train.lr 'fast'`` when the first run is planned."""
     import dataclasses
-    import typing
 
-    from torchpeer.lm.config import RunConfig
+    from torchpeer.lm.config import RunConfig, field_types
     from torchpeer.lm.config_io import parse_value
 
     obj, tp = RunConfig(), None
     for part in key.split("."):
-        tp = typing.get_type_hints(type(obj))[part]
+        tp = field_types(type(obj))[part]
         obj = getattr(obj, part)
     if dataclasses.is_dataclass(tp):
         return  # a section: check_field says so

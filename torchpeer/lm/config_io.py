@@ -168,6 +168,7 @@ def parse_override_args(args: list[str]) -> list[tuple[str, str]]:
 def apply_overrides(cfg: RunConfig, overrides: list[str] | list[tuple[str, str]]) -> RunConfig:
     """Set fields of ``cfg`` in place from string overrides (see module docstring)."""
     from torchpeer.data import DataConfig
+    from torchpeer.lm.config import field_types
 
     pairs = parse_override_args(overrides) if overrides and isinstance(overrides[0], str) else overrides
     for key, text in pairs:
@@ -193,7 +194,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | list[tuple[str, str]]
         last = parts[-1]
         if not dataclasses.is_dataclass(obj) or last not in {f.name for f in dataclasses.fields(obj)}:
             raise ValueError(f"unknown config field {key!r}; {_suggest(cfg, key, parts)}")
-        tp = typing.get_type_hints(type(obj))[last]
+        tp = field_types(type(obj))[last]
         if dataclasses.is_dataclass(tp):
             raise ValueError(f"{key!r} is a section; override one of its fields, e.g. --{key}.<field> VALUE")
         setattr(obj, last, parse_value(text, tp, key))
