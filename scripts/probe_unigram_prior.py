@@ -1,0 +1,56 @@
+"""scripts/probe_router_input.py with the unigram prior given to the model for free: a fixed logit bias,
+the log unigram frequencies of the run's train split (add-0.5 smoothed), added to every logit by a
+forward hook on the LM head (beyond_paper.md, thirtieth session, P30-f). A diagnostic, not an option:
+does the router's early collapse go away when the FFWs need not write the unigram direction into the
+residual stream?
+
+    python scripts/probe_unigram_prior.py --out experiments/results/2026-12-07-router-collapse-cpu/unigram-prior-ema
+
+Same CLI and outputs as probe_router_input.py (probe.jsonl, input_stats.jsonl, the run). The bias is a
+buffer, not a parameter: the optimizer never sees it, and the run needs train.loss_chunk_tokens 0 (the
+default: the chunked loss never calls the head module, so the hook would not apply).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its siblings
+from probe_router_collapse import main as probe_main  # noqa: E402
+from probe_router_input import DiagProbe  # noqa: E402
+
+
+def unigram_log_probs(tokens: np.ndarray, vocab_size: int) -> torch.Tensor:
+    """(vocab_size,) float32 log frequencies of ``tokens``, add-0.5 smoothed (no -inf for unseen ids)."""
+    counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size)[:vocab_size] + 0.5
+    return torch.from_numpy(np.log(counts / counts.sum())).float()
+
+
+class UnigramPriorProbe(DiagProbe):
+    def on_train_start(self, trainer):
+        if trainer.cfg.train.loss_chunk_tokens:
+            raise ValueError("probe_unigram_prior.py needs train.loss_chunk_tokens 0 (the hook is on the head)")
+        model = trainer.model
+        head = model.lm_head
+        bias = unigram_log_probs(trainer._train_file.tokens, head.weight.shape[0]).to(head.weight.device)
+        head.register_forward_hook(lambda m, a, out: out + bias.to(out.dtype))
+        print(f"unigram prior: entropy {float(-(bias.exp() * bias).sum()):.3f} nats over {bias.numel()} ids")
+        super().on_train_start(trainer)
+
+
+def main() -> None:
+    probe_main(
+        make_probe=lambda steps, out: UnigramPriorProbe(
+            steps, os.path.join(out, "probe.jsonl"), os.path.join(out, "input_stats.jsonl")
+        ),
+        outputs=("probe.jsonl", "input_stats.jsonl"),
+        doc=__doc__,
+    )
+
+
+if __name__ == "__main__":
+    main()
