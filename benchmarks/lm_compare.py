@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import lzma
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -30,7 +28,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, REPO)
 
-from torchpeer.data.atomic import atomic_open, write_text_atomic  # noqa: E402
+from torchpeer.data.atomic import write_text_atomic  # noqa: E402
+from torchpeer.jsonl import write_xz_copy  # noqa: E402
 
 
 def read_run(run_dir: str) -> dict:
@@ -120,10 +119,7 @@ def main(argv=None) -> dict:
         subprocess.run(cmd, check=True)
         result["runs"].append(read_run(run_dir))
         if args.copy_metrics:
-            with open(os.path.join(run_dir, "metrics.jsonl"), "rb") as fin:
-                with atomic_open(os.path.join(args.out_dir, f"{cfg}_metrics.jsonl.xz"), "wb") as fout:
-                    with lzma.open(fout, "wb") as xz:
-                        shutil.copyfileobj(fin, xz)
+            write_xz_copy(os.path.join(run_dir, "metrics.jsonl"), os.path.join(args.out_dir, f"{cfg}_metrics.jsonl.xz"))
         stem = os.path.join(args.out_dir, f"lm_{date}")
         write_text_atomic(stem + ".json", json.dumps(result, indent=2) + "\n")
         write_text_atomic(stem + ".md", markdown(result))

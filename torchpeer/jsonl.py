@@ -60,6 +60,23 @@ def run_metrics_path(run_dir: str) -> str | None:
     return None
 
 
+def write_xz_copy(src: str, dest: str) -> None:
+    """DEST := the log ``src`` xz-compressed (an .xz source is copied as it is), written atomically
+    (temp file + rename): how a run's log is committed (experiments/results.py, benchmarks/lm_compare.py)."""
+    import shutil
+
+    from torchpeer.data.atomic import atomic_open
+
+    with open(src, "rb") as fin, atomic_open(dest, "wb") as fout:
+        if src.endswith(".xz"):
+            shutil.copyfileobj(fin, fout)
+        else:
+            # xz's default preset (6): a log (~20-100 KB) fits its 8 MiB window whole, so 9 or EXTREME
+            # gain nothing (measured on the committed logs); closing xz leaves fout open
+            with lzma.open(fout, "wb") as xz:
+                shutil.copyfileobj(fin, xz)
+
+
 def read_json_lines(path: str, accept: Callable[[dict[str, Any]], bool] | None = None) -> JsonLines:
     """Read ``path`` (it must exist; a name ending in .xz is read through lzma); a record is a JSON
     object on one line that ``accept`` (if given) returns True for. Undecodable bytes are replaced,

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import functools
 import json
-import lzma
 import os
 import subprocess
 import time
 from typing import Any
 
-from torchpeer.jsonl import METRICS_FILE, METRICS_XZ, read_json_lines, run_metrics_path, say_damaged
+from torchpeer.jsonl import METRICS_FILE, METRICS_XZ, read_json_lines, run_metrics_path, say_damaged, write_xz_copy
 
 RESULTS_FILE = "results.jsonl"
 
@@ -92,18 +91,7 @@ def copy_results(runs_dir: str, dest: str) -> int:
 def _copy_metrics_xz(src: str, run_dest: str) -> None:
     """RUN_DEST/metrics.jsonl.xz := the log ``src`` (compressed; an .xz source is copied as it is);
     then RUN_DEST's plain metrics.jsonl, if any, is removed."""
-    import shutil
-
-    from torchpeer.data.atomic import atomic_open
-
-    with open(src, "rb") as fin, atomic_open(os.path.join(run_dest, METRICS_XZ), "wb") as fout:
-        if src.endswith(".xz"):
-            shutil.copyfileobj(fin, fout)
-        else:
-            # xz's default preset (6): a log (~20-100 KB) fits its 8 MiB window whole, so 9 or EXTREME
-            # gain nothing (measured on the committed logs); closing xz leaves fout open
-            with lzma.open(fout, "wb") as xz:
-                shutil.copyfileobj(fin, xz)
+    write_xz_copy(src, os.path.join(run_dest, METRICS_XZ))
     plain = os.path.join(run_dest, METRICS_FILE)
     if os.path.exists(plain):
         os.remove(plain)
