@@ -38,18 +38,28 @@ from probe_router_collapse import Probe  # noqa: E402
 from probe_router_collapse import main as probe_main  # noqa: E402
 
 
+def rows(v: torch.Tensor) -> torch.Tensor:
+    """(..., d) -> (n, d) float64, detached."""
+    return v.detach().reshape(-1, v.shape[-1]).double()
+
+
+def mean_energy(v: torch.Tensor) -> float:
+    """|mean row|^2 / mean |row|^2 of (n, d) float64 ``v``."""
+    mu = v.mean(0)
+    return float((mu @ mu) / (v * v).sum(1).mean())
+
+
 def geom(v: torch.Tensor) -> dict:
-    v = v.detach().reshape(-1, v.shape[-1]).double()
+    v = rows(v)
     n = v.shape[0]
     mu = v.mean(0)
-    sq = (v * v).sum(1).mean()
     c = v - mu
     cov = c.T @ c / n
     m2 = v.T @ v / n
     ev = torch.linalg.eigvalsh(cov).clamp_min(0)
     ev2 = torch.linalg.eigvalsh(m2).clamp_min(0)
     return {
-        "mean_energy": float((mu @ mu) / sq),
+        "mean_energy": mean_energy(v),
         "pr": float(ev.sum() ** 2 / (ev * ev).sum()),
         "top1": float(ev.max() / ev.sum()),
         "pr_unc": float(ev2.sum() ** 2 / (ev2 * ev2).sum()),
@@ -65,7 +75,6 @@ class DiagProbe(Probe):
         super().__init__(steps, path)
         self.diag_path = diag_path
         self.buf = {"train": [], "eval": []}
-        self.hooked = False
 
     def _hook(self, trainer):
         block = trainer.model.blocks[2]
@@ -95,15 +104,15 @@ class DiagProbe(Probe):
                 sources[f"ffw{i}"] = trainer.model.blocks[i].ffw
 
         def on_write(name, out):
-            writes[name] = out.detach().reshape(-1, out.shape[-1]).double()
+            writes[name] = rows(out)
 
         def on_norm2_sources(resid):
-            mu = resid.detach().reshape(-1, resid.shape[-1]).double().mean(0)
+            mu = rows(resid).mean(0)
             total = float(mu @ mu)
             for name in sources:
                 v = writes.pop(name)
                 rec[f"src_{name}_share"] = float(v.mean(0) @ mu) / total
-                rec[f"src_{name}_mean_energy"] = geom(v)["mean_energy"]
+                rec[f"src_{name}_mean_energy"] = mean_energy(v)
 
         for name, mod in sources.items():
             mod.register_forward_hook(lambda m, a, o, name=name: _ng(on_write, name, o))
@@ -111,7 +120,6 @@ class DiagProbe(Probe):
         block.norm2.register_forward_pre_hook(lambda m, a: _ng(on_norm2_sources, a[0]))
         block.ffw.register_forward_pre_hook(lambda m, a: _ng(on_ffw, m, a))
         router.norm.register_forward_hook(lambda m, a, o: _ng(on_qnorm, m, a, o))
-        self.hooked = True
 
     def _write(self, kind, step):
         if self.buf[kind]:
@@ -139,13 +147,15 @@ def _ng(fn, *a):
         fn(*a)
 
 
-def main() -> None:
+def main(probe_cls: type[DiagProbe] = DiagProbe, doc: str = __doc__) -> None:
+    """The probe's command line and run with ``probe_cls`` (DiagProbe or a subclass, e.g.
+    scripts/probe_unigram_prior.py's), writing OUT/probe.jsonl and OUT/input_stats.jsonl."""
     probe_main(
-        make_probe=lambda steps, out: DiagProbe(
+        make_probe=lambda steps, out: probe_cls(
             steps, os.path.join(out, "probe.jsonl"), os.path.join(out, "input_stats.jsonl")
         ),
         outputs=("probe.jsonl", "input_stats.jsonl"),
-        doc=__doc__,
+        doc=doc,
     )
 
 

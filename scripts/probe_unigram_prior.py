@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its siblings
-from probe_router_collapse import main as probe_main  # noqa: E402
 from probe_router_input import DiagProbe  # noqa: E402
+from probe_router_input import main as input_probe_main  # noqa: E402
 
 
 def unigram_log_probs(tokens: np.ndarray, vocab_size: int) -> torch.Tensor:
@@ -34,8 +34,7 @@ class UnigramPriorProbe(DiagProbe):
     def on_train_start(self, trainer):
         if trainer.cfg.train.loss_chunk_tokens:
             raise ValueError("probe_unigram_prior.py needs train.loss_chunk_tokens 0 (the hook is on the head)")
-        model = trainer.model
-        head = model.lm_head
+        head = trainer.model.lm_head
         bias = unigram_log_probs(trainer._train_file.tokens, head.weight.shape[0]).to(head.weight.device)
         head.register_forward_hook(lambda m, a, out: out + bias.to(out.dtype))
         print(f"unigram prior: entropy {float(-(bias.exp() * bias).sum()):.3f} nats over {bias.numel()} ids")
@@ -43,13 +42,7 @@ class UnigramPriorProbe(DiagProbe):
 
 
 def main() -> None:
-    probe_main(
-        make_probe=lambda steps, out: UnigramPriorProbe(
-            steps, os.path.join(out, "probe.jsonl"), os.path.join(out, "input_stats.jsonl")
-        ),
-        outputs=("probe.jsonl", "input_stats.jsonl"),
-        doc=__doc__,
-    )
+    input_probe_main(UnigramPriorProbe, __doc__)
 
 
 if __name__ == "__main__":
