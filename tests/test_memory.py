@@ -36,6 +36,8 @@ def tiny_cfg(*overrides):
         "--model.ffw peer --model.placement all --model.peer.shared_pool true --model.peer.readout glu",
         "--model.ffw peer --model.peer.readout glu",
         "--model.ffw peer --model.peer.readout gated",
+        "--model.ffw dense --model.logit_prior unigram",
+        "--model.ffw peer --model.logit_prior unigram --model.tie_embeddings false",
     ],
 )
 def test_parameter_bytes_match_a_built_model(overrides):

@@ -147,6 +147,36 @@ def test_other_ffw_kinds_export_with_equal_logits(ffw, make_run, tmp_path):
     assert tied == ref.cfg.tie_embeddings == (ffw != "dense")  # the dense run is the untied one
 
 
+def test_a_logit_prior_exports_as_the_heads_bias(train_file, tmp_path):
+    """model.logit_prior: the head's bias travels as model.lm_head.bias; the transformers model's logits
+    equal torchpeer's with and without its cache (the cached path calls the head itself), and loading
+    the export back into torchpeer keeps the bias."""
+    from transformers import DynamicCache
+
+    from tests.hf.conftest import tiny_run_config
+    from torchpeer.lm import RunConfig, train
+
+    raw = tiny_run_config(train_file, str(tmp_path / "cache"), "peer")
+    raw["model"]["logit_prior"] = "unigram"
+    run, out = str(tmp_path / "run"), str(tmp_path / "out")
+    train(RunConfig.from_dict(raw), run, progress=False)
+    export_hf(run, out)
+    ref, _, _ = load_model_from_checkpoint(run)
+    assert ref.lm_head.bias is not None and ref.lm_head.bias.std() > 1  # log frequencies, not zeros
+    hf = load_hf(out)
+    assert torch.equal(hf.state_dict()["model.lm_head.bias"], ref.lm_head.bias)
+    ids = prompt_ids(PROMPTS)
+    with torch.no_grad():
+        want = ref(ids)[0]
+        assert torch.allclose(hf(ids).logits, want, atol=1e-5, rtol=0)
+        cache = DynamicCache()
+        steps = [hf(ids[:, :4], cache=cache, use_cache=True).logits]
+        steps += [hf(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(4, ids.shape[1])]
+        assert torch.allclose(torch.cat(steps, 1), want, atol=1e-5, rtol=0)
+        model, _, _ = load_exported(out)
+        assert torch.equal(model(ids)[0], want)
+
+
 def test_load_exported_back_into_torchpeer(exported):
     from torchpeer.data import ByteTokenizer
     from torchpeer.lm import TransformerLM

@@ -40,6 +40,15 @@ def test_untied_counts_the_head_once_more():
     assert untied.active_params == tied.active_params and untied.train_flops == tied.train_flops
 
 
+def test_a_logit_prior_adds_the_heads_bias_and_no_flops():
+    """model.logit_prior: vocab more parameters, total and active (the bias is read for every token),
+    the same FLOPs; the count agrees with the built model's."""
+    plain, prior = config_cost(dense_cfg()), config_cost(dense_cfg(logit_prior="unigram"))
+    assert prior.total_params - plain.total_params == 32 == prior.active_params - plain.active_params
+    assert prior.train_flops == plain.train_flops
+    assert prior.total_params == count_params(TransformerLM(dense_cfg(logit_prior="unigram")))
+
+
 def test_peer_block_uses_module_cost_and_meta_matches_real():
     cfg = dense_cfg(ffw="peer", peer=PEERConfig(n_experts=256, heads=2, top_k=4, d_key=8))
     cost = config_cost(cfg)

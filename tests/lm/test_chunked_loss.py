@@ -38,6 +38,32 @@ def test_matches_the_plain_loss_and_gradients_in_float64(chunk):
         torch.testing.assert_close(o.double(), r.double(), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk", [1, 9, 1000])
+def test_a_bias_matches_the_plain_head_with_a_bias_in_float64(chunk):
+    """With a logit bias (model.logit_prior): loss and the gradients of h, weight and bias equal
+    F.linear(h, w, b)'s in float64, ignored rows included (they add nothing to the bias's gradient)."""
+    g = torch.Generator().manual_seed(10 + chunk)
+    T, d, V = 40, 8, 30
+    h = torch.randn(T, d, generator=g, dtype=torch.float64)
+    w = torch.randn(V, d, generator=g, dtype=torch.float64) * 0.5
+    b0 = torch.randn(V, generator=g, dtype=torch.float64) * 3
+    t = torch.randint(0, V, (T,), generator=g)
+    t[::4] = IGNORE_INDEX
+
+    def run(fn):
+        hh, ww, bb = (x.clone().requires_grad_(True) for x in (h, w, b0))
+        loss = fn(hh, ww, bb)
+        (2.5 * loss).backward()
+        return loss.detach(), hh.grad, ww.grad, bb.grad
+
+    ref = run(lambda hh, ww, bb: F.cross_entropy(F.linear(hh, ww, bb), t))
+    got = run(lambda hh, ww, bb: chunked_linear_cross_entropy(hh, ww, t, chunk, bb))
+    for r, o in zip(ref, got):
+        torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="bias must be \\(vocab,\\)"):
+        chunked_linear_cross_entropy(h, w, t, chunk, b0[:-1])
+
+
 def test_scales_by_the_incoming_gradient_and_accumulates_into_a_tied_weight():
     """d(3 * loss) is three times the gradient, and a weight used by the loss and elsewhere (tied
     embeddings) receives the sum of both paths, as with the plain head."""
@@ -72,6 +98,31 @@ def test_bf16_autocast_is_close_to_the_plain_autocast_path():
     torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
     for r, o in zip(ref[1:], got[1:]):
         torch.testing.assert_close(o, r, rtol=2e-2, atol=2e-2 * r.abs().max().item())
+
+
+def test_a_bias_under_bf16_autocast_is_close_to_the_plain_path():
+    """A log-frequency-sized fp32 bias under bf16 autocast: cast like the plain head's (the loss within
+    bf16 rounding of its), and its gradient comes back fp32 and close to the plain path's."""
+    g = torch.Generator().manual_seed(5)
+    T, d, V = 96, 32, 200
+    h, w = torch.randn(T, d, generator=g), torch.randn(V, d, generator=g) * 0.2
+    b0 = torch.log_softmax(torch.randn(V, generator=g) * 2, 0)
+    t = torch.randint(0, V, (T,), generator=g)
+
+    def run(fn):
+        hh, ww, bb = (x.clone().requires_grad_(True) for x in (h, w, b0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn(hh, ww, bb)
+        loss.backward()
+        return loss.detach(), bb.grad
+
+    def plain(hh, ww, bb):
+        return F.cross_entropy(F.linear(hh, ww, bb).float(), t)
+
+    ref, got = run(plain), run(lambda hh, ww, bb: chunked_linear_cross_entropy(hh, ww, t, 32, bb))
+    assert got[1].dtype == torch.float32
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], ref[1], rtol=2e-2, atol=2e-2 * ref[1].abs().max().item())
 
 
 def test_a_scaled_loss_scales_bf16_gradients_without_a_bias():

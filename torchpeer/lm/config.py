@@ -30,6 +30,7 @@ from torchpeer.lm.config_names import closest, misplaced_hint
 from torchpeer.optim.fused_tables import FUSED_EXPERT_OPTIMIZERS
 
 SCHEDULES = ("cosine", "wsd", "constant")
+LOGIT_PRIORS = ("none", "unigram")
 EXPERT_OPTIMIZERS = ("adamw", *FUSED_EXPERT_OPTIMIZERS)
 
 
@@ -43,6 +44,12 @@ class _ModelFields:
         (blocks 1, 3, 5, ...: issue 18's four-layer design at any depth), or a list of block indices.
     vocab_size: None = take it from the tokenizer.
     seq_len: context length (training windows and the attention FLOP term).
+    logit_prior: "none" (default) | "unigram": a learnable bias on the output logits (the LM head's
+        bias), at the start of a run set to the log unigram frequencies of the train split (add-0.5
+        smoothed; torchpeer/lm/logit_prior.py). The model then starts at the unigram loss instead of
+        learning the unigram prior through its residual stream, which, in the first tens of steps,
+        makes every FFW's input one direction and collapses PEER's router (beyond_paper.md, thirtieth
+        session). Same FLOPs; vocab_size more parameters.
     One more field per registered FFW kind (``dense``, ``peer``, ...) holds that kind's options.
     """
 
@@ -57,6 +64,7 @@ class _ModelFields:
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    logit_prior: str = "none"
 
     def sparse_blocks(self) -> list[int]:
         """0-based indices of the blocks whose FFW is ``self.ffw`` (empty for dense)."""
@@ -103,6 +111,9 @@ class _ModelFields:
                 raise ValueError(f"model.placement={p} must list distinct block indices in 0..{self.n_layers - 1}")
         else:
             raise TypeError(f"model.placement must be 'middle', 'all', 'odd' or a list of ints, got {p!r}")
+        if self.logit_prior not in LOGIT_PRIORS:
+            choices = ", ".join(LOGIT_PRIORS)
+            raise ValueError(f"model.logit_prior={self.logit_prior!r} is not valid; use one of {choices}")
         if self.vocab_size is not None and (isinstance(self.vocab_size, bool) or self.vocab_size < 2):
             raise ValueError(f"model.vocab_size must be >= 2 (or omitted), got {self.vocab_size!r}")
         for kind in ffw_kinds():  # e.g. n_experts = 1024.0 names model.peer.n_experts, before the layer sees it

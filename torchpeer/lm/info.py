@@ -16,7 +16,8 @@ Conventions (on top of ``torchpeer/layers/accounting.py``: multiply-add = 2 FLOP
 * Embeddings: the input lookup costs no FLOPs and its table is not an *active* parameter (one
   row per token is read); the unembedding (lm_head) matmul is counted: 2 * d_model * vocab
   forward FLOPs and d_model * vocab active parameters. With tied embeddings the shared matrix is
-  one set of parameters in the total.
+  one set of parameters in the total. The head's bias (model.logit_prior) is vocab parameters,
+  total and active; its add is elementwise (no FLOPs).
 """
 
 from __future__ import annotations
@@ -113,7 +114,10 @@ def model_cost(model) -> ModelCost:
             )
         )
     head_params = 0 if cfg.tie_embeddings else V * d
-    head = PartCost(d + head_params, d + V * d, matmul_flops(1, d, V), name="final norm + lm_head", kind="unembed")
+    bias = V if model.lm_head.bias is not None else 0  # model.logit_prior; its add is not counted (elementwise)
+    head = PartCost(
+        d + head_params + bias, d + V * d + bias, matmul_flops(1, d, V), name="final norm + lm_head", kind="unembed"
+    )
     parts.append(head)
     return ModelCost(parts, count_params(model))
 

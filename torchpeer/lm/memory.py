@@ -195,6 +195,7 @@ def _param_sizes(cfg, vocab: int) -> list[int]:
     m = cfg.model
     d = m.d_model
     sizes = [vocab * d] + ([] if m.tie_embeddings else [vocab * d]) + [d]  # embeddings, final norm
+    sizes += [vocab] if m.logit_prior != "none" else []  # the head's bias
     kinds = m.block_kinds()
     for kind in kinds:
         sizes += [d, 3 * d * d, d * d, d]  # norm1, qkv, proj, norm2

@@ -208,7 +208,9 @@ class TransformerLM(nn.Module):
         kinds = cfg.block_kinds()
         self.blocks = nn.ModuleList(Block(cfg, k, shared if k == cfg.ffw else None) for k in kinds)
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # model.logit_prior: a bias on the logits (state-dict key lm_head.bias), zero here; a new run sets
+        # it to the train split's log unigram frequencies (torchpeer/lm/logit_prior.py)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.logit_prior != "none")
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self._init_weights()
@@ -220,6 +222,8 @@ class TransformerLM(nn.Module):
         nn.init.normal_(self.tok_emb.weight, std=std)
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=std)
+        if self.lm_head.bias is not None:
+            nn.init.zeros_(self.lm_head.bias)
         for blk in self.blocks:
             nn.init.normal_(blk.attn.qkv.weight, std=std)
             # Residual-branch output scaled down with depth (GPT-2).
@@ -250,8 +254,9 @@ class TransformerLM(nn.Module):
             x = x[:, -1:]
         h = self.norm_f(x)
         if loss_chunk_tokens and targets is not None and torch.is_grad_enabled() and not last_only:
-            flat = h.reshape(-1, h.shape[-1])
-            return None, chunked_linear_cross_entropy(flat, self.lm_head.weight, targets.reshape(-1), loss_chunk_tokens)
+            flat, head = h.reshape(-1, h.shape[-1]), self.lm_head
+            loss = chunked_linear_cross_entropy(flat, head.weight, targets.reshape(-1), loss_chunk_tokens, head.bias)
+            return None, loss
         logits = self.lm_head(h)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 autocast -> fp32 loss
         loss = None

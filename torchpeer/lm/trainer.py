@@ -163,16 +163,18 @@ class Trainer:
         self._train_file = train_tf
 
     def _build_model(self) -> None:
-        """Seeds and matmul precision, the model (through the plan), the fused table optimizer (if
-        any), its backends, cost and step budget."""
+        """Seeds, matmul precision, the model (the plan's; its logit prior), table optimizer, backends, cost, budget."""
         from torchpeer.layers import backend_report
         from torchpeer.lm.info import model_cost
+        from torchpeer.lm.logit_prior import init_logit_prior
         from torchpeer.lm.model import TransformerLM
         from torchpeer.lm.optim import attach_table_optimizer
 
         cfg, t = self.cfg, self.cfg.train
         runtime.setup_runtime(t.seed, self.device)
         self.model = self.plan.build_model(lambda: TransformerLM(cfg.model), self.device)
+        if cfg.model.logit_prior == "unigram" and self.ckpt is None:  # a resumed run's bias is in its checkpoint
+            init_logit_prior(self.model, self._train_file.tokens)  # every rank counts the same file
         if self.init_from is not None and self.ckpt is None:
             self.init_from(self.model)
         # before DDP and the AdamW groups: the fused table optimizer takes the PEER tables out
