@@ -6,7 +6,7 @@ import torch
 from torchpeer.layers import DenseConfig, PEERConfig
 from torchpeer.layers.accounting import count_params
 from torchpeer.lm.config import ModelConfig, RunConfig, TrainConfig
-from torchpeer.lm.info import config_cost, model_cost
+from torchpeer.lm.info import config_cost, format_cost, model_cost
 from torchpeer.lm.model import TransformerLM
 from torchpeer.lm.train import plan_steps
 
@@ -47,6 +47,8 @@ def test_a_logit_prior_adds_the_heads_bias_and_no_flops():
     assert prior.total_params - plain.total_params == 32 == prior.active_params - plain.active_params
     assert prior.train_flops == plain.train_flops
     assert prior.total_params == count_params(TransformerLM(dense_cfg(logit_prior="unigram")))
+    assert "logit_prior=unigram" in format_cost(prior, dense_cfg(logit_prior="unigram"))
+    assert "logit_prior" not in format_cost(plain, dense_cfg())
 
 
 def test_peer_block_uses_module_cost_and_meta_matches_real():

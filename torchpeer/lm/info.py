@@ -149,6 +149,7 @@ def format_cost(cost: ModelCost, cfg: ModelConfig) -> str:
     lines.append(
         f"\nd_model={cfg.d_model} n_layers={cfg.n_layers} n_heads={cfg.n_heads} seq_len={cfg.seq_len} "
         f"vocab_size={cfg.vocab_size} ffw={cfg.ffw} at blocks {cfg.sparse_blocks() or 'none'} (0-based)"
+        + (f" logit_prior={cfg.logit_prior} (the head's bias)" if cfg.logit_prior != "none" else "")
     )
     lines.append(
         "FLOPs: multiply-add = 2, training = 3 x forward; attention score term "
