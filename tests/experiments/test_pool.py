@@ -365,6 +365,24 @@ def test_a_stopped_run_says_how_far_its_checkpoint_got(tmp_path, fake_worker, mo
     assert [m for m in msgs if "stopped (exit 130)" in m][0].endswith("with no checkpoint; it restarts next time")
 
 
+def test_a_fresh_run_that_cannot_end_before_the_stop_is_announced(tmp_path, fake_worker, monkeypatch):
+    """--stop-at without --time-limit: a fresh run whose estimate ends after the stop still starts (a
+    lease's first command means it to), and the sweep says it will be interrupted; runs that fit, and
+    runs with no estimate, start without the line."""
+    from torchpeer.experiments import runner as runner_mod
+
+    monkeypatch.setenv("SLEEP", "0.05")
+    spec = spec_for(tmp_path, budgets=(1e10,))
+    names = [r.name for r in plan_sweep(spec, str(tmp_path / "plan"))]
+    seconds = dict(zip(names, (5.0, None, 900.0, 20.0)))
+    monkeypatch.setattr(runner_mod, "estimate_seconds", lambda run, records, assume=None: seconds[run.name])
+    msgs = []
+    run_sweep(spec, str(tmp_path / "runs"), parallel=2, stop_at=600, progress=False, say=msgs.append)
+    warned = [m for m in msgs if "ends after the stop at 600 s" in m]
+    assert len(warned) == 1 and names[2] in warned[0] and "estimated 900 s" in warned[0], warned
+    assert {r["run"] for r in read_results(str(tmp_path / "runs"))} == set(names)  # it started (and ended) all the same
+
+
 def test_time_limit_skips_runs_longer_than_the_limit_and_runs_the_rest(tmp_path, fake_worker):
     spec, runs_dir, msgs = spec_for(tmp_path, budgets=(1e10,)), str(tmp_path / "runs"), []
     from torchpeer.experiments import plan_sweep

@@ -235,6 +235,8 @@ def run_parallel(
                     blocked = True
                     break
                 head, run = pick
+                if run.name not in first:
+                    _warn_past_stop(head, estimate(run), elapsed, stop_at, say)
                 gpu = least_loaded_gpu(gpus, jobs)
                 job = _start(head, run, command or worker_command(), env, say, gpu)
                 jobs.append(job)
@@ -275,6 +277,18 @@ def _reserve_first(job: _Job, memory, say) -> None:
     nbytes = memory(job.run) if memory is not None else None
     if job.lock and nbytes and StartLock(job.lock).reserve_for(job.proc.pid, nbytes):
         say(f"{job.head}: goes first: {nbytes / 2**30:.1f} GiB reserved for it until its first step")
+
+
+def _warn_past_stop(head: str, est: float | None, elapsed: float, stop_at: float | None, say) -> None:
+    """Say so when a fresh run's estimate ends after ``stop_at``: it will be interrupted, and on a lent
+    GPU its checkpoint lasts only as long as the machine (2026-12-07: three 1e16 runs started with
+    ~300 s of a lease left were lost at 55-62 %). Started all the same: a later command of the same
+    lease resumes it, which is how a lease's first command is meant to work."""
+    if stop_at is not None and est is not None and elapsed + est > stop_at:
+        say(
+            f"{head}: its estimated {est:.0f} s ends after the stop at {stop_at:.0f} s ({stop_at - elapsed:.0f} s "
+            "from now): it will be interrupted there; only a later command on this machine can finish it"
+        )
 
 
 def _next_startable(pending, estimate, elapsed, time_limit, told, say):
