@@ -430,7 +430,7 @@ def test_lr_checks_are_their_isoflop_twins_but_for_the_lr(tmp_path, spec, twins)
         {f"{f}-wu15" for f in grid}
         | {"peer-tables8e-3-wu15", "peer-balance-wu15", "peer-slowkeys-wu15", "peer-balance-slowkeys-wu15"}
         | {"peer-batchnorm-wu15", "peer-emafast-wu15", "peer-balance05-wu15"}
-        | {"peer-prior-wu15", "dense-prior-wu15"}
+        | {"peer-prior-wu15", "dense-prior-wu15", "peer-prior-balance05-wu15"}
         if spec == "lr-check"
         else set()
     )
@@ -450,16 +450,16 @@ def test_lr_checks_are_their_isoflop_twins_but_for_the_lr(tmp_path, spec, twins)
             )
         assert twin.name.endswith(twins) or r.name.startswith("dense-s6-")  # s6: the d-512 check of P-lr-k
         model, steps = twin.cfg.model, twin.steps
-        if r.family.startswith("peer-balance"):  # the sub-key balance term: 0.01 as issue 18's winner's,
+        if "-balance" in r.family:  # the sub-key balance term: 0.01 as issue 18's winner's,
             # 0.05 in peer-balance05 (P27-a); its FLOPs are counted, so a few % fewer steps
-            weight = 0.05 if r.family.startswith("peer-balance05") else 0.01
+            weight = 0.05 if "-balance05" in r.family else 0.01
             peer = dataclasses.replace(model.peer, balance_weight=weight, balance_stride=8)
             model = dataclasses.replace(model, peer=peer)
             assert 0.95 * twin.steps < r.steps < twin.steps
             steps = r.steps
         if "-slowkeys-" in r.family + "-":  # the sub-keys at a quarter of the lr
             model = dataclasses.replace(model, peer=dataclasses.replace(model.peer, key_lr_scale=0.25))
-        if r.family.endswith("-prior-wu15"):  # the unigram prior on the logits (beyond_paper.md P31-a)
+        if "-prior-" in r.family:  # the unigram prior on the logits (beyond_paper.md P31-a, P31-d)
             model = dataclasses.replace(model, logit_prior="unigram")
         if r.family in ("peer-batchnorm-wu15", "peer-emafast-wu15"):  # the query norm's lag (P26-k)
             norm = {"query_norm": "batch"} if "batchnorm" in r.family else {"query_norm_momentum": 0.5}
