@@ -8,7 +8,9 @@ residual stream?
 
 Same CLI and outputs as probe_router_input.py (probe.jsonl, input_stats.jsonl, the run). The bias is a
 buffer, not a parameter: the optimizer never sees it, and the run needs train.loss_chunk_tokens 0 (the
-default: the chunked loss never calls the head module, so the hook would not apply).
+default: the chunked loss never calls the head module, so the hook would not apply). The frequencies
+are model.logit_prior's (torchpeer.lm.logit_prior.unigram_log_frequencies); that option makes them a
+trained head bias instead.
 """
 
 from __future__ import annotations
@@ -16,18 +18,11 @@ from __future__ import annotations
 import os
 import sys
 
-import numpy as np
-import torch
+from torchpeer.lm.logit_prior import unigram_log_frequencies
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its siblings
 from probe_router_input import DiagProbe  # noqa: E402
 from probe_router_input import main as input_probe_main  # noqa: E402
-
-
-def unigram_log_probs(tokens: np.ndarray, vocab_size: int) -> torch.Tensor:
-    """(vocab_size,) float32 log frequencies of ``tokens``, add-0.5 smoothed (no -inf for unseen ids)."""
-    counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size)[:vocab_size] + 0.5
-    return torch.from_numpy(np.log(counts / counts.sum())).float()
 
 
 class UnigramPriorProbe(DiagProbe):
@@ -35,7 +30,7 @@ class UnigramPriorProbe(DiagProbe):
         if trainer.cfg.train.loss_chunk_tokens:
             raise ValueError("probe_unigram_prior.py needs train.loss_chunk_tokens 0 (the hook is on the head)")
         head = trainer.model.lm_head
-        bias = unigram_log_probs(trainer._train_file.tokens, head.weight.shape[0]).to(head.weight.device)
+        bias = unigram_log_frequencies(trainer._train_file.tokens, head.weight.shape[0]).to(head.weight.device)
         head.register_forward_hook(lambda m, a, out: out + bias.to(out.dtype))
         print(f"unigram prior: entropy {float(-(bias.exp() * bias).sum()):.3f} nats over {bias.numel()} ids")
         super().on_train_start(trainer)
