@@ -18,9 +18,10 @@ from torchpeer.lm import load_config  # noqa: E402
 from torchpeer.lm.model import TransformerLM  # noqa: E402
 
 
-def tiny_peer_lm(readout: str = "paper", balance_weight: float = 0.0) -> TransformerLM:
+def tiny_peer_lm(readout: str = "paper", balance_weight: float = 0.0, prior: str = "none") -> TransformerLM:
     cfg = load_config("ptb-tiny")
     m = cfg.model
+    m.logit_prior = prior
     m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.seq_len = 64, 32, 2, 2, 16
     m.peer.n_experts, m.peer.heads, m.peer.top_k, m.peer.d_key, m.peer.backend = 64, 2, 4, 8, "triton"
     m.peer.readout, m.peer.balance_weight, m.peer.balance_stride = readout, balance_weight, 2
@@ -32,11 +33,14 @@ def tiny_peer_lm(readout: str = "paper", balance_weight: float = 0.0) -> Transfo
 # 32 tokens = 12 + 12 + 8) against the eager plain head, and the sub-key balance term of the recommended
 # config: its compiled value and gradients (whether it breaks a graph is test_balance.py's check: under
 # fullgraph=True torch 2.13 captures even bincount). (A third case, paper with the plain head and no
-# term, repeated these two's ops for ~11 s of the suite.)
-@pytest.mark.parametrize("readout,chunk,balance", [("glu", 0, 0.0), ("paper", 12, 0.01)])
-def test_peer_lm_forward_loss_backward_compile_with_no_graph_break(readout, chunk, balance):
+# term, repeated these two's ops for ~11 s of the suite.) The paper case also carries model.logit_prior
+# (the head's bias, random here as a trained prior would be), which the chunked loss adds per chunk.
+@pytest.mark.parametrize("readout,chunk,balance,prior", [("glu", 0, 0.0, "none"), ("paper", 12, 0.01, "unigram")])
+def test_peer_lm_forward_loss_backward_compile_with_no_graph_break(readout, chunk, balance, prior):
     torch.manual_seed(0)
-    eager, compiled = tiny_peer_lm(readout, balance), tiny_peer_lm(readout, balance)
+    eager, compiled = tiny_peer_lm(readout, balance, prior), tiny_peer_lm(readout, balance, prior)
+    if prior != "none":
+        torch.nn.init.normal_(eager.lm_head.bias)
     compiled.load_state_dict(eager.state_dict())
     assert eager.cfg.peer.query_norm == "ema"  # the shipped default is what is compiled
     idx = torch.randint(0, 64, (2, 16))
@@ -54,6 +58,8 @@ def test_peer_lm_forward_loss_backward_compile_with_no_graph_break(readout, chun
         torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
         loss_e.backward()
         loss_c.backward()
+    if prior != "none":
+        assert compiled.lm_head.bias.grad is not None and compiled.lm_head.bias.grad.abs().sum() > 0
     for (name, pe), pc in zip(eager.named_parameters(), compiled.parameters()):
         assert (pe.grad is None) == (pc.grad is None), name
         if pe.grad is not None:
