@@ -430,7 +430,7 @@ def test_lr_checks_are_their_isoflop_twins_but_for_the_lr(tmp_path, spec, twins)
         {f"{f}-wu15" for f in grid}
         | {"peer-tables8e-3-wu15", "peer-balance-wu15", "peer-slowkeys-wu15", "peer-balance-slowkeys-wu15"}
         | {"peer-batchnorm-wu15", "peer-emafast-wu15", "peer-balance05-wu15"}
-        | {"peer-prior-wu15", "dense-prior-wu15", "peer-prior-balance05-wu15"}
+        | {"peer-prior-wu15", "dense-prior-wu15", "peer-prior-balance05-wu15", "peer-prior-slowrouter-wu15"}
         if spec == "lr-check"
         else set()
     )
@@ -439,7 +439,7 @@ def test_lr_checks_are_their_isoflop_twins_but_for_the_lr(tmp_path, spec, twins)
         # its twin: the isoflop run of its name less the lr, the tables' lr and the warm-up
         # (dense-s6-lr2e-3-1e16 -> dense-s6-1e16; peer-tables8e-3-wu15-s2-lr4e-3-1e15 -> peer-s2-1e15)
         # ([seeds]: the balance runs' seeds 1-2 pair with their twin's data order at that seed, P28-a)
-        strip = r"-(lr|tables)\d+(\.\d+)?e-\d+|-wu15|-balance(05)?|-slowkeys|-batchnorm|-emafast|-prior|-seed\d+"
+        strip = r"-(lr|tables)\d+(\.\d+)?e-\d+|-wu15|-balance(05)?|-slowkeys|-slowrouter|-batchnorm|-emafast|-prior|-seed\d+"
         twin = iso[re.sub(strip, "", r.name)]
         seed = re.search(r"-seed(\d+)-", r.name)
         assert (seed is None and "seed" not in r.name) or r.family.startswith("peer-balance") or "-prior-" in r.name
@@ -459,6 +459,9 @@ def test_lr_checks_are_their_isoflop_twins_but_for_the_lr(tmp_path, spec, twins)
             steps = r.steps
         if "-slowkeys-" in r.family + "-":  # the sub-keys at a quarter of the lr
             model = dataclasses.replace(model, peer=dataclasses.replace(model.peer, key_lr_scale=0.25))
+        if "-slowrouter-" in r.family + "-":  # both halves of the router at a quarter of the lr (P32-g)
+            slow = {"key_lr_scale": 0.25, "query_lr_scale": 0.25}
+            model = dataclasses.replace(model, peer=dataclasses.replace(model.peer, **slow))
         if "-prior-" in r.family:  # the unigram prior on the logits (beyond_paper.md P31-a, P31-d)
             model = dataclasses.replace(model, logit_prior="unigram")
         if r.family in ("peer-batchnorm-wu15", "peer-emafast-wu15"):  # the query norm's lag (P26-k)
