@@ -439,7 +439,8 @@ def test_lr_checks_are_their_isoflop_twins_but_for_the_lr(tmp_path, spec, twins)
         # its twin: the isoflop run of its name less the lr, the tables' lr and the warm-up
         # (dense-s6-lr2e-3-1e16 -> dense-s6-1e16; peer-tables8e-3-wu15-s2-lr4e-3-1e15 -> peer-s2-1e15)
         # ([seeds]: the balance runs' seeds 1-2 pair with their twin's data order at that seed, P28-a)
-        strip = r"-(lr|tables)\d+(\.\d+)?e-\d+|-wu15|-balance(05)?|-slowkeys|-slowrouter|-batchnorm|-emafast|-prior|-seed\d+"
+        strip = r"-(lr|tables)\d+(\.\d+)?e-\d+|-wu15|-balance(05)?|-slow(keys|router)|-batchnorm|-emafast|-prior"
+        strip += r"|-seed\d+"
         twin = iso[re.sub(strip, "", r.name)]
         seed = re.search(r"-seed(\d+)-", r.name)
         assert (seed is None and "seed" not in r.name) or r.family.startswith("peer-balance") or "-prior-" in r.name
